@@ -1,0 +1,189 @@
+"""Bottom-up pathway: backbones that return the paper's C2..C5 (strides 4, 8, 16, 32).
+
+Paper §3: "we use the output of the last residual block of each stage ... {C2, C3, C4, C5} for
+conv2, conv3, conv4 and conv5 outputs ... strides of {4, 8, 16, 32} pixels. We do not include conv1
+into the pyramid."
+
+Every backbone here is a Functional `keras.Model` that takes RGB pixels in 0..255 (any size) and
+returns ``{"C2": ..., "C3": ..., "C4": ..., "C5": ...}``. The normalisation a backbone needs lives
+inside the model (`PixelNormalization`), so callers never preprocess.
+
+* ``resnet50`` / ``resnet101``: `keras.applications` ResNets (caffe-style BGR mean subtraction, as
+  their ImageNet weights expect). ``weights`` is ``None`` (random), ``"imagenet"`` (downloaded by
+  Keras on first use) or a local ``.h5`` / ``.weights.h5`` path. By default BatchNorm is frozen
+  (inference statistics, not trained) and the stem + conv2 are frozen (detectron2's ``FREEZE_AT=2``).
+* ``small_resnet``: a narrow basic-block ResNet for 2-core CPUs (tests, the CPU demo). It is trained
+  from scratch, so its BatchNorm normally trains (``freeze_bn=False``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+
+BACKBONE_LEVELS = ("C2", "C3", "C4", "C5")
+
+# Last block of conv2..conv5 in keras.applications ResNets.
+_RESNET_ENDPOINTS = {
+    "resnet50": ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+    "resnet101": ("conv2_block3_out", "conv3_block4_out", "conv4_block23_out", "conv5_block3_out"),
+}
+_RESNET_BUILDERS = {
+    "resnet50": keras.applications.ResNet50,
+    "resnet101": keras.applications.ResNet101,
+}
+# Mean of ImageNet in BGR order, used by keras.applications' caffe-mode preprocessing.
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class PixelNormalization(keras.layers.Layer):
+    """RGB 0..255 in; ``(x[..., order] - mean) / std`` out, as the backbone's weights expect.
+
+    Args:
+      mean: per-channel mean, in the *output* channel order.
+      std: per-channel standard deviation, in the output channel order.
+      to_bgr: reverse the channel order first (caffe-style ResNet weights are BGR).
+    """
+
+    def __init__(self, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), to_bgr=False, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.to_bgr = bool(to_bgr)
+
+    def call(self, images):
+        x = keras.ops.cast(images, self.compute_dtype)
+        if self.to_bgr:
+            x = keras.ops.flip(x, axis=-1)
+        mean = keras.ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        std = keras.ops.convert_to_tensor(self.std, dtype=self.compute_dtype)
+        return (x - mean) / std
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mean": list(self.mean), "std": list(self.std), "to_bgr": self.to_bgr})
+        return config
+
+
+def _freeze(model: keras.Model, freeze_at: int, freeze_bn: bool, stage_prefixes) -> None:
+    """Freezes BatchNorm everywhere (if asked) and every layer of stages <= freeze_at."""
+    frozen_prefixes = tuple(p for stage, p in stage_prefixes if stage <= freeze_at)
+    for layer in model.layers:
+        if freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
+            # In Keras 3 a non-trainable BatchNormalization runs in inference mode: its moving
+            # statistics are used and never updated, and gamma/beta get no gradient.
+            layer.trainable = False
+        if frozen_prefixes and layer.name.startswith(frozen_prefixes):
+            layer.trainable = False
+
+
+def build_resnet_backbone(
+    depth: int = 50,
+    weights: str | None = None,
+    freeze_at: int = 2,
+    freeze_bn: bool = True,
+    input_shape: Sequence[int | None] = (None, None, 3),
+    name: str | None = None,
+) -> keras.Model:
+    """A keras.applications ResNet-50/101 as image -> {"C2".."C5"}.
+
+    Args:
+      depth: 50 or 101.
+      weights: None (random), "imagenet", or a local path to a Keras weights file.
+      freeze_at: freeze the stem (1) and stages conv2..conv{freeze_at}; 0 trains everything.
+      freeze_bn: keep every BatchNorm in inference mode and not trainable.
+      input_shape: HxWx3 (None for any size).
+    """
+    key = f"resnet{depth}"
+    if key not in _RESNET_BUILDERS:
+        raise ValueError(f"ResNet depth must be 50 or 101, got {depth}")
+    if freeze_at not in range(0, 6):
+        raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
+    images = keras.Input(shape=tuple(input_shape), name="images")
+    x = PixelNormalization(mean=_CAFFE_BGR_MEAN, to_bgr=True, name="caffe_preprocess")(images)
+    resnet = _RESNET_BUILDERS[key](include_top=False, weights=weights, input_tensor=x)
+    stages = [(1, "conv1_"), (1, "pool1_")] + [(s, f"conv{s}_") for s in range(2, 6)]
+    _freeze(resnet, freeze_at, freeze_bn, stages)
+    outputs = {
+        level: resnet.get_layer(layer_name).output
+        for level, layer_name in zip(BACKBONE_LEVELS, _RESNET_ENDPOINTS[key])
+    }
+    return keras.Model(images, outputs, name=name or key)
+
+
+def _conv_bn_relu(x, filters, kernel, stride, name, relu=True):
+    x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                            kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _basic_block(x, filters, stride, name):
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = _conv_bn_relu(x, filters, 1, stride, f"{name}_0", relu=False)
+    y = _conv_bn_relu(x, filters, 3, stride, f"{name}_1")
+    y = _conv_bn_relu(y, filters, 3, 1, f"{name}_2", relu=False)
+    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return keras.layers.ReLU(name=f"{name}_out")(y)
+
+
+def build_small_resnet_backbone(
+    widths: Sequence[int] = (32, 64, 128, 256),
+    blocks: Sequence[int] = (1, 1, 1, 1),
+    stem_width: int = 32,
+    freeze_at: int = 0,
+    freeze_bn: bool = False,
+    input_shape: Sequence[int | None] = (None, None, 3),
+    name: str = "small_resnet",
+) -> keras.Model:
+    """A narrow basic-block ResNet (ResNet-18 shape, fewer channels) for CPUs: image -> C2..C5.
+
+    Stem: 3x3/2 conv then 3x3/2 conv (stride 4), then four stages of basic blocks with
+    ``widths`` channels; stages 3..5 start with stride 2. Same ``ceil(H / 2**l)`` sizes as ResNet.
+    """
+    if len(widths) != 4 or len(blocks) != 4:
+        raise ValueError(f"widths and blocks need 4 entries (conv2..conv5), got {widths}, {blocks}")
+    images = keras.Input(shape=tuple(input_shape), name="images")
+    x = PixelNormalization(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
+                           name="imagenet_normalize")(images)
+    x = _conv_bn_relu(x, stem_width, 3, 2, "conv1_a")
+    x = _conv_bn_relu(x, stem_width, 3, 2, "conv1_b")
+    outputs = {}
+    for i, (level, width, n) in enumerate(zip(BACKBONE_LEVELS, widths, blocks)):
+        stage = i + 2
+        for b in range(n):
+            stride = 2 if (b == 0 and stage > 2) else 1
+            x = _basic_block(x, width, stride, f"conv{stage}_block{b + 1}")
+        outputs[level] = x
+    model = keras.Model(images, outputs, name=name)
+    _freeze(model, freeze_at, freeze_bn, [(1, "conv1_")] + [(s, f"conv{s}_") for s in range(2, 6)])
+    return model
+
+
+def build_backbone(backbone_type: str = "resnet50", **kwargs) -> keras.Model:
+    """Builds a backbone by name: "resnet50", "resnet101" or "small_resnet"."""
+    if backbone_type in ("resnet50", "resnet101"):
+        return build_resnet_backbone(depth=int(backbone_type[len("resnet"):]), **kwargs)
+    if backbone_type == "small_resnet":
+        if kwargs.pop("weights", None) is not None:
+            raise ValueError("small_resnet has no pretrained weights; set backbone.weights to null")
+        return build_small_resnet_backbone(**kwargs)
+    raise ValueError(
+        f"unknown backbone type {backbone_type!r}; expected resnet50, resnet101 or small_resnet")
+
+
+def backbone_from_config(cfg) -> keras.Model:
+    """Builds the backbone from a ``model.backbone`` config (attributes or dict)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    kind = get("type", "resnet50")
+    kwargs = dict(freeze_at=get("freeze_at", 2), freeze_bn=get("freeze_bn", True))
+    if kind == "small_resnet":
+        for key in ("widths", "blocks", "stem_width"):
+            if get(key) is not None:
+                kwargs[key] = tuple(get(key)) if key != "stem_width" else get(key)
+    else:
+        kwargs["weights"] = get("weights")
+    return build_backbone(kind, **kwargs)

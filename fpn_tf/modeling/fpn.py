@@ -1,0 +1,211 @@
+"""Top-down pathway and lateral connections: the feature pyramid (paper §3, Fig. 3).
+
+For each backbone level i (coarsest first):
+
+    M5 = lateral5(C5)                       lateral: 1x1 conv to d channels
+    Mi = upsample2x(M{i+1}) + lateral_i(Ci)  nearest neighbour, cropped to Ci's exact size
+    Pi = output_i(Mi)                       3x3 conv, d channels, "to reduce aliasing"
+    P6 = P5[:, ::2, ::2]                     max-pool, kernel 1, stride 2 (used by the RPN only)
+
+"There are no non-linearities in these extra layers" and the paper uses no normalisation: neither
+is added here (Model Garden's FPN adds BatchNorm; that is not the paper). d = 256 by default.
+
+The ablation switches of the paper's Table 1/2 live here too:
+  * ``use_top_down=False``: the bottom-up pyramid (b): Pi = output_i(lateral_i(Ci)).
+  * ``use_lateral=False``: top-down without lateral connections (c): only C5 gets its 1x1, then
+    Mi = upsample2x(M{i+1}) and Pi = output_i(Mi).
+  * ``output_levels=("P2",)``: a chosen subset of levels (d: the finest level alone).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import keras
+import tensorflow as tf
+
+from fpn_tf.modeling.backbones import build_backbone
+
+
+def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """Nearest-neighbour x2 upsampling of ``x`` cropped to ``like``'s spatial size.
+
+    Output pixel (i, j) takes input pixel (i // 2, j // 2), so odd sizes (where the coarser map has
+    ceil(h / 2) rows) line up exactly with a stride-2 backbone.
+    """
+    up = tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+    size = tf.shape(like)
+    return up[:, : size[1], : size[2], :]
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class FeaturePyramid(keras.layers.Layer):
+    """C-maps in (dict ``{"C2".."C5"}`` or a list from ``min_level``), ``{"P2".."P6"}`` out.
+
+    Args:
+      num_channels: d, the channel count of every pyramid level (paper: 256).
+      min_level: finest level (2 -> P2 from C2, stride 4).
+      max_level: coarsest level; levels above ``backbone_max_level`` are made by stride-2
+        subsampling (max-pool, kernel 1) of the level below.
+      backbone_max_level: the coarsest C-map given (5 -> C5).
+      use_top_down: add the top-down pathway (False: bottom-up pyramid ablation).
+      use_lateral: add 1x1 lateral connections below the top level (False: ablation).
+      output_levels: names of the levels to return (default: all of min..max).
+      kernel_initializer: for the 1x1 and 3x3 convs (LeCun uniform = detectron2's c2_xavier_fill).
+    """
+
+    def __init__(
+        self,
+        num_channels: int = 256,
+        min_level: int = 2,
+        max_level: int = 6,
+        backbone_max_level: int = 5,
+        use_top_down: bool = True,
+        use_lateral: bool = True,
+        output_levels: Sequence[str] | None = None,
+        kernel_initializer="lecun_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not min_level <= backbone_max_level <= max_level:
+            raise ValueError(
+                f"need min_level <= backbone_max_level <= max_level, got {min_level}, "
+                f"{backbone_max_level}, {max_level}")
+        if not use_top_down and not use_lateral:
+            raise ValueError("use_top_down=False needs the lateral 1x1 convs (use_lateral=True)")
+        all_levels = [f"P{l}" for l in range(min_level, max_level + 1)]
+        output_levels = list(output_levels) if output_levels else all_levels
+        unknown = [name for name in output_levels if name not in all_levels]
+        if unknown:
+            raise ValueError(f"output_levels {unknown} not in {all_levels}")
+        self.num_channels = int(num_channels)
+        self.min_level = int(min_level)
+        self.max_level = int(max_level)
+        self.backbone_max_level = int(backbone_max_level)
+        self.use_top_down = bool(use_top_down)
+        self.use_lateral = bool(use_lateral)
+        self.output_levels = output_levels
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+        self.backbone_levels = list(range(self.min_level, self.backbone_max_level + 1))
+        conv_args = dict(
+            kernel_initializer=self.kernel_initializer, bias_initializer="zeros",
+            dtype=self.dtype_policy)
+        self.lateral_convs = {}
+        self.output_convs = {}
+        for level in self.backbone_levels:
+            if self.use_lateral or level == self.backbone_max_level:
+                self.lateral_convs[level] = keras.layers.Conv2D(
+                    self.num_channels, 1, name=f"lateral_P{level}", **conv_args)
+            self.output_convs[level] = keras.layers.Conv2D(
+                self.num_channels, 3, padding="same", name=f"output_P{level}", **conv_args)
+        self.subsample = keras.layers.MaxPooling2D(
+            pool_size=1, strides=2, padding="valid", name="subsample", dtype=self.dtype_policy)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _as_dict(self, features):
+        if isinstance(features, Mapping):
+            missing = [f"C{l}" for l in self.backbone_levels if f"C{l}" not in features]
+            if missing:
+                raise ValueError(f"FeaturePyramid needs backbone features {missing}; "
+                                 f"got keys {sorted(features)}")
+            return {l: features[f"C{l}"] for l in self.backbone_levels}
+        features = list(features)
+        if len(features) != len(self.backbone_levels):
+            raise ValueError(f"FeaturePyramid needs {len(self.backbone_levels)} feature maps "
+                             f"(C{self.min_level}..C{self.backbone_max_level}), got {len(features)}")
+        return dict(zip(self.backbone_levels, features))
+
+    def build(self, input_shape):
+        shapes = self._as_dict(input_shape)
+        for level in self.backbone_levels:
+            if level in self.lateral_convs:
+                self.lateral_convs[level].build(tuple(shapes[level]))
+            self.output_convs[level].build(tuple(shapes[level])[:-1] + (self.num_channels,))
+        self.built = True
+
+    def call(self, features):
+        c = self._as_dict(features)
+        top = self.backbone_max_level
+        merged = {top: self.lateral_convs[top](c[top])}
+        for level in reversed(self.backbone_levels[:-1]):
+            if not self.use_top_down:
+                merged[level] = self.lateral_convs[level](c[level])
+            elif not self.use_lateral:
+                merged[level] = upsample_nearest_to(merged[level + 1], c[level])
+            else:
+                lateral = self.lateral_convs[level](c[level])
+                merged[level] = upsample_nearest_to(merged[level + 1], lateral) + lateral
+        pyramid = {f"P{l}": self.output_convs[l](merged[l]) for l in self.backbone_levels}
+        for level in range(top + 1, self.max_level + 1):
+            pyramid[f"P{level}"] = self.subsample(pyramid[f"P{level - 1}"])
+        return {name: pyramid[name] for name in self.output_levels}
+
+    def compute_output_shape(self, input_shape):
+        shapes = self._as_dict(input_shape)
+        out = {}
+        for level in range(self.min_level, self.max_level + 1):
+            ref = shapes[min(level, self.backbone_max_level)]
+            h, w = ref[1], ref[2]
+            for _ in range(level - self.backbone_max_level):
+                h = None if h is None else (h + 1) // 2
+                w = None if w is None else (w + 1) // 2
+            out[f"P{level}"] = (ref[0], h, w, self.num_channels)
+        return {name: out[name] for name in self.output_levels}
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Stride (input pixels per feature pixel) of each returned level."""
+        return {name: 2 ** int(name[1:]) for name in self.output_levels}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_channels": self.num_channels,
+            "min_level": self.min_level,
+            "max_level": self.max_level,
+            "backbone_max_level": self.backbone_max_level,
+            "use_top_down": self.use_top_down,
+            "use_lateral": self.use_lateral,
+            "output_levels": list(self.output_levels),
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        })
+        return config
+
+
+def build_fpn_model(
+    backbone: keras.Model | str = "resnet50",
+    num_channels: int = 256,
+    min_level: int = 2,
+    max_level: int = 6,
+    use_top_down: bool = True,
+    use_lateral: bool = True,
+    output_levels: Sequence[str] | None = None,
+    input_shape: Sequence[int | None] = (None, None, 3),
+    name: str | None = None,
+    **backbone_kwargs,
+) -> keras.Model:
+    """A Functional ``keras.Model``: RGB image (0..255) -> ``{"P2": ..., ..., "P6": ...}``.
+
+    ``backbone`` is a model returning ``{"C2".."C5"}`` (see `fpn_tf.modeling.backbones`) or the
+    name of one, built with ``backbone_kwargs`` (e.g. ``weights="imagenet"``, ``freeze_at=2``).
+    Compose it like any Keras model::
+
+        fpn = build_fpn_model("resnet50", weights="imagenet")
+        x = keras.Input((None, None, 3))
+        feats = fpn(x)
+        logits = my_head(feats["P3"])
+    """
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone, input_shape=input_shape, **backbone_kwargs)
+    elif backbone_kwargs:
+        raise ValueError(f"backbone kwargs {sorted(backbone_kwargs)} need a backbone name")
+    backbone_levels = sorted(int(k[1:]) for k in backbone.output)
+    images = keras.Input(shape=tuple(input_shape), name="images")
+    c_maps = backbone(images)
+    pyramid = FeaturePyramid(
+        num_channels=num_channels, min_level=min_level, max_level=max_level,
+        backbone_max_level=backbone_levels[-1], use_top_down=use_top_down,
+        use_lateral=use_lateral, output_levels=output_levels, name="feature_pyramid",
+    )({k: v for k, v in c_maps.items() if int(k[1:]) >= min_level})
+    return keras.Model(images, pyramid, name=name or f"fpn_{backbone.name}")
