@@ -1,0 +1,26 @@
+"""Experiment configuration: typed dataclasses, YAML files, params_override.
+
+    from fpn_tf.configs import load_config
+    cfg = load_config("configs/coco_r50_fpn_1x.yaml", "train.total_steps=1000")
+
+The learning-rate schedule (needs Keras) is in fpn_tf.configs.lr_schedule, imported on demand.
+"""
+
+from fpn_tf.configs.experiment import (
+    AnchorConfig,
+    BackboneConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DetectionConfig,
+    EvalConfig,
+    ExperimentConfig,
+    FPNConfig,
+    ModelConfig,
+    RoIConfig,
+    RPNConfig,
+    RuntimeConfig,
+    SyntheticDataConfig,
+    TrainConfig,
+)
+from fpn_tf.configs.loader import PARAMS_FILENAME, load_config, load_yaml, parse_params_override, save_config

@@ -1,0 +1,10 @@
+"""Evaluation: COCO box AP and RPN proposal recall (pycocotools / NumPy; no TensorFlow needed)."""
+
+from fpn_tf.evaluation.coco_evaluator import (
+    COCO_METRIC_NAMES,
+    COCOEvaluator,
+    ProposalRecallEvaluator,
+    boxes_to_original,
+    load_coco_groundtruth,
+    yxyx_to_xywh,
+)

@@ -1,0 +1,225 @@
+"""Resolving an experiment: defaults -> YAML file(s) -> params_override; saving it with a run.
+
+    cfg = load_config("configs/coco_r50_fpn_1x.yaml",
+                      params_override="train.learning_rate=0.01,model.fpn.num_channels=128",
+                      num_replicas=strategy.num_replicas_in_sync)
+    save_config(cfg, model_dir)          # model_dir/params.yaml, loadable with load_config
+
+YAML files may start from other files with ``_base_: other.yaml`` (a path relative to the file, or
+a list of them, merged in order, the file's own keys last), as detectron2 configs do.
+
+``params_override`` takes what Model Garden's ``--params_override`` takes:
+  * "a.b=1,c.d=[1, 2],e=null,f=some/path" (values are parsed as YAML: numbers, true/false, null,
+    [lists], {mappings}; quote a string that contains a comma: f='x,y');
+  * a YAML or JSON mapping as a string: "{train: {learning_rate: 0.01}}" or '{"train.steps": 5}';
+  * the path of a YAML file;
+  * a dict; or a list of any of these, applied in order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from fpn_tf.configs.experiment import ConfigError, ExperimentConfig, _expand_dotted, deep_merge
+
+__all__ = [
+    "PARAMS_FILENAME",
+    "load_yaml",
+    "parse_params_override",
+    "load_config",
+    "save_config",
+]
+
+PARAMS_FILENAME = "params.yaml"
+
+Override = Union[str, Mapping[str, Any], None]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads '1e-4' as a float (YAML 1.1 wants '1.0e-4'; people write 1e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+            |[-+]?\.[0-9_]+[eE][-+]?[0-9]+)$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+
+
+def _read_text(path: str) -> str:
+    if "://" in path:  # gs://, s3://, ...: only then pay for importing TensorFlow.
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, "r") as f:
+            return f.read()
+    with open(path, "r", encoding="utf-8") as f:
+        return f.read()
+
+
+def load_yaml(path: str, _seen: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Reads a config YAML file into a nested dict, resolving ``_base_`` inheritance."""
+    seen = list(_seen or [])
+    key = os.path.abspath(path) if "://" not in path else path
+    if key in seen:
+        raise ConfigError(f"{path}: circular _base_ chain: {' -> '.join(seen + [key])}")
+    try:
+        text = _read_text(path)
+    except OSError as e:
+        raise ConfigError(f"Cannot read config file {path!r}: {e}") from e
+    data = _parse_yaml(text, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping at the top, got {type(data).__name__}.")
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a file path or a list of them, got {bases!r}.", key="_base_")
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        if "://" not in base and not os.path.isabs(base) and "://" not in path:
+            base = os.path.join(os.path.dirname(path), base)
+        merged = deep_merge(merged, load_yaml(base, seen + [key]))
+    return deep_merge(merged, data)
+
+
+def _split_top_level(text: str) -> List[str]:
+    """Splits 'a=1,b=[1,2],c="x,y"' at the commas outside brackets and quotes."""
+    parts, current, depth, quote = [], [], 0, None
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    if quote or depth:
+        raise ConfigError(f"params_override {text!r}: unbalanced brackets or quotes.")
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_one(override: Override) -> Dict[str, Any]:
+    if override is None:
+        return {}
+    if isinstance(override, Mapping):
+        return dict(override)
+    if not isinstance(override, str):
+        raise ConfigError(f"params_override must be a string, a mapping or a list of them, got {override!r}.")
+    text = override.strip()
+    if not text:
+        return {}
+    if re.search(r"\.ya?ml$", text) and "=" not in text and os.path.exists(text):
+        return load_yaml(text)
+    if "=" not in text.split(",", 1)[0] or text.startswith("{"):
+        # Not "key=value,...": a YAML / JSON mapping, or garbage.
+        data = _parse_yaml(text, "params_override")
+        if isinstance(data, dict):
+            return data
+        raise ConfigError(
+            f"params_override {override!r} is neither 'key=value[,key=value...]' nor a mapping."
+        )
+    result: Dict[str, Any] = {}
+    for item in _split_top_level(text):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"params_override item {item!r} is not of the form key=value.")
+        result[key] = _parse_yaml(value.strip(), f"params_override '{key}'") if value.strip() else None
+    return result
+
+
+def parse_params_override(params_override: Union[Override, Iterable[Override]]) -> Dict[str, Any]:
+    """A params_override (string, mapping, YAML file path, or a list of them) -> one nested dict.
+
+    Keys stay dotted where they were dotted; Config.override expands them.
+    """
+    if params_override is None or isinstance(params_override, (str, Mapping)):
+        items = [params_override]
+    else:
+        items = list(params_override)
+    result: Dict[str, Any] = {}
+    for item in items:
+        # Expand dots now so that later items merge into (rather than replace) earlier sections.
+        result = deep_merge(result, _expand_dotted(_parse_one(item)))
+    return result
+
+
+def load_config(
+    config_file: Union[str, Sequence[str], None] = None,
+    params_override: Union[Override, Iterable[Override]] = None,
+    *,
+    num_replicas: Optional[int] = None,
+    validate: bool = True,
+    check_files: bool = False,
+) -> ExperimentConfig:
+    """Defaults, then each YAML file in order, then params_override; validated unless told not to.
+
+    Errors are ConfigError (a ValueError) naming the file or 'params_override' and the key.
+    """
+    config = ExperimentConfig()
+    files = [config_file] if isinstance(config_file, str) else list(config_file or [])
+    for path in files:
+        try:
+            config = config.override(load_yaml(path))
+        except ConfigError as e:
+            message = str(e) if str(e).startswith(path) else f"{path}: {e}"
+            raise ConfigError(message, key=e.key) from e
+    if params_override is not None:
+        try:
+            config = config.override(parse_params_override(params_override))
+        except ConfigError as e:
+            message = str(e) if str(e).startswith("params_override") else f"params_override: {e}"
+            raise ConfigError(message, key=e.key) from e
+    if validate:
+        config.validate(num_replicas=num_replicas, check_files=check_files)
+    return config
+
+
+def save_config(config: ExperimentConfig, model_dir: str, filename: str = PARAMS_FILENAME) -> str:
+    """Writes the resolved config as YAML to model_dir/filename (local or gs://); returns the path."""
+    text = (
+        "# Resolved fpn_tf experiment config; reproduce with:\n"
+        f"#   load_config('{filename}') / --config_file=<this file>\n" + config.to_yaml()
+    )
+    if "://" in model_dir:
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(model_dir)
+        path = model_dir.rstrip("/") + "/" + filename
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+        return path
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, filename)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
