@@ -1,0 +1,205 @@
+"""RoI level assignment (FPN Eq. 1) and multi-level RoIAlign (pure TensorFlow).
+
+Multi-level RoIAlign as one batched gather
+------------------------------------------
+Instead of running ``crop_and_resize`` once per level on every RoI and selecting,
+every level's map ``[B, H_l, W_l, C]`` is flattened and the levels are
+concatenated into one ``[B * T, C]`` table (``T = sum_l H_l * W_l``). Each RoI is
+assigned its level with Eq. 1; its sampling points are computed in that level's
+feature coordinates (``pixel / stride``); the four bilinear neighbours of every
+sampling point become row indices into the table (``b * T + offset_l + y * W_l +
+x``), so all RoIs of all levels and all images are read with a single
+``tf.gather``. The bilinear weights (already divided by the number of samples
+per bin) are then contracted with the gathered rows by a single batched matmul:
+``[..., 1, K] x [..., K, C]`` with ``K = sampling_ratio**2 * 4`` values per output
+bin. Shapes are static when the feature maps' and RoIs' are, so XLA compiles it.
+The gradient w.r.t. the features is the gather's (a sparse scatter-add).
+
+Measured (2-core CPU, batch 2, 800x1344 pyramid P2..P5): 512 RoIs x 256
+channels: forward ~230 ms, forward + backward ~1.1 s, vs ~270 ms / ~0.93 s for
+``crop_and_resize`` on every level followed by a per-RoI select; 128 RoIs x 128
+channels: ~40 ms / ~130 ms vs ~35 ms / ~100 ms. ~50 ms (512x256 case) of the
+forward is the concatenation of the levels into the table. With
+``jit_compile=True`` on CPU the forward is slower (~2x); XLA is for GPUs here.
+
+Memory: the gathered tensor is ``B * R * output_size**2 * K * C`` elements
+(``K = 16`` for sampling ratio 2), i.e. 4x the ``[R, 14, 14, C]`` that
+``crop_and_resize`` would materialise per level; e.g. 2 images x 512 RoIs x
+256 channels: ~0.8 GB float32 transient (less with bfloat16 / float16 features).
+
+Sampling convention (detectron2 ``ROIAlignV2`` / ``aligned=True``)
+-----------------------------------------------------------------
+Pixel ``(i, j)`` of a level's map has its centre at continuous feature
+coordinate ``(i, j)``; an image point ``p`` maps to ``p / stride - 0.5``. A RoI is
+split into ``output_size x output_size`` bins; each bin is sampled on a regular
+``sampling_ratio x sampling_ratio`` grid at the sub-cell centres and the bilinear
+samples are averaged. ``aligned=False`` reproduces the legacy (no -0.5 shift,
+RoI size at least 1 cell) convention. An adaptive sampling ratio (detectron2's
+``sampling_ratio=0``) is not supported: it would make shapes dynamic.
+
+Points outside the map, exactly as detectron2's ``bilinear_interpolate``: a
+sample with ``y < -1`` or ``y > H`` (or the same for ``x`` with ``W``) contributes
+0 (it still counts in the bin's average); otherwise coordinates below 0 are
+clamped to 0 and coordinates at or beyond ``H - 1`` / ``W - 1`` are clamped to the
+last row / column.
+"""
+
+import tensorflow as tf
+
+from fpn_tf.ops import anchors as anchor_lib
+from fpn_tf.ops import box_ops
+
+__all__ = ["assign_levels", "multilevel_roi_align"]
+
+
+def assign_levels(boxes, min_level=2, max_level=5, canonical_size=224.0, canonical_level=4):
+    """FPN Eq. 1: ``k = floor(k0 + log2(sqrt(w * h) / 224))`` clamped to [min, max].
+
+    Evaluated without logarithms, which makes it exact at the powers of two
+    (448x448 -> 5, 224x224 -> 4, 112x112 -> 3): ``k >= l`` iff
+    ``w * h >= (canonical_size * 2**(l - canonical_level))**2``, so ``k = min_level +
+    #{l in (min_level, max_level] : area >= threshold_l**2}``. Zero-area (and
+    inverted / padding) boxes get ``min_level``.
+
+    Args:
+      boxes: float [..., 4] yxyx in input-image pixels.
+      min_level, max_level: python ints, the clamp (2, 5).
+      canonical_size: 224 (the ImageNet pre-training size).
+      canonical_level: k0 = 4.
+    Returns:
+      int32 [...] levels.
+    """
+    a = box_ops.area(tf.cast(boxes, tf.float32))
+    level = tf.fill(tf.shape(a), tf.constant(min_level, tf.int32))
+    for l in range(min_level + 1, max_level + 1):
+        threshold = float(canonical_size) * 2.0 ** (l - canonical_level)
+        level += tf.cast(a >= threshold * threshold, tf.int32)
+    return level
+
+
+def _axis_sample(coords, size, size_f):
+    """detectron2 bilinear_interpolate along one axis.
+
+    Args:
+      coords: float [...] sample coordinates in feature cells.
+      size: int32 [...] broadcastable, the map size along the axis.
+      size_f: the same as float.
+    Returns:
+      (low, high) int32 indices, (w_low, w_high) float weights (0 outside).
+    """
+    inside = tf.logical_and(coords >= -1.0, coords <= size_f)
+    c = tf.maximum(coords, 0.0)
+    low = tf.cast(tf.floor(c), tf.int32)
+    at_end = low >= size - 1
+    low = tf.where(at_end, size - 1, low)
+    high = tf.where(at_end, size - 1, low + 1)
+    c = tf.where(at_end, tf.cast(low, c.dtype), c)
+    frac = c - tf.cast(low, c.dtype)
+    inside_f = tf.cast(inside, c.dtype)
+    return low, high, (1.0 - frac) * inside_f, frac * inside_f
+
+
+def _level_features(features, min_level, max_level):
+    by_number = {}
+    for name, value in features.items():
+        by_number[anchor_lib.level_number(name)] = value
+    out = []
+    for l in range(min_level, max_level + 1):
+        if l not in by_number:
+            raise ValueError(f"multilevel_roi_align needs level {l}; got {sorted(features)}")
+        out.append((l, tf.convert_to_tensor(by_number[l])))
+    return out
+
+
+def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligned=True,
+                         min_level=2, max_level=5, canonical_size=224.0, canonical_level=4,
+                         roi_levels=None):
+    """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
+
+    Args:
+      features: dict ``{"P2": [B, H2, W2, C], ..., "P5": [B, H5, W5, C]}`` (extra
+        levels such as P6 are ignored); level ``l`` has stride ``2**l``.
+      rois: float [B, R, 4] yxyx in input-image pixels.
+      output_size: int, the pooled size (7).
+      sampling_ratio: int >= 1, samples per bin along each axis (2).
+      aligned: detectron2's ``aligned=True`` (-0.5 pixel shift).
+      min_level, max_level, canonical_size, canonical_level: Eq. 1 (2, 5, 224, 4).
+      roi_levels: optional int32 [B, R] levels overriding Eq. 1.
+    Returns:
+      [B, R, output_size, output_size, C] with the features' dtype.
+    """
+    if sampling_ratio < 1:
+        raise ValueError("sampling_ratio must be >= 1 (adaptive sampling is not supported)")
+    levels = _level_features(features, min_level, max_level)
+    dtype = levels[0][1].dtype
+    channels = levels[0][1].shape[-1]
+    rois = tf.cast(tf.convert_to_tensor(rois), tf.float32)
+
+    batch = tf.shape(rois)[0]
+    flat, heights, widths, offsets = [], [], [], []
+    total = 0
+    for _, f in levels:
+        shp = tf.shape(f)
+        h = f.shape[1] if f.shape[1] is not None else shp[1]
+        w = f.shape[2] if f.shape[2] is not None else shp[2]
+        heights.append(h)
+        widths.append(w)
+        offsets.append(total)
+        flat.append(tf.reshape(f, [shp[0], h * w, -1 if channels is None else channels]))
+        total = total + h * w
+    table = tf.concat(flat, axis=1)  # [B, T, C]
+    table = tf.reshape(table, [-1, tf.shape(table)[-1] if channels is None else channels])
+    heights = tf.stack([tf.cast(h, tf.int32) for h in heights])
+    widths = tf.stack([tf.cast(w, tf.int32) for w in widths])
+    offsets = tf.stack([tf.cast(o, tf.int32) for o in offsets])
+    strides = tf.constant([float(2 ** l) for l, _ in levels], tf.float32)
+
+    if roi_levels is None:
+        roi_levels = assign_levels(rois, min_level, max_level, canonical_size, canonical_level)
+    lvl = tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1)
+    stride = tf.gather(strides, lvl)  # [B, R]
+    height = tf.gather(heights, lvl)[..., None, None]  # [B, R, 1, 1]
+    width = tf.gather(widths, lvl)[..., None, None]
+    offset = tf.gather(offsets, lvl)  # [B, R]
+
+    shift = 0.5 if aligned else 0.0
+    ymin, xmin, ymax, xmax = tf.unstack(rois, num=4, axis=-1)
+    y0 = ymin / stride - shift
+    x0 = xmin / stride - shift
+    roi_h = ymax / stride - shift - y0
+    roi_w = xmax / stride - shift - x0
+    if not aligned:
+        roi_h = tf.maximum(roi_h, 1.0)
+        roi_w = tf.maximum(roi_w, 1.0)
+    # Sample positions inside the RoI in units of bins: [out, sr].
+    grid = (tf.range(output_size, dtype=tf.float32)[:, None]
+            + (tf.range(sampling_ratio, dtype=tf.float32)[None, :] + 0.5) / sampling_ratio)
+    bin_h = (roi_h / output_size)[..., None, None]
+    bin_w = (roi_w / output_size)[..., None, None]
+    ys = y0[..., None, None] + grid * bin_h  # [B, R, out, sr]
+    xs = x0[..., None, None] + grid * bin_w
+
+    y_lo, y_hi, wy_lo, wy_hi = _axis_sample(ys, height, tf.cast(height, tf.float32))
+    x_lo, x_hi, wx_lo, wx_hi = _axis_sample(xs, width, tf.cast(width, tf.float32))
+    y_idx = tf.stack([y_lo, y_hi], axis=-1)  # [B, R, out, sr, 2]
+    x_idx = tf.stack([x_lo, x_hi], axis=-1)
+    wy = tf.stack([wy_lo, wy_hi], axis=-1)
+    wx = tf.stack([wx_lo, wx_hi], axis=-1)
+
+    # Row index of every (bin_y i, bin_x j, sample a, corner cy, sample d, corner cx):
+    # [B, R, i, 1, a, cy, 1, 1] * W + [B, R, 1, j, 1, 1, d, cx] -> [B, R, out, out, K].
+    base = (tf.range(batch, dtype=tf.int32)[:, None] * total + offset)  # [B, R]
+    row = y_idx * width[..., None]  # [B, R, out, sr, 2]
+    index = (base[:, :, None, None, None, None, None, None]
+             + row[:, :, :, None, :, :, None, None]
+             + x_idx[:, :, None, :, None, None, :, :])
+    weight = wy[:, :, :, None, :, :, None, None] * wx[:, :, None, :, None, None, :, :]
+    k = sampling_ratio * 2 * sampling_ratio * 2
+    num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
+    index = tf.reshape(index, [batch, num_rois, output_size, output_size, k])
+    weight = tf.reshape(weight, [batch, num_rois, output_size, output_size, 1, k])
+    weight = tf.cast(weight / float(sampling_ratio * sampling_ratio), dtype)
+
+    values = tf.gather(table, index)  # [B, R, out, out, K, C]
+    pooled = tf.linalg.matmul(weight, values)  # [B, R, out, out, 1, C]
+    return tf.squeeze(pooled, axis=-2)

@@ -1,0 +1,187 @@
+"""Tests of fpn_tf.ops.roi_ops: Eq. 1 level assignment and multi-level RoIAlign."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fpn_tf.ops import roi_ops
+
+
+def _square(side, y=0.0, x=0.0):
+    return [y, x, y + side, x + side]
+
+
+def test_eq1_levels():
+    boxes = tf.constant([_square(224), _square(112), _square(10), _square(2000), _square(448),
+                         [0, 0, 0, 0], [5, 5, 5, 50], _square(223.9), [0, 0, 112, 448],
+                         [10, 10, 0, 0]], tf.float32)
+    np.testing.assert_array_equal(roi_ops.assign_levels(boxes).numpy(),
+                                  [4, 3, 2, 5, 5, 2, 2, 3, 4, 2])
+    # Arguments: a different clamp and canonical size.
+    np.testing.assert_array_equal(
+        roi_ops.assign_levels(boxes[:5], min_level=3, max_level=6).numpy(), [4, 3, 3, 6, 5])
+    np.testing.assert_array_equal(
+        roi_ops.assign_levels(boxes[:2], canonical_size=112.0).numpy(), [5, 4])
+
+
+def test_eq1_matches_log_formula_on_random_sizes():
+    rng = np.random.default_rng(0)
+    hw = rng.uniform(1, 1500, (500, 2))
+    boxes = np.concatenate([np.zeros_like(hw), hw], -1).astype(np.float32)
+    got = roi_ops.assign_levels(boxes).numpy()
+    area = (boxes[:, 2] - boxes[:, 0]).astype(np.float64) * (boxes[:, 3] - boxes[:, 1])
+    ref = np.clip(np.floor(4 + np.log2(np.sqrt(area) / 224)), 2, 5)
+    np.testing.assert_array_equal(got, ref)
+
+
+# ------------------------------------------------------------------ NumPy reference
+
+
+def _bilinear(f, y, x):
+    h, w = f.shape[:2]
+    if y < -1.0 or y > h or x < -1.0 or x > w:
+        return np.zeros(f.shape[-1])
+    y = max(y, 0.0)
+    x = max(x, 0.0)
+    y_lo, x_lo = int(y), int(x)
+    if y_lo >= h - 1:
+        y_hi = y_lo = h - 1
+        y = float(y_lo)
+    else:
+        y_hi = y_lo + 1
+    if x_lo >= w - 1:
+        x_hi = x_lo = w - 1
+        x = float(x_lo)
+    else:
+        x_hi = x_lo + 1
+    ly, lx = y - y_lo, x - x_lo
+    hy, hx = 1 - ly, 1 - lx
+    return (hy * hx * f[y_lo, x_lo] + hy * lx * f[y_lo, x_hi]
+            + ly * hx * f[y_hi, x_lo] + ly * lx * f[y_hi, x_hi])
+
+
+def _np_roi_align(f, roi, stride, out, sr, aligned):
+    off = 0.5 if aligned else 0.0
+    y0, x0, y1, x1 = [c / stride - off for c in roi]
+    rh, rw = y1 - y0, x1 - x0
+    if not aligned:
+        rh, rw = max(rh, 1.0), max(rw, 1.0)
+    bh, bw = rh / out, rw / out
+    res = np.zeros((out, out, f.shape[-1]))
+    for i in range(out):
+        for j in range(out):
+            acc = 0.0
+            for a in range(sr):
+                for b in range(sr):
+                    y = y0 + i * bh + (a + 0.5) * bh / sr
+                    x = x0 + j * bw + (b + 0.5) * bw / sr
+                    acc = acc + _bilinear(f, y, x)
+            res[i, j] = acc / (sr * sr)
+    return res
+
+
+def _np_multilevel(features, rois, out, sr, aligned):
+    bsz, r = rois.shape[:2]
+    c = next(iter(features.values())).shape[-1]
+    res = np.zeros((bsz, r, out, out, c))
+    for b in range(bsz):
+        for k in range(r):
+            y0, x0, y1, x1 = rois[b, k].astype(np.float64)
+            area = max(y1 - y0, 0) * max(x1 - x0, 0)
+            lvl = 2 if area <= 0 else int(np.clip(np.floor(4 + np.log2(np.sqrt(area) / 224)), 2, 5))
+            res[b, k] = _np_roi_align(features[f"P{lvl}"][b].astype(np.float64), rois[b, k],
+                                      2.0 ** lvl, out, sr, aligned)
+    return res
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_roi_align_linear_ramp_two_levels():
+    # f_l(y, x, c) = a_c * y + b_c * x + d_l (y, x in the level's pixel index units):
+    # bilinear sampling is exact for it and the average of a bin's symmetric samples
+    # is the value at the bin centre, so the expected output is closed-form.
+    img_h, img_w = 256, 320
+    a = np.array([1.0, -2.0, 0.5], np.float32)
+    b = np.array([3.0, 1.0, -1.0], np.float32)
+    feats = {}
+    for l in range(2, 6):
+        h, w = img_h // 2 ** l, img_w // 2 ** l
+        yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        feats[f"P{l}"] = (yy[..., None] * a + xx[..., None] * b + 100.0 * l)[None].astype(
+            np.float32)
+    rois = np.array([[[40.0, 60.0, 152.0, 172.0],   # 112 x 112 -> P3 (stride 8)
+                      [16.0, 48.0, 240.0, 272.0]]],  # 224 x 224 -> P4 (stride 16)
+                    np.float32)
+    out = roi_ops.multilevel_roi_align({k: tf.constant(v) for k, v in feats.items()},
+                                       tf.constant(rois), output_size=7, sampling_ratio=2)
+    assert out.shape == (1, 2, 7, 7, 3)
+    for k, (lvl, stride) in enumerate([(3, 8.0), (4, 16.0)]):
+        y0, x0, y1, x1 = rois[0, k] / stride - 0.5
+        centres_y = y0 + (np.arange(7) + 0.5) * (y1 - y0) / 7
+        centres_x = x0 + (np.arange(7) + 0.5) * (x1 - x0) / 7
+        expected = (centres_y[:, None, None] * a + centres_x[None, :, None] * b + 100.0 * lvl)
+        np.testing.assert_allclose(out.numpy()[0, k], expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_matches_numpy_reference(aligned):
+    rng = np.random.default_rng(0)
+    img_h, img_w, c, bsz = 200, 264, 3, 2
+    feats = {f"P{l}": rng.normal(size=(bsz, math.ceil(img_h / 2 ** l),
+                                       math.ceil(img_w / 2 ** l), c)).astype(np.float32)
+             for l in range(2, 7)}
+    # Sizes spanning all levels, some partly or wholly outside the image, degenerate ones.
+    r = 24
+    side = np.exp(rng.uniform(np.log(4), np.log(700), (bsz, r, 2)))
+    yx = rng.uniform(-80, 260, (bsz, r, 2))
+    rois = np.concatenate([yx, yx + side], -1).astype(np.float32)
+    rois[0, 0] = [10, 10, 10, 10]  # zero size
+    rois[1, 0] = [-300, -300, -290, -280]  # far outside: all zeros
+    got = roi_ops.multilevel_roi_align({k: tf.constant(v) for k, v in feats.items()},
+                                       tf.constant(rois), output_size=5, sampling_ratio=2,
+                                       aligned=aligned).numpy()
+    ref = _np_multilevel(feats, rois, 5, 2, aligned)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    if aligned:
+        np.testing.assert_array_equal(got[1, 0], 0.0)
+    # Other sampling ratio / output size on one image.
+    got3 = roi_ops.multilevel_roi_align({k: tf.constant(v[:1]) for k, v in feats.items()},
+                                        tf.constant(rois[:1, :6]), output_size=3,
+                                        sampling_ratio=3, aligned=aligned).numpy()
+    np.testing.assert_allclose(got3, _np_multilevel({k: v[:1] for k, v in feats.items()},
+                                                    rois[:1, :6], 3, 3, aligned),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_roi_align_gradient_and_dtype():
+    rng = np.random.default_rng(1)
+    feats = {f"P{l}": tf.Variable(rng.normal(size=(1, 64 // 2 ** l, 64 // 2 ** l, 2)),
+                                  dtype=tf.float32) for l in range(2, 6)}
+    rois = tf.constant([[[4, 4, 40, 40], [0, 0, 60, 60]]], tf.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(roi_ops.multilevel_roi_align(feats, rois, output_size=2))
+    grads = tape.gradient(loss, list(feats.values()))
+    assert grads[0] is not None and float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(grads[0])))) > 0
+    # The bilinear weights of a sample inside the map sum to 1, so the gradient of the
+    # sum of all outputs sums to R * out * out * C.
+    total = sum(float(tf.reduce_sum(tf.convert_to_tensor(g))) for g in grads if g is not None)
+    assert total == pytest.approx(2 * 2 * 2 * 2, rel=1e-5)
+    half = roi_ops.multilevel_roi_align(
+        {k: tf.cast(v, tf.bfloat16) for k, v in feats.items()}, rois, output_size=2)
+    assert half.dtype == tf.bfloat16
+
+
+def test_roi_align_xla():
+    rng = np.random.default_rng(2)
+    feats = {f"P{l}": tf.constant(rng.normal(size=(2, 128 // 2 ** l, 96 // 2 ** l, 4)),
+                                  tf.float32) for l in range(2, 7)}
+    yx = rng.uniform(0, 90, (2, 10, 2))
+    rois = tf.constant(np.concatenate([yx, yx + rng.uniform(4, 120, (2, 10, 2))], -1),
+                       tf.float32)
+    f = tf.function(roi_ops.multilevel_roi_align, jit_compile=True)
+    np.testing.assert_allclose(f(feats, rois).numpy(),
+                               roi_ops.multilevel_roi_align(feats, rois).numpy(),
+                               rtol=1e-5, atol=1e-5)
