@@ -40,6 +40,9 @@ class RPNParams:
     min_box_size: float = 0.0
     smooth_l1_beta: float = 1.0 / 9.0
     loss_weight: float = 1.0
+    # "per_image" (map over images of the built-in greedy NMS: 2.5-3.5x faster than "padded" on
+    # a 2-core CPU, same boxes, XLA-compatible) or "padded" (one batched op).
+    nms_impl: str = "per_image"
 
 
 @dataclasses.dataclass
@@ -65,6 +68,7 @@ class DetectionParams:
     score_threshold: float = 0.05
     nms_iou: float = 0.5
     max_detections: int = 100
+    nms_impl: str = "per_image"   # "per_image", "padded" or "combined" (no XLA kernel)
 
 
 def _params(cls, value):
@@ -202,7 +206,7 @@ class FasterRCNN(keras.Model):
             anchors, valid_hw,
             pre_nms_top_k=p.pre_nms_top_k_train if training else p.pre_nms_top_k_test,
             post_nms_top_k=p.post_nms_top_k_train if training else p.post_nms_top_k_test,
-            nms_iou=p.nms_iou, min_size=p.min_box_size)
+            nms_iou=p.nms_iou, min_size=p.min_box_size, nms_impl=p.nms_impl)
 
     def _box_head(self, features, rois, training):
         r = self.roi_params
@@ -297,7 +301,7 @@ class FasterRCNN(keras.Model):
         det = postprocess.postprocess_detections(
             tf.nn.softmax(class_logits, axis=-1), box_deltas, proposals.boxes, valid_hw,
             box_weights=tuple(self.roi_params.box_weights), score_threshold=d.score_threshold,
-            nms_iou=d.nms_iou, max_detections=d.max_detections)
+            nms_iou=d.nms_iou, max_detections=d.max_detections, nms_impl=d.nms_impl)
         id_table = tf.constant([0] + self.category_ids, tf.int32)
         valid_rows = tf.sequence_mask(det.num_detections, d.max_detections)
         classes = tf.where(valid_rows, tf.gather(id_table, det.classes), 0)
