@@ -1,0 +1,1 @@
+"""Training: optimizer, distribution strategy, checkpointed train loop (library, no flags)."""
