@@ -12,3 +12,42 @@ def _seed():
     np.random.seed(0)
     tf.random.set_seed(0)
     yield
+
+
+TINY_OVERRIDES = {
+    "model.backbone.widths": [8, 16, 16, 32],
+    "model.backbone.stem_width": 8,
+    "model.fpn.num_channels": 16,
+    "model.roi.fc_dims": 32,
+    "model.roi.batch_size_per_image": 32,
+    "model.rpn.pre_nms_top_k_train": 200,
+    "model.rpn.post_nms_top_k_train": 100,
+    "model.rpn.pre_nms_top_k_test": 100,
+    "model.rpn.post_nms_top_k_test": 50,
+    "train_data.short_side": 128,
+    "train_data.max_long_side": 160,
+    "train_data.global_batch_size": 2,
+    "train_data.synthetic.num_images": 8,
+    "train_data.synthetic.image_size": [96, 160],
+    "eval_data.short_side": 128,
+    "eval_data.max_long_side": 160,
+    "eval_data.global_batch_size": 2,
+    "eval_data.synthetic.num_images": 4,
+    "eval_data.synthetic.image_size": [96, 160],
+    "train.total_steps": 4,
+    "train.warmup_steps": 2,
+    "train.decay_steps": [100],
+    "train.checkpoint_every_steps": 2,
+    "train.log_every_steps": 1,
+    "train.summary_every_steps": 1,
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """The CPU demo config shrunk to seconds: tiny model, 8 synthetic images of ~128 px."""
+    from fpn_tf.configs.loader import load_config
+    overrides = dict(TINY_OVERRIDES)
+    overrides["train_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
+    overrides["eval_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
+    return load_config("configs/cpu_demo.yaml", overrides)
