@@ -25,12 +25,12 @@ def user_errors():
     """Turns the errors a user causes (bad config, bad data, missing files) into one line."""
     from fpn_tf.configs.experiment import ConfigError
     from fpn_tf.data.errors import DataError
-    from fpn_tf.training.trainer import NonFiniteLossError
+    from fpn_tf.training.trainer import CheckpointError, NonFiniteLossError
     try:
         yield
     except (ConfigError, DataError) as e:
         fail(f"{type(e).__name__}: {e}")
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointError) as e:
         fail(str(e), code=1)
     except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
         fail(f"{type(e).__name__}: {e}")

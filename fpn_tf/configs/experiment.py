@@ -372,6 +372,9 @@ class BackboneConfig(Config):
     freeze_at: 0 = train everything, 1 = freeze the stem, 2 = stem + conv2 (detectron2
       FREEZE_AT=2, the default), ... 5 = everything up to conv5.
     freeze_bn: BatchNorm in inference mode with frozen statistics and affine parameters.
+    sync_batch_norm: when BatchNorm trains (freeze_bn false), compute its batch statistics over
+      all replicas of the strategy (SyncBatchNorm), so the global batch, not each replica's
+      slice, normalises.
     widths / blocks / stem_width: small_resnet only (ignored otherwise): channels and basic blocks
       of conv2..conv5, channels of the stem. The defaults are the builder's (a narrow ResNet-18
       shape); [64, 128, 256, 512] / [2, 2, 2, 2] / 64 is ResNet-18.
@@ -381,6 +384,7 @@ class BackboneConfig(Config):
     weights: Optional[str] = None
     freeze_at: int = 2
     freeze_bn: bool = True
+    sync_batch_norm: bool = False
     widths: List[int] = _list(32, 64, 128, 256)
     blocks: List[int] = _list(1, 1, 1, 1)
     stem_width: int = 32

@@ -1,0 +1,46 @@
+"""Input pipeline: COCO-format and TFRecord readers, transforms, batching.
+
+Entry points:
+
+* :func:`fpn_tf.data.pipeline.build_dataset` -> batches of (features, labels)
+  as WORKSPACE.md describes;
+* :func:`fpn_tf.data.coco_reader.load_coco` / ``read_coco`` and
+  :func:`fpn_tf.data.tfrecord_reader.read_tfrecords` -> per-image dicts;
+* :class:`fpn_tf.data.category_map.CategoryMap`;
+* ``python -m fpn_tf.data.convert_coco`` (COCO -> TFRecords) and
+  ``python -m fpn_tf.data.synthetic`` (a synthetic shapes dataset).
+
+Names are imported lazily, so ``python -m fpn_tf.data.synthetic`` does not
+load TensorFlow.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "CategoryMap": "fpn_tf.data.category_map",
+    "CocoIndex": "fpn_tf.data.coco_reader",
+    "load_coco": "fpn_tf.data.coco_reader",
+    "read_coco": "fpn_tf.data.coco_reader",
+    "DataError": "fpn_tf.data.errors",
+    "read_tfrecords": "fpn_tf.data.tfrecord_reader",
+    "CocoSource": "fpn_tf.data.pipeline",
+    "DatasetInfo": "fpn_tf.data.pipeline",
+    "TfRecordSource": "fpn_tf.data.pipeline",
+    "build_dataset": "fpn_tf.data.pipeline",
+    "build_dataset_from_config": "fpn_tf.data.pipeline",
+    "get_category_map": "fpn_tf.data.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'fpn_tf.data' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_EXPORTS))

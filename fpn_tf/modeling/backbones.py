@@ -67,6 +67,25 @@ class PixelNormalization(keras.layers.Layer):
         return config
 
 
+def synchronize_batch_norm(model: keras.Model) -> keras.Model:
+    """A copy of a Functional ``model`` whose BatchNorm layers compute statistics over all
+    replicas (``synchronized=True``), with the same weights and trainable flags."""
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config["synchronized"] = True
+        new = layer.__class__.from_config(config)
+        new.trainable = layer.trainable
+        return new
+
+    synced = keras.models.clone_model(model, clone_function=clone)
+    synced.set_weights(model.get_weights())
+    for old, new in zip(model.layers, synced.layers):
+        new.trainable = old.trainable
+    return synced
+
+
 def _freeze(model: keras.Model, freeze_at: int, freeze_bn: bool, stage_prefixes) -> None:
     """Freezes BatchNorm everywhere (if asked) and every layer of stages <= freeze_at."""
     frozen_prefixes = tuple(p for stage, p in stage_prefixes if stage <= freeze_at)
@@ -186,4 +205,7 @@ def backbone_from_config(cfg) -> keras.Model:
                 kwargs[key] = tuple(get(key)) if key != "stem_width" else get(key)
     else:
         kwargs["weights"] = get("weights")
-    return build_backbone(kind, **kwargs)
+    backbone = build_backbone(kind, **kwargs)
+    if get("sync_batch_norm", False) and not kwargs["freeze_bn"]:
+        backbone = synchronize_batch_norm(backbone)
+    return backbone

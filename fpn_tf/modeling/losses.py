@@ -1,8 +1,10 @@
 """The four Faster R-CNN losses, each reported on its own (pure TensorFlow on float32).
 
-Normalisation follows detectron2: the RPN losses divide by the number of sampled anchors
-(``batch_size_per_image * num_images``), the Fast R-CNN losses by the number of sampled RoIs, so
-the box losses are not inflated when an image has few positives.
+Normalisation: every loss divides by the number of *sampled* anchors or RoIs,
+``batch_size_per_image * num_images`` (detectron2 divides by the same number whenever an image has
+enough candidates, which with 2000 proposals it always has). A constant normaliser keeps the box
+losses from being inflated when an image has few positives, and makes the loss of a global batch
+split over replicas exactly the mean of the replicas' losses.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def rpn_losses(labels, box_targets, logits, deltas, batch_size_per_image: int,
 
 
 def fast_rcnn_losses(class_targets, box_targets, class_logits, box_deltas,
-                     smooth_l1_beta: float = 1.0, valid=None):
+                     smooth_l1_beta: float = 1.0, valid=None, normalizer=None):
     """Fast R-CNN (C+1)-way softmax cross-entropy and class-specific box loss.
 
     Args:
@@ -52,6 +54,7 @@ def fast_rcnn_losses(class_targets, box_targets, class_logits, box_deltas,
       box_targets: float [B, R, 4] encoded targets for the RoI's ground truth (weights 10,10,5,5).
       class_logits: float [B, R, C+1]; box_deltas: float [B, R, C, 4].
       valid: optional bool [B, R], RoIs that count (padding rows excluded).
+      normalizer: the divisor (default: ``B * R``, the sampled RoIs incl. padding rows).
     Returns:
       ``(classification_loss, box_loss)`` scalars.
     """
@@ -59,7 +62,8 @@ def fast_rcnn_losses(class_targets, box_targets, class_logits, box_deltas,
     box_deltas = tf.cast(box_deltas, tf.float32)
     class_targets = tf.cast(class_targets, tf.int32)
     weight = tf.ones_like(class_targets, tf.float32) if valid is None else tf.cast(valid, tf.float32)
-    normalizer = tf.maximum(tf.reduce_sum(weight), 1.0)
+    if normalizer is None:
+        normalizer = tf.cast(tf.size(class_targets), tf.float32)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.maximum(class_targets, 0), logits=class_logits)
     classification_loss = tf.reduce_sum(ce * weight) / normalizer

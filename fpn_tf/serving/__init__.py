@@ -1,0 +1,35 @@
+"""Export: the SavedModel of DESIGN.md §3 and what reads it.
+
+* :func:`export_saved_model` writes it (the trainer calls it at the end of training;
+  ``python -m fpn_tf.export`` calls it on a ``model_dir``), :func:`load_model_for_export`
+  rebuilds a trained model from its ``model_dir``;
+* `fpn_tf.serving.detection`: one `tf.Module` per input type (``serving_default`` images,
+  ``image_bytes``, ``tf_example``);
+* :func:`read_category_map` reads the id -> name map that travels with the SavedModel;
+* `fpn_tf.serving.inference`: runs a SavedModel on image files and draws the detections
+  (``python -m fpn_tf.predict``).
+"""
+
+from fpn_tf.serving.detection import (NUM_DETECTIONS, OUTPUT_KEYS, DetectionModule,
+                                      ImageBytesModule, ImageTensorModule, TfExampleModule,
+                                      preprocess_images)
+from fpn_tf.serving.export_lib import (ExportError, ExportSource, export_saved_model,
+                                       label_map_pbtxt, load_model_for_export, read_category_map,
+                                       restore_checkpoint)
+
+__all__ = [
+    "NUM_DETECTIONS",
+    "OUTPUT_KEYS",
+    "DetectionModule",
+    "ExportError",
+    "ExportSource",
+    "ImageBytesModule",
+    "ImageTensorModule",
+    "TfExampleModule",
+    "export_saved_model",
+    "label_map_pbtxt",
+    "load_model_for_export",
+    "preprocess_images",
+    "read_category_map",
+    "restore_checkpoint",
+]

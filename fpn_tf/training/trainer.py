@@ -41,6 +41,10 @@ LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
               "fast_rcnn_box_loss", "total_loss")
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of model_dir can be restored."""
+
+
 class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or Inf loss (and ``train.on_nan`` is "stop")."""
 
@@ -155,14 +159,27 @@ class Trainer:
         return os.path.join(self.model_dir, f".worker_{task_id}_scratch")
 
     def restore(self) -> str | None:
-        """Restores the latest checkpoint of model_dir, if any; returns its path."""
-        latest = tf.train.latest_checkpoint(self.model_dir)
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            logging.info("Resumed from %s at step %d", latest, self.step)
-        else:
-            logging.info("No checkpoint in %s: starting from step 0", self.model_dir)
-        return latest
+        """Restores the newest readable checkpoint of model_dir, if any; returns its path.
+
+        A checkpoint that cannot be read (its files damaged after it was recorded) is reported
+        and the one before it is tried, so a damaged latest checkpoint never blocks a restart.
+        """
+        state = tf.train.get_checkpoint_state(self.model_dir)
+        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
+        for path in candidates:
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous
+                logging.warning("Checkpoint %s cannot be restored (%s: %s); trying the one before",
+                                path, type(e).__name__, str(e).splitlines()[0][:200])
+                continue
+            logging.info("Resumed from %s at step %d", path, self.step)
+            return path
+        if candidates:
+            raise CheckpointError(f"none of the checkpoints in {self.model_dir} can be restored "
+                             f"({len(candidates)} tried); use a new --model_dir")
+        logging.info("No checkpoint in %s: starting from step 0", self.model_dir)
+        return None
 
     @property
     def step(self) -> int:

@@ -1,0 +1,278 @@
+"""Serving modules: one small `tf.Module` per input type, as Model Garden's ``serving/`` has.
+
+    images (uint8 [B, H, W, 3])   -> ImageTensorModule  -> signature "serving_default"
+    image_bytes (string [B])      -> ImageBytesModule   -> signature "image_bytes"
+    serialized_example (string [B]) -> TfExampleModule  -> signature "tf_example"
+
+Each module turns its input into one batch of decoded uint8 images plus their true sizes, then
+`DetectionModule.detect` does what every signature shares (DESIGN.md §3):
+
+1. each image is resized by the eval transform's rule (`fpn_tf.data.transforms.resize_and_pad`:
+   shorter side -> ``short_side``, longer side <= ``max_long_side``, bilinear) and zero padded at
+   the bottom/right to the batch's largest resized size rounded up to ``pad_multiple``;
+2. one call of the Keras `FasterRCNN` with ``image_info`` (so boxes come back in input-image
+   pixels; the pixel normalisation is inside the model);
+3. boxes divided by each input image's size (normalised ``[ymin, xmin, ymax, xmax]`` in [0, 1]),
+   classes as float32 dataset ids, exactly ``NUM_DETECTIONS`` rows, rows beyond
+   ``num_detections`` zero.
+
+Images of different sizes in one ``image_bytes`` / ``tf_example`` batch are decoded one by one
+(`tf.map_fn` to a ragged batch), padded into one dense uint8 batch, and then go through the same
+single model call. An image's detections can differ slightly with the padding its batch needs
+(the padded area is not zero after the first conv + BatchNorm), as in any padded-batch detector.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from fpn_tf.data import transforms
+
+__all__ = [
+    "NUM_DETECTIONS",
+    "OUTPUT_KEYS",
+    "DetectionModule",
+    "ImageBytesModule",
+    "ImageTensorModule",
+    "TfExampleModule",
+    "preprocess_images",
+]
+
+NUM_DETECTIONS = 100
+OUTPUT_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+
+# First bytes of the formats tf.io.decode_image reads.
+_MAGIC_NUMBERS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def _resized_sizes(sizes: tf.Tensor, short_side: int, max_long_side: int) -> tf.Tensor:
+    """float32 [B, 2] resized (h, w) of images of ``sizes`` [B, 2]: the rule of
+    `official.vision.ops.preprocess_ops.resize_and_crop_image_v2`, which the eval transform uses,
+    computed the same way (float32, round half to even), so the two agree bit for bit."""
+    size = tf.cast(sizes, tf.float32)
+    by_short = tf.math.round(size * (short_side / tf.reduce_min(size, axis=1, keepdims=True)))
+    by_long = tf.math.round(size * (max_long_side / tf.reduce_max(size, axis=1, keepdims=True)))
+    too_long = tf.reduce_max(by_short, axis=1, keepdims=True) > max_long_side
+    return tf.where(too_long, by_long, by_short)
+
+
+def preprocess_images(images: tf.Tensor, sizes: tf.Tensor, short_side: int, max_long_side: int,
+                      pad_multiple: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """A padded uint8 batch + true sizes -> the model's ``(images, image_info)``.
+
+    Args:
+      images: uint8 [B, H, W, 3]; image i occupies ``images[i, :sizes[i, 0], :sizes[i, 1]]``.
+      sizes: int32 [B, 2] true (height, width) of each image.
+      short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
+
+    Returns:
+      float32 [B, Hp, Wp, 3] RGB 0..255 (zero padded; ``Hp, Wp`` = the largest resized size,
+      rounded up to ``pad_multiple``) and image_info float32 [B, 4, 2] (WORKSPACE.md rows).
+    """
+    resized = _resized_sizes(sizes, short_side, max_long_side)
+    m = float(pad_multiple)
+    padded = tf.cast(tf.math.ceil(tf.reduce_max(resized, axis=0) / m) * m, tf.int32)
+
+    def one(args):
+        image, size = args
+        image = image[:size[0], :size[1], :]
+        out, info, _ = transforms.resize_and_pad(
+            image, tf.zeros([0, 4], tf.float32), short_side=short_side,
+            max_long_side=max_long_side, padded_size=padded)
+        return out, info
+
+    return tf.map_fn(
+        one, (images, sizes),
+        fn_output_signature=(tf.TensorSpec([None, None, 3], tf.float32),
+                             tf.TensorSpec([4, 2], tf.float32)))
+
+
+class DetectionModule(tf.Module):
+    """What every signature shares: preprocessing, one model call, the output contract.
+
+    Args:
+      model: a `fpn_tf.modeling.faster_rcnn.FasterRCNN` (anything with the same call contract:
+        ``{"images", "image_info"}`` -> detections in original-image pixels, dataset class ids).
+      short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
+      num_detections: rows of every output (the contract: 100). The model's own
+        ``max_detections`` rows are zero padded or cut (its rows are sorted by score).
+    """
+
+    signature_name: str = ""
+    input_name: str = ""
+
+    def __init__(self, model, short_side: int, max_long_side: int, pad_multiple: int,
+                 num_detections: int = NUM_DETECTIONS, name: str | None = None):
+        super().__init__(name=name)
+        if short_side <= 0 or max_long_side < short_side or pad_multiple < 1:
+            raise ValueError(
+                f"need 0 < short_side <= max_long_side and pad_multiple >= 1, got short_side="
+                f"{short_side}, max_long_side={max_long_side}, pad_multiple={pad_multiple}")
+        # Not tracked as a child: saving the Keras object graph is not needed (the SavedModel
+        # keeps the traced functions and the variables, which export_saved_model tracks) and
+        # fails for layers holding dicts with int keys (FeaturePyramid's convs).
+        object.__setattr__(self, "_model", model)
+        self.short_side = int(short_side)
+        self.max_long_side = int(max_long_side)
+        self.pad_multiple = int(pad_multiple)
+        self.num_detections = int(num_detections)
+
+    def detect(self, images: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
+        """uint8 [B, H, W, 3] padded images + int32 [B, 2] true sizes -> the four outputs."""
+        model_images, image_info = preprocess_images(
+            images, sizes, self.short_side, self.max_long_side, self.pad_multiple)
+        out = self._model({"images": model_images, "image_info": image_info}, training=False)
+        return self.format_outputs(out, sizes)
+
+    def format_outputs(self, out, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The model's outputs (original-image pixels) -> the SavedModel contract."""
+        n = self.num_detections
+        boxes = tf.cast(out["detection_boxes"], tf.float32)
+        scores = tf.cast(out["detection_scores"], tf.float32)
+        classes = tf.cast(out["detection_classes"], tf.float32)
+        rows = tf.shape(scores)[1]
+        pad = tf.maximum(n - rows, 0)
+        boxes = tf.pad(boxes[:, :n], [[0, 0], [0, pad], [0, 0]])
+        scores = tf.pad(scores[:, :n], [[0, 0], [0, pad]])
+        classes = tf.pad(classes[:, :n], [[0, 0], [0, pad]])
+        count = tf.minimum(tf.cast(out["num_detections"], tf.int32), n)
+        valid = tf.sequence_mask(count, n)
+        hw = tf.cast(sizes, tf.float32)
+        boxes = tf.clip_by_value(boxes / tf.tile(hw, [1, 2])[:, None, :], 0.0, 1.0)
+        batch = tf.shape(sizes)[0]
+        return {
+            "detection_boxes": tf.ensure_shape(
+                tf.reshape(tf.where(valid[..., None], boxes, 0.0), [batch, n, 4]),
+                [None, n, 4]),
+            "detection_scores": tf.ensure_shape(
+                tf.reshape(tf.where(valid, scores, 0.0), [batch, n]), [None, n]),
+            "detection_classes": tf.ensure_shape(
+                tf.reshape(tf.where(valid, classes, 0.0), [batch, n]), [None, n]),
+            "num_detections": tf.cast(count, tf.float32),
+        }
+
+    @property
+    def model(self):
+        return self._model
+
+    def input_signature(self) -> tf.TensorSpec:
+        raise NotImplementedError
+
+    def concrete_function(self):
+        """The concrete function registered as this module's signature."""
+        return self.__call__.get_concrete_function(self.input_signature())
+
+
+class ImageTensorModule(DetectionModule):
+    """``serving_default``: ``images`` uint8 [batch, height, width, 3], any batch and size."""
+
+    signature_name = "serving_default"
+    input_name = "images"
+
+    def input_signature(self):
+        return tf.TensorSpec([None, None, None, 3], tf.uint8, name=self.input_name)
+
+    @tf.function
+    def __call__(self, images):
+        # The signature's caller checks the dtype only; a wrong rank or channel count would fail
+        # deep inside with a message about some internal tensor.
+        shape = tf.shape(images)
+        # The rank counted at run time: tf.size(shape) would be folded to the declared rank 4.
+        rank = tf.shape(tf.where(shape >= 0))[0]
+        check = tf.debugging.Assert(
+            tf.logical_and(tf.equal(rank, 4), tf.equal(shape[-1], 3)),
+            [f"{self.signature_name}: input `{self.input_name}` must be uint8 [batch, height, "
+             "width, 3] (RGB); got shape", shape], summarize=8)
+        with tf.control_dependencies([check]):
+            images = tf.identity(images)
+        sizes = tf.tile(shape[None, 1:3], [shape[0], 1])
+        return self.detect(images, sizes)
+
+
+def _decode_ragged(decode_one, elems: tf.Tensor, what: str):
+    """Maps ``decode_one`` (string -> uint8 [h, w, 3]) over ``elems``: a dense zero padded uint8
+    batch and the int32 [B, 2] true sizes."""
+
+    def one(args):
+        index, value = args
+        image = decode_one(value, index)
+        return tf.RaggedTensor.from_tensor(image)  # ragged rows so sizes may differ
+
+    indices = tf.range(tf.shape(elems)[0])
+    ragged = tf.map_fn(
+        one, (indices, elems),
+        fn_output_signature=tf.RaggedTensorSpec([None, None, 3], tf.uint8, ragged_rank=1),
+        name=f"decode_{what}")
+    heights = tf.cast(ragged.row_lengths(axis=1), tf.int32)
+    widths = tf.reduce_max(tf.cast(ragged.row_lengths(axis=2), tf.int32), axis=1)
+    # ragged_rank 2 after batching: [B, (h), (w), 3]; to_tensor zero pads to the largest.
+    images = ragged.to_tensor(shape=[None, None, None, 3])
+    # an image with no rows would give width 0 from reduce_max: decode never returns one.
+    return images, tf.stack([heights, widths], axis=1)
+
+
+def _check_magic(data: tf.Tensor, index: tf.Tensor, input_name: str) -> tf.Operation:
+    """An assertion that ``data`` starts like a JPEG, PNG, GIF or BMP file (RE2 regexes match
+    UTF-8 text, not bytes: compare prefixes instead)."""
+    known = tf.reduce_any(tf.stack(
+        [tf.equal(tf.strings.substr(data, 0, len(magic)), magic) for magic in _MAGIC_NUMBERS]))
+    return tf.debugging.Assert(
+        known, [f"{input_name}: element", index, "is not an encoded JPEG or PNG image (nor "
+                "GIF/BMP): its", tf.strings.length(data), "bytes start with none of their "
+                "signatures"])
+
+
+def decode_image(data: tf.Tensor, index: tf.Tensor, input_name: str = "image_bytes") -> tf.Tensor:
+    """Encoded JPEG/PNG (also GIF first frame, BMP) -> uint8 [h, w, 3]; gray and RGBA -> RGB.
+
+    Bytes in no known format fail with an InvalidArgumentError naming ``input_name[index]``."""
+    with tf.control_dependencies([_check_magic(data, index, input_name)]):
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+class ImageBytesModule(DetectionModule):
+    """``image_bytes``: string [batch] of encoded JPEG or PNG images; sizes may differ."""
+
+    signature_name = "image_bytes"
+    input_name = "image_bytes"
+
+    def input_signature(self):
+        return tf.TensorSpec([None], tf.string, name=self.input_name)
+
+    @tf.function
+    def __call__(self, image_bytes):
+        images, sizes = _decode_ragged(
+            lambda v, i: decode_image(v, i, self.input_name), image_bytes, "image_bytes")
+        return self.detect(images, sizes)
+
+
+class TfExampleModule(DetectionModule):
+    """``tf_example``: string [batch] of serialized tf.Examples in Model Garden's detection schema
+    (``image/encoded``; the other features are optional), decoded with
+    ``official.vision.dataloaders.tf_example_decoder.TfExampleDecoder``."""
+
+    signature_name = "tf_example"
+    input_name = "serialized_example"
+
+    def input_signature(self):
+        return tf.TensorSpec([None], tf.string, name=self.input_name)
+
+    @tf.function
+    def __call__(self, serialized_example):
+        # Imported here: the module pulls in Model Garden (and tf_keras).
+        from official.vision.dataloaders import tf_example_decoder  # pylint: disable=g-import-not-at-top
+        # regenerate_source_id: the example need not carry image/source_id.
+        decoder = tf_example_decoder.TfExampleDecoder(include_mask=False,
+                                                      regenerate_source_id=True)
+
+        def decode_one(value, index):
+            encoded = tf.io.parse_single_example(
+                value, {"image/encoded": tf.io.FixedLenFeature((), tf.string)})["image/encoded"]
+            with tf.control_dependencies([_check_magic(encoded, index, "image/encoded of "
+                                                       + self.input_name)]):
+                image = decoder.decode(value)["image"]
+            return tf.ensure_shape(image, [None, None, 3])
+
+        images, sizes = _decode_ragged(decode_one, serialized_example, "tf_example")
+        return self.detect(images, sizes)

@@ -1,0 +1,312 @@
+"""Writing the SavedModel of DESIGN.md §3, and rebuilding a trained model from its ``model_dir``.
+
+    from fpn_tf.serving import export_saved_model, load_model_for_export
+    source = load_model_for_export("runs/cpu_demo")          # params.yaml + category map + ckpt
+    export_saved_model(source.model, "exports/fpn/1", source.category_map,
+                       **source.preprocessing)              # short_side, max_long_side, pad_multiple
+
+The SavedModel has three signatures (`fpn_tf.serving.detection`), all returning
+``detection_boxes`` / ``detection_scores`` / ``detection_classes`` / ``num_detections``, and
+three assets:
+
+* ``assets/category_map.json``: the `CategoryMap` JSON (COCO-style ``categories`` list; read it
+  with :func:`read_category_map` or ``CategoryMap.from_json``);
+* ``assets/label_map.pbtxt``: the same map in the TF Object Detection API's label map format;
+* ``assets/serving_config.json``: the resize rule, padding, output rows and signature inputs.
+
+The Keras model's variables are saved once (the three modules share them); loading needs only
+TensorFlow (``tf.saved_model.load``), not fpn_tf or Keras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import tensorflow as tf
+
+from fpn_tf.data.category_map import CategoryMap, as_category_map
+from fpn_tf.serving.detection import (NUM_DETECTIONS, OUTPUT_KEYS, ImageBytesModule,
+                                      ImageTensorModule, TfExampleModule)
+
+__all__ = [
+    "CATEGORY_MAP_ASSET",
+    "CATEGORY_MAP_FILENAME",
+    "ExportError",
+    "ExportSource",
+    "LABEL_MAP_ASSET",
+    "SERVING_CONFIG_ASSET",
+    "export_saved_model",
+    "label_map_pbtxt",
+    "load_model_for_export",
+    "read_category_map",
+    "restore_checkpoint",
+]
+
+CATEGORY_MAP_FILENAME = "category_map.json"   # in model_dir, written by the trainer
+CATEGORY_MAP_ASSET = "category_map.json"      # in <export_dir>/assets/
+LABEL_MAP_ASSET = "label_map.pbtxt"
+SERVING_CONFIG_ASSET = "serving_config.json"
+_MODULES = (ImageTensorModule, ImageBytesModule, TfExampleModule)
+
+
+class ExportError(ValueError):
+    """A model_dir or export_dir that cannot be used; the message is one line naming the path."""
+
+
+def label_map_pbtxt(category_map: CategoryMap) -> str:
+    """The map as a TF Object Detection API ``StringIntLabelMap`` text proto."""
+    items = []
+    for cid, name in zip(category_map.dataset_ids, category_map.names):
+        quoted = json.dumps(name)  # a valid proto text string literal for any name
+        items.append(f"item {{\n  id: {cid}\n  name: {quoted}\n  display_name: {quoted}\n}}\n")
+    return "".join(items)
+
+
+def read_category_map(saved_model: str | os.PathLike | Any) -> CategoryMap:
+    """The `CategoryMap` that travels with an exported SavedModel.
+
+    Args:
+      saved_model: the export directory, or the object ``tf.saved_model.load`` returned.
+    """
+    if isinstance(saved_model, (str, os.PathLike)):
+        path = os.path.join(os.fspath(saved_model), "assets", CATEGORY_MAP_ASSET)
+    else:
+        path = saved_model.category_map_file.asset_path.numpy().decode("utf-8")
+    return CategoryMap.from_json(path)
+
+
+def _check_category_map(model, category_map: CategoryMap) -> None:
+    ids = getattr(model, "category_ids", None)
+    if ids is not None and list(ids) != list(category_map.dataset_ids):
+        raise ExportError(
+            f"the model's category ids {list(ids)} are not the category map's "
+            f"{list(category_map.dataset_ids)}: the map does not belong to this model")
+
+
+def _prepare_export_dir(export_dir: str) -> None:
+    if not tf.io.gfile.exists(export_dir):
+        return
+    if not tf.io.gfile.isdir(export_dir):
+        raise ExportError(f"{export_dir}: exists and is not a directory")
+    entries = tf.io.gfile.listdir(export_dir)
+    if not entries:
+        return
+    if "saved_model.pb" not in entries:
+        raise ExportError(f"{export_dir}: not empty and not a SavedModel; refusing to overwrite it "
+                          "(give an empty or new directory)")
+    logging.info("Replacing the SavedModel in %s", export_dir)
+    tf.io.gfile.rmtree(export_dir)
+
+
+def export_saved_model(model, export_dir: str | os.PathLike,
+                       category_map: CategoryMap | str | os.PathLike | Sequence | dict,
+                       short_side: int, max_long_side: int, pad_multiple: int, *,
+                       num_detections: int = NUM_DETECTIONS) -> str:
+    """Writes the SavedModel of DESIGN.md §3 to ``export_dir``; returns ``export_dir``.
+
+    Args:
+      model: a `FasterRCNN` (float32 variables; a mixed-precision model is exported as it
+        computes). Its ``detection_params`` (score threshold, NMS) apply as they are.
+      export_dir: the SavedModel directory, e.g. ``exports/fpn/1`` (TF Serving wants a numbered
+        version directory under the model's base path). A SavedModel already there is replaced;
+        any other non-empty directory is refused.
+      category_map: the model's `CategoryMap` (or its JSON path / config): the dataset ids it
+        holds must be the model's ``category_ids``.
+      short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding
+        (``eval_data.short_side`` etc. of the config).
+      num_detections: rows of every output (the contract's 100).
+
+    Raises:
+      ExportError: a category map that is not the model's, or an unusable ``export_dir``.
+    """
+    start = time.time()
+    export_dir = os.fspath(export_dir)
+    category_map = as_category_map(category_map)
+    _check_category_map(model, category_map)
+    modules = [cls(model, short_side, max_long_side, pad_multiple, num_detections)
+               for cls in _MODULES]
+    root = tf.Module()
+    # The variables the traced functions capture, saved once for all three signatures. The
+    # tf.Variables themselves, not their Keras wrappers: a tracked Keras Variable exports a copy
+    # of its tf.Variable that TF1-style loaders (saved_model_cli run, TF Serving's session
+    # bundle) restore instead of the one the functions read ("Could not find variable ...").
+    root.model_variables = [getattr(v, "value", v) for v in model.variables]
+    for module in modules:
+        setattr(root, module.signature_name, module)
+    signatures = {m.signature_name: m.concrete_function() for m in modules}
+    traced = time.time()
+    serving_config = {
+        "short_side": int(short_side),
+        "max_long_side": int(max_long_side),
+        "pad_multiple": int(pad_multiple),
+        "num_detections": int(num_detections),
+        "signatures": {m.signature_name: m.input_name for m in modules},
+        "outputs": list(OUTPUT_KEYS),
+        "boxes": "normalised [ymin, xmin, ymax, xmax] relative to the input image",
+        "classes": "dataset category ids (see category_map.json)",
+    }
+    _prepare_export_dir(export_dir)
+    with tempfile.TemporaryDirectory(prefix="fpn_tf_assets_") as tmp:
+        files = {CATEGORY_MAP_ASSET: category_map.to_json() + "\n",
+                 LABEL_MAP_ASSET: label_map_pbtxt(category_map),
+                 SERVING_CONFIG_ASSET: json.dumps(serving_config, indent=1) + "\n"}
+        for filename, text in files.items():
+            with open(os.path.join(tmp, filename), "w", encoding="utf-8") as f:
+                f.write(text)
+        # Assets are copied into <export_dir>/assets/ under their file names.
+        root.category_map_file = tf.saved_model.Asset(os.path.join(tmp, CATEGORY_MAP_ASSET))
+        root.label_map_file = tf.saved_model.Asset(os.path.join(tmp, LABEL_MAP_ASSET))
+        root.serving_config_file = tf.saved_model.Asset(os.path.join(tmp, SERVING_CONFIG_ASSET))
+        tf.saved_model.save(root, export_dir, signatures=signatures)
+    logging.info("Exported a SavedModel with signatures %s to %s in %.1f s (tracing %.1f s); "
+                 "%d classes, inputs resized to short side %d (long side <= %d), padded to a "
+                 "multiple of %d", sorted(signatures), export_dir, time.time() - start,
+                 traced - start, category_map.num_classes, short_side, max_long_side,
+                 pad_multiple)
+    return export_dir
+
+
+def _variables_by_path(reader) -> dict[str, list[str]]:
+    """Checkpoint keys of the saved variables, by the variable's name (its Keras path)."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    keys: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        for attribute in node.attributes:
+            if attribute.name == "VARIABLE_VALUE":
+                keys.setdefault(attribute.full_name, []).append(attribute.checkpoint_key)
+    return keys
+
+
+def restore_checkpoint(model, checkpoint: str) -> None:
+    """Restores every variable of ``model`` from a ``tf.train.Checkpoint(model=model, ...)``.
+
+    Keras 3 layers kept in Python lists or dicts inside a layer (the pyramid's per-level convs,
+    the box head's fc layers) are not in TensorFlow's checkpoint object graph under ``model``:
+    ``tf.train.Checkpoint(model=model).restore`` silently leaves them as initialised. A trainer's
+    checkpoint still holds their values, reached through the optimizer's variable list; they
+    are restored here by variable path (Keras ``Variable.path``, the name saved with each
+    value). Everything else is restored object by object as usual.
+
+    Raises:
+      ExportError: a variable of the model is not in the checkpoint, has another shape, or the
+        checkpoint holds objects of another model.
+    """
+    reader = tf.train.load_checkpoint(checkpoint)
+    keys = _variables_by_path(reader)
+    shapes = reader.get_variable_to_shape_map()
+
+    def saved_key(variable):
+        # Prefer the value saved under the model when several carry the variable's name.
+        candidates = sorted(keys.get(variable.path, []), key=lambda k: not k.startswith("model/"))
+        return candidates[0] if candidates else None
+
+    # Shapes first: a mismatch would otherwise stop the restore with a raw traceback.
+    for variable in model.variables:
+        key = saved_key(variable)
+        if key is not None and tuple(shapes[key]) != tuple(variable.shape):
+            raise ExportError(f"{checkpoint}: {variable.path} has shape {tuple(shapes[key])}, "
+                              f"the model's has {tuple(variable.shape)}: another model's "
+                              "checkpoint (the config differs from the run's?)")
+    root = tf.train.Checkpoint(model=model)
+    status = root.restore(checkpoint).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise ExportError(f"{checkpoint}: does not hold this model's weights (the config or the "
+                          f"category map differ from the run's?): {first}") from e
+    reached = {id(t) for t in tf.train.TrackableView(root).descendants()}
+    missing = []
+    for variable in model.variables:
+        if id(variable) in reached:
+            continue
+        key = saved_key(variable)
+        if key is None:
+            missing.append(variable.path)
+        else:
+            variable.assign(reader.get_tensor(key))
+    if missing:
+        raise ExportError(f"{checkpoint}: {len(missing)} variable(s) of the model are not in it "
+                          f"(e.g. {', '.join(missing[:3])}); was the optimizer saved with the "
+                          "model (tf.train.Checkpoint(model=..., optimizer=...))?")
+
+
+@dataclasses.dataclass
+class ExportSource:
+    """A trained model rebuilt from its ``model_dir``, with what the export needs."""
+    model: Any
+    category_map: CategoryMap
+    config: Any                      # the resolved ExperimentConfig
+    checkpoint: str                  # the checkpoint restored
+
+    @property
+    def preprocessing(self) -> dict[str, int]:
+        """``short_side``, ``max_long_side``, ``pad_multiple`` of the config's eval data."""
+        d = self.config.eval_data
+        return {"short_side": d.short_side, "max_long_side": d.max_long_side,
+                "pad_multiple": d.pad_multiple}
+
+
+def load_model_for_export(model_dir: str | os.PathLike, *, config_file: str | None = None,
+                          params_override: Any = None, checkpoint: str | None = None,
+                          category_map: CategoryMap | str | os.PathLike | None = None
+                          ) -> ExportSource:
+    """Rebuilds the model a training run saved in ``model_dir`` and restores its weights.
+
+    Args:
+      model_dir: the trainer's directory: ``params.yaml`` (the resolved config),
+        ``category_map.json`` and the ``tf.train.Checkpoint(model=..., ...)`` files that its
+        ``tf.train.CheckpointManager`` writes.
+      config_file: a config YAML to use instead of ``model_dir/params.yaml``.
+      params_override: applied on top of the config (as the trainer's ``--params_override``),
+        e.g. ``"model.detection.score_threshold=0.3"``.
+      checkpoint: a checkpoint path (prefix) to restore instead of the latest in ``model_dir``.
+      category_map: instead of ``model_dir/category_map.json``.
+
+    Raises:
+      ExportError: something the export needs is missing from ``model_dir`` or does not fit
+        the model (one line naming the path).
+    """
+    from fpn_tf.configs import PARAMS_FILENAME, load_config  # pylint: disable=g-import-not-at-top
+    from fpn_tf.modeling.factory import build_model  # pylint: disable=g-import-not-at-top
+
+    model_dir = os.fspath(model_dir)
+    if not tf.io.gfile.isdir(model_dir):
+        raise ExportError(f"{model_dir}: model_dir not found")
+    if config_file is None:
+        config_file = os.path.join(model_dir, PARAMS_FILENAME)
+        if not tf.io.gfile.exists(config_file):
+            raise ExportError(f"{config_file} not found: give --config_file (the run's config)")
+    config = load_config(config_file, params_override)
+    # The checkpoint holds every weight: never fetch ImageNet weights to overwrite them.
+    config.model.backbone.weights = None
+
+    if category_map is None:
+        category_map = os.path.join(model_dir, CATEGORY_MAP_FILENAME)
+        if not tf.io.gfile.exists(category_map):
+            raise ExportError(f"{category_map} not found: the trainer writes it (or pass a "
+                              "category map)")
+    category_map = as_category_map(category_map)
+
+    if checkpoint is None:
+        checkpoint = tf.train.latest_checkpoint(model_dir)
+        if checkpoint is None:
+            raise ExportError(f"{model_dir}: no checkpoint found (no 'checkpoint' index file "
+                              "naming one)")
+    elif not tf.io.gfile.exists(checkpoint + ".index"):
+        raise ExportError(f"{checkpoint}: no such checkpoint ({checkpoint}.index not found)")
+
+    model = build_model(config.model, category_ids=list(category_map.dataset_ids))
+    restore_checkpoint(model, checkpoint)
+    logging.info("Restored %s (config %s, %d classes)", checkpoint, config_file,
+                 category_map.num_classes)
+    return ExportSource(model=model, category_map=category_map, config=config,
+                        checkpoint=checkpoint)

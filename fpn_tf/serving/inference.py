@@ -1,0 +1,223 @@
+"""Running an exported SavedModel on image files, and drawing what it finds.
+
+    detector = SavedModelDetector("exports/fpn/1")
+    result = detector.detect_file("street.jpg")          # ImageDetections
+    kept = result.filter(min_score=0.3)
+    draw_detections(result.image, kept.detections).save("street_detections.png")
+
+The library behind ``python -m fpn_tf.predict``; it needs only TensorFlow, numpy and PIL (not
+Keras or the model code): any SavedModel with the DESIGN.md §3 outputs works, and the class names
+come from its ``assets/category_map.json`` when it has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+import tensorflow as tf
+
+__all__ = [
+    "Detection",
+    "ImageDetections",
+    "PredictError",
+    "SavedModelDetector",
+    "draw_detections",
+    "read_image",
+]
+
+# Formats whose bytes the image_bytes signature decodes (tf.io.decode_image); others (TIFF,
+# WebP, ...) are decoded here with PIL and sent as pixels to serving_default.
+_TF_DECODABLE = ("JPEG", "PNG", "GIF", "BMP")
+# Distinct, readable box colours (Tableau 10), one per class id.
+_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+class PredictError(ValueError):
+    """A missing or unreadable input; the message is one line naming the file."""
+
+
+@dataclasses.dataclass
+class Detection:
+    box: tuple[float, float, float, float]          # normalised ymin, xmin, ymax, xmax in [0, 1]
+    box_pixels: tuple[float, float, float, float]   # the same in pixels of the input image
+    class_id: int                                   # the dataset's category id
+    class_name: str
+    score: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"box_pixels": [round(v, 2) for v in self.box_pixels],
+                "box_normalized": [round(v, 6) for v in self.box],
+                "class_id": self.class_id, "class_name": self.class_name,
+                "score": round(self.score, 6)}
+
+
+@dataclasses.dataclass
+class ImageDetections:
+    path: str | None
+    image: Image.Image            # RGB, as the model saw it
+    detections: list[Detection]   # by decreasing score
+    signature: str
+    seconds: float
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    def filter(self, min_score: float) -> "ImageDetections":
+        return dataclasses.replace(
+            self, detections=[d for d in self.detections if d.score >= min_score])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.path, "height": self.height, "width": self.width,
+                "signature": self.signature, "num_detections": len(self.detections),
+                "detections": [d.to_json() for d in self.detections]}
+
+
+def read_image(path: str | os.PathLike) -> tuple[bytes, Image.Image]:
+    """The file's bytes and its decoded RGB image; `PredictError` when it is missing or not an
+    image PIL can read."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise PredictError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise PredictError(f"{path}: is a directory, not an image file") from None
+    except OSError as e:
+        raise PredictError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except UnidentifiedImageError:
+        raise PredictError(f"{path}: not an image (PIL cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise PredictError(f"{path}: a damaged or unsupported image ({e})") from None
+    fmt = image.format
+    image = image.convert("RGB")
+    image.format = fmt  # convert() drops it; kept to choose the signature
+    return data, image
+
+
+class SavedModelDetector:
+    """An exported detector (DESIGN.md §3) loaded with ``tf.saved_model.load``.
+
+    Args:
+      saved_model_dir: the export directory (holding ``saved_model.pb``).
+      signature: "auto" (``image_bytes`` for JPEG/PNG/GIF/BMP files when the model has it,
+        else ``serving_default`` with pixels), "image_bytes" or "serving_default".
+    """
+
+    def __init__(self, saved_model_dir: str | os.PathLike, signature: str = "auto"):
+        saved_model_dir = os.fspath(saved_model_dir)
+        if not tf.io.gfile.exists(os.path.join(saved_model_dir, "saved_model.pb")):
+            what = "no such directory" if not tf.io.gfile.isdir(saved_model_dir) else \
+                "no saved_model.pb in it"
+            raise PredictError(f"{saved_model_dir}: not a SavedModel ({what})")
+        if signature not in ("auto", "image_bytes", "serving_default"):
+            raise PredictError(f"signature must be auto, image_bytes or serving_default, got "
+                               f"{signature!r}")
+        start = time.time()
+        self.path = saved_model_dir
+        self._loaded = tf.saved_model.load(saved_model_dir)
+        self.signatures = dict(self._loaded.signatures)
+        wanted = ["serving_default"] if signature == "auto" else [signature]
+        missing = [s for s in wanted if s not in self.signatures]
+        if missing:
+            raise PredictError(f"{saved_model_dir}: the SavedModel has no {missing[0]!r} "
+                               f"signature (it has {sorted(self.signatures)})")
+        self.signature = signature
+        self.class_names = self._read_class_names()
+        self.load_seconds = time.time() - start
+
+    def _read_class_names(self) -> dict[int, str]:
+        path = os.path.join(self.path, "assets", "category_map.json")
+        if not tf.io.gfile.exists(path):
+            return {}
+        from fpn_tf.data.category_map import CategoryMap  # pylint: disable=g-import-not-at-top
+        return CategoryMap.from_json(path).dataset_id_to_name()
+
+    def class_name(self, class_id: int) -> str:
+        return self.class_names.get(class_id, f"class {class_id}")
+
+    def _signature_for(self, image: Image.Image) -> str:
+        if self.signature != "auto":
+            return self.signature
+        if "image_bytes" in self.signatures and image.format in _TF_DECODABLE:
+            return "image_bytes"
+        return "serving_default"
+
+    def detect(self, data: bytes, image: Image.Image, path: str | None = None) -> ImageDetections:
+        """Detections of one image given as its file bytes and its decoded RGB image (as
+        `read_image` returns them); `PredictError` when the model rejects it."""
+        signature = self._signature_for(image)
+        start = time.time()
+        try:
+            if signature == "image_bytes":
+                out = self.signatures[signature](image_bytes=tf.constant([data]))
+            else:
+                pixels = np.asarray(image, np.uint8)[None]
+                out = self.signatures[signature](images=tf.constant(pixels))
+        except tf.errors.InvalidArgumentError as e:
+            # e.g. a JPEG that PIL reads but TensorFlow's decoder finds damaged.
+            lines = [l for l in (e.message or str(e)).strip().splitlines()
+                     if l.strip() and not l.startswith(("Graph execution", "Detected at",
+                                                        "<stack", "\t"))]
+            raise PredictError(f"{path or 'image'}: the model could not use it: "
+                               f"{lines[0] if lines else e}") from None
+        seconds = time.time() - start
+        n = int(out["num_detections"][0])
+        boxes = out["detection_boxes"][0, :n].numpy()
+        scores = out["detection_scores"][0, :n].numpy()
+        classes = out["detection_classes"][0, :n].numpy()
+        scale = np.array([image.height, image.width] * 2, np.float32)
+        detections = [
+            Detection(box=tuple(float(v) for v in b),
+                      box_pixels=tuple(float(v) for v in b * scale),
+                      class_id=int(round(c)), class_name=self.class_name(int(round(c))),
+                      score=float(s))
+            for b, s, c in zip(boxes, scores, classes)]
+        return ImageDetections(path=path, image=image, detections=detections,
+                               signature=signature, seconds=seconds)
+
+    def detect_file(self, path: str | os.PathLike) -> ImageDetections:
+        data, image = read_image(path)
+        return self.detect(data, image, os.fspath(path))
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
+    """A copy of ``image`` with each detection's box and "name score" label drawn on it."""
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    line = max(2, round(min(out.size) / 200))
+    font = _font(max(10, round(min(out.size) / 40)))
+    # Lowest score first, so the best boxes end up on top.
+    for d in sorted(detections, key=lambda d: d.score):
+        color = _PALETTE[d.class_id % len(_PALETTE)]
+        y0, x0, y1, x1 = d.box_pixels
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=line)
+        label = f"{d.class_name} {d.score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        tw, th = right - left, bottom - top
+        ty = y0 - th - 2 * line if y0 - th - 2 * line >= 0 else y0
+        draw.rectangle([x0, ty, x0 + tw + 2 * line, ty + th + 2 * line], fill=color)
+        draw.text((x0 + line - left, ty + line - top), label, fill=(255, 255, 255), font=font)
+    return out
