@@ -44,7 +44,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from fpn_tf.configs import ConfigError  # pylint: disable=g-import-not-at-top
     from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
-    from fpn_tf.serving import export_lib  # pylint: disable=g-import-not-at-top
+    from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
     start = time.time()
     try:
         source = export_lib.load_model_for_export(

@@ -66,10 +66,11 @@ def _overrides() -> dict:
 
 def run(config_files, params_override, model_dir, mode, export=True, extra_overrides=None):
     """Runs an experiment; returns ``{"metrics": ..., "saved_model": ..., ...}``."""
-    from fpn_tf.configs.loader import load_config
-    from fpn_tf.training.trainer import Trainer, format_metrics
+    from fpn_tf.configs.loader import load_config  # no TensorFlow yet
     overrides = [o for o in (params_override, extra_overrides) if o]
     cfg = load_config(config_files, overrides or None)
+    cli.configure_tensorflow_environment(cfg.runtime.strategy)
+    from fpn_tf.training.trainer import Trainer, format_metrics
     start = time.time()
     trainer = Trainer(cfg, model_dir)
     result = {"model_dir": os.path.abspath(model_dir)}

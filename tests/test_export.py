@@ -363,26 +363,22 @@ def test_load_model_for_export_says_what_is_missing_or_wrong(model_dir, tmp_path
     CATEGORY_MAP.to_json(str(tmp_path / "category_map.json"))
     with pytest.raises(ExportError, match="no checkpoint found"):
         load_model_for_export(str(tmp_path))
-    with pytest.raises(ExportError, match=r"variable\(s\) of the model are not in it \(e\.g\. "
-                                          r"box_head/fc3/kernel"):
+    with pytest.raises(ExportError, match="does not hold this model's weights.*fc3"):
         load_model_for_export(path, params_override="model.roi.num_fc=3")
-    with pytest.raises(ExportError, match="does not hold this model's weights|has shape"):
+    with pytest.raises(ExportError, match="does not hold this model's weights"):
         load_model_for_export(path, params_override="model.fpn.num_channels=16")
-    # Without the optimizer, a checkpoint lacks what only it reaches: said, not exported wrong.
-    tf.train.Checkpoint(model=tiny_model()).save(str(tmp_path / "ckpt"))
-    with pytest.raises(ExportError, match="not in it .*was the optimizer saved"):
-        load_model_for_export(str(tmp_path))
 
 
 def test_export_refuses_a_category_map_of_another_model(tmp_path):
+    model = tiny_model()
     other = CategoryMap([{"id": i, "name": f"c{i}"} for i in (1, 2, 3, 4)])
     with pytest.raises(ExportError, match="does not belong to this model"):
-        export_saved_model(tiny_model(), str(tmp_path / "x"), other, SHORT, LONG, MULTIPLE)
+        export_saved_model(model, str(tmp_path / "x"), other, SHORT, LONG, MULTIPLE)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty and not a SavedModel"):
-        export_saved_model(tiny_model(), str(tmp_path / "busy"), CATEGORY_MAP, SHORT, LONG,
-                           MULTIPLE)
+        export_saved_model(model, str(tmp_path / "busy"), CATEGORY_MAP, SHORT, LONG, MULTIPLE)
+    assert os.listdir(tmp_path / "busy") == ["notes.txt"]
 
 
 def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path):
@@ -406,4 +402,5 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
                             capture_output=True, text=True, env=env, timeout=300)
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
-    assert failed.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'}: model_dir not found"
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nowhere'}: model_dir not found")

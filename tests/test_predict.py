@@ -4,6 +4,7 @@ errors. Uses a tiny exported model (see test_export.py)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -88,14 +89,11 @@ def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_pa
 
 
 def test_predict_errors_are_one_line(saved_model, images, tmp_path):
-    cases = [
-        ([f"--image={tmp_path / 'missing.jpg'}"], f"{tmp_path / 'missing.jpg'}: image file not found"),
-        ([f"--image={images['text']}"], f"{images['text']}: not an image (PIL cannot identify its "
-                                        "format)"),
-    ]
-    for flags, message in cases:
-        with pytest.raises(PredictError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
-            predict.predict(saved_model, [f.split("=", 1)[1] for f in flags], str(tmp_path / "o"))
+    cases = {str(tmp_path / "missing.jpg"): "image file not found",
+             images["text"]: "not an image (PIL cannot identify its format)"}
+    for path, message in cases.items():
+        with pytest.raises(PredictError, match="^" + re.escape(f"{path}: {message}") + "$"):
+            predict.predict(saved_model, [images["png"], path], str(tmp_path / "o"))
     with pytest.raises(PredictError, match=r"nowhere: not a SavedModel \(no such directory\)"):
         predict.predict(str(tmp_path / "nowhere"), [images["png"]], str(tmp_path / "o"))
     with pytest.raises(PredictError, match=r"not a SavedModel \(no saved_model.pb in it\)"):

@@ -91,18 +91,29 @@ class FeaturePyramid(keras.layers.Layer):
         conv_args = dict(
             kernel_initializer=self.kernel_initializer, bias_initializer="zeros",
             dtype=self.dtype_policy)
-        self.lateral_convs = {}
-        self.output_convs = {}
+        # Sub-layers are plain attributes (lateral_P2, output_P2, ...): layers held in a dict or
+        # list are invisible to tf.train.Checkpoint and to SavedModel tracking.
         for level in self.backbone_levels:
             if self.use_lateral or level == self.backbone_max_level:
-                self.lateral_convs[level] = keras.layers.Conv2D(
-                    self.num_channels, 1, name=f"lateral_P{level}", **conv_args)
-            self.output_convs[level] = keras.layers.Conv2D(
-                self.num_channels, 3, padding="same", name=f"output_P{level}", **conv_args)
+                setattr(self, f"lateral_P{level}", keras.layers.Conv2D(
+                    self.num_channels, 1, name=f"lateral_P{level}", **conv_args))
+            setattr(self, f"output_P{level}", keras.layers.Conv2D(
+                self.num_channels, 3, padding="same", name=f"output_P{level}", **conv_args))
         self.subsample = keras.layers.MaxPooling2D(
             pool_size=1, strides=2, padding="valid", name="subsample", dtype=self.dtype_policy)
 
     # --- helpers -------------------------------------------------------------------------
+    @property
+    def lateral_convs(self) -> dict:
+        """level -> the 1x1 lateral conv of that level (only the top one without laterals)."""
+        return {l: getattr(self, f"lateral_P{l}") for l in self.backbone_levels
+                if hasattr(self, f"lateral_P{l}")}
+
+    @property
+    def output_convs(self) -> dict:
+        """level -> the 3x3 output conv of that level."""
+        return {l: getattr(self, f"output_P{l}") for l in self.backbone_levels}
+
     def _as_dict(self, features):
         if isinstance(features, Mapping):
             missing = [f"C{l}" for l in self.backbone_levels if f"C{l}" not in features]
@@ -118,25 +129,27 @@ class FeaturePyramid(keras.layers.Layer):
 
     def build(self, input_shape):
         shapes = self._as_dict(input_shape)
+        laterals, outputs = self.lateral_convs, self.output_convs
         for level in self.backbone_levels:
-            if level in self.lateral_convs:
-                self.lateral_convs[level].build(tuple(shapes[level]))
-            self.output_convs[level].build(tuple(shapes[level])[:-1] + (self.num_channels,))
+            if level in laterals:
+                laterals[level].build(tuple(shapes[level]))
+            outputs[level].build(tuple(shapes[level])[:-1] + (self.num_channels,))
         self.built = True
 
     def call(self, features):
         c = self._as_dict(features)
+        laterals, outputs = self.lateral_convs, self.output_convs
         top = self.backbone_max_level
-        merged = {top: self.lateral_convs[top](c[top])}
+        merged = {top: laterals[top](c[top])}
         for level in reversed(self.backbone_levels[:-1]):
             if not self.use_top_down:
-                merged[level] = self.lateral_convs[level](c[level])
+                merged[level] = laterals[level](c[level])
             elif not self.use_lateral:
                 merged[level] = upsample_nearest_to(merged[level + 1], c[level])
             else:
-                lateral = self.lateral_convs[level](c[level])
+                lateral = laterals[level](c[level])
                 merged[level] = upsample_nearest_to(merged[level + 1], lateral) + lateral
-        pyramid = {f"P{l}": self.output_convs[l](merged[l]) for l in self.backbone_levels}
+        pyramid = {f"P{l}": outputs[l](merged[l]) for l in self.backbone_levels}
         for level in range(top + 1, self.max_level + 1):
             pyramid[f"P{level}"] = self.subsample(pyramid[f"P{level - 1}"])
         return {name: pyramid[name] for name in self.output_levels}

@@ -76,15 +76,21 @@ class FastRCNNBoxHead(keras.layers.Layer):
         self.num_classes = int(num_classes)
         self.fc_dims = int(fc_dims)
         self.num_fc = int(num_fc)
-        self.fcs = [keras.layers.Dense(self.fc_dims, activation="relu", name=f"fc{i + 1}",
-                                       kernel_initializer="lecun_uniform", dtype=self.dtype_policy)
-                    for i in range(self.num_fc)]
+        # Attributes fc1, fc2, ... (not a list: listed layers are invisible to tf.train.Checkpoint).
+        for i in range(self.num_fc):
+            setattr(self, f"fc{i + 1}", keras.layers.Dense(
+                self.fc_dims, activation="relu", name=f"fc{i + 1}",
+                kernel_initializer="lecun_uniform", dtype=self.dtype_policy))
         self.classifier = keras.layers.Dense(
             self.num_classes + 1, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
             name="class_logits", dtype=self.dtype_policy)
         self.box_regressor = keras.layers.Dense(
             4 * self.num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
             name="box_deltas", dtype=self.dtype_policy)
+
+    @property
+    def fcs(self) -> list:
+        return [getattr(self, f"fc{i + 1}") for i in range(self.num_fc)]
 
     def build(self, input_shape):
         dims = 1

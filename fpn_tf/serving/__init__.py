@@ -13,7 +13,7 @@
 from fpn_tf.serving.detection import (NUM_DETECTIONS, OUTPUT_KEYS, DetectionModule,
                                       ImageBytesModule, ImageTensorModule, TfExampleModule,
                                       preprocess_images)
-from fpn_tf.serving.export_lib import (ExportError, ExportSource, export_saved_model,
+from fpn_tf.serving.export import (ExportError, ExportSource, export_saved_model,
                                        label_map_pbtxt, load_model_for_export, read_category_map,
                                        restore_checkpoint)
 

@@ -261,7 +261,7 @@ class TfExampleModule(DetectionModule):
     @tf.function
     def __call__(self, serialized_example):
         # Imported here: the module pulls in Model Garden (and tf_keras).
-        from official.vision.dataloaders import tf_example_decoder  # pylint: disable=g-import-not-at-top
+        from official.vision.dataloaders import tf_example_decoder  # pylint: disable=g-import-not-at-top,line-too-long
         # regenerate_source_id: the example need not carry image/source_id.
         decoder = tf_example_decoder.TfExampleDecoder(include_mask=False,
                                                       regenerate_source_id=True)

@@ -3,7 +3,7 @@
     from fpn_tf.serving import export_saved_model, load_model_for_export
     source = load_model_for_export("runs/cpu_demo")          # params.yaml + category map + ckpt
     export_saved_model(source.model, "exports/fpn/1", source.category_map,
-                       **source.preprocessing)              # short_side, max_long_side, pad_multiple
+                       **source.preprocessing)    # short_side, max_long_side, pad_multiple
 
 The SavedModel has three signatures (`fpn_tf.serving.detection`), all returning
 ``detection_boxes`` / ``detection_scores`` / ``detection_classes`` / ``num_detections``, and
@@ -172,71 +172,20 @@ def export_saved_model(model, export_dir: str | os.PathLike,
     return export_dir
 
 
-def _variables_by_path(reader) -> dict[str, list[str]]:
-    """Checkpoint keys of the saved variables, by the variable's name (its Keras path)."""
-    from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    keys: dict[str, list[str]] = {}
-    for node in graph.nodes:
-        for attribute in node.attributes:
-            if attribute.name == "VARIABLE_VALUE":
-                keys.setdefault(attribute.full_name, []).append(attribute.checkpoint_key)
-    return keys
-
-
 def restore_checkpoint(model, checkpoint: str) -> None:
     """Restores every variable of ``model`` from a ``tf.train.Checkpoint(model=model, ...)``.
 
-    Keras 3 layers kept in Python lists or dicts inside a layer (the pyramid's per-level convs,
-    the box head's fc layers) are not in TensorFlow's checkpoint object graph under ``model``:
-    ``tf.train.Checkpoint(model=model).restore`` silently leaves them as initialised. A trainer's
-    checkpoint still holds their values, reached through the optimizer's variable list; they
-    are restored here by variable path (Keras ``Variable.path``, the name saved with each
-    value). Everything else is restored object by object as usual.
-
     Raises:
-      ExportError: a variable of the model is not in the checkpoint, has another shape, or the
-        checkpoint holds objects of another model.
+      ExportError: a variable of the model is not in the checkpoint or has another shape (the
+        checkpoint belongs to another model).
     """
-    reader = tf.train.load_checkpoint(checkpoint)
-    keys = _variables_by_path(reader)
-    shapes = reader.get_variable_to_shape_map()
-
-    def saved_key(variable):
-        # Prefer the value saved under the model when several carry the variable's name.
-        candidates = sorted(keys.get(variable.path, []), key=lambda k: not k.startswith("model/"))
-        return candidates[0] if candidates else None
-
-    # Shapes first: a mismatch would otherwise stop the restore with a raw traceback.
-    for variable in model.variables:
-        key = saved_key(variable)
-        if key is not None and tuple(shapes[key]) != tuple(variable.shape):
-            raise ExportError(f"{checkpoint}: {variable.path} has shape {tuple(shapes[key])}, "
-                              f"the model's has {tuple(variable.shape)}: another model's "
-                              "checkpoint (the config differs from the run's?)")
-    root = tf.train.Checkpoint(model=model)
-    status = root.restore(checkpoint).expect_partial()
     try:
+        status = tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
         status.assert_existing_objects_matched()
-    except AssertionError as e:
+    except (AssertionError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:300]
         raise ExportError(f"{checkpoint}: does not hold this model's weights (the config or the "
                           f"category map differ from the run's?): {first}") from e
-    reached = {id(t) for t in tf.train.TrackableView(root).descendants()}
-    missing = []
-    for variable in model.variables:
-        if id(variable) in reached:
-            continue
-        key = saved_key(variable)
-        if key is None:
-            missing.append(variable.path)
-        else:
-            variable.assign(reader.get_tensor(key))
-    if missing:
-        raise ExportError(f"{checkpoint}: {len(missing)} variable(s) of the model are not in it "
-                          f"(e.g. {', '.join(missing[:3])}); was the optimizer saved with the "
-                          "model (tf.train.Checkpoint(model=..., optimizer=...))?")
 
 
 @dataclasses.dataclass
