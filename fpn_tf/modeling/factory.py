@@ -12,7 +12,7 @@ import keras
 
 from fpn_tf.modeling.backbones import backbone_from_config
 from fpn_tf.modeling.faster_rcnn import DetectionParams, FasterRCNN, RoIParams, RPNParams
-from fpn_tf.modeling.fpn import build_fpn_model
+from fpn_tf.modeling.fpn import build_fpn_model, build_single_scale_model
 
 
 def _pick(section, cls):
@@ -33,6 +33,9 @@ def anchor_sizes_for(model_cfg, levels: Sequence[str]):
 
 def build_fpn_from_config(model_cfg, input_shape=(None, None, 3)) -> keras.Model:
     fpn_cfg = model_cfg.fpn
+    if fpn_cfg.single_scale_level:
+        return build_single_scale_model(backbone_from_config(model_cfg.backbone),
+                                        fpn_cfg.single_scale_level, input_shape=input_shape)
     return build_fpn_model(
         backbone_from_config(model_cfg.backbone), num_channels=fpn_cfg.num_channels,
         min_level=fpn_cfg.min_level, max_level=fpn_cfg.max_level,

@@ -222,3 +222,24 @@ def build_fpn_model(
         use_lateral=use_lateral, output_levels=output_levels, name="feature_pyramid",
     )({k: v for k, v in c_maps.items() if int(k[1:]) >= min_level})
     return keras.Model(images, pyramid, name=name or f"fpn_{backbone.name}")
+
+
+def build_single_scale_model(
+    backbone: keras.Model | str = "resnet50",
+    level: str = "C4",
+    input_shape: Sequence[int | None] = (None, None, 3),
+    name: str | None = None,
+    **backbone_kwargs,
+) -> keras.Model:
+    """The paper's single-scale baseline (Table 1/2 rows (a), (b)): no pyramid, the heads see one
+    backbone map. Returns image -> ``{"P4": C4}`` (named by stride, so anchors and RoIAlign treat
+    it as the stride-16 level it is)."""
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone, input_shape=input_shape, **backbone_kwargs)
+    if level not in backbone.output:
+        raise ValueError(f"single-scale level {level!r} is not a backbone output "
+                         f"({sorted(backbone.output)})")
+    images = keras.Input(shape=tuple(input_shape), name="images")
+    c_maps = backbone(images)
+    return keras.Model(images, {f"P{level[1:]}": c_maps[level]},
+                       name=name or f"single_scale_{level}_{backbone.name}")
