@@ -239,3 +239,11 @@ def test_invalid_arguments(tmp_path):
   with pytest.raises(DataError, match="annotation file not found"):
     load_coco(os.path.join(tmp_path, "nope.json"), image_dir)
   assert coco_reader.BOX_TOLERANCE_PX == 1.0
+
+
+def test_empty_data_set_is_a_clear_error(tmp_path):
+  ann = tmp_path / "empty.json"
+  ann.write_text(json.dumps({"images": [], "annotations": [],
+                             "categories": [{"id": 1, "name": "a"}]}))
+  with pytest.raises(DataError, match=r"empty\.json: the data set is empty"):
+    load_coco(str(ann), str(tmp_path))

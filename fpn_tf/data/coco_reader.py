@@ -542,6 +542,10 @@ def load_coco(annotation_file: str | os.PathLike,
     logging.info("%s: clipped %d box(es) that overflowed the image by <= %g px",
                  af, num_clipped, BOX_TOLERANCE_PX)
 
+  if not keep:
+    skipped = sum(problems.images.values()) if problems.images else 0
+    raise DataError(f"{af}: the data set is empty: no usable images"
+                    + (f" ({skipped} skipped, see the log)" if skipped else ""))
   counts = np.array([len(a) for a in per_image], np.int64)
   row_splits = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   flat = [a for anns in per_image for a in anns]
