@@ -13,8 +13,8 @@ random projection of P2..P6). Also the whole inference call, the whole forward o
 the whole train step (so "backward + apply" = step - forward). Stage lines are JSON, sorted by
 time at the end into a summary line.
 
-Options let it time candidate implementations from ``bench/variants.py`` in place of ours:
-``--roi_align=gather|crop_and_resize``, ``--compact_gt``, ``--upsample=repeat|broadcast``.
+``--fpn_tf_root=DIR`` imports fpn_tf from DIR (e.g. a copy with bench/proposed_fpn_tf.diff
+applied) to profile a proposed change. ``--trace`` also writes a tf.profiler trace of one step.
 """
 
 from __future__ import annotations
