@@ -228,8 +228,11 @@ class Trainer:
             grads = add_l2_to_gradients(grads, variables, train_cfg)
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in losses.values()])
             if skip_nonfinite:
-                tf.cond(finite, lambda: optimizer.apply(grads, variables) or tf.constant(True),
-                        lambda: tf.constant(False))
+                def apply_update():
+                    optimizer.apply(grads, variables)
+                    return tf.constant(True)
+
+                tf.cond(finite, apply_update, lambda: tf.constant(False))
             else:
                 # "stop": the update is applied but the loop stops before anything is saved.
                 optimizer.apply(grads, variables)
