@@ -334,12 +334,15 @@ def build_dataset_from_config(config: Any, training: bool,
                               batch_size: int | None = None,
                               input_context: tf.distribute.InputContext
                               | None = None,
-                              return_info: bool = False):
+                              return_info: bool = False,
+                              **overrides):
   """``build_dataset`` from a config object or dict.
 
   The config holds the source fields (see :func:`as_source`), optionally
   ``global_batch_size`` or ``batch_size``, and any of build_dataset's keyword
   arguments by the same names; missing ones keep their defaults.
+  ``overrides`` (build_dataset keyword arguments, e.g. ``seed``) win over the
+  config.
   """
   get = ((lambda k: config.get(k)) if isinstance(config, Mapping)
          else (lambda k: getattr(config, k, None)))
@@ -348,6 +351,7 @@ def build_dataset_from_config(config: Any, training: bool,
   if batch_size is None:
     raise ValueError("no batch_size given and none in the config")
   kwargs = {k: get(k) for k in _BUILD_ARGS if get(k) is not None}
+  kwargs.update(overrides)
   return build_dataset(config, training, int(batch_size),
                        input_context=input_context, return_info=return_info,
                        **kwargs)

@@ -195,14 +195,9 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------
     def _dataset(self, data_cfg, training: bool, seed: int | None = None, input_context=None):
-        return pipeline.build_dataset(
-            data_cfg, training=training, batch_size=data_cfg.global_batch_size,
-            short_side=data_cfg.short_side, max_long_side=data_cfg.max_long_side,
-            pad_multiple=data_cfg.pad_multiple, padding_mode=data_cfg.padding_mode,
-            max_num_instances=data_cfg.max_num_instances,
-            random_flip=data_cfg.random_flip and training,
-            shuffle_buffer_size=data_cfg.shuffle_buffer_size, seed=seed,
-            input_context=input_context)
+        return pipeline.build_dataset_from_config(
+            data_cfg, training, input_context=input_context, seed=seed,
+            random_flip=data_cfg.random_flip and training)
 
     def train_dataset(self, seed_offset: int = 0):
         """Sharded per replica; a resumed run reshuffles with seed + start step."""
