@@ -12,12 +12,10 @@ that experiment.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from fpn_tf import cli
 

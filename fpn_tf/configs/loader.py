@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import yaml
 
 from fpn_tf.configs.experiment import ConfigError, ExperimentConfig, _expand_dotted, deep_merge
+from fpn_tf.file_io import write_text
 
 __all__ = [
     "PARAMS_FILENAME",
@@ -208,18 +209,4 @@ def save_config(config: ExperimentConfig, model_dir: str, filename: str = PARAMS
         "# Resolved fpn_tf experiment config; reproduce with:\n"
         f"#   load_config('{filename}') / --config_file=<this file>\n" + config.to_yaml()
     )
-    if "://" in model_dir:
-        import tensorflow as tf
-
-        tf.io.gfile.makedirs(model_dir)
-        path = model_dir.rstrip("/") + "/" + filename
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(text)
-        return path
-    os.makedirs(model_dir, exist_ok=True)
-    path = os.path.join(model_dir, filename)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(model_dir, filename, text)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fpn_tf.data.errors import DataError
+from fpn_tf.data.errors import DataError, parse_json, read_json
 
 __all__ = ["CategoryMap", "as_category_map"]
 
@@ -82,19 +82,11 @@ class CategoryMap:
     """
     text = str(path_or_text)
     source = "<json text>"
-    if not text.lstrip().startswith("{"):
+    if text.lstrip().startswith("{"):
+      data = parse_json(text, source)
+    else:
       source = text
-      try:
-        with tf.io.gfile.GFile(text, "r") as f:
-          text = f.read()
-      except tf.errors.NotFoundError as e:
-        raise DataError(f"{source}: category map file not found") from e
-    try:
-      data = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise DataError(
-          f"{source}: not valid JSON ({e.msg} at line {e.lineno} column "
-          f"{e.colno})") from e
+      data = read_json(text, "category map file")
     if not isinstance(data, dict) or "categories" not in data:
       raise DataError(f"{source}: no 'categories' list")
     try:

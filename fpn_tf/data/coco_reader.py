@@ -72,7 +72,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -83,7 +82,7 @@ import numpy as np
 import tensorflow as tf
 
 from fpn_tf.data.category_map import CategoryMap
-from fpn_tf.data.errors import DataError
+from fpn_tf.data.errors import DataError, read_json
 
 __all__ = [
     "BOX_TOLERANCE_PX",
@@ -359,17 +358,7 @@ class _Problems:
 
 
 def _load_json(annotation_file: str) -> dict[str, Any]:
-  try:
-    with tf.io.gfile.GFile(annotation_file, "r") as f:
-      text = f.read()
-  except tf.errors.NotFoundError as e:
-    raise DataError(f"{annotation_file}: annotation file not found") from e
-  try:
-    data = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(
-        f"{annotation_file}: not valid JSON ({e.msg} at line {e.lineno} "
-        f"column {e.colno})") from e
+  data = read_json(annotation_file, "annotation file")
   if not isinstance(data, dict):
     raise DataError(f"{annotation_file}: the top level must be a JSON object")
   for key in ("images", "annotations", "categories"):

@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from absl import logging
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from fpn_tf.file_io import write_text
 
 __all__ = [
     "COCO_METRIC_NAMES",
@@ -128,21 +129,7 @@ def _numpy(value) -> np.ndarray:
 
 
 def _write_json(directory: str, filename: str, obj) -> str:
-    text = json.dumps(obj)
-    if "://" in directory:
-        import tensorflow as tf  # only for remote file systems
-
-        tf.io.gfile.makedirs(directory)
-        path = directory.rstrip("/") + "/" + filename
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(text)
-        return path
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, filename)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_text(directory, filename, json.dumps(obj))
 
 
 def load_coco_groundtruth(source: Union[str, Mapping, COCO]) -> COCO:
