@@ -9,6 +9,9 @@ import tensorflow as tf
 
 from fpn_tf.modeling.backbones import (PixelNormalization, build_backbone,
                                        build_resnet_backbone, build_small_resnet_backbone)
+from fpn_tf.modeling.frozen_batch_norm import Conv2DFrozenBatchNorm
+
+BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
 def _check_strides(outputs, height, width):
@@ -43,8 +46,10 @@ def test_pixel_normalization_caffe_bgr():
 
 def test_resnet50_frozen_bn_and_stem_stay_frozen_through_a_training_step():
     backbone = build_resnet_backbone(depth=50, freeze_at=2, freeze_bn=True)
-    bn = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
-    assert bn and all(not l.trainable for l in bn)
+    # Frozen BatchNorms are folded into their convs; their vectors are never trainable.
+    folded = [l for l in backbone.layers if isinstance(l, Conv2DFrozenBatchNorm)]
+    assert len(folded) == 53
+    assert all(w.name not in BN_VECTORS for w in backbone.trainable_weights)
     x = keras.Input((64, 64, 3))
     feats = backbone(x)
     y = keras.layers.GlobalAveragePooling2D()(feats["C5"])
@@ -55,7 +60,7 @@ def test_resnet50_frozen_bn_and_stem_stay_frozen_through_a_training_step():
     model.fit(rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32"),
               rng.normal(size=(4, 1)).astype("float32") * 10, epochs=1, batch_size=4, verbose=0)
     after = {v.path: v.numpy() for v in backbone.weights}
-    bn_vars = [p for p in snapshot if "_bn/" in p]
+    bn_vars = [p for p in snapshot if p.split("/")[-1] in BN_VECTORS]
     assert any("moving_mean" in p for p in bn_vars) and any("gamma" in p for p in bn_vars)
     for p in bn_vars:
         np.testing.assert_array_equal(after[p], snapshot[p], err_msg=p)
@@ -70,6 +75,7 @@ def test_resnet50_frozen_bn_and_stem_stay_frozen_through_a_training_step():
 def test_resnet_trainable_bn_when_not_frozen():
     backbone = build_resnet_backbone(depth=50, freeze_at=0, freeze_bn=False)
     assert all(l.trainable for l in backbone.layers)
+    assert sum(isinstance(l, keras.layers.BatchNormalization) for l in backbone.layers) == 53
 
 
 def test_resnet_weights_load_from_local_file(tmp_path):

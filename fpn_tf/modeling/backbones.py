@@ -12,6 +12,8 @@ inside the model (`PixelNormalization`), so callers never preprocess.
   their ImageNet weights expect). ``weights`` is ``None`` (random), ``"imagenet"`` (downloaded by
   Keras on first use) or a local ``.h5`` / ``.weights.h5`` path. By default BatchNorm is frozen
   (inference statistics, not trained) and the stem + conv2 are frozen (detectron2's ``FREEZE_AT=2``).
+  Frozen BatchNorms are folded into the conv before them (`frozen_batch_norm`): same outputs, one
+  fused convolution instead of conv + bias + BatchNorm passes.
 * ``small_resnet``: a narrow basic-block ResNet for 2-core CPUs (tests, the CPU demo). It is trained
   from scratch, so its BatchNorm normally trains (``freeze_bn=False``).
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
+
+from fpn_tf.modeling.frozen_batch_norm import fold_frozen_batch_norm
 
 BACKBONE_LEVELS = ("C2", "C3", "C4", "C5")
 
@@ -105,6 +109,7 @@ def build_resnet_backbone(
     freeze_bn: bool = True,
     input_shape: Sequence[int | None] = (None, None, 3),
     name: str | None = None,
+    fold_frozen_bn: bool = True,
 ) -> keras.Model:
     """A keras.applications ResNet-50/101 as image -> {"C2".."C5"}.
 
@@ -114,6 +119,9 @@ def build_resnet_backbone(
       freeze_at: freeze the stem (1) and stages conv2..conv{freeze_at}; 0 trains everything.
       freeze_bn: keep every BatchNorm in inference mode and not trainable.
       input_shape: HxWx3 (None for any size).
+      fold_frozen_bn: with ``freeze_bn``, compute each conv + frozen BatchNorm pair as one
+        convolution (`Conv2DFrozenBatchNorm`: same outputs up to float rounding, faster).
+        The weights are loaded first, into the keras.applications layers, then folded.
     """
     key = f"resnet{depth}"
     if key not in _RESNET_BUILDERS:
@@ -129,7 +137,15 @@ def build_resnet_backbone(
         level: resnet.get_layer(layer_name).output
         for level, layer_name in zip(BACKBONE_LEVELS, _RESNET_ENDPOINTS[key])
     }
-    return keras.Model(images, outputs, name=name or key)
+    model = keras.Model(images, outputs, name=name or key)
+    return _maybe_fold(model, freeze_bn and fold_frozen_bn)
+
+
+def _maybe_fold(model: keras.Model, fold: bool) -> keras.Model:
+    if not fold:
+        return model
+    folded, _ = fold_frozen_batch_norm(model)
+    return folded
 
 
 def _conv_bn_relu(x, filters, kernel, stride, name, relu=True):
@@ -157,11 +173,13 @@ def build_small_resnet_backbone(
     freeze_bn: bool = False,
     input_shape: Sequence[int | None] = (None, None, 3),
     name: str = "small_resnet",
+    fold_frozen_bn: bool = True,
 ) -> keras.Model:
     """A narrow basic-block ResNet (ResNet-18 shape, fewer channels) for CPUs: image -> C2..C5.
 
     Stem: 3x3/2 conv then 3x3/2 conv (stride 4), then four stages of basic blocks with
     ``widths`` channels; stages 3..5 start with stride 2. Same ``ceil(H / 2**l)`` sizes as ResNet.
+    With ``freeze_bn`` and ``fold_frozen_bn`` the frozen BatchNorms are folded into their convs.
     """
     if len(widths) != 4 or len(blocks) != 4:
         raise ValueError(f"widths and blocks need 4 entries (conv2..conv5), got {widths}, {blocks}")
@@ -179,7 +197,7 @@ def build_small_resnet_backbone(
         outputs[level] = x
     model = keras.Model(images, outputs, name=name)
     _freeze(model, freeze_at, freeze_bn, [(1, "conv1_")] + [(s, f"conv{s}_") for s in range(2, 6)])
-    return model
+    return _maybe_fold(model, freeze_bn and fold_frozen_bn)
 
 
 def build_backbone(backbone_type: str = "resnet50", **kwargs) -> keras.Model:
