@@ -66,6 +66,8 @@ flags.DEFINE_list("memory_modes", ["inference:1", "train:2"],
                   "mode:batch pairs measured by --what=memory (one subprocess per model each).")
 flags.DEFINE_string("fpn_tf_root", None, "Import fpn_tf from this directory instead (e.g. a "
                     "patched copy, to measure a proposed diff).")
+flags.DEFINE_string("ours_params_override", None, "A params_override for our model config, e.g. "
+                    "'model.backbone.fold_frozen_bn=false' (bench/ab_ours.py compares two).")
 flags.DEFINE_string("tag", "", "Free text copied into every JSON line (e.g. a variant name).")
 # Internal: a memory-measuring worker subprocess.
 flags.DEFINE_string("worker", None, "internal: 'ours' or 'theirs' (memory subprocess).")
@@ -103,10 +105,10 @@ def emit(record):
 class Ours:
     name = "ours"
 
-    def __init__(self, resized_hw):
+    def __init__(self, resized_hw, params_override=None):
         import keras
         import tensorflow as tf
-        from fpn_tf.configs.experiment import ExperimentConfig
+        from fpn_tf.configs.loader import load_config
         from fpn_tf.modeling.factory import build_model
         self.tf = tf
         self.resized_hw = list(resized_hw)
@@ -118,7 +120,8 @@ class Ours:
             keras.config.set_dtype_policy(policy)
         try:
             keras.utils.set_random_seed(0)
-            self.model = build_model(ExperimentConfig().model,
+            model_cfg = load_config(params_override=params_override, validate=False).model
+            self.model = build_model(model_cfg,
                                      category_ids=list(range(1, NUM_FG_CLASSES + 1)),
                                      input_shape=tuple(self.padded_hw) + (3,))
         finally:
@@ -361,7 +364,7 @@ def run_worker():
     import tensorflow as tf
     resized = [int(s) for s in FLAGS.image_size]
     rss0 = current_rss_mb()
-    model = Ours(resized) if FLAGS.worker == "ours" else Theirs(resized)
+    model = Ours(resized, FLAGS.ours_params_override) if FLAGS.worker == "ours" else Theirs(resized)
     rss_built = current_rss_mb()
     fn = model.runner(FLAGS.worker_mode, FLAGS.worker_batch)
     for _ in range(max(FLAGS.warmup, 1) + 1):
@@ -388,6 +391,8 @@ def run_memory():
                 cmd.append("--jit_compile")
             if FLAGS.fpn_tf_root:
                 cmd.append(f"--fpn_tf_root={FLAGS.fpn_tf_root}")
+            if FLAGS.ours_params_override:
+                cmd.append(f"--ours_params_override={FLAGS.ours_params_override}")
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [l for l in out.stdout.splitlines() if l.startswith("WORKER ")]
             if not line:
@@ -439,7 +444,7 @@ def main(argv):
     if timed:
         for name in FLAGS.models:
             t0 = time.perf_counter()
-            models[name] = Ours(resized) if name == "ours" else Theirs(resized)
+            models[name] = Ours(resized, FLAGS.ours_params_override) if name == "ours" else Theirs(resized)
             emit({"what": "settings", "model": name, "build_s":
                   round(time.perf_counter() - t0, 1), **models[name].settings})
     if "inference" in FLAGS.what:

@@ -1,14 +1,11 @@
-"""Smoke tests of bench/: the helpers, the Model Garden settings, and that the candidate ops in
-bench/variants.py give what fpn_tf's current ops give (small inputs, seconds)."""
+"""Smoke tests of bench/: the helpers, the Model Garden settings, and the A/B harness's weight
+copy between model variants (small inputs, seconds)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from bench import common, variants
-from fpn_tf.modeling import fpn
-from fpn_tf.ops import anchors as anchor_ops
-from fpn_tf.ops import roi_ops, target_assigner
+from bench import common
 
 
 def test_padding_and_synthetic_batch():
@@ -31,56 +28,37 @@ def test_model_garden_config_matches_ours():
             m.detection_head.fc_dims) == (0, 2, 1024)
 
 
-def test_upsample_broadcast_is_identical():
-    x = tf.random.normal([2, 5, 7, 3])
-    for like in (tf.zeros([2, 10, 14, 3]), tf.zeros([2, 9, 13, 3])):
-        np.testing.assert_array_equal(variants.upsample_nearest_to_broadcast(x, like),
-                                      fpn.upsample_nearest_to(x, like))
+def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree():
+    """bench/ab_ours.py: B gets A's weights (a folded BatchNorm's vectors from the BatchNorm
+    layer), so the two variants' stage outputs can be compared."""
+    import keras
+    from bench import ab_ours
+    from fpn_tf.configs.loader import load_config
+    from fpn_tf.modeling.factory import build_model
 
+    def build(override):
+        cfg = load_config(params_override=(
+            "model.backbone.type=small_resnet,model.backbone.freeze_bn=true,"
+            "model.backbone.widths=[8,8,16,16],model.backbone.stem_width=8,"
+            "model.fpn.num_channels=16,model.rpn.head_channels=16,model.roi.fc_dims=32,"
+            "model.num_classes=3," + override), validate=False)
+        return build_model(cfg.model, input_shape=(64, 96, 3))
 
-def test_compact_rpn_targets_are_identical():
-    rng = np.random.default_rng(0)
-    boxes = np.zeros((2, 12, 4), np.float32)
-    classes = -np.ones((2, 12), np.int32)
-    for b, rows in enumerate([(0, 1, 5), (2,)]):  # real rows not contiguous
-        for r in rows:
-            y, x = rng.uniform(0, 80, 2)
-            boxes[b, r] = (y, x, y + rng.uniform(10, 40), x + rng.uniform(10, 40))
-            classes[b, r] = 1
-    levels = ("P3", "P4")
-    anchors, _ = anchor_ops.concat_anchors(anchor_ops.generate_anchors(
-        (128, 128), levels, {"P3": (32,), "P4": (64,)}, (0.5, 1.0, 2.0)))
-    seed = tf.constant([3, 4])
-    a = target_assigner.assign_rpn_targets(anchors, boxes, classes, None, seed=seed)
-    n = variants.assign_rpn_targets_compact(anchors, boxes, classes, None, seed=seed)
-    for f in a._fields:
-        np.testing.assert_array_equal(getattr(a, f), getattr(n, f), err_msg=f)
-
-
-def test_fast_roi_align_matches_values_and_gradients():
-    rng = np.random.default_rng(1)
-    feats = {f"P{l}": tf.constant(rng.normal(size=(2, 128 // 2 ** l, 160 // 2 ** l, 4))
-                                  .astype(np.float32)) for l in range(2, 6)}
-    size = np.exp(rng.uniform(np.log(4), np.log(150), (2, 20, 2)))
-    cy, cx = rng.uniform(-10, 138, (2, 20)), rng.uniform(-10, 170, (2, 20))
-    rois = np.stack([np.clip(cy - size[..., 0] / 2, 0, 128), np.clip(cx - size[..., 1] / 2, 0, 160),
-                     np.clip(cy + size[..., 0] / 2, 0, 128), np.clip(cx + size[..., 1] / 2, 0, 160)],
-                    -1).astype(np.float32)
-    rois[:, -2:] = 0.0
-    up = tf.constant(rng.normal(size=(2, 20, 7, 7, 4)).astype(np.float32))
-
-    def run(fn):
-        with tf.GradientTape() as tape:
-            tape.watch(feats)
-            out = fn(feats, rois)
-            s = tf.reduce_sum(out * up)
-        return out, tape.gradient(s, feats)
-
-    ref, ref_grad = run(roi_ops.multilevel_roi_align)
-    for fn in (variants.multilevel_roi_align_fast,
-               variants.multilevel_roi_align_crop_and_resize):
-        out, grad = run(fn)
-        np.testing.assert_allclose(out, ref, atol=1e-4)
-    out, grad = run(variants.multilevel_roi_align_fast)
-    for k in feats:
-        np.testing.assert_array_equal(grad[k], ref_grad[k])
+    keras.utils.set_random_seed(1)
+    unfolded = build("model.backbone.fold_frozen_bn=false,model.roi.align_impl=gather")
+    keras.utils.set_random_seed(2)  # different initial weights: the copy must make them equal
+    folded = build("model.roi.align_impl=crop_and_resize")
+    bn = [v for v in unfolded.weights if v.path.endswith("_bn/moving_variance")]
+    assert len(bn) > 10
+    for v in bn:
+        v.assign(np.full(v.shape, 2.5, "float32"))
+    ab_ours.copy_weights(unfolded, folded)
+    features = {"images": tf.constant(np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)),
+                                      tf.float32)}
+    ref, rois = ab_ours.stage_outputs(unfolded, features)
+    out, same_rois = ab_ours.stage_outputs(folded, features, rois)
+    assert same_rois is rois and sorted(ref) == sorted(out)
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
+    with pytest.raises(ValueError, match="no weight for"):
+        ab_ours.copy_weights(build("model.roi.fc_dims=16"), folded)

@@ -59,6 +59,16 @@ def test_upsample_nearest_crops_to_odd_sizes():
     np.testing.assert_array_equal(up, [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]])
 
 
+def test_upsample_nearest_exact_and_dynamic_sizes_agree_with_numpy():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype("float32")
+    expected = x.repeat(2, axis=1).repeat(2, axis=2)
+    np.testing.assert_array_equal(upsample_nearest_to(x, tf.zeros((2, 6, 8, 5))), expected)
+    dynamic = tf.function(upsample_nearest_to, input_signature=[
+        tf.TensorSpec((None, None, None, 5)), tf.TensorSpec((None, None, None, 5))])
+    np.testing.assert_array_equal(dynamic(x, tf.zeros((2, 6, 8, 5))), expected)
+    np.testing.assert_array_equal(dynamic(x, tf.zeros((2, 5, 7, 5))), expected[:, :5, :7])
+
+
 @pytest.mark.parametrize("use_top_down,use_lateral", [(True, True), (False, True), (True, False)])
 def test_pyramid_values_match_numpy_formula(use_top_down, use_lateral):
     rng = np.random.default_rng(1)

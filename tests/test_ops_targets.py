@@ -250,3 +250,28 @@ def test_roi_sampler_xla_and_unbatched():
     assert np.all(r.foreground_mask.numpy().sum(axis=1) >= 2)
     u = ta.sample_rois(props[0], gt[0], cls[0], num_samples=64)
     assert u.rois.shape == (64, 4) and u.class_targets.shape == (64,)
+
+
+def test_rpn_targets_over_real_gt_columns_equal_all_columns():
+    """Outside XLA the IoU runs over the real gt rows only (the padding rows are dropped, the
+    real ones moved first): labels, targets and matched indices equal the all-columns result."""
+    rng = np.random.default_rng(0)
+    boxes = np.zeros((2, 12, 4), np.float32)
+    classes = -np.ones((2, 12), np.int32)
+    for b, rows in enumerate([(0, 1, 5), (2,)]):  # real rows not contiguous
+        for r in rows:
+            y, x = rng.uniform(0, 80, 2)
+            boxes[b, r] = (y, x, y + rng.uniform(10, 40), x + rng.uniform(10, 40))
+            classes[b, r] = 1
+    anchors, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors(
+        (128, 128), ("P3", "P4"), {"P3": (32,), "P4": (64,)}, (0.5, 1.0, 2.0)))
+    seed = tf.constant([3, 4])
+    compact = ta.assign_rpn_targets(anchors, boxes, classes, None, seed=seed)
+    full = ta._assign_rpn_targets(  # pylint: disable=protected-access
+        anchors, tf.constant(boxes), tf.constant(classes), tf.zeros((2, 12), tf.bool),
+        0.7, 0.3, True, 0.7, 256, 0.5, (1.0, 1.0, 1.0, 1.0), seed)
+    assert int(tf.reduce_sum(tf.cast(compact.labels == 1, tf.int32))) >= 4
+    assert set(np.unique(compact.matched_gt_indices.numpy())) >= {0, 1, 5, 2}
+    for field in compact._fields:
+        np.testing.assert_array_equal(getattr(compact, field), getattr(full, field),
+                                      err_msg=field)

@@ -375,6 +375,9 @@ class BackboneConfig(Config):
     sync_batch_norm: when BatchNorm trains (freeze_bn false), compute its batch statistics over
       all replicas of the strategy (SyncBatchNorm), so the global batch, not each replica's
       slice, normalises.
+    fold_frozen_bn: with freeze_bn, compute each conv + frozen BatchNorm as one convolution
+      (same outputs up to float rounding, faster; `fpn_tf.modeling.frozen_batch_norm`). The
+      checkpoint then holds the BatchNorm vectors under the conv's name.
     widths / blocks / stem_width: small_resnet only (ignored otherwise): channels and basic blocks
       of conv2..conv5, channels of the stem. The defaults are the builder's (a narrow ResNet-18
       shape); [64, 128, 256, 512] / [2, 2, 2, 2] / 64 is ResNet-18.
@@ -385,6 +388,7 @@ class BackboneConfig(Config):
     freeze_at: int = 2
     freeze_bn: bool = True
     sync_batch_norm: bool = False
+    fold_frozen_bn: bool = True
     widths: List[int] = _list(32, 64, 128, 256)
     blocks: List[int] = _list(1, 1, 1, 1)
     stem_width: int = 32
@@ -563,6 +567,10 @@ class RoIConfig(Config):
     positive_fraction of them foreground (IoU >= foreground_iou), the rest background (IoU below).
     box_weights: box-coder weights of the class-specific deltas.
     smooth_l1_beta: 1.0 is Fast R-CNN's smooth L1 (sigma = 1); 0 = L1 (detectron2's default).
+    align_impl: how RoIAlign is computed, same samples either way: "gather" (one batched gather +
+      matmul, static shapes), "crop_and_resize" (per-level native crops; faster forward on CPUs,
+      dynamic shapes; its gradient is gather's) or "auto" (crop_and_resize at inference, gather
+      in training and under XLA).
     """
 
     batch_size_per_image: int = 512
@@ -579,6 +587,7 @@ class RoIConfig(Config):
     box_weights: List[float] = _list(10.0, 10.0, 5.0, 5.0)
     smooth_l1_beta: float = 1.0
     loss_weight: float = 1.0
+    align_impl: Literal["auto", "gather", "crop_and_resize"] = "auto"
 
     def _check_values(self, p):
         _check_sampling(self, p)

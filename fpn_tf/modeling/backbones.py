@@ -216,7 +216,8 @@ def backbone_from_config(cfg) -> keras.Model:
     """Builds the backbone from a ``model.backbone`` config (attributes or dict)."""
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     kind = get("type", "resnet50")
-    kwargs = dict(freeze_at=get("freeze_at", 2), freeze_bn=get("freeze_bn", True))
+    kwargs = dict(freeze_at=get("freeze_at", 2), freeze_bn=get("freeze_bn", True),
+                  fold_frozen_bn=get("fold_frozen_bn", True))
     if kind == "small_resnet":
         for key in ("widths", "blocks", "stem_width"):
             if get(key) is not None:

@@ -48,6 +48,7 @@ import tensorflow as tf
 
 from fpn_tf.ops import anchors as anchor_lib
 from fpn_tf.ops import box_ops
+from fpn_tf.ops.xla_utils import in_xla_context
 
 __all__ = ["assign_levels", "multilevel_roi_align"]
 
@@ -113,8 +114,17 @@ def _level_features(features, min_level, max_level):
 
 def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligned=True,
                          min_level=2, max_level=5, canonical_size=224.0, canonical_level=4,
-                         roi_levels=None):
+                         roi_levels=None, impl="auto"):
     """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
+
+    ``impl``: "gather" (the batched gather + matmul below; static shapes, XLA), "crop_and_resize"
+    (forward: RoIs partitioned by level, one native ``tf.image.crop_and_resize`` per level on the
+    map padded by one replicated pixel, 2x2 average pool; same samples and border rule, equal to
+    "gather" up to float rounding (max abs diff ~2e-4 on unit-variance maps); no [B, R, 49, 16, C]
+    temporary; 1.3-1.75x faster forward on a 2-core CPU. Its gradient is exactly "gather"'s,
+    recomputed in the backward pass, because TF's CPU CropAndResizeGradImage adds from several
+    threads without synchronisation and loses updates), or "auto": "crop_and_resize" except
+    inside ``jit_compile=True`` (dynamic per-level RoI counts), where it is "gather".
 
     Args:
       features: dict ``{"P2": [B, H2, W2, C], ..., "P5": [B, H5, W5, C]}`` (extra
@@ -125,11 +135,98 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
       aligned: detectron2's ``aligned=True`` (-0.5 pixel shift).
       min_level, max_level, canonical_size, canonical_level: Eq. 1 (2, 5, 224, 4).
       roi_levels: optional int32 [B, R] levels overriding Eq. 1.
+      impl: "auto", "gather" or "crop_and_resize" (see above).
     Returns:
       [B, R, output_size, output_size, C] with the features' dtype.
     """
     if sampling_ratio < 1:
         raise ValueError("sampling_ratio must be >= 1 (adaptive sampling is not supported)")
+    kwargs = dict(output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+                  min_level=min_level, max_level=max_level, canonical_size=canonical_size,
+                  canonical_level=canonical_level)
+    if impl == "auto":
+        impl = "gather" if in_xla_context() else "crop_and_resize"
+    if impl == "gather":
+        return _roi_align_gather(features, rois, roi_levels=roi_levels, **kwargs)
+    if impl != "crop_and_resize":
+        raise ValueError(f"unknown RoIAlign impl {impl!r}")
+    levels = _level_features(features, min_level, max_level)
+    names = [f"P{l}" for l, _ in levels]
+    maps = [f for _, f in levels]
+    rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
+    if roi_levels is not None:
+        roi_levels = tf.stop_gradient(roi_levels)
+
+    @tf.custom_gradient
+    def run(*maps):
+        out = _roi_align_crop_and_resize(list(zip([l for l, _ in levels], maps)),
+                                         rois, roi_levels=roi_levels, **kwargs)
+
+        def grad(dy):
+            with tf.GradientTape() as tape:
+                tape.watch(maps)
+                ref = _roi_align_gather(dict(zip(names, maps)), rois, roi_levels=roi_levels,
+                                        **kwargs)
+            return tape.gradient(ref, list(maps), output_gradients=dy)
+
+        return out, grad
+
+    return run(*maps)
+
+
+def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligned, min_level,
+                               max_level, canonical_size, canonical_level, roi_levels):
+    """Forward of impl="crop_and_resize"; ``levels`` is [(level, map)] from min to max."""
+    dtype = levels[0][1].dtype
+    channels = levels[0][1].shape[-1]
+    batch = tf.shape(rois)[0]
+    num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
+    if roi_levels is None:
+        roi_levels = assign_levels(rois, min_level, max_level, canonical_size, canonical_level)
+    lvl = tf.reshape(
+        tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1), [-1])
+    box_index = tf.reshape(tf.broadcast_to(tf.range(batch, dtype=tf.int32)[:, None],
+                                           tf.shape(rois)[:2]), [-1])
+    part_rois = tf.dynamic_partition(tf.reshape(rois, [-1, 4]), lvl, len(levels))
+    part_index = tf.dynamic_partition(box_index, lvl, len(levels))
+    part_pos = tf.dynamic_partition(tf.range(tf.shape(lvl)[0], dtype=tf.int32), lvl,
+                                    len(levels))
+    crop = output_size * sampling_ratio
+    shift = 0.5 if aligned else 0.0
+    pooled = []
+    for (level, f), r, bi in zip(levels, part_rois, part_index):
+        stride = float(2 ** level)
+        # One replicated pixel around the map: reads in [-1, 0) and (H-1, H] give the edge
+        # (detectron2's clamp); beyond, crop_and_resize's extrapolation value 0 (detectron2's 0).
+        fp = tf.pad(tf.cast(f, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+        hp = tf.cast(tf.shape(fp)[1] - 1, tf.float32)
+        wp = tf.cast(tf.shape(fp)[2] - 1, tf.float32)
+        ymin, xmin, ymax, xmax = tf.unstack(r, num=4, axis=-1)
+        y0 = ymin / stride - shift
+        x0 = xmin / stride - shift
+        rh = ymax / stride - shift - y0
+        rw = xmax / stride - shift - x0
+        if not aligned:
+            rh = tf.maximum(rh, 1.0)
+            rw = tf.maximum(rw, 1.0)
+        # First and last of the crop x crop sub-cell centres, +1 for the padding.
+        boxes = tf.stack([(y0 + 0.5 * rh / crop + 1.0) / hp, (x0 + 0.5 * rw / crop + 1.0) / wp,
+                          (y0 + (crop - 0.5) * rh / crop + 1.0) / hp,
+                          (x0 + (crop - 0.5) * rw / crop + 1.0) / wp], axis=-1)
+        c = tf.image.crop_and_resize(fp, boxes, bi, [crop, crop], method="bilinear",
+                                     extrapolation_value=0.0)
+        if sampling_ratio > 1:
+            c = tf.nn.avg_pool2d(c, sampling_ratio, sampling_ratio, "VALID")
+        pooled.append(c)
+    out = tf.dynamic_stitch(part_pos, pooled)
+    out = tf.reshape(out, [batch, num_rois, output_size, output_size,
+                           channels if channels is not None else tf.shape(out)[-1]])
+    return tf.cast(out, dtype)
+
+
+def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_level,
+                      max_level, canonical_size, canonical_level, roi_levels):
+    """impl="gather" (the module docstring)."""
     levels = _level_features(features, min_level, max_level)
     dtype = levels[0][1].dtype
     channels = levels[0][1].shape[-1]

@@ -36,6 +36,7 @@ import collections
 import tensorflow as tf
 
 from fpn_tf.ops import box_ops
+from fpn_tf.ops.xla_utils import in_xla_context
 
 __all__ = [
     "RpnTargets",
@@ -186,10 +187,31 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd=None, *,
     """
 
     def run(gt_boxes, gt_classes, gt_is_crowd):
-        return _assign_rpn_targets(
-            anchors, gt_boxes, gt_classes, gt_is_crowd, positive_iou, negative_iou,
-            allow_low_quality_matches, crowd_ioa_threshold, num_samples,
+        if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
+            return _assign_rpn_targets(
+                anchors, gt_boxes, gt_classes, gt_is_crowd, positive_iou, negative_iou,
+                allow_low_quality_matches, crowd_ioa_threshold, num_samples,
+                positive_fraction, box_weights, seed)
+        # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
+        # rows of any image (padding rows cost as much as real ones: ~3x faster for 10 real
+        # of 100 rows, identical outputs; bench/check_variants.py).
+        gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
+        gt_classes = tf.convert_to_tensor(gt_classes)
+        if gt_is_crowd is None:
+            gt_is_crowd = tf.zeros(tf.shape(gt_classes), tf.bool)
+        real = tf.cast(gt_classes > 0, tf.int32)
+        n = tf.maximum(tf.reduce_max(tf.reduce_sum(real, axis=1)), 1)
+        order = tf.argsort(-real, axis=1, stable=True)[:, :n]  # real rows first, in order
+        out = _assign_rpn_targets(
+            anchors, tf.gather(gt_boxes, order, batch_dims=1),
+            tf.gather(gt_classes, order, batch_dims=1),
+            tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1), positive_iou,
+            negative_iou, allow_low_quality_matches, crowd_ioa_threshold, num_samples,
             positive_fraction, box_weights, seed)
+        matched = tf.where(
+            out.matched_gt_indices >= 0,
+            tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1), -1)
+        return RpnTargets(out.labels, out.box_targets, matched)
 
     if tf.convert_to_tensor(gt_boxes).shape.rank == 2:
         crowd = None if gt_is_crowd is None else tf.expand_dims(gt_is_crowd, 0)
