@@ -218,3 +218,15 @@ def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
         np.testing.assert_array_equal(grad[level].numpy(), ref_grad[level].numpy(), err_msg=level)
     with pytest.raises(ValueError, match="unknown RoIAlign impl"):
         roi_ops.multilevel_roi_align(feats, rois, impl="crop")
+
+
+@pytest.mark.parametrize("impl", ["gather", "crop_and_resize"])
+def test_roi_align_has_no_gradient_with_respect_to_the_boxes(impl):
+    feats = {f"P{l}": tf.ones((1, 64 // 2 ** l, 64 // 2 ** l, 2)) * float(l) for l in range(2, 6)}
+    rois = tf.constant([[[3.0, 5.0, 40.0, 50.0]]])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(rois)
+        tape.watch(feats)
+        loss = tf.reduce_sum(roi_ops.multilevel_roi_align(feats, rois, impl=impl))
+    assert tape.gradient(loss, rois) is None
+    assert float(tf.reduce_sum(tape.gradient(loss, feats["P2"]))) > 0

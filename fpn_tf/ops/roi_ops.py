@@ -126,6 +126,9 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
     threads without synchronisation and loses updates), or "auto": "crop_and_resize" except
     inside ``jit_compile=True`` (dynamic per-level RoI counts), where it is "gather".
 
+    There is no gradient w.r.t. ``rois`` (as in detectron2's ROIAlign): the boxes are constants
+    of the pooling.
+
     Args:
       features: dict ``{"P2": [B, H2, W2, C], ..., "P5": [B, H5, W5, C]}`` (extra
         levels such as P6 are ignored); level ``l`` has stride ``2**l``.
@@ -144,6 +147,9 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
     kwargs = dict(output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
                   min_level=min_level, max_level=max_level, canonical_size=canonical_size,
                   canonical_level=canonical_level)
+    rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
+    if roi_levels is not None:
+        roi_levels = tf.stop_gradient(roi_levels)
     if impl == "auto":
         impl = "gather" if in_xla_context() else "crop_and_resize"
     if impl == "gather":
@@ -153,9 +159,6 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
     levels = _level_features(features, min_level, max_level)
     names = [f"P{l}" for l, _ in levels]
     maps = [f for _, f in levels]
-    rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
-    if roi_levels is not None:
-        roi_levels = tf.stop_gradient(roi_levels)
 
     @tf.custom_gradient
     def run(*maps):
@@ -296,7 +299,6 @@ def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_
     index = tf.reshape(index, [batch, num_rois, output_size, output_size, k])
     weight = tf.reshape(weight, [batch, num_rois, output_size, output_size, 1, k])
     weight = tf.cast(weight / float(sampling_ratio * sampling_ratio), dtype)
-
     values = tf.gather(table, index)  # [B, R, out, out, K, C]
     pooled = tf.linalg.matmul(weight, values)  # [B, R, out, out, 1, C]
     return tf.squeeze(pooled, axis=-2)
