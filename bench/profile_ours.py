@@ -13,8 +13,9 @@ random projection of P2..P6). Also the whole inference call, the whole forward o
 the whole train step (so "backward + apply" = step - forward). Stage lines are JSON, sorted by
 time at the end into a summary line.
 
-``--fpn_tf_root=DIR`` imports fpn_tf from DIR (e.g. a copy with bench/proposed_fpn_tf.diff
-applied) to profile a proposed change. ``--trace`` also writes a tf.profiler trace of one step.
+``--fpn_tf_root=DIR`` imports fpn_tf from DIR (e.g. a checkout of another commit) to profile it.
+``--trace`` also traces one inference call and one train step with tf.profiler (TensorBoard's
+profile plugin opens them) and prints the top op types and ops of each by thread time.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ flags.DEFINE_integer("repeats", 5, "Timed calls per stage (median).")
 flags.DEFINE_integer("warmup", 1, "Untimed calls per stage.")
 flags.DEFINE_list("stages", ["all"], "Stage names to run, or 'all'.")
 flags.DEFINE_string("output", None, "Append JSON lines here.")
-flags.DEFINE_bool("trace", False, "Also write a tf.profiler trace of one train step to "
-                  "--trace_dir (open with TensorBoard's profile plugin).")
+flags.DEFINE_bool("trace", False, "Also trace one inference call and one train step with "
+                  "tf.profiler into --trace_dir/{inference,train_step} and print their top ops.")
+flags.DEFINE_integer("top_ops", 15, "How many op types / single ops --trace prints.")
 flags.DEFINE_string("fpn_tf_root", None, "Import fpn_tf from this directory instead.")
 flags.DEFINE_string("trace_dir", "/tmp/fpn_tf_profile", "Where --trace writes.")
 FLAGS = flags.FLAGS
@@ -51,6 +53,42 @@ def emit(rec):
     if FLAGS.output:
         with open(FLAGS.output, "a") as f:
             f.write(line + "\n")
+
+
+def top_ops(trace_dir, n):
+    """The ``n`` op types and single ops with the most time in a tf.profiler trace.
+
+    Read from the trace's XSpace: every TensorFlow op event ("name:type") on the executor
+    threads. The times are thread time summed over threads: ops that run concurrently (2 inter-op
+    threads here) each count in full, and an op waiting for pool threads counts its wait.
+    """
+    import collections
+    import glob
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    space = xplane_pb2.XSpace()
+    with open(paths[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    by_type, by_op, count = collections.Counter(), collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ":" not in name or name.startswith("ExecutorState"):
+                    continue  # executor bookkeeping, not an op
+                ms = event.duration_ps / 1e9
+                by_type[name.rsplit(":", 1)[1]] += ms
+                count[name.rsplit(":", 1)[1]] += 1
+                by_op[name] += ms
+    total = sum(by_type.values())
+    types = [(t, round(ms, 1), round(100 * ms / total, 1), count[t])
+             for t, ms in by_type.most_common(n)]
+    ops = [(op, round(ms, 1)) for op, ms in by_op.most_common(n)]
+    return types, ops
 
 
 def timeit(fn, repeats, warmup):
@@ -224,11 +262,16 @@ def main(argv):
           tf.function(lambda: model.compute_losses(features, labels, training=True)), "total")
     stage("whole_train_step", step, "total")
     if FLAGS.trace:
-        step()
-        tf.profiler.experimental.start(FLAGS.trace_dir)
-        step()
-        tf.profiler.experimental.stop()
-        emit({"what": "trace", "dir": FLAGS.trace_dir})
+        infer = tf.function(lambda: model(features, training=False))
+        for name, fn in (("inference", infer), ("train_step", step)):
+            fn()
+            trace_dir = os.path.join(FLAGS.trace_dir, name)
+            tf.profiler.experimental.start(trace_dir)
+            fn()
+            tf.profiler.experimental.stop()
+            by_type, by_op = top_ops(trace_dir, FLAGS.top_ops)
+            emit({"what": "top_ops", "call": name, "batch": b, "input": hw, "dir": trace_dir,
+                  "by_type_ms": by_type, "by_op_ms": by_op})
     top = sorted(results, key=lambda r: -r["ms_median"])
     emit({"what": "profile_summary", "batch": b, "input": hw,
           "by_time": [(r["stage"], r["ms_median"]) for r in top]})
