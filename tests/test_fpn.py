@@ -172,3 +172,20 @@ def test_fpn_model_functional_reuse_trains_and_round_trips(tmp_path):
                                rtol=1e-5, atol=1e-5)
     restored_fpn = restored.layers[1]
     assert isinstance(restored_fpn.get_layer("feature_pyramid"), FeaturePyramid)
+
+
+@pytest.mark.parametrize("like_hw", [(6, 8), (5, 7)])
+def test_upsample_nearest_gradient_sums_each_2x2_block(like_hw):
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, 3, 4, 5)).astype("float32"))
+    dy = np.random.default_rng(2).normal(size=(2,) + like_hw + (5,)).astype("float32")
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        up = upsample_nearest_to(x, tf.zeros((2,) + like_hw + (5,)))
+    grad = tape.gradient(up, x, output_gradients=tf.constant(dy)).numpy()
+    padded = np.zeros((2, 6, 8, 5), "float32")
+    padded[:, : like_hw[0], : like_hw[1]] = dy
+    expected = padded.reshape(2, 3, 2, 4, 2, 5).sum(axis=(2, 4))
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
+    xla = tf.function(lambda v: tf.gradients(upsample_nearest_to(v, tf.zeros((2,) + like_hw + (5,))),
+                                             v, grad_ys=tf.constant(dy))[0], jit_compile=True)
+    np.testing.assert_allclose(xla(x), expected, rtol=1e-6, atol=1e-6)
