@@ -78,16 +78,26 @@ FLAGS = flags.FLAGS
 from bench.common import NUM_FG_CLASSES, OUR_PAD, padded, synthetic_batch  # noqa: E402
 
 
+def _proc_status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def maxrss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process. /proc's VmHWM, not getrusage's ru_maxrss: a worker
+    started from a parent that already holds GBs inherits the parent's ru_maxrss through fork, and
+    exec keeps it; VmHWM belongs to the new address space."""
+    peak = _proc_status_mb("VmHWM")
+    if peak != peak:  # no /proc (not Linux)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak
 
 
 def current_rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    return _proc_status_mb("VmRSS")
 
 
 def emit(record):

@@ -201,7 +201,10 @@ def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligne
         stride = float(2 ** level)
         # One replicated pixel around the map: reads in [-1, 0) and (H-1, H] give the edge
         # (detectron2's clamp); beyond, crop_and_resize's extrapolation value 0 (detectron2's 0).
-        fp = tf.pad(tf.cast(f, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+        # (Edge copies by concat: the same values as tf.pad(mode="SYMMETRIC"), a little faster.)
+        fp = tf.cast(f, tf.float32)
+        fp = tf.concat([fp[:, :1], fp, fp[:, -1:]], axis=1)
+        fp = tf.concat([fp[:, :, :1], fp, fp[:, :, -1:]], axis=2)
         hp = tf.cast(tf.shape(fp)[1] - 1, tf.float32)
         wp = tf.cast(tf.shape(fp)[2] - 1, tf.float32)
         ymin, xmin, ymax, xmax = tf.unstack(r, num=4, axis=-1)
