@@ -194,7 +194,7 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd=None, *,
                 positive_fraction, box_weights, seed)
         # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
         # rows of any image (padding rows cost as much as real ones: ~3x faster for 10 real
-        # of 100 rows, identical outputs; bench/check_variants.py).
+        # of 100 rows, identical outputs; tests/test_ops_targets.py).
         gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
         gt_classes = tf.convert_to_tensor(gt_classes)
         if gt_is_crowd is None:
