@@ -100,6 +100,24 @@ def _axis_sample(coords, size, size_f):
     return low, high, (1.0 - frac) * inside_f, frac * inside_f
 
 
+def _roi_in_cells(rois, stride, aligned):
+    """RoI origin and size in feature cells: ``(y0, x0, height, width)``, each [...].
+
+    ``aligned``: detectron2's -0.5 cell shift; otherwise the legacy convention (no shift, size at
+    least one cell).
+    """
+    shift = 0.5 if aligned else 0.0
+    ymin, xmin, ymax, xmax = tf.unstack(rois, num=4, axis=-1)
+    y0 = ymin / stride - shift
+    x0 = xmin / stride - shift
+    height = ymax / stride - shift - y0
+    width = xmax / stride - shift - x0
+    if not aligned:
+        height = tf.maximum(height, 1.0)
+        width = tf.maximum(width, 1.0)
+    return y0, x0, height, width
+
+
 def _level_features(features, min_level, max_level):
     by_number = {}
     for name, value in features.items():
@@ -195,7 +213,6 @@ def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligne
     part_pos = tf.dynamic_partition(tf.range(tf.shape(lvl)[0], dtype=tf.int32), lvl,
                                     len(levels))
     crop = output_size * sampling_ratio
-    shift = 0.5 if aligned else 0.0
     pooled = []
     for (level, f), r, bi in zip(levels, part_rois, part_index):
         stride = float(2 ** level)
@@ -207,14 +224,7 @@ def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligne
         fp = tf.concat([fp[:, :, :1], fp, fp[:, :, -1:]], axis=2)
         hp = tf.cast(tf.shape(fp)[1] - 1, tf.float32)
         wp = tf.cast(tf.shape(fp)[2] - 1, tf.float32)
-        ymin, xmin, ymax, xmax = tf.unstack(r, num=4, axis=-1)
-        y0 = ymin / stride - shift
-        x0 = xmin / stride - shift
-        rh = ymax / stride - shift - y0
-        rw = xmax / stride - shift - x0
-        if not aligned:
-            rh = tf.maximum(rh, 1.0)
-            rw = tf.maximum(rw, 1.0)
+        y0, x0, rh, rw = _roi_in_cells(r, stride, aligned)
         # First and last of the crop x crop sub-cell centres, +1 for the padding.
         boxes = tf.stack([(y0 + 0.5 * rh / crop + 1.0) / hp, (x0 + 0.5 * rw / crop + 1.0) / wp,
                           (y0 + (crop - 0.5) * rh / crop + 1.0) / hp,
@@ -265,15 +275,7 @@ def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_
     width = tf.gather(widths, lvl)[..., None, None]
     offset = tf.gather(offsets, lvl)  # [B, R]
 
-    shift = 0.5 if aligned else 0.0
-    ymin, xmin, ymax, xmax = tf.unstack(rois, num=4, axis=-1)
-    y0 = ymin / stride - shift
-    x0 = xmin / stride - shift
-    roi_h = ymax / stride - shift - y0
-    roi_w = xmax / stride - shift - x0
-    if not aligned:
-        roi_h = tf.maximum(roi_h, 1.0)
-        roi_w = tf.maximum(roi_w, 1.0)
+    y0, x0, roi_h, roi_w = _roi_in_cells(rois, stride, aligned)
     # Sample positions inside the RoI in units of bins: [out, sr].
     grid = (tf.range(output_size, dtype=tf.float32)[:, None]
             + (tf.range(sampling_ratio, dtype=tf.float32)[None, :] + 0.5) / sampling_ratio)
