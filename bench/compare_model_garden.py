@@ -78,6 +78,10 @@ FLAGS = flags.FLAGS
 from bench.common import NUM_FG_CLASSES, OUR_PAD, padded, synthetic_batch  # noqa: E402
 
 
+# --mixed_precision / --theirs_mixed_precision -> the Keras (tf_keras) global policy name.
+MIXED_POLICY = {"none": None, "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+
+
 def _proc_status_mb(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -123,8 +127,7 @@ class Ours:
         self.tf = tf
         self.resized_hw = list(resized_hw)
         self.padded_hw = padded(resized_hw, OUR_PAD)
-        policy = {"none": None, "float16": "mixed_float16",
-                  "bfloat16": "mixed_bfloat16"}[FLAGS.mixed_precision]
+        policy = MIXED_POLICY[FLAGS.mixed_precision]
         old = keras.config.dtype_policy()
         if policy:
             keras.config.set_dtype_policy(policy)
@@ -228,8 +231,7 @@ class Theirs:
         self.padded_hw = padded(resized_hw, 2 ** max_level)
         self.cfg = cfg = model_garden_config(resized_hw, self.padded_hw)
         tf_keras.utils.set_random_seed(0)
-        policy = {"none": None, "float16": "mixed_float16",
-                  "bfloat16": "mixed_bfloat16"}[FLAGS.theirs_mixed_precision]
+        policy = MIXED_POLICY[FLAGS.theirs_mixed_precision]
         old = tf_keras.mixed_precision.global_policy()
         if policy:
             tf_keras.mixed_precision.set_global_policy(policy)

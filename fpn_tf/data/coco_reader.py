@@ -329,20 +329,19 @@ class _Problems:
     self.examples = collections.defaultdict(list)
 
   def annotation(self, reason: str, ann_id: Any, image_id: Any, what: str):
-    msg = f"{self.file}: annotation id {ann_id} (image id {image_id}): {what}"
-    if self.on_bad_data == "error":
-      raise DataError(msg + " (pass on_bad_data='skip' to skip such data)")
-    self.annotations[reason] += 1
-    if len(self.examples[reason]) < _MAX_LOGGED_EXAMPLES:
-      self.examples[reason].append(f"annotation {ann_id}")
+    self._bad(self.annotations, reason, f"annotation id {ann_id} (image id {image_id}): {what}",
+              f"annotation {ann_id}")
 
   def image(self, reason: str, image_id: Any, what: str):
-    msg = f"{self.file}: image id {image_id}: {what}"
+    self._bad(self.images, reason, f"image id {image_id}: {what}", f"image {image_id}")
+
+  def _bad(self, counter, reason: str, what: str, example: str):
+    """Raises under on_bad_data='error'; otherwise counts it and keeps a few examples."""
     if self.on_bad_data == "error":
-      raise DataError(msg + " (pass on_bad_data='skip' to skip such data)")
-    self.images[reason] += 1
+      raise DataError(f"{self.file}: {what} (pass on_bad_data='skip' to skip such data)")
+    counter[reason] += 1
     if len(self.examples[reason]) < _MAX_LOGGED_EXAMPLES:
-      self.examples[reason].append(f"image {image_id}")
+      self.examples[reason].append(example)
 
   def log(self):
     for reason, n in sorted(self.images.items()):
