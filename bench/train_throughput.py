@@ -1,0 +1,188 @@
+r"""Training images/s of the real trainer (``python -m fpn_tf.train``), per batch size and option.
+
+    python bench/train_throughput.py --batch_sizes=2,8 --variants=fp32,fp16,xla,fp16_xla \
+        --strategy=mirrored --total_steps=40 --log_every_steps=10 --output=/tmp/train.jsonl
+
+Each variant is one ``python -m fpn_tf.train --mode=train --export=false`` subprocess on the
+paper's config (``configs/coco_r50_fpn_1x.yaml``: R50-FPN, 2000 proposals, 512 RoIs/image, SGD)
+with random backbone weights and a generated COCO-format set of ``--num_images`` images whose
+sides are drawn from ``--image_size`` (default 800-1333 px, then resized like COCO: shorter side
+800, longer <= 1333). The set is generated once and shared by all variants. Its 4 categories make
+the box head's last layers 5-way instead of COCO's 81-way (a fraction of a percent of the FLOPs).
+
+The trainer logs its images/s every ``--log_every_steps`` steps; the first window holds the
+tf.function trace (and XLA compile, cuDNN autotuning), so the reported ``images_per_s`` is the
+median of the later windows, and ``first_window_s`` how long the first took. Variants:
+``fp32``, ``fp16`` (mixed_float16 with loss scaling), ``bf16`` (mixed_bfloat16), and any of them
+with ``_xla`` (``--jit_compile``). One JSON line per (batch size, variant) on stdout and in
+``--output``; a failed run gives a line with ``error`` (its last log line) and the full log in
+``--run_logs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defined on run, not on import: tests import the parsing helpers beside other benches
+    that define flags of the same names."""
+    flags.DEFINE_list("batch_sizes", ["2", "8"], "Global batch sizes.")
+    flags.DEFINE_list("variants", ["fp32", "fp16", "xla", "fp16_xla"],
+                      "fp32 | fp16 | bf16, each optionally with _xla; 'xla' = fp32 with XLA.")
+    flags.DEFINE_enum("strategy", "mirrored", ["one_device", "mirrored"], "Distribution strategy.")
+    flags.DEFINE_string("config_file", os.path.join(ROOT, "configs", "coco_r50_fpn_1x.yaml"),
+                        "Experiment config (the paper's by default).")
+    flags.DEFINE_integer("total_steps", 40, "Steps per variant (the first log window is warm-up).")
+    flags.DEFINE_integer("log_every_steps", 10, "Steps per images/s window.")
+    flags.DEFINE_integer("num_images", 64, "Images in the generated training set.")
+    flags.DEFINE_list("image_size", ["800", "1333"], "Generated image sides: [min, max] pixels.")
+    flags.DEFINE_integer("short_side", 800, "Resize: shorter side.")
+    flags.DEFINE_integer("max_long_side", 1333, "Resize: longest side cap.")
+    flags.DEFINE_integer("timeout_s", 900, "Per-variant time limit.")
+    flags.DEFINE_string("workdir", None, "Generated data and model dirs (default: a temp folder).")
+    flags.DEFINE_string("run_logs", None, "Keep each variant's full log here.")
+    flags.DEFINE_string("output", None, "Append the JSON lines to this file.")
+
+
+PRECISION = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+WINDOW_RE = re.compile(r"step (\d+)/(\d+) .* ([0-9.]+) img/s")
+DEVICE_RE = re.compile(r"device:GPU:\d+ with (\d+) MB memory\) -> physical GPU \(device: \d+, "
+                       r"name: ([^,]+)")
+
+
+def parse_variant(name: str) -> tuple[str, bool]:
+    """'fp16_xla' -> ('float16', True); 'xla' -> ('float32', True)."""
+    parts = name.split("_")
+    xla = "xla" in parts
+    rest = [p for p in parts if p != "xla"] or ["fp32"]
+    if len(rest) != 1 or rest[0] not in PRECISION:
+        raise ValueError(f"--variants: unknown variant {name!r}; use fp32, fp16, bf16, "
+                         "each optionally with _xla")
+    return PRECISION[rest[0]], xla
+
+
+def parse_log(text: str) -> dict:
+    """images/s windows, and the GPU name/memory if TF logged one."""
+    windows = [(int(m.group(1)), float(m.group(3))) for m in WINDOW_RE.finditer(text)]
+    out = {"windows": windows}
+    gpu = DEVICE_RE.search(text)
+    if gpu:
+        out["gpu"] = gpu.group(2).strip()
+    return out
+
+
+def summarize(windows: list[tuple[int, float]], batch: int, log_every: int) -> dict:
+    """Median images/s over the windows after the first (which holds the trace)."""
+    if len(windows) < 2:
+        return {"error": f"only {len(windows)} images/s window(s) logged; need >= 2"}
+    steady = [rate for _, rate in windows[1:]]
+    first = windows[0][1]
+    return {"images_per_s": round(statistics.median(steady), 3),
+            "steady_windows": [round(r, 3) for r in steady],
+            "first_window_s": round(log_every * batch / first, 1) if first > 0 else None}
+
+
+def data_override(workdir: str, batch: int) -> dict:
+    lo, hi = (int(v) for v in FLAGS.image_size)
+    return {
+        "model": {"num_classes": 0, "backbone": {"weights": None}},
+        "train_data": {
+            "source": "synthetic", "annotation_file": None, "image_dir": None,
+            "short_side": FLAGS.short_side, "max_long_side": FLAGS.max_long_side,
+            "global_batch_size": batch,
+            "synthetic": {"num_images": FLAGS.num_images, "image_size": [lo, hi], "seed": 0,
+                          "output_dir": os.path.join(workdir, "data")},
+        },
+        # Not read in --mode=train, but validated: point it at a small generated split.
+        "eval_data": {"source": "synthetic", "annotation_file": None, "image_dir": None,
+                      "synthetic": {"num_images": 2, "image_size": [lo, hi], "seed": 1,
+                                    "output_dir": os.path.join(workdir, "data")}},
+        "train": {"total_steps": FLAGS.total_steps, "log_every_steps": FLAGS.log_every_steps,
+                  "summary_every_steps": FLAGS.total_steps,
+                  "checkpoint_every_steps": FLAGS.total_steps},
+    }
+
+
+def run_variant(workdir: str, batch: int, variant: str) -> dict:
+    precision, xla = parse_variant(variant)
+    model_dir = os.path.join(workdir, f"b{batch}_{variant}")
+    cmd = [sys.executable, "-m", "fpn_tf.train", f"--config_file={FLAGS.config_file}",
+           f"--params_override={json.dumps(data_override(workdir, batch))}",
+           f"--model_dir={model_dir}", "--mode=train", "--export=false",
+           f"--strategy={FLAGS.strategy}", f"--mixed_precision={precision}",
+           f"--jit_compile={str(xla).lower()}"]
+    logging.info("b%d %s: %s", batch, variant, " ".join(cmd[1:4]) + " ...")
+    start = time.time()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=FLAGS.timeout_s)
+        text, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        text = ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + \
+            ((e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
+        rc = "timeout"
+    if FLAGS.run_logs:
+        os.makedirs(FLAGS.run_logs, exist_ok=True)
+        with open(os.path.join(FLAGS.run_logs, f"train_b{batch}_{variant}.log"), "w") as f:
+            f.write(text)
+    parsed = parse_log(text)
+    record = {"what": "train_throughput", "batch": batch, "variant": variant,
+              "mixed_precision": precision, "jit_compile": xla, "strategy": FLAGS.strategy,
+              "gpu": parsed.get("gpu", "none"), "wall_s": round(time.time() - start, 1)}
+    if rc != 0:
+        lines = [l for l in text.strip().splitlines() if l.strip()]
+        record["error"] = f"exit {rc}: {lines[-1][:300] if lines else 'no output'}"
+        if parsed["windows"]:
+            record.update(summarize(parsed["windows"], batch, FLAGS.log_every_steps))
+        return record
+    record.update(summarize(parsed["windows"], batch, FLAGS.log_every_steps))
+    return record
+
+
+def emit(record: dict) -> None:
+    line = json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), **record})
+    print(line, flush=True)
+    if FLAGS.output:
+        with open(FLAGS.output, "a") as f:
+            f.write(line + "\n")
+
+
+def main(argv):
+    del argv
+    try:
+        batches = [int(b) for b in FLAGS.batch_sizes]
+        for v in FLAGS.variants:
+            parse_variant(v)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if FLAGS.total_steps < 2 * FLAGS.log_every_steps:
+        raise app.UsageError(f"--total_steps={FLAGS.total_steps} gives fewer than two images/s "
+                             f"windows of --log_every_steps={FLAGS.log_every_steps}")
+    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="fpn_train_bench_")
+    logging.info("workdir %s", workdir)
+    for batch in batches:
+        for variant in FLAGS.variants:
+            emit(run_variant(workdir, batch, variant))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
