@@ -20,7 +20,7 @@ every repeat; medians):
     ``tf.function``. Ours computes its RPN anchor targets inside the step; Model Garden computes
     them in its input pipeline (``RpnAnchorLabeler`` in the parser), so they are precomputed here
     and their per-image cost is reported separately (``theirs_anchor_labeler_ms_per_image``).
-  * memory: peak RSS (``resource.getrusage`` maxrss) of a fresh subprocess per model that builds
+  * memory: peak RSS (/proc VmHWM, see :func:`maxrss_mb`) of a fresh subprocess per model that builds
     it, warms up and runs the step; also the RSS right after building, and the delta.
   * pipeline: runs ``bench/data_throughput.py`` (images/s of our tf.data pipeline).
 

@@ -58,12 +58,16 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Generated data and model dirs (default: a temp folder).")
     flags.DEFINE_string("run_logs", None, "Keep each variant's full log here.")
     flags.DEFINE_string("output", None, "Append the JSON lines to this file.")
+    flags.DEFINE_string("from_logs", None, "Run nothing: summarize the train_b<N>_<variant>.log "
+                        "files a --run_logs folder holds (e.g. copied back from a GPU machine).")
 
 
 PRECISION = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 WINDOW_RE = re.compile(r"step (\d+)/(\d+) .* ([0-9.]+) img/s")
-DEVICE_RE = re.compile(r"device:GPU:\d+ with (\d+) MB memory\) -> physical GPU \(device: \d+, "
-                       r"name: ([^,]+)")
+# TF 2.20: "... device:GPU:0 with 140829 MB memory:  -> device: 0, name: NVIDIA H200, pci ..."
+# (older: "... MB memory) -> physical GPU (device: 0, name: ...").
+DEVICE_RE = re.compile(r"device:GPU:\d+ with (\d+) MB memory\)?:?\s*-> (?:physical GPU \()?"
+                       r"device: \d+, name: ([^,]+)")
 
 
 def parse_variant(name: str) -> tuple[str, bool]:
@@ -88,11 +92,16 @@ def parse_log(text: str) -> dict:
 
 
 def summarize(windows: list[tuple[int, float]], batch: int, log_every: int) -> dict:
-    """Median images/s over the windows after the first (which holds the trace)."""
-    if len(windows) < 2:
-        return {"error": f"only {len(windows)} images/s window(s) logged; need >= 2"}
-    steady = [rate for _, rate in windows[1:]]
-    first = windows[0][1]
+    """Median images/s over the windows that end at step >= 2 * log_every.
+
+    The window ending at step log_every holds the trace (XLA compile, cuDNN autotuning). With
+    float16 the loss scale first overflows a few times; those batches do not move the step, so
+    the first counted window holds them too. Both are left out of the median."""
+    steady = [rate for step, rate in windows if step >= 2 * log_every]
+    if not steady:
+        return {"error": f"no images/s window past step {2 * log_every} (got {windows})"}
+    # How long the trace took, when the first logged window holds it (not after overflows).
+    first = windows[0][1] if windows[0][0] == log_every else 0.0
     return {"images_per_s": round(statistics.median(steady), 3),
             "steady_windows": [round(r, 3) for r in steady],
             "first_window_s": round(log_every * batch / first, 1) if first > 0 else None}
@@ -119,6 +128,44 @@ def data_override(workdir: str, batch: int) -> dict:
     }
 
 
+def record_from_log(text: str, rc, batch: int, variant: str, *, strategy: str, log_every: int,
+                    wall_s=None) -> dict:
+    """One JSON record from a variant's log (rc: its exit status; 0 = it finished)."""
+    precision, xla = parse_variant(variant)
+    parsed = parse_log(text)
+    record = {"what": "train_throughput", "batch": batch, "variant": variant,
+              "mixed_precision": precision, "jit_compile": xla, "strategy": strategy,
+              "gpu": parsed.get("gpu", "none"), "wall_s": wall_s}
+    if rc != 0:
+        lines = [l for l in text.strip().splitlines() if l.strip()]
+        record["error"] = f"exit {rc}: {lines[-1][:300] if lines else 'no output'}"
+    if rc == 0 or parsed["windows"]:
+        record.update(summarize(parsed["windows"], batch, log_every))
+    return record
+
+
+LOG_NAME_RE = re.compile(r"train_b(\d+)_(\w+)\.log$")
+
+
+def records_from_logs(folder: str, *, strategy: str, log_every: int) -> list[dict]:
+    """Records from the train_b<N>_<variant>.log files of a --run_logs folder."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        m = LOG_NAME_RE.match(name)
+        if m:
+            with open(os.path.join(folder, name)) as f:
+                text = f.read()
+            rc = 0 if "Trained " in text else "unfinished"
+            out.append({**record_from_log(text, rc, int(m.group(1)), m.group(2),
+                                          strategy=strategy, log_every=log_every),
+                        "from_log": name})
+    return out
+
+
+def _decoded(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
 def run_variant(workdir: str, batch: int, variant: str) -> dict:
     precision, xla = parse_variant(variant)
     model_dir = os.path.join(workdir, f"b{batch}_{variant}")
@@ -136,25 +183,13 @@ def run_variant(workdir: str, batch: int, variant: str) -> dict:
                               timeout=FLAGS.timeout_s)
         text, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
-        text = ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + \
-            ((e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
-        rc = "timeout"
+        text, rc = _decoded(e.stdout) + _decoded(e.stderr), "timeout"
     if FLAGS.run_logs:
         os.makedirs(FLAGS.run_logs, exist_ok=True)
         with open(os.path.join(FLAGS.run_logs, f"train_b{batch}_{variant}.log"), "w") as f:
             f.write(text)
-    parsed = parse_log(text)
-    record = {"what": "train_throughput", "batch": batch, "variant": variant,
-              "mixed_precision": precision, "jit_compile": xla, "strategy": FLAGS.strategy,
-              "gpu": parsed.get("gpu", "none"), "wall_s": round(time.time() - start, 1)}
-    if rc != 0:
-        lines = [l for l in text.strip().splitlines() if l.strip()]
-        record["error"] = f"exit {rc}: {lines[-1][:300] if lines else 'no output'}"
-        if parsed["windows"]:
-            record.update(summarize(parsed["windows"], batch, FLAGS.log_every_steps))
-        return record
-    record.update(summarize(parsed["windows"], batch, FLAGS.log_every_steps))
-    return record
+    return record_from_log(text, rc, batch, variant, strategy=FLAGS.strategy,
+                           log_every=FLAGS.log_every_steps, wall_s=round(time.time() - start, 1))
 
 
 def emit(record: dict) -> None:
@@ -176,6 +211,15 @@ def main(argv):
     if FLAGS.total_steps < 2 * FLAGS.log_every_steps:
         raise app.UsageError(f"--total_steps={FLAGS.total_steps} gives fewer than two images/s "
                              f"windows of --log_every_steps={FLAGS.log_every_steps}")
+    if FLAGS.from_logs:
+        records = records_from_logs(FLAGS.from_logs, strategy=FLAGS.strategy,
+                                    log_every=FLAGS.log_every_steps)
+        if not records:
+            raise app.UsageError(f"--from_logs={FLAGS.from_logs}: no train_b<N>_<variant>.log "
+                                 "files there")
+        for record in records:
+            emit(record)
+        return
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="fpn_train_bench_")
     logging.info("workdir %s", workdir)
     for batch in batches:

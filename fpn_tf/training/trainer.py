@@ -259,6 +259,7 @@ class Trainer:
                      total_steps, batch, self.num_replicas)
         window = {k: [] for k in LOSS_NAMES}
         window_start, run_start, skipped, last = time.time(), time.time(), 0, {}
+        prev_step, scale_skipped = start_step, 0
         last_saved = self.manager.latest_checkpoint
         with _StopFlag() as stop:
             while self.step < total_steps:
@@ -279,28 +280,35 @@ class Trainer:
                         "or set train.on_nan=skip to skip such steps")
                 for k in LOSS_NAMES:
                     window[k].append(values[k])
-                if step % cfg.summary_every_steps == 0 or step == total_steps:
-                    with writer.as_default(step=step):
-                        for k, v in values.items():
-                            tf.summary.scalar(f"losses/{k}", v)
-                        tf.summary.scalar("learning_rate", current_learning_rate(self.optimizer))
-                if step % cfg.log_every_steps == 0 or step == total_steps:
-                    elapsed = time.time() - window_start
-                    rate = len(window["total_loss"]) * batch / max(elapsed, 1e-9)
-                    last = {k: float(np.mean(v)) for k, v in window.items()}
-                    eta = (total_steps - step) * batch / max(rate, 1e-9)
-                    logging.info(
-                        "step %d/%d  loss %.4f (rpn obj %.4f box %.4f | frcnn cls %.4f box %.4f)"
-                        "  lr %.3g  %.2f img/s  eta %s", step, total_steps, last["total_loss"],
-                        last["rpn_objectness_loss"], last["rpn_box_loss"],
-                        last["fast_rcnn_class_loss"], last["fast_rcnn_box_loss"],
-                        current_learning_rate(self.optimizer), rate, _hms(eta))
-                    with writer.as_default(step=step):
-                        tf.summary.scalar("images_per_second", rate)
-                    window = {k: [] for k in LOSS_NAMES}
-                    window_start = time.time()
-                if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-                    last_saved = self.save()
+                if step == prev_step:
+                    # mixed_float16: the loss scale overflowed, so LossScaleOptimizer skipped
+                    # the update (and lowered the scale): the step counter did not move.
+                    scale_skipped += 1
+                else:
+                    prev_step = step
+                    if step % cfg.summary_every_steps == 0 or step == total_steps:
+                        with writer.as_default(step=step):
+                            for k, v in values.items():
+                                tf.summary.scalar(f"losses/{k}", v)
+                            tf.summary.scalar("learning_rate",
+                                              current_learning_rate(self.optimizer))
+                    if step % cfg.log_every_steps == 0 or step == total_steps:
+                        elapsed = time.time() - window_start
+                        rate = len(window["total_loss"]) * batch / max(elapsed, 1e-9)
+                        last = {k: float(np.mean(v)) for k, v in window.items()}
+                        eta = (total_steps - step) * batch / max(rate, 1e-9)
+                        logging.info(
+                            "step %d/%d  loss %.4f (rpn obj %.4f box %.4f | frcnn cls %.4f "
+                            "box %.4f)  lr %.3g  %.2f img/s  eta %s", step, total_steps,
+                            last["total_loss"], last["rpn_objectness_loss"], last["rpn_box_loss"],
+                            last["fast_rcnn_class_loss"], last["fast_rcnn_box_loss"],
+                            current_learning_rate(self.optimizer), rate, _hms(eta))
+                        with writer.as_default(step=step):
+                            tf.summary.scalar("images_per_second", rate)
+                        window = {k: [] for k in LOSS_NAMES}
+                        window_start = time.time()
+                    if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
+                        last_saved = self.save()
                 if stop.signal:
                     if self.manager.latest_checkpoint != os.path.join(
                             self.model_dir, f"ckpt-{step}"):
@@ -310,11 +318,13 @@ class Trainer:
                     break
         writer.flush()
         seconds = time.time() - run_start
-        logging.info("Trained %d steps in %s (%.2f img/s)%s", self.step - start_step,
+        logging.info("Trained %d steps in %s (%.2f img/s)%s%s", self.step - start_step,
                      _hms(seconds), (self.step - start_step) * batch / max(seconds, 1e-9),
-                     f", {skipped} non-finite steps skipped" if skipped else "")
+                     f", {skipped} non-finite steps skipped" if skipped else "",
+                     f", {scale_skipped} batches skipped by the float16 loss scale"
+                     if scale_skipped else "")
         return {**last, "step": self.step, "seconds": seconds, "skipped_steps": skipped,
-                "stopped_by": stop.signal}
+                "loss_scale_skipped": scale_skipped, "stopped_by": stop.signal}
 
     # --- evaluation and export ----------------------------------------------------------------
     def evaluate(self) -> dict:
