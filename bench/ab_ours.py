@@ -15,7 +15,10 @@ A's; a folded BatchNorm's vectors from the unfolded layer, and back), then:
   repeat) per mode; medians and ``ratio`` = B / A as JSON lines.
 
 The optimisations of issue 9 that have a switch, and their variants: ``unfolded_bn`` (frozen
-BatchNorm as separate layers), ``roi_gather`` (RoIAlign by one gather + matmul); ``before`` = both.
+BatchNorm as separate layers), ``roi_gather`` (RoIAlign by one gather + matmul),
+``rpn_dense_backward`` (TensorFlow's dense gradient of the RPN head instead of the one over the
+sampled positions; the forward is the same, the gradients' equality is tests/test_ops_rpn_head.py);
+``before`` = all three.
 (The other two, RPN targets over the real gt columns only and broadcast upsampling, give
 bit-identical results -- tests/test_ops_targets.py, tests/test_fpn.py -- and have no switch.)
 """
@@ -53,7 +56,9 @@ VARIANTS = {
     "current": None,
     "unfolded_bn": "model.backbone.fold_frozen_bn=false",
     "roi_gather": "model.roi.align_impl=gather",
-    "before": "model.backbone.fold_frozen_bn=false,model.roi.align_impl=gather",
+    "rpn_dense_backward": "model.rpn.head_sparse_backward=false",
+    "before": "model.backbone.fold_frozen_bn=false,model.roi.align_impl=gather,"
+              "model.rpn.head_sparse_backward=false",
 }
 
 

@@ -43,6 +43,8 @@ class RPNParams:
     # "per_image" (map over images of the built-in greedy NMS: 2.5-3.5x faster than "padded" on
     # a 2-core CPU, same boxes, XLA-compatible) or "padded" (one batched op).
     nms_impl: str = "per_image"
+    # The head's backward only where the loss reaches (fpn_tf/ops/rpn_head_ops.py); same values.
+    head_sparse_backward: bool = True
 
 
 @dataclasses.dataclass
@@ -147,7 +149,9 @@ class FasterRCNN(keras.Model):
         channels = fpn.output[self.levels[0]].shape[-1]
         self.rpn_head_channels = int(rpn_head_channels or channels)
         self.fc_dims, self.num_fc = int(fc_dims), int(num_fc)
-        self.rpn_head = RPNHead(self.num_anchors, self.rpn_head_channels, name="rpn_head")
+        self.rpn_head = RPNHead(self.num_anchors, self.rpn_head_channels,
+                                sparse_backward=self.rpn_params.head_sparse_backward,
+                                name="rpn_head")
         self.box_head = FastRCNNBoxHead(self.num_classes, fc_dims, num_fc, name="box_head")
         ids = list(category_ids) if category_ids is not None else list(range(1, num_classes + 1))
         if len(ids) != self.num_classes:
@@ -190,8 +194,9 @@ class FasterRCNN(keras.Model):
         return anchor_ops.generate_anchors(image_size, self.rpn_levels, self.anchor_sizes,
                                            self.aspect_ratios)
 
-    def _rpn_outputs(self, features):
-        logits, deltas = self.rpn_head({lvl: features[lvl] for lvl in self.rpn_levels})
+    def _rpn_outputs(self, features, training=None):
+        logits, deltas = self.rpn_head({lvl: features[lvl] for lvl in self.rpn_levels},
+                                       training=training)
         batch = tf.shape(features[self.rpn_levels[0]])[0]
         flat_logits = {lvl: tf.cast(tf.reshape(logits[lvl], [batch, -1]), tf.float32)
                        for lvl in self.rpn_levels}
@@ -227,7 +232,7 @@ class FasterRCNN(keras.Model):
         """The four losses (dict of scalars, plus ``total_loss``) for one batch."""
         images, _, valid_hw = self._split_inputs(features)
         pyramid = self.fpn(images, training=training)
-        logits, deltas = self._rpn_outputs(pyramid)
+        logits, deltas = self._rpn_outputs(pyramid, training)
         anchors = self.anchors(self._image_size(images))
         all_anchors, _ = anchor_ops.concat_anchors(anchors)
         gt_boxes = tf.cast(labels["gt_boxes"], tf.float32)
@@ -297,7 +302,7 @@ class FasterRCNN(keras.Model):
         RPN proposals (same frame) for recall evaluation."""
         images, image_info, valid_hw = self._split_inputs(inputs)
         pyramid = self.fpn(images, training=training)
-        logits, deltas = self._rpn_outputs(pyramid)
+        logits, deltas = self._rpn_outputs(pyramid, training)
         anchors = self.anchors(self._image_size(images))
         proposals = self._proposals(logits, deltas, anchors, valid_hw, training=False)
         class_logits, box_deltas = self._box_head(pyramid, proposals.boxes, training)

@@ -7,6 +7,8 @@ from typing import Mapping
 
 import keras
 
+from fpn_tf.ops.rpn_head_ops import rpn_head_level
+
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class RPNHead(keras.layers.Layer):
@@ -21,12 +23,16 @@ class RPNHead(keras.layers.Layer):
     Args:
       num_anchors: A, anchor types per location (3: one size, three aspect ratios).
       channels: width of the 3x3 conv (paper: 256, the pyramid's d).
+      sparse_backward: compute the gradient only at the positions where the loss's gradient is
+        non-zero (the sampled anchors), `fpn_tf.ops.rpn_head_ops`; same values as the dense one.
     """
 
-    def __init__(self, num_anchors: int = 3, channels: int = 256, **kwargs):
+    def __init__(self, num_anchors: int = 3, channels: int = 256, sparse_backward: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_anchors = int(num_anchors)
         self.channels = int(channels)
+        self.sparse_backward = bool(sparse_backward)
         init = keras.initializers.RandomNormal(stddev=0.01)
         self.conv = keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
                                         kernel_initializer=init, name="conv",
@@ -45,17 +51,24 @@ class RPNHead(keras.layers.Layer):
         self.box_deltas.build(hidden)
         self.built = True
 
-    def call(self, features):
+    def call(self, features, training=None):
+        # The three convs' weights, applied by one op per level whose backward can skip the
+        # positions no loss reaches (the layers stay: they own, build and save the weights).
+        # Inference (training=False) takes no gradient: plain ops, nothing custom in a SavedModel.
+        sparse = self.sparse_backward and training is not False
+        weights = [keras.ops.cast(w, self.compute_dtype) for w in (
+            self.conv.kernel, self.conv.bias, self.objectness.kernel, self.objectness.bias,
+            self.box_deltas.kernel, self.box_deltas.bias)]
         logits, deltas = {}, {}
         for level, x in features.items():
-            hidden = self.conv(x)
-            logits[level] = self.objectness(hidden)
-            deltas[level] = self.box_deltas(hidden)
+            logits[level], deltas[level] = rpn_head_level(
+                keras.ops.cast(x, self.compute_dtype), *weights, sparse_backward=sparse)
         return logits, deltas
 
     def get_config(self):
         config = super().get_config()
-        config.update({"num_anchors": self.num_anchors, "channels": self.channels})
+        config.update({"num_anchors": self.num_anchors, "channels": self.channels,
+                       "sparse_backward": self.sparse_backward})
         return config
 
 
