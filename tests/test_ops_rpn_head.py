@@ -97,3 +97,13 @@ def test_detector_gradients_are_the_same_with_the_sparse_and_the_dense_rpn_backw
         np.testing.assert_allclose(s.numpy(), d.numpy(), rtol=1e-4, atol=1e-6, err_msg=var.path)
     conv = [g for v, g in zip(model.trainable_variables, grads[True]) if v.path in rpn_names]
     assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in conv)
+
+
+def test_a_level_the_loss_does_not_reach_gets_zero_gradients():
+    """E.g. P6 when no sampled anchor lies on it: no positions, zero (not missing) gradients."""
+    rng = np.random.default_rng(4)
+    args = _inputs(rng)
+    grads = _grads(args, lambda logits, deltas: 0.0 * tf.reduce_sum(logits[:, :0]), True)
+    for name, g, a in zip(NAMES, grads[2:], args):
+        assert g.shape == a.shape, name
+        assert not np.any(g), name
