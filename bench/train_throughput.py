@@ -82,7 +82,7 @@ def parse_variant(name: str) -> tuple[str, bool]:
 
 
 def parse_log(text: str) -> dict:
-    """images/s windows, and the GPU name/memory if TF logged one."""
+    """images/s windows (step, rate), and the GPU name if TF logged one."""
     windows = [(int(m.group(1)), float(m.group(3))) for m in WINDOW_RE.finditer(text)]
     out = {"windows": windows}
     gpu = DEVICE_RE.search(text)
