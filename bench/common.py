@@ -6,6 +6,19 @@ OUR_PAD = 32
 NUM_FG_CLASSES = 90  # Model Garden's num_classes=91 includes the background.
 
 
+def emit_json_line(record: dict, output: str | None = None) -> dict:
+    """Prints ``{"date": now, **record}`` as one JSON line and appends it to ``output``."""
+    import json
+    import time
+    record = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
+    line = json.dumps(record)
+    print(line, flush=True)
+    if output:
+        with open(output, "a") as f:
+            f.write(line + "\n")
+    return record
+
+
 def padded(size, multiple):
     return [-(-s // multiple) * multiple for s in size]
 

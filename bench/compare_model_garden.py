@@ -75,7 +75,8 @@ flags.DEFINE_string("worker_mode", "inference", "internal")
 flags.DEFINE_integer("worker_batch", 1, "internal")
 FLAGS = flags.FLAGS
 
-from bench.common import NUM_FG_CLASSES, OUR_PAD, padded, synthetic_batch  # noqa: E402
+from bench.common import (  # noqa: E402
+    NUM_FG_CLASSES, OUR_PAD, emit_json_line, padded, synthetic_batch)
 
 
 # --mixed_precision / --theirs_mixed_precision -> the Keras (tf_keras) global policy name.
@@ -105,12 +106,7 @@ def current_rss_mb():
 
 
 def emit(record):
-    record = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "tag": FLAGS.tag, **record}
-    line = json.dumps(record, sort_keys=False)
-    print(line, flush=True)
-    if FLAGS.output and not FLAGS.worker:
-        with open(FLAGS.output, "a") as f:
-            f.write(line + "\n")
+    emit_json_line({"tag": FLAGS.tag, **record}, None if FLAGS.worker else FLAGS.output)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ profile plugin opens them) and prints the top op types and ops of each by thread
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -46,13 +45,11 @@ flags.DEFINE_string("fpn_tf_root", None, "Import fpn_tf from this directory inst
 flags.DEFINE_string("trace_dir", "/tmp/fpn_tf_profile", "Where --trace writes.")
 FLAGS = flags.FLAGS
 
+from bench.common import emit_json_line  # noqa: E402  pylint: disable=wrong-import-position
+
 
 def emit(rec):
-    line = json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), **rec})
-    print(line, flush=True)
-    if FLAGS.output:
-        with open(FLAGS.output, "a") as f:
-            f.write(line + "\n")
+    emit_json_line(rec, FLAGS.output)
 
 
 def top_ops(trace_dir, n):

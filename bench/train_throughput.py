@@ -35,6 +35,10 @@ from absl import flags
 from absl import logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.common import emit_json_line  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -193,11 +197,7 @@ def run_variant(workdir: str, batch: int, variant: str) -> dict:
 
 
 def emit(record: dict) -> None:
-    line = json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), **record})
-    print(line, flush=True)
-    if FLAGS.output:
-        with open(FLAGS.output, "a") as f:
-            f.write(line + "\n")
+    emit_json_line(record, FLAGS.output)
 
 
 def main(argv):
