@@ -214,6 +214,9 @@ def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
     assert np.abs(ref).max() > 0.5
     np.testing.assert_allclose(out, ref, atol=1e-4)
     np.testing.assert_array_equal(run("auto")[0], out)
+    # "auto" in training is the gather (static shapes; crop_and_resize's backward is its anyway).
+    trained = roi_ops.multilevel_roi_align(feats, rois, impl="auto", training=True).numpy()
+    np.testing.assert_array_equal(trained, ref)
     for level in feats:
         np.testing.assert_array_equal(grad[level].numpy(), ref_grad[level].numpy(), err_msg=level)
     with pytest.raises(ValueError, match="unknown RoIAlign impl"):

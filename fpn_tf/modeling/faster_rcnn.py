@@ -216,14 +216,11 @@ class FasterRCNN(keras.Model):
 
     def _box_head(self, features, rois, training):
         r = self.roi_params
-        # "auto" in training is "gather": crop_and_resize's backward is gather's anyway (so no
-        # faster), and the training graph stays static-shaped.
-        impl = "gather" if (training and r.align_impl == "auto") else r.align_impl
         pooled = roi_ops.multilevel_roi_align(
             {lvl: features[lvl] for lvl in self.roi_levels}, rois, output_size=r.output_size,
             sampling_ratio=r.sampling_ratio, min_level=self.roi_min_level,
             max_level=self.roi_max_level, canonical_size=r.canonical_size,
-            canonical_level=r.canonical_level, impl=impl)
+            canonical_level=r.canonical_level, impl=r.align_impl, training=training)
         logits, deltas = self.box_head(pooled, training=training)
         return tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
 

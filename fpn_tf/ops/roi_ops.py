@@ -132,7 +132,7 @@ def _level_features(features, min_level, max_level):
 
 def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligned=True,
                          min_level=2, max_level=5, canonical_size=224.0, canonical_level=4,
-                         roi_levels=None, impl="auto"):
+                         roi_levels=None, impl="auto", training=None):
     """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
 
     ``impl``: "gather" (the batched gather + matmul below; static shapes, XLA), "crop_and_resize"
@@ -141,8 +141,10 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
     "gather" up to float rounding (max abs diff ~2e-4 on unit-variance maps); no [B, R, 49, 16, C]
     temporary; 1.3-1.75x faster forward on a 2-core CPU. Its gradient is exactly "gather"'s,
     recomputed in the backward pass, because TF's CPU CropAndResizeGradImage adds from several
-    threads without synchronisation and loses updates), or "auto": "crop_and_resize" except
-    inside ``jit_compile=True`` (dynamic per-level RoI counts), where it is "gather".
+    threads without synchronisation and loses updates), or "auto": "gather" when ``training``
+    (crop_and_resize's backward is gather's anyway, so no faster, and the training graph stays
+    static-shaped) and inside ``jit_compile=True`` (dynamic per-level RoI counts), otherwise
+    "crop_and_resize".
 
     There is no gradient w.r.t. ``rois`` (as in detectron2's ROIAlign): the boxes are constants
     of the pooling.
@@ -157,6 +159,7 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
       min_level, max_level, canonical_size, canonical_level: Eq. 1 (2, 5, 224, 4).
       roi_levels: optional int32 [B, R] levels overriding Eq. 1.
       impl: "auto", "gather" or "crop_and_resize" (see above).
+      training: whether a gradient will be taken (decides "auto").
     Returns:
       [B, R, output_size, output_size, C] with the features' dtype.
     """
@@ -169,7 +172,7 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
     if roi_levels is not None:
         roi_levels = tf.stop_gradient(roi_levels)
     if impl == "auto":
-        impl = "gather" if in_xla_context() else "crop_and_resize"
+        impl = "gather" if (training or in_xla_context()) else "crop_and_resize"
     if impl == "gather":
         return _roi_align_gather(features, rois, roi_levels=roi_levels, **kwargs)
     if impl != "crop_and_resize":
