@@ -73,7 +73,8 @@ def run(config_files, params_override, model_dir, mode, export=True, extra_overr
     trainer = Trainer(cfg, model_dir)
     result = {"model_dir": os.path.abspath(model_dir)}
     if mode in ("train", "train_and_eval"):
-        result["train"] = trainer.train()
+        every = cfg.eval.every_steps if mode == "train_and_eval" else None
+        result["train"] = trainer.train(evaluate_every_steps=every)
         if result["train"].get("stopped_by"):
             return result
     if mode in ("eval", "train_and_eval"):

@@ -28,7 +28,8 @@ def test_mirrored_four_logical_devices_match_one_device(tmp_path):
     for name, value in report["single"].items():
         assert report["mirrored"][name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
     assert report["weights_allclose_rtol1e-4_atol1e-5"], report
-    assert report["update_relative_diff"] < 1e-2, report
+    # Tight enough that a weight decay applied per replica (4x, as before the fix) fails.
+    assert report["update_relative_diff"] < 1e-3, report
 
 
 def _free_ports(n):

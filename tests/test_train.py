@@ -53,21 +53,41 @@ def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
 
 
 def test_non_finite_loss_is_skipped_when_configured(tiny_config, tmp_path):
+    """on_nan=skip: a batch with a NaN loss applies no update and does not count as a step;
+    training goes on to total_steps with the next batches."""
+    tiny_config.train.on_nan = "skip"
+    trainer = Trainer(tiny_config, str(tmp_path / "skip"))
+    calls = tf.Variable(0)
+    compute_losses = trainer.model.compute_losses
+
+    def second_call_is_nan(features, labels, training=True):
+        losses = dict(compute_losses(features, labels, training=training))
+        calls.assign_add(1)
+        poison = tf.where(tf.equal(calls, 2), float("nan"), 0.0)
+        losses["total_loss"] = losses["total_loss"] + poison
+        return losses
+
+    trainer.model.compute_losses = second_call_is_nan
+    log = trainer.train(total_steps=3)
+    assert int(calls.numpy()) == 4          # 4 batches for 3 steps
+    assert log["step"] == 3 and log["skipped_steps"] == 1
+    assert np.isfinite(log["total_loss"])
+
+
+def test_non_finite_weights_stop_a_skipping_run_instead_of_spinning(tiny_config, tmp_path,
+                                                                    monkeypatch):
+    from fpn_tf.training import callbacks
+    monkeypatch.setattr(callbacks, "MAX_CONSECUTIVE_NONFINITE", 3)
     tiny_config.train.on_nan = "skip"
     trainer = Trainer(tiny_config, str(tmp_path / "skip"))
     trainer.train(total_steps=1)
     kernel = trainer.model.box_head.classifier.kernel
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
     before = trainer.model.box_head.fcs[0].kernel.numpy().copy()
-    # Every step is non-finite: the loop would spin, so bound it by patching total steps.
-    trainer.cfg.train.log_every_steps = 1
-    fn = trainer._build_train_fn()
-    it = iter(trainer.train_dataset())
-    features, labels = next(it)
-    _, num_nonfinite = fn(features, labels)
-    assert float(num_nonfinite) == 1.0
+    with pytest.raises(NonFiniteLossError, match=r"step 2 .*3 non-finite batches in a row"):
+        trainer.train(total_steps=4)
     np.testing.assert_array_equal(before, trainer.model.box_head.fcs[0].kernel.numpy())
-    assert trainer.step == 1   # the update (and the step counter) was skipped
+    assert trainer.step == 1   # the updates (and the step counter) were skipped
 
 
 def test_float16_loss_scale_skips_are_counted_not_logged_or_saved_as_steps(tiny_config, tmp_path):

@@ -5,8 +5,9 @@
           -> Eq. 1 level assignment + RoIAlign 7x7 on P2..P5 -> 2x1024 fc head
           -> (C+1)-way classifier + class-specific box deltas -> detections
 
-`FasterRCNN` is a `keras.Model` whose ``train_step`` computes the four losses (so ``model.fit``
-works on the batches of `fpn_tf.data`) and whose ``call`` returns detections. Everything runs
+`FasterRCNN` is a `keras.Model` (a `MultiLossModel`: its ``train_step`` is the one training step
+of the package) whose ``compute_losses`` gives the four losses of a batch of `fpn_tf.data`, so
+``model.fit`` trains it, and whose ``call`` returns detections. Everything runs
 batched inside one graph: no Python loop over images; the only Python loops are the static unrolls
 over pyramid levels where each level's tensors have their own shapes.
 """
@@ -21,8 +22,13 @@ import tensorflow as tf
 
 from fpn_tf.modeling.heads import FastRCNNBoxHead, RPNHead
 from fpn_tf.modeling.losses import fast_rcnn_losses, rpn_losses
+from fpn_tf.modeling.multi_loss_model import MultiLossModel
 from fpn_tf.ops import anchors as anchor_ops
 from fpn_tf.ops import postprocess, roi_ops, target_assigner
+
+
+LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
+              "fast_rcnn_box_loss", "total_loss")
 
 
 @dataclasses.dataclass
@@ -87,7 +93,7 @@ def _params(cls, value):
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
-class FasterRCNN(keras.Model):
+class FasterRCNN(MultiLossModel):
     """FPN Faster R-CNN.
 
     Args:
@@ -113,7 +119,7 @@ class FasterRCNN(keras.Model):
                  aspect_ratios=(0.5, 1.0, 2.0), rpn_head_channels: int | None = None,
                  fc_dims: int = 1024, num_fc: int = 2, rpn=None, roi=None, detection=None,
                  category_ids: Sequence[int] | None = None, name: str = "faster_rcnn", **kwargs):
-        super().__init__(name=name, **kwargs)
+        super().__init__(loss_names=LOSS_NAMES, name=name, **kwargs)
         self.fpn = fpn
         self.num_classes = int(num_classes)
         self.rpn_params = _params(RPNParams, rpn)
@@ -157,9 +163,6 @@ class FasterRCNN(keras.Model):
         if len(ids) != self.num_classes:
             raise ValueError(f"{len(ids)} category ids for {num_classes} classes")
         self.category_ids = [int(i) for i in ids]
-        self._loss_names = ["rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
-                            "fast_rcnn_box_loss", "total_loss"]
-        self._trackers = {n: keras.metrics.Mean(name=n) for n in self._loss_names}
         self.build_heads(channels)
 
     def build_heads(self, channels):
@@ -264,33 +267,6 @@ class FasterRCNN(keras.Model):
         }
         losses["total_loss"] = tf.add_n(list(losses.values()))
         return losses
-
-    def train_step(self, data):
-        features, labels = data[0], data[1]
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(features, labels, training=True)
-            # Gradients are summed over replicas: scale so the sum is the global-batch mean.
-            loss = losses["total_loss"] / float(replicas)
-            if hasattr(self.optimizer, "scale_loss"):
-                loss = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply(grads, variables)
-        return self._update_trackers(losses)
-
-    def test_step(self, data):
-        features, labels = data[0], data[1]
-        return self._update_trackers(self.compute_losses(features, labels, training=False))
-
-    def _update_trackers(self, losses):
-        for name, tracker in self._trackers.items():
-            tracker.update_state(losses[name])
-        return {name: tracker.result() for name, tracker in self._trackers.items()}
-
-    @property
-    def metrics(self):
-        return list(self._trackers.values())
 
     # --- inference --------------------------------------------------------------------------
     def call(self, inputs, training=False):

@@ -2,9 +2,13 @@
 
 SGD (the paper): momentum 0.9 and *coupled* L2 weight decay, ``grad += wd * w`` before momentum,
 as Caffe/Detectron/detectron2 do. Keras' ``SGD(weight_decay=...)`` is decoupled (``w -= lr*wd*w``
-after the update), which with momentum 0.9 is about 10x weaker than the paper's 1e-4 means, so the
-trainer adds the L2 term to the gradients itself (`add_l2_to_gradients`).
-AdamW (the CPU demo): Keras' decoupled ``weight_decay``.
+after the update), which with momentum 0.9 is about 10x weaker than the paper's 1e-4 means.
+`SGDWithL2` adds the L2 term inside the optimizer's per-variable update, where Keras hands it the
+gradient after the replicas' gradients are summed and after `LossScaleOptimizer` has divided out
+the loss scale: the decay is applied once per step, whatever the number of replicas and the
+precision (added to each replica's gradient before the sum it would be N times too strong; added
+to loss-scaled gradients it would vanish).
+AdamW (the CPU demo): Keras' decoupled ``weight_decay``, which Keras also applies once per step.
 With ``weight_decay_excludes_bn_and_bias`` neither decays BatchNorm's gamma/beta nor biases
 (detectron2's default is to decay them with the same 1e-4; excluding them is the common modern
 choice, keeps the small-backbone BatchNorm from being pulled to zero, and costs nothing).
@@ -18,45 +22,55 @@ import tensorflow as tf
 from fpn_tf.configs.lr_schedule import build_lr_schedule
 
 NO_DECAY_NAMES = ("bias", "gamma", "beta")
+# Keras matches these with re.search on the name of the variable it holds: the Keras variable's
+# own name (`bias`) or, inside the TensorFlow backend's update, the tf.Variable's (`.../bias:0`).
+NO_DECAY_PATTERNS = tuple(rf"(^|/){name}(:\d+)?$" for name in NO_DECAY_NAMES)
 
 
-def decays(variable, excludes_bn_and_bias: bool) -> bool:
-    """Whether weight decay applies to ``variable``."""
-    if not excludes_bn_and_bias:
-        return True
-    return variable.path.split("/")[-1] not in NO_DECAY_NAMES
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class SGDWithL2(keras.optimizers.SGD):
+    """SGD with momentum and coupled L2 weight decay: ``g <- g + l2 * w`` before momentum.
+
+    Args:
+      l2: the L2 coefficient (the paper: 1e-4). Variables excluded with
+        ``exclude_from_weight_decay`` (Keras' own mechanism) are not decayed.
+      Everything else as `keras.optimizers.SGD` (whose decoupled ``weight_decay`` stays unused).
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, l2: float = 0.0, name="sgd_l2",
+                 **kwargs):
+        super().__init__(learning_rate=learning_rate, momentum=momentum, name=name, **kwargs)
+        self.l2 = float(l2)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.l2 and self._use_weight_decay(variable):
+            if isinstance(gradient, tf.IndexedSlices):
+                gradient = tf.convert_to_tensor(gradient)
+            gradient = gradient + tf.cast(self.l2, gradient.dtype) * tf.cast(
+                variable, gradient.dtype)
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "l2": self.l2}
 
 
 def build_optimizer(train_cfg, global_batch_size: int, mixed_float16: bool = False):
-    """SGD with momentum or AdamW with the warm-up + step-decay schedule of the config."""
+    """SGD with momentum + coupled L2, or AdamW, with the warm-up + step-decay schedule."""
     schedule = build_lr_schedule(train_cfg, global_batch_size)
     clip = train_cfg.gradient_clip_norm
     if train_cfg.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(schedule, momentum=train_cfg.momentum,
-                                         global_clipnorm=clip)
+        optimizer = SGDWithL2(schedule, momentum=train_cfg.momentum,
+                              l2=train_cfg.weight_decay, global_clipnorm=clip)
     elif train_cfg.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=train_cfg.weight_decay,
                                            global_clipnorm=clip)
-        if train_cfg.weight_decay_excludes_bn_and_bias:
-            optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     else:  # validated by the config; kept for direct callers.
         raise ValueError(f"train.optimizer must be sgd or adamw, got {train_cfg.optimizer!r}")
+    if train_cfg.weight_decay_excludes_bn_and_bias:
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_PATTERNS))
     if mixed_float16:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-def add_l2_to_gradients(grads, variables, train_cfg):
-    """Coupled L2 weight decay for SGD (no-op for AdamW, whose decay is decoupled)."""
-    if train_cfg.optimizer != "sgd" or not train_cfg.weight_decay:
-        return grads
-    wd = float(train_cfg.weight_decay)
-    out = []
-    for g, v in zip(grads, variables):
-        if g is not None and decays(v, train_cfg.weight_decay_excludes_bn_and_bias):
-            g = g + tf.cast(wd, g.dtype) * tf.cast(v.value, g.dtype)
-        out.append(g)
-    return out
 
 
 def current_learning_rate(optimizer) -> float:

@@ -1,24 +1,24 @@
 """The train / evaluate / export loop of an experiment (library: no flags, everything from config).
 
-A custom loop (not ``model.fit``), measured and chosen because it gives, in one place: a
-distributed step under any ``tf.distribute`` strategy, a check of every step's loss for NaN/Inf
-*before* a checkpoint can be written, skipping a non-finite update when configured, checkpoints
-every N steps with resume of step and optimizer state, SIGINT/SIGTERM handling, and log lines with
-the four losses, LR and images/s. The step itself is the same maths as ``FasterRCNN.train_step``
-(which ``model.fit`` users get), plus coupled L2 weight decay for SGD.
+Training is ``model.fit`` on an endless, per-replica sharded stream, with the step of
+`fpn_tf.modeling.multi_loss_model.MultiLossModel` (the one ``model.fit`` users get too) and the
+command's policies as callbacks (`fpn_tf.training.callbacks`): the global step is the optimizer's
+``iterations``; a non-finite loss stops the run before anything is saved, or is skipped
+(``train.on_nan``); checkpoints every N steps and at the end; SIGINT/SIGTERM save and stop; log
+lines with the losses, LR, images/s and ETA; TensorBoard scalars; periodic evaluation in
+``train_and_eval``.
 
 Checkpoints: ``tf.train.CheckpointManager`` in ``model_dir`` (model + optimizer, whose
 ``iterations`` is the global step). The manager writes the data files first and the small
 ``checkpoint`` index last, atomically, so a write killed half way leaves the previous checkpoint
-as the latest; the next start resumes from it.
+as the latest; the next start resumes from it. A resumed run reshuffles its data with
+``train.seed + step``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 
 from absl import logging
@@ -32,21 +32,16 @@ from fpn_tf.data import pipeline
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.evaluation.run import evaluate_detector
 from fpn_tf.modeling.factory import build_model
-from fpn_tf.training.optimizers import (add_l2_to_gradients, build_optimizer,
-                                        current_learning_rate)
+from fpn_tf.training import callbacks as cb
+from fpn_tf.training.callbacks import NonFiniteLossError  # noqa: F401 - part of the API
+from fpn_tf.training.optimizers import build_optimizer
 from fpn_tf.training.strategy import build_strategy, is_chief
 
 CATEGORY_MAP_FILENAME = "category_map.json"
-LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
-              "fast_rcnn_box_loss", "total_loss")
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of model_dir can be restored."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """A training step produced a NaN or Inf loss (and ``train.on_nan`` is "stop")."""
 
 
 def prepare_synthetic_data(cfg) -> None:
@@ -75,30 +70,6 @@ def prepare_synthetic_data(cfg) -> None:
         data_cfg.source = "coco"
 
 
-class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop saves a checkpoint and returns at the next step."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        self.signal = signal.Signals(signum).name
-        logging.warning("%s received: saving a checkpoint after this step, then stopping",
-                        self.signal)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     """Builds strategy, data, model, optimizer and checkpoint from an `ExperimentConfig`.
 
@@ -124,6 +95,9 @@ class Trainer:
             save_config(cfg, model_dir)
             self.category_map.to_json(os.path.join(model_dir, CATEGORY_MAP_FILENAME))
         with self.strategy.scope():
+            # The same train.seed gives the same initial weights (the data order has its own
+            # seeds, derived from train.seed too).
+            keras.utils.set_random_seed(cfg.train.seed)
             try:
                 self.model = build_model(cfg.model,
                                          category_ids=list(self.category_map.dataset_ids))
@@ -132,11 +106,13 @@ class Trainer:
             self.optimizer = build_optimizer(cfg.train, cfg.train_data.global_batch_size,
                                              mixed_float16=policy == "mixed_float16")
             self.optimizer.build(self.model.trainable_variables)
+            self.model.compile(optimizer=self.optimizer,
+                               jit_compile=bool(cfg.runtime.jit_compile))
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, self._checkpoint_dir(), max_to_keep=cfg.train.max_checkpoints_to_keep)
         self.restored_from = self.restore()
-        self._train_fn = None
+        self.saved_step = None
 
     # --- set-up ----------------------------------------------------------------------------
     def _category_map(self) -> CategoryMap:
@@ -186,6 +162,7 @@ class Trainer:
         return int(self.optimizer.iterations.numpy())
 
     def save(self) -> str:
+        self.saved_step = self.step
         path = self.manager.save(checkpoint_number=self.step)
         if not self.chief:
             tf.io.gfile.rmtree(self._checkpoint_dir())
@@ -208,123 +185,46 @@ class Trainer:
     def eval_dataset(self):
         return self._dataset(self.cfg.eval_data, training=False)
 
-    # --- the step ----------------------------------------------------------------------------
-    def _build_train_fn(self):
-        model, optimizer, train_cfg = self.model, self.optimizer, self.cfg.train
-        replicas = float(self.num_replicas)
-        skip_nonfinite = train_cfg.on_nan == "skip"
-
-        def step_fn(features, labels):
-            with tf.GradientTape() as tape:
-                losses = model.compute_losses(features, labels, training=True)
-                loss = optimizer.scale_loss(losses["total_loss"] / replicas)
-            variables = model.trainable_variables
-            grads = tape.gradient(loss, variables)
-            grads = add_l2_to_gradients(grads, variables, train_cfg)
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in losses.values()])
-            if skip_nonfinite:
-                def apply_update():
-                    optimizer.apply(grads, variables)
-                    return tf.constant(True)
-
-                tf.cond(finite, apply_update, lambda: tf.constant(False))
-            else:
-                # "stop": the update is applied but the loop stops before anything is saved.
-                optimizer.apply(grads, variables)
-            return losses, 1.0 - tf.cast(finite, tf.float32)
-
-        def train_fn(features, labels):
-            losses, nonfinite = self.strategy.run(step_fn, args=(features, labels))
-            mean = {k: self.strategy.reduce("MEAN", v, axis=None) for k, v in losses.items()}
-            num_nonfinite = self.strategy.reduce("SUM", nonfinite, axis=None)
-            return mean, num_nonfinite
-
-        return tf.function(train_fn, jit_compile=self.cfg.runtime.jit_compile or None)
-
-    def train(self, total_steps: int | None = None) -> dict:
-        """Trains until ``total_steps`` (default train.total_steps); returns the last log."""
+    # --- training ---------------------------------------------------------------------------
+    def train(self, total_steps: int | None = None, evaluate_every_steps: int | None = None
+              ) -> dict:
+        """``model.fit`` until the global step is ``total_steps`` (default train.total_steps);
+        with ``evaluate_every_steps``, `evaluate` every so many steps on the way. Returns the
+        last logged losses and a summary (steps, seconds, skipped batches, stopping signal)."""
         cfg = self.cfg.train
         total_steps = total_steps or cfg.total_steps
         start_step = self.step
         if start_step >= total_steps:
             logging.info("Already at step %d >= %d: nothing to train", start_step, total_steps)
             return {}
-        if self._train_fn is None:
-            self._train_fn = self._build_train_fn()
         batch = self.cfg.train_data.global_batch_size
-        iterator = iter(self.train_dataset(seed_offset=start_step))
         writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
                   if self.chief else tf.summary.create_noop_writer())
+        nonfinite = cb.NonFiniteLossPolicy(cfg.on_nan, lambda: self.manager.latest_checkpoint)
+        progress = cb.ProgressLogger(total_steps, batch, cfg.log_every_steps,
+                                     self.model.loss_names, writer)
+        stop = cb.StopOnSignal(self.save, lambda: self.saved_step)
+        callbacks = [nonfinite, cb.StopAtStep(total_steps), progress,
+                     cb.ScalarSummaries(writer, cfg.summary_every_steps, total_steps),
+                     cb.PeriodicCheckpoint(self.save, cfg.checkpoint_every_steps, total_steps)]
+        if evaluate_every_steps:
+            callbacks.append(cb.PeriodicEvaluation(self.evaluate, evaluate_every_steps,
+                                                   total_steps))
+        callbacks.append(stop)
         logging.info("Training steps %d -> %d, global batch %d, %d replica(s)", start_step,
                      total_steps, batch, self.num_replicas)
-        window = {k: [] for k in LOSS_NAMES}
-        window_start, run_start, skipped, last = time.time(), time.time(), 0, {}
-        prev_step, scale_skipped = start_step, 0
-        last_saved = self.manager.latest_checkpoint
-        with _StopFlag() as stop:
-            while self.step < total_steps:
-                features, labels = next(iterator)
-                losses, num_nonfinite = self._train_fn(features, labels)
-                step = self.step
-                values = {k: float(v) for k, v in losses.items()}
-                if float(num_nonfinite) > 0:
-                    bad = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                    if cfg.on_nan == "skip":
-                        skipped += 1
-                        logging.warning("Step %d: non-finite loss (%s): update skipped (%d so far)",
-                                        step, bad, skipped)
-                        continue
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step} ({bad}); nothing was saved for it. "
-                        f"Last good checkpoint: {last_saved or 'none'}. Lower train.learning_rate, "
-                        "or set train.on_nan=skip to skip such steps")
-                for k in LOSS_NAMES:
-                    window[k].append(values[k])
-                if step == prev_step:
-                    # mixed_float16: the loss scale overflowed, so LossScaleOptimizer skipped
-                    # the update (and lowered the scale): the step counter did not move.
-                    scale_skipped += 1
-                else:
-                    prev_step = step
-                    if step % cfg.summary_every_steps == 0 or step == total_steps:
-                        with writer.as_default(step=step):
-                            for k, v in values.items():
-                                tf.summary.scalar(f"losses/{k}", v)
-                            tf.summary.scalar("learning_rate",
-                                              current_learning_rate(self.optimizer))
-                    if step % cfg.log_every_steps == 0 or step == total_steps:
-                        elapsed = time.time() - window_start
-                        rate = len(window["total_loss"]) * batch / max(elapsed, 1e-9)
-                        last = {k: float(np.mean(v)) for k, v in window.items()}
-                        eta = (total_steps - step) * batch / max(rate, 1e-9)
-                        logging.info(
-                            "step %d/%d  loss %.4f (rpn obj %.4f box %.4f | frcnn cls %.4f "
-                            "box %.4f)  lr %.3g  %.2f img/s  eta %s", step, total_steps,
-                            last["total_loss"], last["rpn_objectness_loss"], last["rpn_box_loss"],
-                            last["fast_rcnn_class_loss"], last["fast_rcnn_box_loss"],
-                            current_learning_rate(self.optimizer), rate, _hms(eta))
-                        with writer.as_default(step=step):
-                            tf.summary.scalar("images_per_second", rate)
-                        window = {k: [] for k in LOSS_NAMES}
-                        window_start = time.time()
-                    if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-                        last_saved = self.save()
-                if stop.signal:
-                    if self.manager.latest_checkpoint != os.path.join(
-                            self.model_dir, f"ckpt-{step}"):
-                        last_saved = self.save()
-                    logging.warning("Stopped by %s at step %d; resume with the same --model_dir",
-                                    stop.signal, step)
-                    break
-        writer.flush()
-        seconds = time.time() - run_start
-        logging.info("Trained %d steps in %s (%.2f img/s)%s%s", self.step - start_step,
-                     _hms(seconds), (self.step - start_step) * batch / max(seconds, 1e-9),
-                     f", {skipped} non-finite steps skipped" if skipped else "",
-                     f", {scale_skipped} batches skipped by the float16 loss scale"
-                     if scale_skipped else "")
-        return {**last, "step": self.step, "seconds": seconds, "skipped_steps": skipped,
-                "loss_scale_skipped": scale_skipped, "stopped_by": stop.signal}
+        self.model.fit(self.train_dataset(seed_offset=start_step), epochs=1,
+                       callbacks=callbacks, shuffle=False, verbose=0)
+        summary = progress.summary()
+        logging.info("Trained %d steps in %s (%.2f img/s)%s%s", summary["steps"],
+                     cb.hms(summary["seconds"]), summary["images_per_second"],
+                     f", {nonfinite.skipped} non-finite steps skipped" if nonfinite.skipped
+                     else "",
+                     f", {progress.loss_scale_skipped} batches skipped by the float16 loss scale"
+                     if progress.loss_scale_skipped else "")
+        return {**progress.last, "step": self.step, "seconds": summary["seconds"],
+                "skipped_steps": nonfinite.skipped,
+                "loss_scale_skipped": progress.loss_scale_skipped, "stopped_by": stop.signal}
 
     # --- evaluation and export ----------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -360,8 +260,3 @@ class Trainer:
 def format_metrics(metrics: dict) -> str:
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100", "AR@1000"]
     return "  ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

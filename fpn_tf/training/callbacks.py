@@ -1,0 +1,270 @@
+"""The training command's policies as Keras callbacks around ``model.fit``.
+
+The step is `MultiLossModel.train_step`; these callbacks only watch it and act between steps.
+The global step is the optimizer's ``iterations`` (restored with the checkpoint), not Keras' batch
+counter: a float16 batch whose scaled gradients overflow is skipped by `LossScaleOptimizer`
+without moving ``iterations``, and a non-finite step is skipped by the train step; neither is a
+step to log, summarise, save or count towards ``train.total_steps``.
+
+Callbacks run in list order after every batch; `Trainer` orders them so that a non-finite loss
+is acted on before any save.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fpn_tf.modeling.multi_loss_model import NONFINITE_KEY
+from fpn_tf.training.optimizers import current_learning_rate
+
+# With on_nan "skip", this many non-finite batches in a row mean the weights themselves are
+# broken (every later step would be skipped too): stop instead of spinning.
+MAX_CONSECUTIVE_NONFINITE = 100
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a NaN or Inf loss (and ``train.on_nan`` is "stop")."""
+
+
+def _step(model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+class StepWatcher(keras.callbacks.Callback):
+    """Base: calls ``on_step(step, logs)`` once per batch that moved the global step."""
+
+    def on_train_begin(self, logs=None):
+        self._last_step = _step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step != self._last_step:
+            self._last_step = step
+            self.on_step(step, {k: float(v) for k, v in (logs or {}).items()})
+        else:
+            self.on_skipped_batch(step, logs)
+
+    def on_step(self, step: int, logs: dict):
+        pass
+
+    def on_skipped_batch(self, step: int, logs):
+        pass
+
+
+class StopAtStep(StepWatcher):
+    """Ends ``fit`` when the global step reaches ``total_steps`` (the data stream is endless)."""
+
+    def __init__(self, total_steps: int):
+        super().__init__()
+        self.total_steps = int(total_steps)
+
+    def on_step(self, step, logs):
+        if step >= self.total_steps:
+            self.model.stop_training = True
+
+
+class NonFiniteLossPolicy(keras.callbacks.Callback):
+    """``train.on_nan``: "stop" raises `NonFiniteLossError` (nothing is saved for that step);
+    "skip" counts the skipped step and goes on (the train step applied no update)."""
+
+    def __init__(self, policy: str, last_checkpoint: Callable[[], str | None]):
+        super().__init__()
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"on_nan must be 'stop' or 'skip', got {policy!r}")
+        self.policy = policy
+        self.last_checkpoint = last_checkpoint
+        self.skipped = 0
+        self._consecutive = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        if float(logs.get(NONFINITE_KEY, 0.0)) == 0:
+            self._consecutive = 0
+            return
+        step = _step(self.model) + 1   # the step this batch would have made
+        bad = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items() if k != NONFINITE_KEY)
+        self._consecutive += 1
+        if self.policy == "skip" and self._consecutive < MAX_CONSECUTIVE_NONFINITE:
+            self.skipped += 1
+            logging.warning("Step %d: non-finite loss (%s): update skipped (%d so far)", step,
+                            bad, self.skipped)
+            return
+        why = (f"{self._consecutive} non-finite batches in a row" if self.policy == "skip"
+               else "train.on_nan=stop")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({bad}; {why}); nothing was saved for it. Last good "
+            f"checkpoint: {self.last_checkpoint() or 'none'}. Lower train.learning_rate, or set "
+            "train.on_nan=skip to skip such steps")
+
+
+class ProgressLogger(StepWatcher):
+    """Log lines every ``log_every_steps``: step, the losses averaged over the window, LR,
+    images/s and ETA; counts float16 loss-scale skips; a summary line at the end."""
+
+    def __init__(self, total_steps: int, global_batch_size: int, log_every_steps: int,
+                 loss_names, writer=None):
+        super().__init__()
+        self.total_steps = int(total_steps)
+        self.global_batch_size = int(global_batch_size)
+        self.log_every_steps = int(log_every_steps)
+        self.loss_names = tuple(loss_names)
+        self.writer = writer
+        self.loss_scale_skipped = 0
+        self.last = {}
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.start_step = self._last_step
+        self._run_start = self._window_start = time.time()
+        self._window, self._window_batches = {k: [] for k in self.loss_names}, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._window_batches += 1
+        super().on_train_batch_end(batch, logs)
+
+    def on_skipped_batch(self, step, logs):
+        if float((logs or {}).get(NONFINITE_KEY, 0.0)) == 0:
+            # mixed_float16: the loss scale overflowed, LossScaleOptimizer skipped the update.
+            self.loss_scale_skipped += 1
+
+    def on_step(self, step, logs):
+        for k in self.loss_names:
+            self._window[k].append(logs[k])
+        if step % self.log_every_steps and step != self.total_steps:
+            return
+        elapsed = time.time() - self._window_start
+        rate = self._window_batches * self.global_batch_size / max(elapsed, 1e-9)
+        self.last = {k: float(np.mean(v)) for k, v in self._window.items()}
+        eta = (self.total_steps - step) * self.global_batch_size / max(rate, 1e-9)
+        losses = "  ".join(f"{_short(k)} {self.last[k]:.4f}" for k in self.loss_names
+                           if k != "total_loss")
+        logging.info("step %d/%d  loss %.4f (%s)  lr %.3g  %.2f img/s  eta %s", step,
+                     self.total_steps, self.last["total_loss"], losses,
+                     current_learning_rate(self.model.optimizer), rate, hms(eta))
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("images_per_second", rate)
+        self._window, self._window_batches = {k: [] for k in self.loss_names}, 0
+        self._window_start = time.time()
+
+    def summary(self) -> dict:
+        seconds = time.time() - self._run_start
+        steps = _step(self.model) - self.start_step
+        return {"steps": steps, "seconds": seconds,
+                "images_per_second": steps * self.global_batch_size / max(seconds, 1e-9),
+                "loss_scale_skipped": self.loss_scale_skipped}
+
+
+def _short(loss_name: str) -> str:
+    return (loss_name.replace("_loss", "").replace("fast_rcnn_", "frcnn ")
+            .replace("rpn_", "rpn ").replace("objectness", "obj").replace("class", "cls"))
+
+
+class ScalarSummaries(StepWatcher):
+    """TensorBoard scalars every ``summary_every_steps``: the losses and the learning rate."""
+
+    def __init__(self, writer, summary_every_steps: int, total_steps: int):
+        super().__init__()
+        self.writer = writer
+        self.summary_every_steps = int(summary_every_steps)
+        self.total_steps = int(total_steps)
+
+    def on_step(self, step, logs):
+        if step % self.summary_every_steps and step != self.total_steps:
+            return
+        with self.writer.as_default(step=step):
+            for k, v in logs.items():
+                if k != NONFINITE_KEY:
+                    tf.summary.scalar(f"losses/{k}", v)
+            tf.summary.scalar("learning_rate", current_learning_rate(self.model.optimizer))
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
+
+
+class PeriodicCheckpoint(StepWatcher):
+    """Saves every ``every_steps`` and at ``total_steps`` through ``save()`` (a
+    `tf.train.CheckpointManager` save: data files first, the index last and atomically)."""
+
+    def __init__(self, save: Callable[[], str], every_steps: int, total_steps: int):
+        super().__init__()
+        self.save = save
+        self.every_steps = int(every_steps)
+        self.total_steps = int(total_steps)
+        self.saved_step = None
+
+    def on_step(self, step, logs):
+        if step % self.every_steps == 0 or step == self.total_steps:
+            self.save()
+            self.saved_step = step
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, end ``fit``."""
+
+    def __init__(self, save: Callable[[], str], saved_step: Callable[[], int | None]):
+        super().__init__()
+        self.save = save
+        self.saved_step = saved_step
+        self.signal = None
+        self._previous = {}
+
+    def on_train_begin(self, logs=None):
+        self.signal = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint after this step, then stopping",
+                        self.signal)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.signal:
+            return
+        step = _step(self.model)
+        if self.saved_step() != step:
+            self.save()
+        logging.warning("Stopped by %s at step %d; resume with the same --model_dir",
+                        self.signal, step)
+        self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class PeriodicEvaluation(StepWatcher):
+    """Calls ``evaluate()`` every ``every_steps`` (not at the last step: the caller evaluates
+    the final weights once training ends)."""
+
+    def __init__(self, evaluate: Callable[[], dict], every_steps: int, total_steps: int):
+        super().__init__()
+        self.evaluate = evaluate
+        self.every_steps = int(every_steps)
+        self.total_steps = int(total_steps)
+
+    def on_step(self, step, logs):
+        if step % self.every_steps == 0 and step < self.total_steps:
+            self.evaluate()
+
+
+def hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def checkpoint_path(model_dir: str, step: int) -> str:
+    return os.path.join(model_dir, f"ckpt-{step}")
