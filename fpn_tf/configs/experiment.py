@@ -831,7 +831,7 @@ class TrainConfig(Config):
 
     learning_rate: base LR for reference_batch_size images; with scale_lr_with_batch the LR used is
       learning_rate * global_batch_size / reference_batch_size (linear scaling rule; the step
-      counts are not rescaled). See :meth:`scaled_learning_rate` and lr_schedule.WarmupStepDecay.
+      counts are not rescaled). See :meth:`scaled_learning_rate` and fpn_tf.training.lr_schedule.
     optimizer: "sgd" (with momentum) or "adamw" (momentum is then unused).
     weight_decay: for sgd, the L2 coefficient as in the paper/Caffe/detectron2, i.e. weight_decay *
       w added to the gradient before momentum (Keras' own SGD(weight_decay=...) is decoupled and
