@@ -23,4 +23,10 @@ from fpn_tf.configs.experiment import (
     SyntheticDataConfig,
     TrainConfig,
 )
-from fpn_tf.configs.loader import PARAMS_FILENAME, load_config, load_yaml, parse_params_override, save_config
+from fpn_tf.configs.loader import (
+    PARAMS_FILENAME,
+    load_config,
+    load_yaml,
+    parse_params_override,
+    save_config,
+)
