@@ -3,7 +3,7 @@
     from fpn_tf.configs import load_config
     cfg = load_config("configs/coco_r50_fpn_1x.yaml", "train.total_steps=1000")
 
-The learning-rate schedule (needs Keras) is in fpn_tf.configs.lr_schedule, imported on demand.
+The learning-rate schedule built from the ``train`` section is fpn_tf.training.lr_schedule.
 """
 
 from fpn_tf.configs.experiment import (
@@ -23,4 +23,10 @@ from fpn_tf.configs.experiment import (
     SyntheticDataConfig,
     TrainConfig,
 )
-from fpn_tf.configs.loader import PARAMS_FILENAME, load_config, load_yaml, parse_params_override, save_config
+from fpn_tf.configs.loader import (
+    PARAMS_FILENAME,
+    load_config,
+    load_yaml,
+    parse_params_override,
+    save_config,
+)

@@ -24,7 +24,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from fpn_tf.configs.experiment import ConfigError, ExperimentConfig, _expand_dotted, deep_merge
+from fpn_tf.configs.base import ConfigError, _expand_dotted, deep_merge
+from fpn_tf.configs.experiment import ExperimentConfig
 from fpn_tf.file_io import write_text
 
 __all__ = [
@@ -86,14 +87,18 @@ def load_yaml(path: str, _seen: Optional[Sequence[str]] = None) -> Dict[str, Any
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping at the top, got {type(data).__name__}.")
+        raise ConfigError(
+            f"{path}: a config file must hold a mapping at the top, got {type(data).__name__}."
+        )
     bases = data.pop("_base_", None)
     if bases is None:
         return data
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: _base_ must be a file path or a list of them, got {bases!r}.", key="_base_")
+        raise ConfigError(
+            f"{path}: _base_ must be a file path or a list of them, got {bases!r}.", key="_base_"
+        )
     merged: Dict[str, Any] = {}
     for base in bases:
         if "://" not in base and not os.path.isabs(base) and "://" not in path:
@@ -132,7 +137,9 @@ def _parse_one(override: Override) -> Dict[str, Any]:
     if isinstance(override, Mapping):
         return dict(override)
     if not isinstance(override, str):
-        raise ConfigError(f"params_override must be a string, a mapping or a list of them, got {override!r}.")
+        raise ConfigError(
+            f"params_override must be a string, a mapping or a list of them, got {override!r}."
+        )
     text = override.strip()
     if not text:
         return {}
@@ -152,7 +159,9 @@ def _parse_one(override: Override) -> Dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"params_override item {item!r} is not of the form key=value.")
-        result[key] = _parse_yaml(value.strip(), f"params_override '{key}'") if value.strip() else None
+        result[key] = (
+            _parse_yaml(value.strip(), f"params_override '{key}'") if value.strip() else None
+        )
     return result
 
 
@@ -204,7 +213,7 @@ def load_config(
 
 
 def save_config(config: ExperimentConfig, model_dir: str, filename: str = PARAMS_FILENAME) -> str:
-    """Writes the resolved config as YAML to model_dir/filename (local or gs://); returns the path."""
+    """Writes the config as YAML to model_dir/filename (local or gs://); returns the path."""
     text = (
         "# Resolved fpn_tf experiment config; reproduce with:\n"
         f"#   load_config('{filename}') / --config_file=<this file>\n" + config.to_yaml()

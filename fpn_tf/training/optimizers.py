@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from fpn_tf.configs.lr_schedule import build_lr_schedule
+from fpn_tf.training.lr_schedule import build_lr_schedule
 
 NO_DECAY_NAMES = ("bias", "gamma", "beta")
 # Keras matches these with re.search on the name of the variable it holds: the Keras variable's

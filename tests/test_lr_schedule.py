@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.configs import ExperimentConfig, load_config
-from fpn_tf.configs.lr_schedule import WarmupStepDecay, build_lr_schedule
+from fpn_tf.training.lr_schedule import WarmupStepDecay, build_lr_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = dict(learning_rate=0.02, warmup_steps=1000, warmup_factor=0.001, decay_steps=[60000, 80000], decay_factor=0.1)
