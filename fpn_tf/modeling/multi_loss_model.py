@@ -67,6 +67,20 @@ class MultiLossModel(keras.Model):
             tracker.update_state(losses[name])
         return {**losses, NONFINITE_KEY: nonfinite}
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras, under a tf.distribute strategy, pulls a batch from a fresh iterator of the
+        training data to build the model symbolically, then trains from another fresh iterator:
+        a seeded stream that reshuffles per iteration then trains on a different first batch
+        than the same data gives without a strategy. A model whose layers are all built and that
+        compiles no loss or metrics only needs its optimizer built: do that without data."""
+        layers_built = all(layer.built for layer in self._flatten_layers(include_self=False))
+        if (not layers_built or getattr(self, "_compile_loss", None) is not None
+                or getattr(self, "_compile_metrics", None) is not None):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
     def _apply_unless(self, skip, grads, variables):
         """``optimizer.apply`` unless ``skip`` (the same value on every replica)."""
 
