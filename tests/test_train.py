@@ -45,7 +45,7 @@ def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
     trainer = Trainer(tiny_config, model_dir)
     trainer.train(total_steps=2)
     # Poison a weight: every later loss is NaN.
-    kernel = trainer.model.box_head.classifier.kernel
+    kernel = trainer.model.roi_heads.box_head.classifier.kernel
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*ckpt-2"):
         trainer.train(total_steps=4)
@@ -56,9 +56,9 @@ def test_non_finite_loss_is_skipped_when_configured(tiny_config, tmp_path):
     tiny_config.train.on_nan = "skip"
     trainer = Trainer(tiny_config, str(tmp_path / "skip"))
     trainer.train(total_steps=1)
-    kernel = trainer.model.box_head.classifier.kernel
+    kernel = trainer.model.roi_heads.box_head.classifier.kernel
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
-    before = trainer.model.box_head.fcs[0].kernel.numpy().copy()
+    before = trainer.model.roi_heads.box_head.fcs[0].kernel.numpy().copy()
     # Every step is non-finite: the loop would spin, so bound it by patching total steps.
     trainer.cfg.train.log_every_steps = 1
     fn = trainer._build_train_fn()
@@ -66,7 +66,7 @@ def test_non_finite_loss_is_skipped_when_configured(tiny_config, tmp_path):
     features, labels = next(it)
     _, num_nonfinite = fn(features, labels)
     assert float(num_nonfinite) == 1.0
-    np.testing.assert_array_equal(before, trainer.model.box_head.fcs[0].kernel.numpy())
+    np.testing.assert_array_equal(before, trainer.model.roi_heads.box_head.fcs[0].kernel.numpy())
     assert trainer.step == 1   # the update (and the step counter) was skipped
 
 

@@ -51,10 +51,12 @@ class FasterRCNN(keras.Model):
         self._loss_names = ["rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
                             "fast_rcnn_box_loss", "total_loss"]
         self._trackers = {n: keras.metrics.Mean(name=n) for n in self._loss_names}
-        # Weights exist from construction (a checkpoint restores before any call).
+        # Weights exist from construction (a checkpoint restores before any call); layers
+        # deserialised by from_config come built.
         shapes = {level: tuple(t.shape) for level, t in fpn.output.items()}
-        self.rpn.build(shapes)
-        self.roi_heads.build(shapes)
+        for stage in (self.rpn, self.roi_heads):
+            if not stage.built:
+                stage.build(shapes)
 
     def compute_losses(self, features, labels, training=True):
         """The four losses (dict of scalars, plus ``total_loss``) for one batch."""
