@@ -31,7 +31,8 @@ def _features(rng, levels=(2, 3, 4, 5, 6), channels=4, image=256):
 
 def _proposals(boxes):
     boxes = tf.constant([boxes], tf.float32)
-    return Proposals(boxes, tf.fill(tf.shape(boxes)[:2], 0.9), tf.ones(tf.shape(boxes)[:2], tf.bool))
+    rows = tf.shape(boxes)[:2]
+    return Proposals(boxes, tf.fill(rows, 0.9), tf.ones(rows, tf.bool))
 
 
 LABELS = {"gt_boxes": tf.constant([[[20.0, 30.0, 120.0, 150.0], [150, 140, 250, 250]]]),

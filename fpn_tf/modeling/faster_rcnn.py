@@ -60,7 +60,7 @@ class FasterRCNN(keras.Model):
 
     def compute_losses(self, features, labels, training=True):
         """The four losses (dict of scalars, plus ``total_loss``) for one batch."""
-        images, _, valid_hw = _split_inputs(features)
+        images, _, valid_hw = split_inputs(features)
         pyramid = self.fpn(images, training=training)
         proposals, rpn_losses = self.rpn(pyramid, valid_hw, labels=labels, training=training)
         _, roi_losses = self.roi_heads(pyramid, proposals, valid_hw, labels=labels,
@@ -73,7 +73,7 @@ class FasterRCNN(keras.Model):
         """Detections: boxes [B, N, 4] yxyx (original-image pixels when ``image_info`` is given,
         else input pixels), scores [B, N], dataset class ids [B, N] (int32), counts [B], and the
         RPN proposals (same frame) for recall evaluation."""
-        images, image_info, valid_hw = _split_inputs(inputs)
+        images, image_info, valid_hw = split_inputs(inputs)
         pyramid = self.fpn(images, training=training)
         proposals, _ = self.rpn(pyramid, valid_hw, training=training)
         detections, _ = self.roi_heads(pyramid, proposals, valid_hw, training=training)
@@ -133,7 +133,7 @@ class FasterRCNN(keras.Model):
         return list(self._trackers.values())
 
 
-def _split_inputs(inputs):
+def split_inputs(inputs):
     """``(images, image_info or None, valid (height, width) [B, 2])`` of the model's input."""
     if isinstance(inputs, Mapping):
         images, image_info = inputs["images"], inputs.get("image_info")
