@@ -90,14 +90,14 @@ def stage_outputs(model, features, rois=None):
     """Pyramid P2..P6, RPN logits and deltas, and the box head's outputs on ``rois`` (default:
     the model's own test-time proposals), as NumPy arrays; plus the RoIs used."""
     import tensorflow as tf
-    images, _, valid_hw = model._split_inputs(features)  # pylint: disable=protected-access
+    from fpn_tf.modeling.faster_rcnn import split_inputs
+    images, _, valid_hw = split_inputs(features)
     pyramid = model.fpn(images, training=False)
-    logits, deltas = model._rpn_outputs(pyramid)  # pylint: disable=protected-access
+    logits, deltas = model.rpn.head_outputs(pyramid, training=False)
     if rois is None:
-        anchors = model.anchors(model._image_size(images))  # pylint: disable=protected-access
-        rois = model._proposals(logits, deltas, anchors, valid_hw,  # pylint: disable=protected-access
-                                training=False).boxes
-    class_logits, box_deltas = model._box_head(pyramid, rois, False)  # pylint: disable=protected-access
+        rois, _ = model.rpn(pyramid, valid_hw, training=False)
+        rois = rois.boxes
+    class_logits, box_deltas = model.roi_heads.box_outputs(pyramid, rois, training=False)
     out = {k: v.numpy() for k, v in pyramid.items()}
     out["rpn_logits"] = tf.concat(list(logits.values()), axis=1).numpy()
     out["rpn_deltas"] = tf.concat(list(deltas.values()), axis=1).numpy()

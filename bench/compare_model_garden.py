@@ -135,14 +135,14 @@ class Ours:
                                      input_shape=tuple(self.padded_hw) + (3,))
         finally:
             keras.config.set_dtype_policy(old)
-        p = self.model.rpn_params
+        p, r = self.model.rpn, self.model.roi_heads
         self.settings = {
             "input": self.padded_hw, "pre_nms_train": p.pre_nms_top_k_train,
             "post_nms_train": p.post_nms_top_k_train, "pre_nms_test": p.pre_nms_top_k_test,
             "post_nms_test": p.post_nms_top_k_test,
-            "rois": self.model.roi_params.batch_size_per_image, "fc": self.model.fc_dims,
-            "roi_align": self.model.roi_params.output_size, "rpn_nms": p.nms_impl,
-            "det_nms": self.model.detection_params.nms_impl,
+            "rois": r.batch_size_per_image, "fc": r.fc_dims,
+            "roi_align": r.output_size, "rpn_nms": p.nms_impl,
+            "det_nms": r.nms_impl,
             "jit_compile": FLAGS.jit_compile, "mixed_precision": FLAGS.mixed_precision,
             "params": int(sum(int(tf.size(v)) for v in self.model.weights)),
         }

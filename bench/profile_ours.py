@@ -128,7 +128,7 @@ def main(argv):
     fpn = model.fpn
     backbone = [l for l in fpn.layers if isinstance(l, keras.Model)][0]
     pyramid_layer = fpn.get_layer("feature_pyramid")
-    rp, rr = model.rpn_params, model.roi_params
+    rp, rr = model.rpn, model.roi_heads
     want = set(FLAGS.stages)
     results = []
 
@@ -149,25 +149,26 @@ def main(argv):
     pyr = tf.function(lambda: fpn(x, training=False))()
     stage("backbone", tf.function(lambda: backbone(x, training=False)))
     stage("pyramid", tf.function(lambda: pyramid_layer(c_in)))
-    rpn_fn = tf.function(lambda: model._rpn_outputs(pyr))
+    rpn_fn = tf.function(lambda: model.rpn.head_outputs(pyr))
     logits, deltas = rpn_fn()
     stage("rpn_head", rpn_fn)
-    anchors = model.anchors(tuple(hw))
+    anchors = model.rpn.anchors(tuple(hw))
     all_anchors, _ = anchor_ops.concat_anchors(anchors)
-    stage("anchors", tf.function(lambda: anchor_ops.concat_anchors(model.anchors(tuple(hw)))[0]))
+    stage("anchors",
+          tf.function(lambda: anchor_ops.concat_anchors(model.rpn.anchors(tuple(hw)))[0]))
     assign = tf.function(lambda: target_assigner.assign_rpn_targets(
         all_anchors, gt_boxes, gt_classes, crowd, positive_iou=rp.positive_iou,
         negative_iou=rp.negative_iou, num_samples=rp.batch_size_per_image,
         positive_fraction=rp.positive_fraction))
     rpn_t = assign()
     stage("rpn_target_assignment", assign, "train")
-    cat_logits = tf.concat([logits[l] for l in model.rpn_levels], axis=1)
-    cat_deltas = tf.concat([deltas[l] for l in model.rpn_levels], axis=1)
+    cat_logits = tf.concat([logits[l] for l in model.rpn.levels], axis=1)
+    cat_deltas = tf.concat([deltas[l] for l in model.rpn.levels], axis=1)
     stage("rpn_losses", tf.function(lambda: rpn_losses(
         rpn_t.labels, rpn_t.box_targets, cat_logits, cat_deltas, rp.batch_size_per_image,
         rp.smooth_l1_beta)), "train")
-    prop_train = tf.function(lambda: model._proposals(logits, deltas, anchors, valid_hw, True))
-    prop_test = tf.function(lambda: model._proposals(logits, deltas, anchors, valid_hw, False))
+    prop_train = tf.function(lambda: model.rpn.proposals(logits, deltas, anchors, valid_hw, True))
+    prop_test = tf.function(lambda: model.rpn.proposals(logits, deltas, anchors, valid_hw, False))
     proposals_tr = prop_train()
     proposals_te = prop_test()
     stage("proposals_train_2000", prop_train, "train")
@@ -178,12 +179,13 @@ def main(argv):
         foreground_iou=rr.foreground_iou, box_weights=tuple(rr.box_weights)))
     roi_t = sample()
     stage("sample_rois", sample, "train")
-    feats = {lvl: pyr[lvl] for lvl in model.roi_levels}
+    feats = {lvl: pyr[lvl] for lvl in model.roi_heads.levels}
+    roi_min_level, roi_max_level = (int(model.roi_heads.levels[i][1:]) for i in (0, -1))
 
     def align(rois):
         return roi_ops.multilevel_roi_align(
             feats, rois, output_size=rr.output_size, sampling_ratio=rr.sampling_ratio,
-            min_level=model.roi_min_level, max_level=model.roi_max_level,
+            min_level=roi_min_level, max_level=roi_max_level,
             canonical_size=rr.canonical_size, canonical_level=rr.canonical_level)
 
     align_tr = tf.function(lambda: align(roi_t.rois))
@@ -192,8 +194,8 @@ def main(argv):
     pooled_te = align_te()
     stage("roi_align_train_512", align_tr, "train")
     stage("roi_align_test_1000", align_te, "inference")
-    head_tr = tf.function(lambda: model.box_head(pooled_tr, training=True))
-    head_te = tf.function(lambda: model.box_head(pooled_te, training=False))
+    head_tr = tf.function(lambda: model.roi_heads.box_head(pooled_tr, training=True))
+    head_te = tf.function(lambda: model.roi_heads.box_head(pooled_te, training=False))
     cls_tr, box_tr = head_tr()
     cls_te, box_te = head_te()
     stage("box_head_train_512", head_tr, "train")
@@ -201,7 +203,7 @@ def main(argv):
     stage("fast_rcnn_losses", tf.function(lambda: fast_rcnn_losses(
         roi_t.class_targets, roi_t.box_targets, cls_tr, box_tr, rr.smooth_l1_beta,
         valid=roi_t.valid_mask)), "train")
-    d = model.detection_params
+    d = model.roi_heads
     stage("postprocess_detections", tf.function(lambda: postprocess.postprocess_detections(
         tf.nn.softmax(cls_te, axis=-1), box_te, proposals_te.boxes, valid_hw,
         box_weights=tuple(rr.box_weights), score_threshold=d.score_threshold,
@@ -217,7 +219,7 @@ def main(argv):
             tape.watch(feats)
             out = roi_ops.multilevel_roi_align(
                 feats, roi_t.rois, output_size=rr.output_size, sampling_ratio=rr.sampling_ratio,
-                min_level=model.roi_min_level, max_level=model.roi_max_level)
+                min_level=roi_min_level, max_level=roi_max_level)
             s = tf.reduce_sum(out * tf.random.normal(tf.shape(out), seed=2))
         return tape.gradient(s, feats)
 
@@ -227,9 +229,9 @@ def main(argv):
     def head_bwd():
         with tf.GradientTape() as tape:
             tape.watch(pooled_tr)
-            c, bx = model.box_head(pooled_tr, training=True)
+            c, bx = model.roi_heads.box_head(pooled_tr, training=True)
             s = tf.reduce_sum(c) + tf.reduce_sum(bx)
-        return tape.gradient(s, [pooled_tr] + model.box_head.trainable_variables)
+        return tape.gradient(s, [pooled_tr] + model.roi_heads.box_head.trainable_variables)
 
     stage("box_head_train_512_fwd_bwd", head_bwd, "train_backward")
 

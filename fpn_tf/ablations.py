@@ -59,8 +59,8 @@ def run_row(row: str, output_dir: str, params_override=None) -> dict:
     result.update({
         "row": row, "name": ROWS[row], "steps": trainer.step,
         "sec_per_step": (log.get("seconds", 0.0) / steps) if steps else None,
-        "pyramid_levels": trainer.model.levels,
-        "anchors_per_location": trainer.model.num_anchors,
+        "pyramid_levels": sorted(trainer.model.fpn.output),
+        "anchors_per_location": trainer.model.rpn.num_anchors,
     })
     with open(result_path, "w") as f:
         json.dump(result, f, indent=2)

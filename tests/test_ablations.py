@@ -41,8 +41,8 @@ def test_single_scale_c4_row():
     assert _pyramid(model) is None
     out = _outputs(model)
     assert list(out) == ["P4"] and out["P4"].shape == (1, 20, 30, 128)   # C4: stride 16
-    assert model.anchor_sizes == {"P4": (16.0, 32.0, 64.0, 128.0, 256.0)}
-    assert model.num_anchors == 15 and model.roi_levels == ["P4"]
+    assert model.rpn.anchor_sizes == {"P4": (16.0, 32.0, 64.0, 128.0, 256.0)}
+    assert model.rpn.num_anchors == 15 and model.roi_heads.levels == ["P4"]
 
 
 def test_bottom_up_row():
@@ -50,7 +50,7 @@ def test_bottom_up_row():
     fp = _pyramid(model)
     assert not fp.use_top_down and fp.use_lateral
     assert sorted(_outputs(model)) == ["P2", "P3", "P4", "P5", "P6"]
-    assert model.num_anchors == 3
+    assert model.rpn.num_anchors == 3
 
 
 def test_no_lateral_row():
@@ -58,24 +58,24 @@ def test_no_lateral_row():
     fp = _pyramid(model)
     assert fp.use_top_down and not fp.use_lateral
     assert sorted(fp.lateral_convs) == [5]
-    assert model.num_anchors == 3 and len(model.rpn_levels) == 5
+    assert model.rpn.num_anchors == 3 and len(model.rpn.levels) == 5
 
 
 def test_p2_only_row():
     _, model = _model("d_p2_only")
     out = _outputs(model)
     assert list(out) == ["P2"] and out["P2"].shape == (1, 80, 120, 128)
-    assert model.anchor_sizes == {"P2": (16.0, 32.0, 64.0, 128.0, 256.0)}
-    assert model.num_anchors == 15 and model.roi_levels == ["P2"]
+    assert model.rpn.anchor_sizes == {"P2": (16.0, 32.0, 64.0, 128.0, 256.0)}
+    assert model.rpn.num_anchors == 15 and model.roi_heads.levels == ["P2"]
 
 
 def test_fpn_row():
     _, model = _model("e_fpn")
     out = _outputs(model)
     assert [out[k].shape[1] for k in ("P2", "P3", "P4", "P5", "P6")] == [80, 40, 20, 10, 5]
-    assert model.anchor_sizes == {f"P{l}": (s,) for l, s in
+    assert model.rpn.anchor_sizes == {f"P{l}": (s,) for l, s in
                                   zip(range(2, 7), (16.0, 32.0, 64.0, 128.0, 256.0))}
-    assert model.roi_levels == ["P2", "P3", "P4", "P5"]
+    assert model.roi_heads.levels == ["P2", "P3", "P4", "P5"]
 
 
 def test_markdown_table_has_a_line_per_row():

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import ExperimentConfig
-from fpn_tf.modeling.factory import build_model
+from fpn_tf.configs.experiment import DetectionConfig, ExperimentConfig, RoIConfig, RPNConfig
+from fpn_tf.modeling.factory import anchor_sizes_for, build_model
 from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model
+from fpn_tf.modeling.roi_heads import RoIHeads
+from fpn_tf.modeling.rpn import RegionProposalNetwork
 from fpn_tf.ops import box_ops
 
 CATEGORY_IDS = [5, 9, 11]      # non-contiguous dataset ids of classes 1, 2, 3
@@ -36,14 +38,26 @@ def fixed_batch(size=128):
     return features, labels
 
 
+def tiny_rpn(anchor_sizes=None, **overrides):
+    """The paper's RPN settings (the config's defaults) with small top-k's, on P2..P6."""
+    settings = {**RPNConfig().to_dict(), "pre_nms_top_k_train": 500, "post_nms_top_k_train": 200,
+                "pre_nms_top_k_test": 300, "post_nms_top_k_test": 100, **overrides}
+    if anchor_sizes is None:
+        anchor_sizes = {f"P{l}": (s,) for l, s in zip(range(2, 7), (16, 32, 64, 128, 256))}
+    return RegionProposalNetwork(anchor_sizes=anchor_sizes, aspect_ratios=(0.5, 1.0, 2.0),
+                                 **settings)
+
+
+def tiny_roi_heads(num_classes=3, **overrides):
+    settings = {**RoIConfig().to_dict(), **DetectionConfig().to_dict(), "fc_dims": 128,
+                "batch_size_per_image": 64, **overrides}
+    return RoIHeads(num_classes=num_classes, **settings)
+
+
 def tiny_model(size=128):
     fpn = build_fpn_model("small_resnet", num_channels=32, widths=(16, 32, 64, 64),
                           stem_width=16, input_shape=(size, size, 3))
-    return FasterRCNN(
-        fpn, num_classes=3, anchor_sizes=(16, 32, 64, 128, 256), fc_dims=128,
-        rpn=dict(pre_nms_top_k_train=500, post_nms_top_k_train=200, pre_nms_top_k_test=300,
-                 post_nms_top_k_test=100),
-        roi=dict(batch_size_per_image=64), category_ids=CATEGORY_IDS)
+    return FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(), category_ids=CATEGORY_IDS)
 
 
 def test_overfits_a_fixed_batch_and_then_detects_its_boxes():
@@ -140,23 +154,50 @@ def test_boxes_map_back_to_the_original_image_with_image_info():
 
 def test_rejects_inconsistent_arguments():
     fpn = build_fpn_model("small_resnet", num_channels=8, widths=(8, 8, 8, 8), stem_width=8)
-    with pytest.raises(ValueError, match="anchor sizes"):
-        FasterRCNN(fpn, num_classes=2, anchor_sizes=(32, 64))
+    with pytest.raises(ValueError, match="anchor sizes for levels .'P7'. that the pyramid"):
+        FasterRCNN(fpn, tiny_rpn({"P2": (32,), "P7": (64,)}), tiny_roi_heads(2))
+    with pytest.raises(ValueError, match="model.anchor.sizes has 2 entries"):
+        anchor_sizes_for(ExperimentConfig.from_dict({"model.anchor.sizes": [32, 64]}).model,
+                         ["P2", "P3", "P4", "P5", "P6"])
+    with pytest.raises(ValueError, match="same anchors per location"):
+        tiny_rpn({"P2": (32,), "P3": (64, 128)})
     with pytest.raises(ValueError, match="category ids"):
-        FasterRCNN(fpn, num_classes=2, category_ids=[1, 2, 3])
+        FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2), category_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match="no pyramid level in roi.min_level..max_level"):
+        FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2, min_level=7, max_level=8))
 
 
 def test_builds_from_the_cpu_demo_config():
     from fpn_tf.configs.loader import load_config
     cfg = load_config("configs/cpu_demo.yaml")
     model = build_model(cfg.model, category_ids=[1, 3, 7, 9])
-    assert model.num_classes == 4 and model.rpn_head_channels == 128
-    assert model.anchor_sizes == {"P2": (16.0,), "P3": (32.0,), "P4": (64.0,), "P5": (128.0,),
-                                  "P6": (256.0,)}
-    assert model.box_head.fc_dims == 256 and model.roi_params.batch_size_per_image == 128
+    assert model.num_classes == 4 and model.rpn.head.channels == 128
+    assert model.rpn.anchor_sizes == {"P2": (16.0,), "P3": (32.0,), "P4": (64.0,),
+                                      "P5": (128.0,), "P6": (256.0,)}
+    assert model.roi_heads.box_head.fc_dims == 256
+    assert model.roi_heads.batch_size_per_image == 128
     out = model({"images": tf.zeros((1, 320, 480, 3)),
                  "image_info": tf.constant([[[320, 480], [320, 480], [1, 1], [0, 0]]], tf.float32)})
     assert out["detection_boxes"].shape == (1, 100, 4)
+
+
+def test_every_setting_of_the_model_sections_reaches_its_layer():
+    """Each field of model.rpn / model.roi / model.detection is a keyword argument of its layer,
+    kept in its get_config (nms_impl included)."""
+    cfg = ExperimentConfig.from_dict({
+        "model": {"backbone": {"type": "small_resnet"}, "fpn": {"num_channels": 16},
+                  "rpn": {"nms_impl": "padded", "nms_iou": 0.6, "pre_nms_top_k_test": 77},
+                  "roi": {"sampling_ratio": 0, "align_impl": "gather"},
+                  "detection": {"nms_impl": "combined", "max_detections": 33}}})
+    model = build_model(cfg.model, category_ids=[1, 2])
+    rpn_config, roi_config = model.rpn.get_config(), model.roi_heads.get_config()
+    for section, config in ((cfg.model.rpn, rpn_config), (cfg.model.roi, roi_config),
+                            (cfg.model.detection, roi_config)):
+        for name, value in section.to_dict().items():
+            assert config[name] == value, name
+    assert model.rpn.nms_impl == "padded" and model.roi_heads.nms_impl == "combined"
+    out = model(tf.zeros((1, 64, 96, 3)))          # adaptive RoIAlign runs end to end
+    assert out["detection_boxes"].shape == (1, 33, 4)
 
 
 def test_resnet50_fpn_at_800x1333_runs_one_training_step_on_cpu():
@@ -171,9 +212,9 @@ def test_resnet50_fpn_at_800x1333_runs_one_training_step_on_cpu():
                                    np.float32),
               "gt_classes": np.array([[3, 17] + [-1] * 8], np.int32),
               "gt_is_crowd": np.zeros((1, 10), bool)}
-    before = model.box_head.classifier.kernel.numpy().copy()
+    before = model.roi_heads.box_head.classifier.kernel.numpy().copy()
     logs = model.train_on_batch(features, labels, return_dict=True)
     assert set(logs) >= {"rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
                          "fast_rcnn_box_loss", "total_loss"}
     assert all(np.isfinite(v) for v in logs.values())
-    assert not np.allclose(before, model.box_head.classifier.kernel.numpy())
+    assert not np.allclose(before, model.roi_heads.box_head.classifier.kernel.numpy())

@@ -52,7 +52,7 @@ def tiny_config():
 def tiny_model(seed=0):
     keras.utils.set_random_seed(seed)
     model = build_model(tiny_config().model, category_ids=list(CATEGORY_MAP.dataset_ids))
-    classifier = model.box_head.classifier
+    classifier = model.roi_heads.box_head.classifier
     classifier.kernel.assign(classifier.kernel * 30.0)
     return model
 

@@ -62,27 +62,31 @@ def _bilinear(f, y, x):
             + ly * hx * f[y_hi, x_lo] + ly * lx * f[y_hi, x_hi])
 
 
-def _np_roi_align(f, roi, stride, out, sr, aligned):
+def _np_roi_align(f, roi, stride, out, sr, aligned, cap=None):
+    """detectron2's ROIAlign on one RoI; ``sr=0``: ceil(size / out) samples per bin and axis
+    (at most ``cap``, the bound of the static-shape version)."""
     off = 0.5 if aligned else 0.0
     y0, x0, y1, x1 = [c / stride - off for c in roi]
     rh, rw = y1 - y0, x1 - x0
     if not aligned:
         rh, rw = max(rh, 1.0), max(rw, 1.0)
     bh, bw = rh / out, rw / out
+    sy = sr if sr > 0 else min(max(math.ceil(rh / out), 0), cap)
+    sx = sr if sr > 0 else min(max(math.ceil(rw / out), 0), cap)
     res = np.zeros((out, out, f.shape[-1]))
     for i in range(out):
         for j in range(out):
             acc = 0.0
-            for a in range(sr):
-                for b in range(sr):
-                    y = y0 + i * bh + (a + 0.5) * bh / sr
-                    x = x0 + j * bw + (b + 0.5) * bw / sr
+            for a in range(sy):
+                for b in range(sx):
+                    y = y0 + i * bh + (a + 0.5) * bh / sy
+                    x = x0 + j * bw + (b + 0.5) * bw / sx
                     acc = acc + _bilinear(f, y, x)
-            res[i, j] = acc / (sr * sr)
+            res[i, j] = acc / max(sy * sx, 1)
     return res
 
 
-def _np_multilevel(features, rois, out, sr, aligned):
+def _np_multilevel(features, rois, out, sr, aligned, cap=None):
     bsz, r = rois.shape[:2]
     c = next(iter(features.values())).shape[-1]
     res = np.zeros((bsz, r, out, out, c))
@@ -92,7 +96,7 @@ def _np_multilevel(features, rois, out, sr, aligned):
             area = max(y1 - y0, 0) * max(x1 - x0, 0)
             lvl = 2 if area <= 0 else int(np.clip(np.floor(4 + np.log2(np.sqrt(area) / 224)), 2, 5))
             res[b, k] = _np_roi_align(features[f"P{lvl}"][b].astype(np.float64), rois[b, k],
-                                      2.0 ** lvl, out, sr, aligned)
+                                      2.0 ** lvl, out, sr, aligned, cap)
     return res
 
 
@@ -154,6 +158,38 @@ def test_roi_align_matches_numpy_reference(aligned):
     np.testing.assert_allclose(got3, _np_multilevel({k: v[:1] for k, v in feats.items()},
                                                     rois[:1, :6], 3, 3, aligned),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["gather", "crop_and_resize"])
+def test_adaptive_sampling_matches_numpy_reference(impl):
+    """sampling_ratio=0: ceil(size / output_size) samples per bin along each axis, per RoI (1 to
+    6 here), capped at max_sampling_ratio; crop_and_resize falls back to the gather."""
+    rng = np.random.default_rng(2)
+    img_h, img_w, c = 192, 256, 3
+    feats = {f"P{l}": rng.normal(size=(1, math.ceil(img_h / 2 ** l),
+                                       math.ceil(img_w / 2 ** l), c)).astype(np.float32)
+             for l in range(2, 6)}
+    side = np.exp(rng.uniform(np.log(4), np.log(400), (1, 20, 2)))
+    yx = rng.uniform(-40, 180, (1, 20, 2))
+    rois = np.concatenate([yx, yx + side], -1).astype(np.float32)
+    rois[0, 0] = [20, 20, 20, 20]                 # zero size: no sample, zeros
+    rois[0, 1] = [0, 0, 24, 250]                  # long and thin, P2: counts 2 and 21 (capped)
+    rois[0, 2] = [-100, -100, 400, 500]           # clamped to P5: counts 6 and 7 (capped at 4)
+    rois[0, 3] = [10, 10, 34, 34]                 # 6 cells of P2 / 3 bins: 2 samples per axis
+    tensors = {k: tf.constant(v) for k, v in feats.items()}
+    for cap in (4, 16):
+        got = roi_ops.multilevel_roi_align(tensors, tf.constant(rois), output_size=3,
+                                           sampling_ratio=0, impl=impl,
+                                           max_sampling_ratio=cap).numpy()
+        ref = _np_multilevel(feats, rois, 3, 0, True, cap)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got[0, 0], 0.0)
+    # The counts differ per RoI: a fixed ratio gives other values for some RoIs.
+    fixed = _np_multilevel(feats, rois, 3, 2, True)
+    assert np.abs(fixed - ref).max() > 1e-2
+    np.testing.assert_allclose(fixed[0, 3], ref[0, 3], atol=1e-9)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_ops.multilevel_roi_align(tensors, tf.constant(rois), sampling_ratio=-1)
 
 
 def test_roi_align_gradient_and_dtype():

@@ -86,12 +86,12 @@ def test_detector_gradients_are_the_same_with_the_sparse_and_the_dense_rpn_backw
     features, labels = fixed_batch()
     grads = {}
     for sparse in (True, False):
-        model.rpn_head.sparse_backward = sparse
+        model.rpn.head.sparse_backward = sparse
         tf.random.set_seed(7)          # the same anchor and RoI samples in both runs
         with tf.GradientTape() as tape:
             losses = model.compute_losses(features, labels, training=True)
         grads[sparse] = tape.gradient(losses["total_loss"], model.trainable_variables)
-    rpn_names = [v.path for v in model.rpn_head.trainable_variables]
+    rpn_names = [v.path for v in model.rpn.head.trainable_variables]
     assert len(rpn_names) == 6
     for var, s, d in zip(model.trainable_variables, grads[True], grads[False]):
         np.testing.assert_allclose(s.numpy(), d.numpy(), rtol=1e-4, atol=1e-6, err_msg=var.path)

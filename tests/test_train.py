@@ -45,7 +45,7 @@ def test_non_finite_loss_stops_without_saving_it(tiny_config, tmp_path):
     trainer = Trainer(tiny_config, model_dir)
     trainer.train(total_steps=2)
     # Poison a weight: every later loss is NaN.
-    kernel = trainer.model.box_head.classifier.kernel
+    kernel = trainer.model.roi_heads.box_head.classifier.kernel
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*ckpt-2"):
         trainer.train(total_steps=4)
@@ -81,12 +81,12 @@ def test_non_finite_weights_stop_a_skipping_run_instead_of_spinning(tiny_config,
     tiny_config.train.on_nan = "skip"
     trainer = Trainer(tiny_config, str(tmp_path / "skip"))
     trainer.train(total_steps=1)
-    kernel = trainer.model.box_head.classifier.kernel
+    kernel = trainer.model.roi_heads.box_head.classifier.kernel
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
-    before = trainer.model.box_head.fcs[0].kernel.numpy().copy()
+    before = trainer.model.roi_heads.box_head.fcs[0].kernel.numpy().copy()
     with pytest.raises(NonFiniteLossError, match=r"step 2 .*3 non-finite batches in a row"):
         trainer.train(total_steps=4)
-    np.testing.assert_array_equal(before, trainer.model.box_head.fcs[0].kernel.numpy())
+    np.testing.assert_array_equal(before, trainer.model.roi_heads.box_head.fcs[0].kernel.numpy())
     assert trainer.step == 1   # the updates (and the step counter) were skipped
 
 

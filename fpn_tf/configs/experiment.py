@@ -182,6 +182,8 @@ class RPNConfig(Config):
     head_sparse_backward: compute the head's gradient only at the positions the RPN loss reaches
       (the sampled anchors); equal to the dense gradient up to float rounding, and cheaper
       (fpn_tf/ops/rpn_head_ops.py). Off = TensorFlow's dense conv gradients.
+    nms_impl: the proposals' NMS, same boxes either way: "per_image" (a map over images of the
+      greedy NMS op; faster on CPUs, XLA-compatible) or "padded" (one batched padded NMS op).
     """
 
     head_channels: Optional[int] = field(None, positive)
@@ -198,6 +200,7 @@ class RPNConfig(Config):
     min_box_size: float = field(0.0, non_negative)
     smooth_l1_beta: float = field(1.0 / 9.0, non_negative)
     loss_weight: float = field(1.0, non_negative)
+    nms_impl: Literal["per_image", "padded"] = "per_image"
 
     def _check_values(self, p):
         _require(
@@ -213,7 +216,8 @@ class RoIConfig(Config):
 
     An RoI of w×h input pixels goes to level k = floor(canonical_level + log2(sqrt(wh) /
     canonical_size)) clamped to [min_level, max_level] (Eq. 1), then RoIAlign output_size² with
-    sampling_ratio samples per bin (0 = adaptive), num_fc hidden fc layers of fc_dims + ReLU.
+    sampling_ratio samples per bin (0 = adaptive: ceil(RoI size in cells / output_size) per axis,
+    at most 4; fpn_tf/ops/roi_ops.py), num_fc hidden fc layers of fc_dims + ReLU.
     Training samples batch_size_per_image RoIs per image (ground truth added to the proposals),
     positive_fraction of them foreground (IoU >= foreground_iou), the rest background (IoU below).
     box_weights: box-coder weights of the class-specific deltas.
@@ -258,11 +262,17 @@ class RoIConfig(Config):
 
 @dataclasses.dataclass
 class DetectionConfig(Config):
-    """Inference post-processing: score threshold, per-class NMS, detections kept per image."""
+    """Inference post-processing: score threshold, per-class NMS, detections kept per image.
+
+    nms_impl: the per-class NMS: "per_image" or "padded" (one class-agnostic NMS over
+      class-shifted boxes; XLA-compatible) or "combined" (tf.image.combined_non_max_suppression;
+      no XLA kernel); the same detections unless over 5000 candidates pass score_threshold.
+    """
 
     score_threshold: float = field(0.05, unit_interval)
     nms_iou: float = field(0.5, unit_interval)
     max_detections: int = field(100, positive)
+    nms_impl: Literal["per_image", "padded", "combined"] = "per_image"
 
 
 @dataclasses.dataclass

@@ -210,21 +210,3 @@ def build_backbone(backbone_type: str = "resnet50", **kwargs) -> keras.Model:
         return build_small_resnet_backbone(**kwargs)
     raise ValueError(
         f"unknown backbone type {backbone_type!r}; expected resnet50, resnet101 or small_resnet")
-
-
-def backbone_from_config(cfg) -> keras.Model:
-    """Builds the backbone from a ``model.backbone`` config (attributes or dict)."""
-    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    kind = get("type", "resnet50")
-    kwargs = dict(freeze_at=get("freeze_at", 2), freeze_bn=get("freeze_bn", True),
-                  fold_frozen_bn=get("fold_frozen_bn", True))
-    if kind == "small_resnet":
-        for key in ("widths", "blocks", "stem_width"):
-            if get(key) is not None:
-                kwargs[key] = tuple(get(key)) if key != "stem_width" else get(key)
-    else:
-        kwargs["weights"] = get("weights")
-    backbone = build_backbone(kind, **kwargs)
-    if get("sync_batch_norm", False) and not kwargs["freeze_bn"]:
-        backbone = synchronize_batch_norm(backbone)
-    return backbone

@@ -1,6 +1,8 @@
 """Builds the detector from a ``model`` config section (`fpn_tf.configs.experiment.ModelConfig`).
 
-Components take explicit arguments; this module is the one place that reads a config to call them.
+The one place a config becomes components: each component takes explicit arguments (named as the
+config's fields where it has a section: `RegionProposalNetwork` takes ``model.rpn``, `RoIHeads`
+``model.roi`` and ``model.detection``), and the config dataclasses hold the paper's numbers.
 """
 
 from __future__ import annotations
@@ -10,14 +12,25 @@ from typing import Sequence
 
 import keras
 
-from fpn_tf.modeling.backbones import backbone_from_config
-from fpn_tf.modeling.faster_rcnn import DetectionParams, FasterRCNN, RoIParams, RPNParams
+from fpn_tf.modeling.backbones import build_backbone, synchronize_batch_norm
+from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model, build_single_scale_model
+from fpn_tf.modeling.roi_heads import RoIHeads
+from fpn_tf.modeling.rpn import RegionProposalNetwork
+from fpn_tf.ops.anchors import level_number
 
 
-def _pick(section, cls):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in dataclasses.asdict(section).items() if k in fields}
+def build_backbone_from_config(backbone_cfg) -> keras.Model:
+    """The bottom-up pathway of a ``model.backbone`` section."""
+    kwargs = dict(weights=backbone_cfg.weights, freeze_at=backbone_cfg.freeze_at,
+                  freeze_bn=backbone_cfg.freeze_bn, fold_frozen_bn=backbone_cfg.fold_frozen_bn)
+    if backbone_cfg.type == "small_resnet":
+        kwargs.update(widths=tuple(backbone_cfg.widths), blocks=tuple(backbone_cfg.blocks),
+                      stem_width=backbone_cfg.stem_width)
+    backbone = build_backbone(backbone_cfg.type, **kwargs)
+    if backbone_cfg.sync_batch_norm and not backbone_cfg.freeze_bn:
+        backbone = synchronize_batch_norm(backbone)
+    return backbone
 
 
 def anchor_sizes_for(model_cfg, levels: Sequence[str]):
@@ -33,14 +46,29 @@ def anchor_sizes_for(model_cfg, levels: Sequence[str]):
 
 def build_fpn_from_config(model_cfg, input_shape=(None, None, 3)) -> keras.Model:
     fpn_cfg = model_cfg.fpn
+    backbone = build_backbone_from_config(model_cfg.backbone)
     if fpn_cfg.single_scale_level:
-        return build_single_scale_model(backbone_from_config(model_cfg.backbone),
-                                        fpn_cfg.single_scale_level, input_shape=input_shape)
+        return build_single_scale_model(backbone, fpn_cfg.single_scale_level,
+                                        input_shape=input_shape)
     return build_fpn_model(
-        backbone_from_config(model_cfg.backbone), num_channels=fpn_cfg.num_channels,
-        min_level=fpn_cfg.min_level, max_level=fpn_cfg.max_level,
-        use_top_down=fpn_cfg.use_top_down, use_lateral=fpn_cfg.use_lateral,
-        output_levels=fpn_cfg.levels_used, input_shape=input_shape)
+        backbone, num_channels=fpn_cfg.num_channels, min_level=fpn_cfg.min_level,
+        max_level=fpn_cfg.max_level, use_top_down=fpn_cfg.use_top_down,
+        use_lateral=fpn_cfg.use_lateral, output_levels=fpn_cfg.levels_used,
+        input_shape=input_shape)
+
+
+def build_rpn(model_cfg, levels: Sequence[str]) -> RegionProposalNetwork:
+    """The RPN of ``model.rpn`` with the ``model.anchor`` anchors on ``levels``."""
+    return RegionProposalNetwork(
+        anchor_sizes=anchor_sizes_for(model_cfg, levels),
+        aspect_ratios=model_cfg.anchor.aspect_ratios, name="rpn",
+        **dataclasses.asdict(model_cfg.rpn))
+
+
+def build_roi_heads(model_cfg, num_classes: int) -> RoIHeads:
+    """The RoI heads of ``model.roi`` and ``model.detection``."""
+    return RoIHeads(num_classes=num_classes, name="roi_heads",
+                    **dataclasses.asdict(model_cfg.roi), **dataclasses.asdict(model_cfg.detection))
 
 
 def build_model(model_cfg, category_ids: Sequence[int] | None = None,
@@ -53,10 +81,6 @@ def build_model(model_cfg, category_ids: Sequence[int] | None = None,
         raise ValueError(f"model.num_classes={num_classes} but the dataset has "
                          f"{len(category_ids)} categories")
     fpn = build_fpn_from_config(model_cfg, input_shape)
-    levels = sorted(fpn.output.keys(), key=lambda k: int(k[1:]))
-    return FasterRCNN(
-        fpn, num_classes=num_classes, anchor_sizes=anchor_sizes_for(model_cfg, levels),
-        aspect_ratios=model_cfg.anchor.aspect_ratios, rpn_head_channels=model_cfg.rpn.head_channels,
-        fc_dims=model_cfg.roi.fc_dims, num_fc=model_cfg.roi.num_fc,
-        rpn=_pick(model_cfg.rpn, RPNParams), roi=_pick(model_cfg.roi, RoIParams),
-        detection=_pick(model_cfg.detection, DetectionParams), category_ids=category_ids)
+    levels = sorted(fpn.output.keys(), key=level_number)
+    return FasterRCNN(fpn, build_rpn(model_cfg, levels), build_roi_heads(model_cfg, num_classes),
+                      category_ids=category_ids)

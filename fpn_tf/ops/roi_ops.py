@@ -34,8 +34,21 @@ coordinate ``(i, j)``; an image point ``p`` maps to ``p / stride - 0.5``. A RoI 
 split into ``output_size x output_size`` bins; each bin is sampled on a regular
 ``sampling_ratio x sampling_ratio`` grid at the sub-cell centres and the bilinear
 samples are averaged. ``aligned=False`` reproduces the legacy (no -0.5 shift,
-RoI size at least 1 cell) convention. An adaptive sampling ratio (detectron2's
-``sampling_ratio=0``) is not supported: it would make shapes dynamic.
+RoI size at least 1 cell) convention.
+
+Adaptive sampling (``sampling_ratio=0``, detectron2's FPN configs): each RoI takes
+``ceil(roi_height / output_size)`` samples per bin along y and ``ceil(roi_width /
+output_size)`` along x (RoI size in cells of its level), so a bin is sampled about once
+per feature cell whatever the RoI's size. To keep shapes static the count per axis is
+capped at ``max_sampling_ratio``: the gather reads ``max_sampling_ratio`` samples per axis
+and weighs the ones beyond a RoI's count by 0, so memory and time are those of a fixed
+ratio equal to the cap. A RoI that Eq. 1 assigns inside the level range is below
+``2 * canonical_size`` pixels in sqrt(area), i.e. below 14 cells of its level, so a square
+RoI needs at most 2 samples per axis and a 1:4 one at most 4; only RoIs clamped to the top
+level or longer than 1:4 reach the cap, and they are then sampled on the capped regular
+grid (still the bin's mean over evenly spaced points, just fewer of them than detectron2
+takes). ``impl="crop_and_resize"`` has no adaptive form (one crop size per call): with
+``sampling_ratio=0`` the gather runs instead.
 
 Points outside the map, exactly as detectron2's ``bilinear_interpolate``: a
 sample with ``y < -1`` or ``y > H`` (or the same for ``x`` with ``W``) contributes
@@ -132,7 +145,7 @@ def _level_features(features, min_level, max_level):
 
 def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligned=True,
                          min_level=2, max_level=5, canonical_size=224.0, canonical_level=4,
-                         roi_levels=None, impl="auto", training=None):
+                         roi_levels=None, impl="auto", training=None, max_sampling_ratio=4):
     """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
 
     ``impl``: "gather" (the batched gather + matmul below; static shapes, XLA), "crop_and_resize"
@@ -154,29 +167,33 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
         levels such as P6 are ignored); level ``l`` has stride ``2**l``.
       rois: float [B, R, 4] yxyx in input-image pixels.
       output_size: int, the pooled size (7).
-      sampling_ratio: int >= 1, samples per bin along each axis (2).
+      sampling_ratio: int, samples per bin along each axis (2); 0 = adaptive (module
+        docstring), at most ``max_sampling_ratio`` per axis.
       aligned: detectron2's ``aligned=True`` (-0.5 pixel shift).
       min_level, max_level, canonical_size, canonical_level: Eq. 1 (2, 5, 224, 4).
       roi_levels: optional int32 [B, R] levels overriding Eq. 1.
       impl: "auto", "gather" or "crop_and_resize" (see above).
       training: whether a gradient will be taken (decides "auto").
+      max_sampling_ratio: the cap of adaptive sampling (ignored when ``sampling_ratio > 0``).
     Returns:
       [B, R, output_size, output_size, C] with the features' dtype.
     """
-    if sampling_ratio < 1:
-        raise ValueError("sampling_ratio must be >= 1 (adaptive sampling is not supported)")
+    if sampling_ratio < 0 or (sampling_ratio == 0 and max_sampling_ratio < 1):
+        raise ValueError(f"sampling_ratio must be >= 1, or 0 (adaptive) with max_sampling_ratio "
+                         f">= 1; got {sampling_ratio} and {max_sampling_ratio}")
     kwargs = dict(output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
                   min_level=min_level, max_level=max_level, canonical_size=canonical_size,
                   canonical_level=canonical_level)
+    gather_kwargs = dict(kwargs, max_sampling_ratio=max_sampling_ratio)
     rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
     if roi_levels is not None:
         roi_levels = tf.stop_gradient(roi_levels)
     if impl == "auto":
         impl = "gather" if (training or in_xla_context()) else "crop_and_resize"
-    if impl == "gather":
-        return _roi_align_gather(features, rois, roi_levels=roi_levels, **kwargs)
-    if impl != "crop_and_resize":
+    if impl not in ("gather", "crop_and_resize"):
         raise ValueError(f"unknown RoIAlign impl {impl!r}")
+    if impl == "gather" or sampling_ratio == 0:
+        return _roi_align_gather(features, rois, roi_levels=roi_levels, **gather_kwargs)
     levels = _level_features(features, min_level, max_level)
     names = [f"P{l}" for l, _ in levels]
     maps = [f for _, f in levels]
@@ -190,7 +207,7 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
             with tf.GradientTape() as tape:
                 tape.watch(maps)
                 ref = _roi_align_gather(dict(zip(names, maps)), rois, roi_levels=roi_levels,
-                                        **kwargs)
+                                        **gather_kwargs)
             return tape.gradient(ref, list(maps), output_gradients=dy)
 
         return out, grad
@@ -244,7 +261,8 @@ def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligne
 
 
 def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_level,
-                      max_level, canonical_size, canonical_level, roi_levels):
+                      max_level, canonical_size, canonical_level, roi_levels,
+                      max_sampling_ratio):
     """impl="gather" (the module docstring)."""
     levels = _level_features(features, min_level, max_level)
     dtype = levels[0][1].dtype
@@ -279,16 +297,35 @@ def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_
     offset = tf.gather(offsets, lvl)  # [B, R]
 
     y0, x0, roi_h, roi_w = _roi_in_cells(rois, stride, aligned)
-    # Sample positions inside the RoI in units of bins: [out, sr].
-    grid = (tf.range(output_size, dtype=tf.float32)[:, None]
-            + (tf.range(sampling_ratio, dtype=tf.float32)[None, :] + 0.5) / sampling_ratio)
+    adaptive = sampling_ratio == 0
+    if adaptive:
+        sampling_ratio = int(max_sampling_ratio)
+    bins = tf.range(output_size, dtype=tf.float32)[:, None]
+    steps = tf.range(sampling_ratio, dtype=tf.float32)[None, :] + 0.5
+    if adaptive:
+        # Per RoI and axis: n = ceil(size / output_size) samples per bin, capped; samples past
+        # n get weight 0 and the bin's mean divides by n_y * n_x (at least 1, as detectron2).
+        n_y = tf.clip_by_value(tf.math.ceil(roi_h / output_size), 0.0, float(sampling_ratio))
+        n_x = tf.clip_by_value(tf.math.ceil(roi_w / output_size), 0.0, float(sampling_ratio))
+        grid_y = bins + steps / tf.maximum(n_y, 1.0)[..., None, None]  # [B, R, out, sr]
+        grid_x = bins + steps / tf.maximum(n_x, 1.0)[..., None, None]
+        used_y = tf.cast(steps < n_y[..., None, None], tf.float32)  # [B, R, 1, sr]
+        used_x = tf.cast(steps < n_x[..., None, None], tf.float32)
+        count = tf.maximum(n_y * n_x, 1.0)[..., None, None, None, None]  # [B, R, 1, 1, 1, 1]
+    else:
+        # Sample positions inside the RoI in units of bins: [out, sr].
+        grid_y = grid_x = bins + steps / sampling_ratio
+        count = float(sampling_ratio * sampling_ratio)
     bin_h = (roi_h / output_size)[..., None, None]
     bin_w = (roi_w / output_size)[..., None, None]
-    ys = y0[..., None, None] + grid * bin_h  # [B, R, out, sr]
-    xs = x0[..., None, None] + grid * bin_w
+    ys = y0[..., None, None] + grid_y * bin_h  # [B, R, out, sr]
+    xs = x0[..., None, None] + grid_x * bin_w
 
     y_lo, y_hi, wy_lo, wy_hi = _axis_sample(ys, height, tf.cast(height, tf.float32))
     x_lo, x_hi, wx_lo, wx_hi = _axis_sample(xs, width, tf.cast(width, tf.float32))
+    if adaptive:
+        wy_lo, wy_hi = wy_lo * used_y, wy_hi * used_y
+        wx_lo, wx_hi = wx_lo * used_x, wx_hi * used_x
     y_idx = tf.stack([y_lo, y_hi], axis=-1)  # [B, R, out, sr, 2]
     x_idx = tf.stack([x_lo, x_hi], axis=-1)
     wy = tf.stack([wy_lo, wy_hi], axis=-1)
@@ -306,7 +343,7 @@ def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_
     num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
     index = tf.reshape(index, [batch, num_rois, output_size, output_size, k])
     weight = tf.reshape(weight, [batch, num_rois, output_size, output_size, 1, k])
-    weight = tf.cast(weight / float(sampling_ratio * sampling_ratio), dtype)
+    weight = tf.cast(weight / count, dtype)
     values = tf.gather(table, index)  # [B, R, out, out, K, C]
     pooled = tf.linalg.matmul(weight, values)  # [B, R, out, out, 1, C]
     return tf.squeeze(pooled, axis=-2)

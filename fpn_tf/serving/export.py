@@ -112,7 +112,7 @@ def export_saved_model(model, export_dir: str | os.PathLike,
 
     Args:
       model: a `FasterRCNN` (float32 variables; a mixed-precision model is exported as it
-        computes). Its ``detection_params`` (score threshold, NMS) apply as they are.
+        computes). Its ``roi_heads`` detection settings (score threshold, NMS) apply as they are.
       export_dir: the SavedModel directory, e.g. ``exports/fpn/1`` (TF Serving wants a numbered
         version directory under the model's base path). A SavedModel already there is replaced;
         any other non-empty directory is refused.

@@ -1,0 +1,194 @@
+"""fpn_tf.modeling.rpn: the RPN head (one set of weights for every level) and the
+RegionProposalNetwork layer on its own (anchors, targets, proposals, losses, serialisation)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fpn_tf.configs.experiment import RPNConfig
+from fpn_tf.modeling.losses import rpn_losses
+from fpn_tf.modeling.rpn import RegionProposalNetwork, RPNHead
+from fpn_tf.ops import anchors as anchor_ops
+from fpn_tf.ops import box_ops, target_assigner
+
+
+def _pyramid(rng, channels=16):
+    return {"P2": tf.constant(rng.normal(size=(2, 12, 10, channels)), tf.float32),
+            "P3": tf.constant(rng.normal(size=(2, 6, 5, channels)), tf.float32)}
+
+
+def test_rpn_head_applies_the_same_convs_on_every_level_in_values_and_gradients():
+    rng = np.random.default_rng(0)
+    features = _pyramid(rng)
+    head = RPNHead(num_anchors=3, channels=8)
+    head(features)
+    for layer in (head.objectness, head.box_deltas):  # non-zero biases, larger kernels
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype("float32"))
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    assert len(head.weights) == 6  # one set of weights for all levels
+    with tf.GradientTape(persistent=True) as tape:
+        logits, deltas = head(features)
+        ref_logits, ref_deltas = {}, {}
+        for level, x in features.items():
+            hidden = head.conv(x)
+            ref_logits[level], ref_deltas[level] = head.objectness(hidden), head.box_deltas(hidden)
+        loss = tf.add_n([tf.reduce_sum(logits[l] ** 2) + tf.reduce_sum(deltas[l] ** 2)
+                         for l in features])
+        ref_loss = tf.add_n([tf.reduce_sum(ref_logits[l] ** 2) + tf.reduce_sum(ref_deltas[l] ** 2)
+                             for l in features])
+    for level, x in features.items():
+        assert logits[level].shape == x.shape[:3] + (3,)
+        assert deltas[level].shape == x.shape[:3] + (12,)
+        np.testing.assert_allclose(logits[level], ref_logits[level], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(deltas[level], ref_deltas[level], rtol=1e-5, atol=1e-5)
+    assert float(tf.reduce_max(tf.abs(deltas["P2"]))) > 1.0
+    for grad, ref in zip(tape.gradient(loss, head.weights), tape.gradient(ref_loss, head.weights)):
+        np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rpn_head_config_round_trip_and_functional_use():
+    head = RPNHead(num_anchors=5, channels=12, name="rpn")
+    clone = RPNHead.from_config(head.get_config())
+    assert (clone.num_anchors, clone.channels, clone.name) == (5, 12, "rpn")
+    x = keras.Input((None, None, 16))
+    logits, deltas = clone({"P4": x})
+    model = keras.Model(x, [logits["P4"], deltas["P4"]])
+    a, b = model(np.zeros((1, 4, 4, 16), "float32"))
+    assert a.shape == (1, 4, 4, 5) and b.shape == (1, 4, 4, 20)
+
+
+# ------------------------------------------------------------------ RegionProposalNetwork
+
+SIZES = {"P3": (32.0,), "P4": (64.0,)}
+IMAGE = 64   # P3: 8x8 cells, P4: 4x4
+
+
+def _rpn(**overrides):
+    return RegionProposalNetwork(anchor_sizes=SIZES, aspect_ratios=(0.5, 1.0, 2.0),
+                                 **{**RPNConfig().to_dict(), **overrides})
+
+
+def _features(rng=None, channels=4, batch=1):
+    make = (lambda s: rng.normal(size=s)) if rng is not None else np.zeros
+    return {"P3": tf.constant(make((batch, 8, 8, channels)), tf.float32),
+            "P4": tf.constant(make((batch, 4, 4, channels)), tf.float32)}
+
+
+def _valid_hw(batch=1):
+    return tf.constant([[IMAGE, IMAGE]] * batch, tf.float32)
+
+
+def _labels(boxes):
+    n = len(boxes)
+    return {"gt_boxes": tf.constant([boxes], tf.float32),
+            "gt_classes": tf.ones((1, n), tf.int32), "gt_is_crowd": tf.zeros((1, n), tf.bool)}
+
+
+def _plant_head(rpn, channels):
+    """Head = identity at the centre tap, objectness of anchor type 1 (ratio 1) = channel 0,
+    no box deltas: the scores are the planted feature."""
+    head = rpn.head
+    kernel = np.zeros(head.conv.kernel.shape, np.float32)
+    kernel[1, 1] = np.eye(channels, head.channels)
+    head.conv.kernel.assign(kernel)
+    head.conv.bias.assign(np.zeros(head.conv.bias.shape, np.float32))
+    obj = np.zeros(head.objectness.kernel.shape, np.float32)
+    obj[0, 0, 0, 1] = 1.0
+    head.objectness.kernel.assign(obj)
+    head.objectness.bias.assign(np.full(head.objectness.bias.shape, -3.0, np.float32))
+    for w in (head.box_deltas.kernel, head.box_deltas.bias):
+        w.assign(np.zeros(w.shape, np.float32))
+
+
+def test_rpn_alone_shapes_and_static_anchor_count():
+    rpn = _rpn(pre_nms_top_k_test=50, post_nms_top_k_test=20)
+    proposals, losses = rpn(_features(np.random.default_rng(0), batch=2), _valid_hw(2))
+    assert losses == {} and rpn.head.channels == 4 and rpn.num_anchors == 3
+    assert proposals.boxes.shape == (2, 20, 4) and proposals.scores.shape == (2, 20)
+    assert proposals.valid.dtype == tf.bool
+    anchors = rpn.anchors((IMAGE, IMAGE))
+    assert [a.shape[0] for a in anchors.values()] == [8 * 8 * 3, 4 * 4 * 3]
+    # Proposals lie inside the valid image.
+    assert float(tf.reduce_min(proposals.boxes)) >= 0.0
+    assert float(tf.reduce_max(proposals.boxes)) <= IMAGE
+
+
+def test_planted_ground_truth_gives_positive_anchors_at_its_place():
+    rpn = _rpn()
+    rpn(_features(), _valid_hw())
+    anchors = rpn.anchors((IMAGE, IMAGE))
+    all_anchors, _ = anchor_ops.concat_anchors(anchors)
+    # The P3 anchor of cell (y=2, x=5), ratio 1 (type 1): centre (20, 44), side 32.
+    index = (2 * 8 + 5) * 3 + 1
+    gt = [4.0, 28.0, 36.0, 60.0]
+    np.testing.assert_allclose(all_anchors[index], gt)
+    targets = rpn.assign_targets(anchors, _labels([gt]))
+    labels = targets.labels.numpy()[0]
+    iou = box_ops.pairwise_iou(all_anchors, tf.constant([gt])).numpy()[:, 0]
+    assert labels[index] == 1
+    np.testing.assert_allclose(targets.box_targets[0, index], 0.0, atol=1e-6)
+    positives = np.flatnonzero(labels == 1)
+    assert (iou[positives] > 0.7).all()                      # only near the planted box
+    assert set(np.flatnonzero(iou > 0.7)) == set(positives)   # every such anchor (< 128 of them)
+    assert (iou[labels == 0] < 0.3).all()
+    assert (labels == 0).sum() == (iou < 0.3).sum()   # 240 anchors < 256: every negative taken
+
+
+def test_proposals_contain_the_planted_high_scoring_anchor():
+    rpn = _rpn(pre_nms_top_k_test=50, post_nms_top_k_test=10)
+    features = _features()
+    rpn(features, _valid_hw())
+    _plant_head(rpn, 4)
+    planted = features["P4"].numpy()
+    planted[0, 1, 2, 0] = 8.0     # P4 cell (1, 2): centre (24, 40), ratio-1 anchor side 64
+    features["P4"] = tf.constant(planted)
+    proposals, _ = rpn(features, _valid_hw())
+    # Anchor (-8, 8, 56, 72) clipped to the 64x64 image.
+    np.testing.assert_allclose(proposals.boxes[0, 0], [0.0, 8.0, 56.0, 64.0], atol=1e-4)
+    np.testing.assert_allclose(proposals.scores[0, 0], 1 / (1 + np.exp(-5.0)), rtol=1e-5)
+    assert float(proposals.scores[0, 1]) < 0.5
+    # With the ground truth the train top-k applies: post_nms_top_k_train (2000) rows.
+    train_proposals, losses = rpn(features, _valid_hw(), labels=_labels([[0, 8, 56, 64]]))
+    assert train_proposals.boxes.shape[1] == 2000 and proposals.boxes.shape[1] == 10
+    np.testing.assert_allclose(train_proposals.boxes[0, 0], [0.0, 8.0, 56.0, 64.0], atol=1e-4)
+    assert set(losses) == {"rpn_objectness_loss", "rpn_box_loss"}
+
+
+def test_rpn_losses_equal_the_functional_path_times_the_weight():
+    rng = np.random.default_rng(1)
+    rpn = _rpn(loss_weight=2.0)
+    features = _features(rng)
+    labels = _labels([[4.0, 28.0, 36.0, 60.0], [10.0, 5.0, 60.0, 30.0]])
+    tf.random.set_seed(3)
+    _, losses = rpn(features, _valid_hw(), labels=labels)
+    tf.random.set_seed(3)
+    logits, deltas = rpn.head(features)
+    all_anchors, _ = anchor_ops.concat_anchors(rpn.anchors((IMAGE, IMAGE)))
+    targets = target_assigner.assign_rpn_targets(
+        all_anchors, labels["gt_boxes"], labels["gt_classes"], labels["gt_is_crowd"],
+        positive_iou=0.7, negative_iou=0.3, num_samples=256, positive_fraction=0.5)
+    objectness, box = rpn_losses(
+        targets.labels, targets.box_targets,
+        tf.concat([tf.reshape(logits[l], [1, -1]) for l in ("P3", "P4")], 1),
+        tf.concat([tf.reshape(deltas[l], [1, -1, 4]) for l in ("P3", "P4")], 1), 256, 1.0 / 9)
+    np.testing.assert_allclose(losses["rpn_objectness_loss"], 2.0 * objectness, rtol=1e-6)
+    np.testing.assert_allclose(losses["rpn_box_loss"], 2.0 * box, rtol=1e-6)
+    assert float(box) > 0.0
+
+
+def test_rpn_get_config_round_trip_gives_the_same_proposals():
+    rng = np.random.default_rng(2)
+    rpn = _rpn(head_channels=6, nms_impl="padded", pre_nms_top_k_test=40, name="rpn")
+    features = _features(rng)
+    a, _ = rpn(features, _valid_hw())
+    config = rpn.get_config()
+    assert config["nms_impl"] == "padded" and config["head_channels"] == 6
+    assert config["anchor_sizes"] == {"P3": [32.0], "P4": [64.0]}
+    clone = RegionProposalNetwork.from_config(config)
+    assert clone.get_config() == config
+    clone(features, _valid_hw())
+    clone.set_weights(rpn.get_weights())
+    b, _ = clone(features, _valid_hw())
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-5)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    assert [v.path for v in clone.weights] == [v.path for v in rpn.weights]
