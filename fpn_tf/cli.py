@@ -27,6 +27,7 @@ def user_errors():
     from fpn_tf.configs.experiment import ConfigError
     from fpn_tf.data.errors import DataError
     from fpn_tf.training.trainer import CheckpointError, NonFiniteLossError
+
     try:
         yield
     except (ConfigError, DataError) as e:
@@ -47,8 +48,9 @@ def configure_tensorflow_environment(strategy: str) -> None:
     """
     if strategy != "one_device" and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
         if "tensorflow" in sys.modules:
-            logging.warning("TensorFlow is already imported: cannot turn oneDNN off for %s",
-                            strategy)
+            logging.warning(
+                "TensorFlow is already imported: cannot turn oneDNN off for %s", strategy
+            )
             return
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
         logging.info("TF_ENABLE_ONEDNN_OPTS=0 for the multi-replica strategy %s", strategy)

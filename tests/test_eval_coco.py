@@ -44,8 +44,14 @@ def _make_dataset(num_images=12, seed=0):
                 }
             )
     annotations.append(
-        {"id": len(annotations) + 1, "image_id": 101, "category_id": 1, "bbox": [0, 0, 300, 200],
-         "area": 60000.0, "iscrowd": 1}
+        {
+            "id": len(annotations) + 1,
+            "image_id": 101,
+            "category_id": 1,
+            "bbox": [0, 0, 300, 200],
+            "area": 60000.0,
+            "iscrowd": 1,
+        }
     )
     categories = [{"id": i, "name": NAMES[i]} for i in CATEGORY_IDS]
     return {"images": images, "annotations": annotations, "categories": categories}
@@ -75,13 +81,20 @@ def _per_image(dataset, crowd=False):
         classes.append(a["category_id"])
         crowds.append(bool(a["iscrowd"]))
         areas.append(a["area"])
-    return {k: tuple(np.array(v, np.float64).reshape(-1, 4) if i == 0 else np.array(v) for i, v in enumerate(t))
-            for k, t in out.items()}
+    return {
+        k: tuple(
+            np.array(v, np.float64).reshape(-1, 4) if i == 0 else np.array(v)
+            for i, v in enumerate(t)
+        )
+        for k, t in out.items()
+    }
 
 
 def _feed_perfect(evaluator, dataset, class_fn=lambda c: c):
     for image_id, (boxes, classes, _, _) in _per_image(dataset).items():
-        evaluator.add_detections(image_id, boxes, np.ones(len(boxes)), [class_fn(c) for c in classes])
+        evaluator.add_detections(
+            image_id, boxes, np.ones(len(boxes)), [class_fn(c) for c in classes]
+        )
 
 
 # ---- box AP ---------------------------------------------------------------------------------
@@ -104,7 +117,9 @@ def test_perfect_detections_give_ap_1(annotation_file, dataset, tmp_path):
 def test_perfect_detections_with_accumulated_groundtruth(dataset):
     evaluator = COCOEvaluator(categories=NAMES)
     for image_id, (boxes, classes, crowd, areas) in _per_image(dataset, crowd=True).items():
-        evaluator.add_groundtruth(image_id, boxes, classes, is_crowd=crowd, areas=areas, image_size=(480, 640))
+        evaluator.add_groundtruth(
+            image_id, boxes, classes, is_crowd=crowd, areas=areas, image_size=(480, 640)
+        )
     _feed_perfect(evaluator, dataset)
     metrics = evaluator.evaluate()
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
@@ -144,14 +159,20 @@ def test_results_json_is_coco_results_format(annotation_file, dataset, tmp_path)
     _feed_perfect(evaluator, dataset)
     evaluator.evaluate(output_dir=str(tmp_path))
     results = json.loads((tmp_path / "detections.json").read_text())
-    assert isinstance(results, list) and len(results) == sum(1 for a in dataset["annotations"] if not a["iscrowd"])
+    assert isinstance(results, list) and len(results) == sum(
+        1 for a in dataset["annotations"] if not a["iscrowd"]
+    )
     for r in results:
         assert set(r) == {"image_id", "category_id", "bbox", "score"}
         assert isinstance(r["image_id"], int) and isinstance(r["category_id"], int)
         assert len(r["bbox"]) == 4 and r["bbox"][2] > 0 and r["bbox"][3] > 0
     assert {r["category_id"] for r in results} <= set(CATEGORY_IDS)
     first = next(a for a in dataset["annotations"] if not a["iscrowd"])
-    match = [r for r in results if r["image_id"] == first["image_id"] and r["category_id"] == first["category_id"]]
+    match = [
+        r
+        for r in results
+        if r["image_id"] == first["image_id"] and r["category_id"] == first["category_id"]
+    ]
     assert any(np.allclose(r["bbox"], first["bbox"], atol=1e-3) for r in match)  # [x, y, w, h]
     # pycocotools itself accepts the file.
     gt = load_coco_groundtruth(annotation_file)
@@ -169,7 +190,7 @@ def test_update_state_batch_with_image_info_and_label_map(annotation_file, datas
     scale, offset = 800.0 / 480.0, 0.0
     image_ids = list(per_image)
     for start in range(0, len(image_ids), 4):
-        ids = image_ids[start:start + 4]
+        ids = image_ids[start : start + 4]
         n = 10
         boxes = np.zeros((len(ids), n, 4), np.float32)
         scores = np.zeros((len(ids), n), np.float32)
@@ -185,8 +206,14 @@ def test_update_state_batch_with_image_info_and_label_map(annotation_file, datas
             num[b] = k
             info[b] = [[480, 640], [800, 1067], [scale, scale], [offset, offset]]
         evaluator.update_state(
-            {"image_id": np.array(ids, np.int64), "detection_boxes": boxes, "detection_scores": scores,
-             "detection_classes": classes, "num_detections": num, "image_info": info}
+            {
+                "image_id": np.array(ids, np.int64),
+                "detection_boxes": boxes,
+                "detection_scores": scores,
+                "detection_classes": classes,
+                "num_detections": num,
+                "image_info": info,
+            }
         )
     results = evaluator.results()
     assert {r["category_id"] for r in results} <= set(CATEGORY_IDS)
@@ -202,15 +229,28 @@ def test_update_state_with_batched_groundtruth(dataset):
     gt_crowd = np.zeros((len(ids), m), bool)
     for b, image_id in enumerate(ids):
         boxes, classes, crowd, _ = per_image[image_id]
-        gt_boxes[b, :len(boxes)], gt_classes[b, :len(boxes)], gt_crowd[b, :len(boxes)] = boxes, classes, crowd
+        gt_boxes[b, : len(boxes)], gt_classes[b, : len(boxes)], gt_crowd[b, : len(boxes)] = (
+            boxes,
+            classes,
+            crowd,
+        )
     info = np.tile(np.array([[480, 640], [480, 640], [1, 1], [0, 0]], np.float32), (len(ids), 1, 1))
-    groundtruths = {"image_id": np.array(ids), "gt_boxes": gt_boxes, "gt_classes": gt_classes,
-                    "gt_is_crowd": gt_crowd, "image_info": info}
+    groundtruths = {
+        "image_id": np.array(ids),
+        "gt_boxes": gt_boxes,
+        "gt_classes": gt_classes,
+        "gt_is_crowd": gt_crowd,
+        "image_info": info,
+    }
     evaluator = COCOEvaluator(categories=CATEGORY_IDS)
     keep = ~gt_crowd & (gt_classes >= 0)
     evaluator.update_state(
-        {"image_id": np.array(ids), "detection_boxes": gt_boxes, "detection_scores": keep.astype(np.float32),
-         "detection_classes": np.where(keep, gt_classes, 0).astype(np.float32)},
+        {
+            "image_id": np.array(ids),
+            "detection_boxes": gt_boxes,
+            "detection_scores": keep.astype(np.float32),
+            "detection_classes": np.where(keep, gt_classes, 0).astype(np.float32),
+        },
         groundtruths,
     )
     assert evaluator.evaluate()["AP"] == pytest.approx(1.0)
@@ -262,12 +302,15 @@ def test_far_away_proposals_give_ar_0(annotation_file, dataset):
 
 def test_proposal_recall_counts_limit_and_iou_thresholds():
     """One image, two objects: AR@1 = 1/2; a proposal at IoU 0.72 is recalled at 5 of 10 thresholds."""
+
     def ann(i, bbox):
         return {"id": i, "image_id": 7, "category_id": 3, "bbox": bbox, "area": 100.0, "iscrowd": 0}
 
-    gt = {"images": [{"id": 7, "height": 100, "width": 100}],
-          "annotations": [ann(1, [0, 0, 10, 10]), ann(2, [50, 50, 10, 10])],
-          "categories": [{"id": 3, "name": "x"}]}
+    gt = {
+        "images": [{"id": 7, "height": 100, "width": 100}],
+        "annotations": [ann(1, [0, 0, 10, 10]), ann(2, [50, 50, 10, 10])],
+        "categories": [{"id": 3, "name": "x"}],
+    }
     evaluator = ProposalRecallEvaluator(gt, limits=(1, 2))
     evaluator.add_proposals(7, [[0, 0, 10, 10], [50, 50, 60, 57.2]], [0.9, 0.8])  # 2nd: IoU 0.72
     metrics = evaluator.evaluate()
@@ -286,11 +329,27 @@ def test_proposal_update_state_batch(dataset):
     num = np.zeros(len(ids), np.int32)
     for b, image_id in enumerate(ids):
         gt_boxes, gt_classes, _, _ = per_image[image_id]
-        boxes[b, :len(gt_boxes)], classes[b, :len(gt_boxes)], num[b] = gt_boxes, gt_classes, len(gt_boxes)
-    info = np.tile(np.array([[480, 640], [960, 1280], [2, 2], [0, 0]], np.float32), (len(ids), 1, 1))
+        boxes[b, : len(gt_boxes)], classes[b, : len(gt_boxes)], num[b] = (
+            gt_boxes,
+            gt_classes,
+            len(gt_boxes),
+        )
+    info = np.tile(
+        np.array([[480, 640], [960, 1280], [2, 2], [0, 0]], np.float32), (len(ids), 1, 1)
+    )
     evaluator.update_state(
-        {"image_id": np.array(ids), "proposal_boxes": boxes * 2, "num_proposals": num, "image_info": info},
-        {"image_id": np.array(ids), "gt_boxes": boxes * 2, "gt_classes": classes, "image_info": info},
+        {
+            "image_id": np.array(ids),
+            "proposal_boxes": boxes * 2,
+            "num_proposals": num,
+            "image_info": info,
+        },
+        {
+            "image_id": np.array(ids),
+            "gt_boxes": boxes * 2,
+            "gt_classes": classes,
+            "image_info": info,
+        },
     )
     assert evaluator.evaluate()["AR@1000"] == pytest.approx(1.0)
 
@@ -304,7 +363,9 @@ def test_boxes_to_original():
     out = boxes_to_original(model_boxes, info[None])
     np.testing.assert_allclose(out[0, 0], [5, 10, 55, 110])
     np.testing.assert_allclose(out[0, 1], [400, 600, 400, 600])  # clipped to the original image
-    np.testing.assert_allclose(boxes_to_original(model_boxes[0], info, clip=False)[1], [400, 600, 455, 710])
+    np.testing.assert_allclose(
+        boxes_to_original(model_boxes[0], info, clip=False)[1], [400, 600, 455, 710]
+    )
     with pytest.raises(ValueError):
         boxes_to_original(model_boxes, np.zeros((1, 3, 2)))
 
@@ -335,8 +396,14 @@ def test_proposal_recall_agrees_with_cocoeval_use_cats_0():
         scores = rng.uniform(size=len(proposals))
         evaluator.add_proposals(image_id, proposals, scores)
         for (y0, x0, y1, x1), score in zip(proposals, scores):
-            results.append({"image_id": image_id, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                            "score": float(score)})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score),
+                }
+            )
     ours = evaluator.evaluate()
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")

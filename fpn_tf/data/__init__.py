@@ -35,12 +35,12 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'fpn_tf.data' has no attribute {name!r}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fpn_tf.data' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -170,7 +170,9 @@ class _GroundTruth:
         self.from_file = self.coco is not None
         self.categories: Dict[int, str] = {}
         if self.coco is not None:
-            self.categories = {int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]}
+            self.categories = {
+                int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]
+            }
         elif categories is not None:
             self.categories = _parse_categories(categories)
         self.fixed_categories = bool(self.categories)
@@ -208,7 +210,9 @@ class _GroundTruth:
         if len(classes) != len(boxes):
             raise ValueError(f"{len(boxes)} ground-truth boxes but {len(classes)} classes.")
         is_crowd = (
-            np.zeros(len(boxes), bool) if is_crowd is None else np.asarray(is_crowd).reshape(-1).astype(bool)
+            np.zeros(len(boxes), bool)
+            if is_crowd is None
+            else np.asarray(is_crowd).reshape(-1).astype(bool)
         )
         if areas is None:
             areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -255,12 +259,21 @@ class _GroundTruth:
         if self.from_file:
             anns = self.coco.imgToAnns.get(image_id, [])
             if not anns:
-                return np.zeros((0, 4)), np.zeros((0,), np.int64), np.zeros((0,), bool), np.zeros((0,))
+                return (
+                    np.zeros((0, 4)),
+                    np.zeros((0,), np.int64),
+                    np.zeros((0,), bool),
+                    np.zeros((0,)),
+                )
             xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-            boxes = np.stack([xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], 1)
+            boxes = np.stack(
+                [xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], 1
+            )
             classes = np.array([a["category_id"] for a in anns], np.int64)
             crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns])
-            areas = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, xywh)], np.float64)
+            areas = np.array(
+                [a.get("area", w * h) for a, (_, _, w, h) in zip(anns, xywh)], np.float64
+            )
             return boxes, classes, crowd, areas
         e = self.images[image_id]
         return e["boxes"], e["classes"], e["is_crowd"], e["areas"]
@@ -288,7 +301,9 @@ class _GroundTruth:
                     }
                 )
         categories = [{"id": i, "name": n} for i, n in sorted(self.categories.items())]
-        return load_coco_groundtruth({"images": images, "annotations": annotations, "categories": categories})
+        return load_coco_groundtruth(
+            {"images": images, "annotations": annotations, "categories": categories}
+        )
 
 
 def _parse_categories(categories) -> Dict[int, str]:
@@ -317,7 +332,9 @@ def _apply_label_map(label_map: LabelMap, classes: np.ndarray) -> np.ndarray:
             raise ValueError(f"class {e.args[0]} is not in label_map.") from None
     table = np.asarray(label_map, np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= len(table)):
-        raise ValueError(f"classes {indices.min()}..{indices.max()} outside label_map of length {len(table)}.")
+        raise ValueError(
+            f"classes {indices.min()}..{indices.max()} outside label_map of length {len(table)}."
+        )
     return table[indices]
 
 
@@ -433,7 +450,9 @@ class COCOEvaluator(_Evaluator):
         scores = np.asarray(scores, np.float64).reshape(-1)
         classes = _apply_label_map(self.label_map, np.asarray(classes).reshape(-1))
         if not len(boxes) == len(scores) == len(classes):
-            raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores, {len(classes)} classes for image {image_id}.")
+            raise ValueError(
+                f"{len(boxes)} boxes, {len(scores)} scores, {len(classes)} classes for image {image_id}."
+            )
         self._gt.check_categories(classes, "Detections")
         self._see(image_id)
         self._gt.note_categories(classes)
@@ -469,7 +488,11 @@ class COCOEvaluator(_Evaluator):
             boxes = boxes_to_original(boxes, _numpy(predictions["image_info"]))
         scores = _numpy(predictions["detection_scores"])
         classes = _numpy(predictions["detection_classes"])
-        num = _numpy(predictions["num_detections"]).reshape(-1) if "num_detections" in predictions else None
+        num = (
+            _numpy(predictions["num_detections"]).reshape(-1)
+            if "num_detections" in predictions
+            else None
+        )
         for i, image_id in enumerate(image_ids):
             keep = np.arange(scores.shape[1]) < int(num[i]) if num is not None else scores[i] > 0
             self.add_detections(image_id, boxes[i][keep], scores[i][keep], classes[i][keep])
@@ -497,8 +520,12 @@ class COCOEvaluator(_Evaluator):
                 coco_eval.evaluate()
                 coco_eval.accumulate()
                 coco_eval.summarize()
-            logging.info("COCO bbox evaluation on %d images, %d detections:\n%s",
-                         len(image_ids), len(self._detections), summary.getvalue())
+            logging.info(
+                "COCO bbox evaluation on %d images, %d detections:\n%s",
+                len(image_ids),
+                len(self._detections),
+                summary.getvalue(),
+            )
             metrics = {name: float(v) for name, v in zip(COCO_METRIC_NAMES, coco_eval.stats)}
             if self.per_category_metrics:
                 precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
@@ -520,7 +547,11 @@ def _results_to_coco(results: List[Dict[str, Any]], gt: COCO) -> COCO:
         x, y, w, h = r["bbox"]
         annotations.append({**r, "area": w * h, "id": i, "iscrowd": 0})
     return load_coco_groundtruth(
-        {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]), "annotations": annotations}
+        {
+            "images": list(gt.dataset["images"]),
+            "categories": list(gt.dataset["categories"]),
+            "annotations": annotations,
+        }
     )
 
 
@@ -570,12 +601,16 @@ class ProposalRecallEvaluator(_Evaluator):
         if scores is not None:
             scores = np.asarray(scores, np.float32).reshape(-1)
             if len(scores) != len(boxes):
-                raise ValueError(f"{len(boxes)} proposals but {len(scores)} scores for image {image_id}.")
+                raise ValueError(
+                    f"{len(boxes)} proposals but {len(scores)} scores for image {image_id}."
+                )
             boxes = boxes[np.argsort(-scores, kind="stable")]
         self._see(image_id)
         kept = boxes[: max(self.limits)]
         if image_id in self._proposals:  # fed twice (e.g. a repeated image): keep the latest
-            logging.warning("ProposalRecallEvaluator: image %d fed twice; keeping the latest.", image_id)
+            logging.warning(
+                "ProposalRecallEvaluator: image %d fed twice; keeping the latest.", image_id
+            )
         self._proposals[image_id] = kept
 
     def update_state(self, predictions: Mapping, groundtruths: Optional[Mapping] = None):
@@ -588,8 +623,14 @@ class ProposalRecallEvaluator(_Evaluator):
         boxes = _numpy(predictions["proposal_boxes"]).astype(np.float32)
         if "image_info" in predictions:
             boxes = boxes_to_original(boxes, _numpy(predictions["image_info"]))
-        scores = _numpy(predictions["proposal_scores"]) if "proposal_scores" in predictions else None
-        num = _numpy(predictions["num_proposals"]).reshape(-1) if "num_proposals" in predictions else None
+        scores = (
+            _numpy(predictions["proposal_scores"]) if "proposal_scores" in predictions else None
+        )
+        num = (
+            _numpy(predictions["num_proposals"]).reshape(-1)
+            if "num_proposals" in predictions
+            else None
+        )
         for i, image_id in enumerate(image_ids):
             n = int(num[i]) if num is not None else boxes.shape[1]
             self.add_proposals(image_id, boxes[i, :n], None if scores is None else scores[i, :n])
@@ -608,7 +649,11 @@ class ProposalRecallEvaluator(_Evaluator):
                     num_gt += len(gt_boxes)
                     proposals = self._proposals.get(image_id, np.zeros((0, 4), np.float32))[:limit]
                     if len(gt_boxes) and len(proposals):
-                        overlaps.append(_greedy_matched_iou(_pairwise_iou(proposals.astype(np.float64), gt_boxes)))
+                        overlaps.append(
+                            _greedy_matched_iou(
+                                _pairwise_iou(proposals.astype(np.float64), gt_boxes)
+                            )
+                        )
                 name = f"AR{size}@{limit}"
                 if num_gt == 0:
                     metrics[name] = -1.0

@@ -12,13 +12,23 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from fpn_tf.evaluation.coco_evaluator import (COCOEvaluator, ProposalRecallEvaluator,
-                                              load_coco_groundtruth)
+from fpn_tf.evaluation.coco_evaluator import (
+    COCOEvaluator,
+    ProposalRecallEvaluator,
+    load_coco_groundtruth,
+)
 
 
-def evaluate_detector(model, dataset, annotation_file: str, output_dir: str | None = None,
-                      max_steps: int | None = None, compute_rpn_recall: bool = True,
-                      per_category_metrics: bool = False, log_every: int = 20) -> dict:
+def evaluate_detector(
+    model,
+    dataset,
+    annotation_file: str,
+    output_dir: str | None = None,
+    max_steps: int | None = None,
+    compute_rpn_recall: bool = True,
+    per_category_metrics: bool = False,
+    log_every: int = 20,
+) -> dict:
     """Box AP (and proposal AR) of ``model`` on ``dataset`` (batches of `fpn_tf.data`).
 
     Returns a flat dict: AP, AP50, AP75, APs, APm, APl, ARmax*, and AR@100, AR@1000, ARs@100, ...
@@ -30,8 +40,9 @@ def evaluate_detector(model, dataset, annotation_file: str, output_dir: str | No
 
     @tf.function
     def predict(features):
-        return model({"images": features["images"], "image_info": features["image_info"]},
-                     training=False)
+        return model(
+            {"images": features["images"], "image_info": features["image_info"]}, training=False
+        )
 
     start = time.time()
     num_images = 0
@@ -45,8 +56,9 @@ def evaluate_detector(model, dataset, annotation_file: str, output_dir: str | No
             recall_eval.update_state(outputs)
         num_images += len(outputs["image_id"])
         if log_every and (step + 1) % log_every == 0:
-            logging.info("eval: %d images, %.1f images/s", num_images,
-                         num_images / (time.time() - start))
+            logging.info(
+                "eval: %d images, %.1f images/s", num_images, num_images / (time.time() - start)
+            )
     if num_images == 0:
         raise ValueError(f"the evaluation dataset ({annotation_file}) yielded no images")
     metrics = dict(boxes_eval.evaluate(output_dir))
