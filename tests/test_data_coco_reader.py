@@ -9,11 +9,11 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.data import coco_reader
-from fpn_tf.data.coco_reader import load_coco, read_coco
+from fpn_tf.data.coco_reader import load_coco
 from fpn_tf.data.errors import DataError
-from fpn_tf.data.pipeline import CocoSource, build_dataset
+from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
 from fpn_tf.data.testing import pattern, write_coco_json, write_image
-from fpn_tf.data.testing import write_tiny_coco
+from fpn_tf.data.testing import decoded_examples, write_tiny_coco
 
 
 def _by_id(ds):
@@ -22,7 +22,8 @@ def _by_id(ds):
 
 def test_reads_images_boxes_classes_crowd_and_negatives(tmp_path):
     ann, image_dir = write_tiny_coco(tmp_path)
-    ds, cmap = read_coco(ann, image_dir)
+    index = load_coco(ann, image_dir)
+    ds, cmap = decoded_examples(index), index.category_map
     assert cmap.dataset_ids == (1, 3, 7, 9)
     ex = _by_id(ds)
     assert sorted(ex) == [10, 11, 12, 13]
@@ -45,7 +46,7 @@ def test_reads_images_boxes_classes_crowd_and_negatives(tmp_path):
 
 def test_grayscale_and_rgba_png_come_out_rgb(tmp_path):
     ann, image_dir = write_tiny_coco(tmp_path)
-    ex = _by_id(read_coco(ann, image_dir)[0])
+    ex = _by_id(decoded_examples(load_coco(ann, image_dir)))
     gray = (np.arange(40 * 20).reshape(40, 20) % 251).astype(np.uint8)
     b = ex[11]["image"]  # grayscale PNG, in a sub-folder
     assert b.shape == (40, 20, 3)
@@ -197,24 +198,21 @@ def test_bad_images_skipped_and_counted(tmp_path):
     assert sorted(index.image_ids) == [1, 2]
 
 
-def test_pipeline_guard_drops_undecodable_file(tmp_path, capfd):
+def test_pipeline_guard_drops_undecodable_file(tmp_path, caplog):
     # Without verification the corrupt file reaches tf.data: with "skip" the
-    # element is dropped (and logged by TF), with "error" the error names it.
+    # element is dropped, logged and counted, with "error" the error names it.
     bad, _ = _write_bad_images(tmp_path)
     ann, image_dir = _dataset(tmp_path, [bad[1]], [])
-    ds = build_dataset(
-        CocoSource(ann, image_dir, verify_images="none"),
-        training=False,
-        batch_size=1,
-        short_side=32,
-        max_long_side=64,
-    )
-    ids = sorted(int(f["image_id"][0]) for f, _ in ds)
+    source = load_source(CocoSource(ann, image_dir, verify_images="none"))
+    ds = build_dataset(source, training=False, batch_size=1, short_side=32, max_long_side=64)
+    with caplog.at_level(logging.WARNING):
+        ids = sorted(int(f["image_id"][0]) for f, _ in ds)
     assert ids == [1, 2]
-    err = capfd.readouterr().err
-    assert "cannot decode image file" in err and "garbage.jpg" in err
+    assert "dropped image id 31" in caplog.text and "garbage.jpg" in caplog.text
+    assert "not JPEG/PNG/GIF/BMP" in caplog.text  # the reason
+    assert source.drops.count == 1 and "garbage.jpg" in source.drops.summary()
     ds = build_dataset(
-        CocoSource(ann, image_dir, on_bad_data="error", verify_images="none"),
+        load_source(CocoSource(ann, image_dir, on_bad_data="error", verify_images="none")),
         training=False,
         batch_size=1,
         short_side=32,

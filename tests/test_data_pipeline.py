@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import DataConfig
 from fpn_tf.data.pipeline import (
     CocoSource,
-    TfRecordSource,
-    as_source,
     build_dataset,
     build_dataset_from_config,
-    get_category_map,
+    load_source,
+    source_from_config,
 )
 from fpn_tf.data.testing import write_tiny_coco
 
@@ -24,7 +24,7 @@ RESIZED = {10: (32, 43), 11: (64, 32), 12: (32, 32), 13: (32, 48)}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     ann, image_dir = write_tiny_coco(tmp_path_factory.mktemp("tiny"))
-    return CocoSource(ann, image_dir)
+    return load_source(CocoSource(ann, image_dir))
 
 
 def _unbatch(ds):
@@ -171,21 +171,22 @@ def test_input_context_shards_and_splits_the_batch(tiny):
 
 
 def test_from_config_and_category_map(tiny):
-    cfg = {
-        "annotation_file": tiny.annotation_file,
-        "image_dir": tiny.image_dir,
-        "global_batch_size": 2,
-        "short_side": 32,
-        "max_long_side": 64,
-        "max_num_instances": 3,
-        "padding_mode": "square",
-    }
-    ds = build_dataset_from_config(cfg, training=False)
+    cfg = DataConfig(
+        annotation_file=tiny.annotation_file,
+        image_dir=tiny.image_dir,
+        global_batch_size=2,
+        short_side=32,
+        max_long_side=64,
+        max_num_instances=3,
+        padding_mode="square",
+    )
+    source = source_from_config(cfg)
+    ds = build_dataset_from_config(source, cfg, training=False)
     f, l = next(iter(ds))
     assert f["images"].shape == (2, 64, 64, 3) and l["gt_classes"].shape == (2, 3)
-    assert get_category_map(cfg).dataset_ids == (1, 3, 7, 9)
-    # The experiment config's "source" field picks the kind.
-    assert as_source(dict(cfg, source="coco", file_pattern="x-*")) == tiny
-    assert isinstance(as_source({"source": "tfrecord", "file_pattern": "x-*"}), TfRecordSource)
+    assert source.category_map.dataset_ids == (1, 3, 7, 9)
+    # build_dataset takes a loaded source, not a description of one.
+    with pytest.raises(TypeError, match="loaded source"):
+        build_dataset(CocoSource(tiny.annotation_file, tiny.image_dir), False, batch_size=1)
     with pytest.raises(ValueError, match="padding_mode"):
         build_dataset(tiny, training=False, batch_size=1, padding_mode="tight")

@@ -9,12 +9,12 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.data.category_map import CategoryMap
-from fpn_tf.data.coco_reader import read_coco
+from fpn_tf.data.coco_reader import load_coco
 from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
 from fpn_tf.data.errors import DataError
-from fpn_tf.data.pipeline import CocoSource, TfRecordSource, build_dataset
-from fpn_tf.data.testing import pattern, write_image, write_tiny_coco
-from fpn_tf.data.tfrecord_reader import read_tfrecords
+from fpn_tf.data.pipeline import CocoSource, TfRecordSource, build_dataset, load_source
+from fpn_tf.data.testing import decoded_examples, pattern, write_image, write_tiny_coco
+from fpn_tf.data.tfrecord_reader import TfRecordIndex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,9 +60,11 @@ def test_converter_writes_shards_and_category_map(converted):
 
 def test_both_readers_give_the_same_examples(converted):
     ann, image_dir, result = converted
-    coco_ds, coco_map = read_coco(ann, image_dir)
+    coco = load_coco(ann, image_dir)
+    coco_ds, coco_map = decoded_examples(coco), coco.category_map
     # The category map is found beside the shards.
-    tfr_ds, tfr_map = read_tfrecords(result.file_pattern)
+    tfr = TfRecordIndex(result.file_pattern)
+    tfr_ds, tfr_map = decoded_examples(tfr), tfr.category_map
     assert coco_map == tfr_map
     a, b = _by_id(coco_ds), _by_id(tfr_ds)
     assert sorted(a) == sorted(b) == [10, 11, 12, 13, 14]
@@ -85,8 +87,8 @@ def test_both_readers_give_the_same_examples(converted):
 def test_pipelines_from_both_sources_agree(converted):
     ann, image_dir, result = converted
     args = dict(training=False, batch_size=1, short_side=32, max_long_side=64, max_num_instances=4)
-    coco = build_dataset(CocoSource(ann, image_dir), **args)
-    tfr = build_dataset(TfRecordSource(result.file_pattern), **args)
+    coco = build_dataset(load_source(CocoSource(ann, image_dir)), **args)
+    tfr = build_dataset(load_source(TfRecordSource(result.file_pattern)), **args)
 
     def collect(ds):
         return {int(f["image_id"][0]): (f, l) for f, l in ds}
@@ -105,7 +107,7 @@ def test_unknown_class_in_records_stops_with_message(converted):
     partial = CategoryMap(
         [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}, {"id": 9, "name": "ring"}]
     )
-    ds, _ = read_tfrecords(result.shard_files, category_map=partial)
+    ds = decoded_examples(TfRecordIndex(result.shard_files, category_map=partial))
     with pytest.raises(
         tf.errors.InvalidArgumentError, match="category id the category map does not know"
     ):
@@ -120,7 +122,7 @@ def test_converter_error_mode_and_missing_map(converted, tmp_path):
     lonely = tmp_path / "lonely-00000-of-00001.tfrecord"
     lonely.write_bytes(open(result.shard_files[0], "rb").read())
     with pytest.raises(DataError, match="no category map found"):
-        read_tfrecords(str(lonely))
+        TfRecordIndex(str(lonely))
 
 
 def test_command_line(converted, tmp_path):
@@ -175,7 +177,7 @@ def test_foreign_records_non_numeric_id_and_empty_box(tmp_path, capfd):
     with tf.io.TFRecordWriter(path) as w:
         w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
     cmap = CategoryMap([{"id": 3, "name": "a"}, {"id": 9, "name": "b"}])
-    (ex,) = list(read_tfrecords(path, category_map=cmap)[0].as_numpy_iterator())
+    (ex,) = list(decoded_examples(TfRecordIndex(path, category_map=cmap)).as_numpy_iterator())
     assert ex["image_id"] >= 0
     np.testing.assert_allclose(ex["gt_boxes"], [[2, 2, 8, 12]], atol=1e-4)
     np.testing.assert_array_equal(ex["gt_classes"], [1])

@@ -33,3 +33,48 @@ def read_json(path: str, what: str):
     except tf.errors.NotFoundError as e:
         raise DataError(f"{path}: {what} not found") from e
     return parse_json(text, path)
+
+
+class RunTimeDrops:
+    """Counts the images a pipeline drops while it runs (they fail to decode or transform).
+
+    A data source owns one; every dataset built from it reports here, from tf.data's threads.
+    Each drop is logged at once (file, image id, reason, running total); :meth:`summary` gives
+    the closing line.
+    """
+
+    def __init__(self, name: str):
+        import threading  # pylint: disable=g-import-not-at-top
+
+        self.name = name
+        self._lock = threading.Lock()
+        self.count = 0  # drops, an image dropped in each of several epochs counted each time
+        self.images: dict[str, str] = {}  # image id -> file, for the images dropped
+
+    def record(self, file: str, image_id: str, reason: str) -> None:
+        from absl import logging  # pylint: disable=g-import-not-at-top
+
+        with self._lock:
+            self.count += 1
+            self.images.setdefault(str(image_id), file)
+            total = self.count
+        logging.warning(
+            "%s: dropped image id %s (%s): it fails at run time (%s) [%d dropped so far]",
+            self.name,
+            image_id,
+            file,
+            reason,
+            total,
+        )
+
+    def summary(self) -> str | None:
+        """One line for the end of a run, or None when nothing was dropped."""
+        with self._lock:
+            if not self.count:
+                return None
+            listed = ", ".join(f"{i} ({f})" for i, f in list(self.images.items())[:10])
+            more = ", ..." if len(self.images) > 10 else ""
+            return (
+                f"{self.name}: {self.count} run-time drop(s) of {len(self.images)} image(s) "
+                f"that fail to decode: {listed}{more}"
+            )

@@ -1,9 +1,12 @@
 """The input pipeline: a source -> batches of (features, labels).
 
-    ds = build_dataset(CocoSource("annotations/instances_train2017.json",
-                                  "train2017"),
-                       training=True, batch_size=16, seed=0)
+    source = load_source(CocoSource("annotations/instances_train2017.json", "train2017"))
+    ds = build_dataset(source, training=True, batch_size=16, seed=0)
     features, labels = next(iter(ds))
+
+A source is loaded (validated, indexed) once, by :func:`load_source` or :func:`source_from_config`,
+and every dataset of that split is built from the loaded object, which also counts the images its
+datasets drop at run time (``source.drops``, see below).
 
 Each batch (see WORKSPACE.md):
 
@@ -34,13 +37,20 @@ TFRecords) are sharded (``input_context``), shuffled (seeded), repeated
 (AUTOTUNE), with each image's flip drawn from a stateless RNG seeded by
 (seed, element number) so a seeded run is reproducible whatever the
 parallelism; then grouped/batched and prefetched.
+
+Run-time drops: with ``on_bad_data="skip"`` an element whose decoding or transform fails (a
+truncated image passes the load-time header check) is dropped, and each drop is logged with the
+file, the image id and the running total and counted in ``source.drops``
+(:class:`fpn_tf.data.errors.RunTimeDrops`; ``source.drops.summary()`` is the closing line). Each
+element runs in its own one-element dataset whose failure yields a placeholder flagged invalid;
+the flag filters it out and reports it. With ``"error"`` the failure stops the iteration.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Union
 
 from absl import logging
 import numpy as np
@@ -49,16 +59,17 @@ import tensorflow as tf
 from fpn_tf.data import transforms
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.coco_reader import CocoIndex, load_coco
+from fpn_tf.data.tfrecord_reader import TfRecordIndex
 
 __all__ = [
     "CocoSource",
     "DatasetInfo",
+    "Source",
     "TfRecordSource",
-    "as_source",
     "build_dataset",
     "build_dataset_from_config",
-    "get_category_map",
     "load_source",
+    "source_from_config",
 ]
 
 
@@ -79,6 +90,11 @@ class TfRecordSource:
     file_pattern: str
     category_map: str | None = None  # path; None: the JSON beside the shards
     on_bad_data: str = "skip"
+    annotation_file: str | None = None  # the evaluation's ground truth; None: from the shards
+
+
+# A loaded source: what build_dataset reads.
+Source = Union[CocoIndex, TfRecordIndex]
 
 
 @dataclasses.dataclass
@@ -92,90 +108,54 @@ class DatasetInfo:
     seed: int | None
     skipped_annotations: dict[str, int]
     skipped_images: dict[str, int]
+    drops: Any  # the source's RunTimeDrops: images dropped while the datasets run
 
 
-def as_source(source: Any) -> CocoSource | TfRecordSource:
-    """Accepts a source dataclass, a dict, or any object with the fields.
-
-    COCO: ``annotation_file`` + ``image_dir``; TFRecords: ``file_pattern``
-    (+ optional ``category_map``); both: optional ``on_bad_data``; COCO:
-    optional ``verify_images``. A ``type`` or ``source`` of "coco"/"tfrecord"
-    picks the kind; otherwise ``file_pattern`` means TFRecords.
-    """
-    if isinstance(source, (CocoSource, TfRecordSource)):
-        return source
-    get = (
-        (lambda k, d=None: source.get(k, d))
-        if isinstance(source, Mapping)
-        else (lambda k, d=None: getattr(source, k, d))
-    )
-    kind = get("type")
-    if kind is None and get("source") in ("coco", "tfrecord"):
-        kind = get("source")  # the experiment config's discriminator
-    if kind == "tfrecord" or (kind is None and get("file_pattern")):
-        return TfRecordSource(
-            file_pattern=get("file_pattern"),
-            category_map=get("category_map"),
-            on_bad_data=get("on_bad_data") or "skip",
+def load_source(spec: CocoSource | TfRecordSource) -> Source:
+    """Loads (validates, indexes) a source once; build every dataset of the split from it."""
+    if isinstance(spec, CocoSource):
+        return load_coco(
+            spec.annotation_file,
+            spec.image_dir,
+            on_bad_data=spec.on_bad_data,
+            verify_images=spec.verify_images,
         )
-    if kind in (None, "coco") and get("annotation_file"):
-        return CocoSource(
-            annotation_file=os.fspath(get("annotation_file")),
-            image_dir=os.fspath(get("image_dir")),
-            on_bad_data=get("on_bad_data") or "skip",
-            verify_images=get("verify_images") or "header",
+    if isinstance(spec, TfRecordSource):
+        return TfRecordIndex(
+            spec.file_pattern,
+            spec.category_map,
+            on_bad_data=spec.on_bad_data,
+            annotation_file=spec.annotation_file,
         )
-    raise ValueError(
-        "a data source needs annotation_file + image_dir (COCO) or "
-        f"file_pattern (TFRecords), got {source!r}"
-    )
+    raise TypeError(f"load_source takes a CocoSource or TfRecordSource, got {type(spec).__name__}")
 
 
-_SOURCE_CACHE: dict[Any, Any] = {}
+def source_from_config(data_cfg) -> Source:
+    """Loads the source a ``DataConfig`` (train_data / eval_data) names.
 
-
-def load_source(source: Any):
-    """Loads (and caches) a source: a CocoIndex or a TfRecordIndex.
-
-    Loading a COCO annotation file is validated and slow for COCO (~20 s), so
-    the result is cached per source and file stamp (mtime, size): the train
-    loop, the evaluator and :func:`get_category_map` share one load.
+    ``source`` "coco" and "synthetic" (generated, then read as COCO) read ``annotation_file`` +
+    ``image_dir``; "tfrecord" reads ``file_pattern`` (+ ``category_map``; ``annotation_file``,
+    when set, is the evaluation's ground truth).
     """
-    src = as_source(source)
-    if isinstance(src, CocoSource):
-        try:
-            st = os.stat(src.annotation_file)
-            stamp = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = None
-        key = (src, stamp)
-        if key not in _SOURCE_CACHE:
-            _SOURCE_CACHE[key] = load_coco(
-                src.annotation_file,
-                src.image_dir,
-                on_bad_data=src.on_bad_data,
-                verify_images=src.verify_images,
-            )
-        return _SOURCE_CACHE[key]
-    from fpn_tf.data.tfrecord_reader import TfRecordIndex  # pylint: disable=g-import-not-at-top
-
-    key = (src, None)
-    if key not in _SOURCE_CACHE:
-        _SOURCE_CACHE[key] = TfRecordIndex(src.file_pattern, src.category_map)
-    return _SOURCE_CACHE[key]
-
-
-def get_category_map(source: Any) -> CategoryMap:
-    """The CategoryMap of a source (loads it once; see load_source)."""
-    return load_source(source).category_map
-
-
-def _on_bad_data(source: Any) -> str:
-    return as_source(source).on_bad_data
+    if data_cfg.source == "tfrecord":
+        spec = TfRecordSource(
+            file_pattern=data_cfg.file_pattern,
+            category_map=data_cfg.category_map,
+            on_bad_data=data_cfg.on_bad_data,
+            annotation_file=data_cfg.annotation_file,
+        )
+    else:
+        spec = CocoSource(
+            annotation_file=os.fspath(data_cfg.annotation_file),
+            image_dir=os.fspath(data_cfg.image_dir),
+            on_bad_data=data_cfg.on_bad_data,
+            verify_images=data_cfg.verify_images,
+        )
+    return load_source(spec)
 
 
 def build_dataset(
-    source: Any,
+    source: Source,
     training: bool,
     batch_size: int,
     *,
@@ -199,8 +179,7 @@ def build_dataset(
     """Builds the training or evaluation input pipeline.
 
     Args:
-      source: :class:`CocoSource`, :class:`TfRecordSource`, or a dict/object
-        with their fields (see :func:`as_source`).
+      source: a loaded source (:func:`load_source`, :func:`source_from_config`).
       training: training (shuffle, flip, repeat, drop remainder) or evaluation
         (no shuffle, no flip, one pass, partial batches kept; every image
         exactly once, in file order within each orientation group).
@@ -250,8 +229,12 @@ def build_dataset(
         pipeline_id = input_context.input_pipeline_id
         per_replica_batch = input_context.get_per_replica_batch_size(batch_size)
 
-    index = load_source(source)
-    skip_bad = _on_bad_data(source) == "skip"
+    if not isinstance(source, (CocoIndex, TfRecordIndex)):
+        raise TypeError(
+            "build_dataset takes a loaded source (load_source(CocoSource(...)) or "
+            f"source_from_config(data_config)), got {type(source).__name__}"
+        )
+    index = source
     if isinstance(index, CocoIndex):
         items = index.item_dataset()
         if num_pipelines > 1:
@@ -303,12 +286,10 @@ def build_dataset(
             do_flip = tf.random.stateless_uniform([], seed=rng_seed) < 0.5
         return transforms.preprocess_example(example, flip=do_flip, **transform_args)
 
-    ds = items.map(element, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    if skip_bad:
-        # Last guard: an image file that fails to decode in tf.data (files are
-        # checked at load time only as far as verify_images asks) is dropped;
-        # coco_reader.decode_image_guarded prints a line naming it.
-        ds = ds.ignore_errors(log_warning=True)
+    if index.on_bad_data == "skip":
+        ds = _map_dropping_failures(items, element, index, num_parallel_calls, deterministic)
+    else:
+        ds = items.map(element, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
 
     if padding_mode == "orientation":
 
@@ -345,11 +326,65 @@ def build_dataset(
         seed=seed,
         skipped_annotations=dict(getattr(index, "skipped_annotations", {})),
         skipped_images=dict(getattr(index, "skipped_images", {})),
+        drops=index.drops,
     )
     return ds, info
 
 
-# Keyword arguments of build_dataset that a config object may carry.
+def _map_dropping_failures(items, element, source: Source, num_parallel_calls, deterministic):
+    """``items.map(element)`` that drops the elements that fail, reporting each to the source.
+
+    tf.data cannot catch an op's error inside a map function, only drop the element
+    (``ignore_errors``). So each element is computed in a one-element dataset; when that comes
+    out empty, a zero placeholder flagged invalid takes its place, and the filter that removes it
+    reports the item (Python, only for failures) to ``source.drops``.
+    """
+    spec = items.take(1).map(element).element_spec
+
+    def placeholder():
+        return tf.nest.map_structure(
+            lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype), spec
+        )
+
+    def one(number, item):
+        computed = (
+            tf.data.Dataset.from_tensors((number, item))
+            .map(element)
+            .ignore_errors()
+            .map(lambda *out: (out, True))
+        )
+        fallback = tf.data.Dataset.from_tensors((placeholder(), False))
+        return computed.concatenate(fallback).take(1).map(lambda out, ok: (number, item, out, ok))
+
+    def report(number, item):
+        try:  # runs eagerly: the element again, for its error message
+            element(number, item)
+            reason = "an error that did not repeat"
+        except tf.errors.OpError as e:
+            reason = " ".join(e.message.split())[:300]
+        file, image_id = source.describe(item.numpy())
+        source.drops.record(file, image_id, reason)
+        return False
+
+    def keep(number, item, out, ok):
+        del out
+        return tf.cond(
+            ok,
+            lambda: tf.constant(True),
+            lambda: tf.py_function(report, [number, item], tf.bool),
+        )
+
+    ds = items.interleave(
+        one,
+        cycle_length=None if num_parallel_calls == tf.data.AUTOTUNE else num_parallel_calls,
+        block_length=1,
+        num_parallel_calls=num_parallel_calls,
+        deterministic=deterministic,
+    )
+    return ds.filter(keep).map(lambda number, item, out, ok: out)
+
+
+# Keyword arguments of build_dataset that a DataConfig carries.
 _BUILD_ARGS = (
     "short_side",
     "max_long_side",
@@ -357,57 +392,31 @@ _BUILD_ARGS = (
     "padding_mode",
     "max_num_instances",
     "random_flip",
-    "shuffle",
     "shuffle_buffer_size",
-    "seed",
-    "deterministic",
-    "repeat",
-    "drop_remainder",
 )
 
 
 def build_dataset_from_config(
-    config: Any,
+    source: Source,
+    data_cfg,
     training: bool,
-    batch_size: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
     return_info: bool = False,
     **overrides,
 ):
-    """``build_dataset`` from a config object or dict.
+    """``build_dataset`` of a loaded ``source`` with a ``DataConfig``'s settings.
 
-    The config holds the source fields (see :func:`as_source`), optionally
-    ``global_batch_size`` or ``batch_size``, and any of build_dataset's keyword
-    arguments by the same names; missing ones keep their defaults.
-    ``overrides`` (build_dataset keyword arguments, e.g. ``seed``) win over the
-    config.
+    The batch size is the config's ``global_batch_size``; the flip is ``random_flip`` and
+    ``training``; ``overrides`` (build_dataset keyword arguments, e.g. ``seed``) win.
     """
-    get = (
-        (lambda k: config.get(k))
-        if isinstance(config, Mapping)
-        else (lambda k: getattr(config, k, None))
-    )
-    if batch_size is None:
-        batch_size = get("global_batch_size") or get("batch_size")
-    if batch_size is None:
-        raise ValueError("no batch_size given and none in the config")
-    kwargs = {k: get(k) for k in _BUILD_ARGS if get(k) is not None}
+    kwargs = {k: getattr(data_cfg, k) for k in _BUILD_ARGS}
+    kwargs["random_flip"] = bool(data_cfg.random_flip and training)
     kwargs.update(overrides)
     return build_dataset(
-        config,
+        source,
         training,
-        int(batch_size),
+        int(data_cfg.global_batch_size),
         input_context=input_context,
         return_info=return_info,
         **kwargs,
     )
-
-
-def image_shapes(
-    padding_mode: str = "orientation",
-    short_side: int = 800,
-    max_long_side: int = 1333,
-    pad_multiple: int = 32,
-) -> Sequence[tuple[int, int]]:
-    """Padded image shapes a run will see (empty for "batch")."""
-    return transforms.fixed_padded_size(padding_mode, short_side, max_long_side, pad_multiple)

@@ -16,7 +16,13 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["TINY_CATEGORIES", "write_coco_json", "write_image", "write_tiny_coco"]
+__all__ = [
+    "TINY_CATEGORIES",
+    "decoded_examples",
+    "write_coco_json",
+    "write_image",
+    "write_tiny_coco",
+]
 
 # Non-contiguous ids: contiguous classes are 1 -> 1, 3 -> 2, 7 -> 3, 9 -> 4.
 TINY_CATEGORIES = (
@@ -158,3 +164,9 @@ def write_tiny_coco(
     ] + list(extra_annotations)
     ann_file = write_coco_json(os.path.join(root, "annotations.json"), images, annotations)
     return ann_file, image_dir
+
+
+def decoded_examples(source):
+    """The per-image dicts of a loaded source (``load_coco(...)`` or a ``TfRecordIndex``) in
+    file order, before any transform: ``source.item_dataset().map(source.decode)``."""
+    return source.item_dataset().map(source.decode)

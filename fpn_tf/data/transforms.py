@@ -3,8 +3,9 @@
 All functions are pure TensorFlow and work on one image; the pipeline maps
 them over a dataset.
 
-Resize rule (the paper's and Detectron's, Model Garden's
-``preprocess_ops.resize_and_crop_image_v2``, which we call): with ``s`` =
+Resize rule (the paper's and Detectron's, as Model Garden's
+``preprocess_ops.resize_and_crop_image_v2``), written once in :func:`resized_size` for the
+training/evaluation pipeline and the exported serving graph: with ``s`` =
 ``short_side / min(h, w)``, the resized size is ``round(h * s), round(w * s)``;
 if its longer side exceeds ``max_long_side``, ``s`` = ``max_long_side /
 max(h, w)`` instead. ``round`` is ``tf.math.round`` (half to even). The
@@ -30,7 +31,6 @@ from __future__ import annotations
 import math
 import sys
 
-import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "padded_size_tf",
     "preprocess_example",
     "resize_and_pad",
+    "resized_size",
 ]
 
 # "orientation": pad every image to [ceil(short), ceil(long)] if landscape
@@ -58,20 +59,24 @@ def ceil_to_multiple(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
+def resized_size(image_size, short_side: int, max_long_side: int) -> tf.Tensor:
+    """float32 [..., 2] resized (h, w) of images of (h, w) ``image_size`` [..., 2]: the rule.
+
+    float32 arithmetic and round half to even, as ``resize_and_crop_image_v2``.
+    """
+    size = tf.cast(image_size, tf.float32)
+    by_short = tf.math.round(size * (short_side / tf.reduce_min(size, axis=-1, keepdims=True)))
+    by_long = tf.math.round(size * (max_long_side / tf.reduce_max(size, axis=-1, keepdims=True)))
+    too_long = tf.reduce_max(by_short, axis=-1, keepdims=True) > max_long_side
+    return tf.where(too_long, by_long, by_short)
+
+
 def compute_resized_size(
     height: int, width: int, short_side: int, max_long_side: int
 ) -> tuple[int, int]:
-    """The resized (h, w) of the module docstring's rule, in numpy.
-
-    Computed in float32 like the TensorFlow op, so the two agree bit for bit.
-    """
-    size = np.array([height, width], np.float32)
-    scale = np.float32(short_side) / np.float32(min(height, width))
-    resized = np.round(size * scale)
-    if max(resized) > max_long_side:
-        scale = np.float32(max_long_side) / np.float32(max(height, width))
-        resized = np.round(size * scale)
-    return int(resized[0]), int(resized[1])
+    """:func:`resized_size` of one image, as Python ints."""
+    h, w = resized_size(tf.constant([height, width]), short_side, max_long_side).numpy()
+    return int(h), int(w)
 
 
 def fixed_padded_size(
@@ -89,23 +94,12 @@ def fixed_padded_size(
     raise ValueError(f"padding_mode must be one of {PADDING_MODES}, " f"got {padding_mode!r}")
 
 
-def _resized_size_tf(image_size: tf.Tensor, short_side: int, max_long_side: int) -> tf.Tensor:
-    """Same rule as resize_and_crop_image_v2, for choosing the padded size."""
-    size = tf.cast(image_size, tf.float32)
-    resized = tf.math.round(size * (short_side / tf.reduce_min(size)))
-    return tf.where(
-        tf.reduce_max(resized) > max_long_side,
-        tf.math.round(size * (max_long_side / tf.reduce_max(size))),
-        resized,
-    )
-
-
 def padded_size_tf(
     image_size: tf.Tensor, padding_mode: str, short_side: int, max_long_side: int, pad_multiple: int
 ) -> tf.Tensor:
     """int32 [2] padded (h, w) for an image of ``image_size`` (before resize)."""
     if padding_mode == "batch":
-        resized = _resized_size_tf(image_size, short_side, max_long_side)
+        resized = resized_size(image_size, short_side, max_long_side)
         m = float(pad_multiple)
         return tf.cast(tf.math.ceil(resized / m) * m, tf.int32)
     shapes = fixed_padded_size(padding_mode, short_side, max_long_side, pad_multiple)
@@ -147,19 +141,15 @@ def resize_and_pad(
       ``[[orig h, orig w], [resized h, resized w], [scale y, scale x],
       [offset y, offset x] = 0]``.
     """
-    from official.vision.ops import preprocess_ops  # pylint: disable=g-import-not-at-top
-
-    image, image_info = preprocess_ops.resize_and_crop_image_v2(
-        image,
-        short_side=short_side,
-        long_side=max_long_side,
-        padded_size=padded_size,
-        method=tf.image.ResizeMethod.BILINEAR,
-    )
-    boxes = preprocess_ops.resize_and_crop_boxes(
-        tf.cast(boxes, tf.float32), image_info[2, :], image_info[1, :], image_info[3, :]
-    )
-    return tf.cast(image, tf.float32), image_info, boxes
+    size = tf.cast(tf.shape(image)[:2], tf.float32)
+    resized = resized_size(size, short_side, max_long_side)
+    scale = resized / size
+    out = tf.image.resize(image, tf.cast(resized, tf.int32), method=tf.image.ResizeMethod.BILINEAR)
+    out = tf.image.pad_to_bounding_box(out, 0, 0, padded_size[0], padded_size[1])
+    image_info = tf.stack([size, resized, scale, tf.zeros([2], tf.float32)])
+    boxes = tf.cast(boxes, tf.float32) * tf.tile(scale, [2])
+    boxes = tf.clip_by_value(boxes, 0.0, tf.tile(resized, [2]))
+    return tf.cast(out, tf.float32), image_info, boxes
 
 
 def pad_groundtruth(

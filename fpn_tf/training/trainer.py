@@ -15,7 +15,6 @@ as the latest; the next start resumes from it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -119,6 +118,8 @@ class Trainer:
         cfg.validate(num_replicas=self.num_replicas, check_files=True)
         self.chief = is_chief(self.strategy)
         os.makedirs(model_dir, exist_ok=True)
+        self.train_source = pipeline.source_from_config(cfg.train_data)  # loaded once
+        self._eval_source = None
         self.category_map = self._category_map()
         if self.chief:
             save_config(cfg, model_dir)
@@ -141,7 +142,7 @@ class Trainer:
     # --- set-up ----------------------------------------------------------------------------
     def _category_map(self) -> CategoryMap:
         saved = os.path.join(self.model_dir, CATEGORY_MAP_FILENAME)
-        data_map = pipeline.get_category_map(self.cfg.train_data)
+        data_map = self.train_source.category_map
         if os.path.exists(saved):
             previous = CategoryMap.from_json(saved)
             if previous != data_map:
@@ -194,19 +195,26 @@ class Trainer:
         return path
 
     # --- data ----------------------------------------------------------------------------
-    def _dataset(self, data_cfg, training: bool, seed: int | None = None, input_context=None):
+    def _dataset(self, source, data_cfg, training: bool, seed: int | None = None,
+                 input_context=None):
         return pipeline.build_dataset_from_config(
-            data_cfg, training, input_context=input_context, seed=seed,
-            random_flip=data_cfg.random_flip and training)
+            source, data_cfg, training, input_context=input_context, seed=seed)
 
     def train_dataset(self, seed_offset: int = 0):
         """Sharded per replica; a resumed run reshuffles with seed + start step."""
         seed = self.cfg.train.seed + seed_offset
         return self.strategy.distribute_datasets_from_function(
-            lambda ctx: self._dataset(self.cfg.train_data, True, seed, ctx))
+            lambda ctx: self._dataset(self.train_source, self.cfg.train_data, True, seed, ctx))
+
+    @property
+    def eval_source(self):
+        """eval_data, loaded at the first evaluation and kept."""
+        if self._eval_source is None:
+            self._eval_source = pipeline.source_from_config(self.cfg.eval_data)
+        return self._eval_source
 
     def eval_dataset(self):
-        return self._dataset(self.cfg.eval_data, training=False)
+        return self._dataset(self.eval_source, self.cfg.eval_data, training=False)
 
     # --- the step ----------------------------------------------------------------------------
     def _build_train_fn(self):
@@ -318,6 +326,8 @@ class Trainer:
                     break
         writer.flush()
         seconds = time.time() - run_start
+        if self.train_source.drops.summary():
+            logging.warning(self.train_source.drops.summary())
         logging.info("Trained %d steps in %s (%.2f img/s)%s%s", self.step - start_step,
                      _hms(seconds), (self.step - start_step) * batch / max(seconds, 1e-9),
                      f", {skipped} non-finite steps skipped" if skipped else "",
@@ -330,15 +340,13 @@ class Trainer:
     def evaluate(self) -> dict:
         """COCO metrics of the current weights on eval_data; writes JSON into model_dir/eval."""
         out_dir = os.path.join(self.model_dir, "eval")
-        logging.info("Evaluating step %d on %s", self.step, self.cfg.eval_data.annotation_file)
+        logging.info("Evaluating step %d", self.step)
         metrics = evaluate_detector(
-            self.model, self.eval_dataset(), self.cfg.eval_data.annotation_file, out_dir,
-            max_steps=self.cfg.eval.steps, compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
+            self.model, self.eval_dataset(), self.eval_source, out_dir if self.chief else None,
+            step=self.step, max_steps=self.cfg.eval.steps,
+            compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
             per_category_metrics=self.cfg.eval.per_category_metrics)
-        metrics["step"] = self.step
         if self.chief:
-            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2, sort_keys=True)
             with tf.summary.create_file_writer(out_dir).as_default(step=self.step):
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "step":
