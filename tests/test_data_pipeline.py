@@ -1,5 +1,8 @@
 """build_dataset: batch layout, orientation grouping, flips, determinism."""
 
+import logging
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,7 +15,7 @@ from fpn_tf.data.pipeline import (
     load_source,
     source_from_config,
 )
-from fpn_tf.data.testing import write_tiny_coco
+from fpn_tf.data.testing import write_tiny_coco, write_tiny_coco_with_truncated_png
 
 # Tiny images, so short_side=32 / max_long_side=64 (padded 32x64 / 64x32).
 SMALL = dict(short_side=32, max_long_side=64, pad_multiple=32, max_num_instances=4)
@@ -190,3 +193,21 @@ def test_from_config_and_category_map(tiny):
         build_dataset(CocoSource(tiny.annotation_file, tiny.image_dir), False, batch_size=1)
     with pytest.raises(ValueError, match="padding_mode"):
         build_dataset(tiny, training=False, batch_size=1, padding_mode="tight")
+
+
+def test_run_time_drop_is_logged_with_file_and_id_and_counted(tmp_path, caplog):
+    ann, image_dir = write_tiny_coco_with_truncated_png(tmp_path)
+    source = load_source(CocoSource(ann, image_dir))
+    assert 14 in source.image_ids  # the truncated PNG passes the default header check
+    ds = build_dataset(source, training=True, batch_size=2, seed=3, **SMALL)
+    seen = []
+    with caplog.at_level(logging.WARNING):
+        for features, _ in ds.take(6):  # 12 images: two passes over the 5
+            seen.extend(int(i) for i in features["image_id"])
+    assert 14 not in seen and set(seen) == {10, 11, 12, 13}
+    drops = [r.getMessage() for r in caplog.records if "dropped image id 14" in r.getMessage()]
+    assert drops and "broken.png" in drops[0] and "[1 dropped so far]" in drops[0]
+    assert source.drops.count == len(drops) >= 1
+    assert source.drops.images == {"14": os.path.join(image_dir, "broken.png")}
+    summary = source.drops.summary()
+    assert "1 image(s)" in summary and "14 (" in summary and "broken.png" in summary

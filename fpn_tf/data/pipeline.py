@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Union
 
 from absl import logging
@@ -360,8 +361,9 @@ def _map_dropping_failures(items, element, source: Source, num_parallel_calls, d
         try:  # runs eagerly: the element again, for its error message
             element(number, item)
             reason = "an error that did not repeat"
-        except tf.errors.OpError as e:
-            reason = " ".join(e.message.split())[:300]
+        except tf.errors.OpError as e:  # without TensorFlow's "{{function_node ..}} [Op:..]"
+            message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", e.message, flags=re.S)
+            reason = " ".join(message.split())[:300] or type(e).__name__
         file, image_id = source.describe(item.numpy())
         source.drops.record(file, image_id, reason)
         return False

@@ -22,6 +22,8 @@ __all__ = [
     "write_coco_json",
     "write_image",
     "write_tiny_coco",
+    "write_tiny_coco_with_truncated_png",
+    "write_truncated_png",
 ]
 
 # Non-contiguous ids: contiguous classes are 1 -> 1, 3 -> 2, 7 -> 3, 9 -> 4.
@@ -170,3 +172,31 @@ def decoded_examples(source):
     """The per-image dicts of a loaded source (``load_coco(...)`` or a ``TfRecordIndex``) in
     file order, before any transform: ``source.item_dataset().map(source.decode)``."""
     return source.item_dataset().map(source.decode)
+
+
+def write_truncated_png(path: str | os.PathLike, pixels: np.ndarray, keep: float = 1 / 3) -> str:
+    """Writes ``pixels`` as PNG, then cuts the file to ``keep`` of its bytes.
+
+    The header (format, size) stays readable, so the load-time "header" check passes and the
+    file fails only when it is decoded.
+    """
+    path = write_image(path, pixels, fmt="PNG")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: max(33, int(len(data) * keep))])
+    return path
+
+
+def write_tiny_coco_with_truncated_png(root: str | os.PathLike) -> tuple[str, str]:
+    """:func:`write_tiny_coco` plus image 14, ``broken.png`` (36 x 28, one box [2, 3, 20, 25] of
+    category 3), truncated to a third of its bytes."""
+    root = os.fspath(root)
+    write_truncated_png(os.path.join(root, "images", "broken.png"), pattern(36, 28, 4))
+    return write_tiny_coco(
+        root,
+        extra_images=[{"id": 14, "file_name": "broken.png", "height": 36, "width": 28}],
+        extra_annotations=[
+            {"id": 105, "image_id": 14, "bbox": [2, 3, 20, 25], "category_id": 3, "iscrowd": 0}
+        ],
+    )

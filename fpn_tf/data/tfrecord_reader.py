@@ -252,9 +252,12 @@ _GT_FEATURES = {
 
 def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) -> dict:
     images, annotations = [], []
-    ds = tf.data.TFRecordDataset(list(files)).map(
-        lambda s: tf.io.parse_single_example(s, _GT_FEATURES)
-    )
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, _GT_FEATURES)
+        return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
+                for k, v in ex.items()}
+
+    ds = tf.data.TFRecordDataset(list(files)).map(parse)
     for ex in ds.as_numpy_iterator():
         source_id = ex["image/source_id"].decode("utf-8")
         if not re.fullmatch(r"-?[0-9]{1,18}", source_id):
@@ -270,7 +273,7 @@ def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) ->
             )
         image_id = int(source_id)
         images.append({"id": image_id, "height": h, "width": w})
-        dense = {k: v.values for k, v in ex.items() if hasattr(v, "values")}
+        dense = dict(ex)
         for key in ("xmin", "ymin", "xmax", "ymax"):  # clipped as the pipeline clips them
             dense[f"image/object/bbox/{key}"] = np.clip(dense[f"image/object/bbox/{key}"], 0, 1)
         x0, y0 = dense["image/object/bbox/xmin"] * w, dense["image/object/bbox/ymin"] * h
