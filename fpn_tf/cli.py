@@ -63,8 +63,10 @@ _CUINIT_FAILED = re.compile(rb"failed call to cuInit")
 _TF_NOISE = (
     # Grappler's cost model has no estimate for CropAndResize with a dynamic number of boxes (the
     # RoIAlign of inference); the graph is optimised and runs the same.
-    re.compile(rb"op_level_cost_estimator\.cc:\d+\] Error in PredictCost\(\) for the op: op: "
-               rb"\"CropAndResize\""),
+    re.compile(
+        rb"op_level_cost_estimator\.cc:\d+\] Error in PredictCost\(\) for the op: op: "
+        rb"\"CropAndResize\""
+    ),
     # The preface absl prints before its first C++ log line.
     re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\) is called"),
 )

@@ -486,7 +486,9 @@ def _usable_images(
             kept.append(im)
         else:
             problems.image("missing_image_file", im.image_id, f"file {im.path} does not exist")
-    to_read = [im for im in kept if verify_images != "none" or im.height is None or im.width is None]
+    to_read = [
+        im for im in kept if verify_images != "none" or im.height is None or im.width is None
+    ]
     if not to_read:
         return kept
     full = verify_images == "full"

@@ -112,8 +112,11 @@ class TfRecordIndex:
         self.files = shard_files(file_pattern)
         self.on_bad_data = on_bad_data
         self.annotation_file = annotation_file
-        self.drops = RunTimeDrops(",".join(self.files) if len(self.files) < 3 else
-                                  f"{self.files[0]} (+{len(self.files) - 1} shards)")
+        self.drops = RunTimeDrops(
+            ",".join(self.files)
+            if len(self.files) < 3
+            else f"{self.files[0]} (+{len(self.files) - 1} shards)"
+        )
         self._groundtruth = None
         if category_map is None:
             category_map = _find_category_map(self.files)
@@ -252,10 +255,12 @@ _GT_FEATURES = {
 
 def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) -> dict:
     images, annotations = [], []
+
     def parse(serialized):
         ex = tf.io.parse_single_example(serialized, _GT_FEATURES)
-        return {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v
-                for k, v in ex.items()}
+        return {
+            k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v for k, v in ex.items()
+        }
 
     ds = tf.data.TFRecordDataset(list(files)).map(parse)
     for ex in ds.as_numpy_iterator():
@@ -283,14 +288,17 @@ def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) ->
             bw, bh = float(x1[k] - x0[k]), float(y1[k] - y0[k])
             if bw <= 0 or bh <= 0:
                 continue  # the pipeline drops these too
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": int(label),
-                "bbox": [float(x0[k]), float(y0[k]), bw, bh],
-                "area": float(area[k]) if k < len(area) else bw * bh,
-                "iscrowd": int(crowd[k]) if k < len(crowd) else 0,
-            })
-    categories = [{"id": int(i), "name": n}
-                  for i, n in zip(category_map.dataset_ids, category_map.names)]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(x0[k]), float(y0[k]), bw, bh],
+                    "area": float(area[k]) if k < len(area) else bw * bh,
+                    "iscrowd": int(crowd[k]) if k < len(crowd) else 0,
+                }
+            )
+    categories = [
+        {"id": int(i), "name": n} for i, n in zip(category_map.dataset_ids, category_map.names)
+    ]
     return {"images": images, "annotations": annotations, "categories": categories}
