@@ -48,13 +48,13 @@ def main(argv):
       fixed_hw=(FLAGS.height, FLAGS.width), png_every=0, subfolder_every=0,
       max_object_size=min(200, FLAGS.height // 2))
   if FLAGS.source == "coco":
-    source = pipeline.CocoSource(paths["annotation_file"], paths["image_dir"])
+    source = pipeline.load_source(pipeline.CocoSource(paths["annotation_file"], paths["image_dir"]))
   else:
     from fpn_tf.data import convert_coco  # pylint: disable=g-import-not-at-top
     result = convert_coco.convert_coco_to_tfrecords(
         paths["annotation_file"], paths["image_dir"],
         os.path.join(workdir, "tfrecords", "bench"), num_shards=4)
-    source = pipeline.TfRecordSource(result.file_pattern)
+    source = pipeline.load_source(pipeline.TfRecordSource(result.file_pattern))
 
   ds = pipeline.build_dataset(
       source, training=True, batch_size=FLAGS.batch_size, seed=0,

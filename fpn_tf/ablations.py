@@ -89,7 +89,7 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     start = time.time()
     results = []
-    with cli.user_errors():
+    with cli.quiet_tensorflow(), cli.user_errors():
         for i, row in enumerate(FLAGS.rows):
             logging.info("=== ablation %d/%d: %s ===", i + 1, len(FLAGS.rows), ROWS[row])
             results.append(run_row(row, FLAGS.output_dir, FLAGS.params_override))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import threading
 
 from absl import logging
 
@@ -27,6 +29,7 @@ def user_errors():
     from fpn_tf.configs.experiment import ConfigError
     from fpn_tf.data.errors import DataError
     from fpn_tf.training.trainer import CheckpointError, NonFiniteLossError
+
     try:
         yield
     except (ConfigError, DataError) as e:
@@ -47,8 +50,69 @@ def configure_tensorflow_environment(strategy: str) -> None:
     """
     if strategy != "one_device" and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
         if "tensorflow" in sys.modules:
-            logging.warning("TensorFlow is already imported: cannot turn oneDNN off for %s",
-                            strategy)
+            logging.warning(
+                "TensorFlow is already imported: cannot turn oneDNN off for %s", strategy
+            )
             return
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
         logging.info("TF_ENABLE_ONEDNN_OPTS=0 for the multi-replica strategy %s", strategy)
+
+
+# TensorFlow lines that concern no user of these commands (see quiet_tensorflow).
+_CUINIT_FAILED = re.compile(rb"failed call to cuInit")
+_TF_NOISE = (
+    # Grappler's cost model has no estimate for CropAndResize with a dynamic number of boxes (the
+    # RoIAlign of inference); the graph is optimised and runs the same.
+    re.compile(
+        rb"op_level_cost_estimator\.cc:\d+\] Error in PredictCost\(\) for the op: op: "
+        rb"\"CropAndResize\""
+    ),
+    # The preface absl prints before its first C++ log line.
+    re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\) is called"),
+)
+
+
+def tensorflow_noise_patterns(has_nvidia_device: bool | None = None) -> list[re.Pattern]:
+    """The stderr lines :func:`quiet_tensorflow` drops: the CropAndResize cost-model warning,
+    absl's preface line and, on a machine without an NVIDIA device, the ``failed call to
+    cuInit`` error that TensorFlow's CUDA build prints at its first op there."""
+    if has_nvidia_device is None:
+        has_nvidia_device = os.path.exists("/dev/nvidiactl")
+    return list(_TF_NOISE) + ([] if has_nvidia_device else [_CUINIT_FAILED])
+
+
+@contextlib.contextmanager
+def quiet_tensorflow(patterns: list[re.Pattern] | None = None):
+    """Runs the block with stderr (file descriptor 2, where TensorFlow's C++ code writes) passed
+    through a filter that drops exactly the lines of :func:`tensorflow_noise_patterns`.
+
+    Everything else, our warnings and TensorFlow's other messages, passes unchanged and in order.
+    TensorFlow offers no switch for these lines alone (``TF_CPP_MIN_LOG_LEVEL=3`` would hide
+    every error; the cost-model line comes from absl logging, which that variable does not
+    reach). ``FPN_TF_SHOW_ALL_LOGS=1`` turns the filter off.
+    """
+    if os.environ.get("FPN_TF_SHOW_ALL_LOGS", "") not in ("", "0"):
+        yield
+        return
+    patterns = tensorflow_noise_patterns() if patterns is None else patterns
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not any(p.search(line) for p in patterns):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="quiet_tensorflow", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump reads to the end
+        thread.join(timeout=10)
+        os.close(saved)

@@ -42,6 +42,13 @@ def define_flags() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from fpn_tf import cli  # pylint: disable=g-import-not-at-top
+
+    with cli.quiet_tensorflow():
+        _export()
+
+
+def _export() -> None:
     from fpn_tf.configs import ConfigError  # pylint: disable=g-import-not-at-top
     from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top

@@ -87,13 +87,15 @@ def predict(saved_model: str, images, output_dir: str, min_score: float = 0.3,
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from fpn_tf.serving.inference import PredictError  # pylint: disable=g-import-not-at-top
-    try:
-        predict(FLAGS.saved_model, FLAGS.image, FLAGS.output_dir, FLAGS.min_score,
-                FLAGS.signature)
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from fpn_tf import cli  # pylint: disable=g-import-not-at-top
+    with cli.quiet_tensorflow():  # before TensorFlow loads
+        from fpn_tf.serving.inference import PredictError  # pylint: disable=g-import-not-at-top
+        try:
+            predict(FLAGS.saved_model, FLAGS.image, FLAGS.output_dir, FLAGS.min_score,
+                    FLAGS.signature)
+        except PredictError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

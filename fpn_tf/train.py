@@ -101,7 +101,7 @@ def main(argv):
     model_dir = FLAGS.model_dir or ("runs/cpu_demo" if not FLAGS.config_file else None)
     if not model_dir:
         cli.fail("--model_dir is required with --config_file")
-    with cli.user_errors():
+    with cli.quiet_tensorflow(), cli.user_errors():
         run(config_files, FLAGS.params_override, model_dir, FLAGS.mode, FLAGS.export,
             _overrides())
 

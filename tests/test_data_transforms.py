@@ -7,131 +7,137 @@ import tensorflow as tf
 from fpn_tf.data import transforms
 
 
-@pytest.mark.parametrize("hw,expected", [
-    ((480, 640), (800, 1067)),    # s = 5/3: 1066.67 rounds to 1067
-    ((640, 480), (1067, 800)),    # portrait
-    ((300, 1000), (400, 1333)),   # 2667 > 1333: s = 1.333 -> 399.9 -> 400
-    ((800, 1333), (800, 1333)),   # already there
-    ((427, 640), (800, 1199)),    # 640 * 800/427 = 1199.06
-])
+@pytest.mark.parametrize(
+    "hw,expected",
+    [
+        ((480, 640), (800, 1067)),  # s = 5/3: 1066.67 rounds to 1067
+        ((640, 480), (1067, 800)),  # portrait
+        ((300, 1000), (400, 1333)),  # 2667 > 1333: s = 1.333 -> 399.9 -> 400
+        ((800, 1333), (800, 1333)),  # already there
+        ((427, 640), (800, 1199)),  # 640 * 800/427 = 1199.06
+    ],
+)
 def test_resized_size_rule(hw, expected):
-  assert transforms.compute_resized_size(*hw, 800, 1333) == expected
+    assert transforms.compute_resized_size(*hw, 800, 1333) == expected
 
 
 def test_fixed_padded_sizes():
-  assert transforms.fixed_padded_size("orientation", 800, 1333, 32) == [
-      (800, 1344), (1344, 800)]
-  assert transforms.fixed_padded_size("square", 800, 1333, 32) == [
-      (1344, 1344)]
-  assert transforms.fixed_padded_size("batch", 800, 1333, 32) == []
-  assert transforms.ceil_to_multiple(1333, 32) == 1344
-  assert transforms.ceil_to_multiple(800, 32) == 800
+    assert transforms.fixed_padded_size("orientation", 800, 1333, 32) == [(800, 1344), (1344, 800)]
+    assert transforms.fixed_padded_size("square", 800, 1333, 32) == [(1344, 1344)]
+    assert transforms.fixed_padded_size("batch", 800, 1333, 32) == []
+    assert transforms.ceil_to_multiple(1333, 32) == 1344
+    assert transforms.ceil_to_multiple(800, 32) == 800
 
 
 def _example(h, w, boxes, classes, crowd, image_id=5, image=None):
-  if image is None:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
-  return {
-      "image": tf.constant(image),
-      "image_id": tf.constant(image_id, tf.int64),
-      "height": tf.constant(h, tf.int32),
-      "width": tf.constant(w, tf.int32),
-      "gt_boxes": tf.constant(boxes, tf.float32, shape=[len(boxes), 4]),
-      "gt_classes": tf.constant(classes, tf.int32, shape=[len(classes)]),
-      "gt_is_crowd": tf.constant(crowd, tf.bool, shape=[len(crowd)]),
-  }
+    if image is None:
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    return {
+        "image": tf.constant(image),
+        "image_id": tf.constant(image_id, tf.int64),
+        "height": tf.constant(h, tf.int32),
+        "width": tf.constant(w, tf.int32),
+        "gt_boxes": tf.constant(boxes, tf.float32, shape=[len(boxes), 4]),
+        "gt_classes": tf.constant(classes, tf.int32, shape=[len(classes)]),
+        "gt_is_crowd": tf.constant(crowd, tf.bool, shape=[len(crowd)]),
+    }
 
 
 def test_480x640_resize_flip_pad_exact_numbers():
-  ex = _example(480, 640, [[48, 64, 144, 192], [0, 0, 480, 640]], [2, 1],
-                [False, True])
-  sy, sx = 800 / 480, 1067 / 640  # 1.666667, 1.6671875
-  for flip in (False, True):
-    features, labels = transforms.preprocess_example(
-        ex, flip=tf.constant(flip), max_num_instances=5)
-    assert features["images"].shape == (800, 1344, 3)
-    assert features["images"].dtype == tf.float32
-    np.testing.assert_allclose(
-        features["image_info"],
-        [[480, 640], [800, 1067], [sy, sx], [0, 0]], rtol=1e-6)
-    assert int(features["image_id"]) == 5
-    # 64 * 1.6671875 = 106.7 and 192 * 1.6671875 = 320.1; flipped in the
-    # resized image of width 1067: 1067 - 320.1 = 746.9, 1067 - 106.7 = 960.3.
-    x0, x1 = (746.9, 960.3) if flip else (106.7, 320.1)
-    np.testing.assert_allclose(
-        labels["gt_boxes"],
-        [[80, x0, 240, x1], [0, 0, 800, 1067]] + [[0, 0, 0, 0]] * 3,
-        atol=1e-3)
-    np.testing.assert_array_equal(labels["gt_classes"], [2, 1, -1, -1, -1])
-    np.testing.assert_array_equal(labels["gt_is_crowd"],
-                                  [False, True, False, False, False])
-    # Padding (columns 1067..1343) is zero; the image is not.
-    img = features["images"].numpy()
-    assert np.all(img[:, 1067:] == 0) and img[:, :1067].mean() > 50
+    ex = _example(480, 640, [[48, 64, 144, 192], [0, 0, 480, 640]], [2, 1], [False, True])
+    sy, sx = 800 / 480, 1067 / 640  # 1.666667, 1.6671875
+    for flip in (False, True):
+        features, labels = transforms.preprocess_example(
+            ex, flip=tf.constant(flip), max_num_instances=5
+        )
+        assert features["images"].shape == (800, 1344, 3)
+        assert features["images"].dtype == tf.float32
+        np.testing.assert_allclose(
+            features["image_info"], [[480, 640], [800, 1067], [sy, sx], [0, 0]], rtol=1e-6
+        )
+        assert int(features["image_id"]) == 5
+        # 64 * 1.6671875 = 106.7 and 192 * 1.6671875 = 320.1; flipped in the
+        # resized image of width 1067: 1067 - 320.1 = 746.9, 1067 - 106.7 = 960.3.
+        x0, x1 = (746.9, 960.3) if flip else (106.7, 320.1)
+        np.testing.assert_allclose(
+            labels["gt_boxes"],
+            [[80, x0, 240, x1], [0, 0, 800, 1067]] + [[0, 0, 0, 0]] * 3,
+            atol=1e-3,
+        )
+        np.testing.assert_array_equal(labels["gt_classes"], [2, 1, -1, -1, -1])
+        np.testing.assert_array_equal(labels["gt_is_crowd"], [False, True, False, False, False])
+        # Padding (columns 1067..1343) is zero; the image is not.
+        img = features["images"].numpy()
+        assert np.all(img[:, 1067:] == 0) and img[:, :1067].mean() > 50
 
 
 def test_flip_mirrors_pixels_and_boxes_exactly_without_resize():
-  # short_side = the image's short side: scale 1, so pixels are exact.
-  image = np.random.default_rng(1).integers(0, 256, (32, 48, 3)).astype(
-      np.uint8)
-  ex = _example(32, 48, [[4, 6, 10, 20]], [3], [False], image=image)
-  features, labels = transforms.preprocess_example(
-      ex, flip=True, short_side=32, max_long_side=100, max_num_instances=2)
-  img = features["images"].numpy()
-  assert img.shape == (32, 128, 3)  # landscape: [ceil32(32), ceil32(100)]
-  np.testing.assert_array_equal(img[:, :48], image[:, ::-1].astype(np.float32))
-  assert np.all(img[:, 48:] == 0)
-  # xmin' = w - xmax = 48 - 20, xmax' = w - xmin = 48 - 6
-  np.testing.assert_array_equal(labels["gt_boxes"][0], [4, 28, 10, 42])
-  np.testing.assert_array_equal(features["image_info"][2], [1, 1])
+    # short_side = the image's short side: scale 1, so pixels are exact.
+    image = np.random.default_rng(1).integers(0, 256, (32, 48, 3)).astype(np.uint8)
+    ex = _example(32, 48, [[4, 6, 10, 20]], [3], [False], image=image)
+    features, labels = transforms.preprocess_example(
+        ex, flip=True, short_side=32, max_long_side=100, max_num_instances=2
+    )
+    img = features["images"].numpy()
+    assert img.shape == (32, 128, 3)  # landscape: [ceil32(32), ceil32(100)]
+    np.testing.assert_array_equal(img[:, :48], image[:, ::-1].astype(np.float32))
+    assert np.all(img[:, 48:] == 0)
+    # xmin' = w - xmax = 48 - 20, xmax' = w - xmin = 48 - 6
+    np.testing.assert_array_equal(labels["gt_boxes"][0], [4, 28, 10, 42])
+    np.testing.assert_array_equal(features["image_info"][2], [1, 1])
 
 
 def test_flip_after_resize_mirrors_the_resized_image():
-  ex = _example(30, 40, [[3, 4, 9, 30]], [1], [False])
-  args = dict(short_side=45, max_long_side=100, max_num_instances=1)
-  plain, _ = transforms.preprocess_example(ex, flip=False, **args)
-  flipped, labels = transforms.preprocess_example(ex, flip=True, **args)
-  h, w = (int(v) for v in plain["image_info"][1])
-  assert (h, w) == (45, 60)
-  np.testing.assert_allclose(flipped["images"][:h, :w],
-                             plain["images"][:h, :w][:, ::-1], atol=1e-3)
-  np.testing.assert_allclose(labels["gt_boxes"][0],
-                             [4.5, 60 - 45, 13.5, 60 - 6], atol=1e-4)
+    ex = _example(30, 40, [[3, 4, 9, 30]], [1], [False])
+    args = dict(short_side=45, max_long_side=100, max_num_instances=1)
+    plain, _ = transforms.preprocess_example(ex, flip=False, **args)
+    flipped, labels = transforms.preprocess_example(ex, flip=True, **args)
+    h, w = (int(v) for v in plain["image_info"][1])
+    assert (h, w) == (45, 60)
+    np.testing.assert_allclose(
+        flipped["images"][:h, :w], plain["images"][:h, :w][:, ::-1], atol=1e-3
+    )
+    np.testing.assert_allclose(labels["gt_boxes"][0], [4.5, 60 - 45, 13.5, 60 - 6], atol=1e-4)
 
 
-@pytest.mark.parametrize("mode,hw,padded", [
-    ("orientation", (480, 640), (128, 224)),  # resized (100, 133)
-    ("orientation", (640, 480), (224, 128)),  # portrait (133, 100)
-    ("square", (480, 640), (224, 224)),
-    ("batch", (480, 640), (128, 160)),        # ceil32 of (100, 133)
-    ("batch", (100, 100), (128, 128)),        # (100, 100)
-])
+@pytest.mark.parametrize(
+    "mode,hw,padded",
+    [
+        ("orientation", (480, 640), (128, 224)),  # resized (100, 133)
+        ("orientation", (640, 480), (224, 128)),  # portrait (133, 100)
+        ("square", (480, 640), (224, 224)),
+        ("batch", (480, 640), (128, 160)),  # ceil32 of (100, 133)
+        ("batch", (100, 100), (128, 128)),  # (100, 100)
+    ],
+)
 def test_padding_modes_give_multiples_of_32(mode, hw, padded):
-  ex = _example(*hw, [], [], [])
-  features, labels = transforms.preprocess_example(
-      ex, short_side=100, max_long_side=200, padding_mode=mode,
-      max_num_instances=3)
-  assert tuple(features["images"].shape[:2]) == padded
-  assert all(d % 32 == 0 for d in padded)
-  # An image without ground truth: every row is padding.
-  np.testing.assert_array_equal(labels["gt_classes"], [-1, -1, -1])
-  np.testing.assert_array_equal(labels["gt_boxes"], np.zeros((3, 4)))
+    ex = _example(*hw, [], [], [])
+    features, labels = transforms.preprocess_example(
+        ex, short_side=100, max_long_side=200, padding_mode=mode, max_num_instances=3
+    )
+    assert tuple(features["images"].shape[:2]) == padded
+    assert all(d % 32 == 0 for d in padded)
+    # An image without ground truth: every row is padding.
+    np.testing.assert_array_equal(labels["gt_classes"], [-1, -1, -1])
+    np.testing.assert_array_equal(labels["gt_boxes"], np.zeros((3, 4)))
 
 
 def test_pad_groundtruth_truncates_first_n_and_warns(capfd):
-  boxes = tf.reshape(tf.range(20, dtype=tf.float32), [5, 4])
+    boxes = tf.reshape(tf.range(20, dtype=tf.float32), [5, 4])
 
-  @tf.function  # as in the tf.data pipeline: the warning is a graph op
-  def pad(boxes):
-    return transforms.pad_groundtruth(
-        boxes, tf.constant([1, 2, 3, 4, 1]),
-        tf.constant([False, True, False, False, False]), 3,
-        image_id=tf.constant(42, tf.int64))
+    @tf.function  # as in the tf.data pipeline: the warning is a graph op
+    def pad(boxes):
+        return transforms.pad_groundtruth(
+            boxes,
+            tf.constant([1, 2, 3, 4, 1]),
+            tf.constant([False, True, False, False, False]),
+            3,
+            image_id=tf.constant(42, tf.int64),
+        )
 
-  b, c, k = pad(boxes)
-  np.testing.assert_array_equal(b, boxes[:3])
-  np.testing.assert_array_equal(c, [1, 2, 3])
-  np.testing.assert_array_equal(k, [False, True, False])
-  assert "image id 42 has 5 instances; keeping the first 3" in (
-      capfd.readouterr().err)
+    b, c, k = pad(boxes)
+    np.testing.assert_array_equal(b, boxes[:3])
+    np.testing.assert_array_equal(c, [1, 2, 3])
+    np.testing.assert_array_equal(k, [False, True, False])
+    assert "image id 42 has 5 instances; keeping the first 3" in (capfd.readouterr().err)

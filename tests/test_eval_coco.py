@@ -44,8 +44,14 @@ def _make_dataset(num_images=12, seed=0):
                 }
             )
     annotations.append(
-        {"id": len(annotations) + 1, "image_id": 101, "category_id": 1, "bbox": [0, 0, 300, 200],
-         "area": 60000.0, "iscrowd": 1}
+        {
+            "id": len(annotations) + 1,
+            "image_id": 101,
+            "category_id": 1,
+            "bbox": [0, 0, 300, 200],
+            "area": 60000.0,
+            "iscrowd": 1,
+        }
     )
     categories = [{"id": i, "name": NAMES[i]} for i in CATEGORY_IDS]
     return {"images": images, "annotations": annotations, "categories": categories}
@@ -75,13 +81,20 @@ def _per_image(dataset, crowd=False):
         classes.append(a["category_id"])
         crowds.append(bool(a["iscrowd"]))
         areas.append(a["area"])
-    return {k: tuple(np.array(v, np.float64).reshape(-1, 4) if i == 0 else np.array(v) for i, v in enumerate(t))
-            for k, t in out.items()}
+    return {
+        k: tuple(
+            np.array(v, np.float64).reshape(-1, 4) if i == 0 else np.array(v)
+            for i, v in enumerate(t)
+        )
+        for k, t in out.items()
+    }
 
 
 def _feed_perfect(evaluator, dataset, class_fn=lambda c: c):
     for image_id, (boxes, classes, _, _) in _per_image(dataset).items():
-        evaluator.add_detections(image_id, boxes, np.ones(len(boxes)), [class_fn(c) for c in classes])
+        evaluator.add_detections(
+            image_id, boxes, np.ones(len(boxes)), [class_fn(c) for c in classes]
+        )
 
 
 # ---- box AP ---------------------------------------------------------------------------------
@@ -90,21 +103,17 @@ def _feed_perfect(evaluator, dataset, class_fn=lambda c: c):
 def test_perfect_detections_give_ap_1(annotation_file, dataset, tmp_path):
     evaluator = COCOEvaluator(annotation_file)
     _feed_perfect(evaluator, dataset)
-    metrics = evaluator.evaluate(output_dir=str(tmp_path / "eval"))
+    metrics = evaluator.evaluate()
     assert set(COCO_METRIC_NAMES) <= set(metrics)
     assert metrics["AP"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
     assert metrics["AP75"] == pytest.approx(1.0)
     for name in ("APs", "APm", "APl", "ARmax100"):
         assert metrics[name] == pytest.approx(1.0)
-    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert written == pytest.approx(metrics)
 
 
-def test_perfect_detections_with_accumulated_groundtruth(dataset):
-    evaluator = COCOEvaluator(categories=NAMES)
-    for image_id, (boxes, classes, crowd, areas) in _per_image(dataset, crowd=True).items():
-        evaluator.add_groundtruth(image_id, boxes, classes, is_crowd=crowd, areas=areas, image_size=(480, 640))
+def test_perfect_detections_with_a_loaded_groundtruth(dataset):
+    evaluator = COCOEvaluator(load_coco_groundtruth(dataset))
     _feed_perfect(evaluator, dataset)
     metrics = evaluator.evaluate()
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
@@ -122,9 +131,9 @@ def test_zero_detections_give_ap_0(annotation_file, dataset, tmp_path):
     evaluator = COCOEvaluator(annotation_file)
     for image in dataset["images"]:
         evaluator.add_detections(image["id"], np.zeros((0, 4)), np.zeros((0,)), np.zeros((0,)))
-    metrics = evaluator.evaluate(output_dir=str(tmp_path))
+    metrics = evaluator.evaluate()
     assert metrics["AP"] == 0.0 and metrics["AP50"] == 0.0
-    assert json.loads((tmp_path / "detections.json").read_text()) == []
+    assert evaluator.results() == []
     assert COCOEvaluator(annotation_file).evaluate()["AP"] == 0.0  # nothing fed at all
 
 
@@ -142,16 +151,22 @@ def test_only_fed_images_are_evaluated(annotation_file, dataset):
 def test_results_json_is_coco_results_format(annotation_file, dataset, tmp_path):
     evaluator = COCOEvaluator(annotation_file)
     _feed_perfect(evaluator, dataset)
-    evaluator.evaluate(output_dir=str(tmp_path))
+    (tmp_path / "detections.json").write_text(json.dumps(evaluator.results()))
     results = json.loads((tmp_path / "detections.json").read_text())
-    assert isinstance(results, list) and len(results) == sum(1 for a in dataset["annotations"] if not a["iscrowd"])
+    assert isinstance(results, list) and len(results) == sum(
+        1 for a in dataset["annotations"] if not a["iscrowd"]
+    )
     for r in results:
         assert set(r) == {"image_id", "category_id", "bbox", "score"}
         assert isinstance(r["image_id"], int) and isinstance(r["category_id"], int)
         assert len(r["bbox"]) == 4 and r["bbox"][2] > 0 and r["bbox"][3] > 0
     assert {r["category_id"] for r in results} <= set(CATEGORY_IDS)
     first = next(a for a in dataset["annotations"] if not a["iscrowd"])
-    match = [r for r in results if r["image_id"] == first["image_id"] and r["category_id"] == first["category_id"]]
+    match = [
+        r
+        for r in results
+        if r["image_id"] == first["image_id"] and r["category_id"] == first["category_id"]
+    ]
     assert any(np.allclose(r["bbox"], first["bbox"], atol=1e-3) for r in match)  # [x, y, w, h]
     # pycocotools itself accepts the file.
     gt = load_coco_groundtruth(annotation_file)
@@ -160,16 +175,14 @@ def test_results_json_is_coco_results_format(annotation_file, dataset, tmp_path)
     assert len(dt.anns) == len(results)
 
 
-def test_update_state_batch_with_image_info_and_label_map(annotation_file, dataset):
-    """Model-input pixels + contiguous indices in, original pixels + dataset ids out."""
+def test_update_state_batch_with_image_info(annotation_file, dataset):
+    """Model-input pixels in, original pixels out; padded rows beyond num_detections ignored."""
     per_image = _per_image(dataset)
-    contiguous = {c: i + 1 for i, c in enumerate(CATEGORY_IDS)}  # 1 -> 1, 5 -> 2, 90 -> 3
-    label_map = [0] + CATEGORY_IDS  # index -> dataset id
-    evaluator = COCOEvaluator(annotation_file, label_map=label_map)
+    evaluator = COCOEvaluator(annotation_file)
     scale, offset = 800.0 / 480.0, 0.0
     image_ids = list(per_image)
     for start in range(0, len(image_ids), 4):
-        ids = image_ids[start:start + 4]
+        ids = image_ids[start : start + 4]
         n = 10
         boxes = np.zeros((len(ids), n, 4), np.float32)
         scores = np.zeros((len(ids), n), np.float32)
@@ -181,38 +194,46 @@ def test_update_state_batch_with_image_info_and_label_map(annotation_file, datas
             k = len(gt_boxes)
             boxes[b, :k] = gt_boxes * scale - offset
             scores[b, :k] = 0.9
-            classes[b, :k] = [contiguous[int(c)] for c in gt_classes]
+            classes[b, :k] = gt_classes
+            scores[b, k:] = 0.5  # padding rows with scores: ignored by num_detections
             num[b] = k
             info[b] = [[480, 640], [800, 1067], [scale, scale], [offset, offset]]
         evaluator.update_state(
-            {"image_id": np.array(ids, np.int64), "detection_boxes": boxes, "detection_scores": scores,
-             "detection_classes": classes, "num_detections": num, "image_info": info}
+            {
+                "image_id": np.array(ids, np.int64),
+                "detection_boxes": boxes,
+                "detection_scores": scores,
+                "detection_classes": classes,
+                "num_detections": num,
+                "image_info": info,
+            }
         )
     results = evaluator.results()
     assert {r["category_id"] for r in results} <= set(CATEGORY_IDS)
     assert evaluator.evaluate()["AP"] == pytest.approx(1.0)
 
 
-def test_update_state_with_batched_groundtruth(dataset):
-    per_image = _per_image(dataset, crowd=True)
+def test_update_state_without_num_detections_drops_zero_score_rows(annotation_file, dataset):
+    per_image = _per_image(dataset)
     ids = list(per_image)
-    m = max(len(v[0]) for v in per_image.values())
-    gt_boxes = np.zeros((len(ids), m, 4), np.float32)
-    gt_classes = -np.ones((len(ids), m), np.int32)
-    gt_crowd = np.zeros((len(ids), m), bool)
+    m = max(len(v[0]) for v in per_image.values()) + 2  # at least two padding rows each
+    boxes = np.zeros((len(ids), m, 4), np.float32)
+    scores = np.zeros((len(ids), m), np.float32)
+    classes = np.zeros((len(ids), m), np.float32)
     for b, image_id in enumerate(ids):
-        boxes, classes, crowd, _ = per_image[image_id]
-        gt_boxes[b, :len(boxes)], gt_classes[b, :len(boxes)], gt_crowd[b, :len(boxes)] = boxes, classes, crowd
-    info = np.tile(np.array([[480, 640], [480, 640], [1, 1], [0, 0]], np.float32), (len(ids), 1, 1))
-    groundtruths = {"image_id": np.array(ids), "gt_boxes": gt_boxes, "gt_classes": gt_classes,
-                    "gt_is_crowd": gt_crowd, "image_info": info}
-    evaluator = COCOEvaluator(categories=CATEGORY_IDS)
-    keep = ~gt_crowd & (gt_classes >= 0)
+        gt_boxes, gt_classes, _, _ = per_image[image_id]
+        k = len(gt_boxes)
+        boxes[b, :k], scores[b, :k], classes[b, :k] = gt_boxes, 1.0, gt_classes
+    evaluator = COCOEvaluator(annotation_file)
     evaluator.update_state(
-        {"image_id": np.array(ids), "detection_boxes": gt_boxes, "detection_scores": keep.astype(np.float32),
-         "detection_classes": np.where(keep, gt_classes, 0).astype(np.float32)},
-        groundtruths,
+        {
+            "image_id": np.array(ids),
+            "detection_boxes": boxes,
+            "detection_scores": scores,
+            "detection_classes": classes,
+        }
     )
+    assert len(evaluator.results()) == sum(len(v[0]) for v in per_image.values())
     assert evaluator.evaluate()["AP"] == pytest.approx(1.0)
 
 
@@ -244,10 +265,9 @@ def test_perfect_proposals_give_ar_1(annotation_file, dataset, tmp_path):
         proposals = np.concatenate([boxes, junk])
         scores = np.concatenate([np.ones(len(boxes)), np.full(len(junk), 0.5)])
         evaluator.add_proposals(image_id, proposals, scores)
-    metrics = evaluator.evaluate(output_dir=str(tmp_path))
+    metrics = evaluator.evaluate()
     for name in ("AR@100", "AR@1000", "ARs@1000", "ARm@1000", "ARl@1000", "ARs@100"):
         assert metrics[name] == pytest.approx(1.0), name
-    assert json.loads((tmp_path / "proposal_metrics.json").read_text()) == pytest.approx(metrics)
 
 
 def test_far_away_proposals_give_ar_0(annotation_file, dataset):
@@ -262,12 +282,15 @@ def test_far_away_proposals_give_ar_0(annotation_file, dataset):
 
 def test_proposal_recall_counts_limit_and_iou_thresholds():
     """One image, two objects: AR@1 = 1/2; a proposal at IoU 0.72 is recalled at 5 of 10 thresholds."""
+
     def ann(i, bbox):
         return {"id": i, "image_id": 7, "category_id": 3, "bbox": bbox, "area": 100.0, "iscrowd": 0}
 
-    gt = {"images": [{"id": 7, "height": 100, "width": 100}],
-          "annotations": [ann(1, [0, 0, 10, 10]), ann(2, [50, 50, 10, 10])],
-          "categories": [{"id": 3, "name": "x"}]}
+    gt = {
+        "images": [{"id": 7, "height": 100, "width": 100}],
+        "annotations": [ann(1, [0, 0, 10, 10]), ann(2, [50, 50, 10, 10])],
+        "categories": [{"id": 3, "name": "x"}],
+    }
     evaluator = ProposalRecallEvaluator(gt, limits=(1, 2))
     evaluator.add_proposals(7, [[0, 0, 10, 10], [50, 50, 60, 57.2]], [0.9, 0.8])  # 2nd: IoU 0.72
     metrics = evaluator.evaluate()
@@ -276,9 +299,9 @@ def test_proposal_recall_counts_limit_and_iou_thresholds():
     assert metrics["ARm@2"] == -1.0  # no medium objects
 
 
-def test_proposal_update_state_batch(dataset):
+def test_proposal_update_state_batch(annotation_file, dataset):
     per_image = _per_image(dataset)
-    evaluator = ProposalRecallEvaluator(categories=CATEGORY_IDS)
+    evaluator = ProposalRecallEvaluator(annotation_file)
     ids = list(per_image)
     m = max(len(v[0]) for v in per_image.values())
     boxes = np.zeros((len(ids), m, 4), np.float32)
@@ -286,11 +309,21 @@ def test_proposal_update_state_batch(dataset):
     num = np.zeros(len(ids), np.int32)
     for b, image_id in enumerate(ids):
         gt_boxes, gt_classes, _, _ = per_image[image_id]
-        boxes[b, :len(gt_boxes)], classes[b, :len(gt_boxes)], num[b] = gt_boxes, gt_classes, len(gt_boxes)
-    info = np.tile(np.array([[480, 640], [960, 1280], [2, 2], [0, 0]], np.float32), (len(ids), 1, 1))
+        boxes[b, : len(gt_boxes)], classes[b, : len(gt_boxes)], num[b] = (
+            gt_boxes,
+            gt_classes,
+            len(gt_boxes),
+        )
+    info = np.tile(
+        np.array([[480, 640], [960, 1280], [2, 2], [0, 0]], np.float32), (len(ids), 1, 1)
+    )
     evaluator.update_state(
-        {"image_id": np.array(ids), "proposal_boxes": boxes * 2, "num_proposals": num, "image_info": info},
-        {"image_id": np.array(ids), "gt_boxes": boxes * 2, "gt_classes": classes, "image_info": info},
+        {
+            "image_id": np.array(ids),
+            "proposal_boxes": boxes * 2,
+            "num_proposals": num,
+            "image_info": info,
+        },
     )
     assert evaluator.evaluate()["AR@1000"] == pytest.approx(1.0)
 
@@ -304,7 +337,9 @@ def test_boxes_to_original():
     out = boxes_to_original(model_boxes, info[None])
     np.testing.assert_allclose(out[0, 0], [5, 10, 55, 110])
     np.testing.assert_allclose(out[0, 1], [400, 600, 400, 600])  # clipped to the original image
-    np.testing.assert_allclose(boxes_to_original(model_boxes[0], info, clip=False)[1], [400, 600, 455, 710])
+    np.testing.assert_allclose(
+        boxes_to_original(model_boxes[0], info, clip=False)[1], [400, 600, 455, 710]
+    )
     with pytest.raises(ValueError):
         boxes_to_original(model_boxes, np.zeros((1, 3, 2)))
 
@@ -335,8 +370,14 @@ def test_proposal_recall_agrees_with_cocoeval_use_cats_0():
         scores = rng.uniform(size=len(proposals))
         evaluator.add_proposals(image_id, proposals, scores)
         for (y0, x0, y1, x1), score in zip(proposals, scores):
-            results.append({"image_id": image_id, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                            "score": float(score)})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score),
+                }
+            )
     ours = evaluator.evaluate()
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")
@@ -348,3 +389,122 @@ def test_proposal_recall_agrees_with_cocoeval_use_cats_0():
     for m, limit in enumerate((10, 100)):
         for a, size in enumerate(("", "s", "m", "l")):
             assert ours[f"AR{size}@{limit}"] == pytest.approx(recall[:, 0, a, m].mean(), abs=0.02)
+
+
+# ---- evaluate_detector: one annotation file, only the images that ran ----------------------
+
+
+class _PerfectDetector:
+    """Returns an image's ground-truth boxes as detections and proposals, found by its original
+    (h, w), which is distinct for each image of the set."""
+
+    def __init__(self, annotation_file):
+        data = json.loads(open(annotation_file).read())
+        sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+        self.table = {size: ([], []) for size in sizes.values()}
+        for a in data["annotations"]:
+            if not a.get("iscrowd"):
+                x, y, w, h = a["bbox"]
+                boxes, classes = self.table[sizes[a["image_id"]]]
+                boxes.append([y, x, y + h, x + w])
+                classes.append(a["category_id"])
+
+    def _lookup(self, image_info):
+        n = 8
+        info = image_info.numpy()
+        boxes = np.zeros((len(info), n, 4), np.float32)
+        classes = np.zeros((len(info), n), np.float32)
+        num = np.zeros((len(info),), np.int32)
+        for b, row in enumerate(info):
+            gt_boxes, gt_classes = self.table[(int(row[0, 0]), int(row[0, 1]))]
+            k = len(gt_boxes)
+            if k:
+                boxes[b, :k], classes[b, :k] = gt_boxes, gt_classes
+            num[b] = k
+        return boxes, (np.arange(n)[None] < num[:, None]).astype(np.float32), classes, num
+
+    def __call__(self, inputs, training=False):
+        import tensorflow as tf
+
+        boxes, scores, classes, num = tf.py_function(
+            self._lookup, [inputs["image_info"]], [tf.float32, tf.float32, tf.float32, tf.int32]
+        )
+        return {
+            "detection_boxes": boxes,
+            "detection_scores": scores,
+            "detection_classes": classes,
+            "num_detections": num,
+            "proposal_boxes": boxes,
+            "proposal_scores": scores,
+            "num_proposals": num,
+        }
+
+
+def _eval_dataset(source):
+    from fpn_tf.data.pipeline import build_dataset
+
+    return build_dataset(
+        source, training=False, batch_size=2, short_side=32, max_long_side=64, max_num_instances=4
+    )
+
+
+def test_evaluation_scores_only_the_images_that_ran(tmp_path, caplog):
+    """A truncated PNG passes the header check, fails in tf.data: it is reported as skipped and
+    its ground truth does not count, so a perfect detector still scores AP 1."""
+    import logging
+
+    from fpn_tf.data.pipeline import CocoSource, load_source
+    from fpn_tf.data.testing import write_tiny_coco_with_truncated_png
+    from fpn_tf.evaluation.run import evaluate_detector
+
+    ann, image_dir = write_tiny_coco_with_truncated_png(tmp_path / "data")
+    source = load_source(CocoSource(ann, image_dir))
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate_detector(
+            _PerfectDetector(ann), _eval_dataset(source), source, str(out), step=7
+        )
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    assert metrics["AR@100"] == pytest.approx(1.0)
+    assert metrics["num_images"] == 4 and metrics["num_skipped_images"] == 1
+    assert metrics["step"] == 7
+    assert "dropped image id 14" in caplog.text and "broken.png" in caplog.text
+    skipped = [r.getMessage() for r in caplog.records if "were skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "ids 14" in skipped[0] and "1 dropped at run time" in skipped[0]
+    # metrics.json and detections.json, written once, by evaluate_detector.
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
+    detections = json.loads((out / "detections.json").read_text())
+    assert {d["image_id"] for d in detections} == {10, 11, 13}  # 12 is a negative
+    assert sorted(os.listdir(out)) == ["detections.json", "metrics.json"]
+
+
+def test_tfrecord_evaluation_writes_its_groundtruth_from_the_shards(tmp_path):
+    from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
+    from fpn_tf.data.pipeline import TfRecordSource, load_source
+    from fpn_tf.data.testing import write_tiny_coco
+    from fpn_tf.evaluation.run import evaluate_detector
+
+    ann, image_dir = write_tiny_coco(tmp_path / "data")
+    result = convert_coco_to_tfrecords(ann, image_dir, tmp_path / "records" / "val", num_shards=2)
+    source = load_source(TfRecordSource(result.file_pattern))
+    original = json.loads(open(ann).read())
+    written = source.groundtruth()
+    assert {(i["id"], i["height"], i["width"]) for i in written["images"]} == {
+        (i["id"], i["height"], i["width"]) for i in original["images"]
+    }
+    assert written["categories"] == original["categories"]
+
+    def by_image(anns):
+        return sorted(
+            (a["image_id"], a["category_id"], a["iscrowd"], round(a["area"], 2))
+            + tuple(round(v, 3) for v in a["bbox"])
+            for a in anns
+        )
+
+    assert by_image(written["annotations"]) == by_image(original["annotations"])
+    out = tmp_path / "eval"
+    metrics = evaluate_detector(
+        _PerfectDetector(ann), _eval_dataset(source), source, str(out), compute_rpn_recall=False
+    )
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["num_skipped_images"] == 0
+    assert json.loads((out / "groundtruth.json").read_text()) == written

@@ -55,9 +55,9 @@ def test_decay_excludes_exactly_batch_norm_and_biases_of_the_detector(tiny_confi
     assert kinds == {True, False}
 
 
-def _first_batch(cfg):
-    ds = pipeline.build_dataset_from_config(cfg.train_data, True, seed=cfg.train.seed,
-                                            random_flip=cfg.train_data.random_flip)
+def _first_batch(trainer):
+    ds = pipeline.build_dataset_from_config(trainer.train_source, trainer.cfg.train_data, True,
+                                            seed=trainer.cfg.train.seed)
     return next(iter(ds))
 
 
@@ -84,7 +84,7 @@ def test_fit_and_the_training_command_make_the_same_update(tiny_config, tmp_path
         np.testing.assert_array_equal(a, b)   # the same seed built the same weights
     model.compile(optimizer=build_optimizer(cfg.train, cfg.train_data.global_batch_size),
                   jit_compile=False)
-    features, labels = _first_batch(cfg)
+    features, labels = _first_batch(trainer)
     model.fit(tf.data.Dataset.from_tensors((features, labels)), epochs=1, verbose=0)
 
     moved = 0

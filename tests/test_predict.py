@@ -54,6 +54,10 @@ def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_pa
         capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Loaded" in done.stderr and "detection(s) with score >= 0.60" in done.stderr
+    # Only what concerns the user: no TensorFlow cost-model or CUDA start-up noise.
+    assert "CropAndResize" not in done.stderr and "PredictCost" not in done.stderr
+    if not os.path.exists("/dev/nvidiactl"):
+        assert "cuInit" not in done.stderr
     assert sorted(os.listdir(out)) == ["a_detections.json", "a_detections.png",
                                        "b_2_detections.json", "b_2_detections.png",
                                        "b_detections.json", "b_detections.png"]
@@ -134,3 +138,32 @@ def test_draw_detections_draws_box_and_label():
     assert changed[30:55, 20].all() and changed[54, 20:61].all()   # left and bottom edges
     assert not changed[40:50, 30:50].any()                          # inside stays
     assert changed[:30, 20:60].any()                                # the label above the box
+
+
+_QUIET_PROBE = r"""
+import os, sys
+from fpn_tf import cli
+with cli.quiet_tensorflow():
+    import tensorflow as tf
+    tf.constant(1.0).numpy()  # TensorFlow's devices start here (cuInit on a CUDA build)
+    os.write(2, b'W0 op_level_cost_estimator.cc:699] Error in PredictCost() for the op: op: '
+                b'"CropAndResize" attr {}\n')
+    print("ours: a warning", file=sys.stderr)
+    os.write(2, b"E0 some_op.cc:1] another TensorFlow error\n")
+print("after the block", file=sys.stderr)
+"""
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine with an NVIDIA device")
+def test_quiet_tensorflow_drops_only_the_noise():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", _QUIET_PROBE], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cuInit" not in done.stderr and "CropAndResize" not in done.stderr
+    assert "ours: a warning\n" in done.stderr and "another TensorFlow error" in done.stderr
+    assert done.stderr.endswith("after the block\n")
+    # The filter is what hides them: off, the noise is there.
+    loud = subprocess.run([sys.executable, "-c", _QUIET_PROBE], capture_output=True, text=True,
+                          env=dict(env, FPN_TF_SHOW_ALL_LOGS="1"), timeout=120)
+    assert "CropAndResize" in loud.stderr

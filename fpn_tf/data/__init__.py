@@ -2,10 +2,11 @@
 
 Entry points:
 
-* :func:`fpn_tf.data.pipeline.build_dataset` -> batches of (features, labels)
+* :func:`fpn_tf.data.pipeline.load_source` / ``source_from_config`` -> a loaded source, and
+  :func:`fpn_tf.data.pipeline.build_dataset` -> its batches of (features, labels)
   as WORKSPACE.md describes;
-* :func:`fpn_tf.data.coco_reader.load_coco` / ``read_coco`` and
-  :func:`fpn_tf.data.tfrecord_reader.read_tfrecords` -> per-image dicts;
+* :func:`fpn_tf.data.coco_reader.load_coco` and
+  :class:`fpn_tf.data.tfrecord_reader.TfRecordIndex` -> the sources themselves;
 * :class:`fpn_tf.data.category_map.CategoryMap`;
 * ``python -m fpn_tf.data.convert_coco`` (COCO -> TFRecords) and
   ``python -m fpn_tf.data.synthetic`` (a synthetic shapes dataset).
@@ -20,27 +21,28 @@ _EXPORTS = {
     "CategoryMap": "fpn_tf.data.category_map",
     "CocoIndex": "fpn_tf.data.coco_reader",
     "load_coco": "fpn_tf.data.coco_reader",
-    "read_coco": "fpn_tf.data.coco_reader",
     "DataError": "fpn_tf.data.errors",
-    "read_tfrecords": "fpn_tf.data.tfrecord_reader",
+    "RunTimeDrops": "fpn_tf.data.errors",
+    "TfRecordIndex": "fpn_tf.data.tfrecord_reader",
     "CocoSource": "fpn_tf.data.pipeline",
     "DatasetInfo": "fpn_tf.data.pipeline",
     "TfRecordSource": "fpn_tf.data.pipeline",
     "build_dataset": "fpn_tf.data.pipeline",
     "build_dataset_from_config": "fpn_tf.data.pipeline",
-    "get_category_map": "fpn_tf.data.pipeline",
+    "load_source": "fpn_tf.data.pipeline",
+    "source_from_config": "fpn_tf.data.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'fpn_tf.data' has no attribute {name!r}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fpn_tf.data' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -27,223 +27,217 @@ __all__ = ["CategoryMap", "as_category_map"]
 
 
 class CategoryMap:
-  """Maps dataset category ids to contiguous classes ``1..C`` and back.
-
-  Args:
-    categories: COCO-style category dicts, each with an integer ``"id"`` and
-      a ``"name"``; other keys (e.g. ``"supercategory"``) are kept.
-  """
-
-  def __init__(self, categories: Iterable[Mapping[str, Any]]):
-    cats = []
-    seen = set()
-    for i, cat in enumerate(categories):
-      if not isinstance(cat, Mapping) or "id" not in cat or "name" not in cat:
-        raise DataError(
-            f"category #{i} must be a dict with 'id' and 'name', got {cat!r}")
-      cid = cat["id"]
-      if isinstance(cid, bool) or not isinstance(cid, (int, np.integer)):
-        raise DataError(f"category #{i}: 'id' must be an integer, got {cid!r}")
-      cid = int(cid)
-      if cid <= 0:
-        raise DataError(
-            f"category #{i}: 'id' must be positive (0 is the background), "
-            f"got {cid}")
-      if cid in seen:
-        raise DataError(f"category id {cid} is listed more than once")
-      seen.add(cid)
-      entry = {k: v for k, v in dict(cat).items() if k != "contiguous_id"}
-      entry["id"] = cid
-      entry["name"] = str(cat["name"])
-      cats.append(entry)
-    if not cats:
-      raise DataError("a category map needs at least one category")
-    cats.sort(key=lambda c: c["id"])
-    self._categories = tuple(cats)
-    self._dataset_ids = tuple(c["id"] for c in cats)
-    self._names = tuple(c["name"] for c in cats)
-    self._to_contiguous = {cid: i + 1 for i, cid in enumerate(self._dataset_ids)}
-
-  # -- construction -----------------------------------------------------------
-
-  @classmethod
-  def from_coco_categories(
-      cls, categories: Iterable[Mapping[str, Any]]) -> "CategoryMap":
-    """Builds the map from the ``categories`` list of a COCO annotation file."""
-    return cls(categories)
-
-  @classmethod
-  def from_json(cls, path_or_text: str | os.PathLike) -> "CategoryMap":
-    """Reads a map written by :meth:`to_json`, or any COCO annotation file.
+    """Maps dataset category ids to contiguous classes ``1..C`` and back.
 
     Args:
-      path_or_text: a file path, or the JSON text itself (anything starting
-        with ``{``).
+      categories: COCO-style category dicts, each with an integer ``"id"`` and
+        a ``"name"``; other keys (e.g. ``"supercategory"``) are kept.
     """
-    text = str(path_or_text)
-    source = "<json text>"
-    if text.lstrip().startswith("{"):
-      data = parse_json(text, source)
-    else:
-      source = text
-      data = read_json(text, "category map file")
-    if not isinstance(data, dict) or "categories" not in data:
-      raise DataError(f"{source}: no 'categories' list")
-    try:
-      return cls(data["categories"])
-    except DataError as e:
-      raise DataError(f"{source}: {e}") from e
 
-  @classmethod
-  def from_config(cls, config: Mapping[str, Any]) -> "CategoryMap":
-    """Inverse of :meth:`get_config`."""
-    return cls(config["categories"])
+    def __init__(self, categories: Iterable[Mapping[str, Any]]):
+        cats = []
+        seen = set()
+        for i, cat in enumerate(categories):
+            if not isinstance(cat, Mapping) or "id" not in cat or "name" not in cat:
+                raise DataError(f"category #{i} must be a dict with 'id' and 'name', got {cat!r}")
+            cid = cat["id"]
+            if isinstance(cid, bool) or not isinstance(cid, (int, np.integer)):
+                raise DataError(f"category #{i}: 'id' must be an integer, got {cid!r}")
+            cid = int(cid)
+            if cid <= 0:
+                raise DataError(
+                    f"category #{i}: 'id' must be positive (0 is the background), " f"got {cid}"
+                )
+            if cid in seen:
+                raise DataError(f"category id {cid} is listed more than once")
+            seen.add(cid)
+            entry = {k: v for k, v in dict(cat).items() if k != "contiguous_id"}
+            entry["id"] = cid
+            entry["name"] = str(cat["name"])
+            cats.append(entry)
+        if not cats:
+            raise DataError("a category map needs at least one category")
+        cats.sort(key=lambda c: c["id"])
+        self._categories = tuple(cats)
+        self._dataset_ids = tuple(c["id"] for c in cats)
+        self._names = tuple(c["name"] for c in cats)
+        self._to_contiguous = {cid: i + 1 for i, cid in enumerate(self._dataset_ids)}
 
-  # -- serialisation ----------------------------------------------------------
+    # -- construction -----------------------------------------------------------
 
-  def get_config(self) -> dict[str, Any]:
-    """A JSON-able dict; ``CategoryMap.from_config(m.get_config()) == m``."""
-    return {
-        "categories": [
-            dict(c, contiguous_id=i + 1) for i, c in enumerate(self._categories)
-        ]
-    }
+    @classmethod
+    def from_coco_categories(cls, categories: Iterable[Mapping[str, Any]]) -> "CategoryMap":
+        """Builds the map from the ``categories`` list of a COCO annotation file."""
+        return cls(categories)
 
-  def to_json(self, path: str | os.PathLike | None = None) -> str:
-    """Returns the map as JSON text and, given a path, writes it there.
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> "CategoryMap":
+        """Reads a map written by :meth:`to_json`, or any COCO annotation file.
 
-    The text is ``{"categories": [{"id", "name", "contiguous_id", ...}]}``:
-    a COCO-style categories list, so COCO tools can read it too.
-    """
-    text = json.dumps(self.get_config(), indent=1, sort_keys=True)
-    if path is not None:
-      path = os.fspath(path)
-      parent = os.path.dirname(path)
-      if parent:
-        tf.io.gfile.makedirs(parent)
-      with tf.io.gfile.GFile(path, "w") as f:
-        f.write(text + "\n")
-    return text
+        Args:
+          path_or_text: a file path, or the JSON text itself (anything starting
+            with ``{``).
+        """
+        text = str(path_or_text)
+        source = "<json text>"
+        if text.lstrip().startswith("{"):
+            data = parse_json(text, source)
+        else:
+            source = text
+            data = read_json(text, "category map file")
+        if not isinstance(data, dict) or "categories" not in data:
+            raise DataError(f"{source}: no 'categories' list")
+        try:
+            return cls(data["categories"])
+        except DataError as e:
+            raise DataError(f"{source}: {e}") from e
 
-  # -- python lookups -----------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "CategoryMap":
+        """Inverse of :meth:`get_config`."""
+        return cls(config["categories"])
 
-  @property
-  def num_classes(self) -> int:
-    """C, the number of foreground classes (the model has C + 1 outputs)."""
-    return len(self._dataset_ids)
+    # -- serialisation ----------------------------------------------------------
 
-  @property
-  def dataset_ids(self) -> tuple[int, ...]:
-    """Dataset ids in contiguous order: ``dataset_ids[k - 1]`` is class k."""
-    return self._dataset_ids
+    def get_config(self) -> dict[str, Any]:
+        """A JSON-able dict; ``CategoryMap.from_config(m.get_config()) == m``."""
+        return {
+            "categories": [dict(c, contiguous_id=i + 1) for i, c in enumerate(self._categories)]
+        }
 
-  @property
-  def names(self) -> tuple[str, ...]:
-    """Names in contiguous order: ``names[k - 1]`` is class k's name."""
-    return self._names
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """Returns the map as JSON text and, given a path, writes it there.
 
-  @property
-  def categories(self) -> tuple[dict[str, Any], ...]:
-    return tuple(dict(c) for c in self._categories)
+        The text is ``{"categories": [{"id", "name", "contiguous_id", ...}]}``:
+        a COCO-style categories list, so COCO tools can read it too.
+        """
+        text = json.dumps(self.get_config(), indent=1, sort_keys=True)
+        if path is not None:
+            path = os.fspath(path)
+            parent = os.path.dirname(path)
+            if parent:
+                tf.io.gfile.makedirs(parent)
+            with tf.io.gfile.GFile(path, "w") as f:
+                f.write(text + "\n")
+        return text
 
-  def __len__(self) -> int:
-    return self.num_classes
+    # -- python lookups -----------------------------------------------------------
 
-  def __contains__(self, dataset_id: int) -> bool:
-    return int(dataset_id) in self._to_contiguous
+    @property
+    def num_classes(self) -> int:
+        """C, the number of foreground classes (the model has C + 1 outputs)."""
+        return len(self._dataset_ids)
 
-  def to_contiguous(self, dataset_id: int) -> int:
-    """Dataset id -> contiguous class in 1..C; KeyError for an unknown id."""
-    try:
-      return self._to_contiguous[int(dataset_id)]
-    except KeyError:
-      raise KeyError(
-          f"unknown dataset category id {dataset_id}; known ids: "
-          f"{list(self._dataset_ids)}") from None
+    @property
+    def dataset_ids(self) -> tuple[int, ...]:
+        """Dataset ids in contiguous order: ``dataset_ids[k - 1]`` is class k."""
+        return self._dataset_ids
 
-  def to_dataset_id(self, contiguous_id: int) -> int:
-    """Contiguous class in 1..C -> dataset id; KeyError outside 1..C."""
-    k = int(contiguous_id)
-    if not 1 <= k <= self.num_classes:
-      raise KeyError(
-          f"contiguous class {k} is outside 1..{self.num_classes}")
-    return self._dataset_ids[k - 1]
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names in contiguous order: ``names[k - 1]`` is class k's name."""
+        return self._names
 
-  def name_of(self, contiguous_id: int) -> str:
-    """Name of a contiguous class (``"background"`` for 0)."""
-    k = int(contiguous_id)
-    if k == 0:
-      return "background"
-    self.to_dataset_id(k)  # range check
-    return self._names[k - 1]
+    @property
+    def categories(self) -> tuple[dict[str, Any], ...]:
+        return tuple(dict(c) for c in self._categories)
 
-  def dataset_id_to_name(self) -> dict[int, str]:
-    return dict(zip(self._dataset_ids, self._names))
+    def __len__(self) -> int:
+        return self.num_classes
 
-  # -- TensorFlow lookups (usable inside tf.function / SavedModel) -------------
+    def __contains__(self, dataset_id: int) -> bool:
+        return int(dataset_id) in self._to_contiguous
 
-  def contiguous_to_dataset_ids(self, classes: tf.Tensor) -> tf.Tensor:
-    """Maps contiguous classes to dataset ids inside a graph.
+    def to_contiguous(self, dataset_id: int) -> int:
+        """Dataset id -> contiguous class in 1..C; KeyError for an unknown id."""
+        try:
+            return self._to_contiguous[int(dataset_id)]
+        except KeyError:
+            raise KeyError(
+                f"unknown dataset category id {dataset_id}; known ids: "
+                f"{list(self._dataset_ids)}"
+            ) from None
 
-    Class 0 (background) and padding (-1 or anything outside 0..C) map to 0.
+    def to_dataset_id(self, contiguous_id: int) -> int:
+        """Contiguous class in 1..C -> dataset id; KeyError outside 1..C."""
+        k = int(contiguous_id)
+        if not 1 <= k <= self.num_classes:
+            raise KeyError(f"contiguous class {k} is outside 1..{self.num_classes}")
+        return self._dataset_ids[k - 1]
 
-    Args:
-      classes: integer tensor of any shape holding contiguous classes.
+    def name_of(self, contiguous_id: int) -> str:
+        """Name of a contiguous class (``"background"`` for 0)."""
+        k = int(contiguous_id)
+        if k == 0:
+            return "background"
+        self.to_dataset_id(k)  # range check
+        return self._names[k - 1]
 
-    Returns:
-      int32 tensor of the same shape with dataset ids.
-    """
-    table = tf.constant((0,) + self._dataset_ids, dtype=tf.int32)
-    classes = tf.cast(classes, tf.int32)
-    valid = (classes >= 0) & (classes <= self.num_classes)
-    ids = tf.gather(table, tf.where(valid, classes, tf.zeros_like(classes)))
-    return tf.where(valid, ids, tf.zeros_like(ids))
+    def dataset_id_to_name(self) -> dict[int, str]:
+        return dict(zip(self._dataset_ids, self._names))
 
-  def dataset_to_contiguous_ids(self, dataset_ids: tf.Tensor) -> tf.Tensor:
-    """Maps dataset ids to contiguous classes inside a graph; unknown -> -1.
+    # -- TensorFlow lookups (usable inside tf.function / SavedModel) -------------
 
-    Args:
-      dataset_ids: integer tensor of any shape.
+    def contiguous_to_dataset_ids(self, classes: tf.Tensor) -> tf.Tensor:
+        """Maps contiguous classes to dataset ids inside a graph.
 
-    Returns:
-      int32 tensor of the same shape.
-    """
-    # A dense table indexed by dataset id: ids are small positive ints (COCO's
-    # reach 90), and a gather needs no table initialisation in the graph.
-    max_id = max(self._dataset_ids)
-    dense = np.full([max_id + 1], -1, np.int32)
-    for cid, k in self._to_contiguous.items():
-      dense[cid] = k
-    table = tf.constant(dense)
-    ids = tf.cast(dataset_ids, tf.int64)
-    inside = (ids >= 0) & (ids <= max_id)
-    k = tf.gather(table, tf.where(inside, ids, tf.zeros_like(ids)))
-    return tf.where(inside, k, -tf.ones_like(k))
+        Class 0 (background) and padding (-1 or anything outside 0..C) map to 0.
 
-  # -- misc ---------------------------------------------------------------------
+        Args:
+          classes: integer tensor of any shape holding contiguous classes.
 
-  def __eq__(self, other: object) -> bool:
-    return (isinstance(other, CategoryMap)
-            and self._categories == other._categories)
+        Returns:
+          int32 tensor of the same shape with dataset ids.
+        """
+        table = tf.constant((0,) + self._dataset_ids, dtype=tf.int32)
+        classes = tf.cast(classes, tf.int32)
+        valid = (classes >= 0) & (classes <= self.num_classes)
+        ids = tf.gather(table, tf.where(valid, classes, tf.zeros_like(classes)))
+        return tf.where(valid, ids, tf.zeros_like(ids))
 
-  def __hash__(self) -> int:
-    return hash(self._dataset_ids + self._names)
+    def dataset_to_contiguous_ids(self, dataset_ids: tf.Tensor) -> tf.Tensor:
+        """Maps dataset ids to contiguous classes inside a graph; unknown -> -1.
 
-  def __repr__(self) -> str:
-    pairs = ", ".join(f"{cid}:{n!r}" for cid, n in
-                      zip(self._dataset_ids[:6], self._names[:6]))
-    more = ", ..." if self.num_classes > 6 else ""
-    return f"CategoryMap(num_classes={self.num_classes}, {{{pairs}{more}}})"
+        Args:
+          dataset_ids: integer tensor of any shape.
+
+        Returns:
+          int32 tensor of the same shape.
+        """
+        # A dense table indexed by dataset id: ids are small positive ints (COCO's
+        # reach 90), and a gather needs no table initialisation in the graph.
+        max_id = max(self._dataset_ids)
+        dense = np.full([max_id + 1], -1, np.int32)
+        for cid, k in self._to_contiguous.items():
+            dense[cid] = k
+        table = tf.constant(dense)
+        ids = tf.cast(dataset_ids, tf.int64)
+        inside = (ids >= 0) & (ids <= max_id)
+        k = tf.gather(table, tf.where(inside, ids, tf.zeros_like(ids)))
+        return tf.where(inside, k, -tf.ones_like(k))
+
+    # -- misc ---------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CategoryMap) and self._categories == other._categories
+
+    def __hash__(self) -> int:
+        return hash(self._dataset_ids + self._names)
+
+    def __repr__(self) -> str:
+        pairs = ", ".join(f"{cid}:{n!r}" for cid, n in zip(self._dataset_ids[:6], self._names[:6]))
+        more = ", ..." if self.num_classes > 6 else ""
+        return f"CategoryMap(num_classes={self.num_classes}, {{{pairs}{more}}})"
 
 
 def as_category_map(
     value: "CategoryMap | str | os.PathLike | Sequence[Mapping] | Mapping",
 ) -> CategoryMap:
-  """Accepts a CategoryMap, a JSON path, a get_config() dict or a list."""
-  if isinstance(value, CategoryMap):
-    return value
-  if isinstance(value, (str, os.PathLike)):
-    return CategoryMap.from_json(value)
-  if isinstance(value, Mapping):
-    return CategoryMap.from_config(value)
-  return CategoryMap(value)
+    """Accepts a CategoryMap, a JSON path, a get_config() dict or a list."""
+    if isinstance(value, CategoryMap):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return CategoryMap.from_json(value)
+    if isinstance(value, Mapping):
+        return CategoryMap.from_config(value)
+    return CategoryMap(value)

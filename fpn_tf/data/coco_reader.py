@@ -54,16 +54,11 @@ much of each file is read to verify it is ``verify_images``:
   1.8 ms per 320-512 px image, minutes for COCO);
 * ``"none"``: no reading.
 
-Whatever the check, decoding inside ``tf.data`` is guarded: a file that is not
-JPEG/PNG/GIF/BMP, or whose decoded size differs from the JSON, prints a line
-naming the file to stderr and fails. With ``on_bad_data="skip"`` the pipeline
-built by :func:`fpn_tf.data.pipeline.build_dataset` then drops the element
-(``Dataset.ignore_errors(log_warning=True)``); with ``"error"`` the error
-(naming the file) stops the iteration. A file with a valid header whose data
-is broken (e.g. truncated) fails inside ``decode_image``, which cannot name
-the file, and is reported only by TensorFlow's C++ warning log (hidden when
-``TF_CPP_MIN_LOG_LEVEL`` >= 2): use ``verify_images="full"`` to find and count
-those at load time.
+Whatever the check, an image that fails inside ``tf.data`` (a truncated file passes the header
+check) is dropped, logged with its file and id, and counted by the index's :attr:`CocoIndex.drops`
+when the pipeline of :func:`fpn_tf.data.pipeline.build_dataset` runs with ``on_bad_data="skip"``;
+with ``"error"`` it stops the iteration. ``verify_images="full"`` finds truncated files at load
+time instead.
 """
 
 from __future__ import annotations
@@ -74,21 +69,20 @@ import dataclasses
 import functools
 import math
 import os
-import sys
-from typing import Any, Mapping
+from typing import Any
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from fpn_tf.data.category_map import CategoryMap
-from fpn_tf.data.errors import DataError, read_json
+from fpn_tf.data import images as image_io
+from fpn_tf.data.errors import DataError, RunTimeDrops, read_json
 
 __all__ = [
     "BOX_TOLERANCE_PX",
     "CocoIndex",
     "load_coco",
-    "read_coco",
     "decode_image_guarded",
 ]
 
@@ -96,8 +90,6 @@ ON_BAD_DATA = ("error", "skip")
 VERIFY_IMAGES = ("none", "header", "full")
 # A box may overflow the image by this many pixels; it is then clipped.
 BOX_TOLERANCE_PX = 1.0
-# Formats that tf.io.decode_image reads (PIL's names).
-_DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 _MAX_LOGGED_EXAMPLES = 5
 
 _ANNOTATION_REASONS = {
@@ -115,473 +107,533 @@ _IMAGE_REASONS = {
 
 
 def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
-      x, bool)
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _exists(path: str) -> bool:
-  if "://" in path:
-    return tf.io.gfile.exists(path)
-  return os.path.isfile(path)
+    if "://" in path:
+        return tf.io.gfile.exists(path)
+    return os.path.isfile(path)
 
 
 def _read_image_header(path: str, full: bool) -> tuple[str | None, int, int, str]:
-  """Returns (problem or None, height, width, format) for one image file."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+    """Returns (problem or None, height, width, format) for one image file."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  try:
-    if "://" in path:
-      with tf.io.gfile.GFile(path, "rb") as f:
-        import io  # pylint: disable=g-import-not-at-top
-        fobj = io.BytesIO(f.read())
-    else:
-      fobj = open(path, "rb")  # pylint: disable=consider-using-with
-    with fobj:
-      with Image.open(fobj) as img:
-        fmt = img.format or "?"
-        width, height = img.size
-        if fmt not in _DECODABLE_FORMATS:
-          return (f"format {fmt} is not one of {'/'.join(_DECODABLE_FORMATS)}",
-                  height, width, fmt)
-        if full:
-          img.load()
-    return None, height, width, fmt
-  except Exception as e:  # pylint: disable=broad-except
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return f"cannot be decoded ({msg})", -1, -1, "?"
+    try:
+        if "://" in path:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                import io  # pylint: disable=g-import-not-at-top
+
+                fobj = io.BytesIO(f.read())
+        else:
+            fobj = open(path, "rb")  # pylint: disable=consider-using-with
+        with fobj:
+            with Image.open(fobj) as img:
+                fmt = img.format or "?"
+                width, height = img.size
+                if fmt not in image_io.DECODABLE_FORMATS:
+                    return (
+                        f"format {fmt} is not one of {'/'.join(image_io.DECODABLE_FORMATS)}",
+                        height,
+                        width,
+                        fmt,
+                    )
+                if full:
+                    img.load()
+        return None, height, width, fmt
+    except Exception as e:  # pylint: disable=broad-except
+        msg = " ".join(str(e).split()) or type(e).__name__
+        return f"cannot be decoded ({msg})", -1, -1, "?"
 
 
 @dataclasses.dataclass
 class CocoIndex:
-  """A validated COCO-format dataset, held as flat numpy arrays.
+    """A validated COCO-format dataset, held as flat numpy arrays.
 
-  Annotations of image ``i`` are rows ``row_splits[i]:row_splits[i + 1]`` of
-  ``gt_boxes`` / ``gt_classes`` / ``gt_is_crowd`` / ``annotation_ids``.
-  """
+    Annotations of image ``i`` are rows ``row_splits[i]:row_splits[i + 1]`` of
+    ``gt_boxes`` / ``gt_classes`` / ``gt_is_crowd`` / ``annotation_ids``.
+    """
 
-  annotation_file: str
-  image_dir: str
-  category_map: CategoryMap
-  image_ids: np.ndarray  # int64 [I]
-  file_names: np.ndarray  # object (str) [I], as in the JSON
-  file_paths: np.ndarray  # object (str) [I], full paths
-  heights: np.ndarray  # int32 [I]
-  widths: np.ndarray  # int32 [I]
-  row_splits: np.ndarray  # int64 [I + 1]
-  gt_boxes: np.ndarray  # float32 [A, 4] ymin, xmin, ymax, xmax pixels
-  gt_classes: np.ndarray  # int32 [A] contiguous
-  gt_is_crowd: np.ndarray  # bool [A]
-  annotation_ids: np.ndarray  # int64 [A] (-1 where the JSON had none)
-  areas: np.ndarray  # float32 [A] the JSON's "area" (box area if absent)
-  skipped_annotations: dict[str, int]
-  skipped_images: dict[str, int]
-  num_clipped_boxes: int
-  on_bad_data: str
+    annotation_file: str
+    image_dir: str
+    category_map: CategoryMap
+    image_ids: np.ndarray  # int64 [I]
+    file_names: np.ndarray  # object (str) [I], as in the JSON
+    file_paths: np.ndarray  # object (str) [I], full paths
+    heights: np.ndarray  # int32 [I]
+    widths: np.ndarray  # int32 [I]
+    row_splits: np.ndarray  # int64 [I + 1]
+    gt_boxes: np.ndarray  # float32 [A, 4] ymin, xmin, ymax, xmax pixels
+    gt_classes: np.ndarray  # int32 [A] contiguous
+    gt_is_crowd: np.ndarray  # bool [A]
+    annotation_ids: np.ndarray  # int64 [A] (-1 where the JSON had none)
+    areas: np.ndarray  # float32 [A] the JSON's "area" (box area if absent)
+    skipped_annotations: dict[str, int]
+    skipped_images: dict[str, int]
+    num_clipped_boxes: int
+    on_bad_data: str
+    drops: RunTimeDrops = dataclasses.field(default=None)  # type: ignore[assignment]
 
-  @property
-  def num_images(self) -> int:
-    return int(self.image_ids.shape[0])
+    def __post_init__(self):
+        if self.drops is None:
+            self.drops = RunTimeDrops(self.annotation_file)
 
-  @property
-  def num_annotations(self) -> int:
-    return int(self.gt_classes.shape[0])
+    @property
+    def num_images(self) -> int:
+        return int(self.image_ids.shape[0])
 
-  @property
-  def num_instances_per_image(self) -> np.ndarray:
-    return np.diff(self.row_splits)
+    @property
+    def num_annotations(self) -> int:
+        return int(self.gt_classes.shape[0])
 
-  def example(self, i: int) -> dict[str, Any]:
-    """Image ``i``'s record in numpy (no pixels): for tests and tools."""
-    s, e = int(self.row_splits[i]), int(self.row_splits[i + 1])
-    return {
-        "image_id": int(self.image_ids[i]),
-        "file_name": str(self.file_names[i]),
-        "file_path": str(self.file_paths[i]),
-        "height": int(self.heights[i]),
-        "width": int(self.widths[i]),
-        "gt_boxes": self.gt_boxes[s:e],
-        "gt_classes": self.gt_classes[s:e],
-        "gt_is_crowd": self.gt_is_crowd[s:e],
-        "annotation_ids": self.annotation_ids[s:e],
-        "areas": self.areas[s:e],
-    }
+    @property
+    def num_instances_per_image(self) -> np.ndarray:
+        return np.diff(self.row_splits)
 
-  # -- tf.data ------------------------------------------------------------------
+    def example(self, i: int) -> dict[str, Any]:
+        """Image ``i``'s record in numpy (no pixels): for tests and tools."""
+        s, e = int(self.row_splits[i]), int(self.row_splits[i + 1])
+        return {
+            "image_id": int(self.image_ids[i]),
+            "file_name": str(self.file_names[i]),
+            "file_path": str(self.file_paths[i]),
+            "height": int(self.heights[i]),
+            "width": int(self.widths[i]),
+            "gt_boxes": self.gt_boxes[s:e],
+            "gt_classes": self.gt_classes[s:e],
+            "gt_is_crowd": self.gt_is_crowd[s:e],
+            "annotation_ids": self.annotation_ids[s:e],
+            "areas": self.areas[s:e],
+        }
 
-  def item_dataset(self) -> tf.data.Dataset:
-    """Image indices 0..I-1 (int64): cheap to shuffle, shard and repeat."""
-    return tf.data.Dataset.range(self.num_images)
+    # -- tf.data ------------------------------------------------------------------
 
-  @functools.cached_property
-  def _tensors(self) -> dict[str, tf.Tensor]:
-    with tf.init_scope():
-      return {
-          "paths": tf.constant(self.file_paths.astype(str).tolist()
-                               if self.num_images else [], tf.string),
-          "image_ids": tf.constant(self.image_ids, tf.int64),
-          "heights": tf.constant(self.heights, tf.int32),
-          "widths": tf.constant(self.widths, tf.int32),
-          "row_splits": tf.constant(self.row_splits, tf.int64),
-          "boxes": tf.constant(self.gt_boxes.reshape(-1, 4), tf.float32),
-          "classes": tf.constant(self.gt_classes, tf.int32),
-          "is_crowd": tf.constant(self.gt_is_crowd, tf.bool),
-      }
+    def item_dataset(self) -> tf.data.Dataset:
+        """Image indices 0..I-1 (int64): cheap to shuffle, shard and repeat."""
+        return tf.data.Dataset.range(self.num_images)
 
-  def decode(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Reads and decodes image ``index`` and slices its ground truth."""
-    t = self._tensors
-    index = tf.cast(index, tf.int64)
-    path = tf.gather(t["paths"], index)
-    height = tf.gather(t["heights"], index)
-    width = tf.gather(t["widths"], index)
-    image = decode_image_guarded(tf.io.read_file(path), path,
-                                 expected_height=height, expected_width=width)
-    start = tf.gather(t["row_splits"], index)
-    end = tf.gather(t["row_splits"], index + 1)
-    return {
-        "image": image,
-        "image_id": tf.gather(t["image_ids"], index),
-        "height": height,
-        "width": width,
-        "gt_boxes": t["boxes"][start:end],
-        "gt_classes": t["classes"][start:end],
-        "gt_is_crowd": t["is_crowd"][start:end],
-    }
+    @functools.cached_property
+    def _tensors(self) -> dict[str, tf.Tensor]:
+        with tf.init_scope():
+            return {
+                "paths": tf.constant(
+                    self.file_paths.astype(str).tolist() if self.num_images else [], tf.string
+                ),
+                "image_ids": tf.constant(self.image_ids, tf.int64),
+                "heights": tf.constant(self.heights, tf.int32),
+                "widths": tf.constant(self.widths, tf.int32),
+                "row_splits": tf.constant(self.row_splits, tf.int64),
+                "boxes": tf.constant(self.gt_boxes.reshape(-1, 4), tf.float32),
+                "classes": tf.constant(self.gt_classes, tf.int32),
+                "is_crowd": tf.constant(self.gt_is_crowd, tf.bool),
+            }
 
-  def dataset(self, num_parallel_calls: int = tf.data.AUTOTUNE,
-              deterministic: bool | None = None) -> tf.data.Dataset:
-    """Per-image dicts in file order (see the module docstring)."""
-    ds = self.item_dataset().map(self.decode,
-                                 num_parallel_calls=num_parallel_calls,
-                                 deterministic=deterministic)
-    if self.on_bad_data == "skip":
-      ds = ds.ignore_errors(log_warning=True)
-    return ds
+    def decode(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Reads and decodes image ``index`` and slices its ground truth."""
+        t = self._tensors
+        index = tf.cast(index, tf.int64)
+        path = tf.gather(t["paths"], index)
+        height = tf.gather(t["heights"], index)
+        width = tf.gather(t["widths"], index)
+        image = decode_image_guarded(
+            tf.io.read_file(path), path, expected_height=height, expected_width=width
+        )
+        start = tf.gather(t["row_splits"], index)
+        end = tf.gather(t["row_splits"], index + 1)
+        return {
+            "image": image,
+            "image_id": tf.gather(t["image_ids"], index),
+            "height": height,
+            "width": width,
+            "gt_boxes": t["boxes"][start:end],
+            "gt_classes": t["classes"][start:end],
+            "gt_is_crowd": t["is_crowd"][start:end],
+        }
 
-
-def _print_if(bad: tf.Tensor, *message) -> tf.Tensor:
-  """Prints to stderr when ``bad`` (a graph op; not hidden by TF log levels)."""
-  def _print():
-    tf.print("fpn_tf.data:", *message, output_stream=sys.stderr)
-    return tf.constant(True)
-  return tf.cond(bad, _print, lambda: tf.constant(False))
+    def describe(self, index) -> tuple[str, str]:
+        """(file, image id) of the item ``index`` of :meth:`item_dataset`, for log lines."""
+        index = int(index)
+        return str(self.file_paths[index]), str(int(self.image_ids[index]))
 
 
-def decode_image_guarded(contents: tf.Tensor, path: tf.Tensor | str,
-                         expected_height: tf.Tensor | None = None,
-                         expected_width: tf.Tensor | None = None) -> tf.Tensor:
-  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 RGB [H, W, 3].
+def decode_image_guarded(
+    contents: tf.Tensor,
+    path: tf.Tensor | str,
+    expected_height: tf.Tensor | None = None,
+    expected_width: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Decodes JPEG/PNG/GIF/BMP bytes to uint8 RGB [H, W, 3] (see images.decode_rgb).
 
-  Grayscale, gray+alpha, RGBA and palette images become 3-channel RGB (alpha
-  dropped); 16-bit PNGs are scaled to 8 bit; an animated GIF gives its first
-  frame. When the bytes are not one of those formats or, given
-  ``expected_height``/``expected_width``, the decoded size differs, prints a
-  line naming ``path`` to stderr and fails with an ``InvalidArgumentError``
-  that names it too. (Bytes that start like an image but do not decode fail
-  in ``decode_image``, whose message cannot name the file.)
-  """
-  head = tf.strings.substr(contents, 0, 8)
-  known = tf.reduce_any(tf.stack([
-      tf.io.is_jpeg(contents),
-      tf.equal(head, b"\x89PNG\r\n\x1a\n"),
-      tf.equal(tf.strings.substr(head, 0, 4), b"GIF8"),
-      tf.equal(tf.strings.substr(head, 0, 2), b"BM"),
-  ]))
-  printed = _print_if(tf.logical_not(known), "cannot decode image file", path,
-                      "(not JPEG/PNG/GIF/BMP)")
-  with tf.control_dependencies([printed]):
+    Bytes that are not one of those formats or, given ``expected_height``/``expected_width``, that
+    decode to another size fail with an ``InvalidArgumentError`` naming ``path``. (Bytes that
+    start like an image but do not decode fail in ``decode_image``, whose message cannot name the
+    file; the pipeline's drop log names it.)
+    """
     check = tf.debugging.Assert(
-        known, ["image file is not JPEG/PNG/GIF/BMP (corrupt?):", path])
-  with tf.control_dependencies([check]):
-    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8,
-                               expand_animations=False)
-  image = tf.ensure_shape(image, [None, None, 3])
-  if expected_height is not None and expected_width is not None:
+        image_io.has_image_signature(contents),
+        ["image file is not JPEG/PNG/GIF/BMP (corrupt?):", path],
+    )
+    with tf.control_dependencies([check]):
+        image = image_io.decode_rgb(contents)
+    if expected_height is None or expected_width is None:
+        return image
     shape = tf.shape(image, out_type=tf.int32)
     same = tf.logical_and(
         tf.equal(shape[0], tf.cast(expected_height, tf.int32)),
-        tf.equal(shape[1], tf.cast(expected_width, tf.int32)))
-    printed = _print_if(tf.logical_not(same), "image file", path,
-                        "decodes to (h, w)", shape[:2], "but is annotated as",
-                        expected_height, expected_width)
-    with tf.control_dependencies([printed]):
-      check = tf.debugging.Assert(
-          same, ["image file size differs from the annotation file:", path,
-                 "decoded (h, w):", shape[:2], "annotated:", expected_height,
-                 expected_width])
+        tf.equal(shape[1], tf.cast(expected_width, tf.int32)),
+    )
+    check = tf.debugging.Assert(
+        same,
+        [
+            "image file size differs from the annotation file:",
+            path,
+            "decoded (h, w):",
+            shape[:2],
+            "annotated:",
+            expected_height,
+            expected_width,
+        ],
+    )
     with tf.control_dependencies([check]):
-      image = tf.identity(image)
-  return image
+        return tf.identity(image)
 
 
 class _Problems:
-  """Raises on bad data, or counts it and remembers a few examples."""
+    """Raises on bad data, or counts it and remembers a few examples."""
 
-  def __init__(self, annotation_file: str, on_bad_data: str):
-    self.file = annotation_file
-    self.on_bad_data = on_bad_data
-    self.annotations = collections.Counter()
-    self.images = collections.Counter()
-    self.examples = collections.defaultdict(list)
+    def __init__(self, annotation_file: str, on_bad_data: str):
+        self.file = annotation_file
+        self.on_bad_data = on_bad_data
+        self.annotations = collections.Counter()
+        self.images = collections.Counter()
+        self.examples = collections.defaultdict(list)
 
-  def annotation(self, reason: str, ann_id: Any, image_id: Any, what: str):
-    self._bad(self.annotations, reason, f"annotation id {ann_id} (image id {image_id}): {what}",
-              f"annotation {ann_id}")
+    def annotation(self, reason: str, ann_id: Any, image_id: Any, what: str):
+        self._bad(
+            self.annotations,
+            reason,
+            f"annotation id {ann_id} (image id {image_id}): {what}",
+            f"annotation {ann_id}",
+        )
 
-  def image(self, reason: str, image_id: Any, what: str):
-    self._bad(self.images, reason, f"image id {image_id}: {what}", f"image {image_id}")
+    def image(self, reason: str, image_id: Any, what: str):
+        self._bad(self.images, reason, f"image id {image_id}: {what}", f"image {image_id}")
 
-  def _bad(self, counter, reason: str, what: str, example: str):
-    """Raises under on_bad_data='error'; otherwise counts it and keeps a few examples."""
-    if self.on_bad_data == "error":
-      raise DataError(f"{self.file}: {what} (pass on_bad_data='skip' to skip such data)")
-    counter[reason] += 1
-    if len(self.examples[reason]) < _MAX_LOGGED_EXAMPLES:
-      self.examples[reason].append(example)
+    def _bad(self, counter, reason: str, what: str, example: str):
+        """Raises under on_bad_data='error'; otherwise counts it and keeps a few examples."""
+        if self.on_bad_data == "error":
+            raise DataError(f"{self.file}: {what} (pass on_bad_data='skip' to skip such data)")
+        counter[reason] += 1
+        if len(self.examples[reason]) < _MAX_LOGGED_EXAMPLES:
+            self.examples[reason].append(example)
 
-  def log(self):
-    for reason, n in sorted(self.images.items()):
-      logging.warning(
-          "%s: skipped %d image(s) with %s [%s]; e.g. %s", self.file, n,
-          _IMAGE_REASONS[reason], reason, ", ".join(self.examples[reason]))
-    for reason, n in sorted(self.annotations.items()):
-      examples = self.examples.get(reason)
-      logging.warning(
-          "%s: skipped %d annotation(s) with %s [%s]%s", self.file, n,
-          _ANNOTATION_REASONS[reason], reason,
-          f"; e.g. {', '.join(examples)}" if examples else "")
+    def log(self):
+        for reason, n in sorted(self.images.items()):
+            logging.warning(
+                "%s: skipped %d image(s) with %s [%s]; e.g. %s",
+                self.file,
+                n,
+                _IMAGE_REASONS[reason],
+                reason,
+                ", ".join(self.examples[reason]),
+            )
+        for reason, n in sorted(self.annotations.items()):
+            examples = self.examples.get(reason)
+            logging.warning(
+                "%s: skipped %d annotation(s) with %s [%s]%s",
+                self.file,
+                n,
+                _ANNOTATION_REASONS[reason],
+                reason,
+                f"; e.g. {', '.join(examples)}" if examples else "",
+            )
 
 
 def _load_json(annotation_file: str) -> dict[str, Any]:
-  data = read_json(annotation_file, "annotation file")
-  if not isinstance(data, dict):
-    raise DataError(f"{annotation_file}: the top level must be a JSON object")
-  for key in ("images", "annotations", "categories"):
-    if key not in data:
-      raise DataError(f"{annotation_file}: required key '{key}' is missing")
-    if not isinstance(data[key], list):
-      raise DataError(f"{annotation_file}: '{key}' must be a list")
-  return data
+    data = read_json(annotation_file, "annotation file")
+    if not isinstance(data, dict):
+        raise DataError(f"{annotation_file}: the top level must be a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DataError(f"{annotation_file}: required key '{key}' is missing")
+        if not isinstance(data[key], list):
+            raise DataError(f"{annotation_file}: '{key}' must be a list")
+    return data
 
 
-def load_coco(annotation_file: str | os.PathLike,
-              image_dir: str | os.PathLike,
-              on_bad_data: str = "skip",
-              verify_images: str = "header",
-              num_verify_threads: int = 16) -> CocoIndex:
-  """Loads and validates a COCO-format annotation file (see module docstring).
+@dataclasses.dataclass
+class _Image:
+    """One ``images`` entry while it is validated."""
 
-  Args:
-    annotation_file: the instances JSON (``images``, ``annotations``,
-      ``categories``; COCO's ``bbox`` is ``[x, y, width, height]`` in pixels).
-    image_dir: folder that ``images[*].file_name`` is relative to (file names
-      may hold sub-folders).
-    on_bad_data: ``"skip"`` (default: skip, count and log) or ``"error"``
-      (raise :class:`DataError` at the first problem).
-    verify_images: ``"header"`` (default), ``"full"`` or ``"none"``.
-    num_verify_threads: threads that read image headers.
+    image_id: int
+    path: str
+    file_name: str
+    height: int | None
+    width: int | None
 
-  Returns:
-    A :class:`CocoIndex`.
 
-  Raises:
-    DataError: malformed input; or unusable data with ``on_bad_data="error"``.
-  """
-  annotation_file = os.fspath(annotation_file)
-  image_dir = os.fspath(image_dir)
-  if on_bad_data not in ON_BAD_DATA:
-    raise ValueError(f"on_bad_data must be one of {ON_BAD_DATA}, "
-                     f"got {on_bad_data!r}")
-  if verify_images not in VERIFY_IMAGES:
-    raise ValueError(f"verify_images must be one of {VERIFY_IMAGES}, "
-                     f"got {verify_images!r}")
-  af = annotation_file
-  data = _load_json(af)
-  try:
-    category_map = CategoryMap.from_coco_categories(data["categories"])
-  except DataError as e:
-    raise DataError(f"{af}: {e}") from e
-  problems = _Problems(af, on_bad_data)
+def load_coco(
+    annotation_file: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    on_bad_data: str = "skip",
+    verify_images: str = "header",
+    num_verify_threads: int = 16,
+) -> CocoIndex:
+    """Loads and validates a COCO-format annotation file (see module docstring).
 
-  # -- images -------------------------------------------------------------------
-  images = []  # [id, path, height or None, width or None, file_name]
-  seen_ids = set()
-  for n, img in enumerate(data["images"]):
-    if not isinstance(img, dict):
-      raise DataError(f"{af}: images[{n}] is not an object")
-    for key in ("id", "file_name"):
-      if key not in img:
-        raise DataError(f"{af}: images[{n}] (id {img.get('id', '?')}): "
-                        f"required key '{key}' is missing")
-    iid = img["id"]
-    if not _is_int(iid):
-      raise DataError(f"{af}: images[{n}]: 'id' must be an integer, got {iid!r}")
-    if iid in seen_ids:
-      raise DataError(f"{af}: image id {iid} is listed more than once")
-    seen_ids.add(iid)
-    h, w = img.get("height"), img.get("width")
-    for key, v in (("height", h), ("width", w)):
-      if v is not None and (not _is_int(v) or v <= 0):
-        raise DataError(f"{af}: image id {iid}: '{key}' must be a positive "
-                        f"integer, got {v!r}")
-    path = os.path.join(image_dir, str(img["file_name"]))
-    images.append([int(iid), path, h, w, str(img["file_name"])])
+    Args:
+      annotation_file: the instances JSON (``images``, ``annotations``,
+        ``categories``; COCO's ``bbox`` is ``[x, y, width, height]`` in pixels).
+      image_dir: folder that ``images[*].file_name`` is relative to (file names
+        may hold sub-folders).
+      on_bad_data: ``"skip"`` (default: skip, count and log) or ``"error"``
+        (raise :class:`DataError` at the first problem).
+      verify_images: ``"header"`` (default), ``"full"`` or ``"none"``.
+      num_verify_threads: threads that read image headers.
 
-  keep = []
-  for rec in images:
-    if _exists(rec[1]):
-      keep.append(rec)
-    else:
-      problems.image("missing_image_file", rec[0],
-                     f"file {rec[1]} does not exist")
+    Returns:
+      A :class:`CocoIndex`.
 
-  # Read headers where asked, and wherever the JSON lacks the size.
-  to_read = [rec for rec in keep
-             if verify_images != "none" or rec[2] is None or rec[3] is None]
-  if to_read:
+    Raises:
+      DataError: malformed input; or unusable data with ``on_bad_data="error"``.
+    """
+    af = os.fspath(annotation_file)
+    image_dir = os.fspath(image_dir)
+    if on_bad_data not in ON_BAD_DATA:
+        raise ValueError(f"on_bad_data must be one of {ON_BAD_DATA}, got {on_bad_data!r}")
+    if verify_images not in VERIFY_IMAGES:
+        raise ValueError(f"verify_images must be one of {VERIFY_IMAGES}, got {verify_images!r}")
+    data = _load_json(af)
+    try:
+        category_map = CategoryMap.from_coco_categories(data["categories"])
+    except DataError as e:
+        raise DataError(f"{af}: {e}") from e
+    problems = _Problems(af, on_bad_data)
+    listed = _parse_images(af, data["images"], image_dir)
+    kept = _usable_images(listed, verify_images, num_verify_threads, problems)
+    per_image, num_clipped = _parse_annotations(
+        af, data["annotations"], {im.image_id for im in listed}, kept, category_map, problems
+    )
+    problems.log()
+    if num_clipped:
+        logging.info(
+            "%s: clipped %d box(es) that overflowed the image by <= %g px",
+            af,
+            num_clipped,
+            BOX_TOLERANCE_PX,
+        )
+    if not kept:
+        skipped = sum(problems.images.values())
+        raise DataError(
+            f"{af}: the data set is empty: no usable images"
+            + (f" ({skipped} skipped, see the log)" if skipped else "")
+        )
+    index = _build_index(af, image_dir, category_map, kept, per_image, problems, num_clipped)
+    logging.info(
+        "%s: %d images (%d without annotations), %d annotations, %d categories",
+        af,
+        index.num_images,
+        int(np.sum(index.num_instances_per_image == 0)),
+        index.num_annotations,
+        category_map.num_classes,
+    )
+    return index
+
+
+def _parse_images(af: str, entries: list, image_dir: str) -> list[_Image]:
+    """The ``images`` list, checked for malformed entries (those always raise)."""
+    images, seen = [], set()
+    for n, img in enumerate(entries):
+        if not isinstance(img, dict):
+            raise DataError(f"{af}: images[{n}] is not an object")
+        for key in ("id", "file_name"):
+            if key not in img:
+                raise DataError(
+                    f"{af}: images[{n}] (id {img.get('id', '?')}): required key '{key}' is missing"
+                )
+        iid = img["id"]
+        if not _is_int(iid):
+            raise DataError(f"{af}: images[{n}]: 'id' must be an integer, got {iid!r}")
+        if iid in seen:
+            raise DataError(f"{af}: image id {iid} is listed more than once")
+        seen.add(iid)
+        h, w = img.get("height"), img.get("width")
+        for key, v in (("height", h), ("width", w)):
+            if v is not None and (not _is_int(v) or v <= 0):
+                raise DataError(
+                    f"{af}: image id {iid}: '{key}' must be a positive integer, got {v!r}"
+                )
+        name = str(img["file_name"])
+        images.append(_Image(int(iid), os.path.join(image_dir, name), name, h, w))
+    return images
+
+
+def _usable_images(
+    images: list[_Image], verify_images: str, num_threads: int, problems: _Problems
+) -> list[_Image]:
+    """The images whose file exists and (as ``verify_images`` asks) reads as the JSON says.
+
+    Headers are also read wherever the JSON lacks the size, which then comes from the file.
+    """
+    kept = []
+    for im in images:
+        if _exists(im.path):
+            kept.append(im)
+        else:
+            problems.image("missing_image_file", im.image_id, f"file {im.path} does not exist")
+    to_read = [
+        im for im in kept if verify_images != "none" or im.height is None or im.width is None
+    ]
+    if not to_read:
+        return kept
     full = verify_images == "full"
-    workers = max(1, min(num_verify_threads, len(to_read)))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      headers = list(pool.map(lambda r: _read_image_header(r[1], full),
-                              to_read))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, len(to_read)))) as pool:
+        headers = list(pool.map(lambda im: _read_image_header(im.path, full), to_read))
     bad = set()
-    for rec, (problem, h, w, _) in zip(to_read, headers):
-      if problem is not None:
-        problems.image("corrupt_image", rec[0], f"file {rec[1]} {problem}")
-        bad.add(rec[0])
-        continue
-      if rec[2] is None or rec[3] is None:
-        rec[2], rec[3] = h, w
-      elif (rec[2], rec[3]) != (h, w):
-        problems.image(
-            "image_size_mismatch", rec[0],
-            f"file {rec[1]} is {h}x{w} (h x w) but the JSON says "
-            f"{rec[2]}x{rec[3]}")
-        bad.add(rec[0])
-    keep = [rec for rec in keep if rec[0] not in bad]
+    for im, (problem, h, w, _) in zip(to_read, headers):
+        if problem is not None:
+            problems.image("corrupt_image", im.image_id, f"file {im.path} {problem}")
+            bad.add(im.image_id)
+        elif im.height is None or im.width is None:
+            im.height, im.width = h, w
+        elif (im.height, im.width) != (h, w):
+            problems.image(
+                "image_size_mismatch",
+                im.image_id,
+                f"file {im.path} is {h}x{w} (h x w) but the JSON says {im.height}x{im.width}",
+            )
+            bad.add(im.image_id)
+    return [im for im in kept if im.image_id not in bad]
 
-  kept = {rec[0]: k for k, rec in enumerate(keep)}
 
-  # -- annotations ----------------------------------------------------------------
-  per_image = [[] for _ in keep]
-  num_clipped = 0
-  for n, ann in enumerate(data["annotations"]):
+def _parse_annotations(
+    af: str,
+    entries: list,
+    listed_ids: set,
+    kept: list[_Image],
+    category_map: CategoryMap,
+    problems: _Problems,
+) -> tuple[list[list[tuple]], int]:
+    """Per kept image, its usable annotations as (box yxyx, class, crowd, id, area) rows; and
+    the number of boxes clipped to their image."""
+    position = {im.image_id: k for k, im in enumerate(kept)}
+    per_image: list[list[tuple]] = [[] for _ in kept]
+    num_clipped = 0
+    for n, ann in enumerate(entries):
+        aid, iid, bbox = _check_annotation(af, n, ann)
+        if iid not in listed_ids:
+            problems.annotation("unknown_image", aid, iid, f"image_id {iid} is not in 'images'")
+            continue
+        if iid not in position:
+            problems.annotations["of_skipped_images"] += 1
+            continue
+        image = kept[position[iid]]
+        row, clipped = _annotation_row(ann, aid, bbox, image, category_map, problems)
+        num_clipped += clipped
+        if row is not None:
+            per_image[position[iid]].append(row)
+    return per_image, num_clipped
+
+
+def _check_annotation(af: str, n: int, ann: Any) -> tuple[Any, Any, list]:
+    """(id, image id, bbox) of annotation ``n``; malformed annotations raise."""
     if not isinstance(ann, dict):
-      raise DataError(f"{af}: annotations[{n}] is not an object")
+        raise DataError(f"{af}: annotations[{n}] is not an object")
     aid = ann.get("id", f"#{n}")
     for key in ("bbox", "image_id", "category_id"):
-      if key not in ann:
-        raise DataError(f"{af}: annotation id {aid}: required key '{key}' is "
-                        "missing")
-    iid, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-        or not all(_is_number(v) for v in bbox)):
-      raise DataError(f"{af}: annotation id {aid} (image id {iid}): 'bbox' "
-                      f"must be [x, y, width, height] numbers, got {bbox!r}")
-    if iid not in seen_ids:
-      problems.annotation("unknown_image", aid, iid,
-                          f"image_id {iid} is not in 'images'")
-      continue
-    if iid not in kept:
-      problems.annotations["of_skipped_images"] += 1
-      continue
+        if key not in ann:
+            raise DataError(f"{af}: annotation id {aid}: required key '{key}' is missing")
+    iid, bbox = ann["image_id"], ann["bbox"]
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+        raise DataError(
+            f"{af}: annotation id {aid} (image id {iid}): 'bbox' "
+            f"must be [x, y, width, height] numbers, got {bbox!r}"
+        )
+    return aid, iid, bbox
+
+
+def _annotation_row(
+    ann: dict, aid: Any, bbox: list, image: _Image, category_map: CategoryMap, problems: _Problems
+) -> tuple[tuple | None, bool]:
+    """(row or None when unusable, whether the box was clipped) of one annotation of ``image``."""
+    iid, cid = image.image_id, ann["category_id"]
     if not _is_int(cid) or cid not in category_map:
-      problems.annotation(
-          "unknown_category", aid, iid,
-          f"category_id {cid!r} is not in 'categories' "
-          f"({list(category_map.dataset_ids)})")
-      continue
+        problems.annotation(
+            "unknown_category",
+            aid,
+            iid,
+            f"category_id {cid!r} is not in 'categories' ({list(category_map.dataset_ids)})",
+        )
+        return None, False
     x, y, bw, bh = (float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw <= 0 or bh <= 0:
-      problems.annotation("bad_box_size", aid, iid,
-                          f"bbox {list(bbox)} has zero, negative or "
-                          "non-finite size")
-      continue
-    k = kept[iid]
-    height, width = keep[k][2], keep[k][3]
-    tol = BOX_TOLERANCE_PX
+        problems.annotation(
+            "bad_box_size", aid, iid, f"bbox {list(bbox)} has zero, negative or non-finite size"
+        )
+        return None, False
+    height, width, tol = image.height, image.width, BOX_TOLERANCE_PX
     if x < -tol or y < -tol or x + bw > width + tol or y + bh > height + tol:
-      problems.annotation(
-          "box_outside_image", aid, iid,
-          f"bbox {list(bbox)} (x, y, w, h) extends more than {tol:g} px "
-          f"outside the {height}x{width} (h x w) image")
-      continue
+        problems.annotation(
+            "box_outside_image",
+            aid,
+            iid,
+            f"bbox {list(bbox)} (x, y, w, h) extends more than {tol:g} px "
+            f"outside the {height}x{width} (h x w) image",
+        )
+        return None, False
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + bw, float(width)), min(y + bh, float(height))
-    if (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
-      num_clipped += 1
-      if x1 <= x0 or y1 <= y0:
-        problems.annotation("bad_box_size", aid, iid,
-                            f"bbox {list(bbox)} has zero size inside the image")
-        continue
-    crowd = ann.get("iscrowd", 0)
+    clipped = (x0, y0, x1, y1) != (x, y, x + bw, y + bh)
+    if clipped and (x1 <= x0 or y1 <= y0):
+        problems.annotation(
+            "bad_box_size", aid, iid, f"bbox {list(bbox)} has zero size inside the image"
+        )
+        return None, True
     area = ann.get("area")
     area = float(area) if _is_number(area) else (x1 - x0) * (y1 - y0)
-    per_image[k].append((
-        (y0, x0, y1, x1), category_map.to_contiguous(cid), bool(crowd),
-        int(ann["id"]) if _is_int(ann.get("id")) else -1, area))
-
-  problems.log()
-  if num_clipped:
-    logging.info("%s: clipped %d box(es) that overflowed the image by <= %g px",
-                 af, num_clipped, BOX_TOLERANCE_PX)
-
-  if not keep:
-    skipped = sum(problems.images.values()) if problems.images else 0
-    raise DataError(f"{af}: the data set is empty: no usable images"
-                    + (f" ({skipped} skipped, see the log)" if skipped else ""))
-  counts = np.array([len(a) for a in per_image], np.int64)
-  row_splits = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-  flat = [a for anns in per_image for a in anns]
-  index = CocoIndex(
-      annotation_file=af,
-      image_dir=image_dir,
-      category_map=category_map,
-      image_ids=np.array([r[0] for r in keep], np.int64),
-      file_names=np.array([r[4] for r in keep], object),
-      file_paths=np.array([r[1] for r in keep], object),
-      heights=np.array([r[2] for r in keep], np.int32),
-      widths=np.array([r[3] for r in keep], np.int32),
-      row_splits=row_splits,
-      gt_boxes=np.array([a[0] for a in flat], np.float32).reshape(-1, 4),
-      gt_classes=np.array([a[1] for a in flat], np.int32),
-      gt_is_crowd=np.array([a[2] for a in flat], bool),
-      annotation_ids=np.array([a[3] for a in flat], np.int64),
-      areas=np.array([a[4] for a in flat], np.float32),
-      skipped_annotations=dict(problems.annotations),
-      skipped_images=dict(problems.images),
-      num_clipped_boxes=num_clipped,
-      on_bad_data=on_bad_data,
-  )
-  logging.info(
-      "%s: %d images (%d without annotations), %d annotations, %d categories",
-      af, index.num_images, int(np.sum(counts == 0)), index.num_annotations,
-      category_map.num_classes)
-  return index
+    row = (
+        (y0, x0, y1, x1),
+        category_map.to_contiguous(cid),
+        bool(ann.get("iscrowd", 0)),
+        int(ann["id"]) if _is_int(ann.get("id")) else -1,
+        area,
+    )
+    return row, clipped
 
 
-def read_coco(annotation_file: str | os.PathLike,
-              image_dir: str | os.PathLike,
-              on_bad_data: str = "skip",
-              verify_images: str = "header",
-              ) -> tuple[tf.data.Dataset, CategoryMap]:
-  """Loads a COCO-format dataset; returns (per-image dataset, CategoryMap)."""
-  index = load_coco(annotation_file, image_dir, on_bad_data=on_bad_data,
-                    verify_images=verify_images)
-  return index.dataset(), index.category_map
-
-
-def coco_index_summary(index: CocoIndex) -> Mapping[str, Any]:
-  """Counts for logs and reports."""
-  return {
-      "num_images": index.num_images,
-      "num_annotations": index.num_annotations,
-      "num_classes": index.category_map.num_classes,
-      "skipped_annotations": dict(index.skipped_annotations),
-      "skipped_images": dict(index.skipped_images),
-      "num_clipped_boxes": index.num_clipped_boxes,
-  }
+def _build_index(
+    af: str,
+    image_dir: str,
+    category_map: CategoryMap,
+    kept: list[_Image],
+    per_image: list[list[tuple]],
+    problems: _Problems,
+    num_clipped: int,
+) -> CocoIndex:
+    counts = np.array([len(a) for a in per_image], np.int64)
+    flat = [a for anns in per_image for a in anns]
+    return CocoIndex(
+        annotation_file=af,
+        image_dir=image_dir,
+        category_map=category_map,
+        image_ids=np.array([im.image_id for im in kept], np.int64),
+        file_names=np.array([im.file_name for im in kept], object),
+        file_paths=np.array([im.path for im in kept], object),
+        heights=np.array([im.height for im in kept], np.int32),
+        widths=np.array([im.width for im in kept], np.int32),
+        row_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        gt_boxes=np.array([a[0] for a in flat], np.float32).reshape(-1, 4),
+        gt_classes=np.array([a[1] for a in flat], np.int32),
+        gt_is_crowd=np.array([a[2] for a in flat], bool),
+        annotation_ids=np.array([a[3] for a in flat], np.int64),
+        areas=np.array([a[4] for a in flat], np.float32),
+        skipped_annotations=dict(problems.annotations),
+        skipped_images=dict(problems.images),
+        num_clipped_boxes=num_clipped,
+        on_bad_data=problems.on_bad_data,
+    )

@@ -1,9 +1,12 @@
 """The input pipeline: a source -> batches of (features, labels).
 
-    ds = build_dataset(CocoSource("annotations/instances_train2017.json",
-                                  "train2017"),
-                       training=True, batch_size=16, seed=0)
+    source = load_source(CocoSource("annotations/instances_train2017.json", "train2017"))
+    ds = build_dataset(source, training=True, batch_size=16, seed=0)
     features, labels = next(iter(ds))
+
+A source is loaded (validated, indexed) once, by :func:`load_source` or :func:`source_from_config`,
+and every dataset of that split is built from the loaded object, which also counts the images its
+datasets drop at run time (``source.drops``, see below).
 
 Each batch (see WORKSPACE.md):
 
@@ -34,13 +37,21 @@ TFRecords) are sharded (``input_context``), shuffled (seeded), repeated
 (AUTOTUNE), with each image's flip drawn from a stateless RNG seeded by
 (seed, element number) so a seeded run is reproducible whatever the
 parallelism; then grouped/batched and prefetched.
+
+Run-time drops: with ``on_bad_data="skip"`` an element whose decoding or transform fails (a
+truncated image passes the load-time header check) is dropped, and each drop is logged with the
+file, the image id and the running total and counted in ``source.drops``
+(:class:`fpn_tf.data.errors.RunTimeDrops`; ``source.drops.summary()`` is the closing line). Each
+element runs in its own one-element dataset whose failure yields a placeholder flagged invalid;
+the flag filters it out and reports it. With ``"error"`` the failure stops the iteration.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+import re
+from typing import Any, Union
 
 from absl import logging
 import numpy as np
@@ -49,317 +60,365 @@ import tensorflow as tf
 from fpn_tf.data import transforms
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.coco_reader import CocoIndex, load_coco
+from fpn_tf.data.tfrecord_reader import TfRecordIndex
 
 __all__ = [
     "CocoSource",
     "DatasetInfo",
+    "Source",
     "TfRecordSource",
-    "as_source",
     "build_dataset",
     "build_dataset_from_config",
-    "get_category_map",
     "load_source",
+    "source_from_config",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class CocoSource:
-  """A COCO-format dataset: annotation JSON + image folder."""
+    """A COCO-format dataset: annotation JSON + image folder."""
 
-  annotation_file: str
-  image_dir: str
-  on_bad_data: str = "skip"
-  verify_images: str = "header"
+    annotation_file: str
+    image_dir: str
+    on_bad_data: str = "skip"
+    verify_images: str = "header"
 
 
 @dataclasses.dataclass(frozen=True)
 class TfRecordSource:
-  """TFRecord shards in Model Garden's schema (see tfrecord_reader)."""
+    """TFRecord shards in Model Garden's schema (see tfrecord_reader)."""
 
-  file_pattern: str
-  category_map: str | None = None  # path; None: the JSON beside the shards
-  on_bad_data: str = "skip"
+    file_pattern: str
+    category_map: str | None = None  # path; None: the JSON beside the shards
+    on_bad_data: str = "skip"
+    annotation_file: str | None = None  # the evaluation's ground truth; None: from the shards
+
+
+# A loaded source: what build_dataset reads.
+Source = Union[CocoIndex, TfRecordIndex]
 
 
 @dataclasses.dataclass
 class DatasetInfo:
-  """What a trainer needs to know besides the batches."""
+    """What a trainer needs to know besides the batches."""
 
-  category_map: CategoryMap
-  num_images: int | None  # None for TFRecords (not counted)
-  image_shapes: list[tuple[int, int]]  # padded (h, w) shapes; [] = varying
-  per_replica_batch_size: int
-  seed: int | None
-  skipped_annotations: dict[str, int]
-  skipped_images: dict[str, int]
-
-
-def as_source(source: Any) -> CocoSource | TfRecordSource:
-  """Accepts a source dataclass, a dict, or any object with the fields.
-
-  COCO: ``annotation_file`` + ``image_dir``; TFRecords: ``file_pattern``
-  (+ optional ``category_map``); both: optional ``on_bad_data``; COCO:
-  optional ``verify_images``. A ``type`` or ``source`` of "coco"/"tfrecord"
-  picks the kind; otherwise ``file_pattern`` means TFRecords.
-  """
-  if isinstance(source, (CocoSource, TfRecordSource)):
-    return source
-  get = ((lambda k, d=None: source.get(k, d)) if isinstance(source, Mapping)
-         else (lambda k, d=None: getattr(source, k, d)))
-  kind = get("type")
-  if kind is None and get("source") in ("coco", "tfrecord"):
-    kind = get("source")  # the experiment config's discriminator
-  if kind == "tfrecord" or (kind is None and get("file_pattern")):
-    return TfRecordSource(
-        file_pattern=get("file_pattern"),
-        category_map=get("category_map"),
-        on_bad_data=get("on_bad_data") or "skip")
-  if kind in (None, "coco") and get("annotation_file"):
-    return CocoSource(
-        annotation_file=os.fspath(get("annotation_file")),
-        image_dir=os.fspath(get("image_dir")),
-        on_bad_data=get("on_bad_data") or "skip",
-        verify_images=get("verify_images") or "header")
-  raise ValueError(
-      "a data source needs annotation_file + image_dir (COCO) or "
-      f"file_pattern (TFRecords), got {source!r}")
+    category_map: CategoryMap
+    num_images: int | None  # None for TFRecords (not counted)
+    image_shapes: list[tuple[int, int]]  # padded (h, w) shapes; [] = varying
+    per_replica_batch_size: int
+    seed: int | None
+    skipped_annotations: dict[str, int]
+    skipped_images: dict[str, int]
+    drops: Any  # the source's RunTimeDrops: images dropped while the datasets run
 
 
-_SOURCE_CACHE: dict[Any, Any] = {}
+def load_source(spec: CocoSource | TfRecordSource) -> Source:
+    """Loads (validates, indexes) a source once; build every dataset of the split from it."""
+    if isinstance(spec, CocoSource):
+        return load_coco(
+            spec.annotation_file,
+            spec.image_dir,
+            on_bad_data=spec.on_bad_data,
+            verify_images=spec.verify_images,
+        )
+    if isinstance(spec, TfRecordSource):
+        return TfRecordIndex(
+            spec.file_pattern,
+            spec.category_map,
+            on_bad_data=spec.on_bad_data,
+            annotation_file=spec.annotation_file,
+        )
+    raise TypeError(f"load_source takes a CocoSource or TfRecordSource, got {type(spec).__name__}")
 
 
-def load_source(source: Any):
-  """Loads (and caches) a source: a CocoIndex or a TfRecordIndex.
+def source_from_config(data_cfg) -> Source:
+    """Loads the source a ``DataConfig`` (train_data / eval_data) names.
 
-  Loading a COCO annotation file is validated and slow for COCO (~20 s), so
-  the result is cached per source and file stamp (mtime, size): the train
-  loop, the evaluator and :func:`get_category_map` share one load.
-  """
-  src = as_source(source)
-  if isinstance(src, CocoSource):
-    try:
-      st = os.stat(src.annotation_file)
-      stamp = (st.st_mtime_ns, st.st_size)
-    except OSError:
-      stamp = None
-    key = (src, stamp)
-    if key not in _SOURCE_CACHE:
-      _SOURCE_CACHE[key] = load_coco(src.annotation_file, src.image_dir,
-                                     on_bad_data=src.on_bad_data,
-                                     verify_images=src.verify_images)
-    return _SOURCE_CACHE[key]
-  from fpn_tf.data.tfrecord_reader import TfRecordIndex  # pylint: disable=g-import-not-at-top
-  key = (src, None)
-  if key not in _SOURCE_CACHE:
-    _SOURCE_CACHE[key] = TfRecordIndex(src.file_pattern, src.category_map)
-  return _SOURCE_CACHE[key]
+    ``source`` "coco" and "synthetic" (generated, then read as COCO) read ``annotation_file`` +
+    ``image_dir``; "tfrecord" reads ``file_pattern`` (+ ``category_map``; ``annotation_file``,
+    when set, is the evaluation's ground truth).
+    """
+    if data_cfg.source == "tfrecord":
+        spec = TfRecordSource(
+            file_pattern=data_cfg.file_pattern,
+            category_map=data_cfg.category_map,
+            on_bad_data=data_cfg.on_bad_data,
+            annotation_file=data_cfg.annotation_file,
+        )
+    else:
+        spec = CocoSource(
+            annotation_file=os.fspath(data_cfg.annotation_file),
+            image_dir=os.fspath(data_cfg.image_dir),
+            on_bad_data=data_cfg.on_bad_data,
+            verify_images=data_cfg.verify_images,
+        )
+    return load_source(spec)
 
 
-def get_category_map(source: Any) -> CategoryMap:
-  """The CategoryMap of a source (loads it once; see load_source)."""
-  return load_source(source).category_map
+def build_dataset(
+    source: Source,
+    training: bool,
+    batch_size: int,
+    *,
+    short_side: int = 800,
+    max_long_side: int = 1333,
+    pad_multiple: int = 32,
+    padding_mode: str = "orientation",
+    max_num_instances: int = 100,
+    random_flip: bool = True,
+    shuffle: bool | None = None,
+    shuffle_buffer_size: int | None = None,
+    seed: int | None = None,
+    deterministic: bool | None = None,
+    repeat: bool | None = None,
+    drop_remainder: bool | None = None,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    prefetch_buffer_size: int = tf.data.AUTOTUNE,
+    input_context: tf.distribute.InputContext | None = None,
+    return_info: bool = False,
+):
+    """Builds the training or evaluation input pipeline.
+
+    Args:
+      source: a loaded source (:func:`load_source`, :func:`source_from_config`).
+      training: training (shuffle, flip, repeat, drop remainder) or evaluation
+        (no shuffle, no flip, one pass, partial batches kept; every image
+        exactly once, in file order within each orientation group).
+      batch_size: the *global* batch size. With ``input_context`` the dataset
+        yields ``input_context.get_per_replica_batch_size(batch_size)``.
+      short_side: resize the shorter side to this (paper: 800) ...
+      max_long_side: ... unless the longer side would exceed this (1333).
+      pad_multiple: padded sizes are multiples of this (32 = stride of P5).
+      padding_mode: "orientation" (default), "square" or "batch" (module doc).
+      max_num_instances: N, ground-truth rows per image (more: first N kept,
+        with a warning).
+      random_flip: random horizontal flip with p=0.5 (training only).
+      shuffle, repeat, drop_remainder: default to ``training``.
+      shuffle_buffer_size: None or 0: every image (COCO: the buffer holds
+        image indices, not pixels); 1000 serialized records for TFRecords.
+      seed: seeds the shuffle and the flips; None draws one (logged).
+      deterministic: element order of parallel maps; default True if ``seed``
+        is given, else False (faster).
+      num_parallel_calls, prefetch_buffer_size: tf.data tuning (AUTOTUNE).
+      input_context: from ``strategy.distribute_datasets_from_function``; shards
+        the input across pipelines.
+      return_info: also return a :class:`DatasetInfo`.
+
+    Returns:
+      ``tf.data.Dataset`` of ``(features, labels)``, or ``(dataset, info)``.
+    """
+    if padding_mode not in transforms.PADDING_MODES:
+        raise ValueError(
+            f"padding_mode must be one of {transforms.PADDING_MODES}," f" got {padding_mode!r}"
+        )
+    if batch_size < 1 or max_num_instances < 1 or pad_multiple < 1:
+        raise ValueError("batch_size, max_num_instances and pad_multiple must be " ">= 1")
+    shuffle = training if shuffle is None else shuffle
+    repeat = training if repeat is None else repeat
+    drop_remainder = training if drop_remainder is None else drop_remainder
+    flip = training and random_flip
+    if deterministic is None:
+        deterministic = seed is not None
+    if seed is None and (shuffle or flip):
+        seed = int(np.random.default_rng().integers(2**31 - 1))
+        logging.info("fpn_tf.data: no seed given; drew seed=%d", seed)
+
+    num_pipelines, pipeline_id = 1, 0
+    per_replica_batch = batch_size
+    if input_context is not None:
+        num_pipelines = input_context.num_input_pipelines
+        pipeline_id = input_context.input_pipeline_id
+        per_replica_batch = input_context.get_per_replica_batch_size(batch_size)
+
+    if not isinstance(source, (CocoIndex, TfRecordIndex)):
+        raise TypeError(
+            "build_dataset takes a loaded source (load_source(CocoSource(...)) or "
+            f"source_from_config(data_config)), got {type(source).__name__}"
+        )
+    index = source
+    if isinstance(index, CocoIndex):
+        items = index.item_dataset()
+        if num_pipelines > 1:
+            items = items.shard(num_pipelines, pipeline_id)
+        buffer = shuffle_buffer_size or max(index.num_images, 1)
+        too_many = int(np.sum(index.num_instances_per_image > max_num_instances))
+        if too_many:
+            logging.warning(
+                "%s: %d image(s) have more than max_num_instances=%d annotations; "
+                "only their first %d are used",
+                index.annotation_file,
+                too_many,
+                max_num_instances,
+                max_num_instances,
+            )
+    else:
+        items = index.item_dataset(
+            shuffle_files=shuffle,
+            seed=seed,
+            num_shards=num_pipelines,
+            shard_index=pipeline_id,
+            deterministic=deterministic,
+        )
+        buffer = shuffle_buffer_size or 1000
+    if shuffle:
+        items = items.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        items = items.repeat()
+    items = items.enumerate()
+
+    flip_seed = None
+    if flip:
+        # A distinct stream per input pipeline.
+        flip_seed = (int(seed) * 1_000_003 + pipeline_id) % (2**62)
+    decode = index.decode
+    transform_args = dict(
+        short_side=short_side,
+        max_long_side=max_long_side,
+        pad_multiple=pad_multiple,
+        padding_mode=padding_mode,
+        max_num_instances=max_num_instances,
+    )
+
+    def element(number, item):
+        example = decode(item)
+        do_flip = False
+        if flip_seed is not None:
+            rng_seed = tf.stack([tf.constant(flip_seed, tf.int64), number])
+            do_flip = tf.random.stateless_uniform([], seed=rng_seed) < 0.5
+        return transforms.preprocess_example(example, flip=do_flip, **transform_args)
+
+    if index.on_bad_data == "skip":
+        ds = _map_dropping_failures(items, element, index, num_parallel_calls, deterministic)
+    else:
+        ds = items.map(element, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+    if padding_mode == "orientation":
+
+        def key(features, labels):
+            del labels
+            resized = features["image_info"][1]
+            return tf.cast(resized[0] > resized[1], tf.int64)  # 1: portrait
+
+        ds = ds.group_by_window(
+            key_func=key,
+            reduce_func=lambda _, window: window.batch(
+                per_replica_batch, drop_remainder=drop_remainder
+            ),
+            window_size=per_replica_batch,
+        )
+    elif padding_mode == "square":
+        ds = ds.batch(per_replica_batch, drop_remainder=drop_remainder)
+    else:
+        ds = ds.padded_batch(per_replica_batch, drop_remainder=drop_remainder)
+
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    ds = ds.with_options(options).prefetch(prefetch_buffer_size)
+
+    if not return_info:
+        return ds
+    info = DatasetInfo(
+        category_map=index.category_map,
+        num_images=index.num_images,
+        image_shapes=transforms.fixed_padded_size(
+            padding_mode, short_side, max_long_side, pad_multiple
+        ),
+        per_replica_batch_size=per_replica_batch,
+        seed=seed,
+        skipped_annotations=dict(getattr(index, "skipped_annotations", {})),
+        skipped_images=dict(getattr(index, "skipped_images", {})),
+        drops=index.drops,
+    )
+    return ds, info
 
 
-def _on_bad_data(source: Any) -> str:
-  return as_source(source).on_bad_data
+def _map_dropping_failures(items, element, source: Source, num_parallel_calls, deterministic):
+    """``items.map(element)`` that drops the elements that fail, reporting each to the source.
+
+    tf.data cannot catch an op's error inside a map function, only drop the element
+    (``ignore_errors``). So each element is computed in a one-element dataset; when that comes
+    out empty, a zero placeholder flagged invalid takes its place, and the filter that removes it
+    reports the item (Python, only for failures) to ``source.drops``.
+    """
+    spec = items.take(1).map(element).element_spec
+
+    def placeholder():
+        return tf.nest.map_structure(
+            lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype), spec
+        )
+
+    def one(number, item):
+        computed = (
+            tf.data.Dataset.from_tensors((number, item))
+            .map(element)
+            .ignore_errors()
+            .map(lambda *out: (out, True))
+        )
+        fallback = tf.data.Dataset.from_tensors((placeholder(), False))
+        return computed.concatenate(fallback).take(1).map(lambda out, ok: (number, item, out, ok))
+
+    def report(number, item):
+        try:  # runs eagerly: the element again, for its error message
+            element(number, item)
+            reason = "an error that did not repeat"
+        except tf.errors.OpError as e:  # without TensorFlow's "{{function_node ..}} [Op:..]"
+            message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", e.message, flags=re.S)
+            reason = " ".join(message.split())[:300] or type(e).__name__
+        file, image_id = source.describe(item.numpy())
+        source.drops.record(file, image_id, reason)
+        return False
+
+    def keep(number, item, out, ok):
+        del out
+        return tf.cond(
+            ok,
+            lambda: tf.constant(True),
+            lambda: tf.py_function(report, [number, item], tf.bool),
+        )
+
+    ds = items.interleave(
+        one,
+        cycle_length=None if num_parallel_calls == tf.data.AUTOTUNE else num_parallel_calls,
+        block_length=1,
+        num_parallel_calls=num_parallel_calls,
+        deterministic=deterministic,
+    )
+    return ds.filter(keep).map(lambda number, item, out, ok: out)
 
 
-def build_dataset(source: Any,
-                  training: bool,
-                  batch_size: int,
-                  *,
-                  short_side: int = 800,
-                  max_long_side: int = 1333,
-                  pad_multiple: int = 32,
-                  padding_mode: str = "orientation",
-                  max_num_instances: int = 100,
-                  random_flip: bool = True,
-                  shuffle: bool | None = None,
-                  shuffle_buffer_size: int | None = None,
-                  seed: int | None = None,
-                  deterministic: bool | None = None,
-                  repeat: bool | None = None,
-                  drop_remainder: bool | None = None,
-                  num_parallel_calls: int = tf.data.AUTOTUNE,
-                  prefetch_buffer_size: int = tf.data.AUTOTUNE,
-                  input_context: tf.distribute.InputContext | None = None,
-                  return_info: bool = False):
-  """Builds the training or evaluation input pipeline.
-
-  Args:
-    source: :class:`CocoSource`, :class:`TfRecordSource`, or a dict/object
-      with their fields (see :func:`as_source`).
-    training: training (shuffle, flip, repeat, drop remainder) or evaluation
-      (no shuffle, no flip, one pass, partial batches kept; every image
-      exactly once, in file order within each orientation group).
-    batch_size: the *global* batch size. With ``input_context`` the dataset
-      yields ``input_context.get_per_replica_batch_size(batch_size)``.
-    short_side: resize the shorter side to this (paper: 800) ...
-    max_long_side: ... unless the longer side would exceed this (1333).
-    pad_multiple: padded sizes are multiples of this (32 = stride of P5).
-    padding_mode: "orientation" (default), "square" or "batch" (module doc).
-    max_num_instances: N, ground-truth rows per image (more: first N kept,
-      with a warning).
-    random_flip: random horizontal flip with p=0.5 (training only).
-    shuffle, repeat, drop_remainder: default to ``training``.
-    shuffle_buffer_size: None or 0: every image (COCO: the buffer holds
-      image indices, not pixels); 1000 serialized records for TFRecords.
-    seed: seeds the shuffle and the flips; None draws one (logged).
-    deterministic: element order of parallel maps; default True if ``seed``
-      is given, else False (faster).
-    num_parallel_calls, prefetch_buffer_size: tf.data tuning (AUTOTUNE).
-    input_context: from ``strategy.distribute_datasets_from_function``; shards
-      the input across pipelines.
-    return_info: also return a :class:`DatasetInfo`.
-
-  Returns:
-    ``tf.data.Dataset`` of ``(features, labels)``, or ``(dataset, info)``.
-  """
-  if padding_mode not in transforms.PADDING_MODES:
-    raise ValueError(f"padding_mode must be one of {transforms.PADDING_MODES},"
-                     f" got {padding_mode!r}")
-  if batch_size < 1 or max_num_instances < 1 or pad_multiple < 1:
-    raise ValueError("batch_size, max_num_instances and pad_multiple must be "
-                     ">= 1")
-  shuffle = training if shuffle is None else shuffle
-  repeat = training if repeat is None else repeat
-  drop_remainder = training if drop_remainder is None else drop_remainder
-  flip = training and random_flip
-  if deterministic is None:
-    deterministic = seed is not None
-  if seed is None and (shuffle or flip):
-    seed = int(np.random.default_rng().integers(2**31 - 1))
-    logging.info("fpn_tf.data: no seed given; drew seed=%d", seed)
-
-  num_pipelines, pipeline_id = 1, 0
-  per_replica_batch = batch_size
-  if input_context is not None:
-    num_pipelines = input_context.num_input_pipelines
-    pipeline_id = input_context.input_pipeline_id
-    per_replica_batch = input_context.get_per_replica_batch_size(batch_size)
-
-  index = load_source(source)
-  skip_bad = _on_bad_data(source) == "skip"
-  if isinstance(index, CocoIndex):
-    items = index.item_dataset()
-    if num_pipelines > 1:
-      items = items.shard(num_pipelines, pipeline_id)
-    buffer = shuffle_buffer_size or max(index.num_images, 1)
-    too_many = int(np.sum(index.num_instances_per_image > max_num_instances))
-    if too_many:
-      logging.warning(
-          "%s: %d image(s) have more than max_num_instances=%d annotations; "
-          "only their first %d are used", index.annotation_file, too_many,
-          max_num_instances, max_num_instances)
-  else:
-    items = index.item_dataset(
-        shuffle_files=shuffle, seed=seed, num_shards=num_pipelines,
-        shard_index=pipeline_id, deterministic=deterministic)
-    buffer = shuffle_buffer_size or 1000
-  if shuffle:
-    items = items.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-  if repeat:
-    items = items.repeat()
-  items = items.enumerate()
-
-  flip_seed = None
-  if flip:
-    # A distinct stream per input pipeline.
-    flip_seed = (int(seed) * 1_000_003 + pipeline_id) % (2**62)
-  decode = index.decode
-  transform_args = dict(short_side=short_side, max_long_side=max_long_side,
-                        pad_multiple=pad_multiple, padding_mode=padding_mode,
-                        max_num_instances=max_num_instances)
-
-  def element(number, item):
-    example = decode(item)
-    do_flip = False
-    if flip_seed is not None:
-      rng_seed = tf.stack([tf.constant(flip_seed, tf.int64), number])
-      do_flip = tf.random.stateless_uniform([], seed=rng_seed) < 0.5
-    return transforms.preprocess_example(example, flip=do_flip,
-                                         **transform_args)
-
-  ds = items.map(element, num_parallel_calls=num_parallel_calls,
-                 deterministic=deterministic)
-  if skip_bad:
-    # Last guard: an image file that fails to decode in tf.data (files are
-    # checked at load time only as far as verify_images asks) is dropped;
-    # coco_reader.decode_image_guarded prints a line naming it.
-    ds = ds.ignore_errors(log_warning=True)
-
-  if padding_mode == "orientation":
-    def key(features, labels):
-      del labels
-      resized = features["image_info"][1]
-      return tf.cast(resized[0] > resized[1], tf.int64)  # 1: portrait
-
-    ds = ds.group_by_window(
-        key_func=key,
-        reduce_func=lambda _, window: window.batch(
-            per_replica_batch, drop_remainder=drop_remainder),
-        window_size=per_replica_batch)
-  elif padding_mode == "square":
-    ds = ds.batch(per_replica_batch, drop_remainder=drop_remainder)
-  else:
-    ds = ds.padded_batch(per_replica_batch, drop_remainder=drop_remainder)
-
-  options = tf.data.Options()
-  options.deterministic = deterministic
-  ds = ds.with_options(options).prefetch(prefetch_buffer_size)
-
-  if not return_info:
-    return ds
-  info = DatasetInfo(
-      category_map=index.category_map,
-      num_images=index.num_images,
-      image_shapes=transforms.fixed_padded_size(
-          padding_mode, short_side, max_long_side, pad_multiple),
-      per_replica_batch_size=per_replica_batch,
-      seed=seed,
-      skipped_annotations=dict(getattr(index, "skipped_annotations", {})),
-      skipped_images=dict(getattr(index, "skipped_images", {})),
-  )
-  return ds, info
+# Keyword arguments of build_dataset that a DataConfig carries.
+_BUILD_ARGS = (
+    "short_side",
+    "max_long_side",
+    "pad_multiple",
+    "padding_mode",
+    "max_num_instances",
+    "random_flip",
+    "shuffle_buffer_size",
+)
 
 
-# Keyword arguments of build_dataset that a config object may carry.
-_BUILD_ARGS = ("short_side", "max_long_side", "pad_multiple", "padding_mode",
-               "max_num_instances", "random_flip", "shuffle",
-               "shuffle_buffer_size", "seed", "deterministic", "repeat",
-               "drop_remainder")
+def build_dataset_from_config(
+    source: Source,
+    data_cfg,
+    training: bool,
+    input_context: tf.distribute.InputContext | None = None,
+    return_info: bool = False,
+    **overrides,
+):
+    """``build_dataset`` of a loaded ``source`` with a ``DataConfig``'s settings.
 
-
-def build_dataset_from_config(config: Any, training: bool,
-                              batch_size: int | None = None,
-                              input_context: tf.distribute.InputContext
-                              | None = None,
-                              return_info: bool = False,
-                              **overrides):
-  """``build_dataset`` from a config object or dict.
-
-  The config holds the source fields (see :func:`as_source`), optionally
-  ``global_batch_size`` or ``batch_size``, and any of build_dataset's keyword
-  arguments by the same names; missing ones keep their defaults.
-  ``overrides`` (build_dataset keyword arguments, e.g. ``seed``) win over the
-  config.
-  """
-  get = ((lambda k: config.get(k)) if isinstance(config, Mapping)
-         else (lambda k: getattr(config, k, None)))
-  if batch_size is None:
-    batch_size = get("global_batch_size") or get("batch_size")
-  if batch_size is None:
-    raise ValueError("no batch_size given and none in the config")
-  kwargs = {k: get(k) for k in _BUILD_ARGS if get(k) is not None}
-  kwargs.update(overrides)
-  return build_dataset(config, training, int(batch_size),
-                       input_context=input_context, return_info=return_info,
-                       **kwargs)
-
-
-def image_shapes(padding_mode: str = "orientation", short_side: int = 800,
-                 max_long_side: int = 1333,
-                 pad_multiple: int = 32) -> Sequence[tuple[int, int]]:
-  """Padded image shapes a run will see (empty for "batch")."""
-  return transforms.fixed_padded_size(padding_mode, short_side, max_long_side,
-                                      pad_multiple)
+    The batch size is the config's ``global_batch_size``; the flip is ``random_flip`` and
+    ``training``; ``overrides`` (build_dataset keyword arguments, e.g. ``seed``) win.
+    """
+    kwargs = {k: getattr(data_cfg, k) for k in _BUILD_ARGS}
+    kwargs["random_flip"] = bool(data_cfg.random_flip and training)
+    kwargs.update(overrides)
+    return build_dataset(
+        source,
+        training,
+        int(data_cfg.global_batch_size),
+        input_context=input_context,
+        return_info=return_info,
+        **kwargs,
+    )

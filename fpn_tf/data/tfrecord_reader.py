@@ -15,6 +15,10 @@ per-image dict as :mod:`fpn_tf.data.coco_reader` gives:
   non-numeric source id is hashed to a non-negative int64);
 * boxes of zero size (possible in shards made by other tools) are dropped
   with a printed warning naming the image.
+
+:meth:`TfRecordIndex.groundtruth` gives the shards' ground truth as a COCO annotation dict (boxes,
+dataset category ids, crowd flags, areas, image sizes), the evaluation's ground truth when no
+annotation file is given.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ import re
 import sys
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from fpn_tf.data.category_map import CategoryMap, as_category_map
-from fpn_tf.data.errors import DataError
+from fpn_tf.data.errors import DataError, RunTimeDrops
 
 __all__ = [
     "TfRecordIndex",
     "category_map_path_for_prefix",
-    "read_tfrecords",
     "shard_files",
 ]
 
@@ -41,147 +45,260 @@ CATEGORY_MAP_SUFFIX = "-category_map.json"
 
 
 def category_map_path_for_prefix(output_prefix: str) -> str:
-  """Where the converter writes the category map of ``output_prefix`` shards."""
-  return output_prefix + CATEGORY_MAP_SUFFIX
+    """Where the converter writes the category map of ``output_prefix`` shards."""
+    return output_prefix + CATEGORY_MAP_SUFFIX
 
 
 def shard_files(file_pattern: str | Sequence[str]) -> list[str]:
-  """Expands glob pattern(s) (comma-separated allowed) into sorted files."""
-  patterns = ([p for p in file_pattern.split(",") if p]
-              if isinstance(file_pattern, str) else list(file_pattern))
-  files = []
-  for pattern in patterns:
-    matched = tf.io.gfile.glob(pattern)
-    if not matched:
-      raise DataError(f"{pattern}: no TFRecord files match")
-    files.extend(matched)
-  files = sorted(set(f for f in files if not f.endswith(".json")))
-  if not files:
-    raise DataError(f"{file_pattern}: no TFRecord files match")
-  return files
+    """Expands glob pattern(s) (comma-separated allowed) into sorted files."""
+    patterns = (
+        [p for p in file_pattern.split(",") if p]
+        if isinstance(file_pattern, str)
+        else list(file_pattern)
+    )
+    files = []
+    for pattern in patterns:
+        matched = tf.io.gfile.glob(pattern)
+        if not matched:
+            raise DataError(f"{pattern}: no TFRecord files match")
+        files.extend(matched)
+    files = sorted(set(f for f in files if not f.endswith(".json")))
+    if not files:
+        raise DataError(f"{file_pattern}: no TFRecord files match")
+    return files
 
 
 def _find_category_map(files: Sequence[str]) -> str:
-  candidates = []
-  for f in files:
-    m = _SHARD_RE.match(f)
-    if m:
-      candidates.append(category_map_path_for_prefix(m.group("prefix")))
-  candidates.append(os.path.join(os.path.dirname(files[0]),
-                                 "category_map.json"))
-  for c in dict.fromkeys(candidates):
-    if tf.io.gfile.exists(c):
-      return c
-  raise DataError(
-      f"{files[0]}: no category map found beside the shards (looked for "
-      f"{', '.join(dict.fromkeys(candidates))}); pass category_map= (a "
-      "CategoryMap, its JSON, or the COCO annotation file the shards came "
-      "from)")
+    candidates = []
+    for f in files:
+        m = _SHARD_RE.match(f)
+        if m:
+            candidates.append(category_map_path_for_prefix(m.group("prefix")))
+    candidates.append(os.path.join(os.path.dirname(files[0]), "category_map.json"))
+    for c in dict.fromkeys(candidates):
+        if tf.io.gfile.exists(c):
+            return c
+    raise DataError(
+        f"{files[0]}: no category map found beside the shards (looked for "
+        f"{', '.join(dict.fromkeys(candidates))}); pass category_map= (a "
+        "CategoryMap, its JSON, or the COCO annotation file the shards came "
+        "from)"
+    )
 
 
 class TfRecordIndex:
-  """TFRecord shards + their CategoryMap; the TFRecord twin of CocoIndex.
+    """TFRecord shards + their CategoryMap; the TFRecord twin of CocoIndex.
 
-  Args:
-    file_pattern: glob pattern, comma-separated patterns, or a list of files.
-    category_map: a CategoryMap, a path to its JSON (or to a COCO annotation
-      file), or None to use the ``<prefix>-category_map.json`` that
-      :mod:`fpn_tf.data.convert_coco` writes beside the shards.
-  """
+    Args:
+      file_pattern: glob pattern, comma-separated patterns, or a list of files.
+      category_map: a CategoryMap, a path to its JSON (or to a COCO annotation
+        file), or None to use the ``<prefix>-category_map.json`` that
+        :mod:`fpn_tf.data.convert_coco` writes beside the shards.
+      on_bad_data: "skip" (drop, log and count in :attr:`drops` an example that fails to decode)
+        or "error" (stop the pipeline).
+      annotation_file: the COCO annotation file the shards came from, the evaluation's ground
+        truth; None: :meth:`groundtruth` reads it from the shards.
+    """
 
-  def __init__(self, file_pattern: str | Sequence[str],
-               category_map: CategoryMap | str | os.PathLike | None = None):
-    self.files = shard_files(file_pattern)
-    if category_map is None:
-      category_map = _find_category_map(self.files)
-    self.category_map = as_category_map(category_map)
-    # Imported here: the module pulls in Model Garden (and tf_keras).
-    from official.vision.dataloaders import tf_example_decoder  # pylint: disable=g-import-not-at-top
-    self._decoder = tf_example_decoder.TfExampleDecoder(
-        include_mask=False, regenerate_source_id=False)
+    def __init__(
+        self,
+        file_pattern: str | Sequence[str],
+        category_map: CategoryMap | str | os.PathLike | None = None,
+        on_bad_data: str = "skip",
+        annotation_file: str | None = None,
+    ):
+        if on_bad_data not in ("error", "skip"):
+            raise ValueError(f"on_bad_data must be 'error' or 'skip', got {on_bad_data!r}")
+        self.files = shard_files(file_pattern)
+        self.on_bad_data = on_bad_data
+        self.annotation_file = annotation_file
+        self.drops = RunTimeDrops(
+            ",".join(self.files)
+            if len(self.files) < 3
+            else f"{self.files[0]} (+{len(self.files) - 1} shards)"
+        )
+        self._groundtruth = None
+        if category_map is None:
+            category_map = _find_category_map(self.files)
+        self.category_map = as_category_map(category_map)
+        # Imported here: the module pulls in Model Garden (and tf_keras).
+        from official.vision.dataloaders import tf_example_decoder  # pylint: disable=g-import-not-at-top
 
-  num_images = None  # unknown without a pass over the shards
+        self._decoder = tf_example_decoder.TfExampleDecoder(
+            include_mask=False, regenerate_source_id=False
+        )
 
-  def item_dataset(self, shuffle_files: bool = False, seed: int | None = None,
-                   cycle_length: int | None = None,
-                   num_shards: int = 1, shard_index: int = 0,
-                   deterministic: bool | None = None) -> tf.data.Dataset:
-    """Serialized tf.Examples, interleaved across the shard files."""
-    files = tf.data.Dataset.from_tensor_slices(self.files)
-    records_shard = False
-    if num_shards > 1:
-      if len(self.files) >= num_shards:
-        files = files.shard(num_shards, shard_index)
-      else:
-        records_shard = True
-    if shuffle_files:
-      files = files.shuffle(len(self.files), seed=seed,
-                            reshuffle_each_iteration=True)
-    ds = files.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=cycle_length or min(len(self.files), 16),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic)
-    if records_shard:
-      ds = ds.shard(num_shards, shard_index)
-    return ds
+    num_images = None  # unknown without a pass over the shards
 
-  def decode(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """One serialized tf.Example -> the per-image dict."""
-    d = self._decoder.decode(serialized)
-    image = d["image"]
-    shape = tf.shape(image, out_type=tf.int32)
-    height, width = shape[0], shape[1]
-    source_id = d["source_id"]
-    # COCO ids are integers; any other source id is hashed to one.
-    image_id = tf.cond(
-        tf.strings.regex_full_match(source_id, r"-?[0-9]{1,18}"),
-        lambda: tf.strings.to_number(source_id, tf.int64),
-        lambda: tf.strings.to_hash_bucket_fast(source_id, 2**62))
-    hw = tf.cast(tf.stack([height, width, height, width]), tf.float32)
-    boxes = tf.reshape(tf.cast(d["groundtruth_boxes"], tf.float32), [-1, 4])
-    boxes = tf.clip_by_value(boxes, 0.0, 1.0) * hw
-    classes = self.category_map.dataset_to_contiguous_ids(
-        d["groundtruth_classes"])
-    check = tf.debugging.Assert(
-        tf.reduce_all(classes > 0),
-        ["TFRecord image has a category id the category map does not know; "
-         "image id:", image_id, "class ids:", d["groundtruth_classes"],
-         "known:", tf.constant(self.category_map.dataset_ids)], summarize=200)
-    is_crowd = tf.cast(d["groundtruth_is_crowd"], tf.bool)
-    non_empty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    num_empty = tf.reduce_sum(tf.cast(~non_empty, tf.int32))
+    def item_dataset(
+        self,
+        shuffle_files: bool = False,
+        seed: int | None = None,
+        cycle_length: int | None = None,
+        num_shards: int = 1,
+        shard_index: int = 0,
+        deterministic: bool | None = None,
+    ) -> tf.data.Dataset:
+        """Serialized tf.Examples, interleaved across the shard files."""
+        files = tf.data.Dataset.from_tensor_slices(self.files)
+        records_shard = False
+        if num_shards > 1:
+            if len(self.files) >= num_shards:
+                files = files.shard(num_shards, shard_index)
+            else:
+                records_shard = True
+        if shuffle_files:
+            files = files.shuffle(len(self.files), seed=seed, reshuffle_each_iteration=True)
+        ds = files.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=cycle_length or min(len(self.files), 16),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+        if records_shard:
+            ds = ds.shard(num_shards, shard_index)
+        return ds
 
-    def _warn():
-      tf.print("WARNING: fpn_tf.data: dropped", num_empty,
-               "zero-size box(es) of TFRecord image id", image_id,
-               output_stream=sys.stderr)
-      return tf.constant(0)
+    def decode(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One serialized tf.Example -> the per-image dict."""
+        d = self._decoder.decode(serialized)
+        image = d["image"]
+        shape = tf.shape(image, out_type=tf.int32)
+        height, width = shape[0], shape[1]
+        source_id = d["source_id"]
+        # COCO ids are integers; any other source id is hashed to one.
+        image_id = tf.cond(
+            tf.strings.regex_full_match(source_id, r"-?[0-9]{1,18}"),
+            lambda: tf.strings.to_number(source_id, tf.int64),
+            lambda: tf.strings.to_hash_bucket_fast(source_id, 2**62),
+        )
+        hw = tf.cast(tf.stack([height, width, height, width]), tf.float32)
+        boxes = tf.reshape(tf.cast(d["groundtruth_boxes"], tf.float32), [-1, 4])
+        boxes = tf.clip_by_value(boxes, 0.0, 1.0) * hw
+        classes = self.category_map.dataset_to_contiguous_ids(d["groundtruth_classes"])
+        check = tf.debugging.Assert(
+            tf.reduce_all(classes > 0),
+            [
+                "TFRecord image has a category id the category map does not know; " "image id:",
+                image_id,
+                "class ids:",
+                d["groundtruth_classes"],
+                "known:",
+                tf.constant(self.category_map.dataset_ids),
+            ],
+            summarize=200,
+        )
+        is_crowd = tf.cast(d["groundtruth_is_crowd"], tf.bool)
+        non_empty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        num_empty = tf.reduce_sum(tf.cast(~non_empty, tf.int32))
 
-    warned = tf.cond(num_empty > 0, _warn, lambda: tf.constant(0))
-    with tf.control_dependencies([check, warned]):
-      keep = tf.identity(non_empty)
-    return {
-        "image": image,
-        "image_id": image_id,
-        "height": height,
-        "width": width,
-        "gt_boxes": tf.boolean_mask(boxes, keep),
-        "gt_classes": tf.boolean_mask(classes, keep),
-        "gt_is_crowd": tf.boolean_mask(is_crowd, keep),
-    }
+        def _warn():
+            tf.print(
+                "WARNING: fpn_tf.data: dropped",
+                num_empty,
+                "zero-size box(es) of TFRecord image id",
+                image_id,
+                output_stream=sys.stderr,
+            )
+            return tf.constant(0)
 
-  def dataset(self, num_parallel_calls: int = tf.data.AUTOTUNE,
-              deterministic: bool | None = None) -> tf.data.Dataset:
-    """Per-image dicts, shards read in sorted-file order (interleaved)."""
-    return self.item_dataset(deterministic=deterministic).map(
-        self.decode, num_parallel_calls=num_parallel_calls,
-        deterministic=deterministic)
+        warned = tf.cond(num_empty > 0, _warn, lambda: tf.constant(0))
+        with tf.control_dependencies([check, warned]):
+            keep = tf.identity(non_empty)
+        return {
+            "image": image,
+            "image_id": image_id,
+            "height": height,
+            "width": width,
+            "gt_boxes": tf.boolean_mask(boxes, keep),
+            "gt_classes": tf.boolean_mask(classes, keep),
+            "gt_is_crowd": tf.boolean_mask(is_crowd, keep),
+        }
+
+    def describe(self, serialized) -> tuple[str, str]:
+        """(file name, source id) of one serialized example, for log lines."""
+        try:
+            features = tf.train.Example.FromString(bytes(serialized)).features.feature
+        except Exception:  # noqa: BLE001 - not even a tf.Example
+            return "a record that is not a tf.Example", "?"
+
+        def text(key):
+            values = features[key].bytes_list.value if key in features else []
+            return values[0].decode("utf-8", "replace") if values else "?"
+
+        return text("image/filename"), text("image/source_id")
+
+    def groundtruth(self) -> dict:
+        """The shards' ground truth as a COCO annotation dict (one pass over the shards, kept).
+
+        Boxes come from the normalised schema boxes times ``image/height`` / ``image/width``;
+        ``area`` is ``image/object/area`` where the shards have it, else the box area.
+        """
+        if self._groundtruth is None:
+            self._groundtruth = _groundtruth_from_shards(self.files, self.category_map)
+        return self._groundtruth
 
 
-def read_tfrecords(file_pattern: str | Sequence[str],
-                   category_map: CategoryMap | str | os.PathLike | None = None,
-                   ) -> tuple[tf.data.Dataset, CategoryMap]:
-  """Reads shards; returns (per-image dataset, CategoryMap)."""
-  index = TfRecordIndex(file_pattern, category_map)
-  return index.dataset(), index.category_map
+_GT_FEATURES = {
+    "image/source_id": tf.io.FixedLenFeature((), tf.string, ""),
+    "image/height": tf.io.FixedLenFeature((), tf.int64, -1),
+    "image/width": tf.io.FixedLenFeature((), tf.int64, -1),
+    "image/object/bbox/xmin": tf.io.VarLenFeature(tf.float32),
+    "image/object/bbox/ymin": tf.io.VarLenFeature(tf.float32),
+    "image/object/bbox/xmax": tf.io.VarLenFeature(tf.float32),
+    "image/object/bbox/ymax": tf.io.VarLenFeature(tf.float32),
+    "image/object/class/label": tf.io.VarLenFeature(tf.int64),
+    "image/object/is_crowd": tf.io.VarLenFeature(tf.int64),
+    "image/object/area": tf.io.VarLenFeature(tf.float32),
+}
+
+
+def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) -> dict:
+    images, annotations = [], []
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, _GT_FEATURES)
+        return {
+            k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v for k, v in ex.items()
+        }
+
+    ds = tf.data.TFRecordDataset(list(files)).map(parse)
+    for ex in ds.as_numpy_iterator():
+        source_id = ex["image/source_id"].decode("utf-8")
+        if not re.fullmatch(r"-?[0-9]{1,18}", source_id):
+            raise DataError(
+                f"{files[0]}: image/source_id {source_id!r} is not an integer; give eval_data an "
+                "annotation_file to evaluate these shards"
+            )
+        h, w = int(ex["image/height"]), int(ex["image/width"])
+        if h <= 0 or w <= 0:
+            raise DataError(
+                f"{files[0]}: image {source_id} has no image/height or image/width; give "
+                "eval_data an annotation_file to evaluate these shards"
+            )
+        image_id = int(source_id)
+        images.append({"id": image_id, "height": h, "width": w})
+        dense = dict(ex)
+        for key in ("xmin", "ymin", "xmax", "ymax"):  # clipped as the pipeline clips them
+            dense[f"image/object/bbox/{key}"] = np.clip(dense[f"image/object/bbox/{key}"], 0, 1)
+        x0, y0 = dense["image/object/bbox/xmin"] * w, dense["image/object/bbox/ymin"] * h
+        x1, y1 = dense["image/object/bbox/xmax"] * w, dense["image/object/bbox/ymax"] * h
+        crowd, area = dense["image/object/is_crowd"], dense["image/object/area"]
+        for k, label in enumerate(dense["image/object/class/label"]):
+            bw, bh = float(x1[k] - x0[k]), float(y1[k] - y0[k])
+            if bw <= 0 or bh <= 0:
+                continue  # the pipeline drops these too
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [float(x0[k]), float(y0[k]), bw, bh],
+                    "area": float(area[k]) if k < len(area) else bw * bh,
+                    "iscrowd": int(crowd[k]) if k < len(crowd) else 0,
+                }
+            )
+    categories = [
+        {"id": int(i), "name": n} for i, n in zip(category_map.dataset_ids, category_map.names)
+    ]
+    return {"images": images, "annotations": annotations, "categories": categories}

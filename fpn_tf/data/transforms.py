@@ -3,8 +3,9 @@
 All functions are pure TensorFlow and work on one image; the pipeline maps
 them over a dataset.
 
-Resize rule (the paper's and Detectron's, Model Garden's
-``preprocess_ops.resize_and_crop_image_v2``, which we call): with ``s`` =
+Resize rule (the paper's and Detectron's, as Model Garden's
+``preprocess_ops.resize_and_crop_image_v2``), written once in :func:`resized_size` for the
+training/evaluation pipeline and the exported serving graph: with ``s`` =
 ``short_side / min(h, w)``, the resized size is ``round(h * s), round(w * s)``;
 if its longer side exceeds ``max_long_side``, ``s`` = ``max_long_side /
 max(h, w)`` instead. ``round`` is ``tf.math.round`` (half to even). The
@@ -30,7 +31,6 @@ from __future__ import annotations
 import math
 import sys
 
-import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "padded_size_tf",
     "preprocess_example",
     "resize_and_pad",
+    "resized_size",
 ]
 
 # "orientation": pad every image to [ceil(short), ceil(long)] if landscape
@@ -54,169 +55,179 @@ PADDING_MODES = ("orientation", "square", "batch")
 
 
 def ceil_to_multiple(x: int, multiple: int) -> int:
-  """Smallest multiple of ``multiple`` that is >= x (python ints)."""
-  return int(math.ceil(x / multiple) * multiple)
+    """Smallest multiple of ``multiple`` that is >= x (python ints)."""
+    return int(math.ceil(x / multiple) * multiple)
 
 
-def compute_resized_size(height: int, width: int, short_side: int,
-                         max_long_side: int) -> tuple[int, int]:
-  """The resized (h, w) of the module docstring's rule, in numpy.
+def resized_size(image_size, short_side: int, max_long_side: int) -> tf.Tensor:
+    """float32 [..., 2] resized (h, w) of images of (h, w) ``image_size`` [..., 2]: the rule.
 
-  Computed in float32 like the TensorFlow op, so the two agree bit for bit.
-  """
-  size = np.array([height, width], np.float32)
-  scale = np.float32(short_side) / np.float32(min(height, width))
-  resized = np.round(size * scale)
-  if max(resized) > max_long_side:
-    scale = np.float32(max_long_side) / np.float32(max(height, width))
-    resized = np.round(size * scale)
-  return int(resized[0]), int(resized[1])
+    float32 arithmetic and round half to even, as ``resize_and_crop_image_v2``.
+    """
+    size = tf.cast(image_size, tf.float32)
+    by_short = tf.math.round(size * (short_side / tf.reduce_min(size, axis=-1, keepdims=True)))
+    by_long = tf.math.round(size * (max_long_side / tf.reduce_max(size, axis=-1, keepdims=True)))
+    too_long = tf.reduce_max(by_short, axis=-1, keepdims=True) > max_long_side
+    return tf.where(too_long, by_long, by_short)
 
 
-def fixed_padded_size(padding_mode: str, short_side: int, max_long_side: int,
-                      pad_multiple: int) -> list[tuple[int, int]]:
-  """The image shapes a run sees in ``padding_mode`` ([] for "batch")."""
-  s = ceil_to_multiple(short_side, pad_multiple)
-  l = ceil_to_multiple(max_long_side, pad_multiple)
-  if padding_mode == "orientation":
-    return [(s, l), (l, s)]
-  if padding_mode == "square":
-    return [(l, l)]
-  if padding_mode == "batch":
-    return []
-  raise ValueError(f"padding_mode must be one of {PADDING_MODES}, "
-                   f"got {padding_mode!r}")
+def compute_resized_size(
+    height: int, width: int, short_side: int, max_long_side: int
+) -> tuple[int, int]:
+    """:func:`resized_size` of one image, as Python ints."""
+    h, w = resized_size(tf.constant([height, width]), short_side, max_long_side).numpy()
+    return int(h), int(w)
 
 
-def _resized_size_tf(image_size: tf.Tensor, short_side: int,
-                     max_long_side: int) -> tf.Tensor:
-  """Same rule as resize_and_crop_image_v2, for choosing the padded size."""
-  size = tf.cast(image_size, tf.float32)
-  resized = tf.math.round(size * (short_side / tf.reduce_min(size)))
-  return tf.where(
-      tf.reduce_max(resized) > max_long_side,
-      tf.math.round(size * (max_long_side / tf.reduce_max(size))), resized)
+def fixed_padded_size(
+    padding_mode: str, short_side: int, max_long_side: int, pad_multiple: int
+) -> list[tuple[int, int]]:
+    """The image shapes a run sees in ``padding_mode`` ([] for "batch")."""
+    s = ceil_to_multiple(short_side, pad_multiple)
+    l = ceil_to_multiple(max_long_side, pad_multiple)
+    if padding_mode == "orientation":
+        return [(s, l), (l, s)]
+    if padding_mode == "square":
+        return [(l, l)]
+    if padding_mode == "batch":
+        return []
+    raise ValueError(f"padding_mode must be one of {PADDING_MODES}, " f"got {padding_mode!r}")
 
 
-def padded_size_tf(image_size: tf.Tensor, padding_mode: str, short_side: int,
-                   max_long_side: int, pad_multiple: int) -> tf.Tensor:
-  """int32 [2] padded (h, w) for an image of ``image_size`` (before resize)."""
-  if padding_mode == "batch":
-    resized = _resized_size_tf(image_size, short_side, max_long_side)
-    m = float(pad_multiple)
-    return tf.cast(tf.math.ceil(resized / m) * m, tf.int32)
-  shapes = fixed_padded_size(padding_mode, short_side, max_long_side,
-                             pad_multiple)
-  if padding_mode == "square":
-    return tf.constant(shapes[0], tf.int32)
-  landscape = image_size[0] <= image_size[1]
-  return tf.where(landscape, tf.constant(shapes[0], tf.int32),
-                  tf.constant(shapes[1], tf.int32))
+def padded_size_tf(
+    image_size: tf.Tensor, padding_mode: str, short_side: int, max_long_side: int, pad_multiple: int
+) -> tf.Tensor:
+    """int32 [2] padded (h, w) for an image of ``image_size`` (before resize)."""
+    if padding_mode == "batch":
+        resized = resized_size(image_size, short_side, max_long_side)
+        m = float(pad_multiple)
+        return tf.cast(tf.math.ceil(resized / m) * m, tf.int32)
+    shapes = fixed_padded_size(padding_mode, short_side, max_long_side, pad_multiple)
+    if padding_mode == "square":
+        return tf.constant(shapes[0], tf.int32)
+    landscape = image_size[0] <= image_size[1]
+    return tf.where(landscape, tf.constant(shapes[0], tf.int32), tf.constant(shapes[1], tf.int32))
 
 
-def horizontal_flip(image: tf.Tensor,
-                    boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """Mirrors an [H, W, C] image and its [n, 4] pixel boxes left-right."""
-  from official.vision.ops import preprocess_ops  # pylint: disable=g-import-not-at-top
-  width = tf.cast(tf.shape(image)[1], boxes.dtype)
-  ymin, xmin, ymax, xmax = tf.unstack(boxes, num=4, axis=-1)
-  boxes = tf.stack([ymin, width - xmax, ymax, width - xmin], axis=-1)
-  return preprocess_ops.horizontal_flip_image(image), boxes
+def horizontal_flip(image: tf.Tensor, boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mirrors an [H, W, C] image and its [n, 4] pixel boxes left-right."""
+    from official.vision.ops import preprocess_ops  # pylint: disable=g-import-not-at-top
+
+    width = tf.cast(tf.shape(image)[1], boxes.dtype)
+    ymin, xmin, ymax, xmax = tf.unstack(boxes, num=4, axis=-1)
+    boxes = tf.stack([ymin, width - xmax, ymax, width - xmin], axis=-1)
+    return preprocess_ops.horizontal_flip_image(image), boxes
 
 
-def resize_and_pad(image: tf.Tensor, boxes: tf.Tensor, *, short_side: int,
-                   max_long_side: int, padded_size: tf.Tensor
-                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Resizes (rule above), pads, and scales the pixel boxes.
+def resize_and_pad(
+    image: tf.Tensor,
+    boxes: tf.Tensor,
+    *,
+    short_side: int,
+    max_long_side: int,
+    padded_size: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Resizes (rule above), pads, and scales the pixel boxes.
 
-  Args:
-    image: [H, W, 3] uint8 or float.
-    boxes: [n, 4] ymin, xmin, ymax, xmax in pixels of ``image``.
-    short_side, max_long_side: the resize rule.
-    padded_size: int [2] output (h, w), at least the resized size.
+    Args:
+      image: [H, W, 3] uint8 or float.
+      boxes: [n, 4] ymin, xmin, ymax, xmax in pixels of ``image``.
+      short_side, max_long_side: the resize rule.
+      padded_size: int [2] output (h, w), at least the resized size.
 
-  Returns:
-    (image float32 [padded h, padded w, 3], image_info float32 [4, 2],
-     boxes float32 [n, 4] in pixels of the resized image). ``image_info`` is
-    ``[[orig h, orig w], [resized h, resized w], [scale y, scale x],
-    [offset y, offset x] = 0]``.
-  """
-  from official.vision.ops import preprocess_ops  # pylint: disable=g-import-not-at-top
-  image, image_info = preprocess_ops.resize_and_crop_image_v2(
-      image, short_side=short_side, long_side=max_long_side,
-      padded_size=padded_size, method=tf.image.ResizeMethod.BILINEAR)
-  boxes = preprocess_ops.resize_and_crop_boxes(
-      tf.cast(boxes, tf.float32), image_info[2, :], image_info[1, :],
-      image_info[3, :])
-  return tf.cast(image, tf.float32), image_info, boxes
-
-
-def pad_groundtruth(boxes: tf.Tensor, classes: tf.Tensor, is_crowd: tf.Tensor,
-                    max_num_instances: int,
-                    image_id: tf.Tensor | None = None
-                    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Pads (or truncates) ground truth to ``max_num_instances`` rows.
-
-  Padding rows: box zeros, class -1, crowd False. When an image has more
-  instances, the first ``max_num_instances`` are kept and a warning naming
-  the image is printed (to the absl/TF warning log).
-  """
-  n = tf.shape(classes)[0]
-
-  def _warn():
-    tf.print("WARNING: fpn_tf.data: image id",
-             -1 if image_id is None else image_id, "has", n,
-             "instances; keeping the first", max_num_instances,
-             "(raise max_num_instances to keep all)",
-             output_stream=sys.stderr)
-    return tf.constant(0)
-
-  warned = tf.cond(n > max_num_instances, _warn, lambda: tf.constant(0))
-  with tf.control_dependencies([warned]):
-    k = tf.minimum(n, max_num_instances)
-  pad = max_num_instances - k
-  boxes = tf.pad(tf.cast(boxes[:k], tf.float32), [[0, pad], [0, 0]])
-  classes = tf.pad(tf.cast(classes[:k], tf.int32), [[0, pad]],
-                   constant_values=-1)
-  is_crowd = tf.pad(tf.cast(is_crowd[:k], tf.bool), [[0, pad]],
-                    constant_values=False)
-  return (tf.ensure_shape(boxes, [max_num_instances, 4]),
-          tf.ensure_shape(classes, [max_num_instances]),
-          tf.ensure_shape(is_crowd, [max_num_instances]))
+    Returns:
+      (image float32 [padded h, padded w, 3], image_info float32 [4, 2],
+       boxes float32 [n, 4] in pixels of the resized image). ``image_info`` is
+      ``[[orig h, orig w], [resized h, resized w], [scale y, scale x],
+      [offset y, offset x] = 0]``.
+    """
+    size = tf.cast(tf.shape(image)[:2], tf.float32)
+    resized = resized_size(size, short_side, max_long_side)
+    scale = resized / size
+    out = tf.image.resize(image, tf.cast(resized, tf.int32), method=tf.image.ResizeMethod.BILINEAR)
+    out = tf.image.pad_to_bounding_box(out, 0, 0, padded_size[0], padded_size[1])
+    image_info = tf.stack([size, resized, scale, tf.zeros([2], tf.float32)])
+    boxes = tf.cast(boxes, tf.float32) * tf.tile(scale, [2])
+    boxes = tf.clip_by_value(boxes, 0.0, tf.tile(resized, [2]))
+    return tf.cast(out, tf.float32), image_info, boxes
 
 
-def preprocess_example(example: dict[str, tf.Tensor], *,
-                       flip: bool | tf.Tensor = False,
-                       short_side: int = 800,
-                       max_long_side: int = 1333,
-                       pad_multiple: int = 32,
-                       padding_mode: str = "orientation",
-                       max_num_instances: int = 100,
-                       ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
-  """A reader's per-image dict -> one (features, labels) batch element.
+def pad_groundtruth(
+    boxes: tf.Tensor,
+    classes: tf.Tensor,
+    is_crowd: tf.Tensor,
+    max_num_instances: int,
+    image_id: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Pads (or truncates) ground truth to ``max_num_instances`` rows.
 
-  Returns:
-    features: {"images": float32 [Hp, Wp, 3], "image_info": float32 [4, 2],
-               "image_id": int64 []}
-    labels: {"gt_boxes": float32 [N, 4], "gt_classes": int32 [N],
-             "gt_is_crowd": bool [N]} with N = max_num_instances.
-  """
-  image = example["image"]
-  boxes = tf.cast(example["gt_boxes"], tf.float32)
-  if isinstance(flip, tf.Tensor):
-    image, boxes = tf.cond(flip, lambda: horizontal_flip(image, boxes),
-                           lambda: (image, boxes))
-  elif flip:
-    image, boxes = horizontal_flip(image, boxes)
-  padded = padded_size_tf(tf.shape(image)[:2], padding_mode, short_side,
-                          max_long_side, pad_multiple)
-  image, image_info, boxes = resize_and_pad(
-      image, boxes, short_side=short_side, max_long_side=max_long_side,
-      padded_size=padded)
-  image_id = tf.cast(example["image_id"], tf.int64)
-  boxes, classes, is_crowd = pad_groundtruth(
-      boxes, example["gt_classes"], example["gt_is_crowd"], max_num_instances,
-      image_id=image_id)
-  features = {"images": image, "image_info": image_info, "image_id": image_id}
-  labels = {"gt_boxes": boxes, "gt_classes": classes, "gt_is_crowd": is_crowd}
-  return features, labels
+    Padding rows: box zeros, class -1, crowd False. When an image has more
+    instances, the first ``max_num_instances`` are kept and a warning naming
+    the image is printed (to the absl/TF warning log).
+    """
+    n = tf.shape(classes)[0]
+
+    def _warn():
+        tf.print(
+            "WARNING: fpn_tf.data: image id",
+            -1 if image_id is None else image_id,
+            "has",
+            n,
+            "instances; keeping the first",
+            max_num_instances,
+            "(raise max_num_instances to keep all)",
+            output_stream=sys.stderr,
+        )
+        return tf.constant(0)
+
+    warned = tf.cond(n > max_num_instances, _warn, lambda: tf.constant(0))
+    with tf.control_dependencies([warned]):
+        k = tf.minimum(n, max_num_instances)
+    pad = max_num_instances - k
+    boxes = tf.pad(tf.cast(boxes[:k], tf.float32), [[0, pad], [0, 0]])
+    classes = tf.pad(tf.cast(classes[:k], tf.int32), [[0, pad]], constant_values=-1)
+    is_crowd = tf.pad(tf.cast(is_crowd[:k], tf.bool), [[0, pad]], constant_values=False)
+    return (
+        tf.ensure_shape(boxes, [max_num_instances, 4]),
+        tf.ensure_shape(classes, [max_num_instances]),
+        tf.ensure_shape(is_crowd, [max_num_instances]),
+    )
+
+
+def preprocess_example(
+    example: dict[str, tf.Tensor],
+    *,
+    flip: bool | tf.Tensor = False,
+    short_side: int = 800,
+    max_long_side: int = 1333,
+    pad_multiple: int = 32,
+    padding_mode: str = "orientation",
+    max_num_instances: int = 100,
+) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+    """A reader's per-image dict -> one (features, labels) batch element.
+
+    Returns:
+      features: {"images": float32 [Hp, Wp, 3], "image_info": float32 [4, 2],
+                 "image_id": int64 []}
+      labels: {"gt_boxes": float32 [N, 4], "gt_classes": int32 [N],
+               "gt_is_crowd": bool [N]} with N = max_num_instances.
+    """
+    image = example["image"]
+    boxes = tf.cast(example["gt_boxes"], tf.float32)
+    if isinstance(flip, tf.Tensor):
+        image, boxes = tf.cond(flip, lambda: horizontal_flip(image, boxes), lambda: (image, boxes))
+    elif flip:
+        image, boxes = horizontal_flip(image, boxes)
+    padded = padded_size_tf(
+        tf.shape(image)[:2], padding_mode, short_side, max_long_side, pad_multiple
+    )
+    image, image_info, boxes = resize_and_pad(
+        image, boxes, short_side=short_side, max_long_side=max_long_side, padded_size=padded
+    )
+    image_id = tf.cast(example["image_id"], tf.int64)
+    boxes, classes, is_crowd = pad_groundtruth(
+        boxes, example["gt_classes"], example["gt_is_crowd"], max_num_instances, image_id=image_id
+    )
+    features = {"images": image, "image_info": image_info, "image_id": image_id}
+    labels = {"gt_boxes": boxes, "gt_classes": classes, "gt_is_crowd": is_crowd}
+    return features, labels

@@ -11,14 +11,13 @@ TensorFlow, no Keras; run them outside tf.function on `.numpy()` values):
 Conventions. Boxes handed to ``add_*`` are ``[ymin, xmin, ymax, xmax]`` in ORIGINAL image pixels;
 the batched ``update_state`` also takes boxes in model-input pixels together with ``image_info``
 (see :func:`boxes_to_original`). Classes are the dataset's own category ids (e.g. COCO's 1..90 with
-gaps); pass ``label_map`` to have contiguous training indices translated. Results JSON uses COCO's
-``[x, y, width, height]``.
+gaps). Results JSON uses COCO's ``[x, y, width, height]``.
 
-Ground truth is either a COCO annotation file (or a loaded ``pycocotools.coco.COCO``; official
-areas and crowd regions, the numbers to report), or accumulated with ``add_groundtruth`` /
-``update_state(..., groundtruths)`` (box areas stand in for mask areas, so APs/m/l and ARs/m/l can
-differ slightly from the official ones). With a file, only the images that were fed are evaluated
-(so ``eval.steps`` may cover part of the set); every fed image counts, with or without detections.
+The ground truth is a COCO annotation file (or its loaded ``pycocotools.coco.COCO``; official
+areas and crowd regions). Only the images that were fed are evaluated (``params.imgIds``): an
+image the input pipeline dropped, or that ``eval.steps`` did not reach, does not count; every fed
+image counts, with or without detections. Writing files is the caller's
+(:func:`fpn_tf.evaluation.run.evaluate_detector`).
 """
 
 from __future__ import annotations
@@ -26,14 +25,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 from absl import logging
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from fpn_tf.file_io import write_text
 
 __all__ = [
     "COCO_METRIC_NAMES",
@@ -51,7 +48,6 @@ COCO_METRIC_NAMES = (
 
 DETECTIONS_FILENAME = "detections.json"
 METRICS_FILENAME = "metrics.json"
-PROPOSAL_METRICS_FILENAME = "proposal_metrics.json"
 
 # COCO's area ranges (pixels²), inclusive at both ends as in pycocotools and Detectron.
 AREA_RANGES = {
@@ -61,8 +57,7 @@ AREA_RANGES = {
     "l": (96.0**2, 1e5**2),
 }
 
-LabelMap = Union[Mapping[int, int], Sequence[int], Callable[[np.ndarray], np.ndarray], None]
-GroundTruthSource = Union[str, COCO, Mapping, None]
+GroundTruthSource = Union[str, COCO, Mapping]
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,10 +123,6 @@ def _numpy(value) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
-def _write_json(directory: str, filename: str, obj) -> str:
-    return write_text(directory, filename, json.dumps(obj))
-
-
 def load_coco_groundtruth(source: Union[str, Mapping, COCO]) -> COCO:
     """A pycocotools COCO from an annotation file path, a dataset dict, or a COCO (returned as is)."""
     if isinstance(source, COCO):
@@ -163,162 +154,42 @@ def load_coco_groundtruth(source: Union[str, Mapping, COCO]) -> COCO:
 
 
 class _GroundTruth:
-    """Ground truth from a COCO file/object, or accumulated image by image."""
+    """The ground truth of a COCO annotation file, by image."""
 
-    def __init__(self, source: GroundTruthSource, categories=None):
-        self.coco: Optional[COCO] = load_coco_groundtruth(source) if source is not None else None
-        self.from_file = self.coco is not None
-        self.categories: Dict[int, str] = {}
-        if self.coco is not None:
-            self.categories = {int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]}
-        elif categories is not None:
-            self.categories = _parse_categories(categories)
-        self.fixed_categories = bool(self.categories)
-        self.reset()
-
-    def reset(self):
-        # Accumulated mode: image_id -> dict(height, width, boxes, classes, is_crowd, areas).
-        self.images: Dict[int, Dict[str, Any]] = {}
-
-    def has_image(self, image_id: int) -> bool:
-        if self.from_file:
-            return image_id in self.coco.imgs
-        return image_id in self.images
+    def __init__(self, source: GroundTruthSource):
+        self.coco: COCO = load_coco_groundtruth(source)
+        self.categories: Dict[int, str] = {
+            int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]
+        }
 
     def check_image(self, image_id: int):
-        if self.from_file and image_id not in self.coco.imgs:
+        if image_id not in self.coco.imgs:
             raise ValueError(f"image_id {image_id} is not in the ground-truth annotation file.")
 
     def check_categories(self, classes: np.ndarray, what: str):
-        if not self.fixed_categories or classes.size == 0:
+        if not self.categories or classes.size == 0:
             return
         unknown = sorted({int(c) for c in np.unique(classes)} - set(self.categories))
         if unknown:
             raise ValueError(
                 f"{what} have category ids {unknown} that the dataset does not have "
                 f"(valid: {sorted(self.categories)[:10]}{'...' if len(self.categories) > 10 else ''}). "
-                "Contiguous training indices must be mapped to dataset ids (label_map)."
+                "Contiguous training indices must be mapped to dataset ids."
             )
-
-    def add(self, image_id, boxes, classes, is_crowd=None, areas=None, image_size=None):
-        if self.from_file:
-            raise ValueError("Ground truth comes from the annotation file; do not add it.")
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-        classes = np.asarray(classes).reshape(-1).astype(np.int64)
-        if len(classes) != len(boxes):
-            raise ValueError(f"{len(boxes)} ground-truth boxes but {len(classes)} classes.")
-        is_crowd = (
-            np.zeros(len(boxes), bool) if is_crowd is None else np.asarray(is_crowd).reshape(-1).astype(bool)
-        )
-        if areas is None:
-            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        areas = np.asarray(areas, np.float64).reshape(-1)
-        self.check_categories(classes, "Ground-truth classes")
-        self.note_categories(classes)
-        entry = self.images.setdefault(
-            image_id,
-            {
-                "size": None,
-                "boxes": np.zeros((0, 4)),
-                "classes": np.zeros((0,), np.int64),
-                "is_crowd": np.zeros((0,), bool),
-                "areas": np.zeros((0,)),
-            },
-        )
-        if image_size is not None:
-            entry["size"] = (int(image_size[0]), int(image_size[1]))
-        entry["boxes"] = np.concatenate([entry["boxes"], boxes])
-        entry["classes"] = np.concatenate([entry["classes"], classes])
-        entry["is_crowd"] = np.concatenate([entry["is_crowd"], is_crowd])
-        entry["areas"] = np.concatenate([entry["areas"], areas])
-
-    def note_categories(self, classes: np.ndarray):
-        """Accumulated mode without a category list: the categories are the ids seen."""
-        if not self.fixed_categories:
-            for c in np.unique(classes):
-                self.categories.setdefault(int(c), str(int(c)))
-
-    def image_ids(self, seen: Iterable[int]) -> List[int]:
-        """Images to evaluate: those fed, plus (accumulated mode) every image with ground truth."""
-        ids = set(seen)
-        if not self.from_file:
-            ids.update(self.images)
-        return sorted(ids)
-
-    def register_image(self, image_id: int):
-        """An image seen without ground truth (accumulated mode): it has no objects."""
-        if not self.from_file and image_id not in self.images:
-            self.add(image_id, np.zeros((0, 4)), np.zeros((0,), np.int64))
 
     def for_image(self, image_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(boxes yxyx [G,4], classes [G], is_crowd [G], areas [G]) of one image."""
-        if self.from_file:
-            anns = self.coco.imgToAnns.get(image_id, [])
-            if not anns:
-                return np.zeros((0, 4)), np.zeros((0,), np.int64), np.zeros((0,), bool), np.zeros((0,))
-            xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-            boxes = np.stack([xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], 1)
-            classes = np.array([a["category_id"] for a in anns], np.int64)
-            crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns])
-            areas = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, xywh)], np.float64)
-            return boxes, classes, crowd, areas
-        e = self.images[image_id]
-        return e["boxes"], e["classes"], e["is_crowd"], e["areas"]
-
-    def to_coco(self, image_ids: Iterable[int]) -> COCO:
-        if self.from_file:
-            return self.coco
-        images, annotations = [], []
-        for image_id in image_ids:
-            e = self.images[image_id]
-            image = {"id": image_id}
-            if e["size"] is not None:
-                image["height"], image["width"] = e["size"]
-            images.append(image)
-            xywh = yxyx_to_xywh(e["boxes"])
-            for box, cls, crowd, area in zip(xywh, e["classes"], e["is_crowd"], e["areas"]):
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,  # pycocotools needs ids > 0
-                        "image_id": image_id,
-                        "category_id": int(cls),
-                        "bbox": [float(v) for v in box],
-                        "area": float(area),
-                        "iscrowd": int(crowd),
-                    }
-                )
-        categories = [{"id": i, "name": n} for i, n in sorted(self.categories.items())]
-        return load_coco_groundtruth({"images": images, "annotations": annotations, "categories": categories})
-
-
-def _parse_categories(categories) -> Dict[int, str]:
-    if isinstance(categories, Mapping):
-        return {int(k): str(v) for k, v in categories.items()}
-    out = {}
-    for c in categories:
-        if isinstance(c, Mapping):
-            out[int(c["id"])] = str(c.get("name", c["id"]))
-        else:
-            out[int(c)] = str(int(c))
-    return out
-
-
-def _apply_label_map(label_map: LabelMap, classes: np.ndarray) -> np.ndarray:
-    classes = np.asarray(classes).reshape(-1)
-    if label_map is None:
-        return np.rint(classes).astype(np.int64)
-    if callable(label_map):
-        return np.asarray(label_map(classes)).reshape(-1).astype(np.int64)
-    indices = np.rint(classes).astype(np.int64)
-    if isinstance(label_map, Mapping):
-        try:
-            return np.array([int(label_map[int(i)]) for i in indices], np.int64)
-        except KeyError as e:
-            raise ValueError(f"class {e.args[0]} is not in label_map.") from None
-    table = np.asarray(label_map, np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(table)):
-        raise ValueError(f"classes {indices.min()}..{indices.max()} outside label_map of length {len(table)}.")
-    return table[indices]
+        anns = self.coco.imgToAnns.get(image_id, [])
+        if not anns:
+            return np.zeros((0, 4)), np.zeros((0,), np.int64), np.zeros((0,), bool), np.zeros((0,))
+        xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+        boxes = np.stack(
+            [xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], 1
+        )
+        classes = np.array([a["category_id"] for a in anns], np.int64)
+        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns])
+        areas = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, xywh)], np.float64)
+        return boxes, classes, crowd, areas
 
 
 def _batch_image_ids(values: Mapping) -> np.ndarray:
@@ -331,9 +202,8 @@ def _batch_image_ids(values: Mapping) -> np.ndarray:
 class _Evaluator:
     """Shared ground-truth plumbing."""
 
-    def __init__(self, annotation_file: GroundTruthSource, categories, label_map: LabelMap):
-        self._gt = _GroundTruth(annotation_file, categories)
-        self.label_map = label_map
+    def __init__(self, annotation_file: GroundTruthSource):
+        self._gt = _GroundTruth(annotation_file)
         self._seen: Dict[int, None] = {}  # insertion-ordered set of image ids fed
 
     @property
@@ -345,39 +215,14 @@ class _Evaluator:
         return dict(self._gt.categories)
 
     def reset(self):
-        self._gt.reset()
         self._seen = {}
 
-    def add_groundtruth(self, image_id, boxes, classes, is_crowd=None, areas=None, image_size=None):
-        """Ground truth of one image (accumulated mode): boxes yxyx in original pixels, dataset ids
-        (or training indices when label_map is set), image_size = original (height, width)."""
-        classes = np.asarray(classes).reshape(-1)
-        classes = _apply_label_map(self.label_map, classes)
-        self._gt.add(_to_image_id(image_id), boxes, classes, is_crowd, areas, image_size)
-
-    def _add_groundtruth_batch(self, groundtruths: Mapping):
-        image_ids = _batch_image_ids(groundtruths)
-        boxes = _numpy(groundtruths["gt_boxes"]).astype(np.float32)
-        info = _numpy(groundtruths["image_info"]) if "image_info" in groundtruths else None
-        if info is not None:
-            boxes = boxes_to_original(boxes, info)
-        classes = _numpy(groundtruths["gt_classes"])
-        crowd = _numpy(groundtruths["gt_is_crowd"]) if "gt_is_crowd" in groundtruths else None
-        areas = _numpy(groundtruths["gt_areas"]) if "gt_areas" in groundtruths else None
-        for i, image_id in enumerate(image_ids):
-            valid = classes[i] >= 0  # padded rows have class -1
-            self.add_groundtruth(
-                image_id,
-                boxes[i][valid],
-                classes[i][valid],
-                None if crowd is None else crowd[i][valid],
-                None if areas is None else areas[i][valid],
-                None if info is None else info[i, 0],
-            )
+    def image_ids(self) -> List[int]:
+        """The images fed so far: the ones evaluated."""
+        return sorted(self._seen)
 
     def _see(self, image_id: int):
         self._gt.check_image(image_id)
-        self._gt.register_image(image_id)
         self._seen[image_id] = None
 
 
@@ -391,33 +236,26 @@ class COCOEvaluator(_Evaluator):
 
     Args:
       annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict) for the ground
-        truth; None = accumulate it with add_groundtruth / update_state(groundtruths=...).
-      categories: (accumulated mode) the dataset's categories, as {id: name}, a list of ids or of
-        {"id", "name"} dicts; None = the ids seen. With a file they come from the file.
-      label_map: translates the classes you feed to dataset ids: {index: id}, a sequence indexed by
-        the class (e.g. [0, 1, 2, 3, 5, ...] with a dummy at 0), or a function; None = the classes
-        already are dataset ids.
+        truth.
       per_category_metrics: also report "AP/<category name>".
 
     Usage:
-      ev = COCOEvaluator("data/coco/annotations/instances_val2017.json", label_map=id_table)
+      ev = COCOEvaluator("data/coco/annotations/instances_val2017.json")
       for features, labels in eval_ds:
           out = model(features["images"], training=False)
           ev.update_state({"image_id": features["image_id"], "image_info": features["image_info"],
                            "detection_boxes": ..., "detection_scores": ...,
                            "detection_classes": ..., "num_detections": ...})
-      metrics = ev.evaluate(output_dir=os.path.join(model_dir, "eval"))
+      metrics = ev.evaluate()
     """
 
     def __init__(
         self,
-        annotation_file: GroundTruthSource = None,
+        annotation_file: GroundTruthSource,
         *,
-        categories=None,
-        label_map: LabelMap = None,
         per_category_metrics: bool = False,
     ):
-        super().__init__(annotation_file, categories, label_map)
+        super().__init__(annotation_file)
         self.per_category_metrics = per_category_metrics
         self._detections: List[Dict[str, Any]] = []
 
@@ -427,16 +265,17 @@ class COCOEvaluator(_Evaluator):
 
     def add_detections(self, image_id, boxes, scores, classes):
         """Detections of one image: boxes [N,4] yxyx original pixels, scores [N], classes [N]
-        (dataset ids, or training indices when label_map is set). N may be 0."""
+        (dataset ids). N may be 0."""
         image_id = _to_image_id(image_id)
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
-        classes = _apply_label_map(self.label_map, np.asarray(classes).reshape(-1))
+        classes = np.rint(np.asarray(classes).reshape(-1)).astype(np.int64)
         if not len(boxes) == len(scores) == len(classes):
-            raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores, {len(classes)} classes for image {image_id}.")
+            raise ValueError(
+                f"{len(boxes)} boxes, {len(scores)} scores, {len(classes)} classes for image {image_id}."
+            )
         self._gt.check_categories(classes, "Detections")
         self._see(image_id)
-        self._gt.note_categories(classes)
         for box, score, cls in zip(yxyx_to_xywh(boxes), scores, classes):
             self._detections.append(
                 {
@@ -447,7 +286,7 @@ class COCOEvaluator(_Evaluator):
                 }
             )
 
-    def update_state(self, predictions: Mapping, groundtruths: Optional[Mapping] = None):
+    def update_state(self, predictions: Mapping):
         """Adds one batch (NumPy or eager tensors).
 
         predictions: "image_id" (or "source_id") [B]; "detection_boxes" [B,N,4] yxyx;
@@ -461,15 +300,17 @@ class COCOEvaluator(_Evaluator):
           pixels when "image_info" is given), "gt_classes" [B,M] (-1 = padding), optional
           "gt_is_crowd", "gt_areas" [B,M], "image_info" [B,4,2].
         """
-        if groundtruths is not None:
-            self._add_groundtruth_batch(groundtruths)
         image_ids = _batch_image_ids(predictions)
         boxes = _numpy(predictions["detection_boxes"]).astype(np.float32)
         if "image_info" in predictions:
             boxes = boxes_to_original(boxes, _numpy(predictions["image_info"]))
         scores = _numpy(predictions["detection_scores"])
         classes = _numpy(predictions["detection_classes"])
-        num = _numpy(predictions["num_detections"]).reshape(-1) if "num_detections" in predictions else None
+        num = (
+            _numpy(predictions["num_detections"]).reshape(-1)
+            if "num_detections" in predictions
+            else None
+        )
         for i, image_id in enumerate(image_ids):
             keep = np.arange(scores.shape[1]) < int(num[i]) if num is not None else scores[i] > 0
             self.add_detections(image_id, boxes[i][keep], scores[i][keep], classes[i][keep])
@@ -478,17 +319,16 @@ class COCOEvaluator(_Evaluator):
         """The detections so far in COCO results format (a list of dicts, dataset category ids)."""
         return list(self._detections)
 
-    def evaluate(self, output_dir: Optional[str] = None) -> Dict[str, float]:
-        """Runs COCOeval on the images fed so far; writes detections.json and metrics.json to
-        output_dir when given. Zero detections give AP 0 (metrics with no ground truth in an area
-        range are -1, as in pycocotools)."""
-        image_ids = self._gt.image_ids(self._seen)
+    def evaluate(self) -> Dict[str, float]:
+        """Runs COCOeval on the images fed so far (``params.imgIds``). Zero detections give AP 0
+        (metrics with no ground truth in an area range are -1, as in pycocotools)."""
+        image_ids = self.image_ids()
         metrics = {name: 0.0 for name in COCO_METRIC_NAMES}
         per_category: Dict[str, float] = {}
         if not image_ids:
             logging.warning("COCOEvaluator.evaluate: no images were fed; all metrics are 0.")
         else:
-            gt = self._gt.to_coco(image_ids)
+            gt = self._gt.coco
             dt = _results_to_coco(self._detections, gt)
             coco_eval = COCOeval(gt, dt, iouType="bbox")
             coco_eval.params.imgIds = image_ids
@@ -497,8 +337,12 @@ class COCOEvaluator(_Evaluator):
                 coco_eval.evaluate()
                 coco_eval.accumulate()
                 coco_eval.summarize()
-            logging.info("COCO bbox evaluation on %d images, %d detections:\n%s",
-                         len(image_ids), len(self._detections), summary.getvalue())
+            logging.info(
+                "COCO bbox evaluation on %d images, %d detections:\n%s",
+                len(image_ids),
+                len(self._detections),
+                summary.getvalue(),
+            )
             metrics = {name: float(v) for name, v in zip(COCO_METRIC_NAMES, coco_eval.stats)}
             if self.per_category_metrics:
                 precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
@@ -507,9 +351,6 @@ class COCOEvaluator(_Evaluator):
                     value = float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
                     per_category[f"AP/{self._gt.categories.get(cat_id, cat_id)}"] = value
         metrics.update(per_category)
-        if output_dir is not None:
-            _write_json(output_dir, DETECTIONS_FILENAME, self._detections)
-            _write_json(output_dir, METRICS_FILENAME, metrics)
         return metrics
 
 
@@ -520,7 +361,11 @@ def _results_to_coco(results: List[Dict[str, Any]], gt: COCO) -> COCO:
         x, y, w, h = r["bbox"]
         annotations.append({**r, "area": w * h, "id": i, "iscrowd": 0})
     return load_coco_groundtruth(
-        {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]), "annotations": annotations}
+        {
+            "images": list(gt.dataset["images"]),
+            "categories": list(gt.dataset["categories"]),
+            "annotations": annotations,
+        }
     )
 
 
@@ -542,18 +387,16 @@ class ProposalRecallEvaluator(_Evaluator):
     agree to 4 decimals (tests/test_eval_coco.py checks this) while COCOeval is ~100x slower.
 
     Metric names: "AR@100", "ARs@100", "ARm@100", "ARl@100", "AR@1000", ... (-1 when there is no
-    ground truth in a size range). Args as COCOEvaluator; label_map only matters for ground truth.
+    ground truth in a size range). ``annotation_file`` as in COCOEvaluator.
     """
 
     def __init__(
         self,
-        annotation_file: GroundTruthSource = None,
+        annotation_file: GroundTruthSource,
         *,
         limits: Sequence[int] = (100, 1000),
-        categories=None,
-        label_map: LabelMap = None,
     ):
-        super().__init__(annotation_file, categories, label_map)
+        super().__init__(annotation_file)
         self.limits = tuple(int(n) for n in limits)
         self.iou_thresholds = np.arange(0.5, 0.95 + 1e-5, 0.05)
         self._proposals: Dict[int, np.ndarray] = {}
@@ -570,34 +413,42 @@ class ProposalRecallEvaluator(_Evaluator):
         if scores is not None:
             scores = np.asarray(scores, np.float32).reshape(-1)
             if len(scores) != len(boxes):
-                raise ValueError(f"{len(boxes)} proposals but {len(scores)} scores for image {image_id}.")
+                raise ValueError(
+                    f"{len(boxes)} proposals but {len(scores)} scores for image {image_id}."
+                )
             boxes = boxes[np.argsort(-scores, kind="stable")]
         self._see(image_id)
         kept = boxes[: max(self.limits)]
         if image_id in self._proposals:  # fed twice (e.g. a repeated image): keep the latest
-            logging.warning("ProposalRecallEvaluator: image %d fed twice; keeping the latest.", image_id)
+            logging.warning(
+                "ProposalRecallEvaluator: image %d fed twice; keeping the latest.", image_id
+            )
         self._proposals[image_id] = kept
 
-    def update_state(self, predictions: Mapping, groundtruths: Optional[Mapping] = None):
+    def update_state(self, predictions: Mapping):
         """Adds one batch: "image_id" [B], "proposal_boxes" [B,P,4] yxyx, optional
         "proposal_scores" [B,P], "num_proposals" [B], "image_info" [B,4,2] (then boxes are in
-        model-input pixels). groundtruths as in COCOEvaluator.update_state."""
-        if groundtruths is not None:
-            self._add_groundtruth_batch(groundtruths)
+        model-input pixels)."""
         image_ids = _batch_image_ids(predictions)
         boxes = _numpy(predictions["proposal_boxes"]).astype(np.float32)
         if "image_info" in predictions:
             boxes = boxes_to_original(boxes, _numpy(predictions["image_info"]))
-        scores = _numpy(predictions["proposal_scores"]) if "proposal_scores" in predictions else None
-        num = _numpy(predictions["num_proposals"]).reshape(-1) if "num_proposals" in predictions else None
+        scores = (
+            _numpy(predictions["proposal_scores"]) if "proposal_scores" in predictions else None
+        )
+        num = (
+            _numpy(predictions["num_proposals"]).reshape(-1)
+            if "num_proposals" in predictions
+            else None
+        )
         for i, image_id in enumerate(image_ids):
             n = int(num[i]) if num is not None else boxes.shape[1]
             self.add_proposals(image_id, boxes[i, :n], None if scores is None else scores[i, :n])
 
-    def evaluate(self, output_dir: Optional[str] = None) -> Dict[str, float]:
-        """AR at each limit and size range over the images fed; writes proposal_metrics.json."""
+    def evaluate(self) -> Dict[str, float]:
+        """AR at each limit and size range over the images fed so far."""
         metrics: Dict[str, float] = {}
-        image_ids = self._gt.image_ids(self._seen)
+        image_ids = self.image_ids()
         for limit in self.limits:
             for size, (lo, hi) in AREA_RANGES.items():
                 overlaps, num_gt = [], 0
@@ -608,7 +459,11 @@ class ProposalRecallEvaluator(_Evaluator):
                     num_gt += len(gt_boxes)
                     proposals = self._proposals.get(image_id, np.zeros((0, 4), np.float32))[:limit]
                     if len(gt_boxes) and len(proposals):
-                        overlaps.append(_greedy_matched_iou(_pairwise_iou(proposals.astype(np.float64), gt_boxes)))
+                        overlaps.append(
+                            _greedy_matched_iou(
+                                _pairwise_iou(proposals.astype(np.float64), gt_boxes)
+                            )
+                        )
                 name = f"AR{size}@{limit}"
                 if num_gt == 0:
                     metrics[name] = -1.0
@@ -618,8 +473,6 @@ class ProposalRecallEvaluator(_Evaluator):
                 metrics[name] = float(np.mean(recalls))
         if image_ids:
             logging.info("Proposal recall on %d images: %s", len(image_ids), metrics)
-        if output_dir is not None:
-            _write_json(output_dir, PROPOSAL_METRICS_FILENAME, metrics)
         return metrics
 
 

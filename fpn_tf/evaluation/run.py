@@ -1,57 +1,153 @@
 """Runs a detector over an evaluation dataset and scores it with COCO metrics (library, no flags).
 
-Box AP/AP50/AP75/APs/APm/APl come from pycocotools; proposal recall AR@100/AR@1000 (and by size),
-the paper's Table 1 metric, from `ProposalRecallEvaluator`. Detections and metrics are written as
-JSON into ``output_dir``.
+One path: the ground truth is a COCO annotation file scored by pycocotools (box AP, AP50, AP75,
+APs, APm, APl) and by `ProposalRecallEvaluator` (AR@100 / AR@1000 and by size, the paper's
+Table 1 metric). A COCO source's own annotation file is that file; TFRecord shards without one
+get theirs written from the shards (``groundtruth.json`` in ``output_dir``).
+
+Only the images the dataset actually yielded are scored: an image the pipeline dropped (at load
+time, or at run time because it does not decode) has no detections, and its ground truth must
+not count against AP. The images of the annotation file that were not scored are logged (count
+and ids) and counted in the metrics as ``num_skipped_images``.
+
+``evaluate_detector`` is the one writer of ``metrics.json`` (and ``detections.json``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 
 from absl import logging
 import tensorflow as tf
 
-from fpn_tf.evaluation.coco_evaluator import (COCOEvaluator, ProposalRecallEvaluator,
-                                              load_coco_groundtruth)
+from fpn_tf.data.tfrecord_reader import TfRecordIndex
+from fpn_tf.evaluation.coco_evaluator import (
+    DETECTIONS_FILENAME,
+    METRICS_FILENAME,
+    COCOEvaluator,
+    ProposalRecallEvaluator,
+    load_coco_groundtruth,
+)
+from fpn_tf.file_io import write_text
+
+GROUNDTRUTH_FILENAME = "groundtruth.json"
+_MAX_LISTED_IDS = 20
 
 
-def evaluate_detector(model, dataset, annotation_file: str, output_dir: str | None = None,
-                      max_steps: int | None = None, compute_rpn_recall: bool = True,
-                      per_category_metrics: bool = False, log_every: int = 20) -> dict:
-    """Box AP (and proposal AR) of ``model`` on ``dataset`` (batches of `fpn_tf.data`).
+def groundtruth_file(source, output_dir: str | None) -> str:
+    """The COCO annotation file that holds ``source``'s ground truth.
 
-    Returns a flat dict: AP, AP50, AP75, APs, APm, APl, ARmax*, and AR@100, AR@1000, ARs@100, ...
-    plus ``num_images`` and ``eval_seconds``.
+    A COCO source's annotation file, or a TFRecord source's ``annotation_file``; shards without
+    one get it written from the shards into ``output_dir`` (a temporary folder when None).
     """
-    groundtruth = load_coco_groundtruth(annotation_file)
+    if source.annotation_file:
+        return source.annotation_file
+    if not isinstance(source, TfRecordIndex):
+        raise TypeError(f"no ground truth for a source of type {type(source).__name__}")
+    directory = output_dir or tempfile.mkdtemp(prefix="fpn_tf_eval_")
+    path = os.path.join(directory, GROUNDTRUTH_FILENAME)
+    if not tf.io.gfile.exists(path):
+        write_text(directory, GROUNDTRUTH_FILENAME, json.dumps(source.groundtruth()))
+        logging.info("Wrote the ground truth of %s to %s", source.drops.name, path)
+    return path
+
+
+def evaluate_detector(
+    model,
+    dataset,
+    source,
+    output_dir: str | None = None,
+    *,
+    step: int | None = None,
+    max_steps: int | None = None,
+    compute_rpn_recall: bool = True,
+    per_category_metrics: bool = False,
+    log_every: int = 20,
+) -> dict:
+    """Box AP (and proposal AR) of ``model`` on ``dataset``, batches of the loaded ``source``.
+
+    Args:
+      model: called as ``model({"images", "image_info"}, training=False)``; returns detections
+        (and proposals) in original-image pixels with dataset category ids.
+      dataset: ``fpn_tf.data.build_dataset(source, training=False, ...)``.
+      source: the loaded source the dataset reads (its ground truth, its run-time drops).
+      output_dir: where detections.json and metrics.json (and a TFRecord source's
+        groundtruth.json) go; None writes nothing.
+      step: the training step, recorded in the metrics.
+      max_steps: evaluate this many batches only (None: the whole set).
+
+    Returns:
+      A flat dict: AP, AP50, AP75, APs, APm, APl, ARmax*, AR@100, AR@1000, ARs@100, ...,
+      ``num_images`` (scored), ``num_skipped_images`` (in the annotation file, not scored),
+      ``eval_seconds`` and ``step`` when given.
+    """
+    groundtruth = load_coco_groundtruth(groundtruth_file(source, output_dir))
     boxes_eval = COCOEvaluator(groundtruth, per_category_metrics=per_category_metrics)
     recall_eval = ProposalRecallEvaluator(groundtruth) if compute_rpn_recall else None
 
     @tf.function
     def predict(features):
-        return model({"images": features["images"], "image_info": features["image_info"]},
-                     training=False)
+        return model(
+            {"images": features["images"], "image_info": features["image_info"]}, training=False
+        )
 
     start = time.time()
-    num_images = 0
-    for step, (features, _) in enumerate(dataset):
-        if max_steps is not None and step >= max_steps:
+    seen: set[int] = set()
+    drops_before = source.drops.count
+    for batch, (features, _) in enumerate(dataset):
+        if max_steps is not None and batch >= max_steps:
             break
         outputs = {k: v.numpy() for k, v in predict(features).items()}
         outputs["image_id"] = features["image_id"].numpy()
         boxes_eval.update_state(outputs)
         if recall_eval is not None:
             recall_eval.update_state(outputs)
-        num_images += len(outputs["image_id"])
-        if log_every and (step + 1) % log_every == 0:
-            logging.info("eval: %d images, %.1f images/s", num_images,
-                         num_images / (time.time() - start))
-    if num_images == 0:
-        raise ValueError(f"the evaluation dataset ({annotation_file}) yielded no images")
-    metrics = dict(boxes_eval.evaluate(output_dir))
+        seen.update(int(i) for i in outputs["image_id"])
+        if log_every and (batch + 1) % log_every == 0:
+            logging.info(
+                "eval: %d images, %.1f images/s", len(seen), len(seen) / (time.time() - start)
+            )
+    if not seen:
+        raise ValueError(f"the evaluation dataset ({source.drops.name}) yielded no images")
+    skipped = _report_skipped(groundtruth, seen, source, drops_before, max_steps)
+    metrics = dict(boxes_eval.evaluate())
     if recall_eval is not None:
-        metrics.update(recall_eval.evaluate(output_dir))
-    metrics["num_images"] = num_images
+        metrics.update(recall_eval.evaluate())
+    metrics["num_images"] = len(seen)
+    metrics["num_skipped_images"] = len(skipped)
     metrics["eval_seconds"] = round(time.time() - start, 2)
+    if step is not None:
+        metrics["step"] = int(step)
+    if output_dir is not None:
+        write_text(output_dir, DETECTIONS_FILENAME, json.dumps(boxes_eval.results()))
+        write_text(output_dir, METRICS_FILENAME, json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def _report_skipped(groundtruth, seen: set[int], source, drops_before: int, max_steps) -> list:
+    """Logs the images of the annotation file that were not scored; returns their ids."""
+    skipped = sorted(set(groundtruth.getImgIds()) - seen)
+    if not skipped:
+        return skipped
+    dropped = source.drops.count - drops_before
+    listed = ", ".join(str(i) for i in skipped[:_MAX_LISTED_IDS])
+    if len(skipped) > _MAX_LISTED_IDS:
+        listed += ", ..."
+    why = [f"{dropped} dropped at run time (failed to decode)"] if dropped else []
+    at_load = sum(getattr(source, "skipped_images", {}).values())
+    if at_load:
+        why.append(f"{at_load} skipped when the data was loaded")
+    if max_steps is not None:
+        why.append(f"eval.steps={max_steps} batches did not reach the rest")
+    logging.warning(
+        "evaluation: scored %d images; %d image(s) of the ground truth were skipped and do not "
+        "count (%s): ids %s",
+        len(seen),
+        len(skipped),
+        "; ".join(why) or "not in the evaluation data",
+        listed,
+    )
+    return skipped

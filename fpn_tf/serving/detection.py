@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from fpn_tf.data import images as image_io
 from fpn_tf.data import transforms
 
 __all__ = [
@@ -41,19 +42,6 @@ __all__ = [
 NUM_DETECTIONS = 100
 OUTPUT_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
-# First bytes of the formats tf.io.decode_image reads.
-_MAGIC_NUMBERS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-
-
-def _resized_sizes(sizes: tf.Tensor, short_side: int, max_long_side: int) -> tf.Tensor:
-    """float32 [B, 2] resized (h, w) of images of ``sizes`` [B, 2]: the rule of
-    `official.vision.ops.preprocess_ops.resize_and_crop_image_v2`, which the eval transform uses,
-    computed the same way (float32, round half to even), so the two agree bit for bit."""
-    size = tf.cast(sizes, tf.float32)
-    by_short = tf.math.round(size * (short_side / tf.reduce_min(size, axis=1, keepdims=True)))
-    by_long = tf.math.round(size * (max_long_side / tf.reduce_max(size, axis=1, keepdims=True)))
-    too_long = tf.reduce_max(by_short, axis=1, keepdims=True) > max_long_side
-    return tf.where(too_long, by_long, by_short)
 
 
 def preprocess_images(images: tf.Tensor, sizes: tf.Tensor, short_side: int, max_long_side: int,
@@ -69,7 +57,7 @@ def preprocess_images(images: tf.Tensor, sizes: tf.Tensor, short_side: int, max_
       float32 [B, Hp, Wp, 3] RGB 0..255 (zero padded; ``Hp, Wp`` = the largest resized size,
       rounded up to ``pad_multiple``) and image_info float32 [B, 4, 2] (WORKSPACE.md rows).
     """
-    resized = _resized_sizes(sizes, short_side, max_long_side)
+    resized = transforms.resized_size(sizes, short_side, max_long_side)
     m = float(pad_multiple)
     padded = tf.cast(tf.math.ceil(tf.reduce_max(resized, axis=0) / m) * m, tf.int32)
 
@@ -212,12 +200,9 @@ def _decode_ragged(decode_one, elems: tf.Tensor, what: str):
 
 
 def _check_magic(data: tf.Tensor, index: tf.Tensor, input_name: str) -> tf.Operation:
-    """An assertion that ``data`` starts like a JPEG, PNG, GIF or BMP file (RE2 regexes match
-    UTF-8 text, not bytes: compare prefixes instead)."""
-    known = tf.reduce_any(tf.stack(
-        [tf.equal(tf.strings.substr(data, 0, len(magic)), magic) for magic in _MAGIC_NUMBERS]))
+    """An assertion that ``data`` starts like a JPEG, PNG, GIF or BMP file."""
     return tf.debugging.Assert(
-        known, [f"{input_name}: element", index, "is not an encoded JPEG or PNG image (nor "
+        image_io.has_image_signature(data), [f"{input_name}: element", index, "is not an encoded JPEG or PNG image (nor "
                 "GIF/BMP): its", tf.strings.length(data), "bytes start with none of their "
                 "signatures"])
 
@@ -227,8 +212,7 @@ def decode_image(data: tf.Tensor, index: tf.Tensor, input_name: str = "image_byt
 
     Bytes in no known format fail with an InvalidArgumentError naming ``input_name[index]``."""
     with tf.control_dependencies([_check_magic(data, index, input_name)]):
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3])
+        return image_io.decode_rgb(data)
 
 
 class ImageBytesModule(DetectionModule):

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 import tensorflow as tf
 
+from fpn_tf.data.images import DECODABLE_FORMATS
+
 __all__ = [
     "Detection",
     "ImageDetections",
@@ -31,9 +33,9 @@ __all__ = [
     "read_image",
 ]
 
-# Formats whose bytes the image_bytes signature decodes (tf.io.decode_image); others (TIFF,
-# WebP, ...) are decoded here with PIL and sent as pixels to serving_default.
-_TF_DECODABLE = ("JPEG", "PNG", "GIF", "BMP")
+# Formats whose bytes the image_bytes signature decodes; others (TIFF, WebP, ...) are decoded
+# here with PIL and sent as pixels to serving_default.
+_TF_DECODABLE = DECODABLE_FORMATS
 # Distinct, readable box colours (Tableau 10), one per class id.
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))

@@ -17,7 +17,6 @@ as the latest; the next start resumes from it. A resumed run reshuffles its data
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -90,6 +89,8 @@ class Trainer:
         cfg.validate(num_replicas=self.num_replicas, check_files=True)
         self.chief = is_chief(self.strategy)
         os.makedirs(model_dir, exist_ok=True)
+        self.train_source = pipeline.source_from_config(cfg.train_data)  # loaded once
+        self._eval_source = None
         self.category_map = self._category_map()
         if self.chief:
             save_config(cfg, model_dir)
@@ -117,7 +118,7 @@ class Trainer:
     # --- set-up ----------------------------------------------------------------------------
     def _category_map(self) -> CategoryMap:
         saved = os.path.join(self.model_dir, CATEGORY_MAP_FILENAME)
-        data_map = pipeline.get_category_map(self.cfg.train_data)
+        data_map = self.train_source.category_map
         if os.path.exists(saved):
             previous = CategoryMap.from_json(saved)
             if previous != data_map:
@@ -171,19 +172,26 @@ class Trainer:
         return path
 
     # --- data ----------------------------------------------------------------------------
-    def _dataset(self, data_cfg, training: bool, seed: int | None = None, input_context=None):
+    def _dataset(self, source, data_cfg, training: bool, seed: int | None = None,
+                 input_context=None):
         return pipeline.build_dataset_from_config(
-            data_cfg, training, input_context=input_context, seed=seed,
-            random_flip=data_cfg.random_flip and training)
+            source, data_cfg, training, input_context=input_context, seed=seed)
 
     def train_dataset(self, seed_offset: int = 0):
         """Sharded per replica; a resumed run reshuffles with seed + start step."""
         seed = self.cfg.train.seed + seed_offset
         return self.strategy.distribute_datasets_from_function(
-            lambda ctx: self._dataset(self.cfg.train_data, True, seed, ctx))
+            lambda ctx: self._dataset(self.train_source, self.cfg.train_data, True, seed, ctx))
+
+    @property
+    def eval_source(self):
+        """eval_data, loaded at the first evaluation and kept."""
+        if self._eval_source is None:
+            self._eval_source = pipeline.source_from_config(self.cfg.eval_data)
+        return self._eval_source
 
     def eval_dataset(self):
-        return self._dataset(self.cfg.eval_data, training=False)
+        return self._dataset(self.eval_source, self.cfg.eval_data, training=False)
 
     # --- training ---------------------------------------------------------------------------
     def train(self, total_steps: int | None = None, evaluate_every_steps: int | None = None
@@ -216,6 +224,8 @@ class Trainer:
         self.model.fit(self.train_dataset(seed_offset=start_step), epochs=1,
                        callbacks=callbacks, shuffle=False, verbose=0)
         summary = progress.summary()
+        if self.train_source.drops.summary():
+            logging.warning(self.train_source.drops.summary())
         logging.info("Trained %d steps in %s (%.2f img/s)%s%s", summary["steps"],
                      cb.hms(summary["seconds"]), summary["images_per_second"],
                      f", {nonfinite.skipped} non-finite steps skipped" if nonfinite.skipped
@@ -224,21 +234,20 @@ class Trainer:
                      if progress.loss_scale_skipped else "")
         return {**progress.last, "step": self.step, "seconds": summary["seconds"],
                 "skipped_steps": nonfinite.skipped,
-                "loss_scale_skipped": progress.loss_scale_skipped, "stopped_by": stop.signal}
+                "loss_scale_skipped": progress.loss_scale_skipped, "stopped_by": stop.signal,
+                "dropped_images": self.train_source.drops.count}
 
     # --- evaluation and export ----------------------------------------------------------------
     def evaluate(self) -> dict:
         """COCO metrics of the current weights on eval_data; writes JSON into model_dir/eval."""
         out_dir = os.path.join(self.model_dir, "eval")
-        logging.info("Evaluating step %d on %s", self.step, self.cfg.eval_data.annotation_file)
+        logging.info("Evaluating step %d", self.step)
         metrics = evaluate_detector(
-            self.model, self.eval_dataset(), self.cfg.eval_data.annotation_file, out_dir,
-            max_steps=self.cfg.eval.steps, compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
+            self.model, self.eval_dataset(), self.eval_source, out_dir if self.chief else None,
+            step=self.step, max_steps=self.cfg.eval.steps,
+            compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
             per_category_metrics=self.cfg.eval.per_category_metrics)
-        metrics["step"] = self.step
         if self.chief:
-            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2, sort_keys=True)
             with tf.summary.create_file_writer(out_dir).as_default(step=self.step):
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "step":

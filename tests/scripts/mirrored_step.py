@@ -54,7 +54,7 @@ def main(tmp):
     assert mirrored.num_replicas == 4, mirrored.num_replicas
     mirrored.model.set_weights(single.model.get_weights())
     initial = [w.copy() for w in single.model.get_weights()]
-    features, labels = next(iter(single._dataset(single.cfg.train_data, training=True, seed=0)))
+    features, labels = next(iter(single._dataset(single.train_source, single.cfg.train_data, True, seed=0)))
     assert features["images"].shape[0] == 4
 
     # The same global batch through model.fit: whole on one device, split 4 ways by Keras.
