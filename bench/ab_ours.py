@@ -14,7 +14,7 @@ A's; a folded BatchNorm's vectors from the unfolded layer, and back), then:
 * speed: after ``--warmup`` calls each, ``--repeats`` calls alternating A/B (order flipped each
   repeat) per mode; medians and ``ratio`` = B / A as JSON lines.
 
-The optimisations of issue 9 that have a switch, and their variants: ``unfolded_bn`` (frozen
+The speed optimisations that have a config switch, and their variants: ``unfolded_bn`` (frozen
 BatchNorm as separate layers), ``roi_gather`` (RoIAlign by one gather + matmul),
 ``rpn_dense_backward`` (TensorFlow's dense gradient of the RPN head instead of the one over the
 sampled positions; the forward is the same, the gradients' equality is tests/test_ops_rpn_head.py);
