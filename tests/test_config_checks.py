@@ -75,6 +75,8 @@ _MODEL_TRAIN_EVAL_RUNTIME = [
     ("train.summary_every_steps", 0),
     ("eval.steps", 0),
     ("eval.every_steps", 0),
+    ("eval.summary_images", -1),
+    ("eval.summary_score_threshold", 1.5),
     ("runtime.devices", []),
     ("runtime.num_logical_cpu_devices", -1),
 ]

@@ -156,3 +156,33 @@ def test_cli_rejects_impossible_values_before_any_work(tmp_path):
     assert result.returncode == 2 and "train.learning_rate" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "x")
+
+
+def _eval_events(model_dir):
+    """{tag: [steps]} of the eval summaries."""
+    tags = {}
+    for path in tf.io.gfile.glob(os.path.join(model_dir, "eval", "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_periodic_evaluation_and_tensorboard_images_of_held_out_detections(tiny_config,
+                                                                           tmp_path):
+    """train_and_eval evaluates every eval.every_steps on the way; each evaluation writes its
+    metrics and eval.summary_images drawn images to TensorBoard."""
+    import json
+    tiny_config.eval.summary_images = 3
+    tiny_config.eval.summary_score_threshold = 0.0
+    model_dir = str(tmp_path / "eval")
+    trainer = Trainer(tiny_config, model_dir)
+    trainer.train(total_steps=4, evaluate_every_steps=2)
+    assert json.load(open(os.path.join(model_dir, "eval", "metrics.json")))["step"] == 2
+    trainer.evaluate()
+    assert json.load(open(os.path.join(model_dir, "eval", "metrics.json")))["step"] == 4
+    tags = _eval_events(model_dir)
+    assert sorted(tags["metrics/AP"]) == [2, 4]
+    assert {t for t in tags if t.startswith("detections/")} == {
+        "detections/0", "detections/1", "detections/2"}
+    assert sorted(tags["detections/0"]) == [2, 4]

@@ -495,12 +495,16 @@ class EvalConfig(Config):
     every_steps: evaluate every so many training steps in train_and_eval mode.
     compute_rpn_recall: also report proposal AR@100/AR@1000 (paper Table 1).
     per_category_metrics: add AP per category to the metrics.
+    summary_images: at each evaluation, this many held-out images with the predicted boxes
+      (score >= summary_score_threshold, red) and the ground truth (green) go to TensorBoard.
     """
 
     steps: Optional[int] = field(None, positive)
     every_steps: int = field(10000, positive)
     compute_rpn_recall: bool = True
     per_category_metrics: bool = False
+    summary_images: int = field(4, non_negative)
+    summary_score_threshold: float = field(0.5, unit_interval)
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ from fpn_tf.configs.experiment import ConfigError
 from fpn_tf.configs.loader import save_config
 from fpn_tf.data import pipeline
 from fpn_tf.data.category_map import CategoryMap
+from fpn_tf.evaluation.box_images import summary_images
 from fpn_tf.evaluation.run import evaluate_detector
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training import callbacks as cb
@@ -248,10 +249,16 @@ class Trainer:
             compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
             per_category_metrics=self.cfg.eval.per_category_metrics)
         if self.chief:
+            eval_cfg = self.cfg.eval
+            images = (summary_images(self.model, self.eval_dataset(), eval_cfg.summary_images,
+                                     eval_cfg.summary_score_threshold)
+                      if eval_cfg.summary_images else [])
             with tf.summary.create_file_writer(out_dir).as_default(step=self.step):
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "step":
                         tf.summary.scalar(f"metrics/{k}", v)
+                for i, image in enumerate(images):
+                    tf.summary.image(f"detections/{i}", image[None])
         logging.info("Eval at step %d: %s", self.step, format_metrics(metrics))
         return metrics
 

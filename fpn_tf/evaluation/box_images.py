@@ -1,0 +1,57 @@
+"""Held-out images with the predicted and the ground-truth boxes drawn, for TensorBoard.
+
+What users of Model Garden and the TF Object Detection API look at beside the metrics: at each
+evaluation a few eval images, ground truth in green and detections above a score threshold in
+red, drawn on the image the model saw (resized, padding cropped away).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+GROUND_TRUTH_COLOR = (0.0, 255.0, 0.0)
+DETECTION_COLOR = (255.0, 0.0, 0.0)
+
+
+def draw_boxes(images, boxes, valid, color):
+    """Draws ``boxes`` [B, N, 4] (yxyx pixels of ``images``) where ``valid`` [B, N] on float
+    ``images`` [B, H, W, 3] (0..255); returns the same dtype and range."""
+    hw = tf.cast(tf.shape(images)[1:3], tf.float32) - 1.0
+    # draw_bounding_boxes puts coordinate c on pixel int(c * (size - 1)): + 0.5 rounds.
+    normalised = (boxes + 0.5) / tf.concat([hw, hw], axis=0)
+    # Invalid rows become empty boxes, which draw_bounding_boxes draws nowhere visible.
+    normalised = tf.where(valid[..., None], normalised, tf.zeros_like(normalised))
+    return tf.image.draw_bounding_boxes(images, normalised, tf.constant([color], tf.float32))
+
+
+def detection_images(model, features, labels, score_threshold: float = 0.5):
+    """uint8 [B, H, W, 3]: the batch's images with ground truth (green) and the model's
+    detections with score >= ``score_threshold`` (red). Boxes are drawn in the frame of the
+    resized image; detections (returned in original-image pixels) are scaled back to it."""
+    images = tf.cast(features["images"], tf.float32)
+    image_info = tf.cast(features["image_info"], tf.float32)
+    outputs = model({"images": images, "image_info": image_info}, training=False)
+    scale = tf.concat([image_info[:, 2, :], image_info[:, 2, :]], axis=-1)[:, None, :]
+    detections = outputs["detection_boxes"] * scale
+    rows = tf.range(tf.shape(detections)[1])[None, :]
+    shown = (rows < outputs["num_detections"][:, None]) & (
+        outputs["detection_scores"] >= score_threshold)
+    gt_valid = labels["gt_classes"] > 0
+    drawn = draw_boxes(images, tf.cast(labels["gt_boxes"], tf.float32), gt_valid,
+                       GROUND_TRUTH_COLOR)
+    drawn = draw_boxes(drawn, detections, shown, DETECTION_COLOR)
+    return tf.cast(tf.clip_by_value(tf.round(drawn), 0, 255), tf.uint8)
+
+
+def summary_images(model, dataset, num_images: int, score_threshold: float = 0.5):
+    """The first ``num_images`` images of ``dataset`` drawn by `detection_images`, each
+    cropped to its resized (unpadded) size, as a list of uint8 [h, w, 3] arrays."""
+    out = []
+    for features, labels in dataset:
+        drawn = detection_images(model, features, labels, score_threshold).numpy()
+        sizes = features["image_info"].numpy()[:, 1, :]
+        for image, (h, w) in zip(drawn, sizes):
+            out.append(image[:int(round(h)), :int(round(w))])
+            if len(out) == num_images:
+                return out
+    return out
