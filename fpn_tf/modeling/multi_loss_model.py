@@ -43,6 +43,11 @@ class MultiLossModel(keras.Model):
         self.loss_names = tuple(loss_names)
         self._loss_trackers = {n: keras.metrics.Mean(name=n) for n in self.loss_names}
 
+    def compile(self, *args, jit_compile=False, **kwargs):
+        """`keras.Model.compile`, but XLA off unless asked for: Keras' "auto" turns it on for
+        GPUs, where it made this detector's training step several times slower."""
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+
     def compute_losses(self, features, labels, training=True):
         """A dict of scalar float32 losses with ``total_loss``; implemented by subclasses."""
         raise NotImplementedError
