@@ -1,4 +1,4 @@
-r"""Exports a trained model as a SavedModel (DESIGN.md §3).
+r"""Exports a trained model as a SavedModel (the signatures of docs/serving.md).
 
     python -m fpn_tf.export --model_dir=runs/cpu_demo --export_dir=exports/cpu_demo/1
 

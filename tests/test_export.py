@@ -1,4 +1,4 @@
-"""The SavedModel contract (DESIGN.md §3): the three signatures give the Keras model's detections
+"""The SavedModel contract (docs/serving.md): the three signatures give the Keras model's detections
 in normalised input-image coordinates with the dataset's ids, saved_model_cli reads and runs it,
 bad inputs fail with messages that say what was expected, and `python -m fpn_tf.export`
 rebuilds a trained model from its model_dir.

@@ -48,10 +48,10 @@ Image files are checked for existence at load time (one ``stat`` each). How
 much of each file is read to verify it is ``verify_images``:
 
 * ``"header"`` (default): open the header with PIL (format and size; finds
-  non-image files and size mismatches). Measured 0.15 ms per image on a local
-  disk, i.e. ~20 s for COCO train2017;
-* ``"full"``: decode every image with PIL (also finds truncated files;
-  1.8 ms per 320-512 px image, minutes for COCO);
+  non-image files and size mismatches); well under a minute for COCO train2017 on a local
+  disk (bench/README.md);
+* ``"full"``: decode every image with PIL (also finds truncated files; minutes
+  for COCO);
 * ``"none"``: no reading.
 
 Whatever the check, an image that fails inside ``tf.data`` (a truncated file passes the header

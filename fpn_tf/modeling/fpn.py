@@ -46,10 +46,10 @@ def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 def _upsample_nearest_2x(x):
     """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2.
 
-    Forward: one broadcast + reshape (identical values to two tf.repeat gathers, ~1.3x faster).
+    Forward: one broadcast + reshape (identical values to two tf.repeat gathers, and faster).
     Backward: each input pixel's gradient is the sum of its 2x2 block, taken as two adds of
-    contiguous halves instead of the broadcast's generic reduction (~3x faster on a 2-core CPU;
-    equal up to float rounding of the four-term sum). Measured in issue 9 (WORKSPACE.md).
+    contiguous halves instead of the broadcast's generic reduction (faster on CPUs; equal up to
+    float rounding of the four-term sum). Timings: bench/README.md.
     """
     shape = tf.shape(x)
     b, h, w, c = [x.shape[i] if x.shape[i] is not None else shape[i] for i in range(4)]

@@ -15,10 +15,7 @@ The fold is done *inside* ``Conv2DFrozenBatchNorm.call`` on every call, not once
 the convolution's kernel and bias stay the trained parameters (with their own gradients, their
 own weight decay, and the same SGD trajectory as the unfolded pair), and the BatchNorm's four
 vectors stay separate non-trainable weights. Outputs equal the unfolded pair's up to float
-rounding.
-
-Measured on the 2-core CPU (ResNet-50, 1x800x1344, float32): forward 0.91 s -> 0.77 s; see
-WORKSPACE.md for the whole model.
+rounding. Its effect on the speed of the backbone and the whole model: bench/README.md.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Both functions are batched over images with static output shapes.
 
-NMS implementation (measured, TF 2.20, 2-core CPU, batch 2, graph mode)
-----------------------------------------------------------------------
+NMS implementation
+------------------
 ``batched_nms`` has two implementations that give identical results:
 
 * ``"padded"``: ``tf.image.non_max_suppression_padded`` on the whole batch (a
@@ -12,39 +12,20 @@ NMS implementation (measured, TF 2.20, 2-core CPU, batch 2, graph mode)
   ``tf.image.non_max_suppression``, padded to a static size (a graph loop over
   the batch, not a Python loop; also compiles with XLA on CPU).
 
-=========================  ===========  ==========  =============
-boxes per image -> kept     box layout   padded      per_image
-=========================  ===========  ==========  =============
-5000 -> 1000 (test)        uniform      20 ms       7-9 ms
-5000 -> 1000 (test)        clustered    28 ms       11 ms
-8800 -> 2000 (train)       uniform      38 ms       31 ms
-8800 -> 2000 (train)       clustered    277 ms      78 ms
-=========================  ===========  ==========  =============
-
-("clustered": jittered copies of 200 objects, like real RPN output.) The
-default is ``"padded"``: it is the batched implementation the design asks for
-and what accelerators prefer; on a CPU-only run ``nms_impl="per_image"`` is
-2.5-3.5x faster and gives the same boxes. Writing our own batched NMS from TF
-ops does not beat the C++ kernel on CPU: any exact batched variant costs at
-least one IoU per (candidate, kept box) pair in memory-bound element-wise ops,
-which is what makes ``"padded"`` slower.
+The default is ``"padded"``: one batched op, which is what accelerators prefer;
+on a CPU-only run ``nms_impl="per_image"`` is several times faster and gives
+the same boxes (timings: bench/README.md, "Measurements behind code choices").
+Writing our own batched NMS from TF ops does not beat the C++ kernel on CPU:
+any exact batched variant costs at least one IoU per (candidate, kept box) pair
+in memory-bound element-wise ops, which is what makes ``"padded"`` slower.
 
 Suppression uses ``IoU >= threshold`` in ``"padded"`` and ``IoU > threshold``
 in ``"per_image"``; they differ only on exact ties.
 
-Whole ``generate_proposals`` at 800x1344 (P2..P6, batch 2, same machine, noisy):
-1000/1000 ~16 ms padded vs ~14 ms per_image; 2000/2000 ~39 ms vs ~32 ms
-(random logits, i.e. little suppression; the clustered numbers above are the
-realistic worst case).
-
-Detections (1000 RoIs x 80 classes, batch 2, ~3800 candidates > 0.05 per
-image): "combined" ~15 ms, "per_image" ~16 ms, "padded" ~20 ms, identical
-outputs.
-
 XLA: everything here compiles with ``jit_compile=True`` on CPU except
 ``postprocess_detections(nms_impl="combined")`` (``CombinedNonMaxSuppression``
 has no XLA kernel). Under XLA the "per_image" kernel is XLA's own NMS lowering,
-not the C++ kernel, so the CPU timings above do not carry over.
+not the C++ kernel, so CPU timings do not carry over.
 """
 
 import collections

@@ -15,12 +15,11 @@ per bin) are then contracted with the gathered rows by a single batched matmul:
 bin. Shapes are static when the feature maps' and RoIs' are, so XLA compiles it.
 The gradient w.r.t. the features is the gather's (a sparse scatter-add).
 
-Measured (2-core CPU, batch 2, 800x1344 pyramid P2..P5): 512 RoIs x 256
-channels: forward ~230 ms, forward + backward ~1.1 s, vs ~270 ms / ~0.93 s for
-``crop_and_resize`` on every level followed by a per-RoI select; 128 RoIs x 128
-channels: ~40 ms / ~130 ms vs ~35 ms / ~100 ms. ~50 ms (512x256 case) of the
-forward is the concatenation of the levels into the table. With
-``jit_compile=True`` on CPU the forward is slower (~2x); XLA is for GPUs here.
+On a CPU its cost is close to that of ``crop_and_resize`` on every level
+followed by a per-RoI select (a noticeable part of the forward is the
+concatenation of the levels into the table), and ``jit_compile=True`` makes the
+CPU forward slower: XLA is for GPUs here. Timings: bench/README.md,
+"Measurements behind code choices".
 
 Memory: the gathered tensor is ``B * R * output_size**2 * K * C`` elements
 (``K = 16`` for sampling ratio 2), i.e. 4x the ``[R, 14, 14, C]`` that
@@ -152,7 +151,7 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
     (forward: RoIs partitioned by level, one native ``tf.image.crop_and_resize`` per level on the
     map padded by one replicated pixel, 2x2 average pool; same samples and border rule, equal to
     "gather" up to float rounding (max abs diff ~2e-4 on unit-variance maps); no [B, R, 49, 16, C]
-    temporary; 1.3-1.75x faster forward on a 2-core CPU. Its gradient is exactly "gather"'s,
+    temporary; faster forward on CPUs (bench/README.md). Its gradient is exactly "gather"'s,
     recomputed in the backward pass, because TF's CPU CropAndResizeGradImage adds from several
     threads without synchronisation and loses updates), or "auto": "gather" when ``training``
     (crop_and_resize's backward is gather's anyway, so no faster, and the training graph stays

@@ -23,12 +23,10 @@ small even for an anchor fully inside the crowd.
 Unbatched inputs (``gt_boxes [N, 4]``, e.g. inside a ``tf.data`` map) are also
 accepted: the outputs then have no batch dimension either.
 
-Cost (2-core CPU, TF 2.20, noisy shared machine): the RPN assignment is
-dominated by the dense [B, A, N] IoU. For 800x1344 (A = 268,569 anchors),
-N = 100 gt rows, batch 2: ~330-650 ms per batch in a plain ``tf.function``,
-~150-270 ms with ``jit_compile=True``; ~290 ms per image unbatched (the
-``tf.data`` form). Cost is linear in N, so keep ``max_num_instances`` tight.
-``sample_rois`` (2000 proposals, 512 samples, batch 2): ~5 ms.
+Cost: the RPN assignment is dominated by the dense [B, A, N] IoU (A = 268,569
+anchors at 800x1344), so it is linear in N: keep ``max_num_instances`` tight.
+``sample_rois`` is cheap in comparison. Timings: bench/README.md, "Measurements
+behind code choices".
 """
 
 import collections
@@ -193,8 +191,8 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd=None, *,
                 allow_low_quality_matches, crowd_ioa_threshold, num_samples,
                 positive_fraction, box_weights, seed)
         # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
-        # rows of any image (padding rows cost as much as real ones: ~3x faster for 10 real
-        # of 100 rows, identical outputs; tests/test_ops_targets.py).
+        # rows of any image (padding rows cost as much as real ones; identical outputs,
+        # tests/test_ops_targets.py; timing in bench/README.md).
         gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
         gt_classes = tf.convert_to_tensor(gt_classes)
         if gt_is_crowd is None:

@@ -1,4 +1,4 @@
-"""Export: the SavedModel of DESIGN.md §3 and what reads it.
+"""Export: the SavedModel described in docs/serving.md and what reads it.
 
 * :func:`export_saved_model` writes it (the trainer calls it at the end of training;
   ``python -m fpn_tf.export`` calls it on a ``model_dir``), :func:`load_model_for_export`

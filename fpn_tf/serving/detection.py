@@ -5,7 +5,7 @@
     serialized_example (string [B]) -> TfExampleModule  -> signature "tf_example"
 
 Each module turns its input into one batch of decoded uint8 images plus their true sizes, then
-`DetectionModule.detect` does what every signature shares (DESIGN.md §3):
+`DetectionModule.detect` does what every signature shares (the outputs of docs/serving.md):
 
 1. each image is resized by the eval transform's rule (`fpn_tf.data.transforms.resize_and_pad`:
    shorter side -> ``short_side``, longer side <= ``max_long_side``, bilinear) and zero padded at

@@ -1,4 +1,4 @@
-"""Writing the SavedModel of DESIGN.md §3, and rebuilding a trained model from its ``model_dir``.
+"""Writing the SavedModel of docs/serving.md, and rebuilding a trained model from its ``model_dir``.
 
     from fpn_tf.serving import export_saved_model, load_model_for_export
     source = load_model_for_export("runs/cpu_demo")          # params.yaml + category map + ckpt
@@ -108,7 +108,7 @@ def export_saved_model(model, export_dir: str | os.PathLike,
                        category_map: CategoryMap | str | os.PathLike | Sequence | dict,
                        short_side: int, max_long_side: int, pad_multiple: int, *,
                        num_detections: int = NUM_DETECTIONS) -> str:
-    """Writes the SavedModel of DESIGN.md §3 to ``export_dir``; returns ``export_dir``.
+    """Writes the SavedModel of docs/serving.md to ``export_dir``; returns ``export_dir``.
 
     Args:
       model: a `FasterRCNN` (float32 variables; a mixed-precision model is exported as it

@@ -6,8 +6,8 @@
     draw_detections(result.image, kept.detections).save("street_detections.png")
 
 The library behind ``python -m fpn_tf.predict``; it needs only TensorFlow, numpy and PIL (not
-Keras or the model code): any SavedModel with the DESIGN.md §3 outputs works, and the class names
-come from its ``assets/category_map.json`` when it has one.
+Keras or the model code): any SavedModel with the outputs of docs/serving.md works, and the class
+names come from its ``assets/category_map.json`` when it has one.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, Image.Image]:
 
 
 class SavedModelDetector:
-    """An exported detector (DESIGN.md §3) loaded with ``tf.saved_model.load``.
+    """An exported detector (see docs/serving.md) loaded with ``tf.saved_model.load``.
 
     Args:
       saved_model_dir: the export directory (holding ``saved_model.pb``).
