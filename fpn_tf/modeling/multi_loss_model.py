@@ -14,8 +14,8 @@ runs ``fit``) execute, so the objective is defined once:
   ``num_nonfinite_replicas`` in the step's logs; what to do next (stop, or go on) is the caller's
   policy (`fpn_tf.training.callbacks`).
 
-The logs of a step are that step's losses (averaged over replicas by Keras), not running means,
-so callbacks can log, summarise and check each step.
+The logs of a step are that step's losses (averaged over replicas by Keras; shape [1]), not
+running means, so callbacks can log, summarise and check each step.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ class MultiLossModel(keras.Model):
         self._apply_unless(nonfinite > 0, grads, variables)
         for name, tracker in self._loss_trackers.items():
             tracker.update_state(losses[name])
-        return {**losses, NONFINITE_KEY: nonfinite}
+        # Shape [1], not scalars: under MultiWorkerMirroredStrategy Keras reduces step outputs
+        # with strategy.reduce(MEAN, axis=0), which rejects scalars.
+        return {k: tf.reshape(v, [1]) for k, v in {**losses, NONFINITE_KEY: nonfinite}.items()}
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras, under a tf.distribute strategy, pulls a batch from a fresh iterator of the

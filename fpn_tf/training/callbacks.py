@@ -35,6 +35,11 @@ class NonFiniteLossError(RuntimeError):
     """A training step produced a NaN or Inf loss (and ``train.on_nan`` is "stop")."""
 
 
+def value(log_entry) -> float:
+    """A step log's value as a float (the train step logs shape-[1] tensors)."""
+    return float(np.mean(log_entry))
+
+
 def _step(model) -> int:
     return int(model.optimizer.iterations.numpy())
 
@@ -49,7 +54,7 @@ class StepWatcher(keras.callbacks.Callback):
         step = _step(self.model)
         if step != self._last_step:
             self._last_step = step
-            self.on_step(step, {k: float(v) for k, v in (logs or {}).items()})
+            self.on_step(step, {k: value(v) for k, v in (logs or {}).items()})
         else:
             self.on_skipped_batch(step, logs)
 
@@ -87,11 +92,11 @@ class NonFiniteLossPolicy(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
-        if float(logs.get(NONFINITE_KEY, 0.0)) == 0:
+        if value(logs.get(NONFINITE_KEY, 0.0)) == 0:
             self._consecutive = 0
             return
         step = _step(self.model) + 1   # the step this batch would have made
-        bad = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items() if k != NONFINITE_KEY)
+        bad = ", ".join(f"{k}={value(v):.4g}" for k, v in logs.items() if k != NONFINITE_KEY)
         self._consecutive += 1
         if self.policy == "skip" and self._consecutive < MAX_CONSECUTIVE_NONFINITE:
             self.skipped += 1
@@ -132,7 +137,7 @@ class ProgressLogger(StepWatcher):
         super().on_train_batch_end(batch, logs)
 
     def on_skipped_batch(self, step, logs):
-        if float((logs or {}).get(NONFINITE_KEY, 0.0)) == 0:
+        if value((logs or {}).get(NONFINITE_KEY, 0.0)) == 0:
             # mixed_float16: the loss scale overflowed, LossScaleOptimizer skipped the update.
             self.loss_scale_skipped += 1
 

@@ -81,8 +81,8 @@ def main(tmp):
                 zip(single.model.trainable_weights, mirrored.model.trainable_weights))
     print(json.dumps({
         "replicas": mirrored.num_replicas,
-        "single": {k: float(v[-1]) for k, v in single_losses.items()},
-        "mirrored": {k: float(v[-1]) for k, v in mirrored_losses.items()},
+        "single": {k: float(np.mean(v[-1])) for k, v in single_losses.items()},
+        "mirrored": {k: float(np.mean(v[-1])) for k, v in mirrored_losses.items()},
         "max_relative_weight_diff": max_rel,
         "worst_weight": worst,
         "weights_allclose_rtol1e-4_atol1e-5": allclose,
