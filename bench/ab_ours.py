@@ -58,7 +58,7 @@ VARIANTS = {
     "roi_gather": "model.roi.align_impl=gather",
     "rpn_dense_backward": "model.rpn.head_sparse_backward=false",
     "before": "model.backbone.fold_frozen_bn=false,model.roi.align_impl=gather,"
-              "model.rpn.head_sparse_backward=false",
+    "model.rpn.head_sparse_backward=false",
 }
 
 
@@ -91,6 +91,7 @@ def stage_outputs(model, features, rois=None):
     the model's own test-time proposals), as NumPy arrays; plus the RoIs used."""
     import tensorflow as tf
     from fpn_tf.modeling.faster_rcnn import split_inputs
+
     images, _, valid_hw = split_inputs(features)
     pyramid = model.fpn(images, training=False)
     logits, deltas = model.rpn.head_outputs(pyramid, training=False)
@@ -109,6 +110,7 @@ def stage_outputs(model, features, rois=None):
 def main(argv):
     del argv
     import numpy as np
+
     Ours = compare_model_garden.Ours
     for name in (FLAGS.a, FLAGS.b):
         if name not in VARIANTS:
@@ -127,9 +129,16 @@ def main(argv):
             runners[name][m]()  # traces
 
     out_a, out_b = stages[FLAGS.a], stages[FLAGS.b]
-    compare_model_garden.emit({"what": "equality", "a": FLAGS.a, "b": FLAGS.b, "batch": FLAGS.batch_size,
-          "max_abs_diff": {k: float(np.abs(out_a[k] - out_b[k]).max()) for k in out_a},
-          "max_abs_value": {k: float(np.abs(out_a[k]).max()) for k in out_a}})
+    compare_model_garden.emit(
+        {
+            "what": "equality",
+            "a": FLAGS.a,
+            "b": FLAGS.b,
+            "batch": FLAGS.batch_size,
+            "max_abs_diff": {k: float(np.abs(out_a[k] - out_b[k]).max()) for k in out_a},
+            "max_abs_value": {k: float(np.abs(out_a[k]).max()) for k in out_a},
+        }
+    )
 
     for mode in FLAGS.modes:
         for name in (FLAGS.a, FLAGS.b):
@@ -144,10 +153,19 @@ def main(argv):
                 times[name].append(round((time.perf_counter() - start) * 1000, 1))
             logging.info("%s repeat %d/%d done", mode, i + 1, FLAGS.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
-        compare_model_garden.emit({"what": mode, "batch": FLAGS.batch_size, "a": FLAGS.a, "b": FLAGS.b,
-              "a_ms_median": med[FLAGS.a], "b_ms_median": med[FLAGS.b],
-              "ratio": round(med[FLAGS.b] / med[FLAGS.a], 3),
-              "a_ms_all": times[FLAGS.a], "b_ms_all": times[FLAGS.b]})
+        compare_model_garden.emit(
+            {
+                "what": mode,
+                "batch": FLAGS.batch_size,
+                "a": FLAGS.a,
+                "b": FLAGS.b,
+                "a_ms_median": med[FLAGS.a],
+                "b_ms_median": med[FLAGS.b],
+                "ratio": round(med[FLAGS.b] / med[FLAGS.a], 3),
+                "a_ms_all": times[FLAGS.a],
+                "b_ms_all": times[FLAGS.b],
+            }
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ def emit_json_line(record: dict, output: str | None = None) -> dict:
     """Prints ``{"date": now, **record}`` as one JSON line and appends it to ``output``."""
     import json
     import time
+
     record = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
     line = json.dumps(record)
     print(line, flush=True)
@@ -25,6 +26,7 @@ def padded(size, multiple):
 
 def synthetic_batch(batch, resized_hw, padded_hw, num_gt, max_inst, seed=0):
     import numpy as np
+
     rng = np.random.default_rng(seed)
     h, w = resized_hw
     images = np.zeros((batch, padded_hw[0], padded_hw[1], 3), np.float32)

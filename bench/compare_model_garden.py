@@ -45,29 +45,52 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-flags.DEFINE_list("what", ["inference", "train", "memory", "pipeline"],
-                  "Any of inference, train, memory, pipeline.")
-flags.DEFINE_list("batch_sizes", ["1", "2"], "Batch sizes for the train step (inference uses "
-                  "the first one).")
+flags.DEFINE_list(
+    "what",
+    ["inference", "train", "memory", "pipeline"],
+    "Any of inference, train, memory, pipeline.",
+)
+flags.DEFINE_list(
+    "batch_sizes", ["1", "2"], "Batch sizes for the train step (inference uses " "the first one)."
+)
 flags.DEFINE_list("image_size", ["800", "1333"], "Resized image height,width before padding.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per model (alternating).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls per model first (the first one traces).")
 flags.DEFINE_string("output", None, "Append the JSON lines to this file.")
 flags.DEFINE_list("models", ["ours", "theirs"], "Which models to run (ratio needs both).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile our tf.functions (ours only).")
-flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"],
-                  "Keras mixed-precision policy for ours.")
-flags.DEFINE_enum("theirs_mixed_precision", "none", ["none", "float16", "bfloat16"],
-                  "tf_keras mixed-precision policy for Model Garden's model (its COCO experiment "
-                  "defaults to bfloat16 on TPU).")
+flags.DEFINE_enum(
+    "mixed_precision",
+    "none",
+    ["none", "float16", "bfloat16"],
+    "Keras mixed-precision policy for ours.",
+)
+flags.DEFINE_enum(
+    "theirs_mixed_precision",
+    "none",
+    ["none", "float16", "bfloat16"],
+    "tf_keras mixed-precision policy for Model Garden's model (its COCO experiment "
+    "defaults to bfloat16 on TPU).",
+)
 flags.DEFINE_integer("num_gt", 10, "Real gt boxes per image.")
 flags.DEFINE_integer("max_num_instances", 100, "Padded gt rows per image (both models).")
-flags.DEFINE_list("memory_modes", ["inference:1", "train:2"],
-                  "mode:batch pairs measured by --what=memory (one subprocess per model each).")
-flags.DEFINE_string("fpn_tf_root", None, "Import fpn_tf from this directory instead (e.g. a "
-                    "patched copy, to measure a proposed diff).")
-flags.DEFINE_string("ours_params_override", None, "A params_override for our model config, e.g. "
-                    "'model.backbone.fold_frozen_bn=false' (bench/ab_ours.py compares two).")
+flags.DEFINE_list(
+    "memory_modes",
+    ["inference:1", "train:2"],
+    "mode:batch pairs measured by --what=memory (one subprocess per model each).",
+)
+flags.DEFINE_string(
+    "fpn_tf_root",
+    None,
+    "Import fpn_tf from this directory instead (e.g. a "
+    "patched copy, to measure a proposed diff).",
+)
+flags.DEFINE_string(
+    "ours_params_override",
+    None,
+    "A params_override for our model config, e.g. "
+    "'model.backbone.fold_frozen_bn=false' (bench/ab_ours.py compares two).",
+)
 flags.DEFINE_string("tag", "", "Free text copied into every JSON line (e.g. a variant name).")
 # Internal: a memory-measuring worker subprocess.
 flags.DEFINE_string("worker", None, "internal: 'ours' or 'theirs' (memory subprocess).")
@@ -76,7 +99,12 @@ flags.DEFINE_integer("worker_batch", 1, "internal")
 FLAGS = flags.FLAGS
 
 from bench.common import (  # noqa: E402
-    NUM_FG_CLASSES, OUR_PAD, emit_json_line, padded, synthetic_batch)
+    NUM_FG_CLASSES,
+    OUR_PAD,
+    emit_json_line,
+    padded,
+    synthetic_batch,
+)
 
 
 # --mixed_precision / --theirs_mixed_precision -> the Keras (tf_keras) global policy name.
@@ -120,6 +148,7 @@ class Ours:
         import tensorflow as tf
         from fpn_tf.configs.loader import load_config
         from fpn_tf.modeling.factory import build_model
+
         self.tf = tf
         self.resized_hw = list(resized_hw)
         self.padded_hw = padded(resized_hw, OUR_PAD)
@@ -130,20 +159,27 @@ class Ours:
         try:
             keras.utils.set_random_seed(0)
             model_cfg = load_config(params_override=params_override, validate=False).model
-            self.model = build_model(model_cfg,
-                                     category_ids=list(range(1, NUM_FG_CLASSES + 1)),
-                                     input_shape=tuple(self.padded_hw) + (3,))
+            self.model = build_model(
+                model_cfg,
+                category_ids=list(range(1, NUM_FG_CLASSES + 1)),
+                input_shape=tuple(self.padded_hw) + (3,),
+            )
         finally:
             keras.config.set_dtype_policy(old)
         p, r = self.model.rpn, self.model.roi_heads
         self.settings = {
-            "input": self.padded_hw, "pre_nms_train": p.pre_nms_top_k_train,
-            "post_nms_train": p.post_nms_top_k_train, "pre_nms_test": p.pre_nms_top_k_test,
+            "input": self.padded_hw,
+            "pre_nms_train": p.pre_nms_top_k_train,
+            "post_nms_train": p.post_nms_top_k_train,
+            "pre_nms_test": p.pre_nms_top_k_test,
             "post_nms_test": p.post_nms_top_k_test,
-            "rois": r.batch_size_per_image, "fc": r.fc_dims,
-            "roi_align": r.output_size, "rpn_nms": p.nms_impl,
+            "rois": r.batch_size_per_image,
+            "fc": r.fc_dims,
+            "roi_align": r.output_size,
+            "rpn_nms": p.nms_impl,
             "det_nms": r.nms_impl,
-            "jit_compile": FLAGS.jit_compile, "mixed_precision": FLAGS.mixed_precision,
+            "jit_compile": FLAGS.jit_compile,
+            "mixed_precision": FLAGS.mixed_precision,
             "params": int(sum(int(tf.size(v)) for v in self.model.weights)),
         }
         opt = keras.optimizers.SGD(learning_rate=1e-5, momentum=0.9)
@@ -172,10 +208,14 @@ class Ours:
     def batch(self, batch):
         tf = self.tf
         images, info, boxes, classes = synthetic_batch(
-            batch, self.resized_hw, self.padded_hw, FLAGS.num_gt, FLAGS.max_num_instances)
+            batch, self.resized_hw, self.padded_hw, FLAGS.num_gt, FLAGS.max_num_instances
+        )
         features = {"images": tf.constant(images), "image_info": tf.constant(info)}
-        labels = {"gt_boxes": tf.constant(boxes), "gt_classes": tf.constant(classes),
-                  "gt_is_crowd": tf.zeros(classes.shape, tf.bool)}
+        labels = {
+            "gt_boxes": tf.constant(boxes),
+            "gt_classes": tf.constant(classes),
+            "gt_is_crowd": tf.zeros(classes.shape, tf.bool),
+        }
         return features, labels
 
     def runner(self, mode, batch):
@@ -191,6 +231,7 @@ class Ours:
 def model_garden_config(resized_hw, input_hw):
     from official.core import exp_factory
     import official.vision.configs.maskrcnn  # noqa: F401  (registers the experiments)
+
     cfg = exp_factory.get_exp_config("fasterrcnn_resnetfpn_coco")
     m = cfg.task.model
     m.input_size = [input_hw[0], input_hw[1], 3]
@@ -220,11 +261,12 @@ class Theirs:
         import tensorflow as tf
         import tf_keras
         from official.vision.tasks import maskrcnn as maskrcnn_task
+
         self.tf = tf
         self.resized_hw = list(resized_hw)
         max_level = model_garden_config(resized_hw, resized_hw).task.model.max_level
         # Its parser pads to a multiple of 2**max_level (its anchors need it).
-        self.padded_hw = padded(resized_hw, 2 ** max_level)
+        self.padded_hw = padded(resized_hw, 2**max_level)
         self.cfg = cfg = model_garden_config(resized_hw, self.padded_hw)
         tf_keras.utils.set_random_seed(0)
         policy = MIXED_POLICY[FLAGS.theirs_mixed_precision]
@@ -241,12 +283,15 @@ class Theirs:
             self.optimizer = tf_keras.mixed_precision.LossScaleOptimizer(self.optimizer)
         m = cfg.task.model
         self.settings = {
-            "input": self.padded_hw, "pre_nms_train": m.roi_generator.pre_nms_top_k,
+            "input": self.padded_hw,
+            "pre_nms_train": m.roi_generator.pre_nms_top_k,
             "post_nms_train": m.roi_generator.num_proposals,
             "pre_nms_test": m.roi_generator.test_pre_nms_top_k,
             "post_nms_test": m.roi_generator.test_num_proposals,
-            "rois": m.roi_sampler.num_sampled_rois, "fc": m.detection_head.fc_dims,
-            "num_fcs": m.detection_head.num_fcs, "head_convs": m.detection_head.num_convs,
+            "rois": m.roi_sampler.num_sampled_rois,
+            "fc": m.detection_head.fc_dims,
+            "num_fcs": m.detection_head.num_fcs,
+            "head_convs": m.detection_head.num_convs,
             "roi_align": m.roi_aligner.crop_size,
             "rpn_nms": "per-level, use_batched_nms=%s" % m.roi_generator.use_batched_nms,
             "det_nms": m.detection_generator.nms_version,
@@ -269,13 +314,22 @@ class Theirs:
         """What Model Garden's parser computes per image (timed: it is pipeline work there)."""
         tf = self.tf
         from official.vision.ops import anchor
+
         m = self.cfg.task.model
         p = self.cfg.task.train_data.parser
         gen = anchor.build_anchor_generator(
-            min_level=m.min_level, max_level=m.max_level, num_scales=m.anchor.num_scales,
-            aspect_ratios=m.anchor.aspect_ratios, anchor_size=m.anchor.anchor_size)
-        labeler = anchor.RpnAnchorLabeler(p.rpn_match_threshold, p.rpn_unmatched_threshold,
-                                          p.rpn_batch_size_per_im, p.rpn_fg_fraction)
+            min_level=m.min_level,
+            max_level=m.max_level,
+            num_scales=m.anchor.num_scales,
+            aspect_ratios=m.anchor.aspect_ratios,
+            anchor_size=m.anchor.anchor_size,
+        )
+        labeler = anchor.RpnAnchorLabeler(
+            p.rpn_match_threshold,
+            p.rpn_unmatched_threshold,
+            p.rpn_batch_size_per_im,
+            p.rpn_fg_fraction,
+        )
 
         @tf.function
         def one(b, c):
@@ -305,8 +359,10 @@ class Theirs:
     def runner(self, mode, batch):
         tf = self.tf
         import numpy as np
+
         images, info, boxes, classes = synthetic_batch(
-            batch, self.resized_hw, self.padded_hw, FLAGS.num_gt, FLAGS.max_num_instances)
+            batch, self.resized_hw, self.padded_hw, FLAGS.num_gt, FLAGS.max_num_instances
+        )
         # Model Garden's parser normalises pixels (ImageNet mean/std) before the model.
         mean = np.array([0.485, 0.456, 0.406], np.float32) * 255
         std = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -319,10 +375,14 @@ class Theirs:
             return lambda: self.infer_fn(images_t, image_shape)["num_detections"].numpy()
         anchor_boxes, scores, box_t = self.anchor_targets(boxes, classes)
         mg_boxes = np.where(classes[..., None] > 0, boxes, -1.0).astype(np.float32)
-        labels = {"image_info": tf.constant(info), "anchor_boxes": anchor_boxes,
-                  "gt_boxes": tf.constant(mg_boxes),
-                  "gt_classes": tf.constant(classes),
-                  "rpn_score_targets": scores, "rpn_box_targets": box_t}
+        labels = {
+            "image_info": tf.constant(info),
+            "anchor_boxes": anchor_boxes,
+            "gt_boxes": tf.constant(mg_boxes),
+            "gt_classes": tf.constant(classes),
+            "rpn_score_targets": scores,
+            "rpn_box_targets": box_t,
+        }
         return lambda: self.train_fn(images_t, labels).numpy()
 
 
@@ -370,6 +430,7 @@ def run_worker():
     """Fresh process: build one model, warm up, run; print RSS numbers."""
     use_fpn_tf_root()
     import tensorflow as tf
+
     resized = [int(s) for s in FLAGS.image_size]
     rss0 = current_rss_mb()
     model = Ours(resized, FLAGS.ours_params_override) if FLAGS.worker == "ours" else Theirs(resized)
@@ -377,11 +438,21 @@ def run_worker():
     fn = model.runner(FLAGS.worker_mode, FLAGS.worker_batch)
     for _ in range(max(FLAGS.warmup, 1) + 1):
         fn()
-    print("WORKER " + json.dumps({
-        "rss_after_import_mb": round(rss0, 1), "rss_after_build_mb": round(rss_built, 1),
-        "rss_end_mb": round(current_rss_mb(), 1), "peak_rss_mb": round(maxrss_mb(), 1),
-        "peak_minus_built_mb": round(maxrss_mb() - rss_built, 1), "input": model.padded_hw,
-        "tf": tf.__version__}), flush=True)
+    print(
+        "WORKER "
+        + json.dumps(
+            {
+                "rss_after_import_mb": round(rss0, 1),
+                "rss_after_build_mb": round(rss_built, 1),
+                "rss_end_mb": round(current_rss_mb(), 1),
+                "peak_rss_mb": round(maxrss_mb(), 1),
+                "peak_minus_built_mb": round(maxrss_mb() - rss_built, 1),
+                "input": model.padded_hw,
+                "tf": tf.__version__,
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_memory():
@@ -389,12 +460,19 @@ def run_memory():
         mode, batch = spec.split(":")
         rec = {"what": "memory", "mode": mode, "batch": int(batch)}
         for name in FLAGS.models:
-            cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}",
-                   f"--worker_mode={mode}", f"--worker_batch={batch}",
-                   f"--image_size={','.join(FLAGS.image_size)}", f"--warmup={FLAGS.warmup}",
-                   f"--mixed_precision={FLAGS.mixed_precision}",
-                   f"--theirs_mixed_precision={FLAGS.theirs_mixed_precision}",
-                   f"--num_gt={FLAGS.num_gt}", f"--max_num_instances={FLAGS.max_num_instances}"]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--worker={name}",
+                f"--worker_mode={mode}",
+                f"--worker_batch={batch}",
+                f"--image_size={','.join(FLAGS.image_size)}",
+                f"--warmup={FLAGS.warmup}",
+                f"--mixed_precision={FLAGS.mixed_precision}",
+                f"--theirs_mixed_precision={FLAGS.theirs_mixed_precision}",
+                f"--num_gt={FLAGS.num_gt}",
+                f"--max_num_instances={FLAGS.max_num_instances}",
+            ]
             if FLAGS.jit_compile:
                 cmd.append("--jit_compile")
             if FLAGS.fpn_tf_root:
@@ -406,7 +484,7 @@ def run_memory():
             if not line:
                 rec[f"{name}_error"] = out.stderr[-2000:]
                 continue
-            for k, v in json.loads(line[-1][len("WORKER "):]).items():
+            for k, v in json.loads(line[-1][len("WORKER ") :]).items():
                 rec[f"{name}_{k}"] = v
         if "ours_peak_rss_mb" in rec and "theirs_peak_rss_mb" in rec:
             rec["ratio"] = round(rec["ours_peak_rss_mb"] / rec["theirs_peak_rss_mb"], 3)
@@ -418,18 +496,35 @@ def run_pipeline():
     if not os.path.exists(script):
         emit({"what": "pipeline", "skipped": "bench/data_throughput.py does not exist"})
         return
-    cmd = [sys.executable, script, "--num_images=32", "--batch_size=2", "--warmup_batches=5",
-           "--num_batches=30"]
+    cmd = [
+        sys.executable,
+        script,
+        "--num_images=32",
+        "--batch_size=2",
+        "--warmup_batches=5",
+        "--num_batches=30",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     m = re.search(r"data_throughput: (.*)= ([0-9.]+) images/s", out.stdout + out.stderr)
     if not m:
-        emit({"what": "pipeline", "error": (out.stdout + out.stderr)[-1500:],
-              "command": " ".join(cmd)})
+        emit(
+            {
+                "what": "pipeline",
+                "error": (out.stdout + out.stderr)[-1500:],
+                "command": " ".join(cmd),
+            }
+        )
         return
-    emit({"what": "pipeline", "images_per_s": float(m.group(2)), "detail": m.group(1).strip(),
-          "command": " ".join(cmd[1:]),
-          "note": "ours only: Model Garden's parser needs TFRecords + its anchor labeler; "
-                  "not run"})
+    emit(
+        {
+            "what": "pipeline",
+            "images_per_s": float(m.group(2)),
+            "detail": m.group(1).strip(),
+            "command": " ".join(cmd[1:]),
+            "note": "ours only: Model Garden's parser needs TFRecords + its anchor labeler; "
+            "not run",
+        }
+    )
 
 
 def main(argv):
@@ -440,21 +535,38 @@ def main(argv):
     use_fpn_tf_root()
     import fpn_tf
     import tensorflow as tf
+
     resized = [int(s) for s in FLAGS.image_size]
     batches = [int(b) for b in FLAGS.batch_sizes]
-    emit({"what": "environment", "tf": tf.__version__, "cpus": os.cpu_count(),
-          "fpn_tf": os.path.dirname(fpn_tf.__file__),
-          "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-          "threads_inter_intra": [tf.config.threading.get_inter_op_parallelism_threads(),
-                                  tf.config.threading.get_intra_op_parallelism_threads()]})
+    emit(
+        {
+            "what": "environment",
+            "tf": tf.__version__,
+            "cpus": os.cpu_count(),
+            "fpn_tf": os.path.dirname(fpn_tf.__file__),
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "threads_inter_intra": [
+                tf.config.threading.get_inter_op_parallelism_threads(),
+                tf.config.threading.get_intra_op_parallelism_threads(),
+            ],
+        }
+    )
     timed = [w for w in FLAGS.what if w in ("inference", "train")]
     models = {}
     if timed:
         for name in FLAGS.models:
             t0 = time.perf_counter()
-            models[name] = Ours(resized, FLAGS.ours_params_override) if name == "ours" else Theirs(resized)
-            emit({"what": "settings", "model": name, "build_s":
-                  round(time.perf_counter() - t0, 1), **models[name].settings})
+            models[name] = (
+                Ours(resized, FLAGS.ours_params_override) if name == "ours" else Theirs(resized)
+            )
+            emit(
+                {
+                    "what": "settings",
+                    "model": name,
+                    "build_s": round(time.perf_counter() - t0, 1),
+                    **models[name].settings,
+                }
+            )
     if "inference" in FLAGS.what:
         b = batches[0]
         runners = {n: m.runner("inference", b) for n, m in models.items()}
@@ -467,13 +579,17 @@ def main(argv):
             extra = {}
             if "theirs" in models:
                 extra["theirs_anchor_labeler_ms_per_image"] = round(
-                    models["theirs"].labeler_ms_per_image, 1)
+                    models["theirs"].labeler_ms_per_image, 1
+                )
                 extra["theirs_ms_plus_labeler"] = round(
-                    statistics.median(times["theirs"]) + b * extra[
-                        "theirs_anchor_labeler_ms_per_image"], 1)
+                    statistics.median(times["theirs"])
+                    + b * extra["theirs_anchor_labeler_ms_per_image"],
+                    1,
+                )
                 if "ours" in models:
                     extra["ratio_vs_theirs_plus_labeler"] = round(
-                        statistics.median(times["ours"]) / extra["theirs_ms_plus_labeler"], 3)
+                        statistics.median(times["ours"]) / extra["theirs_ms_plus_labeler"], 3
+                    )
             summarise("train", b, models, first, times, extra)
     if "memory" in FLAGS.what:
         run_memory()

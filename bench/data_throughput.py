@@ -28,57 +28,76 @@ flags.DEFINE_integer("warmup_batches", 10, "Batches before timing.")
 flags.DEFINE_integer("num_batches", 60, "Timed batches.")
 flags.DEFINE_integer("short_side", 800, "Resize: shorter side.")
 flags.DEFINE_integer("max_long_side", 1333, "Resize: longest side cap.")
-flags.DEFINE_enum("padding_mode", "orientation",
-                  ["orientation", "square", "batch"], "Padding mode.")
+flags.DEFINE_enum(
+    "padding_mode", "orientation", ["orientation", "square", "batch"], "Padding mode."
+)
 flags.DEFINE_enum("source", "coco", ["coco", "tfrecord"], "Reader.")
-flags.DEFINE_integer("num_parallel_calls", -1,
-                     "Parallel map calls (-1: tf.data.AUTOTUNE).")
+flags.DEFINE_integer("num_parallel_calls", -1, "Parallel map calls (-1: tf.data.AUTOTUNE).")
 flags.DEFINE_string("workdir", None, "Where to write images (default: temp).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from fpn_tf.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
+    del argv
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from fpn_tf.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
 
-  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="fpn_data_bench_")
-  paths = synthetic.generate_split(
-      workdir, "bench", FLAGS.num_images, seed=0,
-      fixed_hw=(FLAGS.height, FLAGS.width), png_every=0, subfolder_every=0,
-      max_object_size=min(200, FLAGS.height // 2))
-  if FLAGS.source == "coco":
-    source = pipeline.load_source(pipeline.CocoSource(paths["annotation_file"], paths["image_dir"]))
-  else:
-    from fpn_tf.data import convert_coco  # pylint: disable=g-import-not-at-top
-    result = convert_coco.convert_coco_to_tfrecords(
-        paths["annotation_file"], paths["image_dir"],
-        os.path.join(workdir, "tfrecords", "bench"), num_shards=4)
-    source = pipeline.load_source(pipeline.TfRecordSource(result.file_pattern))
+    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="fpn_data_bench_")
+    paths = synthetic.generate_split(
+        workdir,
+        "bench",
+        FLAGS.num_images,
+        seed=0,
+        fixed_hw=(FLAGS.height, FLAGS.width),
+        png_every=0,
+        subfolder_every=0,
+        max_object_size=min(200, FLAGS.height // 2),
+    )
+    if FLAGS.source == "coco":
+        source = pipeline.load_source(
+            pipeline.CocoSource(paths["annotation_file"], paths["image_dir"])
+        )
+    else:
+        from fpn_tf.data import convert_coco  # pylint: disable=g-import-not-at-top
 
-  ds = pipeline.build_dataset(
-      source, training=True, batch_size=FLAGS.batch_size, seed=0,
-      short_side=FLAGS.short_side, max_long_side=FLAGS.max_long_side,
-      padding_mode=FLAGS.padding_mode,
-      num_parallel_calls=FLAGS.num_parallel_calls)
-  it = iter(ds)
-  for _ in range(FLAGS.warmup_batches):
-    features, _ = next(it)
-  shape = tuple(features["images"].shape)
-  start = time.perf_counter()
-  for _ in range(FLAGS.num_batches):
-    features, _ = next(it)
-  features["images"].numpy()  # make sure the last batch is materialised
-  seconds = time.perf_counter() - start
-  n = FLAGS.num_batches * FLAGS.batch_size
-  logging.info("done")
-  print(f"data_throughput: source={FLAGS.source} image {FLAGS.height}x"
+        result = convert_coco.convert_coco_to_tfrecords(
+            paths["annotation_file"],
+            paths["image_dir"],
+            os.path.join(workdir, "tfrecords", "bench"),
+            num_shards=4,
+        )
+        source = pipeline.load_source(pipeline.TfRecordSource(result.file_pattern))
+
+    ds = pipeline.build_dataset(
+        source,
+        training=True,
+        batch_size=FLAGS.batch_size,
+        seed=0,
+        short_side=FLAGS.short_side,
+        max_long_side=FLAGS.max_long_side,
+        padding_mode=FLAGS.padding_mode,
+        num_parallel_calls=FLAGS.num_parallel_calls,
+    )
+    it = iter(ds)
+    for _ in range(FLAGS.warmup_batches):
+        features, _ = next(it)
+    shape = tuple(features["images"].shape)
+    start = time.perf_counter()
+    for _ in range(FLAGS.num_batches):
+        features, _ = next(it)
+    features["images"].numpy()  # make sure the last batch is materialised
+    seconds = time.perf_counter() - start
+    n = FLAGS.num_batches * FLAGS.batch_size
+    logging.info("done")
+    print(
+        f"data_throughput: source={FLAGS.source} image {FLAGS.height}x"
         f"{FLAGS.width} -> batch {shape} padding={FLAGS.padding_mode} "
         f"batch_size={FLAGS.batch_size} cpus={os.cpu_count()} "
         f"num_parallel_calls={FLAGS.num_parallel_calls} "
         f"tf={tf.__version__}: {n} images in {seconds:.2f} s = "
-        f"{n / seconds:.1f} images/s")
+        f"{n / seconds:.1f} images/s"
+    )
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

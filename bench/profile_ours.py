@@ -38,8 +38,12 @@ flags.DEFINE_integer("repeats", 5, "Timed calls per stage (median).")
 flags.DEFINE_integer("warmup", 1, "Untimed calls per stage.")
 flags.DEFINE_list("stages", ["all"], "Stage names to run, or 'all'.")
 flags.DEFINE_string("output", None, "Append JSON lines here.")
-flags.DEFINE_bool("trace", False, "Also trace one inference call and one train step with "
-                  "tf.profiler into --trace_dir/{inference,train_step} and print their top ops.")
+flags.DEFINE_bool(
+    "trace",
+    False,
+    "Also trace one inference call and one train step with "
+    "tf.profiler into --trace_dir/{inference,train_step} and print their top ops.",
+)
 flags.DEFINE_integer("top_ops", 15, "How many op types / single ops --trace prints.")
 flags.DEFINE_string("fpn_tf_root", None, "Import fpn_tf from this directory instead.")
 flags.DEFINE_string("trace_dir", "/tmp/fpn_tf_profile", "Where --trace writes.")
@@ -82,14 +86,16 @@ def top_ops(trace_dir, n):
                 count[name.rsplit(":", 1)[1]] += 1
                 by_op[name] += ms
     total = sum(by_type.values())
-    types = [(t, round(ms, 1), round(100 * ms / total, 1), count[t])
-             for t, ms in by_type.most_common(n)]
+    types = [
+        (t, round(ms, 1), round(100 * ms / total, 1), count[t]) for t, ms in by_type.most_common(n)
+    ]
     ops = [(op, round(ms, 1)) for op, ms in by_op.most_common(n)]
     return types, ops
 
 
 def timeit(fn, repeats, warmup):
     import tensorflow as tf
+
     for _ in range(warmup):
         tf.nest.map_structure(lambda x: x.numpy() if hasattr(x, "numpy") else x, fn())
     ts = []
@@ -116,13 +122,19 @@ def main(argv):
     resized = [int(s) for s in FLAGS.image_size]
     hw = padded(resized, OUR_PAD)
     keras.utils.set_random_seed(0)
-    model = build_model(ExperimentConfig().model, category_ids=list(range(1, NUM_FG_CLASSES + 1)),
-                        input_shape=tuple(hw) + (3,))
+    model = build_model(
+        ExperimentConfig().model,
+        category_ids=list(range(1, NUM_FG_CLASSES + 1)),
+        input_shape=tuple(hw) + (3,),
+    )
     b = FLAGS.batch_size
     images, info, boxes, classes = synthetic_batch(b, resized, hw, 10, 100)
     features = {"images": tf.constant(images), "image_info": tf.constant(info)}
-    labels = {"gt_boxes": tf.constant(boxes), "gt_classes": tf.constant(classes),
-              "gt_is_crowd": tf.zeros(classes.shape, tf.bool)}
+    labels = {
+        "gt_boxes": tf.constant(boxes),
+        "gt_classes": tf.constant(classes),
+        "gt_is_crowd": tf.zeros(classes.shape, tf.bool),
+    }
     gt_boxes, gt_classes, crowd = labels["gt_boxes"], labels["gt_classes"], labels["gt_is_crowd"]
     valid_hw = tf.constant(info[:, 1, :])
     fpn = model.fpn
@@ -136,8 +148,15 @@ def main(argv):
         if "all" not in want and name not in want:
             return None
         med, ts = timeit(fn, FLAGS.repeats, FLAGS.warmup)
-        rec = {"what": "profile", "stage": name, "kind": kind, "batch": b, "input": hw,
-               "ms_median": round(med, 1), "ms_all": [round(t, 1) for t in ts]}
+        rec = {
+            "what": "profile",
+            "stage": name,
+            "kind": kind,
+            "batch": b,
+            "input": hw,
+            "ms_median": round(med, 1),
+            "ms_all": [round(t, 1) for t in ts],
+        }
         results.append(rec)
         emit(rec)
         return med
@@ -154,29 +173,58 @@ def main(argv):
     stage("rpn_head", rpn_fn)
     anchors = model.rpn.anchors(tuple(hw))
     all_anchors, _ = anchor_ops.concat_anchors(anchors)
-    stage("anchors",
-          tf.function(lambda: anchor_ops.concat_anchors(model.rpn.anchors(tuple(hw)))[0]))
-    assign = tf.function(lambda: target_assigner.assign_rpn_targets(
-        all_anchors, gt_boxes, gt_classes, crowd, positive_iou=rp.positive_iou,
-        negative_iou=rp.negative_iou, num_samples=rp.batch_size_per_image,
-        positive_fraction=rp.positive_fraction))
+    stage(
+        "anchors", tf.function(lambda: anchor_ops.concat_anchors(model.rpn.anchors(tuple(hw)))[0])
+    )
+    assign = tf.function(
+        lambda: target_assigner.assign_rpn_targets(
+            all_anchors,
+            gt_boxes,
+            gt_classes,
+            crowd,
+            positive_iou=rp.positive_iou,
+            negative_iou=rp.negative_iou,
+            num_samples=rp.batch_size_per_image,
+            positive_fraction=rp.positive_fraction,
+        )
+    )
     rpn_t = assign()
     stage("rpn_target_assignment", assign, "train")
     cat_logits = tf.concat([logits[l] for l in model.rpn.levels], axis=1)
     cat_deltas = tf.concat([deltas[l] for l in model.rpn.levels], axis=1)
-    stage("rpn_losses", tf.function(lambda: rpn_losses(
-        rpn_t.labels, rpn_t.box_targets, cat_logits, cat_deltas, rp.batch_size_per_image,
-        rp.smooth_l1_beta)), "train")
+    stage(
+        "rpn_losses",
+        tf.function(
+            lambda: rpn_losses(
+                rpn_t.labels,
+                rpn_t.box_targets,
+                cat_logits,
+                cat_deltas,
+                rp.batch_size_per_image,
+                rp.smooth_l1_beta,
+            )
+        ),
+        "train",
+    )
     prop_train = tf.function(lambda: model.rpn.proposals(logits, deltas, anchors, valid_hw, True))
     prop_test = tf.function(lambda: model.rpn.proposals(logits, deltas, anchors, valid_hw, False))
     proposals_tr = prop_train()
     proposals_te = prop_test()
     stage("proposals_train_2000", prop_train, "train")
     stage("proposals_test_1000", prop_test, "inference")
-    sample = tf.function(lambda: target_assigner.sample_rois(
-        proposals_tr.boxes, gt_boxes, gt_classes, crowd, proposals_tr.valid,
-        num_samples=rr.batch_size_per_image, foreground_fraction=rr.positive_fraction,
-        foreground_iou=rr.foreground_iou, box_weights=tuple(rr.box_weights)))
+    sample = tf.function(
+        lambda: target_assigner.sample_rois(
+            proposals_tr.boxes,
+            gt_boxes,
+            gt_classes,
+            crowd,
+            proposals_tr.valid,
+            num_samples=rr.batch_size_per_image,
+            foreground_fraction=rr.positive_fraction,
+            foreground_iou=rr.foreground_iou,
+            box_weights=tuple(rr.box_weights),
+        )
+    )
     roi_t = sample()
     stage("sample_rois", sample, "train")
     feats = {lvl: pyr[lvl] for lvl in model.roi_heads.levels}
@@ -184,9 +232,15 @@ def main(argv):
 
     def align(rois):
         return roi_ops.multilevel_roi_align(
-            feats, rois, output_size=rr.output_size, sampling_ratio=rr.sampling_ratio,
-            min_level=roi_min_level, max_level=roi_max_level,
-            canonical_size=rr.canonical_size, canonical_level=rr.canonical_level)
+            feats,
+            rois,
+            output_size=rr.output_size,
+            sampling_ratio=rr.sampling_ratio,
+            min_level=roi_min_level,
+            max_level=roi_max_level,
+            canonical_size=rr.canonical_size,
+            canonical_level=rr.canonical_level,
+        )
 
     align_tr = tf.function(lambda: align(roi_t.rois))
     align_te = tf.function(lambda: align(proposals_te.boxes))
@@ -200,15 +254,38 @@ def main(argv):
     cls_te, box_te = head_te()
     stage("box_head_train_512", head_tr, "train")
     stage("box_head_test_1000", head_te, "inference")
-    stage("fast_rcnn_losses", tf.function(lambda: fast_rcnn_losses(
-        roi_t.class_targets, roi_t.box_targets, cls_tr, box_tr, rr.smooth_l1_beta,
-        valid=roi_t.valid_mask)), "train")
+    stage(
+        "fast_rcnn_losses",
+        tf.function(
+            lambda: fast_rcnn_losses(
+                roi_t.class_targets,
+                roi_t.box_targets,
+                cls_tr,
+                box_tr,
+                rr.smooth_l1_beta,
+                valid=roi_t.valid_mask,
+            )
+        ),
+        "train",
+    )
     d = model.roi_heads
-    stage("postprocess_detections", tf.function(lambda: postprocess.postprocess_detections(
-        tf.nn.softmax(cls_te, axis=-1), box_te, proposals_te.boxes, valid_hw,
-        box_weights=tuple(rr.box_weights), score_threshold=d.score_threshold,
-        nms_iou=d.nms_iou, max_detections=d.max_detections, nms_impl=d.nms_impl)),
-        "inference")
+    stage(
+        "postprocess_detections",
+        tf.function(
+            lambda: postprocess.postprocess_detections(
+                tf.nn.softmax(cls_te, axis=-1),
+                box_te,
+                proposals_te.boxes,
+                valid_hw,
+                box_weights=tuple(rr.box_weights),
+                score_threshold=d.score_threshold,
+                nms_iou=d.nms_iou,
+                max_detections=d.max_detections,
+                nms_impl=d.nms_impl,
+            )
+        ),
+        "inference",
+    )
 
     # ---- backward pieces ----------------------------------------------------------------
     proj = {k: tf.random.normal(tf.shape(v), seed=1) for k, v in pyr.items()}
@@ -218,8 +295,13 @@ def main(argv):
         with tf.GradientTape() as tape:
             tape.watch(feats)
             out = roi_ops.multilevel_roi_align(
-                feats, roi_t.rois, output_size=rr.output_size, sampling_ratio=rr.sampling_ratio,
-                min_level=roi_min_level, max_level=roi_max_level)
+                feats,
+                roi_t.rois,
+                output_size=rr.output_size,
+                sampling_ratio=rr.sampling_ratio,
+                min_level=roi_min_level,
+                max_level=roi_max_level,
+            )
             s = tf.reduce_sum(out * tf.random.normal(tf.shape(out), seed=2))
         return tape.gradient(s, feats)
 
@@ -257,8 +339,11 @@ def main(argv):
         return losses["total_loss"]
 
     stage("whole_inference", tf.function(lambda: model(features, training=False)), "total")
-    stage("whole_forward_losses",
-          tf.function(lambda: model.compute_losses(features, labels, training=True)), "total")
+    stage(
+        "whole_forward_losses",
+        tf.function(lambda: model.compute_losses(features, labels, training=True)),
+        "total",
+    )
     stage("whole_train_step", step, "total")
     if FLAGS.trace:
         infer = tf.function(lambda: model(features, training=False))
@@ -269,11 +354,26 @@ def main(argv):
             fn()
             tf.profiler.experimental.stop()
             by_type, by_op = top_ops(trace_dir, FLAGS.top_ops)
-            emit({"what": "top_ops", "call": name, "batch": b, "input": hw, "dir": trace_dir,
-                  "by_type_ms": by_type, "by_op_ms": by_op})
+            emit(
+                {
+                    "what": "top_ops",
+                    "call": name,
+                    "batch": b,
+                    "input": hw,
+                    "dir": trace_dir,
+                    "by_type_ms": by_type,
+                    "by_op_ms": by_op,
+                }
+            )
     top = sorted(results, key=lambda r: -r["ms_median"])
-    emit({"what": "profile_summary", "batch": b, "input": hw,
-          "by_time": [(r["stage"], r["ms_median"]) for r in top]})
+    emit(
+        {
+            "what": "profile_summary",
+            "batch": b,
+            "input": hw,
+            "by_time": [(r["stage"], r["ms_median"]) for r in top],
+        }
+    )
 
 
 if __name__ == "__main__":

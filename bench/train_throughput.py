@@ -47,11 +47,17 @@ def define_flags() -> None:
     """Defined on run, not on import: tests import the parsing helpers beside other benches
     that define flags of the same names."""
     flags.DEFINE_list("batch_sizes", ["2", "8"], "Global batch sizes.")
-    flags.DEFINE_list("variants", ["fp32", "fp16", "xla", "fp16_xla"],
-                      "fp32 | fp16 | bf16, each optionally with _xla; 'xla' = fp32 with XLA.")
+    flags.DEFINE_list(
+        "variants",
+        ["fp32", "fp16", "xla", "fp16_xla"],
+        "fp32 | fp16 | bf16, each optionally with _xla; 'xla' = fp32 with XLA.",
+    )
     flags.DEFINE_enum("strategy", "mirrored", ["one_device", "mirrored"], "Distribution strategy.")
-    flags.DEFINE_string("config_file", os.path.join(ROOT, "configs", "coco_r50_fpn_1x.yaml"),
-                        "Experiment config (the paper's by default).")
+    flags.DEFINE_string(
+        "config_file",
+        os.path.join(ROOT, "configs", "coco_r50_fpn_1x.yaml"),
+        "Experiment config (the paper's by default).",
+    )
     flags.DEFINE_integer("total_steps", 40, "Steps per variant (the first log window is warm-up).")
     flags.DEFINE_integer("log_every_steps", 10, "Steps per images/s window.")
     flags.DEFINE_integer("num_images", 64, "Images in the generated training set.")
@@ -62,16 +68,22 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Generated data and model dirs (default: a temp folder).")
     flags.DEFINE_string("run_logs", None, "Keep each variant's full log here.")
     flags.DEFINE_string("output", None, "Append the JSON lines to this file.")
-    flags.DEFINE_string("from_logs", None, "Run nothing: summarize the train_b<N>_<variant>.log "
-                        "files a --run_logs folder holds (e.g. copied back from a GPU machine).")
+    flags.DEFINE_string(
+        "from_logs",
+        None,
+        "Run nothing: summarize the train_b<N>_<variant>.log "
+        "files a --run_logs folder holds (e.g. copied back from a GPU machine).",
+    )
 
 
 PRECISION = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 WINDOW_RE = re.compile(r"step (\d+)/(\d+) .* ([0-9.]+) img/s")
 # TF 2.20: "... device:GPU:0 with 140829 MB memory:  -> device: 0, name: NVIDIA H200, pci ..."
 # (older: "... MB memory) -> physical GPU (device: 0, name: ...").
-DEVICE_RE = re.compile(r"device:GPU:\d+ with (\d+) MB memory\)?:?\s*-> (?:physical GPU \()?"
-                       r"device: \d+, name: ([^,]+)")
+DEVICE_RE = re.compile(
+    r"device:GPU:\d+ with (\d+) MB memory\)?:?\s*-> (?:physical GPU \()?"
+    r"device: \d+, name: ([^,]+)"
+)
 
 
 def parse_variant(name: str) -> tuple[str, bool]:
@@ -80,8 +92,10 @@ def parse_variant(name: str) -> tuple[str, bool]:
     xla = "xla" in parts
     rest = [p for p in parts if p != "xla"] or ["fp32"]
     if len(rest) != 1 or rest[0] not in PRECISION:
-        raise ValueError(f"--variants: unknown variant {name!r}; use fp32, fp16, bf16, "
-                         "each optionally with _xla")
+        raise ValueError(
+            f"--variants: unknown variant {name!r}; use fp32, fp16, bf16, "
+            "each optionally with _xla"
+        )
     return PRECISION[rest[0]], xla
 
 
@@ -106,9 +120,11 @@ def summarize(windows: list[tuple[int, float]], batch: int, log_every: int) -> d
         return {"error": f"no images/s window past step {2 * log_every} (got {windows})"}
     # How long the trace took, when the first logged window holds it (not after overflows).
     first = windows[0][1] if windows[0][0] == log_every else 0.0
-    return {"images_per_s": round(statistics.median(steady), 3),
-            "steady_windows": [round(r, 3) for r in steady],
-            "first_window_s": round(log_every * batch / first, 1) if first > 0 else None}
+    return {
+        "images_per_s": round(statistics.median(steady), 3),
+        "steady_windows": [round(r, 3) for r in steady],
+        "first_window_s": round(log_every * batch / first, 1) if first > 0 else None,
+    }
 
 
 def data_override(workdir: str, batch: int) -> dict:
@@ -116,30 +132,56 @@ def data_override(workdir: str, batch: int) -> dict:
     return {
         "model": {"num_classes": 0, "backbone": {"weights": None}},
         "train_data": {
-            "source": "synthetic", "annotation_file": None, "image_dir": None,
-            "short_side": FLAGS.short_side, "max_long_side": FLAGS.max_long_side,
+            "source": "synthetic",
+            "annotation_file": None,
+            "image_dir": None,
+            "short_side": FLAGS.short_side,
+            "max_long_side": FLAGS.max_long_side,
             "global_batch_size": batch,
-            "synthetic": {"num_images": FLAGS.num_images, "image_size": [lo, hi], "seed": 0,
-                          "output_dir": os.path.join(workdir, "data")},
+            "synthetic": {
+                "num_images": FLAGS.num_images,
+                "image_size": [lo, hi],
+                "seed": 0,
+                "output_dir": os.path.join(workdir, "data"),
+            },
         },
         # Not read in --mode=train, but validated: point it at a small generated split.
-        "eval_data": {"source": "synthetic", "annotation_file": None, "image_dir": None,
-                      "synthetic": {"num_images": 2, "image_size": [lo, hi], "seed": 1,
-                                    "output_dir": os.path.join(workdir, "data")}},
-        "train": {"total_steps": FLAGS.total_steps, "log_every_steps": FLAGS.log_every_steps,
-                  "summary_every_steps": FLAGS.total_steps,
-                  "checkpoint_every_steps": FLAGS.total_steps},
+        "eval_data": {
+            "source": "synthetic",
+            "annotation_file": None,
+            "image_dir": None,
+            "synthetic": {
+                "num_images": 2,
+                "image_size": [lo, hi],
+                "seed": 1,
+                "output_dir": os.path.join(workdir, "data"),
+            },
+        },
+        "train": {
+            "total_steps": FLAGS.total_steps,
+            "log_every_steps": FLAGS.log_every_steps,
+            "summary_every_steps": FLAGS.total_steps,
+            "checkpoint_every_steps": FLAGS.total_steps,
+        },
     }
 
 
-def record_from_log(text: str, rc, batch: int, variant: str, *, strategy: str, log_every: int,
-                    wall_s=None) -> dict:
+def record_from_log(
+    text: str, rc, batch: int, variant: str, *, strategy: str, log_every: int, wall_s=None
+) -> dict:
     """One JSON record from a variant's log (rc: its exit status; 0 = it finished)."""
     precision, xla = parse_variant(variant)
     parsed = parse_log(text)
-    record = {"what": "train_throughput", "batch": batch, "variant": variant,
-              "mixed_precision": precision, "jit_compile": xla, "strategy": strategy,
-              "gpu": parsed.get("gpu", "none"), "wall_s": wall_s}
+    record = {
+        "what": "train_throughput",
+        "batch": batch,
+        "variant": variant,
+        "mixed_precision": precision,
+        "jit_compile": xla,
+        "strategy": strategy,
+        "gpu": parsed.get("gpu", "none"),
+        "wall_s": wall_s,
+    }
     if rc != 0:
         lines = [l for l in text.strip().splitlines() if l.strip()]
         record["error"] = f"exit {rc}: {lines[-1][:300] if lines else 'no output'}"
@@ -160,9 +202,19 @@ def records_from_logs(folder: str, *, strategy: str, log_every: int) -> list[dic
             with open(os.path.join(folder, name)) as f:
                 text = f.read()
             rc = 0 if "Trained " in text else "unfinished"
-            out.append({**record_from_log(text, rc, int(m.group(1)), m.group(2),
-                                          strategy=strategy, log_every=log_every),
-                        "from_log": name})
+            out.append(
+                {
+                    **record_from_log(
+                        text,
+                        rc,
+                        int(m.group(1)),
+                        m.group(2),
+                        strategy=strategy,
+                        log_every=log_every,
+                    ),
+                    "from_log": name,
+                }
+            )
     return out
 
 
@@ -173,18 +225,28 @@ def _decoded(out) -> str:
 def run_variant(workdir: str, batch: int, variant: str) -> dict:
     precision, xla = parse_variant(variant)
     model_dir = os.path.join(workdir, f"b{batch}_{variant}")
-    cmd = [sys.executable, "-m", "fpn_tf.train", f"--config_file={FLAGS.config_file}",
-           f"--params_override={json.dumps(data_override(workdir, batch))}",
-           f"--model_dir={model_dir}", "--mode=train", "--export=false",
-           f"--strategy={FLAGS.strategy}", f"--mixed_precision={precision}",
-           f"--jit_compile={str(xla).lower()}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fpn_tf.train",
+        f"--config_file={FLAGS.config_file}",
+        f"--params_override={json.dumps(data_override(workdir, batch))}",
+        f"--model_dir={model_dir}",
+        "--mode=train",
+        "--export=false",
+        f"--strategy={FLAGS.strategy}",
+        f"--mixed_precision={precision}",
+        f"--jit_compile={str(xla).lower()}",
+    ]
     logging.info("b%d %s: %s", batch, variant, " ".join(cmd[1:4]) + " ...")
     start = time.time()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    )
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=FLAGS.timeout_s)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=FLAGS.timeout_s
+        )
         text, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         text, rc = _decoded(e.stdout) + _decoded(e.stderr), "timeout"
@@ -192,8 +254,15 @@ def run_variant(workdir: str, batch: int, variant: str) -> dict:
         os.makedirs(FLAGS.run_logs, exist_ok=True)
         with open(os.path.join(FLAGS.run_logs, f"train_b{batch}_{variant}.log"), "w") as f:
             f.write(text)
-    return record_from_log(text, rc, batch, variant, strategy=FLAGS.strategy,
-                           log_every=FLAGS.log_every_steps, wall_s=round(time.time() - start, 1))
+    return record_from_log(
+        text,
+        rc,
+        batch,
+        variant,
+        strategy=FLAGS.strategy,
+        log_every=FLAGS.log_every_steps,
+        wall_s=round(time.time() - start, 1),
+    )
 
 
 def emit(record: dict) -> None:
@@ -209,14 +278,18 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if FLAGS.total_steps < 2 * FLAGS.log_every_steps:
-        raise app.UsageError(f"--total_steps={FLAGS.total_steps} gives fewer than two images/s "
-                             f"windows of --log_every_steps={FLAGS.log_every_steps}")
+        raise app.UsageError(
+            f"--total_steps={FLAGS.total_steps} gives fewer than two images/s "
+            f"windows of --log_every_steps={FLAGS.log_every_steps}"
+        )
     if FLAGS.from_logs:
-        records = records_from_logs(FLAGS.from_logs, strategy=FLAGS.strategy,
-                                    log_every=FLAGS.log_every_steps)
+        records = records_from_logs(
+            FLAGS.from_logs, strategy=FLAGS.strategy, log_every=FLAGS.log_every_steps
+        )
         if not records:
-            raise app.UsageError(f"--from_logs={FLAGS.from_logs}: no train_b<N>_<variant>.log "
-                                 "files there")
+            raise app.UsageError(
+                f"--from_logs={FLAGS.from_logs}: no train_b<N>_<variant>.log " "files there"
+            )
         for record in records:
             emit(record)
         return

@@ -30,8 +30,19 @@ ROWS = {
     "d_p2_only": "(d) top-down + lateral, P2 only",
     "e_fpn": "(e) FPN (top-down + lateral, P2-P6)",
 }
-COLUMNS = ["AR@100", "AR@1000", "ARs@1000", "ARm@1000", "ARl@1000", "AP", "AP50", "APs", "APm",
-           "APl", "sec_per_step"]
+COLUMNS = [
+    "AR@100",
+    "AR@1000",
+    "ARs@1000",
+    "ARm@1000",
+    "ARl@1000",
+    "AP",
+    "AP50",
+    "APs",
+    "APm",
+    "APl",
+    "sec_per_step",
+]
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "runs/ablations", "One model_dir per row, plus the tables.")
@@ -41,6 +52,7 @@ flags.DEFINE_string("params_override", None, "Applied to every row (e.g. a short
 
 def run_row(row: str, output_dir: str, params_override=None) -> dict:
     from fpn_tf.configs.loader import load_config
+
     result_path = os.path.join(output_dir, row, "ablation_result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
@@ -50,18 +62,23 @@ def run_row(row: str, output_dir: str, params_override=None) -> dict:
     cfg = load_config(os.path.join(ABLATIONS_DIR, f"{row}.yaml"), params_override)
     cli.configure_tensorflow_environment(cfg.runtime.strategy)
     from fpn_tf.training.trainer import Trainer  # TensorFlow from here on
+
     trainer = Trainer(cfg, os.path.join(output_dir, row))
     start_step = trainer.step
     log = trainer.train()
     metrics = trainer.evaluate()
     steps = trainer.step - start_step
     result = {k: metrics.get(k) for k in COLUMNS if k in metrics}
-    result.update({
-        "row": row, "name": ROWS[row], "steps": trainer.step,
-        "sec_per_step": (log.get("seconds", 0.0) / steps) if steps else None,
-        "pyramid_levels": sorted(trainer.model.fpn.output),
-        "anchors_per_location": trainer.model.rpn.num_anchors,
-    })
+    result.update(
+        {
+            "row": row,
+            "name": ROWS[row],
+            "steps": trainer.step,
+            "sec_per_step": (log.get("seconds", 0.0) / steps) if steps else None,
+            "pyramid_levels": sorted(trainer.model.fpn.output),
+            "anchors_per_location": trainer.model.rpn.num_anchors,
+        }
+    )
     with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -75,8 +92,9 @@ def markdown_table(results) -> str:
         cells = []
         for c in COLUMNS:
             v = r.get(c)
-            cells.append("n/a" if v is None else (f"{v:.2f}" if c == "sec_per_step" else
-                                                   f"{100 * v:.1f}"))
+            cells.append(
+                "n/a" if v is None else (f"{v:.2f}" if c == "sec_per_step" else f"{100 * v:.1f}")
+            )
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -100,8 +118,11 @@ def main(argv):
     with open(os.path.join(FLAGS.output_dir, "ablations.json"), "w") as f:
         json.dump({"rows": results, "minutes": elapsed / 60}, f, indent=2)
     print(table)
-    print(f"\n{len(results)} rows in {elapsed / 60:.1f} min; tables in {FLAGS.output_dir}/"
-          "ablations.{md,json}", flush=True)
+    print(
+        f"\n{len(results)} rows in {elapsed / 60:.1f} min; tables in {FLAGS.output_dir}/"
+        "ablations.{md,json}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,31 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("model_dir", None, "The training run's directory (params.yaml, "
-                        "category_map.json, checkpoints).")
-    flags.DEFINE_string("export_dir", None, "Where the SavedModel goes, e.g. exports/fpn/1 "
-                        "(TF Serving wants a numbered version directory).")
-    flags.DEFINE_multi_string("config_file", None, "Config YAML file(s) instead of "
-                              "<model_dir>/params.yaml (applied in order).")
-    flags.DEFINE_multi_string("params_override", None, "Overrides on top of the config, e.g. "
-                              "'model.detection.score_threshold=0.3,eval_data.short_side=640'.")
-    flags.DEFINE_string("checkpoint", None, "A checkpoint path to export instead of the latest "
-                        "in model_dir.")
+    flags.DEFINE_string(
+        "model_dir",
+        None,
+        "The training run's directory (params.yaml, " "category_map.json, checkpoints).",
+    )
+    flags.DEFINE_string(
+        "export_dir",
+        None,
+        "Where the SavedModel goes, e.g. exports/fpn/1 "
+        "(TF Serving wants a numbered version directory).",
+    )
+    flags.DEFINE_multi_string(
+        "config_file",
+        None,
+        "Config YAML file(s) instead of " "<model_dir>/params.yaml (applied in order).",
+    )
+    flags.DEFINE_multi_string(
+        "params_override",
+        None,
+        "Overrides on top of the config, e.g. "
+        "'model.detection.score_threshold=0.3,eval_data.short_side=640'.",
+    )
+    flags.DEFINE_string(
+        "checkpoint", None, "A checkpoint path to export instead of the latest " "in model_dir."
+    )
     flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
@@ -52,18 +67,27 @@ def _export() -> None:
     from fpn_tf.configs import ConfigError  # pylint: disable=g-import-not-at-top
     from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
+
     start = time.time()
     try:
         source = export_lib.load_model_for_export(
-            FLAGS.model_dir, config_file=FLAGS.config_file, params_override=FLAGS.params_override,
-            checkpoint=FLAGS.checkpoint)
-        export_lib.export_saved_model(source.model, FLAGS.export_dir, source.category_map,
-                                      **source.preprocessing)
+            FLAGS.model_dir,
+            config_file=FLAGS.config_file,
+            params_override=FLAGS.params_override,
+            checkpoint=FLAGS.checkpoint,
+        )
+        export_lib.export_saved_model(
+            source.model, FLAGS.export_dir, source.category_map, **source.preprocessing
+        )
     except (export_lib.ExportError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    logging.info("Done in %.1f s: %s (checkpoint %s)", time.time() - start, FLAGS.export_dir,
-                 source.checkpoint)
+    logging.info(
+        "Done in %.1f s: %s (checkpoint %s)",
+        time.time() - start,
+        FLAGS.export_dir,
+        source.checkpoint,
+    )
 
 
 if __name__ == "__main__":

@@ -19,27 +19,48 @@ from absl import app, flags
 
 from fpn_tf import cli
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "cpu_demo.yaml")
+DEMO_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cpu_demo.yaml"
+)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("config_file", None,
-                          "YAML experiment file(s), applied in order over the defaults "
-                          "(default: the CPU demo, configs/cpu_demo.yaml).")
-flags.DEFINE_string("params_override", None,
-                    "Dotted key=value list or YAML/JSON mapping applied last, "
-                    "e.g. 'train.total_steps=100,train_data.global_batch_size=2'.")
-flags.DEFINE_string("model_dir", None,
-                    "Checkpoints, params.yaml, summaries, metrics and the SavedModel "
-                    "(default: runs/cpu_demo for the demo). A run resumes from its last checkpoint.")
+flags.DEFINE_multi_string(
+    "config_file",
+    None,
+    "YAML experiment file(s), applied in order over the defaults "
+    "(default: the CPU demo, configs/cpu_demo.yaml).",
+)
+flags.DEFINE_string(
+    "params_override",
+    None,
+    "Dotted key=value list or YAML/JSON mapping applied last, "
+    "e.g. 'train.total_steps=100,train_data.global_batch_size=2'.",
+)
+flags.DEFINE_string(
+    "model_dir",
+    None,
+    "Checkpoints, params.yaml, summaries, metrics and the SavedModel "
+    "(default: runs/cpu_demo for the demo). A run resumes from its last checkpoint.",
+)
 flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
-flags.DEFINE_enum("strategy", None, ["one_device", "mirrored", "multi_worker_mirrored"],
-                  "Overrides runtime.strategy.")
+flags.DEFINE_enum(
+    "strategy",
+    None,
+    ["one_device", "mirrored", "multi_worker_mirrored"],
+    "Overrides runtime.strategy.",
+)
 flags.DEFINE_list("devices", None, "Overrides runtime.devices, e.g. /gpu:0,/gpu:1.")
-flags.DEFINE_integer("num_logical_cpu_devices", None,
-                     "Split the CPU into N logical devices (test mirrored without GPUs).")
-flags.DEFINE_enum("mixed_precision", None, ["float32", "float16", "bfloat16"],
-                  "Overrides runtime.mixed_precision.")
+flags.DEFINE_integer(
+    "num_logical_cpu_devices",
+    None,
+    "Split the CPU into N logical devices (test mirrored without GPUs).",
+)
+flags.DEFINE_enum(
+    "mixed_precision",
+    None,
+    ["float32", "float16", "bfloat16"],
+    "Overrides runtime.mixed_precision.",
+)
 flags.DEFINE_boolean("jit_compile", None, "Overrides runtime.jit_compile (XLA).")
 flags.DEFINE_integer("total_steps", None, "Overrides train.total_steps.")
 flags.DEFINE_boolean("export", True, "Export a SavedModel to MODEL_DIR/saved_model at the end.")
@@ -65,10 +86,12 @@ def _overrides() -> dict:
 def run(config_files, params_override, model_dir, mode, export=True, extra_overrides=None):
     """Runs an experiment; returns ``{"metrics": ..., "saved_model": ..., ...}``."""
     from fpn_tf.configs.loader import load_config  # no TensorFlow yet
+
     overrides = [o for o in (params_override, extra_overrides) if o]
     cfg = load_config(config_files, overrides or None)
     cli.configure_tensorflow_environment(cfg.runtime.strategy)
     from fpn_tf.training.trainer import Trainer, format_metrics
+
     start = time.time()
     trainer = Trainer(cfg, model_dir)
     result = {"model_dir": os.path.abspath(model_dir)}
@@ -82,9 +105,12 @@ def run(config_files, params_override, model_dir, mode, export=True, extra_overr
     if export and trainer.chief and mode != "eval":
         result["saved_model"] = os.path.abspath(trainer.export())
     result["seconds"] = round(time.time() - start, 1)
-    lines = [f"Done in {result['seconds']:.0f} s.", f"  model_dir:   {result['model_dir']}",
-             f"  config:      {os.path.join(result['model_dir'], 'params.yaml')}",
-             f"  checkpoint:  {trainer.manager.latest_checkpoint}"]
+    lines = [
+        f"Done in {result['seconds']:.0f} s.",
+        f"  model_dir:   {result['model_dir']}",
+        f"  config:      {os.path.join(result['model_dir'], 'params.yaml')}",
+        f"  checkpoint:  {trainer.manager.latest_checkpoint}",
+    ]
     if "metrics" in result:
         lines.append(f"  metrics:     {os.path.join(result['model_dir'], 'eval', 'metrics.json')}")
         lines.append(f"               {format_metrics(result['metrics'])}")
@@ -102,8 +128,7 @@ def main(argv):
     if not model_dir:
         cli.fail("--model_dir is required with --config_file")
     with cli.quiet_tensorflow(), cli.user_errors():
-        run(config_files, FLAGS.params_override, model_dir, FLAGS.mode, FLAGS.export,
-            _overrides())
+        run(config_files, FLAGS.params_override, model_dir, FLAGS.mode, FLAGS.export, _overrides())
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ TINY_OVERRIDES = {
 def tiny_config(tmp_path):
     """The CPU demo config shrunk to seconds: tiny model, 8 synthetic images of ~128 px."""
     from fpn_tf.configs.loader import load_config
+
     overrides = dict(TINY_OVERRIDES)
     overrides["train_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
     overrides["eval_data.synthetic.output_dir"] = str(tmp_path / "synthetic")

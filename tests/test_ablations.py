@@ -40,7 +40,7 @@ def test_single_scale_c4_row():
     _, model = _model("a_single_scale_c4")
     assert _pyramid(model) is None
     out = _outputs(model)
-    assert list(out) == ["P4"] and out["P4"].shape == (1, 20, 30, 128)   # C4: stride 16
+    assert list(out) == ["P4"] and out["P4"].shape == (1, 20, 30, 128)  # C4: stride 16
     assert model.rpn.anchor_sizes == {"P4": (16.0, 32.0, 64.0, 128.0, 256.0)}
     assert model.rpn.num_anchors == 15 and model.roi_heads.levels == ["P4"]
 
@@ -73,8 +73,9 @@ def test_fpn_row():
     _, model = _model("e_fpn")
     out = _outputs(model)
     assert [out[k].shape[1] for k in ("P2", "P3", "P4", "P5", "P6")] == [80, 40, 20, 10, 5]
-    assert model.rpn.anchor_sizes == {f"P{l}": (s,) for l, s in
-                                  zip(range(2, 7), (16.0, 32.0, 64.0, 128.0, 256.0))}
+    assert model.rpn.anchor_sizes == {
+        f"P{l}": (s,) for l, s in zip(range(2, 7), (16.0, 32.0, 64.0, 128.0, 256.0))
+    }
     assert model.roi_heads.levels == ["P2", "P3", "P4", "P5"]
 
 

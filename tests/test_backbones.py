@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.modeling.backbones import (PixelNormalization, build_backbone,
-                                       build_resnet_backbone, build_small_resnet_backbone)
+from fpn_tf.modeling.backbones import (
+    PixelNormalization,
+    build_backbone,
+    build_resnet_backbone,
+    build_small_resnet_backbone,
+)
 from fpn_tf.modeling.frozen_batch_norm import Conv2DFrozenBatchNorm
 
 BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -57,8 +61,13 @@ def test_resnet50_frozen_bn_and_stem_stay_frozen_through_a_training_step():
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
     snapshot = {v.path: v.numpy().copy() for v in backbone.weights}
     rng = np.random.default_rng(0)
-    model.fit(rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32"),
-              rng.normal(size=(4, 1)).astype("float32") * 10, epochs=1, batch_size=4, verbose=0)
+    model.fit(
+        rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32"),
+        rng.normal(size=(4, 1)).astype("float32") * 10,
+        epochs=1,
+        batch_size=4,
+        verbose=0,
+    )
     after = {v.path: v.numpy() for v in backbone.weights}
     bn_vars = [p for p in snapshot if p.split("/")[-1] in BN_VECTORS]
     assert any("moving_mean" in p for p in bn_vars) and any("gamma" in p for p in bn_vars)

@@ -20,12 +20,16 @@ def test_padding_and_synthetic_batch():
 def test_model_garden_config_matches_ours():
     pytest.importorskip("official.vision.configs.maskrcnn")
     from bench.compare_model_garden import model_garden_config
+
     m = model_garden_config([800, 1333], [832, 1344]).task.model
     assert m.input_size == [832, 1344, 3] and m.num_classes == 91 and not m.include_mask
     assert (m.roi_generator.num_proposals, m.roi_generator.test_num_proposals) == (2000, 1000)
     assert m.roi_sampler.num_sampled_rois == 512 and m.roi_aligner.crop_size == 7
-    assert (m.detection_head.num_convs, m.detection_head.num_fcs,
-            m.detection_head.fc_dims) == (0, 2, 1024)
+    assert (m.detection_head.num_convs, m.detection_head.num_fcs, m.detection_head.fc_dims) == (
+        0,
+        2,
+        1024,
+    )
 
 
 def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree():
@@ -37,11 +41,15 @@ def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree(
     from fpn_tf.modeling.factory import build_model
 
     def build(override):
-        cfg = load_config(params_override=(
-            "model.backbone.type=small_resnet,model.backbone.freeze_bn=true,"
-            "model.backbone.widths=[8,8,16,16],model.backbone.stem_width=8,"
-            "model.fpn.num_channels=16,model.rpn.head_channels=16,model.roi.fc_dims=32,"
-            "model.num_classes=3," + override), validate=False)
+        cfg = load_config(
+            params_override=(
+                "model.backbone.type=small_resnet,model.backbone.freeze_bn=true,"
+                "model.backbone.widths=[8,8,16,16],model.backbone.stem_width=8,"
+                "model.fpn.num_channels=16,model.rpn.head_channels=16,model.roi.fc_dims=32,"
+                "model.num_classes=3," + override
+            ),
+            validate=False,
+        )
         return build_model(cfg.model, input_shape=(64, 96, 3))
 
     keras.utils.set_random_seed(1)
@@ -53,8 +61,9 @@ def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree(
     for v in bn:
         v.assign(np.full(v.shape, 2.5, "float32"))
     ab_ours.copy_weights(unfolded, folded)
-    features = {"images": tf.constant(np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)),
-                                      tf.float32)}
+    features = {
+        "images": tf.constant(np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)), tf.float32)
+    }
     ref, rois = ab_ours.stage_outputs(unfolded, features)
     out, same_rois = ab_ours.stage_outputs(folded, features, rois)
     assert same_rois is rois and sorted(ref) == sorted(out)

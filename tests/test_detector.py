@@ -14,7 +14,7 @@ from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
 from fpn_tf.ops import box_ops
 
-CATEGORY_IDS = [5, 9, 11]      # non-contiguous dataset ids of classes 1, 2, 3
+CATEGORY_IDS = [5, 9, 11]  # non-contiguous dataset ids of classes 1, 2, 3
 COLORS = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}
 OBJECTS = [  # per image: (ymin, xmin, ymax, xmax, contiguous class)
     [(10, 10, 50, 60, 1), (70, 60, 110, 120, 2)],
@@ -32,31 +32,51 @@ def fixed_batch(size=128):
             boxes[i, j] = (y0, x0, y1, x1)
             classes[i, j] = c
     info = np.array([[size, size], [size, size], [1, 1], [0, 0]], np.float32)
-    features = {"images": images, "image_info": np.tile(info, (2, 1, 1)),
-                "image_id": np.array([1, 2], np.int64)}
+    features = {
+        "images": images,
+        "image_info": np.tile(info, (2, 1, 1)),
+        "image_id": np.array([1, 2], np.int64),
+    }
     labels = {"gt_boxes": boxes, "gt_classes": classes, "gt_is_crowd": np.zeros((2, 4), bool)}
     return features, labels
 
 
 def tiny_rpn(anchor_sizes=None, **overrides):
     """The paper's RPN settings (the config's defaults) with small top-k's, on P2..P6."""
-    settings = {**RPNConfig().to_dict(), "pre_nms_top_k_train": 500, "post_nms_top_k_train": 200,
-                "pre_nms_top_k_test": 300, "post_nms_top_k_test": 100, **overrides}
+    settings = {
+        **RPNConfig().to_dict(),
+        "pre_nms_top_k_train": 500,
+        "post_nms_top_k_train": 200,
+        "pre_nms_top_k_test": 300,
+        "post_nms_top_k_test": 100,
+        **overrides,
+    }
     if anchor_sizes is None:
         anchor_sizes = {f"P{l}": (s,) for l, s in zip(range(2, 7), (16, 32, 64, 128, 256))}
-    return RegionProposalNetwork(anchor_sizes=anchor_sizes, aspect_ratios=(0.5, 1.0, 2.0),
-                                 **settings)
+    return RegionProposalNetwork(
+        anchor_sizes=anchor_sizes, aspect_ratios=(0.5, 1.0, 2.0), **settings
+    )
 
 
 def tiny_roi_heads(num_classes=3, **overrides):
-    settings = {**RoIConfig().to_dict(), **DetectionConfig().to_dict(), "fc_dims": 128,
-                "batch_size_per_image": 64, **overrides}
+    settings = {
+        **RoIConfig().to_dict(),
+        **DetectionConfig().to_dict(),
+        "fc_dims": 128,
+        "batch_size_per_image": 64,
+        **overrides,
+    }
     return RoIHeads(num_classes=num_classes, **settings)
 
 
 def tiny_model(size=128):
-    fpn = build_fpn_model("small_resnet", num_channels=32, widths=(16, 32, 64, 64),
-                          stem_width=16, input_shape=(size, size, 3))
+    fpn = build_fpn_model(
+        "small_resnet",
+        num_channels=32,
+        widths=(16, 32, 64, 64),
+        stem_width=16,
+        input_shape=(size, size, 3),
+    )
     return FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(), category_ids=CATEGORY_IDS)
 
 
@@ -72,8 +92,12 @@ def test_overfits_a_fixed_batch_and_then_detects_its_boxes():
     data = tf.data.Dataset.from_tensors((features, labels)).repeat()
     history = model.fit(data, steps_per_epoch=10, epochs=15, verbose=0).history
     total = np.array(history["total_loss"])
-    for name in ("rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
-                 "fast_rcnn_box_loss"):
+    for name in (
+        "rpn_objectness_loss",
+        "rpn_box_loss",
+        "fast_rcnn_class_loss",
+        "fast_rcnn_box_loss",
+    ):
         assert np.isfinite(history[name]).all() and name in history
     # Falls steadily: no block of three epochs is more than 5 % above the one before (the last
     # blocks are flat once the batch is fitted), the second half is far below the first, and the
@@ -89,9 +113,10 @@ def test_overfits_a_fixed_batch_and_then_detects_its_boxes():
         boxes = out["detection_boxes"][i][:n]
         classes = out["detection_classes"][i][:n]
         scores = out["detection_scores"][i][:n]
-        for (y0, x0, y1, x1, c) in objects:
-            iou = box_ops.pairwise_iou(tf.constant([[y0, x0, y1, x1]], tf.float32),
-                                       tf.constant(boxes, tf.float32)).numpy()[0]
+        for y0, x0, y1, x1, c in objects:
+            iou = box_ops.pairwise_iou(
+                tf.constant([[y0, x0, y1, x1]], tf.float32), tf.constant(boxes, tf.float32)
+            ).numpy()[0]
             hit = (iou > 0.5) & (classes == CATEGORY_IDS[c - 1]) & (scores > 0.5)
             assert hit.any(), (i, (y0, x0, y1, x1, c), boxes, classes, scores)
 
@@ -99,8 +124,10 @@ def test_overfits_a_fixed_batch_and_then_detects_its_boxes():
 def test_outputs_and_training_tensors_have_static_shapes():
     model = tiny_model()
     features, labels = fixed_batch()
-    spec = {"images": tf.TensorSpec([2, 128, 128, 3], tf.float32),
-            "image_info": tf.TensorSpec([2, 4, 2], tf.float32)}
+    spec = {
+        "images": tf.TensorSpec([2, 128, 128, 3], tf.float32),
+        "image_info": tf.TensorSpec([2, 4, 2], tf.float32),
+    }
     concrete = tf.function(lambda x: model(x)).get_concrete_function(spec)
     shapes = {k: v.shape.as_list() for k, v in concrete.structured_outputs.items()}
     assert shapes["detection_boxes"] == [2, 100, 4]
@@ -108,11 +135,16 @@ def test_outputs_and_training_tensors_have_static_shapes():
     assert shapes["detection_classes"] == [2, 100]
     assert shapes["num_detections"] == [2]
     assert shapes["proposal_boxes"] == [2, 100, 4]
-    label_spec = {"gt_boxes": tf.TensorSpec([2, 4, 4], tf.float32),
-                  "gt_classes": tf.TensorSpec([2, 4], tf.int32),
-                  "gt_is_crowd": tf.TensorSpec([2, 4], tf.bool)}
-    losses = tf.function(lambda f, l: model.compute_losses(f, l)).get_concrete_function(
-        spec, label_spec).structured_outputs
+    label_spec = {
+        "gt_boxes": tf.TensorSpec([2, 4, 4], tf.float32),
+        "gt_classes": tf.TensorSpec([2, 4], tf.int32),
+        "gt_is_crowd": tf.TensorSpec([2, 4], tf.bool),
+    }
+    losses = (
+        tf.function(lambda f, l: model.compute_losses(f, l))
+        .get_concrete_function(spec, label_spec)
+        .structured_outputs
+    )
     assert all(v.shape.as_list() == [] for v in losses.values())
 
 
@@ -121,8 +153,12 @@ def test_train_step_compiles_with_xla():
     model = tiny_model()
     model.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=True)
     features, labels = fixed_batch()
-    history = model.fit(tf.data.Dataset.from_tensors((features, labels)).repeat(),
-                        steps_per_epoch=2, epochs=1, verbose=0).history
+    history = model.fit(
+        tf.data.Dataset.from_tensors((features, labels)).repeat(),
+        steps_per_epoch=2,
+        epochs=1,
+        verbose=0,
+    ).history
     assert np.isfinite(history["total_loss"][0])
 
 
@@ -145,7 +181,7 @@ def test_boxes_map_back_to_the_original_image_with_image_info():
     scaled = dict(features)
     info = features["image_info"].copy()
     info[:, 0, :] = 64.0
-    info[:, 2, :] = 2.0   # the model input is the original upscaled x2
+    info[:, 2, :] = 2.0  # the model input is the original upscaled x2
     scaled["image_info"] = info
     a = model(features)
     b = model(scaled)
@@ -157,8 +193,10 @@ def test_rejects_inconsistent_arguments():
     with pytest.raises(ValueError, match="anchor sizes for levels .'P7'. that the pyramid"):
         FasterRCNN(fpn, tiny_rpn({"P2": (32,), "P7": (64,)}), tiny_roi_heads(2))
     with pytest.raises(ValueError, match="model.anchor.sizes has 2 entries"):
-        anchor_sizes_for(ExperimentConfig.from_dict({"model.anchor.sizes": [32, 64]}).model,
-                         ["P2", "P3", "P4", "P5", "P6"])
+        anchor_sizes_for(
+            ExperimentConfig.from_dict({"model.anchor.sizes": [32, 64]}).model,
+            ["P2", "P3", "P4", "P5", "P6"],
+        )
     with pytest.raises(ValueError, match="same anchors per location"):
         tiny_rpn({"P2": (32,), "P3": (64, 128)})
     with pytest.raises(ValueError, match="category ids"):
@@ -169,34 +207,53 @@ def test_rejects_inconsistent_arguments():
 
 def test_builds_from_the_cpu_demo_config():
     from fpn_tf.configs.loader import load_config
+
     cfg = load_config("configs/cpu_demo.yaml")
     model = build_model(cfg.model, category_ids=[1, 3, 7, 9])
     assert model.num_classes == 4 and model.rpn.head.channels == 128
-    assert model.rpn.anchor_sizes == {"P2": (16.0,), "P3": (32.0,), "P4": (64.0,),
-                                      "P5": (128.0,), "P6": (256.0,)}
+    assert model.rpn.anchor_sizes == {
+        "P2": (16.0,),
+        "P3": (32.0,),
+        "P4": (64.0,),
+        "P5": (128.0,),
+        "P6": (256.0,),
+    }
     assert model.roi_heads.box_head.fc_dims == 256
     assert model.roi_heads.batch_size_per_image == 128
-    out = model({"images": tf.zeros((1, 320, 480, 3)),
-                 "image_info": tf.constant([[[320, 480], [320, 480], [1, 1], [0, 0]]], tf.float32)})
+    out = model(
+        {
+            "images": tf.zeros((1, 320, 480, 3)),
+            "image_info": tf.constant([[[320, 480], [320, 480], [1, 1], [0, 0]]], tf.float32),
+        }
+    )
     assert out["detection_boxes"].shape == (1, 100, 4)
 
 
 def test_every_setting_of_the_model_sections_reaches_its_layer():
     """Each field of model.rpn / model.roi / model.detection is a keyword argument of its layer,
     kept in its get_config (nms_impl included)."""
-    cfg = ExperimentConfig.from_dict({
-        "model": {"backbone": {"type": "small_resnet"}, "fpn": {"num_channels": 16},
-                  "rpn": {"nms_impl": "padded", "nms_iou": 0.6, "pre_nms_top_k_test": 77},
-                  "roi": {"sampling_ratio": 0, "align_impl": "gather"},
-                  "detection": {"nms_impl": "combined", "max_detections": 33}}})
+    cfg = ExperimentConfig.from_dict(
+        {
+            "model": {
+                "backbone": {"type": "small_resnet"},
+                "fpn": {"num_channels": 16},
+                "rpn": {"nms_impl": "padded", "nms_iou": 0.6, "pre_nms_top_k_test": 77},
+                "roi": {"sampling_ratio": 0, "align_impl": "gather"},
+                "detection": {"nms_impl": "combined", "max_detections": 33},
+            }
+        }
+    )
     model = build_model(cfg.model, category_ids=[1, 2])
     rpn_config, roi_config = model.rpn.get_config(), model.roi_heads.get_config()
-    for section, config in ((cfg.model.rpn, rpn_config), (cfg.model.roi, roi_config),
-                            (cfg.model.detection, roi_config)):
+    for section, config in (
+        (cfg.model.rpn, rpn_config),
+        (cfg.model.roi, roi_config),
+        (cfg.model.detection, roi_config),
+    ):
         for name, value in section.to_dict().items():
             assert config[name] == value, name
     assert model.rpn.nms_impl == "padded" and model.roi_heads.nms_impl == "combined"
-    out = model(tf.zeros((1, 64, 96, 3)))          # adaptive RoIAlign runs end to end
+    out = model(tf.zeros((1, 64, 96, 3)))  # adaptive RoIAlign runs end to end
     assert out["detection_boxes"].shape == (1, 33, 4)
 
 
@@ -205,16 +262,25 @@ def test_resnet50_fpn_at_800x1333_runs_one_training_step_on_cpu():
     model = build_model(cfg.model, category_ids=list(range(1, 81)), input_shape=(800, 1344, 3))
     model.compile(optimizer=keras.optimizers.SGD(0.001, momentum=0.9))
     rng = np.random.default_rng(0)
-    features = {"images": rng.uniform(0, 255, (1, 800, 1344, 3)).astype(np.float32),
-                "image_info": np.array([[[480, 800], [800, 1333], [800 / 480] * 2, [0, 0]]],
-                                       np.float32)}
-    labels = {"gt_boxes": np.array([[[100, 200, 400, 600], [500, 700, 560, 780]] + [[0] * 4] * 8],
-                                   np.float32),
-              "gt_classes": np.array([[3, 17] + [-1] * 8], np.int32),
-              "gt_is_crowd": np.zeros((1, 10), bool)}
+    features = {
+        "images": rng.uniform(0, 255, (1, 800, 1344, 3)).astype(np.float32),
+        "image_info": np.array([[[480, 800], [800, 1333], [800 / 480] * 2, [0, 0]]], np.float32),
+    }
+    labels = {
+        "gt_boxes": np.array(
+            [[[100, 200, 400, 600], [500, 700, 560, 780]] + [[0] * 4] * 8], np.float32
+        ),
+        "gt_classes": np.array([[3, 17] + [-1] * 8], np.int32),
+        "gt_is_crowd": np.zeros((1, 10), bool),
+    }
     before = model.roi_heads.box_head.classifier.kernel.numpy().copy()
     logs = model.train_on_batch(features, labels, return_dict=True)
-    assert set(logs) >= {"rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
-                         "fast_rcnn_box_loss", "total_loss"}
+    assert set(logs) >= {
+        "rpn_objectness_loss",
+        "rpn_box_loss",
+        "fast_rcnn_class_loss",
+        "fast_rcnn_box_loss",
+        "total_loss",
+    }
     assert all(np.isfinite(v) for v in logs.values())
     assert not np.allclose(before, model.roi_heads.box_head.classifier.kernel.numpy())

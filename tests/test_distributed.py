@@ -20,8 +20,14 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, TF_ENABLE_ONED
 
 
 def test_mirrored_four_logical_devices_match_one_device(tmp_path):
-    result = subprocess.run([sys.executable, "tests/scripts/mirrored_step.py", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    result = subprocess.run(
+        [sys.executable, "tests/scripts/mirrored_step.py", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["replicas"] == 4 and report["steps"] == [1, 1]
@@ -47,12 +53,27 @@ def _run_workers(data_dir, model_dir, out_dir, steps):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
-        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,
-                                              "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "tests/scripts/multiworker_worker.py", data_dir, model_dir,
-             out_dir, str(steps)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            ENV,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "tests/scripts/multiworker_worker.py",
+                    data_dir,
+                    model_dir,
+                    out_dir,
+                    str(steps),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     for p in procs:
         try:
@@ -71,8 +92,9 @@ def _run_workers(data_dir, model_dir, out_dir, steps):
 def test_two_workers_on_loopback_train_identical_weights_and_resume(tmp_path):
     data_dir = str(tmp_path / "synthetic")
     synthetic.generate_split(data_dir, "train", 8, seed=0, image_size=(96, 160))
-    synthetic.generate_split(data_dir, "val", 4, seed=1, image_size=(96, 160),
-                             first_image_id=10_000_000)
+    synthetic.generate_split(
+        data_dir, "val", 4, seed=1, image_size=(96, 160), first_image_id=10_000_000
+    )
     model_dir = str(tmp_path / "run")
     out = tmp_path / "out"
     out.mkdir()

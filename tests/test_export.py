@@ -25,16 +25,28 @@ from fpn_tf.data import synthetic, transforms
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.testing import pattern
 from fpn_tf.modeling.factory import build_model
-from fpn_tf.serving import (ExportError, ImageTensorModule, export_saved_model,
-                            load_model_for_export, preprocess_images, read_category_map)
+from fpn_tf.serving import (
+    ExportError,
+    ImageTensorModule,
+    export_saved_model,
+    load_model_for_export,
+    preprocess_images,
+    read_category_map,
+)
 
 SHORT, LONG, MULTIPLE = 64, 96, 32
-CATEGORY_MAP = CategoryMap(synthetic.CATEGORIES)          # ids 1, 3, 7, 9
+CATEGORY_MAP = CategoryMap(synthetic.CATEGORIES)  # ids 1, 3, 7, 9
 BIN = os.path.dirname(sys.executable)
 CONFIG = {
     "model": {
-        "backbone": {"type": "small_resnet", "weights": None, "freeze_at": 0,
-                     "freeze_bn": False, "widths": [16, 32, 64, 64], "stem_width": 16},
+        "backbone": {
+            "type": "small_resnet",
+            "weights": None,
+            "freeze_at": 0,
+            "freeze_bn": False,
+            "widths": [16, 32, 64, 64],
+            "stem_width": 16,
+        },
         "fpn": {"num_channels": 32},
         "anchor": {"sizes": [16, 32, 64, 128, 256]},
         "rpn": {"pre_nms_top_k_test": 300, "post_nms_top_k_test": 100},
@@ -66,10 +78,13 @@ def exported(tmp_path_factory):
 
 
 def common_padded_size(images):
-    sizes = [transforms.compute_resized_size(im.shape[0], im.shape[1], SHORT, LONG)
-             for im in images]
-    return (transforms.ceil_to_multiple(max(s[0] for s in sizes), MULTIPLE),
-            transforms.ceil_to_multiple(max(s[1] for s in sizes), MULTIPLE))
+    sizes = [
+        transforms.compute_resized_size(im.shape[0], im.shape[1], SHORT, LONG) for im in images
+    ]
+    return (
+        transforms.ceil_to_multiple(max(s[0] for s in sizes), MULTIPLE),
+        transforms.ceil_to_multiple(max(s[1] for s in sizes), MULTIPLE),
+    )
 
 
 def keras_reference(model, images, padded_size=None):
@@ -80,8 +95,12 @@ def keras_reference(model, images, padded_size=None):
     batch, infos = [], []
     for im in images:
         x, info, _ = transforms.resize_and_pad(
-            tf.constant(im), tf.zeros([0, 4]), short_side=SHORT, max_long_side=LONG,
-            padded_size=tf.constant(padded_size, tf.int32))
+            tf.constant(im),
+            tf.zeros([0, 4]),
+            short_side=SHORT,
+            max_long_side=LONG,
+            padded_size=tf.constant(padded_size, tf.int32),
+        )
         batch.append(x)
         infos.append(info)
     out = model({"images": tf.stack(batch), "image_info": tf.stack(infos)}, training=False)
@@ -97,8 +116,12 @@ def keras_reference(model, images, padded_size=None):
 def assert_contract(out, batch):
     """Shapes, dtypes, value ranges and zero padding of one signature's outputs."""
     out = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in out.items()}
-    assert sorted(out) == ["detection_boxes", "detection_classes", "detection_scores",
-                           "num_detections"]
+    assert sorted(out) == [
+        "detection_boxes",
+        "detection_classes",
+        "detection_scores",
+        "num_detections",
+    ]
     assert out["detection_boxes"].shape == (batch, 100, 4)
     assert out["detection_scores"].shape == (batch, 100)
     assert out["detection_classes"].shape == (batch, 100)
@@ -124,12 +147,15 @@ def assert_same_detections(out, ref):
     np.testing.assert_array_equal(out["num_detections"], ref["num_detections"])
     assert (out["num_detections"] > 0).all(), "no detections: the comparison would be empty"
     for i, n in enumerate(out["num_detections"].astype(int)):
-        np.testing.assert_array_equal(out["detection_classes"][i, :n],
-                                      ref["detection_classes"][i, :n])
-        np.testing.assert_allclose(out["detection_scores"][i, :n],
-                                   ref["detection_scores"][i, :n], atol=1e-5)
-        np.testing.assert_allclose(out["detection_boxes"][i, :n],
-                                   ref["detection_boxes"][i, :n], atol=1e-5)
+        np.testing.assert_array_equal(
+            out["detection_classes"][i, :n], ref["detection_classes"][i, :n]
+        )
+        np.testing.assert_allclose(
+            out["detection_scores"][i, :n], ref["detection_scores"][i, :n], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            out["detection_boxes"][i, :n], ref["detection_boxes"][i, :n], atol=1e-5
+        )
 
 
 def encode(pixels, fmt):
@@ -140,9 +166,18 @@ def encode(pixels, fmt):
 
 # --- the resize rule ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("h,w,short,long", [(480, 640, 800, 1333), (100, 1000, 800, 1333),
-                                            (333, 500, 800, 1333), (70, 90, 64, 96),
-                                            (101, 63, 64, 96), (50, 50, 64, 96)])
+
+@pytest.mark.parametrize(
+    "h,w,short,long",
+    [
+        (480, 640, 800, 1333),
+        (100, 1000, 800, 1333),
+        (333, 500, 800, 1333),
+        (70, 90, 64, 96),
+        (101, 63, 64, 96),
+        (50, 50, 64, 96),
+    ],
+)
 def test_preprocessing_uses_the_eval_transforms_resize_rule(h, w, short, long):
     images = tf.zeros([2, h + 5, w + 3, 3], tf.uint8)
     sizes = tf.constant([[h, w], [h, w]], tf.int32)
@@ -150,8 +185,10 @@ def test_preprocessing_uses_the_eval_transforms_resize_rule(h, w, short, long):
     rh, rw = transforms.compute_resized_size(h, w, short, long)
     np.testing.assert_array_equal(info[0, 1].numpy(), [rh, rw])
     np.testing.assert_array_equal(info[0, 0].numpy(), [h, w])
-    assert tuple(x.shape[1:3]) == (transforms.ceil_to_multiple(rh, 32),
-                                   transforms.ceil_to_multiple(rw, 32))
+    assert tuple(x.shape[1:3]) == (
+        transforms.ceil_to_multiple(rh, 32),
+        transforms.ceil_to_multiple(rw, 32),
+    )
 
 
 def test_outputs_are_padded_or_cut_to_100_rows():
@@ -159,10 +196,15 @@ def test_outputs_are_padded_or_cut_to_100_rows():
     sizes = tf.constant([[50, 100], [80, 40]])
     for rows, counts in ((3, [2, 0]), (120, [120, 7])):
         boxes = np.tile(np.array([10.0, 20.0, 40.0, 60.0], np.float32), (2, rows, 1))
-        out = module.format_outputs({
-            "detection_boxes": boxes, "detection_scores": np.full((2, rows), 0.9, np.float32),
-            "detection_classes": np.full((2, rows), 7, np.int32),
-            "num_detections": np.array(counts, np.int32)}, sizes)
+        out = module.format_outputs(
+            {
+                "detection_boxes": boxes,
+                "detection_scores": np.full((2, rows), 0.9, np.float32),
+                "detection_classes": np.full((2, rows), 7, np.int32),
+                "num_detections": np.array(counts, np.int32),
+            },
+            sizes,
+        )
         out = assert_contract(out, 2)
         expected = [min(c, 100) for c in counts]
         np.testing.assert_array_equal(out["num_detections"], expected)
@@ -174,6 +216,7 @@ def test_outputs_are_padded_or_cut_to_100_rows():
 
 
 # --- serving_default ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("batch,height,width", [(1, 70, 90), (3, 101, 63)])
 def test_serving_default_equals_the_keras_model(exported, batch, height, width):
@@ -188,24 +231,32 @@ def test_serving_default_equals_the_keras_model(exported, batch, height, width):
 def test_wrong_inputs_to_serving_default_name_the_expected_input(exported):
     _, _, loaded = exported
     signature = loaded.signatures["serving_default"]
-    bad_shapes = {"rank 3": np.zeros((40, 48, 3), np.uint8),
-                  "4 channels": np.zeros((1, 40, 48, 4), np.uint8)}
+    bad_shapes = {
+        "rank 3": np.zeros((40, 48, 3), np.uint8),
+        "4 channels": np.zeros((1, 40, 48, 4), np.uint8),
+    }
     # The signature (what TF Serving and saved_model_cli call) checks the dtype itself; the
     # graph checks rank and channels and names the input and the expected shape.
     for what, bad in bad_shapes.items():
-        with pytest.raises(tf.errors.InvalidArgumentError,
-                           match=r"input `images` must be uint8 \[batch, height, width, 3\]"):
+        with pytest.raises(
+            tf.errors.InvalidArgumentError,
+            match=r"input `images` must be uint8 \[batch, height, width, 3\]",
+        ):
             signature(images=tf.constant(bad))
     with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a uint8 tensor"):
         signature(images=tf.zeros((1, 40, 48, 3), tf.float32))
     # The restored module's function (loaded.serving_default) checks everything in Python.
     for bad in list(bad_shapes.values()) + [np.zeros((1, 40, 48, 3), np.float32)]:
-        with pytest.raises(ValueError, match=r"(?s)TensorSpec\(shape=\(None, None, None, 3\), "
-                                             r"dtype=tf.uint8, name='images'\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"(?s)TensorSpec\(shape=\(None, None, None, 3\), "
+            r"dtype=tf.uint8, name='images'\)",
+        ):
             loaded.serving_default(tf.constant(bad))
 
 
 # --- image_bytes and tf_example ---------------------------------------------------------------
+
 
 def test_image_bytes_with_a_jpeg_and_a_png_of_different_sizes(exported):
     model, _, loaded = exported
@@ -220,48 +271,79 @@ def test_image_bytes_with_a_jpeg_and_a_png_of_different_sizes(exported):
     assert padded == (96, 96)
     for i, image in enumerate(decoded):
         ref = keras_reference(model, [image], padded_size=padded)
-        assert_same_detections({k: v[i:i + 1] for k, v in out.items()}, ref)
+        assert_same_detections({k: v[i : i + 1] for k, v in out.items()}, ref)
 
 
 def test_image_bytes_that_are_not_an_image_fail_cleanly(exported):
     _, _, loaded = exported
     good = encode(pattern(40, 40), "PNG")
     not_an_image = r"image_bytes: element\] \[1\] \[is not an encoded JPEG or PNG image"
-    cases = {b"hello, I am not an image": not_an_image, b"": not_an_image,
-             good[:12]: "Invalid PNG", encode(pattern(40, 40), "JPEG")[:200]: "Invalid JPEG data"}
+    cases = {
+        b"hello, I am not an image": not_an_image,
+        b"": not_an_image,
+        good[:12]: "Invalid PNG",
+        encode(pattern(40, 40), "JPEG")[:200]: "Invalid JPEG data",
+    }
     for bad, message in cases.items():
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             loaded.signatures["image_bytes"](image_bytes=tf.constant([good, bad]))
-    def example(features):
-        return tf.train.Example(features=tf.train.Features(feature={
-            k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-            for k, v in features.items()})).SerializeToString()
 
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"image/encoded of serialized_example: element\] \[0\] \[is not"):
-        loaded.signatures["tf_example"](serialized_example=tf.constant(
-            [example({"image/encoded": b"junk"})]))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="image/encoded .* is required but could not be found"):
-        loaded.signatures["tf_example"](serialized_example=tf.constant(
-            [example({"image/format": b"jpeg"})]))
+    def example(features):
+        return tf.train.Example(
+            features=tf.train.Features(
+                feature={
+                    k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+                    for k, v in features.items()
+                }
+            )
+        ).SerializeToString()
+
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"image/encoded of serialized_example: element\] \[0\] \[is not",
+    ):
+        loaded.signatures["tf_example"](
+            serialized_example=tf.constant([example({"image/encoded": b"junk"})])
+        )
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="image/encoded .* is required but could not be found"
+    ):
+        loaded.signatures["tf_example"](
+            serialized_example=tf.constant([example({"image/format": b"jpeg"})])
+        )
     # Still serves afterwards.
     assert loaded.signatures["image_bytes"](image_bytes=tf.constant([good]))[
-        "num_detections"].shape == (1,)
+        "num_detections"
+    ].shape == (1,)
 
 
 def test_tf_example_on_records_made_by_the_converter(exported, tmp_path):
     from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
+
     model, _, loaded = exported
-    split = synthetic.generate_split(str(tmp_path / "shapes"), "val", 4, image_size=(40, 90),
-                                     seed=3, max_object_size=30, empty_fraction=0.0)
-    result = convert_coco_to_tfrecords(split["annotation_file"], split["image_dir"],
-                                       str(tmp_path / "records" / "val"), num_shards=1)
+    split = synthetic.generate_split(
+        str(tmp_path / "shapes"),
+        "val",
+        4,
+        image_size=(40, 90),
+        seed=3,
+        max_object_size=30,
+        empty_fraction=0.0,
+    )
+    result = convert_coco_to_tfrecords(
+        split["annotation_file"],
+        split["image_dir"],
+        str(tmp_path / "records" / "val"),
+        num_shards=1,
+    )
     records = [r.numpy() for r in tf.data.TFRecordDataset(result.shard_files)]
     assert len(records) == 4
-    encoded = [tf.io.parse_single_example(
-        r, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})["image/encoded"]
-        for r in records]
+    encoded = [
+        tf.io.parse_single_example(r, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})[
+            "image/encoded"
+        ]
+        for r in records
+    ]
     assert {bytes(e.numpy()[:4]) for e in encoded} == {b"\xff\xd8\xff\xe0", b"\x89PNG"}
     out = loaded.signatures["tf_example"](serialized_example=tf.constant(records))
     out = assert_contract(out, 4)
@@ -276,6 +358,7 @@ def test_tf_example_on_records_made_by_the_converter(exported, tmp_path):
 
 # --- assets and tools ---------------------------------------------------------------------------
 
+
 def test_category_map_and_label_map_travel_as_assets(exported):
     _, export_dir, loaded = exported
     assert read_category_map(export_dir) == CATEGORY_MAP
@@ -287,23 +370,38 @@ def test_category_map_and_label_map_travel_as_assets(exported):
     assert text.count("item {") == 4
     assert 'id: 7\n  name: "triangle"\n  display_name: "triangle"' in text
     assert sorted(os.listdir(os.path.join(export_dir, "assets"))) == [
-        "category_map.json", "label_map.pbtxt", "serving_config.json"]
+        "category_map.json",
+        "label_map.pbtxt",
+        "serving_config.json",
+    ]
 
 
 def test_saved_model_cli_shows_and_runs_it(exported, tmp_path):
     _, export_dir, _ = exported
     cli = os.path.join(BIN, "saved_model_cli")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    shown = subprocess.run([cli, "show", "--dir", export_dir, "--all"], capture_output=True,
-                           text=True, env=env, timeout=300)
+    shown = subprocess.run(
+        [cli, "show", "--dir", export_dir, "--all"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert shown.returncode == 0, shown.stderr[-2000:]
     text = shown.stdout
-    for name, input_name in (("serving_default", "images"), ("image_bytes", "image_bytes"),
-                             ("tf_example", "serialized_example")):
+    for name, input_name in (
+        ("serving_default", "images"),
+        ("image_bytes", "image_bytes"),
+        ("tf_example", "serialized_example"),
+    ):
         block = text.split(f"signature_def['{name}']:")[1].split("signature_def[")[0]
         assert f"inputs['{input_name}']" in block
-        for output in ("detection_boxes", "detection_scores", "detection_classes",
-                       "num_detections"):
+        for output in (
+            "detection_boxes",
+            "detection_scores",
+            "detection_classes",
+            "num_detections",
+        ):
             assert f"outputs['{output}']" in block
     assert "shape: (-1, -1, -1, 3)" in text and "dtype: DT_UINT8" in text
     assert "shape: (-1, 100, 4)" in text
@@ -312,9 +410,25 @@ def test_saved_model_cli_shows_and_runs_it(exported, tmp_path):
     images = [pattern(40, 56, seed=s).tolist() for s in (1, 2)]
     out_dir = tmp_path / "cli_out"
     ran = subprocess.run(
-        [cli, "run", "--dir", export_dir, "--tag_set", "serve", "--signature_def",
-         "serving_default", "--input_exprs", f"images={images}", "--outdir", str(out_dir)],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            cli,
+            "run",
+            "--dir",
+            export_dir,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--input_exprs",
+            f"images={images}",
+            "--outdir",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     boxes = np.load(out_dir / "detection_boxes.npy")
     num = np.load(out_dir / "num_detections.npy")
@@ -322,6 +436,7 @@ def test_saved_model_cli_shows_and_runs_it(exported, tmp_path):
 
 
 # --- rebuilding a trained model from its model_dir ---------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -334,7 +449,8 @@ def model_dir(tmp_path_factory):
     save_config(tiny_config(), path)
     CATEGORY_MAP.to_json(os.path.join(path, "category_map.json"))
     manager = tf.train.CheckpointManager(
-        tf.train.Checkpoint(model=model, optimizer=optimizer), path, max_to_keep=2)
+        tf.train.Checkpoint(model=model, optimizer=optimizer), path, max_to_keep=2
+    )
     manager.save()
     return path, model
 
@@ -343,8 +459,11 @@ def test_load_model_for_export_restores_the_latest_checkpoint(model_dir):
     path, trained = model_dir
     source = load_model_for_export(path)
     assert source.category_map == CATEGORY_MAP
-    assert source.preprocessing == {"short_side": SHORT, "max_long_side": LONG,
-                                    "pad_multiple": MULTIPLE}
+    assert source.preprocessing == {
+        "short_side": SHORT,
+        "max_long_side": LONG,
+        "pad_multiple": MULTIPLE,
+    }
     assert source.checkpoint.endswith("ckpt-1")
     assert len(source.model.variables) == len(trained.variables)
     for a, b in zip(source.model.variables, trained.variables):
@@ -385,9 +504,19 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
     path, trained = model_dir
     export_dir = str(tmp_path / "exported" / "1")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, "-m", "fpn_tf.export", f"--model_dir={path}",
-                           f"--export_dir={export_dir}"], capture_output=True, text=True,
-                          env=env, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpn_tf.export",
+            f"--model_dir={path}",
+            f"--export_dir={export_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Exported a SavedModel" in done.stderr
     loaded = tf.saved_model.load(export_dir)
@@ -397,10 +526,21 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
     assert_same_detections(assert_contract(out, 1), keras_reference(trained, list(images)))
     assert read_category_map(export_dir) == CATEGORY_MAP
 
-    failed = subprocess.run([sys.executable, "-m", "fpn_tf.export",
-                             f"--model_dir={tmp_path / 'nowhere'}", f"--export_dir={export_dir}"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpn_tf.export",
+            f"--model_dir={tmp_path / 'nowhere'}",
+            f"--export_dir={export_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'nowhere'}: model_dir not found")
+        f"error: {tmp_path / 'nowhere'}: model_dir not found"
+    )

@@ -28,9 +28,21 @@ def _start(model_dir, overrides, *args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     log = open(os.path.join(os.path.dirname(model_dir), os.path.basename(model_dir) + ".log"), "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fpn_tf.train", f"--model_dir={model_dir}", "--mode=train",
-         "--noexport", f"--params_override={overrides}", "--alsologtostderr", *args],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "fpn_tf.train",
+            f"--model_dir={model_dir}",
+            "--mode=train",
+            "--noexport",
+            f"--params_override={overrides}",
+            "--alsologtostderr",
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     return proc, log.name
 
 
@@ -54,14 +66,18 @@ def _checkpoint_values(path):
     reader = tf.train.load_checkpoint(path)
     # Each variable is stored once, under the first object path that reaches it (the model's
     # trainable weights under the optimizer's), so compare against every stored tensor.
-    return [reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-            if k.endswith("VARIABLE_VALUE")]
+    return [
+        reader.get_tensor(k)
+        for k in reader.get_variable_to_shape_map()
+        if k.endswith("VARIABLE_VALUE")
+    ]
 
 
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config):
     model_dir = str(tmp_path / "killed")
-    overrides = _overrides(tmp_path, **{"train.total_steps": 1000,
-                                        "train.checkpoint_every_steps": 2})
+    overrides = _overrides(
+        tmp_path, **{"train.total_steps": 1000, "train.checkpoint_every_steps": 2}
+    )
     proc, log = _start(model_dir, overrides)
     try:
         assert _wait_for(lambda: (_ckpt_step(model_dir) or 0) >= 4, 240, proc), open(log).read()
@@ -86,8 +102,9 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config)
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     model_dir = str(tmp_path / "terminated")
-    overrides = _overrides(tmp_path, **{"train.total_steps": 1000,
-                                        "train.checkpoint_every_steps": 500})
+    overrides = _overrides(
+        tmp_path, **{"train.total_steps": 1000, "train.checkpoint_every_steps": 500}
+    )
     proc, log = _start(model_dir, overrides)
     try:
         assert _wait_for(lambda: "step 3/1000" in open(log).read(), 240, proc), open(log).read()
@@ -100,15 +117,15 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     assert proc.returncode == 0, text
     assert "SIGTERM received" in text and "Stopped by SIGTERM" in text
     step = _ckpt_step(model_dir)
-    assert step is not None and step >= 3            # no periodic checkpoint before step 500
+    assert step is not None and step >= 3  # no periodic checkpoint before step 500
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
     model_dir = str(tmp_path / "damaged")
     trainer = Trainer(tiny_config, model_dir)
-    trainer.train(total_steps=4)                     # checkpoints at 2 and 4
+    trainer.train(total_steps=4)  # checkpoints at 2 and 4
     data_files = tf.io.gfile.glob(os.path.join(model_dir, "ckpt-4.data-*"))
-    with open(data_files[0], "r+b") as f:            # a write cut short
+    with open(data_files[0], "r+b") as f:  # a write cut short
         f.truncate(16)
     resumed = Trainer(tiny_config, model_dir)
     assert resumed.restored_from.endswith("ckpt-2") and resumed.step == 2
@@ -128,8 +145,13 @@ def test_half_written_checkpoint_is_never_the_latest(tiny_config, tmp_path):
 
 def _run_train(*args, timeout=240):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "fpn_tf.train", "--mode=train", "--noexport",
-                           *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fpn_tf.train", "--mode=train", "--noexport", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def _one_error_line(result):
@@ -143,28 +165,43 @@ def test_malformed_annotation_json_is_one_line_naming_the_file(tmp_path):
     bad = tmp_path / "instances.json"
     bad.write_text('{"images": [')
     (tmp_path / "images").mkdir()
-    overrides = json.dumps({"train_data.source": "coco", "train_data.annotation_file": str(bad),
-                            "train_data.image_dir": str(tmp_path / "images"),
-                            "eval_data.source": "coco", "eval_data.annotation_file": str(bad),
-                            "eval_data.image_dir": str(tmp_path / "images")})
+    overrides = json.dumps(
+        {
+            "train_data.source": "coco",
+            "train_data.annotation_file": str(bad),
+            "train_data.image_dir": str(tmp_path / "images"),
+            "eval_data.source": "coco",
+            "eval_data.annotation_file": str(bad),
+            "eval_data.image_dir": str(tmp_path / "images"),
+        }
+    )
     result = _run_train(f"--model_dir={tmp_path / 'run'}", f"--params_override={overrides}")
     assert result.returncode == 2
     assert str(bad) in _one_error_line(result)
 
 
 def test_missing_data_path_is_rejected_with_the_key(tmp_path):
-    overrides = json.dumps({"train_data.source": "coco",
-                            "train_data.annotation_file": str(tmp_path / "nope.json"),
-                            "train_data.image_dir": str(tmp_path)})
+    overrides = json.dumps(
+        {
+            "train_data.source": "coco",
+            "train_data.annotation_file": str(tmp_path / "nope.json"),
+            "train_data.image_dir": str(tmp_path),
+        }
+    )
     result = _run_train(f"--model_dir={tmp_path / 'run'}", f"--params_override={overrides}")
     assert result.returncode == 2
     assert "train_data.annotation_file" in _one_error_line(result)
 
 
 def test_batch_not_divisible_by_replicas_is_rejected_with_the_key(tmp_path):
-    overrides = _overrides(tmp_path, **{"train_data.global_batch_size": 3,
-                                        "runtime.strategy": "mirrored",
-                                        "runtime.num_logical_cpu_devices": 2})
+    overrides = _overrides(
+        tmp_path,
+        **{
+            "train_data.global_batch_size": 3,
+            "runtime.strategy": "mirrored",
+            "runtime.num_logical_cpu_devices": 2,
+        },
+    )
     result = _run_train(f"--model_dir={tmp_path / 'run'}", f"--params_override={overrides}")
     assert result.returncode == 2
     assert "train_data.global_batch_size" in _one_error_line(result)

@@ -19,7 +19,7 @@ def _np_conv(x, kernel, bias):
     out = np.zeros((h, w, kernel.shape[-1]), np.float64)
     for dy in range(k):
         for dx in range(k):
-            out += np.einsum("hwc,cd->hwd", xp[dy:dy + h, dx:dx + w], kernel[dy, dx])
+            out += np.einsum("hwc,cd->hwd", xp[dy : dy + h, dx : dx + w], kernel[dy, dx])
     return out + bias
 
 
@@ -41,15 +41,19 @@ def _np_pyramid(layer, c_maps, use_top_down=True, use_lateral=True):
         elif not use_lateral:
             merged[lvl] = _np_upsample_to(merged[lvl + 1], h, wd)
         else:
-            merged[lvl] = _np_upsample_to(merged[lvl + 1], h, wd) + conv(f"lateral_P{lvl}", c_maps[lvl])
+            merged[lvl] = _np_upsample_to(merged[lvl + 1], h, wd) + conv(
+                f"lateral_P{lvl}", c_maps[lvl]
+            )
     out = {f"P{l}": conv(f"output_P{l}", merged[l]) for l in (2, 3, 4, 5)}
     out["P6"] = out["P5"][::2, ::2]
     return out
 
 
 def _random_c_maps(rng, sizes=((13, 17), (7, 9), (4, 5), (2, 3)), channels=(3, 5, 6, 8)):
-    return {lvl: rng.normal(size=(h, w, c)).astype("float32")
-            for lvl, (h, w), c in zip((2, 3, 4, 5), sizes, channels)}
+    return {
+        lvl: rng.normal(size=(h, w, c)).astype("float32")
+        for lvl, (h, w), c in zip((2, 3, 4, 5), sizes, channels)
+    }
 
 
 def test_upsample_nearest_crops_to_odd_sizes():
@@ -63,8 +67,13 @@ def test_upsample_nearest_exact_and_dynamic_sizes_agree_with_numpy():
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype("float32")
     expected = x.repeat(2, axis=1).repeat(2, axis=2)
     np.testing.assert_array_equal(upsample_nearest_to(x, tf.zeros((2, 6, 8, 5))), expected)
-    dynamic = tf.function(upsample_nearest_to, input_signature=[
-        tf.TensorSpec((None, None, None, 5)), tf.TensorSpec((None, None, None, 5))])
+    dynamic = tf.function(
+        upsample_nearest_to,
+        input_signature=[
+            tf.TensorSpec((None, None, None, 5)),
+            tf.TensorSpec((None, None, None, 5)),
+        ],
+    )
     np.testing.assert_array_equal(dynamic(x, tf.zeros((2, 6, 8, 5))), expected)
     np.testing.assert_array_equal(dynamic(x, tf.zeros((2, 5, 7, 5))), expected[:, :5, :7])
 
@@ -73,8 +82,12 @@ def test_upsample_nearest_exact_and_dynamic_sizes_agree_with_numpy():
 def test_pyramid_values_match_numpy_formula(use_top_down, use_lateral):
     rng = np.random.default_rng(1)
     c_maps = _random_c_maps(rng)
-    layer = FeaturePyramid(num_channels=4, use_top_down=use_top_down, use_lateral=use_lateral,
-                           kernel_initializer=keras.initializers.RandomNormal(seed=3))
+    layer = FeaturePyramid(
+        num_channels=4,
+        use_top_down=use_top_down,
+        use_lateral=use_lateral,
+        kernel_initializer=keras.initializers.RandomNormal(seed=3),
+    )
     out = layer({f"C{l}": c[None] for l, c in c_maps.items()})
     # Random non-zero biases so that the bias terms are checked too.
     for v in layer.weights:
@@ -87,8 +100,11 @@ def test_pyramid_values_match_numpy_formula(use_top_down, use_lateral):
         assert out[name].shape[1:] == value.shape, name
         np.testing.assert_allclose(out[name][0].numpy(), value, rtol=1e-4, atol=1e-4, err_msg=name)
     laterals = {v.path.split("/")[-2] for v in layer.weights if "lateral" in v.path}
-    assert laterals == ({"lateral_P5"} if not use_lateral else
-                        {"lateral_P2", "lateral_P3", "lateral_P4", "lateral_P5"})
+    assert laterals == (
+        {"lateral_P5"}
+        if not use_lateral
+        else {"lateral_P2", "lateral_P3", "lateral_P4", "lateral_P5"}
+    )
 
 
 def test_pyramid_accepts_list_and_subset_of_levels():
@@ -110,15 +126,21 @@ def test_pyramid_has_no_activation_or_normalization():
     layer({f"C{l}": tf.zeros((1, 2 ** (6 - l), 2 ** (6 - l), 3)) for l in (2, 3, 4, 5)})
     kinds = {type(sub).__name__ for sub in layer._flatten_layers(include_self=False)}
     assert kinds == {"Conv2D", "MaxPooling2D"}
-    assert all(sub.activation.__name__ == "linear"
-               for sub in layer._flatten_layers(include_self=False) if hasattr(sub, "activation"))
+    assert all(
+        sub.activation.__name__ == "linear"
+        for sub in layer._flatten_layers(include_self=False)
+        if hasattr(sub, "activation")
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(min_level=3, max_level=2), "min_level"),
-    (dict(use_top_down=False, use_lateral=False), "lateral"),
-    (dict(output_levels=["P7"]), "P7"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(min_level=3, max_level=2), "min_level"),
+        (dict(use_top_down=False, use_lateral=False), "lateral"),
+        (dict(output_levels=["P7"]), "P7"),
+    ],
+)
 def test_pyramid_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FeaturePyramid(**kwargs)
@@ -127,7 +149,13 @@ def test_pyramid_rejects_bad_arguments(kwargs, match):
 def test_pyramid_names_missing_inputs():
     layer = FeaturePyramid(num_channels=4)
     with pytest.raises(ValueError, match="C2"):
-        layer({"C3": tf.zeros((1, 4, 4, 3)), "C4": tf.zeros((1, 2, 2, 3)), "C5": tf.zeros((1, 1, 1, 3))})
+        layer(
+            {
+                "C3": tf.zeros((1, 4, 4, 3)),
+                "C4": tf.zeros((1, 2, 2, 3)),
+                "C5": tf.zeros((1, 1, 1, 3)),
+            }
+        )
 
 
 def test_pyramid_get_config_round_trip():
@@ -168,8 +196,9 @@ def test_fpn_model_functional_reuse_trains_and_round_trips(tmp_path):
     path = tmp_path / "user_model.keras"
     model.save(path)
     restored = keras.models.load_model(path)
-    np.testing.assert_allclose(restored.predict(images, verbose=0), model.predict(images, verbose=0),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        restored.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-5, atol=1e-5
+    )
     restored_fpn = restored.layers[1]
     assert isinstance(restored_fpn.get_layer("feature_pyramid"), FeaturePyramid)
 
@@ -186,6 +215,10 @@ def test_upsample_nearest_gradient_sums_each_2x2_block(like_hw):
     padded[:, : like_hw[0], : like_hw[1]] = dy
     expected = padded.reshape(2, 3, 2, 4, 2, 5).sum(axis=(2, 4))
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
-    xla = tf.function(lambda v: tf.gradients(upsample_nearest_to(v, tf.zeros((2,) + like_hw + (5,))),
-                                             v, grad_ys=tf.constant(dy))[0], jit_compile=True)
+    xla = tf.function(
+        lambda v: tf.gradients(
+            upsample_nearest_to(v, tf.zeros((2,) + like_hw + (5,))), v, grad_ys=tf.constant(dy)
+        )[0],
+        jit_compile=True,
+    )
     np.testing.assert_allclose(xla(x), expected, rtol=1e-6, atol=1e-6)

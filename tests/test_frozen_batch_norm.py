@@ -23,8 +23,7 @@ def _randomise_batch_norms(model, seed=0):
 
 def _conv_bn_model(use_bias, strides, padding):
     x = keras.Input((None, None, 5))
-    y = keras.layers.Conv2D(7, 3, strides=strides, padding=padding, use_bias=use_bias,
-                            name="c")(x)
+    y = keras.layers.Conv2D(7, 3, strides=strides, padding=padding, use_bias=use_bias, name="c")(x)
     bn = keras.layers.BatchNormalization(epsilon=1e-5, name="c_bn")
     bn.trainable = False
     y = keras.layers.ReLU()(bn(y))
@@ -43,10 +42,15 @@ def test_fold_matches_conv_then_frozen_bn_forward_and_backward(use_bias, strides
     assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
     layer = folded.get_layer("c")
     assert isinstance(layer, Conv2DFrozenBatchNorm)
-    assert [v.name for v in layer.trainable_weights] == (["kernel", "bias"] if use_bias
-                                                          else ["kernel"])
+    assert [v.name for v in layer.trainable_weights] == (
+        ["kernel", "bias"] if use_bias else ["kernel"]
+    )
     assert sorted(v.name for v in layer.non_trainable_weights) == [
-        "beta", "gamma", "moving_mean", "moving_variance"]
+        "beta",
+        "gamma",
+        "moving_mean",
+        "moving_variance",
+    ]
 
     x = tf.constant(np.random.default_rng(1).normal(size=(2, 11, 13, 5)).astype("float32"))
     with tf.GradientTape(persistent=True) as tape:
@@ -56,9 +60,13 @@ def test_fold_matches_conv_then_frozen_bn_forward_and_backward(use_bias, strides
         out_loss = tf.reduce_sum(out * out)
     assert out.shape == ref.shape and float(tf.reduce_max(ref)) > 1.0
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
-    for a, b in [(tape.gradient(ref_loss, x), tape.gradient(out_loss, x)),
-                 (tape.gradient(ref_loss, model.get_layer("c").kernel),
-                  tape.gradient(out_loss, layer.kernel))]:
+    for a, b in [
+        (tape.gradient(ref_loss, x), tape.gradient(out_loss, x)),
+        (
+            tape.gradient(ref_loss, model.get_layer("c").kernel),
+            tape.gradient(out_loss, layer.kernel),
+        ),
+    ]:
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -98,8 +106,10 @@ def test_folded_small_resnet_equals_unfolded_and_trains_the_same():
     for name in ("conv5_block1_2_conv/kernel", "conv3_block1_1_conv/kernel"):
         np.testing.assert_allclose(after_folded[name], after_plain[name], rtol=1e-4, atol=1e-4)
     assert float(np.abs(after_folded["conv5_block1_2_conv/kernel"] - before).max()) > 1e-4
-    np.testing.assert_array_equal(after_folded["conv5_block1_2_conv/moving_mean"],
-                                  folded.get_layer("conv5_block1_2_conv").moving_mean.numpy())
+    np.testing.assert_array_equal(
+        after_folded["conv5_block1_2_conv/moving_mean"],
+        folded.get_layer("conv5_block1_2_conv").moving_mean.numpy(),
+    )
 
 
 def test_resnet50_is_folded_by_default_and_matches_keras_applications():
@@ -114,8 +124,9 @@ def test_resnet50_is_folded_by_default_and_matches_keras_applications():
     ref, out = plain(images), folded(images)
     for level in ref:
         scale = float(tf.reduce_max(tf.abs(ref[level])))
-        np.testing.assert_allclose(out[level].numpy(), ref[level].numpy(),
-                                   rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(
+            out[level].numpy(), ref[level].numpy(), rtol=1e-4, atol=1e-5 * scale
+        )
 
 
 def test_folded_backbone_config_and_keras_file_round_trip(tmp_path):
@@ -129,8 +140,9 @@ def test_folded_backbone_config_and_keras_file_round_trip(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     images = tf.constant(np.random.default_rng(5).uniform(0, 255, (1, 32, 32, 3)), tf.float32)
-    np.testing.assert_allclose(loaded(images)["C5"].numpy(), model(images)["C5"].numpy(),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded(images)["C5"].numpy(), model(images)["C5"].numpy(), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_fold_under_bfloat16_policy_computes_in_bfloat16_close_to_float32():

@@ -11,20 +11,26 @@ from fpn_tf.configs import ExperimentConfig, load_config
 from fpn_tf.training.lr_schedule import WarmupStepDecay, build_lr_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = dict(learning_rate=0.02, warmup_steps=1000, warmup_factor=0.001, decay_steps=[60000, 80000], decay_factor=0.1)
+PAPER = dict(
+    learning_rate=0.02,
+    warmup_steps=1000,
+    warmup_factor=0.001,
+    decay_steps=[60000, 80000],
+    decay_factor=0.1,
+)
 
 
 @pytest.mark.parametrize(
     "step, expected",
     [
-        (0, 0.02 * 0.001),                          # warm-up starts at factor * lr
-        (500, 0.02 * (0.001 + 0.999 * 0.5)),        # linear half way: 0.010010
+        (0, 0.02 * 0.001),  # warm-up starts at factor * lr
+        (500, 0.02 * (0.001 + 0.999 * 0.5)),  # linear half way: 0.010010
         (999, 0.02 * (0.001 + 0.999 * 0.999)),
-        (1000, 0.02),                               # after warm-up
+        (1000, 0.02),  # after warm-up
         (59999, 0.02),
-        (60000, 0.002),                             # first decay applies at its step
+        (60000, 0.002),  # first decay applies at its step
         (79999, 0.002),
-        (80000, 0.0002),                            # second decay
+        (80000, 0.0002),  # second decay
         (90000, 0.0002),
     ],
 )
@@ -52,8 +58,12 @@ def test_get_config_round_trip():
     assert config["decay_steps"] == [60000, 80000]
     clone = WarmupStepDecay.from_config(config)
     steps = np.array([0, 500, 1000, 60000, 80000])
-    np.testing.assert_allclose([float(clone(s)) for s in steps], [float(schedule(s)) for s in steps])
-    restored = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    np.testing.assert_allclose(
+        [float(clone(s)) for s in steps], [float(schedule(s)) for s in steps]
+    )
+    restored = keras.optimizers.schedules.deserialize(
+        keras.optimizers.schedules.serialize(schedule)
+    )
     assert isinstance(restored, WarmupStepDecay) and restored.get_config() == config
 
 

@@ -21,22 +21,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, TF_ENABLE_ONEDNN_OPTS="0")
 
 
-@pytest.mark.parametrize("num_devices,policy", [(1, "float32"), (2, "float32"), (4, "float32"),
-                                                (1, "mixed_float16"), (2, "mixed_float16")])
+@pytest.mark.parametrize(
+    "num_devices,policy",
+    [(1, "float32"), (2, "float32"), (4, "float32"), (1, "mixed_float16"), (2, "mixed_float16")],
+)
 def test_weight_decay_hand_case_gives_one_minus_lr_times_wd(num_devices, policy):
     """w = 1, a loss with zero gradient, lr 1, momentum 0, wd 0.1: one step gives w = 0.9 for
     SGD's coupled L2 and AdamW's decoupled decay alike (before the fix: 0.8 on 2 replicas,
     0.99999696 under mixed_float16); the excluded bias keeps 1."""
     result = subprocess.run(
         [sys.executable, "tests/scripts/weight_decay_step.py", str(num_devices), policy],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for optimizer in ("sgd", "adamw"):
         case = report[optimizer]
         assert case["replicas"] == num_devices and case["steps"] == 1, case
-        np.testing.assert_allclose(case["w"], np.float32(1.0 - 1.0 * 0.1), rtol=0, atol=1e-7,
-                                   err_msg=optimizer)
+        np.testing.assert_allclose(
+            case["w"], np.float32(1.0 - 1.0 * 0.1), rtol=0, atol=1e-7, err_msg=optimizer
+        )
         np.testing.assert_array_equal(case["bias"], 1.0, err_msg=optimizer)
 
 
@@ -56,8 +64,9 @@ def test_decay_excludes_exactly_batch_norm_and_biases_of_the_detector(tiny_confi
 
 
 def _first_batch(trainer):
-    ds = pipeline.build_dataset_from_config(trainer.train_source, trainer.cfg.train_data, True,
-                                            seed=trainer.cfg.train.seed)
+    ds = pipeline.build_dataset_from_config(
+        trainer.train_source, trainer.cfg.train_data, True, seed=trainer.cfg.train.seed
+    )
     return next(iter(ds))
 
 
@@ -67,7 +76,7 @@ def test_fit_and_the_training_command_make_the_same_update(tiny_config, tmp_path
     ``python -m fpn_tf.train`` runs): same seed, same batch -> the same updated weights."""
     cfg = tiny_config
     cfg.train.optimizer = optimizer
-    cfg.train.weight_decay = 0.05          # large, so a decay applied differently shows
+    cfg.train.weight_decay = 0.05  # large, so a decay applied differently shows
     cfg.train.warmup_steps = 0
     # Exhaustive sampling: every labelled anchor and RoI candidate is used, so the two runs
     # cannot differ by their random samples (stateful random ops seed by graph position).
@@ -81,9 +90,10 @@ def test_fit_and_the_training_command_make_the_same_update(tiny_config, tmp_path
     keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg.model, category_ids=list(trainer.category_map.dataset_ids))
     for a, b in zip(initial, model.get_weights()):
-        np.testing.assert_array_equal(a, b)   # the same seed built the same weights
-    model.compile(optimizer=build_optimizer(cfg.train, cfg.train_data.global_batch_size),
-                  jit_compile=False)
+        np.testing.assert_array_equal(a, b)  # the same seed built the same weights
+    model.compile(
+        optimizer=build_optimizer(cfg.train, cfg.train_data.global_batch_size), jit_compile=False
+    )
     features, labels = _first_batch(trainer)
     model.fit(tf.data.Dataset.from_tensors((features, labels)), epochs=1, verbose=0)
 
@@ -92,7 +102,7 @@ def test_fit_and_the_training_command_make_the_same_update(tiny_config, tmp_path
         b = v.numpy()
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=v.path)
         moved += int(not np.array_equal(b, w0))
-    assert moved > 10     # the step changed the weights
+    assert moved > 10  # the step changed the weights
 
 
 def test_same_seed_same_initial_weights_other_seed_other_weights(tiny_config, tmp_path):

@@ -19,7 +19,7 @@ def test_counts_per_level(size):
     assert list(anchors) == ["P2", "P3", "P4", "P5", "P6"]
     for level, a in anchors.items():
         l = int(level[1])
-        expected = _ceil(size[0], 2 ** l) * _ceil(size[1], 2 ** l) * 3
+        expected = _ceil(size[0], 2**l) * _ceil(size[1], 2**l) * 3
         assert a.shape == (expected, 4), level
     all_anchors, counts = anchor_lib.concat_anchors(anchors)
     assert counts == [a.shape[0] for a in anchors.values()]
@@ -30,8 +30,13 @@ def test_known_counts():
     c = {k: v.shape[0] for k, v in anchor_lib.generate_anchors((800, 1344)).items()}
     assert c == {"P2": 201600, "P3": 50400, "P4": 12600, "P5": 3150, "P6": 819}
     c = {k: v.shape[0] for k, v in anchor_lib.generate_anchors((257, 391)).items()}
-    assert c == {"P2": 65 * 98 * 3, "P3": 33 * 49 * 3, "P4": 17 * 25 * 3, "P5": 9 * 13 * 3,
-                 "P6": 5 * 7 * 3}
+    assert c == {
+        "P2": 65 * 98 * 3,
+        "P3": 33 * 49 * 3,
+        "P4": 17 * 25 * 3,
+        "P5": 9 * 13 * 3,
+        "P6": 5 * 7 * 3,
+    }
 
 
 def test_feature_map_size_matches_same_padding_stride2_chain():
@@ -46,17 +51,18 @@ def test_centres_sizes_and_ratios_at_known_location():
     p3 = anchors["P3"].numpy()
     width = _ceil(391, 8)
     y, x = 2, 5
-    cell = p3[(y * width + x) * 3:(y * width + x) * 3 + 3]
+    cell = p3[(y * width + x) * 3 : (y * width + x) * 3 + 3]
     centres = np.stack([(cell[:, 0] + cell[:, 2]) / 2, (cell[:, 1] + cell[:, 3]) / 2], -1)
     np.testing.assert_allclose(centres, [[20.0, 44.0]] * 3, atol=1e-4)  # (y + 0.5) * 8
     h = cell[:, 2] - cell[:, 0]
     w = cell[:, 3] - cell[:, 1]
-    np.testing.assert_allclose(h * w, [64.0 ** 2] * 3, rtol=1e-5)
+    np.testing.assert_allclose(h * w, [64.0**2] * 3, rtol=1e-5)
     np.testing.assert_allclose(h / w, [0.5, 1.0, 2.0], rtol=1e-5)
     np.testing.assert_allclose(h, [64 * math.sqrt(0.5), 64, 64 * math.sqrt(2)], rtol=1e-5)
     # First anchor of P2 (cell 0, 0), ratio 1:2.
     np.testing.assert_allclose(
-        anchors["P2"].numpy()[1], [2 - 16, 2 - 16, 2 + 16, 2 + 16], atol=1e-5)
+        anchors["P2"].numpy()[1], [2 - 16, 2 - 16, 2 + 16, 2 + 16], atol=1e-5
+    )
     # Last cell of P6: centre ((5 - 1) + 0.5) * 64, ((7 - 1) + 0.5) * 64; size 512.
     last = anchors["P6"].numpy()[-2]  # ratio 1
     np.testing.assert_allclose(last, [288 - 256, 416 - 256, 288 + 256, 416 + 256], atol=1e-4)
@@ -70,8 +76,9 @@ def test_single_level_ablation_and_num_anchors():
     a = anchors["P4"].numpy()
     assert a.shape == (16 * 20 * 15, 4)
     areas = (a[:15, 2] - a[:15, 0]) * (a[:15, 3] - a[:15, 1])
-    np.testing.assert_allclose(areas, np.repeat([32.0 ** 2, 64.0 ** 2, 128.0 ** 2, 256.0 ** 2,
-                                                 512.0 ** 2], 3), rtol=1e-5)
+    np.testing.assert_allclose(
+        areas, np.repeat([32.0**2, 64.0**2, 128.0**2, 256.0**2, 512.0**2], 3), rtol=1e-5
+    )
     # A flat list of sizes for a single level means all of them on that level.
     same = anchor_lib.generate_anchors((256, 320), levels=levels, sizes=(32, 64, 128, 256, 512))
     np.testing.assert_array_equal(same["P4"].numpy(), a)
@@ -93,7 +100,9 @@ def test_tensor_image_size_inside_tf_function():
 
 
 def test_anchors_xla():
-    f = tf.function(lambda: anchor_lib.concat_anchors(anchor_lib.generate_anchors((96, 130)))[0],
-                    jit_compile=True)
+    f = tf.function(
+        lambda: anchor_lib.concat_anchors(anchor_lib.generate_anchors((96, 130)))[0],
+        jit_compile=True,
+    )
     ref, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors((96, 130)))
     np.testing.assert_allclose(f().numpy(), ref.numpy())

@@ -16,12 +16,19 @@ def test_area():
 
 def test_pairwise_iou_hand_cases():
     a = tf.constant([[[0, 0, 10, 10], [0, 0, 0, 0]]], tf.float32)  # [1, 2, 4]; second is padding
-    b = tf.constant([[[0, 0, 10, 10],  # identical
-                      [0, 5, 10, 15],  # half overlap: 50 / 150
-                      [20, 20, 30, 30],  # disjoint
-                      [2, 2, 4, 4],  # contained: 4 / 100
-                      [10, 10, 20, 20],  # touching corner
-                      [0, 0, 0, 0]]], tf.float32)  # padding
+    b = tf.constant(
+        [
+            [
+                [0, 0, 10, 10],  # identical
+                [0, 5, 10, 15],  # half overlap: 50 / 150
+                [20, 20, 30, 30],  # disjoint
+                [2, 2, 4, 4],  # contained: 4 / 100
+                [10, 10, 20, 20],  # touching corner
+                [0, 0, 0, 0],
+            ]
+        ],
+        tf.float32,
+    )  # padding
     iou = box_ops.pairwise_iou(a, b).numpy()
     assert iou.shape == (1, 2, 6)
     np.testing.assert_allclose(iou[0, 0], [1.0, 1 / 3, 0.0, 0.04, 0.0, 0.0], rtol=1e-6)
@@ -113,15 +120,16 @@ def test_centers_and_normalize():
     n = box_ops.normalize_boxes(boxes, tf.constant([[100.0, 200.0]]))
     np.testing.assert_allclose(n.numpy()[0, 0], [0.1, 0.1, 0.3, 0.3], rtol=1e-6)
     np.testing.assert_allclose(
-        box_ops.denormalize_boxes(n, tf.constant([[100.0, 200.0]])).numpy(), boxes.numpy(),
-        rtol=1e-6)
+        box_ops.denormalize_boxes(n, tf.constant([[100.0, 200.0]])).numpy(),
+        boxes.numpy(),
+        rtol=1e-6,
+    )
 
 
 def test_valid_box_mask():
     boxes = tf.constant([[0, 0, 10, 10], [0, 0, 0, 10], [0, 0, 2, 2]], tf.float32)
     np.testing.assert_array_equal(box_ops.valid_box_mask(boxes).numpy(), [True, False, True])
-    np.testing.assert_array_equal(box_ops.valid_box_mask(boxes, 3.0).numpy(),
-                                  [True, False, False])
+    np.testing.assert_array_equal(box_ops.valid_box_mask(boxes, 3.0).numpy(), [True, False, False])
 
 
 def test_box_ops_xla():

@@ -14,18 +14,25 @@ IMPLS = ["padded", "per_image"]
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batched_nms_hand_case(impl):
-    boxes = tf.constant([[[0, 0, 10, 10],     # 0.9
-                          [0, 0, 10, 11],     # 0.8, IoU 0.91 with box 0: suppressed
-                          [100, 100, 120, 120],  # 0.95: first
-                          [0, 5, 10, 15],     # 0.7, IoU 1/3 with box 0: kept
-                          [200, 200, 210, 210]],  # 0.99 but invalid
-                         [[0, 0, 0, 0], [5, 5, 25, 25], [5, 5, 25, 26], [0, 0, 4, 4],
-                          [1, 1, 2, 2]]], tf.float32)
+    boxes = tf.constant(
+        [
+            [
+                [0, 0, 10, 10],  # 0.9
+                [0, 0, 10, 11],  # 0.8, IoU 0.91 with box 0: suppressed
+                [100, 100, 120, 120],  # 0.95: first
+                [0, 5, 10, 15],  # 0.7, IoU 1/3 with box 0: kept
+                [200, 200, 210, 210],
+            ],  # 0.99 but invalid
+            [[0, 0, 0, 0], [5, 5, 25, 25], [5, 5, 25, 26], [0, 0, 4, 4], [1, 1, 2, 2]],
+        ],
+        tf.float32,
+    )
     scores = tf.constant([[0.9, 0.8, 0.95, 0.7, 0.99], [5.0, -1.0, -2.0, -3.0, -4.0]])
     valid = tf.constant([[True, True, True, True, False], [True] * 5])
     idx, keep = pp.batched_nms(boxes, scores, 4, 0.5, valid=valid, impl=impl)
-    np.testing.assert_array_equal(keep.numpy(), [[True, True, True, False],
-                                                 [True, True, True, False]])
+    np.testing.assert_array_equal(
+        keep.numpy(), [[True, True, True, False], [True, True, True, False]]
+    )
     np.testing.assert_array_equal(idx.numpy(), [[2, 0, 3, 0], [1, 3, 4, 0]])
 
 
@@ -33,32 +40,46 @@ def test_batched_nms_hand_case(impl):
 def test_generate_proposals_hand_case(impl):
     # Two levels; zero deltas, so proposals are the (clipped) anchors.
     anchors = {
-        "P2": tf.constant([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 40, 40],
-                           [-30, -30, -10, -10],  # outside the image: clipped to empty
-                           [50, 50, 70, 90]], tf.float32),  # clipped to [50, 50, 60, 80]
+        "P2": tf.constant(
+            [
+                [0, 0, 10, 10],
+                [0, 0, 10, 11],
+                [20, 20, 40, 40],
+                [-30, -30, -10, -10],  # outside the image: clipped to empty
+                [50, 50, 70, 90],
+            ],
+            tf.float32,
+        ),  # clipped to [50, 50, 60, 80]
         "P3": tf.constant([[21, 21, 41, 41], [0, 40, 30, 80]], tf.float32),
     }
-    logits = {"P2": tf.constant([[3.0, 2.0, 1.0, 9.0, 0.0]]),
-              "P3": tf.constant([[0.5, -1.0]])}
+    logits = {"P2": tf.constant([[3.0, 2.0, 1.0, 9.0, 0.0]]), "P3": tf.constant([[0.5, -1.0]])}
     deltas = {k: tf.zeros([1, v.shape[0], 4]) for k, v in anchors.items()}
     image_shape = tf.constant([[60.0, 80.0]])
-    p = pp.generate_proposals(logits, deltas, anchors, image_shape, pre_nms_top_k=10,
-                              post_nms_top_k=6, nms_impl=impl)
+    p = pp.generate_proposals(
+        logits, deltas, anchors, image_shape, pre_nms_top_k=10, post_nms_top_k=6, nms_impl=impl
+    )
     assert p.boxes.shape == (1, 6, 4) and p.scores.shape == (1, 6)
-    expected = np.array([[0, 0, 10, 10],      # 3.0 (suppresses [0,0,10,11], IoU 0.91)
-                         [20, 20, 40, 40],    # 1.0 (suppresses P3's [21,21,41,41], IoU 0.82)
-                         [50, 50, 60, 80],    # 0.0
-                         [0, 40, 30, 80]], np.float32)  # -1.0
+    expected = np.array(
+        [
+            [0, 0, 10, 10],  # 3.0 (suppresses [0,0,10,11], IoU 0.91)
+            [20, 20, 40, 40],  # 1.0 (suppresses P3's [21,21,41,41], IoU 0.82)
+            [50, 50, 60, 80],  # 0.0
+            [0, 40, 30, 80],
+        ],
+        np.float32,
+    )  # -1.0
     np.testing.assert_allclose(p.boxes.numpy()[0, :4], expected)
     np.testing.assert_array_equal(p.valid.numpy()[0], [True] * 4 + [False] * 2)
-    np.testing.assert_allclose(p.scores.numpy()[0, :4],
-                               1 / (1 + np.exp(-np.array([3.0, 1.0, 0.0, -1.0]))), rtol=1e-6)
+    np.testing.assert_allclose(
+        p.scores.numpy()[0, :4], 1 / (1 + np.exp(-np.array([3.0, 1.0, 0.0, -1.0]))), rtol=1e-6
+    )
     np.testing.assert_array_equal(p.boxes.numpy()[0, 4:], 0.0)
     np.testing.assert_array_equal(p.scores.numpy()[0, 4:], 0.0)
     # pre_nms_top_k = 1 per level: only [0,0,10,10]... no: P2's best is the empty
     # (outside) anchor, which is dropped; P3 keeps [21,21,41,41].
-    p1 = pp.generate_proposals(logits, deltas, anchors, image_shape, pre_nms_top_k=1,
-                               post_nms_top_k=3, nms_impl=impl)
+    p1 = pp.generate_proposals(
+        logits, deltas, anchors, image_shape, pre_nms_top_k=1, post_nms_top_k=3, nms_impl=impl
+    )
     np.testing.assert_array_equal(p1.valid.numpy()[0], [True, False, False])
     np.testing.assert_allclose(p1.boxes.numpy()[0, 0], [21, 21, 41, 41])
 
@@ -68,18 +89,26 @@ def test_generate_proposals_decodes_and_clips_per_image():
     logits = {"P2": tf.constant([[1.0], [1.0]])}
     # dy = 0.5 (shift by half a height), dh = log 2; image 1 is too small: clipped.
     deltas = {"P2": tf.constant([[[0.5, 0.0, math.log(2.0), 0.0]]] * 2)}
-    p = pp.generate_proposals(logits, deltas, anchors, tf.constant([[100.0, 100.0], [22.0, 100.0]]),
-                              post_nms_top_k=2)
-    np.testing.assert_allclose(p.boxes.numpy()[:, 0], [[10, 10, 30, 20], [10, 10, 22, 20]],
-                               atol=1e-4)
+    p = pp.generate_proposals(
+        logits, deltas, anchors, tf.constant([[100.0, 100.0], [22.0, 100.0]]), post_nms_top_k=2
+    )
+    np.testing.assert_allclose(
+        p.boxes.numpy()[:, 0], [[10, 10, 30, 20], [10, 10, 22, 20]], atol=1e-4
+    )
 
 
 def _det_inputs():
     # 3 RoIs, 2 classes. RoIs 0 and 1 overlap (IoU 0.81); zero deltas -> boxes = RoIs.
     rois = tf.constant([[[0, 0, 100, 100], [0, 0, 90, 90], [200, 200, 250, 260]]], tf.float32)
-    probs = tf.constant([[[0.1, 0.8, 0.1],     # class 1: 0.8
-                          [0.1, 0.2, 0.7],     # class 2: 0.7 (different class, kept)
-                          [0.2, 0.04, 0.76]]])  # class 1 0.04 < 0.05 dropped; class 2 kept
+    probs = tf.constant(
+        [
+            [
+                [0.1, 0.8, 0.1],  # class 1: 0.8
+                [0.1, 0.2, 0.7],  # class 2: 0.7 (different class, kept)
+                [0.2, 0.04, 0.76],
+            ]
+        ]
+    )  # class 1 0.04 < 0.05 dropped; class 2 kept
     deltas = tf.zeros([1, 3, 2, 4])
     return probs, deltas, rois
 
@@ -87,20 +116,28 @@ def _det_inputs():
 @pytest.mark.parametrize("impl", ["combined"] + IMPLS)
 def test_detections_hand_case(impl):
     probs, deltas, rois = _det_inputs()
-    d = pp.postprocess_detections(probs, deltas, rois, tf.constant([[240.0, 300.0]]),
-                                  max_detections=6, nms_impl=impl)
+    d = pp.postprocess_detections(
+        probs, deltas, rois, tf.constant([[240.0, 300.0]]), max_detections=6, nms_impl=impl
+    )
     assert d.boxes.shape == (1, 6, 4) and d.classes.dtype == tf.int32
     n = int(d.num_detections.numpy()[0])
-    got = sorted(zip([round(float(x), 4) for x in d.scores.numpy()[0, :n]],
-                     d.classes.numpy()[0, :n].tolist(),
-                     [tuple(round(float(v), 3) for v in b) for b in d.boxes.numpy()[0, :n]]),
-                 reverse=True)
+    got = sorted(
+        zip(
+            [round(float(x), 4) for x in d.scores.numpy()[0, :n]],
+            d.classes.numpy()[0, :n].tolist(),
+            [tuple(round(float(v), 3) for v in b) for b in d.boxes.numpy()[0, :n]],
+        ),
+        reverse=True,
+    )
     # (RoI 0, class 1) 0.8; (RoI 2, class 2) 0.76 clipped to y <= 240; (RoI 1, class 2) 0.7
     # survives next to RoI 0 (other class); (RoI 1, class 1) 0.2 is suppressed by RoI 0
     # (same class, IoU 0.81); (RoI 0, class 2) 0.1 is suppressed by RoI 1 (same class);
     # (RoI 2, class 1) 0.04 is under the threshold.
-    assert got == [(0.8, 1, (0, 0, 100, 100)), (0.76, 2, (200, 200, 240, 260)),
-                   (0.7, 2, (0, 0, 90, 90))]
+    assert got == [
+        (0.8, 1, (0, 0, 100, 100)),
+        (0.76, 2, (200, 200, 240, 260)),
+        (0.7, 2, (0, 0, 90, 90)),
+    ]
     np.testing.assert_allclose(d.scores.numpy()[0, :3], [0.8, 0.76, 0.7], rtol=1e-6)
     assert np.all(d.boxes.numpy()[0, n:] == 0) and np.all(d.scores.numpy()[0, n:] == 0)
     assert np.all(d.classes.numpy()[0, n:] == 0)
@@ -115,8 +152,14 @@ def test_detections_delta_layouts_and_roi_valid(impl):
     for dl in (with_bg, flat):
         d = pp.postprocess_detections(probs, dl, rois, [240.0, 300.0], nms_impl=impl)
         np.testing.assert_allclose(d.boxes.numpy(), ref.boxes.numpy())
-    d = pp.postprocess_detections(probs, deltas, rois, [240.0, 300.0],
-                                  roi_valid=tf.constant([[True, True, False]]), nms_impl=impl)
+    d = pp.postprocess_detections(
+        probs,
+        deltas,
+        rois,
+        [240.0, 300.0],
+        roi_valid=tf.constant([[True, True, False]]),
+        nms_impl=impl,
+    )
     assert d.num_detections.numpy().tolist() == [2]
     assert d.boxes.shape == (1, 100, 4)
     # A zero (padding) RoI gives no detection even without roi_valid.
@@ -133,8 +176,10 @@ def test_detection_impls_agree_on_random_inputs():
     probs = tf.nn.softmax(rng.normal(size=(bsz, r, c + 1)) * 2).numpy().astype(np.float32)
     deltas = (rng.normal(size=(bsz, r, c, 4)) * 0.3).astype(np.float32)
     size = tf.constant([[400.0, 380.0], [350.0, 420.0]])
-    outs = [pp.postprocess_detections(probs, deltas, rois, size, nms_impl=i)
-            for i in ["combined"] + IMPLS]
+    outs = [
+        pp.postprocess_detections(probs, deltas, rois, size, nms_impl=i)
+        for i in ["combined"] + IMPLS
+    ]
     for o in outs[1:]:
         np.testing.assert_array_equal(o.num_detections.numpy(), outs[0].num_detections.numpy())
         np.testing.assert_allclose(o.scores.numpy(), outs[0].scores.numpy())
@@ -150,15 +195,21 @@ def test_postprocess_xla():
     """
     rng = np.random.default_rng(1)
     anchors = anchor_lib.generate_anchors((64, 96), levels=("P3", "P4"), sizes=(32, 64))
-    logits = {k: tf.constant(rng.normal(size=(2, v.shape[0])), tf.float32)
-              for k, v in anchors.items()}
-    deltas = {k: tf.constant(rng.normal(size=(2, v.shape[0], 4)) * 0.2, tf.float32)
-              for k, v in anchors.items()}
+    logits = {
+        k: tf.constant(rng.normal(size=(2, v.shape[0])), tf.float32) for k, v in anchors.items()
+    }
+    deltas = {
+        k: tf.constant(rng.normal(size=(2, v.shape[0], 4)) * 0.2, tf.float32)
+        for k, v in anchors.items()
+    }
     size = tf.constant([[64.0, 90.0], [50.0, 96.0]])
     for impl in IMPLS:
+
         def props(lg, dl, s, impl=impl):
-            return pp.generate_proposals(lg, dl, anchors, s, pre_nms_top_k=50,
-                                         post_nms_top_k=30, nms_impl=impl)
+            return pp.generate_proposals(
+                lg, dl, anchors, s, pre_nms_top_k=50, post_nms_top_k=30, nms_impl=impl
+            )
+
         xla = tf.function(props, jit_compile=True)(logits, deltas, size)
         ref = props(logits, deltas, size)
         np.testing.assert_array_equal(xla.valid.numpy(), ref.valid.numpy())
@@ -167,8 +218,10 @@ def test_postprocess_xla():
     probs = tf.nn.softmax(tf.constant(rng.normal(size=(2, 30, 4)) * 2, tf.float32))
     dd = tf.constant(rng.normal(size=(2, 30, 3, 4)) * 0.2, tf.float32)
     for impl in IMPLS:
+
         def det(p, d, r, s, impl=impl):
             return pp.postprocess_detections(p, d, r, s, roi_valid=xla.valid, nms_impl=impl)
+
         got = tf.function(det, jit_compile=True)(probs, dd, rois, size)
         ref = det(probs, dd, rois, size)
         np.testing.assert_array_equal(got.classes.numpy(), ref.classes.numpy())

@@ -14,16 +14,31 @@ def _square(side, y=0.0, x=0.0):
 
 
 def test_eq1_levels():
-    boxes = tf.constant([_square(224), _square(112), _square(10), _square(2000), _square(448),
-                         [0, 0, 0, 0], [5, 5, 5, 50], _square(223.9), [0, 0, 112, 448],
-                         [10, 10, 0, 0]], tf.float32)
-    np.testing.assert_array_equal(roi_ops.assign_levels(boxes).numpy(),
-                                  [4, 3, 2, 5, 5, 2, 2, 3, 4, 2])
+    boxes = tf.constant(
+        [
+            _square(224),
+            _square(112),
+            _square(10),
+            _square(2000),
+            _square(448),
+            [0, 0, 0, 0],
+            [5, 5, 5, 50],
+            _square(223.9),
+            [0, 0, 112, 448],
+            [10, 10, 0, 0],
+        ],
+        tf.float32,
+    )
+    np.testing.assert_array_equal(
+        roi_ops.assign_levels(boxes).numpy(), [4, 3, 2, 5, 5, 2, 2, 3, 4, 2]
+    )
     # Arguments: a different clamp and canonical size.
     np.testing.assert_array_equal(
-        roi_ops.assign_levels(boxes[:5], min_level=3, max_level=6).numpy(), [4, 3, 3, 6, 5])
+        roi_ops.assign_levels(boxes[:5], min_level=3, max_level=6).numpy(), [4, 3, 3, 6, 5]
+    )
     np.testing.assert_array_equal(
-        roi_ops.assign_levels(boxes[:2], canonical_size=112.0).numpy(), [5, 4])
+        roi_ops.assign_levels(boxes[:2], canonical_size=112.0).numpy(), [5, 4]
+    )
 
 
 def test_eq1_matches_log_formula_on_random_sizes():
@@ -58,8 +73,12 @@ def _bilinear(f, y, x):
         x_hi = x_lo + 1
     ly, lx = y - y_lo, x - x_lo
     hy, hx = 1 - ly, 1 - lx
-    return (hy * hx * f[y_lo, x_lo] + hy * lx * f[y_lo, x_hi]
-            + ly * hx * f[y_hi, x_lo] + ly * lx * f[y_hi, x_hi])
+    return (
+        hy * hx * f[y_lo, x_lo]
+        + hy * lx * f[y_lo, x_hi]
+        + ly * hx * f[y_hi, x_lo]
+        + ly * lx * f[y_hi, x_hi]
+    )
 
 
 def _np_roi_align(f, roi, stride, out, sr, aligned, cap=None):
@@ -95,8 +114,15 @@ def _np_multilevel(features, rois, out, sr, aligned, cap=None):
             y0, x0, y1, x1 = rois[b, k].astype(np.float64)
             area = max(y1 - y0, 0) * max(x1 - x0, 0)
             lvl = 2 if area <= 0 else int(np.clip(np.floor(4 + np.log2(np.sqrt(area) / 224)), 2, 5))
-            res[b, k] = _np_roi_align(features[f"P{lvl}"][b].astype(np.float64), rois[b, k],
-                                      2.0 ** lvl, out, sr, aligned, cap)
+            res[b, k] = _np_roi_align(
+                features[f"P{lvl}"][b].astype(np.float64),
+                rois[b, k],
+                2.0**lvl,
+                out,
+                sr,
+                aligned,
+                cap,
+            )
     return res
 
 
@@ -112,21 +138,32 @@ def test_roi_align_linear_ramp_two_levels():
     b = np.array([3.0, 1.0, -1.0], np.float32)
     feats = {}
     for l in range(2, 6):
-        h, w = img_h // 2 ** l, img_w // 2 ** l
+        h, w = img_h // 2**l, img_w // 2**l
         yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         feats[f"P{l}"] = (yy[..., None] * a + xx[..., None] * b + 100.0 * l)[None].astype(
-            np.float32)
-    rois = np.array([[[40.0, 60.0, 152.0, 172.0],   # 112 x 112 -> P3 (stride 8)
-                      [16.0, 48.0, 240.0, 272.0]]],  # 224 x 224 -> P4 (stride 16)
-                    np.float32)
-    out = roi_ops.multilevel_roi_align({k: tf.constant(v) for k, v in feats.items()},
-                                       tf.constant(rois), output_size=7, sampling_ratio=2)
+            np.float32
+        )
+    rois = np.array(
+        [
+            [
+                [40.0, 60.0, 152.0, 172.0],  # 112 x 112 -> P3 (stride 8)
+                [16.0, 48.0, 240.0, 272.0],
+            ]
+        ],  # 224 x 224 -> P4 (stride 16)
+        np.float32,
+    )
+    out = roi_ops.multilevel_roi_align(
+        {k: tf.constant(v) for k, v in feats.items()},
+        tf.constant(rois),
+        output_size=7,
+        sampling_ratio=2,
+    )
     assert out.shape == (1, 2, 7, 7, 3)
     for k, (lvl, stride) in enumerate([(3, 8.0), (4, 16.0)]):
         y0, x0, y1, x1 = rois[0, k] / stride - 0.5
         centres_y = y0 + (np.arange(7) + 0.5) * (y1 - y0) / 7
         centres_x = x0 + (np.arange(7) + 0.5) * (x1 - x0) / 7
-        expected = (centres_y[:, None, None] * a + centres_x[None, :, None] * b + 100.0 * lvl)
+        expected = centres_y[:, None, None] * a + centres_x[None, :, None] * b + 100.0 * lvl
         np.testing.assert_allclose(out.numpy()[0, k], expected, rtol=1e-5, atol=1e-3)
 
 
@@ -134,9 +171,12 @@ def test_roi_align_linear_ramp_two_levels():
 def test_roi_align_matches_numpy_reference(aligned):
     rng = np.random.default_rng(0)
     img_h, img_w, c, bsz = 200, 264, 3, 2
-    feats = {f"P{l}": rng.normal(size=(bsz, math.ceil(img_h / 2 ** l),
-                                       math.ceil(img_w / 2 ** l), c)).astype(np.float32)
-             for l in range(2, 7)}
+    feats = {
+        f"P{l}": rng.normal(size=(bsz, math.ceil(img_h / 2**l), math.ceil(img_w / 2**l), c)).astype(
+            np.float32
+        )
+        for l in range(2, 7)
+    }
     # Sizes spanning all levels, some partly or wholly outside the image, degenerate ones.
     r = 24
     side = np.exp(rng.uniform(np.log(4), np.log(700), (bsz, r, 2)))
@@ -144,20 +184,31 @@ def test_roi_align_matches_numpy_reference(aligned):
     rois = np.concatenate([yx, yx + side], -1).astype(np.float32)
     rois[0, 0] = [10, 10, 10, 10]  # zero size
     rois[1, 0] = [-300, -300, -290, -280]  # far outside: all zeros
-    got = roi_ops.multilevel_roi_align({k: tf.constant(v) for k, v in feats.items()},
-                                       tf.constant(rois), output_size=5, sampling_ratio=2,
-                                       aligned=aligned).numpy()
+    got = roi_ops.multilevel_roi_align(
+        {k: tf.constant(v) for k, v in feats.items()},
+        tf.constant(rois),
+        output_size=5,
+        sampling_ratio=2,
+        aligned=aligned,
+    ).numpy()
     ref = _np_multilevel(feats, rois, 5, 2, aligned)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     if aligned:
         np.testing.assert_array_equal(got[1, 0], 0.0)
     # Other sampling ratio / output size on one image.
-    got3 = roi_ops.multilevel_roi_align({k: tf.constant(v[:1]) for k, v in feats.items()},
-                                        tf.constant(rois[:1, :6]), output_size=3,
-                                        sampling_ratio=3, aligned=aligned).numpy()
-    np.testing.assert_allclose(got3, _np_multilevel({k: v[:1] for k, v in feats.items()},
-                                                    rois[:1, :6], 3, 3, aligned),
-                               rtol=1e-4, atol=1e-4)
+    got3 = roi_ops.multilevel_roi_align(
+        {k: tf.constant(v[:1]) for k, v in feats.items()},
+        tf.constant(rois[:1, :6]),
+        output_size=3,
+        sampling_ratio=3,
+        aligned=aligned,
+    ).numpy()
+    np.testing.assert_allclose(
+        got3,
+        _np_multilevel({k: v[:1] for k, v in feats.items()}, rois[:1, :6], 3, 3, aligned),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("impl", ["gather", "crop_and_resize"])
@@ -166,21 +217,29 @@ def test_adaptive_sampling_matches_numpy_reference(impl):
     6 here), capped at max_sampling_ratio; crop_and_resize falls back to the gather."""
     rng = np.random.default_rng(2)
     img_h, img_w, c = 192, 256, 3
-    feats = {f"P{l}": rng.normal(size=(1, math.ceil(img_h / 2 ** l),
-                                       math.ceil(img_w / 2 ** l), c)).astype(np.float32)
-             for l in range(2, 6)}
+    feats = {
+        f"P{l}": rng.normal(size=(1, math.ceil(img_h / 2**l), math.ceil(img_w / 2**l), c)).astype(
+            np.float32
+        )
+        for l in range(2, 6)
+    }
     side = np.exp(rng.uniform(np.log(4), np.log(400), (1, 20, 2)))
     yx = rng.uniform(-40, 180, (1, 20, 2))
     rois = np.concatenate([yx, yx + side], -1).astype(np.float32)
-    rois[0, 0] = [20, 20, 20, 20]                 # zero size: no sample, zeros
-    rois[0, 1] = [0, 0, 24, 250]                  # long and thin, P2: counts 2 and 21 (capped)
-    rois[0, 2] = [-100, -100, 400, 500]           # clamped to P5: counts 6 and 7 (capped at 4)
-    rois[0, 3] = [10, 10, 34, 34]                 # 6 cells of P2 / 3 bins: 2 samples per axis
+    rois[0, 0] = [20, 20, 20, 20]  # zero size: no sample, zeros
+    rois[0, 1] = [0, 0, 24, 250]  # long and thin, P2: counts 2 and 21 (capped)
+    rois[0, 2] = [-100, -100, 400, 500]  # clamped to P5: counts 6 and 7 (capped at 4)
+    rois[0, 3] = [10, 10, 34, 34]  # 6 cells of P2 / 3 bins: 2 samples per axis
     tensors = {k: tf.constant(v) for k, v in feats.items()}
     for cap in (4, 16):
-        got = roi_ops.multilevel_roi_align(tensors, tf.constant(rois), output_size=3,
-                                           sampling_ratio=0, impl=impl,
-                                           max_sampling_ratio=cap).numpy()
+        got = roi_ops.multilevel_roi_align(
+            tensors,
+            tf.constant(rois),
+            output_size=3,
+            sampling_ratio=0,
+            impl=impl,
+            max_sampling_ratio=cap,
+        ).numpy()
         ref = _np_multilevel(feats, rois, 3, 0, True, cap)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got[0, 0], 0.0)
@@ -194,8 +253,10 @@ def test_adaptive_sampling_matches_numpy_reference(impl):
 
 def test_roi_align_gradient_and_dtype():
     rng = np.random.default_rng(1)
-    feats = {f"P{l}": tf.Variable(rng.normal(size=(1, 64 // 2 ** l, 64 // 2 ** l, 2)),
-                                  dtype=tf.float32) for l in range(2, 6)}
+    feats = {
+        f"P{l}": tf.Variable(rng.normal(size=(1, 64 // 2**l, 64 // 2**l, 2)), dtype=tf.float32)
+        for l in range(2, 6)
+    }
     rois = tf.constant([[[4, 4, 40, 40], [0, 0, 60, 60]]], tf.float32)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(roi_ops.multilevel_roi_align(feats, rois, output_size=2))
@@ -206,21 +267,26 @@ def test_roi_align_gradient_and_dtype():
     total = sum(float(tf.reduce_sum(tf.convert_to_tensor(g))) for g in grads if g is not None)
     assert total == pytest.approx(2 * 2 * 2 * 2, rel=1e-5)
     half = roi_ops.multilevel_roi_align(
-        {k: tf.cast(v, tf.bfloat16) for k, v in feats.items()}, rois, output_size=2)
+        {k: tf.cast(v, tf.bfloat16) for k, v in feats.items()}, rois, output_size=2
+    )
     assert half.dtype == tf.bfloat16
 
 
 def test_roi_align_xla():
     rng = np.random.default_rng(2)
-    feats = {f"P{l}": tf.constant(rng.normal(size=(2, 128 // 2 ** l, 96 // 2 ** l, 4)),
-                                  tf.float32) for l in range(2, 7)}
+    feats = {
+        f"P{l}": tf.constant(rng.normal(size=(2, 128 // 2**l, 96 // 2**l, 4)), tf.float32)
+        for l in range(2, 7)
+    }
     yx = rng.uniform(0, 90, (2, 10, 2))
-    rois = tf.constant(np.concatenate([yx, yx + rng.uniform(4, 120, (2, 10, 2))], -1),
-                       tf.float32)
+    rois = tf.constant(np.concatenate([yx, yx + rng.uniform(4, 120, (2, 10, 2))], -1), tf.float32)
     f = tf.function(roi_ops.multilevel_roi_align, jit_compile=True)
-    np.testing.assert_allclose(f(feats, rois).numpy(),
-                               roi_ops.multilevel_roi_align(feats, rois).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        f(feats, rois).numpy(),
+        roi_ops.multilevel_roi_align(feats, rois).numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
@@ -228,13 +294,21 @@ def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
     border rule (RoIs partly outside the map, empty padding RoIs), values equal up to float
     rounding, and the gradient is exactly the gather's."""
     rng = np.random.default_rng(1)
-    feats = {f"P{l}": tf.constant(rng.normal(size=(2, 128 // 2 ** l, 160 // 2 ** l, 4))
-                                  .astype(np.float32)) for l in range(2, 6)}
+    feats = {
+        f"P{l}": tf.constant(rng.normal(size=(2, 128 // 2**l, 160 // 2**l, 4)).astype(np.float32))
+        for l in range(2, 6)
+    }
     size = np.exp(rng.uniform(np.log(4), np.log(150), (2, 20, 2)))
     cy, cx = rng.uniform(-10, 138, (2, 20)), rng.uniform(-10, 170, (2, 20))
-    rois = np.stack([np.clip(cy - size[..., 0] / 2, 0, 128), np.clip(cx - size[..., 1] / 2, 0, 160),
-                     np.clip(cy + size[..., 0] / 2, 0, 128), np.clip(cx + size[..., 1] / 2, 0, 160)],
-                    -1).astype(np.float32)
+    rois = np.stack(
+        [
+            np.clip(cy - size[..., 0] / 2, 0, 128),
+            np.clip(cx - size[..., 1] / 2, 0, 160),
+            np.clip(cy + size[..., 0] / 2, 0, 128),
+            np.clip(cx + size[..., 1] / 2, 0, 160),
+        ],
+        -1,
+    ).astype(np.float32)
     rois[:, -2:] = 0.0
     upstream = tf.constant(rng.normal(size=(2, 20, 7, 7, 4)).astype(np.float32))
 
@@ -261,7 +335,7 @@ def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
 
 @pytest.mark.parametrize("impl", ["gather", "crop_and_resize"])
 def test_roi_align_has_no_gradient_with_respect_to_the_boxes(impl):
-    feats = {f"P{l}": tf.ones((1, 64 // 2 ** l, 64 // 2 ** l, 2)) * float(l) for l in range(2, 6)}
+    feats = {f"P{l}": tf.ones((1, 64 // 2**l, 64 // 2**l, 2)) * float(l) for l in range(2, 6)}
     rois = tf.constant([[[3.0, 5.0, 40.0, 50.0]]])
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(rois)

@@ -13,8 +13,10 @@ NAMES = ["x", "conv_kernel", "conv_bias", "cls_kernel", "cls_bias", "box_kernel"
 
 def _inputs(rng, b=2, h=9, w=11, c=8, k=6, a=3):
     x = rng.normal(size=(b, h, w, c)).astype(np.float32)
-    weights = [rng.normal(size=s).astype(np.float32) * 0.3
-               for s in [(3, 3, c, k), (k,), (1, 1, k, a), (a,), (1, 1, k, 4 * a), (4 * a,)]]
+    weights = [
+        rng.normal(size=s).astype(np.float32) * 0.3
+        for s in [(3, 3, c, k), (k,), (1, 1, k, a), (a,), (1, 1, k, 4 * a), (4 * a,)]
+    ]
     return [tf.constant(x)] + [tf.constant(v) for v in weights]
 
 
@@ -25,6 +27,7 @@ def _grads(args, loss_fn, sparse, jit=False):
             logits, deltas = rpn_head_level(*args, sparse_backward=sparse)
             loss = loss_fn(logits, deltas)
         return [logits, deltas] + tape.gradient(loss, list(args))
+
     out = tf.function(f, jit_compile=jit)(*args) if jit else f(*args)
     return [o.numpy() for o in out]
 
@@ -34,26 +37,30 @@ def _sampled_loss(rng, shape):
     b, h, w = shape
     mask = np.zeros((b, h, w, 1), np.float32)
     mask[0, 0, 0] = mask[0, h - 1, w - 1] = mask[1, 0, w - 1] = mask[1, h // 2, w // 2] = 1
-    mask[1, h // 2, w // 2 + 1] = 1          # overlapping 3x3 windows
+    mask[1, h // 2, w // 2 + 1] = 1  # overlapping 3x3 windows
     cls_w = tf.constant(mask * rng.normal(size=(b, h, w, 3)), tf.float32)
     box_w = tf.constant(mask * rng.normal(size=(b, h, w, 12)), tf.float32)
-    return lambda logits, deltas: (tf.reduce_sum(tf.sigmoid(logits) * cls_w)
-                                   + tf.reduce_sum(deltas ** 2 * box_w))
+    return lambda logits, deltas: (
+        tf.reduce_sum(tf.sigmoid(logits) * cls_w) + tf.reduce_sum(deltas**2 * box_w)
+    )
 
 
 @pytest.mark.parametrize("upstream", ["sampled", "dense"])
 def test_sparse_backward_equals_the_dense_gradient(upstream):
     rng = np.random.default_rng(0)
     args = _inputs(rng)
-    loss = (_sampled_loss(rng, (2, 9, 11)) if upstream == "sampled" else
-            lambda logits, deltas: tf.reduce_sum(logits ** 2) + tf.reduce_sum(tf.sin(deltas)))
+    loss = (
+        _sampled_loss(rng, (2, 9, 11))
+        if upstream == "sampled"
+        else lambda logits, deltas: tf.reduce_sum(logits**2) + tf.reduce_sum(tf.sin(deltas))
+    )
     sparse, dense = _grads(args, loss, True), _grads(args, loss, False)
     for name, s, d in zip(["logits", "deltas"] + NAMES, sparse, dense):
         assert s.shape == d.shape, name
         np.testing.assert_allclose(s, d, rtol=1e-5, atol=1e-5, err_msg=name)
     grad_x = sparse[2]
     assert np.abs(grad_x).max() > 0.1
-    if upstream == "sampled":   # only the 3x3 windows around the five read positions
+    if upstream == "sampled":  # only the 3x3 windows around the five read positions
         assert 0 < np.count_nonzero(np.abs(grad_x).sum(-1)) <= 5 * 9
 
 
@@ -61,8 +68,9 @@ def test_inside_xla_the_dense_gradient_is_used_with_equal_values():
     rng = np.random.default_rng(1)
     args = _inputs(rng)
     loss = _sampled_loss(rng, (2, 9, 11))
-    for name, s, x in zip(["logits", "deltas"] + NAMES, _grads(args, loss, True),
-                          _grads(args, loss, True, jit=True)):
+    for name, s, x in zip(
+        ["logits", "deltas"] + NAMES, _grads(args, loss, True), _grads(args, loss, True, jit=True)
+    ):
         np.testing.assert_allclose(s, x, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
@@ -71,8 +79,11 @@ def test_bfloat16_inputs_give_bfloat16_gradients_close_to_float32():
     args = _inputs(rng)
     loss = _sampled_loss(rng, (2, 9, 11))
     ref = _grads(args, loss, True)
-    low = _grads([tf.cast(a, tf.bfloat16) for a in args],
-                 lambda l, d: loss(tf.cast(l, tf.float32), tf.cast(d, tf.float32)), True)
+    low = _grads(
+        [tf.cast(a, tf.bfloat16) for a in args],
+        lambda l, d: loss(tf.cast(l, tf.float32), tf.cast(d, tf.float32)),
+        True,
+    )
     for name, r, g in zip(["logits", "deltas"] + NAMES, ref, low):
         assert g.dtype == tf.bfloat16.as_numpy_dtype, name
         g = g.astype(np.float32)
@@ -81,13 +92,14 @@ def test_bfloat16_inputs_give_bfloat16_gradients_close_to_float32():
 
 def test_detector_gradients_are_the_same_with_the_sparse_and_the_dense_rpn_backward():
     from tests.test_detector import fixed_batch, tiny_model
+
     keras.utils.set_random_seed(3)
     model = tiny_model()
     features, labels = fixed_batch()
     grads = {}
     for sparse in (True, False):
         model.rpn.head.sparse_backward = sparse
-        tf.random.set_seed(7)          # the same anchor and RoI samples in both runs
+        tf.random.set_seed(7)  # the same anchor and RoI samples in both runs
         with tf.GradientTape() as tape:
             losses = model.compute_losses(features, labels, training=True)
         grads[sparse] = tape.gradient(losses["total_loss"], model.trainable_variables)

@@ -16,10 +16,15 @@ def _batch(*xs):
 
 
 def test_rpn_gt_matched_only_by_its_best_anchor():
-    anchors = tf.constant([[0, 0, 10, 20],   # IoU 0.5: the gt's best anchor -> positive
-                           [0, 0, 10, 25],   # IoU 0.4 -> ignored
-                           [0, 0, 10, 40],   # IoU 0.25 -> negative
-                           [100, 100, 110, 110]], tf.float32)  # IoU 0 -> negative
+    anchors = tf.constant(
+        [
+            [0, 0, 10, 20],  # IoU 0.5: the gt's best anchor -> positive
+            [0, 0, 10, 25],  # IoU 0.4 -> ignored
+            [0, 0, 10, 40],  # IoU 0.25 -> negative
+            [100, 100, 110, 110],
+        ],
+        tf.float32,
+    )  # IoU 0 -> negative
     gt = np.array([[0, 0, 10, 10], [0, 0, 0, 0]], np.float32)
     iou = box_ops.pairwise_iou(anchors, gt).numpy()
     np.testing.assert_allclose(iou[:, 0], [0.5, 0.4, 0.25, 0.0], rtol=1e-6)
@@ -37,13 +42,18 @@ def test_rpn_gt_matched_only_by_its_best_anchor():
 
 
 def test_rpn_hand_labels_thresholds_and_ties():
-    anchors = tf.constant([[0, 0, 10, 10],   # IoU 1.0 with gt 0 -> positive
-                           [0, 0, 10, 8],    # IoU 0.8 -> positive (> 0.7)
-                           [0, 0, 10, 5],    # IoU 0.5 -> ignored
-                           [0, 0, 10, 2],    # IoU 0.2 -> negative
-                           [50, 50, 60, 60],  # IoU 0.5 with gt 1 (its best, tied)
-                           [50, 55, 60, 65],  # IoU 0.5 with gt 1 (its best, tied)
-                           [200, 200, 210, 210]], tf.float32)  # negative
+    anchors = tf.constant(
+        [
+            [0, 0, 10, 10],  # IoU 1.0 with gt 0 -> positive
+            [0, 0, 10, 8],  # IoU 0.8 -> positive (> 0.7)
+            [0, 0, 10, 5],  # IoU 0.5 -> ignored
+            [0, 0, 10, 2],  # IoU 0.2 -> negative
+            [50, 50, 60, 60],  # IoU 0.5 with gt 1 (its best, tied)
+            [50, 55, 60, 65],  # IoU 0.5 with gt 1 (its best, tied)
+            [200, 200, 210, 210],
+        ],
+        tf.float32,
+    )  # negative
     gt = np.array([[0, 0, 10, 10], [50, 52.5, 60, 62.5]], np.float32)
     iou = box_ops.pairwise_iou(anchors, gt).numpy()
     np.testing.assert_allclose(iou[:, 0][:4], [1.0, 0.8, 0.5, 0.2], rtol=1e-6)
@@ -55,10 +65,15 @@ def test_rpn_hand_labels_thresholds_and_ties():
 
 
 def test_rpn_crowd_never_positive_and_ignores_negatives_inside():
-    anchors = tf.constant([[0, 0, 100, 100],  # IoU 1 with the crowd box: not positive
-                           [10, 10, 20, 20],  # inside the crowd box: ignored (IoA 1)
-                           [90, 90, 110, 110],  # IoA 0.25: stays negative
-                           [300, 300, 310, 310]], tf.float32)
+    anchors = tf.constant(
+        [
+            [0, 0, 100, 100],  # IoU 1 with the crowd box: not positive
+            [10, 10, 20, 20],  # inside the crowd box: ignored (IoA 1)
+            [90, 90, 110, 110],  # IoA 0.25: stays negative
+            [300, 300, 310, 310],
+        ],
+        tf.float32,
+    )
     gt = np.array([[0, 0, 100, 100], [0, 0, 0, 0]], np.float32)
     boxes, classes, crowd = _batch(gt, [1, -1], [True, False])
     t = ta.assign_rpn_targets(anchors, boxes, classes, crowd)
@@ -98,8 +113,7 @@ def test_rpn_at_most_128_positives_and_random_batched_sampling():
     classes = np.ones([2, 40], np.int32)
     t = ta.assign_rpn_targets(anchors, tf.constant(gt), tf.constant(classes))
     labels = t.labels.numpy()
-    full = ta.assign_rpn_targets(anchors, tf.constant(gt), tf.constant(classes),
-                                 num_samples=10 ** 7)
+    full = ta.assign_rpn_targets(anchors, tf.constant(gt), tf.constant(classes), num_samples=10**7)
     for b in range(2):
         assert (full.labels.numpy()[b] == 1).sum() > 128
         assert (labels[b] == 1).sum() == 128
@@ -131,10 +145,11 @@ def test_rpn_xla():
     gt = tf.constant([[[8, 8, 40, 40], [10, 50, 60, 90], [0, 0, 0, 0]]] * 2, tf.float32)
     cls = tf.constant([[1, 2, -1]] * 2)
     crowd = tf.constant([[False, True, False]] * 2)
-    f = tf.function(lambda *a: ta.assign_rpn_targets(*a, seed=tf.constant([1, 2])),
-                    jit_compile=True)
+    f = tf.function(
+        lambda *a: ta.assign_rpn_targets(*a, seed=tf.constant([1, 2])), jit_compile=True
+    )
     t = f(anchors, gt, cls, crowd)
-    ref = ta.assign_rpn_targets(anchors, gt, cls, crowd, num_samples=10 ** 6)
+    ref = ta.assign_rpn_targets(anchors, gt, cls, crowd, num_samples=10**6)
     labels = t.labels.numpy()
     assert labels.shape == (2, anchors.shape[0])
     assert np.all(ref.labels.numpy()[labels == 1] == 1)
@@ -147,8 +162,9 @@ def test_rpn_xla():
 
 def _random_boxes(rng, shape, lo=0, hi=500, min_size=8, max_size=200):
     yx = rng.uniform(lo, hi, shape + (2,))
-    return np.concatenate([yx, yx + rng.uniform(min_size, max_size, shape + (2,))],
-                          -1).astype(np.float32)
+    return np.concatenate([yx, yx + rng.uniform(min_size, max_size, shape + (2,))], -1).astype(
+        np.float32
+    )
 
 
 def test_roi_sampler_fractions():
@@ -203,8 +219,9 @@ def test_roi_sampler_padding_no_gt_and_validity():
     valid[1, 50:] = False
     gt = np.zeros([2, 4, 4], np.float32)
     cls = -np.ones([2, 4], np.int32)
-    r = ta.sample_rois(tf.constant(props), tf.constant(gt), tf.constant(cls),
-                       proposal_valid=tf.constant(valid))
+    r = ta.sample_rois(
+        tf.constant(props), tf.constant(gt), tf.constant(cls), proposal_valid=tf.constant(valid)
+    )
     assert r.rois.shape == (2, 512, 4)
     vm = r.valid_mask.numpy()
     np.testing.assert_array_equal(vm.sum(axis=1), [100, 50])
@@ -221,12 +238,20 @@ def test_roi_sampler_padding_no_gt_and_validity():
 def test_roi_sampler_crowd_never_foreground():
     gt = np.array([[[0, 0, 200, 200], [300, 300, 400, 400]]], np.float32)
     crowd = np.array([[True, False]])
-    props = np.array([[[0, 0, 200, 200],  # equal to the crowd box: not fg, not bg (IoA 1)
-                       [10, 10, 50, 50],  # inside the crowd: dropped
-                       [150, 150, 250, 250],  # IoA 0.25: background
-                       [300, 300, 400, 390]]], np.float32)  # fg for gt 1
-    r = ta.sample_rois(tf.constant(props), tf.constant(gt), tf.constant([[1, 2]]),
-                       tf.constant(crowd))
+    props = np.array(
+        [
+            [
+                [0, 0, 200, 200],  # equal to the crowd box: not fg, not bg (IoA 1)
+                [10, 10, 50, 50],  # inside the crowd: dropped
+                [150, 150, 250, 250],  # IoA 0.25: background
+                [300, 300, 400, 390],
+            ]
+        ],
+        np.float32,
+    )  # fg for gt 1
+    r = ta.sample_rois(
+        tf.constant(props), tf.constant(gt), tf.constant([[1, 2]]), tf.constant(crowd)
+    )
     vm = r.valid_mask.numpy()[0]
     fg = r.foreground_mask.numpy()[0]
     rois = r.rois.numpy()[0]
@@ -241,8 +266,9 @@ def test_roi_sampler_xla_and_unbatched():
     props = tf.constant(_random_boxes(rng, (2, 600)))
     gt = tf.constant(_random_boxes(rng, (2, 6)))
     cls = tf.constant([[1, 2, 3, -1, -1, -1], [3, 3, -1, -1, -1, -1]])
-    f = tf.function(lambda p, g, c: ta.sample_rois(p, g, c, seed=tf.constant([5, 6])),
-                    jit_compile=True)
+    f = tf.function(
+        lambda p, g, c: ta.sample_rois(p, g, c, seed=tf.constant([5, 6])), jit_compile=True
+    )
     r = f(props, gt, cls)
     assert r.rois.shape == (2, 512, 4)
     assert r.valid_mask.numpy().all()
@@ -263,15 +289,28 @@ def test_rpn_targets_over_real_gt_columns_equal_all_columns():
             y, x = rng.uniform(0, 80, 2)
             boxes[b, r] = (y, x, y + rng.uniform(10, 40), x + rng.uniform(10, 40))
             classes[b, r] = 1
-    anchors, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors(
-        (128, 128), ("P3", "P4"), {"P3": (32,), "P4": (64,)}, (0.5, 1.0, 2.0)))
+    anchors, _ = anchor_lib.concat_anchors(
+        anchor_lib.generate_anchors(
+            (128, 128), ("P3", "P4"), {"P3": (32,), "P4": (64,)}, (0.5, 1.0, 2.0)
+        )
+    )
     seed = tf.constant([3, 4])
     compact = ta.assign_rpn_targets(anchors, boxes, classes, None, seed=seed)
     full = ta._assign_rpn_targets(  # pylint: disable=protected-access
-        anchors, tf.constant(boxes), tf.constant(classes), tf.zeros((2, 12), tf.bool),
-        0.7, 0.3, True, 0.7, 256, 0.5, (1.0, 1.0, 1.0, 1.0), seed)
+        anchors,
+        tf.constant(boxes),
+        tf.constant(classes),
+        tf.zeros((2, 12), tf.bool),
+        0.7,
+        0.3,
+        True,
+        0.7,
+        256,
+        0.5,
+        (1.0, 1.0, 1.0, 1.0),
+        seed,
+    )
     assert int(tf.reduce_sum(tf.cast(compact.labels == 1, tf.int32))) >= 4
     assert set(np.unique(compact.matched_gt_indices.numpy())) >= {0, 1, 5, 2}
     for field in compact._fields:
-        np.testing.assert_array_equal(getattr(compact, field), getattr(full, field),
-                                      err_msg=field)
+        np.testing.assert_array_equal(getattr(compact, field), getattr(full, field), err_msg=field)

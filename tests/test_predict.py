@@ -15,8 +15,7 @@ import pytest
 from fpn_tf import predict
 from fpn_tf.data.testing import pattern, write_image
 from fpn_tf.serving import export_saved_model
-from fpn_tf.serving.inference import (Detection, PredictError, SavedModelDetector,
-                                      draw_detections)
+from fpn_tf.serving.inference import Detection, PredictError, SavedModelDetector, draw_detections
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_export import CATEGORY_MAP, LONG, MULTIPLE, SHORT, tiny_model  # noqa: E402
@@ -34,10 +33,12 @@ def saved_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    return {"jpeg": write_image(root / "a.jpg", pattern(60, 80, seed=1)),
-            "png": write_image(root / "b.png", pattern(90, 50, seed=2)),
-            "gray_png": write_image(root / "sub" / "b.png", pattern(50, 70, seed=3)[..., 0]),
-            "text": str(_write(root / "notes.jpg", b"not an image at all"))}
+    return {
+        "jpeg": write_image(root / "a.jpg", pattern(60, 80, seed=1)),
+        "png": write_image(root / "b.png", pattern(90, 50, seed=2)),
+        "gray_png": write_image(root / "sub" / "b.png", pattern(50, 70, seed=3)[..., 0]),
+        "text": str(_write(root / "notes.jpg", b"not an image at all")),
+    }
 
 
 def _write(path, data):
@@ -48,19 +49,36 @@ def _write(path, data):
 def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "fpn_tf.predict", f"--saved_model={saved_model}",
-         f"--image={images['jpeg']}", f"--image={images['png']}", f"--image={images['gray_png']}",
-         f"--output_dir={out}", "--min_score=0.6"],
-        capture_output=True, text=True, env=ENV, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "fpn_tf.predict",
+            f"--saved_model={saved_model}",
+            f"--image={images['jpeg']}",
+            f"--image={images['png']}",
+            f"--image={images['gray_png']}",
+            f"--output_dir={out}",
+            "--min_score=0.6",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Loaded" in done.stderr and "detection(s) with score >= 0.60" in done.stderr
     # Only what concerns the user: no TensorFlow cost-model or CUDA start-up noise.
     assert "CropAndResize" not in done.stderr and "PredictCost" not in done.stderr
     if not os.path.exists("/dev/nvidiactl"):
         assert "cuInit" not in done.stderr
-    assert sorted(os.listdir(out)) == ["a_detections.json", "a_detections.png",
-                                       "b_2_detections.json", "b_2_detections.png",
-                                       "b_detections.json", "b_detections.png"]
+    assert sorted(os.listdir(out)) == [
+        "a_detections.json",
+        "a_detections.png",
+        "b_2_detections.json",
+        "b_2_detections.png",
+        "b_detections.json",
+        "b_detections.png",
+    ]
     for stem, source in (("a", images["jpeg"]), ("b", images["png"]), ("b_2", images["gray_png"])):
         with open(out / f"{stem}_detections.json") as f:
             record = json.load(f)
@@ -77,8 +95,9 @@ def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_pa
             assert d["class_id"] in CATEGORY_MAP.dataset_ids
             assert d["class_name"] == CATEGORY_MAP.dataset_id_to_name()[d["class_id"]]
             hw = [record["height"], record["width"]] * 2
-            np.testing.assert_allclose(d["box_pixels"], np.array(d["box_normalized"]) * hw,
-                                       atol=0.02)
+            np.testing.assert_allclose(
+                d["box_pixels"], np.array(d["box_normalized"]) * hw, atol=0.02
+            )
         # Pixels change on the drawn box outline (its top-left corner), the rest is the image.
         before = np.asarray(source_image.convert("RGB"), np.int32)
         after = np.asarray(drawn, np.int32)
@@ -87,14 +106,16 @@ def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_pa
         # Some pixel within 2 px of the top-left corner of every box was drawn over.
         for d in detections:
             ty, tx = (min(int(v), s - 1) for v, s in zip(d["box_pixels"][:2], before.shape[:2]))
-            assert changed[max(ty - 2, 0):ty + 3, max(tx - 2, 0):tx + 3].any(), d
+            assert changed[max(ty - 2, 0) : ty + 3, max(tx - 2, 0) : tx + 3].any(), d
         if stem == "b":  # a PNG: exact pixels survive where nothing was drawn
             assert not changed.all()
 
 
 def test_predict_errors_are_one_line(saved_model, images, tmp_path):
-    cases = {str(tmp_path / "missing.jpg"): "image file not found",
-             images["text"]: "not an image (PIL cannot identify its format)"}
+    cases = {
+        str(tmp_path / "missing.jpg"): "image file not found",
+        images["text"]: "not an image (PIL cannot identify its format)",
+    }
     for path, message in cases.items():
         with pytest.raises(PredictError, match="^" + re.escape(f"{path}: {message}") + "$"):
             predict.predict(saved_model, [images["png"], path], str(tmp_path / "o"))
@@ -105,14 +126,26 @@ def test_predict_errors_are_one_line(saved_model, images, tmp_path):
 
     # The command prints the message alone: no traceback.
     done = subprocess.run(
-        [sys.executable, "-m", "fpn_tf.predict", f"--saved_model={saved_model}",
-         f"--image={images['png']}", f"--image={tmp_path / 'missing.jpg'}",
-         f"--output_dir={tmp_path / 'o'}"], capture_output=True, text=True, env=ENV, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "fpn_tf.predict",
+            f"--saved_model={saved_model}",
+            f"--image={images['png']}",
+            f"--image={tmp_path / 'missing.jpg'}",
+            f"--output_dir={tmp_path / 'o'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     # (TensorFlow's own C++ log lines, e.g. about a missing CUDA driver, may come before it.)
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'missing.jpg'}: image file not found")
+        f"error: {tmp_path / 'missing.jpg'}: image file not found"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -125,19 +158,25 @@ def test_detector_uses_serving_default_for_formats_tf_does_not_decode(saved_mode
     same = detector.detect_file(write_image(tmp_path / "c.png", pattern(60, 80, seed=1)))
     assert same.signature == "image_bytes"
     assert [d.class_id for d in result.detections] == [d.class_id for d in same.detections]
-    np.testing.assert_allclose([d.score for d in result.detections],
-                               [d.score for d in same.detections], atol=1e-5)
+    np.testing.assert_allclose(
+        [d.score for d in result.detections], [d.score for d in same.detections], atol=1e-5
+    )
 
 
 def test_draw_detections_draws_box_and_label():
     image = Image.fromarray(np.full((60, 80, 3), 128, np.uint8))
-    d = Detection(box=(0.5, 0.25, 0.9, 0.75), box_pixels=(30.0, 20.0, 54.0, 60.0), class_id=3,
-                  class_name="square", score=0.87)
+    d = Detection(
+        box=(0.5, 0.25, 0.9, 0.75),
+        box_pixels=(30.0, 20.0, 54.0, 60.0),
+        class_id=3,
+        class_name="square",
+        score=0.87,
+    )
     out = np.asarray(draw_detections(image, [d]), np.int32)
     changed = np.abs(out - 128).sum(-1) > 0
-    assert changed[30:55, 20].all() and changed[54, 20:61].all()   # left and bottom edges
-    assert not changed[40:50, 30:50].any()                          # inside stays
-    assert changed[:30, 20:60].any()                                # the label above the box
+    assert changed[30:55, 20].all() and changed[54, 20:61].all()  # left and bottom edges
+    assert not changed[40:50, 30:50].any()  # inside stays
+    assert changed[:30, 20:60].any()  # the label above the box
 
 
 _QUIET_PROBE = r"""
@@ -157,13 +196,19 @@ print("after the block", file=sys.stderr)
 @pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine with an NVIDIA device")
 def test_quiet_tensorflow_drops_only_the_noise():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    done = subprocess.run([sys.executable, "-c", _QUIET_PROBE], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _QUIET_PROBE], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cuInit" not in done.stderr and "CropAndResize" not in done.stderr
     assert "ours: a warning\n" in done.stderr and "another TensorFlow error" in done.stderr
     assert done.stderr.endswith("after the block\n")
     # The filter is what hides them: off, the noise is there.
-    loud = subprocess.run([sys.executable, "-c", _QUIET_PROBE], capture_output=True, text=True,
-                          env=dict(env, FPN_TF_SHOW_ALL_LOGS="1"), timeout=120)
+    loud = subprocess.run(
+        [sys.executable, "-c", _QUIET_PROBE],
+        capture_output=True,
+        text=True,
+        env=dict(env, FPN_TF_SHOW_ALL_LOGS="1"),
+        timeout=120,
+    )
     assert "CropAndResize" in loud.stderr

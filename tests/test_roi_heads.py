@@ -19,14 +19,23 @@ def test_box_head_shapes():
 
 
 def _heads(num_classes=3, **overrides):
-    settings = {**RoIConfig().to_dict(), **DetectionConfig().to_dict(), "fc_dims": 32,
-                "batch_size_per_image": 16, **overrides}
+    settings = {
+        **RoIConfig().to_dict(),
+        **DetectionConfig().to_dict(),
+        "fc_dims": 32,
+        "batch_size_per_image": 16,
+        **overrides,
+    }
     return RoIHeads(num_classes=num_classes, **settings)
 
 
 def _features(rng, levels=(2, 3, 4, 5, 6), channels=4, image=256):
-    return {f"P{l}": tf.constant(rng.normal(size=(1, image // 2 ** l, image // 2 ** l, channels)),
-                                 tf.float32) for l in levels}
+    return {
+        f"P{l}": tf.constant(
+            rng.normal(size=(1, image // 2**l, image // 2**l, channels)), tf.float32
+        )
+        for l in levels
+    }
 
 
 def _proposals(boxes):
@@ -35,11 +44,18 @@ def _proposals(boxes):
     return Proposals(boxes, tf.fill(rows, 0.9), tf.ones(rows, tf.bool))
 
 
-LABELS = {"gt_boxes": tf.constant([[[20.0, 30.0, 120.0, 150.0], [150, 140, 250, 250]]]),
-          "gt_classes": tf.constant([[2, 3]], tf.int32),
-          "gt_is_crowd": tf.zeros((1, 2), tf.bool)}
-PROPOSALS = [[22.0, 28.0, 118.0, 155.0], [0, 0, 40, 40], [140, 150, 240, 255],
-             [60, 60, 200, 200], [5, 100, 60, 250]]
+LABELS = {
+    "gt_boxes": tf.constant([[[20.0, 30.0, 120.0, 150.0], [150, 140, 250, 250]]]),
+    "gt_classes": tf.constant([[2, 3]], tf.int32),
+    "gt_is_crowd": tf.zeros((1, 2), tf.bool),
+}
+PROPOSALS = [
+    [22.0, 28.0, 118.0, 155.0],
+    [0, 0, 40, 40],
+    [140, 150, 240, 255],
+    [60, 60, 200, 200],
+    [5, 100, 60, 250],
+]
 HW = tf.constant([[256.0, 256.0]])
 
 
@@ -52,15 +68,27 @@ def test_losses_equal_the_functional_path_times_the_weight():
     assert detections is None and heads.levels == ["P2", "P3", "P4", "P5"]
     tf.random.set_seed(1)
     targets = target_assigner.sample_rois(
-        tf.constant([PROPOSALS]), LABELS["gt_boxes"], LABELS["gt_classes"], LABELS["gt_is_crowd"],
-        tf.ones((1, 5), tf.bool), num_samples=16, foreground_fraction=0.25, foreground_iou=0.5,
-        box_weights=(10.0, 10.0, 5.0, 5.0))
+        tf.constant([PROPOSALS]),
+        LABELS["gt_boxes"],
+        LABELS["gt_classes"],
+        LABELS["gt_is_crowd"],
+        tf.ones((1, 5), tf.bool),
+        num_samples=16,
+        foreground_fraction=0.25,
+        foreground_iou=0.5,
+        box_weights=(10.0, 10.0, 5.0, 5.0),
+    )
     pooled = roi_ops.multilevel_roi_align(
-        {f"P{l}": features[f"P{l}"] for l in range(2, 6)}, targets.rois, output_size=7,
-        sampling_ratio=2, training=True)
+        {f"P{l}": features[f"P{l}"] for l in range(2, 6)},
+        targets.rois,
+        output_size=7,
+        sampling_ratio=2,
+        training=True,
+    )
     logits, deltas = heads.box_head(pooled)
-    cls, box = fast_rcnn_losses(targets.class_targets, targets.box_targets, logits, deltas, 1.0,
-                                valid=targets.valid_mask)
+    cls, box = fast_rcnn_losses(
+        targets.class_targets, targets.box_targets, logits, deltas, 1.0, valid=targets.valid_mask
+    )
     np.testing.assert_allclose(losses["fast_rcnn_class_loss"], 0.5 * cls, rtol=1e-6)
     np.testing.assert_allclose(losses["fast_rcnn_box_loss"], 0.5 * box, rtol=1e-6)
     assert float(box) > 0.0 and int(tf.reduce_sum(tf.cast(targets.foreground_mask, tf.int32))) > 0
@@ -76,7 +104,8 @@ def test_eq1_is_clamped_to_the_levels_the_features_hold():
     np.testing.assert_allclose(
         heads.pool(features, rois),
         roi_ops.multilevel_roi_align(features, rois, min_level=4, max_level=4, impl="gather"),
-        atol=1e-4)
+        atol=1e-4,
+    )
 
 
 def test_detections_are_the_proposals_of_the_planted_class():

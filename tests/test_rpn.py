@@ -13,8 +13,10 @@ from fpn_tf.ops import box_ops, target_assigner
 
 
 def _pyramid(rng, channels=16):
-    return {"P2": tf.constant(rng.normal(size=(2, 12, 10, channels)), tf.float32),
-            "P3": tf.constant(rng.normal(size=(2, 6, 5, channels)), tf.float32)}
+    return {
+        "P2": tf.constant(rng.normal(size=(2, 12, 10, channels)), tf.float32),
+        "P3": tf.constant(rng.normal(size=(2, 6, 5, channels)), tf.float32),
+    }
 
 
 def test_rpn_head_applies_the_same_convs_on_every_level_in_values_and_gradients():
@@ -32,10 +34,15 @@ def test_rpn_head_applies_the_same_convs_on_every_level_in_values_and_gradients(
         for level, x in features.items():
             hidden = head.conv(x)
             ref_logits[level], ref_deltas[level] = head.objectness(hidden), head.box_deltas(hidden)
-        loss = tf.add_n([tf.reduce_sum(logits[l] ** 2) + tf.reduce_sum(deltas[l] ** 2)
-                         for l in features])
-        ref_loss = tf.add_n([tf.reduce_sum(ref_logits[l] ** 2) + tf.reduce_sum(ref_deltas[l] ** 2)
-                             for l in features])
+        loss = tf.add_n(
+            [tf.reduce_sum(logits[l] ** 2) + tf.reduce_sum(deltas[l] ** 2) for l in features]
+        )
+        ref_loss = tf.add_n(
+            [
+                tf.reduce_sum(ref_logits[l] ** 2) + tf.reduce_sum(ref_deltas[l] ** 2)
+                for l in features
+            ]
+        )
     for level, x in features.items():
         assert logits[level].shape == x.shape[:3] + (3,)
         assert deltas[level].shape == x.shape[:3] + (12,)
@@ -60,18 +67,21 @@ def test_rpn_head_config_round_trip_and_functional_use():
 # ------------------------------------------------------------------ RegionProposalNetwork
 
 SIZES = {"P3": (32.0,), "P4": (64.0,)}
-IMAGE = 64   # P3: 8x8 cells, P4: 4x4
+IMAGE = 64  # P3: 8x8 cells, P4: 4x4
 
 
 def _rpn(**overrides):
-    return RegionProposalNetwork(anchor_sizes=SIZES, aspect_ratios=(0.5, 1.0, 2.0),
-                                 **{**RPNConfig().to_dict(), **overrides})
+    return RegionProposalNetwork(
+        anchor_sizes=SIZES, aspect_ratios=(0.5, 1.0, 2.0), **{**RPNConfig().to_dict(), **overrides}
+    )
 
 
 def _features(rng=None, channels=4, batch=1):
     make = (lambda s: rng.normal(size=s)) if rng is not None else np.zeros
-    return {"P3": tf.constant(make((batch, 8, 8, channels)), tf.float32),
-            "P4": tf.constant(make((batch, 4, 4, channels)), tf.float32)}
+    return {
+        "P3": tf.constant(make((batch, 8, 8, channels)), tf.float32),
+        "P4": tf.constant(make((batch, 4, 4, channels)), tf.float32),
+    }
 
 
 def _valid_hw(batch=1):
@@ -80,8 +90,11 @@ def _valid_hw(batch=1):
 
 def _labels(boxes):
     n = len(boxes)
-    return {"gt_boxes": tf.constant([boxes], tf.float32),
-            "gt_classes": tf.ones((1, n), tf.int32), "gt_is_crowd": tf.zeros((1, n), tf.bool)}
+    return {
+        "gt_boxes": tf.constant([boxes], tf.float32),
+        "gt_classes": tf.ones((1, n), tf.int32),
+        "gt_is_crowd": tf.zeros((1, n), tf.bool),
+    }
 
 
 def _plant_head(rpn, channels):
@@ -128,10 +141,10 @@ def test_planted_ground_truth_gives_positive_anchors_at_its_place():
     assert labels[index] == 1
     np.testing.assert_allclose(targets.box_targets[0, index], 0.0, atol=1e-6)
     positives = np.flatnonzero(labels == 1)
-    assert (iou[positives] > 0.7).all()                      # only near the planted box
-    assert set(np.flatnonzero(iou > 0.7)) == set(positives)   # every such anchor (< 128 of them)
+    assert (iou[positives] > 0.7).all()  # only near the planted box
+    assert set(np.flatnonzero(iou > 0.7)) == set(positives)  # every such anchor (< 128 of them)
     assert (iou[labels == 0] < 0.3).all()
-    assert (labels == 0).sum() == (iou < 0.3).sum()   # 240 anchors < 256: every negative taken
+    assert (labels == 0).sum() == (iou < 0.3).sum()  # 240 anchors < 256: every negative taken
 
 
 def test_proposals_contain_the_planted_high_scoring_anchor():
@@ -140,7 +153,7 @@ def test_proposals_contain_the_planted_high_scoring_anchor():
     rpn(features, _valid_hw())
     _plant_head(rpn, 4)
     planted = features["P4"].numpy()
-    planted[0, 1, 2, 0] = 8.0     # P4 cell (1, 2): centre (24, 40), ratio-1 anchor side 64
+    planted[0, 1, 2, 0] = 8.0  # P4 cell (1, 2): centre (24, 40), ratio-1 anchor side 64
     features["P4"] = tf.constant(planted)
     proposals, _ = rpn(features, _valid_hw())
     # Anchor (-8, 8, 56, 72) clipped to the 64x64 image.
@@ -165,12 +178,23 @@ def test_rpn_losses_equal_the_functional_path_times_the_weight():
     logits, deltas = rpn.head(features)
     all_anchors, _ = anchor_ops.concat_anchors(rpn.anchors((IMAGE, IMAGE)))
     targets = target_assigner.assign_rpn_targets(
-        all_anchors, labels["gt_boxes"], labels["gt_classes"], labels["gt_is_crowd"],
-        positive_iou=0.7, negative_iou=0.3, num_samples=256, positive_fraction=0.5)
+        all_anchors,
+        labels["gt_boxes"],
+        labels["gt_classes"],
+        labels["gt_is_crowd"],
+        positive_iou=0.7,
+        negative_iou=0.3,
+        num_samples=256,
+        positive_fraction=0.5,
+    )
     objectness, box = rpn_losses(
-        targets.labels, targets.box_targets,
+        targets.labels,
+        targets.box_targets,
         tf.concat([tf.reshape(logits[l], [1, -1]) for l in ("P3", "P4")], 1),
-        tf.concat([tf.reshape(deltas[l], [1, -1, 4]) for l in ("P3", "P4")], 1), 256, 1.0 / 9)
+        tf.concat([tf.reshape(deltas[l], [1, -1, 4]) for l in ("P3", "P4")], 1),
+        256,
+        1.0 / 9,
+    )
     np.testing.assert_allclose(losses["rpn_objectness_loss"], 2.0 * objectness, rtol=1e-6)
     np.testing.assert_allclose(losses["rpn_box_loss"], 2.0 * box, rtol=1e-6)
     assert float(box) > 0.0

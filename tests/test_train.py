@@ -28,12 +28,12 @@ def test_trains_writes_checkpoints_and_resumes_where_it_stopped(tiny_config, tmp
     weights = _weights(first)
     slots = [v.numpy().copy() for v in first.optimizer.variables]
 
-    second = Trainer(tiny_config, model_dir)          # a new process would do the same
+    second = Trainer(tiny_config, model_dir)  # a new process would do the same
     assert second.restored_from.endswith("ckpt-4") and second.step == 4
     for a, b in zip(weights, _weights(second)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(slots, [v.numpy() for v in second.optimizer.variables]):
-        np.testing.assert_array_equal(a, b)     # momentum/Adam moments and the step count
+        np.testing.assert_array_equal(a, b)  # momentum/Adam moments and the step count
     log2 = second.train(total_steps=6)
     assert log2["step"] == 6
     assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-6")
@@ -69,14 +69,16 @@ def test_non_finite_loss_is_skipped_when_configured(tiny_config, tmp_path):
 
     trainer.model.compute_losses = second_call_is_nan
     log = trainer.train(total_steps=3)
-    assert int(calls.numpy()) == 4          # 4 batches for 3 steps
+    assert int(calls.numpy()) == 4  # 4 batches for 3 steps
     assert log["step"] == 3 and log["skipped_steps"] == 1
     assert np.isfinite(log["total_loss"])
 
 
-def test_non_finite_weights_stop_a_skipping_run_instead_of_spinning(tiny_config, tmp_path,
-                                                                    monkeypatch):
+def test_non_finite_weights_stop_a_skipping_run_instead_of_spinning(
+    tiny_config, tmp_path, monkeypatch
+):
     from fpn_tf.training import callbacks
+
     monkeypatch.setattr(callbacks, "MAX_CONSECUTIVE_NONFINITE", 3)
     tiny_config.train.on_nan = "skip"
     trainer = Trainer(tiny_config, str(tmp_path / "skip"))
@@ -87,7 +89,7 @@ def test_non_finite_weights_stop_a_skipping_run_instead_of_spinning(tiny_config,
     with pytest.raises(NonFiniteLossError, match=r"step 2 .*3 non-finite batches in a row"):
         trainer.train(total_steps=4)
     np.testing.assert_array_equal(before, trainer.model.roi_heads.box_head.fcs[0].kernel.numpy())
-    assert trainer.step == 1   # the updates (and the step counter) were skipped
+    assert trainer.step == 1  # the updates (and the step counter) were skipped
 
 
 def test_float16_loss_scale_skips_are_counted_not_logged_or_saved_as_steps(tiny_config, tmp_path):
@@ -120,26 +122,32 @@ def test_float16_loss_scale_skips_are_counted_not_logged_or_saved_as_steps(tiny_
             trainer.optimizer.build(trainer.model.trainable_variables)
         scale = [v for v in trainer.optimizer.variables if v.path.endswith("dynamic_scale")]
         assert len(scale) == 1
-        scale[0].assign(2.0 ** 40)   # float16 gradients overflow until the scale has halved enough
+        scale[0].assign(2.0**40)  # float16 gradients overflow until the scale has halved enough
         log = trainer.train(total_steps=2)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
         absl_logger.removeHandler(collect)
         absl_logging.set_verbosity(verbosity)
     assert log["step"] == 2 and log["loss_scale_skipped"] >= 1
-    assert float(scale[0].numpy()) < 2.0 ** 40
+    assert float(scale[0].numpy()) < 2.0**40
     steps = [m.split()[1] for m in collect.messages if m.startswith("step ")]
     assert steps == ["1/2", "2/2"]
-    saved = sorted(os.path.basename(p) for p in tf.io.gfile.glob(os.path.join(model_dir,
-                                                                              "ckpt-*.index")))
+    saved = sorted(
+        os.path.basename(p) for p in tf.io.gfile.glob(os.path.join(model_dir, "ckpt-*.index"))
+    )
     assert saved == ["ckpt-1.index", "ckpt-2.index"]
     assert any("batches skipped by the float16 loss scale" in m for m in collect.messages)
 
 
 def _run_cli(*args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "fpn_tf.train", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fpn_tf.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_cli_rejects_an_unknown_config_key_in_one_line(tmp_path):
@@ -147,7 +155,7 @@ def test_cli_rejects_an_unknown_config_key_in_one_line(tmp_path):
     assert result.returncode == 2
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(error_lines) == 1 and "train.learning_rat" in error_lines[0]
-    assert "learning_rate" in error_lines[0]          # the suggestion
+    assert "learning_rate" in error_lines[0]  # the suggestion
     assert "Traceback" not in result.stderr
 
 
@@ -168,11 +176,11 @@ def _eval_events(model_dir):
     return tags
 
 
-def test_periodic_evaluation_and_tensorboard_images_of_held_out_detections(tiny_config,
-                                                                           tmp_path):
+def test_periodic_evaluation_and_tensorboard_images_of_held_out_detections(tiny_config, tmp_path):
     """train_and_eval evaluates every eval.every_steps on the way; each evaluation writes its
     metrics and eval.summary_images drawn images to TensorBoard."""
     import json
+
     tiny_config.eval.summary_images = 3
     tiny_config.eval.summary_score_threshold = 0.0
     model_dir = str(tmp_path / "eval")
@@ -184,5 +192,8 @@ def test_periodic_evaluation_and_tensorboard_images_of_held_out_detections(tiny_
     tags = _eval_events(model_dir)
     assert sorted(tags["metrics/AP"]) == [2, 4]
     assert {t for t in tags if t.startswith("detections/")} == {
-        "detections/0", "detections/1", "detections/2"}
+        "detections/0",
+        "detections/1",
+        "detections/2",
+    }
     assert sorted(tags["detections/0"]) == [2, 4]

@@ -35,10 +35,12 @@ def detection_images(model, features, labels, score_threshold: float = 0.5):
     detections = outputs["detection_boxes"] * scale
     rows = tf.range(tf.shape(detections)[1])[None, :]
     shown = (rows < outputs["num_detections"][:, None]) & (
-        outputs["detection_scores"] >= score_threshold)
+        outputs["detection_scores"] >= score_threshold
+    )
     gt_valid = labels["gt_classes"] > 0
-    drawn = draw_boxes(images, tf.cast(labels["gt_boxes"], tf.float32), gt_valid,
-                       GROUND_TRUTH_COLOR)
+    drawn = draw_boxes(
+        images, tf.cast(labels["gt_boxes"], tf.float32), gt_valid, GROUND_TRUTH_COLOR
+    )
     drawn = draw_boxes(drawn, detections, shown, DETECTION_COLOR)
     return tf.cast(tf.clip_by_value(tf.round(drawn), 0, 255), tf.uint8)
 
@@ -51,7 +53,7 @@ def summary_images(model, dataset, num_images: int, score_threshold: float = 0.5
         drawn = detection_images(model, features, labels, score_threshold).numpy()
         sizes = features["image_info"].numpy()[:, 1, :]
         for image, (h, w) in zip(drawn, sizes):
-            out.append(image[:int(round(h)), :int(round(w))])
+            out.append(image[: int(round(h)), : int(round(w))])
             if len(out) == num_images:
                 return out
     return out

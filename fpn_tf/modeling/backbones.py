@@ -149,8 +149,15 @@ def _maybe_fold(model: keras.Model, fold: bool) -> keras.Model:
 
 
 def _conv_bn_relu(x, filters, kernel, stride, name, relu=True):
-    x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
-                            kernel_initializer="he_normal", name=f"{name}_conv")(x)
+    x = keras.layers.Conv2D(
+        filters,
+        kernel,
+        strides=stride,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="he_normal",
+        name=f"{name}_conv",
+    )(x)
     x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
@@ -184,8 +191,9 @@ def build_small_resnet_backbone(
     if len(widths) != 4 or len(blocks) != 4:
         raise ValueError(f"widths and blocks need 4 entries (conv2..conv5), got {widths}, {blocks}")
     images = keras.Input(shape=tuple(input_shape), name="images")
-    x = PixelNormalization(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                           name="imagenet_normalize")(images)
+    x = PixelNormalization(
+        mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), name="imagenet_normalize"
+    )(images)
     x = _conv_bn_relu(x, stem_width, 3, 2, "conv1_a")
     x = _conv_bn_relu(x, stem_width, 3, 2, "conv1_b")
     outputs = {}
@@ -203,10 +211,11 @@ def build_small_resnet_backbone(
 def build_backbone(backbone_type: str = "resnet50", **kwargs) -> keras.Model:
     """Builds a backbone by name: "resnet50", "resnet101" or "small_resnet"."""
     if backbone_type in ("resnet50", "resnet101"):
-        return build_resnet_backbone(depth=int(backbone_type[len("resnet"):]), **kwargs)
+        return build_resnet_backbone(depth=int(backbone_type[len("resnet") :]), **kwargs)
     if backbone_type == "small_resnet":
         if kwargs.pop("weights", None) is not None:
             raise ValueError("small_resnet has no pretrained weights; set backbone.weights to null")
         return build_small_resnet_backbone(**kwargs)
     raise ValueError(
-        f"unknown backbone type {backbone_type!r}; expected resnet50, resnet101 or small_resnet")
+        f"unknown backbone type {backbone_type!r}; expected resnet50, resnet101 or small_resnet"
+    )

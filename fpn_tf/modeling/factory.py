@@ -22,11 +22,18 @@ from fpn_tf.ops.anchors import level_number
 
 def build_backbone_from_config(backbone_cfg) -> keras.Model:
     """The bottom-up pathway of a ``model.backbone`` section."""
-    kwargs = dict(weights=backbone_cfg.weights, freeze_at=backbone_cfg.freeze_at,
-                  freeze_bn=backbone_cfg.freeze_bn, fold_frozen_bn=backbone_cfg.fold_frozen_bn)
+    kwargs = dict(
+        weights=backbone_cfg.weights,
+        freeze_at=backbone_cfg.freeze_at,
+        freeze_bn=backbone_cfg.freeze_bn,
+        fold_frozen_bn=backbone_cfg.fold_frozen_bn,
+    )
     if backbone_cfg.type == "small_resnet":
-        kwargs.update(widths=tuple(backbone_cfg.widths), blocks=tuple(backbone_cfg.blocks),
-                      stem_width=backbone_cfg.stem_width)
+        kwargs.update(
+            widths=tuple(backbone_cfg.widths),
+            blocks=tuple(backbone_cfg.blocks),
+            stem_width=backbone_cfg.stem_width,
+        )
     backbone = build_backbone(backbone_cfg.type, **kwargs)
     if backbone_cfg.sync_batch_norm and not backbone_cfg.freeze_bn:
         backbone = synchronize_batch_norm(backbone)
@@ -40,47 +47,68 @@ def anchor_sizes_for(model_cfg, levels: Sequence[str]):
         return dict(zip(levels, [(s,) for s in sizes]))
     if len(levels) == 1:
         return {levels[0]: tuple(sizes)}
-    raise ValueError(f"model.anchor.sizes has {len(sizes)} entries for levels {list(levels)}: "
-                     "give one size per level, or use a single level")
+    raise ValueError(
+        f"model.anchor.sizes has {len(sizes)} entries for levels {list(levels)}: "
+        "give one size per level, or use a single level"
+    )
 
 
 def build_fpn_from_config(model_cfg, input_shape=(None, None, 3)) -> keras.Model:
     fpn_cfg = model_cfg.fpn
     backbone = build_backbone_from_config(model_cfg.backbone)
     if fpn_cfg.single_scale_level:
-        return build_single_scale_model(backbone, fpn_cfg.single_scale_level,
-                                        input_shape=input_shape)
+        return build_single_scale_model(
+            backbone, fpn_cfg.single_scale_level, input_shape=input_shape
+        )
     return build_fpn_model(
-        backbone, num_channels=fpn_cfg.num_channels, min_level=fpn_cfg.min_level,
-        max_level=fpn_cfg.max_level, use_top_down=fpn_cfg.use_top_down,
-        use_lateral=fpn_cfg.use_lateral, output_levels=fpn_cfg.levels_used,
-        input_shape=input_shape)
+        backbone,
+        num_channels=fpn_cfg.num_channels,
+        min_level=fpn_cfg.min_level,
+        max_level=fpn_cfg.max_level,
+        use_top_down=fpn_cfg.use_top_down,
+        use_lateral=fpn_cfg.use_lateral,
+        output_levels=fpn_cfg.levels_used,
+        input_shape=input_shape,
+    )
 
 
 def build_rpn(model_cfg, levels: Sequence[str]) -> RegionProposalNetwork:
     """The RPN of ``model.rpn`` with the ``model.anchor`` anchors on ``levels``."""
     return RegionProposalNetwork(
         anchor_sizes=anchor_sizes_for(model_cfg, levels),
-        aspect_ratios=model_cfg.anchor.aspect_ratios, name="rpn",
-        **dataclasses.asdict(model_cfg.rpn))
+        aspect_ratios=model_cfg.anchor.aspect_ratios,
+        name="rpn",
+        **dataclasses.asdict(model_cfg.rpn),
+    )
 
 
 def build_roi_heads(model_cfg, num_classes: int) -> RoIHeads:
     """The RoI heads of ``model.roi`` and ``model.detection``."""
-    return RoIHeads(num_classes=num_classes, name="roi_heads",
-                    **dataclasses.asdict(model_cfg.roi), **dataclasses.asdict(model_cfg.detection))
+    return RoIHeads(
+        num_classes=num_classes,
+        name="roi_heads",
+        **dataclasses.asdict(model_cfg.roi),
+        **dataclasses.asdict(model_cfg.detection),
+    )
 
 
-def build_model(model_cfg, category_ids: Sequence[int] | None = None,
-                input_shape=(None, None, 3)) -> FasterRCNN:
+def build_model(
+    model_cfg, category_ids: Sequence[int] | None = None, input_shape=(None, None, 3)
+) -> FasterRCNN:
     """FPN Faster R-CNN from a config; ``category_ids`` are the dataset's ids of classes 1..C."""
     num_classes = model_cfg.num_classes or (len(category_ids) if category_ids else 0)
     if num_classes <= 0:
         raise ValueError("model.num_classes is 0 and no dataset categories were given")
     if category_ids is not None and len(category_ids) != num_classes:
-        raise ValueError(f"model.num_classes={num_classes} but the dataset has "
-                         f"{len(category_ids)} categories")
+        raise ValueError(
+            f"model.num_classes={num_classes} but the dataset has "
+            f"{len(category_ids)} categories"
+        )
     fpn = build_fpn_from_config(model_cfg, input_shape)
     levels = sorted(fpn.output.keys(), key=level_number)
-    return FasterRCNN(fpn, build_rpn(model_cfg, levels), build_roi_heads(model_cfg, num_classes),
-                      category_ids=category_ids)
+    return FasterRCNN(
+        fpn,
+        build_rpn(model_cfg, levels),
+        build_roi_heads(model_cfg, num_classes),
+        category_ids=category_ids,
+    )

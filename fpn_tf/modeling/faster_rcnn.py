@@ -22,8 +22,13 @@ from fpn_tf.modeling.multi_loss_model import MultiLossModel
 from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
 
-LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "fast_rcnn_class_loss",
-              "fast_rcnn_box_loss", "total_loss")
+LOSS_NAMES = (
+    "rpn_objectness_loss",
+    "rpn_box_loss",
+    "fast_rcnn_class_loss",
+    "fast_rcnn_box_loss",
+    "total_loss",
+)
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
@@ -43,13 +48,21 @@ class FasterRCNN(MultiLossModel):
     region of each padded image is its resized size and boxes come back in original-image pixels.
     """
 
-    def __init__(self, fpn: keras.Model, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
-                 category_ids: Sequence[int] | None = None, name: str = "faster_rcnn", **kwargs):
+    def __init__(
+        self,
+        fpn: keras.Model,
+        rpn: RegionProposalNetwork,
+        roi_heads: RoIHeads,
+        category_ids: Sequence[int] | None = None,
+        name: str = "faster_rcnn",
+        **kwargs,
+    ):
         super().__init__(loss_names=LOSS_NAMES, name=name, **kwargs)
         self.fpn, self.rpn, self.roi_heads = fpn, rpn, roi_heads
         self.num_classes = roi_heads.num_classes
-        ids = list(category_ids) if category_ids is not None else list(
-            range(1, self.num_classes + 1))
+        ids = (
+            list(category_ids) if category_ids is not None else list(range(1, self.num_classes + 1))
+        )
         if len(ids) != self.num_classes:
             raise ValueError(f"{len(ids)} category ids for {self.num_classes} classes")
         self.category_ids = [int(i) for i in ids]
@@ -65,8 +78,9 @@ class FasterRCNN(MultiLossModel):
         images, _, valid_hw = split_inputs(features)
         pyramid = self.fpn(images, training=training)
         proposals, rpn_losses = self.rpn(pyramid, valid_hw, labels=labels, training=training)
-        _, roi_losses = self.roi_heads(pyramid, proposals, valid_hw, labels=labels,
-                                       training=training)
+        _, roi_losses = self.roi_heads(
+            pyramid, proposals, valid_hw, labels=labels, training=training
+        )
         losses = {**rpn_losses, **roi_losses}
         losses["total_loss"] = tf.add_n(list(losses.values()))
         return losses
@@ -96,9 +110,14 @@ class FasterRCNN(MultiLossModel):
         }
 
     def get_config(self):
-        return {"name": self.name, "category_ids": list(self.category_ids),
-                **{k: keras.saving.serialize_keras_object(getattr(self, k))
-                   for k in ("fpn", "rpn", "roi_heads")}}
+        return {
+            "name": self.name,
+            "category_ids": list(self.category_ids),
+            **{
+                k: keras.saving.serialize_keras_object(getattr(self, k))
+                for k in ("fpn", "rpn", "roi_heads")
+            },
+        }
 
     @classmethod
     def from_config(cls, config):

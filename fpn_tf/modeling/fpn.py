@@ -35,8 +35,7 @@ def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
     """
     up = _upsample_nearest_2x(x)
     h, w = x.shape[1], x.shape[2]
-    if (isinstance(h, int) and isinstance(w, int)
-            and tuple(like.shape[1:3]) == (2 * h, 2 * w)):
+    if isinstance(h, int) and isinstance(w, int) and tuple(like.shape[1:3]) == (2 * h, 2 * w):
         return up  # statically exact (e.g. 800x1344 inputs): no crop, and no copy in backward
     size = tf.shape(like)
     return up[:, : size[1], : size[2], :]
@@ -97,7 +96,8 @@ class FeaturePyramid(keras.layers.Layer):
         if not min_level <= backbone_max_level <= max_level:
             raise ValueError(
                 f"need min_level <= backbone_max_level <= max_level, got {min_level}, "
-                f"{backbone_max_level}, {max_level}")
+                f"{backbone_max_level}, {max_level}"
+            )
         if not use_top_down and not use_lateral:
             raise ValueError("use_top_down=False needs the lateral 1x1 convs (use_lateral=True)")
         all_levels = [f"P{l}" for l in range(min_level, max_level + 1)]
@@ -116,25 +116,41 @@ class FeaturePyramid(keras.layers.Layer):
 
         self.backbone_levels = list(range(self.min_level, self.backbone_max_level + 1))
         conv_args = dict(
-            kernel_initializer=self.kernel_initializer, bias_initializer="zeros",
-            dtype=self.dtype_policy)
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer="zeros",
+            dtype=self.dtype_policy,
+        )
         # Sub-layers are plain attributes (lateral_P2, output_P2, ...): layers held in a dict or
         # list are invisible to tf.train.Checkpoint and to SavedModel tracking.
         for level in self.backbone_levels:
             if self.use_lateral or level == self.backbone_max_level:
-                setattr(self, f"lateral_P{level}", keras.layers.Conv2D(
-                    self.num_channels, 1, name=f"lateral_P{level}", **conv_args))
-            setattr(self, f"output_P{level}", keras.layers.Conv2D(
-                self.num_channels, 3, padding="same", name=f"output_P{level}", **conv_args))
+                setattr(
+                    self,
+                    f"lateral_P{level}",
+                    keras.layers.Conv2D(
+                        self.num_channels, 1, name=f"lateral_P{level}", **conv_args
+                    ),
+                )
+            setattr(
+                self,
+                f"output_P{level}",
+                keras.layers.Conv2D(
+                    self.num_channels, 3, padding="same", name=f"output_P{level}", **conv_args
+                ),
+            )
         self.subsample = keras.layers.MaxPooling2D(
-            pool_size=1, strides=2, padding="valid", name="subsample", dtype=self.dtype_policy)
+            pool_size=1, strides=2, padding="valid", name="subsample", dtype=self.dtype_policy
+        )
 
     # --- helpers -------------------------------------------------------------------------
     @property
     def lateral_convs(self) -> dict:
         """level -> the 1x1 lateral conv of that level (only the top one without laterals)."""
-        return {l: getattr(self, f"lateral_P{l}") for l in self.backbone_levels
-                if hasattr(self, f"lateral_P{l}")}
+        return {
+            l: getattr(self, f"lateral_P{l}")
+            for l in self.backbone_levels
+            if hasattr(self, f"lateral_P{l}")
+        }
 
     @property
     def output_convs(self) -> dict:
@@ -145,13 +161,17 @@ class FeaturePyramid(keras.layers.Layer):
         if isinstance(features, Mapping):
             missing = [f"C{l}" for l in self.backbone_levels if f"C{l}" not in features]
             if missing:
-                raise ValueError(f"FeaturePyramid needs backbone features {missing}; "
-                                 f"got keys {sorted(features)}")
+                raise ValueError(
+                    f"FeaturePyramid needs backbone features {missing}; "
+                    f"got keys {sorted(features)}"
+                )
             return {l: features[f"C{l}"] for l in self.backbone_levels}
         features = list(features)
         if len(features) != len(self.backbone_levels):
-            raise ValueError(f"FeaturePyramid needs {len(self.backbone_levels)} feature maps "
-                             f"(C{self.min_level}..C{self.backbone_max_level}), got {len(features)}")
+            raise ValueError(
+                f"FeaturePyramid needs {len(self.backbone_levels)} feature maps "
+                f"(C{self.min_level}..C{self.backbone_max_level}), got {len(features)}"
+            )
         return dict(zip(self.backbone_levels, features))
 
     def build(self, input_shape):
@@ -200,16 +220,18 @@ class FeaturePyramid(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "num_channels": self.num_channels,
-            "min_level": self.min_level,
-            "max_level": self.max_level,
-            "backbone_max_level": self.backbone_max_level,
-            "use_top_down": self.use_top_down,
-            "use_lateral": self.use_lateral,
-            "output_levels": list(self.output_levels),
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-        })
+        config.update(
+            {
+                "num_channels": self.num_channels,
+                "min_level": self.min_level,
+                "max_level": self.max_level,
+                "backbone_max_level": self.backbone_max_level,
+                "use_top_down": self.use_top_down,
+                "use_lateral": self.use_lateral,
+                "output_levels": list(self.output_levels),
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
         return config
 
 
@@ -244,9 +266,14 @@ def build_fpn_model(
     images = keras.Input(shape=tuple(input_shape), name="images")
     c_maps = backbone(images)
     pyramid = FeaturePyramid(
-        num_channels=num_channels, min_level=min_level, max_level=max_level,
-        backbone_max_level=backbone_levels[-1], use_top_down=use_top_down,
-        use_lateral=use_lateral, output_levels=output_levels, name="feature_pyramid",
+        num_channels=num_channels,
+        min_level=min_level,
+        max_level=max_level,
+        backbone_max_level=backbone_levels[-1],
+        use_top_down=use_top_down,
+        use_lateral=use_lateral,
+        output_levels=output_levels,
+        name="feature_pyramid",
     )({k: v for k, v in c_maps.items() if int(k[1:]) >= min_level})
     return keras.Model(images, pyramid, name=name or f"fpn_{backbone.name}")
 
@@ -264,9 +291,13 @@ def build_single_scale_model(
     if isinstance(backbone, str):
         backbone = build_backbone(backbone, input_shape=input_shape, **backbone_kwargs)
     if level not in backbone.output:
-        raise ValueError(f"single-scale level {level!r} is not a backbone output "
-                         f"({sorted(backbone.output)})")
+        raise ValueError(
+            f"single-scale level {level!r} is not a backbone output " f"({sorted(backbone.output)})"
+        )
     images = keras.Input(shape=tuple(input_shape), name="images")
     c_maps = backbone(images)
-    return keras.Model(images, {f"P{level[1:]}": c_maps[level]},
-                       name=name or f"single_scale_{level}_{backbone.name}")
+    return keras.Model(
+        images,
+        {f"P{level[1:]}": c_maps[level]},
+        name=name or f"single_scale_{level}_{backbone.name}",
+    )

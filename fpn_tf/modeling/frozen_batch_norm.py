@@ -40,10 +40,13 @@ class Conv2DFrozenBatchNorm(keras.layers.Conv2D):
 
     def build(self, input_shape):
         super().build(input_shape)
+
         # autocast=False: under a mixed policy the fold is computed in float32 (as BatchNorm is).
         def vector(name, init):
-            return self.add_weight(shape=(self.filters,), initializer=init, name=name,
-                                   trainable=False, autocast=False)
+            return self.add_weight(
+                shape=(self.filters,), initializer=init, name=name, trainable=False, autocast=False
+            )
+
         self.gamma = vector("gamma", "ones")
         self.beta = vector("beta", "zeros")
         self.moving_mean = vector("moving_mean", "zeros")
@@ -103,9 +106,14 @@ def _frozen_bn_after_conv(model: keras.Model) -> dict:
         if len(layer._inbound_nodes) != 1 or layer.axis not in (-1, 3):
             continue
         conv = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
-        if (type(conv) is keras.layers.Conv2D and conv.data_format == "channels_last"
-                and conv.activation is keras.activations.linear and conv.groups == 1
-                and consumers.get(id(conv)) == {id(layer)} and len(conv._inbound_nodes) == 1):
+        if (
+            type(conv) is keras.layers.Conv2D
+            and conv.data_format == "channels_last"
+            and conv.activation is keras.activations.linear
+            and conv.groups == 1
+            and consumers.get(id(conv)) == {id(layer)}
+            and len(conv._inbound_nodes) == 1
+        ):
             pairs[conv.name] = layer
     return pairs
 

@@ -20,8 +20,14 @@ def smooth_l1(diff: tf.Tensor, beta: float) -> tf.Tensor:
     return tf.where(abs_diff < beta, 0.5 * tf.square(abs_diff) / beta, abs_diff - 0.5 * beta)
 
 
-def rpn_losses(labels, box_targets, logits, deltas, batch_size_per_image: int,
-               smooth_l1_beta: float = 1.0 / 9.0):
+def rpn_losses(
+    labels,
+    box_targets,
+    logits,
+    deltas,
+    batch_size_per_image: int,
+    smooth_l1_beta: float = 1.0 / 9.0,
+):
     """RPN objectness (binary cross-entropy) and box (smooth L1 on positives) losses.
 
     Args:
@@ -45,8 +51,15 @@ def rpn_losses(labels, box_targets, logits, deltas, batch_size_per_image: int,
     return objectness_loss, box_loss
 
 
-def fast_rcnn_losses(class_targets, box_targets, class_logits, box_deltas,
-                     smooth_l1_beta: float = 1.0, valid=None, normalizer=None):
+def fast_rcnn_losses(
+    class_targets,
+    box_targets,
+    class_logits,
+    box_deltas,
+    smooth_l1_beta: float = 1.0,
+    valid=None,
+    normalizer=None,
+):
     """Fast R-CNN (C+1)-way softmax cross-entropy and class-specific box loss.
 
     Args:
@@ -61,11 +74,14 @@ def fast_rcnn_losses(class_targets, box_targets, class_logits, box_deltas,
     class_logits = tf.cast(class_logits, tf.float32)
     box_deltas = tf.cast(box_deltas, tf.float32)
     class_targets = tf.cast(class_targets, tf.int32)
-    weight = tf.ones_like(class_targets, tf.float32) if valid is None else tf.cast(valid, tf.float32)
+    weight = (
+        tf.ones_like(class_targets, tf.float32) if valid is None else tf.cast(valid, tf.float32)
+    )
     if normalizer is None:
         normalizer = tf.cast(tf.size(class_targets), tf.float32)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.maximum(class_targets, 0), logits=class_logits)
+        labels=tf.maximum(class_targets, 0), logits=class_logits
+    )
     classification_loss = tf.reduce_sum(ce * weight) / normalizer
     foreground = tf.cast(class_targets > 0, tf.float32) * weight
     # Pick each RoI's deltas for its ground-truth class (index k-1 for class k).

@@ -81,8 +81,11 @@ class MultiLossModel(keras.Model):
         than the same data gives without a strategy. A model whose layers are all built and that
         compiles no loss or metrics only needs its optimizer built: do that without data."""
         layers_built = all(layer.built for layer in self._flatten_layers(include_self=False))
-        if (not layers_built or getattr(self, "_compile_loss", None) is not None
-                or getattr(self, "_compile_metrics", None) is not None):
+        if (
+            not layers_built
+            or getattr(self, "_compile_loss", None) is not None
+            or getattr(self, "_compile_metrics", None) is not None
+        ):
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         if self.optimizer is not None and not self.optimizer.built:
             with self.distribute_strategy.scope():
@@ -106,7 +109,8 @@ class MultiLossModel(keras.Model):
 
             def apply_everywhere():
                 distribution.extended.call_for_each_replica(
-                    lambda g: self.optimizer.apply(g, variables), args=(grads,))
+                    lambda g: self.optimizer.apply(g, variables), args=(grads,)
+                )
 
             tf.cond(skip, lambda: None, apply_everywhere)
 

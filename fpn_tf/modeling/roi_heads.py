@@ -42,15 +42,29 @@ class FastRCNNBoxHead(keras.layers.Layer):
         self.num_fc = int(num_fc)
         # Attributes fc1, fc2, ... (not a list: listed layers are invisible to tf.train.Checkpoint).
         for i in range(self.num_fc):
-            setattr(self, f"fc{i + 1}", keras.layers.Dense(
-                self.fc_dims, activation="relu", name=f"fc{i + 1}",
-                kernel_initializer="lecun_uniform", dtype=self.dtype_policy))
+            setattr(
+                self,
+                f"fc{i + 1}",
+                keras.layers.Dense(
+                    self.fc_dims,
+                    activation="relu",
+                    name=f"fc{i + 1}",
+                    kernel_initializer="lecun_uniform",
+                    dtype=self.dtype_policy,
+                ),
+            )
         self.classifier = keras.layers.Dense(
-            self.num_classes + 1, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
-            name="class_logits", dtype=self.dtype_policy)
+            self.num_classes + 1,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+            name="class_logits",
+            dtype=self.dtype_policy,
+        )
         self.box_regressor = keras.layers.Dense(
-            4 * self.num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
-            name="box_deltas", dtype=self.dtype_policy)
+            4 * self.num_classes,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
+            name="box_deltas",
+            dtype=self.dtype_policy,
+        )
 
     @property
     def fcs(self) -> list:
@@ -78,14 +92,28 @@ class FastRCNNBoxHead(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"num_classes": self.num_classes, "fc_dims": self.fc_dims,
-                       "num_fc": self.num_fc})
+        config.update(
+            {"num_classes": self.num_classes, "fc_dims": self.fc_dims, "num_fc": self.num_fc}
+        )
         return config
 
 
-_ROI_FIELDS = ("batch_size_per_image", "positive_fraction", "foreground_iou", "canonical_size",
-               "canonical_level", "min_level", "max_level", "output_size", "sampling_ratio",
-               "num_fc", "fc_dims", "smooth_l1_beta", "loss_weight", "align_impl")
+_ROI_FIELDS = (
+    "batch_size_per_image",
+    "positive_fraction",
+    "foreground_iou",
+    "canonical_size",
+    "canonical_level",
+    "min_level",
+    "max_level",
+    "output_size",
+    "sampling_ratio",
+    "num_fc",
+    "fc_dims",
+    "smooth_l1_beta",
+    "loss_weight",
+    "align_impl",
+)
 _DETECTION_FIELDS = ("score_threshold", "nms_iou", "max_detections", "nms_impl")
 
 
@@ -111,12 +139,31 @@ class RoIHeads(keras.layers.Layer):
     (`fpn_tf.ops.postprocess.Detections`: boxes [B, D, 4], scores, classes 1..C, counts).
     """
 
-    def __init__(self, *, num_classes: int, batch_size_per_image: int, positive_fraction: float,
-                 foreground_iou: float, canonical_size: float, canonical_level: int,
-                 min_level: int, max_level: int, output_size: int, sampling_ratio: int,
-                 num_fc: int, fc_dims: int, box_weights: Sequence[float], smooth_l1_beta: float,
-                 loss_weight: float, align_impl: str, score_threshold: float, nms_iou: float,
-                 max_detections: int, nms_impl: str, **kwargs):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        foreground_iou: float,
+        canonical_size: float,
+        canonical_level: int,
+        min_level: int,
+        max_level: int,
+        output_size: int,
+        sampling_ratio: int,
+        num_fc: int,
+        fc_dims: int,
+        box_weights: Sequence[float],
+        smooth_l1_beta: float,
+        loss_weight: float,
+        align_impl: str,
+        score_threshold: float,
+        nms_iou: float,
+        max_detections: int,
+        nms_impl: str,
+        **kwargs,
+    ):
         kwargs.pop("autocast", None)
         # autocast=False: proposals, sizes and ground truth stay float32 under mixed precision.
         super().__init__(autocast=False, **kwargs)
@@ -133,16 +180,22 @@ class RoIHeads(keras.layers.Layer):
         self.align_impl = str(align_impl)
         self.score_threshold, self.nms_iou = float(score_threshold), float(nms_iou)
         self.max_detections, self.nms_impl = int(max_detections), str(nms_impl)
-        self.box_head = FastRCNNBoxHead(self.num_classes, self.fc_dims, self.num_fc,
-                                        name="box_head", dtype=self.dtype_policy)
+        self.box_head = FastRCNNBoxHead(
+            self.num_classes, self.fc_dims, self.num_fc, name="box_head", dtype=self.dtype_policy
+        )
 
     def build(self, features_shape):
         present = sorted(features_shape, key=anchor_ops.level_number)
-        self.levels = [lvl for lvl in present
-                       if self.min_level <= anchor_ops.level_number(lvl) <= self.max_level]
+        self.levels = [
+            lvl
+            for lvl in present
+            if self.min_level <= anchor_ops.level_number(lvl) <= self.max_level
+        ]
         if not self.levels:
-            raise ValueError(f"no pyramid level in roi.min_level..max_level "
-                             f"({self.min_level}..{self.max_level}) among {present}")
+            raise ValueError(
+                f"no pyramid level in roi.min_level..max_level "
+                f"({self.min_level}..{self.max_level}) among {present}"
+            )
         channels = int(features_shape[self.levels[0]][-1])
         self.box_head.build((None, None, self.output_size, self.output_size, channels))
 
@@ -150,19 +203,32 @@ class RoIHeads(keras.layers.Layer):
     def sample(self, proposals, labels):
         """`target_assigner.sample_rois`: RoIs [B, batch_size_per_image, 4] and their targets."""
         return target_assigner.sample_rois(
-            proposals.boxes, tf.cast(labels["gt_boxes"], tf.float32),
-            tf.cast(labels["gt_classes"], tf.int32), labels.get("gt_is_crowd"), proposals.valid,
-            num_samples=self.batch_size_per_image, foreground_fraction=self.positive_fraction,
-            foreground_iou=self.foreground_iou, box_weights=self.box_weights)
+            proposals.boxes,
+            tf.cast(labels["gt_boxes"], tf.float32),
+            tf.cast(labels["gt_classes"], tf.int32),
+            labels.get("gt_is_crowd"),
+            proposals.valid,
+            num_samples=self.batch_size_per_image,
+            foreground_fraction=self.positive_fraction,
+            foreground_iou=self.foreground_iou,
+            box_weights=self.box_weights,
+        )
 
     def pool(self, features, rois, training=None):
         """RoIAlign of each RoI on its Eq. 1 level: [B, R, S, S, C]."""
         first, last = (anchor_ops.level_number(lvl) for lvl in (self.levels[0], self.levels[-1]))
         return roi_ops.multilevel_roi_align(
-            {lvl: features[lvl] for lvl in self.levels}, rois, output_size=self.output_size,
-            sampling_ratio=self.sampling_ratio, min_level=first, max_level=last,
-            canonical_size=self.canonical_size, canonical_level=self.canonical_level,
-            impl=self.align_impl, training=training)
+            {lvl: features[lvl] for lvl in self.levels},
+            rois,
+            output_size=self.output_size,
+            sampling_ratio=self.sampling_ratio,
+            min_level=first,
+            max_level=last,
+            canonical_size=self.canonical_size,
+            canonical_level=self.canonical_level,
+            impl=self.align_impl,
+            training=training,
+        )
 
     def box_outputs(self, features, rois, training=None):
         """float32 class logits [B, R, C+1] and class-specific deltas [B, R, C, 4]."""
@@ -171,18 +237,31 @@ class RoIHeads(keras.layers.Layer):
 
     def compute_loss(self, targets, class_logits, box_deltas):
         classification, box = fast_rcnn_losses(
-            targets.class_targets, targets.box_targets, class_logits, box_deltas,
-            self.smooth_l1_beta, valid=targets.valid_mask)
-        return {"fast_rcnn_class_loss": classification * self.loss_weight,
-                "fast_rcnn_box_loss": box * self.loss_weight}
+            targets.class_targets,
+            targets.box_targets,
+            class_logits,
+            box_deltas,
+            self.smooth_l1_beta,
+            valid=targets.valid_mask,
+        )
+        return {
+            "fast_rcnn_class_loss": classification * self.loss_weight,
+            "fast_rcnn_box_loss": box * self.loss_weight,
+        }
 
     def detect(self, class_logits, box_deltas, rois, image_valid_hw):
         """`postprocess.postprocess_detections` on the box head's outputs for ``rois``."""
         return postprocess.postprocess_detections(
-            tf.nn.softmax(class_logits, axis=-1), box_deltas, rois,
-            tf.cast(image_valid_hw, tf.float32), box_weights=self.box_weights,
-            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
-            max_detections=self.max_detections, nms_impl=self.nms_impl)
+            tf.nn.softmax(class_logits, axis=-1),
+            box_deltas,
+            rois,
+            tf.cast(image_valid_hw, tf.float32),
+            box_weights=self.box_weights,
+            score_threshold=self.score_threshold,
+            nms_iou=self.nms_iou,
+            max_detections=self.max_detections,
+            nms_impl=self.nms_impl,
+        )
 
     def call(self, features, proposals, image_valid_hw, labels=None, training=None):
         if labels is not None:
@@ -194,6 +273,11 @@ class RoIHeads(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"num_classes": self.num_classes, "box_weights": list(self.box_weights),
-                       **{name: getattr(self, name) for name in _ROI_FIELDS + _DETECTION_FIELDS}})
+        config.update(
+            {
+                "num_classes": self.num_classes,
+                "box_weights": list(self.box_weights),
+                **{name: getattr(self, name) for name in _ROI_FIELDS + _DETECTION_FIELDS},
+            }
+        )
         return config

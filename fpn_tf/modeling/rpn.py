@@ -47,17 +47,30 @@ class RPNHead(keras.layers.Layer):
         self.channels = int(channels)
         self.sparse_backward = bool(sparse_backward)
         init = keras.initializers.RandomNormal(stddev=0.01)
-        self.conv = keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
-                                        kernel_initializer=init, name="conv",
-                                        dtype=self.dtype_policy)
-        self.objectness = keras.layers.Conv2D(self.num_anchors, 1, kernel_initializer=init,
-                                              name="objectness", dtype=self.dtype_policy)
-        self.box_deltas = keras.layers.Conv2D(4 * self.num_anchors, 1, kernel_initializer=init,
-                                              name="box_deltas", dtype=self.dtype_policy)
+        self.conv = keras.layers.Conv2D(
+            self.channels,
+            3,
+            padding="same",
+            activation="relu",
+            kernel_initializer=init,
+            name="conv",
+            dtype=self.dtype_policy,
+        )
+        self.objectness = keras.layers.Conv2D(
+            self.num_anchors, 1, kernel_initializer=init, name="objectness", dtype=self.dtype_policy
+        )
+        self.box_deltas = keras.layers.Conv2D(
+            4 * self.num_anchors,
+            1,
+            kernel_initializer=init,
+            name="box_deltas",
+            dtype=self.dtype_policy,
+        )
 
     def build(self, input_shape):
-        shape = tuple(next(iter(input_shape.values())) if isinstance(input_shape, Mapping)
-                      else input_shape)
+        shape = tuple(
+            next(iter(input_shape.values())) if isinstance(input_shape, Mapping) else input_shape
+        )
         self.conv.build(shape)
         hidden = shape[:-1] + (self.channels,)
         self.objectness.build(hidden)
@@ -68,19 +81,33 @@ class RPNHead(keras.layers.Layer):
         # positions no loss reaches (the layers stay: they own, build and save the weights).
         # Inference (training=False) takes no gradient: plain ops, nothing custom in a SavedModel.
         sparse = self.sparse_backward and training is not False
-        weights = [keras.ops.cast(w, self.compute_dtype) for w in (
-            self.conv.kernel, self.conv.bias, self.objectness.kernel, self.objectness.bias,
-            self.box_deltas.kernel, self.box_deltas.bias)]
+        weights = [
+            keras.ops.cast(w, self.compute_dtype)
+            for w in (
+                self.conv.kernel,
+                self.conv.bias,
+                self.objectness.kernel,
+                self.objectness.bias,
+                self.box_deltas.kernel,
+                self.box_deltas.bias,
+            )
+        ]
         logits, deltas = {}, {}
         for level, x in features.items():
             logits[level], deltas[level] = rpn_head_level(
-                keras.ops.cast(x, self.compute_dtype), *weights, sparse_backward=sparse)
+                keras.ops.cast(x, self.compute_dtype), *weights, sparse_backward=sparse
+            )
         return logits, deltas
 
     def get_config(self):
         config = super().get_config()
-        config.update({"num_anchors": self.num_anchors, "channels": self.channels,
-                       "sparse_backward": self.sparse_backward})
+        config.update(
+            {
+                "num_anchors": self.num_anchors,
+                "channels": self.channels,
+                "sparse_backward": self.sparse_backward,
+            }
+        )
         return config
 
 
@@ -115,13 +142,28 @@ class RegionProposalNetwork(keras.layers.Layer):
     (weighted by ``loss_weight``; empty without labels). No gradient flows through the proposals.
     """
 
-    def __init__(self, *, anchor_sizes: Mapping[str, Sequence[float]],
-                 aspect_ratios: Sequence[float], head_channels: int | None,
-                 head_sparse_backward: bool, positive_iou: float, negative_iou: float,
-                 batch_size_per_image: int, positive_fraction: float, pre_nms_top_k_train: int,
-                 post_nms_top_k_train: int, pre_nms_top_k_test: int, post_nms_top_k_test: int,
-                 nms_iou: float, min_box_size: float, smooth_l1_beta: float, loss_weight: float,
-                 nms_impl: str, **kwargs):
+    def __init__(
+        self,
+        *,
+        anchor_sizes: Mapping[str, Sequence[float]],
+        aspect_ratios: Sequence[float],
+        head_channels: int | None,
+        head_sparse_backward: bool,
+        positive_iou: float,
+        negative_iou: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        pre_nms_top_k_train: int,
+        post_nms_top_k_train: int,
+        pre_nms_top_k_test: int,
+        post_nms_top_k_test: int,
+        nms_iou: float,
+        min_box_size: float,
+        smooth_l1_beta: float,
+        loss_weight: float,
+        nms_impl: str,
+        **kwargs,
+    ):
         kwargs.pop("autocast", None)
         # autocast=False: the boxes and sizes given to `call` stay float32 under mixed
         # precision (the head casts the features to its compute dtype itself).
@@ -129,11 +171,14 @@ class RegionProposalNetwork(keras.layers.Layer):
         self.anchor_sizes = {str(k): tuple(float(s) for s in v) for k, v in anchor_sizes.items()}
         self.levels = sorted(self.anchor_sizes, key=anchor_ops.level_number)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
-        per_level = anchor_ops.num_anchors_per_location(self.levels, self.anchor_sizes,
-                                                        self.aspect_ratios)
+        per_level = anchor_ops.num_anchors_per_location(
+            self.levels, self.anchor_sizes, self.aspect_ratios
+        )
         if len(set(per_level.values())) != 1:
-            raise ValueError(f"the shared RPN head needs the same anchors per location on every "
-                             f"level, got {dict(per_level)}")
+            raise ValueError(
+                f"the shared RPN head needs the same anchors per location on every "
+                f"level, got {dict(per_level)}"
+            )
         self.num_anchors = next(iter(per_level.values()))
         self.head_channels = None if head_channels is None else int(head_channels)
         self.head_sparse_backward = bool(head_sparse_backward)
@@ -151,59 +196,82 @@ class RegionProposalNetwork(keras.layers.Layer):
     def build(self, features_shape):
         missing = sorted(set(self.levels) - set(features_shape))
         if missing:
-            raise ValueError(f"anchor sizes for levels {missing} that the pyramid does not "
-                             f"output ({sorted(features_shape)})")
+            raise ValueError(
+                f"anchor sizes for levels {missing} that the pyramid does not "
+                f"output ({sorted(features_shape)})"
+            )
         channels = int(features_shape[self.levels[0]][-1])
         # The head's width can default to the features' only here, so the head is made here.
-        self.head = RPNHead(self.num_anchors, self.head_channels or channels,
-                            sparse_backward=self.head_sparse_backward, name="head",
-                            dtype=self.dtype_policy)
+        self.head = RPNHead(
+            self.num_anchors,
+            self.head_channels or channels,
+            sparse_backward=self.head_sparse_backward,
+            name="head",
+            dtype=self.dtype_policy,
+        )
         self.head.build((None, None, None, channels))
 
     # --- the pieces, each usable on its own --------------------------------------------------
     def anchors(self, image_size):
         """``OrderedDict level -> [H_l * W_l * A, 4]`` for a padded ``(height, width)``."""
-        return anchor_ops.generate_anchors(image_size, self.levels, self.anchor_sizes,
-                                           self.aspect_ratios)
+        return anchor_ops.generate_anchors(
+            image_size, self.levels, self.anchor_sizes, self.aspect_ratios
+        )
 
     def head_outputs(self, features, training=None):
         """Per-level float32 objectness logits [B, A_l] and deltas [B, A_l, 4] (anchor order)."""
-        logits, deltas = self.head({lvl: features[lvl] for lvl in self.levels},
-                                   training=training)
+        logits, deltas = self.head({lvl: features[lvl] for lvl in self.levels}, training=training)
         batch = tf.shape(features[self.levels[0]])[0]
-        return ({lvl: tf.cast(tf.reshape(logits[lvl], [batch, -1]), tf.float32)
-                 for lvl in self.levels},
-                {lvl: tf.cast(tf.reshape(deltas[lvl], [batch, -1, 4]), tf.float32)
-                 for lvl in self.levels})
+        return (
+            {lvl: tf.cast(tf.reshape(logits[lvl], [batch, -1]), tf.float32) for lvl in self.levels},
+            {
+                lvl: tf.cast(tf.reshape(deltas[lvl], [batch, -1, 4]), tf.float32)
+                for lvl in self.levels
+            },
+        )
 
     def proposals(self, logits, deltas, anchors, image_valid_hw, train: bool):
         """`postprocess.generate_proposals` with the train or test top-k; no gradient."""
         return postprocess.generate_proposals(
             {k: tf.stop_gradient(v) for k, v in logits.items()},
             {k: tf.stop_gradient(v) for k, v in deltas.items()},
-            anchors, tf.cast(image_valid_hw, tf.float32),
+            anchors,
+            tf.cast(image_valid_hw, tf.float32),
             pre_nms_top_k=self.pre_nms_top_k_train if train else self.pre_nms_top_k_test,
             post_nms_top_k=self.post_nms_top_k_train if train else self.post_nms_top_k_test,
-            nms_iou=self.nms_iou, min_size=self.min_box_size, nms_impl=self.nms_impl)
+            nms_iou=self.nms_iou,
+            min_size=self.min_box_size,
+            nms_impl=self.nms_impl,
+        )
 
     def assign_targets(self, anchors, labels):
         """Sampled anchor labels (1 / 0 / -1) and box targets for all levels concatenated."""
         all_anchors, _ = anchor_ops.concat_anchors(anchors)
         return target_assigner.assign_rpn_targets(
-            all_anchors, tf.cast(labels["gt_boxes"], tf.float32),
-            tf.cast(labels["gt_classes"], tf.int32), labels.get("gt_is_crowd"),
-            positive_iou=self.positive_iou, negative_iou=self.negative_iou,
-            num_samples=self.batch_size_per_image, positive_fraction=self.positive_fraction)
+            all_anchors,
+            tf.cast(labels["gt_boxes"], tf.float32),
+            tf.cast(labels["gt_classes"], tf.int32),
+            labels.get("gt_is_crowd"),
+            positive_iou=self.positive_iou,
+            negative_iou=self.negative_iou,
+            num_samples=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+        )
 
     def compute_loss(self, logits, deltas, targets):
         """``{"rpn_objectness_loss", "rpn_box_loss"}`` for per-level outputs and their targets."""
         objectness, box = rpn_losses(
-            targets.labels, targets.box_targets,
+            targets.labels,
+            targets.box_targets,
             tf.concat([logits[lvl] for lvl in self.levels], axis=1),
             tf.concat([deltas[lvl] for lvl in self.levels], axis=1),
-            self.batch_size_per_image, self.smooth_l1_beta)
-        return {"rpn_objectness_loss": objectness * self.loss_weight,
-                "rpn_box_loss": box * self.loss_weight}
+            self.batch_size_per_image,
+            self.smooth_l1_beta,
+        )
+        return {
+            "rpn_objectness_loss": objectness * self.loss_weight,
+            "rpn_box_loss": box * self.loss_weight,
+        }
 
     def call(self, features, image_valid_hw, labels=None, training=None):
         logits, deltas = self.head_outputs(features, training)
@@ -211,21 +279,39 @@ class RegionProposalNetwork(keras.layers.Layer):
         losses = {}
         if labels is not None:
             losses = self.compute_loss(logits, deltas, self.assign_targets(anchors, labels))
-        proposals = self.proposals(logits, deltas, anchors, image_valid_hw,
-                                   train=labels is not None)
+        proposals = self.proposals(
+            logits, deltas, anchors, image_valid_hw, train=labels is not None
+        )
         return proposals, losses
 
     def get_config(self):
         config = super().get_config()
-        config.update({
-            "anchor_sizes": {k: list(v) for k, v in self.anchor_sizes.items()},
-            "aspect_ratios": list(self.aspect_ratios),
-            **{name: getattr(self, name) for name in (
-                "head_channels", "head_sparse_backward", "positive_iou", "negative_iou",
-                "batch_size_per_image", "positive_fraction", "pre_nms_top_k_train",
-                "post_nms_top_k_train", "pre_nms_top_k_test", "post_nms_top_k_test", "nms_iou",
-                "min_box_size", "smooth_l1_beta", "loss_weight", "nms_impl")},
-        })
+        config.update(
+            {
+                "anchor_sizes": {k: list(v) for k, v in self.anchor_sizes.items()},
+                "aspect_ratios": list(self.aspect_ratios),
+                **{
+                    name: getattr(self, name)
+                    for name in (
+                        "head_channels",
+                        "head_sparse_backward",
+                        "positive_iou",
+                        "negative_iou",
+                        "batch_size_per_image",
+                        "positive_fraction",
+                        "pre_nms_top_k_train",
+                        "post_nms_top_k_train",
+                        "pre_nms_top_k_test",
+                        "post_nms_top_k_test",
+                        "nms_iou",
+                        "min_box_size",
+                        "smooth_l1_beta",
+                        "loss_weight",
+                        "nms_impl",
+                    )
+                },
+            }
+        )
         return config
 
 

@@ -108,8 +108,9 @@ def _as_tuple(x):
     return tuple(x)
 
 
-def normalize_anchor_config(levels=DEFAULT_LEVELS, sizes=DEFAULT_SIZES,
-                            aspect_ratios=DEFAULT_ASPECT_RATIOS):
+def normalize_anchor_config(
+    levels=DEFAULT_LEVELS, sizes=DEFAULT_SIZES, aspect_ratios=DEFAULT_ASPECT_RATIOS
+):
     """Resolves the accepted spellings of sizes / ratios to per-level tuples.
 
     ``sizes``: a dict ``{level: size or sizes}``; or a flat sequence with one size
@@ -149,7 +150,8 @@ def normalize_anchor_config(levels=DEFAULT_LEVELS, sizes=DEFAULT_SIZES,
                 raise ValueError(f"{len(aspect_ratios)} ratio lists for {len(levels)} levels")
             per_level_ratios = [_as_tuple(r) for r in aspect_ratios]
     return collections.OrderedDict(
-        (l, (s, r)) for l, s, r in zip(levels, per_level_sizes, per_level_ratios))
+        (l, (s, r)) for l, s, r in zip(levels, per_level_sizes, per_level_ratios)
+    )
 
 
 def cell_anchors(sizes, aspect_ratios):
@@ -170,15 +172,22 @@ def cell_anchors(sizes, aspect_ratios):
     return np.asarray(out, dtype=np.float32).reshape(-1, 4)
 
 
-def num_anchors_per_location(levels=DEFAULT_LEVELS, sizes=DEFAULT_SIZES,
-                             aspect_ratios=DEFAULT_ASPECT_RATIOS):
+def num_anchors_per_location(
+    levels=DEFAULT_LEVELS, sizes=DEFAULT_SIZES, aspect_ratios=DEFAULT_ASPECT_RATIOS
+):
     """``OrderedDict level -> A`` (anchor types per cell) for each level."""
     cfg = normalize_anchor_config(levels, sizes, aspect_ratios)
     return collections.OrderedDict((l, len(s) * len(r)) for l, (s, r) in cfg.items())
 
 
-def generate_anchors(image_size, levels=DEFAULT_LEVELS, sizes=DEFAULT_SIZES,
-                     aspect_ratios=DEFAULT_ASPECT_RATIOS, offset=0.5, dtype=tf.float32):
+def generate_anchors(
+    image_size,
+    levels=DEFAULT_LEVELS,
+    sizes=DEFAULT_SIZES,
+    aspect_ratios=DEFAULT_ASPECT_RATIOS,
+    offset=0.5,
+    dtype=tf.float32,
+):
     """Anchors of every level for one (padded) image size.
 
     Args:

@@ -50,8 +50,7 @@ scores: float32 [B, K] objectness probabilities (sigmoid of the logit); 0 for pa
 valid: bool [B, K].
 """
 
-Detections = collections.namedtuple(
-    "Detections", ["boxes", "scores", "classes", "num_detections"])
+Detections = collections.namedtuple("Detections", ["boxes", "scores", "classes", "num_detections"])
 Detections.__doc__ = """Final detections, D = max_detections.
 
 boxes: float32 [B, D, 4] yxyx pixels; scores float32 [B, D]; classes int32 [B, D]
@@ -92,15 +91,19 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold, valid=None, impl=
         # invalid boxes are zeroed and sorted last. Valid boxes are shifted to
         # positive coordinates (IoU is translation invariant) so that none of
         # them can look empty.
-        shift = tf.reduce_min(tf.where(valid[..., None], boxes, 0.0), axis=[1, 2],
-                              keepdims=True)
+        shift = tf.reduce_min(tf.where(valid[..., None], boxes, 0.0), axis=[1, 2], keepdims=True)
         shifted = boxes - tf.minimum(shift, 0.0) + 1.0
         shifted = tf.where(valid[..., None], shifted, 0.0)
         lowest = tf.reduce_min(tf.where(valid, scores, 0.0), axis=1, keepdims=True)
         ranked = tf.where(valid, scores, lowest - 1.0)
         idx, num = tf.image.non_max_suppression_padded(
-            shifted, ranked, k, iou_threshold=iou_threshold,
-            pad_to_max_output_size=True, canonicalized_coordinates=True)
+            shifted,
+            ranked,
+            k,
+            iou_threshold=iou_threshold,
+            pad_to_max_output_size=True,
+            canonicalized_coordinates=True,
+        )
         idx = tf.reshape(idx, [-1, k])
     elif impl == "per_image":
         # XLA's NonMaxSuppressionV3 needs max_output_size <= the number of boxes.
@@ -111,14 +114,17 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold, valid=None, impl=
             b, s, v = args
             s = tf.where(v, s, NEG_INF)
             # The kernel only considers scores > score_threshold: -inf never passes.
-            sel = tf.image.non_max_suppression(b, s, k_run, iou_threshold=iou_threshold,
-                                               score_threshold=NEG_INF)
+            sel = tf.image.non_max_suppression(
+                b, s, k_run, iou_threshold=iou_threshold, score_threshold=NEG_INF
+            )
             n = tf.shape(sel)[0]
             return tf.pad(sel, [[0, k - n]]), n
 
         idx, num = tf.map_fn(
-            one, (boxes, scores, valid),
-            fn_output_signature=(tf.TensorSpec([k], tf.int32), tf.TensorSpec([], tf.int32)))
+            one,
+            (boxes, scores, valid),
+            fn_output_signature=(tf.TensorSpec([k], tf.int32), tf.TensorSpec([], tf.int32)),
+        )
     else:
         raise ValueError(f"unknown NMS impl {impl!r}")
     keep = tf.range(k, dtype=tf.int32)[None, :] < tf.reshape(num, [-1, 1])
@@ -134,9 +140,19 @@ def _as_level_list(x, names):
     return list(x)
 
 
-def generate_proposals(objectness, box_deltas, anchors, image_shape, *,
-                       pre_nms_top_k=2000, post_nms_top_k=2000, nms_iou=0.7,
-                       min_size=0.0, box_weights=(1.0, 1.0, 1.0, 1.0), nms_impl="padded"):
+def generate_proposals(
+    objectness,
+    box_deltas,
+    anchors,
+    image_shape,
+    *,
+    pre_nms_top_k=2000,
+    post_nms_top_k=2000,
+    nms_iou=0.7,
+    min_size=0.0,
+    box_weights=(1.0, 1.0, 1.0, 1.0),
+    nms_impl="padded",
+):
     """RPN outputs -> proposals (FPN §4.1 "Proposals").
 
     Per level: the top ``pre_nms_top_k`` anchors by objectness, decoded
@@ -193,17 +209,26 @@ def generate_proposals(objectness, box_deltas, anchors, image_shape, *,
     scores = tf.concat(all_scores, axis=1)
     valid = tf.concat(all_valid, axis=1)
 
-    idx, keep = batched_nms(boxes, scores, post_nms_top_k, nms_iou, valid=valid,
-                            impl=nms_impl)
+    idx, keep = batched_nms(boxes, scores, post_nms_top_k, nms_iou, valid=valid, impl=nms_impl)
     out_boxes = tf.where(keep[..., None], tf.gather(boxes, idx, batch_dims=1), 0.0)
     out_scores = tf.where(keep, tf.sigmoid(tf.gather(scores, idx, batch_dims=1)), 0.0)
     return Proposals(out_boxes, out_scores, keep)
 
 
-def postprocess_detections(class_probs, box_deltas, rois, image_shape, *, roi_valid=None,
-                           score_threshold=0.05, nms_iou=0.5, max_detections=100,
-                           box_weights=(10.0, 10.0, 5.0, 5.0), nms_impl="combined",
-                           pre_nms_top_k=5000):
+def postprocess_detections(
+    class_probs,
+    box_deltas,
+    rois,
+    image_shape,
+    *,
+    roi_valid=None,
+    score_threshold=0.05,
+    nms_iou=0.5,
+    max_detections=100,
+    box_weights=(10.0, 10.0, 5.0, 5.0),
+    nms_impl="combined",
+    pre_nms_top_k=5000,
+):
     """Fast R-CNN outputs -> final detections (FPN §4.2 inference).
 
     Class-specific boxes are decoded (weights (10, 10, 5, 5)) and clipped; every
@@ -244,8 +269,7 @@ def postprocess_detections(class_probs, box_deltas, rois, image_shape, *, roi_va
     rois = tf.cast(rois, tf.float32)
     num_classes = class_probs.shape[-1] - 1
     if box_deltas.shape.rank == 3:
-        box_deltas = tf.reshape(
-            box_deltas, tf.concat([tf.shape(box_deltas)[:2], [-1, 4]], axis=0))
+        box_deltas = tf.reshape(box_deltas, tf.concat([tf.shape(box_deltas)[:2], [-1, 4]], axis=0))
         box_deltas.set_shape(rois.shape[:2].concatenate([None, 4]))
     if box_deltas.shape[2] == num_classes + 1:
         box_deltas = box_deltas[:, :, 1:, :]
@@ -266,9 +290,15 @@ def postprocess_detections(class_probs, box_deltas, rois, image_shape, *, roi_va
 
     if nms_impl == "combined":
         nmsed_boxes, nmsed_scores, nmsed_classes, num = tf.image.combined_non_max_suppression(
-            boxes, scores, max_output_size_per_class=d, max_total_size=d,
-            iou_threshold=nms_iou, score_threshold=score_threshold,
-            pad_per_class=False, clip_boxes=False)
+            boxes,
+            scores,
+            max_output_size_per_class=d,
+            max_total_size=d,
+            iou_threshold=nms_iou,
+            score_threshold=score_threshold,
+            pad_per_class=False,
+            clip_boxes=False,
+        )
         num = tf.cast(num, tf.int32)
         keep = tf.range(d, dtype=tf.int32)[None, :] < num[:, None]
         classes = tf.where(keep, tf.cast(nmsed_classes, tf.int32) + 1, 0)
@@ -288,8 +318,7 @@ def postprocess_detections(class_probs, box_deltas, rois, image_shape, *, roi_va
     cand_valid = top_scores > score_threshold
     extent = tf.reduce_max(tf.abs(top_boxes)) + 1.0
     offset_boxes = top_boxes + (tf.cast(top_classes, tf.float32) * extent)[..., None]
-    idx, keep = batched_nms(offset_boxes, top_scores, d, nms_iou,
-                            valid=cand_valid, impl=nms_impl)
+    idx, keep = batched_nms(offset_boxes, top_scores, d, nms_iou, valid=cand_valid, impl=nms_impl)
     out_boxes = tf.where(keep[..., None], tf.gather(top_boxes, idx, batch_dims=1), 0.0)
     out_scores = tf.where(keep, tf.gather(top_scores, idx, batch_dims=1), 0.0)
     classes = tf.where(keep, tf.gather(top_classes, idx, batch_dims=1) + 1, 0)

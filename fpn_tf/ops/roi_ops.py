@@ -142,9 +142,21 @@ def _level_features(features, min_level, max_level):
     return out
 
 
-def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligned=True,
-                         min_level=2, max_level=5, canonical_size=224.0, canonical_level=4,
-                         roi_levels=None, impl="auto", training=None, max_sampling_ratio=4):
+def multilevel_roi_align(
+    features,
+    rois,
+    output_size=7,
+    sampling_ratio=2,
+    aligned=True,
+    min_level=2,
+    max_level=5,
+    canonical_size=224.0,
+    canonical_level=4,
+    roi_levels=None,
+    impl="auto",
+    training=None,
+    max_sampling_ratio=4,
+):
     """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
 
     ``impl``: "gather" (the batched gather + matmul below; static shapes, XLA), "crop_and_resize"
@@ -178,11 +190,19 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
       [B, R, output_size, output_size, C] with the features' dtype.
     """
     if sampling_ratio < 0 or (sampling_ratio == 0 and max_sampling_ratio < 1):
-        raise ValueError(f"sampling_ratio must be >= 1, or 0 (adaptive) with max_sampling_ratio "
-                         f">= 1; got {sampling_ratio} and {max_sampling_ratio}")
-    kwargs = dict(output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
-                  min_level=min_level, max_level=max_level, canonical_size=canonical_size,
-                  canonical_level=canonical_level)
+        raise ValueError(
+            f"sampling_ratio must be >= 1, or 0 (adaptive) with max_sampling_ratio "
+            f">= 1; got {sampling_ratio} and {max_sampling_ratio}"
+        )
+    kwargs = dict(
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        min_level=min_level,
+        max_level=max_level,
+        canonical_size=canonical_size,
+        canonical_level=canonical_level,
+    )
     gather_kwargs = dict(kwargs, max_sampling_ratio=max_sampling_ratio)
     rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
     if roi_levels is not None:
@@ -199,14 +219,16 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
 
     @tf.custom_gradient
     def run(*maps):
-        out = _roi_align_crop_and_resize(list(zip([l for l, _ in levels], maps)),
-                                         rois, roi_levels=roi_levels, **kwargs)
+        out = _roi_align_crop_and_resize(
+            list(zip([l for l, _ in levels], maps)), rois, roi_levels=roi_levels, **kwargs
+        )
 
         def grad(dy):
             with tf.GradientTape() as tape:
                 tape.watch(maps)
-                ref = _roi_align_gather(dict(zip(names, maps)), rois, roi_levels=roi_levels,
-                                        **gather_kwargs)
+                ref = _roi_align_gather(
+                    dict(zip(names, maps)), rois, roi_levels=roi_levels, **gather_kwargs
+                )
             return tape.gradient(ref, list(maps), output_gradients=dy)
 
         return out, grad
@@ -214,8 +236,18 @@ def multilevel_roi_align(features, rois, output_size=7, sampling_ratio=2, aligne
     return run(*maps)
 
 
-def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligned, min_level,
-                               max_level, canonical_size, canonical_level, roi_levels):
+def _roi_align_crop_and_resize(
+    levels,
+    rois,
+    output_size,
+    sampling_ratio,
+    aligned,
+    min_level,
+    max_level,
+    canonical_size,
+    canonical_level,
+    roi_levels,
+):
     """Forward of impl="crop_and_resize"; ``levels`` is [(level, map)] from min to max."""
     dtype = levels[0][1].dtype
     channels = levels[0][1].shape[-1]
@@ -224,17 +256,18 @@ def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligne
     if roi_levels is None:
         roi_levels = assign_levels(rois, min_level, max_level, canonical_size, canonical_level)
     lvl = tf.reshape(
-        tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1), [-1])
-    box_index = tf.reshape(tf.broadcast_to(tf.range(batch, dtype=tf.int32)[:, None],
-                                           tf.shape(rois)[:2]), [-1])
+        tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1), [-1]
+    )
+    box_index = tf.reshape(
+        tf.broadcast_to(tf.range(batch, dtype=tf.int32)[:, None], tf.shape(rois)[:2]), [-1]
+    )
     part_rois = tf.dynamic_partition(tf.reshape(rois, [-1, 4]), lvl, len(levels))
     part_index = tf.dynamic_partition(box_index, lvl, len(levels))
-    part_pos = tf.dynamic_partition(tf.range(tf.shape(lvl)[0], dtype=tf.int32), lvl,
-                                    len(levels))
+    part_pos = tf.dynamic_partition(tf.range(tf.shape(lvl)[0], dtype=tf.int32), lvl, len(levels))
     crop = output_size * sampling_ratio
     pooled = []
     for (level, f), r, bi in zip(levels, part_rois, part_index):
-        stride = float(2 ** level)
+        stride = float(2**level)
         # One replicated pixel around the map: reads in [-1, 0) and (H-1, H] give the edge
         # (detectron2's clamp); beyond, crop_and_resize's extrapolation value 0 (detectron2's 0).
         # (Edge copies by concat: the same values as tf.pad(mode="SYMMETRIC"), a little faster.)
@@ -245,23 +278,48 @@ def _roi_align_crop_and_resize(levels, rois, output_size, sampling_ratio, aligne
         wp = tf.cast(tf.shape(fp)[2] - 1, tf.float32)
         y0, x0, rh, rw = _roi_in_cells(r, stride, aligned)
         # First and last of the crop x crop sub-cell centres, +1 for the padding.
-        boxes = tf.stack([(y0 + 0.5 * rh / crop + 1.0) / hp, (x0 + 0.5 * rw / crop + 1.0) / wp,
-                          (y0 + (crop - 0.5) * rh / crop + 1.0) / hp,
-                          (x0 + (crop - 0.5) * rw / crop + 1.0) / wp], axis=-1)
-        c = tf.image.crop_and_resize(fp, boxes, bi, [crop, crop], method="bilinear",
-                                     extrapolation_value=0.0)
+        boxes = tf.stack(
+            [
+                (y0 + 0.5 * rh / crop + 1.0) / hp,
+                (x0 + 0.5 * rw / crop + 1.0) / wp,
+                (y0 + (crop - 0.5) * rh / crop + 1.0) / hp,
+                (x0 + (crop - 0.5) * rw / crop + 1.0) / wp,
+            ],
+            axis=-1,
+        )
+        c = tf.image.crop_and_resize(
+            fp, boxes, bi, [crop, crop], method="bilinear", extrapolation_value=0.0
+        )
         if sampling_ratio > 1:
             c = tf.nn.avg_pool2d(c, sampling_ratio, sampling_ratio, "VALID")
         pooled.append(c)
     out = tf.dynamic_stitch(part_pos, pooled)
-    out = tf.reshape(out, [batch, num_rois, output_size, output_size,
-                           channels if channels is not None else tf.shape(out)[-1]])
+    out = tf.reshape(
+        out,
+        [
+            batch,
+            num_rois,
+            output_size,
+            output_size,
+            channels if channels is not None else tf.shape(out)[-1],
+        ],
+    )
     return tf.cast(out, dtype)
 
 
-def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_level,
-                      max_level, canonical_size, canonical_level, roi_levels,
-                      max_sampling_ratio):
+def _roi_align_gather(
+    features,
+    rois,
+    output_size,
+    sampling_ratio,
+    aligned,
+    min_level,
+    max_level,
+    canonical_size,
+    canonical_level,
+    roi_levels,
+    max_sampling_ratio,
+):
     """impl="gather" (the module docstring)."""
     levels = _level_features(features, min_level, max_level)
     dtype = levels[0][1].dtype
@@ -285,7 +343,7 @@ def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_
     heights = tf.stack([tf.cast(h, tf.int32) for h in heights])
     widths = tf.stack([tf.cast(w, tf.int32) for w in widths])
     offsets = tf.stack([tf.cast(o, tf.int32) for o in offsets])
-    strides = tf.constant([float(2 ** l) for l, _ in levels], tf.float32)
+    strides = tf.constant([float(2**l) for l, _ in levels], tf.float32)
 
     if roi_levels is None:
         roi_levels = assign_levels(rois, min_level, max_level, canonical_size, canonical_level)
@@ -332,11 +390,13 @@ def _roi_align_gather(features, rois, output_size, sampling_ratio, aligned, min_
 
     # Row index of every (bin_y i, bin_x j, sample a, corner cy, sample d, corner cx):
     # [B, R, i, 1, a, cy, 1, 1] * W + [B, R, 1, j, 1, 1, d, cx] -> [B, R, out, out, K].
-    base = (tf.range(batch, dtype=tf.int32)[:, None] * total + offset)  # [B, R]
+    base = tf.range(batch, dtype=tf.int32)[:, None] * total + offset  # [B, R]
     row = y_idx * width[..., None]  # [B, R, out, sr, 2]
-    index = (base[:, :, None, None, None, None, None, None]
-             + row[:, :, :, None, :, :, None, None]
-             + x_idx[:, :, None, :, None, None, :, :])
+    index = (
+        base[:, :, None, None, None, None, None, None]
+        + row[:, :, :, None, :, :, None, None]
+        + x_idx[:, :, None, :, None, None, :, :]
+    )
     weight = wy[:, :, :, None, :, :, None, None] * wx[:, :, None, :, None, None, :, :]
     k = sampling_ratio * 2 * sampling_ratio * 2
     num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]

@@ -36,47 +36,66 @@ def _forward(x, conv_kernel, conv_bias, cls_kernel, cls_bias, box_kernel, box_bi
 
 @tf.custom_gradient
 def _head_sparse_backward(x, conv_kernel, conv_bias, cls_kernel, cls_bias, box_kernel, box_bias):
-    hidden, logits, deltas = _forward(x, conv_kernel, conv_bias, cls_kernel, cls_bias,
-                                      box_kernel, box_bias)
+    hidden, logits, deltas = _forward(
+        x, conv_kernel, conv_bias, cls_kernel, cls_bias, box_kernel, box_bias
+    )
 
     def grad(d_logits, d_deltas):
         channels = tf.shape(x)[-1]
         width = tf.shape(conv_kernel)[-1]
         num_anchors = tf.shape(cls_kernel)[-1]
         # Positions [N, 3] = (b, y, x) where any output channel receives a gradient.
-        reached = tf.logical_or(tf.reduce_any(tf.not_equal(d_logits, 0), axis=-1),
-                                tf.reduce_any(tf.not_equal(d_deltas, 0), axis=-1))
+        reached = tf.logical_or(
+            tf.reduce_any(tf.not_equal(d_logits, 0), axis=-1),
+            tf.reduce_any(tf.not_equal(d_deltas, 0), axis=-1),
+        )
         positions = tf.cast(tf.where(reached), tf.int32)
-        g_logits = tf.gather_nd(d_logits, positions)                 # [N, A]
-        g_deltas = tf.gather_nd(d_deltas, positions)                 # [N, 4A]
-        h = tf.gather_nd(hidden, positions)                          # [N, K]
+        g_logits = tf.gather_nd(d_logits, positions)  # [N, A]
+        g_deltas = tf.gather_nd(d_deltas, positions)  # [N, 4A]
+        h = tf.gather_nd(hidden, positions)  # [N, K]
         cls_matrix = tf.reshape(cls_kernel, [width, num_anchors])
         box_matrix = tf.reshape(box_kernel, [width, 4 * num_anchors])
         d_cls_kernel = tf.reshape(tf.matmul(h, g_logits, transpose_a=True), tf.shape(cls_kernel))
         d_box_kernel = tf.reshape(tf.matmul(h, g_deltas, transpose_a=True), tf.shape(box_kernel))
-        d_hidden = (tf.matmul(g_logits, cls_matrix, transpose_b=True)
-                    + tf.matmul(g_deltas, box_matrix, transpose_b=True))
-        d_pre = d_hidden * tf.cast(h > 0, d_hidden.dtype)            # ReLU: mask of the forward
+        d_hidden = tf.matmul(g_logits, cls_matrix, transpose_b=True) + tf.matmul(
+            g_deltas, box_matrix, transpose_b=True
+        )
+        d_pre = d_hidden * tf.cast(h > 0, d_hidden.dtype)  # ReLU: mask of the forward
         # 3x3 windows of the zero-padded input around each position (padded coordinates: the
         # window of output (y, x) starts at padded (y, x)).
         padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
-        windows = positions[:, None, :] + tf.constant(_WINDOW, tf.int32)[None]   # [N, 9, 3]
+        windows = positions[:, None, :] + tf.constant(_WINDOW, tf.int32)[None]  # [N, 9, 3]
         patches = tf.reshape(tf.gather_nd(padded, windows), [-1, 9 * channels])  # [N, 9C]
         conv_matrix = tf.reshape(conv_kernel, [9 * channels, width])
-        d_conv_kernel = tf.reshape(tf.matmul(patches, d_pre, transpose_a=True),
-                                   tf.shape(conv_kernel))
-        d_patches = tf.reshape(tf.matmul(d_pre, conv_matrix, transpose_b=True),
-                               [-1, 9, channels])
+        d_conv_kernel = tf.reshape(
+            tf.matmul(patches, d_pre, transpose_a=True), tf.shape(conv_kernel)
+        )
+        d_patches = tf.reshape(tf.matmul(d_pre, conv_matrix, transpose_b=True), [-1, 9, channels])
         d_padded = tf.scatter_nd(windows, d_patches, tf.shape(padded))  # sums overlapping windows
         d_x = d_padded[:, 1:-1, 1:-1, :]
-        return (d_x, d_conv_kernel, tf.reduce_sum(d_pre, 0), d_cls_kernel,
-                tf.reduce_sum(g_logits, 0), d_box_kernel, tf.reduce_sum(g_deltas, 0))
+        return (
+            d_x,
+            d_conv_kernel,
+            tf.reduce_sum(d_pre, 0),
+            d_cls_kernel,
+            tf.reduce_sum(g_logits, 0),
+            d_box_kernel,
+            tf.reduce_sum(g_deltas, 0),
+        )
 
     return (logits, deltas), grad
 
 
-def rpn_head_level(x, conv_kernel, conv_bias, cls_kernel, cls_bias, box_kernel, box_bias,
-                   sparse_backward: bool = True):
+def rpn_head_level(
+    x,
+    conv_kernel,
+    conv_bias,
+    cls_kernel,
+    cls_bias,
+    box_kernel,
+    box_bias,
+    sparse_backward: bool = True,
+):
     """3x3 conv + ReLU, then 1x1 objectness and box-delta convs, on one level ``x [B,H,W,C]``.
 
     Kernels as Keras ``Conv2D`` keeps them: ``conv_kernel [3,3,C,K]``, ``cls_kernel [1,1,K,A]``,

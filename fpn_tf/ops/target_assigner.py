@@ -44,8 +44,7 @@ __all__ = [
     "sample_balanced",
 ]
 
-RpnTargets = collections.namedtuple(
-    "RpnTargets", ["labels", "box_targets", "matched_gt_indices"])
+RpnTargets = collections.namedtuple("RpnTargets", ["labels", "box_targets", "matched_gt_indices"])
 RpnTargets.__doc__ = """RPN targets.
 
 labels: int32 [B, A]: 1 sampled positive, 0 sampled negative, -1 not sampled / ignored.
@@ -57,8 +56,8 @@ matched_gt_indices: int32 [B, A] index into the gt rows for every positive ancho
 
 RoiTargets = collections.namedtuple(
     "RoiTargets",
-    ["rois", "class_targets", "box_targets", "foreground_mask", "valid_mask",
-     "matched_gt_indices"])
+    ["rois", "class_targets", "box_targets", "foreground_mask", "valid_mask", "matched_gt_indices"],
+)
 RoiTargets.__doc__ = """Fast R-CNN training RoIs, S = num_samples per image.
 
 rois: float32 [B, S, 4] sampled RoIs (gradient stopped), foreground rows first,
@@ -104,12 +103,14 @@ def sample_balanced(candidates, num_to_take, max_take, random_keys):
     if num_to_take.shape.rank == 0:
         num_to_take = tf.fill([tf.shape(candidates)[0]], num_to_take)
     take = tf.logical_and(
-        tf.range(k, dtype=tf.int32)[None, :] < num_to_take[:, None], top_keys >= 0.0)
+        tf.range(k, dtype=tf.int32)[None, :] < num_to_take[:, None], top_keys >= 0.0
+    )
     batch = tf.shape(candidates)[0]
     batch_idx = tf.broadcast_to(tf.range(batch, dtype=tf.int32)[:, None], tf.shape(top_idx))
     scatter_idx = tf.stack([batch_idx, top_idx], axis=-1)  # [B, k, 2]
     picked = tf.tensor_scatter_nd_update(
-        tf.zeros(tf.shape(candidates), tf.int32), scatter_idx, tf.cast(take, tf.int32))
+        tf.zeros(tf.shape(candidates), tf.int32), scatter_idx, tf.cast(take, tf.int32)
+    )
     return picked > 0
 
 
@@ -150,11 +151,21 @@ def _iou_and_crowd_ioa(boxes, gt_boxes, crowd, crowd_ioa_threshold):
     return iou, in_crowd
 
 
-def assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd=None, *,
-                       positive_iou=0.7, negative_iou=0.3,
-                       allow_low_quality_matches=True, crowd_ioa_threshold=0.7,
-                       num_samples=256, positive_fraction=0.5,
-                       box_weights=(1.0, 1.0, 1.0, 1.0), seed=None):
+def assign_rpn_targets(
+    anchors,
+    gt_boxes,
+    gt_classes,
+    gt_is_crowd=None,
+    *,
+    positive_iou=0.7,
+    negative_iou=0.3,
+    allow_low_quality_matches=True,
+    crowd_ioa_threshold=0.7,
+    num_samples=256,
+    positive_fraction=0.5,
+    box_weights=(1.0, 1.0, 1.0, 1.0),
+    seed=None,
+):
     """RPN anchor labels and regression targets (FPN §4.1 / Faster R-CNN §3.1.2).
 
     Labelling (before sampling), over the non-crowd real gt of the image:
@@ -187,9 +198,19 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd=None, *,
     def run(gt_boxes, gt_classes, gt_is_crowd):
         if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
             return _assign_rpn_targets(
-                anchors, gt_boxes, gt_classes, gt_is_crowd, positive_iou, negative_iou,
-                allow_low_quality_matches, crowd_ioa_threshold, num_samples,
-                positive_fraction, box_weights, seed)
+                anchors,
+                gt_boxes,
+                gt_classes,
+                gt_is_crowd,
+                positive_iou,
+                negative_iou,
+                allow_low_quality_matches,
+                crowd_ioa_threshold,
+                num_samples,
+                positive_fraction,
+                box_weights,
+                seed,
+            )
         # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
         # rows of any image (padding rows cost as much as real ones; identical outputs,
         # tests/test_ops_targets.py; timing in bench/README.md).
@@ -201,14 +222,24 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd=None, *,
         n = tf.maximum(tf.reduce_max(tf.reduce_sum(real, axis=1)), 1)
         order = tf.argsort(-real, axis=1, stable=True)[:, :n]  # real rows first, in order
         out = _assign_rpn_targets(
-            anchors, tf.gather(gt_boxes, order, batch_dims=1),
+            anchors,
+            tf.gather(gt_boxes, order, batch_dims=1),
             tf.gather(gt_classes, order, batch_dims=1),
-            tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1), positive_iou,
-            negative_iou, allow_low_quality_matches, crowd_ioa_threshold, num_samples,
-            positive_fraction, box_weights, seed)
+            tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1),
+            positive_iou,
+            negative_iou,
+            allow_low_quality_matches,
+            crowd_ioa_threshold,
+            num_samples,
+            positive_fraction,
+            box_weights,
+            seed,
+        )
         matched = tf.where(
             out.matched_gt_indices >= 0,
-            tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1), -1)
+            tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1),
+            -1,
+        )
         return RpnTargets(out.labels, out.box_targets, matched)
 
     if tf.convert_to_tensor(gt_boxes).shape.rank == 2:
@@ -218,9 +249,20 @@ def assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd=None, *,
     return run(gt_boxes, gt_classes, gt_is_crowd)
 
 
-def _assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd, positive_iou,
-                        negative_iou, allow_low_quality_matches, crowd_ioa_threshold,
-                        num_samples, positive_fraction, box_weights, seed):
+def _assign_rpn_targets(
+    anchors,
+    gt_boxes,
+    gt_classes,
+    gt_is_crowd,
+    positive_iou,
+    negative_iou,
+    allow_low_quality_matches,
+    crowd_ioa_threshold,
+    num_samples,
+    positive_fraction,
+    box_weights,
+    seed,
+):
     anchors = tf.convert_to_tensor(anchors, tf.float32)
     gt_boxes, _, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
     batch = tf.shape(gt_boxes)[0]
@@ -256,11 +298,23 @@ def _assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd, positive_iou
     return RpnTargets(labels, targets, matched)
 
 
-def sample_rois(proposals, gt_boxes, gt_classes, gt_is_crowd=None, proposal_valid=None, *,
-                num_samples=512, foreground_fraction=0.25, foreground_iou=0.5,
-                background_iou_high=0.5, background_iou_low=0.0,
-                crowd_ioa_threshold=0.7, add_gt_as_proposals=True,
-                box_weights=(10.0, 10.0, 5.0, 5.0), seed=None):
+def sample_rois(
+    proposals,
+    gt_boxes,
+    gt_classes,
+    gt_is_crowd=None,
+    proposal_valid=None,
+    *,
+    num_samples=512,
+    foreground_fraction=0.25,
+    foreground_iou=0.5,
+    background_iou_high=0.5,
+    background_iou_low=0.0,
+    crowd_ioa_threshold=0.7,
+    add_gt_as_proposals=True,
+    box_weights=(10.0, 10.0, 5.0, 5.0),
+    seed=None,
+):
     """Fast R-CNN RoI sampling (FPN §4.2 / Fast R-CNN §2.3).
 
     The real non-crowd gt boxes are appended to the proposals; every candidate is
@@ -293,23 +347,48 @@ def sample_rois(proposals, gt_boxes, gt_classes, gt_is_crowd=None, proposal_vali
 
     def run(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid):
         return _sample_rois(
-            proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid, num_samples,
-            foreground_fraction, foreground_iou, background_iou_high, background_iou_low,
-            crowd_ioa_threshold, add_gt_as_proposals, box_weights, seed)
+            proposals,
+            gt_boxes,
+            gt_classes,
+            gt_is_crowd,
+            proposal_valid,
+            num_samples,
+            foreground_fraction,
+            foreground_iou,
+            background_iou_high,
+            background_iou_low,
+            crowd_ioa_threshold,
+            add_gt_as_proposals,
+            box_weights,
+            seed,
+        )
 
     if tf.convert_to_tensor(gt_boxes).shape.rank == 2:
+
         def ex(t):
             return None if t is None else tf.expand_dims(t, 0)
-        out = run(ex(proposals), ex(gt_boxes), ex(gt_classes), ex(gt_is_crowd),
-                  ex(proposal_valid))
+
+        out = run(ex(proposals), ex(gt_boxes), ex(gt_classes), ex(gt_is_crowd), ex(proposal_valid))
         return RoiTargets(*[tf.squeeze(t, 0) for t in out])
     return run(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid)
 
 
-def _sample_rois(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid, num_samples,
-                 foreground_fraction, foreground_iou, background_iou_high,
-                 background_iou_low, crowd_ioa_threshold, add_gt_as_proposals,
-                 box_weights, seed):
+def _sample_rois(
+    proposals,
+    gt_boxes,
+    gt_classes,
+    gt_is_crowd,
+    proposal_valid,
+    num_samples,
+    foreground_fraction,
+    foreground_iou,
+    background_iou_high,
+    background_iou_low,
+    crowd_ioa_threshold,
+    add_gt_as_proposals,
+    box_weights,
+    seed,
+):
     proposals = tf.stop_gradient(tf.convert_to_tensor(proposals, tf.float32))
     gt_boxes, gt_classes, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
     gt_classes = tf.cast(gt_classes, tf.int32)
@@ -344,8 +423,11 @@ def _sample_rois(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid, n
     # Foreground first, then background, then unsampled (padding) rows.
     # Keys: foreground in [4, 5), background in [2, 3), the rest 0.
     order_key = tf.where(fg_sampled, 4.0 + keys, tf.where(bg_sampled, 2.0 + keys, 0.0))
-    k = min(num_samples, num_cand) if isinstance(num_cand, int) else tf.minimum(
-        num_samples, num_cand)
+    k = (
+        min(num_samples, num_cand)
+        if isinstance(num_cand, int)
+        else tf.minimum(num_samples, num_cand)
+    )
     top_key, idx = tf.math.top_k(order_key, k=k, sorted=True)  # [B, k]
     pad = num_samples - k
     if not isinstance(pad, int) or pad > 0:

@@ -10,12 +10,24 @@
   (``python -m fpn_tf.predict``).
 """
 
-from fpn_tf.serving.detection import (NUM_DETECTIONS, OUTPUT_KEYS, DetectionModule,
-                                      ImageBytesModule, ImageTensorModule, TfExampleModule,
-                                      preprocess_images)
-from fpn_tf.serving.export import (ExportError, ExportSource, export_saved_model,
-                                       label_map_pbtxt, load_model_for_export, read_category_map,
-                                       restore_checkpoint)
+from fpn_tf.serving.detection import (
+    NUM_DETECTIONS,
+    OUTPUT_KEYS,
+    DetectionModule,
+    ImageBytesModule,
+    ImageTensorModule,
+    TfExampleModule,
+    preprocess_images,
+)
+from fpn_tf.serving.export import (
+    ExportError,
+    ExportSource,
+    export_saved_model,
+    label_map_pbtxt,
+    load_model_for_export,
+    read_category_map,
+    restore_checkpoint,
+)
 
 __all__ = [
     "NUM_DETECTIONS",

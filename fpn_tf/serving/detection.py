@@ -43,9 +43,9 @@ NUM_DETECTIONS = 100
 OUTPUT_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
 
-
-def preprocess_images(images: tf.Tensor, sizes: tf.Tensor, short_side: int, max_long_side: int,
-                      pad_multiple: int) -> tuple[tf.Tensor, tf.Tensor]:
+def preprocess_images(
+    images: tf.Tensor, sizes: tf.Tensor, short_side: int, max_long_side: int, pad_multiple: int
+) -> tuple[tf.Tensor, tf.Tensor]:
     """A padded uint8 batch + true sizes -> the model's ``(images, image_info)``.
 
     Args:
@@ -63,16 +63,24 @@ def preprocess_images(images: tf.Tensor, sizes: tf.Tensor, short_side: int, max_
 
     def one(args):
         image, size = args
-        image = image[:size[0], :size[1], :]
+        image = image[: size[0], : size[1], :]
         out, info, _ = transforms.resize_and_pad(
-            image, tf.zeros([0, 4], tf.float32), short_side=short_side,
-            max_long_side=max_long_side, padded_size=padded)
+            image,
+            tf.zeros([0, 4], tf.float32),
+            short_side=short_side,
+            max_long_side=max_long_side,
+            padded_size=padded,
+        )
         return out, info
 
     return tf.map_fn(
-        one, (images, sizes),
-        fn_output_signature=(tf.TensorSpec([None, None, 3], tf.float32),
-                             tf.TensorSpec([4, 2], tf.float32)))
+        one,
+        (images, sizes),
+        fn_output_signature=(
+            tf.TensorSpec([None, None, 3], tf.float32),
+            tf.TensorSpec([4, 2], tf.float32),
+        ),
+    )
 
 
 class DetectionModule(tf.Module):
@@ -89,13 +97,21 @@ class DetectionModule(tf.Module):
     signature_name: str = ""
     input_name: str = ""
 
-    def __init__(self, model, short_side: int, max_long_side: int, pad_multiple: int,
-                 num_detections: int = NUM_DETECTIONS, name: str | None = None):
+    def __init__(
+        self,
+        model,
+        short_side: int,
+        max_long_side: int,
+        pad_multiple: int,
+        num_detections: int = NUM_DETECTIONS,
+        name: str | None = None,
+    ):
         super().__init__(name=name)
         if short_side <= 0 or max_long_side < short_side or pad_multiple < 1:
             raise ValueError(
                 f"need 0 < short_side <= max_long_side and pad_multiple >= 1, got short_side="
-                f"{short_side}, max_long_side={max_long_side}, pad_multiple={pad_multiple}")
+                f"{short_side}, max_long_side={max_long_side}, pad_multiple={pad_multiple}"
+            )
         # Not tracked as a child: saving the Keras object graph is not needed (the SavedModel
         # keeps the traced functions and the variables, which export_saved_model tracks) and
         # fails for layers holding dicts with int keys (FeaturePyramid's convs).
@@ -108,7 +124,8 @@ class DetectionModule(tf.Module):
     def detect(self, images: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
         """uint8 [B, H, W, 3] padded images + int32 [B, 2] true sizes -> the four outputs."""
         model_images, image_info = preprocess_images(
-            images, sizes, self.short_side, self.max_long_side, self.pad_multiple)
+            images, sizes, self.short_side, self.max_long_side, self.pad_multiple
+        )
         out = self._model({"images": model_images, "image_info": image_info}, training=False)
         return self.format_outputs(out, sizes)
 
@@ -130,12 +147,14 @@ class DetectionModule(tf.Module):
         batch = tf.shape(sizes)[0]
         return {
             "detection_boxes": tf.ensure_shape(
-                tf.reshape(tf.where(valid[..., None], boxes, 0.0), [batch, n, 4]),
-                [None, n, 4]),
+                tf.reshape(tf.where(valid[..., None], boxes, 0.0), [batch, n, 4]), [None, n, 4]
+            ),
             "detection_scores": tf.ensure_shape(
-                tf.reshape(tf.where(valid, scores, 0.0), [batch, n]), [None, n]),
+                tf.reshape(tf.where(valid, scores, 0.0), [batch, n]), [None, n]
+            ),
             "detection_classes": tf.ensure_shape(
-                tf.reshape(tf.where(valid, classes, 0.0), [batch, n]), [None, n]),
+                tf.reshape(tf.where(valid, classes, 0.0), [batch, n]), [None, n]
+            ),
             "num_detections": tf.cast(count, tf.float32),
         }
 
@@ -169,8 +188,13 @@ class ImageTensorModule(DetectionModule):
         rank = tf.shape(tf.where(shape >= 0))[0]
         check = tf.debugging.Assert(
             tf.logical_and(tf.equal(rank, 4), tf.equal(shape[-1], 3)),
-            [f"{self.signature_name}: input `{self.input_name}` must be uint8 [batch, height, "
-             "width, 3] (RGB); got shape", shape], summarize=8)
+            [
+                f"{self.signature_name}: input `{self.input_name}` must be uint8 [batch, height, "
+                "width, 3] (RGB); got shape",
+                shape,
+            ],
+            summarize=8,
+        )
         with tf.control_dependencies([check]):
             images = tf.identity(images)
         sizes = tf.tile(shape[None, 1:3], [shape[0], 1])
@@ -188,9 +212,11 @@ def _decode_ragged(decode_one, elems: tf.Tensor, what: str):
 
     indices = tf.range(tf.shape(elems)[0])
     ragged = tf.map_fn(
-        one, (indices, elems),
+        one,
+        (indices, elems),
         fn_output_signature=tf.RaggedTensorSpec([None, None, 3], tf.uint8, ragged_rank=1),
-        name=f"decode_{what}")
+        name=f"decode_{what}",
+    )
     heights = tf.cast(ragged.row_lengths(axis=1), tf.int32)
     widths = tf.reduce_max(tf.cast(ragged.row_lengths(axis=2), tf.int32), axis=1)
     # ragged_rank 2 after batching: [B, (h), (w), 3]; to_tensor zero pads to the largest.
@@ -202,9 +228,15 @@ def _decode_ragged(decode_one, elems: tf.Tensor, what: str):
 def _check_magic(data: tf.Tensor, index: tf.Tensor, input_name: str) -> tf.Operation:
     """An assertion that ``data`` starts like a JPEG, PNG, GIF or BMP file."""
     return tf.debugging.Assert(
-        image_io.has_image_signature(data), [f"{input_name}: element", index, "is not an encoded JPEG or PNG image (nor "
-                "GIF/BMP): its", tf.strings.length(data), "bytes start with none of their "
-                "signatures"])
+        image_io.has_image_signature(data),
+        [
+            f"{input_name}: element",
+            index,
+            "is not an encoded JPEG or PNG image (nor " "GIF/BMP): its",
+            tf.strings.length(data),
+            "bytes start with none of their " "signatures",
+        ],
+    )
 
 
 def decode_image(data: tf.Tensor, index: tf.Tensor, input_name: str = "image_bytes") -> tf.Tensor:
@@ -227,7 +259,8 @@ class ImageBytesModule(DetectionModule):
     @tf.function
     def __call__(self, image_bytes):
         images, sizes = _decode_ragged(
-            lambda v, i: decode_image(v, i, self.input_name), image_bytes, "image_bytes")
+            lambda v, i: decode_image(v, i, self.input_name), image_bytes, "image_bytes"
+        )
         return self.detect(images, sizes)
 
 
@@ -246,15 +279,17 @@ class TfExampleModule(DetectionModule):
     def __call__(self, serialized_example):
         # Imported here: the module pulls in Model Garden (and tf_keras).
         from official.vision.dataloaders import tf_example_decoder  # pylint: disable=g-import-not-at-top,line-too-long
+
         # regenerate_source_id: the example need not carry image/source_id.
-        decoder = tf_example_decoder.TfExampleDecoder(include_mask=False,
-                                                      regenerate_source_id=True)
+        decoder = tf_example_decoder.TfExampleDecoder(include_mask=False, regenerate_source_id=True)
 
         def decode_one(value, index):
             encoded = tf.io.parse_single_example(
-                value, {"image/encoded": tf.io.FixedLenFeature((), tf.string)})["image/encoded"]
-            with tf.control_dependencies([_check_magic(encoded, index, "image/encoded of "
-                                                       + self.input_name)]):
+                value, {"image/encoded": tf.io.FixedLenFeature((), tf.string)}
+            )["image/encoded"]
+            with tf.control_dependencies(
+                [_check_magic(encoded, index, "image/encoded of " + self.input_name)]
+            ):
                 image = decoder.decode(value)["image"]
             return tf.ensure_shape(image, [None, None, 3])
 

@@ -31,8 +31,13 @@ from absl import logging
 import tensorflow as tf
 
 from fpn_tf.data.category_map import CategoryMap, as_category_map
-from fpn_tf.serving.detection import (NUM_DETECTIONS, OUTPUT_KEYS, ImageBytesModule,
-                                      ImageTensorModule, TfExampleModule)
+from fpn_tf.serving.detection import (
+    NUM_DETECTIONS,
+    OUTPUT_KEYS,
+    ImageBytesModule,
+    ImageTensorModule,
+    TfExampleModule,
+)
 
 __all__ = [
     "CATEGORY_MAP_ASSET",
@@ -48,8 +53,8 @@ __all__ = [
     "restore_checkpoint",
 ]
 
-CATEGORY_MAP_FILENAME = "category_map.json"   # in model_dir, written by the trainer
-CATEGORY_MAP_ASSET = "category_map.json"      # in <export_dir>/assets/
+CATEGORY_MAP_FILENAME = "category_map.json"  # in model_dir, written by the trainer
+CATEGORY_MAP_ASSET = "category_map.json"  # in <export_dir>/assets/
 LABEL_MAP_ASSET = "label_map.pbtxt"
 SERVING_CONFIG_ASSET = "serving_config.json"
 _MODULES = (ImageTensorModule, ImageBytesModule, TfExampleModule)
@@ -86,7 +91,8 @@ def _check_category_map(model, category_map: CategoryMap) -> None:
     if ids is not None and list(ids) != list(category_map.dataset_ids):
         raise ExportError(
             f"the model's category ids {list(ids)} are not the category map's "
-            f"{list(category_map.dataset_ids)}: the map does not belong to this model")
+            f"{list(category_map.dataset_ids)}: the map does not belong to this model"
+        )
 
 
 def _prepare_export_dir(export_dir: str) -> None:
@@ -98,16 +104,24 @@ def _prepare_export_dir(export_dir: str) -> None:
     if not entries:
         return
     if "saved_model.pb" not in entries:
-        raise ExportError(f"{export_dir}: not empty and not a SavedModel; refusing to overwrite it "
-                          "(give an empty or new directory)")
+        raise ExportError(
+            f"{export_dir}: not empty and not a SavedModel; refusing to overwrite it "
+            "(give an empty or new directory)"
+        )
     logging.info("Replacing the SavedModel in %s", export_dir)
     tf.io.gfile.rmtree(export_dir)
 
 
-def export_saved_model(model, export_dir: str | os.PathLike,
-                       category_map: CategoryMap | str | os.PathLike | Sequence | dict,
-                       short_side: int, max_long_side: int, pad_multiple: int, *,
-                       num_detections: int = NUM_DETECTIONS) -> str:
+def export_saved_model(
+    model,
+    export_dir: str | os.PathLike,
+    category_map: CategoryMap | str | os.PathLike | Sequence | dict,
+    short_side: int,
+    max_long_side: int,
+    pad_multiple: int,
+    *,
+    num_detections: int = NUM_DETECTIONS,
+) -> str:
     """Writes the SavedModel of docs/serving.md to ``export_dir``; returns ``export_dir``.
 
     Args:
@@ -129,8 +143,9 @@ def export_saved_model(model, export_dir: str | os.PathLike,
     export_dir = os.fspath(export_dir)
     category_map = as_category_map(category_map)
     _check_category_map(model, category_map)
-    modules = [cls(model, short_side, max_long_side, pad_multiple, num_detections)
-               for cls in _MODULES]
+    modules = [
+        cls(model, short_side, max_long_side, pad_multiple, num_detections) for cls in _MODULES
+    ]
     root = tf.Module()
     # The variables the traced functions capture, saved once for all three signatures. The
     # tf.Variables themselves, not their Keras wrappers: a tracked Keras Variable exports a copy
@@ -153,9 +168,11 @@ def export_saved_model(model, export_dir: str | os.PathLike,
     }
     _prepare_export_dir(export_dir)
     with tempfile.TemporaryDirectory(prefix="fpn_tf_assets_") as tmp:
-        files = {CATEGORY_MAP_ASSET: category_map.to_json() + "\n",
-                 LABEL_MAP_ASSET: label_map_pbtxt(category_map),
-                 SERVING_CONFIG_ASSET: json.dumps(serving_config, indent=1) + "\n"}
+        files = {
+            CATEGORY_MAP_ASSET: category_map.to_json() + "\n",
+            LABEL_MAP_ASSET: label_map_pbtxt(category_map),
+            SERVING_CONFIG_ASSET: json.dumps(serving_config, indent=1) + "\n",
+        }
         for filename, text in files.items():
             with open(os.path.join(tmp, filename), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -164,11 +181,19 @@ def export_saved_model(model, export_dir: str | os.PathLike,
         root.label_map_file = tf.saved_model.Asset(os.path.join(tmp, LABEL_MAP_ASSET))
         root.serving_config_file = tf.saved_model.Asset(os.path.join(tmp, SERVING_CONFIG_ASSET))
         tf.saved_model.save(root, export_dir, signatures=signatures)
-    logging.info("Exported a SavedModel with signatures %s to %s in %.1f s (tracing %.1f s); "
-                 "%d classes, inputs resized to short side %d (long side <= %d), padded to a "
-                 "multiple of %d", sorted(signatures), export_dir, time.time() - start,
-                 traced - start, category_map.num_classes, short_side, max_long_side,
-                 pad_multiple)
+    logging.info(
+        "Exported a SavedModel with signatures %s to %s in %.1f s (tracing %.1f s); "
+        "%d classes, inputs resized to short side %d (long side <= %d), padded to a "
+        "multiple of %d",
+        sorted(signatures),
+        export_dir,
+        time.time() - start,
+        traced - start,
+        category_map.num_classes,
+        short_side,
+        max_long_side,
+        pad_multiple,
+    )
     return export_dir
 
 
@@ -184,30 +209,40 @@ def restore_checkpoint(model, checkpoint: str) -> None:
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:300]
-        raise ExportError(f"{checkpoint}: does not hold this model's weights (the config or the "
-                          f"category map differ from the run's?): {first}") from e
+        raise ExportError(
+            f"{checkpoint}: does not hold this model's weights (the config or the "
+            f"category map differ from the run's?): {first}"
+        ) from e
 
 
 @dataclasses.dataclass
 class ExportSource:
     """A trained model rebuilt from its ``model_dir``, with what the export needs."""
+
     model: Any
     category_map: CategoryMap
-    config: Any                      # the resolved ExperimentConfig
-    checkpoint: str                  # the checkpoint restored
+    config: Any  # the resolved ExperimentConfig
+    checkpoint: str  # the checkpoint restored
 
     @property
     def preprocessing(self) -> dict[str, int]:
         """``short_side``, ``max_long_side``, ``pad_multiple`` of the config's eval data."""
         d = self.config.eval_data
-        return {"short_side": d.short_side, "max_long_side": d.max_long_side,
-                "pad_multiple": d.pad_multiple}
+        return {
+            "short_side": d.short_side,
+            "max_long_side": d.max_long_side,
+            "pad_multiple": d.pad_multiple,
+        }
 
 
-def load_model_for_export(model_dir: str | os.PathLike, *, config_file: str | None = None,
-                          params_override: Any = None, checkpoint: str | None = None,
-                          category_map: CategoryMap | str | os.PathLike | None = None
-                          ) -> ExportSource:
+def load_model_for_export(
+    model_dir: str | os.PathLike,
+    *,
+    config_file: str | None = None,
+    params_override: Any = None,
+    checkpoint: str | None = None,
+    category_map: CategoryMap | str | os.PathLike | None = None,
+) -> ExportSource:
     """Rebuilds the model a training run saved in ``model_dir`` and restores its weights.
 
     Args:
@@ -241,21 +276,25 @@ def load_model_for_export(model_dir: str | os.PathLike, *, config_file: str | No
     if category_map is None:
         category_map = os.path.join(model_dir, CATEGORY_MAP_FILENAME)
         if not tf.io.gfile.exists(category_map):
-            raise ExportError(f"{category_map} not found: the trainer writes it (or pass a "
-                              "category map)")
+            raise ExportError(
+                f"{category_map} not found: the trainer writes it (or pass a " "category map)"
+            )
     category_map = as_category_map(category_map)
 
     if checkpoint is None:
         checkpoint = tf.train.latest_checkpoint(model_dir)
         if checkpoint is None:
-            raise ExportError(f"{model_dir}: no checkpoint found (no 'checkpoint' index file "
-                              "naming one)")
+            raise ExportError(
+                f"{model_dir}: no checkpoint found (no 'checkpoint' index file " "naming one)"
+            )
     elif not tf.io.gfile.exists(checkpoint + ".index"):
         raise ExportError(f"{checkpoint}: no such checkpoint ({checkpoint}.index not found)")
 
     model = build_model(config.model, category_ids=list(category_map.dataset_ids))
     restore_checkpoint(model, checkpoint)
-    logging.info("Restored %s (config %s, %d classes)", checkpoint, config_file,
-                 category_map.num_classes)
-    return ExportSource(model=model, category_map=category_map, config=config,
-                        checkpoint=checkpoint)
+    logging.info(
+        "Restored %s (config %s, %d classes)", checkpoint, config_file, category_map.num_classes
+    )
+    return ExportSource(
+        model=model, category_map=category_map, config=config, checkpoint=checkpoint
+    )

@@ -37,8 +37,18 @@ __all__ = [
 # here with PIL and sent as pixels to serving_default.
 _TF_DECODABLE = DECODABLE_FORMATS
 # Distinct, readable box colours (Tableau 10), one per class id.
-_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+_PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
 
 
 class PredictError(ValueError):
@@ -47,24 +57,27 @@ class PredictError(ValueError):
 
 @dataclasses.dataclass
 class Detection:
-    box: tuple[float, float, float, float]          # normalised ymin, xmin, ymax, xmax in [0, 1]
-    box_pixels: tuple[float, float, float, float]   # the same in pixels of the input image
-    class_id: int                                   # the dataset's category id
+    box: tuple[float, float, float, float]  # normalised ymin, xmin, ymax, xmax in [0, 1]
+    box_pixels: tuple[float, float, float, float]  # the same in pixels of the input image
+    class_id: int  # the dataset's category id
     class_name: str
     score: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"box_pixels": [round(v, 2) for v in self.box_pixels],
-                "box_normalized": [round(v, 6) for v in self.box],
-                "class_id": self.class_id, "class_name": self.class_name,
-                "score": round(self.score, 6)}
+        return {
+            "box_pixels": [round(v, 2) for v in self.box_pixels],
+            "box_normalized": [round(v, 6) for v in self.box],
+            "class_id": self.class_id,
+            "class_name": self.class_name,
+            "score": round(self.score, 6),
+        }
 
 
 @dataclasses.dataclass
 class ImageDetections:
     path: str | None
-    image: Image.Image            # RGB, as the model saw it
-    detections: list[Detection]   # by decreasing score
+    image: Image.Image  # RGB, as the model saw it
+    detections: list[Detection]  # by decreasing score
     signature: str
     seconds: float
 
@@ -78,12 +91,18 @@ class ImageDetections:
 
     def filter(self, min_score: float) -> "ImageDetections":
         return dataclasses.replace(
-            self, detections=[d for d in self.detections if d.score >= min_score])
+            self, detections=[d for d in self.detections if d.score >= min_score]
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"image": self.path, "height": self.height, "width": self.width,
-                "signature": self.signature, "num_detections": len(self.detections),
-                "detections": [d.to_json() for d in self.detections]}
+        return {
+            "image": self.path,
+            "height": self.height,
+            "width": self.width,
+            "signature": self.signature,
+            "num_detections": len(self.detections),
+            "detections": [d.to_json() for d in self.detections],
+        }
 
 
 def read_image(path: str | os.PathLike) -> tuple[bytes, Image.Image]:
@@ -124,12 +143,16 @@ class SavedModelDetector:
     def __init__(self, saved_model_dir: str | os.PathLike, signature: str = "auto"):
         saved_model_dir = os.fspath(saved_model_dir)
         if not tf.io.gfile.exists(os.path.join(saved_model_dir, "saved_model.pb")):
-            what = "no such directory" if not tf.io.gfile.isdir(saved_model_dir) else \
-                "no saved_model.pb in it"
+            what = (
+                "no such directory"
+                if not tf.io.gfile.isdir(saved_model_dir)
+                else "no saved_model.pb in it"
+            )
             raise PredictError(f"{saved_model_dir}: not a SavedModel ({what})")
         if signature not in ("auto", "image_bytes", "serving_default"):
-            raise PredictError(f"signature must be auto, image_bytes or serving_default, got "
-                               f"{signature!r}")
+            raise PredictError(
+                f"signature must be auto, image_bytes or serving_default, got " f"{signature!r}"
+            )
         start = time.time()
         self.path = saved_model_dir
         self._loaded = tf.saved_model.load(saved_model_dir)
@@ -137,8 +160,10 @@ class SavedModelDetector:
         wanted = ["serving_default"] if signature == "auto" else [signature]
         missing = [s for s in wanted if s not in self.signatures]
         if missing:
-            raise PredictError(f"{saved_model_dir}: the SavedModel has no {missing[0]!r} "
-                               f"signature (it has {sorted(self.signatures)})")
+            raise PredictError(
+                f"{saved_model_dir}: the SavedModel has no {missing[0]!r} "
+                f"signature (it has {sorted(self.signatures)})"
+            )
         self.signature = signature
         self.class_names = self._read_class_names()
         self.load_seconds = time.time() - start
@@ -148,6 +173,7 @@ class SavedModelDetector:
         if not tf.io.gfile.exists(path):
             return {}
         from fpn_tf.data.category_map import CategoryMap  # pylint: disable=g-import-not-at-top
+
         return CategoryMap.from_json(path).dataset_id_to_name()
 
     def class_name(self, class_id: int) -> str:
@@ -173,11 +199,15 @@ class SavedModelDetector:
                 out = self.signatures[signature](images=tf.constant(pixels))
         except tf.errors.InvalidArgumentError as e:
             # e.g. a JPEG that PIL reads but TensorFlow's decoder finds damaged.
-            lines = [l for l in (e.message or str(e)).strip().splitlines()
-                     if l.strip() and not l.startswith(("Graph execution", "Detected at",
-                                                        "<stack", "\t"))]
-            raise PredictError(f"{path or 'image'}: the model could not use it: "
-                               f"{lines[0] if lines else e}") from None
+            lines = [
+                l
+                for l in (e.message or str(e)).strip().splitlines()
+                if l.strip()
+                and not l.startswith(("Graph execution", "Detected at", "<stack", "\t"))
+            ]
+            raise PredictError(
+                f"{path or 'image'}: the model could not use it: " f"{lines[0] if lines else e}"
+            ) from None
         seconds = time.time() - start
         n = int(out["num_detections"][0])
         boxes = out["detection_boxes"][0, :n].numpy()
@@ -185,13 +215,18 @@ class SavedModelDetector:
         classes = out["detection_classes"][0, :n].numpy()
         scale = np.array([image.height, image.width] * 2, np.float32)
         detections = [
-            Detection(box=tuple(float(v) for v in b),
-                      box_pixels=tuple(float(v) for v in b * scale),
-                      class_id=int(round(c)), class_name=self.class_name(int(round(c))),
-                      score=float(s))
-            for b, s, c in zip(boxes, scores, classes)]
-        return ImageDetections(path=path, image=image, detections=detections,
-                               signature=signature, seconds=seconds)
+            Detection(
+                box=tuple(float(v) for v in b),
+                box_pixels=tuple(float(v) for v in b * scale),
+                class_id=int(round(c)),
+                class_name=self.class_name(int(round(c))),
+                score=float(s),
+            )
+            for b, s, c in zip(boxes, scores, classes)
+        ]
+        return ImageDetections(
+            path=path, image=image, detections=detections, signature=signature, seconds=seconds
+        )
 
     def detect_file(self, path: str | os.PathLike) -> ImageDetections:
         data, image = read_image(path)

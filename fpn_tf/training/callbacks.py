@@ -95,28 +95,39 @@ class NonFiniteLossPolicy(keras.callbacks.Callback):
         if value(logs.get(NONFINITE_KEY, 0.0)) == 0:
             self._consecutive = 0
             return
-        step = _step(self.model) + 1   # the step this batch would have made
+        step = _step(self.model) + 1  # the step this batch would have made
         bad = ", ".join(f"{k}={value(v):.4g}" for k, v in logs.items() if k != NONFINITE_KEY)
         self._consecutive += 1
         if self.policy == "skip" and self._consecutive < MAX_CONSECUTIVE_NONFINITE:
             self.skipped += 1
-            logging.warning("Step %d: non-finite loss (%s): update skipped (%d so far)", step,
-                            bad, self.skipped)
+            logging.warning(
+                "Step %d: non-finite loss (%s): update skipped (%d so far)", step, bad, self.skipped
+            )
             return
-        why = (f"{self._consecutive} non-finite batches in a row" if self.policy == "skip"
-               else "train.on_nan=stop")
+        why = (
+            f"{self._consecutive} non-finite batches in a row"
+            if self.policy == "skip"
+            else "train.on_nan=stop"
+        )
         raise NonFiniteLossError(
             f"non-finite loss at step {step} ({bad}; {why}); nothing was saved for it. Last good "
             f"checkpoint: {self.last_checkpoint() or 'none'}. Lower train.learning_rate, or set "
-            "train.on_nan=skip to skip such steps")
+            "train.on_nan=skip to skip such steps"
+        )
 
 
 class ProgressLogger(StepWatcher):
     """Log lines every ``log_every_steps``: step, the losses averaged over the window, LR,
     images/s and ETA; counts float16 loss-scale skips; a summary line at the end."""
 
-    def __init__(self, total_steps: int, global_batch_size: int, log_every_steps: int,
-                 loss_names, writer=None):
+    def __init__(
+        self,
+        total_steps: int,
+        global_batch_size: int,
+        log_every_steps: int,
+        loss_names,
+        writer=None,
+    ):
         super().__init__()
         self.total_steps = int(total_steps)
         self.global_batch_size = int(global_batch_size)
@@ -150,11 +161,19 @@ class ProgressLogger(StepWatcher):
         rate = self._window_batches * self.global_batch_size / max(elapsed, 1e-9)
         self.last = {k: float(np.mean(v)) for k, v in self._window.items()}
         eta = (self.total_steps - step) * self.global_batch_size / max(rate, 1e-9)
-        losses = "  ".join(f"{_short(k)} {self.last[k]:.4f}" for k in self.loss_names
-                           if k != "total_loss")
-        logging.info("step %d/%d  loss %.4f (%s)  lr %.3g  %.2f img/s  eta %s", step,
-                     self.total_steps, self.last["total_loss"], losses,
-                     current_learning_rate(self.model.optimizer), rate, hms(eta))
+        losses = "  ".join(
+            f"{_short(k)} {self.last[k]:.4f}" for k in self.loss_names if k != "total_loss"
+        )
+        logging.info(
+            "step %d/%d  loss %.4f (%s)  lr %.3g  %.2f img/s  eta %s",
+            step,
+            self.total_steps,
+            self.last["total_loss"],
+            losses,
+            current_learning_rate(self.model.optimizer),
+            rate,
+            hms(eta),
+        )
         if self.writer is not None:
             with self.writer.as_default(step=step):
                 tf.summary.scalar("images_per_second", rate)
@@ -164,14 +183,22 @@ class ProgressLogger(StepWatcher):
     def summary(self) -> dict:
         seconds = time.time() - self._run_start
         steps = _step(self.model) - self.start_step
-        return {"steps": steps, "seconds": seconds,
-                "images_per_second": steps * self.global_batch_size / max(seconds, 1e-9),
-                "loss_scale_skipped": self.loss_scale_skipped}
+        return {
+            "steps": steps,
+            "seconds": seconds,
+            "images_per_second": steps * self.global_batch_size / max(seconds, 1e-9),
+            "loss_scale_skipped": self.loss_scale_skipped,
+        }
 
 
 def _short(loss_name: str) -> str:
-    return (loss_name.replace("_loss", "").replace("fast_rcnn_", "frcnn ")
-            .replace("rpn_", "rpn ").replace("objectness", "obj").replace("class", "cls"))
+    return (
+        loss_name.replace("_loss", "")
+        .replace("fast_rcnn_", "frcnn ")
+        .replace("rpn_", "rpn ")
+        .replace("objectness", "obj")
+        .replace("class", "cls")
+    )
 
 
 class ScalarSummaries(StepWatcher):
@@ -232,8 +259,9 @@ class StopOnSignal(keras.callbacks.Callback):
     def _handle(self, signum, frame):
         del frame
         self.signal = signal.Signals(signum).name
-        logging.warning("%s received: saving a checkpoint after this step, then stopping",
-                        self.signal)
+        logging.warning(
+            "%s received: saving a checkpoint after this step, then stopping", self.signal
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.signal:
@@ -241,8 +269,9 @@ class StopOnSignal(keras.callbacks.Callback):
         step = _step(self.model)
         if self.saved_step() != step:
             self.save()
-        logging.warning("Stopped by %s at step %d; resume with the same --model_dir",
-                        self.signal, step)
+        logging.warning(
+            "Stopped by %s at step %d; resume with the same --model_dir", self.signal, step
+        )
         self.model.stop_training = True
 
     def on_train_end(self, logs=None):

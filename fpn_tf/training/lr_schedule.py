@@ -59,7 +59,10 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
             lr = lr * (self.warmup_factor * (1.0 - alpha) + alpha)
         if self.decay_steps:
             num_decays = ops.sum(
-                ops.cast(ops.greater_equal(step, ops.convert_to_tensor(self.decay_steps, "float32")), "float32")
+                ops.cast(
+                    ops.greater_equal(step, ops.convert_to_tensor(self.decay_steps, "float32")),
+                    "float32",
+                )
             )
             lr = lr * ops.power(ops.convert_to_tensor(self.decay_factor, "float32"), num_decays)
         return lr

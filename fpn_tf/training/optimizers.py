@@ -37,8 +37,7 @@ class SGDWithL2(keras.optimizers.SGD):
       Everything else as `keras.optimizers.SGD` (whose decoupled ``weight_decay`` stays unused).
     """
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, l2: float = 0.0, name="sgd_l2",
-                 **kwargs):
+    def __init__(self, learning_rate=0.01, momentum=0.0, l2: float = 0.0, name="sgd_l2", **kwargs):
         super().__init__(learning_rate=learning_rate, momentum=momentum, name=name, **kwargs)
         self.l2 = float(l2)
 
@@ -47,7 +46,8 @@ class SGDWithL2(keras.optimizers.SGD):
             if isinstance(gradient, tf.IndexedSlices):
                 gradient = tf.convert_to_tensor(gradient)
             gradient = gradient + tf.cast(self.l2, gradient.dtype) * tf.cast(
-                variable, gradient.dtype)
+                variable, gradient.dtype
+            )
         super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):
@@ -59,11 +59,13 @@ def build_optimizer(train_cfg, global_batch_size: int, mixed_float16: bool = Fal
     schedule = build_lr_schedule(train_cfg, global_batch_size)
     clip = train_cfg.gradient_clip_norm
     if train_cfg.optimizer == "sgd":
-        optimizer = SGDWithL2(schedule, momentum=train_cfg.momentum,
-                              l2=train_cfg.weight_decay, global_clipnorm=clip)
+        optimizer = SGDWithL2(
+            schedule, momentum=train_cfg.momentum, l2=train_cfg.weight_decay, global_clipnorm=clip
+        )
     elif train_cfg.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=train_cfg.weight_decay,
-                                           global_clipnorm=clip)
+        optimizer = keras.optimizers.AdamW(
+            schedule, weight_decay=train_cfg.weight_decay, global_clipnorm=clip
+        )
     else:  # validated by the config; kept for direct callers.
         raise ValueError(f"train.optimizer must be sgd or adamw, got {train_cfg.optimizer!r}")
     if train_cfg.weight_decay_excludes_bn_and_bias:

@@ -17,7 +17,8 @@ def split_cpu(num_devices: int) -> None:
     if current and len(current) == num_devices:
         return
     tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)])
+        cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)]
+    )
 
 
 def build_strategy(runtime_cfg) -> tf.distribute.Strategy:
@@ -37,10 +38,16 @@ def build_strategy(runtime_cfg) -> tf.distribute.Strategy:
     elif runtime_cfg.strategy == "multi_worker_mirrored":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
-        raise ValueError(f"runtime.strategy {runtime_cfg.strategy!r} is not one of one_device, "
-                         "mirrored, multi_worker_mirrored")
-    logging.info("Strategy %s with %d replica(s): %s", type(strategy).__name__,
-                 strategy.num_replicas_in_sync, strategy.extended.worker_devices)
+        raise ValueError(
+            f"runtime.strategy {runtime_cfg.strategy!r} is not one of one_device, "
+            "mirrored, multi_worker_mirrored"
+        )
+    logging.info(
+        "Strategy %s with %d replica(s): %s",
+        type(strategy).__name__,
+        strategy.num_replicas_in_sync,
+        strategy.extended.worker_devices,
+    )
     return strategy
 
 
@@ -50,5 +57,8 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
     task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type is None or task_type == "chief" or (
-        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().jobs)
+    return (
+        task_type is None
+        or task_type == "chief"
+        or (task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().jobs)
+    )

@@ -47,6 +47,7 @@ class CheckpointError(RuntimeError):
 def prepare_synthetic_data(cfg) -> None:
     """Generates the synthetic splits a config asks for (once) and points the config at them."""
     from fpn_tf.data import synthetic  # numpy + PIL only
+
     for split, data_cfg in (("train", cfg.train_data), ("val", cfg.eval_data)):
         if data_cfg.source != "synthetic":
             continue
@@ -59,11 +60,18 @@ def prepare_synthetic_data(cfg) -> None:
             paths = {"annotation_file": ann, "image_dir": os.path.join(out_dir, split)}
         else:
             start = time.time()
-            logging.info("Generating %d synthetic %s images into %s ...", s.num_images, split,
-                         out_dir)
+            logging.info(
+                "Generating %d synthetic %s images into %s ...", s.num_images, split, out_dir
+            )
             paths = synthetic.generate_split(
-                out_dir, split, s.num_images, seed=s.seed, image_size=tuple(s.image_size),
-                max_objects=s.max_objects, first_image_id=first_id)
+                out_dir,
+                split,
+                s.num_images,
+                seed=s.seed,
+                image_size=tuple(s.image_size),
+                max_objects=s.max_objects,
+                first_image_id=first_id,
+            )
             logging.info("... done in %.1f s", time.time() - start)
         data_cfg.annotation_file = paths["annotation_file"]
         data_cfg.image_dir = paths["image_dir"]
@@ -101,18 +109,20 @@ class Trainer:
             # seeds, derived from train.seed too).
             keras.utils.set_random_seed(cfg.train.seed)
             try:
-                self.model = build_model(cfg.model,
-                                         category_ids=list(self.category_map.dataset_ids))
+                self.model = build_model(
+                    cfg.model, category_ids=list(self.category_map.dataset_ids)
+                )
             except ValueError as e:  # an inconsistent model config, named by the builder
                 raise ConfigError(f"model: {e}") from e
-            self.optimizer = build_optimizer(cfg.train, cfg.train_data.global_batch_size,
-                                             mixed_float16=policy == "mixed_float16")
+            self.optimizer = build_optimizer(
+                cfg.train, cfg.train_data.global_batch_size, mixed_float16=policy == "mixed_float16"
+            )
             self.optimizer.build(self.model.trainable_variables)
-            self.model.compile(optimizer=self.optimizer,
-                               jit_compile=bool(cfg.runtime.jit_compile))
+            self.model.compile(optimizer=self.optimizer, jit_compile=bool(cfg.runtime.jit_compile))
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, self._checkpoint_dir(), max_to_keep=cfg.train.max_checkpoints_to_keep)
+            self.checkpoint, self._checkpoint_dir(), max_to_keep=cfg.train.max_checkpoints_to_keep
+        )
         self.restored_from = self.restore()
         self.saved_step = None
 
@@ -123,9 +133,11 @@ class Trainer:
         if os.path.exists(saved):
             previous = CategoryMap.from_json(saved)
             if previous != data_map:
-                raise ValueError(f"{saved} holds other categories than the training data "
-                                 f"({previous.num_classes} vs {data_map.num_classes}): use a new "
-                                 "--model_dir")
+                raise ValueError(
+                    f"{saved} holds other categories than the training data "
+                    f"({previous.num_classes} vs {data_map.num_classes}): use a new "
+                    "--model_dir"
+                )
         logging.info("%d categories: %s", data_map.num_classes, ", ".join(data_map.names))
         return data_map
 
@@ -148,14 +160,20 @@ class Trainer:
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous
-                logging.warning("Checkpoint %s cannot be restored (%s: %s); trying the one before",
-                                path, type(e).__name__, str(e).splitlines()[0][:200])
+                logging.warning(
+                    "Checkpoint %s cannot be restored (%s: %s); trying the one before",
+                    path,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200],
+                )
                 continue
             logging.info("Resumed from %s at step %d", path, self.step)
             return path
         if candidates:
-            raise CheckpointError(f"none of the checkpoints in {self.model_dir} can be restored "
-                             f"({len(candidates)} tried); use a new --model_dir")
+            raise CheckpointError(
+                f"none of the checkpoints in {self.model_dir} can be restored "
+                f"({len(candidates)} tried); use a new --model_dir"
+            )
         logging.info("No checkpoint in %s: starting from step 0", self.model_dir)
         return None
 
@@ -173,16 +191,19 @@ class Trainer:
         return path
 
     # --- data ----------------------------------------------------------------------------
-    def _dataset(self, source, data_cfg, training: bool, seed: int | None = None,
-                 input_context=None):
+    def _dataset(
+        self, source, data_cfg, training: bool, seed: int | None = None, input_context=None
+    ):
         return pipeline.build_dataset_from_config(
-            source, data_cfg, training, input_context=input_context, seed=seed)
+            source, data_cfg, training, input_context=input_context, seed=seed
+        )
 
     def train_dataset(self, seed_offset: int = 0):
         """Sharded per replica; a resumed run reshuffles with seed + start step."""
         seed = self.cfg.train.seed + seed_offset
         return self.strategy.distribute_datasets_from_function(
-            lambda ctx: self._dataset(self.train_source, self.cfg.train_data, True, seed, ctx))
+            lambda ctx: self._dataset(self.train_source, self.cfg.train_data, True, seed, ctx)
+        )
 
     @property
     def eval_source(self):
@@ -195,8 +216,9 @@ class Trainer:
         return self._dataset(self.eval_source, self.cfg.eval_data, training=False)
 
     # --- training ---------------------------------------------------------------------------
-    def train(self, total_steps: int | None = None, evaluate_every_steps: int | None = None
-              ) -> dict:
+    def train(
+        self, total_steps: int | None = None, evaluate_every_steps: int | None = None
+    ) -> dict:
         """``model.fit`` until the global step is ``total_steps`` (default train.total_steps);
         with ``evaluate_every_steps``, `evaluate` every so many steps on the way. Returns the
         last logged losses and a summary (steps, seconds, skipped batches, stopping signal)."""
@@ -207,36 +229,64 @@ class Trainer:
             logging.info("Already at step %d >= %d: nothing to train", start_step, total_steps)
             return {}
         batch = self.cfg.train_data.global_batch_size
-        writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
-                  if self.chief else tf.summary.create_noop_writer())
+        writer = (
+            tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
+            if self.chief
+            else tf.summary.create_noop_writer()
+        )
         nonfinite = cb.NonFiniteLossPolicy(cfg.on_nan, lambda: self.manager.latest_checkpoint)
-        progress = cb.ProgressLogger(total_steps, batch, cfg.log_every_steps,
-                                     self.model.loss_names, writer)
+        progress = cb.ProgressLogger(
+            total_steps, batch, cfg.log_every_steps, self.model.loss_names, writer
+        )
         stop = cb.StopOnSignal(self.save, lambda: self.saved_step)
-        callbacks = [nonfinite, cb.StopAtStep(total_steps), progress,
-                     cb.ScalarSummaries(writer, cfg.summary_every_steps, total_steps),
-                     cb.PeriodicCheckpoint(self.save, cfg.checkpoint_every_steps, total_steps)]
+        callbacks = [
+            nonfinite,
+            cb.StopAtStep(total_steps),
+            progress,
+            cb.ScalarSummaries(writer, cfg.summary_every_steps, total_steps),
+            cb.PeriodicCheckpoint(self.save, cfg.checkpoint_every_steps, total_steps),
+        ]
         if evaluate_every_steps:
-            callbacks.append(cb.PeriodicEvaluation(self.evaluate, evaluate_every_steps,
-                                                   total_steps))
+            callbacks.append(
+                cb.PeriodicEvaluation(self.evaluate, evaluate_every_steps, total_steps)
+            )
         callbacks.append(stop)
-        logging.info("Training steps %d -> %d, global batch %d, %d replica(s)", start_step,
-                     total_steps, batch, self.num_replicas)
-        self.model.fit(self.train_dataset(seed_offset=start_step), epochs=1,
-                       callbacks=callbacks, shuffle=False, verbose=0)
+        logging.info(
+            "Training steps %d -> %d, global batch %d, %d replica(s)",
+            start_step,
+            total_steps,
+            batch,
+            self.num_replicas,
+        )
+        self.model.fit(
+            self.train_dataset(seed_offset=start_step),
+            epochs=1,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )
         summary = progress.summary()
         if self.train_source.drops.summary():
             logging.warning(self.train_source.drops.summary())
-        logging.info("Trained %d steps in %s (%.2f img/s)%s%s", summary["steps"],
-                     cb.hms(summary["seconds"]), summary["images_per_second"],
-                     f", {nonfinite.skipped} non-finite steps skipped" if nonfinite.skipped
-                     else "",
-                     f", {progress.loss_scale_skipped} batches skipped by the float16 loss scale"
-                     if progress.loss_scale_skipped else "")
-        return {**progress.last, "step": self.step, "seconds": summary["seconds"],
-                "skipped_steps": nonfinite.skipped,
-                "loss_scale_skipped": progress.loss_scale_skipped, "stopped_by": stop.signal,
-                "dropped_images": self.train_source.drops.count}
+        logging.info(
+            "Trained %d steps in %s (%.2f img/s)%s%s",
+            summary["steps"],
+            cb.hms(summary["seconds"]),
+            summary["images_per_second"],
+            f", {nonfinite.skipped} non-finite steps skipped" if nonfinite.skipped else "",
+            f", {progress.loss_scale_skipped} batches skipped by the float16 loss scale"
+            if progress.loss_scale_skipped
+            else "",
+        )
+        return {
+            **progress.last,
+            "step": self.step,
+            "seconds": summary["seconds"],
+            "skipped_steps": nonfinite.skipped,
+            "loss_scale_skipped": progress.loss_scale_skipped,
+            "stopped_by": stop.signal,
+            "dropped_images": self.train_source.drops.count,
+        }
 
     # --- evaluation and export ----------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -244,15 +294,27 @@ class Trainer:
         out_dir = os.path.join(self.model_dir, "eval")
         logging.info("Evaluating step %d", self.step)
         metrics = evaluate_detector(
-            self.model, self.eval_dataset(), self.eval_source, out_dir if self.chief else None,
-            step=self.step, max_steps=self.cfg.eval.steps,
+            self.model,
+            self.eval_dataset(),
+            self.eval_source,
+            out_dir if self.chief else None,
+            step=self.step,
+            max_steps=self.cfg.eval.steps,
             compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
-            per_category_metrics=self.cfg.eval.per_category_metrics)
+            per_category_metrics=self.cfg.eval.per_category_metrics,
+        )
         if self.chief:
             eval_cfg = self.cfg.eval
-            images = (summary_images(self.model, self.eval_dataset(), eval_cfg.summary_images,
-                                     eval_cfg.summary_score_threshold)
-                      if eval_cfg.summary_images else [])
+            images = (
+                summary_images(
+                    self.model,
+                    self.eval_dataset(),
+                    eval_cfg.summary_images,
+                    eval_cfg.summary_score_threshold,
+                )
+                if eval_cfg.summary_images
+                else []
+            )
             with tf.summary.create_file_writer(out_dir).as_default(step=self.step):
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "step":
@@ -264,11 +326,17 @@ class Trainer:
 
     def export(self, export_dir: str | None = None) -> str:
         from fpn_tf.serving.export import export_saved_model
+
         export_dir = export_dir or os.path.join(self.model_dir, "saved_model")
         data_cfg = self.cfg.eval_data
-        export_saved_model(self.model, export_dir, self.category_map,
-                           short_side=data_cfg.short_side, max_long_side=data_cfg.max_long_side,
-                           pad_multiple=data_cfg.pad_multiple)
+        export_saved_model(
+            self.model,
+            export_dir,
+            self.category_map,
+            short_side=data_cfg.short_side,
+            max_long_side=data_cfg.max_long_side,
+            pad_multiple=data_cfg.pad_multiple,
+        )
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
 

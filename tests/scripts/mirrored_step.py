@@ -23,28 +23,30 @@ from conftest import TINY_OVERRIDES  # noqa: E402
 
 def make_config(tmp, strategy):
     overrides = dict(TINY_OVERRIDES)
-    overrides.update({
-        "train_data.synthetic.output_dir": f"{tmp}/synthetic",
-        "eval_data.synthetic.output_dir": f"{tmp}/synthetic",
-        "train_data.global_batch_size": 4,
-        "eval_data.global_batch_size": 4,
-        "train_data.padding_mode": "square",
-        "train_data.random_flip": False,
-        "model.backbone.sync_batch_norm": True,
-        # Exhaustive sampling: every labelled anchor and every RoI candidate is used, so the
-        # random sample cannot differ between the two runs.
-        "model.rpn.batch_size_per_image": 100000,
-        "model.roi.batch_size_per_image": 160,
-        "model.roi.positive_fraction": 1.0,
-        "train.optimizer": "sgd",
-        "train.learning_rate": 0.01,
-        # A decay large enough that applying it once per replica (4x) moves the update by far
-        # more than the tolerance of the test.
-        "train.weight_decay": 0.05,
-        "train.scale_lr_with_batch": False,
-        "train.warmup_steps": 0,
-        "runtime.strategy": strategy,
-    })
+    overrides.update(
+        {
+            "train_data.synthetic.output_dir": f"{tmp}/synthetic",
+            "eval_data.synthetic.output_dir": f"{tmp}/synthetic",
+            "train_data.global_batch_size": 4,
+            "eval_data.global_batch_size": 4,
+            "train_data.padding_mode": "square",
+            "train_data.random_flip": False,
+            "model.backbone.sync_batch_norm": True,
+            # Exhaustive sampling: every labelled anchor and every RoI candidate is used, so the
+            # random sample cannot differ between the two runs.
+            "model.rpn.batch_size_per_image": 100000,
+            "model.roi.batch_size_per_image": 160,
+            "model.roi.positive_fraction": 1.0,
+            "train.optimizer": "sgd",
+            "train.learning_rate": 0.01,
+            # A decay large enough that applying it once per replica (4x) moves the update by far
+            # more than the tolerance of the test.
+            "train.weight_decay": 0.05,
+            "train.scale_lr_with_batch": False,
+            "train.warmup_steps": 0,
+            "runtime.strategy": strategy,
+        }
+    )
     return load_config("configs/cpu_demo.yaml", overrides)
 
 
@@ -54,7 +56,9 @@ def main(tmp):
     assert mirrored.num_replicas == 4, mirrored.num_replicas
     mirrored.model.set_weights(single.model.get_weights())
     initial = [w.copy() for w in single.model.get_weights()]
-    features, labels = next(iter(single._dataset(single.train_source, single.cfg.train_data, True, seed=0)))
+    features, labels = next(
+        iter(single._dataset(single.train_source, single.cfg.train_data, True, seed=0))
+    )
     assert features["images"].shape[0] == 4
 
     # The same global batch through model.fit: whole on one device, split 4 ways by Keras.
@@ -77,19 +81,25 @@ def main(tmp):
     if os.environ.get("DEBUG_MIRRORED"):
         for v, a, b, i in zip(single.model.weights, a_all, b_all, initial):
             print(v.path, float(np.abs(a - i).max()), float(np.abs(b - i).max()), file=sys.stderr)
-    moved = max(float(np.max(np.abs(v.numpy() - w))) for v, w in
-                zip(single.model.trainable_weights, mirrored.model.trainable_weights))
-    print(json.dumps({
-        "replicas": mirrored.num_replicas,
-        "single": {k: float(np.mean(v[-1])) for k, v in single_losses.items()},
-        "mirrored": {k: float(np.mean(v[-1])) for k, v in mirrored_losses.items()},
-        "max_relative_weight_diff": max_rel,
-        "worst_weight": worst,
-        "weights_allclose_rtol1e-4_atol1e-5": allclose,
-        "update_relative_diff": update_rel,
-        "max_abs_trainable_diff": moved,
-        "steps": [single.step, mirrored.step],
-    }))
+    moved = max(
+        float(np.max(np.abs(v.numpy() - w)))
+        for v, w in zip(single.model.trainable_weights, mirrored.model.trainable_weights)
+    )
+    print(
+        json.dumps(
+            {
+                "replicas": mirrored.num_replicas,
+                "single": {k: float(np.mean(v[-1])) for k, v in single_losses.items()},
+                "mirrored": {k: float(np.mean(v[-1])) for k, v in mirrored_losses.items()},
+                "max_relative_weight_diff": max_rel,
+                "worst_weight": worst,
+                "weights_allclose_rtol1e-4_atol1e-5": allclose,
+                "update_relative_diff": update_rel,
+                "max_abs_trainable_diff": moved,
+                "steps": [single.step, mirrored.step],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,18 +45,27 @@ class HandCase(MultiLossModel):
 def run_case(strategy, optimizer_name, policy):
     keras.mixed_precision.set_dtype_policy(policy)
     try:
-        train_cfg = TrainConfig(optimizer=optimizer_name, learning_rate=LR, momentum=0.0,
-                                weight_decay=WD, scale_lr_with_batch=False, warmup_steps=0,
-                                decay_steps=[1000])
+        train_cfg = TrainConfig(
+            optimizer=optimizer_name,
+            learning_rate=LR,
+            momentum=0.0,
+            weight_decay=WD,
+            scale_lr_with_batch=False,
+            warmup_steps=0,
+            decay_steps=[1000],
+        )
         with strategy.scope():
             model = HandCase()
             optimizer = build_optimizer(train_cfg, 4, mixed_float16=policy == "mixed_float16")
             model.compile(optimizer=optimizer, jit_compile=False)
         data = tf.data.Dataset.from_tensors(({"x": tf.zeros([4, 1])}, {"y": tf.zeros([4, 1])}))
         model.fit(data.repeat(), steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)
-        return {"w": model.w.numpy().tolist(), "bias": model.bias.numpy().tolist(),
-                "steps": int(optimizer.iterations.numpy()), "replicas":
-                strategy.num_replicas_in_sync}
+        return {
+            "w": model.w.numpy().tolist(),
+            "bias": model.bias.numpy().tolist(),
+            "steps": int(optimizer.iterations.numpy()),
+            "replicas": strategy.num_replicas_in_sync,
+        }
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 
@@ -64,8 +73,11 @@ def run_case(strategy, optimizer_name, policy):
 def main(num_devices: int, policy: str):
     devices = [f"/cpu:{i}" for i in range(num_devices)]
     # One strategy per process: collectives of strategies over other device counts would clash.
-    strategy = (tf.distribute.MirroredStrategy(devices) if num_devices > 1
-                else tf.distribute.OneDeviceStrategy(devices[0]))
+    strategy = (
+        tf.distribute.MirroredStrategy(devices)
+        if num_devices > 1
+        else tf.distribute.OneDeviceStrategy(devices[0])
+    )
     print(json.dumps({name: run_case(strategy, name, policy) for name in ("sgd", "adamw")}))
 
 
