@@ -12,7 +12,6 @@ is acted on before any save.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -232,12 +231,10 @@ class PeriodicCheckpoint(StepWatcher):
         self.save = save
         self.every_steps = int(every_steps)
         self.total_steps = int(total_steps)
-        self.saved_step = None
 
     def on_step(self, step, logs):
         if step % self.every_steps == 0 or step == self.total_steps:
             self.save()
-            self.saved_step = step
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -298,7 +295,3 @@ class PeriodicEvaluation(StepWatcher):
 def hms(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def checkpoint_path(model_dir: str, step: int) -> str:
-    return os.path.join(model_dir, f"ckpt-{step}")
