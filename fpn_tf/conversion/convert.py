@@ -1,0 +1,166 @@
+"""A published COCO checkpoint -> a model directory like a training run's.
+
+    convert_checkpoint("torchvision", "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth", "models/tv",
+                       load_config("configs/coco_r50_fpn_torchvision.yaml"))
+
+writes ``models/tv/``: ``params.yaml`` (the config that rebuilds exactly this architecture),
+``category_map.json`` (COCO's 80 categories, ids 1..90), the weights as ``ckpt-0`` (a
+``tf.train.Checkpoint(model=...)`` that ``--mode=eval``, ``fpn_tf.export``, ``fpn_tf.predict`` and
+``model.init_checkpoint`` read), ``conversion.json`` (source file, its SHA-256, counts) and,
+unless told not to, ``saved_model/`` (the serving signatures). Everything is written to a
+sibling ``.partial`` folder first and renamed at the end, so a failure never leaves a partly
+converted model behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+
+from absl import logging
+
+from fpn_tf.conversion import detectron2 as detectron2_layout
+from fpn_tf.conversion import torchvision as torchvision_layout
+from fpn_tf.conversion.checkpoint_reader import (
+    ConversionError,
+    StateDict,
+    read_detectron2_pickle,
+    read_torch_checkpoint,
+)
+
+SOURCES = ("torchvision", "detectron2")
+CONVERSION_FILENAME = "conversion.json"
+SAVED_MODEL_DIRNAME = "saved_model"
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    output_dir: str
+    source: str
+    checkpoint: str
+    sha256: str
+    num_arrays: int
+    num_values: int
+    seconds: float
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_published_hash(path: str, sha256: str) -> None:
+    """torchvision's file names end in the first hex digits of their SHA-256: a truncated or
+    altered download fails here, before any conversion."""
+    match = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))
+    if match and not sha256.startswith(match.group(1)):
+        raise ConversionError(
+            f"{path}: its SHA-256 {sha256[:16]}... does not start with the {match.group(1)} its "
+            "name promises (a truncated or altered download?)"
+        )
+
+
+def _read(source: str, path: str) -> dict:
+    if source == "torchvision" or not path.endswith(".pkl"):
+        return read_torch_checkpoint(path)
+    return read_detectron2_pickle(path)
+
+
+def load_weights(model, source: str, checkpoint: str, config) -> tuple[int, int]:
+    """Assigns every weight of ``model`` from a published ``checkpoint``; returns (#arrays,
+    #values). Raises ConversionError, before assigning anything, when keys are missing or left
+    over or a shape does not fit."""
+    if source not in SOURCES:
+        raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
+    state = StateDict(_read(source, checkpoint), checkpoint)
+    if source == "torchvision":
+        pending = torchvision_layout.assignments(model, state, config.model.backbone.type)
+        what = torchvision_layout.WHAT
+    else:
+        pending = detectron2_layout.assignments(model, state, config.model.backbone)
+        what = detectron2_layout.WHAT
+    num_values = pending.check_and_assign(what)
+    return len(state.arrays), num_values
+
+
+def convert_checkpoint(
+    source: str,
+    checkpoint: str,
+    output_dir: str,
+    config,
+    *,
+    export_saved_model: bool = True,
+) -> ConversionReport:
+    """Converts ``checkpoint`` (``source``: "torchvision" or "detectron2") into ``output_dir``
+    with the architecture of ``config`` (an `ExperimentConfig`); see the module docstring."""
+    # pylint: disable=g-import-not-at-top
+    import tensorflow as tf
+
+    from fpn_tf.configs.loader import save_config
+    from fpn_tf.data.coco_categories import coco_category_map
+    from fpn_tf.modeling.factory import build_model
+    from fpn_tf.serving import export as export_lib
+
+    start = time.time()
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and os.listdir(output_dir):
+        raise ConversionError(f"{output_dir} exists and is not empty: remove it or choose another")
+    if not os.path.isfile(checkpoint):
+        raise ConversionError(f"{checkpoint}: no such file")
+    sha256 = sha256_of(checkpoint)
+    logging.info("Converting %s (%s, SHA-256 %s)", checkpoint, source, sha256)
+    if source == "torchvision":
+        _check_published_hash(checkpoint, sha256)
+
+    category_map = coco_category_map()
+    config.model.backbone.weights = None  # every weight comes from the checkpoint
+    config.model.num_classes = category_map.num_classes
+    model = build_model(config.model, category_ids=list(category_map.dataset_ids))
+    num_arrays, num_values = load_weights(model, source, checkpoint, config)
+    logging.info("Converted %d arrays (%d values) into the detector", num_arrays, num_values)
+
+    partial = output_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        save_config(config, partial)
+        category_map.to_json(os.path.join(partial, "category_map.json"))
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), partial, 1)
+        manager.save(checkpoint_number=0)
+        if export_saved_model:
+            logging.info("Exporting the SavedModel (a minute or two for a ResNet-50)")
+            saved = export_lib.ExportSource(model, category_map, config, "ckpt-0")
+            export_lib.export_saved_model(
+                model,
+                os.path.join(partial, SAVED_MODEL_DIRNAME),
+                category_map,
+                **saved.preprocessing,
+            )
+        report = ConversionReport(
+            output_dir=output_dir,
+            source=source,
+            checkpoint=os.path.abspath(checkpoint),
+            sha256=sha256,
+            num_arrays=num_arrays,
+            num_values=num_values,
+            seconds=round(time.time() - start, 1),
+        )
+        with open(os.path.join(partial, CONVERSION_FILENAME), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(report), f, indent=1)
+            f.write("\n")
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (checked above)
+        os.replace(partial, output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    logging.info("Wrote %s in %.1f s", output_dir, time.time() - start)
+    return report

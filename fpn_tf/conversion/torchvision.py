@@ -1,0 +1,76 @@
+"""torchvision's ``fasterrcnn_resnet50_fpn`` state dict -> our detector's weights.
+
+Key names of torchvision 0.13+; the older spellings of the published COCO file (2019: no
+``Sequential`` wrappers in the FPN blocks and the RPN conv) are renamed first, as torchvision's own
+loader does. The classifier is torchvision's 91-row COCO layout (row = COCO category id, 0 the
+background, 10 ids unused): with ``model.roi.classifier_layout: dataset_ids`` every row is kept and
+the softmax is torchvision's; with ``contiguous`` the background and the 80 used rows are taken
+(the softmax then lacks the unused rows and scores differ slightly). Box regression rows of class
+``id`` are torchvision's rows ``4 * id .. 4 * id + 3``, reordered to ``(dy, dx, dh, dw)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fpn_tf.conversion import layout
+from fpn_tf.conversion.checkpoint_reader import ConversionError, StateDict
+
+WHAT = "torchvision Faster R-CNN ResNet-FPN"
+
+
+def _rename_legacy_keys(state: StateDict) -> None:
+    for i in range(4):
+        for blocks in ("inner_blocks", "layer_blocks"):
+            for p in ("weight", "bias"):
+                state.rename(f"backbone.fpn.{blocks}.{i}.{p}", f"backbone.fpn.{blocks}.{i}.0.{p}")
+    for p in ("weight", "bias"):
+        state.rename(f"rpn.head.conv.{p}", f"rpn.head.conv.0.0.{p}")
+
+
+def _block_keys(stage: int, index: int, conv: int):
+    prefix = f"backbone.body.layer{stage - 1}.{index}."
+    if conv == 0:
+        return prefix + "downsample.0.weight", prefix + "downsample.1."
+    return prefix + f"conv{conv}.weight", prefix + f"bn{conv}."
+
+
+def assignments(model, state: StateDict, backbone_type: str) -> layout.Assignments:
+    """Every weight of ``model`` from ``state``, with its layout change (not yet assigned)."""
+    _rename_legacy_keys(state)
+    out = layout.Assignments(state)
+    layout.add_resnet(
+        out,
+        model,
+        backbone_type,
+        stem=lambda: ("backbone.body.conv1.weight", "backbone.body.bn1."),
+        block=_block_keys,
+    )
+    layout.add_pyramid_and_rpn(
+        out,
+        model,
+        lateral=lambda level: f"backbone.fpn.inner_blocks.{level - 2}.0.",
+        output=lambda level: f"backbone.fpn.layer_blocks.{level - 2}.0.",
+        rpn_conv="rpn.head.conv.0.0.",
+        rpn_logits="rpn.head.cls_logits.",
+        rpn_deltas="rpn.head.bbox_pred.",
+    )
+    layout.add_box_head(out, model, ["roi_heads.box_head.fc6.", "roi_heads.box_head.fc7."])
+    box_head = model.roi_heads.box_head
+    ids = list(model.category_ids)
+    rows = getattr(model.roi_heads, "classifier_rows", None) or [0] + ids
+    theirs = state.arrays.get("roi_heads.box_predictor.cls_score.weight")
+    if theirs is not None and max(rows) >= theirs.shape[0]:
+        raise ConversionError(
+            f"{state.path}: its classifier has {theirs.shape[0]} rows, too few for category "
+            f"id {max(rows)}"
+        )
+    if int(box_head.classifier.kernel.shape[-1]) == len(rows) and rows == list(range(len(rows))):
+        layout.add_dense(out, box_head.classifier, "roi_heads.box_predictor.cls_score.")
+    else:
+        layout.add_dense(out, box_head.classifier, "roi_heads.box_predictor.cls_score.", rows=rows)
+    regression_rows = np.array([4 * i + layout.DELTA_ORDER[k] for i in ids for k in range(4)])
+    layout.add_dense(
+        out, box_head.box_regressor, "roi_heads.box_predictor.bbox_pred.", rows=regression_rows
+    )
+    return out

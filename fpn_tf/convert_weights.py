@@ -1,0 +1,94 @@
+r"""``python -m fpn_tf.convert_weights``: a published COCO checkpoint -> an fpn_tf model directory.
+
+    python -m fpn_tf.convert_weights --source=torchvision \
+        --checkpoint=fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --output_dir=models/tv_r50_fpn
+    python -m fpn_tf.convert_weights --source=detectron2 \
+        --checkpoint=model_final_b275ba.pkl --output_dir=models/d2_r50_fpn_1x
+
+The architecture comes from ``configs/coco_r50_fpn_<source>.yaml`` (or ``--config_file``), whose
+switches make our detector compute what the reference computes; the directory it writes is read
+by ``--mode=eval``, ``fpn_tf.export``, ``fpn_tf.predict`` and ``model.init_checkpoint``.
+Nothing is downloaded: README says where each file comes from and its checksum. A wrong,
+truncated or foreign file is one line naming what is wrong, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_enum("source", None, ["torchvision", "detectron2"], "Who published the file.")
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "The published file: torchvision's .pth (needs torch) or detectron2's .pkl.",
+    )
+    flags.DEFINE_string("output_dir", None, "The model directory to write (must not exist).")
+    flags.DEFINE_multi_string(
+        "config_file",
+        None,
+        "Architecture config(s) instead of configs/coco_r50_fpn_<source>.yaml.",
+    )
+    flags.DEFINE_multi_string(
+        "params_override", None, "Overrides on top of the config, as the trainer takes them."
+    )
+    flags.DEFINE_bool(
+        "saved_model", True, "Also export <output_dir>/saved_model (a minute or two)."
+    )
+    flags.mark_flags_as_required(["source", "checkpoint", "output_dir"])
+
+
+def main(argv) -> None:
+    from fpn_tf import cli  # pylint: disable=g-import-not-at-top
+
+    cli.reject_positional(argv)
+    with cli.quiet_tensorflow():
+        _convert(cli)
+
+
+def _convert(cli) -> None:
+    # pylint: disable=g-import-not-at-top
+    from fpn_tf.configs import ConfigError, load_config
+    from fpn_tf.conversion import ConversionError, convert_checkpoint
+
+    config_files = FLAGS.config_file or [
+        os.path.join(CONFIG_DIR, f"coco_r50_fpn_{FLAGS.source}.yaml")
+    ]
+    for path in config_files:
+        if not os.path.isfile(path):
+            cli.fail(f"config file {path} not found: give --config_file")
+    try:
+        config = load_config(config_files, FLAGS.params_override)
+        report = convert_checkpoint(
+            FLAGS.source,
+            FLAGS.checkpoint,
+            FLAGS.output_dir,
+            config,
+            export_saved_model=FLAGS.saved_model,
+        )
+    except (ConversionError, ConfigError) as e:
+        cli.fail(str(e))
+    logging.info(
+        "Done in %.1f s: %s (%d arrays from %s)",
+        report.seconds,
+        report.output_dir,
+        report.num_arrays,
+        report.checkpoint,
+    )
+    print(report.output_dir, file=sys.stdout)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
