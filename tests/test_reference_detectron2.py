@@ -271,3 +271,15 @@ def test_bgr_mean_subtraction_of_the_detectron2_config():
     assert len(norm) == 1
     expected = rgb[..., ::-1] - np.array([103.53, 116.28, 123.675], np.float32)
     np.testing.assert_allclose(norm[0](rgb).numpy(), expected, atol=1e-4)
+
+
+def test_a_file_whose_name_promises_another_digest_is_refused(tmp_path):
+    # detectron2's model-zoo names carry the file's MD5 prefix: a damaged download fails first.
+    path = _write_pkl(tmp_path / "model_final_abcdef.pkl", detectron2_r50_fpn_arrays())
+    with pytest.raises(
+        ConversionError, match=r"MD5 [0-9a-f]+\.\.\. does not start with the abcdef"
+    ):
+        convert_checkpoint(
+            "detectron2", path, str(tmp_path / "out"), load_config(CONFIG), export_saved_model=False
+        )
+    assert not (tmp_path / "out").exists()

@@ -49,23 +49,34 @@ class ConversionReport:
     seconds: float
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
+def file_digests(path: str) -> tuple[str, str]:
+    """(SHA-256, MD5) hex digests of a file."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+            sha256.update(chunk)
+            md5.update(chunk)
+    return sha256.hexdigest(), md5.hexdigest()
 
 
-def _check_published_hash(path: str, sha256: str) -> None:
-    """torchvision's file names end in the first hex digits of their SHA-256: a truncated or
-    altered download fails here, before any conversion."""
-    match = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))
-    if match and not sha256.startswith(match.group(1)):
-        raise ConversionError(
-            f"{path}: its SHA-256 {sha256[:16]}... does not start with the {match.group(1)} its "
-            "name promises (a truncated or altered download?)"
-        )
+# The publishers' file names carry a digest prefix: torchvision's the SHA-256's
+# (``..._coco-258fb6c6.pth``), detectron2's model zoo the MD5's (``model_final_b275ba.pkl``).
+_NAMED_DIGESTS = (
+    (r"-([0-9a-f]{8,64})\.pth$", "SHA-256", 0),
+    (r"^model_final_([0-9a-f]{6})\.pkl$", "MD5", 1),
+)
+
+
+def check_named_digest(path: str, digests: tuple[str, str]) -> None:
+    """A truncated or altered download fails here, before any conversion, when the file's name
+    carries its publisher's digest prefix."""
+    for pattern, kind, index in _NAMED_DIGESTS:
+        match = re.search(pattern, os.path.basename(path))
+        if match and not digests[index].startswith(match.group(1)):
+            raise ConversionError(
+                f"{path}: its {kind} {digests[index][:12]}... does not start with the "
+                f"{match.group(1)} its name promises (a truncated or altered download?)"
+            )
 
 
 def _read(source: str, path: str) -> dict:
@@ -115,10 +126,10 @@ def convert_checkpoint(
         raise ConversionError(f"{output_dir} exists and is not empty: remove it or choose another")
     if not os.path.isfile(checkpoint):
         raise ConversionError(f"{checkpoint}: no such file")
-    sha256 = sha256_of(checkpoint)
+    digests = file_digests(checkpoint)
+    sha256 = digests[0]
     logging.info("Converting %s (%s, SHA-256 %s)", checkpoint, source, sha256)
-    if source == "torchvision":
-        _check_published_hash(checkpoint, sha256)
+    check_named_digest(checkpoint, digests)
 
     category_map = coco_category_map()
     config.model.backbone.weights = None  # every weight comes from the checkpoint
