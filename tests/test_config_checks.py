@@ -9,6 +9,7 @@ from fpn_tf.configs.base import Check, field, in_range, length
 # keys are listed once, without their section, and tried under train_data and eval_data.
 _MODEL_TRAIN_EVAL_RUNTIME = [
     ("model.num_classes", -1),
+    ("model.init_checkpoint", " "),
     ("model.backbone.weights", " "),
     ("model.backbone.freeze_at", -1),
     ("model.backbone.freeze_at", 6),
@@ -99,6 +100,8 @@ BAD = _MODEL_TRAIN_EVAL_RUNTIME + [
 # Values at the edge of what each check allows (and the null of Optional fields): accepted.
 GOOD = [
     ("model.num_classes", 0),
+    ("model.init_checkpoint", None),
+    ("model.init_checkpoint", "models/coco_r50_fpn_torchvision"),
     ("model.backbone.weights", None),
     ("model.backbone.freeze_at", 0),
     ("model.backbone.freeze_at", 5),

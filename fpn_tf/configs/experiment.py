@@ -277,9 +277,37 @@ class DetectionConfig(Config):
 
 @dataclasses.dataclass
 class ModelConfig(Config):
-    """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories."""
+    """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories.
+
+    init_checkpoint: start a run from another model's weights (fine-tuning): a model directory
+      (a training run's model_dir, or a converted model: params.yaml, category_map.json and
+      ``tf.train.Checkpoint(model=..., optimizer=...)`` files; its latest checkpoint is used) or
+      a checkpoint path prefix inside one (``models/x/ckpt-5``). The source model is rebuilt from
+      that directory's params.yaml model section and category_map.json; only its model weights
+      are taken (the optimizer state and step are not: the run starts at step 0 with a fresh
+      optimizer). Used only when a run starts from step 0: a run that resumes from a checkpoint
+      of its own model_dir ignores it (and logs so). null = no init checkpoint.
+    init_checkpoint_modules: which weights init_checkpoint gives (`fpn_tf.training.init_checkpoint`):
+      "all" = every weight of the detector (backbone, pyramid, RPN, the box head's fc layers);
+      the class-specific layers (the box head's classifier and box regressor) are taken only
+      when the source has the same classes (same category ids, hence the same shapes), else they
+      keep their fresh initialisation, and the log says so. "backbone" = only the bottom-up
+      ResNet (e.g. to start a different detector from a COCO backbone). Outside the class layers,
+      the weights taken must have the source's shapes: an architecture that differs (another
+      backbone, pyramid width, fc size, ...) is a one-line error naming the layer and both shapes.
+      With an init checkpoint the backbone's ``weights`` are not loaded (the checkpoint
+      overwrites every backbone weight either way).
+    """
 
     num_classes: int = field(0, non_negative)
+    init_checkpoint: Optional[str] = field(
+        None,
+        Check(
+            lambda path: path.strip() != "",
+            "null, a model directory or a checkpoint path prefix",
+        ),
+    )
+    init_checkpoint_modules: Literal["all", "backbone"] = "all"
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
     fpn: FPNConfig = dataclasses.field(default_factory=FPNConfig)
     anchor: AnchorConfig = dataclasses.field(default_factory=AnchorConfig)
@@ -601,6 +629,14 @@ class ExperimentConfig(Config):
             weights = self.model.backbone.weights
             if weights is not None and weights != "imagenet":
                 paths["model.backbone.weights"] = weights
+            init = self.model.init_checkpoint
+            if init and "://" not in init:
+                _require(
+                    os.path.isdir(init) or os.path.exists(init + ".index"),
+                    "model.init_checkpoint",
+                    f"points to {init!r}, which is neither a model directory nor a checkpoint "
+                    f"({init}.index does not exist).",
+                )
             for key, path in paths.items():
                 if path and "://" not in path:
                     exists = (

@@ -268,7 +268,10 @@ def load_model_for_export(
     if config_file is None:
         config_file = os.path.join(model_dir, PARAMS_FILENAME)
         if not tf.io.gfile.exists(config_file):
-            raise ExportError(f"{config_file} not found: give --config_file (the run's config)")
+            raise ExportError(
+                f"{config_file} not found (a model_dir holds its run's config; "
+                "--config_file names another)"
+            )
     config = load_config(config_file, params_override)
     # The checkpoint holds every weight: never fetch ImageNet weights to overwrite them.
     config.model.backbone.weights = None

@@ -13,6 +13,10 @@ Checkpoints: ``tf.train.CheckpointManager`` in ``model_dir`` (model + optimizer,
 ``checkpoint`` index last, atomically, so a write killed half way leaves the previous checkpoint
 as the latest; the next start resumes from it. A resumed run reshuffles its data with
 ``train.seed + step``.
+
+Fine-tuning: a run that starts from step 0 with ``model.init_checkpoint`` copies another model's
+weights into the freshly built model before training (`fpn_tf.training.init_checkpoint`: the
+model only, not the optimizer); a run that resumes from its own checkpoint ignores it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fpn_tf.evaluation.run import evaluate_detector
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training import callbacks as cb
 from fpn_tf.training.callbacks import NonFiniteLossError  # noqa: F401 - part of the API
+from fpn_tf.training.init_checkpoint import load_init_checkpoint
 from fpn_tf.training.optimizers import build_optimizer
 from fpn_tf.training.strategy import build_strategy, is_chief
 
@@ -108,9 +113,18 @@ class Trainer:
             # The same train.seed gives the same initial weights (the data order has its own
             # seeds, derived from train.seed too).
             keras.utils.set_random_seed(cfg.train.seed)
+            model_cfg = cfg.model
+            if model_cfg.init_checkpoint and model_cfg.backbone.weights is not None:
+                # The init checkpoint (or, on a resume, the run's own) overwrites every
+                # backbone weight: do not fetch or read pretrained weights only to replace them.
+                logging.info(
+                    "model.init_checkpoint is set: model.backbone.weights=%r not loaded",
+                    model_cfg.backbone.weights,
+                )
+                model_cfg = model_cfg.override({"backbone": {"weights": None}})
             try:
                 self.model = build_model(
-                    cfg.model, category_ids=list(self.category_map.dataset_ids)
+                    model_cfg, category_ids=list(self.category_map.dataset_ids)
                 )
             except ValueError as e:  # an inconsistent model config, named by the builder
                 raise ConfigError(f"model: {e}") from e
@@ -124,6 +138,7 @@ class Trainer:
             self.checkpoint, self._checkpoint_dir(), max_to_keep=cfg.train.max_checkpoints_to_keep
         )
         self.restored_from = self.restore()
+        self.init_report = self._initialise_from_checkpoint()
         self.saved_step = None
 
     # --- set-up ----------------------------------------------------------------------------
@@ -176,6 +191,23 @@ class Trainer:
             )
         logging.info("No checkpoint in %s: starting from step 0", self.model_dir)
         return None
+
+    def _initialise_from_checkpoint(self):
+        """``model.init_checkpoint`` into the fresh model of a run at step 0; its report."""
+        source = self.cfg.model.init_checkpoint
+        if not source:
+            return None
+        if self.restored_from is not None:
+            logging.info(
+                "Resumed from %s: model.init_checkpoint %s is ignored (it only initialises a "
+                "run that starts from step 0)",
+                self.restored_from,
+                source,
+            )
+            return None
+        return load_init_checkpoint(
+            self.model, source, modules=self.cfg.model.init_checkpoint_modules
+        )
 
     @property
     def step(self) -> int:

@@ -1,0 +1,283 @@
+"""Starting a detector from another model's weights (fine-tuning): ``model.init_checkpoint``.
+
+    from fpn_tf.training.init_checkpoint import load_init_checkpoint
+    report = load_init_checkpoint(model, "models/coco_r50_fpn_torchvision")    # or .../ckpt-N
+    report.loaded          # {"backbone": 318, "pyramid": 16, ...}: weights copied per part
+    report.reinitialised   # {"class layers": "the source's classes (...) are not ..."}
+
+The source is a model directory as the trainer (or a weight converter) writes it: params.yaml,
+category_map.json and ``tf.train.Checkpoint(model=..., optimizer=...)`` files. The source model
+is rebuilt from that directory (`fpn_tf.serving.export.load_model_for_export`) and restored
+(model only: the optimizer state is not read), then its weights are copied into ``model`` part
+by part, each weight paired with the one of the same layer and name:
+
+* ``backbone``: the bottom-up ResNet (every weight, BatchNorm statistics included);
+* ``pyramid``: the top-down pathway and lateral connections (the rest of ``model.fpn``);
+* ``rpn``: the shared RPN head;
+* ``box head fc layers``: the hidden fc layers of the Fast R-CNN head;
+* ``class layers``: the box head's classifier and class-specific box regressor.
+
+``modules="all"`` copies every part, the class layers only when the source has the same classes
+(the same category ids, in the same order, hence the same shapes); otherwise they keep their
+fresh initialisation. ``modules="backbone"`` copies only the backbone. Every part that is copied
+must have the source's layers and shapes: an architecture that differs is an
+`InitCheckpointError` (one line naming the layer and both shapes) raised before any weight is
+written, so the model is never left partly initialised. A folded conv + frozen BatchNorm
+(``model.backbone.fold_frozen_bn``) pairs with the unfolded conv and BatchNorm layers (the same
+parameters under the conv's name), so the source and the new model may differ in that setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from fpn_tf.configs.base import ConfigError
+
+__all__ = [
+    "MODULES",
+    "PARTS",
+    "InitCheckpointError",
+    "InitCheckpointReport",
+    "load_init_checkpoint",
+    "model_parts",
+]
+
+MODULES = ("all", "backbone")
+PARTS = ("backbone", "pyramid", "rpn", "box head fc layers", "class layers")
+_CLASS_PART = "class layers"
+# The config keys that decide each part's architecture, named in the mismatch errors.
+_PART_CONFIG = {
+    "backbone": "model.backbone",
+    "pyramid": "model.fpn",
+    "rpn": "model.rpn / model.anchor",
+    "box head fc layers": "model.roi.num_fc / fc_dims / output_size",
+}
+_BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+class InitCheckpointError(ConfigError):
+    """An init checkpoint that cannot initialise the model; one line, naming the path."""
+
+    def __init__(self, message: str):
+        super().__init__(message, key="model.init_checkpoint")
+
+
+@dataclasses.dataclass
+class InitCheckpointReport:
+    """What `load_init_checkpoint` did.
+
+    source: the checkpoint restored (or a description of an in-memory source model).
+    modules: "all" or "backbone".
+    loaded: part -> number of weights copied from the source.
+    reinitialised: part -> why it keeps its fresh initialisation.
+    source_category_ids: the source model's dataset category ids.
+    """
+
+    source: str
+    modules: str
+    loaded: dict[str, int]
+    reinitialised: dict[str, str]
+    source_category_ids: list[int]
+
+    def lines(self) -> list[str]:
+        """One log line per part, in `PARTS` order."""
+        out = []
+        for part in PARTS:
+            if part in self.loaded:
+                out.append(
+                    f"Init checkpoint: {part}: loaded {self.loaded[part]} weights from "
+                    f"{self.source}"
+                )
+            elif part in self.reinitialised:
+                out.append(
+                    f"Init checkpoint: {part}: re-initialised (not taken from {self.source}): "
+                    f"{self.reinitialised[part]}"
+                )
+        return out
+
+
+def model_parts(model) -> dict[str, list]:
+    """The weights of a `FasterRCNN` by part (`PARTS`), each weight in exactly one part."""
+    fpn = model.fpn
+    backbones = [layer for layer in fpn.layers if isinstance(layer, keras.Model)]
+    if len(backbones) != 1:
+        raise InitCheckpointError(
+            f"{fpn.name}: expected one backbone model inside the pyramid model, found "
+            f"{[b.name for b in backbones]}"
+        )
+    backbone_ids = {id(v) for v in backbones[0].weights}
+    box_head = model.roi_heads.box_head
+    parts = {
+        "backbone": list(backbones[0].weights),
+        "pyramid": [v for v in fpn.weights if id(v) not in backbone_ids],
+        "rpn": list(model.rpn.weights),
+        "box head fc layers": [w for fc in box_head.fcs for w in fc.weights],
+        _CLASS_PART: list(box_head.classifier.weights) + list(box_head.box_regressor.weights),
+    }
+    covered = {id(v) for weights in parts.values() for v in weights}
+    stray = [v.path for v in model.weights if id(v) not in covered]
+    if stray:  # a layer this module does not know: never leave it silently uninitialised
+        raise InitCheckpointError(
+            f"{len(stray)} weights of {model.name} belong to no known part (first: "
+            f"'{stray[0]}'); fpn_tf.training.init_checkpoint.model_parts needs updating"
+        )
+    return parts
+
+
+def _key(path: str) -> str:
+    """The name a weight is paired by: its path, with the BatchNorm vectors of a folded conv
+    (``conv1_conv/gamma`` in a `Conv2DFrozenBatchNorm`) named as the unfolded BatchNorm's
+    (``conv1_bn/gamma``)."""
+    layer, _, name = path.rpartition("/")
+    if name in _BN_VECTORS and layer.endswith("_conv"):
+        return f"{layer[: -len('_conv')]}_bn/{name}"
+    return path
+
+
+def _by_key(weights) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for v in weights:
+        out.setdefault(_key(v.path), []).append(v)
+    return out
+
+
+def _shape(v) -> tuple:
+    return tuple(int(d) for d in v.shape)
+
+
+def _pair(part: str, source_weights, target_weights, where: str):
+    """[(source, target)] for one part, or an InitCheckpointError for the first difference."""
+    src, dst = _by_key(source_weights), _by_key(target_weights)
+    hint = (
+        f"the architectures differ ({_PART_CONFIG[part]} must be the source's, as in its "
+        "params.yaml)"
+        if part in _PART_CONFIG
+        else "the architectures differ"
+    )
+    only_here = [k for k in dst if len(src.get(k, ())) != len(dst[k])]
+    only_there = [k for k in src if len(dst.get(k, ())) != len(src[k])]
+    if only_here or only_there:
+        detail = []
+        if only_here:
+            detail.append(
+                f"this model has {len(only_here)} weights the source has not (first: "
+                f"'{only_here[0]}')"
+            )
+        if only_there:
+            detail.append(
+                f"the source has {len(only_there)} weights this model has not (first: "
+                f"'{only_there[0]}')"
+            )
+        raise InitCheckpointError(f"{where}: {part}: {' and '.join(detail)}: {hint}")
+    pairs = []
+    for key, targets in dst.items():
+        for s, d in zip(src[key], targets):
+            if _shape(s) != _shape(d):
+                raise InitCheckpointError(
+                    f"{where}: {part} weight '{key}' has shape {_shape(s)} in the source and "
+                    f"{_shape(d)} in this model: {hint}"
+                )
+            pairs.append((s, d))
+    return pairs
+
+
+def _ids(ids) -> str:
+    ids = [int(i) for i in ids]
+    if len(ids) <= 8:
+        return ", ".join(map(str, ids))
+    return f"{', '.join(map(str, ids[:3]))}, ..., {ids[-1]}"
+
+
+def _load_source(path: str):
+    """(source model, checkpoint path): a model directory (its latest checkpoint) or a
+    checkpoint prefix inside one."""
+    from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
+    from fpn_tf.serving.export import (  # pylint: disable=g-import-not-at-top
+        ExportError,
+        load_model_for_export,
+    )
+
+    if tf.io.gfile.isdir(path):
+        model_dir, checkpoint = path, None
+    else:
+        model_dir, checkpoint = os.path.dirname(path) or ".", path
+    try:
+        loaded = load_model_for_export(model_dir, checkpoint=checkpoint)
+    except (ExportError, ConfigError, DataError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InitCheckpointError(f"model.init_checkpoint {path!r}: {first}") from e
+    return loaded.model, loaded.checkpoint
+
+
+def load_init_checkpoint(model, source: Any, modules: str = "all") -> InitCheckpointReport:
+    """Copies the weights of another model into ``model`` (a `FasterRCNN`); returns a report.
+
+    Args:
+      model: the freshly built detector to initialise.
+      source: a model directory (its latest checkpoint is used), a checkpoint path prefix inside
+        one, or a `FasterRCNN` in memory (its weights as they are).
+      modules: "all" (every part; the class layers only with the same category ids) or
+        "backbone" (only the bottom-up ResNet). See the module docstring.
+
+    Raises:
+      InitCheckpointError: the source cannot be loaded, or a part to copy has other layers or
+        shapes than ``model``'s (nothing is written then).
+    """
+    if modules not in MODULES:
+        raise InitCheckpointError(
+            f"model.init_checkpoint_modules must be one of {MODULES}, got {modules!r}"
+        )
+    if isinstance(source, (str, os.PathLike)):
+        source_path = os.fspath(source)
+        source_model, checkpoint = _load_source(source_path)
+        where = f"model.init_checkpoint {checkpoint}"
+        description = checkpoint
+    else:
+        source_model = source
+        description = f"the model {source.name!r}"
+        where = f"model.init_checkpoint {description}"
+    source_parts, target_parts = model_parts(source_model), model_parts(model)
+    source_ids = [int(i) for i in source_model.category_ids]
+    target_ids = [int(i) for i in model.category_ids]
+
+    taken = ("backbone",) if modules == "backbone" else PARTS
+    pairs_by_part, reinitialised = {}, {}
+    for part in PARTS:
+        if part not in taken:
+            reinitialised[part] = "init_checkpoint_modules is 'backbone'"
+            continue
+        if part == _CLASS_PART:
+            if source_ids != target_ids:
+                reinitialised[part] = (
+                    f"the source has other classes ({len(source_ids)}, category ids "
+                    f"{_ids(source_ids)}) than this model ({len(target_ids)}, category ids "
+                    f"{_ids(target_ids)})"
+                )
+                continue
+            try:
+                pairs_by_part[part] = _pair(part, source_parts[part], target_parts[part], where)
+            except InitCheckpointError as e:
+                reinitialised[part] = f"same classes, but other layers or shapes: {e}"
+            continue
+        pairs_by_part[part] = _pair(part, source_parts[part], target_parts[part], where)
+
+    # Every pair checked: now write (all or nothing).
+    for pairs in pairs_by_part.values():
+        for s, d in pairs:
+            d.assign(s.numpy())
+    report = InitCheckpointReport(
+        source=description,
+        modules=modules,
+        loaded={part: len(pairs) for part, pairs in pairs_by_part.items()},
+        reinitialised=reinitialised,
+        source_category_ids=source_ids,
+    )
+    for line in report.lines():
+        logging.info(line)
+    return report
