@@ -379,3 +379,21 @@ def test_the_finetune_example_sets_only_finetuning_keys_over_an_architecture_con
     assert cfg.train_data.annotation_file == "data/my_dataset/annotations/instances_train.json"
     assert cfg.train.total_steps < architecture.train.total_steps
     assert json.loads(json.dumps(cfg.to_dict()))  # a plain, saveable config
+
+
+# --- a model directory holding the model only (what fpn_tf.convert_weights writes) ----------
+def test_a_model_only_checkpoint_restores_the_model_and_starts_the_optimizer_at_zero(tmp_path):
+    cfg = make_config(str(tmp_path / "data"), SOURCE_CATEGORIES)
+    keras.utils.set_random_seed(7)
+    model = build_model(cfg.model, category_ids=[1, 2, 3])
+    for v in model.weights:
+        v.assign(v.numpy() + np.float32(0.01))  # weights no fresh initialisation gives
+    model_dir = str(tmp_path / "converted")
+    save_config(cfg, model_dir)
+    CategoryMap(SOURCE_CATEGORIES).to_json(os.path.join(model_dir, "category_map.json"))
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1).save(0)
+    trainer = Trainer(cfg, model_dir)
+    assert trainer.restored_from == os.path.join(model_dir, "ckpt-0")
+    assert trainer.step == 0
+    for got, want in zip(trainer.model.weights, model.weights):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)

@@ -168,12 +168,28 @@ class Trainer:
 
         A checkpoint that cannot be read (its files damaged after it was recorded) is reported
         and the one before it is tried, so a damaged latest checkpoint never blocks a restart.
+        A checkpoint of the model alone (``fpn_tf.convert_weights`` writes one) restores the
+        model, and the optimizer starts fresh at step 0.
         """
         state = tf.train.get_checkpoint_state(self.model_dir)
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         for path in candidates:
             try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
+                if _holds_optimizer_state(path):
+                    self.checkpoint.restore(path).assert_existing_objects_matched()
+                else:
+                    # The compiled model tracks its optimizer too: bind the three stages only.
+                    stages = tf.train.Checkpoint(
+                        fpn=self.model.fpn, rpn=self.model.rpn, roi_heads=self.model.roi_heads
+                    )
+                    tf.train.Checkpoint(model=stages).restore(
+                        path
+                    ).assert_existing_objects_matched()
+                    logging.info(
+                        "%s holds the model only (a converted model): the optimizer starts "
+                        "fresh at step 0",
+                        path,
+                    )
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous
                 logging.warning(
                     "Checkpoint %s cannot be restored (%s: %s); trying the one before",
@@ -371,6 +387,16 @@ class Trainer:
         )
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
+
+
+def _holds_optimizer_state(checkpoint: str) -> bool:
+    """Whether a ``tf.train.Checkpoint`` has an ``optimizer`` (a training run's, not a
+    converted model's); an unreadable file counts as one, so its restore reports the damage."""
+    try:
+        names = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
+    except Exception:  # noqa: BLE001 - damaged files: let the restore report them
+        return True
+    return any(name.startswith("optimizer/") for name in names)
 
 
 def format_metrics(metrics: dict) -> str:
