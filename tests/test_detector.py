@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import DetectionConfig, ExperimentConfig, RoIConfig, RPNConfig
+from fpn_tf.configs.experiment import (
+    AnchorConfig,
+    DetectionConfig,
+    ExperimentConfig,
+    RoIConfig,
+    RPNConfig,
+)
 from fpn_tf.modeling.factory import anchor_sizes_for, build_model
 from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model
@@ -43,7 +49,11 @@ def fixed_batch(size=128):
 
 def tiny_rpn(anchor_sizes=None, **overrides):
     """The paper's RPN settings (the config's defaults) with small top-k's, on P2..P6."""
+    anchor = AnchorConfig()
     settings = {
+        "anchor_offset": anchor.offset,
+        "anchor_round": anchor.round_cell_anchors,
+        "anchor_stride_from_padded_size": anchor.stride_from_padded_size,
         **RPNConfig().to_dict(),
         "pre_nms_top_k_train": 500,
         "post_nms_top_k_train": 200,

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import RPNConfig
+from fpn_tf.configs.experiment import AnchorConfig, RPNConfig
 from fpn_tf.modeling.losses import rpn_losses
 from fpn_tf.modeling.rpn import RegionProposalNetwork, RPNHead
 from fpn_tf.ops import anchors as anchor_ops
@@ -70,9 +70,19 @@ SIZES = {"P3": (32.0,), "P4": (64.0,)}
 IMAGE = 64  # P3: 8x8 cells, P4: 4x4
 
 
+_ANCHORS = AnchorConfig()
+ANCHOR_KWARGS = {
+    "anchor_offset": _ANCHORS.offset,
+    "anchor_round": _ANCHORS.round_cell_anchors,
+    "anchor_stride_from_padded_size": _ANCHORS.stride_from_padded_size,
+}
+
+
 def _rpn(**overrides):
     return RegionProposalNetwork(
-        anchor_sizes=SIZES, aspect_ratios=(0.5, 1.0, 2.0), **{**RPNConfig().to_dict(), **overrides}
+        anchor_sizes=SIZES,
+        aspect_ratios=(0.5, 1.0, 2.0),
+        **{**ANCHOR_KWARGS, **RPNConfig().to_dict(), **overrides},
     )
 
 
