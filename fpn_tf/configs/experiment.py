@@ -193,7 +193,8 @@ class RPNConfig(Config):
     positive_iou_inclusive: an anchor is positive iff its IoU >= positive_iou (torchvision's and
       detectron2's Matcher) instead of > (false: ours, the paper's "higher than 0.7"). The
       negative rule is IoU < negative_iou either way, as in both references (their low
-      threshold is exclusive too: IoU in [negative_iou, positive_iou) is ignored).
+      threshold is exclusive too: IoU in [negative_iou, positive_iou) is ignored). (Both
+      references also make a gt's best anchors positive when that best IoU is 0; ours needs > 0.)
     pre_nms_top_k_*: kept per level by objectness before NMS; post_nms_top_k_*: kept per image.
     nms_per_level: run the proposals' NMS separately on each pyramid level's candidates, then keep
       the post_nms_top_k best of all levels by score, as torchvision and detectron2 do
@@ -257,11 +258,13 @@ class RoIConfig(Config):
       torchvision's MultiScaleRoIAlign (torchvision.ops.roi_align aligned=False, sampling_ratio 2:
       no shift, RoI sides at least one cell).
     level_epsilon: added inside Eq. 1's floor, k = floor(canonical_level + log2(sqrt(wh) /
-      canonical_size) + level_epsilon). 0 (ours, detectron2): computed exactly from area
-      thresholds (224² -> canonical_level exactly); torchvision's LevelMapper uses 1e-6, computed
-      as it does (in float32 with log2).
-    classifier_layout: the rows of the classifier. "contiguous" (ours, detectron2): C + 1 rows, row
-      0 background, row k contiguous class k. "dataset_ids" (torchvision's COCO models): max(id) +
+      canonical_size) + level_epsilon). 0 (ours): computed exactly from area thresholds (224² ->
+      canonical_level exactly; detectron2's floor(k0 + log2(sqrt(wh) / 224 + 1e-8)) in float32
+      agrees up to float rounding at a level boundary); torchvision's LevelMapper uses 1e-6,
+      computed as it does (in float32 with log2).
+    classifier_layout: the rows of the classifier. "contiguous" (ours): C + 1 rows, row 0
+      background, row k contiguous class k (detectron2's is contiguous too, C + 1 rows, but with
+      background last, row C: its weights convert by moving that row first). "dataset_ids" (torchvision's COCO models): max(id) +
       1 rows, row 0 background and row `id` for dataset category id `id` (COCO: 91 rows, 10 of
       them ids no category uses); the softmax is over all rows (unused rows take probability
       mass, as in torchvision), the detections read the background row and the dataset's rows,
