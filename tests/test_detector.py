@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import DetectionConfig, ExperimentConfig, RoIConfig, RPNConfig
+from fpn_tf.configs.experiment import (
+    AnchorConfig,
+    DetectionConfig,
+    ExperimentConfig,
+    RoIConfig,
+    RPNConfig,
+)
 from fpn_tf.modeling.factory import anchor_sizes_for, build_model
 from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model
@@ -43,7 +49,11 @@ def fixed_batch(size=128):
 
 def tiny_rpn(anchor_sizes=None, **overrides):
     """The paper's RPN settings (the config's defaults) with small top-k's, on P2..P6."""
+    anchor = AnchorConfig()
     settings = {
+        "anchor_offset": anchor.offset,
+        "anchor_round": anchor.round_cell_anchors,
+        "anchor_stride_from_padded_size": anchor.stride_from_padded_size,
         **RPNConfig().to_dict(),
         "pre_nms_top_k_train": 500,
         "post_nms_top_k_train": 200,
@@ -237,14 +247,32 @@ def test_every_setting_of_the_model_sections_reaches_its_layer():
             "model": {
                 "backbone": {"type": "small_resnet"},
                 "fpn": {"num_channels": 16},
-                "rpn": {"nms_impl": "padded", "nms_iou": 0.6, "pre_nms_top_k_test": 77},
-                "roi": {"sampling_ratio": 0, "align_impl": "gather"},
-                "detection": {"nms_impl": "combined", "max_detections": 33},
+                "anchor": {"offset": 0.0, "round_cell_anchors": True},
+                "rpn": {
+                    "nms_impl": "padded",
+                    "nms_iou": 0.6,
+                    "pre_nms_top_k_test": 77,
+                    "nms_per_level": True,
+                    "positive_iou_inclusive": True,
+                },
+                "roi": {
+                    "sampling_ratio": 0,
+                    "align_impl": "gather",
+                    "aligned": False,
+                    "level_epsilon": 1e-6,
+                    "classifier_layout": "dataset_ids",
+                },
+                "detection": {"nms_impl": "combined", "max_detections": 33, "min_box_size": 0.01},
             }
         }
     )
-    model = build_model(cfg.model, category_ids=[1, 2])
+    model = build_model(cfg.model, category_ids=[3, 7])
     rpn_config, roi_config = model.rpn.get_config(), model.roi_heads.get_config()
+    assert (rpn_config["anchor_offset"], rpn_config["anchor_round"]) == (0.0, True)
+    assert rpn_config["anchor_stride_from_padded_size"] is False
+    # The dataset's ids place the classifier rows: background, 3, 7 (8 rows).
+    assert roi_config["classifier_rows"] == [0, 3, 7]
+    assert model.roi_heads.box_head.classifier.units == 8
     for section, config in (
         (cfg.model.rpn, rpn_config),
         (cfg.model.roi, roi_config),

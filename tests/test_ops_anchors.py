@@ -106,3 +106,73 @@ def test_anchors_xla():
     )
     ref, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors((96, 130)))
     np.testing.assert_allclose(f().numpy(), ref.numpy())
+
+
+# ------------------------------------------------------------------ torchvision / detectron2 switches
+
+
+def test_offset_zero_puts_centres_on_the_grid_corners():
+    anchors = anchor_lib.generate_anchors((257, 391), offset=0.0)
+    p3 = anchors["P3"].numpy()
+    width = _ceil(391, 8)
+    y, x = 2, 5
+    cell = p3[(y * width + x) * 3 : (y * width + x) * 3 + 3]
+    centres = np.stack([(cell[:, 0] + cell[:, 2]) / 2, (cell[:, 1] + cell[:, 3]) / 2], -1)
+    np.testing.assert_allclose(centres, [[16.0, 40.0]] * 3, atol=1e-4)  # (y, x) * 8
+    # Half a stride from the default, on every anchor of every level.
+    default = anchor_lib.generate_anchors((257, 391))
+    for level, a in anchors.items():
+        half = 0.5 * 2 ** int(level[1])
+        np.testing.assert_allclose(default[level].numpy() - a.numpy(), half, atol=1e-3)
+
+
+def test_round_cell_anchors_gives_torchvisions_integer_cell_anchors():
+    # torchvision's AnchorGenerator cell anchors of fasterrcnn_resnet50_fpn (xyxy), as yxyx.
+    torchvision_xyxy = {
+        "P2": [[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]],
+        "P6": [[-362, -181, 362, 181], [-256, -256, 256, 256], [-181, -362, 181, 362]],
+    }
+    anchors = anchor_lib.generate_anchors((64, 64), offset=0.0, round_cell_anchors=True)
+    for level, xyxy in torchvision_xyxy.items():
+        cell = np.asarray(xyxy, np.float32)[:, [1, 0, 3, 2]]
+        np.testing.assert_array_equal(anchors[level].numpy()[:3], cell)  # cell (0, 0)
+    # Shifted copies: cell (0, 1) of P2 is the cell anchors + 4 in x.
+    np.testing.assert_array_equal(
+        anchors["P2"].numpy()[3:6],
+        np.asarray(torchvision_xyxy["P2"])[:, [1, 0, 3, 2]] + [0, 4, 0, 4],
+    )
+    # Not rounded by default: 32 * sqrt(0.5) / 2 = 11.31...
+    plain = anchor_lib.generate_anchors((64, 64), offset=0.0)["P2"].numpy()[0]
+    r = 8 * math.sqrt(2)
+    np.testing.assert_allclose(plain, [-r, -2 * r, r, 2 * r], rtol=1e-6)
+    # Ties round half to even, as torch.round: a side of 33 has corners +-16.5 -> +-16.
+    tie = anchor_lib.generate_anchors(
+        (8, 8), levels=("P3",), sizes=(33,), aspect_ratios=(1.0,), round_cell_anchors=True
+    )["P3"].numpy()[0]
+    np.testing.assert_array_equal(tie, [4 - 16, 4 - 16, 4 + 16, 4 + 16])
+
+
+def test_stride_from_padded_size_on_an_800x1216_image():
+    size = (800, 1216)
+    anchors = anchor_lib.generate_anchors(size, offset=0.0, stride_from_padded_size=True)
+    # P6 has 13 x 19 cells: torchvision's strides 800 // 13 = 61 and 1216 // 19 = 64.
+    p6 = anchors["P6"].numpy().reshape(13, 19, 3, 4)
+    cy = (p6[..., 0] + p6[..., 2]) / 2
+    cx = (p6[..., 1] + p6[..., 3]) / 2
+    np.testing.assert_allclose(cy, np.broadcast_to(61.0 * np.arange(13)[:, None, None], cy.shape))
+    np.testing.assert_allclose(cx, np.broadcast_to(64.0 * np.arange(19)[None, :, None], cx.shape))
+    assert cy.max() == 61.0 * 12 and cx.max() == 64.0 * 18
+    # The levels whose cells divide the padded size keep their 2**l stride.
+    ref = anchor_lib.generate_anchors(size, offset=0.0)
+    for level in ("P2", "P3", "P4", "P5"):
+        np.testing.assert_array_equal(anchors[level].numpy(), ref[level].numpy())
+    assert np.abs(anchors["P6"].numpy() - ref["P6"].numpy()).max() == 3.0 * 12
+    # With the default offset the centres are at (y + 0.5) * 61.
+    half = anchor_lib.generate_anchors(size, stride_from_padded_size=True)["P6"].numpy()
+    np.testing.assert_allclose((half[0, 0] + half[0, 2]) / 2, 0.5 * 61, atol=1e-4)
+    # A tensor image size (inside tf.function) gives the same anchors.
+    f = tf.function(
+        lambda s: anchor_lib.generate_anchors(s, offset=0.0, stride_from_padded_size=True)["P6"],
+        input_signature=[tf.TensorSpec([2], tf.int32)],
+    )
+    np.testing.assert_array_equal(f(tf.constant(size)).numpy(), anchors["P6"].numpy())

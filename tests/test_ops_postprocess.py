@@ -84,6 +84,116 @@ def test_generate_proposals_hand_case(impl):
     np.testing.assert_allclose(p1.boxes.numpy()[0, 0], [21, 21, 41, 41])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_generate_proposals_nms_per_level_keeps_overlaps_of_different_levels(impl):
+    """The hand case above with torchvision's / detectron2's per-level NMS: P3's [21,21,41,41]
+    (IoU 0.82 with P2's [20,20,40,40]) survives; within P2 [0,0,10,11] is still suppressed."""
+    anchors = {
+        "P2": tf.constant(
+            [
+                [0, 0, 10, 10],
+                [0, 0, 10, 11],
+                [20, 20, 40, 40],
+                [-30, -30, -10, -10],
+                [50, 50, 70, 90],
+            ],
+            tf.float32,
+        ),
+        "P3": tf.constant([[21, 21, 41, 41], [0, 40, 30, 80]], tf.float32),
+    }
+    logits = {"P2": tf.constant([[3.0, 2.0, 1.0, 9.0, 0.0]]), "P3": tf.constant([[0.5, -1.0]])}
+    deltas = {k: tf.zeros([1, v.shape[0], 4]) for k, v in anchors.items()}
+    image_shape = tf.constant([[60.0, 80.0]])
+
+    def run(post_nms_top_k, per_level=True):
+        return pp.generate_proposals(
+            logits,
+            deltas,
+            anchors,
+            image_shape,
+            pre_nms_top_k=10,
+            post_nms_top_k=post_nms_top_k,
+            nms_impl=impl,
+            nms_per_level=per_level,
+        )
+
+    p = run(6)
+    assert p.boxes.shape == (1, 6, 4) and p.scores.shape == (1, 6) and p.valid.shape == (1, 6)
+    expected = [
+        [0, 0, 10, 10],
+        [20, 20, 40, 40],
+        [21, 21, 41, 41],
+        [50, 50, 60, 80],
+        [0, 40, 30, 80],
+    ]
+    np.testing.assert_allclose(p.boxes.numpy()[0, :5], expected)
+    np.testing.assert_array_equal(p.valid.numpy()[0], [True] * 5 + [False])
+    np.testing.assert_allclose(
+        p.scores.numpy()[0, :5], 1 / (1 + np.exp(-np.array([3.0, 1.0, 0.5, 0.0, -1.0]))), rtol=1e-6
+    )
+    np.testing.assert_array_equal(p.boxes.numpy()[0, 5:], 0.0)
+    np.testing.assert_array_equal(p.scores.numpy()[0, 5:], 0.0)
+    # The global NMS suppresses the P3 box.
+    g = run(6, per_level=False)
+    assert not (g.boxes.numpy()[0] == [21, 21, 41, 41]).all(-1).any()
+    # post_nms_top_k is over all levels, by score; more rows than candidates are padding.
+    np.testing.assert_allclose(run(3).boxes.numpy()[0], expected[:3])
+    assert run(20).valid.numpy().sum() == 5 and run(20).boxes.shape == (1, 20, 4)
+
+
+def test_generate_proposals_nms_per_level_equals_one_run_per_level_merged():
+    rng = np.random.default_rng(3)
+    anchors = anchor_lib.generate_anchors((48, 64), levels=("P2", "P3", "P4"), sizes=(16, 32, 64))
+    logits = {
+        k: tf.constant(rng.normal(size=(2, v.shape[0])), tf.float32) for k, v in anchors.items()
+    }
+    deltas = {
+        k: tf.constant(rng.normal(size=(2, v.shape[0], 4)) * 0.2, tf.float32)
+        for k, v in anchors.items()
+    }
+    size = tf.constant([[48.0, 60.0], [40.0, 64.0]])
+    kwargs = dict(pre_nms_top_k=40, post_nms_top_k=60, nms_iou=0.5)
+    for impl in IMPLS:
+        got = pp.generate_proposals(
+            logits, deltas, anchors, size, nms_impl=impl, nms_per_level=True, **kwargs
+        )
+        # One level alone: its global NMS is its per-level NMS.
+        runs = [
+            pp.generate_proposals(
+                {k: logits[k]}, {k: deltas[k]}, {k: anchors[k]}, size, nms_impl=impl, **kwargs
+            )
+            for k in anchors
+        ]
+        for b in range(2):
+            rows = [
+                (float(s), tuple(box))
+                for r in runs
+                for s, box, v in zip(r.scores.numpy()[b], r.boxes.numpy()[b], r.valid.numpy()[b])
+                if v
+            ]
+            rows = sorted(rows, key=lambda row: -row[0])[:60]
+            n = len(rows)
+            assert int(got.valid.numpy()[b].sum()) == n and n > 40  # more than one level's
+            np.testing.assert_allclose(got.scores.numpy()[b, :n], [s for s, _ in rows], rtol=1e-6)
+            np.testing.assert_allclose(got.boxes.numpy()[b, :n], [x for _, x in rows], atol=1e-5)
+        if impl != "per_image":
+            continue  # (the padded NMS takes seconds to trace)
+        # Unknown anchor counts (tf.function with dynamic shapes) give the same proposals.
+        spec = {k: tf.TensorSpec([2, None], tf.float32) for k in anchors}
+        dspec = {k: tf.TensorSpec([2, None, 4], tf.float32) for k in anchors}
+        aspec = {k: tf.TensorSpec([None, 4], tf.float32) for k in anchors}
+
+        @tf.function(input_signature=[spec, dspec, aspec])
+        def dynamic(lg, dl, an):
+            return pp.generate_proposals(
+                lg, dl, an, size, nms_impl="per_image", nms_per_level=True, **kwargs
+            )
+
+        dyn = dynamic(logits, deltas, dict(anchors))
+        np.testing.assert_array_equal(dyn.valid.numpy(), got.valid.numpy())
+        np.testing.assert_allclose(dyn.boxes.numpy(), got.boxes.numpy(), atol=1e-5)
+
+
 def test_generate_proposals_decodes_and_clips_per_image():
     anchors = {"P2": tf.constant([[10, 10, 20, 20]], tf.float32)}
     logits = {"P2": tf.constant([[1.0], [1.0]])}
@@ -166,6 +276,37 @@ def test_detections_delta_layouts_and_roi_valid(impl):
     padded_rois = tf.concat([rois[:, :2], tf.zeros([1, 1, 4])], axis=1)
     d = pp.postprocess_detections(probs, deltas, padded_rois, [240.0, 300.0], nms_impl=impl)
     assert d.num_detections.numpy().tolist() == [2]
+
+
+@pytest.mark.parametrize("impl", ["combined"] + IMPLS)
+def test_detections_min_box_size_removes_thin_boxes_after_clipping(impl):
+    """torchvision's remove_small_boxes(1e-2): a box with a side < min_box_size (here after
+    clipping to the image) is no detection; min_box_size 0 keeps it."""
+    rois = tf.constant(
+        [
+            [
+                [0, 0, 100, 100],  # kept
+                [150, 10, 200, 10.005],  # 0.005 wide
+                [150, 299.995, 200, 350],  # 0.005 wide once clipped to x <= 300
+                [10, 150, 10.02, 250],  # 0.02 high: kept
+            ]
+        ],
+        tf.float32,
+    )
+    probs = tf.constant([[[0.1, 0.9]] * 4])
+    deltas = tf.zeros([1, 4, 1, 4])
+    size = tf.constant([[240.0, 300.0]])
+
+    def run(min_box_size):
+        d = pp.postprocess_detections(
+            probs, deltas, rois, size, nms_impl=impl, min_box_size=min_box_size
+        )
+        n = int(d.num_detections.numpy()[0])
+        return sorted(tuple(np.round(b, 3)) for b in d.boxes.numpy()[0, :n])
+
+    assert run(1e-2) == [(0, 0, 100, 100), (10, 150, 10.02, 250)]
+    assert len(run(0.0)) == 4
+    assert run(0.03) == [(0, 0, 100, 100)]
 
 
 def test_detection_impls_agree_on_random_inputs():

@@ -51,6 +51,152 @@ def test_eq1_matches_log_formula_on_random_sizes():
     np.testing.assert_array_equal(got, ref)
 
 
+def test_eq1_with_epsilon_is_torchvisions_level_mapper():
+    """level_epsilon > 0: torchvision's LevelMapper, floor(4 + log2(sqrt(area) / 224) + eps) in
+    float32; 0: the exact thresholds. Just under 448x448 the two differ."""
+    boxes = tf.constant(
+        [
+            [0, 0, 448, 447.9999],  # area just under 448^2: 5 with eps (float32 log2), 4 exact
+            _square(448),
+            _square(224),
+            _square(112),
+            _square(10),
+            _square(2000),
+            [0, 0, 0, 0],
+            [10, 10, 0, 0],
+        ],
+        tf.float32,
+    )
+    exact = roi_ops.assign_levels(boxes).numpy()
+    tv = roi_ops.assign_levels(boxes, epsilon=1e-6).numpy()
+    np.testing.assert_array_equal(exact, [4, 5, 4, 3, 2, 5, 2, 2])
+    np.testing.assert_array_equal(tv, [5, 5, 4, 3, 2, 5, 2, 2])
+    # Random sizes: the float32 formula, computed as torchvision does.
+    rng = np.random.default_rng(0)
+    hw = rng.uniform(1, 1500, (500, 2)).astype(np.float32)
+    rand = np.concatenate([np.zeros_like(hw), hw], -1)
+    s = np.sqrt(hw[:, 0] * hw[:, 1])
+    ref = np.clip(np.floor(np.float32(4) + np.log2(s / np.float32(224)) + np.float32(1e-6)), 2, 5)
+    np.testing.assert_array_equal(roi_ops.assign_levels(rand, epsilon=1e-6).numpy(), ref)
+    # Other clamp / canonical size.
+    np.testing.assert_array_equal(
+        roi_ops.assign_levels(boxes[1:6], 3, 6, 112.0, 4, epsilon=1e-6).numpy(), [6, 5, 4, 3, 6]
+    )
+
+
+def _torchvision_roi_align(f, roi_xyxy, spatial_scale, pooled, sampling_ratio, aligned):
+    """torchvision.ops.roi_align's CPU kernel (roi_align_kernel.cpp) on one RoI, written from its
+    formula: f [H, W, C], roi_xyxy in input pixels; returns [pooled, pooled, C]."""
+    height, width = f.shape[:2]
+    offset = 0.5 if aligned else 0.0
+    roi_start_w = roi_xyxy[0] * spatial_scale - offset
+    roi_start_h = roi_xyxy[1] * spatial_scale - offset
+    roi_end_w = roi_xyxy[2] * spatial_scale - offset
+    roi_end_h = roi_xyxy[3] * spatial_scale - offset
+    roi_width = roi_end_w - roi_start_w
+    roi_height = roi_end_h - roi_start_h
+    if not aligned:  # force malformed RoIs to be 1x1
+        roi_width = max(roi_width, 1.0)
+        roi_height = max(roi_height, 1.0)
+    bin_size_h = roi_height / pooled
+    bin_size_w = roi_width / pooled
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_height / pooled)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_width / pooled)
+    count = max(grid_h * grid_w, 1)
+
+    def bilinear_interpolate(y, x):
+        if y < -1.0 or y > height or x < -1.0 or x > width:
+            return np.zeros(f.shape[-1])  # empty
+        if y <= 0:
+            y = 0.0
+        if x <= 0:
+            x = 0.0
+        y_low, x_low = int(y), int(x)
+        if y_low >= height - 1:
+            y_high = y_low = height - 1
+            y = float(y_low)
+        else:
+            y_high = y_low + 1
+        if x_low >= width - 1:
+            x_high = x_low = width - 1
+            x = float(x_low)
+        else:
+            x_high = x_low + 1
+        ly, lx = y - y_low, x - x_low
+        hy, hx = 1.0 - ly, 1.0 - lx
+        return (
+            hy * hx * f[y_low, x_low]
+            + hy * lx * f[y_low, x_high]
+            + ly * hx * f[y_high, x_low]
+            + ly * lx * f[y_high, x_high]
+        )
+
+    out = np.zeros((pooled, pooled, f.shape[-1]))
+    for ph in range(pooled):
+        for pw in range(pooled):
+            total = 0.0
+            for iy in range(grid_h):
+                y = roi_start_h + ph * bin_size_h + (iy + 0.5) * bin_size_h / grid_h
+                for ix in range(grid_w):
+                    x = roi_start_w + pw * bin_size_w + (ix + 0.5) * bin_size_w / grid_w
+                    total = total + bilinear_interpolate(y, x)
+            out[ph, pw] = total / count
+    return out
+
+
+@pytest.mark.parametrize("impl", ["gather", "crop_and_resize"])
+def test_roi_align_unaligned_matches_torchvisions_multiscale_roi_align(impl):
+    """aligned=False + level_epsilon=1e-6 is torchvision's MultiScaleRoIAlign (LevelMapper with
+    eps 1e-6, then roi_align(aligned=False, sampling_ratio=2) with spatial scale 1 / 2**l)."""
+    rng = np.random.default_rng(5)
+    img_h, img_w, c = 160, 224, 3
+    feats = {
+        f"P{l}": rng.normal(size=(1, math.ceil(img_h / 2**l), math.ceil(img_w / 2**l), c)).astype(
+            np.float32
+        )
+        for l in range(2, 6)
+    }
+    r = 20
+    side = np.exp(rng.uniform(np.log(2), np.log(500), (1, r, 2)))
+    yx = rng.uniform(-60, 200, (1, r, 2))
+    rois = np.concatenate([yx, yx + side], -1).astype(np.float32)
+    rois[0, 0] = [30, 40, 31.5, 42]  # under one P2 cell: widened to 1x1 cells
+    rois[0, 1] = [150, 200, 150, 200]  # zero size: 1x1 cell at (37.5, 50) of P2
+    rois[0, 2] = [-40, -40, 407.9999, 408]  # just under 448^2 (scaled): P5 only with eps
+    rois[0, 3] = [100, 150, 170, 240]  # partly outside the map
+    rois[0, 4] = [0, 0, 0.5, 0.5]
+    got = roi_ops.multilevel_roi_align(
+        {k: tf.constant(v) for k, v in feats.items()},
+        tf.constant(rois),
+        output_size=7,
+        sampling_ratio=2,
+        aligned=False,
+        level_epsilon=1e-6,
+        impl=impl,
+    ).numpy()
+    hw = rois[0, :, 2:] - rois[0, :, :2]
+    s = np.sqrt(hw[:, 0] * hw[:, 1])
+    with np.errstate(divide="ignore"):
+        levels = np.clip(np.floor(4 + np.log2(s / np.float32(224)) + np.float32(1e-6)), 2, 5)
+    assert levels[2] == 5 and sorted(set(levels.astype(int))) == [2, 3, 4, 5]
+    for k in range(r):
+        level = int(levels[k])
+        y0, x0, y1, x1 = rois[0, k].astype(np.float64)
+        ref = _torchvision_roi_align(
+            feats[f"P{level}"][0].astype(np.float64), (x0, y0, x1, y1), 2.0**-level, 7, 2, False
+        )
+        np.testing.assert_allclose(got[0, k], ref, rtol=1e-4, atol=1e-4, err_msg=str(k))
+    # The half-pixel shift and the 1-cell minimum matter: aligned=True differs.
+    shifted = roi_ops.multilevel_roi_align(
+        {k: tf.constant(v) for k, v in feats.items()},
+        tf.constant(rois[:, :2]),
+        aligned=True,
+        level_epsilon=1e-6,
+        impl=impl,
+    ).numpy()
+    assert np.abs(shifted - got[:, :2]).max() > 0.1
+
+
 # ------------------------------------------------------------------ NumPy reference
 
 

@@ -157,6 +157,40 @@ def test_rpn_xla():
     assert (labels >= 0).sum(axis=1).tolist() == [256, 256]
 
 
+def test_rpn_positive_iou_inclusive_labels_an_anchor_at_exactly_the_threshold():
+    """torchvision / detectron2 Matcher: positive iff IoU >= 0.7; ours: > 0.7. Negative is
+    IoU < 0.3 in both (an anchor at exactly 0.3 is ignored)."""
+    anchors = tf.constant(
+        [
+            [0, 0, 10, 10],  # IoU 1.0: the gt's best anchor, positive either way
+            [0, 0, 10, 7],  # IoU 0.7 exactly (70 / 100)
+            [0, 0, 10, 6],  # IoU 0.6 -> ignored
+            [0, 0, 10, 3],  # IoU 0.3 exactly -> ignored (not < 0.3)
+            [0, 0, 10, 2],  # IoU 0.2 -> negative
+            [100, 100, 110, 110],  # IoU 0 -> negative
+        ],
+        tf.float32,
+    )
+    gt = np.array([[0, 0, 10, 10]], np.float32)
+    iou = box_ops.pairwise_iou(anchors, gt).numpy()[:, 0]
+    assert iou[1] == np.float32(0.7) and iou[3] == np.float32(0.3)
+    boxes, classes = _batch(gt, [1])
+    strict = ta.assign_rpn_targets(anchors, boxes, classes)
+    np.testing.assert_array_equal(strict.labels.numpy()[0], [1, -1, -1, -1, 0, 0])
+    inclusive = ta.assign_rpn_targets(anchors, boxes, classes, positive_iou_inclusive=True)
+    np.testing.assert_array_equal(inclusive.labels.numpy()[0], [1, 1, -1, -1, 0, 0])
+    np.testing.assert_array_equal(inclusive.matched_gt_indices.numpy()[0], [0, 0, -1, -1, -1, -1])
+    decoded = box_ops.decode_boxes(inclusive.box_targets[0, 1], anchors[1], (1, 1, 1, 1))
+    np.testing.assert_allclose(decoded.numpy(), gt[0], atol=1e-4)
+    # The XLA path (no gt-column trimming) honours it too.
+    f = tf.function(
+        lambda *a: ta.assign_rpn_targets(*a, positive_iou_inclusive=True), jit_compile=True
+    )
+    np.testing.assert_array_equal(
+        f(anchors, boxes, classes).labels.numpy()[0], [1, 1, -1, -1, 0, 0]
+    )
+
+
 # ----------------------------------------------------------------------------- RoIs
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import DetectionConfig, RoIConfig
+from fpn_tf.configs.experiment import DetectionConfig, ModelConfig, RoIConfig
+from fpn_tf.modeling.factory import build_roi_heads
 from fpn_tf.modeling.losses import fast_rcnn_losses
 from fpn_tf.modeling.roi_heads import FastRCNNBoxHead, RoIHeads
 from fpn_tf.ops import roi_ops, target_assigner
@@ -156,3 +157,131 @@ def test_get_config_round_trip_gives_the_same_detections():
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-5)
     assert [v.path for v in clone.weights] == [v.path for v in heads.weights]
+
+
+# ------------------------------------------------------------------ torchvision / detectron2 switches
+
+ROWS = [0, 5, 9, 11]  # background, then the dataset ids of classes 1..3 (rows 1-4, 6-8, 10 unused)
+
+
+def _np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_dataset_ids_layout_probabilities_are_the_softmax_over_all_rows_gathered():
+    rng = np.random.default_rng(5)
+    heads = _heads(classifier_layout="dataset_ids", classifier_rows=ROWS, score_threshold=0.2)
+    features = _features(rng)
+    heads(features, _proposals(PROPOSALS[:3]), HW)
+    head = heads.box_head
+    assert head.classifier.units == 12 and head.box_regressor.units == 4 * 3
+    logits = tf.constant(rng.normal(size=(1, 3, 12)) * 2, tf.float32)
+    np.testing.assert_allclose(
+        heads.class_probabilities(logits), _np_softmax(logits.numpy())[..., ROWS], rtol=1e-5
+    )
+    # Planted: every RoI says row 9 (class 2) and, as much, the unused row 3: class 2's score is
+    # e^6 / (2 e^6 + 10), not renormalised over the dataset's rows.
+    for layer in head.fcs + [head.classifier, head.box_regressor]:
+        layer.kernel.assign(tf.zeros_like(layer.kernel))
+        layer.bias.assign(tf.zeros_like(layer.bias))
+    bias = np.zeros(12, np.float32)
+    bias[[3, 9]] = 6.0
+    head.classifier.bias.assign(bias)
+    detections, _ = heads(features, _proposals(PROPOSALS[:3]), HW)
+    assert int(detections.num_detections[0]) == 3
+    np.testing.assert_array_equal(detections.classes[0, :3], [2, 2, 2])
+    np.testing.assert_allclose(
+        detections.scores[0, :3], np.exp(6) / (2 * np.exp(6) + 10), rtol=1e-5
+    )
+    # Config round trip keeps the rows.
+    config = heads.get_config()
+    assert config["classifier_rows"] == ROWS and config["classifier_layout"] == "dataset_ids"
+    clone = RoIHeads.from_config(config)
+    clone(features, _proposals(PROPOSALS[:3]), HW)
+    assert clone.box_head.classifier.units == 12
+    with pytest.raises(ValueError, match="needs classifier_rows"):
+        _heads(classifier_layout="dataset_ids")
+    with pytest.raises(ValueError, match="must be None"):
+        _heads(classifier_rows=ROWS)
+    with pytest.raises(ValueError, match="distinct ids"):
+        _heads(classifier_layout="dataset_ids", classifier_rows=[0, 5, 9])
+
+
+def test_dataset_ids_layout_loss_is_the_cross_entropy_over_all_rows():
+    rng = np.random.default_rng(6)
+    heads = _heads(classifier_layout="dataset_ids", classifier_rows=ROWS)
+    features = _features(rng)
+    heads(features, _proposals(PROPOSALS), HW)
+    head = heads.box_head
+    head.classifier.kernel.assign(rng.normal(size=head.classifier.kernel.shape) * 0.3)
+    head.classifier.bias.assign(rng.normal(size=(12,)).astype(np.float32))
+    tf.random.set_seed(1)
+    _, losses = heads(features, _proposals(PROPOSALS), HW, labels=LABELS, training=True)
+    tf.random.set_seed(1)
+    targets = heads.sample(_proposals(PROPOSALS), LABELS)
+    logits, deltas = heads.box_outputs(features, targets.rois, training=True)
+    assert logits.shape == (1, 16, 12)
+    t = targets.class_targets.numpy()[0]
+    valid = targets.valid_mask.numpy()[0]
+    assert set(t[valid]) >= {0, 2, 3}
+    log_p = np.log(_np_softmax(logits.numpy()[0].astype(np.float64)))
+    ce = -log_p[np.arange(16), np.asarray(ROWS)[np.maximum(t, 0)]]
+    np.testing.assert_allclose(losses["fast_rcnn_class_loss"], (ce * valid).sum() / 16, rtol=1e-5)
+    # The box loss is the contiguous classes' one (4C outputs, class k at index k - 1).
+    _, box = fast_rcnn_losses(
+        targets.class_targets, targets.box_targets, logits, deltas, 1.0, valid=targets.valid_mask
+    )
+    np.testing.assert_allclose(losses["fast_rcnn_box_loss"], box, rtol=1e-6)
+
+
+@pytest.mark.parametrize("align_impl", ["gather", "crop_and_resize"])
+def test_aligned_and_level_epsilon_reach_roi_align(align_impl):
+    rng = np.random.default_rng(7)
+    heads = _heads(aligned=False, level_epsilon=1e-6, align_impl=align_impl)
+    features = _features(rng)
+    heads.build({k: v.shape for k, v in features.items()})
+    rois = tf.constant([PROPOSALS + [[0, 0, 447.9999, 448]]])  # P5 only with the epsilon
+    levels = {f"P{l}": features[f"P{l}"] for l in range(2, 6)}
+    want = roi_ops.multilevel_roi_align(
+        levels, rois, aligned=False, level_epsilon=1e-6, impl=align_impl
+    )
+    np.testing.assert_allclose(heads.pool(features, rois), want, atol=1e-5)
+    for other in (dict(aligned=True, level_epsilon=1e-6), dict(aligned=False)):
+        different = roi_ops.multilevel_roi_align(levels, rois, impl=align_impl, **other)
+        assert np.abs(different - want).max() > 0.1, other
+    config = heads.get_config()
+    assert config["aligned"] is False and config["level_epsilon"] == 1e-6
+
+
+def test_min_box_size_reaches_the_detections():
+    rng = np.random.default_rng(8)
+    thin = [PROPOSALS[0], [100.0, 100.0, 200.0, 100.005]]  # 0.005 wide
+    features = _features(rng)
+    counts = {}
+    for min_box_size in (0.0, 1e-2):
+        heads = _heads(score_threshold=0.5, min_box_size=min_box_size)
+        heads(features, _proposals(thin), HW)
+        head = heads.box_head
+        for layer in head.fcs + [head.classifier, head.box_regressor]:
+            layer.kernel.assign(tf.zeros_like(layer.kernel))
+            layer.bias.assign(tf.zeros_like(layer.bias))
+        head.classifier.bias.assign([0.0, 8.0, 0.0, 0.0])
+        detections, _ = heads(features, _proposals(thin), HW)
+        counts[min_box_size] = int(detections.num_detections[0])
+        assert heads.get_config()["min_box_size"] == min_box_size
+    assert counts == {0.0: 2, 1e-2: 1}
+
+
+def test_build_roi_heads_sets_the_rows_from_the_layout_and_the_category_ids():
+    dataset_ids = ModelConfig().override({"roi.classifier_layout": "dataset_ids"})
+    heads = build_roi_heads(dataset_ids, 3, [5, 9, 11])
+    assert heads.classifier_rows == ROWS and heads.box_head.num_logits == 12
+    assert build_roi_heads(dataset_ids, 3).classifier_rows == [0, 1, 2, 3]
+    contiguous = build_roi_heads(ModelConfig(), 3, [5, 9, 11])
+    assert contiguous.classifier_rows is None and contiguous.box_head.classifier.units == 4
+    switches = ModelConfig().override(
+        {"roi.aligned": False, "roi.level_epsilon": 1e-6, "detection.min_box_size": 0.01}
+    )
+    heads = build_roi_heads(switches, 3)
+    assert (heads.aligned, heads.level_epsilon, heads.min_box_size) == (False, 1e-6, 0.01)

@@ -5,11 +5,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import RPNConfig
+from fpn_tf.configs.experiment import AnchorConfig, ModelConfig, RPNConfig
+from fpn_tf.modeling.factory import build_rpn
 from fpn_tf.modeling.losses import rpn_losses
 from fpn_tf.modeling.rpn import RegionProposalNetwork, RPNHead
 from fpn_tf.ops import anchors as anchor_ops
-from fpn_tf.ops import box_ops, target_assigner
+from fpn_tf.ops import box_ops, postprocess, target_assigner
 
 
 def _pyramid(rng, channels=16):
@@ -70,9 +71,19 @@ SIZES = {"P3": (32.0,), "P4": (64.0,)}
 IMAGE = 64  # P3: 8x8 cells, P4: 4x4
 
 
+_ANCHORS = AnchorConfig()
+ANCHOR_KWARGS = {
+    "anchor_offset": _ANCHORS.offset,
+    "anchor_round": _ANCHORS.round_cell_anchors,
+    "anchor_stride_from_padded_size": _ANCHORS.stride_from_padded_size,
+}
+
+
 def _rpn(**overrides):
     return RegionProposalNetwork(
-        anchor_sizes=SIZES, aspect_ratios=(0.5, 1.0, 2.0), **{**RPNConfig().to_dict(), **overrides}
+        anchor_sizes=SIZES,
+        aspect_ratios=(0.5, 1.0, 2.0),
+        **{**ANCHOR_KWARGS, **RPNConfig().to_dict(), **overrides},
     )
 
 
@@ -216,3 +227,125 @@ def test_rpn_get_config_round_trip_gives_the_same_proposals():
     np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-5)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
     assert [v.path for v in clone.weights] == [v.path for v in rpn.weights]
+
+
+# ------------------------------------------------------------------ torchvision / detectron2 switches
+
+
+def test_anchor_switches_reach_the_anchors_the_rpn_proposes_from():
+    """anchor_offset 0, anchor_round and anchor_stride_from_padded_size (torchvision): a P3 map of
+    7x8 cells means a 56x64 padded image, whose 4x4 P4 cells have stride 56 // 4 = 14 in y."""
+    switches = dict(anchor_offset=0.0, anchor_round=True, anchor_stride_from_padded_size=True)
+    rpn = _rpn(pre_nms_top_k_test=50, post_nms_top_k_test=10, **switches)
+    features = {
+        "P3": tf.zeros((1, 7, 8, 4), tf.float32),
+        "P4": tf.zeros((1, 4, 4, 4), tf.float32),
+    }
+    rpn(features, tf.constant([[56.0, 64.0]]))
+    ref = anchor_ops.generate_anchors(
+        (56, 64),
+        ("P3", "P4"),
+        SIZES,
+        (0.5, 1.0, 2.0),
+        offset=0.0,
+        round_cell_anchors=True,
+        stride_from_padded_size=True,
+    )
+    for level, a in rpn.anchors((56, 64)).items():
+        np.testing.assert_array_equal(a.numpy(), ref[level].numpy())
+    # P3 cell (0, 0), ratio 0.5: the rounded cell anchor (y -11..11, x -23..23).
+    np.testing.assert_array_equal(rpn.anchors((56, 64))["P3"][0], [-11, -23, 11, 23])
+    _plant_head(rpn, 4)
+    planted = features["P4"].numpy()
+    planted[0, 1, 2, 0] = 8.0  # P4 cell (1, 2): centre (1 * 14, 2 * 16), side 64
+    features["P4"] = tf.constant(planted)
+    proposals, _ = rpn(features, tf.constant([[56.0, 64.0]]))
+    # Anchor (-18, 0, 46, 64), clipped to the 56x64 image.
+    np.testing.assert_allclose(proposals.boxes[0, 0], [0.0, 0.0, 46.0, 64.0], atol=1e-4)
+    config = rpn.get_config()
+    assert {k: config[k] for k in switches} == switches
+    assert RegionProposalNetwork.from_config(config).get_config() == config
+
+
+def test_positive_iou_inclusive_reaches_the_anchor_labels():
+    gt = [4.0, 28.0, 36.0, 60.0]  # the P3 anchor of cell (2, 5), ratio 1
+    probe = _rpn()
+    probe(_features(), _valid_hw())
+    all_anchors, _ = anchor_ops.concat_anchors(probe.anchors((IMAGE, IMAGE)))
+    iou = box_ops.pairwise_iou(all_anchors, tf.constant([gt])).numpy()[:, 0]
+    threshold = float(np.sort(np.unique(iou))[-2])  # the best IoU below the gt's own anchor
+    at_threshold = np.flatnonzero(iou == np.float32(threshold))
+    assert 0.3 < threshold < 1.0 and len(at_threshold) >= 1
+    for inclusive in (False, True):
+        rpn = _rpn(positive_iou=threshold, positive_iou_inclusive=inclusive)
+        rpn(_features(), _valid_hw())
+        labels = rpn.assign_targets(rpn.anchors((IMAGE, IMAGE)), _labels([gt])).labels.numpy()[0]
+        assert (labels[at_threshold] == (1 if inclusive else -1)).all(), inclusive
+        assert rpn.get_config()["positive_iou_inclusive"] is inclusive
+
+
+def test_nms_per_level_reaches_the_proposals():
+    rng = np.random.default_rng(4)
+    features = _features(rng)
+    outputs = {}
+    for per_level in (False, True):
+        # One anchor size on both levels: P3 and P4 anchors overlap (IoU 0.62 at 4 px apart).
+        rpn = RegionProposalNetwork(
+            anchor_sizes={"P3": (32.0,), "P4": (32.0,)},
+            aspect_ratios=(0.5, 1.0, 2.0),
+            **{
+                **ANCHOR_KWARGS,
+                **RPNConfig().to_dict(),
+                "nms_per_level": per_level,
+                "nms_iou": 0.5,
+                "pre_nms_top_k_test": 60,
+                "post_nms_top_k_test": 80,
+            },
+        )
+        rpn(features, _valid_hw())
+        if per_level:
+            rpn.set_weights(weights)
+        weights = rpn.get_weights()
+        outputs[per_level], _ = rpn(features, _valid_hw())
+        logits, deltas = rpn.head_outputs(features)
+        ref = postprocess.generate_proposals(
+            logits,
+            deltas,
+            rpn.anchors((IMAGE, IMAGE)),
+            _valid_hw(),
+            pre_nms_top_k=60,
+            post_nms_top_k=80,
+            nms_iou=0.5,
+            nms_impl="per_image",
+            nms_per_level=per_level,
+        )
+        np.testing.assert_array_equal(outputs[per_level].boxes.numpy(), ref.boxes.numpy())
+        assert rpn.get_config()["nms_per_level"] is per_level
+    # Boxes of P3 and P4 suppress each other only in the global NMS: more survive per level.
+    assert outputs[True].valid.numpy().sum() > outputs[False].valid.numpy().sum()
+
+
+def test_build_rpn_takes_the_switches_from_the_config():
+    cfg = ModelConfig().override(
+        {
+            "anchor.offset": 0.0,
+            "anchor.round_cell_anchors": True,
+            "anchor.stride_from_padded_size": True,
+            "rpn.nms_per_level": True,
+            "rpn.positive_iou_inclusive": True,
+        }
+    )
+    rpn = build_rpn(cfg, ["P2", "P3", "P4", "P5", "P6"])
+    assert (rpn.anchor_offset, rpn.anchor_round, rpn.anchor_stride_from_padded_size) == (
+        0.0,
+        True,
+        True,
+    )
+    assert rpn.nms_per_level and rpn.positive_iou_inclusive
+    default = build_rpn(ModelConfig(), ["P2", "P3", "P4", "P5", "P6"])
+    assert (default.anchor_offset, default.anchor_round, default.nms_per_level) == (
+        0.5,
+        False,
+        False,
+    )
+    assert not default.anchor_stride_from_padded_size and not default.positive_iou_inclusive

@@ -162,10 +162,26 @@ class FPNConfig(Config):
 
 @dataclasses.dataclass
 class AnchorConfig(Config):
-    """One anchor size per pyramid level (areas 32²..512² on P2..P6) × 3 aspect ratios (h/w)."""
+    """One anchor size per pyramid level (areas 32²..512² on P2..P6) × 3 aspect ratios (h/w).
+
+    offset: anchor centres at ((y + offset) * stride, (x + offset) * stride) for feature cell
+      (y, x). 0.5 (ours, Model Garden, the original Detectron): the centre of the cell's block of
+      input pixels; torchvision and detectron2 use 0.0 (the block's top-left pixel).
+    round_cell_anchors: round the corners of each cell's anchors (centred at 0) to integers
+      before shifting them (round half to even, as torch.round): torchvision does
+      (AnchorGenerator: base_anchors.round()); detectron2 and ours do not.
+    stride_from_padded_size: each level's stride, per axis, is padded_image_size //
+      feature_map_size (integer division), as torchvision's AnchorGenerator takes it: on an
+      800-pixel padded side P6 (13 cells) gets stride 61, not 64. False (ours, detectron2): the
+      stride of level l is 2**l. The padded size is the first anchor level's map size times its
+      stride (the padded image size when that is a multiple of it, e.g. data pad_multiple 32).
+    """
 
     sizes: List[float] = field([32.0, 64.0, 128.0, 256.0, 512.0], non_empty, each(positive))
     aspect_ratios: List[float] = field([0.5, 1.0, 2.0], non_empty, each(positive))
+    offset: float = field(0.5, in_range(0, 1, "[)"))
+    round_cell_anchors: bool = False
+    stride_from_padded_size: bool = False
 
 
 @dataclasses.dataclass
@@ -174,7 +190,16 @@ class RPNConfig(Config):
 
     positive_iou/negative_iou: anchor labelling (IoU > 0.7 positive, < 0.3 negative, rest ignored;
       the highest-IoU anchor of each ground truth is positive too).
+    positive_iou_inclusive: an anchor is positive iff its IoU >= positive_iou (torchvision's and
+      detectron2's Matcher) instead of > (false: ours, the paper's "higher than 0.7"). The
+      negative rule is IoU < negative_iou either way, as in both references (their low
+      threshold is exclusive too: IoU in [negative_iou, positive_iou) is ignored). (Both
+      references also make a gt's best anchors positive when that best IoU is 0; ours needs > 0.)
     pre_nms_top_k_*: kept per level by objectness before NMS; post_nms_top_k_*: kept per image.
+    nms_per_level: run the proposals' NMS separately on each pyramid level's candidates, then keep
+      the post_nms_top_k best of all levels by score, as torchvision and detectron2 do
+      (batched_nms with the level as the class); false (ours): one NMS over all levels'
+      candidates, so boxes of different levels suppress each other.
     min_box_size: proposals with a side smaller than this (input pixels) are dropped.
     smooth_l1_beta: transition point of the smooth-L1 box loss. 1/9 is Faster R-CNN's sigma=3
       (beta = 1/sigma²) as in Detectron; 0 makes it plain L1 (detectron2's current default).
@@ -201,6 +226,8 @@ class RPNConfig(Config):
     smooth_l1_beta: float = field(1.0 / 9.0, non_negative)
     loss_weight: float = field(1.0, non_negative)
     nms_impl: Literal["per_image", "padded"] = "per_image"
+    nms_per_level: bool = False
+    positive_iou_inclusive: bool = False
 
     def _check_values(self, p):
         _require(
@@ -226,6 +253,23 @@ class RoIConfig(Config):
       matmul, static shapes), "crop_and_resize" (per-level native crops; faster forward on CPUs,
       dynamic shapes; its gradient is gather's) or "auto" (crop_and_resize at inference, gather
       in training and under XLA).
+    aligned: RoIAlign's half-pixel shift (a feature cell's centre is at (i + 0.5) * stride): true
+      is detectron2's ROIAlignV2 (aligned=True, its FPN default); false is the legacy RoIAlign of
+      torchvision's MultiScaleRoIAlign (torchvision.ops.roi_align aligned=False, sampling_ratio 2:
+      no shift, RoI sides at least one cell).
+    level_epsilon: added inside Eq. 1's floor, k = floor(canonical_level + log2(sqrt(wh) /
+      canonical_size) + level_epsilon). 0 (ours): computed exactly from area thresholds (224² ->
+      canonical_level exactly; detectron2's floor(k0 + log2(sqrt(wh) / 224 + 1e-8)) in float32
+      agrees up to float rounding at a level boundary); torchvision's LevelMapper uses 1e-6,
+      computed as it does (in float32 with log2).
+    classifier_layout: the rows of the classifier. "contiguous" (ours): C + 1 rows, row 0
+      background, row k contiguous class k (detectron2's is contiguous too, C + 1 rows, but with
+      background last, row C: its weights convert by moving that row first). "dataset_ids" (torchvision's COCO models): max(id) +
+      1 rows, row 0 background and row `id` for dataset category id `id` (COCO: 91 rows, 10 of
+      them ids no category uses); the softmax is over all rows (unused rows take probability
+      mass, as in torchvision), the detections read the background row and the dataset's rows,
+      and the classification loss is the cross-entropy over all rows at the target's row. The box
+      regression stays class-specific for the C classes (4C outputs) either way.
     """
 
     batch_size_per_image: int = field(512, positive)
@@ -245,6 +289,9 @@ class RoIConfig(Config):
     smooth_l1_beta: float = field(1.0, non_negative)
     loss_weight: float = field(1.0, non_negative)
     align_impl: Literal["auto", "gather", "crop_and_resize"] = "auto"
+    aligned: bool = True
+    level_epsilon: float = field(0.0, non_negative)
+    classifier_layout: Literal["contiguous", "dataset_ids"] = "contiguous"
 
     def _check_values(self, p):
         _require(
@@ -267,12 +314,16 @@ class DetectionConfig(Config):
     nms_impl: the per-class NMS: "per_image" or "padded" (one class-agnostic NMS over
       class-shifted boxes; XLA-compatible) or "combined" (tf.image.combined_non_max_suppression;
       no XLA kernel); the same detections unless over 5000 candidates pass score_threshold.
+    min_box_size: detections (after clipping to the image, before NMS) with a side smaller than
+      this (input pixels) are removed; torchvision uses 1e-2 (remove_small_boxes), 0 (ours,
+      detectron2) removes none.
     """
 
     score_threshold: float = field(0.05, unit_interval)
     nms_iou: float = field(0.5, unit_interval)
     max_detections: int = field(100, positive)
     nms_impl: Literal["per_image", "padded", "combined"] = "per_image"
+    min_box_size: float = field(0.0, non_negative)
 
 
 @dataclasses.dataclass

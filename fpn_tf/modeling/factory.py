@@ -77,15 +77,27 @@ def build_rpn(model_cfg, levels: Sequence[str]) -> RegionProposalNetwork:
     return RegionProposalNetwork(
         anchor_sizes=anchor_sizes_for(model_cfg, levels),
         aspect_ratios=model_cfg.anchor.aspect_ratios,
+        anchor_offset=model_cfg.anchor.offset,
+        anchor_round=model_cfg.anchor.round_cell_anchors,
+        anchor_stride_from_padded_size=model_cfg.anchor.stride_from_padded_size,
         name="rpn",
         **dataclasses.asdict(model_cfg.rpn),
     )
 
 
-def build_roi_heads(model_cfg, num_classes: int) -> RoIHeads:
-    """The RoI heads of ``model.roi`` and ``model.detection``."""
+def build_roi_heads(
+    model_cfg, num_classes: int, category_ids: Sequence[int] | None = None
+) -> RoIHeads:
+    """The RoI heads of ``model.roi`` and ``model.detection``; ``category_ids`` (the dataset's id
+    of each class 1..C; None = 1..C) place the classifier rows of ``classifier_layout
+    "dataset_ids"``."""
+    classifier_rows = None
+    if model_cfg.roi.classifier_layout == "dataset_ids":
+        ids = list(range(1, num_classes + 1)) if category_ids is None else list(category_ids)
+        classifier_rows = [0] + [int(i) for i in ids]
     return RoIHeads(
         num_classes=num_classes,
+        classifier_rows=classifier_rows,
         name="roi_heads",
         **dataclasses.asdict(model_cfg.roi),
         **dataclasses.asdict(model_cfg.detection),
@@ -109,6 +121,6 @@ def build_model(
     return FasterRCNN(
         fpn,
         build_rpn(model_cfg, levels),
-        build_roi_heads(model_cfg, num_classes),
+        build_roi_heads(model_cfg, num_classes, category_ids),
         category_ids=category_ids,
     )

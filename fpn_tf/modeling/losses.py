@@ -59,6 +59,7 @@ def fast_rcnn_losses(
     smooth_l1_beta: float = 1.0,
     valid=None,
     normalizer=None,
+    classifier_rows=None,
 ):
     """Fast R-CNN (C+1)-way softmax cross-entropy and class-specific box loss.
 
@@ -68,6 +69,9 @@ def fast_rcnn_losses(
       class_logits: float [B, R, C+1]; box_deltas: float [B, R, C, 4].
       valid: optional bool [B, R], RoIs that count (padding rows excluded).
       normalizer: the divisor (default: ``B * R``, the sampled RoIs incl. padding rows).
+      classifier_rows: None, or the classifier row of background and of classes 1..C (C + 1
+        ints): ``class_logits`` is then [B, R, M] with M > max(rows) and the cross-entropy is
+        the softmax over all M rows at the target's row (torchvision's COCO layout).
     Returns:
       ``(classification_loss, box_loss)`` scalars.
     """
@@ -79,9 +83,10 @@ def fast_rcnn_losses(
     )
     if normalizer is None:
         normalizer = tf.cast(tf.size(class_targets), tf.float32)
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.maximum(class_targets, 0), logits=class_logits
-    )
+    labels = tf.maximum(class_targets, 0)
+    if classifier_rows is not None:
+        labels = tf.gather(tf.constant(list(classifier_rows), tf.int32), labels)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=class_logits)
     classification_loss = tf.reduce_sum(ce * weight) / normalizer
     foreground = tf.cast(class_targets > 0, tf.float32) * weight
     # Pick each RoI's deltas for its ground-truth class (index k-1 for class k).

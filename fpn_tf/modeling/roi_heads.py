@@ -13,7 +13,7 @@ and `fpn_tf.modeling.losses`; this layer holds the settings and calls them::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -31,15 +31,30 @@ class FastRCNNBoxHead(keras.layers.Layer):
 
     Call with RoI features ``[B, R, S, S, C]``; returns ``(class_logits [B, R, C+1],
     box_deltas [B, R, C, 4])`` (deltas of class k at ``[..., k-1, :]``; background has none).
+    ``num_logits``: the classifier's rows, None = C + 1 (more for torchvision's COCO layout,
+    ``model.roi.classifier_layout``: the logits are then [B, R, num_logits]).
     """
 
-    def __init__(self, num_classes: int, fc_dims: int, num_fc: int, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        fc_dims: int,
+        num_fc: int,
+        num_logits: Optional[int] = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes (foreground classes) must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.fc_dims = int(fc_dims)
         self.num_fc = int(num_fc)
+        self.num_logits = None if num_logits is None else int(num_logits)
+        if self.num_logits is not None and self.num_logits < self.num_classes + 1:
+            raise ValueError(
+                f"num_logits ({self.num_logits}) must be at least num_classes + 1 "
+                f"({self.num_classes + 1})"
+            )
         # Attributes fc1, fc2, ... (not a list: listed layers are invisible to tf.train.Checkpoint).
         for i in range(self.num_fc):
             setattr(
@@ -54,7 +69,7 @@ class FastRCNNBoxHead(keras.layers.Layer):
                 ),
             )
         self.classifier = keras.layers.Dense(
-            self.num_classes + 1,
+            self.num_classes + 1 if self.num_logits is None else self.num_logits,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
             name="class_logits",
             dtype=self.dtype_policy,
@@ -93,7 +108,12 @@ class FastRCNNBoxHead(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"num_classes": self.num_classes, "fc_dims": self.fc_dims, "num_fc": self.num_fc}
+            {
+                "num_classes": self.num_classes,
+                "fc_dims": self.fc_dims,
+                "num_fc": self.num_fc,
+                "num_logits": self.num_logits,
+            }
         )
         return config
 
@@ -113,8 +133,11 @@ _ROI_FIELDS = (
     "smooth_l1_beta",
     "loss_weight",
     "align_impl",
+    "aligned",
+    "level_epsilon",
+    "classifier_layout",
 )
-_DETECTION_FIELDS = ("score_threshold", "nms_iou", "max_detections", "nms_impl")
+_DETECTION_FIELDS = ("score_threshold", "nms_iou", "max_detections", "nms_impl", "min_box_size")
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
@@ -123,10 +146,16 @@ class RoIHeads(keras.layers.Layer):
 
     The keyword arguments are the fields of the ``model.roi`` and ``model.detection`` config
     sections (`fpn_tf.configs.experiment.RoIConfig` and `DetectionConfig`, which document each one
-    and hold the paper's numbers as their defaults), plus ``num_classes``. They have no defaults
-    here so that each number is written once: `fpn_tf.modeling.factory.build_roi_heads` builds
-    this layer from a config, and on its own ``RoIHeads(num_classes=C, **RoIConfig().to_dict(),
-    **DetectionConfig().to_dict())``.
+    and hold the paper's numbers as their defaults), plus ``num_classes`` and ``classifier_rows``.
+    They have no defaults here so that each number is written once:
+    `fpn_tf.modeling.factory.build_roi_heads` builds this layer from a config, and on its own
+    ``RoIHeads(num_classes=C, **RoIConfig().to_dict(), **DetectionConfig().to_dict())``.
+
+    ``classifier_rows``: None with ``classifier_layout="contiguous"`` (row k = class k); with
+    ``"dataset_ids"`` the classifier row of background and of classes 1..C, ``[0] +
+    category_ids`` (`build_roi_heads`): the classifier then has ``max(rows) + 1`` rows, the
+    softmax is over all of them, the detections read ``softmax[..., classifier_rows]`` and the
+    classification loss is the cross-entropy over all rows at the target's row.
 
     The RoIs go to the pyramid levels ``min_level..max_level`` that the features hold (Eq. 1 is
     clamped to those; e.g. the single-level ablations pool everything from their one level).
@@ -162,6 +191,11 @@ class RoIHeads(keras.layers.Layer):
         nms_iou: float,
         max_detections: int,
         nms_impl: str,
+        aligned: bool,
+        level_epsilon: float,
+        classifier_layout: str,
+        min_box_size: float,
+        classifier_rows: Optional[List[int]] = None,
         **kwargs,
     ):
         kwargs.pop("autocast", None)
@@ -180,8 +214,19 @@ class RoIHeads(keras.layers.Layer):
         self.align_impl = str(align_impl)
         self.score_threshold, self.nms_iou = float(score_threshold), float(nms_iou)
         self.max_detections, self.nms_impl = int(max_detections), str(nms_impl)
+        self.aligned, self.level_epsilon = bool(aligned), float(level_epsilon)
+        self.min_box_size = float(min_box_size)
+        self.classifier_layout = str(classifier_layout)
+        self.classifier_rows = _check_classifier_rows(
+            self.classifier_layout, classifier_rows, self.num_classes
+        )
         self.box_head = FastRCNNBoxHead(
-            self.num_classes, self.fc_dims, self.num_fc, name="box_head", dtype=self.dtype_policy
+            self.num_classes,
+            self.fc_dims,
+            self.num_fc,
+            num_logits=None if self.classifier_rows is None else max(self.classifier_rows) + 1,
+            name="box_head",
+            dtype=self.dtype_policy,
         )
 
     def build(self, features_shape):
@@ -228,10 +273,13 @@ class RoIHeads(keras.layers.Layer):
             canonical_level=self.canonical_level,
             impl=self.align_impl,
             training=training,
+            aligned=self.aligned,
+            level_epsilon=self.level_epsilon,
         )
 
     def box_outputs(self, features, rois, training=None):
-        """float32 class logits [B, R, C+1] and class-specific deltas [B, R, C, 4]."""
+        """float32 class logits [B, R, C+1] (all the classifier's rows) and class-specific
+        deltas [B, R, C, 4]."""
         logits, deltas = self.box_head(self.pool(features, rois, training), training=training)
         return tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
 
@@ -243,16 +291,24 @@ class RoIHeads(keras.layers.Layer):
             box_deltas,
             self.smooth_l1_beta,
             valid=targets.valid_mask,
+            classifier_rows=self.classifier_rows,
         )
         return {
             "fast_rcnn_class_loss": classification * self.loss_weight,
             "fast_rcnn_box_loss": box * self.loss_weight,
         }
 
+    def class_probabilities(self, class_logits):
+        """[B, R, C+1]: the softmax over all classifier rows, at background and classes 1..C."""
+        probs = tf.nn.softmax(class_logits, axis=-1)
+        if self.classifier_rows is not None:
+            probs = tf.gather(probs, self.classifier_rows, axis=-1)
+        return probs
+
     def detect(self, class_logits, box_deltas, rois, image_valid_hw):
         """`postprocess.postprocess_detections` on the box head's outputs for ``rois``."""
         return postprocess.postprocess_detections(
-            tf.nn.softmax(class_logits, axis=-1),
+            self.class_probabilities(class_logits),
             box_deltas,
             rois,
             tf.cast(image_valid_hw, tf.float32),
@@ -261,6 +317,7 @@ class RoIHeads(keras.layers.Layer):
             nms_iou=self.nms_iou,
             max_detections=self.max_detections,
             nms_impl=self.nms_impl,
+            min_box_size=self.min_box_size,
         )
 
     def call(self, features, proposals, image_valid_hw, labels=None, training=None):
@@ -277,7 +334,33 @@ class RoIHeads(keras.layers.Layer):
             {
                 "num_classes": self.num_classes,
                 "box_weights": list(self.box_weights),
+                "classifier_rows": (
+                    None if self.classifier_rows is None else list(self.classifier_rows)
+                ),
                 **{name: getattr(self, name) for name in _ROI_FIELDS + _DETECTION_FIELDS},
             }
         )
         return config
+
+
+def _check_classifier_rows(layout, rows, num_classes):
+    """The classifier rows of background and classes 1..C (None for the contiguous layout)."""
+    if layout == "contiguous":
+        if rows is not None:
+            raise ValueError(
+                f"classifier_rows must be None with classifier_layout 'contiguous', got {rows}"
+            )
+        return None
+    if layout != "dataset_ids":
+        raise ValueError(f"classifier_layout must be 'contiguous' or 'dataset_ids', got {layout!r}")
+    if rows is None:
+        raise ValueError("classifier_layout 'dataset_ids' needs classifier_rows ([0] + ids)")
+    rows = [int(r) for r in rows]
+    if len(rows) != num_classes + 1 or rows[0] != 0 or len(set(rows)) != len(rows):
+        raise ValueError(
+            f"classifier_rows must be 0 then {num_classes} distinct ids, one per class, "
+            f"got {rows}"
+        )
+    if min(rows[1:]) < 1:
+        raise ValueError(f"classifier_rows of the classes must be >= 1, got {rows}")
+    return rows

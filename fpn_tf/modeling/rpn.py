@@ -3,8 +3,8 @@
 `RegionProposalNetwork` owns the whole stage: the head shared by every level (3x3 conv, then
 sibling 1x1 objectness and box-delta convs), the anchors (one size per level, three aspect
 ratios), the labelling and sampling of anchors against the ground truth, the proposals (per-level
-top-k, decode, clip, one NMS per image) and the two RPN losses. The arithmetic is pure TensorFlow
-in `fpn_tf.ops` (`anchors`, `target_assigner`, `postprocess`, `rpn_head_ops`) and
+top-k, decode, clip, one NMS per image or per level) and the two RPN losses. The arithmetic is pure
+TensorFlow in `fpn_tf.ops` (`anchors`, `target_assigner`, `postprocess`, `rpn_head_ops`) and
 `fpn_tf.modeling.losses`; this layer holds the settings and calls them::
 
     proposals, losses = rpn(features, image_valid_hw, labels=labels)   # training, validation
@@ -119,17 +119,22 @@ class RegionProposalNetwork(keras.layers.Layer):
     (`fpn_tf.configs.experiment.RPNConfig`, which documents each one and holds the paper's
     numbers as its defaults), plus the anchors. They have no defaults here so that each number is
     written once: `fpn_tf.modeling.factory.build_rpn` builds this layer from a config, and on its
-    own ``RegionProposalNetwork(**RPNConfig().to_dict(), anchor_sizes=..., aspect_ratios=...)``.
+    own ``RegionProposalNetwork(**RPNConfig().to_dict(), anchor_sizes=..., aspect_ratios=...,
+    anchor_offset=0.5, anchor_round=False, anchor_stride_from_padded_size=False)``.
 
     Args:
       anchor_sizes: ``{level: sizes}``, the levels the RPN runs on and their anchor sizes
         (paper: one size per level, 32..512 on P2..P6; the single-level ablations put all five on
         one level). The head is shared, so every level needs the same number of anchor types.
       aspect_ratios: anchor height/width ratios (0.5, 1, 2).
+      anchor_offset, anchor_round, anchor_stride_from_padded_size: ``model.anchor``'s offset,
+        round_cell_anchors and stride_from_padded_size (`fpn_tf.ops.anchors.generate_anchors`).
+        The padded image size is the first level's map size times its stride.
       head_channels: the 3x3 conv's width; None = the features' channels.
       head_sparse_backward, positive_iou, negative_iou, batch_size_per_image, positive_fraction,
       pre_nms_top_k_train / _test, post_nms_top_k_train / _test, nms_iou, min_box_size,
-      smooth_l1_beta, loss_weight, nms_impl: as ``model.rpn``. The ``_train`` pair applies when
+      smooth_l1_beta, loss_weight, nms_impl, nms_per_level, positive_iou_inclusive: as
+        ``model.rpn``. The ``_train`` pair applies when
         ``labels`` are given (a loss is computed: training and validation losses alike), the
         ``_test`` pair otherwise.
 
@@ -147,6 +152,9 @@ class RegionProposalNetwork(keras.layers.Layer):
         *,
         anchor_sizes: Mapping[str, Sequence[float]],
         aspect_ratios: Sequence[float],
+        anchor_offset: float,
+        anchor_round: bool,
+        anchor_stride_from_padded_size: bool,
         head_channels: int | None,
         head_sparse_backward: bool,
         positive_iou: float,
@@ -162,6 +170,8 @@ class RegionProposalNetwork(keras.layers.Layer):
         smooth_l1_beta: float,
         loss_weight: float,
         nms_impl: str,
+        nms_per_level: bool,
+        positive_iou_inclusive: bool,
         **kwargs,
     ):
         kwargs.pop("autocast", None)
@@ -180,6 +190,9 @@ class RegionProposalNetwork(keras.layers.Layer):
                 f"level, got {dict(per_level)}"
             )
         self.num_anchors = next(iter(per_level.values()))
+        self.anchor_offset = float(anchor_offset)
+        self.anchor_round = bool(anchor_round)
+        self.anchor_stride_from_padded_size = bool(anchor_stride_from_padded_size)
         self.head_channels = None if head_channels is None else int(head_channels)
         self.head_sparse_backward = bool(head_sparse_backward)
         self.positive_iou, self.negative_iou = float(positive_iou), float(negative_iou)
@@ -192,6 +205,8 @@ class RegionProposalNetwork(keras.layers.Layer):
         self.nms_iou, self.min_box_size = float(nms_iou), float(min_box_size)
         self.smooth_l1_beta, self.loss_weight = float(smooth_l1_beta), float(loss_weight)
         self.nms_impl = str(nms_impl)
+        self.nms_per_level = bool(nms_per_level)
+        self.positive_iou_inclusive = bool(positive_iou_inclusive)
 
     def build(self, features_shape):
         missing = sorted(set(self.levels) - set(features_shape))
@@ -215,7 +230,13 @@ class RegionProposalNetwork(keras.layers.Layer):
     def anchors(self, image_size):
         """``OrderedDict level -> [H_l * W_l * A, 4]`` for a padded ``(height, width)``."""
         return anchor_ops.generate_anchors(
-            image_size, self.levels, self.anchor_sizes, self.aspect_ratios
+            image_size,
+            self.levels,
+            self.anchor_sizes,
+            self.aspect_ratios,
+            offset=self.anchor_offset,
+            round_cell_anchors=self.anchor_round,
+            stride_from_padded_size=self.anchor_stride_from_padded_size,
         )
 
     def head_outputs(self, features, training=None):
@@ -242,6 +263,7 @@ class RegionProposalNetwork(keras.layers.Layer):
             nms_iou=self.nms_iou,
             min_size=self.min_box_size,
             nms_impl=self.nms_impl,
+            nms_per_level=self.nms_per_level,
         )
 
     def assign_targets(self, anchors, labels):
@@ -256,6 +278,7 @@ class RegionProposalNetwork(keras.layers.Layer):
             negative_iou=self.negative_iou,
             num_samples=self.batch_size_per_image,
             positive_fraction=self.positive_fraction,
+            positive_iou_inclusive=self.positive_iou_inclusive,
         )
 
     def compute_loss(self, logits, deltas, targets):
@@ -293,6 +316,9 @@ class RegionProposalNetwork(keras.layers.Layer):
                 **{
                     name: getattr(self, name)
                     for name in (
+                        "anchor_offset",
+                        "anchor_round",
+                        "anchor_stride_from_padded_size",
                         "head_channels",
                         "head_sparse_backward",
                         "positive_iou",
@@ -308,6 +334,8 @@ class RegionProposalNetwork(keras.layers.Layer):
                         "smooth_l1_beta",
                         "loss_weight",
                         "nms_impl",
+                        "nms_per_level",
+                        "positive_iou_inclusive",
                     )
                 },
             }

@@ -14,7 +14,14 @@ Choices, all arguments:
   ``offset = 0.5`` by default: the centre of the input-pixel block that feature
   cell ``(y, x)`` covers. (detectron2 defaults to offset 0.0, Model Garden and
   the original Detectron to ~0.5; the difference is half a stride and the box
-  regression absorbs it.)
+  regression absorbs it.) torchvision also uses 0.0.
+* ``round_cell_anchors=True`` rounds the corners of each cell's anchors (centred at
+  0) to integers before they are shifted, half to even (torchvision's
+  ``base_anchors.round()``); detectron2 and the default do not round.
+* ``stride_from_padded_size=True`` takes the stride of each level and axis as
+  ``padded_size // feature_map_size`` (integer division), as torchvision's
+  ``AnchorGenerator`` does: an 800-pixel side has 13 P6 cells of stride 61. The
+  default is the level's stride ``2**l`` (detectron2).
 * Aspect ratio ``r`` is height / width: an anchor of size ``s`` and ratio ``r``
   has ``h = s * sqrt(r)``, ``w = s / sqrt(r)`` (area ``s**2``), no rounding.
 * Order of the flattened anchors of a level: row-major over feature cells
@@ -187,6 +194,8 @@ def generate_anchors(
     aspect_ratios=DEFAULT_ASPECT_RATIOS,
     offset=0.5,
     dtype=tf.float32,
+    round_cell_anchors=False,
+    stride_from_padded_size=False,
 ):
     """Anchors of every level for one (padded) image size.
 
@@ -195,8 +204,13 @@ def generate_anchors(
         python ints (static shapes) or an int tensor [2].
       levels: level names, e.g. ("P2", ..., "P6").
       sizes / aspect_ratios: see :func:`normalize_anchor_config`.
-      offset: anchor centre offset in cells (0.5: centre of the cell).
+      offset: anchor centre offset in cells (0.5: centre of the cell; 0.0 in
+        torchvision and detectron2).
       dtype: float dtype of the result.
+      round_cell_anchors: round each cell anchor's corners to integers (half to
+        even) before shifting (torchvision).
+      stride_from_padded_size: per-axis stride ``image_size // feature_map_size``
+        (torchvision) instead of ``2**l``.
     Returns:
       ``OrderedDict level -> [H_l * W_l * A_l, 4]`` yxyx anchors in input pixels,
       ``H_l, W_l = ceil(image_size / 2**l)``.
@@ -204,12 +218,18 @@ def generate_anchors(
     cfg = normalize_anchor_config(levels, sizes, aspect_ratios)
     out = collections.OrderedDict()
     for level, (lsizes, lratios) in cfg.items():
-        stride = float(level_stride(level))
         fh, fw = feature_map_size(image_size, level)
-        cell = tf.constant(cell_anchors(lsizes, lratios), dtype=dtype)  # [A, 4]
+        if stride_from_padded_size:
+            stride_y, stride_x = _strides_from_padded_size(image_size, fh, fw, dtype)
+        else:
+            stride_y = stride_x = float(level_stride(level))
+        corners = cell_anchors(lsizes, lratios)
+        if round_cell_anchors:
+            corners = np.round(corners)  # half to even, as torch.round
+        cell = tf.constant(corners, dtype=dtype)  # [A, 4]
         num_a = cell.shape[0]
-        ys = (tf.cast(tf.range(fh), dtype) + offset) * stride  # [fh]
-        xs = (tf.cast(tf.range(fw), dtype) + offset) * stride  # [fw]
+        ys = (tf.cast(tf.range(fh), dtype) + offset) * stride_y  # [fh]
+        xs = (tf.cast(tf.range(fw), dtype) + offset) * stride_x  # [fw]
         cy, cx = tf.meshgrid(ys, xs, indexing="ij")  # [fh, fw]
         centers = tf.stack([cy, cx, cy, cx], axis=-1)[:, :, None, :]  # [fh, fw, 1, 4]
         anchors = centers + cell[None, None, :, :]  # [fh, fw, A, 4]
@@ -219,6 +239,23 @@ def generate_anchors(
             anchors = tf.reshape(anchors, [-1, 4])
         out[level] = anchors
     return out
+
+
+def _strides_from_padded_size(image_size, fh, fw, dtype):
+    """``image_size // (fh, fw)`` per axis: python floats when static, else ``dtype`` scalars."""
+    if isinstance(image_size, (tuple, list)):
+        h, w = image_size
+    else:
+        image_size = tf.convert_to_tensor(image_size)
+        h, w = image_size[0], image_size[1]
+    out = []
+    for v, n in ((h, fh), (w, fw)):
+        sv, sn = _static_int(v), _static_int(n)
+        if sv is not None and sn is not None:
+            out.append(float(sv // sn))
+        else:
+            out.append(tf.cast(tf.cast(v, tf.int32) // tf.cast(n, tf.int32), dtype))
+    return tuple(out)
 
 
 def concat_anchors(anchors):

@@ -152,6 +152,7 @@ def generate_proposals(
     min_size=0.0,
     box_weights=(1.0, 1.0, 1.0, 1.0),
     nms_impl="padded",
+    nms_per_level=False,
 ):
     """RPN outputs -> proposals (FPN §4.1 "Proposals").
 
@@ -159,8 +160,12 @@ def generate_proposals(
     (dw/dh clamped at log(1000/16)), clipped to the image's valid area, boxes
     with height or width <= ``min_size`` (empty boxes at the default 0) dropped.
     Then all levels are merged and one NMS at ``nms_iou`` per image
-    (not per level, unlike detectron2) keeps the top ``post_nms_top_k``.
-    Use 2000/2000 for training and 1000/1000 for inference.
+    (not per level, unlike detectron2 and torchvision) keeps the top
+    ``post_nms_top_k``. With ``nms_per_level`` the NMS runs on each level's
+    candidates on its own instead (detectron2's and torchvision's batched_nms with
+    the level as the class; here one exact NMS call per level, no coordinate
+    offsets) and the ``post_nms_top_k`` best survivors of all levels by score are
+    kept. Use 2000/2000 for training and 1000/1000 for inference.
 
     Args:
       objectness: dict level -> float [B, A_l] logits (or a list in level order).
@@ -173,6 +178,7 @@ def generate_proposals(
       min_size: minimum box side in pixels.
       box_weights: the RPN box coder weights.
       nms_impl: "padded" or "per_image".
+      nms_per_level: one NMS per level (True) or over all levels (False).
     Returns:
       :class:`Proposals` ``(boxes [B, K, 4], scores [B, K], valid [B, K])``,
       ``K = post_nms_top_k``.
@@ -205,6 +211,8 @@ def generate_proposals(
         all_boxes.append(tf.where(ok[..., None], boxes, 0.0))
         all_scores.append(tf.where(ok, top_logits, NEG_INF))
         all_valid.append(ok)
+    if nms_per_level:
+        return _nms_per_level(all_boxes, all_scores, all_valid, post_nms_top_k, nms_iou, nms_impl)
     boxes = tf.concat(all_boxes, axis=1)
     scores = tf.concat(all_scores, axis=1)
     valid = tf.concat(all_valid, axis=1)
@@ -212,6 +220,32 @@ def generate_proposals(
     idx, keep = batched_nms(boxes, scores, post_nms_top_k, nms_iou, valid=valid, impl=nms_impl)
     out_boxes = tf.where(keep[..., None], tf.gather(boxes, idx, batch_dims=1), 0.0)
     out_scores = tf.where(keep, tf.sigmoid(tf.gather(scores, idx, batch_dims=1)), 0.0)
+    return Proposals(out_boxes, out_scores, keep)
+
+
+def _nms_per_level(level_boxes, level_scores, level_valid, post_nms_top_k, nms_iou, nms_impl):
+    """generate_proposals(nms_per_level=True): NMS on each level's candidates, then the
+    ``post_nms_top_k`` best survivors of all levels (ties: lower level first)."""
+    k = int(post_nms_top_k)
+    kept_boxes, kept_scores = [], []
+    for boxes, scores, valid in zip(level_boxes, level_scores, level_valid):
+        n = _static_dim(scores, 1)
+        k_level = min(k, n) if isinstance(n, int) else k
+        idx, keep = batched_nms(boxes, scores, k_level, nms_iou, valid=valid, impl=nms_impl)
+        kept_boxes.append(tf.gather(boxes, idx, batch_dims=1))
+        kept_scores.append(tf.where(keep, tf.gather(scores, idx, batch_dims=1), NEG_INF))
+    boxes = tf.concat(kept_boxes, axis=1)
+    scores = tf.concat(kept_scores, axis=1)
+    total = _static_dim(scores, 1)
+    k_top = min(k, total) if isinstance(total, int) else k  # a dynamic level gives k rows
+    top_scores, top_idx = tf.math.top_k(scores, k=k_top, sorted=True)
+    top_boxes = tf.gather(boxes, top_idx, batch_dims=1)
+    if k_top < k:
+        top_scores = tf.pad(top_scores, [[0, 0], [0, k - k_top]], constant_values=NEG_INF)
+        top_boxes = tf.pad(top_boxes, [[0, 0], [0, k - k_top], [0, 0]])
+    keep = tf.math.is_finite(top_scores)
+    out_boxes = tf.where(keep[..., None], top_boxes, 0.0)
+    out_scores = tf.where(keep, tf.sigmoid(top_scores), 0.0)
     return Proposals(out_boxes, out_scores, keep)
 
 
@@ -228,11 +262,14 @@ def postprocess_detections(
     box_weights=(10.0, 10.0, 5.0, 5.0),
     nms_impl="combined",
     pre_nms_top_k=5000,
+    min_box_size=0.0,
 ):
     """Fast R-CNN outputs -> final detections (FPN §4.2 inference).
 
     Class-specific boxes are decoded (weights (10, 10, 5, 5)) and clipped; every
-    (RoI, class) pair with probability > ``score_threshold`` is a candidate; NMS
+    (RoI, class) pair with probability > ``score_threshold`` is a candidate (with
+    ``min_box_size > 0`` only if both sides of its clipped box are >= it,
+    torchvision's ``remove_small_boxes``, 1e-2 there); NMS
     at ``nms_iou`` runs independently per class; the
     ``max_detections`` best of all classes are kept.
 
@@ -261,6 +298,7 @@ def postprocess_detections(
       box_weights: (10, 10, 5, 5).
       nms_impl: "combined", "padded" or "per_image".
       pre_nms_top_k: candidate cap of the "padded" / "per_image" paths.
+      min_box_size: boxes with a side < this are no candidates; 0 = no filter.
     Returns:
       :class:`Detections`.
     """
@@ -284,6 +322,10 @@ def postprocess_detections(
     ok = tf.logical_and(ok, (box_ops.area(rois) > 0.0)[:, :, None])
     if roi_valid is not None:
         ok = tf.logical_and(ok, tf.cast(roi_valid, tf.bool)[:, :, None])
+    if min_box_size > 0:
+        ymin, xmin, ymax, xmax = tf.unstack(boxes, num=4, axis=-1)
+        big = tf.logical_and(ymax - ymin >= min_box_size, xmax - xmin >= min_box_size)
+        ok = tf.logical_and(ok, big)
     scores = tf.where(ok, scores, 0.0)
     boxes = tf.where(ok[..., None], boxes, 0.0)
     d = int(max_detections)

@@ -33,7 +33,8 @@ coordinate ``(i, j)``; an image point ``p`` maps to ``p / stride - 0.5``. A RoI 
 split into ``output_size x output_size`` bins; each bin is sampled on a regular
 ``sampling_ratio x sampling_ratio`` grid at the sub-cell centres and the bilinear
 samples are averaged. ``aligned=False`` reproduces the legacy (no -0.5 shift,
-RoI size at least 1 cell) convention.
+RoI size at least 1 cell) convention of ``torchvision.ops.roi_align(aligned=False)``
+(torchvision's ``MultiScaleRoIAlign``), in both impls.
 
 Adaptive sampling (``sampling_ratio=0``, detectron2's FPN configs): each RoI takes
 ``ceil(roi_height / output_size)`` samples per bin along y and ``ceil(roi_width /
@@ -65,24 +66,36 @@ from fpn_tf.ops.xla_utils import in_xla_context
 __all__ = ["assign_levels", "multilevel_roi_align"]
 
 
-def assign_levels(boxes, min_level=2, max_level=5, canonical_size=224.0, canonical_level=4):
-    """FPN Eq. 1: ``k = floor(k0 + log2(sqrt(w * h) / 224))`` clamped to [min, max].
+def assign_levels(
+    boxes, min_level=2, max_level=5, canonical_size=224.0, canonical_level=4, epsilon=0.0
+):
+    """FPN Eq. 1: ``k = floor(k0 + log2(sqrt(w * h) / 224) + epsilon)`` clamped to [min, max].
 
-    Evaluated without logarithms, which makes it exact at the powers of two
-    (448x448 -> 5, 224x224 -> 4, 112x112 -> 3): ``k >= l`` iff
+    With ``epsilon == 0`` (the default) it is evaluated without logarithms, which makes it
+    exact at the powers of two (448x448 -> 5, 224x224 -> 4, 112x112 -> 3): ``k >= l`` iff
     ``w * h >= (canonical_size * 2**(l - canonical_level))**2``, so ``k = min_level +
-    #{l in (min_level, max_level] : area >= threshold_l**2}``. Zero-area (and
-    inverted / padding) boxes get ``min_level``.
+    #{l in (min_level, max_level] : area >= threshold_l**2}``. With ``epsilon > 0`` it is
+    torchvision's LevelMapper: ``floor(k0 + log2(sqrt(area) / canonical_size) + epsilon)`` in
+    float32 (log2 as ``log(x) / log(2)``, exact at the powers of two; torchvision: eps 1e-6).
+    Zero-area (and inverted / padding) boxes get ``min_level`` either way.
 
     Args:
       boxes: float [..., 4] yxyx in input-image pixels.
       min_level, max_level: python ints, the clamp (2, 5).
       canonical_size: 224 (the ImageNet pre-training size).
       canonical_level: k0 = 4.
+      epsilon: added inside the floor (0: the exact thresholds).
     Returns:
       int32 [...] levels.
     """
     a = box_ops.area(tf.cast(boxes, tf.float32))
+    if epsilon > 0:
+        ratio = tf.sqrt(tf.maximum(a, 1e-30)) / float(canonical_size)
+        k = tf.floor(
+            float(canonical_level) + tf.math.log(ratio) / tf.math.log(2.0) + float(epsilon)
+        )
+        k = tf.clip_by_value(k, float(min_level), float(max_level))
+        return tf.where(a > 0.0, tf.cast(k, tf.int32), tf.constant(min_level, tf.int32))
     level = tf.fill(tf.shape(a), tf.constant(min_level, tf.int32))
     for l in range(min_level + 1, max_level + 1):
         threshold = float(canonical_size) * 2.0 ** (l - canonical_level)
@@ -156,6 +169,7 @@ def multilevel_roi_align(
     impl="auto",
     training=None,
     max_sampling_ratio=4,
+    level_epsilon=0.0,
 ):
     """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
 
@@ -180,8 +194,10 @@ def multilevel_roi_align(
       output_size: int, the pooled size (7).
       sampling_ratio: int, samples per bin along each axis (2); 0 = adaptive (module
         docstring), at most ``max_sampling_ratio`` per axis.
-      aligned: detectron2's ``aligned=True`` (-0.5 pixel shift).
+      aligned: detectron2's ``aligned=True`` (-0.5 pixel shift); False is
+        ``torchvision.ops.roi_align(aligned=False)`` (no shift, RoI sides at least 1 cell).
       min_level, max_level, canonical_size, canonical_level: Eq. 1 (2, 5, 224, 4).
+      level_epsilon: Eq. 1's epsilon (:func:`assign_levels`; torchvision 1e-6).
       roi_levels: optional int32 [B, R] levels overriding Eq. 1.
       impl: "auto", "gather" or "crop_and_resize" (see above).
       training: whether a gradient will be taken (decides "auto").
@@ -202,6 +218,7 @@ def multilevel_roi_align(
         max_level=max_level,
         canonical_size=canonical_size,
         canonical_level=canonical_level,
+        level_epsilon=level_epsilon,
     )
     gather_kwargs = dict(kwargs, max_sampling_ratio=max_sampling_ratio)
     rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
@@ -247,6 +264,7 @@ def _roi_align_crop_and_resize(
     canonical_size,
     canonical_level,
     roi_levels,
+    level_epsilon=0.0,
 ):
     """Forward of impl="crop_and_resize"; ``levels`` is [(level, map)] from min to max."""
     dtype = levels[0][1].dtype
@@ -254,7 +272,9 @@ def _roi_align_crop_and_resize(
     batch = tf.shape(rois)[0]
     num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
     if roi_levels is None:
-        roi_levels = assign_levels(rois, min_level, max_level, canonical_size, canonical_level)
+        roi_levels = assign_levels(
+            rois, min_level, max_level, canonical_size, canonical_level, level_epsilon
+        )
     lvl = tf.reshape(
         tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1), [-1]
     )
@@ -319,6 +339,7 @@ def _roi_align_gather(
     canonical_level,
     roi_levels,
     max_sampling_ratio,
+    level_epsilon=0.0,
 ):
     """impl="gather" (the module docstring)."""
     levels = _level_features(features, min_level, max_level)
@@ -346,7 +367,9 @@ def _roi_align_gather(
     strides = tf.constant([float(2**l) for l, _ in levels], tf.float32)
 
     if roi_levels is None:
-        roi_levels = assign_levels(rois, min_level, max_level, canonical_size, canonical_level)
+        roi_levels = assign_levels(
+            rois, min_level, max_level, canonical_size, canonical_level, level_epsilon
+        )
     lvl = tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1)
     stride = tf.gather(strides, lvl)  # [B, R]
     height = tf.gather(heights, lvl)[..., None, None]  # [B, R, 1, 1]

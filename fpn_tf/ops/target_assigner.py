@@ -165,14 +165,16 @@ def assign_rpn_targets(
     positive_fraction=0.5,
     box_weights=(1.0, 1.0, 1.0, 1.0),
     seed=None,
+    positive_iou_inclusive=False,
 ):
     """RPN anchor labels and regression targets (FPN §4.1 / Faster R-CNN §3.1.2).
 
     Labelling (before sampling), over the non-crowd real gt of the image:
     positive (1) if max IoU > ``positive_iou`` (strict, the paper's "higher than
-    0.7") or the anchor is a highest-IoU anchor of some gt (every anchor tied
-    with that gt's maximum; only when that maximum is > 0); negative (0) if max
-    IoU < ``negative_iou``; ignored (-1) otherwise. Negatives more than
+    0.7"; ``>=`` with ``positive_iou_inclusive``, as torchvision's and
+    detectron2's Matcher) or the anchor is a highest-IoU anchor of some gt (every
+    anchor tied with that gt's maximum; only when that maximum is > 0); negative
+    (0) if max IoU < ``negative_iou`` (as both references); ignored (-1) otherwise. Negatives more than
     ``crowd_ioa_threshold`` inside a crowd box become ignored. Border-crossing
     anchors are kept. Then ``num_samples`` per image are sampled: at most
     ``num_samples * positive_fraction`` positives, the rest negatives; anchors
@@ -190,6 +192,7 @@ def assign_rpn_targets(
       num_samples, positive_fraction: the per-image sample (256, 0.5).
       box_weights: box coder weights (1, 1, 1, 1 for the RPN).
       seed: None (stateful RNG) or an int tensor [2] for stateless sampling.
+      positive_iou_inclusive: positive iff max IoU >= ``positive_iou`` (else >).
     Returns:
       :class:`RpnTargets` ``(labels int32 [B, A], box_targets float32 [B, A, 4],
       matched_gt_indices int32 [B, A])``.
@@ -210,6 +213,7 @@ def assign_rpn_targets(
                 positive_fraction,
                 box_weights,
                 seed,
+                positive_iou_inclusive,
             )
         # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
         # rows of any image (padding rows cost as much as real ones; identical outputs,
@@ -234,6 +238,7 @@ def assign_rpn_targets(
             positive_fraction,
             box_weights,
             seed,
+            positive_iou_inclusive,
         )
         matched = tf.where(
             out.matched_gt_indices >= 0,
@@ -262,6 +267,7 @@ def _assign_rpn_targets(
     positive_fraction,
     box_weights,
     seed,
+    positive_iou_inclusive=False,
 ):
     anchors = tf.convert_to_tensor(anchors, tf.float32)
     gt_boxes, _, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
@@ -273,7 +279,10 @@ def _assign_rpn_targets(
     max_iou = tf.reduce_max(iou, axis=-1)  # [B, A]; -1 when the image has no gt
     matched = tf.argmax(iou, axis=-1, output_type=tf.int32)  # [B, A]
 
-    positive = max_iou > positive_iou
+    if positive_iou_inclusive:
+        positive = max_iou >= positive_iou
+    else:
+        positive = max_iou > positive_iou
     if allow_low_quality_matches:
         gt_best = tf.reduce_max(iou, axis=1, keepdims=True)  # [B, 1, N]
         is_best = tf.logical_and(tf.equal(iou, gt_best), gt_best > 0.0)
