@@ -155,8 +155,8 @@ def _our_inputs(ours, batch):
         dense[k, : image.shape[0], : image.shape[1]] = image
     prep = ours.preprocessing
     images, image_info = serving.preprocess_images(tf.constant(dense), tf.constant(sizes), **prep)
-    images, _, valid_hw = split_inputs({"images": images, "image_info": image_info})
-    return ours.model.fill_padding(images, valid_hw), valid_hw
+    images, image_info, valid_hw = split_inputs({"images": images, "image_info": image_info})
+    return ours.model.fill_padding(images, image_info, valid_hw), valid_hw
 
 
 @torch.no_grad()

@@ -58,17 +58,19 @@ def assignments(model, state: StateDict, backbone_type: str) -> layout.Assignmen
     layout.add_box_head(out, model, ["roi_heads.box_head.fc6.", "roi_heads.box_head.fc7."])
     box_head = model.roi_heads.box_head
     ids = list(model.category_ids)
-    rows = getattr(model.roi_heads, "classifier_rows", None) or [0] + ids
-    theirs = state.arrays.get("roi_heads.box_predictor.cls_score.weight")
-    if theirs is not None and max(rows) >= theirs.shape[0]:
-        raise ConversionError(
-            f"{state.path}: its classifier has {theirs.shape[0]} rows, too few for category "
-            f"id {max(rows)}"
-        )
-    if int(box_head.classifier.kernel.shape[-1]) == len(rows) and rows == list(range(len(rows))):
+    if model.roi_heads.classifier_rows is not None:
+        # dataset_ids layout: our row r is category id r, exactly torchvision's rows.
         layout.add_dense(out, box_head.classifier, "roi_heads.box_predictor.cls_score.")
     else:
-        layout.add_dense(out, box_head.classifier, "roi_heads.box_predictor.cls_score.", rows=rows)
+        theirs = state.arrays.get("roi_heads.box_predictor.cls_score.weight")
+        if theirs is not None and max(ids) >= theirs.shape[0]:
+            raise ConversionError(
+                f"{state.path}: its classifier has {theirs.shape[0]} rows, too few for category "
+                f"id {max(ids)}"
+            )
+        layout.add_dense(
+            out, box_head.classifier, "roi_heads.box_predictor.cls_score.", rows=[0] + ids
+        )
     regression_rows = np.array([4 * i + layout.DELTA_ORDER[k] for i in ids for k in range(4)])
     layout.add_dense(
         out, box_head.box_regressor, "roi_heads.box_predictor.bbox_pred.", rows=regression_rows
