@@ -6,7 +6,8 @@ rebuilds the model from ``<model_dir>/params.yaml`` (or ``--config_file``, with
 ``--params_override`` on top, as the trainer takes them), restores the latest checkpoint in
 ``model_dir`` (or ``--checkpoint``), reads ``<model_dir>/category_map.json`` and writes the
 SavedModel with the ``serving_default``, ``image_bytes`` and ``tf_example`` signatures; images are
-resized by the config's ``eval_data`` rule (short_side, max_long_side, pad_multiple).
+resized by the config's ``eval_data`` rule (short_side, max_long_side, pad_multiple,
+resize_rounding).
 Errors (a missing file, a checkpoint of another model, a bad config key) are one line.
 """
 

@@ -215,6 +215,16 @@ def test_wrong_types():
             "model.backbone.type=small_resnet,model.backbone.weights=imagenet",
             "model.backbone.weights",
         ),
+        ("model.backbone.stride_in_1x1=false", "model.backbone.stride_in_1x1"),  # imagenet
+        ("model.backbone.channel_order=rgb", "model.backbone.pixel_mean"),
+        (
+            "model.backbone.channel_order=bgr,model.backbone.pixel_mean=[103.53,116.28,123.675]",
+            "model.backbone.pixel_std",
+        ),
+        (
+            "model.backbone.pixel_mean=[1,2,3],model.backbone.pixel_std=[1,1,1]",
+            "model.backbone.channel_order",
+        ),
         ("runtime.strategy=one_device,runtime.devices=['/gpu:0','/gpu:1']", "runtime.devices"),
     ],
 )
@@ -222,6 +232,58 @@ def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(R50, override)
     assert e.value.key == key and key in str(e.value)
+
+
+def test_torchvision_and_detectron2_backbone_settings():
+    torchvision = load_config(
+        R50,
+        {
+            "model.backbone": {
+                "weights": None,
+                "stride_in_1x1": False,
+                "bn_epsilon": 1e-5,
+                "channel_order": "rgb",
+                "pixel_mean": [123.675, 116.28, 103.53],
+                "pixel_std": [58.395, 57.12, 57.375],
+                "pad_normalized_zero": True,
+            },
+            "train_data.resize_rounding": "floor",
+            "eval_data.resize_rounding": "floor",
+        },
+    )
+    b = torchvision.model.backbone
+    assert (b.stride_in_1x1, b.bn_epsilon, b.channel_order) == (False, 1e-5, "rgb")
+    assert b.pixel_std == [58.395, 57.12, 57.375] and b.pad_normalized_zero
+    assert torchvision.eval_data.resize_rounding == "floor"
+    assert ExperimentConfig.from_dict(torchvision.to_dict()).to_dict() == torchvision.to_dict()
+    detectron2 = load_config(
+        R50,
+        "model.backbone.bn_epsilon=1e-5,model.backbone.channel_order=bgr,"
+        "model.backbone.pixel_mean=[103.53,116.28,123.675],model.backbone.pixel_std=[1,1,1]",
+    )
+    assert detectron2.model.backbone.stride_in_1x1  # with imagenet weights
+    # The defaults are today's behaviour.
+    defaults = ExperimentConfig()
+    b = defaults.model.backbone
+    assert (b.stride_in_1x1, b.bn_epsilon, b.channel_order, b.pixel_mean, b.pixel_std) == (
+        True,
+        None,
+        None,
+        None,
+        None,
+    )
+    assert not b.pad_normalized_zero and defaults.train_data.resize_rounding == "round"
+    with pytest.raises(ConfigError, match="model.backbone.channel_order"):
+        load_config(R50, "model.backbone.channel_order=grb")
+    with pytest.raises(ConfigError, match="eval_data.resize_rounding"):
+        load_config(R50, "eval_data.resize_rounding=ceil")
+    with pytest.raises(ConfigError) as e:
+        load_config(R50, "model.backbone.channel_order=rgb")
+    assert str(e.value) == (
+        "Config key 'model.backbone.pixel_mean' must be set too when "
+        "model.backbone.channel_order is: channel_order, pixel_mean and pixel_std are given "
+        "together (all three, or none for the backbone's own)."
+    )
 
 
 def test_batch_must_divide_by_replicas():

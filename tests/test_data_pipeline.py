@@ -195,6 +195,26 @@ def test_from_config_and_category_map(tiny):
         build_dataset(tiny, training=False, batch_size=1, padding_mode="tight")
 
 
+def test_resize_rounding_from_config(tiny):
+    """floor (torchvision): image a 24x32 -> s = float32(4/3) -> 32 x floor(42.67) = 32x42."""
+    cfg = DataConfig(
+        annotation_file=tiny.annotation_file,
+        image_dir=tiny.image_dir,
+        global_batch_size=1,
+        short_side=32,
+        max_long_side=64,
+        max_num_instances=3,
+        resize_rounding="floor",
+    )
+    got = _unbatch(build_dataset_from_config(tiny, cfg, training=False))
+    resized = {image_id: tuple(f["image_info"][1]) for image_id, (f, _, _) in got.items()}
+    assert resized == {**RESIZED, 10: (32, 42)}
+    f = got[10][0]
+    assert np.all(f["images"][:, 42:] == 0) and f["images"][:, 41].mean() > 0
+    with pytest.raises(ValueError, match="resize_rounding"):
+        build_dataset(tiny, training=False, batch_size=1, resize_rounding="ceil")
+
+
 def test_run_time_drop_is_logged_with_file_and_id_and_counted(tmp_path, caplog):
     ann, image_dir = write_tiny_coco_with_truncated_png(tmp_path)
     source = load_source(CocoSource(ann, image_dir))

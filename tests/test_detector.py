@@ -14,7 +14,7 @@ from fpn_tf.configs.experiment import (
     RPNConfig,
 )
 from fpn_tf.modeling.factory import anchor_sizes_for, build_model
-from fpn_tf.modeling.faster_rcnn import FasterRCNN
+from fpn_tf.modeling.faster_rcnn import LOSS_NAMES, FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model
 from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
@@ -312,3 +312,104 @@ def test_resnet50_fpn_at_800x1333_runs_one_training_step_on_cpu():
     }
     assert all(np.isfinite(v) for v in logs.values())
     assert not np.allclose(before, model.roi_heads.box_head.classifier.kernel.numpy())
+
+
+def _pad_model():
+    """A tiny detector with a BGR normalisation whose mean differs per channel (detectron2's
+    R-50 convention) and pad_normalized_zero: its pad_value is that mean in RGB order."""
+    cfg = ExperimentConfig.from_dict(
+        {
+            "model": {
+                "backbone": {
+                    "type": "small_resnet",
+                    "weights": None,
+                    "widths": [8, 16, 16, 16],
+                    "stem_width": 8,
+                    "channel_order": "bgr",
+                    "pixel_mean": [103.53, 116.28, 123.675],
+                    "pixel_std": [57.375, 57.12, 58.395],
+                    "pad_normalized_zero": True,
+                },
+                "fpn": {"num_channels": 16},
+                "anchor": {"sizes": [16, 32, 64, 128, 256]},
+                "rpn": {"pre_nms_top_k_test": 200, "post_nms_top_k_test": 50},
+                "roi": {"fc_dims": 32, "batch_size_per_image": 32},
+                "detection": {"score_threshold": 0.0},
+            }
+        }
+    ).validate()
+    keras.utils.set_random_seed(0)
+    return build_model(cfg.model, category_ids=CATEGORY_IDS)
+
+
+def _padded_batch(fill):
+    """Two 64x96 images whose valid regions are 40x70 and 64x50 (originals half the size, so
+    image_info rows 0 and 1 differ), the rest ``fill`` (RGB)."""
+    rng = np.random.default_rng(0)
+    images = np.empty((2, 64, 96, 3), np.float32)
+    images[:] = np.asarray(fill, np.float32)
+    valid = [(40, 70), (64, 50)]
+    for i, (h, w) in enumerate(valid):
+        images[i, :h, :w] = rng.uniform(0, 255, (h, w, 3))
+    info = np.array(
+        [[[h / 2, w / 2], [h, w], [2, 2], [0, 0]] for h, w in valid], np.float32
+    )  # original, resized, scale, offset
+    return {"images": images, "image_info": info}, valid
+
+
+def test_pad_value_makes_the_padding_zero_after_normalisation():
+    model = _pad_model()
+    mean_rgb = (123.675, 116.28, 103.53)
+    assert model.pad_value == mean_rgb
+    features, valid = _padded_batch(fill=0.0)
+    images, info = features["images"], features["image_info"]
+    filled = model.fill_padding(images, info, tf.constant(info[:, 1])).numpy()
+    backbone = next(l for l in model.fpn.layers if isinstance(l, keras.Model))
+    norm = next(l for l in backbone.layers if l.name == "pixel_normalize")
+    normalised = keras.Model(backbone.input, norm.output)(filled).numpy()  # what conv1 sees
+    bgr_mean = np.array([103.53, 116.28, 123.675], np.float32)
+    bgr_std = np.array([57.375, 57.12, 58.395], np.float32)
+    for i, (h, w) in enumerate(valid):
+        inside = np.zeros((64, 96), bool)
+        inside[:h, :w] = True
+        np.testing.assert_array_equal(normalised[i][~inside], 0.0)  # exactly zero
+        np.testing.assert_array_equal(filled[i][inside], images[i][inside])
+        np.testing.assert_allclose(
+            normalised[i][inside],
+            (images[i][inside][:, ::-1] - bgr_mean) / bgr_std,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    # Without image_info the whole image is valid: nothing changes.
+    np.testing.assert_array_equal(model.fill_padding(images, None, None), images)
+    # The kwarg travels with the model's config; a wrong length is refused.
+    assert FasterRCNN.from_config(model.get_config()).pad_value == mean_rgb
+    with pytest.raises(ValueError, match="pad_value"):
+        FasterRCNN(model.fpn, model.rpn, model.roi_heads, CATEGORY_IDS, pad_value=(1.0, 2.0))
+
+
+def test_pad_value_detections_and_losses_equal_mean_padded_inputs():
+    """The detector with pad_value on a zero-padded batch == the same layers without it on the
+    batch padded with the mean (i.e. zeros after normalisation), in call and compute_losses."""
+    model = _pad_model()
+    plain = FasterRCNN(model.fpn, model.rpn, model.roi_heads, category_ids=CATEGORY_IDS)
+    assert plain.pad_value is None
+    zero_padded, _ = _padded_batch(fill=0.0)
+    mean_padded, _ = _padded_batch(fill=model.pad_value)
+    out, ref = model(zero_padded), plain(mean_padded)
+    assert int(np.sum(ref["num_detections"])) > 0
+    for key in ("proposal_boxes", "proposal_scores", "detection_boxes", "detection_scores"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-4, err_msg=key)
+    np.testing.assert_array_equal(out["detection_classes"], ref["detection_classes"])
+    # The padding matters: the model without pad_value on the zero padding sees other pixels.
+    other = plain(zero_padded)
+    assert not np.allclose(other["proposal_scores"], ref["proposal_scores"], atol=1e-4)
+
+    _, labels = fixed_batch(64)
+    losses = {}
+    for detector, features in ((model, zero_padded), (plain, mean_padded), (plain, zero_padded)):
+        keras.utils.set_random_seed(1)  # the same anchor and RoI samples
+        losses[len(losses)] = detector.compute_losses(features, labels, training=False)
+    for name in LOSS_NAMES:
+        np.testing.assert_allclose(losses[0][name], losses[1][name], rtol=1e-5, err_msg=name)
+    assert not np.allclose(losses[2]["total_loss"], losses[1]["total_loss"], rtol=1e-5)

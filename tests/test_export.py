@@ -10,6 +10,7 @@ image gets some detections but fewer than 100, so the padding rows are exercised
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -77,9 +78,10 @@ def exported(tmp_path_factory):
     return model, export_dir, tf.saved_model.load(export_dir)
 
 
-def common_padded_size(images):
+def common_padded_size(images, resize_rounding="round"):
     sizes = [
-        transforms.compute_resized_size(im.shape[0], im.shape[1], SHORT, LONG) for im in images
+        transforms.compute_resized_size(im.shape[0], im.shape[1], SHORT, LONG, resize_rounding)
+        for im in images
     ]
     return (
         transforms.ceil_to_multiple(max(s[0] for s in sizes), MULTIPLE),
@@ -87,11 +89,11 @@ def common_padded_size(images):
     )
 
 
-def keras_reference(model, images, padded_size=None):
+def keras_reference(model, images, padded_size=None, resize_rounding="round"):
     """The Keras model on uint8 images [h, w, 3] resized by the eval rule and padded together
     (to ``padded_size``, default: the largest resized size rounded up to MULTIPLE); boxes divided
     by each image's size. Independent of fpn_tf.serving: the numpy resize rule of transforms."""
-    padded_size = padded_size or common_padded_size(images)
+    padded_size = padded_size or common_padded_size(images, resize_rounding)
     batch, infos = [], []
     for im in images:
         x, info, _ = transforms.resize_and_pad(
@@ -100,6 +102,7 @@ def keras_reference(model, images, padded_size=None):
             short_side=SHORT,
             max_long_side=LONG,
             padded_size=tf.constant(padded_size, tf.int32),
+            resize_rounding=resize_rounding,
         )
         batch.append(x)
         infos.append(info)
@@ -189,6 +192,54 @@ def test_preprocessing_uses_the_eval_transforms_resize_rule(h, w, short, long):
         transforms.ceil_to_multiple(rh, 32),
         transforms.ceil_to_multiple(rw, 32),
     )
+
+
+@pytest.mark.parametrize("h,w", [(480, 640), (45, 70), (300, 1000)])
+def test_preprocessing_takes_the_resize_rounding(h, w):
+    images = tf.zeros([1, h, w, 3], tf.uint8)
+    sizes = tf.constant([[h, w]], tf.int32)
+    for short, long in ((800, 1333), (SHORT, LONG)):
+        floor = transforms.compute_resized_size(h, w, short, long, "floor")
+        rounded = transforms.compute_resized_size(h, w, short, long, "round")
+        _, info = preprocess_images(images, sizes, short, long, 32, resize_rounding="floor")
+        np.testing.assert_array_equal(info[0, 1].numpy(), floor)
+        _, info = preprocess_images(images, sizes, short, long, 32)
+        np.testing.assert_array_equal(info[0, 1].numpy(), rounded)
+    assert transforms.compute_resized_size(45, 70, SHORT, LONG, "floor") == (61, 96)
+    assert transforms.compute_resized_size(45, 70, SHORT, LONG, "round") == (62, 96)
+    with pytest.raises(ValueError, match="resize_rounding"):
+        ImageTensorModule(tiny_model(), SHORT, LONG, MULTIPLE, resize_rounding="ceil")
+
+
+def test_saved_model_with_floor_rounding(tmp_path, monkeypatch):
+    """eval_data.resize_rounding=floor travels into the SavedModel: the serving_default function
+    it saves equals the Keras model on images resized by floor (45x70 -> 61x96, where round gives
+    62x96), and serving_config.json says floor. (The save itself is skipped: the module's
+    `exported` SavedModel covers writing and loading; this keeps the test to one trace.)"""
+    from fpn_tf.serving import export as export_lib
+
+    saved = {}
+
+    def save(root, export_dir, signatures):
+        saved.update(root=root, signatures=signatures)
+        config = root.serving_config_file.asset_path.numpy().decode()
+        with open(config) as f:
+            saved["serving_config"] = json.load(f)
+
+    monkeypatch.setattr(export_lib.tf.saved_model, "save", save)
+    monkeypatch.setattr(export_lib, "_MODULES", (ImageTensorModule,))
+    model = tiny_model()
+    export_saved_model(
+        model, str(tmp_path / "floor"), CATEGORY_MAP, SHORT, LONG, MULTIPLE, resize_rounding="floor"
+    )
+    assert saved["serving_config"]["resize_rounding"] == "floor"
+    assert saved["root"].serving_default.resize_rounding == "floor"
+    images = [pattern(45, 70, seed=3), pattern(45, 70, seed=4)]
+    out = saved["signatures"]["serving_default"](images=tf.constant(np.stack(images)))
+    out = assert_contract(out, 2)
+    assert_same_detections(out, keras_reference(model, images, resize_rounding="floor"))
+    rounded = keras_reference(model, images)
+    assert not np.allclose(out["detection_scores"], rounded["detection_scores"], atol=1e-5)
 
 
 def test_outputs_are_padded_or_cut_to_100_rows():
@@ -463,7 +514,10 @@ def test_load_model_for_export_restores_the_latest_checkpoint(model_dir):
         "short_side": SHORT,
         "max_long_side": LONG,
         "pad_multiple": MULTIPLE,
+        "resize_rounding": "round",
     }
+    floor = load_model_for_export(path, params_override="eval_data.resize_rounding=floor")
+    assert floor.preprocessing["resize_rounding"] == "floor"
     assert source.checkpoint.endswith("ckpt-1")
     assert len(source.model.variables) == len(trained.variables)
     for a, b in zip(source.model.variables, trained.variables):

@@ -86,6 +86,32 @@ class BackboneConfig(Config):
     widths / blocks / stem_width: small_resnet only (ignored otherwise): channels and basic blocks
       of conv2..conv5, channels of the stem. The defaults are the builder's (a narrow ResNet-18
       shape); [64, 128, 256, 512] / [2, 2, 2, 2] / 64 is ResNet-18.
+
+    The switches below let published weights run as they were trained; their defaults are the
+    backbones' own behaviour.
+    torchvision fasterrcnn_resnet50_fpn: stride_in_1x1 false, bn_epsilon 1e-5, channel_order rgb,
+      pixel_mean [123.675, 116.28, 103.53], pixel_std [58.395, 57.12, 57.375],
+      pad_normalized_zero true (and {train,eval}_data.resize_rounding floor).
+    detectron2 faster_rcnn_R_50_FPN: bn_epsilon 1e-5, channel_order bgr,
+      pixel_mean [103.53, 116.28, 123.675], pixel_std [1, 1, 1], pad_normalized_zero true.
+    stride_in_1x1: resnet50/resnet101 only (ignored for small_resnet): where a bottleneck's stride
+      2 goes: true = its first 1x1 conv (MSRA, keras.applications, detectron2's R-50); false = its
+      3x3 conv (torchvision's ResNet, "v1.5"; our own builder, fpn_tf/modeling/resnet.py, with
+      keras.applications' layer names and weight shapes, torch's symmetric padding). False needs
+      weights null or a local file (keras.applications' ImageNet weights are stride-in-1x1).
+    bn_epsilon: the epsilon of every (frozen) BatchNorm of the backbone, folded ones included;
+      null = the builder's own (keras.applications 1.001e-5, small_resnet 1e-5). torchvision's
+      FrozenBatchNorm2d and detectron2 use 1e-5.
+    channel_order / pixel_mean / pixel_std: the normalisation at the backbone's input, all three
+      or none. Inputs are RGB 0..255; channel_order ("rgb" or "bgr") is the order the first conv
+      sees, and pixel_mean / pixel_std are given in THAT order, in 0..255 units. null = the
+      backbone type's own: resnet*: bgr, [103.939, 116.779, 123.68], std 1 (keras.applications'
+      caffe mode); small_resnet: rgb, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375].
+    pad_normalized_zero: torchvision and detectron2 normalise, then pad the batch with zeros, so
+      padded pixels are 0 after normalisation; our pipeline and serving pad the 0..255 image with
+      0 (black) before it. True = the detector sets every pixel outside each image's valid region
+      (image_info's resized size) to pixel_mean (in RGB) before the backbone, so the padding is
+      exactly 0 where the first conv sees it (`FasterRCNN(pad_value=...)`).
     """
 
     type: Literal["resnet50", "resnet101", "small_resnet"] = "resnet50"
@@ -99,6 +125,12 @@ class BackboneConfig(Config):
     widths: List[int] = field([32, 64, 128, 256], length(4, "conv2..conv5"), each(positive))
     blocks: List[int] = field([1, 1, 1, 1], length(4, "conv2..conv5"), each(positive))
     stem_width: int = field(32, positive)
+    stride_in_1x1: bool = True
+    bn_epsilon: Optional[float] = field(None, positive)
+    channel_order: Optional[Literal["rgb", "bgr"]] = None
+    pixel_mean: Optional[List[float]] = field(None, length(3, "in channel_order"))
+    pixel_std: Optional[List[float]] = field(None, length(3, "in channel_order"), each(positive))
+    pad_normalized_zero: bool = False
 
     def _check_values(self, p):
         if self.weights is not None:
@@ -107,6 +139,23 @@ class BackboneConfig(Config):
                 p + "weights",
                 f"must be null for backbone type 'small_resnet' (it has no pretrained weights), "
                 f"got {self.weights!r}.",
+            )
+        if self.type != "small_resnet":
+            _require(
+                self.stride_in_1x1 or self.weights != "imagenet",
+                p + "stride_in_1x1",
+                "must be true with weights 'imagenet' (keras.applications' ImageNet ResNets put "
+                "the stride in the 1x1 conv); give a local weights file or null.",
+            )
+        normalization = ("channel_order", "pixel_mean", "pixel_std")
+        given = [name for name in normalization if getattr(self, name) is not None]
+        missing = [name for name in normalization if name not in given]
+        if given and missing:
+            _require(
+                False,
+                p + missing[0],
+                f"must be set too when {p}{given[0]} is: channel_order, pixel_mean and pixel_std "
+                "are given together (all three, or none for the backbone's own).",
             )
 
 
@@ -432,6 +481,11 @@ class DataConfig(Config):
       (official areas, crowd regions), whatever the source.
     short_side / max_long_side: resize so the shorter side is short_side and the longer side at
       most max_long_side (800 / 1333). pad_multiple: padded sizes are multiples of it.
+    resize_rounding: how the resized size is rounded (fpn_tf.data.transforms.resized_size; the
+      pipeline and, from eval_data, the exported SavedModel): "round" (half to even, float32, as
+      Model Garden) or "floor" (torchvision's GeneralizedRCNNTransform: float32 scale
+      min(short_side / min(h, w), max_long_side / max(h, w)), then floor(size * scale) in float64;
+      480x640 -> 799x1066 where round gives 800x1067).
     padding_mode: "orientation" (two static shapes: landscape / portrait), "square" (one) or
       "batch" (each batch to its largest image); see fpn_tf.data.pipeline.
     global_batch_size: over all replicas; must be divisible by the number of replicas.
@@ -449,6 +503,7 @@ class DataConfig(Config):
     short_side: int = field(800, positive)
     max_long_side: int = 1333
     pad_multiple: int = field(32, at_least(1))
+    resize_rounding: Literal["round", "floor"] = "round"
     padding_mode: Literal["orientation", "square", "batch"] = "orientation"
     random_flip: bool = True
     global_batch_size: int = field(16, positive)

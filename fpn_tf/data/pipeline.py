@@ -165,6 +165,7 @@ def build_dataset(
     pad_multiple: int = 32,
     padding_mode: str = "orientation",
     max_num_instances: int = 100,
+    resize_rounding: str = "round",
     random_flip: bool = True,
     shuffle: bool | None = None,
     shuffle_buffer_size: int | None = None,
@@ -189,6 +190,7 @@ def build_dataset(
       short_side: resize the shorter side to this (paper: 800) ...
       max_long_side: ... unless the longer side would exceed this (1333).
       pad_multiple: padded sizes are multiples of this (32 = stride of P5).
+      resize_rounding: "round" or "floor" (torchvision's): ``transforms.resized_size``.
       padding_mode: "orientation" (default), "square" or "batch" (module doc).
       max_num_instances: N, ground-truth rows per image (more: first N kept,
         with a warning).
@@ -210,6 +212,11 @@ def build_dataset(
     if padding_mode not in transforms.PADDING_MODES:
         raise ValueError(
             f"padding_mode must be one of {transforms.PADDING_MODES}," f" got {padding_mode!r}"
+        )
+    if resize_rounding not in transforms.RESIZE_ROUNDINGS:
+        raise ValueError(
+            f"resize_rounding must be one of {transforms.RESIZE_ROUNDINGS}, "
+            f"got {resize_rounding!r}"
         )
     if batch_size < 1 or max_num_instances < 1 or pad_multiple < 1:
         raise ValueError("batch_size, max_num_instances and pad_multiple must be " ">= 1")
@@ -277,6 +284,7 @@ def build_dataset(
         pad_multiple=pad_multiple,
         padding_mode=padding_mode,
         max_num_instances=max_num_instances,
+        resize_rounding=resize_rounding,
     )
 
     def element(number, item):
@@ -391,6 +399,7 @@ _BUILD_ARGS = (
     "short_side",
     "max_long_side",
     "pad_multiple",
+    "resize_rounding",
     "padding_mode",
     "max_num_instances",
     "random_flip",

@@ -14,6 +14,14 @@ of the rounding) and boxes are multiplied by them, so box coordinates stay
 exact on the resized pixel grid. Example: 480x640 (h x w) -> s = 5/3 ->
 800 x round(1066.67) = 800 x 1067, scales (1.666667, 1.667188).
 
+``resize_rounding="floor"`` is torchvision's ``GeneralizedRCNNTransform`` instead (torchvision
+>= 0.10): ``s = min(short_side / min(h, w), max_long_side / max(h, w))`` computed in float32, then
+``floor(size * s)`` per axis in float64 (``F.interpolate(scale_factor=s,
+recompute_scale_factor=True)`` on the Python float of ``s``). Because the float32 ``s`` can fall
+just below the exact ratio, 480x640 -> s = float32(5/3) = 1.66666663 -> 799 x 1066 (torchvision
+<= 0.9 computed ``s`` in float64 and got 800 x 1066). Either rule is used everywhere a resized
+size is computed (pipeline and serving), and the per-axis scales stay ``resized / original``.
+
 Images are resized bilinearly (``tf.image.resize``, half-pixel centres, no
 anti-aliasing), output float32 RGB in 0..255, and padded with zeros at the
 bottom and right, so box coordinates need no offset.
@@ -35,6 +43,7 @@ import tensorflow as tf
 
 __all__ = [
     "PADDING_MODES",
+    "RESIZE_ROUNDINGS",
     "ceil_to_multiple",
     "compute_resized_size",
     "fixed_padded_size",
@@ -52,6 +61,9 @@ __all__ = [
 # "batch": pad each image to multiples of pad_multiple, each batch to its
 #   largest: many shapes, least padding.
 PADDING_MODES = ("orientation", "square", "batch")
+# "round": Model Garden's resize_and_crop_image_v2 (round half to even, float32);
+# "floor": torchvision's GeneralizedRCNNTransform (module doc).
+RESIZE_ROUNDINGS = ("round", "floor")
 
 
 def ceil_to_multiple(x: int, multiple: int) -> int:
@@ -59,23 +71,42 @@ def ceil_to_multiple(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-def resized_size(image_size, short_side: int, max_long_side: int) -> tf.Tensor:
+def _check_rounding(resize_rounding: str) -> None:
+    if resize_rounding not in RESIZE_ROUNDINGS:
+        raise ValueError(
+            f"resize_rounding must be one of {RESIZE_ROUNDINGS}, got {resize_rounding!r}"
+        )
+
+
+def resized_size(
+    image_size, short_side: int, max_long_side: int, resize_rounding: str = "round"
+) -> tf.Tensor:
     """float32 [..., 2] resized (h, w) of images of (h, w) ``image_size`` [..., 2]: the rule.
 
-    float32 arithmetic and round half to even, as ``resize_and_crop_image_v2``.
+    ``"round"``: float32 arithmetic and round half to even, as ``resize_and_crop_image_v2``.
+    ``"floor"``: torchvision's float32 scale and float64 floor (module doc).
     """
+    _check_rounding(resize_rounding)
     size = tf.cast(image_size, tf.float32)
-    by_short = tf.math.round(size * (short_side / tf.reduce_min(size, axis=-1, keepdims=True)))
-    by_long = tf.math.round(size * (max_long_side / tf.reduce_max(size, axis=-1, keepdims=True)))
+    shortest = tf.reduce_min(size, axis=-1, keepdims=True)
+    longest = tf.reduce_max(size, axis=-1, keepdims=True)
+    if resize_rounding == "floor":
+        scale = tf.minimum(float(short_side) / shortest, float(max_long_side) / longest)
+        resized = tf.math.floor(tf.cast(size, tf.float64) * tf.cast(scale, tf.float64))
+        return tf.cast(resized, tf.float32)
+    by_short = tf.math.round(size * (short_side / shortest))
+    by_long = tf.math.round(size * (max_long_side / longest))
     too_long = tf.reduce_max(by_short, axis=-1, keepdims=True) > max_long_side
     return tf.where(too_long, by_long, by_short)
 
 
 def compute_resized_size(
-    height: int, width: int, short_side: int, max_long_side: int
+    height: int, width: int, short_side: int, max_long_side: int, resize_rounding: str = "round"
 ) -> tuple[int, int]:
     """:func:`resized_size` of one image, as Python ints."""
-    h, w = resized_size(tf.constant([height, width]), short_side, max_long_side).numpy()
+    h, w = resized_size(
+        tf.constant([height, width]), short_side, max_long_side, resize_rounding
+    ).numpy()
     return int(h), int(w)
 
 
@@ -95,11 +126,16 @@ def fixed_padded_size(
 
 
 def padded_size_tf(
-    image_size: tf.Tensor, padding_mode: str, short_side: int, max_long_side: int, pad_multiple: int
+    image_size: tf.Tensor,
+    padding_mode: str,
+    short_side: int,
+    max_long_side: int,
+    pad_multiple: int,
+    resize_rounding: str = "round",
 ) -> tf.Tensor:
     """int32 [2] padded (h, w) for an image of ``image_size`` (before resize)."""
     if padding_mode == "batch":
-        resized = resized_size(image_size, short_side, max_long_side)
+        resized = resized_size(image_size, short_side, max_long_side, resize_rounding)
         m = float(pad_multiple)
         return tf.cast(tf.math.ceil(resized / m) * m, tf.int32)
     shapes = fixed_padded_size(padding_mode, short_side, max_long_side, pad_multiple)
@@ -126,13 +162,14 @@ def resize_and_pad(
     short_side: int,
     max_long_side: int,
     padded_size: tf.Tensor,
+    resize_rounding: str = "round",
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Resizes (rule above), pads, and scales the pixel boxes.
 
     Args:
       image: [H, W, 3] uint8 or float.
       boxes: [n, 4] ymin, xmin, ymax, xmax in pixels of ``image``.
-      short_side, max_long_side: the resize rule.
+      short_side, max_long_side, resize_rounding: the resize rule.
       padded_size: int [2] output (h, w), at least the resized size.
 
     Returns:
@@ -142,7 +179,7 @@ def resize_and_pad(
       [offset y, offset x] = 0]``.
     """
     size = tf.cast(tf.shape(image)[:2], tf.float32)
-    resized = resized_size(size, short_side, max_long_side)
+    resized = resized_size(size, short_side, max_long_side, resize_rounding)
     scale = resized / size
     out = tf.image.resize(image, tf.cast(resized, tf.int32), method=tf.image.ResizeMethod.BILINEAR)
     out = tf.image.pad_to_bounding_box(out, 0, 0, padded_size[0], padded_size[1])
@@ -203,6 +240,7 @@ def preprocess_example(
     pad_multiple: int = 32,
     padding_mode: str = "orientation",
     max_num_instances: int = 100,
+    resize_rounding: str = "round",
 ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
     """A reader's per-image dict -> one (features, labels) batch element.
 
@@ -219,10 +257,15 @@ def preprocess_example(
     elif flip:
         image, boxes = horizontal_flip(image, boxes)
     padded = padded_size_tf(
-        tf.shape(image)[:2], padding_mode, short_side, max_long_side, pad_multiple
+        tf.shape(image)[:2], padding_mode, short_side, max_long_side, pad_multiple, resize_rounding
     )
     image, image_info, boxes = resize_and_pad(
-        image, boxes, short_side=short_side, max_long_side=max_long_side, padded_size=padded
+        image,
+        boxes,
+        short_side=short_side,
+        max_long_side=max_long_side,
+        padded_size=padded,
+        resize_rounding=resize_rounding,
     )
     image_id = tf.cast(example["image_id"], tf.int64)
     boxes, classes, is_crowd = pad_groundtruth(

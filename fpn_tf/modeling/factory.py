@@ -12,7 +12,12 @@ from typing import Sequence
 
 import keras
 
-from fpn_tf.modeling.backbones import build_backbone, synchronize_batch_norm
+from fpn_tf.modeling.backbones import (
+    build_backbone,
+    pixel_mean_rgb,
+    pixel_normalization,
+    synchronize_batch_norm,
+)
 from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model, build_single_scale_model
 from fpn_tf.modeling.roi_heads import RoIHeads
@@ -27,6 +32,10 @@ def build_backbone_from_config(backbone_cfg) -> keras.Model:
         freeze_at=backbone_cfg.freeze_at,
         freeze_bn=backbone_cfg.freeze_bn,
         fold_frozen_bn=backbone_cfg.fold_frozen_bn,
+        bn_epsilon=backbone_cfg.bn_epsilon,
+        channel_order=backbone_cfg.channel_order,
+        pixel_mean=backbone_cfg.pixel_mean,
+        pixel_std=backbone_cfg.pixel_std,
     )
     if backbone_cfg.type == "small_resnet":
         kwargs.update(
@@ -34,6 +43,8 @@ def build_backbone_from_config(backbone_cfg) -> keras.Model:
             blocks=tuple(backbone_cfg.blocks),
             stem_width=backbone_cfg.stem_width,
         )
+    else:
+        kwargs.update(stride_in_1x1=backbone_cfg.stride_in_1x1)
     backbone = build_backbone(backbone_cfg.type, **kwargs)
     if backbone_cfg.sync_batch_norm and not backbone_cfg.freeze_bn:
         backbone = synchronize_batch_norm(backbone)
@@ -118,9 +129,20 @@ def build_model(
         )
     fpn = build_fpn_from_config(model_cfg, input_shape)
     levels = sorted(fpn.output.keys(), key=level_number)
+    backbone_cfg = model_cfg.backbone
+    pad_value = None
+    if backbone_cfg.pad_normalized_zero:  # the 0..255 RGB pixel that normalises to 0
+        order, mean, _ = pixel_normalization(
+            backbone_cfg.type,
+            backbone_cfg.channel_order,
+            backbone_cfg.pixel_mean,
+            backbone_cfg.pixel_std,
+        )
+        pad_value = pixel_mean_rgb(order, mean)
     return FasterRCNN(
         fpn,
         build_rpn(model_cfg, levels),
         build_roi_heads(model_cfg, num_classes, category_ids),
         category_ids=category_ids,
+        pad_value=pad_value,
     )

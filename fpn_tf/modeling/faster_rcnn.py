@@ -42,6 +42,11 @@ class FasterRCNN(MultiLossModel):
       roi_heads: a `RoIHeads` (its ``num_classes`` is the detector's C).
       category_ids: the dataset's category id of each contiguous class 1..C (default 1..C);
         outputs carry these ids.
+      pad_value: None, or an RGB 0..255 pixel (the backbone's pixel mean, in RGB order) that every
+        pixel outside each image's valid region is set to before the pyramid, so that the padding
+        is 0 after the backbone's normalisation, as in torchvision and detectron2 (which
+        normalise, then pad with zeros). Only with ``image_info`` (without, the whole image is
+        valid). ``model.backbone.pad_normalized_zero`` sets it.
 
     Inputs: ``images`` float [B, H, W, 3] RGB 0..255, or a dict with ``"images"`` and
     ``"image_info"`` [B, 4, 2] (rows: original size, resized size, scale, offset): then the valid
@@ -54,10 +59,16 @@ class FasterRCNN(MultiLossModel):
         rpn: RegionProposalNetwork,
         roi_heads: RoIHeads,
         category_ids: Sequence[int] | None = None,
+        pad_value: Sequence[float] | None = None,
         name: str = "faster_rcnn",
         **kwargs,
     ):
         super().__init__(loss_names=LOSS_NAMES, name=name, **kwargs)
+        if pad_value is not None:
+            pad_value = tuple(float(v) for v in pad_value)
+            if len(pad_value) != 3:
+                raise ValueError(f"pad_value needs 3 values (R, G, B), got {pad_value}")
+        self.pad_value = pad_value
         self.fpn, self.rpn, self.roi_heads = fpn, rpn, roi_heads
         self.num_classes = roi_heads.num_classes
         ids = (
@@ -75,8 +86,8 @@ class FasterRCNN(MultiLossModel):
 
     def compute_losses(self, features, labels, training=True):
         """The four losses (dict of scalars, plus ``total_loss``) for one batch."""
-        images, _, valid_hw = split_inputs(features)
-        pyramid = self.fpn(images, training=training)
+        images, image_info, valid_hw = split_inputs(features)
+        pyramid = self.fpn(self.fill_padding(images, image_info, valid_hw), training=training)
         proposals, rpn_losses = self.rpn(pyramid, valid_hw, labels=labels, training=training)
         _, roi_losses = self.roi_heads(
             pyramid, proposals, valid_hw, labels=labels, training=training
@@ -90,7 +101,7 @@ class FasterRCNN(MultiLossModel):
         else input pixels), scores [B, N], dataset class ids [B, N] (int32), counts [B], and the
         RPN proposals (same frame) for recall evaluation."""
         images, image_info, valid_hw = split_inputs(inputs)
-        pyramid = self.fpn(images, training=training)
+        pyramid = self.fpn(self.fill_padding(images, image_info, valid_hw), training=training)
         proposals, _ = self.rpn(pyramid, valid_hw, training=training)
         detections, _ = self.roi_heads(pyramid, proposals, valid_hw, training=training)
         id_table = tf.constant([0] + self.category_ids, tf.int32)
@@ -109,10 +120,18 @@ class FasterRCNN(MultiLossModel):
             "proposal_scores": proposals.scores,
         }
 
+    def fill_padding(self, images, image_info, valid_hw):
+        """``images`` with ``pad_value`` outside each image's valid region (unchanged when
+        ``pad_value`` or ``image_info`` is None)."""
+        if self.pad_value is None or image_info is None:
+            return images
+        return fill_padding(images, valid_hw, self.pad_value)
+
     def get_config(self):
         return {
             "name": self.name,
             "category_ids": list(self.category_ids),
+            "pad_value": None if self.pad_value is None else list(self.pad_value),
             **{
                 k: keras.saving.serialize_keras_object(getattr(self, k))
                 for k in ("fpn", "rpn", "roi_heads")
@@ -140,3 +159,18 @@ def split_inputs(inputs):
     else:
         valid_hw = tf.cast(image_info, tf.float32)[:, 1, :]
     return images, image_info, valid_hw
+
+
+def fill_padding(images, valid_hw, value: Sequence[float]):
+    """[B, H, W, C] ``images`` with every pixel at row >= valid height or column >= valid width
+    (``valid_hw`` [B, 2]) set to ``value`` (one number per channel); float images keep their
+    dtype, others become float32."""
+    images = tf.convert_to_tensor(images)
+    if not images.dtype.is_floating:
+        images = tf.cast(images, tf.float32)
+    shape = tf.shape(images)
+    valid_hw = tf.cast(valid_hw, tf.float32)
+    rows = tf.cast(tf.range(shape[1]), tf.float32)[None, :, None] < valid_hw[:, 0, None, None]
+    cols = tf.cast(tf.range(shape[2]), tf.float32)[None, None, :] < valid_hw[:, 1, None, None]
+    inside = tf.logical_and(rows, cols)[..., None]  # [B, H, W, 1]
+    return tf.where(inside, images, tf.constant(value, images.dtype))

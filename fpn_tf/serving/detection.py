@@ -8,8 +8,9 @@ Each module turns its input into one batch of decoded uint8 images plus their tr
 `DetectionModule.detect` does what every signature shares (the outputs of docs/serving.md):
 
 1. each image is resized by the eval transform's rule (`fpn_tf.data.transforms.resize_and_pad`:
-   shorter side -> ``short_side``, longer side <= ``max_long_side``, bilinear) and zero padded at
-   the bottom/right to the batch's largest resized size rounded up to ``pad_multiple``;
+   shorter side -> ``short_side``, longer side <= ``max_long_side``, sizes rounded by
+   ``resize_rounding``, bilinear) and zero padded at the bottom/right to the batch's largest
+   resized size rounded up to ``pad_multiple``;
 2. one call of the Keras `FasterRCNN` with ``image_info`` (so boxes come back in input-image
    pixels; the pixel normalisation is inside the model);
 3. boxes divided by each input image's size (normalised ``[ymin, xmin, ymax, xmax]`` in [0, 1]),
@@ -20,6 +21,8 @@ Images of different sizes in one ``image_bytes`` / ``tf_example`` batch are deco
 (`tf.map_fn` to a ragged batch), padded into one dense uint8 batch, and then go through the same
 single model call. An image's detections can differ slightly with the padding its batch needs
 (the padded area is not zero after the first conv + BatchNorm), as in any padded-batch detector.
+A model built with ``model.backbone.pad_normalized_zero`` sets the padding to its pixel mean
+itself (from ``image_info``), so it sees zeros after its normalisation, as torchvision does.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ OUTPUT_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_
 
 
 def preprocess_images(
-    images: tf.Tensor, sizes: tf.Tensor, short_side: int, max_long_side: int, pad_multiple: int
+    images: tf.Tensor,
+    sizes: tf.Tensor,
+    short_side: int,
+    max_long_side: int,
+    pad_multiple: int,
+    resize_rounding: str = "round",
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """A padded uint8 batch + true sizes -> the model's ``(images, image_info)``.
 
@@ -52,12 +60,13 @@ def preprocess_images(
       images: uint8 [B, H, W, 3]; image i occupies ``images[i, :sizes[i, 0], :sizes[i, 1]]``.
       sizes: int32 [B, 2] true (height, width) of each image.
       short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
+      resize_rounding: "round" or "floor" (`fpn_tf.data.transforms.resized_size`).
 
     Returns:
       float32 [B, Hp, Wp, 3] RGB 0..255 (zero padded; ``Hp, Wp`` = the largest resized size,
       rounded up to ``pad_multiple``) and image_info float32 [B, 4, 2] (WORKSPACE.md rows).
     """
-    resized = transforms.resized_size(sizes, short_side, max_long_side)
+    resized = transforms.resized_size(sizes, short_side, max_long_side, resize_rounding)
     m = float(pad_multiple)
     padded = tf.cast(tf.math.ceil(tf.reduce_max(resized, axis=0) / m) * m, tf.int32)
 
@@ -70,6 +79,7 @@ def preprocess_images(
             short_side=short_side,
             max_long_side=max_long_side,
             padded_size=padded,
+            resize_rounding=resize_rounding,
         )
         return out, info
 
@@ -92,6 +102,7 @@ class DetectionModule(tf.Module):
       short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
       num_detections: rows of every output (the contract: 100). The model's own
         ``max_detections`` rows are zero padded or cut (its rows are sorted by score).
+      resize_rounding: the eval transform's rounding of resized sizes ("round" or "floor").
     """
 
     signature_name: str = ""
@@ -105,12 +116,18 @@ class DetectionModule(tf.Module):
         pad_multiple: int,
         num_detections: int = NUM_DETECTIONS,
         name: str | None = None,
+        resize_rounding: str = "round",
     ):
         super().__init__(name=name)
         if short_side <= 0 or max_long_side < short_side or pad_multiple < 1:
             raise ValueError(
                 f"need 0 < short_side <= max_long_side and pad_multiple >= 1, got short_side="
                 f"{short_side}, max_long_side={max_long_side}, pad_multiple={pad_multiple}"
+            )
+        if resize_rounding not in transforms.RESIZE_ROUNDINGS:
+            raise ValueError(
+                f"resize_rounding must be one of {transforms.RESIZE_ROUNDINGS}, "
+                f"got {resize_rounding!r}"
             )
         # Not tracked as a child: saving the Keras object graph is not needed (the SavedModel
         # keeps the traced functions and the variables, which export_saved_model tracks) and
@@ -119,12 +136,18 @@ class DetectionModule(tf.Module):
         self.short_side = int(short_side)
         self.max_long_side = int(max_long_side)
         self.pad_multiple = int(pad_multiple)
+        self.resize_rounding = str(resize_rounding)
         self.num_detections = int(num_detections)
 
     def detect(self, images: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
         """uint8 [B, H, W, 3] padded images + int32 [B, 2] true sizes -> the four outputs."""
         model_images, image_info = preprocess_images(
-            images, sizes, self.short_side, self.max_long_side, self.pad_multiple
+            images,
+            sizes,
+            self.short_side,
+            self.max_long_side,
+            self.pad_multiple,
+            self.resize_rounding,
         )
         out = self._model({"images": model_images, "image_info": image_info}, training=False)
         return self.format_outputs(out, sizes)

@@ -3,7 +3,8 @@
     from fpn_tf.serving import export_saved_model, load_model_for_export
     source = load_model_for_export("runs/cpu_demo")          # params.yaml + category map + ckpt
     export_saved_model(source.model, "exports/fpn/1", source.category_map,
-                       **source.preprocessing)    # short_side, max_long_side, pad_multiple
+                       **source.preprocessing)    # short_side, max_long_side, pad_multiple,
+                                                  # resize_rounding
 
 The SavedModel has three signatures (`fpn_tf.serving.detection`), all returning
 ``detection_boxes`` / ``detection_scores`` / ``detection_classes`` / ``num_detections``, and
@@ -12,7 +13,8 @@ three assets:
 * ``assets/category_map.json``: the `CategoryMap` JSON (COCO-style ``categories`` list; read it
   with :func:`read_category_map` or ``CategoryMap.from_json``);
 * ``assets/label_map.pbtxt``: the same map in the TF Object Detection API's label map format;
-* ``assets/serving_config.json``: the resize rule, padding, output rows and signature inputs.
+* ``assets/serving_config.json``: the resize rule (with its rounding), padding, output rows and
+  signature inputs.
 
 The Keras model's variables are saved once (the three modules share them); loading needs only
 TensorFlow (``tf.saved_model.load``), not fpn_tf or Keras.
@@ -121,6 +123,7 @@ def export_saved_model(
     pad_multiple: int,
     *,
     num_detections: int = NUM_DETECTIONS,
+    resize_rounding: str = "round",
 ) -> str:
     """Writes the SavedModel of docs/serving.md to ``export_dir``; returns ``export_dir``.
 
@@ -135,6 +138,8 @@ def export_saved_model(
       short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding
         (``eval_data.short_side`` etc. of the config).
       num_detections: rows of every output (the contract's 100).
+      resize_rounding: the eval transform's rounding of resized sizes, "round" or "floor"
+        (``eval_data.resize_rounding``; `fpn_tf.data.transforms.resized_size`).
 
     Raises:
       ExportError: a category map that is not the model's, or an unusable ``export_dir``.
@@ -144,7 +149,15 @@ def export_saved_model(
     category_map = as_category_map(category_map)
     _check_category_map(model, category_map)
     modules = [
-        cls(model, short_side, max_long_side, pad_multiple, num_detections) for cls in _MODULES
+        cls(
+            model,
+            short_side,
+            max_long_side,
+            pad_multiple,
+            num_detections,
+            resize_rounding=resize_rounding,
+        )
+        for cls in _MODULES
     ]
     root = tf.Module()
     # The variables the traced functions capture, saved once for all three signatures. The
@@ -160,6 +173,7 @@ def export_saved_model(
         "short_side": int(short_side),
         "max_long_side": int(max_long_side),
         "pad_multiple": int(pad_multiple),
+        "resize_rounding": str(resize_rounding),
         "num_detections": int(num_detections),
         "signatures": {m.signature_name: m.input_name for m in modules},
         "outputs": list(OUTPUT_KEYS),
@@ -183,8 +197,8 @@ def export_saved_model(
         tf.saved_model.save(root, export_dir, signatures=signatures)
     logging.info(
         "Exported a SavedModel with signatures %s to %s in %.1f s (tracing %.1f s); "
-        "%d classes, inputs resized to short side %d (long side <= %d), padded to a "
-        "multiple of %d",
+        "%d classes, inputs resized to short side %d (long side <= %d, sizes by %s), padded "
+        "to a multiple of %d",
         sorted(signatures),
         export_dir,
         time.time() - start,
@@ -192,6 +206,7 @@ def export_saved_model(
         category_map.num_classes,
         short_side,
         max_long_side,
+        resize_rounding,
         pad_multiple,
     )
     return export_dir
@@ -225,13 +240,15 @@ class ExportSource:
     checkpoint: str  # the checkpoint restored
 
     @property
-    def preprocessing(self) -> dict[str, int]:
-        """``short_side``, ``max_long_side``, ``pad_multiple`` of the config's eval data."""
+    def preprocessing(self) -> dict[str, Any]:
+        """``short_side``, ``max_long_side``, ``pad_multiple``, ``resize_rounding`` of the
+        config's eval data (keyword arguments of :func:`export_saved_model`)."""
         d = self.config.eval_data
         return {
             "short_side": d.short_side,
             "max_long_side": d.max_long_side,
             "pad_multiple": d.pad_multiple,
+            "resize_rounding": d.resize_rounding,
         }
 
 

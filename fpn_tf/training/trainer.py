@@ -384,6 +384,7 @@ class Trainer:
             short_side=data_cfg.short_side,
             max_long_side=data_cfg.max_long_side,
             pad_multiple=data_cfg.pad_multiple,
+            resize_rounding=data_cfg.resize_rounding,
         )
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
