@@ -24,26 +24,23 @@ def test_resized_size_rule(hw, expected):
 
 
 def _torchvision_resized_size(h, w, short_side, max_long_side):
-    """torchvision (>= 0.10) GeneralizedRCNNTransform: ``torch.min(self_min_size / min_size,
-    self_max_size / max_size)`` on float32 tensors, ``.item()`` to a Python float, then
-    ``F.interpolate(scale_factor=s, recompute_scale_factor=True)``: ``floor(size * s)`` on
-    Python floats (float64)."""
-    f32 = np.float32
-    scale = float(min(f32(short_side) / f32(min(h, w)), f32(max_long_side) / f32(max(h, w))))
+    """torchvision's GeneralizedRCNNTransform in eager mode: ``min(self_min_size / min_size,
+    self_max_size / max_size)`` on Python ints, then ``F.interpolate(scale_factor=s,
+    recompute_scale_factor=True)``: ``floor(size * s)`` on Python floats (float64)."""
+    scale = min(short_side / min(h, w), max_long_side / max(h, w))
     return math.floor(h * scale), math.floor(w * scale)
 
 
 @pytest.mark.parametrize(
     "hw,floor,rounded",
     [
-        # s = float32(5/3) = 1.66666663 < 5/3: 480 s = 799.99998 -> 799, 640 s = 1066.67 -> 1066
-        ((480, 640), (799, 1066), (800, 1067)),
-        ((640, 480), (1066, 799), (1067, 800)),
+        # the sizes torchvision 0.29.1's transform gives (measured), and ours with "round"
+        ((480, 640), (800, 1066), (800, 1067)),
+        ((640, 480), (1066, 800), (1067, 800)),
         ((427, 640), (800, 1199), (800, 1199)),  # 1199.06 either way
-        # capped by the long side: s = float32(1333/1000) = 1.33299994 -> 399.9 x 1332.99994
-        ((300, 1000), (399, 1332), (400, 1333)),
+        ((300, 1000), (399, 1333), (400, 1333)),  # capped by the long side: 399.9 x 1333
         ((800, 1333), (800, 1333), (800, 1333)),
-        ((333, 500), (799, 1201), (800, 1201)),
+        ((333, 500), (800, 1201), (800, 1201)),
     ],
 )
 def test_resized_size_floor_is_torchvisions(hw, floor, rounded):
@@ -53,19 +50,15 @@ def test_resized_size_floor_is_torchvisions(hw, floor, rounded):
 
 
 def test_resized_size_floor_matches_torchvision_arithmetic_on_a_grid():
-    """Every size 16..1400 against several others, at 800/1333 and 32/64, batched: the float32
-    scale and the float64 floor are both needed (480x640: an all-float64 computation, as
-    torchvision <= 0.9, gives 800 rows; float32 products give 800 rows too; torchvision 799)."""
+    """Every size 16..1400 against several others, at 800/1333 and 32/64, batched: float64
+    throughout (a float32 scale gives 799 rows for 480x640)."""
     sizes = [(h, w) for h in range(16, 1401, 7) for w in (100, 333, 427, 480, 500, 640, 1000)]
     for short_side, long_side in ((800, 1333), (32, 64)):
         got = transforms.resized_size(tf.constant(sizes), short_side, long_side, "floor").numpy()
         expected = [_torchvision_resized_size(h, w, short_side, long_side) for h, w in sizes]
         np.testing.assert_array_equal(got, expected)
-    scale64 = 800 / 480
-    assert math.floor(480 * scale64) == 800  # float64 throughout
     scale32 = np.float32(800) / np.float32(480)
-    assert np.floor(np.float32(480) * scale32) == 800  # float32 throughout
-    assert transforms.compute_resized_size(480, 640, 800, 1333, "floor")[0] == 799
+    assert math.floor(480 * float(scale32)) == 799  # what a float32 scale would give
     with pytest.raises(ValueError, match="resize_rounding"):
         transforms.resized_size(tf.constant([4, 4]), 8, 8, "ceil")
 
@@ -75,19 +68,19 @@ def test_preprocess_example_with_floor_rounding():
     features, labels = transforms.preprocess_example(
         ex, max_num_instances=1, resize_rounding="floor"
     )
-    sy, sx = 799 / 480, 1066 / 640
+    sy, sx = 800 / 480, 1066 / 640
     assert features["images"].shape == (800, 1344, 3)
     np.testing.assert_allclose(
-        features["image_info"], [[480, 640], [799, 1066], [sy, sx], [0, 0]], rtol=1e-6
+        features["image_info"], [[480, 640], [800, 1066], [sy, sx], [0, 0]], rtol=1e-6
     )
     np.testing.assert_allclose(labels["gt_boxes"][0], [48 * sy, 64 * sx, 144 * sy, 192 * sx])
     img = features["images"].numpy()
-    assert np.all(img[799:] == 0) and np.all(img[:, 1066:] == 0)
-    assert img[798, :1066].mean() > 50 and img[:799, 1065].mean() > 50
+    assert np.all(img[:, 1066:] == 0)
+    assert img[799, :1066].mean() > 50 and img[:800, 1065].mean() > 50
     batch = transforms.preprocess_example(
         ex, max_num_instances=1, resize_rounding="floor", padding_mode="batch", pad_multiple=1
     )[0]
-    assert batch["images"].shape == (799, 1066, 3)
+    assert batch["images"].shape == (800, 1066, 3)
 
 
 def test_fixed_padded_sizes():

@@ -483,9 +483,9 @@ class DataConfig(Config):
       most max_long_side (800 / 1333). pad_multiple: padded sizes are multiples of it.
     resize_rounding: how the resized size is rounded (fpn_tf.data.transforms.resized_size; the
       pipeline and, from eval_data, the exported SavedModel): "round" (half to even, float32, as
-      Model Garden) or "floor" (torchvision's GeneralizedRCNNTransform: float32 scale
-      min(short_side / min(h, w), max_long_side / max(h, w)), then floor(size * scale) in float64;
-      480x640 -> 799x1066 where round gives 800x1067).
+      Model Garden) or "floor" (torchvision's GeneralizedRCNNTransform: scale
+      min(short_side / min(h, w), max_long_side / max(h, w)), then floor(size * scale), in
+      float64; 480x640 -> 800x1066 where round gives 800x1067).
     padding_mode: "orientation" (two static shapes: landscape / portrait), "square" (one) or
       "batch" (each batch to its largest image); see fpn_tf.data.pipeline.
     global_batch_size: over all replicas; must be divisible by the number of replicas.

@@ -14,13 +14,12 @@ of the rounding) and boxes are multiplied by them, so box coordinates stay
 exact on the resized pixel grid. Example: 480x640 (h x w) -> s = 5/3 ->
 800 x round(1066.67) = 800 x 1067, scales (1.666667, 1.667188).
 
-``resize_rounding="floor"`` is torchvision's ``GeneralizedRCNNTransform`` instead (torchvision
->= 0.10): ``s = min(short_side / min(h, w), max_long_side / max(h, w))`` computed in float32, then
-``floor(size * s)`` per axis in float64 (``F.interpolate(scale_factor=s,
-recompute_scale_factor=True)`` on the Python float of ``s``). Because the float32 ``s`` can fall
-just below the exact ratio, 480x640 -> s = float32(5/3) = 1.66666663 -> 799 x 1066 (torchvision
-<= 0.9 computed ``s`` in float64 and got 800 x 1066). Either rule is used everywhere a resized
-size is computed (pipeline and serving), and the per-axis scales stay ``resized / original``.
+``resize_rounding="floor"`` is torchvision's ``GeneralizedRCNNTransform`` instead (eager
+mode, as its detectors run): ``s = min(short_side / min(h, w), max_long_side / max(h, w))`` and
+``floor(size * s)`` per axis, both in float64 (Python floats, ``F.interpolate(scale_factor=s,
+recompute_scale_factor=True)``): 480x640 -> 800 x floor(1066.67) = 800 x 1066, 300x1000 ->
+399 x 1333 (measured with torchvision 0.29.1). Either rule is used everywhere a resized size is
+computed (pipeline and serving), and the per-axis scales stay ``resized / original``.
 
 Images are resized bilinearly (``tf.image.resize``, half-pixel centres, no
 anti-aliasing), output float32 RGB in 0..255, and padded with zeros at the
@@ -84,16 +83,19 @@ def resized_size(
     """float32 [..., 2] resized (h, w) of images of (h, w) ``image_size`` [..., 2]: the rule.
 
     ``"round"``: float32 arithmetic and round half to even, as ``resize_and_crop_image_v2``.
-    ``"floor"``: torchvision's float32 scale and float64 floor (module doc).
+    ``"floor"``: torchvision's float64 scale and floor (module doc).
     """
     _check_rounding(resize_rounding)
     size = tf.cast(image_size, tf.float32)
     shortest = tf.reduce_min(size, axis=-1, keepdims=True)
     longest = tf.reduce_max(size, axis=-1, keepdims=True)
     if resize_rounding == "floor":
-        scale = tf.minimum(float(short_side) / shortest, float(max_long_side) / longest)
-        resized = tf.math.floor(tf.cast(size, tf.float64) * tf.cast(scale, tf.float64))
-        return tf.cast(resized, tf.float32)
+        size64 = tf.cast(image_size, tf.float64)
+        scale = tf.minimum(
+            float(short_side) / tf.reduce_min(size64, axis=-1, keepdims=True),
+            float(max_long_side) / tf.reduce_max(size64, axis=-1, keepdims=True),
+        )
+        return tf.cast(tf.math.floor(size64 * scale), tf.float32)
     by_short = tf.math.round(size * (short_side / shortest))
     by_long = tf.math.round(size * (max_long_side / longest))
     too_long = tf.reduce_max(by_short, axis=-1, keepdims=True) > max_long_side
