@@ -167,8 +167,9 @@ def test_saved_model_detections_equal_torchvision(models):
     """Our SavedModel's detections against torchvision's, matched one to one (same class, box
     IoU > 0.99, score within 1e-4). Two implementations agree on scores to ~5e-5 in float32, so a
     pair of overlapping same-class boxes whose scores differ by less than that can swap places
-    in the per-class NMS (measured once: 2 of 800 detections, one such swap at a 5e-6 score gap
-    and its knock-on at the 100-detection cut): at least 99 % overall and 97 % per image match."""
+    in the per-class NMS (seen once, with other weights: 2 of 800 detections, one swap at a 5e-6
+    score gap and its knock-on at the 100-detection cut): at least 99 % overall and 97 % per
+    image must match."""
     images, ref, _, model_dir = models
     served = tf.saved_model.load(os.path.join(model_dir, "saved_model"))
     infer = served.signatures["serving_default"]

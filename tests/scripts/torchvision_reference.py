@@ -14,7 +14,8 @@ deltas on those proposals, and per image the final detections.
 The weights are random, made confident and spread as trained weights are: BatchNorm statistics
 of these images with a random affine part, RPN objectness logits of std 2 and deltas of std 0.1,
 class logits of std 3 with COCO's 10 unused ids held at -30 (after training on COCO they are
-never a positive), box deltas of std 0.1.
+never a positive) and a background bias that leaves at least 80 candidates per image above the 0.05
+threshold, box deltas of std 0.1.
 """
 
 from __future__ import annotations
@@ -95,6 +96,20 @@ def make_model(images):
     predictor = tv.roi_heads.box_predictor
     predictor.cls_score.weight *= 3.0 / predictor.cls_score(hidden).std()
     predictor.cls_score.bias[list(COCO_UNUSED_IDS)] = -30.0
+    # Background bias such that every image has at least 80 (RoI, class) pairs above 0.05 (the
+    # detection threshold): after NMS the detections then spread from ~0.05 to ~1.
+    logits = predictor.cls_score(hidden).numpy().astype(np.float64)
+    splits = np.cumsum([len(p) for p in proposals])[:-1]
+    low, high = 0.0, 40.0
+    for _ in range(40):
+        bias = (low + high) / 2
+        shifted = logits.copy()
+        shifted[:, 0] += bias
+        probs = np.exp(shifted - shifted.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        fewest = min(part.sum() for part in np.split(probs[:, 1:] > 0.05, splits))
+        low, high = (bias, high) if fewest > 80 else (low, bias)
+    predictor.cls_score.bias[0] += bias
     predictor.bbox_pred.weight *= 0.1 / predictor.bbox_pred(hidden).std()
     return tv
 
