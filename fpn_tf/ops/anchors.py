@@ -93,11 +93,7 @@ def feature_map_size(image_size, level):
       tensors.
     """
     stride = level_stride(level)
-    if isinstance(image_size, (tuple, list)):
-        h, w = image_size
-    else:
-        image_size = tf.convert_to_tensor(image_size)
-        h, w = image_size[0], image_size[1]
+    h, w = _height_width(image_size)
     out = []
     for v in (h, w):
         sv = _static_int(v)
@@ -107,6 +103,14 @@ def feature_map_size(image_size, level):
             v = tf.cast(v, tf.int32)
             out.append((v + stride - 1) // stride)
     return tuple(out)
+
+
+def _height_width(image_size):
+    """``(height, width)`` of a python pair or of an int/float tensor [2]."""
+    if isinstance(image_size, (tuple, list)):
+        return tuple(image_size)
+    image_size = tf.convert_to_tensor(image_size)
+    return image_size[0], image_size[1]
 
 
 def _as_tuple(x):
@@ -243,11 +247,7 @@ def generate_anchors(
 
 def _strides_from_padded_size(image_size, fh, fw, dtype):
     """``image_size // (fh, fw)`` per axis: python floats when static, else ``dtype`` scalars."""
-    if isinstance(image_size, (tuple, list)):
-        h, w = image_size
-    else:
-        image_size = tf.convert_to_tensor(image_size)
-        h, w = image_size[0], image_size[1]
+    h, w = _height_width(image_size)
     out = []
     for v, n in ((h, fh), (w, fw)):
         sv, sn = _static_int(v), _static_int(n)
