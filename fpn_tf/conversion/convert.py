@@ -85,13 +85,13 @@ def _read(source: str, path: str) -> dict:
     return read_detectron2_pickle(path)
 
 
-def load_weights(model, source: str, checkpoint: str, config) -> tuple[int, int]:
-    """Assigns every weight of ``model`` from a published ``checkpoint``; returns (#arrays,
-    #values). Raises ConversionError, before assigning anything, when keys are missing or left
-    over or a shape does not fit."""
+def load_weights(model, source: str, checkpoint: str, config, arrays=None) -> tuple[int, int]:
+    """Assigns every weight of ``model`` from a published ``checkpoint`` (``arrays``: its
+    contents when already read); returns (#arrays, #values). Raises ConversionError, before
+    assigning anything, when keys are missing or left over or a shape does not fit."""
     if source not in SOURCES:
         raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
-    state = StateDict(_read(source, checkpoint), checkpoint)
+    state = StateDict(_read(source, checkpoint) if arrays is None else arrays, checkpoint)
     if source == "torchvision":
         pending = torchvision_layout.assignments(model, state, config.model.backbone.type)
         what = torchvision_layout.WHAT
@@ -131,11 +131,14 @@ def convert_checkpoint(
     logging.info("Converting %s (%s, SHA-256 %s)", checkpoint, source, sha256)
     check_named_digest(checkpoint, digests)
 
+    if source not in SOURCES:
+        raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
+    arrays = _read(source, checkpoint)  # an unreadable file fails before the model is built
     category_map = coco_category_map()
     config.model.backbone.weights = None  # every weight comes from the checkpoint
     config.model.num_classes = category_map.num_classes
     model = build_model(config.model, category_ids=list(category_map.dataset_ids))
-    num_arrays, num_values = load_weights(model, source, checkpoint, config)
+    num_arrays, num_values = load_weights(model, source, checkpoint, config, arrays)
     logging.info("Converted %d arrays (%d values) into the detector", num_arrays, num_values)
 
     partial = output_dir + ".partial"
