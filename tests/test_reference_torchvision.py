@@ -204,3 +204,30 @@ def test_saved_model_detections_equal_torchvision(models):
     assert all(m >= 0.97 * c for m, c in zip(matched, counts)), (matched, counts)
     lows, highs = zip(*spreads)
     assert min(lows) < 0.1 and max(highs) > 0.9  # confident and spread over [0.05, 1]
+
+
+def test_truncated_or_misnamed_pth_is_refused_with_one_line_and_nothing_written(tmp_path):
+    import torch  # torch alone imports fine next to TensorFlow (torchvision does not)
+
+    from fpn_tf.configs.loader import load_config
+    from fpn_tf.conversion import ConversionError, convert_checkpoint
+
+    config = os.path.join(REPO, "configs", "coco_r50_fpn_torchvision.yaml")
+    good = tmp_path / "weights.pth"
+    torch.save({"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7)}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    misnamed = tmp_path / "fasterrcnn_resnet50_fpn_coco-deadbeef.pth"
+    misnamed.write_bytes(good.read_bytes())
+    for path, match in (
+        (truncated, "not a readable PyTorch checkpoint"),
+        (misnamed, "SHA-256 [0-9a-f]+\\.\\.\\. does not start with the deadbeef"),
+        (good, "missing keys"),  # a checkpoint of something else: one key only
+    ):
+        out = tmp_path / "out"
+        with pytest.raises(ConversionError, match=match) as err:
+            convert_checkpoint(
+                "torchvision", str(path), str(out), load_config(config), export_saved_model=False
+            )
+        assert "\n" not in str(err.value)
+        assert not out.exists() and not (tmp_path / "out.partial").exists()
