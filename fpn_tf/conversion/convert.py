@@ -111,7 +111,9 @@ def convert_checkpoint(
     export_saved_model: bool = True,
 ) -> ConversionReport:
     """Converts ``checkpoint`` (``source``: "torchvision" or "detectron2") into ``output_dir``
-    with the architecture of ``config`` (an `ExperimentConfig`); see the module docstring."""
+    with the architecture of ``config`` (an `ExperimentConfig`); see the module docstring.
+    ``config`` is updated in place to what is written to params.yaml: ``model.num_classes``
+    80 and ``model.backbone.weights`` null (every weight comes from the checkpoint)."""
     # pylint: disable=g-import-not-at-top
     import tensorflow as tf
 
