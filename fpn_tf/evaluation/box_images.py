@@ -2,13 +2,17 @@
 
 What users of Model Garden and the TF Object Detection API look at beside the metrics: at each
 evaluation a few eval images, ground truth in green and detections above a score threshold in
-red, drawn on the image the model saw (resized, padding cropped away).
+red, drawn on the image the model saw (resized, padding cropped away); a model with masks also
+gets its shown detections' masks as a red overlay.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from fpn_tf.ops import mask_ops
+
+MASK_ALPHA = 0.4
 GROUND_TRUTH_COLOR = (0.0, 255.0, 0.0)
 DETECTION_COLOR = (255.0, 0.0, 0.0)
 
@@ -38,11 +42,26 @@ def detection_images(model, features, labels, score_threshold: float = 0.5):
         outputs["detection_scores"] >= score_threshold
     )
     gt_valid = labels["gt_classes"] > 0
+    if "detection_masks" in outputs:
+        images = overlay_masks(images, outputs["detection_masks"], detections, shown)
     drawn = draw_boxes(
         images, tf.cast(labels["gt_boxes"], tf.float32), gt_valid, GROUND_TRUTH_COLOR
     )
     drawn = draw_boxes(drawn, detections, shown, DETECTION_COLOR)
     return tf.cast(tf.clip_by_value(tf.round(drawn), 0, 255), tf.uint8)
+
+
+def overlay_masks(images, masks, boxes, shown, color=DETECTION_COLOR):
+    """``images`` [B, H, W, 3] float with the union of the ``shown`` [B, N] box-relative
+    ``masks`` [B, N, M, M] (over ``boxes`` [B, N, 4], pixels of the images) tinted ``color``."""
+    size = tf.shape(images)[1:3]
+    out = []
+    for i in range(images.shape[0]):
+        pasted = mask_ops.paste_masks(masks[i], boxes[i], size)  # [N, H, W]
+        hit = tf.reduce_any((pasted >= 0.5) & shown[i][:, None, None], axis=0)[..., None]
+        tinted = (1.0 - MASK_ALPHA) * images[i] + MASK_ALPHA * tf.constant(color, tf.float32)
+        out.append(tf.where(hit, tinted, images[i]))
+    return tf.stack(out)
 
 
 def summary_images(model, dataset, num_images: int, score_threshold: float = 0.5):

@@ -4,7 +4,8 @@ Two accumulate-then-evaluate classes, both fed per image or per batch, in Python
 TensorFlow, no Keras; run them outside tf.function on `.numpy()` values):
 
 * :class:`COCOEvaluator` -- detections -> COCO results JSON -> pycocotools ``COCOeval`` (bbox):
-  AP, AP50, AP75, APs, APm, APl, ARmax1, ARmax10, ARmax100, ARs, ARm, ARl.
+  AP, AP50, AP75, APs, APm, APl, ARmax1, ARmax10, ARmax100, ARs, ARm, ARl; with masks also
+  ``segm``, the same twelve with a ``mask_`` prefix (mask_AP, mask_AP50, ...).
 * :class:`ProposalRecallEvaluator` -- class-agnostic average recall of proposals, AR@100 and
   AR@1000 overall and for small / medium / large objects.
 
@@ -18,6 +19,11 @@ areas and crowd regions). Only the images that were fed are evaluated (``params.
 image the input pipeline dropped, or that ``eval.steps`` did not reach, does not count; every fed
 image counts, with or without detections. Writing files is the caller's
 (:func:`fpn_tf.evaluation.run.evaluate_detector`).
+
+Masks arrive box-relative (``detection_masks`` [B, N, M, M], as the model and the SavedModel give
+them); they are pasted into the original image with `fpn_tf.ops.mask_ops.paste_masks` (the one
+paste of the package, TensorFlow run eagerly: the only TensorFlow here), binarised at 0.5 and
+RLE-encoded with pycocotools, as COCO's ``segm`` results are.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 from absl import logging
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 __all__ = [
     "COCO_METRIC_NAMES",
+    "MASK_METRIC_PREFIX",
     "boxes_to_original",
+    "encode_masks",
     "yxyx_to_xywh",
     "load_coco_groundtruth",
     "COCOEvaluator",
@@ -45,6 +54,8 @@ COCO_METRIC_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl",
     "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl",
 )  # fmt: skip
+
+MASK_METRIC_PREFIX = "mask_"
 
 DETECTIONS_FILENAME = "detections.json"
 METRICS_FILENAME = "metrics.json"
@@ -96,6 +107,25 @@ def yxyx_to_xywh(boxes) -> np.ndarray:
     """[ymin, xmin, ymax, xmax] -> COCO [x, y, width, height]."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return np.stack([b[:, 1], b[:, 0], b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]], axis=1)
+
+
+def encode_masks(masks, boxes, image_size, threshold: float = 0.5) -> List[Dict[str, Any]]:
+    """COCO compressed RLEs (counts as str) of box-relative masks [N, M, M] over ``boxes`` [N, 4]
+    (yxyx pixels of an image of ``image_size`` (height, width)): pasted, then ``>= threshold``."""
+    from fpn_tf.ops import mask_ops  # TensorFlow, imported only when masks are evaluated
+
+    masks = np.asarray(masks, np.float32)
+    height, width = (int(v) for v in image_size)
+    if len(masks) == 0:
+        return []
+    pasted = mask_ops.paste_masks(masks, np.asarray(boxes, np.float32), (height, width))
+    binary = np.asfortranarray(
+        np.transpose(pasted.numpy() >= threshold, (1, 2, 0)).astype(np.uint8)
+    )
+    rles = mask_utils.encode(binary)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
 
 
 def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -177,6 +207,16 @@ class _GroundTruth:
                 "Contiguous training indices must be mapped to dataset ids."
             )
 
+    def check_segmentations(self, image_ids: Sequence[int]):
+        """Mask AP needs a segmentation on every ground-truth annotation of the images scored."""
+        for image_id in image_ids:
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                if not ann.get("segmentation"):
+                    raise ValueError(
+                        f"ground-truth annotation {ann.get('id')} of image {image_id} has no "
+                        "segmentation: mask AP needs masks on every annotation."
+                    )
+
     def for_image(self, image_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(boxes yxyx [G,4], classes [G], is_crowd [G], areas [G]) of one image."""
         anns = self.coco.imgToAnns.get(image_id, [])
@@ -232,12 +272,16 @@ class _Evaluator:
 
 
 class COCOEvaluator(_Evaluator):
-    """COCO bbox AP of detections.
+    """COCO bbox AP of detections, and segm (mask) AP when the detections carry masks.
 
     Args:
       annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict) for the ground
         truth.
-      per_category_metrics: also report "AP/<category name>".
+      per_category_metrics: also report "AP/<category name>" (and "mask_AP/<name>").
+
+    Mask AP is computed when every detection fed had a mask (``detection_masks``); the ground
+    truth then needs a ``segmentation`` on every annotation (a one-line error says which one
+    lacks it).
 
     Usage:
       ev = COCOEvaluator("data/coco/annotations/instances_val2017.json")
@@ -258,14 +302,17 @@ class COCOEvaluator(_Evaluator):
         super().__init__(annotation_file)
         self.per_category_metrics = per_category_metrics
         self._detections: List[Dict[str, Any]] = []
+        self._with_masks: set = set()  # whether the images fed had masks (True / False)
 
     def reset(self):
         super().reset()
         self._detections = []
+        self._with_masks = set()
 
-    def add_detections(self, image_id, boxes, scores, classes):
+    def add_detections(self, image_id, boxes, scores, classes, segmentations=None):
         """Detections of one image: boxes [N,4] yxyx original pixels, scores [N], classes [N]
-        (dataset ids). N may be 0."""
+        (dataset ids), optionally ``segmentations``: N COCO RLEs (:func:`encode_masks`). N may
+        be 0."""
         image_id = _to_image_id(image_id)
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
@@ -274,17 +321,23 @@ class COCOEvaluator(_Evaluator):
             raise ValueError(
                 f"{len(boxes)} boxes, {len(scores)} scores, {len(classes)} classes for image {image_id}."
             )
+        if segmentations is not None and len(segmentations) != len(boxes):
+            raise ValueError(
+                f"{len(segmentations)} masks for {len(boxes)} detections of image {image_id}."
+            )
         self._gt.check_categories(classes, "Detections")
         self._see(image_id)
-        for box, score, cls in zip(yxyx_to_xywh(boxes), scores, classes):
-            self._detections.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(cls),
-                    "bbox": [round(float(v), 3) for v in box],
-                    "score": float(score),
-                }
-            )
+        self._with_masks.add(segmentations is not None)
+        for k, (box, score, cls) in enumerate(zip(yxyx_to_xywh(boxes), scores, classes)):
+            detection = {
+                "image_id": image_id,
+                "category_id": int(cls),
+                "bbox": [round(float(v), 3) for v in box],
+                "score": float(score),
+            }
+            if segmentations is not None:
+                detection["segmentation"] = segmentations[k]
+            self._detections.append(detection)
 
     def update_state(self, predictions: Mapping):
         """Adds one batch (NumPy or eager tensors).
@@ -295,7 +348,9 @@ class COCOEvaluator(_Evaluator):
           optional "image_info" [B,4,2]: then boxes are in model-input pixels and are mapped back
           (leave it out when they are already in original pixels, as FasterRCNN's outputs are
           when the model is called with image_info: the same output dict, plus "image_id", feeds
-          this and ProposalRecallEvaluator.update_state).
+          this and ProposalRecallEvaluator.update_state); optional "detection_masks" [B,N,M,M]
+          box-relative masks, pasted at the original image size: "original_size" [B, 2]
+          (height, width), or row 0 of "image_info".
         groundtruths (accumulated mode only): "image_id" [B], "gt_boxes" [B,M,4] (model-input
           pixels when "image_info" is given), "gt_classes" [B,M] (-1 = padding), optional
           "gt_is_crowd", "gt_areas" [B,M], "image_info" [B,4,2].
@@ -311,26 +366,54 @@ class COCOEvaluator(_Evaluator):
             if "num_detections" in predictions
             else None
         )
+        masks = predictions.get("detection_masks")
+        if masks is not None:
+            masks = _numpy(masks)
+            if "original_size" in predictions:
+                original_sizes = _numpy(predictions["original_size"]).reshape(-1, 2)
+            elif "image_info" in predictions:
+                original_sizes = _numpy(predictions["image_info"])[:, 0, :]
+            else:
+                raise ValueError("detection_masks need original_size or image_info.")
         for i, image_id in enumerate(image_ids):
             keep = np.arange(scores.shape[1]) < int(num[i]) if num is not None else scores[i] > 0
-            self.add_detections(image_id, boxes[i][keep], scores[i][keep], classes[i][keep])
+            segmentations = None
+            if masks is not None:
+                segmentations = encode_masks(masks[i][keep], boxes[i][keep], original_sizes[i])
+            self.add_detections(
+                image_id, boxes[i][keep], scores[i][keep], classes[i][keep], segmentations
+            )
 
     def results(self) -> List[Dict[str, Any]]:
         """The detections so far in COCO results format (a list of dicts, dataset category ids)."""
         return list(self._detections)
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether mask AP is computed: every image fed came with masks."""
+        return self._with_masks == {True}
+
     def evaluate(self) -> Dict[str, float]:
-        """Runs COCOeval on the images fed so far (``params.imgIds``). Zero detections give AP 0
-        (metrics with no ground truth in an area range are -1, as in pycocotools)."""
+        """Runs COCOeval on the images fed so far (``params.imgIds``): bbox, and segm when every
+        image had masks. Zero detections give AP 0 (metrics with no ground truth in an area range
+        are -1, as in pycocotools)."""
         image_ids = self.image_ids()
-        metrics = {name: 0.0 for name in COCO_METRIC_NAMES}
-        per_category: Dict[str, float] = {}
+        iou_types = ["bbox"] + (["segm"] if self.has_masks else [])
+        metrics: Dict[str, float] = {}
         if not image_ids:
             logging.warning("COCOEvaluator.evaluate: no images were fed; all metrics are 0.")
-        else:
+            for iou_type in iou_types:
+                prefix = MASK_METRIC_PREFIX if iou_type == "segm" else ""
+                metrics.update({prefix + name: 0.0 for name in COCO_METRIC_NAMES})
+            return metrics
+        if self.has_masks:
+            self._gt.check_segmentations(image_ids)
+        per_category: Dict[str, float] = {}
+        for iou_type in iou_types:
+            prefix = MASK_METRIC_PREFIX if iou_type == "segm" else ""
             gt = self._gt.coco
-            dt = _results_to_coco(self._detections, gt)
-            coco_eval = COCOeval(gt, dt, iouType="bbox")
+            dt = _results_to_coco(self._detections, gt, iou_type)
+            coco_eval = COCOeval(gt, dt, iouType=iou_type)
             coco_eval.params.imgIds = image_ids
             summary = io.StringIO()
             with contextlib.redirect_stdout(summary):
@@ -338,28 +421,33 @@ class COCOEvaluator(_Evaluator):
                 coco_eval.accumulate()
                 coco_eval.summarize()
             logging.info(
-                "COCO bbox evaluation on %d images, %d detections:\n%s",
+                "COCO %s evaluation on %d images, %d detections:\n%s",
+                iou_type,
                 len(image_ids),
                 len(self._detections),
                 summary.getvalue(),
             )
-            metrics = {name: float(v) for name, v in zip(COCO_METRIC_NAMES, coco_eval.stats)}
+            metrics.update(
+                {prefix + name: float(v) for name, v in zip(COCO_METRIC_NAMES, coco_eval.stats)}
+            )
             if self.per_category_metrics:
                 precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
                 for k, cat_id in enumerate(coco_eval.params.catIds):
                     p = precision[:, :, k, 0, -1]
                     value = float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
-                    per_category[f"AP/{self._gt.categories.get(cat_id, cat_id)}"] = value
+                    name = self._gt.categories.get(cat_id, cat_id)
+                    per_category[f"{prefix}AP/{name}"] = value
         metrics.update(per_category)
         return metrics
 
 
-def _results_to_coco(results: List[Dict[str, Any]], gt: COCO) -> COCO:
-    """Like COCO.loadRes for boxes, but also fine with zero results."""
+def _results_to_coco(results: List[Dict[str, Any]], gt: COCO, iou_type: str = "bbox") -> COCO:
+    """Like COCO.loadRes (box areas for bbox, mask areas for segm), also fine with zero results."""
     annotations = []
     for i, r in enumerate(results, start=1):
         x, y, w, h = r["bbox"]
-        annotations.append({**r, "area": w * h, "id": i, "iscrowd": 0})
+        area = float(mask_utils.area(r["segmentation"])) if iou_type == "segm" else w * h
+        annotations.append({**r, "area": area, "id": i, "iscrowd": 0})
     return load_coco_groundtruth(
         {
             "images": list(gt.dataset["images"]),

@@ -1,8 +1,8 @@
 """Runs a detector over an evaluation dataset and scores it with COCO metrics (library, no flags).
 
 One path: the ground truth is a COCO annotation file scored by pycocotools (box AP, AP50, AP75,
-APs, APm, APl) and by `ProposalRecallEvaluator` (AR@100 / AR@1000 and by size, the paper's
-Table 1 metric). A COCO source's own annotation file is that file; TFRecord shards without one
+APs, APm, APl; for a model with masks also mask_AP, mask_AP50, ...: COCO ``segm``) and by
+`ProposalRecallEvaluator` (AR@100 / AR@1000 and by size, the paper's Table 1 metric). A COCO source's own annotation file is that file; TFRecord shards without one
 get theirs written from the shards (``groundtruth.json`` in ``output_dir``).
 
 Only the images the dataset actually yielded are scored: an image the pipeline dropped (at load
@@ -80,7 +80,8 @@ def evaluate_detector(
       max_steps: evaluate this many batches only (None: the whole set).
 
     Returns:
-      A flat dict: AP, AP50, AP75, APs, APm, APl, ARmax*, AR@100, AR@1000, ARs@100, ...,
+      A flat dict: AP, AP50, AP75, APs, APm, APl, ARmax*, (mask_AP, ... for a model with masks),
+      AR@100, AR@1000, ARs@100, ...,
       ``num_images`` (scored), ``num_skipped_images`` (in the annotation file, not scored),
       ``eval_seconds`` and ``step`` when given.
     """
@@ -102,6 +103,7 @@ def evaluate_detector(
             break
         outputs = {k: v.numpy() for k, v in predict(features).items()}
         outputs["image_id"] = features["image_id"].numpy()
+        outputs["original_size"] = features["image_info"][:, 0, :].numpy()
         boxes_eval.update_state(outputs)
         if recall_eval is not None:
             recall_eval.update_state(outputs)

@@ -15,7 +15,10 @@ Each module turns its input into one batch of decoded uint8 images plus their tr
    pixels; the pixel normalisation is inside the model);
 3. boxes divided by each input image's size (normalised ``[ymin, xmin, ymax, xmax]`` in [0, 1]),
    classes as float32 dataset ids, exactly ``NUM_DETECTIONS`` rows, rows beyond
-   ``num_detections`` zero.
+   ``num_detections`` zero; a model with a mask head adds ``detection_masks`` float32
+   [B, 100, 28, 28], each detection's mask probabilities over its own box (box-relative, as the
+   TF Object Detection API's Mask R-CNN exports: clients paste them with
+   ``reframe_box_masks_to_image_masks``), zeros beyond ``num_detections``.
 
 Images of different sizes in one ``image_bytes`` / ``tf_example`` batch are decoded one by one
 (`tf.map_fn` to a ragged batch), padded into one dense uint8 batch, and then go through the same
@@ -33,6 +36,7 @@ from fpn_tf.data import images as image_io
 from fpn_tf.data import transforms
 
 __all__ = [
+    "MASK_OUTPUT_KEY",
     "NUM_DETECTIONS",
     "OUTPUT_KEYS",
     "DetectionModule",
@@ -44,6 +48,7 @@ __all__ = [
 
 NUM_DETECTIONS = 100
 OUTPUT_KEYS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+MASK_OUTPUT_KEY = "detection_masks"
 
 
 def preprocess_images(
@@ -168,7 +173,7 @@ class DetectionModule(tf.Module):
         hw = tf.cast(sizes, tf.float32)
         boxes = tf.clip_by_value(boxes / tf.tile(hw, [1, 2])[:, None, :], 0.0, 1.0)
         batch = tf.shape(sizes)[0]
-        return {
+        outputs = {
             "detection_boxes": tf.ensure_shape(
                 tf.reshape(tf.where(valid[..., None], boxes, 0.0), [batch, n, 4]), [None, n, 4]
             ),
@@ -180,6 +185,15 @@ class DetectionModule(tf.Module):
             ),
             "num_detections": tf.cast(count, tf.float32),
         }
+        if MASK_OUTPUT_KEY in out:
+            masks = tf.cast(out[MASK_OUTPUT_KEY], tf.float32)
+            m = masks.shape[-1]
+            masks = tf.pad(masks[:, :n], [[0, 0], [0, pad], [0, 0], [0, 0]])
+            masks = tf.where(valid[..., None, None], masks, 0.0)
+            outputs[MASK_OUTPUT_KEY] = tf.ensure_shape(
+                tf.reshape(masks, [batch, n, m, m]), [None, n, m, m]
+            )
+        return outputs
 
     @property
     def model(self):

@@ -35,6 +35,7 @@ import tensorflow as tf
 from fpn_tf.data.category_map import CategoryMap, as_category_map
 from fpn_tf.serving.detection import (
     NUM_DETECTIONS,
+    MASK_OUTPUT_KEY,
     OUTPUT_KEYS,
     ImageBytesModule,
     ImageTensorModule,
@@ -169,6 +170,9 @@ def export_saved_model(
         setattr(root, module.signature_name, module)
     signatures = {m.signature_name: m.concrete_function() for m in modules}
     traced = time.time()
+    outputs = list(OUTPUT_KEYS)
+    if MASK_OUTPUT_KEY in signatures["serving_default"].structured_outputs:
+        outputs.append(MASK_OUTPUT_KEY)
     serving_config = {
         "short_side": int(short_side),
         "max_long_side": int(max_long_side),
@@ -176,7 +180,7 @@ def export_saved_model(
         "resize_rounding": str(resize_rounding),
         "num_detections": int(num_detections),
         "signatures": {m.signature_name: m.input_name for m in modules},
-        "outputs": list(OUTPUT_KEYS),
+        "outputs": outputs,
         "boxes": "normalised [ymin, xmin, ymax, xmax] relative to the input image",
         "classes": "dataset category ids (see category_map.json)",
     }

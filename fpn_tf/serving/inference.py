@@ -7,7 +7,10 @@
 
 The library behind ``python -m fpn_tf.predict``; it needs only TensorFlow, numpy and PIL (not
 Keras or the model code): any SavedModel with the outputs of docs/serving.md works, and the class
-names come from its ``assets/category_map.json`` when it has one.
+names come from its ``assets/category_map.json`` when it has one. A model that serves
+``detection_masks`` (box-relative, 28x28) gets its masks pasted into the image
+(`fpn_tf.ops.mask_ops.paste_masks`, pure TensorFlow), drawn as a coloured overlay and written to
+the JSON as COCO RLEs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 import tensorflow as tf
 
 from fpn_tf.data.images import DECODABLE_FORMATS
+from fpn_tf.ops import mask_ops
 
 __all__ = [
     "Detection",
@@ -62,6 +66,8 @@ class Detection:
     class_id: int  # the dataset's category id
     class_name: str
     score: float
+    # float32 [M, M] mask probabilities over the box (box-relative), for models with masks.
+    mask: np.ndarray | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +77,22 @@ class Detection:
             "class_name": self.class_name,
             "score": round(self.score, 6),
         }
+
+
+MASK_THRESHOLD = 0.5
+
+
+def image_masks(detections: Sequence[Detection], height: int, width: int) -> np.ndarray:
+    """bool [N, height, width]: the detections' masks pasted into the image, ``>= 0.5``
+    (detections without a mask give all-False rows)."""
+    out = np.zeros((len(detections), height, width), bool)
+    rows = [i for i, d in enumerate(detections) if d.mask is not None]
+    if rows:
+        masks = np.stack([detections[i].mask for i in rows]).astype(np.float32)
+        boxes = np.array([detections[i].box_pixels for i in rows], np.float32)
+        pasted = mask_ops.paste_masks(masks, boxes, (height, width)).numpy()
+        out[rows] = pasted >= MASK_THRESHOLD
+    return out
 
 
 @dataclasses.dataclass
@@ -95,13 +117,24 @@ class ImageDetections:
         )
 
     def to_json(self) -> dict[str, Any]:
+        detections = [d.to_json() for d in self.detections]
+        if any(d.mask is not None for d in self.detections):
+            from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+
+            masks = image_masks(self.detections, self.height, self.width)
+            for entry, mask in zip(detections, masks):
+                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                entry["segmentation"] = {
+                    "size": list(rle["size"]),
+                    "counts": rle["counts"].decode(),
+                }
         return {
             "image": self.path,
             "height": self.height,
             "width": self.width,
             "signature": self.signature,
             "num_detections": len(self.detections),
-            "detections": [d.to_json() for d in self.detections],
+            "detections": detections,
         }
 
 
@@ -213,6 +246,7 @@ class SavedModelDetector:
         boxes = out["detection_boxes"][0, :n].numpy()
         scores = out["detection_scores"][0, :n].numpy()
         classes = out["detection_classes"][0, :n].numpy()
+        masks = out["detection_masks"][0, :n].numpy() if "detection_masks" in out else [None] * n
         scale = np.array([image.height, image.width] * 2, np.float32)
         detections = [
             Detection(
@@ -221,8 +255,9 @@ class SavedModelDetector:
                 class_id=int(round(c)),
                 class_name=self.class_name(int(round(c))),
                 score=float(s),
+                mask=m,
             )
-            for b, s, c in zip(boxes, scores, classes)
+            for b, s, c, m in zip(boxes, scores, classes, masks)
         ]
         return ImageDetections(
             path=path, image=image, detections=detections, signature=signature, seconds=seconds
@@ -240,9 +275,20 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+MASK_ALPHA = 0.45
+
+
 def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
-    """A copy of ``image`` with each detection's box and "name score" label drawn on it."""
+    """A copy of ``image`` with each detection's mask (a translucent overlay in its class colour,
+    when it has one), box and "name score" label drawn on it."""
     out = image.convert("RGB")
+    if any(d.mask is not None for d in detections):
+        pixels = np.asarray(out, np.float32)
+        masks = image_masks(detections, out.height, out.width)
+        for d, mask in sorted(zip(detections, masks), key=lambda dm: dm[0].score):
+            color = np.array(_PALETTE[d.class_id % len(_PALETTE)], np.float32)
+            pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * color
+        out = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     line = max(2, round(min(out.size) / 200))
     font = _font(max(10, round(min(out.size) / 40)))

@@ -401,5 +401,8 @@ def _holds_optimizer_state(checkpoint: str) -> bool:
 
 
 def format_metrics(metrics: dict) -> str:
-    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100", "AR@1000"]
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    keys += ["mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl"]
+    keys += ["AR@100", "AR@1000"]
+    keys += ["mask_AR@10", "mask_AR@100", "mask_AR@1000"]
     return "  ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
