@@ -199,14 +199,14 @@ def test_gt_masks_paste_back_onto_the_resized_flipped_image(masks_coco):
         padding_mode="square",
         max_num_instances=3,
         include_masks=True,
-        mask_crop_size=28,
+        mask_crop_size=56,
     )
     seen = set()
-    for features, labels in _unbatched(ds.take(16)):
+    for features, labels in _unbatched(ds.take(10)):
         iid = int(features["image_id"])
         rh, rw = (int(v) for v in features["image_info"][1])
         masks, boxes, classes = labels["gt_masks"], labels["gt_boxes"], labels["gt_classes"]
-        assert masks.shape == (3, 28, 28) and masks.dtype == np.float32
+        assert masks.shape == (3, 56, 56) and masks.dtype == np.float32
         n = min(len(original[iid]), 3)
         assert np.all(classes[:n] > 0) and np.all(classes[n:] == -1)
         assert np.all(masks[n:] == 0)  # padding rows
