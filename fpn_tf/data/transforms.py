@@ -37,9 +37,10 @@ Instance masks (``include_masks``) become box-relative ``S x S`` masks
 full-size masks with the decoded (original-frame) boxes, so no full-resolution mask is resized,
 flipped or batched. A box-relative mask does not change when its image and box are resized or
 padded; a horizontal flip reverses its columns, exactly: with ``x0' = w - x1``, ``x1' = w - x0``
-sample ``j`` of the flipped crop reads the flipped mask at ``w - (x1 - (j + 0.5)(x1 - x0) / S)``,
-which is sample ``S - 1 - j`` of the original crop (pixel centres mirror onto pixel centres,
-and bilinear weights with them).
+sample ``j`` of the flipped crop sits at ``x' = w - x1 + (j + 0.5)(x1 - x0) / S``, where the
+flipped mask is the original at ``w - x' = x0 + (S - 1 - j + 0.5)(x1 - x0) / S``: sample
+``S - 1 - j`` of the original crop (pixel centres mirror onto pixel centres, and bilinear
+weights with them).
 """
 
 from __future__ import annotations
