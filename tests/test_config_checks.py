@@ -96,6 +96,7 @@ _DATA = [
     ("global_batch_size", 0),
     ("shuffle_buffer_size", -1),
     ("max_num_instances", 0),
+    ("mask_crop_size", 0),
     ("synthetic.num_images", 0),
     ("synthetic.image_size", [15, 512]),
     ("synthetic.image_size", [512, 320]),

@@ -491,6 +491,9 @@ class DataConfig(Config):
     global_batch_size: over all replicas; must be divisible by the number of replicas.
     shuffle_buffer_size: None = the pipeline's default (every image for COCO sources).
     max_num_instances: ground-truth rows per image (padded; extra objects dropped).
+    mask_crop_size: S of labels["gt_masks"] [B, N, S, S], each object's mask over its box
+      (box-relative, fpn_tf.ops.mask_ops), when the pipeline is asked for masks (a model with a
+      mask head).
     on_bad_data: "skip" a corrupt/unreadable example (logged) or "error".
     verify_images: how much of each COCO image file is checked when indexing.
     """
@@ -509,6 +512,7 @@ class DataConfig(Config):
     global_batch_size: int = field(16, positive)
     shuffle_buffer_size: Optional[int] = field(None, non_negative)
     max_num_instances: int = field(100, positive)
+    mask_crop_size: int = field(112, positive)
     on_bad_data: Literal["skip", "error"] = "skip"
     verify_images: Literal["header", "full", "none"] = "header"
     synthetic: SyntheticDataConfig = dataclasses.field(default_factory=SyntheticDataConfig)
