@@ -447,8 +447,9 @@ def test_a_source_without_segmentations_gives_todays_labels(tmp_path):
         rtol=1e-5,
     )
     np.testing.assert_array_equal(got[10][1], [2, 4, 1])
-    # Asking it for masks: every annotation lacks a segmentation -> counted skips.
-    assert source.with_masks().skipped_annotations == {"missing_segmentation": 5}
+    # Asking it for masks: no annotation has a segmentation -> one line: it is a box data set.
+    with pytest.raises(DataError, match="none of its 5 annotations has a 'segmentation'"):
+        source.with_masks()
     ex = _by_id(decoded_examples(source))
     assert set(ex[10]) == {"image", "image_id", "height", "width"} | {
         "gt_boxes",

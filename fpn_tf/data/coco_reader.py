@@ -639,6 +639,8 @@ def load_coco(
             f"{af}: the data set is empty: no usable images"
             + (f" ({skipped} skipped, see the log)" if skipped else "")
         )
+    if include_masks:
+        _require_some_masks(af, per_image, problems)
     index = _build_index(
         af, image_dir, category_map, kept, per_image, problems, num_clipped, include_masks
     )
@@ -867,6 +869,19 @@ def _build_index(
     )
 
 
+def _require_some_masks(af: str, per_image, problems) -> None:
+    """Masks were requested: a data set whose annotations have no segmentation at all is a box
+    data set, and a mask model cannot train on it (skipping every annotation would leave it no
+    objects); it says so in one line."""
+    missing = problems.annotations.get("missing_segmentation", 0)
+    if missing and not any(len(rows) for rows in per_image):
+        raise DataError(
+            f"{af}: masks were requested (model.architecture mask_rcnn or segment_proposals) "
+            f"but none of its {missing} annotations has a 'segmentation'; train a box model "
+            "(model.architecture: faster_rcnn) on it"
+        )
+
+
 def _index_with_masks(index: CocoIndex) -> CocoIndex:
     """``index``'s images with their annotations re-read from the annotation file, masks
     included (the images were checked when ``index`` was loaded)."""
@@ -885,6 +900,7 @@ def _index_with_masks(index: CocoIndex) -> CocoIndex:
         af, data["annotations"], listed, kept, index.category_map, problems, include_masks=True
     )
     problems.log(only=_MASK_REASONS)  # the others were logged when the index was loaded
+    _require_some_masks(af, per_image, problems)
     problems.images.update(index.skipped_images)
     masked = _build_index(
         af, index.image_dir, index.category_map, kept, per_image, problems, num_clipped, True
