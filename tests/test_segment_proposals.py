@@ -291,3 +291,222 @@ def test_call_outputs_static_shapes_ranges_frames_and_nms():
     again = clone({"images": features["images"]})
     ref = model({"images": features["images"]})
     np.testing.assert_allclose(again["proposal_scores"], ref["proposal_scores"], atol=1e-6)
+
+
+# --- mask average recall ------------------------------------------------------------------
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_squares(objects, size=(100, 120)):
+    """A COCO dataset of full squares: objects = {image_id: [(y0, x0, y1, x1, iscrowd)]}."""
+    images, anns = [], []
+    for image_id, objs in objects.items():
+        images.append({"id": image_id, "height": size[0], "width": size[1]})
+        for y0, x0, y1, x1, crowd in objs:
+            m = np.zeros(size, np.uint8)
+            m[y0:y1, x0:x1] = 1
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": 3,
+                    "segmentation": _rle(m),
+                    "area": float(m.sum()),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "iscrowd": crowd,
+                }
+            )
+    return {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "c"}]}
+
+
+def square_proposals(boxes, scores=None, pad_to=None):
+    """Full 14x14 masks over each integer box grown by 0.25 px: pasted, exactly the box's
+    pixels (over the box itself the 4 corner pixels fall below 0.5: the paste's bilinear
+    fall-off, `mask_ops`)."""
+    k = pad_to or len(boxes)
+    out_boxes = np.zeros((k, 4), np.float32)
+    out_boxes[: len(boxes)] = np.asarray(boxes, np.float32).reshape(-1, 4) + [
+        -0.25,
+        -0.25,
+        0.25,
+        0.25,
+    ]
+    masks = np.zeros((k, 14, 14), np.float32)
+    masks[: len(boxes)] = 1.0
+    s = np.zeros((k,), np.float32)
+    s[: len(boxes)] = scores if scores is not None else np.linspace(0.9, 0.5, len(boxes))
+    return masks, out_boxes, s
+
+
+def test_full_masks_paste_to_exactly_their_box():
+    masks, boxes, _ = square_proposals([(10, 20, 50, 60)])
+    pasted = mask_ops.paste_masks(masks, boxes, (100, 120)).numpy()[0] >= 0.5
+    want = np.zeros((100, 120), bool)
+    want[10:50, 20:60] = True
+    np.testing.assert_array_equal(pasted, want)
+    exact = mask_ops.paste_masks(masks, [[10, 20, 50, 60]], (100, 120)).numpy()[0] >= 0.5
+    assert (exact != want).sum() == 4 and not exact[10, 20]
+
+
+def test_mask_recall_perfect_shifted_missed_crowd_and_limits():
+    objects = {
+        1: [(10, 20, 50, 60, 0), (60, 10, 75, 25, 0)],  # 40x40 (medium) and 15x15 (small)
+        2: [(0, 0, 100, 110, 0), (20, 20, 60, 60, 1)],  # 100x110 (large) and a crowd
+    }
+    gt = coco_squares(objects)
+    perfect = {1: [(10, 20, 50, 60), (60, 10, 75, 25)], 2: [(0, 0, 100, 110)]}
+
+    def run(proposals, **kw):
+        ev = MaskProposalRecallEvaluator(gt, **kw)
+        for image_id, boxes in proposals.items():
+            m, b, s = square_proposals(boxes, pad_to=12)
+            ev.update_state(
+                {
+                    "image_id": [image_id],
+                    "proposal_masks": m[None],
+                    "proposal_boxes": b[None],
+                    "proposal_scores": s[None],
+                    "num_proposals": [len(boxes)],
+                }
+            )
+        return ev.evaluate()
+
+    m = run(perfect)
+    assert m == {
+        "mask_AR@10": 1.0,
+        "mask_AR@100": 1.0,
+        "mask_AR@1000": 1.0,
+        "mask_ARs@1000": 1.0,
+        "mask_ARm@1000": 1.0,
+        "mask_ARl@1000": 1.0,
+    }
+    # The 40x40 square shifted 4 px right: IoU 36*40 / (2*1600 - 1440) = 0.818, a hit at
+    # 0.50..0.80 (7 of 10 thresholds): its recall 0.7, the average over 3 objects 2.7 / 3.
+    shifted = {1: [(10, 24, 50, 64), (60, 10, 75, 25)], 2: [(0, 0, 100, 110)]}
+    m = run(shifted)
+    assert m["mask_AR@1000"] == pytest.approx(2.7 / 3, abs=1e-9)
+    assert m["mask_ARm@1000"] == pytest.approx(0.7, abs=1e-9)
+    assert m["mask_ARs@1000"] == 1.0 and m["mask_ARl@1000"] == 1.0
+    # The small object missed: recall 2/3; AR_s 0. A proposal on the crowd changes nothing.
+    missed = {1: [(10, 20, 50, 60)], 2: [(20, 20, 60, 60), (0, 0, 100, 110)]}
+    m = run(missed)
+    assert m["mask_AR@1000"] == pytest.approx(2 / 3, abs=1e-9)
+    assert m["mask_ARs@1000"] == 0.0 and m["mask_ARl@1000"] == 1.0
+    # Limits: the small object's proposal ranked 11th of image 1 counts at 100, not at 10.
+    decoys = [(0, 90 + i, 5, 95 + i) for i in range(9)]
+    late = {1: [(10, 20, 50, 60)] + decoys + [(60, 10, 75, 25)], 2: [(0, 0, 100, 110)]}
+    m = run(late)
+    assert m["mask_AR@10"] == pytest.approx(2 / 3, abs=1e-9) and m["mask_AR@100"] == 1.0
+    # Only the images fed count: image 2 alone.
+    m = run({2: [(0, 0, 100, 110)]})
+    assert m["mask_AR@1000"] == 1.0 and m["mask_ARs@1000"] == -1.0
+
+
+def test_mask_recall_equals_cocoeval_on_random_proposals():
+    """The evaluator's numbers are COCOeval's (segm, useCats=0) on the same pasted masks."""
+    from pycocotools.cocoeval import COCOeval
+
+    from fpn_tf.evaluation.coco_evaluator import load_coco_groundtruth
+
+    rng = np.random.default_rng(3)
+    objects = {1: [(10, 20, 50, 60, 0), (60, 10, 75, 25, 0)], 2: [(5, 5, 95, 100, 0)]}
+    gt = coco_squares(objects)
+    ev = MaskProposalRecallEvaluator(gt, limits=(1, 3, 20))
+    results = []
+    for image_id, objs in objects.items():
+        y0 = rng.uniform(0, 60, 20)
+        x0 = rng.uniform(0, 70, 20)
+        boxes = np.stack([y0, x0, y0 + rng.uniform(8, 60, 20), x0 + rng.uniform(8, 60, 20)], 1)
+        for o in objs:  # a few near hits
+            boxes[rng.integers(20)] = np.array(o[:4]) + rng.uniform(-4, 4, 4)
+        masks = rng.uniform(0.2, 1.0, (20, 14, 14)).astype(np.float32)
+        scores = rng.uniform(0.1, 1, 20).astype(np.float32)
+        ev.add_proposals(image_id, masks, boxes, scores)
+        pasted = mask_ops.paste_masks(masks, boxes.astype(np.float32), (100, 120)).numpy()
+        for p, s in zip(pasted, scores):
+            results.append({"image_id": image_id, "category_id": 3,
+                            "segmentation": _rle(p >= 0.5), "score": float(s)})  # fmt: skip
+    coco = load_coco_groundtruth(gt)
+    dt = coco.loadRes(results)
+    ce = COCOeval(coco, dt, iouType="segm")
+    ce.params.useCats, ce.params.maxDets = 0, [1, 3, 20]
+    ce.evaluate()
+    ce.accumulate()
+    got = ev.evaluate()
+    for m, limit in enumerate((1, 3, 20)):
+        assert got[f"mask_AR@{limit}"] == pytest.approx(
+            float(np.mean(ce.eval["recall"][:, 0, 0, m]))
+        )
+    assert 0 < got["mask_AR@20"] < 1
+
+
+# --- Mask R-CNN's masks as segment proposals ------------------------------------------------
+
+
+class _StubMaskRCNN:
+    """The Mask R-CNN contract: fpn, rpn, roi_heads.box_outputs / class_probabilities,
+    mask_heads.predict; mask value = class / 10 so the chosen class shows in the output."""
+
+    def __init__(self, boxes, scores, logits):
+        self.boxes, self.scores, self.logits = boxes, scores, logits
+        self.seen = {}
+        stub = self
+
+        class Heads:
+            def box_outputs(self, features, rois):
+                stub.seen["rois"] = rois
+                r = int(rois.shape[1])  # one row per RoI
+                logits = np.pad(stub.logits, [[0, 0], [0, max(r - 4, 0)], [0, 0]])[:, :r]
+                return tf.constant(logits), tf.zeros(tf.shape(rois))
+
+            def class_probabilities(self, logits):
+                return tf.nn.softmax(logits, -1)
+
+        class Masks:
+            def predict(self, features, detections):
+                stub.seen["detections"] = detections
+                c = tf.cast(detections.classes, tf.float32)[..., None, None] / 10.0
+                return tf.ones([1, detections.boxes.shape[1], 28, 28]) * c
+
+        self.roi_heads, self.mask_heads = Heads(), Masks()
+
+    def fpn(self, images, training=False):
+        self.seen["images"] = images
+        return {"P2": tf.zeros([1, 4, 4, 2])}
+
+    def rpn(self, pyramid, valid_hw, training=False):
+        self.seen["valid_hw"] = valid_hw
+        valid = tf.constant(self.scores) > 0
+        return postprocess.Proposals(tf.constant(self.boxes), tf.constant(self.scores), valid), {}
+
+
+def test_mask_rcnn_adapter_on_a_stub():
+    boxes = np.array([[[0, 0, 10, 10], [5, 5, 20, 30], [1, 2, 3, 4], [0, 0, 0, 0]]], np.float32)
+    scores = np.array([[0.9, 0.8, 0.3, 0.0]], np.float32)  # RPN order, last row padding
+    logits = np.array([[[5, 0, 1, 0], [0, 2, 0, 3], [9, 1, 2, 0], [0, 0, 0, 0]]], np.float32)
+    stub = _StubMaskRCNN(boxes, scores, logits)
+    info = np.array([[[200, 200], [100, 100], [0.5, 0.5], [0, 0]]], np.float32)
+    out = mask_rcnn_segment_proposals(
+        stub, {"images": np.zeros((1, 64, 64, 3)), "image_info": info}, top_k=6
+    )
+    assert out["proposal_boxes"].shape == (1, 6, 4) and out["proposal_masks"].shape == (
+        1,
+        6,
+        28,
+        28,
+    )
+    np.testing.assert_allclose(out["proposal_boxes"][0, :3], boxes[0, :3] / 0.5)
+    np.testing.assert_allclose(out["proposal_scores"][0], [0.9, 0.8, 0.3, 0, 0, 0])
+    assert int(out["num_proposals"][0]) == 3
+    # The most probable foreground class, never the background (row 0 wins for proposal 0, 2).
+    np.testing.assert_allclose(out["proposal_masks"][0, :, 0, 0], [0.2, 0.3, 0.2, 0, 0, 0])
+    np.testing.assert_allclose(stub.seen["valid_hw"], [[100, 100]])
+    np.testing.assert_array_equal(stub.seen["detections"].num_detections, [3])
+    np.testing.assert_allclose(stub.seen["detections"].boxes[0, :3], boxes[0, :3])
+    out2 = mask_rcnn_segment_proposals(stub, np.zeros((1, 64, 64, 3), np.float32), top_k=2)
+    assert out2["proposal_boxes"].shape == (1, 2, 4)
+    np.testing.assert_allclose(out2["proposal_boxes"][0], boxes[0, :2])  # input pixels

@@ -159,6 +159,10 @@ class MaskProposalRecallEvaluator(_Evaluator):
             logging.warning("MaskProposalRecallEvaluator.evaluate: no images were fed.")
             return {n: 0.0 for n in names}
         gt = self._gt.coco
+        # Class-agnostic: with useCats=0 COCOeval still gathers detections and ground truth by
+        # the categories in params.catIds (the ground truth's), so the proposals take one of them.
+        categories = list(gt.dataset["categories"]) or [{"id": 1, "name": "object"}]
+        category = int(categories[0]["id"])
         annotations = []
         for image_id in image_ids:
             for r in self._results.get(image_id, []):
@@ -167,7 +171,7 @@ class MaskProposalRecallEvaluator(_Evaluator):
                     {
                         "id": len(annotations) + 1,
                         "image_id": image_id,
-                        "category_id": 1,
+                        "category_id": category,
                         "segmentation": rle,
                         "area": float(mask_utils.area(rle)),
                         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
@@ -178,13 +182,14 @@ class MaskProposalRecallEvaluator(_Evaluator):
         dt = load_coco_groundtruth(
             {
                 "images": list(gt.dataset["images"]),
-                "categories": list(gt.dataset["categories"]) or [{"id": 1, "name": "object"}],
+                "categories": categories,
                 "annotations": annotations,
             }
         )
         coco_eval = COCOeval(gt, dt, iouType="segm")
         coco_eval.params.imgIds = image_ids
         coco_eval.params.useCats = 0
+        coco_eval.params.catIds = [int(c["id"]) for c in categories]
         coco_eval.params.maxDets = list(self.limits)
         with contextlib.redirect_stdout(io.StringIO()):
             coco_eval.evaluate()
