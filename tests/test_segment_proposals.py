@@ -110,6 +110,11 @@ def test_scale_groups_clamp_and_nearest_centre_wins():
     assert w.groups[scale_group_of(6, w.groups)][:2] == (5, "P2")  # clamped, not dropped
     assert w.groups[scale_group_of(1000, w.groups)][:2] == (7, "P6")
     assert w.groups[scale_group_of(56, w.groups)][:2] == (7, "P3")
+    # Nearest in log scale, not linearly: 33.8 px is above sqrt(28 * 40) = 33.47 (-> 40 px) but
+    # below (28 + 40) / 2 = 34 (-> 28 px).
+    t = assign(w, [[30, 30, 63.8, 63.8]], [1])
+    groups = w.group_ids.numpy()[t.labels.numpy()[0] == 1]
+    assert len(groups) and {w.groups[g][:2] for g in groups} == {(5, "P3")}
     # Two side-40 objects 8 px apart: the shared window column goes to the nearer centre.
     t = assign(w, [[30, 30, 70, 70], [30, 38, 70, 78]], [1, 1])
     _, sl = group_slice(w, 5, "P3")
