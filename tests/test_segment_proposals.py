@@ -170,6 +170,10 @@ def test_losses_match_numpy_on_a_hand_case():
         f"P{lvl}": tf.random.normal([2, s, s, 4]) for lvl, s in zip(range(2, 7), (16, 8, 4, 2, 1))
     }
     head.build({k: v.shape for k, v in feats.items()})
+    for w in (5, 7):  # logits far from 0, so that the losses depend on the targets
+        for layer in (head.mlp(w).hidden, head.mlp(w).mask, head.mlp(w).objectness):
+            layer.kernel.assign(tf.random.normal(layer.kernel.shape, stddev=0.5))
+            layer.bias.assign(tf.random.normal(layer.bias.shape))
     objects = [[(10, 12, 34, 30)], [(20, 20, 40, 40), (2, 40, 14, 60)]]
     labels = gt_labels(objects, size=64)
     valid_hw = np.full((2, 2), 64.0, np.float32)
