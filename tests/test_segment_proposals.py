@@ -322,14 +322,15 @@ def coco_squares(objects, size=(100, 120)):
                 {
                     "id": len(anns) + 1,
                     "image_id": image_id,
-                    "category_id": 3,
+                    "category_id": 3 + len(anns) % 2,  # two classes: recall is class-agnostic
                     "segmentation": _rle(m),
                     "area": float(m.sum()),
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "iscrowd": crowd,
                 }
             )
-    return {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "c"}]}
+    categories = [{"id": 3, "name": "c"}, {"id": 4, "name": "d"}]
+    return {"images": images, "annotations": anns, "categories": categories}
 
 
 def square_proposals(boxes, scores=None, pad_to=None):
@@ -410,6 +411,11 @@ def test_mask_recall_perfect_shifted_missed_crowd_and_limits():
     late = {1: [(10, 20, 50, 60)] + decoys + [(60, 10, 75, 25)], 2: [(0, 0, 100, 110)]}
     m = run(late)
     assert m["mask_AR@10"] == pytest.approx(2 / 3, abs=1e-9) and m["mask_AR@100"] == 1.0
+    # The best-scored proposals are kept when there are more than the largest limit.
+    ev = MaskProposalRecallEvaluator(gt, limits=(1, 2))
+    m, b, _ = square_proposals([(0, 90, 5, 95), (0, 0, 100, 110), (0, 91, 5, 96)])
+    ev.add_proposals(2, m, b, [0.1, 0.9, 0.2])
+    assert ev.evaluate()["mask_AR@1"] == 1.0
     # Only the images fed count: image 2 alone.
     m = run({2: [(0, 0, 100, 110)]})
     assert m["mask_AR@1000"] == 1.0 and m["mask_ARs@1000"] == -1.0
