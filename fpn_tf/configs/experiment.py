@@ -376,6 +376,48 @@ class DetectionConfig(Config):
 
 
 @dataclasses.dataclass
+class SegmentProposalConfig(Config):
+    """Segment proposals on the pyramid (paper §6): DeepMask-style mask proposals from a small
+    MLP applied fully convolutionally on every level (`fpn_tf.modeling.segment_proposals`).
+
+    hidden_dims: d, the MLP's hidden width (paper: 128).
+    mask_size: the side of the predicted box-relative mask (paper: 14).
+    window_sizes: the MLPs' input windows: 5 (5x5) and/or 7 (7x7, the half octaves); one head
+      per size, each shared by P2..P6. A window of size w on level l covers objects of
+      canonical size s = w * 2**l (5x5: 20..320 px, 7x7: 28..448 on P2..P6).
+    mask_box_scale: the predicted mask covers a square of side mask_box_scale * s centred at the
+      cell centre (1.75: DeepMask's 128-px object in a 224-px patch; our choice, the paper is
+      silent).
+    center_tolerance: a window is positive for an object (assigned to its level and head) when
+      its cell centre is within center_tolerance * s of the object box's centre on both axes
+      (0.22: DeepMask's +-16 px at 224).
+    crowd_ioa_threshold: a would-be negative window whose mask box lies more than this much
+      (intersection over mask-box area) inside a crowd box is ignored.
+    batch_size_per_image, positive_fraction: windows sampled per image for the losses, at most
+      that fraction positive (as the RPN).
+    pre_nms_top_k: windows kept per (level, head) by objectness before the NMS.
+    post_nms_top_k: proposals per image (K).
+    nms_iou: NMS IoU threshold on the mask boxes; >= 1 turns NMS off (DeepMask/SharpMask do
+      none).
+    objectness_loss_weight, mask_loss_weight: the weights of the two losses.
+    """
+
+    hidden_dims: int = field(128, positive)
+    mask_size: int = field(14, positive)
+    window_sizes: List[int] = field([5, 7], non_empty, unique, each(positive))
+    mask_box_scale: float = field(1.75, positive)
+    center_tolerance: float = field(0.22, positive)
+    crowd_ioa_threshold: float = field(0.7, unit_interval)
+    batch_size_per_image: int = field(256, positive)
+    positive_fraction: float = field(0.5, in_range(0, 1, "(]"))
+    pre_nms_top_k: int = field(1000, positive)
+    post_nms_top_k: int = field(1000, positive)
+    nms_iou: float = field(0.8, positive)
+    objectness_loss_weight: float = field(1.0, non_negative)
+    mask_loss_weight: float = field(1.0, non_negative)
+
+
+@dataclasses.dataclass
 class ModelConfig(Config):
     """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories.
 
@@ -414,6 +456,9 @@ class ModelConfig(Config):
     rpn: RPNConfig = dataclasses.field(default_factory=RPNConfig)
     roi: RoIConfig = dataclasses.field(default_factory=RoIConfig)
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    segment_proposals: SegmentProposalConfig = dataclasses.field(
+        default_factory=SegmentProposalConfig
+    )
 
     def _check_values(self, p):
         fpn = self.fpn
