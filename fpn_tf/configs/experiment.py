@@ -53,6 +53,7 @@ __all__ = [
     "RPNConfig",
     "RoIConfig",
     "DetectionConfig",
+    "MaskConfig",
     "ModelConfig",
     "SyntheticDataConfig",
     "DataConfig",
@@ -376,8 +377,35 @@ class DetectionConfig(Config):
 
 
 @dataclasses.dataclass
+class MaskConfig(Config):
+    """The Mask R-CNN mask branch (He et al. 2017, FPN variant; used with architecture
+    "mask_rcnn"). RoIs go to pyramid levels by the box head's Eq. 1 fields (model.roi:
+    canonical_size, canonical_level, min_level, max_level, aligned, level_epsilon, align_impl).
+
+    output_size: RoIAlign's pooled size (14); the predicted mask is twice that (28x28), the size
+      of the training targets.
+    sampling_ratio: RoIAlign samples per bin along each axis (2; 0 = adaptive, as model.roi).
+    num_convs: 3x3 convs (ReLU) before the 2x2 stride-2 deconv (4).
+    conv_dims: channels of those convs and of the deconv (256).
+    class_agnostic: one mask for every class (false: one per class, the paper's default, the
+      ground-truth class's mask in training and the detected class's at inference).
+    loss_weight: the mask loss's weight in total_loss (1).
+    """
+
+    output_size: int = field(14, positive)
+    sampling_ratio: int = field(2, non_negative)
+    num_convs: int = field(4, non_negative)
+    conv_dims: int = field(256, positive)
+    class_agnostic: bool = False
+    loss_weight: float = field(1.0, non_negative)
+
+
+@dataclasses.dataclass
 class ModelConfig(Config):
     """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories.
+
+    architecture: "faster_rcnn" (boxes) or "mask_rcnn" (boxes and the mask branch of model.mask,
+      He et al. 2017: the data then needs each object's mask, labels["gt_masks"]).
 
     init_checkpoint: start a run from another model's weights (fine-tuning): a model directory
       (a training run's model_dir, or a converted model: params.yaml, category_map.json and
@@ -399,6 +427,7 @@ class ModelConfig(Config):
       overwrites every backbone weight either way).
     """
 
+    architecture: Literal["faster_rcnn", "mask_rcnn"] = "faster_rcnn"
     num_classes: int = field(0, non_negative)
     init_checkpoint: Optional[str] = field(
         None,
@@ -414,6 +443,7 @@ class ModelConfig(Config):
     rpn: RPNConfig = dataclasses.field(default_factory=RPNConfig)
     roi: RoIConfig = dataclasses.field(default_factory=RoIConfig)
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
 
     def _check_values(self, p):
         fpn = self.fpn

@@ -2,7 +2,9 @@
 
 The one place a config becomes components: each component takes explicit arguments (named as the
 config's fields where it has a section: `RegionProposalNetwork` takes ``model.rpn``, `RoIHeads`
-``model.roi`` and ``model.detection``), and the config dataclasses hold the paper's numbers.
+``model.roi`` and ``model.detection``, `MaskHeads` ``model.mask`` and the Eq. 1 fields of
+``model.roi``), and the config dataclasses hold the paper's numbers. ``model.architecture``
+says whether the mask branch is built ("mask_rcnn") or not ("faster_rcnn").
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fpn_tf.modeling.backbones import (
 )
 from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model, build_single_scale_model
+from fpn_tf.modeling.mask_head import EQ1_FIELDS, MaskHeads
 from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
 from fpn_tf.ops.anchors import level_number
@@ -115,10 +118,25 @@ def build_roi_heads(
     )
 
 
+def build_mask_heads(model_cfg, num_classes: int, classifier_rows=None) -> MaskHeads:
+    """The mask branch of ``model.mask``, on the levels of ``model.roi``'s Eq. 1 fields;
+    ``classifier_rows``: the box head's (`RoIHeads.classifier_rows`), so the mask channels
+    follow the classifier's layout."""
+    roi = dataclasses.asdict(model_cfg.roi)
+    return MaskHeads(
+        num_classes=num_classes,
+        classifier_rows=classifier_rows,
+        name="mask_heads",
+        **dataclasses.asdict(model_cfg.mask),
+        **{k: roi[k] for k in EQ1_FIELDS},
+    )
+
+
 def build_model(
     model_cfg, category_ids: Sequence[int] | None = None, input_shape=(None, None, 3)
 ) -> FasterRCNN:
-    """FPN Faster R-CNN from a config; ``category_ids`` are the dataset's ids of classes 1..C."""
+    """FPN Faster R-CNN (or Mask R-CNN: ``model.architecture: mask_rcnn``) from a config;
+    ``category_ids`` are the dataset's ids of classes 1..C."""
     num_classes = model_cfg.num_classes or (len(category_ids) if category_ids else 0)
     if num_classes <= 0:
         raise ValueError("model.num_classes is 0 and no dataset categories were given")
@@ -139,10 +157,17 @@ def build_model(
             backbone_cfg.pixel_std,
         )
         pad_value = pixel_mean_rgb(order, mean)
+    # Built in this order (initialisers draw their seeds when constructed): same seed, same model.
+    rpn = build_rpn(model_cfg, levels)
+    roi_heads = build_roi_heads(model_cfg, num_classes, category_ids)
+    mask_heads = None
+    if model_cfg.architecture == "mask_rcnn":
+        mask_heads = build_mask_heads(model_cfg, num_classes, roi_heads.classifier_rows)
     return FasterRCNN(
         fpn,
-        build_rpn(model_cfg, levels),
-        build_roi_heads(model_cfg, num_classes, category_ids),
+        rpn,
+        roi_heads,
+        mask_heads=mask_heads,
         category_ids=category_ids,
         pad_value=pad_value,
     )
