@@ -263,6 +263,8 @@ class MaskHeads(keras.layers.Layer):
 
     def pool(self, features, rois, training=None):
         """RoIAlign of each RoI on its Eq. 1 level (as `RoIHeads.pool`): [B, R, S, S, C]."""
+        if not self.built:  # compute_loss / predict are called directly, not through __call__
+            self.build({lvl: tuple(f.shape) for lvl, f in features.items()})
         first, last = (anchor_ops.level_number(lvl) for lvl in (self.levels[0], self.levels[-1]))
         return roi_ops.multilevel_roi_align(
             {lvl: features[lvl] for lvl in self.levels},
@@ -286,6 +288,20 @@ class MaskHeads(keras.layers.Layer):
         picked = tf.gather(logits, channels, axis=4, batch_dims=2)  # [B, R, M, M]
         return tf.cast(picked, tf.float32)
 
+    def targets(self, roi_targets, labels, max_foreground=None):
+        """The first ``max_foreground`` rows of ``roi_targets`` (None = all): ``(rois [B, F, 4],
+        classes [B, F], foreground bool [B, F], mask targets float32 [B, F, M, M])``, the
+        targets 0 / 1 (`mask_ops.mask_targets`) and all 0 on rows that are not foreground."""
+        f = max_foreground
+        rois = roi_targets.rois[:, :f]
+        foreground = roi_targets.foreground_mask[:, :f]
+        classes = roi_targets.class_targets[:, :f]
+        matched = tf.where(foreground, roi_targets.matched_gt_indices[:, :f], -1)
+        targets = mask_ops.mask_targets(
+            labels["gt_masks"], labels["gt_boxes"], rois, matched, self.mask_size
+        )
+        return rois, classes, foreground, tf.stop_gradient(targets)
+
     def compute_loss(self, features, roi_targets, labels, training=None, max_foreground=None):
         """``{"mask_loss"}``: the mean per-pixel sigmoid cross-entropy of the ground-truth
         class's mask over the foreground RoIs' M x M pixels, times ``loss_weight`` (0 without
@@ -298,15 +314,7 @@ class MaskHeads(keras.layers.Layer):
         all rows), weighted by ``foreground_mask``. ``labels``: ``gt_masks`` [B, N, S, S]
         box-relative over ``gt_boxes`` [B, N, 4].
         """
-        f = max_foreground
-        rois = roi_targets.rois[:, :f]
-        foreground = roi_targets.foreground_mask[:, :f]
-        classes = roi_targets.class_targets[:, :f]
-        matched = tf.where(foreground, roi_targets.matched_gt_indices[:, :f], -1)
-        targets = mask_ops.mask_targets(
-            labels["gt_masks"], labels["gt_boxes"], rois, matched, self.mask_size
-        )
-        targets = tf.stop_gradient(targets)
+        rois, classes, foreground, targets = self.targets(roi_targets, labels, max_foreground)
         logits = self.class_logits(features, rois, classes, training)
         bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
         weight = tf.cast(foreground, tf.float32)
