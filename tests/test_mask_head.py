@@ -80,7 +80,7 @@ def test_head_shapes_channel_layouts_and_config_round_trip(kwargs, k, channels):
 
 def test_head_initialisation_is_detectron2s():
     head = MaskRCNNHead(num_classes=3, conv_dims=64, num_convs=4)
-    head.build((None, None, 14, 14, 64))
+    head.build((None, None, 14, 14, 16))  # 16 input channels: conv1's fan_in != fan_out
     for layer in head.convs + [head.deconv]:
         kernel, bias = (w.numpy() for w in layer.weights)
         # He normal, fan_out = out_channels * kh * kw (torch's fan_out, also for the deconv's
