@@ -434,18 +434,34 @@ def test_config_builds_mask_rcnn_and_round_trips():
             "fpn.num_channels": 32,
             "roi.fc_dims": 64,
             "roi.classifier_layout": "dataset_ids",
+            "mask.output_size": 7,
+            "mask.sampling_ratio": 0,
             "mask.conv_dims": 16,
             "mask.num_convs": 3,
             "mask.loss_weight": 0.5,
             "roi.canonical_size": 112.0,
+            "roi.canonical_level": 3,
+            "roi.max_level": 4,
+            "roi.aligned": False,
+            "roi.level_epsilon": 1e-6,
+            "roi.align_impl": "gather",
         }
     )
     model = build_model(cfg, category_ids=CATEGORY_IDS, input_shape=(64, 64, 3))
     heads = model.mask_heads
     assert model.loss_names == MASK_LOSS_NAMES
-    assert (heads.conv_dims, heads.num_convs, heads.loss_weight) == (16, 3, 0.5)
-    assert heads.canonical_size == 112.0 and heads.classifier_rows == [0] + CATEGORY_IDS
-    assert heads.head.num_outputs == 12 and heads.levels == ["P2", "P3", "P4", "P5"]
+    # Every model.mask field and the box head's Eq. 1 fields reach the layer's config.
+    config = heads.get_config()
+    for name, value in cfg.mask.to_dict().items():
+        assert config[name] == value, name
+    for name in EQ1_FIELDS:
+        assert config[name] == getattr(cfg.roi, name), name
+    assert heads.classifier_rows == [0] + CATEGORY_IDS and heads.mask_size == 14
+    assert heads.head.num_outputs == 12 and heads.levels == ["P2", "P3", "P4"]
+    out = model(tf.zeros((1, 64, 64, 3)))
+    assert out["detection_masks"].shape == (1, 100, 14, 14)
+    cfg = cfg.override({"mask.class_agnostic": True})
+    assert build_model(cfg, CATEGORY_IDS, (64, 64, 3)).mask_heads.head.num_outputs == 1
     clone = FasterRCNN.from_config(model.get_config())
     assert clone.mask_heads.get_config() == heads.get_config()
     assert clone.loss_names == MASK_LOSS_NAMES
