@@ -60,7 +60,7 @@ def load_segment_model(model_dir: str):
     import tensorflow as tf
 
     from fpn_tf.configs import PARAMS_FILENAME, load_config
-    from fpn_tf.modeling.segment_proposals import build_segment_proposal_model
+    from fpn_tf.modeling.factory import build_segment_proposal_model
     from fpn_tf.serving.export import ExportError, restore_checkpoint
 
     config_file = os.path.join(model_dir, PARAMS_FILENAME)

@@ -12,9 +12,9 @@ from pycocotools import mask as mask_utils
 
 from fpn_tf.configs.experiment import ExperimentConfig, SegmentProposalConfig
 from fpn_tf.evaluation.mask_recall import MaskProposalRecallEvaluator
+from fpn_tf.modeling.factory import build_segment_proposal_model
 from fpn_tf.modeling.segment_proposals import (
     SegmentProposalHead,
-    build_segment_proposal_model,
     mask_rcnn_segment_proposals,
 )
 from fpn_tf.ops import mask_ops, postprocess

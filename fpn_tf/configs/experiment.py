@@ -53,6 +53,7 @@ __all__ = [
     "RPNConfig",
     "RoIConfig",
     "DetectionConfig",
+    "MaskConfig",
     "ModelConfig",
     "SyntheticDataConfig",
     "DataConfig",
@@ -376,6 +377,30 @@ class DetectionConfig(Config):
 
 
 @dataclasses.dataclass
+class MaskConfig(Config):
+    """The Mask R-CNN mask branch (He et al. 2017, FPN variant; used with architecture
+    "mask_rcnn"). RoIs go to pyramid levels by the box head's Eq. 1 fields (model.roi:
+    canonical_size, canonical_level, min_level, max_level, aligned, level_epsilon, align_impl).
+
+    output_size: RoIAlign's pooled size (14); the predicted mask is twice that (28x28), the size
+      of the training targets.
+    sampling_ratio: RoIAlign samples per bin along each axis (2; 0 = adaptive, as model.roi).
+    num_convs: 3x3 convs (ReLU) before the 2x2 stride-2 deconv (4).
+    conv_dims: channels of those convs and of the deconv (256).
+    class_agnostic: one mask for every class (false: one per class, the paper's default, the
+      ground-truth class's mask in training and the detected class's at inference).
+    loss_weight: the mask loss's weight in total_loss (1).
+    """
+
+    output_size: int = field(14, positive)
+    sampling_ratio: int = field(2, non_negative)
+    num_convs: int = field(4, non_negative)
+    conv_dims: int = field(256, positive)
+    class_agnostic: bool = False
+    loss_weight: float = field(1.0, non_negative)
+
+
+@dataclasses.dataclass
 class SegmentProposalConfig(Config):
     """Segment proposals on the pyramid (paper §6): DeepMask-style mask proposals from a small
     MLP applied fully convolutionally on every level (`fpn_tf.modeling.segment_proposals`).
@@ -421,6 +446,11 @@ class SegmentProposalConfig(Config):
 class ModelConfig(Config):
     """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories.
 
+    architecture: "faster_rcnn" (boxes), "mask_rcnn" (boxes and the mask branch of model.mask,
+      He et al. 2017) or "segment_proposals" (the paper's §6 mask proposals: the pyramid and the
+      head of model.segment_proposals; rpn, roi and detection are unused). The last two train on
+      each object's mask (labels["gt_masks"]).
+
     init_checkpoint: start a run from another model's weights (fine-tuning): a model directory
       (a training run's model_dir, or a converted model: params.yaml, category_map.json and
       ``tf.train.Checkpoint(model=..., optimizer=...)`` files; its latest checkpoint is used) or
@@ -431,9 +461,10 @@ class ModelConfig(Config):
       of its own model_dir ignores it (and logs so). null = no init checkpoint.
     init_checkpoint_modules: which weights init_checkpoint gives (`fpn_tf.training.init_checkpoint`):
       "all" = every weight of the detector (backbone, pyramid, RPN, the box head's fc layers);
-      the class-specific layers (the box head's classifier and box regressor) are taken only
-      when the source has the same classes (same category ids, hence the same shapes), else they
-      keep their fresh initialisation, and the log says so. "backbone" = only the bottom-up
+      the class-specific layers (the box head's classifier and box regressor, a mask branch's
+      predictor) are taken only when the source has the same classes (same category ids, hence
+      the same shapes), else they keep their fresh initialisation, and the log says so. A Mask
+      R-CNN started from a Faster R-CNN keeps its fresh mask branch (logged). "backbone" = only the bottom-up
       ResNet (e.g. to start a different detector from a COCO backbone). Outside the class layers,
       the weights taken must have the source's shapes: an architecture that differs (another
       backbone, pyramid width, fc size, ...) is a one-line error naming the layer and both shapes.
@@ -441,6 +472,7 @@ class ModelConfig(Config):
       overwrites every backbone weight either way).
     """
 
+    architecture: Literal["faster_rcnn", "mask_rcnn", "segment_proposals"] = "faster_rcnn"
     num_classes: int = field(0, non_negative)
     init_checkpoint: Optional[str] = field(
         None,
@@ -456,6 +488,7 @@ class ModelConfig(Config):
     rpn: RPNConfig = dataclasses.field(default_factory=RPNConfig)
     roi: RoIConfig = dataclasses.field(default_factory=RoIConfig)
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
     segment_proposals: SegmentProposalConfig = dataclasses.field(
         default_factory=SegmentProposalConfig
     )

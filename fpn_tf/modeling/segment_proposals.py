@@ -19,7 +19,8 @@ windows that need a mask: the sampled positives in training, the K proposals at 
 saves the [B, H, W, 196] maps of every level (equal values: it is the same 1x1 conv).
 
 Also here: `mask_rcnn_segment_proposals`, Mask R-CNN's masks on the RPN's proposals in the same
-output format (the comparison row of the benchmark), and `build_segment_proposal_model`.
+output format (the comparison row of the benchmark). `fpn_tf.modeling.factory.build_model` builds
+the model from a config (``model.architecture: segment_proposals``).
 """
 
 from __future__ import annotations
@@ -411,33 +412,6 @@ class SegmentProposalModel(MultiLossModel):
         for k in ("fpn", "head"):
             config[k] = keras.saving.deserialize_keras_object(config[k])
         return cls(**config)
-
-
-def build_segment_proposal_model(
-    model_cfg, category_ids: Sequence[int] | None = None, input_shape=(None, None, 3)
-) -> SegmentProposalModel:
-    """`SegmentProposalModel` of a ``model`` config section: the pyramid of ``model.backbone`` /
-    ``model.fpn`` and the head of ``model.segment_proposals``. Class-agnostic:
-    ``category_ids`` and ``model.num_classes`` are unused (the signature is `build_model`'s)."""
-    import dataclasses
-
-    from fpn_tf.modeling.backbones import pixel_mean_rgb, pixel_normalization
-    from fpn_tf.modeling.factory import build_fpn_from_config
-
-    del category_ids
-    fpn = build_fpn_from_config(model_cfg, input_shape)
-    backbone_cfg = model_cfg.backbone
-    pad_value = None
-    if backbone_cfg.pad_normalized_zero:
-        order, mean, _ = pixel_normalization(
-            backbone_cfg.type,
-            backbone_cfg.channel_order,
-            backbone_cfg.pixel_mean,
-            backbone_cfg.pixel_std,
-        )
-        pad_value = pixel_mean_rgb(order, mean)
-    head = SegmentProposalHead(name="head", **dataclasses.asdict(model_cfg.segment_proposals))
-    return SegmentProposalModel(fpn, head, pad_value=pad_value)
 
 
 def mask_rcnn_segment_proposals(model, inputs, top_k: int = 1000):
