@@ -4,7 +4,7 @@ the objects.
 
 One tiny Mask R-CNN is trained through the trainer (so the masks go through the data path:
 COCO RLE segmentations -> box-relative ``gt_masks`` -> targets) on two 96 x 128 images, each with
-a disc and a triangle, until it fits them (a few hundred steps of seconds), then exported once.
+a disc and a right triangle, until it fits them (a few hundred steps of seconds), then exported once.
 """
 
 import io
@@ -43,7 +43,8 @@ def _objects(seed):
     ImageDraw.Draw(disc).ellipse((cx - 22, cy - 22, cx + 22, cy + 22), fill=1)
     tri = Image.new("L", (W, H), 0)
     x0, y0 = (65, 20) if seed == 0 else (10, 15)
-    ImageDraw.Draw(tri).polygon([(x0 + 25, y0), (x0 + 50, y0 + 50), (x0, y0 + 50)], fill=1)
+    # A right triangle: no mirror symmetry, so a flipped or transposed mask would not fit it.
+    ImageDraw.Draw(tri).polygon([(x0, y0), (x0 + 50, y0 + 50), (x0, y0 + 50)], fill=1)
     masks = [(1, np.asarray(disc, np.uint8)), (2, np.asarray(tri, np.uint8))]
     for (category, mask), colour in zip(masks, ((220, 40, 40), (40, 60, 220))):
         pixels[mask > 0] = colour
@@ -182,7 +183,7 @@ def test_masks_of_the_trained_model_lie_on_the_objects(trained):
             iou = (best & (mask > 0)).sum() / (best | (mask > 0)).sum()
             assert iou > 0.7, (index, category, iou)
             # ... and it is the object's shape, not its box: the disc's mask leaves the box
-            # corners out, the triangle's the two top corners.
+            # corners out, the triangle's the top-right half.
             ys, xs = np.nonzero(mask)
             box = np.zeros_like(best)
             box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
