@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from fpn_tf import cli
 
@@ -103,7 +103,11 @@ def run(config_files, params_override, model_dir, mode, export=True, extra_overr
     if mode in ("eval", "train_and_eval"):
         result["metrics"] = trainer.evaluate()
     if export and trainer.chief and mode != "eval":
-        result["saved_model"] = os.path.abspath(trainer.export())
+        if cfg.model.architecture == "segment_proposals":
+            # The serving contract is detections (the TF Object Detection API's outputs).
+            logging.info("model.architecture segment_proposals: no SavedModel is exported")
+        else:
+            result["saved_model"] = os.path.abspath(trainer.export())
     result["seconds"] = round(time.time() - start, 1)
     lines = [
         f"Done in {result['seconds']:.0f} s.",

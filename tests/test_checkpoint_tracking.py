@@ -2,17 +2,20 @@
 kept in dicts or lists would not be), so restoring a model without its optimizer is complete."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from test_detector import fixed_batch, tiny_model
+from test_mask_head import tiny_mask_model
 
 
-def test_model_only_checkpoint_restores_every_weight(tmp_path):
-    model = tiny_model()
+@pytest.mark.parametrize("build", [tiny_model, tiny_mask_model], ids=["faster_rcnn", "mask_rcnn"])
+def test_model_only_checkpoint_restores_every_weight(tmp_path, build):
+    model = build()
     features, _ = fixed_batch()
     model(features)
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
-    clone = tiny_model()
+    clone = build()
     clone(features)
     status = tf.train.Checkpoint(model=clone).restore(path)
     status.assert_existing_objects_matched()
@@ -21,3 +24,7 @@ def test_model_only_checkpoint_restores_every_weight(tmp_path):
     reader = tf.train.load_checkpoint(path)
     stored = [k for k in reader.get_variable_to_shape_map() if k.endswith("VARIABLE_VALUE")]
     assert len(stored) >= len(model.weights)
+    if model.mask_heads is not None:  # the mask head's 4 convs, deconv, predictor: kernel + bias
+        mask_weights = model.mask_heads.weights
+        assert len(mask_weights) == 12
+        assert sum("mask_heads" in k for k in stored) == 12, [k for k in stored if "mask" in k]

@@ -53,6 +53,15 @@ def test_defaults_are_the_papers_numbers():
     assert (c.model.roi.min_level, c.model.roi.max_level, c.model.roi.output_size) == (2, 5, 7)
     assert c.model.roi.fc_dims == 1024 and c.model.roi.box_weights == [10, 10, 5, 5]
     assert c.model.detection.score_threshold == 0.05 and c.model.detection.max_detections == 100
+    assert c.model.architecture == "faster_rcnn"  # Mask R-CNN (He et al. 2017) when "mask_rcnn"
+    mask = c.model.mask
+    assert (mask.output_size, mask.sampling_ratio, mask.num_convs, mask.conv_dims) == (
+        14,
+        2,
+        4,
+        256,
+    )
+    assert not mask.class_agnostic and mask.loss_weight == 1.0
     data = c.train_data
     assert (data.short_side, data.max_long_side, data.global_batch_size) == (800, 1333, 16)
     assert c.train_data.random_flip and not c.eval_data.random_flip

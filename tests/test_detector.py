@@ -385,7 +385,9 @@ def test_pad_value_makes_the_padding_zero_after_normalisation():
     # The kwarg travels with the model's config; a wrong length is refused.
     assert FasterRCNN.from_config(model.get_config()).pad_value == mean_rgb
     with pytest.raises(ValueError, match="pad_value"):
-        FasterRCNN(model.fpn, model.rpn, model.roi_heads, CATEGORY_IDS, pad_value=(1.0, 2.0))
+        FasterRCNN(
+            model.fpn, model.rpn, model.roi_heads, category_ids=CATEGORY_IDS, pad_value=(1.0, 2.0)
+        )
 
 
 def test_pad_value_detections_and_losses_equal_mean_padded_inputs():

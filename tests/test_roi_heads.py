@@ -65,8 +65,8 @@ def test_losses_equal_the_functional_path_times_the_weight():
     heads = _heads(loss_weight=0.5)
     features = _features(rng)
     tf.random.set_seed(1)
-    detections, losses = heads(features, _proposals(PROPOSALS), HW, labels=LABELS, training=True)
-    assert detections is None and heads.levels == ["P2", "P3", "P4", "P5"]
+    sampled, losses = heads(features, _proposals(PROPOSALS), HW, labels=LABELS, training=True)
+    assert heads.levels == ["P2", "P3", "P4", "P5"]
     tf.random.set_seed(1)
     targets = target_assigner.sample_rois(
         tf.constant([PROPOSALS]),
@@ -93,6 +93,12 @@ def test_losses_equal_the_functional_path_times_the_weight():
     np.testing.assert_allclose(losses["fast_rcnn_class_loss"], 0.5 * cls, rtol=1e-6)
     np.testing.assert_allclose(losses["fast_rcnn_box_loss"], 0.5 * box, rtol=1e-6)
     assert float(box) > 0.0 and int(tf.reduce_sum(tf.cast(targets.foreground_mask, tf.int32))) > 0
+    # Training returns the sampled RoIs and their targets (the mask branch's input): the same
+    # sample as the functional path's under the same seed.
+    assert isinstance(sampled, target_assigner.RoiTargets)
+    assert heads.max_foreground_per_image == 4
+    for got, want in zip(sampled, targets):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_eq1_is_clamped_to_the_levels_the_features_hold():

@@ -53,6 +53,7 @@ __all__ = [
     "RPNConfig",
     "RoIConfig",
     "DetectionConfig",
+    "MaskConfig",
     "ModelConfig",
     "SyntheticDataConfig",
     "DataConfig",
@@ -376,8 +377,79 @@ class DetectionConfig(Config):
 
 
 @dataclasses.dataclass
+class MaskConfig(Config):
+    """The Mask R-CNN mask branch (He et al. 2017, FPN variant; used with architecture
+    "mask_rcnn"). RoIs go to pyramid levels by the box head's Eq. 1 fields (model.roi:
+    canonical_size, canonical_level, min_level, max_level, aligned, level_epsilon, align_impl).
+
+    output_size: RoIAlign's pooled size (14); the predicted mask is twice that (28x28), the size
+      of the training targets.
+    sampling_ratio: RoIAlign samples per bin along each axis (2; 0 = adaptive, as model.roi).
+    num_convs: 3x3 convs (ReLU) before the 2x2 stride-2 deconv (4).
+    conv_dims: channels of those convs and of the deconv (256).
+    class_agnostic: one mask for every class (false: one per class, the paper's default, the
+      ground-truth class's mask in training and the detected class's at inference).
+    loss_weight: the mask loss's weight in total_loss (1).
+    """
+
+    output_size: int = field(14, positive)
+    sampling_ratio: int = field(2, non_negative)
+    num_convs: int = field(4, non_negative)
+    conv_dims: int = field(256, positive)
+    class_agnostic: bool = False
+    loss_weight: float = field(1.0, non_negative)
+
+
+@dataclasses.dataclass
+class SegmentProposalConfig(Config):
+    """Segment proposals on the pyramid (paper §6): DeepMask-style mask proposals from a small
+    MLP applied fully convolutionally on every level (`fpn_tf.modeling.segment_proposals`).
+
+    hidden_dims: d, the MLP's hidden width (paper: 128).
+    mask_size: the side of the predicted box-relative mask (paper: 14).
+    window_sizes: the MLPs' input windows: 5 (5x5) and/or 7 (7x7, the half octaves); one head
+      per size, each shared by P2..P6. A window of size w on level l covers objects of
+      canonical size s = w * 2**l (5x5: 20..320 px, 7x7: 28..448 on P2..P6).
+    mask_box_scale: the predicted mask covers a square of side mask_box_scale * s centred at the
+      cell centre (1.75: DeepMask's 128-px object in a 224-px patch; our choice, the paper is
+      silent).
+    center_tolerance: a window is positive for an object (assigned to its level and head) when
+      its cell centre is within center_tolerance * s of the object box's centre on both axes
+      (0.22: DeepMask's +-16 px at 224).
+    crowd_ioa_threshold: a would-be negative window whose mask box lies more than this much
+      (intersection over mask-box area) inside a crowd box is ignored.
+    batch_size_per_image, positive_fraction: windows sampled per image for the losses, at most
+      that fraction positive (as the RPN).
+    pre_nms_top_k: windows kept per (level, head) by objectness before the NMS.
+    post_nms_top_k: proposals per image (K).
+    nms_iou: NMS IoU threshold on the mask boxes; >= 1 turns NMS off (DeepMask/SharpMask do
+      none).
+    objectness_loss_weight, mask_loss_weight: the weights of the two losses.
+    """
+
+    hidden_dims: int = field(128, positive)
+    mask_size: int = field(14, positive)
+    window_sizes: List[int] = field([5, 7], non_empty, unique, each(positive))
+    mask_box_scale: float = field(1.75, positive)
+    center_tolerance: float = field(0.22, positive)
+    crowd_ioa_threshold: float = field(0.7, unit_interval)
+    batch_size_per_image: int = field(256, positive)
+    positive_fraction: float = field(0.5, in_range(0, 1, "(]"))
+    pre_nms_top_k: int = field(1000, positive)
+    post_nms_top_k: int = field(1000, positive)
+    nms_iou: float = field(0.8, positive)
+    objectness_loss_weight: float = field(1.0, non_negative)
+    mask_loss_weight: float = field(1.0, non_negative)
+
+
+@dataclasses.dataclass
 class ModelConfig(Config):
     """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories.
+
+    architecture: "faster_rcnn" (boxes), "mask_rcnn" (boxes and the mask branch of model.mask,
+      He et al. 2017) or "segment_proposals" (the paper's §6 mask proposals: the pyramid and the
+      head of model.segment_proposals; rpn, roi and detection are unused). The last two train on
+      each object's mask (labels["gt_masks"]).
 
     init_checkpoint: start a run from another model's weights (fine-tuning): a model directory
       (a training run's model_dir, or a converted model: params.yaml, category_map.json and
@@ -389,9 +461,10 @@ class ModelConfig(Config):
       of its own model_dir ignores it (and logs so). null = no init checkpoint.
     init_checkpoint_modules: which weights init_checkpoint gives (`fpn_tf.training.init_checkpoint`):
       "all" = every weight of the detector (backbone, pyramid, RPN, the box head's fc layers);
-      the class-specific layers (the box head's classifier and box regressor) are taken only
-      when the source has the same classes (same category ids, hence the same shapes), else they
-      keep their fresh initialisation, and the log says so. "backbone" = only the bottom-up
+      the class-specific layers (the box head's classifier and box regressor, a mask branch's
+      predictor) are taken only when the source has the same classes (same category ids, hence
+      the same shapes), else they keep their fresh initialisation, and the log says so. A Mask
+      R-CNN started from a Faster R-CNN keeps its fresh mask branch (logged). "backbone" = only the bottom-up
       ResNet (e.g. to start a different detector from a COCO backbone). Outside the class layers,
       the weights taken must have the source's shapes: an architecture that differs (another
       backbone, pyramid width, fc size, ...) is a one-line error naming the layer and both shapes.
@@ -399,6 +472,7 @@ class ModelConfig(Config):
       overwrites every backbone weight either way).
     """
 
+    architecture: Literal["faster_rcnn", "mask_rcnn", "segment_proposals"] = "faster_rcnn"
     num_classes: int = field(0, non_negative)
     init_checkpoint: Optional[str] = field(
         None,
@@ -414,6 +488,10 @@ class ModelConfig(Config):
     rpn: RPNConfig = dataclasses.field(default_factory=RPNConfig)
     roi: RoIConfig = dataclasses.field(default_factory=RoIConfig)
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
+    segment_proposals: SegmentProposalConfig = dataclasses.field(
+        default_factory=SegmentProposalConfig
+    )
 
     def _check_values(self, p):
         fpn = self.fpn
@@ -491,6 +569,9 @@ class DataConfig(Config):
     global_batch_size: over all replicas; must be divisible by the number of replicas.
     shuffle_buffer_size: None = the pipeline's default (every image for COCO sources).
     max_num_instances: ground-truth rows per image (padded; extra objects dropped).
+    mask_crop_size: S of labels["gt_masks"] [B, N, S, S], each object's mask over its box
+      (box-relative, fpn_tf.ops.mask_ops), when the pipeline is asked for masks (a model with a
+      mask head).
     on_bad_data: "skip" a corrupt/unreadable example (logged) or "error".
     verify_images: how much of each COCO image file is checked when indexing.
     """
@@ -509,6 +590,7 @@ class DataConfig(Config):
     global_batch_size: int = field(16, positive)
     shuffle_buffer_size: Optional[int] = field(None, non_negative)
     max_num_instances: int = field(100, positive)
+    mask_crop_size: int = field(112, positive)
     on_bad_data: Literal["skip", "error"] = "skip"
     verify_images: Literal["header", "full", "none"] = "header"
     synthetic: SyntheticDataConfig = dataclasses.field(default_factory=SyntheticDataConfig)

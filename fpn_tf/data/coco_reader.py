@@ -10,9 +10,20 @@ and slices its ground truth. Each element of :meth:`CocoIndex.dataset` is::
      "height":      int32 [],  "width": int32 [],
      "gt_boxes":    float32 [n, 4] ymin, xmin, ymax, xmax in pixels,
      "gt_classes":  int32 [n] contiguous 1..C (see CategoryMap),
-     "gt_is_crowd": bool [n]}
+     "gt_is_crowd": bool [n],
+     "gt_masks":    uint8 [n, H, W] 0/1, only from a mask-holding index (below)}
 
 Images with no annotations are kept (n = 0): they are negatives.
+
+Instance masks
+--------------
+With ``include_masks=True`` (:func:`load_coco`, or :meth:`CocoIndex.with_masks` of an index loaded
+without) each kept annotation's ``segmentation`` -- polygons (list of ``[x0, y0, x1, y1, ...]``),
+uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string; crowd regions are
+RLE) -- is validated and stored as compressed RLE bytes (:attr:`CocoIndex.mask_rles`), the
+form pycocotools' ``COCO.annToRLE`` gives; ``decode`` rasterises them with pycocotools in the
+tf.data map (``tf.numpy_function``), so ``gt_masks`` is exactly ``COCO.annToMask``. Without
+masks nothing is read, checked or decoded.
 
 Bad data
 --------
@@ -39,6 +50,14 @@ logs the counts with a few example ids through absl logging. Reasons:
                        GIF / BMP
 ``image_size_mismatch``(images) the file's size differs from the JSON's
                        ``height`` / ``width``
+``missing_segmentation``(masks only) no ``segmentation``
+``bad_polygon``        (masks only) a polygon with fewer than 3 points, an
+                       odd number of coordinates or non-numbers
+``bad_rle``            (masks only) an RLE without a ``size`` / ``counts``
+                       pair, or whose counts do not cover ``size``
+``mask_size_mismatch`` (masks only) an RLE ``size`` other than the image's
+``empty_mask``         (masks only) area 0 once rasterised (e.g. a polygon
+                       entirely outside the image)
 ====================== ===================================================
 
 The annotations of a skipped image are counted under
@@ -84,6 +103,8 @@ __all__ = [
     "CocoIndex",
     "load_coco",
     "decode_image_guarded",
+    "decode_rles",
+    "segmentation_to_rle",
 ]
 
 ON_BAD_DATA = ("error", "skip")
@@ -98,7 +119,15 @@ _ANNOTATION_REASONS = {
     "unknown_category": "a category_id not in 'categories'",
     "unknown_image": "an image_id not in 'images'",
     "of_skipped_images": "their image skipped",
+    "missing_segmentation": "no 'segmentation'",
+    "bad_polygon": "a malformed segmentation polygon",
+    "bad_rle": "a malformed segmentation RLE",
+    "mask_size_mismatch": "a segmentation RLE whose size differs from the image's",
+    "empty_mask": "an empty mask (area 0)",
 }
+_MASK_REASONS = frozenset(
+    ("missing_segmentation", "bad_polygon", "bad_rle", "mask_size_mismatch", "empty_mask")
+)
 _IMAGE_REASONS = {
     "missing_image_file": "a missing file",
     "corrupt_image": "a file that cannot be decoded",
@@ -178,10 +207,31 @@ class CocoIndex:
     num_clipped_boxes: int
     on_bad_data: str
     drops: RunTimeDrops = dataclasses.field(default=None)  # type: ignore[assignment]
+    # object (bytes) [A]: each annotation's mask as compressed RLE counts over its image's
+    # (height, width); None when loaded without masks (see with_masks).
+    mask_rles: np.ndarray | None = None
 
     def __post_init__(self):
         if self.drops is None:
             self.drops = RunTimeDrops(self.annotation_file)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_rles is not None
+
+    def with_masks(self) -> "CocoIndex":
+        """This index with masks: itself if it has them, else (once, then kept) the index
+        :func:`load_coco` gives with ``include_masks=True`` for the same images -- the
+        segmentations are read from the annotation file and checked, and annotations with bad
+        masks are skipped (counted, logged, or raised under ``on_bad_data="error"``). It
+        shares this index's :attr:`drops`."""
+        if self.has_masks:
+            return self
+        return self._with_masks
+
+    @functools.cached_property
+    def _with_masks(self) -> "CocoIndex":
+        return _index_with_masks(self)
 
     @property
     def num_images(self) -> int:
@@ -209,7 +259,15 @@ class CocoIndex:
             "gt_is_crowd": self.gt_is_crowd[s:e],
             "annotation_ids": self.annotation_ids[s:e],
             "areas": self.areas[s:e],
+            **({"mask_rles": list(self.mask_rles[s:e])} if self.has_masks else {}),
         }
+
+    def masks(self, i: int) -> np.ndarray:
+        """uint8 [n, H, W] 0/1: image ``i``'s decoded masks (``COCO.annToMask`` of each)."""
+        if not self.has_masks:
+            raise ValueError(f"{self.annotation_file}: loaded without masks; use with_masks()")
+        s, e = int(self.row_splits[i]), int(self.row_splits[i + 1])
+        return decode_rles(self.mask_rles[s:e], int(self.heights[i]), int(self.widths[i]))
 
     # -- tf.data ------------------------------------------------------------------
 
@@ -233,8 +291,9 @@ class CocoIndex:
                 "is_crowd": tf.constant(self.gt_is_crowd, tf.bool),
             }
 
-    def decode(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Reads and decodes image ``index`` and slices its ground truth."""
+    def decode(self, index: tf.Tensor, include_masks: bool = False) -> dict[str, tf.Tensor]:
+        """Reads and decodes image ``index`` and slices its ground truth (and with
+        ``include_masks``, which needs :meth:`with_masks`, rasterises its masks)."""
         t = self._tensors
         index = tf.cast(index, tf.int64)
         path = tf.gather(t["paths"], index)
@@ -245,7 +304,7 @@ class CocoIndex:
         )
         start = tf.gather(t["row_splits"], index)
         end = tf.gather(t["row_splits"], index + 1)
-        return {
+        out = {
             "image": image,
             "image_id": tf.gather(t["image_ids"], index),
             "height": height,
@@ -254,11 +313,144 @@ class CocoIndex:
             "gt_classes": t["classes"][start:end],
             "gt_is_crowd": t["is_crowd"][start:end],
         }
+        if include_masks:
+            if not self.has_masks:
+                raise ValueError(
+                    f"{self.annotation_file}: loaded without masks; decode the index "
+                    "with_masks() gives"
+                )
+            masks = tf.numpy_function(
+                lambda i: self.masks(int(i)), [index], tf.uint8, stateful=False
+            )
+            out["gt_masks"] = tf.ensure_shape(masks, [None, None, None])
+        return out
 
     def describe(self, index) -> tuple[str, str]:
         """(file, image id) of the item ``index`` of :meth:`item_dataset`, for log lines."""
         index = int(index)
         return str(self.file_paths[index]), str(int(self.image_ids[index]))
+
+
+def decode_rles(counts, height: int, width: int) -> np.ndarray:
+    """uint8 [n, height, width] 0/1 of compressed RLE ``counts`` (bytes), decoded by
+    pycocotools."""
+    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+
+    if len(counts) == 0:
+        return np.zeros((0, height, width), np.uint8)
+    rles = [{"size": [height, width], "counts": c} for c in counts]
+    return np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
+
+
+def compressed_rle_runs(counts: bytes) -> list[int] | None:
+    """The runs (uncompressed RLE ``counts``) of a compressed RLE string, as pycocotools'
+    ``rleFrString`` reads it, or None if it is malformed (a character out of range, a truncated
+    number, a negative run)."""
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return runs
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int):
+    """A COCO ``segmentation`` -> (compressed RLE counts bytes, None, "") or, when it is
+    unusable, (None, reason, what is wrong).
+
+    The RLE is ``COCO.annToRLE``'s: polygons are rasterised and merged, an uncompressed RLE is
+    compressed, a compressed one is kept; so decoding it gives ``COCO.annToMask``.
+    """
+    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+
+    h, w = int(height), int(width)
+    if segmentation is None:
+        return None, "missing_segmentation", "has no 'segmentation'"
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return None, "bad_polygon", "'segmentation' is an empty list of polygons"
+        for k, poly in enumerate(segmentation):
+            if not isinstance(poly, (list, tuple)) or not all(
+                _is_number(v) and math.isfinite(v) for v in poly
+            ):
+                return None, "bad_polygon", f"segmentation polygon {k} is not a list of numbers"
+            if len(poly) % 2:
+                return (
+                    None,
+                    "bad_polygon",
+                    f"segmentation polygon {k} has an odd number of coordinates ({len(poly)})",
+                )
+            if len(poly) < 6:
+                return (
+                    None,
+                    "bad_polygon",
+                    f"segmentation polygon {k} has fewer than 3 points ({len(poly) // 2})",
+                )
+        rles = mask_utils.frPyObjects([[float(v) for v in p] for p in segmentation], h, w)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
+            return None, "bad_rle", f"segmentation RLE 'size' must be [height, width], got {size!r}"
+        if (int(size[0]), int(size[1])) != (h, w):
+            return (
+                None,
+                "mask_size_mismatch",
+                f"segmentation RLE size {list(size)} (h, w) differs from the image's [{h}, {w}]",
+            )
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
+                return (
+                    None,
+                    "bad_rle",
+                    f"segmentation RLE counts are not non-negative integers summing to {h * w}",
+                )
+            rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        elif isinstance(counts, (str, bytes)):
+            try:
+                raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+            except UnicodeEncodeError:
+                raw = b"\xff"
+            runs = compressed_rle_runs(raw)
+            if runs is None or sum(runs) != h * w:
+                return (
+                    None,
+                    "bad_rle",
+                    f"segmentation RLE counts string does not decode to {h * w} pixels",
+                )
+            rle = {"size": [h, w], "counts": raw}
+        else:
+            return (
+                None,
+                "bad_rle",
+                f"segmentation RLE 'counts' must be a list or a string, got {type(counts).__name__}",
+            )
+    else:
+        return (
+            None,
+            "bad_rle",
+            "'segmentation' must be a list of polygons or an RLE object, got "
+            f"{type(segmentation).__name__}",
+        )
+    if int(mask_utils.area(rle)) == 0:
+        return None, "empty_mask", "segmentation has area 0 in the image (an empty mask)"
+    return bytes(rle["counts"]), None, ""
 
 
 def decode_image_guarded(
@@ -332,8 +524,11 @@ class _Problems:
         if len(self.examples[reason]) < _MAX_LOGGED_EXAMPLES:
             self.examples[reason].append(example)
 
-    def log(self):
+    def log(self, only: frozenset | None = None):
+        """Logs the counts (of the reasons in ``only``, when given)."""
         for reason, n in sorted(self.images.items()):
+            if only is not None and reason not in only:
+                continue
             logging.warning(
                 "%s: skipped %d image(s) with %s [%s]; e.g. %s",
                 self.file,
@@ -343,6 +538,8 @@ class _Problems:
                 ", ".join(self.examples[reason]),
             )
         for reason, n in sorted(self.annotations.items()):
+            if only is not None and reason not in only:
+                continue
             examples = self.examples.get(reason)
             logging.warning(
                 "%s: skipped %d annotation(s) with %s [%s]%s",
@@ -383,6 +580,7 @@ def load_coco(
     on_bad_data: str = "skip",
     verify_images: str = "header",
     num_verify_threads: int = 16,
+    include_masks: bool = False,
 ) -> CocoIndex:
     """Loads and validates a COCO-format annotation file (see module docstring).
 
@@ -395,6 +593,8 @@ def load_coco(
         (raise :class:`DataError` at the first problem).
       verify_images: ``"header"`` (default), ``"full"`` or ``"none"``.
       num_verify_threads: threads that read image headers.
+      include_masks: also check and keep each annotation's ``segmentation`` (module doc,
+        "Instance masks").
 
     Returns:
       A :class:`CocoIndex`.
@@ -417,7 +617,13 @@ def load_coco(
     listed = _parse_images(af, data["images"], image_dir)
     kept = _usable_images(listed, verify_images, num_verify_threads, problems)
     per_image, num_clipped = _parse_annotations(
-        af, data["annotations"], {im.image_id for im in listed}, kept, category_map, problems
+        af,
+        data["annotations"],
+        {im.image_id for im in listed},
+        kept,
+        category_map,
+        problems,
+        include_masks=include_masks,
     )
     problems.log()
     if num_clipped:
@@ -433,7 +639,11 @@ def load_coco(
             f"{af}: the data set is empty: no usable images"
             + (f" ({skipped} skipped, see the log)" if skipped else "")
         )
-    index = _build_index(af, image_dir, category_map, kept, per_image, problems, num_clipped)
+    if include_masks:
+        _require_some_masks(af, per_image, problems)
+    index = _build_index(
+        af, image_dir, category_map, kept, per_image, problems, num_clipped, include_masks
+    )
     logging.info(
         "%s: %d images (%d without annotations), %d annotations, %d categories",
         af,
@@ -518,9 +728,10 @@ def _parse_annotations(
     kept: list[_Image],
     category_map: CategoryMap,
     problems: _Problems,
+    include_masks: bool = False,
 ) -> tuple[list[list[tuple]], int]:
-    """Per kept image, its usable annotations as (box yxyx, class, crowd, id, area) rows; and
-    the number of boxes clipped to their image."""
+    """Per kept image, its usable annotations as (box yxyx, class, crowd, id, area, mask RLE or
+    None) rows; and the number of boxes clipped to their image."""
     position = {im.image_id: k for k, im in enumerate(kept)}
     per_image: list[list[tuple]] = [[] for _ in kept]
     num_clipped = 0
@@ -533,7 +744,7 @@ def _parse_annotations(
             problems.annotations["of_skipped_images"] += 1
             continue
         image = kept[position[iid]]
-        row, clipped = _annotation_row(ann, aid, bbox, image, category_map, problems)
+        row, clipped = _annotation_row(ann, aid, bbox, image, category_map, problems, include_masks)
         num_clipped += clipped
         if row is not None:
             per_image[position[iid]].append(row)
@@ -558,7 +769,13 @@ def _check_annotation(af: str, n: int, ann: Any) -> tuple[Any, Any, list]:
 
 
 def _annotation_row(
-    ann: dict, aid: Any, bbox: list, image: _Image, category_map: CategoryMap, problems: _Problems
+    ann: dict,
+    aid: Any,
+    bbox: list,
+    image: _Image,
+    category_map: CategoryMap,
+    problems: _Problems,
+    include_masks: bool = False,
 ) -> tuple[tuple | None, bool]:
     """(row or None when unusable, whether the box was clipped) of one annotation of ``image``."""
     iid, cid = image.image_id, ann["category_id"]
@@ -594,6 +811,12 @@ def _annotation_row(
             "bad_box_size", aid, iid, f"bbox {list(bbox)} has zero size inside the image"
         )
         return None, True
+    rle = None
+    if include_masks:
+        rle, reason, what = segmentation_to_rle(ann.get("segmentation"), height, width)
+        if rle is None:
+            problems.annotation(reason, aid, iid, what)
+            return None, clipped
     area = ann.get("area")
     area = float(area) if _is_number(area) else (x1 - x0) * (y1 - y0)
     row = (
@@ -602,6 +825,7 @@ def _annotation_row(
         bool(ann.get("iscrowd", 0)),
         int(ann["id"]) if _is_int(ann.get("id")) else -1,
         area,
+        rle,
     )
     return row, clipped
 
@@ -614,9 +838,14 @@ def _build_index(
     per_image: list[list[tuple]],
     problems: _Problems,
     num_clipped: int,
+    include_masks: bool = False,
 ) -> CocoIndex:
     counts = np.array([len(a) for a in per_image], np.int64)
     flat = [a for anns in per_image for a in anns]
+    mask_rles = None
+    if include_masks:
+        mask_rles = np.empty(len(flat), object)
+        mask_rles[:] = [a[5] for a in flat]
     return CocoIndex(
         annotation_file=af,
         image_dir=image_dir,
@@ -636,4 +865,51 @@ def _build_index(
         skipped_images=dict(problems.images),
         num_clipped_boxes=num_clipped,
         on_bad_data=problems.on_bad_data,
+        mask_rles=mask_rles,
     )
+
+
+def _require_some_masks(af: str, per_image, problems) -> None:
+    """Masks were requested: a data set whose annotations have no segmentation at all is a box
+    data set, and a mask model cannot train on it (skipping every annotation would leave it no
+    objects); it says so in one line."""
+    missing = problems.annotations.get("missing_segmentation", 0)
+    if missing and not any(len(rows) for rows in per_image):
+        raise DataError(
+            f"{af}: masks were requested (model.architecture mask_rcnn or segment_proposals) "
+            f"but none of its {missing} annotations has a 'segmentation'; train a box model "
+            "(model.architecture: faster_rcnn) on it"
+        )
+
+
+def _index_with_masks(index: CocoIndex) -> CocoIndex:
+    """``index``'s images with their annotations re-read from the annotation file, masks
+    included (the images were checked when ``index`` was loaded)."""
+    af = index.annotation_file
+    logging.info("%s: reading the segmentations (masks requested)", af)
+    data = _load_json(af)
+    kept = [
+        _Image(int(i), str(p), str(n), int(h), int(w))
+        for i, p, n, h, w in zip(
+            index.image_ids, index.file_paths, index.file_names, index.heights, index.widths
+        )
+    ]
+    listed = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+    problems = _Problems(af, index.on_bad_data)
+    per_image, num_clipped = _parse_annotations(
+        af, data["annotations"], listed, kept, index.category_map, problems, include_masks=True
+    )
+    problems.log(only=_MASK_REASONS)  # the others were logged when the index was loaded
+    _require_some_masks(af, per_image, problems)
+    problems.images.update(index.skipped_images)
+    masked = _build_index(
+        af, index.image_dir, index.category_map, kept, per_image, problems, num_clipped, True
+    )
+    masked.drops = index.drops
+    logging.info(
+        "%s: masks of %d annotations (%d skipped for their masks)",
+        af,
+        masked.num_annotations,
+        sum(n for r, n in problems.annotations.items() if r in _MASK_REASONS),
+    )
+    return masked

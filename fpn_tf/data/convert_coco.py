@@ -24,6 +24,12 @@ Notes on the schema: image bytes are stored as they are on disk (JPEG or PNG;
 Model Garden labels both ``image/format = jpg``, decoders sniff the content);
 boxes are normalised to [0, 1]; ``image/object/class/label`` holds the
 dataset's category ids; ``image/source_id`` the COCO image id.
+
+With ``--include_masks`` the segmentations are validated as the COCO reader does with masks (bad
+ones skipped or an error, as ``--on_bad_data`` says) and each object's mask is written as
+``image/object/mask``, one PNG of the image's size (0/1) per object, by ``create_tf_example``'s
+``include_masks``: it is given each validated mask as an uncompressed RLE, so the PNG holds
+exactly ``COCO.annToMask``.
 """
 
 from __future__ import annotations
@@ -63,13 +69,29 @@ class ConversionResult:
         return self.shard_files[0].replace(f"-00000-of-{n:05d}", f"-*-of-{n:05d}")
 
 
+def _segmentation_for_model_garden(rle_counts: bytes, height: int, width: int, crowd: bool):
+    """A validated mask (compressed RLE) in the form Model Garden's ``coco_segmentation_to_mask_png``
+    decodes to one [height, width] mask: an uncompressed RLE, in a list when not crowd (it takes
+    the max over the list's masks) and alone when crowd (it decodes it as it is)."""
+    runs = coco_reader.compressed_rle_runs(rle_counts)
+    rle = {"size": [int(height), int(width)], "counts": runs}
+    return rle if crowd else [rle]
+
+
 def _annotations_for_model_garden(index: coco_reader.CocoIndex, i: int) -> list[dict[str, Any]]:
-    """Image i's validated annotations as COCO dicts for create_tf_example."""
+    """Image i's validated annotations as COCO dicts for create_tf_example (with their
+    ``segmentation`` when the index has masks)."""
     ex = index.example(i)
     width, height = float(ex["width"]), float(ex["height"])
     anns = []
-    for box, cls, crowd, aid, area in zip(
-        ex["gt_boxes"], ex["gt_classes"], ex["gt_is_crowd"], ex["annotation_ids"], ex["areas"]
+    rles = ex.get("mask_rles", [None] * len(ex["gt_classes"]))
+    for box, cls, crowd, aid, area, rle in zip(
+        ex["gt_boxes"],
+        ex["gt_classes"],
+        ex["gt_is_crowd"],
+        ex["annotation_ids"],
+        ex["areas"],
+        rles,
     ):
         y0, x0, y1, x1 = (float(v) for v in box)
         w, h = x1 - x0, y1 - y0
@@ -79,15 +101,18 @@ def _annotations_for_model_garden(index: coco_reader.CocoIndex, i: int) -> list[
             w = float(np.nextafter(w, 0.0))
         while y0 + h > height:
             h = float(np.nextafter(h, 0.0))
-        anns.append(
-            {
-                "id": int(aid),
-                "bbox": [x0, y0, w, h],
-                "category_id": index.category_map.to_dataset_id(int(cls)),
-                "iscrowd": int(bool(crowd)),
-                "area": float(area),
-            }
-        )
+        ann = {
+            "id": int(aid),
+            "bbox": [x0, y0, w, h],
+            "category_id": index.category_map.to_dataset_id(int(cls)),
+            "iscrowd": int(bool(crowd)),
+            "area": float(area),
+        }
+        if rle is not None:
+            ann["segmentation"] = _segmentation_for_model_garden(
+                rle, ex["height"], ex["width"], bool(crowd)
+            )
+        anns.append(ann)
     return anns
 
 
@@ -99,6 +124,7 @@ def convert_coco_to_tfrecords(
     on_bad_data: str = "skip",
     verify_images: str = "header",
     num_processes: int = 0,
+    include_masks: bool = False,
 ) -> ConversionResult:
     """Writes ``num_shards`` TFRecord shards and the category map JSON.
 
@@ -110,6 +136,7 @@ def convert_coco_to_tfrecords(
       on_bad_data: "skip" or "error", as in :func:`coco_reader.load_coco`.
       verify_images: "header", "full" or "none", as in ``load_coco``.
       num_processes: worker processes that encode examples (0: in this one).
+      include_masks: also write each object's mask (``image/object/mask``, module doc).
 
     Returns:
       A :class:`ConversionResult`.
@@ -124,7 +151,11 @@ def convert_coco_to_tfrecords(
     output_prefix = os.fspath(output_prefix)
     image_dir = os.fspath(image_dir)
     index = coco_reader.load_coco(
-        annotation_file, image_dir, on_bad_data=on_bad_data, verify_images=verify_images
+        annotation_file,
+        image_dir,
+        on_bad_data=on_bad_data,
+        verify_images=verify_images,
+        include_masks=include_masks,
     )
     parent = os.path.dirname(output_prefix)
     if parent:
@@ -153,7 +184,7 @@ def convert_coco_to_tfrecords(
                 None,
                 None,
                 False,
-                False,
+                bool(include_masks),
             )
 
     logging.info(
@@ -198,8 +229,8 @@ def convert_coco_to_tfrecords(
 
 def define_flags() -> None:
     """Command-line flags (defined only when run as a program)."""
-    # create_coco_tf_record defines --image_dir, --num_shards, --num_processes
-    # on import; ours replace them (allow_override) with our meaning.
+    # create_coco_tf_record defines --image_dir, --num_shards, --num_processes,
+    # --include_masks on import; ours replace them (allow_override) with our meaning.
     from official.vision.data import create_coco_tf_record  # pylint: disable=g-import-not-at-top,unused-import
 
     flags.DEFINE_string("annotation_file", None, "COCO instances JSON file.")
@@ -232,6 +263,13 @@ def define_flags() -> None:
         list(coco_reader.VERIFY_IMAGES),
         "How much of each image file to read at load time.",
     )
+    flags.DEFINE_bool(
+        "include_masks",
+        False,
+        "Also write each object's mask (image/object/mask, one PNG per object) from its "
+        "segmentation; bad segmentations are handled as --on_bad_data says.",
+        allow_override=True,
+    )
     flags.DEFINE_integer(
         "num_processes",
         0,
@@ -255,6 +293,7 @@ def main(argv: list[str]) -> None:
             on_bad_data=f.on_bad_data,
             verify_images=f.verify_images,
             num_processes=f.num_processes,
+            include_masks=f.include_masks,
         )
     except DataError as e:
         logging.error("%s", e)

@@ -19,6 +19,12 @@ Each batch (see WORKSPACE.md):
   of the resized image; ``labels["gt_classes"]``: int32 [B, N] contiguous
   1..C, -1 = padding; ``labels["gt_is_crowd"]``: bool [B, N].
   N = ``max_num_instances``.
+* with ``include_masks=True`` only, ``labels["gt_masks"]``: float32 [B, N, S, S], each object's
+  mask over its ``gt_boxes`` row in box-relative form (``fpn_tf.ops.mask_ops``; S =
+  ``mask_crop_size``, 112 by default), cropped in the decoded image's frame and flipped with it
+  (``transforms.crop_instance_masks``); padding rows are zeros. Masks are read only then: a COCO
+  source checks and keeps its segmentations (``CocoIndex.with_masks``, once), TFRecords decode
+  ``image/object/mask``.
 
 Static shapes (``padding_mode``): by default ("orientation") each image is
 padded to a fixed size chosen by its orientation, ``[ceil32(short_side),
@@ -49,6 +55,7 @@ the flag filters it out and reports it. With ``"error"`` the failure stops the i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Union
@@ -82,6 +89,7 @@ class CocoSource:
     image_dir: str
     on_bad_data: str = "skip"
     verify_images: str = "header"
+    include_masks: bool = False  # also check and keep the segmentations at load time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +128,7 @@ def load_source(spec: CocoSource | TfRecordSource) -> Source:
             spec.image_dir,
             on_bad_data=spec.on_bad_data,
             verify_images=spec.verify_images,
+            include_masks=spec.include_masks,
         )
     if isinstance(spec, TfRecordSource):
         return TfRecordIndex(
@@ -177,6 +186,8 @@ def build_dataset(
     prefetch_buffer_size: int = tf.data.AUTOTUNE,
     input_context: tf.distribute.InputContext | None = None,
     return_info: bool = False,
+    include_masks: bool = False,
+    mask_crop_size: int = 112,
 ):
     """Builds the training or evaluation input pipeline.
 
@@ -205,6 +216,9 @@ def build_dataset(
       input_context: from ``strategy.distribute_datasets_from_function``; shards
         the input across pipelines.
       return_info: also return a :class:`DatasetInfo`.
+      include_masks: also give ``labels["gt_masks"]`` (module doc); a COCO source without
+        masks is given them by ``source.with_masks()`` (read once, then kept).
+      mask_crop_size: S of the box-relative masks.
 
     Returns:
       ``tf.data.Dataset`` of ``(features, labels)``, or ``(dataset, info)``.
@@ -220,6 +234,8 @@ def build_dataset(
         )
     if batch_size < 1 or max_num_instances < 1 or pad_multiple < 1:
         raise ValueError("batch_size, max_num_instances and pad_multiple must be " ">= 1")
+    if include_masks and mask_crop_size < 1:
+        raise ValueError(f"mask_crop_size must be >= 1, got {mask_crop_size}")
     shuffle = training if shuffle is None else shuffle
     repeat = training if repeat is None else repeat
     drop_remainder = training if drop_remainder is None else drop_remainder
@@ -243,6 +259,8 @@ def build_dataset(
             f"source_from_config(data_config)), got {type(source).__name__}"
         )
     index = source
+    if include_masks and isinstance(index, CocoIndex):
+        index = index.with_masks()
     if isinstance(index, CocoIndex):
         items = index.item_dataset()
         if num_pipelines > 1:
@@ -277,7 +295,7 @@ def build_dataset(
     if flip:
         # A distinct stream per input pipeline.
         flip_seed = (int(seed) * 1_000_003 + pipeline_id) % (2**62)
-    decode = index.decode
+    decode = functools.partial(index.decode, include_masks=True) if include_masks else index.decode
     transform_args = dict(
         short_side=short_side,
         max_long_side=max_long_side,
@@ -286,6 +304,8 @@ def build_dataset(
         max_num_instances=max_num_instances,
         resize_rounding=resize_rounding,
     )
+    if include_masks:
+        transform_args.update(include_masks=True, mask_crop_size=mask_crop_size)
 
     def element(number, item):
         example = decode(item)
@@ -404,6 +424,7 @@ _BUILD_ARGS = (
     "max_num_instances",
     "random_flip",
     "shuffle_buffer_size",
+    "mask_crop_size",
 )
 
 
@@ -418,7 +439,8 @@ def build_dataset_from_config(
     """``build_dataset`` of a loaded ``source`` with a ``DataConfig``'s settings.
 
     The batch size is the config's ``global_batch_size``; the flip is ``random_flip`` and
-    ``training``; ``overrides`` (build_dataset keyword arguments, e.g. ``seed``) win.
+    ``training``; ``overrides`` (build_dataset keyword arguments, e.g. ``seed``,
+    ``include_masks=True`` for a model with a mask head) win.
     """
     kwargs = {k: getattr(data_cfg, k) for k in _BUILD_ARGS}
     kwargs["random_flip"] = bool(data_cfg.random_flip and training)

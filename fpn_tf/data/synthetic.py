@@ -26,6 +26,13 @@ with IoU <= 0.25 against earlier objects, covering at most 30 % of an
 earlier object's box. Boxes are the tight boxes of the
 drawn pixels, COCO ``[x, y, w, h]``. Deterministic given ``seed`` (numpy
 RNG + PIL drawing; no TensorFlow).
+
+Each object's ``segmentation`` is its drawn shape as compressed RLE over the whole image
+(``pycocotools.mask.encode`` of the Fortran-ordered uint8 mask, counts as str), ``area`` its pixel
+count, and its bbox the shape's tight box. It is the full drawn shape, also where a later object
+is pasted over it (up to 30 % of its box): COCO masks are of the visible part, but cutting them
+would change the tight boxes (and the data sets made before masks existed); the RNG stream,
+images and boxes are unchanged by the masks.
 """
 
 from __future__ import annotations
@@ -112,6 +119,16 @@ def _shape_mask(cat_id: int, bw: int, bh: int, rng: np.random.Generator) -> Imag
     return mask
 
 
+def _segmentation(m: np.ndarray, x: int, y: int, height: int, width: int) -> dict:
+    """The compressed RLE (counts as str) of the [bh, bw] bool shape ``m`` drawn at (x, y)."""
+    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+
+    full = np.zeros((height, width), np.uint8, order="F")
+    full[y : y + m.shape[0], x : x + m.shape[1]] = m
+    rle = mask_utils.encode(full)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
 def render_image(
     rng: np.random.Generator,
     height: int,
@@ -120,7 +137,7 @@ def render_image(
     min_object_size: float,
     max_object_size: float,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Draws one image; returns (uint8 [h, w, 3], [{bbox, category_id, area}])."""
+    """Draws one image; returns (uint8 [h, w, 3], [{bbox, category_id, area, segmentation}])."""
     canvas = Image.fromarray(_background(rng, height, width))
     cat_ids = [c["id"] for c in CATEGORIES]
     placed, objects = [], []
@@ -152,6 +169,7 @@ def render_image(
                 "bbox": [float(x + bx0), float(y + by0), float(bx1 - bx0), float(by1 - by0)],
                 "category_id": cat,
                 "area": float(m.sum()),
+                "segmentation": _segmentation(m, x, y, height, width),
             }
         )
     return np.asarray(canvas), objects

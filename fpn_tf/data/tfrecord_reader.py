@@ -14,11 +14,15 @@ per-image dict as :mod:`fpn_tf.data.coco_reader` gives:
 * ``image_id``: ``image/source_id`` parsed as an integer (COCO ids are; a
   non-numeric source id is hashed to a non-negative int64);
 * boxes of zero size (possible in shards made by other tools) are dropped
-  with a printed warning naming the image.
+  with a printed warning naming the image;
+* masks (``decode(..., include_masks=True)``): ``image/object/mask``, one PNG per object of the
+  image's size (``TfExampleDecoder(include_mask=True)``), as ``gt_masks`` uint8 [n, H, W] 0/1; an
+  example whose mask count differs from its box count (shards written without masks) fails.
 
 :meth:`TfRecordIndex.groundtruth` gives the shards' ground truth as a COCO annotation dict (boxes,
-dataset category ids, crowd flags, areas, image sizes), the evaluation's ground truth when no
-annotation file is given.
+dataset category ids, crowd flags, areas, image sizes and, when the shards hold masks, each
+object's ``segmentation`` as compressed RLE), the evaluation's ground truth when no annotation
+file is given.
 """
 
 from __future__ import annotations
@@ -127,6 +131,9 @@ class TfRecordIndex:
         self._decoder = tf_example_decoder.TfExampleDecoder(
             include_mask=False, regenerate_source_id=False
         )
+        self._mask_decoder = tf_example_decoder.TfExampleDecoder(
+            include_mask=True, regenerate_source_id=False
+        )
 
     num_images = None  # unknown without a pass over the shards
 
@@ -159,9 +166,10 @@ class TfRecordIndex:
             ds = ds.shard(num_shards, shard_index)
         return ds
 
-    def decode(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        """One serialized tf.Example -> the per-image dict."""
-        d = self._decoder.decode(serialized)
+    def decode(self, serialized: tf.Tensor, include_masks: bool = False) -> dict[str, tf.Tensor]:
+        """One serialized tf.Example -> the per-image dict (with ``gt_masks`` when
+        ``include_masks``)."""
+        d = (self._mask_decoder if include_masks else self._decoder).decode(serialized)
         image = d["image"]
         shape = tf.shape(image, out_type=tf.int32)
         height, width = shape[0], shape[1]
@@ -203,9 +211,26 @@ class TfRecordIndex:
             return tf.constant(0)
 
         warned = tf.cond(num_empty > 0, _warn, lambda: tf.constant(0))
-        with tf.control_dependencies([check, warned]):
+        checks = [check, warned]
+        if include_masks:
+            masks = d["groundtruth_instance_masks"]
+            checks.append(
+                tf.debugging.Assert(
+                    tf.equal(tf.shape(masks)[0], tf.shape(boxes)[0]),
+                    [
+                        "TFRecord image's mask count differs from its box count (shards "
+                        "written without masks?); image id:",
+                        image_id,
+                        "masks:",
+                        tf.shape(masks)[0],
+                        "boxes:",
+                        tf.shape(boxes)[0],
+                    ],
+                )
+            )
+        with tf.control_dependencies(checks):
             keep = tf.identity(non_empty)
-        return {
+        out = {
             "image": image,
             "image_id": image_id,
             "height": height,
@@ -214,6 +239,10 @@ class TfRecordIndex:
             "gt_classes": tf.boolean_mask(classes, keep),
             "gt_is_crowd": tf.boolean_mask(is_crowd, keep),
         }
+        if include_masks:
+            masks = tf.cast(tf.boolean_mask(masks, keep) > 0.5, tf.uint8)
+            out["gt_masks"] = tf.reshape(masks, tf.stack([-1, height, width]))
+        return out
 
     def describe(self, serialized) -> tuple[str, str]:
         """(file name, source id) of one serialized example, for log lines."""
@@ -232,7 +261,9 @@ class TfRecordIndex:
         """The shards' ground truth as a COCO annotation dict (one pass over the shards, kept).
 
         Boxes come from the normalised schema boxes times ``image/height`` / ``image/width``;
-        ``area`` is ``image/object/area`` where the shards have it, else the box area.
+        ``area`` is ``image/object/area`` where the shards have it, else the box area;
+        ``segmentation`` (where the shards hold ``image/object/mask``) is each PNG mask as
+        compressed RLE (``counts`` a str), for COCO ``segm`` evaluation.
         """
         if self._groundtruth is None:
             self._groundtruth = _groundtruth_from_shards(self.files, self.category_map)
@@ -250,7 +281,22 @@ _GT_FEATURES = {
     "image/object/class/label": tf.io.VarLenFeature(tf.int64),
     "image/object/is_crowd": tf.io.VarLenFeature(tf.int64),
     "image/object/area": tf.io.VarLenFeature(tf.float32),
+    "image/object/mask": tf.io.VarLenFeature(tf.string),
 }
+
+
+def _png_mask_rle(png: bytes, height: int, width: int, source_id: str, files) -> dict:
+    """A PNG instance mask -> COCO compressed RLE (counts as str)."""
+    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+
+    mask = tf.io.decode_png(png, channels=1).numpy()[..., 0]
+    if mask.shape != (height, width):
+        raise DataError(
+            f"{files[0]}: image {source_id} has a {mask.shape[0]}x{mask.shape[1]} mask in a "
+            f"{height}x{width} image"
+        )
+    rle = mask_utils.encode(np.asfortranarray((mask > 0).astype(np.uint8)))
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
 def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) -> dict:
@@ -284,10 +330,19 @@ def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) ->
         x0, y0 = dense["image/object/bbox/xmin"] * w, dense["image/object/bbox/ymin"] * h
         x1, y1 = dense["image/object/bbox/xmax"] * w, dense["image/object/bbox/ymax"] * h
         crowd, area = dense["image/object/is_crowd"], dense["image/object/area"]
-        for k, label in enumerate(dense["image/object/class/label"]):
+        masks = dense["image/object/mask"]
+        labels = dense["image/object/class/label"]
+        if len(masks) and len(masks) != len(labels):
+            raise DataError(
+                f"{files[0]}: image {source_id} has {len(masks)} masks for {len(labels)} boxes"
+            )
+        for k, label in enumerate(labels):
             bw, bh = float(x1[k] - x0[k]), float(y1[k] - y0[k])
             if bw <= 0 or bh <= 0:
                 continue  # the pipeline drops these too
+            segm = {}
+            if len(masks):
+                segm["segmentation"] = _png_mask_rle(masks[k], h, w, source_id, files)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
@@ -296,6 +351,7 @@ def _groundtruth_from_shards(files: Sequence[str], category_map: CategoryMap) ->
                     "bbox": [float(x0[k]), float(y0[k]), bw, bh],
                     "area": float(area[k]) if k < len(area) else bw * bh,
                     "iscrowd": int(crowd[k]) if k < len(crowd) else 0,
+                    **segm,
                 }
             )
     categories = [

@@ -31,6 +31,16 @@ becomes ``xmin' = w - xmax, xmax' = w - xmin``. We do not use Model Garden's
 ``random_horizontal_flip``: it flips normalised boxes and draws its own random
 number, while our boxes are in pixels and the pipeline decides each flip with
 a stateless seed (reproducible under parallel maps).
+
+Instance masks (``include_masks``) become box-relative ``S x S`` masks
+(:func:`fpn_tf.ops.mask_ops.crop_masks`) over each object's box, cropped from the decoded
+full-size masks with the decoded (original-frame) boxes, so no full-resolution mask is resized,
+flipped or batched. A box-relative mask does not change when its image and box are resized or
+padded; a horizontal flip reverses its columns, exactly: with ``x0' = w - x1``, ``x1' = w - x0``
+sample ``j`` of the flipped crop sits at ``x' = w - x1 + (j + 0.5)(x1 - x0) / S``, where the
+flipped mask is the original at ``w - x' = x0 + (S - 1 - j + 0.5)(x1 - x0) / S``: sample
+``S - 1 - j`` of the original crop (pixel centres mirror onto pixel centres, and bilinear
+weights with them).
 """
 
 from __future__ import annotations
@@ -40,12 +50,15 @@ import sys
 
 import tensorflow as tf
 
+from fpn_tf.ops import mask_ops
+
 __all__ = [
     "PADDING_MODES",
     "RESIZE_ROUNDINGS",
     "ceil_to_multiple",
     "compute_resized_size",
     "fixed_padded_size",
+    "crop_instance_masks",
     "horizontal_flip",
     "pad_groundtruth",
     "padded_size_tf",
@@ -233,6 +246,33 @@ def pad_groundtruth(
     )
 
 
+def crop_instance_masks(
+    masks: tf.Tensor,
+    boxes: tf.Tensor,
+    flip: bool | tf.Tensor,
+    mask_crop_size: int,
+    max_num_instances: int,
+) -> tf.Tensor:
+    """float32 [N, S, S] box-relative masks of the first N = ``max_num_instances`` objects.
+
+    Args:
+      masks: [n, H, W] 0/1 masks of the decoded image (before flip and resize).
+      boxes: [n, 4] their pixel boxes in that image (the boxes that become ``gt_boxes``).
+      flip: whether the image is flipped (the crops' columns are then reversed).
+      mask_crop_size: S.
+      max_num_instances: N; rows beyond the first N are dropped (as their boxes), missing rows
+        are zeros.
+    """
+    k = tf.minimum(tf.shape(masks)[0], max_num_instances)
+    crops = mask_ops.crop_masks(masks[:k], tf.cast(boxes[:k], tf.float32), mask_crop_size)
+    if isinstance(flip, tf.Tensor):
+        crops = tf.cond(flip, lambda: crops[..., ::-1], lambda: crops)
+    elif flip:
+        crops = crops[..., ::-1]
+    crops = tf.pad(crops, [[0, max_num_instances - k], [0, 0], [0, 0]])
+    return tf.ensure_shape(crops, [max_num_instances, mask_crop_size, mask_crop_size])
+
+
 def preprocess_example(
     example: dict[str, tf.Tensor],
     *,
@@ -243,6 +283,8 @@ def preprocess_example(
     padding_mode: str = "orientation",
     max_num_instances: int = 100,
     resize_rounding: str = "round",
+    include_masks: bool = False,
+    mask_crop_size: int = 112,
 ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
     """A reader's per-image dict -> one (features, labels) batch element.
 
@@ -250,10 +292,18 @@ def preprocess_example(
       features: {"images": float32 [Hp, Wp, 3], "image_info": float32 [4, 2],
                  "image_id": int64 []}
       labels: {"gt_boxes": float32 [N, 4], "gt_classes": int32 [N],
-               "gt_is_crowd": bool [N]} with N = max_num_instances.
+               "gt_is_crowd": bool [N]} with N = max_num_instances; with ``include_masks``
+               (``example["gt_masks"]`` [n, H, W]) also "gt_masks": float32 [N, S, S], each
+               object's box-relative mask over its ``gt_boxes`` row (S = ``mask_crop_size``;
+               :func:`crop_instance_masks`).
     """
     image = example["image"]
     boxes = tf.cast(example["gt_boxes"], tf.float32)
+    masks = None
+    if include_masks:
+        masks = crop_instance_masks(
+            example["gt_masks"], boxes, flip, mask_crop_size, max_num_instances
+        )
     if isinstance(flip, tf.Tensor):
         image, boxes = tf.cond(flip, lambda: horizontal_flip(image, boxes), lambda: (image, boxes))
     elif flip:
@@ -275,4 +325,6 @@ def preprocess_example(
     )
     features = {"images": image, "image_info": image_info, "image_id": image_id}
     labels = {"gt_boxes": boxes, "gt_classes": classes, "gt_is_crowd": is_crowd}
+    if masks is not None:
+        labels["gt_masks"] = masks
     return features, labels

@@ -2,7 +2,9 @@
 
 One path: the ground truth is a COCO annotation file scored by pycocotools (box AP, AP50, AP75,
 APs, APm, APl; for a model with masks also mask_AP, mask_AP50, ...: COCO ``segm``) and by
-`ProposalRecallEvaluator` (AR@100 / AR@1000 and by size, the paper's Table 1 metric). A COCO source's own annotation file is that file; TFRecord shards without one
+`ProposalRecallEvaluator` (AR@100 / AR@1000 and by size, the paper's Table 1 metric); a
+segment-proposal model's masks by `MaskProposalRecallEvaluator` (mask AR@10/100/1000 and by
+size, the paper's Table 6 metric). A COCO source's own annotation file is that file; TFRecord shards without one
 get theirs written from the shards (``groundtruth.json`` in ``output_dir``).
 
 Only the images the dataset actually yielded are scored: an image the pipeline dropped (at load
@@ -24,6 +26,7 @@ from absl import logging
 import tensorflow as tf
 
 from fpn_tf.data.tfrecord_reader import TfRecordIndex
+from fpn_tf.evaluation.mask_recall import MaskProposalRecallEvaluator
 from fpn_tf.evaluation.coco_evaluator import (
     DETECTIONS_FILENAME,
     METRICS_FILENAME,
@@ -86,8 +89,9 @@ def evaluate_detector(
       ``eval_seconds`` and ``step`` when given.
     """
     groundtruth = load_coco_groundtruth(groundtruth_file(source, output_dir))
-    boxes_eval = COCOEvaluator(groundtruth, per_category_metrics=per_category_metrics)
-    recall_eval = ProposalRecallEvaluator(groundtruth) if compute_rpn_recall else None
+    # What is scored follows what the model gives: detections (box AP, mask AP with masks), box
+    # proposals (AR), segment proposals (mask AR, the segment-proposal model's only output).
+    evaluators = None
 
     @tf.function
     def predict(features):
@@ -104,9 +108,12 @@ def evaluate_detector(
         outputs = {k: v.numpy() for k, v in predict(features).items()}
         outputs["image_id"] = features["image_id"].numpy()
         outputs["original_size"] = features["image_info"][:, 0, :].numpy()
-        boxes_eval.update_state(outputs)
-        if recall_eval is not None:
-            recall_eval.update_state(outputs)
+        if evaluators is None:
+            evaluators = _evaluators_for(
+                outputs, groundtruth, compute_rpn_recall, per_category_metrics
+            )
+        for evaluator in evaluators:
+            evaluator.update_state(outputs)
         seen.update(int(i) for i in outputs["image_id"])
         if log_every and (batch + 1) % log_every == 0:
             logging.info(
@@ -115,18 +122,32 @@ def evaluate_detector(
     if not seen:
         raise ValueError(f"the evaluation dataset ({source.drops.name}) yielded no images")
     skipped = _report_skipped(groundtruth, seen, source, drops_before, max_steps)
-    metrics = dict(boxes_eval.evaluate())
-    if recall_eval is not None:
-        metrics.update(recall_eval.evaluate())
+    metrics = {}
+    for evaluator in evaluators:
+        metrics.update(evaluator.evaluate())
     metrics["num_images"] = len(seen)
     metrics["num_skipped_images"] = len(skipped)
     metrics["eval_seconds"] = round(time.time() - start, 2)
     if step is not None:
         metrics["step"] = int(step)
     if output_dir is not None:
-        write_text(output_dir, DETECTIONS_FILENAME, json.dumps(boxes_eval.results()))
+        for evaluator in evaluators:
+            if isinstance(evaluator, COCOEvaluator):
+                write_text(output_dir, DETECTIONS_FILENAME, json.dumps(evaluator.results()))
         write_text(output_dir, METRICS_FILENAME, json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def _evaluators_for(outputs, groundtruth, compute_rpn_recall, per_category_metrics) -> list:
+    """The evaluators of a model's outputs (the first batch's keys)."""
+    evaluators = []
+    if "detection_boxes" in outputs:
+        evaluators.append(COCOEvaluator(groundtruth, per_category_metrics=per_category_metrics))
+    if "proposal_masks" in outputs:
+        evaluators.append(MaskProposalRecallEvaluator(groundtruth))
+    elif compute_rpn_recall and "proposal_boxes" in outputs:
+        evaluators.append(ProposalRecallEvaluator(groundtruth))
+    return evaluators
 
 
 def _report_skipped(groundtruth, seen: set[int], source, drops_before: int, max_steps) -> list:

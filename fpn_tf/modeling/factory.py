@@ -2,7 +2,10 @@
 
 The one place a config becomes components: each component takes explicit arguments (named as the
 config's fields where it has a section: `RegionProposalNetwork` takes ``model.rpn``, `RoIHeads`
-``model.roi`` and ``model.detection``), and the config dataclasses hold the paper's numbers.
+``model.roi`` and ``model.detection``, `MaskHeads` ``model.mask`` and the Eq. 1 fields of
+``model.roi``, `SegmentProposalHead` ``model.segment_proposals``), and the config dataclasses
+hold the paper's numbers. ``model.architecture`` says which model: "faster_rcnn", "mask_rcnn"
+(with the mask branch) or "segment_proposals" (the pyramid and the §6 segment-proposal head).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from fpn_tf.modeling.backbones import (
 )
 from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model, build_single_scale_model
+from fpn_tf.modeling.mask_head import EQ1_FIELDS, MaskHeads
 from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
+from fpn_tf.modeling.segment_proposals import SegmentProposalHead, SegmentProposalModel
 from fpn_tf.ops.anchors import level_number
 
 
@@ -115,10 +120,47 @@ def build_roi_heads(
     )
 
 
-def build_model(
-    model_cfg, category_ids: Sequence[int] | None = None, input_shape=(None, None, 3)
-) -> FasterRCNN:
-    """FPN Faster R-CNN from a config; ``category_ids`` are the dataset's ids of classes 1..C."""
+def build_mask_heads(model_cfg, num_classes: int, classifier_rows=None) -> MaskHeads:
+    """The mask branch of ``model.mask``, on the levels of ``model.roi``'s Eq. 1 fields;
+    ``classifier_rows``: the box head's (`RoIHeads.classifier_rows`), so the mask channels
+    follow the classifier's layout."""
+    roi = dataclasses.asdict(model_cfg.roi)
+    return MaskHeads(
+        num_classes=num_classes,
+        classifier_rows=classifier_rows,
+        name="mask_heads",
+        **dataclasses.asdict(model_cfg.mask),
+        **{k: roi[k] for k in EQ1_FIELDS},
+    )
+
+
+def _pad_value(backbone_cfg):
+    """The 0..255 RGB pixel that normalises to 0 with ``pad_normalized_zero``, else None."""
+    if not backbone_cfg.pad_normalized_zero:
+        return None
+    order, mean, _ = pixel_normalization(
+        backbone_cfg.type,
+        backbone_cfg.channel_order,
+        backbone_cfg.pixel_mean,
+        backbone_cfg.pixel_std,
+    )
+    return pixel_mean_rgb(order, mean)
+
+
+def build_segment_proposal_model(model_cfg, input_shape=(None, None, 3)) -> SegmentProposalModel:
+    """The paper's §6 segment proposals: the pyramid of ``model.backbone`` / ``model.fpn`` and
+    the head of ``model.segment_proposals`` (class-agnostic: no classes)."""
+    fpn = build_fpn_from_config(model_cfg, input_shape)
+    head = SegmentProposalHead(name="head", **dataclasses.asdict(model_cfg.segment_proposals))
+    return SegmentProposalModel(fpn, head, pad_value=_pad_value(model_cfg.backbone))
+
+
+def build_model(model_cfg, category_ids: Sequence[int] | None = None, input_shape=(None, None, 3)):
+    """The model of ``model.architecture`` from a config: FPN Faster R-CNN, Mask R-CNN
+    (`FasterRCNN` with a mask branch) or the segment-proposal model; ``category_ids`` are the
+    dataset's ids of classes 1..C (unused by the class-agnostic segment proposals)."""
+    if model_cfg.architecture == "segment_proposals":
+        return build_segment_proposal_model(model_cfg, input_shape)
     num_classes = model_cfg.num_classes or (len(category_ids) if category_ids else 0)
     if num_classes <= 0:
         raise ValueError("model.num_classes is 0 and no dataset categories were given")
@@ -129,20 +171,18 @@ def build_model(
         )
     fpn = build_fpn_from_config(model_cfg, input_shape)
     levels = sorted(fpn.output.keys(), key=level_number)
-    backbone_cfg = model_cfg.backbone
-    pad_value = None
-    if backbone_cfg.pad_normalized_zero:  # the 0..255 RGB pixel that normalises to 0
-        order, mean, _ = pixel_normalization(
-            backbone_cfg.type,
-            backbone_cfg.channel_order,
-            backbone_cfg.pixel_mean,
-            backbone_cfg.pixel_std,
-        )
-        pad_value = pixel_mean_rgb(order, mean)
+    pad_value = _pad_value(model_cfg.backbone)
+    # Built in this order (initialisers draw their seeds when constructed): same seed, same model.
+    rpn = build_rpn(model_cfg, levels)
+    roi_heads = build_roi_heads(model_cfg, num_classes, category_ids)
+    mask_heads = None
+    if model_cfg.architecture == "mask_rcnn":
+        mask_heads = build_mask_heads(model_cfg, num_classes, roi_heads.classifier_rows)
     return FasterRCNN(
         fpn,
-        build_rpn(model_cfg, levels),
-        build_roi_heads(model_cfg, num_classes, category_ids),
+        rpn,
+        roi_heads,
+        mask_heads=mask_heads,
         category_ids=category_ids,
         pad_value=pad_value,
     )

@@ -3,9 +3,11 @@
     image -> fpn (backbone + top-down pyramid) -> {P2..P6}                  fpn_tf/modeling/fpn.py
           -> RegionProposalNetwork: shared head, anchors, proposals (+ loss)  fpn_tf/modeling/rpn.py
           -> RoIHeads: Eq. 1 + RoIAlign, 2-fc box head, detections (+ loss)   .../roi_heads.py
+          -> MaskHeads (Mask R-CNN, optional): masks of the detections (+ loss) .../mask_head.py
 
 `FasterRCNN` is a `keras.Model` (a `MultiLossModel`, whose ``train_step`` is the one training step
-of the package) whose ``compute_losses`` gives the four losses of a batch of `fpn_tf.data`, so
+of the package) whose ``compute_losses`` gives the four losses of a batch of `fpn_tf.data` (five
+with a mask branch), so
 ``model.fit`` trains it, and whose ``call`` returns detections. Everything runs
 batched inside one graph: no Python loop over images; the only Python loops are the static unrolls
 over pyramid levels where each level's tensors have their own shapes.
@@ -18,6 +20,7 @@ from typing import Mapping, Sequence
 import keras
 import tensorflow as tf
 
+from fpn_tf.modeling.mask_head import MaskHeads
 from fpn_tf.modeling.multi_loss_model import MultiLossModel
 from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
@@ -29,6 +32,7 @@ LOSS_NAMES = (
     "fast_rcnn_box_loss",
     "total_loss",
 )
+MASK_LOSS_NAMES = LOSS_NAMES[:-1] + ("mask_loss", "total_loss")
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
@@ -40,6 +44,8 @@ class FasterRCNN(MultiLossModel):
       fpn: a model image -> ``{"P2": ..., ...}`` (`fpn_tf.modeling.fpn.build_fpn_model`).
       rpn: a `RegionProposalNetwork` whose anchor levels the pyramid outputs.
       roi_heads: a `RoIHeads` (its ``num_classes`` is the detector's C).
+      mask_heads: None (Faster R-CNN), or a `MaskHeads` (Mask R-CNN): ``compute_losses`` adds
+        ``mask_loss`` on the RoIs ``roi_heads`` sampled, and ``call`` adds ``detection_masks``.
       category_ids: the dataset's category id of each contiguous class 1..C (default 1..C);
         outputs carry these ids.
       pad_value: None, or an RGB 0..255 pixel (the backbone's pixel mean, in RGB order) that every
@@ -58,18 +64,26 @@ class FasterRCNN(MultiLossModel):
         fpn: keras.Model,
         rpn: RegionProposalNetwork,
         roi_heads: RoIHeads,
+        mask_heads: MaskHeads | None = None,
         category_ids: Sequence[int] | None = None,
         pad_value: Sequence[float] | None = None,
         name: str = "faster_rcnn",
         **kwargs,
     ):
-        super().__init__(loss_names=LOSS_NAMES, name=name, **kwargs)
+        loss_names = LOSS_NAMES if mask_heads is None else MASK_LOSS_NAMES
+        super().__init__(loss_names=loss_names, name=name, **kwargs)
         if pad_value is not None:
             pad_value = tuple(float(v) for v in pad_value)
             if len(pad_value) != 3:
                 raise ValueError(f"pad_value needs 3 values (R, G, B), got {pad_value}")
         self.pad_value = pad_value
         self.fpn, self.rpn, self.roi_heads = fpn, rpn, roi_heads
+        self.mask_heads = mask_heads
+        if mask_heads is not None and mask_heads.num_classes != roi_heads.num_classes:
+            raise ValueError(
+                f"mask_heads has {mask_heads.num_classes} classes, roi_heads "
+                f"{roi_heads.num_classes}"
+            )
         self.num_classes = roi_heads.num_classes
         ids = (
             list(category_ids) if category_ids is not None else list(range(1, self.num_classes + 1))
@@ -80,30 +94,47 @@ class FasterRCNN(MultiLossModel):
         # Weights exist from construction (a checkpoint restores before any call); layers
         # deserialised by from_config come built.
         shapes = {level: tuple(t.shape) for level, t in fpn.output.items()}
-        for stage in (self.rpn, self.roi_heads):
-            if not stage.built:
+        for stage in (self.rpn, self.roi_heads, self.mask_heads):
+            if stage is not None and not stage.built:
                 stage.build(shapes)
 
     def compute_losses(self, features, labels, training=True):
-        """The four losses (dict of scalars, plus ``total_loss``) for one batch."""
+        """The four losses (five with ``mask_heads``; dict of scalars, plus ``total_loss``) for
+        one batch."""
         images, image_info, valid_hw = split_inputs(features)
         pyramid = self.fpn(self.fill_padding(images, image_info, valid_hw), training=training)
         proposals, rpn_losses = self.rpn(pyramid, valid_hw, labels=labels, training=training)
-        _, roi_losses = self.roi_heads(
+        roi_targets, roi_losses = self.roi_heads(
             pyramid, proposals, valid_hw, labels=labels, training=training
         )
         losses = {**rpn_losses, **roi_losses}
+        if self.mask_heads is not None:
+            losses.update(
+                self.mask_heads.compute_loss(
+                    pyramid,
+                    roi_targets,
+                    labels,
+                    training=training,
+                    max_foreground=self.roi_heads.max_foreground_per_image,
+                )
+            )
         losses["total_loss"] = tf.add_n(list(losses.values()))
         return losses
 
     def call(self, inputs, training=False):
         """Detections: boxes [B, N, 4] yxyx (original-image pixels when ``image_info`` is given,
         else input pixels), scores [B, N], dataset class ids [B, N] (int32), counts [B], and the
-        RPN proposals (same frame) for recall evaluation."""
+        RPN proposals (same frame) for recall evaluation; with ``mask_heads`` also
+        ``detection_masks`` float32 [B, N, 28, 28], each the probabilities of its detection's
+        mask, box-relative over its box (`fpn_tf.ops.mask_ops`; so unchanged by the rescale to
+        original-image pixels), zeros for rows >= num_detections."""
         images, image_info, valid_hw = split_inputs(inputs)
         pyramid = self.fpn(self.fill_padding(images, image_info, valid_hw), training=training)
         proposals, _ = self.rpn(pyramid, valid_hw, training=training)
         detections, _ = self.roi_heads(pyramid, proposals, valid_hw, training=training)
+        masks = None
+        if self.mask_heads is not None:
+            masks = self.mask_heads.predict(pyramid, detections)
         id_table = tf.constant([0] + self.category_ids, tf.int32)
         valid_rows = tf.sequence_mask(detections.num_detections, self.roi_heads.max_detections)
         boxes, proposal_boxes = detections.boxes, proposals.boxes
@@ -111,7 +142,7 @@ class FasterRCNN(MultiLossModel):
             scale = tf.cast(image_info, tf.float32)[:, 2, :]
             scale = tf.concat([scale, scale], axis=-1)[:, None, :]
             boxes, proposal_boxes = boxes / scale, proposal_boxes / scale
-        return {
+        outputs = {
             "detection_boxes": boxes,
             "detection_scores": detections.scores,
             "detection_classes": tf.where(valid_rows, tf.gather(id_table, detections.classes), 0),
@@ -119,6 +150,9 @@ class FasterRCNN(MultiLossModel):
             "proposal_boxes": proposal_boxes,
             "proposal_scores": proposals.scores,
         }
+        if masks is not None:
+            outputs["detection_masks"] = masks
+        return outputs
 
     def fill_padding(self, images, image_info, valid_hw):
         """``images`` with ``pad_value`` outside each image's valid region (unchanged when
@@ -136,13 +170,19 @@ class FasterRCNN(MultiLossModel):
                 k: keras.saving.serialize_keras_object(getattr(self, k))
                 for k in ("fpn", "rpn", "roi_heads")
             },
+            "mask_heads": (
+                None
+                if self.mask_heads is None
+                else keras.saving.serialize_keras_object(self.mask_heads)
+            ),
         }
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for k in ("fpn", "rpn", "roi_heads"):
-            config[k] = keras.saving.deserialize_keras_object(config[k])
+        for k in ("fpn", "rpn", "roi_heads", "mask_heads"):
+            if config.get(k) is not None:
+                config[k] = keras.saving.deserialize_keras_object(config[k])
         return cls(**config)
 
 

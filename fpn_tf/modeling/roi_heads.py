@@ -7,8 +7,11 @@ post-processing (decode, per-class NMS, top detections). The arithmetic is pure 
 `fpn_tf.ops` (`target_assigner.sample_rois`, `roi_ops`, `postprocess.postprocess_detections`)
 and `fpn_tf.modeling.losses`; this layer holds the settings and calls them::
 
-    _, losses = roi_heads(features, proposals, image_valid_hw, labels=labels)   # training
-    detections, _ = roi_heads(features, proposals, image_valid_hw)              # inference
+    targets, losses = roi_heads(features, proposals, image_valid_hw, labels=labels)  # training
+    detections, _ = roi_heads(features, proposals, image_valid_hw)                  # inference
+
+In training the sampled `target_assigner.RoiTargets` come back with the losses, so the mask
+branch (`fpn_tf.modeling.mask_head.MaskHeads`) trains on the same RoIs as the box head.
 """
 
 from __future__ import annotations
@@ -162,9 +165,10 @@ class RoIHeads(keras.layers.Layer):
 
     Call: ``roi_heads(features, proposals, image_valid_hw, labels=None, training=None)`` with the
     pyramid dict, the RPN's `Proposals`, the unpadded ``(height, width)`` [B, 2] and optionally
-    the ground truth (as in `RegionProposalNetwork`). With ``labels``: ``(None,
-    {"fast_rcnn_class_loss", "fast_rcnn_box_loss"})`` (weighted by ``loss_weight``) over
-    ``batch_size_per_image`` sampled RoIs per image; without: ``(Detections, {})``
+    the ground truth (as in `RegionProposalNetwork`). With ``labels``: ``(RoiTargets,
+    {"fast_rcnn_class_loss", "fast_rcnn_box_loss"})`` (the ``batch_size_per_image`` RoIs sampled
+    per image, foreground rows first, for the mask branch; the losses weighted by
+    ``loss_weight``); without: ``(Detections, {})``
     (`fpn_tf.ops.postprocess.Detections`: boxes [B, D, 4], scores, classes 1..C, counts).
     """
 
@@ -243,6 +247,11 @@ class RoIHeads(keras.layers.Layer):
             )
         channels = int(features_shape[self.levels[0]][-1])
         self.box_head.build((None, None, self.output_size, self.output_size, channels))
+
+    @property
+    def max_foreground_per_image(self) -> int:
+        """The sampler's cap on foreground RoIs per image (they come first in its rows)."""
+        return int(self.batch_size_per_image * self.positive_fraction)
 
     # --- the pieces, each usable on its own --------------------------------------------------
     def sample(self, proposals, labels):
@@ -324,7 +333,7 @@ class RoIHeads(keras.layers.Layer):
         if labels is not None:
             targets = self.sample(proposals, labels)
             outputs = self.box_outputs(features, targets.rois, training)
-            return None, self.compute_loss(targets, *outputs)
+            return targets, self.compute_loss(targets, *outputs)
         outputs = self.box_outputs(features, proposals.boxes, training)
         return self.detect(*outputs, proposals.boxes, image_valid_hw), {}
 

@@ -49,8 +49,18 @@ __all__ = [
 ]
 
 MODULES = ("all", "backbone")
-PARTS = ("backbone", "pyramid", "rpn", "box head fc layers", "class layers")
+PARTS = (
+    "backbone",
+    "pyramid",
+    "rpn",
+    "box head fc layers",
+    "class layers",
+    "mask head",
+    "mask predictor",
+)
 _CLASS_PART = "class layers"
+# Parts only a Mask R-CNN has; the predictor is class-specific like the class layers.
+_MASK_PARTS = ("mask head", "mask predictor")
 # The config keys that decide each part's architecture, named in the mismatch errors.
 _PART_CONFIG = {
     "backbone": "model.backbone",
@@ -103,7 +113,8 @@ class InitCheckpointReport:
 
 
 def model_parts(model) -> dict[str, list]:
-    """The weights of a `FasterRCNN` by part (`PARTS`), each weight in exactly one part."""
+    """The weights of a `FasterRCNN` by part (`PARTS`), each weight in exactly one part (the
+    mask parts are empty without a mask branch)."""
     fpn = model.fpn
     backbones = [layer for layer in fpn.layers if isinstance(layer, keras.Model)]
     if len(backbones) != 1:
@@ -119,7 +130,14 @@ def model_parts(model) -> dict[str, list]:
         "rpn": list(model.rpn.weights),
         "box head fc layers": [w for fc in box_head.fcs for w in fc.weights],
         _CLASS_PART: list(box_head.classifier.weights) + list(box_head.box_regressor.weights),
+        "mask head": [],
+        "mask predictor": [],
     }
+    mask_heads = getattr(model, "mask_heads", None)
+    if mask_heads is not None:
+        head = mask_heads.head
+        parts["mask head"] = [w for layer in head.convs + [head.deconv] for w in layer.weights]
+        parts["mask predictor"] = list(head.predictor.weights)
     covered = {id(v) for weights in parts.values() for v in weights}
     stray = [v.path for v in model.weights if id(v) not in covered]
     if stray:  # a layer this module does not know: never leave it silently uninitialised
@@ -249,10 +267,15 @@ def load_init_checkpoint(model, source: Any, modules: str = "all") -> InitCheckp
     taken = ("backbone",) if modules == "backbone" else PARTS
     pairs_by_part, reinitialised = {}, {}
     for part in PARTS:
+        if part in _MASK_PARTS and not target_parts[part]:
+            continue  # this model has no mask branch: nothing to give
         if part not in taken:
             reinitialised[part] = "init_checkpoint_modules is 'backbone'"
             continue
-        if part == _CLASS_PART:
+        if part in _MASK_PARTS and not source_parts[part]:
+            reinitialised[part] = "the source has no mask branch"
+            continue
+        if part in (_CLASS_PART, "mask predictor"):
             if source_ids != target_ids:
                 reinitialised[part] = (
                     f"the source has other classes ({len(source_ids)}, category ids "

@@ -42,6 +42,9 @@ from fpn_tf.training.init_checkpoint import load_init_checkpoint
 from fpn_tf.training.optimizers import build_optimizer
 from fpn_tf.training.strategy import build_strategy, is_chief
 
+# The architectures that train on each object's mask.
+MASK_ARCHITECTURES = ("mask_rcnn", "segment_proposals")
+
 CATEGORY_MAP_FILENAME = "category_map.json"
 
 
@@ -242,8 +245,15 @@ class Trainer:
     def _dataset(
         self, source, data_cfg, training: bool, seed: int | None = None, input_context=None
     ):
+        # Models that learn masks train on each object's box-relative mask (labels["gt_masks"]).
+        include_masks = training and self.cfg.model.architecture in MASK_ARCHITECTURES
         return pipeline.build_dataset_from_config(
-            source, data_cfg, training, input_context=input_context, seed=seed
+            source,
+            data_cfg,
+            training,
+            input_context=input_context,
+            seed=seed,
+            include_masks=include_masks,
         )
 
     def train_dataset(self, seed_offset: int = 0):
@@ -360,7 +370,7 @@ class Trainer:
                     eval_cfg.summary_images,
                     eval_cfg.summary_score_threshold,
                 )
-                if eval_cfg.summary_images
+                if eval_cfg.summary_images and self.cfg.model.architecture != "segment_proposals"
                 else []
             )
             with tf.summary.create_file_writer(out_dir).as_default(step=self.step):

@@ -1,0 +1,460 @@
+"""Segment proposals on the feature pyramid (paper §6, Table 6): DeepMask-style mask proposals.
+
+"We use a fully convolutional setup for both training and inference. [...] we apply a small 5x5
+MLP on each pyramid level to predict 14x14 masks and object scores in a fully convolutional
+fashion [...] d = 128 [...] and a second MLP of input size 7x7 [for] half octaves." The MLPs'
+weights are shared by P2..P6 (like the RPN head). The window geometry, the targets and the choices
+where the paper's text is brief are documented in `fpn_tf.ops.segment_windows`; in short a window
+of size w on level l at a cell has the canonical object size s = w * 2**l and predicts its mask
+over a square "mask box" of side 1.75 s centred at the cell centre.
+
+    image -> fpn -> {P2..P6} -> SegmentProposalHead (mlp_5x5, mlp_7x7)
+          -> training: window labels, 256 sampled per image, objectness + mask losses
+          -> inference: top windows by objectness, NMS on the mask boxes, 14x14 masks
+
+Each MLP is a w x w conv to d = 128 + ReLU (the MLP's hidden layer over the w x w window), then
+two 1x1 convs: mask_size² mask logits and 1 objectness logit. The objectness conv runs densely on
+every level; the mask conv (a 1x1 conv, i.e. a per-window matrix product) runs only on the
+windows that need a mask: the sampled positives in training, the K proposals at inference, which
+saves the [B, H, W, 196] maps of every level (equal values: it is the same 1x1 conv).
+
+Also here: `mask_rcnn_segment_proposals`, Mask R-CNN's masks on the RPN's proposals in the same
+output format (the comparison row of the benchmark). `fpn_tf.modeling.factory.build_model` builds
+the model from a config (``model.architecture: segment_proposals``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import keras
+import tensorflow as tf
+
+from fpn_tf.modeling.faster_rcnn import fill_padding, split_inputs
+from fpn_tf.modeling.multi_loss_model import MultiLossModel
+from fpn_tf.ops import mask_ops, postprocess
+from fpn_tf.ops.anchors import level_number
+from fpn_tf.ops.segment_windows import Windows, assign_segment_targets, window_geometry
+
+LOSS_NAMES = ("segment_objectness_loss", "segment_mask_loss", "total_loss")
+LEVELS = ("P2", "P3", "P4", "P5", "P6")
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class SegmentMLP(keras.layers.Layer):
+    """One MLP of window ``window_size``, applied on every level with the same weights.
+
+    ``hidden``: a ``window_size`` x ``window_size`` conv (same padding) to ``hidden_dims`` + ReLU;
+    ``mask``: 1x1 conv to ``mask_size**2`` logits; ``objectness``: 1x1 conv to 1 logit. Weights
+    N(0, 0.01), zero biases (the RPN head's initialisation; the paper does not say).
+
+    Call: ``{level: [B, H, W, C]}`` -> ``(hidden {level: [B, H, W, d]}, objectness {level:
+    [B, H, W, 1]})``; `masks` maps gathered hidden vectors [B, K, d] to logits [B, K, M, M].
+    """
+
+    def __init__(self, window_size: int, hidden_dims: int, mask_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.window_size, self.hidden_dims = int(window_size), int(hidden_dims)
+        self.mask_size = int(mask_size)
+        init = keras.initializers.RandomNormal(stddev=0.01)
+        common = dict(kernel_initializer=init, dtype=self.dtype_policy)
+        self.hidden = keras.layers.Conv2D(
+            self.hidden_dims, self.window_size, padding="same", activation="relu", name="hidden",
+            **common,
+        )  # fmt: skip
+        self.mask = keras.layers.Conv2D(self.mask_size**2, 1, name="mask", **common)
+        self.objectness = keras.layers.Conv2D(1, 1, name="objectness", **common)
+
+    def build(self, input_shape):
+        shape = tuple(
+            next(iter(input_shape.values())) if isinstance(input_shape, Mapping) else input_shape
+        )
+        self.hidden.build(shape)
+        hidden = shape[:-1] + (self.hidden_dims,)
+        self.mask.build(hidden)
+        self.objectness.build(hidden)
+
+    def call(self, features):
+        hidden, objectness = {}, {}
+        for level, x in features.items():
+            hidden[level] = self.hidden(x)
+            objectness[level] = self.objectness(hidden[level])
+        return hidden, objectness
+
+    def masks(self, hidden_vectors):
+        """[B, K, d] hidden vectors of K windows -> float32 mask logits [B, K, M, M]."""
+        logits = self.mask(hidden_vectors[:, :, None, :])  # the 1x1 conv on a [B, K, 1, d] map
+        shape = tf.shape(hidden_vectors)
+        return tf.cast(
+            tf.reshape(logits, tf.stack([shape[0], shape[1], self.mask_size, self.mask_size])),
+            tf.float32,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            window_size=self.window_size, hidden_dims=self.hidden_dims, mask_size=self.mask_size
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class SegmentProposalHead(keras.layers.Layer):
+    """The segment-proposal stage: the MLPs, window targets, losses and proposals.
+
+    The keyword arguments are the fields of ``model.segment_proposals``
+    (`fpn_tf.configs.experiment.SegmentProposalConfig`, which documents each one and holds the
+    paper's numbers as its defaults), so ``SegmentProposalHead(**SegmentProposalConfig()
+    .to_dict())``. The MLPs are the attributes ``mlp_5x5`` / ``mlp_7x7`` (``mlp_{w}x{w}``).
+
+    Call: ``head(features, image_valid_hw, labels=None, training=None, window_sizes=None)`` with
+    ``features`` ``{"P2": ..., ..., "P6": ...}`` (the levels it finds among P2..P6) and
+    ``labels`` None or ``{"gt_boxes", "gt_classes", "gt_is_crowd", "gt_masks"}``. Returns
+    ``(proposals, losses)``: proposals ``{"boxes" [B, K, 4] mask boxes in input pixels,
+    "scores" [B, K] sigmoid objectness (0 in padding rows), "masks" [B, K, M, M] sigmoid mask
+    probabilities, "valid" bool [B, K]}`` (None when ``labels`` are given: training needs no
+    proposals) and ``{"segment_objectness_loss", "segment_mask_loss"}`` (empty without
+    labels). ``window_sizes`` restricts inference to some heads (e.g. ``[5]``: "5x5 only").
+
+    Losses: objectness = sigmoid cross-entropy summed over the sampled windows / (B x
+    batch_size_per_image) (the RPN's normaliser); mask = per-pixel sigmoid cross-entropy, the
+    mean over the M x M pixels of every sampled positive window of the batch (0 without one),
+    targets `mask_ops.mask_targets` of the matched object over the window's mask box.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_dims: int,
+        mask_size: int,
+        window_sizes: Sequence[int],
+        mask_box_scale: float,
+        center_tolerance: float,
+        crowd_ioa_threshold: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        pre_nms_top_k: int,
+        post_nms_top_k: int,
+        nms_iou: float,
+        objectness_loss_weight: float,
+        mask_loss_weight: float,
+        **kwargs,
+    ):
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
+        self.hidden_dims, self.mask_size = int(hidden_dims), int(mask_size)
+        self.window_sizes = tuple(int(w) for w in window_sizes)
+        if not self.window_sizes or len(set(self.window_sizes)) != len(self.window_sizes):
+            raise ValueError(f"window_sizes must be distinct and non-empty, got {window_sizes}")
+        self.mask_box_scale = float(mask_box_scale)
+        self.center_tolerance = float(center_tolerance)
+        self.crowd_ioa_threshold = float(crowd_ioa_threshold)
+        self.batch_size_per_image = int(batch_size_per_image)
+        self.positive_fraction = float(positive_fraction)
+        self.pre_nms_top_k, self.post_nms_top_k = int(pre_nms_top_k), int(post_nms_top_k)
+        self.nms_iou = float(nms_iou)
+        self.objectness_loss_weight = float(objectness_loss_weight)
+        self.mask_loss_weight = float(mask_loss_weight)
+        for w in self.window_sizes:  # attributes, not a list (checkpoint tracking)
+            setattr(
+                self,
+                self.mlp_name(w),
+                SegmentMLP(w, self.hidden_dims, self.mask_size, name=self.mlp_name(w),
+                           dtype=self.dtype_policy),
+            )  # fmt: skip
+
+    @staticmethod
+    def mlp_name(window_size: int) -> str:
+        return f"mlp_{window_size}x{window_size}"
+
+    def mlp(self, window_size: int) -> SegmentMLP:
+        return getattr(self, self.mlp_name(window_size))
+
+    def build(self, features_shape):
+        levels = [lvl for lvl in LEVELS if lvl in features_shape]
+        if not levels:
+            raise ValueError(f"no pyramid level P2..P6 among {sorted(features_shape)}")
+        channels = int(features_shape[levels[0]][-1])
+        for w in self.window_sizes:
+            self.mlp(w).build((None, None, None, channels))
+
+    # --- the pieces --------------------------------------------------------------------------
+    def windows(self, features, window_sizes=None) -> Windows:
+        """The geometry of every window of the (enabled) heads on these feature maps."""
+        sizes = {}
+        for level in self._levels(features):
+            shape = features[level].shape
+            if shape[1] is not None and shape[2] is not None:
+                sizes[level] = (int(shape[1]), int(shape[2]))
+            else:
+                dyn = tf.shape(features[level])
+                sizes[level] = (dyn[1], dyn[2])
+        return window_geometry(sizes, window_sizes or self.window_sizes, self.mask_box_scale)
+
+    def head_outputs(self, features, window_sizes=None):
+        """``(objectness logits float32 [B, R], hidden [B, R, d])`` in window order."""
+        levels = self._levels(features)
+        batch = tf.shape(features[levels[0]])[0]
+        logits, hidden = [], []
+        for w in window_sizes or self.window_sizes:
+            h, o = self.mlp(w)({lvl: features[lvl] for lvl in levels})
+            for lvl in levels:
+                logits.append(tf.reshape(tf.cast(o[lvl], tf.float32), [batch, -1]))
+                hidden.append(tf.reshape(h[lvl], tf.stack([batch, -1, self.hidden_dims])))
+        return tf.concat(logits, 1), tf.concat(hidden, 1)
+
+    def mask_logits(self, hidden, window_indices, windows: Windows, window_sizes=None):
+        """Mask logits [B, K, M, M] of the windows ``window_indices`` [B, K] (each by its own
+        head's mask conv)."""
+        vectors = tf.gather(hidden, window_indices, batch_dims=1)  # [B, K, d]
+        group_ids = tf.gather(windows.group_ids, window_indices)  # [B, K]
+        head_of_group = tf.constant([self._head_index(g[0], window_sizes) for g in windows.groups])
+        head = tf.gather(head_of_group, group_ids)
+        out = None
+        for i, w in enumerate(window_sizes or self.window_sizes):
+            logits = self.mlp(w).masks(vectors)
+            out = logits if out is None else tf.where((head == i)[..., None, None], logits, out)
+        return out
+
+    def assign_targets(self, windows, labels, image_valid_hw):
+        return assign_segment_targets(
+            windows,
+            labels["gt_boxes"],
+            labels["gt_classes"],
+            labels.get("gt_is_crowd"),
+            image_valid_hw,
+            center_tolerance=self.center_tolerance,
+            crowd_ioa_threshold=self.crowd_ioa_threshold,
+            num_samples=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+        )
+
+    def compute_loss(self, logits, hidden, windows, targets, labels):
+        """``{"segment_objectness_loss", "segment_mask_loss"}`` (weighted)."""
+        num_images = tf.cast(tf.shape(logits)[0], tf.float32)
+        sampled = tf.cast(targets.labels >= 0, tf.float32)
+        positive = targets.labels == 1
+        bce = tf.nn.sigmoid_cross_entropy_with_logits(
+            labels=tf.cast(positive, tf.float32), logits=logits
+        )
+        objectness = tf.reduce_sum(bce * sampled) / (num_images * self.batch_size_per_image)
+
+        # The sampled positives, at most P per image: their masks only.
+        p = max(int(self.batch_size_per_image * self.positive_fraction), 1)
+        p = min(p, windows.centers.shape[0]) if windows.centers.shape[0] is not None else p
+        top, idx = tf.math.top_k(tf.cast(positive, tf.float32), k=p)  # positives first
+        valid = top > 0
+        matched = tf.where(valid, tf.gather(targets.matched_gt_indices, idx, batch_dims=1), -1)
+        boxes = tf.gather(windows.mask_boxes, idx)  # [B, P, 4]
+        target = mask_ops.mask_targets(
+            labels["gt_masks"], labels["gt_boxes"], boxes, matched, self.mask_size
+        )
+        pred = self.mask_logits(hidden, idx, windows)
+        pixel = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=pred)
+        per_window = tf.reduce_mean(pixel, axis=[2, 3])  # [B, P]
+        num_pos = tf.reduce_sum(tf.cast(valid, tf.float32))
+        mask = tf.math.divide_no_nan(tf.reduce_sum(tf.where(valid, per_window, 0.0)), num_pos)
+        return {
+            "segment_objectness_loss": objectness * self.objectness_loss_weight,
+            "segment_mask_loss": mask * self.mask_loss_weight,
+        }
+
+    def proposals(self, logits, hidden, windows, image_valid_hw, window_sizes=None):
+        """The K = post_nms_top_k best windows (static shape; see the class doc)."""
+        logits, hidden = tf.stop_gradient(logits), tf.stop_gradient(hidden)
+        batch = tf.shape(logits)[0]
+        hw = tf.cast(image_valid_hw, tf.float32)[:, None, :]
+        inside = tf.reduce_all(windows.centers[None] < hw, axis=-1)  # [B, R]
+        ranked = tf.where(inside, logits, postprocess.NEG_INF)
+        # Per group top pre_nms_top_k (groups are contiguous in window order).
+        candidates, start = [], 0
+        for n in windows.group_sizes:
+            if not isinstance(n, int):
+                raise ValueError("segment proposals need static feature-map sizes")
+            k = min(self.pre_nms_top_k, n)
+            _, i = tf.math.top_k(ranked[:, start : start + n], k=k)
+            candidates.append(i + start)
+            start += n
+        cand = tf.concat(candidates, 1)  # [B, C] window indices
+        cand_scores = tf.gather(ranked, cand, batch_dims=1)
+        cand_boxes = tf.gather(windows.mask_boxes, cand)
+        cand_valid = tf.math.is_finite(cand_scores)
+        k = self.post_nms_top_k
+        if self.nms_iou < 1.0:
+            sel, keep = postprocess.batched_nms(
+                cand_boxes, cand_scores, k, self.nms_iou, valid=cand_valid, impl="per_image"
+            )
+        else:  # no NMS: the top k by objectness
+            kk = min(k, int(cand.shape[1]))
+            top, sel = tf.math.top_k(cand_scores, k=kk)
+            keep = tf.math.is_finite(top)
+            sel = tf.pad(sel, [[0, 0], [0, k - kk]])
+            keep = tf.pad(keep, [[0, 0], [0, k - kk]])
+            sel = tf.where(keep, sel, 0)
+        index = tf.gather(cand, sel, batch_dims=1)  # [B, K] window indices
+        scores = tf.where(keep, tf.sigmoid(tf.gather(ranked, index, batch_dims=1)), 0.0)
+        boxes = tf.where(keep[..., None], tf.gather(windows.mask_boxes, index), 0.0)
+        masks = tf.sigmoid(self.mask_logits(hidden, index, windows, window_sizes))
+        masks = tf.where(keep[..., None, None], masks, 0.0)
+        del batch
+        return {"boxes": boxes, "scores": scores, "masks": masks, "valid": keep}
+
+    def call(self, features, image_valid_hw, labels=None, training=None, window_sizes=None):
+        if window_sizes is not None:
+            window_sizes = tuple(int(w) for w in window_sizes)
+            unknown = sorted(set(window_sizes) - set(self.window_sizes))
+            if unknown:
+                raise ValueError(f"window sizes {unknown} not among {self.window_sizes}")
+        windows = self.windows(features, window_sizes)
+        logits, hidden = self.head_outputs(features, window_sizes)
+        if labels is not None:
+            targets = self.assign_targets(windows, labels, image_valid_hw)
+            return None, self.compute_loss(logits, hidden, windows, targets, labels)
+        return self.proposals(logits, hidden, windows, image_valid_hw, window_sizes), {}
+
+    def _levels(self, features):
+        return sorted((lvl for lvl in features if lvl in LEVELS), key=level_number)
+
+    def _head_index(self, window_size, window_sizes=None):
+        return list(window_sizes or self.window_sizes).index(window_size)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_dims=self.hidden_dims,
+            mask_size=self.mask_size,
+            window_sizes=list(self.window_sizes),
+            mask_box_scale=self.mask_box_scale,
+            center_tolerance=self.center_tolerance,
+            crowd_ioa_threshold=self.crowd_ioa_threshold,
+            batch_size_per_image=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+            pre_nms_top_k=self.pre_nms_top_k,
+            post_nms_top_k=self.post_nms_top_k,
+            nms_iou=self.nms_iou,
+            objectness_loss_weight=self.objectness_loss_weight,
+            mask_loss_weight=self.mask_loss_weight,
+        )
+        return config
+
+
+def _output_dict(boxes, scores, masks, valid, image_info):
+    """The proposals in the models' output format (boxes to original pixels with image_info;
+    never clipped: the masks are relative to the whole box)."""
+    if image_info is not None:
+        scale = tf.cast(image_info, tf.float32)[:, 2, :]
+        boxes = boxes / tf.concat([scale, scale], axis=-1)[:, None, :]
+    return {
+        "proposal_boxes": boxes,
+        "proposal_scores": scores,
+        "proposal_masks": masks,
+        "num_proposals": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
+    }
+
+
+@keras.saving.register_keras_serializable(package="fpn_tf")
+class SegmentProposalModel(MultiLossModel):
+    """FPN segment proposals: ``fpn`` (image -> {"P2".."P6"}) -> ``head``
+    (`SegmentProposalHead`). ``compute_losses`` -> ``{"segment_objectness_loss",
+    "segment_mask_loss", "total_loss"}``; ``call(inputs)`` (images, or ``{"images",
+    "image_info"}`` as `FasterRCNN`) -> ``{"proposal_boxes" [B, K, 4] the mask boxes
+    (original-image pixels with image_info, input pixels otherwise; not clipped),
+    "proposal_scores" [B, K] sigmoid objectness, "proposal_masks" [B, K, M, M] sigmoid mask
+    probabilities box-relative to proposal_boxes (`fpn_tf.ops.mask_ops`), "num_proposals" [B]}``,
+    best first, K = post_nms_top_k, rows past num_proposals zero.
+
+    ``pad_value``: as `FasterRCNN` (the backbone's pixel mean in the padding).
+    """
+
+    def __init__(
+        self,
+        fpn: keras.Model,
+        head: SegmentProposalHead,
+        pad_value: Sequence[float] | None = None,
+        name: str = "segment_proposals",
+        **kwargs,
+    ):
+        super().__init__(loss_names=LOSS_NAMES, name=name, **kwargs)
+        self.pad_value = None if pad_value is None else tuple(float(v) for v in pad_value)
+        self.fpn, self.head = fpn, head
+        if not head.built:
+            head.build({level: tuple(t.shape) for level, t in fpn.output.items()})
+
+    def _pyramid(self, inputs, training):
+        images, image_info, valid_hw = split_inputs(inputs)
+        if self.pad_value is not None and image_info is not None:
+            images = fill_padding(images, valid_hw, self.pad_value)
+        return self.fpn(images, training=training), image_info, valid_hw
+
+    def compute_losses(self, features, labels, training=True):
+        pyramid, _, valid_hw = self._pyramid(features, training)
+        _, losses = self.head(pyramid, valid_hw, labels=labels, training=training)
+        losses = dict(losses)
+        losses["total_loss"] = tf.add_n(list(losses.values()))
+        return losses
+
+    def call(self, inputs, training=False, window_sizes=None):
+        pyramid, image_info, valid_hw = self._pyramid(inputs, training)
+        p, _ = self.head(pyramid, valid_hw, training=training, window_sizes=window_sizes)
+        return _output_dict(p["boxes"], p["scores"], p["masks"], p["valid"], image_info)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "pad_value": None if self.pad_value is None else list(self.pad_value),
+            "fpn": keras.saving.serialize_keras_object(self.fpn),
+            "head": keras.saving.serialize_keras_object(self.head),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for k in ("fpn", "head"):
+            config[k] = keras.saving.deserialize_keras_object(config[k])
+        return cls(**config)
+
+
+def mask_rcnn_segment_proposals(model, inputs, top_k: int = 1000):
+    """Mask R-CNN's masks as segment proposals (the benchmark's comparison row).
+
+    The RPN's top ``top_k`` proposals ranked by RPN objectness; on each, the mask of the box
+    head's most probable foreground class (computed on the proposal box itself, not on a
+    regressed box, so the mask stays relative to the proposal). Same output dict as
+    `SegmentProposalModel.call` (masks are the mask head's M x M, e.g. 28 x 28).
+
+    Written against the Mask R-CNN contract: ``model.fpn``; ``model.rpn(pyramid, valid_hw)`` ->
+    ``(Proposals(boxes, scores, valid), {})`` (best first); ``model.roi_heads.box_outputs(
+    features, rois)`` -> ``(class_logits, deltas)``; ``model.roi_heads.class_probabilities(
+    logits)`` [B, R, C+1]; ``model.mask_heads.predict(features, detections)`` with
+    `postprocess.Detections` -> [B, D, M, M] mask *probabilities* box-relative to
+    ``detections.boxes``; ``model.fill_padding(images, image_info, valid_hw)`` when the model
+    has it.
+    """
+    images, image_info, valid_hw = split_inputs(inputs)
+    if hasattr(model, "fill_padding"):
+        images = model.fill_padding(images, image_info, valid_hw)
+    pyramid = model.fpn(images, training=False)
+    proposals, _ = model.rpn(pyramid, valid_hw, training=False)
+    boxes, scores, valid = proposals.boxes, proposals.scores, proposals.valid
+    k = int(top_k)
+    have = boxes.shape[1]
+    if have is not None and have < k:  # static K: pad
+        pad = k - int(have)
+        boxes = tf.pad(boxes, [[0, 0], [0, pad], [0, 0]])
+        scores = tf.pad(scores, [[0, 0], [0, pad]])
+        valid = tf.pad(valid, [[0, 0], [0, pad]])
+    boxes, scores, valid = boxes[:, :k], scores[:, :k], valid[:, :k]
+    class_logits, _ = model.roi_heads.box_outputs(pyramid, boxes)
+    probs = model.roi_heads.class_probabilities(class_logits)  # [B, K, C+1]
+    classes = tf.argmax(probs[..., 1:], axis=-1, output_type=tf.int32) + 1
+    detections = postprocess.Detections(
+        boxes=boxes,
+        scores=scores,
+        classes=tf.where(valid, classes, 0),
+        num_detections=tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
+    )
+    masks = tf.cast(model.mask_heads.predict(pyramid, detections), tf.float32)
+    masks = tf.where(valid[..., None, None], masks, 0.0)
+    scores = tf.where(valid, scores, 0.0)
+    boxes = tf.where(valid[..., None], boxes, 0.0)
+    return _output_dict(boxes, scores, masks, valid, image_info)
