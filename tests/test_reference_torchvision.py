@@ -1,15 +1,50 @@
-"""Our detector equals torchvision's ``fasterrcnn_resnet50_fpn`` under the same weights.
+"""Our detector equals torchvision's ``maskrcnn_resnet50_fpn`` under the same weights.
 
 torchvision makes the weights (random, with BatchNorm statistics calibrated on the test images
-and a planted RPN / classifier scale so scores are confident and spread, as trained weights are)
-and its stage-by-stage outputs, in its own process (``tests/scripts/torchvision_reference.py``:
-torchvision cannot be imported next to TensorFlow); ``python -m fpn_tf.convert_weights
---source=torchvision`` converts its state dict with ``configs/coco_r50_fpn_torchvision.yaml``;
+and a planted RPN / classifier / mask-head scale so scores are confident and spread and masks are
+smooth regions that vary across their boxes, as trained weights give) and its stage-by-stage
+outputs, in its own process (``tests/scripts/torchvision_reference.py``: torchvision cannot be
+imported next to TensorFlow); ``python -m fpn_tf.convert_weights --source=torchvision`` converts
+its Mask R-CNN state dict with the default ``configs/coco_r50_fpn_torchvision.yaml`` (the file's
+mask keys make it a Mask R-CNN, the model of ``configs/coco_r50_fpn_mask_torchvision.yaml``);
 both models see the same 8 uint8 images of different sizes and aspect ratios (short side 320,
-long side <= 512, to keep the test fast; the rule is the same at 800 / 1333). Stage by stage:
-C2..C5 and P2..P6 (relative error), RPN objectness and deltas, proposals, box-head outputs on
-torchvision's own proposals, and the final detections of our SavedModel against torchvision's,
-matched one to one.
+long side <= 512, to keep the test fast; the rule is the same at 800 / 1333). Bounds, with what
+was measured on the 2-core CPU (2026-12-02):
+
+* C2..C5, P2..P6, RPN objectness and deltas: relative error (max abs error / max abs value)
+  < 1e-4 (measured <= 3.4e-5);
+* proposals: >= 99 % of torchvision's 1000 per image matched at IoU > 0.99 (min 0.999); the box
+  head on torchvision's proposals: probabilities max abs error < 1e-4 (5.8e-5), deltas relative
+  < 1e-4 (2.0e-5);
+* final detections of our SavedModel against torchvision's, matched one to one (same class, box
+  IoU > 0.99, score within 1e-4): >= 99 % overall and >= 97 % per image (640 of 640; 40..100 per
+  image); it serves ``detection_masks`` [1, 100, 28, 28];
+* the mask head on torchvision's final boxes (resized frame) and labels: box-relative 28x28
+  probabilities max abs error < 1e-4 (6.5e-5 over 640 detections);
+* pasted masks (original image, ``>= 0.5``), per matched detection. torchvision's
+  ``paste_masks_in_image`` pastes into integer boxes: the box widened by 30/28 about its centre,
+  truncated to int64, the one-pixel-padded mask resized to pixels x0..x1 inclusive, i.e. the
+  continuous box [trunc(x0'), trunc(x1') + 1]: each side moves outwards by 0..1 px (the mask is
+  stretched by ~1 px per axis on average). `mask_ops.paste_masks` pastes into the exact box, so
+  the same 28x28 masks paste differently: torchvision's own 28x28 masks pasted by us vs its
+  masks: median IoU 0.889, min 0.0 (near-empty masks), 12 of 640 > 0.99 (median box short side
+  24 px). Given torchvision's integer boxes and the padded mask, `paste_masks` reproduces its
+  masks (1 pixel differs, of the 708,524 in its 640 masks). So equality is measured on the same
+  paste, over our boxes: torchvision's paste (a copy in torch, checked to reproduce its masks
+  exactly from its 28x28 masks) of our ``detection_masks``, and `paste_masks` of them over
+  torchvision's integer boxes: IoU > 0.99 per matched detection (measured: 638 of 640 for both,
+  median 1.0), except where our box and torchvision's truncate to different integers (measured:
+  2 of 640, a widened edge within 2e-4 px of an integer, a whole row apart: IoU 0.35 and 0.95),
+  and those are held to the same bound over torchvision's boxes (all 640 > 0.99, min 0.9964);
+  a detection below 0.99 may differ only at pixels whose torchvision probability is within 1e-4
+  of 0.5 (measured: none). Our paste of our masks over our boxes (median IoU 0.889, min 0.0)
+  must give what our paste of torchvision's own masks gives, to within 0.01 IoU per detection.
+
+A plain ``fasterrcnn_resnet50_fpn`` state dict (the same weights without the mask keys) converts
+to a Faster R-CNN, even under the Mask R-CNN config, with every weight equal to the Mask R-CNN's
+and the same box-head outputs; the published files' older key names (``mask_fcn{1..4}``, the
+FPN's and RPN conv's) convert to the same mask weights; a Mask R-CNN state dict with a mask key
+missing or a mask weight of another shape is refused with one line and nothing written.
 """
 
 from __future__ import annotations
@@ -37,6 +72,7 @@ pytestmark = pytest.mark.skipif(
 
 SHORT_SIDE, MAX_LONG_SIDE = 320, 512  # as in the reference script
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MASK_CONFIG = os.path.join(REPO, "configs", "coco_r50_fpn_mask_torchvision.yaml")
 LEVELS = ("P2", "P3", "P4", "P5", "P6")
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 
@@ -245,21 +281,30 @@ def test_saved_model_detections_equal_torchvision(models, served):
     assert min(lows) < 0.1 and max(highs) > 0.9  # confident and spread over [0.05, 1]
 
 
-def torchvision_paste(probs, boxes_xyxy, height: int, width: int, padding: int = 1):
-    """torchvision's ``paste_masks_in_image`` (roi_heads.py, 0.29), copied in torch (torchvision
-    cannot be imported here): pad the M x M mask by one zero pixel, widen the box by (M + 2) / M,
-    truncate it to integers, resize the padded mask with ``F.interpolate(bilinear,
-    align_corners=False)`` to the integer box's (x1 - x0 + 1) x (y1 - y0 + 1) pixels and place it
-    at (x0, y0). Returns float32 [N, height, width]."""
+def torchvision_integer_boxes(boxes_xyxy, mask_size: int, padding: int = 1):
+    """The integer boxes torchvision's ``paste_masks_in_image`` (roi_heads.py, 0.29) pastes into:
+    each box widened by (M + 2 padding) / M about its centre in float32, truncated to int64
+    (``.to(torch.int64)``). int64 [N, 4] xyxy; the pasted mask covers pixels x0..x1, y0..y1."""
     import torch  # torch alone imports fine next to TensorFlow (torchvision does not)
-    import torch.nn.functional as F
 
-    masks = F.pad(torch.as_tensor(np.asarray(probs, np.float32))[:, None], (padding,) * 4)
-    scale = float(probs.shape[-1] + 2 * padding) / probs.shape[-1]
+    scale = float(mask_size + 2 * padding) / mask_size
     b = torch.as_tensor(np.asarray(boxes_xyxy, np.float32))
     w_half, h_half = (b[:, 2] - b[:, 0]) * 0.5 * scale, (b[:, 3] - b[:, 1]) * 0.5 * scale
     x_c, y_c = (b[:, 2] + b[:, 0]) * 0.5, (b[:, 3] + b[:, 1]) * 0.5
-    boxes = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1).long()
+    boxes = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1)
+    return boxes.to(torch.int64).numpy()
+
+
+def torchvision_paste(probs, boxes_xyxy, height: int, width: int, padding: int = 1):
+    """torchvision's ``paste_masks_in_image``, copied in torch (torchvision cannot be imported
+    here): the M x M mask padded by one zero pixel, resized with ``F.interpolate(bilinear,
+    align_corners=False)`` to its integer box's (x1 - x0 + 1) x (y1 - y0 + 1) pixels
+    (`torchvision_integer_boxes`) and placed at (x0, y0). Returns float32 [N, height, width]."""
+    import torch
+    import torch.nn.functional as F
+
+    masks = F.pad(torch.as_tensor(np.asarray(probs, np.float32))[:, None], (padding,) * 4)
+    boxes = torchvision_integer_boxes(boxes_xyxy, probs.shape[-1], padding)
     out = torch.zeros((len(boxes), height, width))
     for k, (mask, (bx0, by0, bx1, by1)) in enumerate(zip(masks, boxes.tolist())):
         w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
@@ -267,6 +312,16 @@ def torchvision_paste(probs, boxes_xyxy, height: int, width: int, padding: int =
         x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
         out[k, y0:y1, x0:x1] = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
     return out.numpy()
+
+
+def paste_on_torchvision_integer_boxes(probs, boxes_xyxy, height: int, width: int):
+    """Our `mask_ops.paste_masks` given what torchvision's paste samples: the mask padded by one
+    zero pixel over the integer box's pixels, i.e. the continuous box [x0, x1 + 1] x
+    [y0, y1 + 1]."""
+    boxes = torchvision_integer_boxes(boxes_xyxy, probs.shape[-1]).astype(np.float32)
+    boxes[:, 2:] += 1.0
+    padded = np.pad(np.asarray(probs, np.float32), ((0, 0), (1, 1), (1, 1)))
+    return mask_ops.paste_masks(padded, boxes[:, [1, 0, 3, 2]], (height, width)).numpy()
 
 
 def _mask_iou(a, b):
@@ -289,9 +344,13 @@ def test_mask_head_equals_torchvision_on_its_final_boxes(models):
     torchvision's (mask_roi_pool, mask_head, mask_predictor, sigmoid, the label's channel)."""
     images, ref, ours, model_dir = models
     model = ours.model
-    with open(os.path.join(model_dir, "params.yaml"), encoding="utf-8") as f:
-        assert "architecture: mask_rcnn" in f.read()
-    assert model.mask_heads is not None
+    from fpn_tf.configs.loader import load_config
+
+    # The default config plus the file's mask keys give the Mask R-CNN config's model.
+    converted = load_config(os.path.join(model_dir, "params.yaml")).model
+    assert converted.architecture == "mask_rcnn" and model.mask_heads is not None
+    expected = load_config(MASK_CONFIG).model
+    assert (converted.mask, converted.roi) == (expected.mask, expected.roi)
     contiguous = {cid: k + 1 for k, cid in enumerate(model.category_ids)}
     errors, count = [], 0
     for i, image in enumerate(images):
@@ -311,56 +370,87 @@ def test_mask_head_equals_torchvision_on_its_final_boxes(models):
         errors.append(float(np.max(np.abs(probs - theirs))))
         count += len(boxes)
     print(
-        f"box-relative 28x28 mask probabilities, {count} detections: max abs error {max(errors):.1e}"
+        f"box-relative 28x28 mask probabilities, {count} detections: max abs error "
+        f"{max(errors):.1e}"
     )
     assert max(errors) < 1e-4, errors
 
 
 def test_saved_model_masks_equal_torchvision(models, served):
-    """Our SavedModel's ``detection_masks`` pasted into the original image against torchvision's
-    ``masks >= 0.5``, on the detections matched one to one (as above). See the module doc for
-    why torchvision's paste is the measure of equality and what our own paste gives."""
+    """Our SavedModel's ``detection_masks`` (box-relative 28x28) pasted into the original image
+    over our boxes, against torchvision's pasted ``masks >= 0.5``, on the detections matched one
+    to one (as above). torchvision pastes into integer boxes (`torchvision_integer_boxes`), we
+    into the exact box, so the same 28x28 masks paste to different pixels; equality is measured
+    on the same paste (module doc: what each paste gives)."""
     images, ref, _, _ = models
-    same_paste, own_paste, paste_only, sides = [], [], [], []
+    names = (
+        "torchvision's paste",
+        "paste_masks, integer boxes",
+        "torchvision's paste, its boxes",
+        "paste_masks",
+    )
+    iou = {name: [] for name in names}
+    paste_only, near_ties, int_ties, count = [], 0, 0, 0
     for i, image in enumerate(images):
         h, w = image.shape[:2]
         theirs = _their_masks(ref, i, h, w)
-        # The copy of torchvision's paste reproduces its masks from its own 28x28 probabilities.
-        copied = torchvision_paste(
+        # The copy of torchvision's paste reproduces its masks from its own 28x28 probabilities;
+        # its probabilities tell which pixels are within 1e-4 of the 0.5 threshold.
+        their_probs = torchvision_paste(
             ref[f"detections_{i}_mask_probs"], ref[f"detections_{i}_boxes"], h, w
         )
-        assert np.array_equal(copied >= 0.5, theirs)
+        assert np.array_equal(their_probs >= 0.5, theirs)
         boxes_o, scores_o, labels_o, masks_o = _served_detections(served[i], image)
         pairs = _match_detections(ref, i, boxes_o, scores_o, labels_o)
         k, j = (np.array(v) for v in zip(*pairs))
-        t = theirs[k]
-        same_paste.append(_mask_iou(torchvision_paste(masks_o[j], boxes_o[j], h, w) >= 0.5, t))
-        ours = mask_ops.paste_masks(masks_o[j], boxes_o[j][:, [1, 0, 3, 2]], (h, w)).numpy()
-        own_paste.append(_mask_iou(ours >= 0.5, t))
+        count += len(k)
+        t, tie = theirs[k], np.abs(their_probs[k] - 0.5) < 1e-4
         tb = ref[f"detections_{i}_boxes"][k]
+        # Boxes agree to ~1e-4 px, but truncation is discontinuous: where the two widened boxes
+        # truncate to different integers (an edge within that of an integer) torchvision's own
+        # paste moves a whole row or column; there the masks are compared on its boxes.
+        same_int = np.all(
+            torchvision_integer_boxes(tb, 28) == torchvision_integer_boxes(boxes_o[j], 28), axis=1
+        )
+        int_ties += int(np.sum(~same_int))
+        for name, mine, exempt in (
+            ("torchvision's paste", torchvision_paste(masks_o[j], boxes_o[j], h, w), ~same_int),
+            (
+                "paste_masks, integer boxes",
+                paste_on_torchvision_integer_boxes(masks_o[j], boxes_o[j], h, w),
+                ~same_int,
+            ),
+            ("torchvision's paste, its boxes", torchvision_paste(masks_o[j], tb, h, w), False),
+        ):
+            value = _mask_iou(mine >= 0.5, t)
+            # A pixel within 1e-4 of 0.5 may go either way (the 28x28 masks agree to ~7e-5):
+            # a mask below 0.99 must differ at such pixels only (a few-pixel mask).
+            ties_only = np.all(((mine >= 0.5) == t) | tie, axis=(1, 2))
+            assert np.all((value > 0.99) | ties_only | exempt), (name, i, np.sort(value)[:5])
+            near_ties += int(np.sum((value <= 0.99) & ties_only))
+            iou[name].append(value)
+        ours = mask_ops.paste_masks(masks_o[j], boxes_o[j][:, [1, 0, 3, 2]], (h, w)).numpy()
+        iou["paste_masks"].append(_mask_iou(ours >= 0.5, t))
         theirs_ours = mask_ops.paste_masks(
             ref[f"detections_{i}_mask_probs"][k], tb[:, [1, 0, 3, 2]], (h, w)
         )
         paste_only.append(_mask_iou(theirs_ours.numpy() >= 0.5, t))
-        sides.append(np.minimum(tb[:, 2] - tb[:, 0], tb[:, 3] - tb[:, 1]))
-    same_paste, own_paste, paste_only, sides = (
-        np.concatenate(v) for v in (same_paste, own_paste, paste_only, sides)
+    iou = {name: np.concatenate(v) for name, v in iou.items()}
+    paste_only = np.concatenate(paste_only)
+    shown = "; ".join(
+        f"{name}: min {v.min():.4f} median {np.median(v):.4f}, {np.sum(v > 0.99)} > 0.99"
+        for name, v in iou.items()
     )
     print(
-        f"mask IoU vs torchvision over {len(same_paste)} matched detections: torchvision's paste "
-        f"of our masks min {same_paste.min():.4f} median {np.median(same_paste):.4f}; our "
-        f"paste_masks min {own_paste.min():.4f} median {np.median(own_paste):.4f} (of "
-        f"torchvision's own 28x28 masks: min {paste_only.min():.4f} median "
-        f"{np.median(paste_only):.4f}); box short side min {sides.min():.1f} median "
-        f"{np.median(sides):.1f}"
+        f"mask IoU vs torchvision, {count} matched detections: {shown}; {near_ties} below 0.99 "
+        f"differ only at pixels within 1e-4 of 0.5; {int_ties} integer boxes differ; "
+        f"paste_masks of torchvision's own 28x28 "
+        f"masks: min {paste_only.min():.4f} median {np.median(paste_only):.4f}"
     )
-    assert same_paste.min() > 0.99, np.sort(same_paste)[:10]
-    # Our paste differs from torchvision's by its integer boxes alone: what our paste of
-    # torchvision's own masks gives, to within 0.01.
-    assert np.all(own_paste >= paste_only - 0.01), np.max(paste_only - own_paste)
-
-
-MASK_CONFIG = os.path.join(REPO, "configs", "coco_r50_fpn_mask_torchvision.yaml")
+    assert count >= 0.99 * sum(len(ref[f"detections_{i}_scores"]) for i in range(len(images)))
+    # Our paste of our masks differs from torchvision's by the integer boxes alone: it gives what
+    # our paste of torchvision's own masks gives, to within 0.01.
+    assert np.all(iou["paste_masks"] >= paste_only - 0.01), np.max(paste_only - iou["paste_masks"])
 
 
 def test_faster_rcnn_state_dict_still_converts_to_a_faster_rcnn(models, reference_dir, tmp_path):
@@ -444,7 +534,8 @@ def test_mask_state_dicts_with_legacy_names_convert_and_broken_ones_are_refused(
     for arrays, match in (
         (
             missing,
-            r"not a torchvision Mask R-CNN .*missing keys roi_heads\.mask_predictor\.conv5_mask\.bias",
+            r"not a torchvision Mask R-CNN .*missing keys "
+            r"roi_heads\.mask_predictor\.conv5_mask\.bias",
         ),
         (
             wrong,

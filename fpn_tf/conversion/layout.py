@@ -10,9 +10,9 @@ layout, so the converted model computes the same numbers (no config switch neede
   a permutation of the kernel's input rows;
 * the mask head's transposed conv: torch ``ConvTranspose2d`` ``[in, out, kh, kw]`` -> Keras
   ``Conv2DTranspose`` ``[kh, kw, out, in]``, the same axis permutation as a conv kernel and no
-  spatial flip (both are the adjoint of the same correlation: torch's ``conv_transpose2d`` and
-  Keras' layer agree to 0.0 on random 2x2 stride-2 and 3x3 stride-1 kernels; a flipped kernel
-  differs by the kernel's size, tests/test_reference_torchvision.py).
+  spatial flip (both are the adjoint of the same correlation; on random inputs torch's
+  ``conv_transpose2d`` and Keras' layer agree to 0.0 for 2x2 stride-2 and 3x3 stride-1 kernels,
+  and differ by up to 15 with the 2x2 kernel flipped: tests/test_reference_torchvision.py).
 
 `Assignments` collects ``(variable, array)`` pairs with the checkpoint key they came from, checks
 every shape before anything is written, then assigns them all.

@@ -22,13 +22,14 @@ The weights are random, made confident and spread as trained weights are: BatchN
 of these images with a random affine part, RPN objectness logits of std 2 and deltas of std 0.1,
 class logits of std 3 with COCO's 10 unused ids held at -30 (after training on COCO they are
 never a positive) and a background bias that leaves at least 80 candidates per image above the 0.05
-threshold, box deltas of std 0.1. The mask head is planted so masks are smooth regions that vary across
-the box (as trained masks are, not per-pixel noise, and not all 0.5): each 3x3 conv is mostly a
-3x3 box filter mixing channels plus a third of its random kernel (so the kernel's orientation
-still matters), the deconv's four taps share a common part plus a thirtieth of their own random
-part (more makes a 28x28 checkerboard; this still changes the masks by ~1e-2 when the deconv is
-flipped or mis-transposed), and the logits get std 3 with a
-per-class bias that puts about half of each class's pixels above 0.5.
+threshold, box deltas of std 0.1. The mask head is planted so masks are smooth regions that vary
+across the box (as trained masks are, not per-pixel noise, and not all 0.5): each 3x3 conv is
+mostly a 3x3 box filter mixing channels plus a third of its random kernel (so the kernel's
+orientation still matters), the deconv's four taps share a common part plus a thirtieth of their
+own random part (more makes a 28x28 checkerboard; this still changes the masks by ~0.1 when the
+deconv is flipped), and the logits get std 3 with a per-class bias at the median logit, so about
+half of the pixels are above 0.5 (the script checks: mean within-box std > 0.15, fraction above
+0.5 in (0.2, 0.8); measured 0.180 and 0.493).
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def reference_outputs(tv, images):
         spread.append((p.std(axis=(1, 2)).mean(), (p >= 0.5).mean(), binary.mean()))
     within_std, above_half, _ = np.mean(spread, axis=0)
     print(
-        f"mask probabilities: mean within-box std {within_std:.3f}, fraction >= 0.5 {above_half:.3f}"
+        f"mask probabilities: mean within-box std {within_std:.3f}, "
+        f"fraction >= 0.5 {above_half:.3f}"
     )
     assert within_std > 0.15 and 0.2 < above_half < 0.8, spread  # masks vary across the box
     return out
