@@ -96,7 +96,7 @@ def load_weights(model, source: str, checkpoint: str, config, arrays=None) -> tu
     state = StateDict(_read(source, checkpoint) if arrays is None else arrays, checkpoint)
     if source == "torchvision":
         pending = torchvision_layout.assignments(model, state, config.model.backbone.type)
-        what = torchvision_layout.what(state.arrays)
+        what = torchvision_layout.what(model)
     else:
         pending = detectron2_layout.assignments(model, state, config.model.backbone)
         what = detectron2_layout.WHAT

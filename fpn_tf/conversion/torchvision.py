@@ -40,8 +40,9 @@ def architecture(arrays: Mapping) -> str:
     return "mask_rcnn" if any(k.startswith(MASK_PREFIXES) for k in arrays) else "faster_rcnn"
 
 
-def what(arrays: Mapping) -> str:
-    return WHAT_MASK if architecture(arrays) == "mask_rcnn" else WHAT
+def what(model) -> str:
+    """The checkpoint ``model`` takes (for messages)."""
+    return WHAT if getattr(model, "mask_heads", None) is None else WHAT_MASK
 
 
 def _rename_legacy_keys(state: StateDict) -> None:
