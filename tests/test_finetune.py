@@ -21,6 +21,7 @@ from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.testing import write_coco_json, write_image
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training.init_checkpoint import (
+    MASK_PARTS,
     PARTS,
     InitCheckpointError,
     _key,
@@ -43,6 +44,7 @@ COLOURS = {
     5: (230, 220, 30),
 }
 NOT_CLASS_LAYERS = ("backbone", "pyramid", "rpn", "box head fc layers")
+BOX_PARTS = tuple(p for p in PARTS if p not in MASK_PARTS)  # a Faster R-CNN's parts
 
 
 def write_rectangles(root, categories, num_images=6, seed=0):
@@ -171,7 +173,7 @@ def test_other_classes_take_every_weight_but_the_class_layers(source_dir, tmp_pa
     assert "category ids 1, 2, 3" in report.reinitialised["class layers"]
     assert "category ids 1, 5" in report.reinitialised["class layers"]
     lines = report.lines()
-    assert len(lines) == len(PARTS) and all("\n" not in line for line in lines)
+    assert len(lines) == len(BOX_PARTS) and all("\n" not in line for line in lines)
     assert lines[-1].startswith("Init checkpoint: class layers: re-initialised")
 
 
@@ -187,6 +189,23 @@ def test_same_number_of_classes_with_other_ids_keeps_fresh_class_layers(source_d
     assert_part_differs(got, snapshots[9], "class layers")
 
 
+def test_a_mask_rcnn_from_a_faster_rcnn_keeps_its_fresh_mask_branch(source_dir, tmp_path):
+    path, snapshots = source_dir
+    cfg = make_config(
+        str(tmp_path / "data"), SOURCE_CATEGORIES, **{"model.architecture": "mask_rcnn"}
+    )
+    model = build_model(cfg.model, category_ids=[1, 2, 3])
+    fresh = values(model)
+    report = load_init_checkpoint(model, path)
+    got = values(model)
+    for part in BOX_PARTS:
+        assert_part_equal(got, snapshots[9], part)
+    for part in MASK_PARTS:
+        assert report.reinitialised[part] == "the source has no mask branch"
+        assert_part_equal(got, fresh, part)
+    assert len(report.lines()) == len(PARTS)
+
+
 # --- (b) the same classes: every weight ----------------------------------------------------
 def test_same_classes_take_the_class_layers_too(source_dir, tmp_path):
     path, snapshots = source_dir
@@ -196,7 +215,7 @@ def test_same_classes_take_the_class_layers_too(source_dir, tmp_path):
     )
     trainer = Trainer(cfg, str(tmp_path / "run"))
     got = values(trainer.model)
-    for part in PARTS:
+    for part in BOX_PARTS:
         assert_part_equal(got, snapshots[7], part)
     assert trainer.init_report.reinitialised == {}
     assert trainer.init_report.source == prefix
@@ -272,7 +291,7 @@ def test_a_resume_ignores_init_checkpoint(source_dir, tmp_path):
     assert resumed.restored_from.endswith("ckpt-3") and resumed.step == 3
     assert resumed.init_report is None
     got = values(resumed.model)
-    for part in PARTS:
+    for part in BOX_PARTS:
         assert_part_equal(got, own, part)
         assert_part_differs(got, snapshots[9], part)
 
@@ -305,7 +324,7 @@ def test_an_architecture_mismatch_is_one_line_naming_the_layer_and_both_shapes(
     with pytest.raises(InitCheckpointError):
         load_init_checkpoint(model, path)
     after = values(model)
-    for part in PARTS:
+    for part in BOX_PARTS:
         assert_part_equal(after, before, part)
 
 

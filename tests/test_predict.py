@@ -179,6 +179,34 @@ def test_draw_detections_draws_box_and_label():
     assert changed[:30, 20:60].any()  # the label above the box
 
 
+def test_draw_detections_overlays_the_mask_and_json_has_its_rle():
+    from pycocotools import mask as mask_utils
+
+    from fpn_tf.serving.inference import ImageDetections
+
+    image = Image.fromarray(np.full((60, 80, 3), 128, np.uint8))
+    left_half = np.zeros((28, 28), np.float32)
+    left_half[:, :14] = 1.0  # the box's left half: x 20..39 of the box x 20..60
+    d = Detection(
+        box=(0.5, 0.25, 0.9, 0.75),
+        box_pixels=(30.0, 20.0, 54.0, 60.0),
+        class_id=3,
+        class_name="square",
+        score=0.87,
+        mask=left_half,
+    )
+    out = np.asarray(draw_detections(image, [d]), np.int32)
+    changed = np.abs(out - 128).sum(-1) > 0
+    assert changed[35:50, 25:38].all()  # the mask's pixels are tinted
+    assert not changed[35:50, 42:58].any()  # the box's right half is not
+    result = ImageDetections(None, image, [d], "serving_default", 0.0).to_json()
+    rle = result["detections"][0]["segmentation"]
+    decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+    expected = np.zeros((60, 80), np.uint8)
+    expected[30:54, 20:40] = 1
+    np.testing.assert_array_equal(decoded, expected)
+
+
 _QUIET_PROBE = r"""
 import os, sys
 from fpn_tf import cli

@@ -41,6 +41,7 @@ from fpn_tf.configs.base import ConfigError
 
 __all__ = [
     "MODULES",
+    "MASK_PARTS",
     "PARTS",
     "InitCheckpointError",
     "InitCheckpointReport",
@@ -60,7 +61,7 @@ PARTS = (
 )
 _CLASS_PART = "class layers"
 # Parts only a Mask R-CNN has; the predictor is class-specific like the class layers.
-_MASK_PARTS = ("mask head", "mask predictor")
+MASK_PARTS = ("mask head", "mask predictor")
 # The config keys that decide each part's architecture, named in the mismatch errors.
 _PART_CONFIG = {
     "backbone": "model.backbone",
@@ -267,12 +268,12 @@ def load_init_checkpoint(model, source: Any, modules: str = "all") -> InitCheckp
     taken = ("backbone",) if modules == "backbone" else PARTS
     pairs_by_part, reinitialised = {}, {}
     for part in PARTS:
-        if part in _MASK_PARTS and not target_parts[part]:
+        if part in MASK_PARTS and not target_parts[part]:
             continue  # this model has no mask branch: nothing to give
         if part not in taken:
             reinitialised[part] = "init_checkpoint_modules is 'backbone'"
             continue
-        if part in _MASK_PARTS and not source_parts[part]:
+        if part in MASK_PARTS and not source_parts[part]:
             reinitialised[part] = "the source has no mask branch"
             continue
         if part in (_CLASS_PART, "mask predictor"):
