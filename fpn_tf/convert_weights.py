@@ -2,12 +2,17 @@ r"""``python -m fpn_tf.convert_weights``: a published COCO checkpoint -> an fpn_
 
     python -m fpn_tf.convert_weights --source=torchvision \
         --checkpoint=fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --output_dir=models/tv_r50_fpn
+    python -m fpn_tf.convert_weights --source=torchvision \
+        --checkpoint=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --output_dir=models/tv_mask_r50_fpn
     python -m fpn_tf.convert_weights --source=detectron2 \
         --checkpoint=model_final_b275ba.pkl --output_dir=models/d2_r50_fpn_1x
 
 The architecture comes from ``configs/coco_r50_fpn_<source>.yaml`` (or ``--config_file``), whose
-switches make our detector compute what the reference computes; the directory it writes is read
-by ``--mode=eval``, ``fpn_tf.export``, ``fpn_tf.predict`` and ``model.init_checkpoint``.
+switches make our detector compute what the reference computes; Faster or Mask R-CNN
+(``model.architecture``) comes from the file: a torchvision state dict with mask-head keys is a
+Mask R-CNN (``configs/coco_r50_fpn_mask_torchvision.yaml`` is that model). The directory it
+writes is read by ``--mode=eval``, ``fpn_tf.export``, ``fpn_tf.predict`` and
+``model.init_checkpoint``.
 Nothing is downloaded: README says where each file comes from and its checksum. A wrong,
 truncated or foreign file is one line naming what is wrong, and nothing is written.
 """

@@ -2,6 +2,8 @@
 
     convert_checkpoint("torchvision", "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth", "models/tv",
                        load_config("configs/coco_r50_fpn_torchvision.yaml"))
+    convert_checkpoint("torchvision", "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", "models/tv_mask",
+                       load_config("configs/coco_r50_fpn_mask_torchvision.yaml"))
 
 writes ``models/tv/``: ``params.yaml`` (the config that rebuilds exactly this architecture),
 ``category_map.json`` (COCO's 80 categories, ids 1..90), the weights as ``ckpt-0`` (a
@@ -94,11 +96,11 @@ def load_weights(model, source: str, checkpoint: str, config, arrays=None) -> tu
     state = StateDict(_read(source, checkpoint) if arrays is None else arrays, checkpoint)
     if source == "torchvision":
         pending = torchvision_layout.assignments(model, state, config.model.backbone.type)
-        what = torchvision_layout.WHAT
+        what = torchvision_layout.what(model)
     else:
         pending = detectron2_layout.assignments(model, state, config.model.backbone)
         what = detectron2_layout.WHAT
-    num_values = pending.check_and_assign(what)
+    num_values = pending.check_and_assign(what, model)
     return len(state.arrays), num_values
 
 
@@ -113,7 +115,9 @@ def convert_checkpoint(
     """Converts ``checkpoint`` (``source``: "torchvision" or "detectron2") into ``output_dir``
     with the architecture of ``config`` (an `ExperimentConfig`); see the module docstring.
     ``config`` is updated in place to what is written to params.yaml: ``model.num_classes``
-    80 and ``model.backbone.weights`` null (every weight comes from the checkpoint)."""
+    80, ``model.backbone.weights`` null (every weight comes from the checkpoint) and
+    ``model.architecture`` the checkpoint's (``mask_rcnn`` for a torchvision state dict with
+    mask-head keys, else ``faster_rcnn``)."""
     # pylint: disable=g-import-not-at-top
     import tensorflow as tf
 
@@ -136,6 +140,19 @@ def convert_checkpoint(
     if source not in SOURCES:
         raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
     arrays = _read(source, checkpoint)  # an unreadable file fails before the model is built
+    # The file says what it is: torchvision's Faster R-CNN or Mask R-CNN (its mask-head keys).
+    # detectron2 files convert as Faster R-CNN (a mask head's keys are refused as unexpected).
+    architecture = (
+        torchvision_layout.architecture(arrays) if source == "torchvision" else "faster_rcnn"
+    )
+    if architecture != config.model.architecture:
+        logging.info(
+            "The checkpoint is a %s: model.architecture %s (the config said %s)",
+            architecture,
+            architecture,
+            config.model.architecture,
+        )
+        config.model.architecture = architecture
     category_map = coco_category_map()
     config.model.backbone.weights = None  # every weight comes from the checkpoint
     config.model.num_classes = category_map.num_classes

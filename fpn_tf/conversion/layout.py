@@ -7,7 +7,12 @@ layout, so the converted model computes the same numbers (no config switch neede
 * box deltas ``(dx, dy, dw, dh)`` (both references) -> ours ``(dy, dx, dh, dw)``: a permutation of
   each group of four outputs;
 * the first fc of the box head: torch flattens the RoI features ``[C, S, S]``, ours ``[S, S, C]``:
-  a permutation of the kernel's input rows.
+  a permutation of the kernel's input rows;
+* the mask head's transposed conv: torch ``ConvTranspose2d`` ``[in, out, kh, kw]`` -> Keras
+  ``Conv2DTranspose`` ``[kh, kw, out, in]``, the same axis permutation as a conv kernel and no
+  spatial flip (both are the adjoint of the same correlation; on random inputs torch's
+  ``conv_transpose2d`` and Keras' layer agree to 0.0 for 2x2 stride-2 and 3x3 stride-1 kernels,
+  and differ by up to 15 with the 2x2 kernel flipped: tests/test_reference_torchvision.py).
 
 `Assignments` collects ``(variable, array)`` pairs with the checkpoint key they came from, checks
 every shape before anything is written, then assigns them all.
@@ -70,9 +75,20 @@ class Assignments:
                 return
         self.pending.append((variable, value, key))
 
-    def check_and_assign(self, what: str) -> int:
-        """Checks keys and shapes (one error naming them all), then assigns; returns #values."""
+    def check_and_assign(self, what: str, model=None) -> int:
+        """Checks keys and shapes (one error naming them all) and, given the ``model``, that
+        every one of its weights gets a value (none left at its initialiser: a part of the
+        architecture the converter does not know), then assigns; returns #values."""
         self.state.check_all_used(what)
+        if model is not None:
+            queued = {id(variable) for variable, _, _ in self.pending}
+            unset = [v.path for v in model.weights if id(v) not in queued]
+            if unset and not self.wrong:
+                raise ConversionError(
+                    f"{self.state.path}: {len(unset)} weights of the model would keep their "
+                    f"initial values ({', '.join(unset[:3])}{', ...' if len(unset) > 3 else ''}): "
+                    f"the {what} conversion does not cover this architecture"
+                )
         wrong = self.wrong + [
             f"{key} {tuple(value.shape)} -> {variable.path} {tuple(variable.shape)}"
             for variable, value, key in self.pending
@@ -187,3 +203,33 @@ def add_box_head(out: Assignments, model, fc_prefixes: Sequence[str]) -> None:
         else:
             out.add(fc.kernel, prefix + "weight", dense_kernel)
         out.add(fc.bias, prefix + "bias")
+
+
+def transposed_conv_kernel(weight: np.ndarray) -> np.ndarray:
+    """torch ``ConvTranspose2d`` ``[in, out, kh, kw]`` -> Keras ``Conv2DTranspose``
+    ``[kh, kw, out, in]`` (no spatial flip: module doc)."""
+    return np.transpose(weight, (2, 3, 1, 0))
+
+
+def add_mask_head(
+    out: Assignments,
+    model,
+    conv_prefixes: Sequence[str],
+    deconv_prefix: str,
+    predictor_prefix: str,
+    predictor_rows: Sequence[int] | None = None,
+) -> None:
+    """The mask head (`fpn_tf.modeling.mask_head.MaskRCNNHead`): its 3x3 convs (key prefixes in
+    order), the 2x2 stride-2 transposed conv and the 1x1 predictor (``predictor_rows``: the
+    source's channel of each of ours, None = the same channels)."""
+    head = model.mask_heads.head
+    if len(conv_prefixes) != head.num_convs:
+        raise ConversionError(
+            f"the checkpoint's mask head has {len(conv_prefixes)} convs, the config "
+            f"model.mask.num_convs {head.num_convs}"
+        )
+    for i, prefix in enumerate(conv_prefixes):
+        add_conv(out, getattr(head, f"conv{i + 1}"), prefix)
+    out.add(head.deconv.kernel, deconv_prefix + "weight", transposed_conv_kernel)
+    out.add(head.deconv.bias, deconv_prefix + "bias")
+    add_conv(out, head.predictor, predictor_prefix, rows=predictor_rows)

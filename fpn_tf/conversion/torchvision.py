@@ -1,4 +1,5 @@
-"""torchvision's ``fasterrcnn_resnet50_fpn`` state dict -> our detector's weights.
+"""torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` state dict -> our
+detector's weights.
 
 Key names of torchvision 0.13+; the older spellings of the published COCO file (2019: no
 ``Sequential`` wrappers in the FPN blocks and the RPN conv) are renamed first, as torchvision's own
@@ -7,9 +8,21 @@ background, 10 ids unused): with ``model.roi.classifier_layout: dataset_ids`` ev
 the softmax is torchvision's; with ``contiguous`` the background and the 80 used rows are taken
 (the softmax then lacks the unused rows and scores differ slightly). Box regression rows of class
 ``id`` are torchvision's rows ``4 * id .. 4 * id + 3``, reordered to ``(dy, dx, dh, dw)``.
+
+A state dict with the mask head's keys (``roi_heads.mask_head.*``, ``roi_heads.mask_predictor.*``)
+is a Mask R-CNN (`architecture`): its four 3x3 convs ``roi_heads.mask_head.{0..3}.0`` (older files,
+as the published COCO one: ``roi_heads.mask_head.mask_fcn{1..4}``, renamed as torchvision's
+``MaskRCNNHeads._load_from_state_dict`` does), the transposed conv
+``roi_heads.mask_predictor.conv5_mask`` and the 1x1 ``roi_heads.mask_predictor.mask_fcn_logits``,
+91 channels indexed by COCO category id like the classifier: kept as they are with
+``dataset_ids`` (our channel = category id), the background's and the 80 used channels taken with
+``contiguous``.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Mapping
 
 import numpy as np
 
@@ -17,6 +30,19 @@ from fpn_tf.conversion import layout
 from fpn_tf.conversion.checkpoint_reader import ConversionError, StateDict
 
 WHAT = "torchvision Faster R-CNN ResNet-FPN"
+WHAT_MASK = "torchvision Mask R-CNN ResNet-FPN"
+MASK_PREFIXES = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
+_LEGACY_MASK_CONV = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$")
+
+
+def architecture(arrays: Mapping) -> str:
+    """``"mask_rcnn"`` when the state dict has any mask-head key, else ``"faster_rcnn"``."""
+    return "mask_rcnn" if any(k.startswith(MASK_PREFIXES) for k in arrays) else "faster_rcnn"
+
+
+def what(model) -> str:
+    """The checkpoint ``model`` takes (for messages)."""
+    return WHAT if getattr(model, "mask_heads", None) is None else WHAT_MASK
 
 
 def _rename_legacy_keys(state: StateDict) -> None:
@@ -26,6 +52,11 @@ def _rename_legacy_keys(state: StateDict) -> None:
                 state.rename(f"backbone.fpn.{blocks}.{i}.{p}", f"backbone.fpn.{blocks}.{i}.0.{p}")
     for p in ("weight", "bias"):
         state.rename(f"rpn.head.conv.{p}", f"rpn.head.conv.0.0.{p}")
+    for key in list(state.arrays):
+        match = _LEGACY_MASK_CONV.match(key)
+        if match:  # MaskRCNNHeads before version 2: mask_fcn{i+1} -> {i}.0
+            number, p = int(match.group(1)), match.group(2)
+            state.rename(key, f"roi_heads.mask_head.{number - 1}.0.{p}")
 
 
 def _block_keys(stage: int, index: int, conv: int):
@@ -75,4 +106,14 @@ def assignments(model, state: StateDict, backbone_type: str) -> layout.Assignmen
     layout.add_dense(
         out, box_head.box_regressor, "roi_heads.box_predictor.bbox_pred.", rows=regression_rows
     )
+    if getattr(model, "mask_heads", None) is not None:
+        dataset_ids = model.roi_heads.classifier_rows is not None
+        layout.add_mask_head(
+            out,
+            model,
+            [f"roi_heads.mask_head.{i}.0." for i in range(model.mask_heads.head.num_convs)],
+            deconv_prefix="roi_heads.mask_predictor.conv5_mask.",
+            predictor_prefix="roi_heads.mask_predictor.mask_fcn_logits.",
+            predictor_rows=None if dataset_ids else [0] + ids,
+        )
     return out
