@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.ops import anchors as anchor_ops
+from fpn_tf.modeling.roi_heads import roi_levels
 from fpn_tf.ops import mask_ops, roi_ops
 
 
@@ -247,17 +248,7 @@ class MaskHeads(keras.layers.Layer):
         )
 
     def build(self, features_shape):
-        present = sorted(features_shape, key=anchor_ops.level_number)
-        self.levels = [
-            lvl
-            for lvl in present
-            if self.min_level <= anchor_ops.level_number(lvl) <= self.max_level
-        ]
-        if not self.levels:
-            raise ValueError(
-                f"no pyramid level in roi.min_level..max_level "
-                f"({self.min_level}..{self.max_level}) among {present}"
-            )
+        self.levels = roi_levels(features_shape, self.min_level, self.max_level)
         channels = int(features_shape[self.levels[0]][-1])
         self.head.build((None, None, self.output_size, self.output_size, channels))
 

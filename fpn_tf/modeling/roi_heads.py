@@ -234,17 +234,7 @@ class RoIHeads(keras.layers.Layer):
         )
 
     def build(self, features_shape):
-        present = sorted(features_shape, key=anchor_ops.level_number)
-        self.levels = [
-            lvl
-            for lvl in present
-            if self.min_level <= anchor_ops.level_number(lvl) <= self.max_level
-        ]
-        if not self.levels:
-            raise ValueError(
-                f"no pyramid level in roi.min_level..max_level "
-                f"({self.min_level}..{self.max_level}) among {present}"
-            )
+        self.levels = roi_levels(features_shape, self.min_level, self.max_level)
         channels = int(features_shape[self.levels[0]][-1])
         self.box_head.build((None, None, self.output_size, self.output_size, channels))
 
@@ -350,6 +340,19 @@ class RoIHeads(keras.layers.Layer):
             }
         )
         return config
+
+
+def roi_levels(features_shape, min_level: int, max_level: int) -> List[str]:
+    """The pyramid levels of ``features_shape`` (a dict by level name) in ``min_level..
+    max_level``, in order: where the RoI heads pool (Eq. 1 is clamped to them)."""
+    present = sorted(features_shape, key=anchor_ops.level_number)
+    levels = [lvl for lvl in present if min_level <= anchor_ops.level_number(lvl) <= max_level]
+    if not levels:
+        raise ValueError(
+            f"no pyramid level in roi.min_level..max_level ({min_level}..{max_level}) "
+            f"among {present}"
+        )
+    return levels
 
 
 def _check_classifier_rows(layout, rows, num_classes):
