@@ -57,23 +57,10 @@ COLUMNS = ("mask_AR@10", "mask_AR@100", "mask_AR@1000", "mask_ARs@1000", "mask_A
 
 def load_segment_model(model_dir: str):
     """The segment-proposal model of a model directory, its latest checkpoint restored."""
-    import tensorflow as tf
+    from fpn_tf.modeling.model_dir import load_model
 
-    from fpn_tf.configs import PARAMS_FILENAME, load_config
-    from fpn_tf.modeling.factory import build_segment_proposal_model
-    from fpn_tf.serving.export import ExportError, restore_checkpoint
-
-    config_file = os.path.join(model_dir, PARAMS_FILENAME)
-    if not tf.io.gfile.exists(config_file):
-        raise ExportError(f"{config_file} not found")
-    config = load_config(config_file)
-    config.model.backbone.weights = None
-    checkpoint = tf.train.latest_checkpoint(model_dir)
-    if checkpoint is None:
-        raise ExportError(f"{model_dir}: no checkpoint found")
-    model = build_segment_proposal_model(config.model)
-    restore_checkpoint(model, checkpoint)
-    return model, config
+    loaded = load_model(model_dir)
+    return loaded.model, loaded.config
 
 
 def evaluate(predict, dataset, groundtruth, max_batches=None):
@@ -172,12 +159,12 @@ def main(argv):
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
     from fpn_tf.cli import user_errors
-    from fpn_tf.serving.export import ExportError
+    from fpn_tf.modeling.model_dir import ModelDirError
 
     with user_errors():
         try:
             run()
-        except (ExportError, ValueError) as e:
+        except (ModelDirError, ValueError) as e:
             logging.error("%s", e)
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -28,11 +28,12 @@ def user_errors():
     """Turns the errors a user causes (bad config, bad data, missing files) into one line."""
     from fpn_tf.configs.experiment import ConfigError
     from fpn_tf.data.errors import DataError
+    from fpn_tf.modeling.model_dir import ModelDirError
     from fpn_tf.training.trainer import CheckpointError, NonFiniteLossError
 
     try:
         yield
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ModelDirError) as e:
         fail(f"{type(e).__name__}: {e}")
     except (NonFiniteLossError, CheckpointError) as e:
         fail(str(e), code=1)

@@ -28,7 +28,6 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 FLAGS = flags.FLAGS
 
 
@@ -66,10 +65,9 @@ def _convert(cli) -> None:
     # pylint: disable=g-import-not-at-top
     from fpn_tf.configs import ConfigError, load_config
     from fpn_tf.conversion import ConversionError, convert_checkpoint
+    from fpn_tf.conversion.convert import reference_config_file
 
-    config_files = FLAGS.config_file or [
-        os.path.join(CONFIG_DIR, f"coco_r50_fpn_{FLAGS.source}.yaml")
-    ]
+    config_files = FLAGS.config_file or [reference_config_file(FLAGS.source)]
     for path in config_files:
         if not os.path.isfile(path):
             cli.fail(f"config file {path} not found: give --config_file")

@@ -67,11 +67,12 @@ def main(argv) -> None:
 def _export() -> None:
     from fpn_tf.configs import ConfigError  # pylint: disable=g-import-not-at-top
     from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
+    from fpn_tf.modeling import model_dir  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
 
     start = time.time()
     try:
-        source = export_lib.load_model_for_export(
+        source = model_dir.load_model(
             FLAGS.model_dir,
             config_file=FLAGS.config_file,
             params_override=FLAGS.params_override,
@@ -80,7 +81,7 @@ def _export() -> None:
         export_lib.export_saved_model(
             source.model, FLAGS.export_dir, source.category_map, **source.preprocessing
         )
-    except (export_lib.ExportError, ConfigError, DataError) as e:
+    except (export_lib.ExportError, model_dir.ModelDirError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     logging.info(

@@ -3,7 +3,9 @@
 With no arguments it runs the embedded CPU demo: it generates a synthetic COCO-format shapes data
 set, trains the small-backbone model, evaluates it with COCO metrics, exports a SavedModel and
 prints where everything is. With ``--config_file`` (e.g. configs/coco_r50_fpn_1x.yaml) it runs
-that experiment.
+that experiment. Without it, a ``--model_dir`` that holds a ``params.yaml`` (a run to resume or
+evaluate, a converted model) runs with that config. ``--mode=eval`` reads the model directory
+(its config, categories and latest checkpoint) and writes only into ``<model_dir>/eval``.
 
     python -m fpn_tf.train
     python -m fpn_tf.train --config_file=configs/coco_r50_fpn_1x.yaml --model_dir=runs/r50 \\
@@ -93,7 +95,7 @@ def run(config_files, params_override, model_dir, mode, export=True, extra_overr
     from fpn_tf.training.trainer import Trainer, format_metrics
 
     start = time.time()
-    trainer = Trainer(cfg, model_dir)
+    trainer = Trainer(cfg, model_dir, evaluate_only=mode == "eval")
     result = {"model_dir": os.path.abspath(model_dir)}
     if mode in ("train", "train_and_eval"):
         every = cfg.eval.every_steps if mode == "train_and_eval" else None
@@ -125,12 +127,20 @@ def run(config_files, params_override, model_dir, mode, export=True, extra_overr
     return result
 
 
+def default_config_files(model_dir: str) -> list[str]:
+    """Without --config_file: the model directory's own config (a run to resume or evaluate, a
+    converted model), else the demo's."""
+    params = os.path.join(model_dir, "params.yaml")
+    return [params] if os.path.isfile(params) else [DEMO_CONFIG]
+
+
 def main(argv):
     cli.reject_positional(argv)
-    config_files = FLAGS.config_file or [DEMO_CONFIG]
     model_dir = FLAGS.model_dir or ("runs/cpu_demo" if not FLAGS.config_file else None)
     if not model_dir:
         cli.fail("--model_dir is required with --config_file")
+    config_files = FLAGS.config_file or default_config_files(model_dir)
+    logging.info("Config: %s", ", ".join(config_files))
     with cli.quiet_tensorflow(), cli.user_errors():
         run(config_files, FLAGS.params_override, model_dir, FLAGS.mode, FLAGS.export, _overrides())
 

@@ -26,11 +26,12 @@ from fpn_tf.data import synthetic, transforms
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.testing import pattern
 from fpn_tf.modeling.factory import build_model
+from fpn_tf.modeling.model_dir import ModelDirError, load_model
+import fpn_tf
 from fpn_tf.serving import (
     ExportError,
     ImageTensorModule,
     export_saved_model,
-    load_model_for_export,
     preprocess_images,
     read_category_map,
 )
@@ -506,17 +507,18 @@ def model_dir(tmp_path_factory):
     return path, model
 
 
-def test_load_model_for_export_restores_the_latest_checkpoint(model_dir):
+def test_load_model_restores_the_latest_checkpoint(model_dir):
     path, trained = model_dir
-    source = load_model_for_export(path)
+    source = fpn_tf.load_model(path)
     assert source.category_map == CATEGORY_MAP
+    assert source.category_names == list(CATEGORY_MAP.names)
     assert source.preprocessing == {
         "short_side": SHORT,
         "max_long_side": LONG,
         "pad_multiple": MULTIPLE,
         "resize_rounding": "round",
     }
-    floor = load_model_for_export(path, params_override="eval_data.resize_rounding=floor")
+    floor = load_model(path, params_override="eval_data.resize_rounding=floor")
     assert floor.preprocessing["resize_rounding"] == "floor"
     assert source.checkpoint.endswith("ckpt-1")
     assert len(source.model.variables) == len(trained.variables)
@@ -524,22 +526,24 @@ def test_load_model_for_export_restores_the_latest_checkpoint(model_dir):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_load_model_for_export_says_what_is_missing_or_wrong(model_dir, tmp_path):
+def test_load_model_says_what_is_missing_or_wrong(model_dir, tmp_path):
     path, _ = model_dir
-    with pytest.raises(ExportError, match="model_dir not found"):
-        load_model_for_export(str(tmp_path / "nowhere"))
-    with pytest.raises(ExportError, match="params.yaml not found"):
-        load_model_for_export(str(tmp_path))
+    with pytest.raises(ModelDirError, match="model directory not found"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelDirError, match="params.yaml not found"):
+        load_model(str(tmp_path))
     save_config(tiny_config(), str(tmp_path))
-    with pytest.raises(ExportError, match="category_map.json not found"):
-        load_model_for_export(str(tmp_path))
+    with pytest.raises(ModelDirError, match="category_map.json not found"):
+        load_model(str(tmp_path))
     CATEGORY_MAP.to_json(str(tmp_path / "category_map.json"))
-    with pytest.raises(ExportError, match="no checkpoint found"):
-        load_model_for_export(str(tmp_path))
-    with pytest.raises(ExportError, match="does not hold this model's weights.*fc3"):
-        load_model_for_export(path, params_override="model.roi.num_fc=3")
-    with pytest.raises(ExportError, match="does not hold this model's weights"):
-        load_model_for_export(path, params_override="model.fpn.num_channels=16")
+    with pytest.raises(ModelDirError, match="no checkpoint found"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelDirError, match="does not hold every weight of this model.*fc3"):
+        load_model(path, params_override="model.roi.num_fc=3")
+    with pytest.raises(ModelDirError, match="does not hold every weight of this model"):
+        load_model(path, params_override="model.fpn.num_channels=16")
+    with pytest.raises(ModelDirError, match="holds no weights for this model's mask_heads"):
+        load_model(path, params_override="model.architecture=mask_rcnn")
 
 
 def test_export_refuses_a_category_map_of_another_model(tmp_path):

@@ -21,6 +21,7 @@ from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.testing import write_coco_json, write_image
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training.init_checkpoint import (
+    DETECTOR_PARTS,
     MASK_PARTS,
     PARTS,
     InitCheckpointError,
@@ -44,7 +45,7 @@ COLOURS = {
     5: (230, 220, 30),
 }
 NOT_CLASS_LAYERS = ("backbone", "pyramid", "rpn", "box head fc layers")
-BOX_PARTS = tuple(p for p in PARTS if p not in MASK_PARTS)  # a Faster R-CNN's parts
+BOX_PARTS = tuple(p for p in DETECTOR_PARTS if p not in MASK_PARTS)  # a Faster R-CNN's parts
 
 
 def write_rectangles(root, categories, num_images=6, seed=0):
@@ -203,7 +204,7 @@ def test_a_mask_rcnn_from_a_faster_rcnn_keeps_its_fresh_mask_branch(source_dir, 
     for part in MASK_PARTS:
         assert report.reinitialised[part] == "the source has no mask branch"
         assert_part_equal(got, fresh, part)
-    assert len(report.lines()) == len(PARTS)
+    assert len(report.lines()) == len(DETECTOR_PARTS)
 
 
 # --- (b) the same classes: every weight ----------------------------------------------------
@@ -416,3 +417,100 @@ def test_a_model_only_checkpoint_restores_the_model_and_starts_the_optimizer_at_
     assert trainer.step == 0
     for got, want in zip(trainer.model.weights, model.weights):
         np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)
+
+
+def test_a_model_only_mask_rcnn_checkpoint_restores_the_mask_head_too(tmp_path):
+    """A converted Mask R-CNN's ckpt-0 holds the model alone: every part is restored, the mask
+    head included (a restore that bound only fpn, rpn and roi_heads left it fresh)."""
+    cfg = make_config(
+        str(tmp_path / "data"), SOURCE_CATEGORIES, **{"model.architecture": "mask_rcnn"}
+    )
+    keras.utils.set_random_seed(cfg.train.seed)  # the seed the trainer builds its model with
+    model = build_model(cfg.model, category_ids=[1, 2, 3])
+    for v in model.weights:
+        v.assign(v.numpy() + np.float32(0.01))  # weights no fresh initialisation gives
+    model_dir = str(tmp_path / "converted")
+    save_config(cfg, model_dir)
+    CategoryMap(SOURCE_CATEGORIES).to_json(os.path.join(model_dir, "category_map.json"))
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1).save(0)
+    trainer = Trainer(cfg, model_dir)
+    assert trainer.restored_from == os.path.join(model_dir, "ckpt-0")
+    got, want = values(trainer.model), values(model)
+    for part in PARTS:
+        if want.get(part):
+            assert_part_equal(got, want, part)
+
+
+def test_a_checkpoint_missing_a_part_of_the_model_is_not_restored(tmp_path, caplog):
+    """A Faster R-CNN's weights into a Mask R-CNN run directory: the mask head has no values
+    there, which the restore says (the run cannot resume from that checkpoint)."""
+    cfg = make_config(str(tmp_path / "data"), SOURCE_CATEGORIES)
+    model = build_model(cfg.model, category_ids=[1, 2, 3])
+    model_dir = str(tmp_path / "converted")
+    CategoryMap(SOURCE_CATEGORIES).to_json(os.path.join(model_dir, "category_map.json"))
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1).save(0)
+    mask_cfg = cfg.override({"model": {"architecture": "mask_rcnn"}})
+    with pytest.raises(Exception, match="none of the checkpoints") as e:
+        Trainer(mask_cfg, model_dir)
+    assert "\n" not in str(e.value)
+    assert "holds no weights for this model's mask_heads" in caplog.text
+
+
+# --- the switches that change what the weights compute ----------------------------------------
+def test_a_source_made_with_other_switches_is_refused_naming_the_field(source_dir, tmp_path):
+    path, snapshots = source_dir
+    # The anchors give the RPN's and box head's outputs their meaning: refused with "all" ...
+    cfg = make_config(str(tmp_path / "data"), SOURCE_CATEGORIES, **{"model.anchor.offset": 0.0})
+    model = build_model(cfg.model, category_ids=[1, 2, 3])
+    before = values(model)
+    with pytest.raises(InitCheckpointError) as e:
+        load_init_checkpoint(model, path, config=cfg.model)
+    message = str(e.value)
+    assert "\n" not in message and e.value.key == "model.init_checkpoint"
+    assert "model.anchor.offset is 0.0 but the weights were made with 0.5" in message, message
+    assert f"{path}/params.yaml" in message
+    for part in BOX_PARTS:
+        assert_part_equal(values(model), before, part)  # nothing written
+    # ... and irrelevant to a backbone alone.
+    report = load_init_checkpoint(model, path, modules="backbone", config=cfg.model)
+    assert_part_equal(values(model), snapshots[9], "backbone")
+    assert set(report.loaded) == {"backbone"}
+    # The backbone's own switches always count: the same kernels under another epsilon.
+    cfg = make_config(
+        str(tmp_path / "data"), SOURCE_CATEGORIES, **{"model.backbone.bn_epsilon": 1e-3}
+    )
+    model = build_model(cfg.model, category_ids=[1, 2, 3])
+    with pytest.raises(InitCheckpointError, match="model.backbone.bn_epsilon is 0.001 but the "):
+        load_init_checkpoint(model, path, modules="backbone", config=cfg.model)
+    # Through the trainer too (it passes its model config).
+    cfg = make_config(
+        str(tmp_path / "data"),
+        SOURCE_CATEGORIES,
+        **{"model.init_checkpoint": path, "model.roi.aligned": False},
+    )
+    with pytest.raises(InitCheckpointError, match="model.roi.aligned is False but the weights"):
+        Trainer(cfg, str(tmp_path / "run"))
+
+
+def test_a_segment_proposal_model_takes_the_backbone_and_pyramid_of_a_detector(
+    source_dir, tmp_path
+):
+    path, snapshots = source_dir
+    cfg = make_config(
+        str(tmp_path / "data"),
+        SOURCE_CATEGORIES,
+        **{"model.architecture": "segment_proposals", "model.segment_proposals.hidden_dims": 8},
+    )
+    model = build_model(cfg.model)
+    fresh = values(model)
+    report = load_init_checkpoint(model, path, config=cfg.model)
+    got = values(model)
+    assert set(report.loaded) == {"backbone", "pyramid"}
+    for part in ("backbone", "pyramid"):
+        assert_part_equal(got, snapshots[9], part)
+    assert_part_equal(got, fresh, "segment head")
+    assert "has no segment head" in report.reinitialised["segment head"]
+    # Through the trainer, which fine-tunes it from there.
+    cfg = cfg.override({"model": {"init_checkpoint": path}})
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    assert set(trainer.init_report.loaded) == {"backbone", "pyramid"}

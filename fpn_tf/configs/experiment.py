@@ -782,7 +782,7 @@ class ExperimentConfig(Config):
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     def validate(
-        self, num_replicas: Optional[int] = None, check_files: bool = False
+        self, num_replicas: Optional[int] = None, check_files: bool = False, training: bool = True
     ) -> "ExperimentConfig":
         """Raises ConfigError on impossible values; returns self.
 
@@ -790,6 +790,7 @@ class ExperimentConfig(Config):
           must divide by it. None = taken from runtime.devices when listed (1 for one_device), else
           not checked.
         check_files: also require the data/weights paths that the sources need to exist.
+        training: False for an evaluation alone: the training data's paths are not needed.
         """
         self.validate_section("")
         if num_replicas is None:
@@ -812,13 +813,17 @@ class ExperimentConfig(Config):
                     f"({batch}) must be divisible by the number of replicas ({num_replicas}).",
                 )
         if check_files:
-            paths = {f"train_data.{k}": v for k, v in self.train_data._file_paths().items()}
+            paths = (
+                {f"train_data.{k}": v for k, v in self.train_data._file_paths().items()}
+                if training
+                else {}
+            )
             paths.update({f"eval_data.{k}": v for k, v in self.eval_data._file_paths().items()})
             weights = self.model.backbone.weights
-            if weights is not None and weights != "imagenet":
+            if training and weights is not None and weights != "imagenet":
                 paths["model.backbone.weights"] = weights
             init = self.model.init_checkpoint
-            if init and "://" not in init:
+            if training and init and "://" not in init:
                 _require(
                     os.path.isdir(init) or os.path.exists(init + ".index"),
                     "model.init_checkpoint",

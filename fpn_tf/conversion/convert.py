@@ -36,6 +36,10 @@ from fpn_tf.conversion.checkpoint_reader import (
 )
 
 SOURCES = ("torchvision", "detectron2")
+# The repository's configs/: each source's reference config.
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
 CONVERSION_FILENAME = "conversion.json"
 SAVED_MODEL_DIRNAME = "saved_model"
 
@@ -104,6 +108,32 @@ def load_weights(model, source: str, checkpoint: str, config, arrays=None) -> tu
     return len(state.arrays), num_values
 
 
+def reference_config_file(source: str) -> str:
+    """``configs/coco_r50_fpn_<source>.yaml``: the switches under which ``source``'s weights
+    compute what its publisher's code computes."""
+    return os.path.join(CONFIG_DIR, f"coco_r50_fpn_{source}.yaml")
+
+
+def check_reference_switches(source: str, config) -> None:
+    """Refuses (ConfigError, one line: the field and both values) a ``config`` whose switches
+    that change what the weights compute (`fpn_tf.modeling.model_dir.weight_switches`) differ
+    from ``source``'s reference config: every shape would fit and the model would compute
+    something else, silently."""
+    from fpn_tf.configs.loader import load_config  # pylint: disable=g-import-not-at-top
+    from fpn_tf.modeling import model_dir  # pylint: disable=g-import-not-at-top
+
+    path = reference_config_file(source)
+    if not os.path.isfile(path):
+        logging.warning("%s not found: the config's switches are not checked against it", path)
+        return
+    model_dir.check_same_weight_switches(
+        config.model,
+        load_config(path).model,
+        what="--config_file",
+        source=f"{source}'s reference config {os.path.basename(path)}",
+    )
+
+
 def convert_checkpoint(
     source: str,
     checkpoint: str,
@@ -119,10 +149,8 @@ def convert_checkpoint(
     ``model.architecture`` the checkpoint's (``mask_rcnn`` for a torchvision state dict with
     mask-head keys, else ``faster_rcnn``)."""
     # pylint: disable=g-import-not-at-top
-    import tensorflow as tf
-
-    from fpn_tf.configs.loader import save_config
     from fpn_tf.data.coco_categories import coco_category_map
+    from fpn_tf.modeling import model_dir
     from fpn_tf.modeling.factory import build_model
     from fpn_tf.serving import export as export_lib
 
@@ -153,6 +181,7 @@ def convert_checkpoint(
             config.model.architecture,
         )
         config.model.architecture = architecture
+    check_reference_switches(source, config)
     category_map = coco_category_map()
     config.model.backbone.weights = None  # every weight comes from the checkpoint
     config.model.num_classes = category_map.num_classes
@@ -164,18 +193,15 @@ def convert_checkpoint(
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     try:
-        save_config(config, partial)
-        category_map.to_json(os.path.join(partial, "category_map.json"))
-        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), partial, 1)
-        manager.save(checkpoint_number=0)
+        model_dir.write_model_dir(partial, config, category_map)
+        model_dir.save_model_checkpoint(model, partial, 0)
         if export_saved_model:
             logging.info("Exporting the SavedModel (a minute or two for a ResNet-50)")
-            saved = export_lib.ExportSource(model, category_map, config, "ckpt-0")
             export_lib.export_saved_model(
                 model,
                 os.path.join(partial, SAVED_MODEL_DIRNAME),
                 category_map,
-                **saved.preprocessing,
+                **model_dir.input_preprocessing(config),
             )
         report = ConversionReport(
             output_dir=output_dir,

@@ -1,8 +1,8 @@
 """Export: the SavedModel described in docs/serving.md and what reads it.
 
 * :func:`export_saved_model` writes it (the trainer calls it at the end of training;
-  ``python -m fpn_tf.export`` calls it on a ``model_dir``), :func:`load_model_for_export`
-  rebuilds a trained model from its ``model_dir``;
+  ``python -m fpn_tf.export`` calls it on a model directory, read by
+  `fpn_tf.modeling.model_dir.load_model`);
 * `fpn_tf.serving.detection`: one `tf.Module` per input type (``serving_default`` images,
   ``image_bytes``, ``tf_example``);
 * :func:`read_category_map` reads the id -> name map that travels with the SavedModel;
@@ -21,12 +21,9 @@ from fpn_tf.serving.detection import (
 )
 from fpn_tf.serving.export import (
     ExportError,
-    ExportSource,
     export_saved_model,
     label_map_pbtxt,
-    load_model_for_export,
     read_category_map,
-    restore_checkpoint,
 )
 
 __all__ = [
@@ -34,14 +31,11 @@ __all__ = [
     "OUTPUT_KEYS",
     "DetectionModule",
     "ExportError",
-    "ExportSource",
     "ImageBytesModule",
     "ImageTensorModule",
     "TfExampleModule",
     "export_saved_model",
     "label_map_pbtxt",
-    "load_model_for_export",
     "preprocess_images",
     "read_category_map",
-    "restore_checkpoint",
 ]

@@ -1,9 +1,10 @@
-"""Writing the SavedModel of docs/serving.md, and rebuilding a trained model from its ``model_dir``.
+"""Writing the SavedModel of docs/serving.md.
 
-    from fpn_tf.serving import export_saved_model, load_model_for_export
-    source = load_model_for_export("runs/cpu_demo")          # params.yaml + category map + ckpt
-    export_saved_model(source.model, "exports/fpn/1", source.category_map,
-                       **source.preprocessing)    # short_side, max_long_side, pad_multiple,
+    import fpn_tf
+    from fpn_tf.serving import export_saved_model
+    loaded = fpn_tf.load_model("runs/cpu_demo")          # params.yaml + category map + ckpt
+    export_saved_model(loaded.model, "exports/fpn/1", loaded.category_map,
+                       **loaded.preprocessing)    # short_side, max_long_side, pad_multiple,
                                                   # resize_rounding
 
 The SavedModel has three signatures (`fpn_tf.serving.detection`), all returning
@@ -22,7 +23,6 @@ TensorFlow (``tf.saved_model.load``), not fpn_tf or Keras.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -44,19 +44,14 @@ from fpn_tf.serving.detection import (
 
 __all__ = [
     "CATEGORY_MAP_ASSET",
-    "CATEGORY_MAP_FILENAME",
     "ExportError",
-    "ExportSource",
     "LABEL_MAP_ASSET",
     "SERVING_CONFIG_ASSET",
     "export_saved_model",
     "label_map_pbtxt",
-    "load_model_for_export",
     "read_category_map",
-    "restore_checkpoint",
 ]
 
-CATEGORY_MAP_FILENAME = "category_map.json"  # in model_dir, written by the trainer
 CATEGORY_MAP_ASSET = "category_map.json"  # in <export_dir>/assets/
 LABEL_MAP_ASSET = "label_map.pbtxt"
 SERVING_CONFIG_ASSET = "serving_config.json"
@@ -214,111 +209,3 @@ def export_saved_model(
         pad_multiple,
     )
     return export_dir
-
-
-def restore_checkpoint(model, checkpoint: str) -> None:
-    """Restores every variable of ``model`` from a ``tf.train.Checkpoint(model=model, ...)``.
-
-    Raises:
-      ExportError: a variable of the model is not in the checkpoint or has another shape (the
-        checkpoint belongs to another model).
-    """
-    try:
-        status = tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
-        status.assert_existing_objects_matched()
-    except (AssertionError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:300]
-        raise ExportError(
-            f"{checkpoint}: does not hold this model's weights (the config or the "
-            f"category map differ from the run's?): {first}"
-        ) from e
-
-
-@dataclasses.dataclass
-class ExportSource:
-    """A trained model rebuilt from its ``model_dir``, with what the export needs."""
-
-    model: Any
-    category_map: CategoryMap
-    config: Any  # the resolved ExperimentConfig
-    checkpoint: str  # the checkpoint restored
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        """``short_side``, ``max_long_side``, ``pad_multiple``, ``resize_rounding`` of the
-        config's eval data (keyword arguments of :func:`export_saved_model`)."""
-        d = self.config.eval_data
-        return {
-            "short_side": d.short_side,
-            "max_long_side": d.max_long_side,
-            "pad_multiple": d.pad_multiple,
-            "resize_rounding": d.resize_rounding,
-        }
-
-
-def load_model_for_export(
-    model_dir: str | os.PathLike,
-    *,
-    config_file: str | None = None,
-    params_override: Any = None,
-    checkpoint: str | None = None,
-    category_map: CategoryMap | str | os.PathLike | None = None,
-) -> ExportSource:
-    """Rebuilds the model a training run saved in ``model_dir`` and restores its weights.
-
-    Args:
-      model_dir: the trainer's directory: ``params.yaml`` (the resolved config),
-        ``category_map.json`` and the ``tf.train.Checkpoint(model=..., ...)`` files that its
-        ``tf.train.CheckpointManager`` writes.
-      config_file: a config YAML to use instead of ``model_dir/params.yaml``.
-      params_override: applied on top of the config (as the trainer's ``--params_override``),
-        e.g. ``"model.detection.score_threshold=0.3"``.
-      checkpoint: a checkpoint path (prefix) to restore instead of the latest in ``model_dir``.
-      category_map: instead of ``model_dir/category_map.json``.
-
-    Raises:
-      ExportError: something the export needs is missing from ``model_dir`` or does not fit
-        the model (one line naming the path).
-    """
-    from fpn_tf.configs import PARAMS_FILENAME, load_config  # pylint: disable=g-import-not-at-top
-    from fpn_tf.modeling.factory import build_model  # pylint: disable=g-import-not-at-top
-
-    model_dir = os.fspath(model_dir)
-    if not tf.io.gfile.isdir(model_dir):
-        raise ExportError(f"{model_dir}: model_dir not found")
-    if config_file is None:
-        config_file = os.path.join(model_dir, PARAMS_FILENAME)
-        if not tf.io.gfile.exists(config_file):
-            raise ExportError(
-                f"{config_file} not found (a model_dir holds its run's config; "
-                "--config_file names another)"
-            )
-    config = load_config(config_file, params_override)
-    # The checkpoint holds every weight: never fetch ImageNet weights to overwrite them.
-    config.model.backbone.weights = None
-
-    if category_map is None:
-        category_map = os.path.join(model_dir, CATEGORY_MAP_FILENAME)
-        if not tf.io.gfile.exists(category_map):
-            raise ExportError(
-                f"{category_map} not found: the trainer writes it (or pass a " "category map)"
-            )
-    category_map = as_category_map(category_map)
-
-    if checkpoint is None:
-        checkpoint = tf.train.latest_checkpoint(model_dir)
-        if checkpoint is None:
-            raise ExportError(
-                f"{model_dir}: no checkpoint found (no 'checkpoint' index file " "naming one)"
-            )
-    elif not tf.io.gfile.exists(checkpoint + ".index"):
-        raise ExportError(f"{checkpoint}: no such checkpoint ({checkpoint}.index not found)")
-
-    model = build_model(config.model, category_ids=list(category_map.dataset_ids))
-    restore_checkpoint(model, checkpoint)
-    logging.info(
-        "Restored %s (config %s, %d classes)", checkpoint, config_file, category_map.num_classes
-    )
-    return ExportSource(
-        model=model, category_map=category_map, config=config, checkpoint=checkpoint
-    )

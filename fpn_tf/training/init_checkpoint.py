@@ -7,22 +7,30 @@
 
 The source is a model directory as the trainer (or a weight converter) writes it: params.yaml,
 category_map.json and ``tf.train.Checkpoint(model=..., optimizer=...)`` files. The source model
-is rebuilt from that directory (`fpn_tf.serving.export.load_model_for_export`) and restored
-(model only: the optimizer state is not read), then its weights are copied into ``model`` part
-by part, each weight paired with the one of the same layer and name:
+is rebuilt from that directory (`fpn_tf.modeling.model_dir.load_model`: every weight restored),
+then its weights are copied into ``model`` part by part, each weight paired with the one of the
+same layer and name:
 
 * ``backbone``: the bottom-up ResNet (every weight, BatchNorm statistics included);
 * ``pyramid``: the top-down pathway and lateral connections (the rest of ``model.fpn``);
 * ``rpn``: the shared RPN head;
 * ``box head fc layers``: the hidden fc layers of the Fast R-CNN head;
-* ``class layers``: the box head's classifier and class-specific box regressor.
+* ``class layers``: the box head's classifier and class-specific box regressor;
+* ``mask head``, ``mask predictor``: a Mask R-CNN's mask convs and deconv, and its class-specific
+  1x1 predictor;
+* ``segment head``: the §6 segment-proposal MLPs. A segment-proposal model and a detector share
+  the backbone and the pyramid; each keeps its own head fresh.
 
 ``modules="all"`` copies every part, the class layers only when the source has the same classes
 (the same category ids, in the same order, hence the same shapes); otherwise they keep their
 fresh initialisation. ``modules="backbone"`` copies only the backbone. Every part that is copied
 must have the source's layers and shapes: an architecture that differs is an
 `InitCheckpointError` (one line naming the layer and both shapes) raised before any weight is
-written, so the model is never left partly initialised. A folded conv + frozen BatchNorm
+written, so the model is never left partly initialised. With the config of the model being
+initialised, the source directory's switches that change what weights compute
+(`fpn_tf.modeling.model_dir.weight_switches`: the backbone's always, the anchors' and
+RoIAlign's with ``modules="all"``) must equal it: a converted torchvision model fine-tuned with
+the default ResNet switches would load every shape and compute something else. A folded conv + frozen BatchNorm
 (``model.backbone.fold_frozen_bn``) pairs with the unfolded conv and BatchNorm layers (the same
 parameters under the conv's name), so the source and the new model may differ in that setting.
 """
@@ -38,8 +46,10 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.configs.base import ConfigError
+from fpn_tf.modeling import model_dir
 
 __all__ = [
+    "DETECTOR_PARTS",
     "MODULES",
     "MASK_PARTS",
     "PARTS",
@@ -50,7 +60,7 @@ __all__ = [
 ]
 
 MODULES = ("all", "backbone")
-PARTS = (
+DETECTOR_PARTS = (
     "backbone",
     "pyramid",
     "rpn",
@@ -59,6 +69,7 @@ PARTS = (
     "mask head",
     "mask predictor",
 )
+PARTS = DETECTOR_PARTS + ("segment head",)
 _CLASS_PART = "class layers"
 # Parts only a Mask R-CNN has; the predictor is class-specific like the class layers.
 MASK_PARTS = ("mask head", "mask predictor")
@@ -68,6 +79,7 @@ _PART_CONFIG = {
     "pyramid": "model.fpn",
     "rpn": "model.rpn / model.anchor",
     "box head fc layers": "model.roi.num_fc / fc_dims / output_size",
+    "segment head": "model.segment_proposals",
 }
 _BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -114,8 +126,9 @@ class InitCheckpointReport:
 
 
 def model_parts(model) -> dict[str, list]:
-    """The weights of a `FasterRCNN` by part (`PARTS`), each weight in exactly one part (the
-    mask parts are empty without a mask branch)."""
+    """The weights of a `FasterRCNN` or a `SegmentProposalModel` by part (`PARTS`), each weight
+    in exactly one part; a part the model does not have is absent (a detector's mask parts are
+    present and empty without a mask branch)."""
     fpn = model.fpn
     backbones = [layer for layer in fpn.layers if isinstance(layer, keras.Model)]
     if len(backbones) != 1:
@@ -124,21 +137,32 @@ def model_parts(model) -> dict[str, list]:
             f"{[b.name for b in backbones]}"
         )
     backbone_ids = {id(v) for v in backbones[0].weights}
-    box_head = model.roi_heads.box_head
     parts = {
         "backbone": list(backbones[0].weights),
         "pyramid": [v for v in fpn.weights if id(v) not in backbone_ids],
-        "rpn": list(model.rpn.weights),
-        "box head fc layers": [w for fc in box_head.fcs for w in fc.weights],
-        _CLASS_PART: list(box_head.classifier.weights) + list(box_head.box_regressor.weights),
-        "mask head": [],
-        "mask predictor": [],
     }
+    if getattr(model, "roi_heads", None) is None:  # the segment-proposal model
+        parts["segment head"] = list(model.head.weights)
+        return _checked(model, parts)
+    box_head = model.roi_heads.box_head
+    parts.update(
+        {
+            "rpn": list(model.rpn.weights),
+            "box head fc layers": [w for fc in box_head.fcs for w in fc.weights],
+            _CLASS_PART: list(box_head.classifier.weights) + list(box_head.box_regressor.weights),
+            "mask head": [],
+            "mask predictor": [],
+        }
+    )
     mask_heads = getattr(model, "mask_heads", None)
     if mask_heads is not None:
         head = mask_heads.head
         parts["mask head"] = [w for layer in head.convs + [head.deconv] for w in layer.weights]
         parts["mask predictor"] = list(head.predictor.weights)
+    return _checked(model, parts)
+
+
+def _checked(model, parts: dict[str, list]) -> dict[str, list]:
     covered = {id(v) for weights in parts.values() for v in weights}
     stray = [v.path for v in model.weights if id(v) not in covered]
     if stray:  # a layer this module does not know: never leave it silently uninitialised
@@ -214,27 +238,24 @@ def _ids(ids) -> str:
 
 
 def _load_source(path: str):
-    """(source model, checkpoint path): a model directory (its latest checkpoint) or a
-    checkpoint prefix inside one."""
+    """The `LoadedModel` of a model directory (its latest checkpoint) or of a checkpoint prefix
+    inside one."""
     from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
-    from fpn_tf.serving.export import (  # pylint: disable=g-import-not-at-top
-        ExportError,
-        load_model_for_export,
-    )
 
     if tf.io.gfile.isdir(path):
-        model_dir, checkpoint = path, None
+        directory, checkpoint = path, None
     else:
-        model_dir, checkpoint = os.path.dirname(path) or ".", path
+        directory, checkpoint = os.path.dirname(path) or ".", path
     try:
-        loaded = load_model_for_export(model_dir, checkpoint=checkpoint)
-    except (ExportError, ConfigError, DataError) as e:
+        return model_dir.load_model(directory, checkpoint=checkpoint)
+    except (model_dir.ModelDirError, ConfigError, DataError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InitCheckpointError(f"model.init_checkpoint {path!r}: {first}") from e
-    return loaded.model, loaded.checkpoint
 
 
-def load_init_checkpoint(model, source: Any, modules: str = "all") -> InitCheckpointReport:
+def load_init_checkpoint(
+    model, source: Any, modules: str = "all", config=None
+) -> InitCheckpointReport:
     """Copies the weights of another model into ``model`` (a `FasterRCNN`); returns a report.
 
     Args:
@@ -243,6 +264,8 @@ def load_init_checkpoint(model, source: Any, modules: str = "all") -> InitCheckp
         one, or a `FasterRCNN` in memory (its weights as they are).
       modules: "all" (every part; the class layers only with the same category ids) or
         "backbone" (only the bottom-up ResNet). See the module docstring.
+      config: the model section ``model`` was built from; with a source directory, its switches
+        that change what the weights compute must be the source's ``params.yaml``'s.
 
     Raises:
       InitCheckpointError: the source cannot be loaded, or a part to copy has other layers or
@@ -253,28 +276,46 @@ def load_init_checkpoint(model, source: Any, modules: str = "all") -> InitCheckp
             f"model.init_checkpoint_modules must be one of {MODULES}, got {modules!r}"
         )
     if isinstance(source, (str, os.PathLike)):
-        source_path = os.fspath(source)
-        source_model, checkpoint = _load_source(source_path)
+        loaded = _load_source(os.fspath(source))
+        source_model, checkpoint = loaded.model, loaded.checkpoint
         where = f"model.init_checkpoint {checkpoint}"
         description = checkpoint
+        if config is not None:
+            detectors = hasattr(model, "roi_heads") and hasattr(source_model, "roi_heads")
+            fields = model_dir.BACKBONE_SWITCHES
+            if modules == "all" and detectors:
+                fields += model_dir.HEAD_SWITCHES
+            try:
+                model_dir.check_same_weight_switches(
+                    config,
+                    loaded.config.model,
+                    what="model.init_checkpoint",
+                    source=f"{loaded.model_dir}/params.yaml",
+                    fields=fields,
+                )
+            except ConfigError as e:
+                raise InitCheckpointError(f"model.init_checkpoint: {e}") from e
     else:
         source_model = source
         description = f"the model {source.name!r}"
         where = f"model.init_checkpoint {description}"
     source_parts, target_parts = model_parts(source_model), model_parts(model)
-    source_ids = [int(i) for i in source_model.category_ids]
-    target_ids = [int(i) for i in model.category_ids]
+    source_ids = [int(i) for i in getattr(source_model, "category_ids", None) or []]
+    target_ids = [int(i) for i in getattr(model, "category_ids", None) or []]
 
     taken = ("backbone",) if modules == "backbone" else PARTS
     pairs_by_part, reinitialised = {}, {}
     for part in PARTS:
-        if part in MASK_PARTS and not target_parts[part]:
-            continue  # this model has no mask branch: nothing to give
+        if not target_parts.get(part):
+            continue  # a part this model does not have (a mask branch, a segment head)
         if part not in taken:
             reinitialised[part] = "init_checkpoint_modules is 'backbone'"
             continue
-        if part in MASK_PARTS and not source_parts[part]:
+        if part in MASK_PARTS and not source_parts.get(part):
             reinitialised[part] = "the source has no mask branch"
+            continue
+        if part not in source_parts:
+            reinitialised[part] = f"the source ({source_model.name}) has no {part}"
             continue
         if part in (_CLASS_PART, "mask predictor"):
             if source_ids != target_ids:

@@ -30,11 +30,11 @@ import numpy as np
 import tensorflow as tf
 
 from fpn_tf.configs.experiment import ConfigError
-from fpn_tf.configs.loader import save_config
 from fpn_tf.data import pipeline
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.evaluation.box_images import summary_images
 from fpn_tf.evaluation.run import evaluate_detector
+from fpn_tf.modeling import model_dir as model_dir_lib
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training import callbacks as cb
 from fpn_tf.training.callbacks import NonFiniteLossError  # noqa: F401 - part of the API
@@ -45,18 +45,19 @@ from fpn_tf.training.strategy import build_strategy, is_chief
 # The architectures that train on each object's mask.
 MASK_ARCHITECTURES = ("mask_rcnn", "segment_proposals")
 
-CATEGORY_MAP_FILENAME = "category_map.json"
-
 
 class CheckpointError(RuntimeError):
     """No checkpoint of model_dir can be restored."""
 
 
-def prepare_synthetic_data(cfg) -> None:
-    """Generates the synthetic splits a config asks for (once) and points the config at them."""
+def prepare_synthetic_data(cfg, evaluate_only: bool = False) -> None:
+    """Generates the synthetic splits a config asks for (once) and points the config at them.
+    ``evaluate_only``: only the held-out split, and never generated (an evaluation writes
+    nothing outside its model directory): it must exist."""
     from fpn_tf.data import synthetic  # numpy + PIL only
 
-    for split, data_cfg in (("train", cfg.train_data), ("val", cfg.eval_data)):
+    splits = (("train", cfg.train_data), ("val", cfg.eval_data))
+    for split, data_cfg in splits[1:] if evaluate_only else splits:
         if data_cfg.source != "synthetic":
             continue
         s = data_cfg.synthetic
@@ -66,6 +67,12 @@ def prepare_synthetic_data(cfg) -> None:
         if os.path.exists(ann):
             logging.info("Synthetic %s split already at %s", split, ann)
             paths = {"annotation_file": ann, "image_dir": os.path.join(out_dir, split)}
+        elif evaluate_only:
+            raise ConfigError(
+                f"the synthetic {split} split is not at {ann}: an evaluation does not generate "
+                "data; point eval_data at a data set (or train first)",
+                key="eval_data.synthetic.output_dir",
+            )
         else:
             start = time.time()
             logging.info(
@@ -94,34 +101,41 @@ class Trainer:
       model_dir: checkpoints, params.yaml, category_map.json, TensorBoard summaries, metrics.
     """
 
-    def __init__(self, cfg, model_dir: str):
+    def __init__(self, cfg, model_dir: str, evaluate_only: bool = False):
         self.cfg = cfg
         self.model_dir = model_dir
+        self.evaluate_only = evaluate_only
         policy = cfg.runtime.dtype_policy()
         if policy:
             keras.mixed_precision.set_dtype_policy(policy)
         self.strategy = build_strategy(cfg.runtime)
         self.num_replicas = self.strategy.num_replicas_in_sync
-        prepare_synthetic_data(cfg)
-        cfg.validate(num_replicas=self.num_replicas, check_files=True)
+        prepare_synthetic_data(cfg, evaluate_only)
+        cfg.validate(num_replicas=self.num_replicas, check_files=True, training=not evaluate_only)
         self.chief = is_chief(self.strategy)
-        os.makedirs(model_dir, exist_ok=True)
-        self.train_source = pipeline.source_from_config(cfg.train_data)  # loaded once
         self._eval_source = None
-        self.category_map = self._category_map()
-        if self.chief:
-            save_config(cfg, model_dir)
-            self.category_map.to_json(os.path.join(model_dir, CATEGORY_MAP_FILENAME))
+        if evaluate_only:
+            # The model directory is read, not written: its own config and categories.
+            self.train_source = None
+            if not os.path.isdir(model_dir):
+                raise CheckpointError(f"{model_dir}: no such model directory to evaluate")
+            self.category_map = self._evaluated_category_map()
+        else:
+            os.makedirs(model_dir, exist_ok=True)
+            self.train_source = pipeline.source_from_config(cfg.train_data)  # loaded once
+            self.category_map = self._category_map()
+            if self.chief:
+                model_dir_lib.write_model_dir(model_dir, cfg, self.category_map)
         with self.strategy.scope():
             # The same train.seed gives the same initial weights (the data order has its own
             # seeds, derived from train.seed too).
             keras.utils.set_random_seed(cfg.train.seed)
             model_cfg = cfg.model
-            if model_cfg.init_checkpoint and model_cfg.backbone.weights is not None:
+            if (model_cfg.init_checkpoint or evaluate_only) and model_cfg.backbone.weights:
                 # The init checkpoint (or, on a resume, the run's own) overwrites every
                 # backbone weight: do not fetch or read pretrained weights only to replace them.
                 logging.info(
-                    "model.init_checkpoint is set: model.backbone.weights=%r not loaded",
+                    "model.backbone.weights=%r not loaded: a checkpoint gives every weight",
                     model_cfg.backbone.weights,
                 )
                 model_cfg = model_cfg.override({"backbone": {"weights": None}})
@@ -141,12 +155,21 @@ class Trainer:
             self.checkpoint, self._checkpoint_dir(), max_to_keep=cfg.train.max_checkpoints_to_keep
         )
         self.restored_from = self.restore()
-        self.init_report = self._initialise_from_checkpoint()
+        if evaluate_only and self.restored_from is None:
+            raise CheckpointError(f"{model_dir}: no checkpoint to evaluate")
+        self.init_report = None if evaluate_only else self._initialise_from_checkpoint()
         self.saved_step = None
 
     # --- set-up ----------------------------------------------------------------------------
+    def _evaluated_category_map(self) -> CategoryMap:
+        """The categories of the model evaluated: its directory's (a converted COCO model's 80
+        on any COCO-format set), else the evaluation data's."""
+        if os.path.exists(os.path.join(self.model_dir, model_dir_lib.CATEGORY_MAP_FILENAME)):
+            return model_dir_lib.read_category_map(self.model_dir)
+        return self.eval_source.category_map
+
     def _category_map(self) -> CategoryMap:
-        saved = os.path.join(self.model_dir, CATEGORY_MAP_FILENAME)
+        saved = os.path.join(self.model_dir, model_dir_lib.CATEGORY_MAP_FILENAME)
         data_map = self.train_source.category_map
         if os.path.exists(saved):
             previous = CategoryMap.from_json(saved)
@@ -172,22 +195,16 @@ class Trainer:
         A checkpoint that cannot be read (its files damaged after it was recorded) is reported
         and the one before it is tried, so a damaged latest checkpoint never blocks a restart.
         A checkpoint of the model alone (``fpn_tf.convert_weights`` writes one) restores the
-        model, and the optimizer starts fresh at step 0.
+        model, and the optimizer starts fresh at step 0. Every weight of the model is restored
+        (`fpn_tf.modeling.model_dir.restore_model`): a checkpoint that lacks some is reported
+        like a damaged one.
         """
         state = tf.train.get_checkpoint_state(self.model_dir)
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         for path in candidates:
             try:
-                if _holds_optimizer_state(path):
-                    self.checkpoint.restore(path).assert_existing_objects_matched()
-                else:
-                    # The compiled model tracks its optimizer too: bind the three stages only.
-                    stages = tf.train.Checkpoint(
-                        fpn=self.model.fpn, rpn=self.model.rpn, roi_heads=self.model.roi_heads
-                    )
-                    tf.train.Checkpoint(model=stages).restore(
-                        path
-                    ).assert_existing_objects_matched()
+                model_dir_lib.restore_model(self.model, path)
+                if not model_dir_lib.holds_optimizer_state(path):
                     logging.info(
                         "%s holds the model only (a converted model): the optimizer starts "
                         "fresh at step 0",
@@ -225,7 +242,10 @@ class Trainer:
             )
             return None
         return load_init_checkpoint(
-            self.model, source, modules=self.cfg.model.init_checkpoint_modules
+            self.model,
+            source,
+            modules=self.cfg.model.init_checkpoint_modules,
+            config=self.cfg.model,
         )
 
     @property
@@ -398,16 +418,6 @@ class Trainer:
         )
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
-
-
-def _holds_optimizer_state(checkpoint: str) -> bool:
-    """Whether a ``tf.train.Checkpoint`` has an ``optimizer`` (a training run's, not a
-    converted model's); an unreadable file counts as one, so its restore reports the damage."""
-    try:
-        names = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
-    except Exception:  # noqa: BLE001 - damaged files: let the restore report them
-        return True
-    return any(name.startswith("optimizer/") for name in names)
 
 
 def format_metrics(metrics: dict) -> str:

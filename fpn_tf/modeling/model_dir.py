@@ -1,0 +1,372 @@
+"""A model directory: the one place that writes, reads and restores one.
+
+    import fpn_tf
+    loaded = fpn_tf.load_model("models/coco_r50_fpn_torchvision")   # or a training run's dir
+    outputs = loaded.model(images)                  # the detector, every weight restored
+    loaded.category_names                           # ["person", "bicycle", ...] for rows 1..C
+
+A model directory is what ``python -m fpn_tf.train`` and ``python -m fpn_tf.convert_weights``
+write and what evaluation, export, prediction and ``model.init_checkpoint`` read:
+
+* ``params.yaml``: the resolved config that rebuilds exactly this model;
+* ``category_map.json``: the dataset's categories (`CategoryMap`), in the model's class order;
+* ``tf.train.Checkpoint(model=..., optimizer=...)`` files written by a
+  ``tf.train.CheckpointManager`` (a training run's), or ``tf.train.Checkpoint(model=...)`` alone
+  (``ckpt-0`` of a converted model).
+
+`restore_model` restores *every* weight of a model or says which parts are missing: a
+model-only checkpoint is bound to the model's own sub-layers (``fpn``, ``rpn``, ``roi_heads``,
+``mask_heads``; a compiled model also tracks its optimizer, which such a file does not hold),
+and a sub-layer with no values in the file, or a part the file holds and the model does not,
+is a `ModelDirError` naming it.
+
+`weight_switches` / `check_same_weight_switches`: the config fields that change what the same
+weights compute (stride placement, BatchNorm epsilon, pixel normalisation, anchors, RoIAlign's
+half-pixel shift, the box coder). Weights only mean what they meant
+where they were made with the same switches, so the converter (against the source's reference
+config) and ``model.init_checkpoint`` (against the source directory's ``params.yaml``) refuse a
+config that differs in one, naming the field and both values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import keras
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from fpn_tf.configs.base import ConfigError
+from fpn_tf.configs.loader import PARAMS_FILENAME, load_config, save_config
+from fpn_tf.data.category_map import CategoryMap, as_category_map
+from fpn_tf.modeling.backbones import pixel_normalization
+from fpn_tf.modeling.factory import build_model
+
+__all__ = [
+    "CATEGORY_MAP_FILENAME",
+    "LoadedModel",
+    "ModelDirError",
+    "PARAMS_FILENAME",
+    "check_same_weight_switches",
+    "input_preprocessing",
+    "latest_checkpoint",
+    "load_model",
+    "read_category_map",
+    "read_config",
+    "restore_model",
+    "save_model_checkpoint",
+    "weight_switches",
+    "write_model_dir",
+]
+
+CATEGORY_MAP_FILENAME = "category_map.json"
+
+# Each backbone type's BatchNorm epsilon when model.backbone.bn_epsilon is null (the builders').
+_DEFAULT_BN_EPSILON = {"resnet50": 1.001e-5, "resnet101": 1.001e-5, "small_resnet": 1e-5}
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be read or does not fit the model; one line naming it."""
+
+
+# --- writing -------------------------------------------------------------------------------------
+def write_model_dir(model_dir: str, config, category_map: CategoryMap) -> None:
+    """Writes ``params.yaml`` and ``category_map.json`` into ``model_dir`` (created)."""
+    os.makedirs(model_dir, exist_ok=True)
+    save_config(config, model_dir)
+    category_map.to_json(os.path.join(model_dir, CATEGORY_MAP_FILENAME))
+
+
+def save_model_checkpoint(model, model_dir: str, number: int = 0) -> str:
+    """Writes the model's weights alone as ``<model_dir>/ckpt-<number>`` (with the
+    ``checkpoint`` index naming it); returns its path. A converted model is saved this way."""
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1)
+    return manager.save(checkpoint_number=number)
+
+
+# --- reading -------------------------------------------------------------------------------------
+def read_config(
+    model_dir: str, config_file: str | Sequence[str] | None = None, params_override: Any = None
+):
+    """The config of a model directory: its ``params.yaml`` (or ``config_file``, a path or
+    several applied in order), with ``params_override`` on top."""
+    if not config_file:
+        config_file = os.path.join(model_dir, PARAMS_FILENAME)
+        if not tf.io.gfile.exists(config_file):
+            raise ModelDirError(
+                f"{config_file} not found (a model directory holds the config of its model; "
+                "--config_file names another)"
+            )
+    return load_config(config_file, params_override)
+
+
+def read_category_map(model_dir: str) -> CategoryMap:
+    """``<model_dir>/category_map.json``."""
+    path = os.path.join(model_dir, CATEGORY_MAP_FILENAME)
+    if not tf.io.gfile.exists(path):
+        raise ModelDirError(
+            f"{path} not found: the trainer and the converter write it beside the checkpoints"
+        )
+    return CategoryMap.from_json(path)
+
+
+def latest_checkpoint(model_dir: str) -> str:
+    """The newest checkpoint of ``model_dir`` (its ``checkpoint`` index)."""
+    path = tf.train.latest_checkpoint(model_dir)
+    if path is None:
+        raise ModelDirError(f"{model_dir}: no checkpoint found (no 'checkpoint' index file)")
+    return path
+
+
+def holds_optimizer_state(checkpoint: str) -> bool:
+    """Whether a ``tf.train.Checkpoint`` has an ``optimizer`` (a training run's, not a converted
+    model's); an unreadable file counts as one, so its restore reports the damage."""
+    try:
+        names = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
+    except Exception:  # noqa: BLE001 - damaged files: let the restore report them
+        return True
+    return any(name.startswith("optimizer/") for name in names)
+
+
+def model_parts(model) -> dict[str, keras.layers.Layer]:
+    """The model's sub-layers by the attribute name that is their name in a checkpoint
+    (``fpn``, ``rpn``, ``roi_heads``, ``mask_heads``; ``fpn``, ``head`` for segment proposals)."""
+    return {
+        name: value
+        for name, value in vars(model).items()
+        if isinstance(value, keras.layers.Layer) and not name.startswith("_")
+    }
+
+
+def _stored_model_parts(checkpoint: str) -> set[str]:
+    """The names of the model's sub-layers that hold values in ``checkpoint``, from its object
+    graph (a variable's key follows its shortest path, often through the optimizer)."""
+    reader = tf.train.load_checkpoint(checkpoint)
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    model_ids = [c.node_id for c in graph.nodes[0].children if c.local_name == "model"]
+    if not model_ids:
+        return set()
+
+    def holds_values(node_id: int) -> bool:
+        seen, stack = set(), [node_id]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if graph.nodes[node].attributes:
+                return True
+            stack.extend(c.node_id for c in graph.nodes[node].children)
+        return False
+
+    return {
+        child.local_name
+        for child in graph.nodes[model_ids[0]].children
+        if holds_values(child.node_id)
+    }
+
+
+def restore_model(model, checkpoint: str) -> None:
+    """Restores every weight of ``model`` from ``checkpoint`` (a training run's
+    ``tf.train.Checkpoint(model=..., optimizer=...)`` or a model-only one); the optimizer, when
+    the file has it and the model is compiled with one, is restored too.
+
+    Raises:
+      ModelDirError: a part of the model has no weights in the file, the file holds a part the
+        model has not, or a weight does not fit (another architecture or config); one line.
+    """
+    try:
+        stored_parts = _stored_model_parts(checkpoint)
+    except Exception as e:  # noqa: BLE001 - a missing or damaged file, said in one line
+        raise ModelDirError(f"{checkpoint}: cannot be read ({_first_line(e)})") from e
+    parts = model_parts(model)
+    missing = [name for name, layer in parts.items() if layer.weights and name not in stored_parts]
+    if missing:
+        raise ModelDirError(
+            f"{checkpoint}: holds no weights for this model's {', '.join(missing)} (a checkpoint "
+            "of another architecture? model.architecture in params.yaml says which)"
+        )
+    extra = sorted(stored_parts - set(parts) - {"optimizer", "_compiled_trainable_state"})
+    if extra:
+        raise ModelDirError(
+            f"{checkpoint}: holds weights for {', '.join(extra)}, which this model has not "
+            "(a checkpoint of another architecture?)"
+        )
+    optimizer = getattr(model, "optimizer", None)
+    if holds_optimizer_state(checkpoint) and optimizer is not None:
+        root = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    else:  # bind the model's own parts: a compiled model tracks an optimizer the file lacks
+        root = tf.train.Checkpoint(model=tf.train.Checkpoint(**parts))
+    try:
+        root.restore(checkpoint).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise ModelDirError(
+            f"{checkpoint}: does not hold every weight of this model (another config or "
+            f"category map than the one it was saved with?): {_first_line(e)}"
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model rebuilt from its directory with every weight restored."""
+
+    model: Any
+    category_map: CategoryMap
+    config: Any  # the resolved ExperimentConfig
+    checkpoint: str  # the checkpoint restored
+    model_dir: str
+
+    @property
+    def category_names(self) -> list[str]:
+        """The names of classes 1..C (the model's class order)."""
+        return list(self.category_map.names)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """How the model's inputs are resized and padded (`input_preprocessing`)."""
+        return input_preprocessing(self.config)
+
+
+def input_preprocessing(config) -> dict[str, Any]:
+    """``short_side``, ``max_long_side``, ``pad_multiple``, ``resize_rounding`` of a config's
+    eval data: how a model's inputs are resized (`fpn_tf.serving.export_saved_model`'s
+    arguments)."""
+    d = config.eval_data
+    return {
+        "short_side": d.short_side,
+        "max_long_side": d.max_long_side,
+        "pad_multiple": d.pad_multiple,
+        "resize_rounding": d.resize_rounding,
+    }
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    *,
+    config_file: str | Sequence[str] | None = None,
+    params_override: Any = None,
+    checkpoint: str | None = None,
+    category_map: CategoryMap | str | os.PathLike | None = None,
+) -> LoadedModel:
+    """The model of a model directory, ready to run: built from its ``params.yaml`` and
+    ``category_map.json``, every weight restored from its latest checkpoint.
+
+    Args:
+      model_dir: a training run's or a converted model's directory.
+      config_file: a config YAML (or several) to use instead of ``model_dir/params.yaml``.
+      params_override: applied on top of the config, e.g. ``"model.detection.score_threshold=0.3"``
+        (only settings that do not change the weights' shapes make sense here).
+      checkpoint: a checkpoint path (prefix) to restore instead of the latest in ``model_dir``.
+      category_map: instead of ``model_dir/category_map.json``.
+
+    Raises:
+      ModelDirError: something is missing from ``model_dir`` or does not fit the model (one
+        line naming the path). ConfigError: a bad config or override.
+    """
+    model_dir = os.fspath(model_dir)
+    if not tf.io.gfile.isdir(model_dir):
+        raise ModelDirError(f"{model_dir}: model directory not found")
+    config = read_config(model_dir, config_file, params_override)
+    # The checkpoint holds every weight: never fetch ImageNet weights to overwrite them.
+    config.model.backbone.weights = None
+    category_map = (
+        read_category_map(model_dir) if category_map is None else as_category_map(category_map)
+    )
+    if checkpoint is None:
+        checkpoint = latest_checkpoint(model_dir)
+    elif not tf.io.gfile.exists(checkpoint + ".index"):
+        raise ModelDirError(f"{checkpoint}: no such checkpoint ({checkpoint}.index not found)")
+    try:
+        model = build_model(config.model, category_ids=list(category_map.dataset_ids))
+    except ValueError as e:  # an inconsistent model config, named by the builder
+        raise ConfigError(f"model: {e}") from e
+    restore_model(model, checkpoint)
+    logging.info(
+        "Restored %s (%s, %d classes)",
+        checkpoint,
+        config.model.architecture,
+        category_map.num_classes,
+    )
+    return LoadedModel(model, category_map, config, checkpoint, model_dir)
+
+
+# --- the switches that change what the weights compute ------------------------------------------
+BACKBONE_SWITCHES = (
+    "model.backbone.type",
+    "model.backbone.stride_in_1x1",
+    "model.backbone.bn_epsilon",
+    "model.backbone.channel_order",
+    "model.backbone.pixel_mean",
+    "model.backbone.pixel_std",
+    "model.backbone.pad_normalized_zero",
+)
+HEAD_SWITCHES = (
+    "model.anchor.sizes",
+    "model.anchor.aspect_ratios",
+    "model.anchor.offset",
+    "model.anchor.round_cell_anchors",
+    "model.anchor.stride_from_padded_size",
+    "model.roi.aligned",
+    "model.roi.box_weights",
+)
+
+
+def weight_switches(model_cfg, fields: Sequence[str] = BACKBONE_SWITCHES + HEAD_SWITCHES) -> dict:
+    """``{field: value}`` of the switches that change what the same weights compute, with
+    null backbone settings resolved to what the backbone type uses."""
+    backbone = model_cfg.backbone
+    order, mean, std = pixel_normalization(
+        backbone.type, backbone.channel_order, backbone.pixel_mean, backbone.pixel_std
+    )
+    resolved = {
+        "model.backbone.bn_epsilon": (
+            _DEFAULT_BN_EPSILON[backbone.type]
+            if backbone.bn_epsilon is None
+            else float(backbone.bn_epsilon)
+        ),
+        "model.backbone.channel_order": order,
+        "model.backbone.pixel_mean": [round(float(m), 6) for m in mean],
+        "model.backbone.pixel_std": [round(float(s), 6) for s in std],
+        # small_resnet has no stride_in_1x1 switch (it is ignored there).
+        "model.backbone.stride_in_1x1": (
+            None if backbone.type == "small_resnet" else bool(backbone.stride_in_1x1)
+        ),
+    }
+    out = {}
+    for name in fields:
+        if name in resolved:
+            out[name] = resolved[name]
+            continue
+        value = model_cfg
+        for part in name.split(".")[1:]:
+            value = getattr(value, part)
+        out[name] = [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def check_same_weight_switches(
+    config_model, source_model, *, what: str, source: str, fields: Sequence[str] | None = None
+) -> None:
+    """Raises ConfigError (one line: the field and both values) when ``config_model`` (the
+    model section being built) differs from ``source_model`` (the weights' own) in a switch
+    that changes what the weights compute. ``what`` names the check (the error's key),
+    ``source`` where the weights' switches come from."""
+    fields = tuple(fields or (BACKBONE_SWITCHES + HEAD_SWITCHES))
+    ours, theirs = weight_switches(config_model, fields), weight_switches(source_model, fields)
+    for name in fields:
+        if ours[name] != theirs[name]:
+            raise ConfigError(
+                f"{name} is {ours[name]!r} but the weights were made with {theirs[name]!r} "
+                f"({source}): they would load and compute something else; use the source's "
+                "value",
+                key=what,
+            )
