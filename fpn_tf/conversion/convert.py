@@ -167,6 +167,7 @@ def convert_checkpoint(
 
     if source not in SOURCES:
         raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
+    check_reference_switches(source, config)  # before reading a file of gigabytes
     arrays = _read(source, checkpoint)  # an unreadable file fails before the model is built
     # The file says what it is: torchvision's Faster R-CNN or Mask R-CNN (its mask-head keys).
     # detectron2 files convert as Faster R-CNN (a mask head's keys are refused as unexpected).
@@ -181,7 +182,6 @@ def convert_checkpoint(
             config.model.architecture,
         )
         config.model.architecture = architecture
-    check_reference_switches(source, config)
     category_map = coco_category_map()
     config.model.backbone.weights = None  # every weight comes from the checkpoint
     config.model.num_classes = category_map.num_classes
