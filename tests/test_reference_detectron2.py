@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from fpn_tf.configs.loader import load_config
 from fpn_tf.conversion import ConversionError, convert_checkpoint
+from fpn_tf.conversion.convert import load_weights
 from fpn_tf.conversion.layout import backbone_model
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.serving.export import load_model_for_export
@@ -104,7 +105,7 @@ def detectron2_r50_fpn_arrays(
             0, (2.0 / (256 * 4)) ** 0.5, (256, 256, 2, 2)
         ).astype(np.float32)
         out["roi_heads.mask_head.deconv.bias"] = rng.normal(0, 0.1, (256,)).astype(np.float32)
-        conv("roi_heads.mask_head.predictor", num_classes, 256, 1, bias=True, std=0.1)
+        conv("roi_heads.mask_head.predictor", num_classes, 256, 1, bias=True, std=0.5)
     if zoo_buffers:
         out.update(zoo_buffer_arrays())
     return out
@@ -350,37 +351,61 @@ def test_a_file_whose_name_promises_another_digest_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_zoo_buffers_are_checked_and_other_anchors_or_means_refused(tmp_path):
+def _refused_before_assigning(model, arrays, match) -> str:
+    """`load_weights` of ``arrays`` into the converted ``model`` fails with one line matching
+    ``match`` and leaves every weight as it was (the checks run before anything is assigned;
+    `_expect_refused` shows that the command then writes nothing)."""
+    before = [v.numpy() for v in model.weights]
+    with pytest.raises(ConversionError, match=match) as err:
+        load_weights(model, "detectron2", "model_final_x.pkl", load_config(CONFIG), arrays)
+    assert "\n" not in str(err.value)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.weights))
+    return str(err.value)
+
+
+def test_zoo_buffers_are_checked_and_other_anchors_or_means_refused(converted):
     """The cell anchors and pixel statistics of the published files are compared with the
     config's: another model's (other sizes, ratios, rounding, levels, RGB means) is refused
-    with one line naming the key and both values, and nothing is written."""
+    with one line naming the key and both values, before any weight is assigned."""
+    _, _, model = converted
     arrays = detectron2_r50_fpn_arrays()
     # Other sizes: detectron2 with ANCHOR_GENERATOR.SIZES [[64], ..., [1024]].
     bigger = dict(
         arrays,
         **zoo_buffer_arrays(cell_anchors=detectron2_cell_anchors(sizes=(64, 128, 256, 512, 1024))),
     )
-    message = _expect_refused(tmp_path, bigger, r"its P2 anchors \(.*cell_anchors\.0")
+    message = _refused_before_assigning(model, bigger, r"its P2 anchors \(.*cell_anchors\.0")
     assert "sizes [64.0, 64.0, 64.0]" in message and "sizes [32.0, 32.0, 32.0]" in message
     # Other aspect ratios (0.25, 1, 4): P2 already differs.
     flat = dict(
         arrays, **zoo_buffer_arrays(cell_anchors=detectron2_cell_anchors(ratios=(0.25, 1.0, 4.0)))
     )
-    message = _expect_refused(tmp_path, flat, r"its P2 anchors")
+    message = _refused_before_assigning(model, flat, r"its P2 anchors")
     assert "aspect ratios [0.25, 1.0, 4.0]" in message and "[0.5, 1.0, 2.0]" in message
+    # Only P6's size differs (sizes 32..256 and 1024).
+    last = dict(
+        arrays,
+        **zoo_buffer_arrays(cell_anchors=detectron2_cell_anchors(sizes=(32, 64, 128, 256, 1024))),
+    )
+    _refused_before_assigning(model, last, r"its P6 anchors \(.*cell_anchors\.4")
     # Rounded corners (torchvision's base_anchors.round(), or Detectron's quantised anchors).
     rounded = dict(
         arrays, **zoo_buffer_arrays(cell_anchors=[np.round(c) for c in detectron2_cell_anchors()])
     )
-    _expect_refused(tmp_path, rounded, r"its P2 anchors .* apart\)$")
+    _refused_before_assigning(model, rounded, r"its P2 anchors .* apart\)$")
     # Four levels (no P6) for the config's five.
     four = {k: v for k, v in arrays.items() if k != f"{CELL_ANCHORS}4"}
-    _expect_refused(tmp_path, four, r"cell anchors for 4 levels .* the config's RPN 5")
+    _refused_before_assigning(model, four, r"cell anchors for 4 levels .* the config's RPN 5")
     # RGB means (a model trained on RGB input) and another std.
     rgb = dict(arrays, pixel_mean=np.array(BGR_MEAN[::-1], np.float32).reshape(3, 1, 1))
-    _expect_refused(tmp_path, rgb, r"its pixel_mean \[123\.675, 116\.28, 103\.53\] \(BGR\)")
+    _refused_before_assigning(model, rgb, r"its pixel_mean \[123\.675, 116\.28, 103\.53\] \(BGR\)")
     std = dict(arrays, pixel_std=np.array([57.375, 57.12, 58.395], np.float32).reshape(3, 1, 1))
-    _expect_refused(tmp_path, std, r"its pixel_std .* pixel_std \[1\.0, 1\.0, 1\.0\]")
+    _refused_before_assigning(model, std, r"its pixel_std .* pixel_std \[1\.0, 1\.0, 1\.0\]")
+    # A file without these buffers (as today's detectron2 writes) converts: nothing to check.
+    plain = detectron2_r50_fpn_arrays(zoo_buffers=False)
+    assert load_weights(model, "detectron2", "model_final_x.pkl", load_config(CONFIG), plain)[
+        0
+    ] == (len(arrays) - 7)
 
 
 def test_the_config_with_other_anchors_refuses_the_zoo_file(tmp_path):
