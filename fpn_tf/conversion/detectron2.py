@@ -43,8 +43,10 @@ WHAT = "detectron2 Faster R-CNN R-FPN"
 WHAT_MASK = "detectron2 Mask R-CNN R-FPN"
 MASK_PREFIX = "roi_heads.mask_head."
 CELL_ANCHORS_PREFIX = "proposal_generator.anchor_generator.cell_anchors."
-# Cell anchors agree with the config's to this many pixels (float32 of two sqrt formulas differ
-# by ~1e-5 px at size 512; another size, ratio or rounding differs by 0.1 px or more).
+# Cell anchors agree with the config's to this many pixels: ours (h = s sqrt(r), w = s / sqrt(r))
+# and detectron2's (w = sqrt(s^2 / r), h = r w) are equal in float32 for sizes 32..512 and ratios
+# 0.5, 1, 2 (max difference 0.0); the tolerance leaves room for float rounding of other values,
+# while another size, ratio or integer rounding moves a corner by 0.1 px or more.
 CELL_ANCHOR_TOLERANCE = 1e-3
 
 
