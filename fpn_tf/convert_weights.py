@@ -9,8 +9,8 @@ r"""``python -m fpn_tf.convert_weights``: a published COCO checkpoint -> an fpn_
 
 The architecture comes from ``configs/coco_r50_fpn_<source>.yaml`` (or ``--config_file``), whose
 switches make our detector compute what the reference computes; Faster or Mask R-CNN
-(``model.architecture``) comes from the file: a torchvision state dict with mask-head keys is a
-Mask R-CNN (``configs/coco_r50_fpn_mask_torchvision.yaml`` is that model). The directory it
+(``model.architecture``) comes from the file: a state dict with mask-head keys is a Mask R-CNN
+(``configs/coco_r50_fpn_mask_<source>.yaml`` is that model). The directory it
 writes is read by ``--mode=eval``, ``fpn_tf.export``, ``fpn_tf.predict`` and
 ``model.init_checkpoint``.
 Nothing is downloaded: README says where each file comes from and its checksum. A wrong,

@@ -82,6 +82,12 @@ class StateDict:
             raise ConversionError(f"{self.path} is not a {what} checkpoint: {'; '.join(problems)}")
 
 
+# Array kinds that are numbers: bool, signed and unsigned int, float. Object arrays (strings or
+# other Python objects a pickle may hold), strings, bytes, records, complex and dates are not
+# weights: refused by name instead of failing inside the float conversion.
+_NUMERIC_KINDS = "biuf"
+
+
 def _as_arrays(state: Mapping, path: str) -> dict[str, np.ndarray]:
     out = {}
     for key, value in state.items():
@@ -90,6 +96,11 @@ def _as_arrays(state: Mapping, path: str) -> dict[str, np.ndarray]:
         if not isinstance(value, np.ndarray):
             raise ConversionError(
                 f"{path}: key {key!r} holds a {type(value).__name__}, not an array"
+            )
+        if value.dtype.kind not in _NUMERIC_KINDS:
+            raise ConversionError(
+                f"{path}: key {key!r} holds a NumPy array of dtype={value.dtype} "
+                f"{tuple(value.shape)}, not numbers (a weight is a bool, int or float array)"
             )
         out[str(key)] = np.asarray(value, dtype=np.float32)
     return out

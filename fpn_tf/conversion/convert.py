@@ -103,7 +103,7 @@ def load_weights(model, source: str, checkpoint: str, config, arrays=None) -> tu
         what = torchvision_layout.what(model)
     else:
         pending = detectron2_layout.assignments(model, state, config.model.backbone)
-        what = detectron2_layout.WHAT
+        what = detectron2_layout.what(model)
     num_values = pending.check_and_assign(what, model)
     return len(state.arrays), num_values
 
@@ -146,8 +146,8 @@ def convert_checkpoint(
     with the architecture of ``config`` (an `ExperimentConfig`); see the module docstring.
     ``config`` is updated in place to what is written to params.yaml: ``model.num_classes``
     80, ``model.backbone.weights`` null (every weight comes from the checkpoint) and
-    ``model.architecture`` the checkpoint's (``mask_rcnn`` for a torchvision state dict with
-    mask-head keys, else ``faster_rcnn``)."""
+    ``model.architecture`` the checkpoint's (``mask_rcnn`` for a state dict with mask-head keys,
+    else ``faster_rcnn``)."""
     # pylint: disable=g-import-not-at-top
     from fpn_tf.data.coco_categories import coco_category_map
     from fpn_tf.modeling import model_dir
@@ -169,11 +169,9 @@ def convert_checkpoint(
         raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
     check_reference_switches(source, config)  # before reading a file of gigabytes
     arrays = _read(source, checkpoint)  # an unreadable file fails before the model is built
-    # The file says what it is: torchvision's Faster R-CNN or Mask R-CNN (its mask-head keys).
-    # detectron2 files convert as Faster R-CNN (a mask head's keys are refused as unexpected).
-    architecture = (
-        torchvision_layout.architecture(arrays) if source == "torchvision" else "faster_rcnn"
-    )
+    # The file says what it is: Faster R-CNN, or Mask R-CNN when it has mask-head keys.
+    layouts = {"torchvision": torchvision_layout, "detectron2": detectron2_layout}
+    architecture = layouts[source].architecture(arrays)
     if architecture != config.model.architecture:
         logging.info(
             "The checkpoint is a %s: model.architecture %s (the config said %s)",

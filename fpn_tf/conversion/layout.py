@@ -12,7 +12,10 @@ layout, so the converted model computes the same numbers (no config switch neede
   ``Conv2DTranspose`` ``[kh, kw, out, in]``, the same axis permutation as a conv kernel and no
   spatial flip (both are the adjoint of the same correlation; on random inputs torch's
   ``conv_transpose2d`` and Keras' layer agree to 0.0 for 2x2 stride-2 and 3x3 stride-1 kernels,
-  and differ by up to 15 with the 2x2 kernel flipped: tests/test_reference_torchvision.py).
+  and differ by up to 15 with the 2x2 kernel flipped: tests/test_reference_torchvision.py);
+* output channels (classifier rows, mask channels) picked or reordered by index (`pick_rows`),
+  a channel the source lacks set to zeros (detectron2's 80 masks have no background channel,
+  ours has an unused channel 0).
 
 `Assignments` collects ``(variable, array)`` pairs with the checkpoint key they came from, checks
 every shape before anything is written, then assigns them all.
@@ -158,9 +161,30 @@ def add_resnet(out: Assignments, model, backbone_type: str, stem, block) -> None
                 )
 
 
-def add_conv(out: Assignments, layer, prefix: str, rows: Sequence[int] | None = None) -> None:
-    """A torch conv with bias (``{prefix}weight``, ``{prefix}bias``); ``rows`` reorders outputs."""
-    pick = (lambda a: a) if rows is None else (lambda a: a[np.asarray(rows)])
+def pick_rows(rows: Sequence[int | None] | None):
+    """``array -> array[rows]`` along the first axis (None = all rows as they are); a row given
+    as None is zeros (an output the source does not have, e.g. our unused background mask)."""
+    if rows is None:
+        return lambda a: a
+    index = np.array([0 if r is None else r for r in rows], dtype=np.int64)
+    absent = np.array([r is None for r in rows])
+
+    def pick(a: np.ndarray) -> np.ndarray:
+        picked = a[index]
+        if absent.any():
+            picked = picked.copy()
+            picked[absent] = 0
+        return picked
+
+    return pick
+
+
+def add_conv(
+    out: Assignments, layer, prefix: str, rows: Sequence[int | None] | None = None
+) -> None:
+    """A torch conv with bias (``{prefix}weight``, ``{prefix}bias``); ``rows`` reorders outputs
+    (`pick_rows`)."""
+    pick = pick_rows(rows)
     out.add(layer.kernel, prefix + "weight", lambda w: conv_kernel(pick(w)))
     out.add(layer.bias, prefix + "bias", pick)
 
@@ -217,11 +241,12 @@ def add_mask_head(
     conv_prefixes: Sequence[str],
     deconv_prefix: str,
     predictor_prefix: str,
-    predictor_rows: Sequence[int] | None = None,
+    predictor_rows: Sequence[int | None] | None = None,
 ) -> None:
     """The mask head (`fpn_tf.modeling.mask_head.MaskRCNNHead`): its 3x3 convs (key prefixes in
     order), the 2x2 stride-2 transposed conv and the 1x1 predictor (``predictor_rows``: the
-    source's channel of each of ours, None = the same channels)."""
+    source's channel of each of ours, None = the same channels; a None entry = a channel the
+    source lacks, set to zeros: detectron2 has no background mask channel)."""
     head = model.mask_heads.head
     if len(conv_prefixes) != head.num_convs:
         raise ConversionError(
