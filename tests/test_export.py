@@ -600,5 +600,5 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'nowhere'}: model_dir not found"
+        f"error: {tmp_path / 'nowhere'}: model directory not found"
     )
