@@ -395,6 +395,7 @@ class Trainer:
             max_long_side=data_cfg.max_long_side,
             pad_multiple=data_cfg.pad_multiple,
             resize_rounding=data_cfg.resize_rounding,
+            resize_method=data_cfg.resize_method,
         )
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
