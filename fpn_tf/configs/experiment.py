@@ -570,7 +570,7 @@ class DataConfig(Config):
       the pipeline and, from eval_data, the exported SavedModel): "bilinear" (tf.image.resize,
       float, no anti-aliasing; ours, and torchvision's F.interpolate) or "pil_bilinear"
       (detectron2's: PIL's Image.BILINEAR on the uint8 image, anti-aliased when shrinking, the
-      result uint8; reproduced bit-exactly, about 7x slower on a CPU).
+      result uint8; reproduced bit-exactly in TF, about 6x slower than "bilinear" on a CPU).
     padding_mode: "orientation" (two static shapes: landscape / portrait), "square" (one) or
       "batch" (each batch to its largest image); see fpn_tf.data.pipeline.
     global_batch_size: over all replicas; must be divisible by the number of replicas.

@@ -38,11 +38,12 @@ axis (round half up). It differs from ``"round"`` on about 1 size in 1,000: ties
 * ``"pil_bilinear"`` (detectron2's ``ResizeTransform.apply_image``: ``PIL.Image.resize(...,
   Image.BILINEAR)`` on the uint8 image): :func:`pil_bilinear_resize`, bit-exact PIL. PIL's
   bilinear filter is a triangle whose support grows with the reduction factor (a shrink by 0.3
-  averages about 7 input pixels per output pixel: anti-aliasing), and it computes in 8-bit
-  fixed point: one pass per axis, each rounded to uint8.
+  averages about 7 input pixels per output pixel along each axis: anti-aliasing), and it
+  computes in fixed point (22-bit weights, integer sums): one pass per axis, each rounded to
+  uint8.
   ``tf.image.resize(antialias=True)`` uses the same scaled triangle (the same weights up to
   float rounding) but neither the intermediate nor the final rounding: rounded to uint8 it is
-  1 grey level off on 10-25 % of pixels; the pure-TF fixed-point version here is exact.
+  1 grey level off on up to 25 % of values; the pure-TF fixed-point version here is exact.
 
 Images are padded with zeros at the bottom and right, so box coordinates need no offset.
 
