@@ -111,7 +111,7 @@ def run() -> str:
     from fpn_tf.evaluation.coco_evaluator import load_coco_groundtruth
     from fpn_tf.evaluation.run import groundtruth_file
     from fpn_tf.modeling.segment_proposals import mask_rcnn_segment_proposals
-    from fpn_tf.serving.export import load_model_for_export
+    from fpn_tf.modeling.model_dir import load_model
 
     if not FLAGS.segment_model_dir and not FLAGS.mask_rcnn_model_dir:
         raise ValueError("give --segment_model_dir and/or --mask_rcnn_model_dir")
@@ -140,7 +140,7 @@ def run() -> str:
             logging.info("%s: %s, %.3f s/image", name, metrics, spi)
             rows.append((name, metrics, spi))
     if FLAGS.mask_rcnn_model_dir:
-        source_model = load_model_for_export(FLAGS.mask_rcnn_model_dir).model
+        source_model = load_model(FLAGS.mask_rcnn_model_dir).model
         fn = tf.function(
             lambda f: mask_rcnn_segment_proposals(source_model, inputs(f), top_k=FLAGS.top_k)
         )

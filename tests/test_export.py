@@ -517,9 +517,12 @@ def test_load_model_restores_the_latest_checkpoint(model_dir):
         "max_long_side": LONG,
         "pad_multiple": MULTIPLE,
         "resize_rounding": "round",
+        "resize_method": "bilinear",
     }
     floor = load_model(path, params_override="eval_data.resize_rounding=floor")
     assert floor.preprocessing["resize_rounding"] == "floor"
+    pil = load_model(path, params_override="eval_data.resize_method=pil_bilinear")
+    assert pil.preprocessing["resize_method"] == "pil_bilinear"
     assert source.checkpoint.endswith("ckpt-1")
     assert len(source.model.variables) == len(trained.variables)
     for a, b in zip(source.model.variables, trained.variables):

@@ -33,7 +33,7 @@ from fpn_tf.conversion import ConversionError, convert_checkpoint
 from fpn_tf.conversion.convert import load_weights
 from fpn_tf.conversion.layout import backbone_model
 from fpn_tf.ops.postprocess import Detections
-from fpn_tf.serving.export import load_model_for_export
+from fpn_tf.modeling.model_dir import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "coco_r50_fpn_detectron2.yaml")
@@ -158,7 +158,7 @@ def converted(tmp_path_factory):
     report = convert_checkpoint(
         "detectron2", pkl, str(tmp / "converted"), config, export_saved_model=False
     )
-    return arrays, report, load_model_for_export(report.output_dir).model
+    return arrays, report, load_model(report.output_dir).model
 
 
 def test_every_key_is_consumed_and_the_directory_is_a_model_dir(converted):
@@ -502,7 +502,7 @@ def converted_mask(tmp_path_factory):
     report = convert_checkpoint(
         "detectron2", pkl, str(tmp / "converted"), load_config(CONFIG), export_saved_model=False
     )
-    return arrays, report, load_model_for_export(report.output_dir).model
+    return arrays, report, load_model(report.output_dir).model
 
 
 def test_mask_rcnn_file_converts_with_every_key_used(converted_mask):

@@ -63,7 +63,7 @@ from fpn_tf.modeling.faster_rcnn import split_inputs
 from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.serving import detection as serving
-from fpn_tf.serving.export import load_model_for_export
+from fpn_tf.modeling.model_dir import load_model
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is None,
@@ -115,7 +115,7 @@ def models(reference_dir):
         ],
         timeout=900,
     )
-    return images, reference, load_model_for_export(model_dir), model_dir
+    return images, reference, load_model(model_dir), model_dir
 
 
 @pytest.fixture(scope="module")
@@ -474,7 +474,7 @@ def test_faster_rcnn_state_dict_still_converts_to_a_faster_rcnn(models, referenc
     assert report.num_arrays == len(torch.load(path, weights_only=True))
     with open(tmp_path / "faster" / "params.yaml", encoding="utf-8") as f:
         assert "architecture: faster_rcnn" in f.read()
-    faster = load_model_for_export(report.output_dir)
+    faster = load_model(report.output_dir)
     assert faster.model.mask_heads is None
     theirs = {v.path: v for v in mask_model.model.weights}
     for v in faster.model.weights:
@@ -521,7 +521,7 @@ def test_mask_state_dicts_with_legacy_names_convert_and_broken_ones_are_refused(
         export_saved_model=False,
     )
     assert report.num_arrays == len(legacy)
-    converted = load_model_for_export(report.output_dir).model
+    converted = load_model(report.output_dir).model
     expected = {v.path: v for v in ours.model.mask_heads.weights}
     assert len(expected) == 2 * 6
     for v in converted.mask_heads.weights:

@@ -561,9 +561,16 @@ class DataConfig(Config):
       most max_long_side (800 / 1333). pad_multiple: padded sizes are multiples of it.
     resize_rounding: how the resized size is rounded (fpn_tf.data.transforms.resized_size; the
       pipeline and, from eval_data, the exported SavedModel): "round" (half to even, float32, as
-      Model Garden) or "floor" (torchvision's GeneralizedRCNNTransform: scale
+      Model Garden; ours), "floor" (torchvision's GeneralizedRCNNTransform: scale
       min(short_side / min(h, w), max_long_side / max(h, w)), then floor(size * scale), in
-      float64; 480x640 -> 800x1066 where round gives 800x1067).
+      float64; 480x640 -> 800x1066 where round gives 800x1067) or "half_up" (detectron2's
+      ResizeShortestEdge: float64, int(size + 0.5); differs from "round" on ties, ~0.1 % of
+      sizes).
+    resize_method: how the pixels are resampled to that size (fpn_tf.data.transforms.resize_image;
+      the pipeline and, from eval_data, the exported SavedModel): "bilinear" (tf.image.resize,
+      float, no anti-aliasing; ours, and torchvision's F.interpolate) or "pil_bilinear"
+      (detectron2's: PIL's Image.BILINEAR on the uint8 image, anti-aliased when shrinking, the
+      result uint8; reproduced bit-exactly in TF, about 6x slower than "bilinear" on a CPU).
     padding_mode: "orientation" (two static shapes: landscape / portrait), "square" (one) or
       "batch" (each batch to its largest image); see fpn_tf.data.pipeline.
     global_batch_size: over all replicas; must be divisible by the number of replicas.
@@ -584,7 +591,8 @@ class DataConfig(Config):
     short_side: int = field(800, positive)
     max_long_side: int = 1333
     pad_multiple: int = field(32, at_least(1))
-    resize_rounding: Literal["round", "floor"] = "round"
+    resize_rounding: Literal["round", "floor", "half_up"] = "round"
+    resize_method: Literal["bilinear", "pil_bilinear"] = "bilinear"
     padding_mode: Literal["orientation", "square", "batch"] = "orientation"
     random_flip: bool = True
     global_batch_size: int = field(16, positive)

@@ -175,6 +175,7 @@ def build_dataset(
     padding_mode: str = "orientation",
     max_num_instances: int = 100,
     resize_rounding: str = "round",
+    resize_method: str = "bilinear",
     random_flip: bool = True,
     shuffle: bool | None = None,
     shuffle_buffer_size: int | None = None,
@@ -201,7 +202,10 @@ def build_dataset(
       short_side: resize the shorter side to this (paper: 800) ...
       max_long_side: ... unless the longer side would exceed this (1333).
       pad_multiple: padded sizes are multiples of this (32 = stride of P5).
-      resize_rounding: "round" or "floor" (torchvision's): ``transforms.resized_size``.
+      resize_rounding: "round", "floor" (torchvision's) or "half_up" (detectron2's):
+        ``transforms.resized_size``.
+      resize_method: "bilinear" (``tf.image.resize``) or "pil_bilinear" (detectron2's PIL
+        resize, bit-exact): ``transforms.resize_image``.
       padding_mode: "orientation" (default), "square" or "batch" (module doc).
       max_num_instances: N, ground-truth rows per image (more: first N kept,
         with a warning).
@@ -231,6 +235,10 @@ def build_dataset(
         raise ValueError(
             f"resize_rounding must be one of {transforms.RESIZE_ROUNDINGS}, "
             f"got {resize_rounding!r}"
+        )
+    if resize_method not in transforms.RESIZE_METHODS:
+        raise ValueError(
+            f"resize_method must be one of {transforms.RESIZE_METHODS}, got {resize_method!r}"
         )
     if batch_size < 1 or max_num_instances < 1 or pad_multiple < 1:
         raise ValueError("batch_size, max_num_instances and pad_multiple must be " ">= 1")
@@ -303,6 +311,7 @@ def build_dataset(
         padding_mode=padding_mode,
         max_num_instances=max_num_instances,
         resize_rounding=resize_rounding,
+        resize_method=resize_method,
     )
     if include_masks:
         transform_args.update(include_masks=True, mask_crop_size=mask_crop_size)
@@ -420,6 +429,7 @@ _BUILD_ARGS = (
     "max_long_side",
     "pad_multiple",
     "resize_rounding",
+    "resize_method",
     "padding_mode",
     "max_num_instances",
     "random_flip",

@@ -21,12 +21,35 @@ recompute_scale_factor=True)``): 480x640 -> 800 x floor(1066.67) = 800 x 1066, 3
 399 x 1333 (measured with torchvision 0.29.1). Either rule is used everywhere a resized size is
 computed (pipeline and serving), and the per-axis scales stay ``resized / original``.
 
-Images are resized bilinearly (``tf.image.resize``, half-pixel centres, no
-anti-aliasing), output float32 RGB in 0..255, and padded with zeros at the
-bottom and right, so box coordinates need no offset.
+``resize_rounding="half_up"`` is detectron2's ``ResizeShortestEdge.get_output_shape`` (v0.1 to
+today, unchanged): in float64, the shorter side becomes ``short_side`` exactly and the longer
+``long * s`` (``s = short_side / min(h, w)``); if the longer of the two (unrounded) exceeds
+``max_long_side``, both are multiplied by ``max_long_side / longer``; then ``int(x + 0.5)`` per
+axis (round half up). It differs from ``"round"`` on about 1 size in 1,000: ties (19x86 at
+800/1333: 294.5 -> 295, half to even gives 294) and float32 ties that are not ties in float64
+(22x800 at 600/1000: detectron2's 27.4999... -> 27, our float32 27.5 -> 28).
+
+``resize_method`` is how the pixels are resampled to that size (the output is float32 RGB in
+0..255 either way):
+
+* ``"bilinear"`` (ours, and torchvision's ``F.interpolate(mode="bilinear",
+  align_corners=False)``): ``tf.image.resize`` bilinear, half-pixel centres, no anti-aliasing,
+  float output. Shrinking by more than 2x skips input pixels.
+* ``"pil_bilinear"`` (detectron2's ``ResizeTransform.apply_image``: ``PIL.Image.resize(...,
+  Image.BILINEAR)`` on the uint8 image): :func:`pil_bilinear_resize`, bit-exact PIL. PIL's
+  bilinear filter is a triangle whose support grows with the reduction factor (a shrink by 0.3
+  averages about 7 input pixels per output pixel along each axis: anti-aliasing), and it
+  computes in fixed point (22-bit weights, integer sums): one pass per axis, each rounded to
+  uint8.
+  ``tf.image.resize(antialias=True)`` uses the same scaled triangle (the same weights up to
+  float rounding) but neither the intermediate nor the final rounding: rounded to uint8 it is
+  1 grey level off on up to 25 % of values; the pure-TF fixed-point version here is exact.
+
+Images are padded with zeros at the bottom and right, so box coordinates need no offset.
 
 Horizontal flip happens on the decoded image before the resize (cheaper on
-the smaller uint8 image; bilinear resizing commutes with the flip): a box
+the smaller uint8 image; both resize methods commute with the flip: their weights are symmetric
+about each output pixel's centre): a box
 becomes ``xmin' = w - xmax, xmax' = w - xmin``. We do not use Model Garden's
 ``random_horizontal_flip``: it flips normalised boxes and draws its own random
 number, while our boxes are in pixels and the pipeline decides each flip with
@@ -54,6 +77,7 @@ from fpn_tf.ops import mask_ops
 
 __all__ = [
     "PADDING_MODES",
+    "RESIZE_METHODS",
     "RESIZE_ROUNDINGS",
     "ceil_to_multiple",
     "compute_resized_size",
@@ -62,8 +86,10 @@ __all__ = [
     "horizontal_flip",
     "pad_groundtruth",
     "padded_size_tf",
+    "pil_bilinear_resize",
     "preprocess_example",
     "resize_and_pad",
+    "resize_image",
     "resized_size",
 ]
 
@@ -74,8 +100,14 @@ __all__ = [
 #   largest: many shapes, least padding.
 PADDING_MODES = ("orientation", "square", "batch")
 # "round": Model Garden's resize_and_crop_image_v2 (round half to even, float32);
-# "floor": torchvision's GeneralizedRCNNTransform (module doc).
-RESIZE_ROUNDINGS = ("round", "floor")
+# "floor": torchvision's GeneralizedRCNNTransform; "half_up": detectron2's ResizeShortestEdge
+# (module doc).
+RESIZE_ROUNDINGS = ("round", "floor", "half_up")
+# "bilinear": tf.image.resize (ours, torchvision's); "pil_bilinear": PIL's BILINEAR on uint8
+# (detectron2's): module doc.
+RESIZE_METHODS = ("bilinear", "pil_bilinear")
+# PIL's fixed point for 8-bit images (libImaging/Resample.c): 32 - 8 - 2 fraction bits.
+_PIL_PRECISION_BITS = 22
 
 
 def ceil_to_multiple(x: int, multiple: int) -> int:
@@ -90,6 +122,11 @@ def _check_rounding(resize_rounding: str) -> None:
         )
 
 
+def _check_method(resize_method: str) -> None:
+    if resize_method not in RESIZE_METHODS:
+        raise ValueError(f"resize_method must be one of {RESIZE_METHODS}, got {resize_method!r}")
+
+
 def resized_size(
     image_size, short_side: int, max_long_side: int, resize_rounding: str = "round"
 ) -> tf.Tensor:
@@ -97,8 +134,11 @@ def resized_size(
 
     ``"round"``: float32 arithmetic and round half to even, as ``resize_and_crop_image_v2``.
     ``"floor"``: torchvision's float64 scale and floor (module doc).
+    ``"half_up"``: detectron2's float64 arithmetic and ``int(x + 0.5)`` (module doc).
     """
     _check_rounding(resize_rounding)
+    if resize_rounding == "half_up":
+        return _half_up_resized_size(image_size, short_side, max_long_side)
     size = tf.cast(image_size, tf.float32)
     shortest = tf.reduce_min(size, axis=-1, keepdims=True)
     longest = tf.reduce_max(size, axis=-1, keepdims=True)
@@ -113,6 +153,25 @@ def resized_size(
     by_long = tf.math.round(size * (max_long_side / longest))
     too_long = tf.reduce_max(by_short, axis=-1, keepdims=True) > max_long_side
     return tf.where(too_long, by_long, by_short)
+
+
+def _half_up_resized_size(image_size, short_side: int, max_long_side: int) -> tf.Tensor:
+    """detectron2's ``ResizeShortestEdge.get_output_shape``, operation for operation in float64
+    (so that its ties and near-ties round as in Python)."""
+    size = tf.cast(image_size, tf.float64)
+    h, w = size[..., :1], size[..., 1:]
+    short = tf.constant(short_side, tf.float64)
+    scale = short / tf.minimum(h, w)
+    portrait_or_square = h >= w  # detectron2: `if h < w` gives the height `short` exactly
+    new_h = tf.where(portrait_or_square, scale * h, short)
+    new_w = tf.where(portrait_or_square, short, scale * w)
+    longer = tf.maximum(new_h, new_w)
+    max_long = tf.constant(max_long_side, tf.float64)
+    cap = max_long / longer
+    too_long = longer > max_long
+    new_h = tf.where(too_long, new_h * cap, new_h)
+    new_w = tf.where(too_long, new_w * cap, new_w)
+    return tf.cast(tf.math.floor(tf.concat([new_h, new_w], axis=-1) + 0.5), tf.float32)
 
 
 def compute_resized_size(
@@ -160,6 +219,108 @@ def padded_size_tf(
     return tf.where(landscape, tf.constant(shapes[0], tf.int32), tf.constant(shapes[1], tf.int32))
 
 
+def _pil_bilinear_coefficients(in_size: tf.Tensor, out_size: tf.Tensor):
+    """PIL's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for the bilinear filter.
+
+    For output pixel ``j``: centre ``c = (j + 0.5) * in / out`` in input pixels, filter scale
+    ``f = max(in / out, 1)``, taps ``i`` from ``int(c - f + 0.5)`` (at least 0) to
+    ``int(c + f + 0.5)`` (at most ``in``) exclusive, weights ``max(0, 1 - |(i - c + 0.5) / f|)``
+    normalised to sum 1 (summed tap by tap, as PIL), then ``int(0.5 + w * 2**22)``. The same
+    float64 operations in the same order as PIL's C, so the integer weights are PIL's.
+
+    Returns:
+      (taps int32 [out, K], weights int32 [out, K]): input indices (clamped into the image)
+      and fixed-point weights (0 beyond each pixel's taps), K = ``2 * ceil(f) + 1``.
+    """
+    scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+    filterscale = tf.maximum(scale, 1.0)
+    support = filterscale  # the bilinear (triangle) filter's support is 1
+    ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+    inv_filterscale = 1.0 / filterscale
+    center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
+    # C's (int) truncates towards zero, as tf.cast does.
+    first = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
+    count = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size) - first
+    x = tf.range(ksize)[None, :]
+    position = tf.cast(x + first[:, None], tf.float64)
+    weights = tf.maximum(1.0 - tf.abs((position - center[:, None] + 0.5) * inv_filterscale), 0.0)
+    weights = tf.where(x < count[:, None], weights, 0.0)
+    total = tf.foldl(lambda acc, w: acc + w, tf.transpose(weights), tf.zeros_like(center))
+    weights = tf.where(total[:, None] != 0.0, weights / total[:, None], weights)
+    fixed = tf.cast(0.5 + weights * float(1 << _PIL_PRECISION_BITS), tf.int32)
+    taps = tf.minimum(x + first[:, None], in_size - 1)
+    return taps, fixed
+
+
+def _pil_bilinear_pass(image: tf.Tensor, out_size: tf.Tensor, axis: int) -> tf.Tensor:
+    """One of PIL's two 8-bit passes along ``axis`` (0: rows, 1: columns) of int32 [H, W, C]
+    values 0..255: ``clip((sum of pixel * weight + 2**21) >> 22, 0, 255)`` (int32 is exact:
+    the sum is below 256 * 2**22)."""
+    taps, fixed = _pil_bilinear_coefficients(tf.shape(image)[axis], out_size)
+    shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [out_size])
+    start = tf.fill(shape, tf.constant(1 << (_PIL_PRECISION_BITS - 1), tf.int32))
+    broadcast = [-1, 1, 1] if axis == 0 else [1, -1, 1]
+
+    def add_tap(acc, tap):
+        index, weight = tap
+        return acc + tf.gather(image, index, axis=axis) * tf.reshape(weight, broadcast)
+
+    # One tap at a time: memory of one output image, whatever the reduction factor.
+    acc = tf.foldl(add_tap, (tf.transpose(taps), tf.transpose(fixed)), initializer=start)
+    return tf.clip_by_value(tf.bitwise.right_shift(acc, _PIL_PRECISION_BITS), 0, 255)
+
+
+def pil_bilinear_resize(image: tf.Tensor, size) -> tf.Tensor:
+    """``PIL.Image.fromarray(image).resize((w, h), Image.BILINEAR)`` in TensorFlow, bit-exact.
+
+    detectron2's resize (``ResizeTransform.apply_image`` on uint8 images). Pillow's
+    ``ImagingResample`` for 8-bit images: one pass along each axis, the first rounded to an
+    intermediate uint8 image, each with the fixed-point weights of
+    :func:`_pil_bilinear_coefficients` (anti-aliased when shrinking). A pass whose size does
+    not change is the identity here (Pillow skips it). The order is Pillow 13's (the version
+    ``requirements.lock`` pins): columns first, unless the height shrinks by more than twice
+    as many pixels as the width (``in_h - h > 2 * (in_w - w)``, ``h < in_h``). Pillow 12 and
+    older go columns first except for images over 100x taller than wide; at detectron2's
+    aspect-preserving sizes the two differ only on shrunk portrait images over ~2:1, by the
+    intermediate rounding (at most 1 grey level, on some pixels).
+
+    Args:
+      image: [H, W, C] uint8 (other dtypes are rounded and clipped to 0..255 first).
+      size: int [2] output (height, width).
+
+    Returns:
+      uint8 [height, width, C].
+    """
+    image = tf.convert_to_tensor(image)
+    if image.dtype == tf.uint8:
+        values = tf.cast(image, tf.int32)
+    else:
+        values = tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0, 255), tf.int32)
+    size = tf.cast(size, tf.int32)
+    in_size = tf.shape(values)[:2]
+    # Pillow 13's order: rows first when the height shrinks by more than twice as many pixels
+    # as the width (Pillow pull request 9549; measured with 13.0.0 on 1:1, 2:3 and 2:1 images).
+    vertical_first = (size[0] < in_size[0]) & (in_size[0] - size[0] > 2 * (in_size[1] - size[1]))
+    out = tf.cond(
+        vertical_first,
+        lambda: _pil_bilinear_pass(_pil_bilinear_pass(values, size[0], 0), size[1], 1),
+        lambda: _pil_bilinear_pass(_pil_bilinear_pass(values, size[1], 1), size[0], 0),
+    )
+    out = tf.ensure_shape(out, [None, None, image.shape[-1]])
+    return tf.cast(out, tf.uint8)
+
+
+def resize_image(image: tf.Tensor, size, resize_method: str = "bilinear") -> tf.Tensor:
+    """float32 [h, w, C] ``image`` ([H, W, C]) resized to ``size`` (h, w) by ``resize_method``:
+    "bilinear" (``tf.image.resize``) or "pil_bilinear" (:func:`pil_bilinear_resize`)."""
+    _check_method(resize_method)
+    size = tf.cast(size, tf.int32)
+    if resize_method == "pil_bilinear":
+        return tf.cast(pil_bilinear_resize(image, size), tf.float32)
+    out = tf.image.resize(image, size, method=tf.image.ResizeMethod.BILINEAR)
+    return tf.cast(out, tf.float32)
+
+
 def horizontal_flip(image: tf.Tensor, boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Mirrors an [H, W, C] image and its [n, 4] pixel boxes left-right."""
     from official.vision.ops import preprocess_ops  # pylint: disable=g-import-not-at-top
@@ -178,13 +339,15 @@ def resize_and_pad(
     max_long_side: int,
     padded_size: tf.Tensor,
     resize_rounding: str = "round",
+    resize_method: str = "bilinear",
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Resizes (rule above), pads, and scales the pixel boxes.
 
     Args:
-      image: [H, W, 3] uint8 or float.
+      image: [H, W, 3] uint8 or float ("pil_bilinear" takes integer values 0..255).
       boxes: [n, 4] ymin, xmin, ymax, xmax in pixels of ``image``.
       short_side, max_long_side, resize_rounding: the resize rule.
+      resize_method: "bilinear" or "pil_bilinear" (:func:`resize_image`).
       padded_size: int [2] output (h, w), at least the resized size.
 
     Returns:
@@ -196,12 +359,12 @@ def resize_and_pad(
     size = tf.cast(tf.shape(image)[:2], tf.float32)
     resized = resized_size(size, short_side, max_long_side, resize_rounding)
     scale = resized / size
-    out = tf.image.resize(image, tf.cast(resized, tf.int32), method=tf.image.ResizeMethod.BILINEAR)
+    out = resize_image(image, resized, resize_method)
     out = tf.image.pad_to_bounding_box(out, 0, 0, padded_size[0], padded_size[1])
     image_info = tf.stack([size, resized, scale, tf.zeros([2], tf.float32)])
     boxes = tf.cast(boxes, tf.float32) * tf.tile(scale, [2])
     boxes = tf.clip_by_value(boxes, 0.0, tf.tile(resized, [2]))
-    return tf.cast(out, tf.float32), image_info, boxes
+    return out, image_info, boxes
 
 
 def pad_groundtruth(
@@ -283,6 +446,7 @@ def preprocess_example(
     padding_mode: str = "orientation",
     max_num_instances: int = 100,
     resize_rounding: str = "round",
+    resize_method: str = "bilinear",
     include_masks: bool = False,
     mask_crop_size: int = 112,
 ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
@@ -318,6 +482,7 @@ def preprocess_example(
         max_long_side=max_long_side,
         padded_size=padded,
         resize_rounding=resize_rounding,
+        resize_method=resize_method,
     )
     image_id = tf.cast(example["image_id"], tf.int64)
     boxes, classes, is_crowd = pad_groundtruth(

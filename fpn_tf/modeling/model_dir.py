@@ -237,15 +237,16 @@ class LoadedModel:
 
 
 def input_preprocessing(config) -> dict[str, Any]:
-    """``short_side``, ``max_long_side``, ``pad_multiple``, ``resize_rounding`` of a config's
-    eval data: how a model's inputs are resized (`fpn_tf.serving.export_saved_model`'s
-    arguments)."""
+    """``short_side``, ``max_long_side``, ``pad_multiple``, ``resize_rounding``,
+    ``resize_method`` of a config's eval data: how a model's inputs are resized
+    (`fpn_tf.serving.export_saved_model`'s arguments)."""
     d = config.eval_data
     return {
         "short_side": d.short_side,
         "max_long_side": d.max_long_side,
         "pad_multiple": d.pad_multiple,
         "resize_rounding": d.resize_rounding,
+        "resize_method": d.resize_method,
     }
 
 

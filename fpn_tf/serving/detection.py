@@ -9,7 +9,8 @@ Each module turns its input into one batch of decoded uint8 images plus their tr
 
 1. each image is resized by the eval transform's rule (`fpn_tf.data.transforms.resize_and_pad`:
    shorter side -> ``short_side``, longer side <= ``max_long_side``, sizes rounded by
-   ``resize_rounding``, bilinear) and zero padded at the bottom/right to the batch's largest
+   ``resize_rounding``, pixels resampled by ``resize_method``: ``tf.image.resize`` bilinear or
+   detectron2's PIL bilinear) and zero padded at the bottom/right to the batch's largest
    resized size rounded up to ``pad_multiple``;
 2. one call of the Keras `FasterRCNN` with ``image_info`` (so boxes come back in input-image
    pixels; the pixel normalisation is inside the model);
@@ -58,6 +59,7 @@ def preprocess_images(
     max_long_side: int,
     pad_multiple: int,
     resize_rounding: str = "round",
+    resize_method: str = "bilinear",
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """A padded uint8 batch + true sizes -> the model's ``(images, image_info)``.
 
@@ -65,7 +67,8 @@ def preprocess_images(
       images: uint8 [B, H, W, 3]; image i occupies ``images[i, :sizes[i, 0], :sizes[i, 1]]``.
       sizes: int32 [B, 2] true (height, width) of each image.
       short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
-      resize_rounding: "round" or "floor" (`fpn_tf.data.transforms.resized_size`).
+      resize_rounding: "round", "floor" or "half_up" (`fpn_tf.data.transforms.resized_size`).
+      resize_method: "bilinear" or "pil_bilinear" (`fpn_tf.data.transforms.resize_image`).
 
     Returns:
       float32 [B, Hp, Wp, 3] RGB 0..255 (zero padded; ``Hp, Wp`` = the largest resized size,
@@ -85,6 +88,7 @@ def preprocess_images(
             max_long_side=max_long_side,
             padded_size=padded,
             resize_rounding=resize_rounding,
+            resize_method=resize_method,
         )
         return out, info
 
@@ -107,7 +111,9 @@ class DetectionModule(tf.Module):
       short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
       num_detections: rows of every output (the contract: 100). The model's own
         ``max_detections`` rows are zero padded or cut (its rows are sorted by score).
-      resize_rounding: the eval transform's rounding of resized sizes ("round" or "floor").
+      resize_rounding: the eval transform's rounding of resized sizes ("round", "floor" or
+        "half_up").
+      resize_method: the eval transform's resampling ("bilinear" or "pil_bilinear").
     """
 
     signature_name: str = ""
@@ -122,6 +128,7 @@ class DetectionModule(tf.Module):
         num_detections: int = NUM_DETECTIONS,
         name: str | None = None,
         resize_rounding: str = "round",
+        resize_method: str = "bilinear",
     ):
         super().__init__(name=name)
         if short_side <= 0 or max_long_side < short_side or pad_multiple < 1:
@@ -134,6 +141,10 @@ class DetectionModule(tf.Module):
                 f"resize_rounding must be one of {transforms.RESIZE_ROUNDINGS}, "
                 f"got {resize_rounding!r}"
             )
+        if resize_method not in transforms.RESIZE_METHODS:
+            raise ValueError(
+                f"resize_method must be one of {transforms.RESIZE_METHODS}, got {resize_method!r}"
+            )
         # Not tracked as a child: saving the Keras object graph is not needed (the SavedModel
         # keeps the traced functions and the variables, which export_saved_model tracks) and
         # fails for layers holding dicts with int keys (FeaturePyramid's convs).
@@ -142,6 +153,7 @@ class DetectionModule(tf.Module):
         self.max_long_side = int(max_long_side)
         self.pad_multiple = int(pad_multiple)
         self.resize_rounding = str(resize_rounding)
+        self.resize_method = str(resize_method)
         self.num_detections = int(num_detections)
 
     def detect(self, images: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -153,6 +165,7 @@ class DetectionModule(tf.Module):
             self.max_long_side,
             self.pad_multiple,
             self.resize_rounding,
+            self.resize_method,
         )
         out = self._model({"images": model_images, "image_info": image_info}, training=False)
         return self.format_outputs(out, sizes)

@@ -5,7 +5,7 @@
     loaded = fpn_tf.load_model("runs/cpu_demo")          # params.yaml + category map + ckpt
     export_saved_model(loaded.model, "exports/fpn/1", loaded.category_map,
                        **loaded.preprocessing)    # short_side, max_long_side, pad_multiple,
-                                                  # resize_rounding
+                                                  # resize_rounding, resize_method
 
 The SavedModel has three signatures (`fpn_tf.serving.detection`), all returning
 ``detection_boxes`` / ``detection_scores`` / ``detection_classes`` / ``num_detections``, and
@@ -14,8 +14,8 @@ three assets:
 * ``assets/category_map.json``: the `CategoryMap` JSON (COCO-style ``categories`` list; read it
   with :func:`read_category_map` or ``CategoryMap.from_json``);
 * ``assets/label_map.pbtxt``: the same map in the TF Object Detection API's label map format;
-* ``assets/serving_config.json``: the resize rule (with its rounding), padding, output rows and
-  signature inputs.
+* ``assets/serving_config.json``: the resize rule (with its rounding and resampling method),
+  padding, output rows and signature inputs.
 
 The Keras model's variables are saved once (the three modules share them); loading needs only
 TensorFlow (``tf.saved_model.load``), not fpn_tf or Keras.
@@ -120,6 +120,7 @@ def export_saved_model(
     *,
     num_detections: int = NUM_DETECTIONS,
     resize_rounding: str = "round",
+    resize_method: str = "bilinear",
 ) -> str:
     """Writes the SavedModel of docs/serving.md to ``export_dir``; returns ``export_dir``.
 
@@ -134,8 +135,10 @@ def export_saved_model(
       short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding
         (``eval_data.short_side`` etc. of the config).
       num_detections: rows of every output (the contract's 100).
-      resize_rounding: the eval transform's rounding of resized sizes, "round" or "floor"
-        (``eval_data.resize_rounding``; `fpn_tf.data.transforms.resized_size`).
+      resize_rounding: the eval transform's rounding of resized sizes, "round", "floor" or
+        "half_up" (``eval_data.resize_rounding``; `fpn_tf.data.transforms.resized_size`).
+      resize_method: the eval transform's resampling, "bilinear" or "pil_bilinear"
+        (``eval_data.resize_method``; `fpn_tf.data.transforms.resize_image`).
 
     Raises:
       ExportError: a category map that is not the model's, or an unusable ``export_dir``.
@@ -152,6 +155,7 @@ def export_saved_model(
             pad_multiple,
             num_detections,
             resize_rounding=resize_rounding,
+            resize_method=resize_method,
         )
         for cls in _MODULES
     ]
@@ -173,6 +177,7 @@ def export_saved_model(
         "max_long_side": int(max_long_side),
         "pad_multiple": int(pad_multiple),
         "resize_rounding": str(resize_rounding),
+        "resize_method": str(resize_method),
         "num_detections": int(num_detections),
         "signatures": {m.signature_name: m.input_name for m in modules},
         "outputs": outputs,
@@ -196,7 +201,7 @@ def export_saved_model(
         tf.saved_model.save(root, export_dir, signatures=signatures)
     logging.info(
         "Exported a SavedModel with signatures %s to %s in %.1f s (tracing %.1f s); "
-        "%d classes, inputs resized to short side %d (long side <= %d, sizes by %s), padded "
+        "%d classes, inputs resized to short side %d (long side <= %d, sizes by %s, %s), padded "
         "to a multiple of %d",
         sorted(signatures),
         export_dir,
@@ -206,6 +211,7 @@ def export_saved_model(
         short_side,
         max_long_side,
         resize_rounding,
+        resize_method,
         pad_multiple,
     )
     return export_dir

@@ -406,15 +406,11 @@ class Trainer:
         from fpn_tf.serving.export import export_saved_model
 
         export_dir = export_dir or os.path.join(self.model_dir, "saved_model")
-        data_cfg = self.cfg.eval_data
         export_saved_model(
             self.model,
             export_dir,
             self.category_map,
-            short_side=data_cfg.short_side,
-            max_long_side=data_cfg.max_long_side,
-            pad_multiple=data_cfg.pad_multiple,
-            resize_rounding=data_cfg.resize_rounding,
+            **model_dir_lib.input_preprocessing(self.cfg),
         )
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
