@@ -28,11 +28,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fpn_tf.configs import ConfigError
 from fpn_tf.configs.loader import load_config
 from fpn_tf.conversion import ConversionError, convert_checkpoint
 from fpn_tf.conversion.convert import load_weights
 from fpn_tf.conversion.layout import backbone_model
 from fpn_tf.ops.postprocess import Detections
+from fpn_tf.modeling.factory import build_model
 from fpn_tf.modeling.model_dir import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -410,14 +412,20 @@ def test_zoo_buffers_are_checked_and_other_anchors_or_means_refused(converted):
 
 def test_the_config_with_other_anchors_refuses_the_zoo_file(tmp_path):
     """The same check from the config's side: the zoo file's anchors against a config with
-    torchvision's rounded cell anchors."""
+    torchvision's rounded cell anchors. The converter refuses that config before reading the
+    file (it is not detectron2's reference config); the file's own check refuses it too."""
     path = _write_pkl(tmp_path / "model_final_generated.pkl", detectron2_r50_fpn_arrays())
     config = load_config(CONFIG, {"model.anchor.round_cell_anchors": True})
-    with pytest.raises(ConversionError, match=r"round_cell_anchors True, corners up to") as err:
+    with pytest.raises(ConfigError, match=r"^model.anchor.round_cell_anchors is True but the "):
         convert_checkpoint(
             "detectron2", path, str(tmp_path / "out"), config, export_saved_model=False
         )
-    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
+    config.model.backbone.weights = None
+    model = build_model(config.model, category_ids=list(range(1, 81)))
+    with pytest.raises(ConversionError, match=r"round_cell_anchors True, corners up to") as err:
+        load_weights(model, "detectron2", path, config)
+    assert "\n" not in str(err.value)
 
 
 def _expect_command_refuses(tmp_path, pkl_path, expected):
