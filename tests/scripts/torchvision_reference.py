@@ -123,24 +123,25 @@ def build_as_coco_v1(detector, **kwargs):
 
 @torch.no_grad()
 def calibrate_frozen_batch_norms(body, tensors):
-    """Each FrozenBatchNorm2d of ``body`` gets a random affine part and the per-channel mean and
-    (biased) variance of its input on ``tensors``, layer after layer in one forward pass (a
-    forward pre-hook sets them before the layer runs). Returns the body's outputs."""
+    """Each FrozenBatchNorm2d of ``body`` gets the per-channel mean and variance of its input on
+    ``tensors``, layer after layer in one forward pass (a forward pre-hook sets them before the
+    layer runs, with its affine part the identity): the running statistics a BatchNorm2d's
+    training pass with ``momentum=None`` would keep. Then a random affine part."""
     norms = [m for m in body.modules() if isinstance(m, FrozenBatchNorm2d)]
-    for m in norms:
-        m.weight.uniform_(0.7, 1.3)
-        m.bias.normal_(0.0, 0.1)
 
     def set_statistics(module, inputs):
         module.running_mean.copy_(inputs[0].mean(dim=(0, 2, 3)))
-        module.running_var.copy_(inputs[0].var(dim=(0, 2, 3), unbiased=False))
+        module.running_var.copy_(inputs[0].var(dim=(0, 2, 3)))
 
     handles = [m.register_forward_pre_hook(set_statistics) for m in norms]
     try:
-        return body(tensors)
+        body(tensors)
     finally:
         for handle in handles:
             handle.remove()
+    for m in norms:
+        m.weight.uniform_(0.7, 1.3)
+        m.bias.normal_(0.0, 0.1)
 
 
 @torch.no_grad()
