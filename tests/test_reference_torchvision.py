@@ -157,7 +157,7 @@ def test_reference_runs_and_is_saved_as_torchvision_runs_coco_v1(models, referen
     so: FrozenBatchNorm2d, ``overwrite_eps(model, 0.0)``), saved as they are laid out
     (FrozenBatchNorm keys: no ``num_batches_tracked``), with channels of running variance
     1e-6..1e-4 in every stage, where eps 1e-5 instead of 0 changes C2..C5 by more than 1 % (the
-    script measures it on the first pair); the converted model folds every BatchNorm with 0."""
+    script measures it on a crop of the first image); the converted model folds every BatchNorm with 0."""
     import torch  # torch alone imports fine next to TensorFlow (torchvision does not)
 
     from fpn_tf.configs.loader import load_config

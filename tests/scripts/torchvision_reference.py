@@ -26,8 +26,9 @@ files with; the state dicts are laid out as the published files (FrozenBatchNorm
 every 16th channel has a running variance of 1e-6..1e-4 (`plant_small_variances`), the kind of
 channel where the epsilon matters (eps 1e-5 scales it by sqrt(v / (v + 1e-5)): 0.30 at 1e-6,
 0.95 at 1e-4); its conv and running mean are rescaled with it, so eps-0 outputs do not change
-(checked: C2..C5 of the first pair before and after). ``eps_relative_change`` in the npz: per
-C2..C5 of the first pair, max |out(eps 1e-5) - out(eps 0)| / max |out(eps 0)| (must be > 1e-2).
+(checked on C2..C5 of a 128x128 crop of the first image, cheap: the rescaling is exact algebra).
+``eps_relative_change`` in the npz: per C2..C5 of that crop, max |out(eps 1e-5) - out(eps 0)| /
+max |out(eps 0)| (must be > 1e-2).
 
 The weights are random, made confident and spread as trained weights are: FrozenBatchNorm
 statistics of these images (each layer's input mean and variance, layer after layer, as a
@@ -187,13 +188,13 @@ def make_model(images):
     tv.eval()
     image_list, _ = tv.transform([to_torch(i) for i in images])
     calibrate_frozen_batch_norms(tv.backbone.body, image_list.tensors)
-    first_pair, _ = tv.transform([to_torch(i) for i in images[:2]])
-    before = tv.backbone.body(first_pair.tensors)
+    crop = image_list.tensors[:1, :, :128, :128]  # the first image's corner (a few % of a pass)
+    before = tv.backbone.body(crop)
     smallest = plant_small_variances(tv.backbone.body, torch.Generator().manual_seed(2))
-    after = tv.backbone.body(first_pair.tensors)
+    after = tv.backbone.body(crop)
     unchanged = _relative_changes(after, before)
     overwrite_eps(tv, 1e-5)
-    eps_change = _relative_changes(tv.backbone.body(first_pair.tensors), after)
+    eps_change = _relative_changes(tv.backbone.body(crop), after)
     overwrite_eps(tv, 0.0)
     print(
         f"smallest running variance per stage {smallest}; C2..C5 relative change by the plant "
