@@ -221,8 +221,8 @@ def test_epsilon_zero_equals_torchvision_frozen_batch_norm_folded_or_not():
 def test_backbones_take_epsilon_zero_and_refuse_a_negative_one():
     kwargs = dict(widths=(8, 8, 8, 8), stem_width=8, freeze_bn=True)
     model = build_small_resnet_backbone(bn_epsilon=0.0, **kwargs)
-    folded = [l for l in model.layers if isinstance(l, Conv2DFrozenBatchNorm)]
-    assert len(folded) > 10 and {l.epsilon for l in folded} == {0.0}
+    folded = [layer for layer in model.layers if isinstance(layer, Conv2DFrozenBatchNorm)]
+    assert len(folded) > 10 and {layer.epsilon for layer in folded} == {0.0}
     images = tf.constant(np.random.default_rng(8).uniform(0, 255, (1, 32, 32, 3)), tf.float32)
     assert np.all(np.isfinite(model(images)["C5"].numpy()))
     for build in (build_small_resnet_backbone, build_resnet_backbone):
