@@ -18,7 +18,6 @@ _MODEL_TRAIN_EVAL_RUNTIME = [
     ("model.backbone.blocks", [1, 1, 1, 1, 1]),
     ("model.backbone.blocks", [1, -1, 1, 1]),
     ("model.backbone.stem_width", 0),
-    ("model.backbone.bn_epsilon", 0),
     ("model.backbone.bn_epsilon", -1e-5),
     ("model.backbone.pixel_mean", [123.675, 116.28]),
     ("model.backbone.pixel_std", [58.395, 57.12, 57.375, 1.0]),
@@ -137,6 +136,7 @@ GOOD = [
     ("model.backbone.freeze_at", 5),
     ("model.backbone.bn_epsilon", None),
     ("model.backbone.bn_epsilon", 1e-5),
+    ("model.backbone.bn_epsilon", 0),  # frozen BatchNorm (the default): torchvision's COCO_V1
     ("model.backbone.pixel_mean", None),
     ("model.backbone.pixel_std", None),
     ("model.fpn.levels_used", None),
@@ -236,6 +236,25 @@ def test_nullable_fields_say_or_null():
     with pytest.raises(ConfigError) as e:
         ExperimentConfig().override({"model.rpn.nms_iou": 1.5}).validate()
     assert str(e.value) == "Config key 'model.rpn.nms_iou' must be in [0, 1], got 1.5."
+
+
+def test_bn_epsilon_zero_needs_frozen_batch_norm():
+    """0 is torchvision's COCO_V1 epsilon (frozen BatchNorm); a BatchNorm that trains divides by
+    its batch variance, so 0 is refused there, naming the key, in one line."""
+    frozen = ExperimentConfig().override({"model.backbone.bn_epsilon": 0.0})
+    frozen.validate()
+    training = frozen.override({"model.backbone.freeze_bn": False})
+    with pytest.raises(ConfigError) as e:
+        training.validate()
+    assert e.value.key == "model.backbone.bn_epsilon"
+    assert str(e.value) == (
+        "Config key 'model.backbone.bn_epsilon' must be positive when freeze_bn is false (a "
+        "BatchNorm that trains divides by its batch variance, which can be 0); 0 is for frozen "
+        "BatchNorm (torchvision's COCO_V1 weights), got 0.0."
+    )
+    frozen.override(
+        {"model.backbone.freeze_bn": False, "model.backbone.bn_epsilon": 1e-5}
+    ).validate()
 
 
 def test_in_range_ends():

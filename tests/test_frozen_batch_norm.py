@@ -160,3 +160,71 @@ def test_fold_under_bfloat16_policy_computes_in_bfloat16_close_to_float32():
     assert out.dtype == tf.bfloat16
     assert folded.get_layer("c").gamma.dtype == "float32"
     np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected, rtol=0.05, atol=0.05)
+
+
+def _torchvision_frozen_bn_after_conv(x_nhwc, kernel, gamma, beta, mean, variance, eps):
+    """torch's conv2d (same padding, stride 1) then torchvision's ``FrozenBatchNorm2d.forward``
+    (ops/misc.py, 0.29): ``scale = w * (rv + eps).rsqrt()``, ``x * scale + (b - rm * scale)``,
+    written out in torch (torchvision cannot be imported next to TensorFlow). NHWC float32."""
+    import torch
+
+    x = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2)
+    weight = torch.from_numpy(kernel).permute(3, 2, 0, 1)  # [kh, kw, in, out] -> [out, in, ...]
+    y = torch.nn.functional.conv2d(x, weight, padding=kernel.shape[0] // 2)
+    w, b, rm, rv = (torch.from_numpy(v).reshape(1, -1, 1, 1) for v in (gamma, beta, mean, variance))
+    scale = w * (rv + eps).rsqrt()
+    return (y * scale + (b - rm * scale)).permute(0, 2, 3, 1).numpy()
+
+
+def test_epsilon_zero_equals_torchvision_frozen_batch_norm_folded_or_not():
+    """torchvision runs its COCO_V1 detection weights with FrozenBatchNorm2d eps 0. With
+    epsilon 0 the fold and the unfolded frozen BatchNorm compute torchvision's numbers on
+    channels of running variance 1e-6..1e-4 (where 1e-5 changes the output by up to 70 %), and a
+    channel of variance 0 is non-finite everywhere, as in torchvision (scale = w * rsqrt(0))."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 9, 11, 5)).astype("float32")
+    kernel = (rng.normal(size=(3, 3, 5, 6)) * 1e-2).astype("float32")  # small conv outputs
+    variance = np.array([1e-6, 3e-6, 1e-5, 1e-4, 1e-2, 0.0], "float32")
+    gamma = rng.uniform(0.5, 2.0, 6).astype("float32")
+    beta = rng.normal(0, 0.5, 6).astype("float32")
+    mean = rng.normal(0, 1e-3, 6).astype("float32")
+    theirs = _torchvision_frozen_bn_after_conv(x, kernel, gamma, beta, mean, variance, 0.0)
+    finite = slice(0, 5)
+    assert np.all(np.isfinite(theirs[..., finite])) and not np.any(np.isfinite(theirs[..., 5]))
+
+    def ours(epsilon):
+        inputs = keras.Input((None, None, 5))
+        conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, name="c")
+        bn = keras.layers.BatchNormalization(epsilon=epsilon, name="c_bn")
+        bn.trainable = False
+        model = keras.Model(inputs, bn(conv(inputs)))
+        conv.kernel.assign(kernel)
+        bn.set_weights([gamma, beta, mean, variance])
+        folded, count = fold_frozen_batch_norm(model)
+        assert count == 1 and folded.get_layer("c").epsilon == epsilon
+        return model(x).numpy(), folded(x).numpy()
+
+    scale = np.abs(theirs[..., finite]).max(axis=(0, 1, 2))  # per channel
+    assert scale.min() > 0.1
+    for out in ours(0.0):
+        relative = np.abs(out[..., finite] - theirs[..., finite]).max(axis=(0, 1, 2)) / scale
+        assert relative.max() < 1e-5, relative
+        assert not np.any(np.isfinite(out[..., 5]))
+    # The old epsilon on the same weights: a channel moves by 1 - sqrt(v / (v + 1e-5)), 70 % at
+    # v = 1e-6, 5e-4 at v = 1e-2.
+    for out in ours(1e-5):
+        relative = np.abs(out[..., finite] - theirs[..., finite]).max(axis=(0, 1, 2)) / scale
+        assert relative[0] > 0.5 and relative[4] < 1e-3, relative
+
+
+def test_backbones_take_epsilon_zero_and_refuse_a_negative_one():
+    kwargs = dict(widths=(8, 8, 8, 8), stem_width=8, freeze_bn=True)
+    model = build_small_resnet_backbone(bn_epsilon=0.0, **kwargs)
+    folded = [layer for layer in model.layers if isinstance(layer, Conv2DFrozenBatchNorm)]
+    assert len(folded) > 10 and {layer.epsilon for layer in folded} == {0.0}
+    images = tf.constant(np.random.default_rng(8).uniform(0, 255, (1, 32, 32, 3)), tf.float32)
+    assert np.all(np.isfinite(model(images)["C5"].numpy()))
+    for build in (build_small_resnet_backbone, build_resnet_backbone):
+        with pytest.raises(ValueError, match=r"^bn_epsilon must be >= 0, got -1e-05$"):
+            build(bn_epsilon=-1e-5)

@@ -90,7 +90,7 @@ class BackboneConfig(Config):
 
     The switches below let published weights run as they were trained; their defaults are the
     backbones' own behaviour.
-    torchvision fasterrcnn_resnet50_fpn: stride_in_1x1 false, bn_epsilon 1e-5, channel_order rgb,
+    torchvision fasterrcnn_resnet50_fpn: stride_in_1x1 false, bn_epsilon 0, channel_order rgb,
       pixel_mean [123.675, 116.28, 103.53], pixel_std [58.395, 57.12, 57.375],
       pad_normalized_zero true (and {train,eval}_data.resize_rounding floor).
     detectron2 faster_rcnn_R_50_FPN: bn_epsilon 1e-5, channel_order bgr,
@@ -100,9 +100,15 @@ class BackboneConfig(Config):
       3x3 conv (torchvision's ResNet, "v1.5"; our own builder, fpn_tf/modeling/resnet.py, with
       keras.applications' layer names and weight shapes, torch's symmetric padding). False needs
       weights null or a local file (keras.applications' ImageNet weights are stride-in-1x1).
-    bn_epsilon: the epsilon of every (frozen) BatchNorm of the backbone, folded ones included;
-      null = the builder's own (keras.applications 1.001e-5, small_resnet 1e-5). torchvision's
-      FrozenBatchNorm2d and detectron2 use 1e-5.
+    bn_epsilon: the epsilon of every (frozen) BatchNorm of the backbone, folded ones included:
+      scale = gamma / sqrt(moving_variance + bn_epsilon), as torchvision's FrozenBatchNorm2d.
+      null = the builder's own (keras.applications 1.001e-5, small_resnet 1e-5). >= 0; 0 needs
+      freeze_bn (a BatchNorm that trains divides by its batch variance, which can be 0). A
+      channel with moving_variance 0 and epsilon 0 gives inf / NaN, as it does in torchvision.
+      detectron2's FrozenBatchNorm2d uses 1e-5; torchvision's is 1e-5 too, but its
+      fasterrcnn_resnet50_fpn / maskrcnn_resnet50_fpn builders set it to 0 when they load the
+      COCO_V1 weights (`overwrite_eps(model, 0.0)`, kept for the weights trained before
+      pytorch/vision#2933), so those published files run with 0 (their 37.0 / 37.9 box AP).
     channel_order / pixel_mean / pixel_std: the normalisation at the backbone's input, all three
       or none. Inputs are RGB 0..255; channel_order ("rgb" or "bgr") is the order the first conv
       sees, and pixel_mean / pixel_std are given in THAT order, in 0..255 units. null = the
@@ -127,7 +133,7 @@ class BackboneConfig(Config):
     blocks: List[int] = field([1, 1, 1, 1], length(4, "conv2..conv5"), each(positive))
     stem_width: int = field(32, positive)
     stride_in_1x1: bool = True
-    bn_epsilon: Optional[float] = field(None, positive)
+    bn_epsilon: Optional[float] = field(None, non_negative)
     channel_order: Optional[Literal["rgb", "bgr"]] = None
     pixel_mean: Optional[List[float]] = field(None, length(3, "in channel_order"))
     pixel_std: Optional[List[float]] = field(None, length(3, "in channel_order"), each(positive))
@@ -147,6 +153,14 @@ class BackboneConfig(Config):
                 p + "stride_in_1x1",
                 "must be true with weights 'imagenet' (keras.applications' ImageNet ResNets put "
                 "the stride in the 1x1 conv); give a local weights file or null.",
+            )
+        if self.bn_epsilon == 0:
+            _require(
+                self.freeze_bn,
+                p + "bn_epsilon",
+                "must be positive when freeze_bn is false (a BatchNorm that trains divides by "
+                "its batch variance, which can be 0); 0 is for frozen BatchNorm (torchvision's "
+                "COCO_V1 weights), got 0.0.",
             )
         normalization = ("channel_order", "pixel_mean", "pixel_std")
         given = [name for name in normalization if getattr(self, name) is not None]

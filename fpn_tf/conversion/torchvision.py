@@ -17,6 +17,12 @@ as the published COCO one: ``roi_heads.mask_head.mask_fcn{1..4}``, renamed as to
 91 channels indexed by COCO category id like the classifier: kept as they are with
 ``dataset_ids`` (our channel = category id), the background's and the 80 used channels taken with
 ``contiguous``.
+
+torchvision runs its published COCO_V1 files with FrozenBatchNorm eps 0 (the builders call
+``overwrite_eps(model, 0.0)`` when they load them, pytorch/vision#2933), not FrozenBatchNorm2d's
+default 1e-5: ``configs/coco_r50_fpn_torchvision.yaml`` (the default config for
+``--source=torchvision``, written to the model directory's params.yaml) sets
+``model.backbone.bn_epsilon: 0``.
 """
 
 from __future__ import annotations

@@ -144,6 +144,14 @@ def _normalization_layer(backbone_type, channel_order, pixel_mean, pixel_std):
     return PixelNormalization(mean=mean, std=std, to_bgr=order == "bgr", name=name)
 
 
+def _check_bn_epsilon(bn_epsilon: float | None) -> None:
+    """None or >= 0. 0 is torchvision's COCO_V1 setting (FrozenBatchNorm2d with eps 0, see
+    `fpn_tf.configs.experiment.BackboneConfig`): scale = gamma * rsqrt(moving_variance), inf for
+    a channel of variance 0, as in torchvision."""
+    if bn_epsilon is not None and not bn_epsilon >= 0:
+        raise ValueError(f"bn_epsilon must be >= 0, got {bn_epsilon}")
+
+
 def _set_bn_epsilon(model: keras.Model, bn_epsilon: float | None) -> None:
     """Every BatchNormalization of ``model`` gets ``bn_epsilon`` (None: left as built). Keras
     reads the attribute on every call, and a fold or clone copies it from the layer's config."""
@@ -223,8 +231,7 @@ def build_resnet_backbone(
         raise ValueError(f"ResNet depth must be 50 or 101, got {depth}")
     if freeze_at not in range(0, 6):
         raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
-    if bn_epsilon is not None and not bn_epsilon > 0:
-        raise ValueError(f"bn_epsilon must be positive, got {bn_epsilon}")
+    _check_bn_epsilon(bn_epsilon)
     if not stride_in_1x1 and weights == "imagenet":
         raise ValueError(
             "weights='imagenet' are keras.applications' ResNet weights, which put the stride in "
@@ -307,8 +314,7 @@ def build_small_resnet_backbone(
     """
     if len(widths) != 4 or len(blocks) != 4:
         raise ValueError(f"widths and blocks need 4 entries (conv2..conv5), got {widths}, {blocks}")
-    if bn_epsilon is not None and not bn_epsilon > 0:
-        raise ValueError(f"bn_epsilon must be positive, got {bn_epsilon}")
+    _check_bn_epsilon(bn_epsilon)
     epsilon = 1e-5 if bn_epsilon is None else float(bn_epsilon)
     images = keras.Input(shape=tuple(input_shape), name="images")
     x = _normalization_layer("small_resnet", channel_order, pixel_mean, pixel_std)(images)

@@ -3,6 +3,9 @@
 A frozen BatchNorm (inference statistics, not trained: the detectron2 / paper setting for a
 pretrained backbone) is a per-channel affine map, ``y = x * scale + offset`` with
 ``scale = gamma / sqrt(moving_variance + epsilon)`` and ``offset = beta - moving_mean * scale``.
+``scale`` is torchvision's ``FrozenBatchNorm2d`` formula, ``weight * (running_var + eps).rsqrt()``,
+for every epsilon >= 0: 0 is the epsilon torchvision runs its COCO_V1 detection weights with, and
+a channel with variance 0 and epsilon 0 then gives inf / NaN here as there.
 After a convolution it can be folded into it exactly:
 
     BN(conv(x, K) + b) = conv(x, K * scale) + (b * scale + offset)

@@ -18,8 +18,21 @@ the box-relative 28x28 mask probabilities of each detection's label (``mask_roi_
 torchvision's pasted masks in the original image, ``masks >= 0.5`` as ``np.packbits`` of the
 flattened [N, H, W] bools.
 
-The weights are random, made confident and spread as trained weights are: BatchNorm statistics
-of these images with a random affine part, RPN objectness logits of std 2 and deltas of std 0.1,
+The model is built as ``maskrcnn_resnet50_fpn(weights=COCO_V1)`` builds it (`build_as_coco_v1`,
+without the download): ``FrozenBatchNorm2d`` in the ResNet (the builder's ``norm_layer`` when
+weights are given) with ``overwrite_eps(model, 0.0)``, what torchvision runs the published COCO_V1
+files with; the state dicts are laid out as the published files (FrozenBatchNorm keys: no
+``num_batches_tracked``). In every FrozenBatchNorm2d of the ResNet (stem and layer1..layer4)
+every 16th channel has a running variance of 1e-6..1e-4 (`plant_small_variances`), the kind of
+channel where the epsilon matters (eps 1e-5 scales it by sqrt(v / (v + 1e-5)): 0.30 at 1e-6,
+0.95 at 1e-4); its conv and running mean are rescaled with it, so eps-0 outputs do not change
+(checked on C2..C5 of a 128x128 crop of the first image, cheap: the rescaling is exact algebra).
+``eps_relative_change`` in the npz: per C2..C5 of that crop, max |out(eps 1e-5) - out(eps 0)| /
+max |out(eps 0)| (must be > 1e-2).
+
+The weights are random, made confident and spread as trained weights are: FrozenBatchNorm
+statistics of these images (each layer's input mean and variance, layer after layer, as a
+BatchNorm's training pass computes them) with a random affine part, RPN objectness logits of std 2 and deltas of std 0.1,
 class logits of std 3 with COCO's 10 unused ids held at -30 (after training on COCO they are
 never a positive) and a background bias that leaves at least 80 candidates per image above the 0.05
 threshold, box deltas of std 0.1. The mask head is planted so masks are smooth regions that vary
@@ -34,14 +47,24 @@ half of the pixels are above 0.5 (the script checks: mean within-box std > 0.15,
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
 import numpy as np
 from PIL import Image
 import torch
-from torchvision.models.detection import fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
+from torchvision.models import resnet50
+from torchvision.models.detection import (
+    FasterRCNN,
+    MaskRCNN,
+    fasterrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn,
+)
+from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 SHORT_SIDE, MAX_LONG_SIDE = 320, 512
 # (height, width): landscape, portrait, square, 1:3 and 4:3, odd sizes; some hit the long-side cap.
@@ -58,6 +81,8 @@ IMAGE_SIZES = [
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 MASK_PREFIXES = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
 YXYX = [1, 0, 3, 2]  # xyxy <-> yxyx, and (dx, dy, dw, dh) -> (dy, dx, dh, dw)
+PLANT_EVERY = 16  # every 16th channel of each FrozenBatchNorm2d gets a small running variance
+PLANT_LOG10_VARIANCE = (-6.0, -4.0)
 
 
 def make_images():
@@ -79,28 +104,104 @@ def nhwc(x):
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def build_as_coco_v1(detector, **kwargs):
+    """``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn`` (``detector``: MaskRCNN or
+    FasterRCNN) as the builder makes it for ``weights=COCO_V1``, without the download: weights
+    given -> ResNet-50 with ``norm_layer=FrozenBatchNorm2d``, 3 trainable backbone layers, 91
+    classes; after loading COCO_V1 the builder calls ``overwrite_eps(model, 0.0)``, done here."""
+    for builder in (fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn):  # the installed builders
+        source = inspect.getsource(builder)
+        assert "FrozenBatchNorm2d if is_trained else" in source, builder
+        assert "overwrite_eps(model, 0.0)" in source, builder
+    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
+    model = detector(backbone, num_classes=91, **kwargs)
+    overwrite_eps(model, 0.0)
+    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert len(norms) == 53 and {m.eps for m in norms} == {0.0}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    return model
+
+
+@torch.no_grad()
+def calibrate_frozen_batch_norms(body, tensors):
+    """Each FrozenBatchNorm2d of ``body`` gets the per-channel mean and variance of its input on
+    ``tensors``, layer after layer in one forward pass (a forward pre-hook sets them before the
+    layer runs, with its affine part the identity): the running statistics a BatchNorm2d's
+    training pass with ``momentum=None`` would keep. Then a random affine part."""
+    norms = [m for m in body.modules() if isinstance(m, FrozenBatchNorm2d)]
+
+    def set_statistics(module, inputs):
+        module.running_mean.copy_(inputs[0].mean(dim=(0, 2, 3)))
+        module.running_var.copy_(inputs[0].var(dim=(0, 2, 3)))
+
+    handles = [m.register_forward_pre_hook(set_statistics) for m in norms]
+    try:
+        body(tensors)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for m in norms:
+        m.weight.uniform_(0.7, 1.3)
+        m.bias.normal_(0.0, 0.1)
+
+
+@torch.no_grad()
+def plant_small_variances(body, generator):
+    """In every FrozenBatchNorm2d of the ResNet, every ``PLANT_EVERY``-th channel (from a random
+    offset) gets the running variance 10**U(-6, -4); the conv before it (no bias) and the running
+    mean are scaled by s = sqrt(v_new / v), so (x s - m s) / sqrt(v s^2) is the eps-0 output as
+    before. Returns the smallest running variance per stage (stem, layer1..layer4)."""
+    modules = dict(body.named_modules())
+    smallest = {}
+    for name, norm in modules.items():
+        if not isinstance(norm, FrozenBatchNorm2d):
+            continue
+        if name.endswith("downsample.1"):
+            conv = modules[name[: -len("1")] + "0"]
+        else:  # bn1 -> conv1, layer1.0.bn2 -> layer1.0.conv2
+            conv = modules[name.replace(".bn", ".conv") if "." in name else "conv1"]
+        assert conv.bias is None and conv.out_channels == norm.running_var.numel(), name
+        offset = int(torch.randint(PLANT_EVERY, (1,), generator=generator))
+        channels = torch.arange(offset, conv.out_channels, PLANT_EVERY)
+        low, high = PLANT_LOG10_VARIANCE
+        target = 10.0 ** (low + (high - low) * torch.rand(len(channels), generator=generator))
+        scale = (target / norm.running_var[channels]).sqrt()
+        conv.weight[channels] *= scale.view(-1, 1, 1, 1)
+        norm.running_mean[channels] *= scale
+        norm.running_var[channels] = target
+        stage = name.split(".")[0] if name.startswith("layer") else "stem"
+        smallest[stage] = min(smallest.get(stage, 1.0), float(norm.running_var.min()))
+    return smallest
+
+
+def _relative_changes(outputs, reference):
+    return [
+        float((outputs[k] - reference[k]).abs().max() / reference[k].abs().max())
+        for k in ("0", "1", "2", "3")
+    ]
+
+
 @torch.no_grad()
 def make_model(images):
     torch.manual_seed(0)
-    tv = maskrcnn_resnet50_fpn(
-        weights=None,
-        weights_backbone=None,
-        num_classes=91,
-        min_size=SHORT_SIDE,
-        max_size=MAX_LONG_SIDE,
-    )
-    for m in tv.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration pass
-    tv.train()
-    image_list, _ = tv.transform([to_torch(i) for i in images])
-    tv.backbone.body(image_list.tensors)
-    for m in tv.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.uniform_(0.7, 1.3)
-            m.bias.normal_(0.0, 0.1)
+    tv = build_as_coco_v1(MaskRCNN, min_size=SHORT_SIDE, max_size=MAX_LONG_SIDE)
     tv.eval()
+    image_list, _ = tv.transform([to_torch(i) for i in images])
+    calibrate_frozen_batch_norms(tv.backbone.body, image_list.tensors)
+    crop = image_list.tensors[:1, :, :128, :128]  # the first image's corner (a few % of a pass)
+    before = tv.backbone.body(crop)
+    smallest = plant_small_variances(tv.backbone.body, torch.Generator().manual_seed(2))
+    after = tv.backbone.body(crop)
+    unchanged = _relative_changes(after, before)
+    overwrite_eps(tv, 1e-5)
+    eps_change = _relative_changes(tv.backbone.body(crop), after)
+    overwrite_eps(tv, 0.0)
+    print(
+        f"smallest running variance per stage {smallest}; C2..C5 relative change by the plant "
+        f"(eps 0) {unchanged}, by eps 1e-5 instead of 0 {eps_change}"
+    )
+    assert max(unchanged) < 1e-4 and min(eps_change) > 1e-2
+    assert len(smallest) == 5 and all(1e-6 <= v <= 1e-4 for v in smallest.values()), smallest
     features = tv.backbone(image_list.tensors)
     logits, deltas = tv.rpn.head(list(features.values()))
     head = tv.rpn.head
@@ -128,7 +229,7 @@ def make_model(images):
     predictor.cls_score.bias[0] += bias
     predictor.bbox_pred.weight *= 0.1 / predictor.bbox_pred(hidden).std()
     plant_mask_head(tv, image_list, features)
-    return tv
+    return tv, np.array(eps_change)
 
 
 def _mask_probabilities(tv, features, boxes, image_sizes, labels):
@@ -230,15 +331,15 @@ def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     images = make_images()
-    tv = make_model(images)
+    tv, eps_change = make_model(images)
     state = tv.state_dict()
+    assert not any(k.endswith("num_batches_tracked") for k in state)  # as the published files
     torch.save(state, os.path.join(out_dir, "maskrcnn_resnet50_fpn_random.pth"))
     boxes_only = {k: v for k, v in state.items() if not k.startswith(MASK_PREFIXES)}
-    fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).load_state_dict(
-        boxes_only  # strict: exactly a Faster R-CNN's keys
-    )
+    build_as_coco_v1(FasterRCNN).load_state_dict(boxes_only)  # strict: a Faster R-CNN's keys
     torch.save(boxes_only, os.path.join(out_dir, "fasterrcnn_resnet50_fpn_random.pth"))
-    np.savez(os.path.join(out_dir, "reference.npz"), **reference_outputs(tv, images))
+    outputs = reference_outputs(tv, images)
+    np.savez(os.path.join(out_dir, "reference.npz"), eps_relative_change=eps_change, **outputs)
     print(f"torch {torch.__version__}; wrote {out_dir}")
 
 
