@@ -46,7 +46,13 @@ import tensorflow as tf
 from fpn_tf.ops import box_ops, target_assigner
 from fpn_tf.ops.anchors import level_number, level_stride
 
-__all__ = ["Windows", "window_geometry", "assign_segment_targets", "SegmentTargets", "scale_group_of"]
+__all__ = [
+    "Windows",
+    "window_geometry",
+    "assign_segment_targets",
+    "SegmentTargets",
+    "scale_group_of",
+]
 
 Windows = collections.namedtuple(
     "Windows",
