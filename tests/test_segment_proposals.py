@@ -1,6 +1,7 @@
-"""Segment proposals (paper §6): window geometry and targets by hand, crowd ignore, the losses
-against NumPy, a tiny model that learns, the call's outputs, mask AR against hand values, and
-Mask R-CNN's masks as proposals on a stub."""
+"""Segment proposals (paper §6, Appendix A): the appendix's geometry, positives, sampling, loss
+weight and NMS-free inference on hand cases; our earlier geometry (the ablation config) by hand,
+crowd ignore, the losses against NumPy, a tiny model that learns, the call's outputs, mask AR
+against hand values, and Mask R-CNN's masks as proposals on a stub."""
 
 import time
 
@@ -21,18 +22,45 @@ from fpn_tf.ops import mask_ops, postprocess
 from fpn_tf.ops.segment_windows import assign_segment_targets, scale_group_of, window_geometry
 
 
+# Our choices before Appendix A (configs/cpu_demo_segment_proposals_ours.yaml): objects of
+# s = w x stride, masks over 1.75 s, positives within 0.22 s, NMS at 0.8.
+OURS = dict(
+    object_sizes=[20.0, 28.0],
+    mask_box_scale=1.75,
+    center_tolerance=0.22,
+    center_tolerance_unit="object_size",
+    batch_size_per_image=256,
+    positive_fraction=0.5,
+    nms_iou=0.8,
+    objectness_loss_weight=1.0,
+    mask_loss_weight=1.0,
+)
+PAPER = SegmentProposalConfig()
+
+
 def map_sizes(size):
     return {f"P{lvl}": (-(-size // 2**lvl),) * 2 for lvl in range(2, 7)}
 
 
-def assign(windows, boxes, classes, crowd=None, bs=100000, frac=0.5, valid_hw=None):
+def ours_geometry(size=128):
+    return window_geometry(map_sizes(size), (5, 7), 1.75, OURS["object_sizes"])
+
+
+def paper_geometry(size=256):
+    return window_geometry(
+        map_sizes(size), PAPER.window_sizes, PAPER.mask_box_scale, PAPER.object_sizes
+    )
+
+
+def assign(windows, boxes, classes, crowd=None, bs=100000, frac=0.5, valid_hw=None, ours=True):
     return assign_segment_targets(
         windows,
         np.asarray(boxes, np.float32)[None],
         np.asarray(classes, np.int32)[None],
         None if crowd is None else np.asarray(crowd, bool)[None],
         valid_hw,
-        center_tolerance=0.22,
+        center_tolerance=OURS["center_tolerance"] if ours else PAPER.center_tolerance,
+        center_tolerance_unit=OURS["center_tolerance_unit"] if ours else "cells",
         crowd_ioa_threshold=0.7,
         num_samples=bs,
         positive_fraction=frac,
@@ -65,11 +93,166 @@ def gt_labels(boxes_per_image, size=128, n=4, crowd=None):
     }
 
 
-# --- geometry and targets ------------------------------------------------------------------
+# --- Appendix A: the paper's geometry, targets, sampling, loss weight and inference ------------
+
+
+def test_defaults_are_appendix_a():
+    c = SegmentProposalConfig()
+    assert (c.hidden_dims, c.mask_size, c.window_sizes) == (512, 14, [5, 7])
+    np.testing.assert_allclose(c.object_sizes, [32, 32 * np.sqrt(2)], rtol=1e-7)
+    assert (c.mask_box_scale, c.center_tolerance, c.center_tolerance_unit) == (1.25, 1.0, "cells")
+    assert (c.batch_size_per_image, c.positive_fraction) == (128, 0.25)  # 32 : 96 = 1 : 3
+    assert (c.post_nms_top_k, c.nms_iou) == (1000, 1.0)  # the 1000 best, no NMS
+    assert c.mask_loss_weight == 10 * c.objectness_loss_weight
+    with pytest.raises(Exception, match="object_sizes.*one object size per window size"):
+        ExperimentConfig.from_dict(
+            {"model": {"segment_proposals": {"window_sizes": [5], "object_sizes": [32, 45]}}}
+        ).validate()
+
+
+def test_appendix_a_scales_and_mask_regions():
+    w = paper_geometry()
+    by_group = {(g[0], g[1]): g[2] for g in w.groups}
+    np.testing.assert_allclose([by_group[5, f"P{k}"] for k in range(2, 7)], [32, 64, 128, 256, 512])
+    np.testing.assert_allclose(
+        [by_group[7, f"P{k}"] for k in range(2, 7)], np.sqrt(2) * np.array([32, 64, 128, 256, 512])
+    )
+    side = (w.mask_boxes[:, 2] - w.mask_boxes[:, 0]).numpy()
+    gid = w.group_ids.numpy()
+    for i, (ws, level, _) in enumerate(w.groups):  # 25 % padding: {40, ..., 640}, √2 for 7x7
+        want = 40 * 2 ** (int(level[1]) - 2) * (np.sqrt(2) if ws == 7 else 1)
+        np.testing.assert_allclose(side[gid == i], want, rtol=1e-6)
+
+
+def _positives(w, box, ours=False):
+    t = assign(w, [box], [1], ours=ours)
+    labels = t.labels.numpy()[0]
+    assert (labels[labels != 1] == 0).all()  # every other window negative (all sampled)
+    return np.flatnonzero(labels == 1)
+
+
+def test_object_of_128_px_goes_to_the_5x5_head_on_p4_with_a_160_px_mask_region():
+    w = paper_geometry()
+    box = [40, 56, 168, 184]  # 128 x 128, centre (104, 120): cell (6, 7) of P4
+    assert w.groups[scale_group_of(128, w.groups)][:2] == (5, "P4")
+    pos = _positives(w, box)
+    _, sl = group_slice(w, 5, "P4")
+    # ±1 cell (16 px) on both axes, inclusive: the 3 x 3 cells around (6, 7) of the 16 x 16 map.
+    assert pos.tolist() == [sl.start + i * 16 + j for i in (5, 6, 7) for j in (6, 7, 8)]
+    centre = sl.start + 6 * 16 + 7
+    np.testing.assert_allclose(w.mask_boxes.numpy()[centre], [24, 40, 184, 200])  # 160 px
+    # Its 14x14 mask target: the object covers the middle 128 / 160 of the region.
+    lab = gt_labels([[box]], size=256)
+    target = mask_ops.mask_targets(
+        lab["gt_masks"], lab["gt_boxes"], w.mask_boxes.numpy()[centre][None, None], [[0]], 14
+    ).numpy()[0, 0]
+    want = np.zeros((14, 14))
+    want[1:13, 1:13] = 1  # bin centres 24 + (k + 0.5) * 160 / 14 in [40, 168] for k = 1..12
+    np.testing.assert_array_equal(target, want)
+
+
+def test_object_of_181_px_goes_to_the_7x7_head_on_p4():
+    w = paper_geometry(384)
+    box = [14, 30, 195, 211]  # 181 x 181 (≈ 128√2), centre (104.5, 120.5)
+    assert w.groups[scale_group_of(181, w.groups)][:2] == (7, "P4")
+    pos = _positives(w, box)
+    g, sl = group_slice(w, 7, "P4")
+    assert len(pos) and (w.group_ids.numpy()[pos] == g).all()
+    side = (w.mask_boxes[:, 2] - w.mask_boxes[:, 0]).numpy()[pos]
+    np.testing.assert_allclose(side, 160 * np.sqrt(2), rtol=1e-6)  # 226 px
+    # Centre half a pixel off the grid: on y the cell centres 104 and 120 (i = 6, 7) are within
+    # 16 px of 104.5, 88 is 16.5 px away; on x 120 and 136 (j = 7, 8) of 120.5. P4 is 24 x 24.
+    want = [sl.start + i * 24 + j for i in (6, 7) for j in (7, 8)]
+    assert pos.tolist() == want
+    # Nearest in log space: the boundary is √(128 x 128√2) = 152.2 px.
+    assert w.groups[scale_group_of(152, w.groups)][:2] == (5, "P4")
+    assert w.groups[scale_group_of(153, w.groups)][:2] == (7, "P4")
+
+
+def test_positives_are_exactly_the_windows_within_one_cell():
+    w = paper_geometry()
+    centers, gid = w.centers.numpy(), w.group_ids.numpy()
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        side = float(rng.uniform(24, 400))
+        cy, cx = rng.uniform(60, 200, 2)
+        box = [cy - side / 2, cx - side / 3, cy + side / 2, cx + side / 3]
+        g = scale_group_of(side, w.groups)
+        stride = 2 ** int(w.groups[g][1][1])
+        within = np.all(np.abs(centers - np.float32([cy, cx])) <= stride, axis=1)
+        want = np.flatnonzero(within & (gid == g))
+        assert len(want) >= 4
+        np.testing.assert_array_equal(_positives(w, box), want)
+
+
+def test_sampling_is_128_windows_at_1_to_3_and_the_mask_loss_weighs_10x():
+    keras.utils.set_random_seed(2)
+    head = SegmentProposalHead(**SegmentProposalConfig(hidden_dims=8).to_dict())
+    feats = {
+        f"P{lvl}": tf.random.normal([2, s, s, 4]) for lvl, s in zip(range(2, 7), (32, 16, 8, 4, 2))
+    }
+    head.build({k: v.shape for k, v in feats.items()})
+    for w in (5, 7):  # logits far from 0, so that the losses depend on the targets
+        for layer in (head.mlp(w).hidden, head.mlp(w).mask, head.mlp(w).objectness):
+            layer.kernel.assign(tf.random.normal(layer.kernel.shape, stddev=0.5))
+    # 32-px objects (5x5 on P2) centred on cell centres: 9 positives each, 45 per image.
+    objects = [[(2 + 16 * i, 2 + 20 * i, 34 + 16 * i, 34 + 20 * i) for i in range(5)]] * 2
+    labels = gt_labels(objects, size=128, n=5)
+    valid_hw = np.full((2, 2), 128.0, np.float32)
+    logits, hidden = head.head_outputs(feats)
+    windows = head.windows(feats)
+    tgt = head.assign_targets(windows, labels, valid_hw)
+    lab, matched = tgt.labels.numpy(), tgt.matched_gt_indices.numpy()
+    assert ((matched >= 0).sum(1) == 45).all()
+    np.testing.assert_array_equal((lab == 1).sum(1), [32, 32])  # 128 x 0.25
+    np.testing.assert_array_equal((lab == 0).sum(1), [96, 96])  # 1 : 3
+    losses = head.compute_loss(logits, hidden, windows, tgt, labels)
+    z = logits.numpy().astype(np.float64)
+    want_score = (_bce(z, lab == 1) * (lab >= 0)).sum() / (2 * 128)
+    per_window = []
+    gid = windows.group_ids.numpy()
+    for b, r in zip(*np.nonzero(lab == 1)):  # masks of the sampled positives only
+        mlp = head.mlp(windows.groups[gid[r]][0])
+        mz = hidden.numpy()[b, r] @ mlp.mask.kernel.numpy()[0, 0] + mlp.mask.bias.numpy()
+        y = _np_square_target(windows.mask_boxes.numpy()[r], labels["gt_boxes"][b, matched[b, r]])
+        per_window.append(_bce(mz.reshape(14, 14), y).mean())
+    assert len(per_window) == 64
+    np.testing.assert_allclose(losses["segment_objectness_loss"], want_score, rtol=1e-5)
+    np.testing.assert_allclose(losses["segment_mask_loss"], 10 * np.mean(per_window), rtol=1e-5)
+
+
+def test_inference_without_nms_returns_the_1000_best_windows():
+    keras.utils.set_random_seed(3)
+    model = tiny_model()  # the paper's inference: nms_iou 1, post_nms_top_k 1000
+    features, _, _ = synthetic_batch()
+    images = tf.constant(features["images"])
+    out = model({"images": images, "image_info": tf.constant(features["image_info"])})
+    pyramid = model.fpn(images)
+    logits, hidden = model.head.head_outputs(pyramid)
+    windows = model.head.windows(pyramid)
+    assert logits.shape[1] == 2 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2)  # 2728 windows
+    np.testing.assert_array_equal(out["num_proposals"], [1000, 1000])
+    for i in range(2):
+        order = np.argsort(-logits.numpy()[i], kind="stable")[:1000]
+        np.testing.assert_allclose(
+            out["proposal_scores"].numpy()[i], tf.sigmoid(logits[i]).numpy()[order], rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            out["proposal_boxes"].numpy()[i], windows.mask_boxes.numpy()[order], atol=1e-4
+        )
+        want_masks = tf.sigmoid(model.head.mask_logits(hidden[i : i + 1], order[None], windows))
+        np.testing.assert_allclose(out["proposal_masks"][i], want_masks[0], atol=1e-5)
+        # No suppression: heavily overlapping windows (neighbours on a level) are both kept.
+        b = out["proposal_boxes"].numpy()[i]
+        iou = postprocess.box_ops.pairwise_iou(b, b).numpy() - np.eye(len(b))
+        assert iou.max() > 0.8
+
+
+# --- our earlier geometry (the ablation config), targets ---------------------------------------
 
 
 def test_window_geometry_canonical_sizes_interleave_in_half_octaves():
-    w = window_geometry(map_sizes(128), (5, 7), 1.75)
+    w = ours_geometry()
     sizes = sorted(g[2] for g in w.groups)
     assert sizes == [20, 28, 40, 56, 80, 112, 160, 224, 320, 448]
     assert len(w.centers) == 2 * (32 * 32 + 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2)
@@ -82,7 +265,7 @@ def test_window_geometry_canonical_sizes_interleave_in_half_octaves():
 
 
 def test_object_of_side_40_goes_to_p3_5x5_at_the_expected_cells_with_the_expected_mask():
-    w = window_geometry(map_sizes(128), (5, 7), 1.75)
+    w = ours_geometry()
     box = [30, 30, 70, 70]  # longer side 40, centred at (50, 50)
     assert w.groups[scale_group_of(40, w.groups)][:2] == (5, "P3")
     t = assign(w, [box, [0, 0, 0, 0]], [1, -1])
@@ -106,7 +289,7 @@ def test_object_of_side_40_goes_to_p3_5x5_at_the_expected_cells_with_the_expecte
 
 
 def test_scale_groups_clamp_and_nearest_centre_wins():
-    w = window_geometry(map_sizes(128), (5, 7), 1.75)
+    w = ours_geometry()
     assert w.groups[scale_group_of(6, w.groups)][:2] == (5, "P2")  # clamped, not dropped
     assert w.groups[scale_group_of(1000, w.groups)][:2] == (7, "P6")
     assert w.groups[scale_group_of(56, w.groups)][:2] == (7, "P3")
@@ -124,7 +307,7 @@ def test_scale_groups_clamp_and_nearest_centre_wins():
 
 
 def test_windows_mostly_inside_a_crowd_box_are_ignored_but_positives_stay():
-    w = window_geometry(map_sizes(128), (5, 7), 1.75)
+    w = ours_geometry()
     crowd_box = [0, 0, 80, 80]
     t = assign(w, [crowd_box, [30, 30, 70, 70]], [1, 1], crowd=[True, False])
     labels = t.labels.numpy()[0]
@@ -141,7 +324,7 @@ def test_windows_mostly_inside_a_crowd_box_are_ignored_but_positives_stay():
 
 
 def test_sampling_respects_the_budget_and_windows_in_the_padding_are_ignored():
-    w = window_geometry(map_sizes(128), (5, 7), 1.75)
+    w = ours_geometry()
     t = assign(w, [[30, 30, 70, 70]], [1], bs=16, frac=0.125, valid_hw=np.array([[96.0, 128.0]]))
     labels = t.labels.numpy()[0]
     assert (labels == 1).sum() == 2 and (labels == 0).sum() == 14
@@ -164,7 +347,15 @@ def _bce(z, y):
 
 def test_losses_match_numpy_on_a_hand_case():
     keras.utils.set_random_seed(1)
-    cfg = SegmentProposalConfig(hidden_dims=8, batch_size_per_image=2000, positive_fraction=0.5)
+    # Our earlier geometry (its mask targets are exact on these squares), the paper's weights.
+    geometry = {k: OURS[k] for k in ("object_sizes", "mask_box_scale", "center_tolerance")}
+    cfg = SegmentProposalConfig(
+        hidden_dims=8,
+        batch_size_per_image=2000,
+        positive_fraction=0.5,
+        center_tolerance_unit="object_size",
+        **geometry,
+    )
     head = SegmentProposalHead(**cfg.to_dict())
     feats = {
         f"P{lvl}": tf.random.normal([2, s, s, 4]) for lvl, s in zip(range(2, 7), (16, 8, 4, 2, 1))
@@ -194,7 +385,7 @@ def test_losses_match_numpy_on_a_hand_case():
         y = _np_square_target(windows.mask_boxes.numpy()[r], labels["gt_boxes"][b, matched[b, r]])
         per_window.append(_bce(mz.reshape(14, 14), y).mean())
     np.testing.assert_allclose(losses["segment_objectness_loss"], want_obj, rtol=1e-5)
-    np.testing.assert_allclose(losses["segment_mask_loss"], np.mean(per_window), rtol=1e-5)
+    np.testing.assert_allclose(losses["segment_mask_loss"], 10 * np.mean(per_window), rtol=1e-5)
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -266,7 +457,7 @@ def test_a_tiny_model_learns_both_losses():
 
 def test_call_outputs_static_shapes_ranges_frames_and_nms():
     keras.utils.set_random_seed(0)
-    model = tiny_model(post_nms_top_k=3000, nms_iou=0.6)
+    model = tiny_model(**{**OURS, "post_nms_top_k": 3000, "nms_iou": 0.6})
     features, _, _ = synthetic_batch()
     info = features["image_info"].copy()
     info[:, 0] = (256, 256)

@@ -416,44 +416,70 @@ class MaskConfig(Config):
 
 @dataclasses.dataclass
 class SegmentProposalConfig(Config):
-    """Segment proposals on the pyramid (paper §6): DeepMask-style mask proposals from a small
-    MLP applied fully convolutionally on every level (`fpn_tf.modeling.segment_proposals`).
+    """Segment proposals on the pyramid (paper §6; Appendix A, "Implementation of Segmentation
+    Proposals", arXiv 1612.03144v2): DeepMask-style mask proposals from a small MLP applied
+    fully convolutionally on every level P2..P6 (`fpn_tf.modeling.segment_proposals`, geometry
+    and targets in `fpn_tf.ops.segment_windows`). The defaults are the appendix's numbers
+    ("paper") except where it says nothing ("ours"). The appendix also builds the pyramid with
+    d = 128 (model.fpn.num_channels, set in configs/coco_r50_fpn_segment_proposals.yaml) and
+    trains with LR 0.03, 80k iterations, /10 at 60k, 800-px images, no scale jitter (the train
+    section of that config). The pre-Appendix-A choices are
+    configs/cpu_demo_segment_proposals_ours.yaml.
 
-    hidden_dims: d, the MLP's hidden width (paper: 128).
+    hidden_dims: outputs of the MLP's w x w conv (paper: "a 5x5 kernel with 512 outputs").
     mask_size: the side of the predicted box-relative mask (paper: 14).
     window_sizes: the MLPs' input windows: 5 (5x5) and/or 7 (7x7, the half octaves); one head
-      per size, each shared by P2..P6. A window of size w on level l covers objects of
-      canonical size s = w * 2**l (5x5: 20..320 px, 7x7: 28..448 on P2..P6).
-    mask_box_scale: the predicted mask covers a square of side mask_box_scale * s centred at the
-      cell centre (1.75: DeepMask's 128-px object in a 224-px patch; our choice, the paper is
-      silent).
-    center_tolerance: a window is positive for an object (assigned to its level and head) when
-      its cell centre is within center_tolerance * s of the object box's centre on both axes
-      (0.22: DeepMask's +-16 px at 224).
+      per size, each shared by P2..P6 (paper: [5, 7], the dual MLP).
+    object_sizes: per head (same order as window_sizes), the object scale (longer side, input
+      px) it handles on P2, doubling per level (paper: 32 -> {32, 64, 128, 256, 512} on P2..P6
+      for the 5x5; 32√2 for the 7x7, "a 128√2 scale mask is predicted by the 7x7 MLP on P4").
+      An object goes to the (head, level) whose scale is nearest its longer side in log space
+      (paper); objects outside the range are clamped to the end groups (ours).
+    mask_box_scale: the predicted mask covers a square of side mask_box_scale x the group's
+      object scale, centred at the cell centre (paper: 25 % padding = 1.25, a 14x14 mask over
+      {40, 80, 160, 320, 640} px for the 5x5 MLP, √2 larger for the 7x7).
+    center_tolerance, center_tolerance_unit: a window is positive for an object of its group
+      when its cell centre is within center_tolerance units of the object box's centre on both
+      axes, inclusive; unit "cells" = the level's stride 2^k, "object_size" = the group's object
+      scale (paper: 1 cell, "within 2^k pixels ... ±1 cell offset"; our earlier choice was 0.22
+      object_size, DeepMask's +-16 px at 224).
     crowd_ioa_threshold: a would-be negative window whose mask box lies more than this much
-      (intersection over mask-box area) inside a crowd box is ignored.
+      (intersection over mask-box area) inside a crowd box is ignored (ours: the RPN's rule).
     batch_size_per_image, positive_fraction: windows sampled per image for the losses, at most
-      that fraction positive (as the RPN).
-    pre_nms_top_k: windows kept per (level, head) by objectness before the NMS.
-    post_nms_top_k: proposals per image (K).
-    nms_iou: NMS IoU threshold on the mask boxes; >= 1 turns NMS off (DeepMask/SharpMask do
-      none).
-    objectness_loss_weight, mask_loss_weight: the weights of the two losses.
+      that fraction positive, negatives filling the rest (paper: 128 per image, positive :
+      negative = 1 : 3, i.e. 0.25; the fill when positives are short is ours).
+    pre_nms_top_k: with NMS only, windows kept per (level, head) by score before it (ours).
+    post_nms_top_k: proposals per image, K (paper: masks at the 1000 highest-scoring locations).
+    nms_iou: NMS IoU threshold on the mask boxes; 1 turns NMS off (nothing overlaps more than
+      IoU 1) and K is then the top K windows by score of all levels and heads (paper: "We do not
+      perform any non-maximum suppression or post-processing").
+    objectness_loss_weight, mask_loss_weight: the weights of the score and mask losses (paper:
+      the mask loss 10x the score loss: 1 and 10).
     """
 
-    hidden_dims: int = field(128, positive)
+    hidden_dims: int = field(512, positive)
     mask_size: int = field(14, positive)
     window_sizes: List[int] = field([5, 7], non_empty, unique, each(positive))
-    mask_box_scale: float = field(1.75, positive)
-    center_tolerance: float = field(0.22, positive)
+    object_sizes: List[float] = field([32.0, 45.254834], non_empty, each(positive))
+    mask_box_scale: float = field(1.25, positive)
+    center_tolerance: float = field(1.0, positive)
+    center_tolerance_unit: Literal["cells", "object_size"] = "cells"
     crowd_ioa_threshold: float = field(0.7, unit_interval)
-    batch_size_per_image: int = field(256, positive)
-    positive_fraction: float = field(0.5, in_range(0, 1, "(]"))
+    batch_size_per_image: int = field(128, positive)
+    positive_fraction: float = field(0.25, in_range(0, 1, "(]"))
     pre_nms_top_k: int = field(1000, positive)
     post_nms_top_k: int = field(1000, positive)
-    nms_iou: float = field(0.8, positive)
+    nms_iou: float = field(1.0, in_range(0, 1, "(]"))
     objectness_loss_weight: float = field(1.0, non_negative)
-    mask_loss_weight: float = field(1.0, non_negative)
+    mask_loss_weight: float = field(10.0, non_negative)
+
+    def _check_values(self, p):
+        _require(
+            len(self.object_sizes) == len(self.window_sizes),
+            p + "object_sizes",
+            f"needs one object size per window size ({len(self.window_sizes)}: "
+            f"{self.window_sizes}), got {len(self.object_sizes)}: {self.object_sizes}.",
+        )
 
 
 @dataclasses.dataclass

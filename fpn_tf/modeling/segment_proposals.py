@@ -1,22 +1,25 @@
-"""Segment proposals on the feature pyramid (paper §6, Table 6): DeepMask-style mask proposals.
+"""Segment proposals on the feature pyramid (paper §6, Table 6; Appendix A): mask proposals.
 
-"We use a fully convolutional setup for both training and inference. [...] we apply a small 5x5
-MLP on each pyramid level to predict 14x14 masks and object scores in a fully convolutional
-fashion [...] d = 128 [...] and a second MLP of input size 7x7 [for] half octaves." The MLPs'
-weights are shared by P2..P6 (like the RPN head). The window geometry, the targets and the choices
-where the paper's text is brief are documented in `fpn_tf.ops.segment_windows`; in short a window
-of size w on level l at a cell has the canonical object size s = w * 2**l and predicts its mask
-over a square "mask box" of side 1.75 s centred at the cell centre.
+The FPN paper's Appendix A ("Implementation of Segmentation Proposals", arXiv 1612.03144v2)
+specifies the model, DeepMask trained fully convolutionally on a feature pyramid: the pyramid
+P2..P6 with d = 128 channels; on every level "a 5x5 kernel with 512 outputs, followed by sibling
+fully connected layers to predict a 14x14 mask (14² outputs) and object score (1 output)",
+implemented with 1x1 convolutions; a second, identical MLP with a 7x7 input for the half
+octaves. Each MLP's weights are shared by P2..P6 (like the RPN head). The window geometry and
+the targets (object scales, 25 % padding, ±1-cell positives, 1 : 3 sampling) are in
+`fpn_tf.ops.segment_windows`; the config (`SegmentProposalConfig`) marks each number "paper" or
+"ours".
 
     image -> fpn -> {P2..P6} -> SegmentProposalHead (mlp_5x5, mlp_7x7)
-          -> training: window labels, 256 sampled per image, objectness + mask losses
-          -> inference: top windows by objectness, NMS on the mask boxes, 14x14 masks
+          -> training: window labels, 128 sampled per image (1 : 3), score + 10 x mask loss
+          -> inference: the 1000 highest-scoring windows, no NMS (paper), their 14x14 masks
 
-Each MLP is a w x w conv to d = 128 + ReLU (the MLP's hidden layer over the w x w window), then
-two 1x1 convs: mask_size² mask logits and 1 objectness logit. The objectness conv runs densely on
-every level; the mask conv (a 1x1 conv, i.e. a per-window matrix product) runs only on the
-windows that need a mask: the sampled positives in training, the K proposals at inference, which
-saves the [B, H, W, 196] maps of every level (equal values: it is the same 1x1 conv).
+Each MLP is a w x w conv to ``hidden_dims`` (paper: 512) + ReLU (the MLP's hidden layer over the
+w x w window; the ReLU is ours, the appendix names no non-linearity), then two 1x1 convs:
+mask_size² mask logits and 1 score logit. The score conv runs densely on every level; the mask
+conv (a 1x1 conv, i.e. a per-window matrix product) runs only on the windows that need a mask:
+the sampled positives in training, the K proposals at inference, which saves the [B, H, W, 196]
+maps of every level (equal values: it is the same 1x1 conv).
 
 Also here: `mask_rcnn_segment_proposals`, Mask R-CNN's masks on the RPN's proposals in the same
 output format (the comparison row of the benchmark). `fpn_tf.modeling.factory.build_model` builds
@@ -44,9 +47,10 @@ LEVELS = ("P2", "P3", "P4", "P5", "P6")
 class SegmentMLP(keras.layers.Layer):
     """One MLP of window ``window_size``, applied on every level with the same weights.
 
-    ``hidden``: a ``window_size`` x ``window_size`` conv (same padding) to ``hidden_dims`` + ReLU;
-    ``mask``: 1x1 conv to ``mask_size**2`` logits; ``objectness``: 1x1 conv to 1 logit. Weights
-    N(0, 0.01), zero biases (the RPN head's initialisation; the paper does not say).
+    ``hidden``: a ``window_size`` x ``window_size`` conv (same padding) to ``hidden_dims`` + ReLU
+    (paper: 512 outputs); ``mask``: 1x1 conv to ``mask_size**2`` logits; ``objectness``: 1x1 conv
+    to 1 logit (the paper's sibling fully connected layers as 1x1 convs). Weights N(0, 0.01), zero
+    biases (the RPN head's initialisation; the paper does not say).
 
     Call: ``{level: [B, H, W, C]}`` -> ``(hidden {level: [B, H, W, d]}, objectness {level:
     [B, H, W, 1]})``; `masks` maps gathered hidden vectors [B, K, d] to logits [B, K, M, M].
@@ -116,10 +120,12 @@ class SegmentProposalHead(keras.layers.Layer):
     proposals) and ``{"segment_objectness_loss", "segment_mask_loss"}`` (empty without
     labels). ``window_sizes`` restricts inference to some heads (e.g. ``[5]``: "5x5 only").
 
-    Losses: objectness = sigmoid cross-entropy summed over the sampled windows / (B x
-    batch_size_per_image) (the RPN's normaliser); mask = per-pixel sigmoid cross-entropy, the
-    mean over the M x M pixels of every sampled positive window of the batch (0 without one),
-    targets `mask_ops.mask_targets` of the matched object over the window's mask box.
+    Losses: objectness (the score) = sigmoid cross-entropy summed over the sampled windows / (B
+    x batch_size_per_image) (the RPN's normaliser; ours); mask = per-pixel sigmoid
+    cross-entropy, the mean over the M x M pixels of every sampled positive window of the batch
+    (0 without one; ours), targets `mask_ops.mask_targets` of the matched object over the
+    window's mask box. Sampled negatives train the score only (paper). Each is multiplied by its
+    weight: objectness_loss_weight, mask_loss_weight (paper: the mask loss 10x the score loss).
     """
 
     def __init__(
@@ -128,8 +134,10 @@ class SegmentProposalHead(keras.layers.Layer):
         hidden_dims: int,
         mask_size: int,
         window_sizes: Sequence[int],
+        object_sizes: Sequence[float],
         mask_box_scale: float,
         center_tolerance: float,
+        center_tolerance_unit: str,
         crowd_ioa_threshold: float,
         batch_size_per_image: int,
         positive_fraction: float,
@@ -146,8 +154,15 @@ class SegmentProposalHead(keras.layers.Layer):
         self.window_sizes = tuple(int(w) for w in window_sizes)
         if not self.window_sizes or len(set(self.window_sizes)) != len(self.window_sizes):
             raise ValueError(f"window_sizes must be distinct and non-empty, got {window_sizes}")
+        self.object_sizes = tuple(float(s) for s in object_sizes)
+        if len(self.object_sizes) != len(self.window_sizes):
+            raise ValueError(
+                f"one object size per window size: got object_sizes {list(object_sizes)} for "
+                f"window_sizes {list(window_sizes)}"
+            )
         self.mask_box_scale = float(mask_box_scale)
         self.center_tolerance = float(center_tolerance)
+        self.center_tolerance_unit = str(center_tolerance_unit)
         self.crowd_ioa_threshold = float(crowd_ioa_threshold)
         self.batch_size_per_image = int(batch_size_per_image)
         self.positive_fraction = float(positive_fraction)
@@ -189,7 +204,9 @@ class SegmentProposalHead(keras.layers.Layer):
             else:
                 dyn = tf.shape(features[level])
                 sizes[level] = (dyn[1], dyn[2])
-        return window_geometry(sizes, window_sizes or self.window_sizes, self.mask_box_scale)
+        window_sizes = window_sizes or self.window_sizes
+        object_sizes = [self.object_sizes[self._head_index(w)] for w in window_sizes]
+        return window_geometry(sizes, window_sizes, self.mask_box_scale, object_sizes)
 
     def head_outputs(self, features, window_sizes=None):
         """``(objectness logits float32 [B, R], hidden [B, R, d])`` in window order."""
@@ -224,6 +241,7 @@ class SegmentProposalHead(keras.layers.Layer):
             labels.get("gt_is_crowd"),
             image_valid_hw,
             center_tolerance=self.center_tolerance,
+            center_tolerance_unit=self.center_tolerance_unit,
             crowd_ioa_threshold=self.crowd_ioa_threshold,
             num_samples=self.batch_size_per_image,
             positive_fraction=self.positive_fraction,
@@ -260,43 +278,50 @@ class SegmentProposalHead(keras.layers.Layer):
         }
 
     def proposals(self, logits, hidden, windows, image_valid_hw, window_sizes=None):
-        """The K = post_nms_top_k best windows (static shape; see the class doc)."""
+        """The K = post_nms_top_k best windows (static shape; see the class doc).
+
+        nms_iou >= 1 (paper): no NMS, the K highest-scoring windows of all levels and heads
+        (windows centred in the padding excluded). nms_iou < 1 (ours, an ablation): the top
+        pre_nms_top_k windows of each (head, level) group, then NMS on their mask boxes."""
         logits, hidden = tf.stop_gradient(logits), tf.stop_gradient(hidden)
-        batch = tf.shape(logits)[0]
         hw = tf.cast(image_valid_hw, tf.float32)[:, None, :]
         inside = tf.reduce_all(windows.centers[None] < hw, axis=-1)  # [B, R]
         ranked = tf.where(inside, logits, postprocess.NEG_INF)
-        # Per group top pre_nms_top_k (groups are contiguous in window order).
-        candidates, start = [], 0
-        for n in windows.group_sizes:
-            if not isinstance(n, int):
-                raise ValueError("segment proposals need static feature-map sizes")
-            k = min(self.pre_nms_top_k, n)
-            _, i = tf.math.top_k(ranked[:, start : start + n], k=k)
-            candidates.append(i + start)
-            start += n
-        cand = tf.concat(candidates, 1)  # [B, C] window indices
-        cand_scores = tf.gather(ranked, cand, batch_dims=1)
-        cand_boxes = tf.gather(windows.mask_boxes, cand)
-        cand_valid = tf.math.is_finite(cand_scores)
         k = self.post_nms_top_k
-        if self.nms_iou < 1.0:
-            sel, keep = postprocess.batched_nms(
-                cand_boxes, cand_scores, k, self.nms_iou, valid=cand_valid, impl="per_image"
-            )
-        else:  # no NMS: the top k by objectness
-            kk = min(k, int(cand.shape[1]))
-            top, sel = tf.math.top_k(cand_scores, k=kk)
+        if self.nms_iou >= 1.0:  # no NMS: the top k by score over all windows
+            num_windows = sum(windows.group_sizes)
+            if not isinstance(num_windows, int):
+                raise ValueError("segment proposals need static feature-map sizes")
+            kk = min(k, num_windows)
+            top, index = tf.math.top_k(ranked, k=kk)
             keep = tf.math.is_finite(top)
-            sel = tf.pad(sel, [[0, 0], [0, k - kk]])
+            index = tf.where(keep, index, 0)
+            index = tf.pad(index, [[0, 0], [0, k - kk]])
             keep = tf.pad(keep, [[0, 0], [0, k - kk]])
-            sel = tf.where(keep, sel, 0)
-        index = tf.gather(cand, sel, batch_dims=1)  # [B, K] window indices
+        else:
+            # Per group top pre_nms_top_k (groups are contiguous in window order), then NMS.
+            candidates, start = [], 0
+            for n in windows.group_sizes:
+                if not isinstance(n, int):
+                    raise ValueError("segment proposals need static feature-map sizes")
+                _, i = tf.math.top_k(ranked[:, start : start + n], k=min(self.pre_nms_top_k, n))
+                candidates.append(i + start)
+                start += n
+            cand = tf.concat(candidates, 1)  # [B, C] window indices
+            cand_scores = tf.gather(ranked, cand, batch_dims=1)
+            sel, keep = postprocess.batched_nms(
+                tf.gather(windows.mask_boxes, cand),
+                cand_scores,
+                k,
+                self.nms_iou,
+                valid=tf.math.is_finite(cand_scores),
+                impl="per_image",
+            )
+            index = tf.gather(cand, sel, batch_dims=1)  # [B, K] window indices
         scores = tf.where(keep, tf.sigmoid(tf.gather(ranked, index, batch_dims=1)), 0.0)
         boxes = tf.where(keep[..., None], tf.gather(windows.mask_boxes, index), 0.0)
         masks = tf.sigmoid(self.mask_logits(hidden, index, windows, window_sizes))
         masks = tf.where(keep[..., None, None], masks, 0.0)
-        del batch
         return {"boxes": boxes, "scores": scores, "masks": masks, "valid": keep}
 
     def call(self, features, image_valid_hw, labels=None, training=None, window_sizes=None):
@@ -324,8 +349,10 @@ class SegmentProposalHead(keras.layers.Layer):
             hidden_dims=self.hidden_dims,
             mask_size=self.mask_size,
             window_sizes=list(self.window_sizes),
+            object_sizes=list(self.object_sizes),
             mask_box_scale=self.mask_box_scale,
             center_tolerance=self.center_tolerance,
+            center_tolerance_unit=self.center_tolerance_unit,
             crowd_ioa_threshold=self.crowd_ioa_threshold,
             batch_size_per_image=self.batch_size_per_image,
             positive_fraction=self.positive_fraction,

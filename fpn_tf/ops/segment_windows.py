@@ -1,29 +1,34 @@
-"""Segment-proposal windows on the pyramid (paper §6): their geometry and training targets.
+"""Segment-proposal windows on the pyramid (paper §6, Appendix A): their geometry and targets.
 
-Pure TensorFlow, batched over images, no loops over images. The paper says only that "a small
-5x5 MLP [is] applied on each pyramid level to predict 14x14 masks and object scores in a fully
-convolutional fashion", plus a 7x7 MLP for the half octaves, trained "following DeepMask". The
-geometry below is our choice where the paper's text is brief (it follows DeepMask's numbers):
+Pure TensorFlow, batched over images, no loops over images. The numbers are the FPN paper's
+Appendix A ("Implementation of Segmentation Proposals", arXiv 1612.03144v2); the config
+(`fpn_tf.configs.experiment.SegmentProposalConfig`) marks each field "paper" or "ours".
 
-* A window of size ``w`` (the MLP's input, 5 or 7 cells) on level ``l`` (stride ``2**l``) at cell
-  ``(i, j)`` has the canonical object size ``s = w * 2**l`` (P2..P6: 20..320 px for 5x5, 28..448
-  for 7x7: the two heads interleave in half octaves) and its centre at
-  ``((i + 0.5) * 2**l, (j + 0.5) * 2**l)``.
-* Its mask is predicted over the square *mask box* of side ``mask_box_scale * s`` (1.75:
-  DeepMask's 128-px object in a 224-px input patch) centred at the window's centre.
-* Each non-crowd object goes to the one (level, head) *scale group* whose ``s`` is nearest its
-  longer side in log scale. Objects outside the range (longer side < 20 or > 448 px with both
-  heads) are *clamped* to the smallest / largest group rather than dropped: they then still
-  train the objectness of the windows that are their best match (an 8-px object is best found
-  by the 20-px windows), which is what recall needs; their mask targets are small (or cropped)
-  but correct in the mask box's frame.
-* The windows of that group whose centre is within ``center_tolerance * s`` (0.22: DeepMask's
-  +-16 px at 224) of the object box's centre on *both* axes (inclusive) are positives for it; a
-  window claimed by several objects goes to the one whose centre is nearest (Euclidean; ties to
-  the lower gt row). Every other window is negative, except that a would-be negative whose mask
-  box lies more than ``crowd_ioa_threshold`` inside a crowd box (intersection over mask-box
-  area, the RPN's rule) is ignored, and windows whose centre lies outside the image's valid
-  (unpadded) region are ignored (they never become proposals either).
+* Scale groups. A head (MLP) of window ``w`` handles, on level ``P_l`` (stride ``2**l``), objects
+  of scale ``s = object_size * 2**(l - 2)``, the scale of an object being the longer side of its
+  box. Paper: the 5x5 MLP takes {32, 64, 128, 256, 512} px on P2..P6 (``object_size`` 32) and
+  the 7x7 MLP the half octaves, 32√2 .. 512√2 (``object_size`` 32√2: "a 128√2 scale mask is
+  predicted by the 7x7 MLP on P4"). One (head, level) pair is a *scale group*.
+* A window at cell ``(i, j)`` of ``P_l`` has its centre at ``((i + 0.5) * 2**l, (j + 0.5) *
+  2**l)`` (ours: the cell centre) and predicts its ``mask_size`` x ``mask_size`` mask over the
+  square *mask box* of side ``mask_box_scale * s`` centred there. Paper: 25 % padding, i.e.
+  1.25 s: {40, 80, 160, 320, 640} px for the 5x5 MLP, √2 larger for the 7x7.
+* Each non-crowd object goes to the scale group whose ``s`` is nearest its longer side in log
+  space (paper). Objects outside the range (< 32 or > 512√2 px with both heads) are *clamped*
+  to the smallest / largest group rather than dropped (ours: the appendix does not say): they
+  still train the score of the windows that are their best match.
+* The windows of that group whose centre lies within the tolerance of the object box's centre
+  on *both* axes (inclusive) are its positives. Paper: within ``2**l`` px, i.e. ±1 cell
+  (``center_tolerance`` 1, ``center_tolerance_unit`` "cells"); our earlier choice, DeepMask's
+  ±16 px at 224, is ``center_tolerance`` 0.22 of ``s`` (unit "object_size"). A window claimed
+  by several objects goes to the one whose centre is nearest (Euclidean; ties to the lower gt
+  row; ours). Every other window is negative (paper: negatives train the score only), except
+  that a would-be negative whose mask box lies more than ``crowd_ioa_threshold`` inside a crowd
+  box is ignored (ours, the RPN's rule), and windows centred outside the image's valid
+  (unpadded) region are ignored (ours; they never become proposals either).
+* Sampling: ``num_samples`` windows per image, at most ``num_samples * positive_fraction``
+  positive (paper: 128 per image, positives : negatives = 1 : 3); with fewer positives the
+  negatives fill the budget (ours: the appendix does not say).
 
 Window order everywhere (geometry, head outputs, targets): scale group by group, a group being
 one (head, level) pair in the order heads (as given) then levels, cells row-major inside a group.
@@ -41,17 +46,25 @@ import tensorflow as tf
 from fpn_tf.ops import box_ops, target_assigner
 from fpn_tf.ops.anchors import level_number, level_stride
 
-__all__ = ["Windows", "window_geometry", "assign_segment_targets", "SegmentTargets"]
+__all__ = [
+    "Windows",
+    "window_geometry",
+    "assign_segment_targets",
+    "SegmentTargets",
+    "scale_group_of",
+]
 
 Windows = collections.namedtuple(
-    "Windows", ["centers", "mask_boxes", "canonical_sizes", "group_ids", "group_sizes", "groups"]
+    "Windows",
+    ["centers", "mask_boxes", "canonical_sizes", "strides", "group_ids", "group_sizes", "groups"],
 )
 Windows.__doc__ = """All windows of all scale groups, R in total, in the module's order.
 
 centers: float32 [R, 2] (y, x) pixels; mask_boxes: float32 [R, 4] yxyx pixels (not clipped: a
-  mask is relative to its whole box); canonical_sizes: float32 [R] (s); group_ids: int32 [R],
-  index into ``groups``; group_sizes: the number of windows of each group (Python ints when the
-  maps' sizes are static); groups: tuple of (window_size, level name, s) per group.
+  mask is relative to its whole box); canonical_sizes: float32 [R] (s, the object scale of the
+  window's group); strides: float32 [R] (2**l, one cell of the window's level); group_ids: int32
+  [R], index into ``groups``; group_sizes: the number of windows of each group (Python ints when
+  the maps' sizes are static); groups: tuple of (window_size, level name, s) per group.
 """
 
 SegmentTargets = collections.namedtuple("SegmentTargets", ["labels", "matched_gt_indices"])
@@ -59,11 +72,19 @@ SegmentTargets.__doc__ = """labels: int32 [B, R]: 1 sampled positive, 0 sampled 
 sampled / ignored. matched_gt_indices: int32 [B, R]: the gt row of every positive window
 (sampled or not), -1 elsewhere."""
 
+CENTER_TOLERANCE_UNITS = ("cells", "object_size")
+
+
+def group_object_size(object_size: float, level) -> float:
+    """The object scale s of a head whose scale on P2 is ``object_size``, on ``level``."""
+    return float(object_size) * 2.0 ** (level_number(level) - 2)
+
 
 def window_geometry(
     map_sizes,
     window_sizes: Sequence[int],
     mask_box_scale: float,
+    object_sizes: Sequence[float],
 ) -> Windows:
     """The windows of every (head, level) group.
 
@@ -71,21 +92,27 @@ def window_geometry(
       map_sizes: ``{level: (height, width)}`` of each pyramid level's feature map (Python ints:
         the geometry is a NumPy constant; or int tensors).
       window_sizes: the heads' window sizes (e.g. (5, 7)).
-      mask_box_scale: mask-box side over s.
+      mask_box_scale: mask-box side over s (paper: 1.25).
+      object_sizes: each head's object scale on P2, doubling per level (paper: 32, 32√2).
     """
+    if len(object_sizes) != len(window_sizes):
+        raise ValueError(
+            f"one object size per window size: got object_sizes {list(object_sizes)} for "
+            f"window_sizes {list(window_sizes)}"
+        )
     levels = sorted(map_sizes, key=level_number)
-    centers, boxes, sizes, ids, counts, groups = [], [], [], [], [], []
+    centers, boxes, sizes, strides, ids, counts, groups = [], [], [], [], [], [], []
     static = all(isinstance(v, int) for hw in map_sizes.values() for v in hw)
-    xp = np if static else tf
-    for w in window_sizes:
+    for w, object_size in zip(window_sizes, object_sizes):
         for level in levels:
             stride = float(level_stride(level))
-            s = float(w) * stride
+            s = group_object_size(object_size, level)
             h, wd = map_sizes[level]
             if static:
                 yy, xx = np.meshgrid(np.arange(h), np.arange(wd), indexing="ij")
                 c = (np.stack([yy.ravel(), xx.ravel()], -1).astype(np.float32) + 0.5) * stride
                 n = int(h) * int(wd)
+                ones = np.ones([n], np.float32)
             else:
                 yy, xx = tf.meshgrid(tf.range(h), tf.range(wd), indexing="ij")
                 c = (
@@ -93,14 +120,16 @@ def window_geometry(
                     + 0.5
                 ) * stride
                 n = tf.shape(c)[0]
+                ones = tf.ones([n], tf.float32)
             half = 0.5 * mask_box_scale * s
             centers.append(c)
             boxes.append(
-                xp.concat([c - half, c + half], -1)
-                if not static
-                else np.concatenate([c - half, c + half], -1)
+                np.concatenate([c - half, c + half], -1)
+                if static
+                else tf.concat([c - half, c + half], -1)
             )
-            sizes.append(s * (np.ones([n], np.float32) if static else tf.ones([n], tf.float32)))
+            sizes.append(s * ones)
+            strides.append(stride * ones)
             ids.append(len(groups) * (np.ones([n], np.int32) if static else tf.ones([n], tf.int32)))
             counts.append(n)
             groups.append((int(w), level, s))
@@ -110,6 +139,7 @@ def window_geometry(
         as_tf(cat(centers)),
         as_tf(cat(boxes)),
         as_tf(cat(sizes)),
+        as_tf(cat(strides)),
         as_tf(cat(ids)),
         tuple(counts),
         tuple(groups),
@@ -124,6 +154,7 @@ def assign_segment_targets(
     image_valid_hw=None,
     *,
     center_tolerance: float,
+    center_tolerance_unit: str = "cells",
     crowd_ioa_threshold: float,
     num_samples: int,
     positive_fraction: float,
@@ -134,6 +165,9 @@ def assign_segment_targets(
 
     Args:
       windows: `window_geometry`'s output (R windows).
+      center_tolerance, center_tolerance_unit: a window is a candidate positive of an object
+        of its group when their centres differ by at most center_tolerance cells (unit
+        "cells", paper: 1) or center_tolerance * s (unit "object_size") on both axes.
       gt_boxes: float [B, N, 4]; gt_classes: int [B, N] (<= 0 = padding); gt_is_crowd: bool
         [B, N] or None; image_valid_hw: float [B, 2] or None (all valid).
       seed: None (stateful RNG) or an int tensor [2] (stateless).
@@ -147,7 +181,7 @@ def assign_segment_targets(
     objects = tf.logical_and(real, tf.logical_not(gt_is_crowd))  # [B, N]
     crowd = tf.logical_and(real, gt_is_crowd)
 
-    # The scale group of each object: nearest canonical size in log scale, clamped to the range.
+    # The scale group of each object: nearest object scale in log space, clamped to the range.
     group_sizes = tf.constant([g[2] for g in windows.groups], tf.float32)  # [S]
     extent = gt_boxes[..., 2:] - gt_boxes[..., :2]
     longer = tf.maximum(tf.reduce_max(extent, -1), 1e-3)  # [B, N]
@@ -157,7 +191,13 @@ def assign_segment_targets(
 
     # [B, R, N]: window r is a candidate positive of object n.
     diff = tf.abs(windows.centers[None, :, None, :] - gt_center[:, None, :, :])  # [B, R, N, 2]
-    tol = center_tolerance * windows.canonical_sizes[None, :, None, None]
+    if center_tolerance_unit not in CENTER_TOLERANCE_UNITS:
+        raise ValueError(
+            f"center_tolerance_unit must be one of {CENTER_TOLERANCE_UNITS}, "
+            f"got {center_tolerance_unit!r}"
+        )
+    unit = windows.strides if center_tolerance_unit == "cells" else windows.canonical_sizes
+    tol = center_tolerance * unit[None, :, None, None]
     close = tf.reduce_all(diff <= tol, axis=-1)
     same_group = tf.equal(windows.group_ids[None, :, None], gt_group[:, None, :])
     claim = close & same_group & objects[:, None, :]
