@@ -205,12 +205,9 @@ class _Evaluator:
         last ``evaluate`` left out of each metric (``groundtruth`` module doc)."""
         return {k: dict(v) for k, v in self._left_out.items()}
 
-    def _report_left_out(self, metric: str, masks: bool, image_ids) -> Dict[str, int]:
-        """Logs and records what ``metric`` leaves out; its count for the metrics dict."""
+    def _report_left_out(self, metric: str, masks: bool, image_ids) -> None:
+        """Logs (one line, when any) and records what ``metric`` leaves out."""
         self._left_out[metric] = self._gt.report(metric, masks, image_ids)
-        return {
-            f"num_gt_left_out_of_{metric}": sum(len(v) for v in self._left_out[metric].values())
-        }
 
     def image_ids(self) -> List[int]:
         """The images fed so far: the ones evaluated."""
@@ -234,7 +231,7 @@ class COCOEvaluator(_Evaluator):
         ``groundtruth.GroundTruth``) for the ground truth.
       per_category_metrics: also report "AP/<category name>" (and "mask_AP/<name>").
       on_bad_data: "skip" leaves unusable ground truth out (counted, logged, in
-        ``num_gt_left_out_of_AP`` / ``num_gt_left_out_of_mask_AP`` and :meth:`left_out`);
+        :meth:`left_out`);
         "error" raises a one-line DataError (the ``groundtruth`` module says what is checked).
 
     Mask AP is computed when every detection fed had a mask (``detection_masks``). It scores the
@@ -364,9 +361,8 @@ class COCOEvaluator(_Evaluator):
     def evaluate(self) -> Dict[str, float]:
         """Runs COCOeval on the images fed so far (``params.imgIds``): bbox, and segm when every
         image had masks, on the checked ground truth. Zero detections give AP 0 (metrics with no
-        ground truth in an area range are -1, as in pycocotools). Also gives
-        ``num_gt_left_out_of_AP`` (and ``num_gt_left_out_of_mask_AP``): the scored images'
-        ground-truth annotations each leaves out (ids: :meth:`left_out`)."""
+        ground truth in an area range are -1, as in pycocotools). What each leaves out of the
+        scored images' ground truth is logged and in :meth:`left_out`."""
         image_ids = self.image_ids()
         iou_types = ["bbox"] + (["segm"] if self.has_masks else [])
         metrics: Dict[str, float] = {}
@@ -405,7 +401,7 @@ class COCOEvaluator(_Evaluator):
                     value = float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
                     name = self._gt.categories.get(cat_id, cat_id)
                     per_category[f"{prefix}AP/{name}"] = value
-            metrics.update(self._report_left_out(prefix + "AP", iou_type == "segm", image_ids))
+            self._report_left_out(prefix + "AP", iou_type == "segm", image_ids)
         metrics.update(per_category)
         return metrics
 
@@ -532,7 +528,7 @@ class ProposalRecallEvaluator(_Evaluator):
                 metrics[name] = float(np.mean(recalls))
         if image_ids:
             logging.info("Proposal recall on %d images: %s", len(image_ids), metrics)
-            metrics.update(self._report_left_out("AR", False, image_ids))
+            self._report_left_out("AR", False, image_ids)
         return metrics
 
 

@@ -398,7 +398,8 @@ def _box_region(bbox, h, w) -> Optional[dict]:
     x1, y1 = min(max(x + bw, 0.0), float(w)), min(max(y + bh, 0.0), float(h))
     if x1 <= x0 or y1 <= y0:
         return None
-    rle = mask_utils.frPyObjects([[x0, y0, x1 - x0, y1 - y0]], int(h), int(w))[0]
+    box = np.array([[x0, y0, x1 - x0, y1 - y0]], np.float64)
+    rle = mask_utils.frPyObjects(box, int(h), int(w))[0]
     if int(mask_utils.area(rle)) == 0:
         return None
     return rle

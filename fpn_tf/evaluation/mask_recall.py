@@ -57,7 +57,7 @@ class MaskProposalRecallEvaluator(_Evaluator):
       annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict, or a checked
         ``groundtruth.GroundTruth``) whose annotations carry ``segmentation`` (polygons or RLE)
         and ``area``; annotations whose mask fails the check are left out (ignore regions, as
-        crowds are), counted in ``num_gt_left_out_of_mask_AR``.
+        crowds are), logged and counted in :meth:`left_out`.
       on_bad_data: "skip" or "error" (a one-line DataError), as in ``COCOEvaluator``.
       limits: the numbers of proposals (COCOeval's maxDets), best first by score.
       chunk: masks pasted at a time (memory: chunk x H x W floats).
@@ -207,7 +207,7 @@ class MaskProposalRecallEvaluator(_Evaluator):
                 r = recall[:, 0, a, m]
                 metrics[f"mask_AR{size}@{limit}"] = float(np.mean(r)) if np.all(r > -1) else -1.0
         logging.info("Mask proposal recall on %d images: %s", len(image_ids), metrics)
-        metrics.update(self._report_left_out("mask_AR", True, image_ids))
+        self._report_left_out("mask_AR", True, image_ids)
         return metrics
 
     def metric_names(self) -> List[str]:

@@ -17,8 +17,8 @@ the mask check training runs; ``eval_data.on_bad_data`` decides skip or error): 
 whose mask fails is left out of the mask metrics only (box AP keeps it; in the mask metrics its
 box is an ignore region, like a crowd), one whose box is unusable is left out of all of them.
 The metrics say how many of the scored images' annotations each metric left out
-(``num_gt_left_out_of_AP``, ``num_gt_left_out_of_mask_AP``, ``..._AR``, ``..._mask_AR``) and
-``gt_left_out`` gives their ids: ``{metric: {reason: [annotation ids]}}``.
+(``num_gt_left_out_of_AP``, ``num_gt_left_out_of_mask_AP``, ``..._AR``, ``..._mask_AR``) and,
+when any was, ``gt_left_out`` gives their ids: ``{metric: {reason: [annotation ids]}}``.
 
 ``evaluate_detector`` is the one writer of ``metrics.json`` (and ``detections.json``).
 """
@@ -156,8 +156,12 @@ def evaluate_detector(
     left_out = {}
     for evaluator in evaluators:
         metrics.update(evaluator.evaluate())
-        left_out.update(evaluator.left_out())
-    metrics["gt_left_out"] = left_out
+        for metric, by_reason in evaluator.left_out().items():
+            metrics[f"num_gt_left_out_of_{metric}"] = sum(len(ids) for ids in by_reason.values())
+            if by_reason:
+                left_out[metric] = by_reason
+    if left_out:  # the one non-number entry, there only when something was left out
+        metrics["gt_left_out"] = left_out
     metrics["num_images"] = len(seen)
     metrics["num_skipped_images"] = len(skipped)
     metrics["eval_seconds"] = round(time.time() - start, 2)
