@@ -474,8 +474,8 @@ class _Problems:
             )
         if self.images_without_masks:
             logging.warning(
-                "%s: %d image(s) lost every annotation to the mask checks and train as "
-                "background images (no objects): %s",
+                "%s: %d image(s) lost every annotation to the mask checks: they are kept without "
+                "objects (background images in training): %s",
                 self.file,
                 len(self.images_without_masks),
                 _listed(self.images_without_masks, "image"),
