@@ -432,3 +432,24 @@ def test_a_failing_periodic_evaluation_is_one_log_line_and_training_goes_on(capl
 
     with pytest.raises(DataError):  # on_bad_data=error: the run stops (one line, by the CLI)
         PeriodicEvaluation(bad_data, 1, 10, stop_on=(DataError,)).on_step(1, {})
+
+
+# --- random and adversarial segmentations -----------------------------------------------------
+
+
+def test_random_segmentations_never_crash_hang_or_raise_in_the_check_or_mask_ap():
+    """tests/scripts/fuzz_segmentations.py (hypothesis, derandomized: the same examples every
+    run) in a process of its own: a traceback, a signal (segfault) or a hang fails here."""
+    result = subprocess.run(
+        [sys.executable, "tests/scripts/fuzz_segmentations.py", "--examples=300"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    assert result.returncode == 0, (result.returncode, result.stdout[-3000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    counts = dict(item.split("=") for item in result.stdout.split())
+    assert int(counts["evaluated"]) == 75
+    assert int(counts["accepted"]) > 30  # the valid forms are exercised too, not only the bad
+    assert {"bad_polygon", "bad_rle", "empty_mask", "mask_size_mismatch"} <= set(counts)
