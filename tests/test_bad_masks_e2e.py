@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 H, W = 64, 96
 TIMEOUT_S = 600  # the run takes well under a minute of CPU; the machine may be shared
+# TensorFlow maps ~5 GiB of address space; a regression that makes pycocotools allocate
+# gigabytes then fails in the child instead of exhausting a shared machine.
+MEMORY_LIMIT_BYTES = 8 * 2**30
 
 # Training annotation ids; the evaluation file holds the same annotations with ids + 200.
 CLASSES = {
@@ -118,6 +121,8 @@ def _overrides(train_json, eval_json, image_dir):
 
 
 def _run(module, *args):
+    from test_bad_masks import limit_memory
+
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.getcwd())
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -125,6 +130,7 @@ def _run(module, *args):
         text=True,
         timeout=TIMEOUT_S,
         env=env,
+        preexec_fn=limit_memory(MEMORY_LIMIT_BYTES),
     )
 
 

@@ -168,7 +168,7 @@ def check_segmentation(segmentation: Any, height: int, width: int) -> CheckedSeg
         if points > MAX_BOUNDARY_POINTS:
             return _bad(
                 "bad_polygon",
-                f"segmentation polygons are too long to rasterise ({points} boundary points at "
+                f"segmentation polygons are too long to rasterise ({points:.3g} boundary points at "
                 f"pycocotools' 5x resolution, more than {MAX_BOUNDARY_POINTS})",
             )
         rle = mask_utils.merge(mask_utils.frPyObjects([p.ravel().tolist() for p in polygons], h, w))
@@ -276,12 +276,15 @@ def _sutherland_hodgman(points: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
     return np.array(pts, np.float64).reshape(-1, 2)
 
 
-def _boundary_points(polygon: np.ndarray) -> int:
+def _boundary_points(polygon: np.ndarray) -> float:
     """How many boundary points pycocotools' ``rleFrPoly`` allocates for ``polygon`` (its
-    vertices x 5, rounded as it rounds; one point per step along each edge's longer axis)."""
-    scaled = np.trunc(5.0 * polygon + 0.5)
-    steps = np.abs(scaled - np.roll(scaled, -1, axis=0)).max(axis=1)
-    return int(steps.sum()) + len(polygon)
+    vertices x 5, rounded as it rounds; one point per step along each edge's longer axis); a
+    float, inf for coordinates no integer holds."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.trunc(5.0 * polygon + 0.5)
+        steps = np.abs(scaled - np.roll(scaled, -1, axis=0)).max(axis=1)
+        total = float(steps.sum()) + len(polygon)
+    return total if np.isfinite(total) else math.inf
 
 
 def _checked_rle(segmentation: dict, h: int, w: int):
