@@ -15,7 +15,9 @@ the batched ``update_state`` also takes boxes in model-input pixels together wit
 gaps). Results JSON uses COCO's ``[x, y, width, height]``.
 
 The ground truth is a COCO annotation file (or its loaded ``pycocotools.coco.COCO``; official
-areas and crowd regions). Only the images that were fed are evaluated (``params.imgIds``): an
+areas and crowd regions), checked before pycocotools sees it (:mod:`fpn_tf.evaluation.groundtruth`:
+an annotation whose mask fails the check training runs is left out of mask AP only, as an ignore
+region, and reported; :meth:`COCOEvaluator.left_out`). Only the images that were fed are evaluated (``params.imgIds``): an
 image the input pipeline dropped, or that ``eval.steps`` did not reach, does not count; every fed
 image counts, with or without detections. Writing files is the caller's
 (:func:`fpn_tf.evaluation.run.evaluate_detector`).
