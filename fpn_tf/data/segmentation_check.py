@@ -33,6 +33,7 @@ import math
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 __all__ = [
     "MASK_REASONS",
@@ -86,6 +87,16 @@ def _bad(reason: str, what: str) -> CheckedSegmentation:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _all_numbers(values) -> bool:
+    """Whether every item is a number (not a bool); Python floats and ints take the fast way."""
+    for v in values:
+        t = type(v)
+        if t is float or t is int or _is_number(v):
+            continue
+        return False
+    return True
 
 
 def _is_int(x: Any) -> bool:
@@ -145,8 +156,6 @@ def check_segmentation(segmentation: Any, height: int, width: int) -> CheckedSeg
     Returns the mask as ``COCO.annToRLE`` gives it (compressed counts; decoding it gives
     ``COCO.annToMask``), or the reason it is unusable. Never raises on any JSON value.
     """
-    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
-
     problem = check_image_size(height, width)
     if problem is not None:
         return _bad("bad_image_size", problem)
@@ -164,14 +173,20 @@ def check_segmentation(segmentation: Any, height: int, width: int) -> CheckedSeg
                 "empty_mask",
                 "segmentation has area 0 in the image (its polygons lie entirely outside it)",
             )
-        points = sum(_boundary_points(p) for p in polygons)
+        # Each edge is at most 5 x (1 + 2 m) x the longer side in steps: count exactly only
+        # when that bound could exceed the limit (polygons of thousands of vertices).
+        vertices = sum(len(p) // 2 for p in polygons)
+        bound = vertices * (5 * (1 + 2 * POLYGON_MARGIN) * max(h, w) + 2)
+        points = 0.0
+        if bound > MAX_BOUNDARY_POINTS:
+            points = sum(_boundary_points(p.reshape(-1, 2)) for p in polygons)
         if points > MAX_BOUNDARY_POINTS:
             return _bad(
                 "bad_polygon",
                 f"segmentation polygons are too long to rasterise ({points:.3g} boundary points at "
                 f"pycocotools' 5x resolution, more than {MAX_BOUNDARY_POINTS})",
             )
-        rle = mask_utils.merge(mask_utils.frPyObjects([p.ravel().tolist() for p in polygons], h, w))
+        rle = mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in polygons], h, w))
     elif isinstance(segmentation, dict):
         rle = _checked_rle(segmentation, h, w)
         if isinstance(rle, CheckedSegmentation):
@@ -189,21 +204,21 @@ def check_segmentation(segmentation: Any, height: int, width: int) -> CheckedSeg
 
 
 def _checked_polygons(segmentation: list) -> list[np.ndarray] | CheckedSegmentation:
-    """float64 [n, 2] points per polygon, or the problem."""
+    """float64 [2 n] coordinates per polygon, or the problem."""
     if not segmentation:
         return _bad("bad_polygon", "'segmentation' is an empty list of polygons")
     polygons = []
     for k, poly in enumerate(segmentation):
-        if not isinstance(poly, (list, tuple)) or not all(_is_number(v) for v in poly):
+        if not isinstance(poly, (list, tuple)) or not _all_numbers(poly):
             return _bad(
                 "bad_polygon",
                 f"segmentation polygon {k} is not a list of numbers: {_short(poly)}",
             )
         try:
-            values = np.array([float(v) for v in poly], np.float64)
+            values = np.array(poly, np.float64)
         except OverflowError:  # a Python int beyond float range
             values = np.array([np.inf])
-        if not np.all(np.isfinite(values)):
+        if not np.isfinite(values).all():
             return _bad(
                 "bad_polygon",
                 f"segmentation polygon {k} has a non-finite or out-of-range coordinate",
@@ -218,21 +233,26 @@ def _checked_polygons(segmentation: list) -> list[np.ndarray] | CheckedSegmentat
                 "bad_polygon",
                 f"segmentation polygon {k} has fewer than 3 points ({len(poly) // 2})",
             )
-        polygons.append(values.reshape(-1, 2))
+        polygons.append(values)
     return polygons
 
 
 def _clip_polygons(polygons: list[np.ndarray], h: int, w: int) -> tuple[list[np.ndarray], bool]:
-    """The polygons clipped to x in [-m w, (1 + m) w], y in [-m h, (1 + m) h] (m =
-    POLYGON_MARGIN); those within it unchanged. Returns (polygons with >= 3 points, any
+    """The polygons (flat coordinates) clipped to x in [-m w, (1 + m) w], y in [-m h, (1 + m) h]
+    (m = POLYGON_MARGIN); those within it unchanged. Returns (polygons with >= 3 points, any
     clipped)."""
     x0, x1 = -POLYGON_MARGIN * w, (1 + POLYGON_MARGIN) * w
     y0, y1 = -POLYGON_MARGIN * h, (1 + POLYGON_MARGIN) * h
+    side = min(h, w)
     out, clipped = [], False
-    for p in polygons:
+    for flat in polygons:
+        if flat.min() >= -POLYGON_MARGIN * side and flat.max() <= (1 + POLYGON_MARGIN) * side:
+            out.append(flat)  # within the margin on both axes (the common case, cheaply)
+            continue
+        p = flat.reshape(-1, 2)
         xs, ys = p[:, 0], p[:, 1]
         if xs.min() >= x0 and xs.max() <= x1 and ys.min() >= y0 and ys.max() <= y1:
-            out.append(p)
+            out.append(flat)
             continue
         clipped = True
         # Scaled by a power of two (exact) so that no difference of two coordinates overflows.
@@ -241,7 +261,7 @@ def _clip_polygons(polygons: list[np.ndarray], h: int, w: int) -> tuple[list[np.
             np.ldexp(p, -exponent), *(math.ldexp(v, -exponent) for v in (x0, y0, x1, y1))
         )
         if len(q) >= 3:
-            out.append(np.clip(np.ldexp(q, exponent), [x0, y0], [x1, y1]))
+            out.append(np.clip(np.ldexp(q, exponent), [x0, y0], [x1, y1]).ravel())
     return out, clipped
 
 
@@ -289,8 +309,6 @@ def _boundary_points(polygon: np.ndarray) -> float:
 
 def _checked_rle(segmentation: dict, h: int, w: int):
     """A pycocotools RLE dict, or the problem."""
-    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
-
     size, counts = segmentation.get("size"), segmentation.get("counts")
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
         return _bad(
