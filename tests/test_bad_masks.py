@@ -471,3 +471,15 @@ def test_random_segmentations_never_crash_hang_or_raise_in_the_check_or_mask_ap(
     assert int(counts["evaluated"]) == 75
     assert int(counts["accepted"]) > 30  # the valid forms are exercised too, not only the bad
     assert {"bad_polygon", "bad_rle", "empty_mask", "mask_size_mismatch"} <= set(counts)
+
+
+def test_annotations_of_unknown_images_or_categories_are_left_out_as_training_skips_them():
+    gt = _groundtruth()
+    gt["annotations"][0]["category_id"] = "1"  # a string: training skips it as unknown_category
+    gt["annotations"][1]["category_id"] = 5
+    gt["annotations"].append(_ann(9, 77, _rect(1, 1, 5, 5)))  # an image not in 'images'
+    checked = GroundTruth(gt)
+    assert checked.left_out(masks=False, image_ids=[1]) == {"unknown_category": [1, 2]}
+    assert dict(checked.left_out_of_boxes)["unknown_image"] == [(9, 77)]
+    with pytest.raises(DataError, match=r"annotation id 1 \(image id 1\): category_id '1' is not"):
+        GroundTruth(gt, on_bad_data="error")

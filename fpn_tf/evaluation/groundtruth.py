@@ -7,9 +7,11 @@ loop forever; an RLE of another size scores IoU -1 (that object can never be mat
 coordinates around 1e12 crash the process. :class:`GroundTruth` reads the annotation file (or a
 dataset dict / a loaded ``COCO``), checks every annotation, and gives pycocotools only what passed:
 
-* **boxes** (box AP, proposal AR): a ``bbox`` of four finite numbers with width and height > 0.
-  Another box is left out of every metric, reason ``bad_box_size`` (as training skips it).
-  Missing keys, a ``bbox`` that is not four numbers, or image / category entries without an
+* **boxes** (box AP, proposal AR): a ``bbox`` of four finite numbers with width and height > 0,
+  an ``image_id`` in ``images`` and a ``category_id`` in ``categories``. Another annotation is
+  left out of every metric, reason ``bad_box_size``, ``unknown_image`` or ``unknown_category``
+  (training skips it for the same reason; pycocotools would score a NaN box as a miss, and never
+  score the other two). Missing keys, a ``bbox`` that is not four numbers, or image / category entries without an
   integer ``id`` are malformed: one-line :class:`~fpn_tf.data.errors.DataError`, as in training.
   ``iscrowd`` is read as training reads it (truthy = crowd); a missing or non-finite ``area`` is
   the box's; missing or repeated annotation ids get private ones (they are reported by position,
@@ -50,7 +52,11 @@ from fpn_tf.data.segmentation_check import MASK_REASONS, check_image_size, check
 
 __all__ = ["BOX_REASONS", "GroundTruth", "coco_from_dataset", "read_groundtruth"]
 
-BOX_REASONS = {"bad_box_size": "a zero, negative or non-finite box size"}
+BOX_REASONS = {
+    "bad_box_size": "a zero, negative or non-finite box size",
+    "unknown_category": "a category_id not in 'categories'",
+    "unknown_image": "an image_id not in 'images'",
+}
 _REASONS = {**BOX_REASONS, **MASK_REASONS}
 _MAX_LISTED = 20
 
@@ -127,6 +133,7 @@ class GroundTruth:
         if not isinstance(dataset, Mapping):
             raise DataError(f"{self.name}: the top level must be a JSON object")
         self.images = self._check_images(dataset.get("images", []), image_sizes or {})
+        self._image_ids = {im["id"] for im in self.images}
         self.categories_list = self._check_categories(dataset.get("categories", []))
         self.categories: Dict[int, str] = {
             int(c["id"]): str(c.get("name", c["id"])) for c in self.categories_list
@@ -194,11 +201,24 @@ class GroundTruth:
                         f"{self.name}: annotation id {reported}: required key '{key}' is missing"
                     )
             iid, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
-            if not _is_int(iid) or not _is_int(cid):
-                raise DataError(
-                    f"{self.name}: annotation id {reported}: 'image_id' and 'category_id' must "
-                    f"be integers, got {iid!r} and {cid!r}"
+            if not _is_int(iid) or int(iid) not in self._image_ids:
+                self._unusable(
+                    self.left_out_of_boxes,
+                    "unknown_image",
+                    reported,
+                    iid,
+                    f"image_id {iid!r} is not in 'images'",
                 )
+                continue
+            if not _is_int(cid) or int(cid) not in self.categories:
+                self._unusable(
+                    self.left_out_of_boxes,
+                    "unknown_category",
+                    reported,
+                    iid,
+                    f"category_id {cid!r} is not in 'categories'",
+                )
+                continue
             if (
                 not isinstance(bbox, (list, tuple))
                 or len(bbox) != 4
