@@ -109,17 +109,28 @@ def test_encode_masks_is_the_paste_thresholded():
     assert (decoded & disc).sum() / (decoded | disc).sum() > 0.95
 
 
-def test_no_masks_no_mask_metrics_and_missing_groundtruth_masks_refused():
+def test_no_masks_no_mask_metrics_and_missing_groundtruth_masks_left_out_of_mask_ap():
     ev = COCOEvaluator(_groundtruth(OBJECTS))
     preds = _predictions(OBJECTS)
     del preds["detection_masks"]
     ev.update_state(preds)
     metrics = ev.evaluate()
     assert "mask_AP" not in metrics and metrics["AP"] == pytest.approx(1.0)
+    assert ev.left_out() == {"AP": {}}
 
     gt = _groundtruth(OBJECTS)
     del gt["annotations"][1]["segmentation"]
     ev = COCOEvaluator(gt)
     ev.update_state(_predictions(OBJECTS))
-    with pytest.raises(ValueError, match="annotation 2 of image 1 has no segmentation"):
+    metrics = ev.evaluate()
+    # Box AP keeps annotation 2; mask AP leaves it out (its box is an ignore region there, so the
+    # ring's correct detection is no false positive): the disc alone scores, perfectly.
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["mask_AP"] == pytest.approx(1.0)
+    assert ev.left_out() == {"AP": {}, "mask_AP": {"missing_segmentation": [2]}}
+
+    from fpn_tf.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"annotation id 2 \(image id 1\): has no 'segmentation'"):
+        ev = COCOEvaluator(gt, on_bad_data="error")
+        ev.update_state(_predictions(OBJECTS))
         ev.evaluate()

@@ -20,10 +20,15 @@ Instance masks
 With ``include_masks=True`` (:func:`load_coco`, or :meth:`CocoIndex.with_masks` of an index loaded
 without) each kept annotation's ``segmentation`` -- polygons (list of ``[x0, y0, x1, y1, ...]``),
 uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string; crowd regions are
-RLE) -- is validated and stored as compressed RLE bytes (:attr:`CocoIndex.mask_rles`), the
-form pycocotools' ``COCO.annToRLE`` gives; ``decode`` rasterises them with pycocotools in the
-tf.data map (``tf.numpy_function``), so ``gt_masks`` is exactly ``COCO.annToMask``. Without
-masks nothing is read, checked or decoded.
+RLE) -- is checked by :func:`fpn_tf.data.segmentation_check.check_segmentation` (the one check
+that evaluation and ``convert_coco`` run too) and stored as compressed RLE bytes
+(:attr:`CocoIndex.mask_rles`), the form pycocotools' ``COCO.annToRLE`` gives; ``decode`` decodes
+them with pycocotools in the tf.data map (``tf.numpy_function``), so ``gt_masks`` is exactly
+``COCO.annToMask``. Polygons reaching more than an image size outside their image are clipped
+there first (counted in :attr:`CocoIndex.clipped_polygons`). An image that had annotations but
+lost every one to the mask check is listed in :attr:`CocoIndex.images_without_masks` and named in
+the log (it trains as a background image); a mask data set left with no usable mask at all is a
+one-line :class:`DataError`. Without masks nothing is read, checked or decoded.
 
 Bad data
 --------
@@ -51,14 +56,19 @@ logs the counts with a few example ids through absl logging. Reasons:
 ``image_size_mismatch``(images) the file's size differs from the JSON's
                        ``height`` / ``width``
 ``missing_segmentation``(masks only) no ``segmentation``
-``bad_polygon``        (masks only) a polygon with fewer than 3 points, an
-                       odd number of coordinates or non-numbers
+``bad_segmentation_type``(masks only) neither polygons nor an RLE (a
+                       number, a string)
+``bad_polygon``        (masks only) an empty list, a polygon with fewer
+                       than 3 points, an odd number of coordinates,
+                       non-numbers or non-finite numbers
 ``bad_rle``            (masks only) an RLE without a ``size`` / ``counts``
                        pair, or whose counts do not cover ``size``
 ``mask_size_mismatch`` (masks only) an RLE ``size`` other than the image's
 ``empty_mask``         (masks only) area 0 once rasterised (e.g. a polygon
                        entirely outside the image)
 ====================== ===================================================
+
+(``fpn_tf.data.segmentation_check`` says exactly what each mask check accepts.)
 
 The annotations of a skipped image are counted under
 ``of_skipped_images``.
@@ -97,6 +107,7 @@ import tensorflow as tf
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data import images as image_io
 from fpn_tf.data.errors import DataError, RunTimeDrops, read_json
+from fpn_tf.data.segmentation_check import MASK_REASONS, check_segmentation
 
 __all__ = [
     "BOX_TOLERANCE_PX",
@@ -104,7 +115,6 @@ __all__ = [
     "load_coco",
     "decode_image_guarded",
     "decode_rles",
-    "segmentation_to_rle",
 ]
 
 ON_BAD_DATA = ("error", "skip")
@@ -119,15 +129,9 @@ _ANNOTATION_REASONS = {
     "unknown_category": "a category_id not in 'categories'",
     "unknown_image": "an image_id not in 'images'",
     "of_skipped_images": "their image skipped",
-    "missing_segmentation": "no 'segmentation'",
-    "bad_polygon": "a malformed segmentation polygon",
-    "bad_rle": "a malformed segmentation RLE",
-    "mask_size_mismatch": "a segmentation RLE whose size differs from the image's",
-    "empty_mask": "an empty mask (area 0)",
+    **MASK_REASONS,
 }
-_MASK_REASONS = frozenset(
-    ("missing_segmentation", "bad_polygon", "bad_rle", "mask_size_mismatch", "empty_mask")
-)
+_MASK_REASONS = frozenset(MASK_REASONS)
 _IMAGE_REASONS = {
     "missing_image_file": "a missing file",
     "corrupt_image": "a file that cannot be decoded",
@@ -137,6 +141,14 @@ _IMAGE_REASONS = {
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _float(x: Any) -> float:
+    """float(x) of a number, inf for a Python int beyond the float range."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
 
 
 def _is_int(x: Any) -> bool:
@@ -210,6 +222,10 @@ class CocoIndex:
     # object (bytes) [A]: each annotation's mask as compressed RLE counts over its image's
     # (height, width); None when loaded without masks (see with_masks).
     mask_rles: np.ndarray | None = None
+    # With masks: ids of the annotations whose polygons were clipped (segmentation_check), and of
+    # the images that had annotations but lost every one to the mask checks.
+    clipped_polygons: list = dataclasses.field(default_factory=list)
+    images_without_masks: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.drops is None:
@@ -342,117 +358,6 @@ def decode_rles(counts, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
 
 
-def compressed_rle_runs(counts: bytes) -> list[int] | None:
-    """The runs (uncompressed RLE ``counts``) of a compressed RLE string, as pycocotools'
-    ``rleFrString`` reads it, or None if it is malformed (a character out of range, a truncated
-    number, a negative run)."""
-    runs: list[int] = []
-    p, n = 0, len(counts)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n:
-                return None
-            c = counts[p] - 48
-            if not 0 <= c < 64:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        if x < 0:
-            return None
-        runs.append(x)
-    return runs
-
-
-def segmentation_to_rle(segmentation: Any, height: int, width: int):
-    """A COCO ``segmentation`` -> (compressed RLE counts bytes, None, "") or, when it is
-    unusable, (None, reason, what is wrong).
-
-    The RLE is ``COCO.annToRLE``'s: polygons are rasterised and merged, an uncompressed RLE is
-    compressed, a compressed one is kept; so decoding it gives ``COCO.annToMask``.
-    """
-    from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
-
-    h, w = int(height), int(width)
-    if segmentation is None:
-        return None, "missing_segmentation", "has no 'segmentation'"
-    if isinstance(segmentation, list):
-        if not segmentation:
-            return None, "bad_polygon", "'segmentation' is an empty list of polygons"
-        for k, poly in enumerate(segmentation):
-            if not isinstance(poly, (list, tuple)) or not all(
-                _is_number(v) and math.isfinite(v) for v in poly
-            ):
-                return None, "bad_polygon", f"segmentation polygon {k} is not a list of numbers"
-            if len(poly) % 2:
-                return (
-                    None,
-                    "bad_polygon",
-                    f"segmentation polygon {k} has an odd number of coordinates ({len(poly)})",
-                )
-            if len(poly) < 6:
-                return (
-                    None,
-                    "bad_polygon",
-                    f"segmentation polygon {k} has fewer than 3 points ({len(poly) // 2})",
-                )
-        rles = mask_utils.frPyObjects([[float(v) for v in p] for p in segmentation], h, w)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation, dict):
-        size, counts = segmentation.get("size"), segmentation.get("counts")
-        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
-            return None, "bad_rle", f"segmentation RLE 'size' must be [height, width], got {size!r}"
-        if (int(size[0]), int(size[1])) != (h, w):
-            return (
-                None,
-                "mask_size_mismatch",
-                f"segmentation RLE size {list(size)} (h, w) differs from the image's [{h}, {w}]",
-            )
-        if isinstance(counts, list):
-            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
-                return (
-                    None,
-                    "bad_rle",
-                    f"segmentation RLE counts are not non-negative integers summing to {h * w}",
-                )
-            rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-        elif isinstance(counts, (str, bytes)):
-            try:
-                raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-            except UnicodeEncodeError:
-                raw = b"\xff"
-            runs = compressed_rle_runs(raw)
-            if runs is None or sum(runs) != h * w:
-                return (
-                    None,
-                    "bad_rle",
-                    f"segmentation RLE counts string does not decode to {h * w} pixels",
-                )
-            rle = {"size": [h, w], "counts": raw}
-        else:
-            return (
-                None,
-                "bad_rle",
-                f"segmentation RLE 'counts' must be a list or a string, got {type(counts).__name__}",
-            )
-    else:
-        return (
-            None,
-            "bad_rle",
-            "'segmentation' must be a list of polygons or an RLE object, got "
-            f"{type(segmentation).__name__}",
-        )
-    if int(mask_utils.area(rle)) == 0:
-        return None, "empty_mask", "segmentation has area 0 in the image (an empty mask)"
-    return bytes(rle["counts"]), None, ""
-
-
 def decode_image_guarded(
     contents: tf.Tensor,
     path: tf.Tensor | str,
@@ -504,6 +409,8 @@ class _Problems:
         self.annotations = collections.Counter()
         self.images = collections.Counter()
         self.examples = collections.defaultdict(list)
+        self.clipped_polygons: list = []  # ids of annotations whose polygons were clipped
+        self.images_without_masks: list[int] = []  # images that lost every annotation to masks
 
     def annotation(self, reason: str, ann_id: Any, image_id: Any, what: str):
         self._bad(
@@ -515,6 +422,13 @@ class _Problems:
 
     def image(self, reason: str, image_id: Any, what: str):
         self._bad(self.images, reason, f"image id {image_id}: {what}", f"image {image_id}")
+
+    def clipped_polygon(self, ann_id: Any):
+        self.clipped_polygons.append(ann_id)
+
+    @property
+    def num_mask_skips(self) -> int:
+        return sum(n for r, n in self.annotations.items() if r in _MASK_REASONS)
 
     def _bad(self, counter, reason: str, what: str, example: str):
         """Raises under on_bad_data='error'; otherwise counts it and keeps a few examples."""
@@ -549,6 +463,29 @@ class _Problems:
                 reason,
                 f"; e.g. {', '.join(examples)}" if examples else "",
             )
+        if self.clipped_polygons:
+            logging.warning(
+                "%s: clipped the segmentation polygons of %d annotation(s) that reach more than "
+                "an image size outside their image to that range (the mask inside the image is "
+                "the polygon's); e.g. %s",
+                self.file,
+                len(self.clipped_polygons),
+                _listed(self.clipped_polygons, "annotation"),
+            )
+        if self.images_without_masks:
+            logging.warning(
+                "%s: %d image(s) lost every annotation to the mask checks: they are kept without "
+                "objects (background images in training): %s",
+                self.file,
+                len(self.images_without_masks),
+                _listed(self.images_without_masks, "image"),
+            )
+
+
+def _listed(ids: list, what: str, limit: int = 20) -> str:
+    """``"image 3, image 7, ..."``: the first ``limit`` ids for a log line."""
+    text = ", ".join(f"{what} {i}" for i in ids[:limit])
+    return text + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
 def _load_json(annotation_file: str) -> dict[str, Any]:
@@ -734,6 +671,7 @@ def _parse_annotations(
     None) rows; and the number of boxes clipped to their image."""
     position = {im.image_id: k for k, im in enumerate(kept)}
     per_image: list[list[tuple]] = [[] for _ in kept]
+    mask_skips = [0] * len(kept)  # per image: annotations skipped for their mask
     num_clipped = 0
     for n, ann in enumerate(entries):
         aid, iid, bbox = _check_annotation(af, n, ann)
@@ -744,10 +682,15 @@ def _parse_annotations(
             problems.annotations["of_skipped_images"] += 1
             continue
         image = kept[position[iid]]
+        before = problems.num_mask_skips
         row, clipped = _annotation_row(ann, aid, bbox, image, category_map, problems, include_masks)
         num_clipped += clipped
         if row is not None:
             per_image[position[iid]].append(row)
+        mask_skips[position[iid]] += problems.num_mask_skips - before
+    problems.images_without_masks = [
+        im.image_id for im, rows, n in zip(kept, per_image, mask_skips) if n and not rows
+    ]
     return per_image, num_clipped
 
 
@@ -787,7 +730,7 @@ def _annotation_row(
             f"category_id {cid!r} is not in 'categories' ({list(category_map.dataset_ids)})",
         )
         return None, False
-    x, y, bw, bh = (float(v) for v in bbox)
+    x, y, bw, bh = (_float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw <= 0 or bh <= 0:
         problems.annotation(
             "bad_box_size", aid, iid, f"bbox {list(bbox)} has zero, negative or non-finite size"
@@ -813,17 +756,22 @@ def _annotation_row(
         return None, True
     rle = None
     if include_masks:
-        rle, reason, what = segmentation_to_rle(ann.get("segmentation"), height, width)
-        if rle is None:
-            problems.annotation(reason, aid, iid, what)
+        checked = check_segmentation(ann.get("segmentation"), height, width)
+        if not checked.ok:
+            problems.annotation(checked.reason, aid, iid, checked.what)
             return None, clipped
+        rle = checked.counts
+        if checked.clipped:
+            problems.clipped_polygon(aid)
     area = ann.get("area")
-    area = float(area) if _is_number(area) else (x1 - x0) * (y1 - y0)
+    area = _float(area) if _is_number(area) else math.nan
+    if not math.isfinite(area):
+        area = (x1 - x0) * (y1 - y0)
     row = (
         (y0, x0, y1, x1),
         category_map.to_contiguous(cid),
         bool(ann.get("iscrowd", 0)),
-        int(ann["id"]) if _is_int(ann.get("id")) else -1,
+        int(ann["id"]) if _is_int(ann.get("id")) and abs(ann["id"]) < 2**63 else -1,
         area,
         rle,
     )
@@ -866,20 +814,36 @@ def _build_index(
         num_clipped_boxes=num_clipped,
         on_bad_data=problems.on_bad_data,
         mask_rles=mask_rles,
+        clipped_polygons=list(problems.clipped_polygons),
+        images_without_masks=list(problems.images_without_masks),
     )
 
 
 def _require_some_masks(af: str, per_image, problems) -> None:
-    """Masks were requested: a data set whose annotations have no segmentation at all is a box
-    data set, and a mask model cannot train on it (skipping every annotation would leave it no
-    objects); it says so in one line."""
+    """Masks were requested: a data set left without one usable (non-crowd) mask cannot train a
+    mask model, so it says so in one line instead of training on nothing. With no segmentation
+    at all it is a box data set; otherwise every segmentation failed its check."""
+    usable = sum(1 for rows in per_image for row in rows if not row[2])
+    skipped = problems.num_mask_skips
+    if usable or not skipped:
+        return
     missing = problems.annotations.get("missing_segmentation", 0)
-    if missing and not any(len(rows) for rows in per_image):
+    if missing == skipped and not any(len(rows) for rows in per_image):
         raise DataError(
             f"{af}: masks were requested (model.architecture mask_rcnn or segment_proposals) "
             f"but none of its {missing} annotations has a 'segmentation'; train a box model "
             "(model.architecture: faster_rcnn) on it"
         )
+    reasons = ", ".join(
+        f"{r} {n}" for r, n in sorted(problems.annotations.items()) if r in _MASK_REASONS
+    )
+    examples = [e for r in sorted(_MASK_REASONS) for e in problems.examples.get(r, [])][:5]
+    raise DataError(
+        f"{af}: masks were requested (model.architecture mask_rcnn or segment_proposals, or "
+        f"--include_masks) but no annotation has a usable mask: {skipped} skipped for their "
+        f"masks ({reasons}; e.g. {', '.join(examples)}); fix the segmentations (see "
+        "data/README.md, Bad data) or train a box model (model.architecture: faster_rcnn)"
+    )
 
 
 def _index_with_masks(index: CocoIndex) -> CocoIndex:
@@ -910,6 +874,6 @@ def _index_with_masks(index: CocoIndex) -> CocoIndex:
         "%s: masks of %d annotations (%d skipped for their masks)",
         af,
         masked.num_annotations,
-        sum(n for r, n in problems.annotations.items() if r in _MASK_REASONS),
+        problems.num_mask_skips,
     )
     return masked

@@ -25,8 +25,9 @@ Model Garden labels both ``image/format = jpg``, decoders sniff the content);
 boxes are normalised to [0, 1]; ``image/object/class/label`` holds the
 dataset's category ids; ``image/source_id`` the COCO image id.
 
-With ``--include_masks`` the segmentations are validated as the COCO reader does with masks (bad
-ones skipped or an error, as ``--on_bad_data`` says) and each object's mask is written as
+With ``--include_masks`` the segmentations are validated as the COCO reader does with masks (the
+one check of :mod:`fpn_tf.data.segmentation_check`, before pycocotools rasterises anything; bad
+ones skipped and counted or an error, as ``--on_bad_data`` says; far-reaching polygons clipped) and each object's mask is written as
 ``image/object/mask``, one PNG of the image's size (0/1) per object, by ``create_tf_example``'s
 ``include_masks``: it is given each validated mask as an uncompressed RLE, so the PNG holds
 exactly ``COCO.annToMask``.
@@ -48,6 +49,7 @@ import tensorflow as tf
 
 from fpn_tf.data import coco_reader
 from fpn_tf.data.errors import DataError
+from fpn_tf.data.segmentation_check import compressed_rle_runs
 from fpn_tf.data.tfrecord_reader import category_map_path_for_prefix
 
 __all__ = ["ConversionResult", "convert_coco_to_tfrecords"]
@@ -73,7 +75,7 @@ def _segmentation_for_model_garden(rle_counts: bytes, height: int, width: int, c
     """A validated mask (compressed RLE) in the form Model Garden's ``coco_segmentation_to_mask_png``
     decodes to one [height, width] mask: an uncompressed RLE, in a list when not crowd (it takes
     the max over the list's masks) and alone when crowd (it decodes it as it is)."""
-    runs = coco_reader.compressed_rle_runs(rle_counts)
+    runs = compressed_rle_runs(rle_counts)
     rle = {"size": [int(height), int(width)], "counts": runs}
     return rle if crowd else [rle]
 

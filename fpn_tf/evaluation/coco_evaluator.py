@@ -15,7 +15,9 @@ the batched ``update_state`` also takes boxes in model-input pixels together wit
 gaps). Results JSON uses COCO's ``[x, y, width, height]``.
 
 The ground truth is a COCO annotation file (or its loaded ``pycocotools.coco.COCO``; official
-areas and crowd regions). Only the images that were fed are evaluated (``params.imgIds``): an
+areas and crowd regions), checked before pycocotools sees it (:mod:`fpn_tf.evaluation.groundtruth`:
+an annotation whose mask fails the check training runs is left out of mask AP only, as an ignore
+region, and reported; :meth:`COCOEvaluator.left_out`). Only the images that were fed are evaluated (``params.imgIds``): an
 image the input pipeline dropped, or that ``eval.steps`` did not reach, does not count; every fed
 image counts, with or without detections. Writing files is the caller's
 (:func:`fpn_tf.evaluation.run.evaluate_detector`).
@@ -30,14 +32,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 from absl import logging
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from fpn_tf.evaluation.groundtruth import (
+    GroundTruth,
+    as_groundtruth,
+    coco_from_dataset,
+    read_groundtruth,
+)
 
 __all__ = [
     "COCO_METRIC_NAMES",
@@ -68,7 +76,7 @@ AREA_RANGES = {
     "l": (96.0**2, 1e5**2),
 }
 
-GroundTruthSource = Union[str, COCO, Mapping]
+GroundTruthSource = Union[str, COCO, Mapping, GroundTruth]
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,82 +162,17 @@ def _numpy(value) -> np.ndarray:
 
 
 def load_coco_groundtruth(source: Union[str, Mapping, COCO]) -> COCO:
-    """A pycocotools COCO from an annotation file path, a dataset dict, or a COCO (returned as is)."""
+    """A pycocotools COCO from an annotation file path, a dataset dict, or a COCO (returned as
+    is), unchecked: the evaluators score a :class:`~fpn_tf.evaluation.groundtruth.GroundTruth`
+    instead."""
     if isinstance(source, COCO):
         return source
-    coco = COCO()
-    if isinstance(source, Mapping):
-        dataset = dict(source)
-    else:
-        if "://" in source:
-            import tensorflow as tf
-
-            with tf.io.gfile.GFile(source, "r") as f:
-                dataset = json.load(f)
-        else:
-            with open(source, "r", encoding="utf-8") as f:
-                dataset = json.load(f)
-    dataset.setdefault("images", [])
-    dataset.setdefault("annotations", [])
-    dataset.setdefault("categories", [])
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    return coco_from_dataset(source if isinstance(source, Mapping) else read_groundtruth(source))
 
 
 # --------------------------------------------------------------------------------------------
 # Ground truth shared by both evaluators.
 # --------------------------------------------------------------------------------------------
-
-
-class _GroundTruth:
-    """The ground truth of a COCO annotation file, by image."""
-
-    def __init__(self, source: GroundTruthSource):
-        self.coco: COCO = load_coco_groundtruth(source)
-        self.categories: Dict[int, str] = {
-            int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]
-        }
-
-    def check_image(self, image_id: int):
-        if image_id not in self.coco.imgs:
-            raise ValueError(f"image_id {image_id} is not in the ground-truth annotation file.")
-
-    def check_categories(self, classes: np.ndarray, what: str):
-        if not self.categories or classes.size == 0:
-            return
-        unknown = sorted({int(c) for c in np.unique(classes)} - set(self.categories))
-        if unknown:
-            raise ValueError(
-                f"{what} have category ids {unknown} that the dataset does not have "
-                f"(valid: {sorted(self.categories)[:10]}{'...' if len(self.categories) > 10 else ''}). "
-                "Contiguous training indices must be mapped to dataset ids."
-            )
-
-    def check_segmentations(self, image_ids: Sequence[int]):
-        """Mask AP needs a segmentation on every ground-truth annotation of the images scored."""
-        for image_id in image_ids:
-            for ann in self.coco.imgToAnns.get(image_id, []):
-                if not ann.get("segmentation"):
-                    raise ValueError(
-                        f"ground-truth annotation {ann.get('id')} of image {image_id} has no "
-                        "segmentation: mask AP needs masks on every annotation."
-                    )
-
-    def for_image(self, image_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(boxes yxyx [G,4], classes [G], is_crowd [G], areas [G]) of one image."""
-        anns = self.coco.imgToAnns.get(image_id, [])
-        if not anns:
-            return np.zeros((0, 4)), np.zeros((0,), np.int64), np.zeros((0,), bool), np.zeros((0,))
-        xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-        boxes = np.stack(
-            [xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], 1
-        )
-        classes = np.array([a["category_id"] for a in anns], np.int64)
-        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns])
-        areas = np.array([a.get("area", w * h) for a, (_, _, w, h) in zip(anns, xywh)], np.float64)
-        return boxes, classes, crowd, areas
 
 
 def _batch_image_ids(values: Mapping) -> np.ndarray:
@@ -240,10 +183,11 @@ def _batch_image_ids(values: Mapping) -> np.ndarray:
 
 
 class _Evaluator:
-    """Shared ground-truth plumbing."""
+    """Shared ground-truth plumbing: the checked ground truth (``groundtruth.GroundTruth``)."""
 
-    def __init__(self, annotation_file: GroundTruthSource):
-        self._gt = _GroundTruth(annotation_file)
+    def __init__(self, annotation_file: GroundTruthSource, on_bad_data: str = "skip"):
+        self._gt = as_groundtruth(annotation_file, on_bad_data)
+        self._left_out: Dict[str, Dict[str, List[Any]]] = {}
         self._seen: Dict[int, None] = {}  # insertion-ordered set of image ids fed
 
     @property
@@ -256,6 +200,16 @@ class _Evaluator:
 
     def reset(self):
         self._seen = {}
+        self._left_out = {}
+
+    def left_out(self) -> Dict[str, Dict[str, List[Any]]]:
+        """{metric: {reason: [annotation ids]}}: the ground truth of the scored images that the
+        last ``evaluate`` left out of each metric (``groundtruth`` module doc)."""
+        return {k: dict(v) for k, v in self._left_out.items()}
+
+    def _report_left_out(self, metric: str, masks: bool, image_ids) -> None:
+        """Logs (one line, when any) and records what ``metric`` leaves out."""
+        self._left_out[metric] = self._gt.report(metric, masks, image_ids)
 
     def image_ids(self) -> List[int]:
         """The images fed so far: the ones evaluated."""
@@ -275,13 +229,16 @@ class COCOEvaluator(_Evaluator):
     """COCO bbox AP of detections, and segm (mask) AP when the detections carry masks.
 
     Args:
-      annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict) for the ground
-        truth.
+      annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict, or a checked
+        ``groundtruth.GroundTruth``) for the ground truth.
       per_category_metrics: also report "AP/<category name>" (and "mask_AP/<name>").
+      on_bad_data: "skip" leaves unusable ground truth out (counted, logged, in
+        :meth:`left_out`);
+        "error" raises a one-line DataError (the ``groundtruth`` module says what is checked).
 
-    Mask AP is computed when every detection fed had a mask (``detection_masks``); the ground
-    truth then needs a ``segmentation`` on every annotation (a one-line error says which one
-    lacks it).
+    Mask AP is computed when every detection fed had a mask (``detection_masks``). It scores the
+    checked ground-truth masks: an annotation whose mask fails the check is left out of mask AP
+    only (box AP keeps it) and its box is an ignore region there, like a crowd region.
 
     Usage:
       ev = COCOEvaluator("data/coco/annotations/instances_val2017.json")
@@ -298,8 +255,9 @@ class COCOEvaluator(_Evaluator):
         annotation_file: GroundTruthSource,
         *,
         per_category_metrics: bool = False,
+        on_bad_data: str = "skip",
     ):
-        super().__init__(annotation_file)
+        super().__init__(annotation_file, on_bad_data)
         self.per_category_metrics = per_category_metrics
         self._detections: List[Dict[str, Any]] = []
         self._with_masks: set = set()  # whether the images fed had masks (True / False)
@@ -325,6 +283,15 @@ class COCOEvaluator(_Evaluator):
             raise ValueError(
                 f"{len(segmentations)} masks for {len(boxes)} detections of image {image_id}."
             )
+        size = self._gt.image_size(image_id)
+        if segmentations is not None and size is not None:
+            for rle in segmentations:
+                if tuple(int(v) for v in rle["size"]) != size:
+                    raise ValueError(
+                        f"detection masks of image {image_id} are {rle['size'][0]}x"
+                        f"{rle['size'][1]} but the ground truth says the image is "
+                        f"{size[0]}x{size[1]}: mask IoU needs the same size."
+                    )
         self._gt.check_categories(classes, "Detections")
         self._see(image_id)
         self._with_masks.add(segmentations is not None)
@@ -395,8 +362,9 @@ class COCOEvaluator(_Evaluator):
 
     def evaluate(self) -> Dict[str, float]:
         """Runs COCOeval on the images fed so far (``params.imgIds``): bbox, and segm when every
-        image had masks. Zero detections give AP 0 (metrics with no ground truth in an area range
-        are -1, as in pycocotools)."""
+        image had masks, on the checked ground truth. Zero detections give AP 0 (metrics with no
+        ground truth in an area range are -1, as in pycocotools). What each leaves out of the
+        scored images' ground truth is logged and in :meth:`left_out`."""
         image_ids = self.image_ids()
         iou_types = ["bbox"] + (["segm"] if self.has_masks else [])
         metrics: Dict[str, float] = {}
@@ -406,12 +374,10 @@ class COCOEvaluator(_Evaluator):
                 prefix = MASK_METRIC_PREFIX if iou_type == "segm" else ""
                 metrics.update({prefix + name: 0.0 for name in COCO_METRIC_NAMES})
             return metrics
-        if self.has_masks:
-            self._gt.check_segmentations(image_ids)
         per_category: Dict[str, float] = {}
         for iou_type in iou_types:
             prefix = MASK_METRIC_PREFIX if iou_type == "segm" else ""
-            gt = self._gt.coco
+            gt = self._gt.mask_coco if iou_type == "segm" else self._gt.coco
             dt = _results_to_coco(self._detections, gt, iou_type)
             coco_eval = COCOeval(gt, dt, iouType=iou_type)
             coco_eval.params.imgIds = image_ids
@@ -437,6 +403,7 @@ class COCOEvaluator(_Evaluator):
                     value = float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
                     name = self._gt.categories.get(cat_id, cat_id)
                     per_category[f"{prefix}AP/{name}"] = value
+            self._report_left_out(prefix + "AP", iou_type == "segm", image_ids)
         metrics.update(per_category)
         return metrics
 
@@ -484,8 +451,9 @@ class ProposalRecallEvaluator(_Evaluator):
         annotation_file: GroundTruthSource,
         *,
         limits: Sequence[int] = (100, 1000),
+        on_bad_data: str = "skip",
     ):
-        super().__init__(annotation_file)
+        super().__init__(annotation_file, on_bad_data)
         self.limits = tuple(int(n) for n in limits)
         self.iou_thresholds = np.arange(0.5, 0.95 + 1e-5, 0.05)
         self._proposals: Dict[int, np.ndarray] = {}
@@ -562,6 +530,7 @@ class ProposalRecallEvaluator(_Evaluator):
                 metrics[name] = float(np.mean(recalls))
         if image_ids:
             logging.info("Proposal recall on %d images: %s", len(image_ids), metrics)
+            self._report_left_out("AR", False, image_ids)
         return metrics
 
 

@@ -54,8 +54,11 @@ class MaskProposalRecallEvaluator(_Evaluator):
     """Mask AR@10/100/1000 and AR_s/m/l at the largest limit of segment proposals.
 
     Args:
-      annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict) whose
-        annotations carry ``segmentation`` (polygons or RLE) and ``area``.
+      annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict, or a checked
+        ``groundtruth.GroundTruth``) whose annotations carry ``segmentation`` (polygons or RLE)
+        and ``area``; annotations whose mask fails the check are left out (ignore regions, as
+        crowds are), logged and counted in :meth:`left_out`.
+      on_bad_data: "skip" or "error" (a one-line DataError), as in ``COCOEvaluator``.
       limits: the numbers of proposals (COCOeval's maxDets), best first by score.
       chunk: masks pasted at a time (memory: chunk x H x W floats).
       threshold: the pasted probability a pixel needs to be in the mask.
@@ -68,8 +71,9 @@ class MaskProposalRecallEvaluator(_Evaluator):
         limits: Sequence[int] = (10, 100, 1000),
         chunk: int = 100,
         threshold: float = 0.5,
+        on_bad_data: str = "skip",
     ):
-        super().__init__(annotation_file)
+        super().__init__(annotation_file, on_bad_data)
         self.limits = tuple(int(n) for n in limits)
         self.chunk, self.threshold = int(chunk), float(threshold)
         self._results: Dict[int, List[dict]] = {}
@@ -79,9 +83,9 @@ class MaskProposalRecallEvaluator(_Evaluator):
         self._results = {}
 
     def _image_size(self, image_id: int, fallback=None):
-        info = self._gt.coco.imgs.get(image_id, {})
-        if "height" in info and "width" in info:
-            return int(info["height"]), int(info["width"])
+        size = self._gt.image_size(image_id)
+        if size is not None:
+            return size
         if fallback is None:
             raise ValueError(f"image {image_id}: no height/width in the annotations, no image_info")
         return int(round(float(fallback[0]))), int(round(float(fallback[1])))
@@ -158,7 +162,7 @@ class MaskProposalRecallEvaluator(_Evaluator):
         if not image_ids:
             logging.warning("MaskProposalRecallEvaluator.evaluate: no images were fed.")
             return {n: 0.0 for n in names}
-        gt = self._gt.coco
+        gt = self._gt.mask_coco  # checked masks; unusable ones are ignore regions
         # Class-agnostic: with useCats=0 COCOeval still gathers detections and ground truth by
         # the categories in params.catIds (the ground truth's), so the proposals take one of them.
         categories = list(gt.dataset["categories"]) or [{"id": 1, "name": "object"}]
@@ -203,6 +207,7 @@ class MaskProposalRecallEvaluator(_Evaluator):
                 r = recall[:, 0, a, m]
                 metrics[f"mask_AR{size}@{limit}"] = float(np.mean(r)) if np.all(r > -1) else -1.0
         logging.info("Mask proposal recall on %d images: %s", len(image_ids), metrics)
+        self._report_left_out("mask_AR", True, image_ids)
         return metrics
 
     def metric_names(self) -> List[str]:

@@ -12,6 +12,14 @@ time, or at run time because it does not decode) has no detections, and its grou
 not count against AP. The images of the annotation file that were not scored are logged (count
 and ids) and counted in the metrics as ``num_skipped_images``.
 
+The ground truth is checked before pycocotools sees it (:mod:`fpn_tf.evaluation.groundtruth`,
+the mask check training runs; ``eval_data.on_bad_data`` decides skip or error): an annotation
+whose mask fails is left out of the mask metrics only (box AP keeps it; in the mask metrics its
+box is an ignore region, like a crowd), one whose box is unusable is left out of all of them.
+The metrics say how many of the scored images' annotations each metric left out
+(``num_gt_left_out_of_AP``, ``num_gt_left_out_of_mask_AP``, ``..._AR``, ``..._mask_AR``) and,
+when any was, ``gt_left_out`` gives their ids: ``{metric: {reason: [annotation ids]}}``.
+
 ``evaluate_detector`` is the one writer of ``metrics.json`` (and ``detections.json``).
 """
 
@@ -32,8 +40,8 @@ from fpn_tf.evaluation.coco_evaluator import (
     METRICS_FILENAME,
     COCOEvaluator,
     ProposalRecallEvaluator,
-    load_coco_groundtruth,
 )
+from fpn_tf.evaluation.groundtruth import GroundTruth
 from fpn_tf.file_io import write_text
 
 GROUNDTRUTH_FILENAME = "groundtruth.json"
@@ -58,12 +66,30 @@ def groundtruth_file(source, output_dir: str | None) -> str:
     return path
 
 
+def checked_groundtruth(source, output_dir: str | None = None) -> GroundTruth:
+    """The checked ground truth of an evaluation source (``groundtruth`` module): its annotation
+    file, with the image sizes the source read from the files where the file lacks them, checked
+    as the source's ``on_bad_data`` says."""
+    sizes = None
+    if hasattr(source, "heights") and hasattr(source, "image_ids"):
+        sizes = {
+            int(i): (int(h), int(w))
+            for i, h, w in zip(source.image_ids, source.heights, source.widths)
+        }
+    return GroundTruth(
+        groundtruth_file(source, output_dir),
+        on_bad_data=getattr(source, "on_bad_data", "skip"),
+        image_sizes=sizes,
+    )
+
+
 def evaluate_detector(
     model,
     dataset,
     source,
     output_dir: str | None = None,
     *,
+    groundtruth: GroundTruth | None = None,
     step: int | None = None,
     max_steps: int | None = None,
     compute_rpn_recall: bool = True,
@@ -79,6 +105,8 @@ def evaluate_detector(
       source: the loaded source the dataset reads (its ground truth, its run-time drops).
       output_dir: where detections.json and metrics.json (and a TFRecord source's
         groundtruth.json) go; None writes nothing.
+      groundtruth: ``checked_groundtruth(source)`` made once for several evaluations (None:
+        made here).
       step: the training step, recorded in the metrics.
       max_steps: evaluate this many batches only (None: the whole set).
 
@@ -86,9 +114,11 @@ def evaluate_detector(
       A flat dict: AP, AP50, AP75, APs, APm, APl, ARmax*, (mask_AP, ... for a model with masks),
       AR@100, AR@1000, ARs@100, ...,
       ``num_images`` (scored), ``num_skipped_images`` (in the annotation file, not scored),
-      ``eval_seconds`` and ``step`` when given.
+      ``num_gt_left_out_of_<metric>`` and ``gt_left_out`` (module doc), ``eval_seconds`` and
+      ``step`` when given.
     """
-    groundtruth = load_coco_groundtruth(groundtruth_file(source, output_dir))
+    if groundtruth is None:
+        groundtruth = checked_groundtruth(source, output_dir)
     # What is scored follows what the model gives: detections (box AP, mask AP with masks), box
     # proposals (AR), segment proposals (mask AR, the segment-proposal model's only output).
     evaluators = None
@@ -121,10 +151,17 @@ def evaluate_detector(
             )
     if not seen:
         raise ValueError(f"the evaluation dataset ({source.drops.name}) yielded no images")
-    skipped = _report_skipped(groundtruth, seen, source, drops_before, max_steps)
+    skipped = _report_skipped(groundtruth.coco, seen, source, drops_before, max_steps)
     metrics = {}
+    left_out = {}
     for evaluator in evaluators:
         metrics.update(evaluator.evaluate())
+        for metric, by_reason in evaluator.left_out().items():
+            metrics[f"num_gt_left_out_of_{metric}"] = sum(len(ids) for ids in by_reason.values())
+            if by_reason:
+                left_out[metric] = by_reason
+    if left_out:  # the one non-number entry, there only when something was left out
+        metrics["gt_left_out"] = left_out
     metrics["num_images"] = len(seen)
     metrics["num_skipped_images"] = len(skipped)
     metrics["eval_seconds"] = round(time.time() - start, 2)

@@ -279,17 +279,45 @@ class StopOnSignal(keras.callbacks.Callback):
 
 class PeriodicEvaluation(StepWatcher):
     """Calls ``evaluate()`` every ``every_steps`` (not at the last step: the caller evaluates
-    the final weights once training ends)."""
+    the final weights once training ends).
 
-    def __init__(self, evaluate: Callable[[], dict], every_steps: int, total_steps: int):
+    An evaluation that fails does not end training: the error is one line in the log (its
+    traceback only at ``--verbosity=1``), counted in :attr:`failures`, and training goes on;
+    the next evaluation tries again. The exceptions in ``stop_on`` (the caller's: bad data under
+    ``on_bad_data: error``, a bad config) are what the user asked to stop on and end the run
+    (the command prints them as one line)."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[], dict],
+        every_steps: int,
+        total_steps: int,
+        stop_on: tuple = (),
+    ):
         super().__init__()
         self.evaluate = evaluate
         self.every_steps = int(every_steps)
         self.total_steps = int(total_steps)
+        self.stop_on = tuple(stop_on)
+        self.failures: list[tuple[int, str]] = []  # (step, one-line error)
 
     def on_step(self, step, logs):
         if step % self.every_steps == 0 and step < self.total_steps:
-            self.evaluate()
+            try:
+                self.evaluate()
+            except self.stop_on:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure: one line, training goes on
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                message = f"{type(e).__name__}: {first}" if first else type(e).__name__
+                self.failures.append((step, message))
+                logging.error(
+                    "Evaluation at step %d failed (%s); training goes on (%d failed so far)",
+                    step,
+                    message,
+                    len(self.failures),
+                )
+                logging.vlog(1, "The failed evaluation's traceback:", exc_info=True)
 
 
 def hms(seconds: float) -> str:

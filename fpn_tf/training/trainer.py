@@ -33,7 +33,9 @@ from fpn_tf.configs.experiment import ConfigError
 from fpn_tf.data import pipeline
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.evaluation.box_images import summary_images
-from fpn_tf.evaluation.run import evaluate_detector
+from fpn_tf.data.errors import DataError
+from fpn_tf.data.segmentation_check import MASK_REASONS
+from fpn_tf.evaluation.run import checked_groundtruth, evaluate_detector
 from fpn_tf.modeling import model_dir as model_dir_lib
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training import callbacks as cb
@@ -114,6 +116,7 @@ class Trainer:
         cfg.validate(num_replicas=self.num_replicas, check_files=True, training=not evaluate_only)
         self.chief = is_chief(self.strategy)
         self._eval_source = None
+        self._eval_groundtruth = None
         if evaluate_only:
             # The model directory is read, not written: its own config and categories.
             self.train_source = None
@@ -293,6 +296,17 @@ class Trainer:
     def eval_dataset(self):
         return self._dataset(self.eval_source, self.cfg.eval_data, training=False)
 
+    @property
+    def eval_groundtruth(self):
+        """eval_data's ground truth, checked (``fpn_tf.evaluation.groundtruth``) at the first
+        evaluation and kept; a mask model's masks are checked then too."""
+        if self._eval_groundtruth is None:
+            out_dir = os.path.join(self.model_dir, "eval") if self.chief else None
+            self._eval_groundtruth = checked_groundtruth(self.eval_source, out_dir)
+            if self.cfg.model.architecture in MASK_ARCHITECTURES:
+                _ = self._eval_groundtruth.mask_coco
+        return self._eval_groundtruth
+
     # --- training ---------------------------------------------------------------------------
     def train(
         self, total_steps: int | None = None, evaluate_every_steps: int | None = None
@@ -324,10 +338,15 @@ class Trainer:
             cb.ScalarSummaries(writer, cfg.summary_every_steps, total_steps),
             cb.PeriodicCheckpoint(self.save, cfg.checkpoint_every_steps, total_steps),
         ]
+        periodic = None
         if evaluate_every_steps:
-            callbacks.append(
-                cb.PeriodicEvaluation(self.evaluate, evaluate_every_steps, total_steps)
+            # Checked before the first step: unusable ground truth under on_bad_data=error
+            # stops here, and what the evaluations will leave out is in the log from the start.
+            _ = self.eval_groundtruth
+            periodic = cb.PeriodicEvaluation(
+                self.evaluate, evaluate_every_steps, total_steps, stop_on=(DataError, ConfigError)
             )
+            callbacks.append(periodic)
         callbacks.append(stop)
         logging.info(
             "Training steps %d -> %d, global batch %d, %d replica(s)",
@@ -346,8 +365,9 @@ class Trainer:
         summary = progress.summary()
         if self.train_source.drops.summary():
             logging.warning(self.train_source.drops.summary())
+        failed_evaluations = len(periodic.failures) if periodic else 0
         logging.info(
-            "Trained %d steps in %s (%.2f img/s)%s%s",
+            "Trained %d steps in %s (%.2f img/s)%s%s%s%s",
             summary["steps"],
             cb.hms(summary["seconds"]),
             summary["images_per_second"],
@@ -355,6 +375,10 @@ class Trainer:
             f", {progress.loss_scale_skipped} batches skipped by the float16 loss scale"
             if progress.loss_scale_skipped
             else "",
+            f", {failed_evaluations} periodic evaluation(s) failed (see the log)"
+            if failed_evaluations
+            else "",
+            self._mask_skips_summary(),
         )
         return {
             **progress.last,
@@ -364,7 +388,30 @@ class Trainer:
             "loss_scale_skipped": progress.loss_scale_skipped,
             "stopped_by": stop.signal,
             "dropped_images": self.train_source.drops.count,
+            "failed_evaluations": failed_evaluations,
         }
+
+    def _mask_skips_summary(self) -> str:
+        """``"; training data masks: ..."``: what a mask model's training data lost to the mask
+        checks (counts per reason; the load log names the annotations), for the
+        end-of-training line; "" when nothing."""
+        source = self.train_source
+        if self.cfg.model.architecture not in MASK_ARCHITECTURES or not hasattr(
+            source, "with_masks"
+        ):
+            return ""
+        masked = source.with_masks()  # already made for the training data: kept
+        skipped = {r: n for r, n in masked.skipped_annotations.items() if r in MASK_REASONS}
+        if not skipped and not masked.clipped_polygons:
+            return ""
+        parts = [f"{r} {n}" for r, n in sorted(skipped.items())]
+        if masked.clipped_polygons:
+            parts.append(f"polygons clipped {len(masked.clipped_polygons)}")
+        line = f"; training data masks: {', '.join(parts)} (ids in the log above)"
+        if masked.images_without_masks:
+            ids = ", ".join(str(i) for i in masked.images_without_masks[:20])
+            line += f"; images left without objects: {ids}"
+        return line
 
     # --- evaluation and export ----------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -376,6 +423,7 @@ class Trainer:
             self.eval_dataset(),
             self.eval_source,
             out_dir if self.chief else None,
+            groundtruth=self.eval_groundtruth,
             step=self.step,
             max_steps=self.cfg.eval.steps,
             compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
@@ -395,7 +443,7 @@ class Trainer:
             )
             with tf.summary.create_file_writer(out_dir).as_default(step=self.step):
                 for k, v in metrics.items():
-                    if isinstance(v, (int, float)) and k != "step":
+                    if isinstance(v, (int, float)) and k != "step":  # not gt_left_out
                         tf.summary.scalar(f"metrics/{k}", v)
                 for i, image in enumerate(images):
                     tf.summary.image(f"detections/{i}", image[None])
