@@ -489,3 +489,32 @@ def test_roi_align_has_no_gradient_with_respect_to_the_boxes(impl):
         loss = tf.reduce_sum(roi_ops.multilevel_roi_align(feats, rois, impl=impl))
     assert tape.gradient(loss, rois) is None
     assert float(tf.reduce_sum(tape.gradient(loss, feats["P2"]))) > 0
+
+
+def test_default_sampling_cap_is_reached_by_elongated_rois_inside_the_level_range():
+    """The module docstring's reach of the adaptive-sampling cap (4): with output 7, RoIs that
+    Eq. 1 puts inside a level's range span 14 to 28 cells there, so a square one needs at most 4
+    samples per axis and equals detectron2's uncapped sampling, while a 1:2 one of sqrt(area)
+    above 20 cells already needs 5 and does not (measured on final detections against
+    detectron2 itself: README, "Start from COCO")."""
+    rng = np.random.default_rng(3)
+    feats = {
+        f"P{l}": rng.normal(size=(1, 512 // 2**l, 512 // 2**l, 4)).astype(np.float32)
+        for l in range(2, 6)
+    }
+    square = [40.0, 40.0, 256.0, 256.0]  # 216 px = 27 cells of P3: 4 samples per axis
+    wide = [40.0, 40.0, 176.0, 312.0]  # 136 x 272 px: sqrt(area) 24 cells of P3, 34 wide: 5
+    rois = np.array([[square, wide]], np.float32)
+    assert roi_ops.assign_levels(tf.constant(rois)).numpy().tolist() == [[3, 3]]  # not clamped
+    ours = roi_ops.multilevel_roi_align(
+        {k: tf.constant(v) for k, v in feats.items()},
+        tf.constant(rois),
+        output_size=7,
+        sampling_ratio=0,
+    ).numpy()
+    uncapped = _np_multilevel(feats, rois, 7, 0, True, cap=10**6)
+    np.testing.assert_allclose(ours[0, 0], uncapped[0, 0], rtol=1e-4, atol=1e-4)
+    assert np.abs(ours[0, 1] - uncapped[0, 1]).max() > 1e-2
+    np.testing.assert_allclose(
+        ours[0, 1], _np_multilevel(feats, rois, 7, 0, True, cap=4)[0, 1], rtol=1e-4, atol=1e-4
+    )
