@@ -52,7 +52,9 @@ def _upsample_nearest_2x(x):
     """
     shape = tf.shape(x)
     b, h, w, c = [x.shape[i] if x.shape[i] is not None else shape[i] for i in range(4)]
-    up = tf.broadcast_to(x[:, :, None, :, None, :], [b, h, 2, w, 2, c])
+    # Columns then rows, each a 5-D broadcast (LiteRT's builtin ops stop at 5 dimensions).
+    up = tf.broadcast_to(tf.reshape(x, [b, h, w, 1, c]), [b, h, w, 2, c])
+    up = tf.broadcast_to(tf.reshape(up, [b, h, 1, w * 2, c]), [b, h, 2, w * 2, c])
     up = tf.reshape(up, [b, h * 2, w * 2, c])
 
     def grad(dy):

@@ -1,0 +1,121 @@
+"""The detector as one graph that converters outside TensorFlow can take (ONNX, LiteRT).
+
+`portable_detect_function` wraps a `FasterRCNN` (with or without masks) into a ``tf.function``
+``images uint8 [B, H, W, 3] -> the outputs of docs/serving.md`` whose ops all have ONNX and
+LiteRT builtin counterparts:
+
+* the resize of the SavedModel's ``serving_default`` (`fpn_tf.data.transforms.resized_size`,
+  bilinear, zero padded bottom/right to a multiple of ``pad_multiple``) done once for the whole
+  batch (all images of a dense batch share one size, so no loop over images is needed, unlike
+  `fpn_tf.serving.detection.preprocess_images`);
+* RoIAlign as one batched gather (``align_impl="gather"``, the same samples as the
+  ``CropAndResize`` path, which neither ONNX Runtime's ``RoiAlign`` semantics nor LiteRT
+  builtins reproduce);
+* NMS as the greedy per-image kernel (``nms_impl="per_image"``: ``NonMaxSuppressionV3/V5`` in a
+  loop over the batch), never ``CombinedNonMaxSuppression`` (no LiteRT builtin, no ONNX op).
+
+These settings are put on the model only while the function is traced
+(:func:`portable_settings`) and are the ones its config documents as giving the same samples /
+the same boxes as the others (``model.roi.align_impl``, ``model.rpn.nms_impl``,
+``model.detection.nms_impl``), so the exported graph computes the SavedModel's detections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import tensorflow as tf
+
+from fpn_tf.data import transforms
+from fpn_tf.serving.detection import NUM_DETECTIONS, ImageTensorModule
+
+__all__ = ["UnsupportedModelError", "portable_detect_function", "portable_settings"]
+
+
+class UnsupportedModelError(ValueError):
+    """A model the portable graph cannot hold (e.g. segment proposals); one line."""
+
+
+@contextlib.contextmanager
+def portable_settings(model):
+    """Temporarily sets the model's RoIAlign to ``gather`` and its NMS to ``per_image``."""
+    for attr in ("rpn", "roi_heads"):
+        if not hasattr(model, attr):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not a Faster / Mask R-CNN (no {attr}): only "
+                "detectors (model.architecture faster_rcnn or mask_rcnn) export to ONNX / LiteRT"
+            )
+    changes = [
+        (model.rpn, "nms_impl", "per_image"),
+        (model.roi_heads, "nms_impl", "per_image"),
+        (model.roi_heads, "align_impl", "gather"),
+    ]
+    if getattr(model, "mask_heads", None) is not None:
+        changes.append((model.mask_heads, "align_impl", "gather"))
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in changes]
+    try:
+        for obj, attr, value in changes:
+            setattr(obj, attr, value)
+        yield model
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+
+def portable_detect_function(
+    model,
+    short_side: int,
+    max_long_side: int,
+    pad_multiple: int,
+    *,
+    resize_rounding: str = "round",
+    num_detections: int = NUM_DETECTIONS,
+    batch_size: int | None = None,
+    image_size: tuple[int, int] | None = None,
+):
+    """A concrete function ``images uint8 [B, H, W, 3]`` -> the serving outputs.
+
+    Args:
+      model: a `FasterRCNN` (Faster or Mask R-CNN).
+      short_side, max_long_side, pad_multiple, resize_rounding: the eval resize rule.
+      num_detections: rows of every output.
+      batch_size, image_size: None for dynamic dimensions (ONNX), or fixed ones (LiteRT).
+
+    Returns:
+      ``(concrete_function, output_keys)``; outputs are a dict with the keys of docs/serving.md.
+    """
+    formatter = ImageTensorModule(
+        model,
+        short_side,
+        max_long_side,
+        pad_multiple,
+        num_detections,
+        resize_rounding=resize_rounding,
+    )
+    m = float(pad_multiple)
+
+    def detect(images):
+        shape = tf.shape(images)
+        batch = shape[0]
+        size = tf.cast(shape[1:3], tf.float32)
+        resized = transforms.resized_size(size, short_side, max_long_side, resize_rounding)
+        resized_int = tf.cast(resized, tf.int32)
+        padded = tf.cast(tf.math.ceil(resized / m) * m, tf.int32)
+        x = tf.image.resize(
+            tf.cast(images, tf.float32), resized_int, method=tf.image.ResizeMethod.BILINEAR
+        )
+        pad = padded - resized_int
+        x = tf.pad(x, [[0, 0], [0, pad[0]], [0, pad[1]], [0, 0]])
+        info = tf.stack([size, resized, resized / size, tf.zeros([2], tf.float32)])
+        info = tf.tile(info[None], [batch, 1, 1])
+        out = model({"images": x, "image_info": info}, training=False)
+        sizes = tf.tile(tf.cast(shape[1:3], tf.int32)[None], [batch, 1])
+        return formatter.format_outputs(out, sizes)
+
+    h, w = image_size if image_size is not None else (None, None)
+    spec = tf.TensorSpec([batch_size, h, w, 3], tf.uint8, name="images")
+    with portable_settings(model):
+        fn = tf.function(detect, input_signature=[spec], autograph=False)
+        concrete = fn.get_concrete_function()
+    keys = sorted(concrete.structured_outputs)
+    return concrete, keys
