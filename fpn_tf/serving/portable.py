@@ -23,16 +23,26 @@ the same boxes as the others (``model.roi.align_impl``, ``model.rpn.nms_impl``,
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import tensorflow as tf
 
 from fpn_tf.data import transforms
 from fpn_tf.serving.detection import NUM_DETECTIONS, ImageTensorModule
+from fpn_tf.serving.export import ExportError
 
-__all__ = ["UnsupportedModelError", "portable_detect_function", "portable_settings"]
+__all__ = [
+    "UnsupportedModelError",
+    "portable_detect_function",
+    "portable_settings",
+    "serving_config",
+    "sidecar_files",
+    "write_validated",
+]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ExportError):
     """A model the portable graph cannot hold (e.g. segment proposals); one line."""
 
 
@@ -119,3 +129,80 @@ def portable_detect_function(
         concrete = fn.get_concrete_function()
     keys = sorted(concrete.structured_outputs)
     return concrete, keys
+
+
+def sidecar_files(
+    model_path: str,
+    category_map,
+    serving_config: dict,
+) -> dict[str, str]:
+    """``{path: text}`` of the files written beside an ONNX / LiteRT export: the category map
+    (JSON, `CategoryMap`'s), the label map (TF Object Detection API text proto) and the
+    serving config (resize rule, input, outputs)."""
+    from fpn_tf import portable_client  # pylint: disable=g-import-not-at-top
+    from fpn_tf.serving.export import label_map_pbtxt  # pylint: disable=g-import-not-at-top
+
+    return {
+        portable_client.sidecar_path(model_path, portable_client.CATEGORY_MAP_SUFFIX): (
+            category_map.to_json() + "\n"
+        ),
+        portable_client.sidecar_path(model_path, portable_client.LABEL_MAP_SUFFIX): (
+            label_map_pbtxt(category_map)
+        ),
+        portable_client.sidecar_path(model_path, portable_client.SERVING_CONFIG_SUFFIX): (
+            json.dumps(serving_config, indent=1) + "\n"
+        ),
+    }
+
+
+def write_validated(model_path: str, content: bytes, validate, sidecars: dict[str, str]) -> str:
+    """Writes ``content`` to ``model_path`` only once ``validate(partial_path)`` has loaded it
+    from a ``.partial`` sibling (so a file that fails at load time is never left in place),
+    then the sidecars; returns ``model_path``. ``validate`` raises `ExportError` to refuse."""
+    model_path = os.fspath(model_path)
+    directory = os.path.dirname(os.path.abspath(model_path))
+    if os.path.isdir(model_path):
+        raise ExportError(f"{model_path}: is a directory; give a file path")
+    os.makedirs(directory, exist_ok=True)
+    partial = model_path + ".partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(content)
+        validate(partial)
+        for path, text in sidecars.items():
+            with open(path + ".partial", "w", encoding="utf-8") as f:
+                f.write(text)
+        for path in sidecars:
+            os.replace(path + ".partial", path)
+        os.replace(partial, model_path)
+    finally:
+        for path in [partial, *(p + ".partial" for p in sidecars)]:
+            if os.path.exists(path):
+                os.remove(path)
+    return model_path
+
+
+def serving_config(
+    fmt: str,
+    short_side: int,
+    max_long_side: int,
+    pad_multiple: int,
+    resize_rounding: str,
+    num_detections: int,
+    outputs,
+    **extra,
+) -> dict:
+    """The ``<stem>.serving_config.json`` of an ONNX / LiteRT export."""
+    return {
+        "format": fmt,
+        "short_side": int(short_side),
+        "max_long_side": int(max_long_side),
+        "pad_multiple": int(pad_multiple),
+        "resize_rounding": str(resize_rounding),
+        "num_detections": int(num_detections),
+        "input": "images: uint8 [batch, height, width, 3] RGB",
+        "outputs": list(outputs),
+        "boxes": "normalised [ymin, xmin, ymax, xmax] relative to the input image",
+        "classes": "dataset category ids (see the category map beside the model)",
+        **extra,
+    }
