@@ -357,3 +357,30 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
     assert failed.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "only detectors" in failed.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "seg_out") or not os.listdir(tmp_path / "seg_out")
+
+
+def test_predict_gives_the_same_detections_from_each_format(exported, tmp_path):
+    from fpn_tf.data.testing import write_image
+    from fpn_tf.predict import predict
+
+    architecture, _, _, _, paths = exported
+    image = str(tmp_path / "a.png")
+    write_image(image, pattern(64, 96, seed=3))  # the LiteRT input size: no letterbox
+    records = {
+        fmt: predict(path, [image], str(tmp_path / fmt), min_score=0.3)[0]
+        for fmt, path in paths.items()
+    }
+    ref = records["saved_model"]["detections"]
+    assert ref, "no detections to compare"
+    for fmt in ("onnx", "litert"):
+        got = records[fmt]["detections"]
+        assert len(got) == len(ref), fmt
+        for a, b in zip(ref, got):
+            assert a["class_id"] == b["class_id"] and abs(a["score"] - b["score"]) < 1e-4
+            np.testing.assert_allclose(a["box_normalized"], b["box_normalized"], atol=1e-4)
+            if architecture == "mask_rcnn":
+                from pycocotools import mask as mask_utils
+
+                ma, mb = (mask_utils.decode(dict(d["segmentation"])) for d in (a, b))
+                assert np.logical_and(ma, mb).sum() > 0.99 * np.logical_or(ma, mb).sum()
+        assert os.path.exists(records[fmt]["drawn"])
