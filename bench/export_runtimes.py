@@ -74,7 +74,12 @@ def main(argv):
     else:
         config = load_config(FLAGS.config)
         config.model.backbone.weights = None
-        category_map = CategoryMap([{"id": i, "name": f"c{i}"} for i in range(1, 81)])
+        from fpn_tf.data import synthetic  # pylint: disable=g-import-not-at-top
+
+        n = config.model.num_classes  # 0: the demo's generated categories
+        category_map = CategoryMap(
+            [{"id": i, "name": f"c{i}"} for i in range(1, n + 1)] if n else synthetic.CATEGORIES
+        )
         model = build_model(config.model, category_ids=list(category_map.dataset_ids))
     d = config.eval_data
     rule = dict(
