@@ -45,7 +45,7 @@ def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 def _upsample_nearest_2x(x):
     """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2.
 
-    Forward: one broadcast + reshape (identical values to two tf.repeat gathers, and faster).
+    Forward: broadcasts + reshapes (identical values to two tf.repeat gathers, and faster).
     Backward: each input pixel's gradient is the sum of its 2x2 block, taken as two adds of
     contiguous halves instead of the broadcast's generic reduction (faster on CPUs; equal up to
     float rounding of the four-term sum). Timings: bench/README.md.
