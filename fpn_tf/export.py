@@ -9,6 +9,20 @@ SavedModel with the ``serving_default``, ``image_bytes`` and ``tf_example`` sign
 resized by the config's ``eval_data`` rule (short_side, max_long_side, pad_multiple,
 resize_rounding).
 Errors (a missing file, a checkpoint of another model, a bad config key) are one line.
+
+Other runtimes (``pip install -e '.[export]'``; README "Other runtimes"):
+
+    python -m fpn_tf.export --model_dir=runs/cpu_demo --export_dir=exports/cpu_demo \
+      --format=onnx,litert [--litert_quantization=none,float16,dynamic_int8] \
+      [--litert_image_size=800,1333]
+
+``--format`` takes ``saved_model`` (the default), ``onnx`` and ``litert``, repeated or as a list.
+With ``saved_model`` alone, ``--export_dir`` is the SavedModel directory (as always); otherwise
+it is a directory holding ``saved_model/``, ``model.onnx`` and ``model.tflite``
+(``model_float16.tflite``, ``model_dynamic_int8.tflite`` for the quantized variants), each file
+with its category map, label map and serving config beside it. A model that cannot be exported
+to a format asked for (segment proposals; an op with no LiteRT builtin) fails with one line, exit
+code 2, before anything is written; a converted file is written only once its runtime loaded it.
 """
 
 from __future__ import annotations
@@ -52,7 +66,31 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "checkpoint", None, "A checkpoint path to export instead of the latest " "in model_dir."
     )
+    flags.DEFINE_multi_string(
+        "format",
+        ["saved_model"],
+        "What to write: saved_model, onnx, litert (repeat the flag or give a comma list).",
+    )
+    flags.DEFINE_multi_string(
+        "litert_quantization",
+        ["none"],
+        "LiteRT variants: none (float32), float16 (float16 weights), dynamic_int8 "
+        "(dynamic-range int8); repeat or a comma list.",
+    )
+    flags.DEFINE_string(
+        "litert_image_size",
+        None,
+        "The LiteRT model's fixed input HEIGHT,WIDTH (default: eval_data.short_side,"
+        "max_long_side); clients letterbox other sizes into it.",
+    )
     flags.mark_flags_as_required(["model_dir", "export_dir"])
+
+
+FORMATS = ("saved_model", "onnx", "litert")
+
+
+def _split(values) -> list[str]:
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
 def main(argv) -> None:
@@ -70,6 +108,20 @@ def _export() -> None:
     from fpn_tf.modeling import model_dir  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
 
+    from fpn_tf import cli  # pylint: disable=g-import-not-at-top
+
+    formats = list(dict.fromkeys(_split(FLAGS.format)))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        cli.fail(f"--format: {unknown or 'nothing'} not in {list(FORMATS)}")
+    quantizations = list(dict.fromkeys(_split(FLAGS.litert_quantization)))
+    image_size = None
+    if FLAGS.litert_image_size:
+        try:
+            image_size = tuple(int(v) for v in FLAGS.litert_image_size.split(","))
+            assert len(image_size) == 2 and min(image_size) > 0
+        except (ValueError, AssertionError):
+            cli.fail(f"--litert_image_size={FLAGS.litert_image_size}: expected HEIGHT,WIDTH > 0")
     start = time.time()
     try:
         source = model_dir.load_model(
@@ -78,18 +130,79 @@ def _export() -> None:
             params_override=FLAGS.params_override,
             checkpoint=FLAGS.checkpoint,
         )
-        export_lib.export_saved_model(
-            source.model, FLAGS.export_dir, source.category_map, **source.preprocessing
-        )
     except (export_lib.ExportError, model_dir.ModelDirError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if formats == ["saved_model"]:
+        try:
+            export_lib.export_saved_model(
+                source.model, FLAGS.export_dir, source.category_map, **source.preprocessing
+            )
+        except export_lib.ExportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        written = [FLAGS.export_dir]
+    else:
+        written = _export_formats(source, formats, quantizations, image_size)
     logging.info(
         "Done in %.1f s: %s (checkpoint %s)",
         time.time() - start,
-        FLAGS.export_dir,
+        ", ".join(written),
         source.checkpoint,
     )
+
+
+def _export_formats(source, formats, quantizations, image_size) -> list[str]:
+    """ONNX / LiteRT files (and the SavedModel in ``saved_model/``) under --export_dir; an
+    export error is one line and exit code 2."""
+    from fpn_tf import cli  # pylint: disable=g-import-not-at-top
+    from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
+    from fpn_tf.serving import portable  # pylint: disable=g-import-not-at-top
+
+    try:
+        with portable.portable_settings(source.model):
+            pass  # a model that is no detector fails here, before anything is written
+        if "litert" in formats:
+            from fpn_tf.serving.litert_export import QUANTIZATIONS  # pylint: disable=g-import-not-at-top
+
+            bad = [q for q in quantizations if q not in QUANTIZATIONS]
+            if bad or not quantizations:
+                raise export_lib.ExportError(
+                    f"--litert_quantization: {bad or 'nothing'} not in {list(QUANTIZATIONS)}"
+                )
+        written = []
+        if "onnx" in formats:
+            from fpn_tf.serving.onnx_export import export_onnx  # pylint: disable=g-import-not-at-top
+
+            path = os.path.join(FLAGS.export_dir, "model.onnx")
+            written.append(
+                export_onnx(source.model, path, source.category_map, **source.preprocessing)
+            )
+        if "litert" in formats:
+            from fpn_tf.serving.litert_export import export_litert  # pylint: disable=g-import-not-at-top
+
+            for quantization in quantizations:
+                name = "model.tflite" if quantization == "none" else f"model_{quantization}.tflite"
+                written.append(
+                    export_litert(
+                        source.model,
+                        os.path.join(FLAGS.export_dir, name),
+                        source.category_map,
+                        **source.preprocessing,
+                        image_size=image_size,
+                        quantization=quantization,
+                    )
+                )
+        if "saved_model" in formats:
+            path = os.path.join(FLAGS.export_dir, "saved_model")
+            written.append(
+                export_lib.export_saved_model(
+                    source.model, path, source.category_map, **source.preprocessing
+                )
+            )
+    except export_lib.ExportError as e:
+        cli.fail(str(e), code=2)
+    return written
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ drawn) and ``<output_dir>/<name>_detections.json`` (per detection: box in pixels
 the ``image_bytes`` signature (the model decodes them); other formats PIL reads are decoded here
 and sent as pixels to ``serving_default``. A missing image, a file that is not an image or a
 missing SavedModel ends the run with one line saying so.
+
+``--saved_model`` also takes an ONNX (``.onnx``) or LiteRT (``.tflite``) export of
+``python -m fpn_tf.export --format=onnx,litert`` (the ``[export]`` extra's runtimes): the image is
+decoded here and sent as pixels (LiteRT: letterboxed into its fixed input, boxes mapped back), so
+each format draws the same picture.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("saved_model", None, "The exported SavedModel directory.")
+    flags.DEFINE_string(
+        "saved_model",
+        None,
+        "The exported SavedModel directory, or an exported .onnx / .tflite file.",
+    )
     flags.DEFINE_multi_string("image", None, "An image file (repeat the flag for more).")
     flags.DEFINE_string("output_dir", None, "Where the drawn PNGs and the JSON files go.")
     flags.DEFINE_float(
@@ -65,7 +74,12 @@ def predict(
 
     # Every input is checked before the (slow) model load.
     decoded = [inference.read_image(path) for path in images]
-    detector = inference.SavedModelDetector(saved_model, signature=signature)
+    if os.fspath(saved_model).lower().endswith((".onnx", ".tflite")):
+        from fpn_tf.serving.portable_inference import PortableDetector  # pylint: disable=g-import-not-at-top
+
+        detector = PortableDetector(saved_model)
+    else:
+        detector = inference.SavedModelDetector(saved_model, signature=signature)
     logging.info(
         "Loaded %s in %.1f s (signatures: %s; %d class names)",
         saved_model,

@@ -45,14 +45,16 @@ def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 def _upsample_nearest_2x(x):
     """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2.
 
-    Forward: one broadcast + reshape (identical values to two tf.repeat gathers, and faster).
+    Forward: broadcasts + reshapes (identical values to two tf.repeat gathers, and faster).
     Backward: each input pixel's gradient is the sum of its 2x2 block, taken as two adds of
     contiguous halves instead of the broadcast's generic reduction (faster on CPUs; equal up to
     float rounding of the four-term sum). Timings: bench/README.md.
     """
     shape = tf.shape(x)
     b, h, w, c = [x.shape[i] if x.shape[i] is not None else shape[i] for i in range(4)]
-    up = tf.broadcast_to(x[:, :, None, :, None, :], [b, h, 2, w, 2, c])
+    # Columns then rows, each a 5-D broadcast (LiteRT's builtin ops stop at 5 dimensions).
+    up = tf.broadcast_to(tf.reshape(x, [b, h, w, 1, c]), [b, h, w, 2, c])
+    up = tf.broadcast_to(tf.reshape(up, [b, h, 1, w * 2, c]), [b, h, 2, w * 2, c])
     up = tf.reshape(up, [b, h * 2, w * 2, c])
 
     def grad(dy):

@@ -114,11 +114,19 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold, valid=None, impl=
             b, s, v = args
             s = tf.where(v, s, NEG_INF)
             # The kernel only considers scores > score_threshold: -inf never passes.
-            sel = tf.image.non_max_suppression(
-                b, s, k_run, iou_threshold=iou_threshold, score_threshold=NEG_INF
+            # NonMaxSuppressionV4 = V3 (tf.image.non_max_suppression) with a static output
+            # padded to k_run and the count returned: same boxes, and an op that converters
+            # outside TensorFlow map one to one (LiteRT's builtin NON_MAX_SUPPRESSION_V4 has no
+            # dynamic-size output, so V3's length would be lost there).
+            sel, n = tf.raw_ops.NonMaxSuppressionV4(
+                boxes=b,
+                scores=s,
+                max_output_size=k_run,
+                iou_threshold=iou_threshold,
+                score_threshold=NEG_INF,
+                pad_to_max_output_size=True,
             )
-            n = tf.shape(sel)[0]
-            return tf.pad(sel, [[0, k - n]]), n
+            return tf.pad(sel, [[0, k - tf.shape(sel)[0]]]), n
 
         idx, num = tf.map_fn(
             one,

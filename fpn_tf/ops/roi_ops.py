@@ -394,7 +394,7 @@ def _roi_align_gather(
         grid_x = bins + steps / tf.maximum(n_x, 1.0)[..., None, None]
         used_y = tf.cast(steps < n_y[..., None, None], tf.float32)  # [B, R, 1, sr]
         used_x = tf.cast(steps < n_x[..., None, None], tf.float32)
-        count = tf.maximum(n_y * n_x, 1.0)[..., None, None, None, None]  # [B, R, 1, 1, 1, 1]
+        count = tf.reshape(tf.maximum(n_y * n_x, 1.0), [-1, 1, 1, 1, 1])  # [B * R, 1, 1, 1, 1]
     else:
         # Sample positions inside the RoI in units of bins: [out, sr].
         grid_y = grid_x = bins + steps / sampling_ratio
@@ -414,21 +414,28 @@ def _roi_align_gather(
     wy = tf.stack([wy_lo, wy_hi], axis=-1)
     wx = tf.stack([wx_lo, wx_hi], axis=-1)
 
-    # Row index of every (bin_y i, bin_x j, sample a, corner cy, sample d, corner cx):
-    # [B, R, i, 1, a, cy, 1, 1] * W + [B, R, 1, j, 1, 1, d, cx] -> [B, R, out, out, K].
-    base = tf.range(batch, dtype=tf.int32)[:, None] * total + offset  # [B, R]
-    row = y_idx * width[..., None]  # [B, R, out, sr, 2]
-    index = (
-        base[:, :, None, None, None, None, None, None]
-        + row[:, :, :, None, :, :, None, None]
-        + x_idx[:, :, None, :, None, None, :, :]
-    )
-    weight = wy[:, :, :, None, :, :, None, None] * wx[:, :, None, :, None, None, :, :]
-    k = sampling_ratio * 2 * sampling_ratio * 2
+    # Row index of every (bin_y i, bin_x j, sample a, corner cy, sample d, corner cx), the
+    # B * R RoIs flattened into one axis and (a, cy), (d, cx) into one each, so that no tensor
+    # has more than 5 dimensions (LiteRT's builtin slices and matmuls stop at 5):
+    # [BR, i, 1, (a, cy), 1] * W + [BR, 1, j, 1, (d, cx)] -> [BR, out, out, K].
+    s = sampling_ratio * 2
+    k = s * s
     num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
-    index = tf.reshape(index, [batch, num_rois, output_size, output_size, k])
-    weight = tf.reshape(weight, [batch, num_rois, output_size, output_size, 1, k])
-    weight = tf.cast(weight / count, dtype)
-    values = tf.gather(table, index)  # [B, R, out, out, K, C]
-    pooled = tf.linalg.matmul(weight, values)  # [B, R, out, out, 1, C]
-    return tf.squeeze(pooled, axis=-2)
+    base = tf.reshape(tf.range(batch, dtype=tf.int32)[:, None] * total + offset, [-1, 1, 1, 1, 1])
+    row = tf.reshape(y_idx * width[..., None], [-1, output_size, 1, s, 1])
+    col = tf.reshape(x_idx, [-1, 1, output_size, 1, s])
+    index = tf.reshape(base + row + col, [-1, k])  # [BR * out * out, K]
+    weight = tf.reshape(wy, [-1, output_size, 1, s, 1]) * tf.reshape(wx, [-1, 1, output_size, 1, s])
+    weight = tf.cast(tf.reshape(weight / count, [-1, 1, k]), dtype)  # [BR * out * out, 1, K]
+    values = tf.gather(table, index)  # [BR * out * out, K, C]
+    pooled = tf.linalg.matmul(weight, values)  # [BR * out * out, 1, C]
+    return tf.reshape(
+        pooled,
+        [
+            batch,
+            num_rois,
+            output_size,
+            output_size,
+            tf.shape(table)[-1] if channels is None else channels,
+        ],
+    )
