@@ -293,6 +293,25 @@ def test_segment_proposals_cannot_be_exported_and_nothing_is_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_detectron2s_pil_resize_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+    """`resize_method: pil_bilinear` (detectron2's configs) has no portable equivalent: refused
+    with the override that exports anyway, rather than silently resized another way."""
+    model = _model("faster_rcnn")
+    for fmt, export in (("onnx", export_onnx), ("tflite", export_litert)):
+        with pytest.raises(ExportError, match="resize_method 'pil_bilinear' is not exported") as e:
+            export(
+                model,
+                str(tmp_path / f"m.{fmt}"),
+                CATEGORY_MAP,
+                SHORT,
+                LONG,
+                MULTIPLE,
+                resize_method="pil_bilinear",
+            )
+        assert "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run"))
