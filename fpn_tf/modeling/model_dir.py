@@ -121,16 +121,6 @@ def latest_checkpoint(model_dir: str) -> str:
     return path
 
 
-def holds_optimizer_state(checkpoint: str) -> bool:
-    """Whether a ``tf.train.Checkpoint`` has an ``optimizer`` (a training run's, not a converted
-    model's); an unreadable file counts as one, so its restore reports the damage."""
-    try:
-        names = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
-    except Exception:  # noqa: BLE001 - damaged files: let the restore report them
-        return True
-    return any(name.startswith("optimizer/") for name in names)
-
-
 def model_parts(model) -> dict[str, keras.layers.Layer]:
     """The model's sub-layers by the attribute name that is their name in a checkpoint
     (``fpn``, ``rpn``, ``roi_heads``, ``mask_heads``; ``fpn``, ``head`` for segment proposals)."""
@@ -141,15 +131,13 @@ def model_parts(model) -> dict[str, keras.layers.Layer]:
     }
 
 
-def _stored_model_parts(checkpoint: str) -> set[str]:
-    """The names of the model's sub-layers that hold values in ``checkpoint``, from its object
-    graph (a variable's key follows its shortest path, often through the optimizer)."""
+def _stored_parts(checkpoint: str) -> tuple[set[str], bool]:
+    """(the names of the model's sub-layers that hold values in ``checkpoint``, whether it holds
+    an optimizer's state), from its object graph: a variable's key follows its shortest path,
+    often through the optimizer, so keys do not say which layer a weight belongs to."""
     reader = tf.train.load_checkpoint(checkpoint)
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    model_ids = [c.node_id for c in graph.nodes[0].children if c.local_name == "model"]
-    if not model_ids:
-        return set()
 
     def holds_values(node_id: int) -> bool:
         seen, stack = set(), [node_id]
@@ -163,24 +151,30 @@ def _stored_model_parts(checkpoint: str) -> set[str]:
             stack.extend(c.node_id for c in graph.nodes[node].children)
         return False
 
-    return {
+    root = {c.local_name: c.node_id for c in graph.nodes[0].children}
+    has_optimizer = "optimizer" in root and holds_values(root["optimizer"])
+    if "model" not in root:
+        return set(), has_optimizer
+    parts = {
         child.local_name
-        for child in graph.nodes[model_ids[0]].children
+        for child in graph.nodes[root["model"]].children
         if holds_values(child.node_id)
     }
+    return parts, has_optimizer
 
 
-def restore_model(model, checkpoint: str) -> None:
+def restore_model(model, checkpoint: str) -> bool:
     """Restores every weight of ``model`` from ``checkpoint`` (a training run's
     ``tf.train.Checkpoint(model=..., optimizer=...)`` or a model-only one); the optimizer, when
-    the file has it and the model is compiled with one, is restored too.
+    the file has it and the model is compiled with one, is restored too. Returns whether the
+    file holds an optimizer's state (False: a model-only checkpoint, e.g. a converted model's).
 
     Raises:
       ModelDirError: a part of the model has no weights in the file, the file holds a part the
         model has not, or a weight does not fit (another architecture or config); one line.
     """
     try:
-        stored_parts = _stored_model_parts(checkpoint)
+        stored_parts, has_optimizer = _stored_parts(checkpoint)
     except Exception as e:  # noqa: BLE001 - a missing or damaged file, said in one line
         raise ModelDirError(f"{checkpoint}: cannot be read ({_first_line(e)})") from e
     parts = model_parts(model)
@@ -197,7 +191,7 @@ def restore_model(model, checkpoint: str) -> None:
             "(a checkpoint of another architecture?)"
         )
     optimizer = getattr(model, "optimizer", None)
-    if holds_optimizer_state(checkpoint) and optimizer is not None:
+    if has_optimizer and optimizer is not None:
         root = tf.train.Checkpoint(model=model, optimizer=optimizer)
     else:  # bind the model's own parts: a compiled model tracks an optimizer the file lacks
         root = tf.train.Checkpoint(model=tf.train.Checkpoint(**parts))
@@ -208,6 +202,7 @@ def restore_model(model, checkpoint: str) -> None:
             f"{checkpoint}: does not hold every weight of this model (another config or "
             f"category map than the one it was saved with?): {_first_line(e)}"
         ) from e
+    return has_optimizer
 
 
 def _first_line(e: BaseException) -> str:

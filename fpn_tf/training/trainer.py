@@ -206,8 +206,7 @@ class Trainer:
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         for path in candidates:
             try:
-                model_dir_lib.restore_model(self.model, path)
-                if not model_dir_lib.holds_optimizer_state(path):
+                if not model_dir_lib.restore_model(self.model, path):
                     logging.info(
                         "%s holds the model only (a converted model): the optimizer starts "
                         "fresh at step 0",
