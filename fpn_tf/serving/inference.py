@@ -33,6 +33,7 @@ __all__ = [
     "ImageDetections",
     "PredictError",
     "SavedModelDetector",
+    "detections_of",
     "draw_detections",
     "read_image",
 ]
@@ -164,6 +165,32 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, Image.Image]:
     return data, image
 
 
+def detections_of(outputs, image: Image.Image, class_name) -> list[Detection]:
+    """The `Detection`s of the first image of a served batch (the output names of
+    docs/serving.md; TensorFlow tensors or NumPy arrays), ``image`` the input it was given
+    (its size scales the normalised boxes to pixels), ``class_name(id)`` the names."""
+    n = int(np.asarray(outputs["num_detections"])[0])
+
+    def rows(key):
+        return np.asarray(outputs[key])[0, :n]
+
+    masks = rows("detection_masks") if "detection_masks" in outputs else [None] * n
+    scale = np.array([image.height, image.width] * 2, np.float32)
+    return [
+        Detection(
+            box=tuple(float(v) for v in b),
+            box_pixels=tuple(float(v) for v in b * scale),
+            class_id=int(round(c)),
+            class_name=class_name(int(round(c))),
+            score=float(s),
+            mask=m,
+        )
+        for b, s, c, m in zip(
+            rows("detection_boxes"), rows("detection_scores"), rows("detection_classes"), masks
+        )
+    ]
+
+
 class SavedModelDetector:
     """An exported detector (see docs/serving.md) loaded with ``tf.saved_model.load``.
 
@@ -242,25 +269,12 @@ class SavedModelDetector:
                 f"{path or 'image'}: the model could not use it: " f"{lines[0] if lines else e}"
             ) from None
         seconds = time.time() - start
-        n = int(out["num_detections"][0])
-        boxes = out["detection_boxes"][0, :n].numpy()
-        scores = out["detection_scores"][0, :n].numpy()
-        classes = out["detection_classes"][0, :n].numpy()
-        masks = out["detection_masks"][0, :n].numpy() if "detection_masks" in out else [None] * n
-        scale = np.array([image.height, image.width] * 2, np.float32)
-        detections = [
-            Detection(
-                box=tuple(float(v) for v in b),
-                box_pixels=tuple(float(v) for v in b * scale),
-                class_id=int(round(c)),
-                class_name=self.class_name(int(round(c))),
-                score=float(s),
-                mask=m,
-            )
-            for b, s, c, m in zip(boxes, scores, classes, masks)
-        ]
         return ImageDetections(
-            path=path, image=image, detections=detections, signature=signature, seconds=seconds
+            path=path,
+            image=image,
+            detections=detections_of(out, image, self.class_name),
+            signature=signature,
+            seconds=seconds,
         )
 
     def detect_file(self, path: str | os.PathLike) -> ImageDetections:

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from fpn_tf.serving.inference import Detection, ImageDetections, PredictError
+from fpn_tf.serving.inference import ImageDetections, PredictError, detections_of
 
 __all__ = ["PORTABLE_SUFFIXES", "PortableDetector"]
 
@@ -47,23 +47,10 @@ class PortableDetector:
         start = time.time()
         out = self._detector(np.asarray(image, np.uint8))
         seconds = time.time() - start
-        n = int(out["num_detections"][0])
-        boxes = np.asarray(out["detection_boxes"][0, :n])
-        scores = np.asarray(out["detection_scores"][0, :n])
-        classes = np.asarray(out["detection_classes"][0, :n])
-        masks = out["detection_masks"][0, :n] if "detection_masks" in out else [None] * n
-        scale = np.array([image.height, image.width] * 2, np.float32)
-        detections = [
-            Detection(
-                box=tuple(float(v) for v in b),
-                box_pixels=tuple(float(v) for v in b * scale),
-                class_id=int(round(c)),
-                class_name=self.class_name(int(round(c))),
-                score=float(s),
-                mask=None if m is None else np.asarray(m),
-            )
-            for b, s, c, m in zip(boxes, scores, classes, masks)
-        ]
         return ImageDetections(
-            path=path, image=image, detections=detections, signature=self.signature, seconds=seconds
+            path=path,
+            image=image,
+            detections=detections_of(out, image, self.class_name),
+            signature=self.signature,
+            seconds=seconds,
         )
