@@ -19,6 +19,7 @@ from conftest import TINY_OVERRIDES  # noqa: E402
 from fpn_tf.configs import ConfigError, load_config, save_config
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.testing import write_coco_json, write_image
+from fpn_tf.modeling import model_dir as model_dir_lib
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training.init_checkpoint import (
     DETECTOR_PARTS,
@@ -29,7 +30,7 @@ from fpn_tf.training.init_checkpoint import (
     load_init_checkpoint,
     model_parts,
 )
-from fpn_tf.training.trainer import Trainer
+from fpn_tf.training.trainer import CheckpointError, Trainer
 
 SOURCE_CATEGORIES = [
     {"id": 1, "name": "red"},
@@ -402,16 +403,22 @@ def test_the_finetune_example_sets_only_finetuning_keys_over_an_architecture_con
 
 
 # --- a model directory holding the model only (what fpn_tf.convert_weights writes) ----------
-def test_a_model_only_checkpoint_restores_the_model_and_starts_the_optimizer_at_zero(tmp_path):
-    cfg = make_config(str(tmp_path / "data"), SOURCE_CATEGORIES)
-    keras.utils.set_random_seed(7)
+def write_converted(cfg, model_dir, seed):
+    """A model directory as the converter writes it (params.yaml, category_map.json, a
+    model-only ckpt-0) with weights no fresh initialisation gives; returns the model."""
+    keras.utils.set_random_seed(seed)
     model = build_model(cfg.model, category_ids=[1, 2, 3])
     for v in model.weights:
-        v.assign(v.numpy() + np.float32(0.01))  # weights no fresh initialisation gives
+        v.assign(v.numpy() + np.float32(0.01))
+    model_dir_lib.write_model_dir(model_dir, cfg, CategoryMap(SOURCE_CATEGORIES))
+    model_dir_lib.save_model_checkpoint(model, model_dir, 0)
+    return model
+
+
+def test_a_model_only_checkpoint_restores_the_model_and_starts_the_optimizer_at_zero(tmp_path):
+    cfg = make_config(str(tmp_path / "data"), SOURCE_CATEGORIES)
     model_dir = str(tmp_path / "converted")
-    save_config(cfg, model_dir)
-    CategoryMap(SOURCE_CATEGORIES).to_json(os.path.join(model_dir, "category_map.json"))
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1).save(0)
+    model = write_converted(cfg, model_dir, seed=7)
     trainer = Trainer(cfg, model_dir)
     assert trainer.restored_from == os.path.join(model_dir, "ckpt-0")
     assert trainer.step == 0
@@ -425,14 +432,9 @@ def test_a_model_only_mask_rcnn_checkpoint_restores_the_mask_head_too(tmp_path):
     cfg = make_config(
         str(tmp_path / "data"), SOURCE_CATEGORIES, **{"model.architecture": "mask_rcnn"}
     )
-    keras.utils.set_random_seed(cfg.train.seed)  # the seed the trainer builds its model with
-    model = build_model(cfg.model, category_ids=[1, 2, 3])
-    for v in model.weights:
-        v.assign(v.numpy() + np.float32(0.01))  # weights no fresh initialisation gives
     model_dir = str(tmp_path / "converted")
-    save_config(cfg, model_dir)
-    CategoryMap(SOURCE_CATEGORIES).to_json(os.path.join(model_dir, "category_map.json"))
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1).save(0)
+    # The seed the trainer builds its model with: a head left unrestored would not show otherwise.
+    model = write_converted(cfg, model_dir, seed=cfg.train.seed)
     trainer = Trainer(cfg, model_dir)
     assert trainer.restored_from == os.path.join(model_dir, "ckpt-0")
     got, want = values(trainer.model), values(model)
@@ -445,12 +447,10 @@ def test_a_checkpoint_missing_a_part_of_the_model_is_not_restored(tmp_path, capl
     """A Faster R-CNN's weights into a Mask R-CNN run directory: the mask head has no values
     there, which the restore says (the run cannot resume from that checkpoint)."""
     cfg = make_config(str(tmp_path / "data"), SOURCE_CATEGORIES)
-    model = build_model(cfg.model, category_ids=[1, 2, 3])
     model_dir = str(tmp_path / "converted")
-    CategoryMap(SOURCE_CATEGORIES).to_json(os.path.join(model_dir, "category_map.json"))
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1).save(0)
+    write_converted(cfg, model_dir, seed=0)
     mask_cfg = cfg.override({"model": {"architecture": "mask_rcnn"}})
-    with pytest.raises(Exception, match="none of the checkpoints") as e:
+    with pytest.raises(CheckpointError, match="none of the checkpoints") as e:
         Trainer(mask_cfg, model_dir)
     assert "\n" not in str(e.value)
     assert "holds no weights for this model's mask_heads" in caplog.text
