@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import emit_json_line  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "The trained run's directory.")
@@ -143,10 +144,7 @@ def main(argv):
             "mask_AP": metrics.get("mask_AP"),
             "seconds_per_image": seconds[fmt] / max(1, len(images)),
         }
-        print(json.dumps(record), flush=True)
-        if FLAGS.output:
-            with open(FLAGS.output, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        record = emit_json_line(record, FLAGS.output)
         base = base if base is not None else record["AP"]
         mask = "-" if record["mask_AP"] is None else f"{record['mask_AP']:.4f}"
         rows.append(

@@ -13,7 +13,6 @@ format (median / min seconds, file size) and a Markdown table.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import emit_json_line  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/cpu_demo.yaml", "Config YAML (its eval_data resize rule).")
@@ -148,10 +148,7 @@ def main(argv):
             "file_mb": sizes[fmt] / 1e6,
             "cpu": cpu,
         }
-        print(json.dumps(record), flush=True)
-        if FLAGS.output:
-            with open(FLAGS.output, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        record = emit_json_line(record, FLAGS.output)
         ratio = f"{base / record['median_s']:.2f}x" if base else "-"
         rows.append(
             f"| {fmt} | {record['median_s'] * 1e3:.0f} | {record['min_s'] * 1e3:.0f} | "
