@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import keras
-
 from fpn_tf.modeling.backbones import build_backbone, pixel_mean_rgb, pixel_normalization
 from fpn_tf.modeling.faster_rcnn import FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model
