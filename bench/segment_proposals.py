@@ -133,7 +133,7 @@ def run() -> str:
         model, _ = load_segment_model(FLAGS.segment_model_dir)
         variants = [("FPN segment proposals (ours)", None)]
         if FLAGS.single_heads:
-            variants += [(f"  {w}x{w} only", (w,)) for w in model.head.window_sizes]
+            variants += [(f"  {w}x{w} only", (w,)) for w in model.head.config.window_sizes]
         for name, sizes in variants:
             fn = tf.function(lambda f, sizes=sizes: model(inputs(f), window_sizes=sizes))
             metrics, spi = evaluate(fn, dataset(), groundtruth, FLAGS.max_batches)

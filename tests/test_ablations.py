@@ -1,7 +1,5 @@
 """Every ablation config builds the architecture its row names: pyramid outputs and anchors."""
 
-import numpy as np
-import pytest
 import tensorflow as tf
 
 from fpn_tf.ablations import ROWS, markdown_table

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import BackboneConfig
 from fpn_tf.modeling.backbones import (
     PixelNormalization,
     build_backbone,
-    build_resnet_backbone,
-    build_small_resnet_backbone,
     pixel_mean_rgb,
     pixel_normalization,
 )
 from fpn_tf.modeling.frozen_batch_norm import Conv2DFrozenBatchNorm, fold_frozen_batch_norm
 
 BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
+# small_resnet as the CPU demo trains it: nothing frozen.
+SMALL = dict(type="small_resnet", freeze_at=0, freeze_bn=False)
 
 
 def _check_strides(outputs, height, width):
@@ -28,7 +29,7 @@ def _check_strides(outputs, height, width):
 
 
 def test_resnet101_endpoints_and_channels():
-    backbone = build_resnet_backbone(depth=101)
+    backbone = build_backbone(type="resnet101")
     out = backbone(tf.zeros((1, 97, 131, 3)))
     _check_strides(out, 97, 131)
     assert [out[k].shape[-1] for k in ("C2", "C3", "C4", "C5")] == [256, 512, 1024, 2048]
@@ -37,7 +38,7 @@ def test_resnet101_endpoints_and_channels():
 
 @pytest.mark.parametrize("height,width", [(64, 96), (65, 97)])
 def test_small_resnet_strides(height, width):
-    backbone = build_small_resnet_backbone(widths=(8, 16, 24, 32), stem_width=8)
+    backbone = build_backbone(**SMALL, widths=[8, 16, 24, 32], stem_width=8)
     out = backbone(tf.zeros((2, height, width, 3)))
     _check_strides(out, height, width)
     assert [out[k].shape[-1] for k in ("C2", "C3", "C4", "C5")] == [8, 16, 24, 32]
@@ -51,7 +52,7 @@ def test_pixel_normalization_caffe_bgr():
 
 
 def test_resnet50_frozen_bn_and_stem_stay_frozen_through_a_training_step():
-    backbone = build_resnet_backbone(depth=50, freeze_at=2, freeze_bn=True)
+    backbone = build_backbone(freeze_at=2, freeze_bn=True)
     # Frozen BatchNorms are folded into their convs; their vectors are never trainable.
     folded = [l for l in backbone.layers if isinstance(l, Conv2DFrozenBatchNorm)]
     assert len(folded) == 53
@@ -84,7 +85,7 @@ def test_resnet50_frozen_bn_and_stem_stay_frozen_through_a_training_step():
 
 
 def test_resnet_trainable_bn_when_not_frozen():
-    backbone = build_resnet_backbone(depth=50, freeze_at=0, freeze_bn=False)
+    backbone = build_backbone(freeze_at=0, freeze_bn=False)
     assert all(l.trainable for l in backbone.layers)
     assert sum(isinstance(l, keras.layers.BatchNormalization) for l in backbone.layers) == 53
 
@@ -96,16 +97,18 @@ def test_resnet_weights_load_from_local_file(tmp_path):
     kernel.assign(rng.normal(size=kernel.shape).astype("float32"))
     path = str(tmp_path / "resnet50_notop.weights.h5")
     source.save_weights(path)
-    backbone = build_resnet_backbone(depth=50, weights=path)
+    backbone = build_backbone(weights=path)
     loaded = [v for v in backbone.weights if v.path.endswith("conv3_block1_1_conv/kernel")]
     np.testing.assert_array_equal(loaded[0].numpy(), kernel.numpy())
 
 
 def test_build_backbone_rejects_unknown_names_and_weights_for_small():
-    with pytest.raises(ValueError, match="unknown backbone"):
-        build_backbone("vgg16")
+    with pytest.raises(ValueError, match="'type' must be one of"):
+        build_backbone(type="vgg16")
     with pytest.raises(ValueError, match="no pretrained weights"):
-        build_backbone("small_resnet", weights="imagenet")
+        build_backbone(type="small_resnet", weights="imagenet")
+    with pytest.raises(ValueError, match="Unknown config key 'depth'"):
+        build_backbone(depth=50)
 
 
 # --- torchvision / detectron2 switches: stride in the 3x3, BatchNorm epsilon, normalisation ---
@@ -175,8 +178,7 @@ def _torchvision_resnet50_reference(model, images, epsilon):
 def torchvision_style_resnet50():
     """Our stride-in-3x3 ResNet-50 with torchvision's epsilon and normalisation, random weights."""
     keras.utils.set_random_seed(0)
-    model = build_resnet_backbone(
-        depth=50,
+    model = build_backbone(
         stride_in_1x1=False,
         bn_epsilon=1e-5,
         channel_order="rgb",
@@ -220,7 +222,7 @@ def test_stride_in_1x1_stays_keras_applications_and_its_outputs(
         raise AssertionError("stride_in_1x1=True must use keras.applications")
 
     monkeypatch.setattr(backbones, "bottleneck_resnet_v1_5", not_ours)
-    default = build_resnet_backbone(depth=50, fold_frozen_bn=False)
+    default = build_backbone(fold_frozen_bn=False)
     monkeypatch.undo()
     ours = torchvision_style_resnet50
     # ... and the two differ only in where conv3..conv5's first block strides.
@@ -252,7 +254,7 @@ def test_stride_in_3x3_has_keras_applications_names_shapes_and_weight_files(tmp_
 
     source = keras.applications.ResNet50(include_top=False, weights=None)
     _randomise_weights(source, seed=4)
-    ours = build_resnet_backbone(depth=50, stride_in_1x1=False, fold_frozen_bn=False)
+    ours = build_backbone(stride_in_1x1=False, fold_frozen_bn=False)
 
     def weighted(model):
         return [(l.name, [tuple(w.shape) for w in l.weights]) for l in model.layers if l.weights]
@@ -267,9 +269,7 @@ def test_stride_in_3x3_has_keras_applications_names_shapes_and_weight_files(tmp_
     with h5py.File(legacy_path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, source)
     for path, fold in ((new_path, True), (legacy_path, False)):
-        loaded = build_resnet_backbone(
-            depth=50, stride_in_1x1=False, weights=path, fold_frozen_bn=fold
-        )
+        loaded = build_backbone(stride_in_1x1=False, weights=path, fold_frozen_bn=fold)
         names = {l.name for l in loaded.layers}
         for name, values in expected.items():
             if name in names:
@@ -281,16 +281,16 @@ def test_stride_in_3x3_has_keras_applications_names_shapes_and_weight_files(tmp_
             for a, b in zip(got, values):
                 np.testing.assert_array_equal(a, b, err_msg=f"{path} {name}")
     with pytest.raises(ValueError, match="stride_in_1x1"):
-        build_resnet_backbone(depth=50, stride_in_1x1=False, weights="imagenet")
+        build_backbone(stride_in_1x1=False, weights="imagenet")
 
 
 @pytest.mark.parametrize(
     "freeze_at,freeze_bn,fold", [(2, True, True), (3, True, False), (0, False, True)]
 )
 def test_stride_in_3x3_freezes_and_folds_as_keras_applications(freeze_at, freeze_bn, fold):
-    args = dict(depth=50, freeze_at=freeze_at, freeze_bn=freeze_bn, fold_frozen_bn=fold)
-    theirs = build_resnet_backbone(**args)
-    ours = build_resnet_backbone(stride_in_1x1=False, **args)
+    args = dict(freeze_at=freeze_at, freeze_bn=freeze_bn, fold_frozen_bn=fold)
+    theirs = build_backbone(**args)
+    ours = build_backbone(stride_in_1x1=False, **args)
 
     def flags(model):
         return [(l.name, type(l).__name__, l.trainable) for l in model.layers if l.weights]
@@ -304,12 +304,12 @@ def test_stride_in_3x3_freezes_and_folds_as_keras_applications(freeze_at, freeze
 @pytest.mark.parametrize(
     "build,count",
     [
-        (lambda **kw: build_resnet_backbone(depth=50, **kw), 53),
-        (lambda **kw: build_resnet_backbone(depth=50, stride_in_1x1=False, **kw), 53),
-        (lambda **kw: build_small_resnet_backbone(widths=(8, 8, 16, 16), stem_width=8, **kw), 13),
+        (lambda **kw: build_backbone(**kw), 53),
+        (lambda **kw: build_backbone(stride_in_1x1=False, **kw), 53),
+        (lambda **kw: build_backbone(**SMALL, widths=[8, 8, 16, 16], stem_width=8, **kw), 13),
         (
-            lambda **kw: build_small_resnet_backbone(
-                widths=(8, 8, 16, 16), stem_width=8, freeze_bn=True, **kw
+            lambda **kw: build_backbone(
+                type="small_resnet", widths=[8, 8, 16, 16], stem_width=8, freeze_bn=True, **kw
             ),
             13,
         ),
@@ -324,7 +324,7 @@ def test_bn_epsilon_reaches_every_batch_norm_and_folded_conv(build, count):
 
 
 def test_small_resnet_bn_epsilon_default():
-    backbone = build_small_resnet_backbone(widths=(8, 8, 8, 8), stem_width=8)
+    backbone = build_backbone(**SMALL, widths=[8, 8, 8, 8], stem_width=8)
     bns = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert bns and {l.epsilon for l in bns} == {1e-5}
 
@@ -332,9 +332,9 @@ def test_small_resnet_bn_epsilon_default():
 def test_bn_epsilon_changes_the_outputs_as_epsilon_does():
     """Same weights, epsilon 0.25 and variances lowered by (0.25 - 1.001e-5): the same outputs,
     unfolded and folded (a stray epsilon anywhere breaks the equality)."""
-    reference = build_resnet_backbone(depth=50, fold_frozen_bn=False)
+    reference = build_backbone(fold_frozen_bn=False)
     _randomise_weights(reference, seed=5)
-    changed = build_resnet_backbone(depth=50, fold_frozen_bn=False, bn_epsilon=0.25)
+    changed = build_backbone(fold_frozen_bn=False, bn_epsilon=0.25)
     changed.set_weights(reference.get_weights())
     images = np.random.default_rng(6).uniform(0, 255, (1, 32, 48, 3)).astype("float32")
     expected = reference(images)["C5"].numpy()
@@ -372,9 +372,6 @@ def test_pixel_normalization_defaults_and_validation():
 
 
 def test_backbones_normalise_their_input_as_configured():
-    from fpn_tf.configs.experiment import BackboneConfig
-    from fpn_tf.modeling.factory import build_backbone_from_config
-
     rgb = np.random.default_rng(7).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
     small = dict(type="small_resnet", widths=[8, 8, 8, 8], stem_width=8)
     cases = [
@@ -407,7 +404,7 @@ def test_backbones_normalise_their_input_as_configured():
         ),
     ]
     for cfg, expected in cases:
-        got = _normalized_input(build_backbone_from_config(cfg), rgb)
+        got = _normalized_input(build_backbone(cfg), rgb)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4, err_msg=str(cfg))
 
     # torchvision's whole backbone section reaches the builder.
@@ -420,7 +417,7 @@ def test_backbones_normalise_their_input_as_configured():
         pixel_std=list(TORCHVISION_STD),
         pad_normalized_zero=True,
     )
-    backbone = build_backbone_from_config(torchvision)
+    backbone = build_backbone(torchvision)
     assert backbone.get_layer("conv3_block1_2_conv").strides == (2, 2)
     folded = [l for l in backbone.layers if isinstance(l, Conv2DFrozenBatchNorm)]
     assert len(folded) == 53 and {l.epsilon for l in folded} == {1e-5}

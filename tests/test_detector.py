@@ -13,7 +13,8 @@ from fpn_tf.configs.experiment import (
     RoIConfig,
     RPNConfig,
 )
-from fpn_tf.modeling.factory import anchor_sizes_for, build_model
+from fpn_tf.modeling.backbones import build_backbone
+from fpn_tf.modeling.factory import build_model
 from fpn_tf.modeling.faster_rcnn import LOSS_NAMES, FasterRCNN
 from fpn_tf.modeling.fpn import build_fpn_model
 from fpn_tf.modeling.roi_heads import RoIHeads
@@ -47,24 +48,17 @@ def fixed_batch(size=128):
     return features, labels
 
 
-def tiny_rpn(anchor_sizes=None, **overrides):
+def tiny_rpn(levels=("P2", "P3", "P4", "P5", "P6"), sizes=(16, 32, 64, 128, 256), **overrides):
     """The paper's RPN settings (the config's defaults) with small top-k's, on P2..P6."""
-    anchor = AnchorConfig()
     settings = {
-        "anchor_offset": anchor.offset,
-        "anchor_round": anchor.round_cell_anchors,
-        "anchor_stride_from_padded_size": anchor.stride_from_padded_size,
-        **RPNConfig().to_dict(),
         "pre_nms_top_k_train": 500,
         "post_nms_top_k_train": 200,
         "pre_nms_top_k_test": 300,
         "post_nms_top_k_test": 100,
         **overrides,
     }
-    if anchor_sizes is None:
-        anchor_sizes = {f"P{l}": (s,) for l, s in zip(range(2, 7), (16, 32, 64, 128, 256))}
     return RegionProposalNetwork(
-        anchor_sizes=anchor_sizes, aspect_ratios=(0.5, 1.0, 2.0), **settings
+        RPNConfig(**settings), AnchorConfig(sizes=list(sizes)), list(levels)
     )
 
 
@@ -79,15 +73,16 @@ def tiny_roi_heads(num_classes=3, **overrides):
     return RoIHeads(num_classes=num_classes, **settings)
 
 
-def tiny_model(size=128):
-    fpn = build_fpn_model(
-        "small_resnet",
-        num_channels=32,
-        widths=(16, 32, 64, 64),
-        stem_width=16,
-        input_shape=(size, size, 3),
+def tiny_fpn(size=128, num_channels=32, widths=(16, 32, 64, 64), stem_width=16):
+    """A small_resnet pyramid trained from scratch (nothing frozen), on size x size images."""
+    backbone = build_backbone(
+        type="small_resnet", freeze_at=0, freeze_bn=False, widths=widths, stem_width=stem_width
     )
-    return FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(), category_ids=CATEGORY_IDS)
+    return build_fpn_model(backbone, num_channels=num_channels, input_shape=(size, size, 3))
+
+
+def tiny_model(size=128):
+    return FasterRCNN(tiny_fpn(size), tiny_rpn(), tiny_roi_heads(), category_ids=CATEGORY_IDS)
 
 
 def test_overfits_a_fixed_batch_and_then_detects_its_boxes():
@@ -199,16 +194,15 @@ def test_boxes_map_back_to_the_original_image_with_image_info():
 
 
 def test_rejects_inconsistent_arguments():
-    fpn = build_fpn_model("small_resnet", num_channels=8, widths=(8, 8, 8, 8), stem_width=8)
+    fpn = build_fpn_model(
+        build_backbone(type="small_resnet", widths=[8, 8, 8, 8], stem_width=8), num_channels=8
+    )
     with pytest.raises(ValueError, match="anchor sizes for levels .'P7'. that the pyramid"):
-        FasterRCNN(fpn, tiny_rpn({"P2": (32,), "P7": (64,)}), tiny_roi_heads(2))
+        FasterRCNN(fpn, tiny_rpn(["P2", "P7"], [32, 64]), tiny_roi_heads(2))
     with pytest.raises(ValueError, match="model.anchor.sizes has 2 entries"):
-        anchor_sizes_for(
-            ExperimentConfig.from_dict({"model.anchor.sizes": [32, 64]}).model,
-            ["P2", "P3", "P4", "P5", "P6"],
-        )
-    with pytest.raises(ValueError, match="same anchors per location"):
-        tiny_rpn({"P2": (32,), "P3": (64, 128)})
+        tiny_rpn(sizes=[32, 64])
+    with pytest.raises(ValueError, match="model.anchor.sizes has 3 entries"):
+        tiny_rpn(["P2", "P3"], [32, 64, 128])
     with pytest.raises(ValueError, match="category ids"):
         FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2), category_ids=[1, 2, 3])
     with pytest.raises(ValueError, match="no pyramid level in roi.min_level..max_level"):
@@ -268,13 +262,15 @@ def test_every_setting_of_the_model_sections_reaches_its_layer():
     )
     model = build_model(cfg.model, category_ids=[3, 7])
     rpn_config, roi_config = model.rpn.get_config(), model.roi_heads.get_config()
-    assert (rpn_config["anchor_offset"], rpn_config["anchor_round"]) == (0.0, True)
-    assert rpn_config["anchor_stride_from_padded_size"] is False
+    assert rpn_config["anchor_config"] == cfg.model.anchor.to_dict()
+    assert rpn_config["anchor_config"]["offset"] == 0.0
+    assert rpn_config["anchor_config"]["round_cell_anchors"] is True
+    assert rpn_config["anchor_config"]["stride_from_padded_size"] is False
     # The dataset's ids place the classifier rows: background, 3, 7 (8 rows).
     assert roi_config["classifier_rows"] == [0, 3, 7]
     assert model.roi_heads.box_head.classifier.units == 8
     for section, config in (
-        (cfg.model.rpn, rpn_config),
+        (cfg.model.rpn, rpn_config["config"]),
         (cfg.model.roi, roi_config),
         (cfg.model.detection, roi_config),
     ):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fpn_tf.modeling.backbones import build_backbone
 from fpn_tf.modeling.fpn import FeaturePyramid, build_fpn_model, upsample_nearest_to
 
 
@@ -166,7 +167,7 @@ def test_pyramid_get_config_round_trip():
 
 @pytest.fixture(scope="module")
 def resnet50_fpn():
-    return build_fpn_model("resnet50", num_channels=256)
+    return build_fpn_model(build_backbone(type="resnet50"), num_channels=256)
 
 
 @pytest.mark.parametrize("height,width", [(800, 1333), (257, 391)])
@@ -179,7 +180,10 @@ def test_resnet50_fpn_strides_and_shapes(resnet50_fpn, height, width):
 
 
 def test_fpn_model_functional_reuse_trains_and_round_trips(tmp_path):
-    fpn = build_fpn_model("small_resnet", num_channels=16, widths=(8, 16, 16, 32), stem_width=8)
+    backbone = build_backbone(
+        type="small_resnet", freeze_at=0, freeze_bn=False, widths=[8, 16, 16, 32], stem_width=8
+    )
+    fpn = build_fpn_model(backbone, num_channels=16)
     x = keras.Input((64, 96, 3))
     feats = fpn(x)
     y = keras.layers.Conv2D(2, 1, name="my_head")(feats["P3"])

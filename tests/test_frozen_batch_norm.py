@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.modeling.backbones import build_resnet_backbone, build_small_resnet_backbone
+from fpn_tf.modeling.backbones import build_backbone
 from fpn_tf.modeling.frozen_batch_norm import Conv2DFrozenBatchNorm, fold_frozen_batch_norm
 
 
@@ -78,9 +78,9 @@ def test_trainable_batch_norm_is_not_folded():
 
 
 def test_folded_small_resnet_equals_unfolded_and_trains_the_same():
-    kwargs = dict(widths=(8, 16, 24, 32), stem_width=8, freeze_at=2, freeze_bn=True)
+    kwargs = dict(type="small_resnet", widths=[8, 16, 24, 32], stem_width=8, freeze_bn=True)
     keras.utils.set_random_seed(0)
-    plain = build_small_resnet_backbone(fold_frozen_bn=False, **kwargs)
+    plain = build_backbone(fold_frozen_bn=False, **kwargs)
     _randomise_batch_norms(plain)
     folded, count = fold_frozen_batch_norm(plain)
     assert count == sum(isinstance(l, keras.layers.BatchNormalization) for l in plain.layers) > 10
@@ -113,11 +113,11 @@ def test_folded_small_resnet_equals_unfolded_and_trains_the_same():
 
 
 def test_resnet50_is_folded_by_default_and_matches_keras_applications():
-    plain = build_resnet_backbone(depth=50, fold_frozen_bn=False)
+    plain = build_backbone(fold_frozen_bn=False)
     _randomise_batch_norms(plain, seed=3)
     folded, count = fold_frozen_batch_norm(plain)
     assert count == 53  # every conv of ResNet-50 (49 + 4 shortcut convs) has a BatchNorm
-    default = build_resnet_backbone(depth=50)
+    default = build_backbone()
     assert sum(isinstance(l, Conv2DFrozenBatchNorm) for l in default.layers) == 53
     assert not any(isinstance(l, keras.layers.BatchNormalization) for l in default.layers)
     images = tf.constant(np.random.default_rng(4).uniform(0, 255, (1, 96, 128, 3)), tf.float32)
@@ -130,7 +130,7 @@ def test_resnet50_is_folded_by_default_and_matches_keras_applications():
 
 
 def test_folded_backbone_config_and_keras_file_round_trip(tmp_path):
-    model = build_small_resnet_backbone(widths=(8, 8, 8, 8), stem_width=8, freeze_bn=True)
+    model = build_backbone(type="small_resnet", widths=[8, 8, 8, 8], stem_width=8)
     layer = model.get_layer("conv3_block1_1_conv")
     assert isinstance(layer, Conv2DFrozenBatchNorm)
     clone = Conv2DFrozenBatchNorm.from_config(layer.get_config())
@@ -219,12 +219,14 @@ def test_epsilon_zero_equals_torchvision_frozen_batch_norm_folded_or_not():
 
 
 def test_backbones_take_epsilon_zero_and_refuse_a_negative_one():
-    kwargs = dict(widths=(8, 8, 8, 8), stem_width=8, freeze_bn=True)
-    model = build_small_resnet_backbone(bn_epsilon=0.0, **kwargs)
+    kwargs = dict(type="small_resnet", widths=[8, 8, 8, 8], stem_width=8, freeze_bn=True)
+    model = build_backbone(bn_epsilon=0.0, **kwargs)
     folded = [layer for layer in model.layers if isinstance(layer, Conv2DFrozenBatchNorm)]
     assert len(folded) > 10 and {layer.epsilon for layer in folded} == {0.0}
     images = tf.constant(np.random.default_rng(8).uniform(0, 255, (1, 32, 32, 3)), tf.float32)
     assert np.all(np.isfinite(model(images)["C5"].numpy()))
-    for build in (build_small_resnet_backbone, build_resnet_backbone):
-        with pytest.raises(ValueError, match=r"^bn_epsilon must be >= 0, got -1e-05$"):
-            build(bn_epsilon=-1e-5)
+    for backbone_type in ("small_resnet", "resnet50"):
+        with pytest.raises(
+            ValueError, match=r"^Config key 'bn_epsilon' must be >= 0 or null, got -1e-05\.$"
+        ):
+            build_backbone(type=backbone_type, bn_epsilon=-1e-5)

@@ -11,12 +11,11 @@ import tensorflow as tf
 from fpn_tf.configs.experiment import ExperimentConfig, MaskConfig, RoIConfig
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.modeling.faster_rcnn import LOSS_NAMES, MASK_LOSS_NAMES, FasterRCNN
-from fpn_tf.modeling.fpn import build_fpn_model
 from fpn_tf.modeling.mask_head import EQ1_FIELDS, MaskHeads, MaskRCNNHead
 from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.ops.target_assigner import RoiTargets
-from test_detector import CATEGORY_IDS, fixed_batch, tiny_roi_heads, tiny_rpn
+from test_detector import CATEGORY_IDS, fixed_batch, tiny_fpn, tiny_roi_heads, tiny_rpn
 
 ROWS = [0, 5, 9, 11]  # torchvision-style rows of background and classes 1..3
 
@@ -352,15 +351,8 @@ def disc_batch(size=128):
 
 
 def tiny_mask_model(size=128):
-    fpn = build_fpn_model(
-        "small_resnet",
-        num_channels=32,
-        widths=(16, 32, 64, 64),
-        stem_width=16,
-        input_shape=(size, size, 3),
-    )
     return FasterRCNN(
-        fpn,
+        tiny_fpn(size),
         tiny_rpn(),
         tiny_roi_heads(),
         mask_heads=_mask_heads(conv_dims=32, num_convs=4, name="mask_heads"),

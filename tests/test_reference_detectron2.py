@@ -330,10 +330,10 @@ def test_anchors_at_offset_zero_equal_detectron2_formula():
 
 
 def test_bgr_mean_subtraction_of_the_detectron2_config():
-    from fpn_tf.modeling.factory import build_backbone_from_config
+    from fpn_tf.modeling.backbones import build_backbone
 
     backbone_cfg = load_config(CONFIG).model.backbone
-    backbone = build_backbone_from_config(backbone_cfg)
+    backbone = build_backbone(backbone_cfg)
     rgb = np.random.default_rng(4).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
     norm = [layer for layer in backbone.layers if type(layer).__name__ == "PixelNormalization"]
     assert len(norm) == 1

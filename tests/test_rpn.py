@@ -3,10 +3,10 @@ RegionProposalNetwork layer on its own (anchors, targets, proposals, losses, ser
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from fpn_tf.configs.experiment import AnchorConfig, ModelConfig, RPNConfig
-from fpn_tf.modeling.factory import build_rpn
 from fpn_tf.modeling.losses import rpn_losses
 from fpn_tf.modeling.rpn import RegionProposalNetwork, RPNHead
 from fpn_tf.ops import anchors as anchor_ops
@@ -71,20 +71,10 @@ SIZES = {"P3": (32.0,), "P4": (64.0,)}
 IMAGE = 64  # P3: 8x8 cells, P4: 4x4
 
 
-_ANCHORS = AnchorConfig()
-ANCHOR_KWARGS = {
-    "anchor_offset": _ANCHORS.offset,
-    "anchor_round": _ANCHORS.round_cell_anchors,
-    "anchor_stride_from_padded_size": _ANCHORS.stride_from_padded_size,
-}
-
-
-def _rpn(**overrides):
-    return RegionProposalNetwork(
-        anchor_sizes=SIZES,
-        aspect_ratios=(0.5, 1.0, 2.0),
-        **{**ANCHOR_KWARGS, **RPNConfig().to_dict(), **overrides},
-    )
+def _rpn(anchor_config=None, name=None, **overrides):
+    """An RPN on P3 / P4 (anchor sizes 32 / 64) with ``model.rpn`` fields ``overrides``."""
+    anchor_config = anchor_config or AnchorConfig(sizes=[32.0, 64.0])
+    return RegionProposalNetwork(RPNConfig(**overrides), anchor_config, list(SIZES), name=name)
 
 
 def _features(rng=None, channels=4, batch=1):
@@ -217,8 +207,9 @@ def test_rpn_get_config_round_trip_gives_the_same_proposals():
     features = _features(rng)
     a, _ = rpn(features, _valid_hw())
     config = rpn.get_config()
-    assert config["nms_impl"] == "padded" and config["head_channels"] == 6
-    assert config["anchor_sizes"] == {"P3": [32.0], "P4": [64.0]}
+    assert config["config"]["nms_impl"] == "padded" and config["config"]["head_channels"] == 6
+    assert config["anchor_config"]["sizes"] == [32.0, 64.0] and config["levels"] == ["P3", "P4"]
+    assert rpn.anchor_sizes == SIZES
     clone = RegionProposalNetwork.from_config(config)
     assert clone.get_config() == config
     clone(features, _valid_hw())
@@ -233,10 +224,11 @@ def test_rpn_get_config_round_trip_gives_the_same_proposals():
 
 
 def test_anchor_switches_reach_the_anchors_the_rpn_proposes_from():
-    """anchor_offset 0, anchor_round and anchor_stride_from_padded_size (torchvision): a P3 map of
-    7x8 cells means a 56x64 padded image, whose 4x4 P4 cells have stride 56 // 4 = 14 in y."""
-    switches = dict(anchor_offset=0.0, anchor_round=True, anchor_stride_from_padded_size=True)
-    rpn = _rpn(pre_nms_top_k_test=50, post_nms_top_k_test=10, **switches)
+    """model.anchor offset 0, round_cell_anchors and stride_from_padded_size (torchvision): a P3
+    map of 7x8 cells means a 56x64 padded image, whose 4x4 P4 cells have stride 56 // 4 = 14."""
+    switches = dict(offset=0.0, round_cell_anchors=True, stride_from_padded_size=True)
+    anchor_config = AnchorConfig(sizes=[32.0, 64.0], **switches)
+    rpn = _rpn(anchor_config, pre_nms_top_k_test=50, post_nms_top_k_test=10)
     features = {
         "P3": tf.zeros((1, 7, 8, 4), tf.float32),
         "P4": tf.zeros((1, 4, 4, 4), tf.float32),
@@ -263,7 +255,7 @@ def test_anchor_switches_reach_the_anchors_the_rpn_proposes_from():
     # Anchor (-18, 0, 46, 64), clipped to the 56x64 image.
     np.testing.assert_allclose(proposals.boxes[0, 0], [0.0, 0.0, 46.0, 64.0], atol=1e-4)
     config = rpn.get_config()
-    assert {k: config[k] for k in switches} == switches
+    assert {k: config["anchor_config"][k] for k in switches} == switches
     assert RegionProposalNetwork.from_config(config).get_config() == config
 
 
@@ -281,7 +273,7 @@ def test_positive_iou_inclusive_reaches_the_anchor_labels():
         rpn(_features(), _valid_hw())
         labels = rpn.assign_targets(rpn.anchors((IMAGE, IMAGE)), _labels([gt])).labels.numpy()[0]
         assert (labels[at_threshold] == (1 if inclusive else -1)).all(), inclusive
-        assert rpn.get_config()["positive_iou_inclusive"] is inclusive
+        assert rpn.get_config()["config"]["positive_iou_inclusive"] is inclusive
 
 
 def test_nms_per_level_reaches_the_proposals():
@@ -290,17 +282,12 @@ def test_nms_per_level_reaches_the_proposals():
     outputs = {}
     for per_level in (False, True):
         # One anchor size on both levels: P3 and P4 anchors overlap (IoU 0.62 at 4 px apart).
-        rpn = RegionProposalNetwork(
-            anchor_sizes={"P3": (32.0,), "P4": (32.0,)},
-            aspect_ratios=(0.5, 1.0, 2.0),
-            **{
-                **ANCHOR_KWARGS,
-                **RPNConfig().to_dict(),
-                "nms_per_level": per_level,
-                "nms_iou": 0.5,
-                "pre_nms_top_k_test": 60,
-                "post_nms_top_k_test": 80,
-            },
+        rpn = _rpn(
+            AnchorConfig(sizes=[32.0, 32.0]),
+            nms_per_level=per_level,
+            nms_iou=0.5,
+            pre_nms_top_k_test=60,
+            post_nms_top_k_test=80,
         )
         rpn(features, _valid_hw())
         if per_level:
@@ -320,12 +307,12 @@ def test_nms_per_level_reaches_the_proposals():
             nms_per_level=per_level,
         )
         np.testing.assert_array_equal(outputs[per_level].boxes.numpy(), ref.boxes.numpy())
-        assert rpn.get_config()["nms_per_level"] is per_level
+        assert rpn.get_config()["config"]["nms_per_level"] is per_level
     # Boxes of P3 and P4 suppress each other only in the global NMS: more survive per level.
     assert outputs[True].valid.numpy().sum() > outputs[False].valid.numpy().sum()
 
 
-def test_build_rpn_takes_the_switches_from_the_config():
+def test_the_rpn_takes_its_settings_from_the_config_sections():
     cfg = ModelConfig().override(
         {
             "anchor.offset": 0.0,
@@ -335,17 +322,27 @@ def test_build_rpn_takes_the_switches_from_the_config():
             "rpn.positive_iou_inclusive": True,
         }
     )
-    rpn = build_rpn(cfg, ["P2", "P3", "P4", "P5", "P6"])
-    assert (rpn.anchor_offset, rpn.anchor_round, rpn.anchor_stride_from_padded_size) == (
-        0.0,
-        True,
-        True,
-    )
-    assert rpn.nms_per_level and rpn.positive_iou_inclusive
-    default = build_rpn(ModelConfig(), ["P2", "P3", "P4", "P5", "P6"])
-    assert (default.anchor_offset, default.anchor_round, default.nms_per_level) == (
-        0.5,
-        False,
-        False,
-    )
-    assert not default.anchor_stride_from_padded_size and not default.positive_iou_inclusive
+    levels = ["P2", "P3", "P4", "P5", "P6"]
+    rpn = RegionProposalNetwork(cfg.rpn, cfg.anchor, levels)
+    assert rpn.anchor_config == cfg.anchor and rpn.config == cfg.rpn
+    assert rpn.anchor_sizes == {"P2": (32.0,), "P3": (64.0,), "P4": (128.0,), "P5": (256.0,),
+                                "P6": (512.0,)}  # fmt: skip
+    cfg.rpn.nms_per_level = False  # the layer holds its own copy
+    assert rpn.config.nms_per_level and rpn.config.positive_iou_inclusive
+    assert rpn.anchor_config.offset == 0.0 and rpn.anchor_config.round_cell_anchors
+    assert rpn.anchor_config.stride_from_padded_size
+    default = RegionProposalNetwork(ModelConfig().rpn, ModelConfig().anchor, levels)
+    assert (default.anchor_config.offset, default.anchor_config.round_cell_anchors) == (0.5, False)
+    assert not default.anchor_config.stride_from_padded_size
+    assert not default.config.nms_per_level and not default.config.positive_iou_inclusive
+    # One level takes every size (the single-level ablations); other counts are refused.
+    assert RegionProposalNetwork(cfg.rpn, cfg.anchor, ["P4"]).anchor_sizes == {
+        "P4": (32.0, 64.0, 128.0, 256.0, 512.0)
+    }
+    with pytest.raises(ValueError, match="model.anchor.sizes has 5 entries"):
+        RegionProposalNetwork(cfg.rpn, cfg.anchor, ["P3", "P4"])
+    with pytest.raises(ValueError, match="negative_iou"):
+        RegionProposalNetwork(RPNConfig(negative_iou=0.8), cfg.anchor, levels)
+    # The portable export switches nms_impl for a while: a copy, the config stays.
+    rpn.nms_impl = "padded"
+    assert rpn.config.nms_impl == "padded" and cfg.rpn.nms_impl == "per_image"

@@ -187,7 +187,7 @@ def test_positives_are_exactly_the_windows_within_one_cell():
 
 def test_sampling_is_128_windows_at_1_to_3_and_the_mask_loss_weighs_10x():
     keras.utils.set_random_seed(2)
-    head = SegmentProposalHead(**SegmentProposalConfig(hidden_dims=8).to_dict())
+    head = SegmentProposalHead(SegmentProposalConfig(hidden_dims=8))
     feats = {
         f"P{lvl}": tf.random.normal([2, s, s, 4]) for lvl, s in zip(range(2, 7), (32, 16, 8, 4, 2))
     }
@@ -356,7 +356,7 @@ def test_losses_match_numpy_on_a_hand_case():
         center_tolerance_unit="object_size",
         **geometry,
     )
-    head = SegmentProposalHead(**cfg.to_dict())
+    head = SegmentProposalHead(cfg)
     feats = {
         f"P{lvl}": tf.random.normal([2, s, s, 4]) for lvl, s in zip(range(2, 7), (16, 8, 4, 2, 1))
     }

@@ -71,54 +71,37 @@ __all__ = [
 
 @dataclasses.dataclass
 class BackboneConfig(Config):
-    """Bottom-up pathway. C2..C5 are the last blocks of conv2..conv5 (strides 4..32).
+    """Bottom-up pathway (`fpn_tf.modeling.backbones.build_backbone`): C2..C5, strides 4..32.
 
-    weights: None (random init), "imagenet" (keras.applications; downloads unless cached) or a
-      local .h5 / .weights.h5 path. The paper starts from ImageNet; the COCO YAMLs say "imagenet".
-    freeze_at: 0 = train everything, 1 = freeze the stem, 2 = stem + conv2 (detectron2
-      FREEZE_AT=2, the default), ... 5 = everything up to conv5.
-    freeze_bn: BatchNorm in inference mode with frozen statistics and affine parameters.
-    sync_batch_norm: when BatchNorm trains (freeze_bn false), compute its batch statistics over
-      all replicas of the strategy (SyncBatchNorm), so the global batch, not each replica's
-      slice, normalises.
-    fold_frozen_bn: with freeze_bn, compute each conv + frozen BatchNorm as one convolution
-      (same outputs up to float rounding, faster; `fpn_tf.modeling.frozen_batch_norm`). The
-      checkpoint then holds the BatchNorm vectors under the conv's name.
-    widths / blocks / stem_width: small_resnet only (ignored otherwise): channels and basic blocks
-      of conv2..conv5, channels of the stem. The defaults are the builder's (a narrow ResNet-18
-      shape); [64, 128, 256, 512] / [2, 2, 2, 2] / 64 is ResNet-18.
+    weights: None (random init), "imagenet" (keras.applications) or a local .h5 / .weights.h5.
+    freeze_at: 0 = train everything, 1 = freeze the stem, 2 = stem + conv2 (detectron2's
+      FREEZE_AT=2), ... 5 = everything up to conv5.
+    freeze_bn: BatchNorm in inference mode, statistics and affine parameters frozen.
+    sync_batch_norm: a BatchNorm that trains (freeze_bn false) takes its statistics over all
+      replicas.
+    fold_frozen_bn: with freeze_bn, each conv + frozen BatchNorm runs as one convolution (same
+      outputs up to float rounding, faster); the checkpoint holds the BatchNorm vectors under
+      the conv's name.
+    widths / blocks / stem_width: small_resnet only: channels and basic blocks of conv2..conv5,
+      channels of the stem ([64, 128, 256, 512] / [2, 2, 2, 2] / 64 is ResNet-18).
+    stride_in_1x1: resnet50/resnet101 only: where a bottleneck's stride 2 goes: true = its 1x1
+      conv (keras.applications, detectron2); false = its 3x3 conv (torchvision), which needs
+      weights null or a local file.
+    bn_epsilon: every BatchNorm's epsilon, folded ones included; null = the builder's own
+      (keras.applications 1.001e-5, small_resnet 1e-5). 0 needs freeze_bn; torchvision's COCO_V1
+      detection weights run with 0.
+    channel_order / pixel_mean / pixel_std: the input normalisation, all three or none. Inputs
+      are RGB 0..255; channel_order is the order the first conv sees, and pixel_mean /
+      pixel_std are in THAT order, 0..255 units. null = the type's own: resnet* bgr,
+      [103.939, 116.779, 123.68], std 1; small_resnet rgb, [123.675, 116.28, 103.53],
+      [58.395, 57.12, 57.375].
+    pad_normalized_zero: set every pixel outside an image's valid region to pixel_mean before
+      the backbone, so the padding is 0 after normalisation, as torchvision and detectron2 pad.
 
-    The switches below let published weights run as they were trained; their defaults are the
-    backbones' own behaviour.
-    torchvision fasterrcnn_resnet50_fpn: stride_in_1x1 false, bn_epsilon 0, channel_order rgb,
-      pixel_mean [123.675, 116.28, 103.53], pixel_std [58.395, 57.12, 57.375],
-      pad_normalized_zero true (and {train,eval}_data.resize_rounding floor).
-    detectron2 faster_rcnn_R_50_FPN: bn_epsilon 1e-5, channel_order bgr,
-      pixel_mean [103.53, 116.28, 123.675], pixel_std [1, 1, 1], pad_normalized_zero true.
-    stride_in_1x1: resnet50/resnet101 only (ignored for small_resnet): where a bottleneck's stride
-      2 goes: true = its first 1x1 conv (MSRA, keras.applications, detectron2's R-50); false = its
-      3x3 conv (torchvision's ResNet, "v1.5"; our own builder, fpn_tf/modeling/resnet.py, with
-      keras.applications' layer names and weight shapes, torch's symmetric padding). False needs
-      weights null or a local file (keras.applications' ImageNet weights are stride-in-1x1).
-    bn_epsilon: the epsilon of every (frozen) BatchNorm of the backbone, folded ones included:
-      scale = gamma / sqrt(moving_variance + bn_epsilon), as torchvision's FrozenBatchNorm2d.
-      null = the builder's own (keras.applications 1.001e-5, small_resnet 1e-5). >= 0; 0 needs
-      freeze_bn (a BatchNorm that trains divides by its batch variance, which can be 0). A
-      channel with moving_variance 0 and epsilon 0 gives inf / NaN, as it does in torchvision.
-      detectron2's FrozenBatchNorm2d uses 1e-5; torchvision's is 1e-5 too, but its
-      fasterrcnn_resnet50_fpn / maskrcnn_resnet50_fpn builders set it to 0 when they load the
-      COCO_V1 weights (`overwrite_eps(model, 0.0)`, kept for the weights trained before
-      pytorch/vision#2933), so those published files run with 0 (their 37.0 / 37.9 box AP).
-    channel_order / pixel_mean / pixel_std: the normalisation at the backbone's input, all three
-      or none. Inputs are RGB 0..255; channel_order ("rgb" or "bgr") is the order the first conv
-      sees, and pixel_mean / pixel_std are given in THAT order, in 0..255 units. null = the
-      backbone type's own: resnet*: bgr, [103.939, 116.779, 123.68], std 1 (keras.applications'
-      caffe mode); small_resnet: rgb, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375].
-    pad_normalized_zero: torchvision and detectron2 normalise, then pad the batch with zeros, so
-      padded pixels are 0 after normalisation; our pipeline and serving pad the 0..255 image with
-      0 (black) before it. True = the detector sets every pixel outside each image's valid region
-      (image_info's resized size) to pixel_mean (in RGB) before the backbone, so the padding is
-      exactly 0 where the first conv sees it (`FasterRCNN(pad_value=...)`).
+    Published weights: torchvision fasterrcnn_resnet50_fpn = stride_in_1x1 false, bn_epsilon 0,
+    rgb, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], pad_normalized_zero true;
+    detectron2 R-50 = bn_epsilon 1e-5, bgr, [103.53, 116.28, 123.675], [1, 1, 1],
+    pad_normalized_zero true.
     """
 
     type: Literal["resnet50", "resnet101", "small_resnet"] = "resnet50"
@@ -180,11 +163,11 @@ class FPNConfig(Config):
 
     num_channels: d, the channels of every pyramid level (256 in the paper).
     min_level/max_level: pyramid levels P{min}..P{max} (2..6: P6 = stride-2 max-pool of P5).
-    use_top_down / use_lateral: ablations of Table 1 (d) "bottom-up pyramid" (no top-down) and
-      (e) "top-down pyramid without lateral connections".
-    levels_used: subset of pyramid levels the heads use, e.g. ["P2"] for Table 1 (f); None = all.
-    single_scale_level: "C4" or "C5" for the single-scale baselines of Table 1 (a)/(b): no pyramid,
-      the RPN and RoI heads run on that backbone map; None = the pyramid.
+    use_top_down / use_lateral: Table 1's "bottom-up pyramid" and "top-down pyramid without
+      lateral connections" ablations.
+    levels_used: the levels the heads use, e.g. ["P2"] for Table 1 (f); None = all.
+    single_scale_level: "C4" or "C5": no pyramid, the heads run on that backbone map (Table 1
+      (a)/(b)); None = the pyramid.
     """
 
     num_channels: int = field(256, positive)
@@ -226,19 +209,16 @@ class FPNConfig(Config):
 
 @dataclasses.dataclass
 class AnchorConfig(Config):
-    """One anchor size per pyramid level (areas 32²..512² on P2..P6) × 3 aspect ratios (h/w).
+    """One anchor size per pyramid level (areas 32²..512² on P2..P6) × aspect ratios (h/w).
 
-    offset: anchor centres at ((y + offset) * stride, (x + offset) * stride) for feature cell
-      (y, x). 0.5 (ours, Model Garden, the original Detectron): the centre of the cell's block of
-      input pixels; torchvision and detectron2 use 0.0 (the block's top-left pixel).
-    round_cell_anchors: round the corners of each cell's anchors (centred at 0) to integers
-      before shifting them (round half to even, as torch.round): torchvision does
-      (AnchorGenerator: base_anchors.round()); detectron2 and ours do not.
-    stride_from_padded_size: each level's stride, per axis, is padded_image_size //
-      feature_map_size (integer division), as torchvision's AnchorGenerator takes it: on an
-      800-pixel padded side P6 (13 cells) gets stride 61, not 64. False (ours, detectron2): the
-      stride of level l is 2**l. The padded size is the first anchor level's map size times its
-      stride (the padded image size when that is a multiple of it, e.g. data pad_multiple 32).
+    offset: anchor centres at ((y + offset) * stride, (x + offset) * stride) for cell (y, x):
+      0.5 = the centre of the cell's pixels (ours, Model Garden); 0.0 = its top-left pixel
+      (torchvision, detectron2).
+    round_cell_anchors: round each cell's anchors (centred at 0) to integers, half to even
+      (torchvision).
+    stride_from_padded_size: each level's stride per axis is padded_size // map_size
+      (torchvision: P6 of an 800-pixel side has stride 61); false: 2**level. The padded size is
+      the first anchor level's map size times its stride.
     """
 
     sizes: List[float] = field([32.0, 64.0, 128.0, 256.0, 512.0], non_empty, each(positive))
@@ -252,27 +232,21 @@ class AnchorConfig(Config):
 class RPNConfig(Config):
     """Region proposal network on the pyramid (paper §4.1), one head shared by all levels.
 
-    positive_iou/negative_iou: anchor labelling (IoU > 0.7 positive, < 0.3 negative, rest ignored;
-      the highest-IoU anchor of each ground truth is positive too).
-    positive_iou_inclusive: an anchor is positive iff its IoU >= positive_iou (torchvision's and
-      detectron2's Matcher) instead of > (false: ours, the paper's "higher than 0.7"). The
-      negative rule is IoU < negative_iou either way, as in both references (their low
-      threshold is exclusive too: IoU in [negative_iou, positive_iou) is ignored). (Both
-      references also make a gt's best anchors positive when that best IoU is 0; ours needs > 0.)
+    positive_iou / negative_iou: anchors with IoU > 0.7 are positive, < 0.3 negative, the rest
+      ignored; each ground truth's highest-IoU anchor is positive too (when that IoU is > 0).
+    positive_iou_inclusive: positive iff IoU >= positive_iou (torchvision's and detectron2's
+      Matcher) instead of > (the paper's "higher than 0.7").
     pre_nms_top_k_*: kept per level by objectness before NMS; post_nms_top_k_*: kept per image.
-    nms_per_level: run the proposals' NMS separately on each pyramid level's candidates, then keep
-      the post_nms_top_k best of all levels by score, as torchvision and detectron2 do
-      (batched_nms with the level as the class); false (ours): one NMS over all levels'
-      candidates, so boxes of different levels suppress each other.
+      The _train pair applies when a loss is computed (training and validation), _test otherwise.
+    nms_per_level: one NMS per level, then the post_nms_top_k best of all levels (torchvision,
+      detectron2); false: one NMS over every level's candidates.
     min_box_size: proposals with a side smaller than this (input pixels) are dropped.
-    smooth_l1_beta: transition point of the smooth-L1 box loss. 1/9 is Faster R-CNN's sigma=3
-      (beta = 1/sigma²) as in Detectron; 0 makes it plain L1 (detectron2's current default).
+    smooth_l1_beta: the box loss' smooth-L1 transition point (1/9 = Detectron's sigma 3; 0 = L1).
     head_channels: the 3x3 conv's channels; None = the pyramid's num_channels.
-    head_sparse_backward: compute the head's gradient only at the positions the RPN loss reaches
-      (the sampled anchors); equal to the dense gradient up to float rounding, and cheaper
-      (fpn_tf/ops/rpn_head_ops.py). Off = TensorFlow's dense conv gradients.
-    nms_impl: the proposals' NMS, same boxes either way: "per_image" (a map over images of the
-      greedy NMS op; faster on CPUs, XLA-compatible) or "padded" (one batched padded NMS op).
+    head_sparse_backward: the head's gradient only at the positions the loss reaches (equal to
+      the dense gradient up to float rounding, cheaper).
+    nms_impl: "per_image" (a map of the greedy NMS; XLA-compatible) or "padded" (one batched
+      op); same boxes either way.
     """
 
     head_channels: Optional[int] = field(None, positive)
@@ -416,45 +390,31 @@ class MaskConfig(Config):
 
 @dataclasses.dataclass
 class SegmentProposalConfig(Config):
-    """Segment proposals on the pyramid (paper §6; Appendix A, "Implementation of Segmentation
-    Proposals", arXiv 1612.03144v2): DeepMask-style mask proposals from a small MLP applied
-    fully convolutionally on every level P2..P6 (`fpn_tf.modeling.segment_proposals`, geometry
-    and targets in `fpn_tf.ops.segment_windows`). The defaults are the appendix's numbers
-    ("paper") except where it says nothing ("ours"). The appendix also builds the pyramid with
-    d = 128 (model.fpn.num_channels, set in configs/coco_r50_fpn_segment_proposals.yaml) and
-    trains with LR 0.03, 80k iterations, /10 at 60k, 800-px images, no scale jitter (the train
-    section of that config). The pre-Appendix-A choices are
-    configs/cpu_demo_segment_proposals_ours.yaml.
+    """Segment proposals on the pyramid (paper §6; Appendix A of arXiv 1612.03144v2):
+    DeepMask-style MLPs applied fully convolutionally on P2..P6
+    (`fpn_tf.modeling.segment_proposals`, geometry and targets in `fpn_tf.ops.segment_windows`).
+    Defaults are the appendix's numbers ("paper") or ours where it says nothing ("ours"); it
+    also uses d = 128 (model.fpn.num_channels, configs/coco_r50_fpn_segment_proposals.yaml).
 
-    hidden_dims: outputs of the MLP's w x w conv (paper: "a 5x5 kernel with 512 outputs").
-    mask_size: the side of the predicted box-relative mask (paper: 14).
-    window_sizes: the MLPs' input windows: 5 (5x5) and/or 7 (7x7, the half octaves); one head
-      per size, each shared by P2..P6 (paper: [5, 7], the dual MLP).
-    object_sizes: per head (same order as window_sizes), the object scale (longer side, input
-      px) it handles on P2, doubling per level (paper: 32 -> {32, 64, 128, 256, 512} on P2..P6
-      for the 5x5; 32√2 for the 7x7, "a 128√2 scale mask is predicted by the 7x7 MLP on P4").
-      An object goes to the (head, level) whose scale is nearest its longer side in log space
-      (paper); objects outside the range are clamped to the end groups (ours).
-    mask_box_scale: the predicted mask covers a square of side mask_box_scale x the group's
-      object scale, centred at the cell centre (paper: 25 % padding = 1.25, a 14x14 mask over
-      {40, 80, 160, 320, 640} px for the 5x5 MLP, √2 larger for the 7x7).
+    hidden_dims: outputs of the MLP's w x w conv (paper: 512).
+    mask_size: side of the predicted box-relative mask (paper: 14).
+    window_sizes: the MLPs' input windows, one head per size shared by P2..P6 (paper: [5, 7]).
+    object_sizes: per head, the object scale (longer side, input px) it handles on P2, doubling
+      per level (paper: 32 for the 5x5, 32√2 for the 7x7). An object goes to the (head, level)
+      whose scale is nearest its longer side in log space; outside the range, to the end groups.
+    mask_box_scale: the mask covers a square of this x the group's scale, centred at the cell
+      centre (paper: 25 % padding = 1.25).
     center_tolerance, center_tolerance_unit: a window is positive for an object of its group
-      when its cell centre is within center_tolerance units of the object box's centre on both
-      axes, inclusive; unit "cells" = the level's stride 2^k, "object_size" = the group's object
-      scale (paper: 1 cell, "within 2^k pixels ... ±1 cell offset"; our earlier choice was 0.22
-      object_size, DeepMask's +-16 px at 224).
-    crowd_ioa_threshold: a would-be negative window whose mask box lies more than this much
-      (intersection over mask-box area) inside a crowd box is ignored (ours: the RPN's rule).
+      when its cell centre is within center_tolerance units of the box centre on both axes;
+      unit "cells" = the level's stride, "object_size" = the group's scale (paper: 1 cell).
+    crowd_ioa_threshold: a would-be negative whose mask box lies more than this much inside a
+      crowd box is ignored (ours).
     batch_size_per_image, positive_fraction: windows sampled per image for the losses, at most
-      that fraction positive, negatives filling the rest (paper: 128 per image, positive :
-      negative = 1 : 3, i.e. 0.25; the fill when positives are short is ours).
-    pre_nms_top_k: with NMS only, windows kept per (level, head) by score before it (ours).
-    post_nms_top_k: proposals per image, K (paper: masks at the 1000 highest-scoring locations).
-    nms_iou: NMS IoU threshold on the mask boxes; 1 turns NMS off (nothing overlaps more than
-      IoU 1) and K is then the top K windows by score of all levels and heads (paper: "We do not
-      perform any non-maximum suppression or post-processing").
-    objectness_loss_weight, mask_loss_weight: the weights of the score and mask losses (paper:
-      the mask loss 10x the score loss: 1 and 10).
+      that fraction positive (paper: 128, 1 : 3).
+    pre_nms_top_k: with NMS, windows kept per (level, head) before it (ours).
+    post_nms_top_k: proposals per image (paper: 1000).
+    nms_iou: NMS IoU threshold on the mask boxes; 1 = no NMS, the top K windows (paper).
+    objectness_loss_weight, mask_loss_weight: the score and mask loss weights (paper: 1, 10).
     """
 
     hidden_dims: int = field(512, positive)

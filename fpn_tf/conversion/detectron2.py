@@ -124,7 +124,7 @@ def _check_cell_anchors(state: StateDict, rpn) -> None:
         key = f"{CELL_ANCHORS_PREFIX}{index}"
         theirs = state.take(key)
         ours = anchor_ops.cell_anchors(rpn.anchor_sizes[level], rpn.aspect_ratios)
-        if rpn.anchor_round:
+        if rpn.anchor_config.round_cell_anchors:
             ours = np.round(ours)
         ours = ours[:, [1, 0, 3, 2]]  # yxyx -> detectron2's xyxy
         if theirs.shape != ours.shape or not np.allclose(
@@ -139,7 +139,7 @@ def _check_cell_anchors(state: StateDict, rpn) -> None:
             raise ConversionError(
                 f"{state.path}: its {level} anchors ({key}, shape {tuple(theirs.shape)}: "
                 f"{shown}) are not the config's ({_describe(ours)}; model.anchor sizes, "
-                f"aspect_ratios, round_cell_anchors {rpn.anchor_round}{differ})"
+                f"aspect_ratios, round_cell_anchors {rpn.anchor_config.round_cell_anchors}{differ})"
             )
 
 

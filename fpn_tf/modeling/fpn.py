@@ -7,14 +7,10 @@ For each backbone level i (coarsest first):
     Pi = output_i(Mi)                       3x3 conv, d channels, "to reduce aliasing"
     P6 = P5[:, ::2, ::2]                     max-pool, kernel 1, stride 2 (used by the RPN only)
 
-"There are no non-linearities in these extra layers" and the paper uses no normalisation: neither
-is added here (Model Garden's FPN adds BatchNorm; that is not the paper). d = 256 by default.
-
-The ablation switches of the paper's Table 1/2 live here too:
-  * ``use_top_down=False``: the bottom-up pyramid (b): Pi = output_i(lateral_i(Ci)).
-  * ``use_lateral=False``: top-down without lateral connections (c): only C5 gets its 1x1, then
-    Mi = upsample2x(M{i+1}) and Pi = output_i(Mi).
-  * ``output_levels=("P2",)``: a chosen subset of levels (d: the finest level alone).
+No non-linearities and no normalisation, as in the paper. The Table 1 ablations are switches:
+``use_top_down=False`` (bottom-up pyramid: Pi = output_i(lateral_i(Ci))), ``use_lateral=False``
+(only C5 gets its 1x1), ``output_levels`` (a subset of levels), and `build_fpn_model`'s
+``single_scale_level`` (no pyramid).
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from typing import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from fpn_tf.modeling.backbones import build_backbone
+from fpn_tf.configs.experiment import FPNConfig
 
 
 def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
@@ -43,12 +39,10 @@ def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 
 @tf.custom_gradient
 def _upsample_nearest_2x(x):
-    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2.
+    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2 (broadcasts + reshapes).
 
-    Forward: broadcasts + reshapes (identical values to two tf.repeat gathers, and faster).
-    Backward: each input pixel's gradient is the sum of its 2x2 block, taken as two adds of
-    contiguous halves instead of the broadcast's generic reduction (faster on CPUs; equal up to
-    float rounding of the four-term sum). Timings: bench/README.md.
+    The gradient of each input pixel, the sum of its 2x2 block, is taken as two adds of
+    contiguous halves, cheaper on CPUs than the broadcast's generic reduction.
     """
     shape = tf.shape(x)
     b, h, w, c = [x.shape[i] if x.shape[i] is not None else shape[i] for i in range(4)]
@@ -238,68 +232,39 @@ class FeaturePyramid(keras.layers.Layer):
 
 
 def build_fpn_model(
-    backbone: keras.Model | str = "resnet50",
-    num_channels: int = 256,
-    min_level: int = 2,
-    max_level: int = 6,
-    use_top_down: bool = True,
-    use_lateral: bool = True,
-    output_levels: Sequence[str] | None = None,
+    backbone: keras.Model,
+    config: FPNConfig | None = None,
     input_shape: Sequence[int | None] = (None, None, 3),
-    name: str | None = None,
-    **backbone_kwargs,
+    **fields,
 ) -> keras.Model:
-    """A Functional ``keras.Model``: RGB image (0..255) -> ``{"P2": ..., ..., "P6": ...}``.
+    """The pyramid of a ``model.fpn`` section on a built ``backbone`` (`build_backbone`): a
+    Functional ``keras.Model``, RGB image (0..255) -> ``{"P2": ..., ..., "P6": ...}``.
 
-    ``backbone`` is a model returning ``{"C2".."C5"}`` (see `fpn_tf.modeling.backbones`) or the
-    name of one, built with ``backbone_kwargs`` (e.g. ``weights="imagenet"``, ``freeze_at=2``).
-    Compose it like any Keras model::
+    ``fields`` override the section's fields by name (``num_channels=16``). With
+    ``single_scale_level`` ("C4" / "C5") there is no pyramid: image -> ``{"P4": C4}`` (named by
+    stride, so anchors and RoIAlign treat it as that level). Compose it like any Keras model::
 
-        fpn = build_fpn_model("resnet50", weights="imagenet")
-        x = keras.Input((None, None, 3))
-        feats = fpn(x)
-        logits = my_head(feats["P3"])
+        fpn = build_fpn_model(build_backbone(weights="imagenet"))
+        feats = fpn(keras.Input((None, None, 3)))
     """
-    if isinstance(backbone, str):
-        backbone = build_backbone(backbone, input_shape=input_shape, **backbone_kwargs)
-    elif backbone_kwargs:
-        raise ValueError(f"backbone kwargs {sorted(backbone_kwargs)} need a backbone name")
+    config = (config or FPNConfig()).override(fields).validate_section()
+    images = keras.Input(shape=tuple(input_shape), name="images")
+    c_maps = backbone(images)
+    level = config.single_scale_level
+    if level:
+        if level not in backbone.output:
+            raise ValueError(f"single-scale level {level!r} is not in {sorted(backbone.output)}")
+        outputs = {f"P{level[1:]}": c_maps[level]}
+        return keras.Model(images, outputs, name=f"single_scale_{level}_{backbone.name}")
     backbone_levels = sorted(int(k[1:]) for k in backbone.output)
-    images = keras.Input(shape=tuple(input_shape), name="images")
-    c_maps = backbone(images)
     pyramid = FeaturePyramid(
-        num_channels=num_channels,
-        min_level=min_level,
-        max_level=max_level,
+        num_channels=config.num_channels,
+        min_level=config.min_level,
+        max_level=config.max_level,
         backbone_max_level=backbone_levels[-1],
-        use_top_down=use_top_down,
-        use_lateral=use_lateral,
-        output_levels=output_levels,
+        use_top_down=config.use_top_down,
+        use_lateral=config.use_lateral,
+        output_levels=config.levels_used,
         name="feature_pyramid",
-    )({k: v for k, v in c_maps.items() if int(k[1:]) >= min_level})
-    return keras.Model(images, pyramid, name=name or f"fpn_{backbone.name}")
-
-
-def build_single_scale_model(
-    backbone: keras.Model | str = "resnet50",
-    level: str = "C4",
-    input_shape: Sequence[int | None] = (None, None, 3),
-    name: str | None = None,
-    **backbone_kwargs,
-) -> keras.Model:
-    """The paper's single-scale baseline (Table 1/2 rows (a), (b)): no pyramid, the heads see one
-    backbone map. Returns image -> ``{"P4": C4}`` (named by stride, so anchors and RoIAlign treat
-    it as the stride-16 level it is)."""
-    if isinstance(backbone, str):
-        backbone = build_backbone(backbone, input_shape=input_shape, **backbone_kwargs)
-    if level not in backbone.output:
-        raise ValueError(
-            f"single-scale level {level!r} is not a backbone output " f"({sorted(backbone.output)})"
-        )
-    images = keras.Input(shape=tuple(input_shape), name="images")
-    c_maps = backbone(images)
-    return keras.Model(
-        images,
-        {f"P{level[1:]}": c_maps[level]},
-        name=name or f"single_scale_{level}_{backbone.name}",
-    )
+    )({k: v for k, v in c_maps.items() if int(k[1:]) >= config.min_level})
+    return keras.Model(images, pyramid, name=f"fpn_{backbone.name}")

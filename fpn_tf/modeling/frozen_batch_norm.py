@@ -1,24 +1,16 @@
 """Frozen BatchNorm folded into the convolution before it.
 
-A frozen BatchNorm (inference statistics, not trained: the detectron2 / paper setting for a
-pretrained backbone) is a per-channel affine map, ``y = x * scale + offset`` with
-``scale = gamma / sqrt(moving_variance + epsilon)`` and ``offset = beta - moving_mean * scale``.
-``scale`` is torchvision's ``FrozenBatchNorm2d`` formula, ``weight * (running_var + eps).rsqrt()``,
-for every epsilon >= 0: 0 is the epsilon torchvision runs its COCO_V1 detection weights with, and
-a channel with variance 0 and epsilon 0 then gives inf / NaN here as there.
-After a convolution it can be folded into it exactly:
+A frozen BatchNorm is a per-channel affine map, ``y = x * scale + offset`` with
+``scale = gamma / sqrt(moving_variance + epsilon)`` (torchvision's ``FrozenBatchNorm2d``, for
+every epsilon >= 0) and ``offset = beta - moving_mean * scale``. After a convolution it folds in
+exactly:
 
     BN(conv(x, K) + b) = conv(x, K * scale) + (b * scale + offset)
 
-so the pair becomes one convolution with a bias, which TensorFlow's graph optimiser fuses with the
-bias and the ReLU that follows (one pass over the feature map instead of four: bias add,
-BatchNorm's multiply and add, ReLU), and whose backward pass has no BatchNorm gradient.
-
-The fold is done *inside* ``Conv2DFrozenBatchNorm.call`` on every call, not once on the weights:
-the convolution's kernel and bias stay the trained parameters (with their own gradients, their
-own weight decay, and the same SGD trajectory as the unfolded pair), and the BatchNorm's four
-vectors stay separate non-trainable weights. Outputs equal the unfolded pair's up to float
-rounding. Its effect on the speed of the backbone and the whole model: bench/README.md.
+so the pair runs as one convolution that TensorFlow fuses with its bias and ReLU, and whose
+backward has no BatchNorm gradient. The fold happens inside ``Conv2DFrozenBatchNorm.call``: the
+kernel and bias stay the trained parameters (same gradients, weight decay and trajectory as the
+unfolded pair) and the four BatchNorm vectors stay separate non-trainable weights.
 """
 
 from __future__ import annotations

@@ -1,26 +1,18 @@
 """Bottleneck ResNet-50/101 with a block's stride in its 3x3 conv (torchvision's "ResNet v1.5").
 
-keras.applications' ResNets (MSRA's original ResNet, as detectron2's R-50 and Caffe's) put the
-stride 2 that opens conv3..conv5 in the first 1x1 conv of the block; torchvision's ResNet-50 puts
-it in the 3x3 conv. keras.applications has no such variant, so it is built here with exactly the
-keras.applications layer names, layer order and weight shapes, so that one weight mapping (and one
-weights file, ``.h5`` or ``.weights.h5``, loaded by position as Keras does) serves both:
+keras.applications' ResNets put the stride 2 that opens conv3..conv5 in the block's first 1x1
+conv; torchvision's puts it in the 3x3. This builds the latter with keras.applications' layer
+names, order and weight shapes, so one weight mapping and one weights file serve both:
 
-    conv1_pad (ZeroPadding2D 3), conv1_conv (7x7/2 'valid'), conv1_bn, conv1_relu,
-    pool1_pad (ZeroPadding2D 1), pool1_pool (MaxPool 3x3/2 'valid'),
+    conv1_pad, conv1_conv (7x7/2 'valid'), conv1_bn, conv1_relu, pool1_pad, pool1_pool,
     conv{s}_block{b}_{0,1,2,3}_{conv,bn}, conv{s}_block{b}_{1,2}_relu, conv{s}_block{b}_add,
-    conv{s}_block{b}_out                                                  for s in 2..5,
+    conv{s}_block{b}_out                                                  for s in 2..5
 
-where ``_0`` is the projection shortcut (first block of a stage), ``_1`` the 1x1 reduction, ``_2``
-the 3x3 and ``_3`` the 1x1 expansion. The only addition is ``conv{s}_block1_2_pad`` (s = 3..5):
-the strided 3x3 pads like torch, one zero row/column on *each* side (ZeroPadding2D(1) then a
-'valid' conv), not like Keras 'same', which for stride 2 on an even size pads 0 before and 1
-after and so samples other pixels. Stride-1 3x3 convs use 'same' (symmetric 1: the same thing).
-
-Convs have biases (``use_bias=True`` as keras.applications; a converted torchvision or
-detectron2 checkpoint writes zeros), BatchNorm is keras.applications' (channels last, its
-epsilon 1.001e-5 unless given). The 3x3/2 max-pool after zero padding equals torch's
-``MaxPool2d(3, 2, padding=1)`` (-inf padding) because its input is a ReLU output (>= 0).
+(``_0`` the projection shortcut, ``_1`` the 1x1 reduction, ``_2`` the 3x3, ``_3`` the 1x1
+expansion). The one addition, ``conv{s}_block1_2_pad``, pads the strided 3x3 like torch (one
+zero on each side), where Keras 'same' would pad 0 before and 1 after. Convs have biases (a
+converted checkpoint writes zeros); the zero-padded max-pool equals torch's -inf padding
+because its input is a ReLU output.
 """
 
 from __future__ import annotations
@@ -63,14 +55,9 @@ def _bottleneck(x, filters, stride, conv_shortcut, epsilon, name):
 
 
 def bottleneck_resnet_v1_5(x, depth: int = 50, bn_epsilon: float | None = None) -> dict:
-    """The ResNet-50/101 graph on the (normalised) image tensor ``x``: ``{"C2".."C5"}`` tensors,
-    the outputs of ``conv2_block3_out`` .. ``conv5_block3_out`` (strides 4..32).
-
-    Args:
-      x: a Keras tensor [B, H, W, 3], the input the first conv sees.
-      depth: 50 or 101.
-      bn_epsilon: every BatchNorm's epsilon; None = keras.applications' 1.001e-5.
-    """
+    """The ResNet-50/101 graph on the normalised image tensor ``x`` [B, H, W, 3]:
+    ``{"C2".."C5"}``, the outputs of conv2..conv5 (strides 4..32). ``bn_epsilon``: every
+    BatchNorm's; None = keras.applications' 1.001e-5."""
     if depth not in RESNET_BLOCKS:
         raise ValueError(f"ResNet depth must be 50 or 101, got {depth}")
     epsilon = _KERAS_APPLICATIONS_BN_EPSILON if bn_epsilon is None else float(bn_epsilon)

@@ -1,11 +1,8 @@
 """The region proposal network on the feature pyramid (paper §4.1), as one Keras layer.
 
-`RegionProposalNetwork` owns the whole stage: the head shared by every level (3x3 conv, then
-sibling 1x1 objectness and box-delta convs), the anchors (one size per level, three aspect
-ratios), the labelling and sampling of anchors against the ground truth, the proposals (per-level
-top-k, decode, clip, one NMS per image or per level) and the two RPN losses. The arithmetic is pure
-TensorFlow in `fpn_tf.ops` (`anchors`, `target_assigner`, `postprocess`, `rpn_head_ops`) and
-`fpn_tf.modeling.losses`; this layer holds the settings and calls them::
+`RegionProposalNetwork` owns the stage: the head shared by every level, the anchors (one size
+per level, three aspect ratios), anchor labelling and sampling, the proposals and the two RPN
+losses. The arithmetic is in `fpn_tf.ops` and `fpn_tf.modeling.losses`::
 
     proposals, losses = rpn(features, image_valid_hw, labels=labels)   # training, validation
     proposals, _ = rpn(features, image_valid_hw)                        # inference
@@ -13,11 +10,14 @@ TensorFlow in `fpn_tf.ops` (`anchors`, `target_assigner`, `postprocess`, `rpn_he
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Mapping, Sequence
 
 import keras
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import AnchorConfig, RPNConfig
 from fpn_tf.modeling.losses import rpn_losses
 from fpn_tf.ops import anchors as anchor_ops
 from fpn_tf.ops import postprocess, target_assigner
@@ -34,11 +34,8 @@ class RPNHead(keras.layers.Layer):
     ``logits[level]: [B, H, W, A]`` and ``deltas[level]: [B, H, W, 4A]`` (anchor order of
     `fpn_tf.ops.anchors`: cell-major, then anchor type).
 
-    Args:
-      num_anchors: A, anchor types per location (3: one size, three aspect ratios).
-      channels: width of the 3x3 conv (paper: 256, the pyramid's d).
-      sparse_backward: compute the gradient only at the positions where the loss's gradient is
-        non-zero (the sampled anchors), `fpn_tf.ops.rpn_head_ops`; same values as the dense one.
+    ``num_anchors``: A, anchor types per location; ``channels``: the 3x3 conv's width;
+    ``sparse_backward``: the gradient only where the loss reaches (`fpn_tf.ops.rpn_head_ops`).
     """
 
     def __init__(self, num_anchors: int, channels: int, sparse_backward: bool = True, **kwargs):
@@ -77,9 +74,8 @@ class RPNHead(keras.layers.Layer):
         self.box_deltas.build(hidden)
 
     def call(self, features, training=None):
-        # The three convs' weights, applied by one op per level whose backward can skip the
-        # positions no loss reaches (the layers stay: they own, build and save the weights).
-        # Inference (training=False) takes no gradient: plain ops, nothing custom in a SavedModel.
+        # The convs' weights, applied by one op per level whose backward can skip the positions
+        # no loss reaches (the conv layers own and save the weights). Inference uses plain ops.
         sparse = self.sparse_backward and training is not False
         weights = [
             keras.ops.cast(w, self.compute_dtype)
@@ -111,102 +107,63 @@ class RPNHead(keras.layers.Layer):
         return config
 
 
+def anchor_sizes_per_level(sizes: Sequence[float], levels: Sequence[str]) -> dict:
+    """``{level: sizes}``: one of ``model.anchor.sizes`` per level, or all of them on a single
+    level (the single-level ablations)."""
+    sizes = [float(s) for s in sizes]
+    if len(levels) == len(sizes):
+        return {level: (size,) for level, size in zip(levels, sizes)}
+    if len(levels) == 1:
+        return {levels[0]: tuple(sizes)}
+    raise ValueError(
+        f"model.anchor.sizes has {len(sizes)} entries for levels {list(levels)}: "
+        "give one size per level, or use a single level"
+    )
+
+
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class RegionProposalNetwork(keras.layers.Layer):
     """The RPN: shared head, anchors, anchor targets, proposals and losses.
 
-    The keyword arguments are the fields of the ``model.rpn`` config section
-    (`fpn_tf.configs.experiment.RPNConfig`, which documents each one and holds the paper's
-    numbers as its defaults), plus the anchors. They have no defaults here so that each number is
-    written once: `fpn_tf.modeling.factory.build_rpn` builds this layer from a config, and on its
-    own ``RegionProposalNetwork(**RPNConfig().to_dict(), anchor_sizes=..., aspect_ratios=...,
-    anchor_offset=0.5, anchor_round=False, anchor_stride_from_padded_size=False)``.
-
     Args:
-      anchor_sizes: ``{level: sizes}``, the levels the RPN runs on and their anchor sizes
-        (paper: one size per level, 32..512 on P2..P6; the single-level ablations put all five on
-        one level). The head is shared, so every level needs the same number of anchor types.
-      aspect_ratios: anchor height/width ratios (0.5, 1, 2).
-      anchor_offset, anchor_round, anchor_stride_from_padded_size: ``model.anchor``'s offset,
-        round_cell_anchors and stride_from_padded_size (`fpn_tf.ops.anchors.generate_anchors`).
-        The padded image size is the first level's map size times its stride.
-      head_channels: the 3x3 conv's width; None = the features' channels.
-      head_sparse_backward, positive_iou, negative_iou, batch_size_per_image, positive_fraction,
-      pre_nms_top_k_train / _test, post_nms_top_k_train / _test, nms_iou, min_box_size,
-      smooth_l1_beta, loss_weight, nms_impl, nms_per_level, positive_iou_inclusive: as
-        ``model.rpn``. The ``_train`` pair applies when
-        ``labels`` are given (a loss is computed: training and validation losses alike), the
-        ``_test`` pair otherwise.
+      config: the ``model.rpn`` section (`RPNConfig`, which documents each setting). Its
+        ``_train`` top-k apply when ``labels`` are given (training and validation losses), the
+        ``_test`` ones otherwise.
+      anchor_config: the ``model.anchor`` section (`AnchorConfig`).
+      levels: the pyramid levels the RPN runs on, e.g. ``["P2", ..., "P6"]``; the anchor sizes
+        go one per level (`anchor_sizes_per_level`).
 
-    Call: ``rpn(features, image_valid_hw, labels=None, training=None)`` with ``features`` a dict
-    ``{"P2": [B, H2, W2, C], ...}`` holding (at least) the anchor levels, ``image_valid_hw``
-    float [B, 2] the unpadded ``(height, width)`` of each image (proposals are clipped to it),
-    ``labels`` None or ``{"gt_boxes" [B, N, 4], "gt_classes" [B, N], "gt_is_crowd" [B, N]
-    (optional)}``. Returns ``(proposals, losses)``: `fpn_tf.ops.postprocess.Proposals` (boxes
-    [B, K, 4], scores [B, K], valid [B, K]) and ``{"rpn_objectness_loss", "rpn_box_loss"}``
-    (weighted by ``loss_weight``; empty without labels). No gradient flows through the proposals.
+    Call: ``rpn(features, image_valid_hw, labels=None, training=None)`` with ``features``
+    ``{"P2": [B, H2, W2, C], ...}`` (at least ``levels``), ``image_valid_hw`` float [B, 2] the
+    unpadded ``(height, width)`` of each image (proposals are clipped to it), ``labels`` None or
+    ``{"gt_boxes" [B, N, 4], "gt_classes" [B, N], "gt_is_crowd" [B, N] (optional)}``. Returns
+    ``(proposals, losses)``: `fpn_tf.ops.postprocess.Proposals` (boxes [B, K, 4], scores [B, K],
+    valid [B, K]; no gradient flows through them) and ``{"rpn_objectness_loss",
+    "rpn_box_loss"}`` (weighted by ``loss_weight``; empty without labels).
     """
 
     def __init__(
-        self,
-        *,
-        anchor_sizes: Mapping[str, Sequence[float]],
-        aspect_ratios: Sequence[float],
-        anchor_offset: float,
-        anchor_round: bool,
-        anchor_stride_from_padded_size: bool,
-        head_channels: int | None,
-        head_sparse_backward: bool,
-        positive_iou: float,
-        negative_iou: float,
-        batch_size_per_image: int,
-        positive_fraction: float,
-        pre_nms_top_k_train: int,
-        post_nms_top_k_train: int,
-        pre_nms_top_k_test: int,
-        post_nms_top_k_test: int,
-        nms_iou: float,
-        min_box_size: float,
-        smooth_l1_beta: float,
-        loss_weight: float,
-        nms_impl: str,
-        nms_per_level: bool,
-        positive_iou_inclusive: bool,
-        **kwargs,
+        self, config: RPNConfig, anchor_config: AnchorConfig, levels: Sequence[str], **kwargs
     ):
         kwargs.pop("autocast", None)
         # autocast=False: the boxes and sizes given to `call` stay float32 under mixed
         # precision (the head casts the features to its compute dtype itself).
         super().__init__(autocast=False, **kwargs)
-        self.anchor_sizes = {str(k): tuple(float(s) for s in v) for k, v in anchor_sizes.items()}
-        self.levels = sorted(self.anchor_sizes, key=anchor_ops.level_number)
-        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
-        per_level = anchor_ops.num_anchors_per_location(
-            self.levels, self.anchor_sizes, self.aspect_ratios
-        )
-        if len(set(per_level.values())) != 1:
-            raise ValueError(
-                f"the shared RPN head needs the same anchors per location on every "
-                f"level, got {dict(per_level)}"
-            )
-        self.num_anchors = next(iter(per_level.values()))
-        self.anchor_offset = float(anchor_offset)
-        self.anchor_round = bool(anchor_round)
-        self.anchor_stride_from_padded_size = bool(anchor_stride_from_padded_size)
-        self.head_channels = None if head_channels is None else int(head_channels)
-        self.head_sparse_backward = bool(head_sparse_backward)
-        self.positive_iou, self.negative_iou = float(positive_iou), float(negative_iou)
-        self.batch_size_per_image = int(batch_size_per_image)
-        self.positive_fraction = float(positive_fraction)
-        self.pre_nms_top_k_train = int(pre_nms_top_k_train)
-        self.post_nms_top_k_train = int(post_nms_top_k_train)
-        self.pre_nms_top_k_test = int(pre_nms_top_k_test)
-        self.post_nms_top_k_test = int(post_nms_top_k_test)
-        self.nms_iou, self.min_box_size = float(nms_iou), float(min_box_size)
-        self.smooth_l1_beta, self.loss_weight = float(smooth_l1_beta), float(loss_weight)
-        self.nms_impl = str(nms_impl)
-        self.nms_per_level = bool(nms_per_level)
-        self.positive_iou_inclusive = bool(positive_iou_inclusive)
+        self.config = copy.deepcopy(config).validate_section()
+        self.anchor_config = copy.deepcopy(anchor_config).validate_section()
+        self.levels = sorted((str(level) for level in levels), key=anchor_ops.level_number)
+        self.anchor_sizes = anchor_sizes_per_level(anchor_config.sizes, self.levels)
+        self.aspect_ratios = tuple(float(r) for r in anchor_config.aspect_ratios)
+        self.num_anchors = len(self.anchor_sizes[self.levels[0]]) * len(self.aspect_ratios)
+
+    @property
+    def nms_impl(self) -> str:
+        """``config.nms_impl``; settable (the portable export switches it for a while)."""
+        return self.config.nms_impl
+
+    @nms_impl.setter
+    def nms_impl(self, value: str):
+        self.config = dataclasses.replace(self.config, nms_impl=value)
 
     def build(self, features_shape):
         missing = sorted(set(self.levels) - set(features_shape))
@@ -219,8 +176,8 @@ class RegionProposalNetwork(keras.layers.Layer):
         # The head's width can default to the features' only here, so the head is made here.
         self.head = RPNHead(
             self.num_anchors,
-            self.head_channels or channels,
-            sparse_backward=self.head_sparse_backward,
+            self.config.head_channels or channels,
+            sparse_backward=self.config.head_sparse_backward,
             name="head",
             dtype=self.dtype_policy,
         )
@@ -234,9 +191,9 @@ class RegionProposalNetwork(keras.layers.Layer):
             self.levels,
             self.anchor_sizes,
             self.aspect_ratios,
-            offset=self.anchor_offset,
-            round_cell_anchors=self.anchor_round,
-            stride_from_padded_size=self.anchor_stride_from_padded_size,
+            offset=self.anchor_config.offset,
+            round_cell_anchors=self.anchor_config.round_cell_anchors,
+            stride_from_padded_size=self.anchor_config.stride_from_padded_size,
         )
 
     def head_outputs(self, features, training=None):
@@ -253,17 +210,18 @@ class RegionProposalNetwork(keras.layers.Layer):
 
     def proposals(self, logits, deltas, anchors, image_valid_hw, train: bool):
         """`postprocess.generate_proposals` with the train or test top-k; no gradient."""
+        c = self.config
         return postprocess.generate_proposals(
             {k: tf.stop_gradient(v) for k, v in logits.items()},
             {k: tf.stop_gradient(v) for k, v in deltas.items()},
             anchors,
             tf.cast(image_valid_hw, tf.float32),
-            pre_nms_top_k=self.pre_nms_top_k_train if train else self.pre_nms_top_k_test,
-            post_nms_top_k=self.post_nms_top_k_train if train else self.post_nms_top_k_test,
-            nms_iou=self.nms_iou,
-            min_size=self.min_box_size,
-            nms_impl=self.nms_impl,
-            nms_per_level=self.nms_per_level,
+            pre_nms_top_k=c.pre_nms_top_k_train if train else c.pre_nms_top_k_test,
+            post_nms_top_k=c.post_nms_top_k_train if train else c.post_nms_top_k_test,
+            nms_iou=c.nms_iou,
+            min_size=c.min_box_size,
+            nms_impl=c.nms_impl,
+            nms_per_level=c.nms_per_level,
         )
 
     def assign_targets(self, anchors, labels):
@@ -274,11 +232,11 @@ class RegionProposalNetwork(keras.layers.Layer):
             tf.cast(labels["gt_boxes"], tf.float32),
             tf.cast(labels["gt_classes"], tf.int32),
             labels.get("gt_is_crowd"),
-            positive_iou=self.positive_iou,
-            negative_iou=self.negative_iou,
-            num_samples=self.batch_size_per_image,
-            positive_fraction=self.positive_fraction,
-            positive_iou_inclusive=self.positive_iou_inclusive,
+            positive_iou=self.config.positive_iou,
+            negative_iou=self.config.negative_iou,
+            num_samples=self.config.batch_size_per_image,
+            positive_fraction=self.config.positive_fraction,
+            positive_iou_inclusive=self.config.positive_iou_inclusive,
         )
 
     def compute_loss(self, logits, deltas, targets):
@@ -288,12 +246,12 @@ class RegionProposalNetwork(keras.layers.Layer):
             targets.box_targets,
             tf.concat([logits[lvl] for lvl in self.levels], axis=1),
             tf.concat([deltas[lvl] for lvl in self.levels], axis=1),
-            self.batch_size_per_image,
-            self.smooth_l1_beta,
+            self.config.batch_size_per_image,
+            self.config.smooth_l1_beta,
         )
         return {
-            "rpn_objectness_loss": objectness * self.loss_weight,
-            "rpn_box_loss": box * self.loss_weight,
+            "rpn_objectness_loss": objectness * self.config.loss_weight,
+            "rpn_box_loss": box * self.config.loss_weight,
         }
 
     def call(self, features, image_valid_hw, labels=None, training=None):
@@ -310,37 +268,19 @@ class RegionProposalNetwork(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {
-                "anchor_sizes": {k: list(v) for k, v in self.anchor_sizes.items()},
-                "aspect_ratios": list(self.aspect_ratios),
-                **{
-                    name: getattr(self, name)
-                    for name in (
-                        "anchor_offset",
-                        "anchor_round",
-                        "anchor_stride_from_padded_size",
-                        "head_channels",
-                        "head_sparse_backward",
-                        "positive_iou",
-                        "negative_iou",
-                        "batch_size_per_image",
-                        "positive_fraction",
-                        "pre_nms_top_k_train",
-                        "post_nms_top_k_train",
-                        "pre_nms_top_k_test",
-                        "post_nms_top_k_test",
-                        "nms_iou",
-                        "min_box_size",
-                        "smooth_l1_beta",
-                        "loss_weight",
-                        "nms_impl",
-                        "nms_per_level",
-                        "positive_iou_inclusive",
-                    )
-                },
-            }
+            config=self.config.to_dict(),
+            anchor_config=self.anchor_config.to_dict(),
+            levels=list(self.levels),
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        sections = {
+            "config": RPNConfig.from_dict(config["config"]),
+            "anchor_config": AnchorConfig.from_dict(config["anchor_config"]),
+        }
+        return super().from_config({**config, **sections})
 
 
 def _padded_size(feature, level):

@@ -28,11 +28,13 @@ the model from a config (``model.architecture: segment_proposals``).
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Sequence
 
 import keras
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import SegmentProposalConfig
 from fpn_tf.modeling.faster_rcnn import fill_padding, split_inputs
 from fpn_tf.modeling.multi_loss_model import MultiLossModel
 from fpn_tf.ops import mask_ops, postprocess
@@ -106,77 +108,34 @@ class SegmentMLP(keras.layers.Layer):
 class SegmentProposalHead(keras.layers.Layer):
     """The segment-proposal stage: the MLPs, window targets, losses and proposals.
 
-    The keyword arguments are the fields of ``model.segment_proposals``
-    (`fpn_tf.configs.experiment.SegmentProposalConfig`, which documents each one and holds the
-    paper's numbers as its defaults), so ``SegmentProposalHead(**SegmentProposalConfig()
-    .to_dict())``. The MLPs are the attributes ``mlp_5x5`` / ``mlp_7x7`` (``mlp_{w}x{w}``).
+    ``config``: the ``model.segment_proposals`` section (`SegmentProposalConfig`, which
+    documents each setting). The MLPs are the attributes ``mlp_5x5`` / ``mlp_7x7``.
 
     Call: ``head(features, image_valid_hw, labels=None, training=None, window_sizes=None)`` with
     ``features`` ``{"P2": ..., ..., "P6": ...}`` (the levels it finds among P2..P6) and
     ``labels`` None or ``{"gt_boxes", "gt_classes", "gt_is_crowd", "gt_masks"}``. Returns
     ``(proposals, losses)``: proposals ``{"boxes" [B, K, 4] mask boxes in input pixels,
     "scores" [B, K] sigmoid objectness (0 in padding rows), "masks" [B, K, M, M] sigmoid mask
-    probabilities, "valid" bool [B, K]}`` (None when ``labels`` are given: training needs no
-    proposals) and ``{"segment_objectness_loss", "segment_mask_loss"}`` (empty without
-    labels). ``window_sizes`` restricts inference to some heads (e.g. ``[5]``: "5x5 only").
+    probabilities, "valid" bool [B, K]}`` (None when ``labels`` are given) and
+    ``{"segment_objectness_loss", "segment_mask_loss"}`` (empty without labels).
+    ``window_sizes`` restricts inference to some heads (e.g. ``[5]``: "5x5 only").
 
-    Losses: objectness (the score) = sigmoid cross-entropy summed over the sampled windows / (B
-    x batch_size_per_image) (the RPN's normaliser; ours); mask = per-pixel sigmoid
-    cross-entropy, the mean over the M x M pixels of every sampled positive window of the batch
-    (0 without one; ours), targets `mask_ops.mask_targets` of the matched object over the
-    window's mask box. Sampled negatives train the score only (paper). Each is multiplied by its
-    weight: objectness_loss_weight, mask_loss_weight (paper: the mask loss 10x the score loss).
+    Losses: objectness = sigmoid cross-entropy summed over the sampled windows / (B x
+    batch_size_per_image); mask = per-pixel sigmoid cross-entropy, the mean over the M x M
+    pixels of every sampled positive window (0 without one), against `mask_ops.mask_targets` of
+    the matched object over the window's mask box. Negatives train the score only (paper).
     """
 
-    def __init__(
-        self,
-        *,
-        hidden_dims: int,
-        mask_size: int,
-        window_sizes: Sequence[int],
-        object_sizes: Sequence[float],
-        mask_box_scale: float,
-        center_tolerance: float,
-        center_tolerance_unit: str,
-        crowd_ioa_threshold: float,
-        batch_size_per_image: int,
-        positive_fraction: float,
-        pre_nms_top_k: int,
-        post_nms_top_k: int,
-        nms_iou: float,
-        objectness_loss_weight: float,
-        mask_loss_weight: float,
-        **kwargs,
-    ):
+    def __init__(self, config: SegmentProposalConfig, **kwargs):
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
-        self.hidden_dims, self.mask_size = int(hidden_dims), int(mask_size)
-        self.window_sizes = tuple(int(w) for w in window_sizes)
-        if not self.window_sizes or len(set(self.window_sizes)) != len(self.window_sizes):
-            raise ValueError(f"window_sizes must be distinct and non-empty, got {window_sizes}")
-        self.object_sizes = tuple(float(s) for s in object_sizes)
-        if len(self.object_sizes) != len(self.window_sizes):
-            raise ValueError(
-                f"one object size per window size: got object_sizes {list(object_sizes)} for "
-                f"window_sizes {list(window_sizes)}"
-            )
-        self.mask_box_scale = float(mask_box_scale)
-        self.center_tolerance = float(center_tolerance)
-        self.center_tolerance_unit = str(center_tolerance_unit)
-        self.crowd_ioa_threshold = float(crowd_ioa_threshold)
-        self.batch_size_per_image = int(batch_size_per_image)
-        self.positive_fraction = float(positive_fraction)
-        self.pre_nms_top_k, self.post_nms_top_k = int(pre_nms_top_k), int(post_nms_top_k)
-        self.nms_iou = float(nms_iou)
-        self.objectness_loss_weight = float(objectness_loss_weight)
-        self.mask_loss_weight = float(mask_loss_weight)
-        for w in self.window_sizes:  # attributes, not a list (checkpoint tracking)
-            setattr(
-                self,
-                self.mlp_name(w),
-                SegmentMLP(w, self.hidden_dims, self.mask_size, name=self.mlp_name(w),
-                           dtype=self.dtype_policy),
+        self.config = copy.deepcopy(config).validate_section()
+        for w in self.config.window_sizes:  # attributes, not a list (checkpoint tracking)
+            mlp = SegmentMLP(
+                w, config.hidden_dims, config.mask_size, name=self.mlp_name(w),
+                dtype=self.dtype_policy,
             )  # fmt: skip
+            setattr(self, self.mlp_name(w), mlp)
 
     @staticmethod
     def mlp_name(window_size: int) -> str:
@@ -190,7 +149,7 @@ class SegmentProposalHead(keras.layers.Layer):
         if not levels:
             raise ValueError(f"no pyramid level P2..P6 among {sorted(features_shape)}")
         channels = int(features_shape[levels[0]][-1])
-        for w in self.window_sizes:
+        for w in self.config.window_sizes:
             self.mlp(w).build((None, None, None, channels))
 
     # --- the pieces --------------------------------------------------------------------------
@@ -204,20 +163,20 @@ class SegmentProposalHead(keras.layers.Layer):
             else:
                 dyn = tf.shape(features[level])
                 sizes[level] = (dyn[1], dyn[2])
-        window_sizes = window_sizes or self.window_sizes
-        object_sizes = [self.object_sizes[self._head_index(w)] for w in window_sizes]
-        return window_geometry(sizes, window_sizes, self.mask_box_scale, object_sizes)
+        window_sizes = window_sizes or self.config.window_sizes
+        object_sizes = [self.config.object_sizes[self._head_index(w)] for w in window_sizes]
+        return window_geometry(sizes, window_sizes, self.config.mask_box_scale, object_sizes)
 
     def head_outputs(self, features, window_sizes=None):
         """``(objectness logits float32 [B, R], hidden [B, R, d])`` in window order."""
         levels = self._levels(features)
         batch = tf.shape(features[levels[0]])[0]
         logits, hidden = [], []
-        for w in window_sizes or self.window_sizes:
+        for w in window_sizes or self.config.window_sizes:
             h, o = self.mlp(w)({lvl: features[lvl] for lvl in levels})
             for lvl in levels:
                 logits.append(tf.reshape(tf.cast(o[lvl], tf.float32), [batch, -1]))
-                hidden.append(tf.reshape(h[lvl], tf.stack([batch, -1, self.hidden_dims])))
+                hidden.append(tf.reshape(h[lvl], tf.stack([batch, -1, self.config.hidden_dims])))
         return tf.concat(logits, 1), tf.concat(hidden, 1)
 
     def mask_logits(self, hidden, window_indices, windows: Windows, window_sizes=None):
@@ -228,7 +187,7 @@ class SegmentProposalHead(keras.layers.Layer):
         head_of_group = tf.constant([self._head_index(g[0], window_sizes) for g in windows.groups])
         head = tf.gather(head_of_group, group_ids)
         out = None
-        for i, w in enumerate(window_sizes or self.window_sizes):
+        for i, w in enumerate(window_sizes or self.config.window_sizes):
             logits = self.mlp(w).masks(vectors)
             out = logits if out is None else tf.where((head == i)[..., None, None], logits, out)
         return out
@@ -240,11 +199,11 @@ class SegmentProposalHead(keras.layers.Layer):
             labels["gt_classes"],
             labels.get("gt_is_crowd"),
             image_valid_hw,
-            center_tolerance=self.center_tolerance,
-            center_tolerance_unit=self.center_tolerance_unit,
-            crowd_ioa_threshold=self.crowd_ioa_threshold,
-            num_samples=self.batch_size_per_image,
-            positive_fraction=self.positive_fraction,
+            center_tolerance=self.config.center_tolerance,
+            center_tolerance_unit=self.config.center_tolerance_unit,
+            crowd_ioa_threshold=self.config.crowd_ioa_threshold,
+            num_samples=self.config.batch_size_per_image,
+            positive_fraction=self.config.positive_fraction,
         )
 
     def compute_loss(self, logits, hidden, windows, targets, labels):
@@ -255,17 +214,17 @@ class SegmentProposalHead(keras.layers.Layer):
         bce = tf.nn.sigmoid_cross_entropy_with_logits(
             labels=tf.cast(positive, tf.float32), logits=logits
         )
-        objectness = tf.reduce_sum(bce * sampled) / (num_images * self.batch_size_per_image)
+        objectness = tf.reduce_sum(bce * sampled) / (num_images * self.config.batch_size_per_image)
 
         # The sampled positives, at most P per image: their masks only.
-        p = max(int(self.batch_size_per_image * self.positive_fraction), 1)
+        p = max(int(self.config.batch_size_per_image * self.config.positive_fraction), 1)
         p = min(p, windows.centers.shape[0]) if windows.centers.shape[0] is not None else p
         top, idx = tf.math.top_k(tf.cast(positive, tf.float32), k=p)  # positives first
         valid = top > 0
         matched = tf.where(valid, tf.gather(targets.matched_gt_indices, idx, batch_dims=1), -1)
         boxes = tf.gather(windows.mask_boxes, idx)  # [B, P, 4]
         target = mask_ops.mask_targets(
-            labels["gt_masks"], labels["gt_boxes"], boxes, matched, self.mask_size
+            labels["gt_masks"], labels["gt_boxes"], boxes, matched, self.config.mask_size
         )
         pred = self.mask_logits(hidden, idx, windows)
         pixel = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=pred)
@@ -273,8 +232,8 @@ class SegmentProposalHead(keras.layers.Layer):
         num_pos = tf.reduce_sum(tf.cast(valid, tf.float32))
         mask = tf.math.divide_no_nan(tf.reduce_sum(tf.where(valid, per_window, 0.0)), num_pos)
         return {
-            "segment_objectness_loss": objectness * self.objectness_loss_weight,
-            "segment_mask_loss": mask * self.mask_loss_weight,
+            "segment_objectness_loss": objectness * self.config.objectness_loss_weight,
+            "segment_mask_loss": mask * self.config.mask_loss_weight,
         }
 
     def proposals(self, logits, hidden, windows, image_valid_hw, window_sizes=None):
@@ -287,8 +246,8 @@ class SegmentProposalHead(keras.layers.Layer):
         hw = tf.cast(image_valid_hw, tf.float32)[:, None, :]
         inside = tf.reduce_all(windows.centers[None] < hw, axis=-1)  # [B, R]
         ranked = tf.where(inside, logits, postprocess.NEG_INF)
-        k = self.post_nms_top_k
-        if self.nms_iou >= 1.0:  # no NMS: the top k by score over all windows
+        k = self.config.post_nms_top_k
+        if self.config.nms_iou >= 1.0:  # no NMS: the top k by score over all windows
             num_windows = sum(windows.group_sizes)
             if not isinstance(num_windows, int):
                 raise ValueError("segment proposals need static feature-map sizes")
@@ -304,7 +263,9 @@ class SegmentProposalHead(keras.layers.Layer):
             for n in windows.group_sizes:
                 if not isinstance(n, int):
                     raise ValueError("segment proposals need static feature-map sizes")
-                _, i = tf.math.top_k(ranked[:, start : start + n], k=min(self.pre_nms_top_k, n))
+                _, i = tf.math.top_k(
+                    ranked[:, start : start + n], k=min(self.config.pre_nms_top_k, n)
+                )
                 candidates.append(i + start)
                 start += n
             cand = tf.concat(candidates, 1)  # [B, C] window indices
@@ -313,7 +274,7 @@ class SegmentProposalHead(keras.layers.Layer):
                 tf.gather(windows.mask_boxes, cand),
                 cand_scores,
                 k,
-                self.nms_iou,
+                self.config.nms_iou,
                 valid=tf.math.is_finite(cand_scores),
                 impl="per_image",
             )
@@ -327,9 +288,9 @@ class SegmentProposalHead(keras.layers.Layer):
     def call(self, features, image_valid_hw, labels=None, training=None, window_sizes=None):
         if window_sizes is not None:
             window_sizes = tuple(int(w) for w in window_sizes)
-            unknown = sorted(set(window_sizes) - set(self.window_sizes))
+            unknown = sorted(set(window_sizes) - set(self.config.window_sizes))
             if unknown:
-                raise ValueError(f"window sizes {unknown} not among {self.window_sizes}")
+                raise ValueError(f"window sizes {unknown} not among {self.config.window_sizes}")
         windows = self.windows(features, window_sizes)
         logits, hidden = self.head_outputs(features, window_sizes)
         if labels is not None:
@@ -341,28 +302,15 @@ class SegmentProposalHead(keras.layers.Layer):
         return sorted((lvl for lvl in features if lvl in LEVELS), key=level_number)
 
     def _head_index(self, window_size, window_sizes=None):
-        return list(window_sizes or self.window_sizes).index(window_size)
+        return list(window_sizes or self.config.window_sizes).index(window_size)
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            hidden_dims=self.hidden_dims,
-            mask_size=self.mask_size,
-            window_sizes=list(self.window_sizes),
-            object_sizes=list(self.object_sizes),
-            mask_box_scale=self.mask_box_scale,
-            center_tolerance=self.center_tolerance,
-            center_tolerance_unit=self.center_tolerance_unit,
-            crowd_ioa_threshold=self.crowd_ioa_threshold,
-            batch_size_per_image=self.batch_size_per_image,
-            positive_fraction=self.positive_fraction,
-            pre_nms_top_k=self.pre_nms_top_k,
-            post_nms_top_k=self.post_nms_top_k,
-            nms_iou=self.nms_iou,
-            objectness_loss_weight=self.objectness_loss_weight,
-            mask_loss_weight=self.mask_loss_weight,
-        )
-        return config
+        return {**super().get_config(), "config": self.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        section = SegmentProposalConfig.from_dict(config["config"])
+        return super().from_config({**config, "config": section})
 
 
 def _output_dict(boxes, scores, masks, valid, image_info):

@@ -1,19 +1,15 @@
 """The RPN head on one pyramid level, with a backward pass over the positions the loss reaches.
 
-The RPN loss reads the objectness of the 256 sampled anchors per image and the deltas of the
-positive ones, so the gradient arriving at the head's outputs is zero at every other position of
-the ~270k anchors (~90k positions). The dense backward of the 3x3 conv (its filter gradient and
-input gradient over the whole P2 map) is then mostly sums of zeros; here the backward finds the
-positions where the upstream gradient is non-zero and computes the same gradients there only:
+The RPN loss reads the objectness of the sampled anchors and the deltas of the positive ones, so
+the gradient at the head's outputs is zero almost everywhere. This backward finds the positions
+where it is non-zero and computes the gradients there only:
 
 * filter gradient = patches^T @ d_pre over those N positions (N x 9C patches gathered from x),
 * input gradient = the N rows of d_pre @ W^T scattered back over their 3x3 neighbourhoods,
-* the 1x1 convs' gradients and the ReLU mask from the forward's hidden activations at those
-  positions.
+* the 1x1 convs' gradients and the ReLU mask from the forward's hidden activations.
 
-The result equals TensorFlow's dense gradient up to float summation order for any upstream
-gradient (a dense one only makes it slower), so it is an implementation choice, not a change of
-the model. Outside XLA only: the number of positions is data-dependent.
+It equals TensorFlow's dense gradient up to float summation order for any upstream gradient.
+Outside XLA only: the number of positions is data-dependent.
 """
 
 from __future__ import annotations
