@@ -15,7 +15,7 @@ from fpn_tf.data.pipeline import (
     load_source,
     source_from_config,
 )
-from fpn_tf.data.testing import write_tiny_coco, write_tiny_coco_with_truncated_png
+from data_testing import write_tiny_coco, write_tiny_coco_with_truncated_png
 
 # Tiny images, so short_side=32 / max_long_side=64 (padded 32x64 / 64x32).
 SMALL = dict(short_side=32, max_long_side=64, pad_multiple=32, max_num_instances=4)

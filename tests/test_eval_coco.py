@@ -454,7 +454,7 @@ def test_evaluation_scores_only_the_images_that_ran(tmp_path, caplog):
     import logging
 
     from fpn_tf.data.pipeline import CocoSource, load_source
-    from fpn_tf.data.testing import write_tiny_coco_with_truncated_png
+    from data_testing import write_tiny_coco_with_truncated_png
     from fpn_tf.evaluation.run import evaluate_detector
 
     ann, image_dir = write_tiny_coco_with_truncated_png(tmp_path / "data")
@@ -481,7 +481,7 @@ def test_evaluation_scores_only_the_images_that_ran(tmp_path, caplog):
 def test_tfrecord_evaluation_writes_its_groundtruth_from_the_shards(tmp_path):
     from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
     from fpn_tf.data.pipeline import TfRecordSource, load_source
-    from fpn_tf.data.testing import write_tiny_coco
+    from data_testing import write_tiny_coco
     from fpn_tf.evaluation.run import evaluate_detector
 
     ann, image_dir = write_tiny_coco(tmp_path / "data")
