@@ -58,7 +58,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Union
+from typing import Union
 
 from absl import logging
 import numpy as np
@@ -71,7 +71,6 @@ from fpn_tf.data.tfrecord_reader import TfRecordIndex
 
 __all__ = [
     "CocoSource",
-    "DatasetInfo",
     "Source",
     "TfRecordSource",
     "build_dataset",
@@ -104,20 +103,6 @@ class TfRecordSource:
 
 # A loaded source: what build_dataset reads.
 Source = Union[CocoIndex, TfRecordIndex]
-
-
-@dataclasses.dataclass
-class DatasetInfo:
-    """What a trainer needs to know besides the batches."""
-
-    category_map: CategoryMap
-    num_images: int | None  # None for TFRecords (not counted)
-    image_shapes: list[tuple[int, int]]  # padded (h, w) shapes; [] = varying
-    per_replica_batch_size: int
-    seed: int | None
-    skipped_annotations: dict[str, int]
-    skipped_images: dict[str, int]
-    drops: Any  # the source's RunTimeDrops: images dropped while the datasets run
 
 
 def load_source(spec: CocoSource | TfRecordSource) -> Source:
@@ -186,7 +171,6 @@ def build_dataset(
     num_parallel_calls: int = tf.data.AUTOTUNE,
     prefetch_buffer_size: int = tf.data.AUTOTUNE,
     input_context: tf.distribute.InputContext | None = None,
-    return_info: bool = False,
     include_masks: bool = False,
     mask_crop_size: int = 112,
 ):
@@ -219,13 +203,12 @@ def build_dataset(
       num_parallel_calls, prefetch_buffer_size: tf.data tuning (AUTOTUNE).
       input_context: from ``strategy.distribute_datasets_from_function``; shards
         the input across pipelines.
-      return_info: also return a :class:`DatasetInfo`.
       include_masks: also give ``labels["gt_masks"]`` (module doc); a COCO source without
         masks is given them by ``source.with_masks()`` (read once, then kept).
       mask_crop_size: S of the box-relative masks.
 
     Returns:
-      ``tf.data.Dataset`` of ``(features, labels)``, or ``(dataset, info)``.
+      ``tf.data.Dataset`` of ``(features, labels)``.
     """
     if padding_mode not in transforms.PADDING_MODES:
         raise ValueError(
@@ -350,23 +333,7 @@ def build_dataset(
 
     options = tf.data.Options()
     options.deterministic = deterministic
-    ds = ds.with_options(options).prefetch(prefetch_buffer_size)
-
-    if not return_info:
-        return ds
-    info = DatasetInfo(
-        category_map=index.category_map,
-        num_images=index.num_images,
-        image_shapes=transforms.fixed_padded_size(
-            padding_mode, short_side, max_long_side, pad_multiple
-        ),
-        per_replica_batch_size=per_replica_batch,
-        seed=seed,
-        skipped_annotations=dict(getattr(index, "skipped_annotations", {})),
-        skipped_images=dict(getattr(index, "skipped_images", {})),
-        drops=index.drops,
-    )
-    return ds, info
+    return ds.with_options(options).prefetch(prefetch_buffer_size)
 
 
 def _map_dropping_failures(items, element, source: Source, num_parallel_calls, deterministic):
@@ -443,7 +410,6 @@ def build_dataset_from_config(
     data_cfg,
     training: bool,
     input_context: tf.distribute.InputContext | None = None,
-    return_info: bool = False,
     **overrides,
 ):
     """``build_dataset`` of a loaded ``source`` with a ``DataConfig``'s settings.
@@ -460,6 +426,5 @@ def build_dataset_from_config(
         training,
         int(data_cfg.global_batch_size),
         input_context=input_context,
-        return_info=return_info,
         **kwargs,
     )
