@@ -128,14 +128,14 @@ def test_rpn_at_most_128_positives_and_random_batched_sampling():
         np.testing.assert_allclose(dec[b][pos[b]], gt[b][idx[b][pos[b]]], atol=1e-3)
 
 
-def test_rpn_stateless_seed_and_unbatched():
+def test_rpn_stateless_seed():
     anchors, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors((64, 64)))
-    gt = tf.constant([[8, 8, 40, 40], [0, 0, 0, 0]], tf.float32)
-    cls = tf.constant([1, -1])
+    gt = tf.constant([[[8, 8, 40, 40], [0, 0, 0, 0]]], tf.float32)
+    cls = tf.constant([[1, -1]])
     seed = tf.constant([3, 4])
     t1 = ta.assign_rpn_targets(anchors, gt, cls, num_samples=32, seed=seed)
     t2 = ta.assign_rpn_targets(anchors, gt, cls, num_samples=32, seed=seed)
-    assert t1.labels.shape == (anchors.shape[0],)
+    assert t1.labels.shape == (1, anchors.shape[0])
     np.testing.assert_array_equal(t1.labels.numpy(), t2.labels.numpy())
     assert (t1.labels.numpy() >= 0).sum() == 32
 
@@ -295,7 +295,7 @@ def test_roi_sampler_crowd_never_foreground():
     assert not any(np.allclose(x, [10, 10, 50, 50]) for x in rois[vm])
 
 
-def test_roi_sampler_xla_and_unbatched():
+def test_roi_sampler_xla():
     rng = np.random.default_rng(3)
     props = tf.constant(_random_boxes(rng, (2, 600)))
     gt = tf.constant(_random_boxes(rng, (2, 6)))
@@ -308,8 +308,8 @@ def test_roi_sampler_xla_and_unbatched():
     assert r.valid_mask.numpy().all()
     assert np.all(r.foreground_mask.numpy().sum(axis=1) <= 128)
     assert np.all(r.foreground_mask.numpy().sum(axis=1) >= 2)
-    u = ta.sample_rois(props[0], gt[0], cls[0], num_samples=64)
-    assert u.rois.shape == (64, 4) and u.class_targets.shape == (64,)
+    u = ta.sample_rois(props[:1], gt[:1], cls[:1], num_samples=64)
+    assert u.rois.shape == (1, 64, 4) and u.class_targets.shape == (1, 64)
 
 
 def test_rpn_targets_over_real_gt_columns_equal_all_columns():

@@ -20,9 +20,6 @@ original Detectron's crowd filter). Intersection-over-area instead of IoU becaus
 crowd regions are usually much larger than the anchors inside them: their IoU is
 small even for an anchor fully inside the crowd.
 
-Unbatched inputs (``gt_boxes [N, 4]``, e.g. inside a ``tf.data`` map) are also
-accepted: the outputs then have no batch dimension either.
-
 Cost: the RPN assignment is dominated by the dense [B, A, N] IoU (A = 268,569
 anchors at 800x1344), so it is linear in N: keep ``max_num_instances`` tight.
 ``sample_rois`` is cheap in comparison. Timings: bench/README.md, "Measurements
@@ -183,7 +180,7 @@ def assign_rpn_targets(
 
     Args:
       anchors: float [A, 4] (shared by the batch) or [B, A, 4].
-      gt_boxes: float [B, N, 4] (or [N, 4]: then no batch dim in the outputs).
+      gt_boxes: float [B, N, 4].
       gt_classes: int [B, N]; rows with class <= 0 are padding.
       gt_is_crowd: bool [B, N] or None.
       positive_iou, negative_iou: the IoU thresholds.
@@ -197,39 +194,12 @@ def assign_rpn_targets(
       :class:`RpnTargets` ``(labels int32 [B, A], box_targets float32 [B, A, 4],
       matched_gt_indices int32 [B, A])``.
     """
-
-    def run(gt_boxes, gt_classes, gt_is_crowd):
-        if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
-            return _assign_rpn_targets(
-                anchors,
-                gt_boxes,
-                gt_classes,
-                gt_is_crowd,
-                positive_iou,
-                negative_iou,
-                allow_low_quality_matches,
-                crowd_ioa_threshold,
-                num_samples,
-                positive_fraction,
-                box_weights,
-                seed,
-                positive_iou_inclusive,
-            )
-        # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
-        # rows of any image (padding rows cost as much as real ones; identical outputs,
-        # tests/test_ops_targets.py; timing in bench/README.md).
-        gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
-        gt_classes = tf.convert_to_tensor(gt_classes)
-        if gt_is_crowd is None:
-            gt_is_crowd = tf.zeros(tf.shape(gt_classes), tf.bool)
-        real = tf.cast(gt_classes > 0, tf.int32)
-        n = tf.maximum(tf.reduce_max(tf.reduce_sum(real, axis=1)), 1)
-        order = tf.argsort(-real, axis=1, stable=True)[:, :n]  # real rows first, in order
-        out = _assign_rpn_targets(
+    if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
+        return _assign_rpn_targets(
             anchors,
-            tf.gather(gt_boxes, order, batch_dims=1),
-            tf.gather(gt_classes, order, batch_dims=1),
-            tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1),
+            gt_boxes,
+            gt_classes,
+            gt_is_crowd,
             positive_iou,
             negative_iou,
             allow_low_quality_matches,
@@ -240,18 +210,37 @@ def assign_rpn_targets(
             seed,
             positive_iou_inclusive,
         )
-        matched = tf.where(
-            out.matched_gt_indices >= 0,
-            tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1),
-            -1,
-        )
-        return RpnTargets(out.labels, out.box_targets, matched)
-
-    if tf.convert_to_tensor(gt_boxes).shape.rank == 2:
-        crowd = None if gt_is_crowd is None else tf.expand_dims(gt_is_crowd, 0)
-        out = run(tf.expand_dims(gt_boxes, 0), tf.expand_dims(gt_classes, 0), crowd)
-        return RpnTargets(*[tf.squeeze(t, 0) for t in out])
-    return run(gt_boxes, gt_classes, gt_is_crowd)
+    # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
+    # rows of any image (padding rows cost as much as real ones; identical outputs,
+    # tests/test_ops_targets.py; timing in bench/README.md).
+    gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
+    gt_classes = tf.convert_to_tensor(gt_classes)
+    if gt_is_crowd is None:
+        gt_is_crowd = tf.zeros(tf.shape(gt_classes), tf.bool)
+    real = tf.cast(gt_classes > 0, tf.int32)
+    n = tf.maximum(tf.reduce_max(tf.reduce_sum(real, axis=1)), 1)
+    order = tf.argsort(-real, axis=1, stable=True)[:, :n]  # real rows first, in order
+    out = _assign_rpn_targets(
+        anchors,
+        tf.gather(gt_boxes, order, batch_dims=1),
+        tf.gather(gt_classes, order, batch_dims=1),
+        tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1),
+        positive_iou,
+        negative_iou,
+        allow_low_quality_matches,
+        crowd_ioa_threshold,
+        num_samples,
+        positive_fraction,
+        box_weights,
+        seed,
+        positive_iou_inclusive,
+    )
+    matched = tf.where(
+        out.matched_gt_indices >= 0,
+        tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1),
+        -1,
+    )
+    return RpnTargets(out.labels, out.box_targets, matched)
 
 
 def _assign_rpn_targets(
@@ -340,7 +329,7 @@ def sample_rois(
     proposal coordinates, as in Faster R-CNN's approximate joint training).
 
     Args:
-      proposals: float [B, K, 4] (or [K, 4] with unbatched gt).
+      proposals: float [B, K, 4].
       gt_boxes: float [B, N, 4]; gt_classes: int [B, N] (<= 0: padding);
       gt_is_crowd: bool [B, N] or None.
       proposal_valid: bool [B, K] or None; zero-area proposals are always invalid.
@@ -354,50 +343,6 @@ def sample_rois(
       :class:`RoiTargets`, every field with leading dims [B, num_samples].
     """
 
-    def run(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid):
-        return _sample_rois(
-            proposals,
-            gt_boxes,
-            gt_classes,
-            gt_is_crowd,
-            proposal_valid,
-            num_samples,
-            foreground_fraction,
-            foreground_iou,
-            background_iou_high,
-            background_iou_low,
-            crowd_ioa_threshold,
-            add_gt_as_proposals,
-            box_weights,
-            seed,
-        )
-
-    if tf.convert_to_tensor(gt_boxes).shape.rank == 2:
-
-        def ex(t):
-            return None if t is None else tf.expand_dims(t, 0)
-
-        out = run(ex(proposals), ex(gt_boxes), ex(gt_classes), ex(gt_is_crowd), ex(proposal_valid))
-        return RoiTargets(*[tf.squeeze(t, 0) for t in out])
-    return run(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid)
-
-
-def _sample_rois(
-    proposals,
-    gt_boxes,
-    gt_classes,
-    gt_is_crowd,
-    proposal_valid,
-    num_samples,
-    foreground_fraction,
-    foreground_iou,
-    background_iou_high,
-    background_iou_low,
-    crowd_ioa_threshold,
-    add_gt_as_proposals,
-    box_weights,
-    seed,
-):
     proposals = tf.stop_gradient(tf.convert_to_tensor(proposals, tf.float32))
     gt_boxes, gt_classes, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
     gt_classes = tf.cast(gt_classes, tf.int32)
