@@ -112,18 +112,11 @@ def test_decode_clamps_scale():
     np.testing.assert_allclose(out[1, 2, 4], [1, 2, 30, 40], atol=1e-5)
 
 
-def test_centers_and_normalize():
+def test_centers():
     boxes = tf.constant([[[10, 20, 30, 60]]], tf.float32)
     c = box_ops.boxes_to_centers(boxes).numpy()
     np.testing.assert_allclose(c[0, 0], [20, 40, 20, 40])
     np.testing.assert_allclose(box_ops.centers_to_boxes(c).numpy(), boxes.numpy())
-    n = box_ops.normalize_boxes(boxes, tf.constant([[100.0, 200.0]]))
-    np.testing.assert_allclose(n.numpy()[0, 0], [0.1, 0.1, 0.3, 0.3], rtol=1e-6)
-    np.testing.assert_allclose(
-        box_ops.denormalize_boxes(n, tf.constant([[100.0, 200.0]])).numpy(),
-        boxes.numpy(),
-        rtol=1e-6,
-    )
 
 
 def test_valid_box_mask():

@@ -26,8 +26,6 @@ __all__ = [
     "decode_boxes",
     "boxes_to_centers",
     "centers_to_boxes",
-    "normalize_boxes",
-    "denormalize_boxes",
     "valid_box_mask",
 ]
 
@@ -222,29 +220,6 @@ def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), scale_clip=BBO
     h = tf.exp(dh) * ha
     w = tf.exp(dw) * wa
     return centers_to_boxes(tf.stack([yc, xc, h, w], axis=-1))
-
-
-def normalize_boxes(boxes, image_shape):
-    """Absolute pixels -> [0, 1] relative to ``image_shape``.
-
-    Args:
-      boxes: float [B, ..., 4] (or [..., 4] with a shared size).
-      image_shape: scalar, [2] or [B, 2] ``(height, width)``.
-    Returns:
-      float, same shape as ``boxes``.
-    """
-    boxes = tf.convert_to_tensor(boxes)
-    height, width = _expand_image_shape(image_shape, boxes)
-    scale = tf.stack([height, width, height, width], axis=-1)
-    return tf.math.divide_no_nan(boxes, scale)
-
-
-def denormalize_boxes(boxes, image_shape):
-    """[0, 1] relative -> absolute pixels; inverse of :func:`normalize_boxes`."""
-    boxes = tf.convert_to_tensor(boxes)
-    height, width = _expand_image_shape(image_shape, boxes)
-    scale = tf.stack([height, width, height, width], axis=-1)
-    return boxes * scale
 
 
 def valid_box_mask(boxes, min_size=0.0):
