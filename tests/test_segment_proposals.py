@@ -612,6 +612,17 @@ def test_mask_recall_perfect_shifted_missed_crowd_and_limits():
     assert m["mask_AR@1000"] == 1.0 and m["mask_ARs@1000"] == -1.0
 
 
+def test_mask_recall_needs_the_image_size_in_the_ground_truth():
+    gt = coco_squares({1: [(10, 20, 50, 60, 0)], 2: []})
+    del gt["images"][1]["height"], gt["images"][1]["width"]
+    m, b, s = square_proposals([(10, 20, 50, 60)])
+    ev = MaskProposalRecallEvaluator(gt)
+    with pytest.raises(ValueError, match="image 2: no height/width"):
+        ev.add_proposals(2, m, b, s)
+    ev.add_proposals(1, m, b, s)
+    assert ev.evaluate()["mask_AR@1000"] == 1.0
+
+
 def test_mask_recall_equals_cocoeval_on_random_proposals():
     """The evaluator's numbers are COCOeval's (segm, useCats=0) on the same pasted masks."""
     from pycocotools.cocoeval import COCOeval

@@ -82,18 +82,10 @@ class MaskProposalRecallEvaluator(_Evaluator):
         super().reset()
         self._results = {}
 
-    def _image_size(self, image_id: int, fallback=None):
-        size = self._gt.image_size(image_id)
-        if size is not None:
-            return size
-        if fallback is None:
-            raise ValueError(f"image {image_id}: no height/width in the annotations, no image_info")
-        return int(round(float(fallback[0]))), int(round(float(fallback[1])))
-
-    def add_proposals(self, image_id, masks, boxes, scores, image_size=None):
+    def add_proposals(self, image_id, masks, boxes, scores):
         """One image: ``masks`` [P, M, M] box-relative probabilities over ``boxes`` [P, 4] yxyx
-        original-image pixels, ``scores`` [P]. ``image_size`` (h, w) is used only when the
-        annotation file has no size for the image."""
+        original-image pixels, ``scores`` [P]. The masks are pasted at the image's size in the
+        ground truth (COCOeval's segm needs it too)."""
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
         from fpn_tf.ops import mask_ops  # pylint: disable=g-import-not-at-top
@@ -110,7 +102,10 @@ class MaskProposalRecallEvaluator(_Evaluator):
         self._see(image_id)
         order = np.argsort(-scores, kind="stable")[: max(self.limits)]
         masks, boxes, scores = masks[order], boxes[order], scores[order]
-        h, w = self._image_size(image_id, image_size)
+        size = self._gt.image_size(image_id)
+        if size is None:
+            raise ValueError(f"image {image_id}: no height/width in the ground truth")
+        h, w = size
         results = []
         for start in range(0, len(masks), self.chunk):
             pasted = mask_ops.paste_masks(
@@ -133,8 +128,7 @@ class MaskProposalRecallEvaluator(_Evaluator):
         """One batch: "image_id" [B], "proposal_masks" [B, P, M, M], "proposal_boxes" [B, P, 4]
         (original-image pixels, as the models return them with image_info), "proposal_scores"
         [B, P], optional "num_proposals" [B] (rows past it are padding; without it rows with
-        score <= 0 are) and "image_info" [B, 4, 2] (its original size is a fallback for images
-        the annotation file gives no size; boxes are NOT mapped)."""
+        score <= 0 are)."""
         image_ids = _batch_image_ids(predictions)
         masks = _numpy(predictions["proposal_masks"])
         boxes = _numpy(predictions["proposal_boxes"])
@@ -144,16 +138,9 @@ class MaskProposalRecallEvaluator(_Evaluator):
             if "num_proposals" in predictions
             else None
         )
-        info = _numpy(predictions["image_info"]) if "image_info" in predictions else None
         for i, image_id in enumerate(image_ids):
             keep = np.arange(scores.shape[1]) < int(num[i]) if num is not None else scores[i] > 0
-            self.add_proposals(
-                image_id,
-                masks[i][keep],
-                boxes[i][keep],
-                scores[i][keep],
-                image_size=None if info is None else info[i, 0],
-            )
+            self.add_proposals(image_id, masks[i][keep], boxes[i][keep], scores[i][keep])
 
     def evaluate(self) -> Dict[str, float]:
         """COCOeval (segm, class-agnostic) over the images fed so far."""
