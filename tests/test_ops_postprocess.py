@@ -11,6 +11,8 @@ from fpn_tf.ops import postprocess as pp
 
 IMPLS = ["padded", "per_image"]
 
+RATIOS = (0.5, 1.0, 2.0)
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batched_nms_hand_case(impl):
@@ -143,7 +145,9 @@ def test_generate_proposals_nms_per_level_keeps_overlaps_of_different_levels(imp
 
 def test_generate_proposals_nms_per_level_equals_one_run_per_level_merged():
     rng = np.random.default_rng(3)
-    anchors = anchor_lib.generate_anchors((48, 64), levels=("P2", "P3", "P4"), sizes=(16, 32, 64))
+    anchors = anchor_lib.generate_anchors(
+        (48, 64), ("P2", "P3", "P4"), {"P2": (16,), "P3": (32,), "P4": (64,)}, RATIOS, offset=0.5
+    )
     logits = {
         k: tf.constant(rng.normal(size=(2, v.shape[0])), tf.float32) for k, v in anchors.items()
     }
@@ -335,7 +339,9 @@ def test_postprocess_xla():
     XLA kernel (on CPU or GPU), so it cannot run under ``jit_compile=True``.
     """
     rng = np.random.default_rng(1)
-    anchors = anchor_lib.generate_anchors((64, 96), levels=("P3", "P4"), sizes=(32, 64))
+    anchors = anchor_lib.generate_anchors(
+        (64, 96), ("P3", "P4"), {"P3": (32,), "P4": (64,)}, RATIOS, offset=0.5
+    )
     logits = {
         k: tf.constant(rng.normal(size=(2, v.shape[0])), tf.float32) for k, v in anchors.items()
     }

@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from anchor_testing import paper_anchors
 from fpn_tf.ops import anchors as anchor_lib
 from fpn_tf.ops import box_ops
 from fpn_tf.ops import target_assigner as ta
@@ -86,7 +87,7 @@ def test_rpn_crowd_never_positive_and_ignores_negatives_inside():
 
 
 def test_rpn_no_gt_gives_only_negatives_256_sampled():
-    anchors, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors((128, 160)))
+    anchors, _ = anchor_lib.concat_anchors(paper_anchors((128, 160)))
     boxes = tf.zeros([2, 5, 4])
     classes = -tf.ones([2, 5], tf.int32)
     t = ta.assign_rpn_targets(anchors, boxes, classes, tf.zeros([2, 5], tf.bool))
@@ -104,7 +105,7 @@ def test_rpn_no_gt_gives_only_negatives_256_sampled():
 
 
 def test_rpn_at_most_128_positives_and_random_batched_sampling():
-    anchors, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors((256, 256)))
+    anchors, _ = anchor_lib.concat_anchors(paper_anchors((256, 256)))
     a = anchors.numpy()
     # gt = 40 anchors themselves (+ their near duplicates): far more than 128 positives.
     rng = np.random.default_rng(0)
@@ -129,7 +130,7 @@ def test_rpn_at_most_128_positives_and_random_batched_sampling():
 
 
 def test_rpn_stateless_seed():
-    anchors, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors((64, 64)))
+    anchors, _ = anchor_lib.concat_anchors(paper_anchors((64, 64)))
     gt = tf.constant([[[8, 8, 40, 40], [0, 0, 0, 0]]], tf.float32)
     cls = tf.constant([[1, -1]])
     seed = tf.constant([3, 4])
@@ -141,7 +142,7 @@ def test_rpn_stateless_seed():
 
 
 def test_rpn_xla():
-    anchors, _ = anchor_lib.concat_anchors(anchor_lib.generate_anchors((64, 96)))
+    anchors, _ = anchor_lib.concat_anchors(paper_anchors((64, 96)))
     gt = tf.constant([[[8, 8, 40, 40], [10, 50, 60, 90], [0, 0, 0, 0]]] * 2, tf.float32)
     cls = tf.constant([[1, 2, -1]] * 2)
     crowd = tf.constant([[False, True, False]] * 2)
@@ -325,7 +326,7 @@ def test_rpn_targets_over_real_gt_columns_equal_all_columns():
             classes[b, r] = 1
     anchors, _ = anchor_lib.concat_anchors(
         anchor_lib.generate_anchors(
-            (128, 128), ("P3", "P4"), {"P3": (32,), "P4": (64,)}, (0.5, 1.0, 2.0)
+            (128, 128), ("P3", "P4"), {"P3": (32,), "P4": (64,)}, (0.5, 1.0, 2.0), offset=0.5
         )
     )
     seed = tf.constant([3, 4])
