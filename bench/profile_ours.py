@@ -282,6 +282,7 @@ def main(argv):
                 nms_iou=d.nms_iou,
                 max_detections=d.max_detections,
                 nms_impl=d.nms_impl,
+                min_box_size=d.min_box_size,
             )
         ),
         "inference",
