@@ -316,6 +316,7 @@ def test_nms_per_level_reaches_the_proposals():
             pre_nms_top_k=60,
             post_nms_top_k=80,
             nms_iou=0.5,
+            min_size=0.0,
             nms_impl="per_image",
             nms_per_level=per_level,
         )
