@@ -278,7 +278,7 @@ def test_detections_hand_case(impl):
 
 
 @pytest.mark.parametrize("impl", ["combined"] + IMPLS)
-def test_detections_delta_layouts_and_roi_valid(impl):
+def test_detections_delta_layouts_and_padding_rois(impl):
     probs, deltas, rois = _det_inputs()
     with_bg = tf.concat([tf.ones([1, 3, 1, 4]) * 9.0, deltas], axis=2)  # [B, R, C+1, 4]
     flat = tf.reshape(deltas, [1, 3, 8])  # [B, R, 4C]
@@ -286,17 +286,8 @@ def test_detections_delta_layouts_and_roi_valid(impl):
     for dl in (with_bg, flat):
         d = detections(probs, dl, rois, [240.0, 300.0], nms_impl=impl)
         np.testing.assert_allclose(d.boxes.numpy(), ref.boxes.numpy())
-    d = detections(
-        probs,
-        deltas,
-        rois,
-        [240.0, 300.0],
-        roi_valid=tf.constant([[True, True, False]]),
-        nms_impl=impl,
-    )
-    assert d.num_detections.numpy().tolist() == [2]
-    assert d.boxes.shape == (1, 100, 4)
-    # A zero (padding) RoI gives no detection even without roi_valid.
+    assert ref.boxes.shape == (1, 100, 4)
+    # A zero (padding) RoI gives no detection.
     padded_rois = tf.concat([rois[:, :2], tf.zeros([1, 1, 4])], axis=1)
     d = detections(probs, deltas, padded_rois, [240.0, 300.0], nms_impl=impl)
     assert d.num_detections.numpy().tolist() == [2]
@@ -380,7 +371,7 @@ def test_postprocess_xla():
     for impl in IMPLS:
 
         def det(p, d, r, s, impl=impl):
-            return detections(p, d, r, s, roi_valid=xla.valid, nms_impl=impl)
+            return detections(p, d, r, s, nms_impl=impl)
 
         got = tf.function(det, jit_compile=True)(probs, dd, rois, size)
         ref = det(probs, dd, rois, size)

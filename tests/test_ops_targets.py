@@ -37,9 +37,6 @@ def test_rpn_gt_matched_only_by_its_best_anchor():
     decoded = box_ops.decode_boxes(t.box_targets[0, 0], anchors[0], (1, 1, 1, 1))
     np.testing.assert_allclose(decoded.numpy(), gt[0], atol=1e-4)
     np.testing.assert_array_equal(t.box_targets.numpy()[0, 1:], 0.0)
-    # Without low-quality matches that gt has no positive anchor at all.
-    t = ta.assign_rpn_targets(anchors, boxes, classes, allow_low_quality_matches=False)
-    np.testing.assert_array_equal(t.labels.numpy()[0], [-1, -1, 0, 0])
 
 
 def test_rpn_hand_labels_thresholds_and_ties():
@@ -338,7 +335,6 @@ def test_rpn_targets_over_real_gt_columns_equal_all_columns():
         tf.zeros((2, 12), tf.bool),
         0.7,
         0.3,
-        True,
         0.7,
         256,
         0.5,

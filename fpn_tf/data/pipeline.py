@@ -165,11 +165,7 @@ def build_dataset(
     shuffle: bool | None = None,
     shuffle_buffer_size: int | None = None,
     seed: int | None = None,
-    deterministic: bool | None = None,
-    repeat: bool | None = None,
-    drop_remainder: bool | None = None,
     num_parallel_calls: int = tf.data.AUTOTUNE,
-    prefetch_buffer_size: int = tf.data.AUTOTUNE,
     input_context: tf.distribute.InputContext | None = None,
     include_masks: bool = False,
     mask_crop_size: int = 112,
@@ -194,13 +190,12 @@ def build_dataset(
       max_num_instances: N, ground-truth rows per image (more: first N kept,
         with a warning).
       random_flip: random horizontal flip with p=0.5 (training only).
-      shuffle, repeat, drop_remainder: default to ``training``.
+      shuffle: defaults to ``training``; training also repeats and drops the remainder.
       shuffle_buffer_size: None or 0: every image (COCO: the buffer holds
         image indices, not pixels); 1000 serialized records for TFRecords.
-      seed: seeds the shuffle and the flips; None draws one (logged).
-      deterministic: element order of parallel maps; default True if ``seed``
-        is given, else False (faster).
-      num_parallel_calls, prefetch_buffer_size: tf.data tuning (AUTOTUNE).
+      seed: seeds the shuffle and the flips; None draws one (logged). With a seed the
+        parallel maps keep the element order (deterministic), else not (faster).
+      num_parallel_calls: of the decoding map (AUTOTUNE).
       input_context: from ``strategy.distribute_datasets_from_function``; shards
         the input across pipelines.
       include_masks: also give ``labels["gt_masks"]`` (module doc); a COCO source without
@@ -228,11 +223,9 @@ def build_dataset(
     if include_masks and mask_crop_size < 1:
         raise ValueError(f"mask_crop_size must be >= 1, got {mask_crop_size}")
     shuffle = training if shuffle is None else shuffle
-    repeat = training if repeat is None else repeat
-    drop_remainder = training if drop_remainder is None else drop_remainder
+    repeat = drop_remainder = training
     flip = training and random_flip
-    if deterministic is None:
-        deterministic = seed is not None
+    deterministic = seed is not None
     if seed is None and (shuffle or flip):
         seed = int(np.random.default_rng().integers(2**31 - 1))
         logging.info("fpn_tf.data: no seed given; drew seed=%d", seed)
@@ -333,7 +326,7 @@ def build_dataset(
 
     options = tf.data.Options()
     options.deterministic = deterministic
-    return ds.with_options(options).prefetch(prefetch_buffer_size)
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _map_dropping_failures(items, element, source: Source, num_parallel_calls, deterministic):

@@ -188,10 +188,10 @@ def encode_boxes(boxes, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
     return tf.stack([dy, dx, dh, dw], axis=-1)
 
 
-def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), scale_clip=BBOX_XFORM_CLIP):
+def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
     """Inverse of :func:`encode_boxes`: applies deltas to anchors.
 
-    ``dh / wh`` and ``dw / ww`` are clamped at ``scale_clip`` (log(1000/16),
+    ``dh / wh`` and ``dw / ww`` are clamped at ``BBOX_XFORM_CLIP`` (log(1000/16),
     as detectron2) before ``exp`` so that no prediction overflows.
 
     Args:
@@ -199,7 +199,6 @@ def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), scale_clip=BBO
       anchors: float [..., 4], broadcastable against ``deltas`` (e.g. [B,R,1,4]
         for class-specific deltas [B,R,C,4]).
       weights: the 4 weights used for encoding.
-      scale_clip: clamp for the scaled log-size deltas; None disables it.
     Returns:
       float boxes [..., 4] (not clipped to the image).
     """
@@ -212,9 +211,8 @@ def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), scale_clip=BBO
     dx = dx / wx
     dh = dh / wh
     dw = dw / ww
-    if scale_clip is not None:
-        dh = tf.minimum(dh, scale_clip)
-        dw = tf.minimum(dw, scale_clip)
+    dh = tf.minimum(dh, BBOX_XFORM_CLIP)
+    dw = tf.minimum(dw, BBOX_XFORM_CLIP)
     yc = dy * ha + yca
     xc = dx * wa + xca
     h = tf.exp(dh) * ha

@@ -251,7 +251,6 @@ def postprocess_detections(
     box_weights,
     nms_impl,
     min_box_size,
-    roi_valid=None,
     pre_nms_top_k=5000,
 ):
     """Fast R-CNN outputs -> final detections (FPN §4.2 inference).
@@ -280,10 +279,9 @@ def postprocess_detections(
       class_probs: float [B, R, C + 1] softmax probabilities, column 0 background.
       box_deltas: float [B, R, C, 4] class-specific deltas (also accepted:
         [B, R, C + 1, 4] with a background column, or [B, R, 4 * C] / [B, R, 4 * (C + 1)]).
-      rois: float [B, R, 4] yxyx pixels.
+      rois: float [B, R, 4] yxyx pixels; zero-area RoIs (the padding rows of
+        :func:`generate_proposals`) give no detection.
       image_shape: [B, 2] (or [2] / scalar) valid ``(height, width)``.
-      roi_valid: optional bool [B, R] (padding RoIs give no detection; zero-area
-        RoIs, such as the padding rows of :func:`generate_proposals`, never do).
       score_threshold, nms_iou, max_detections: the candidates' score floor, the NMS IoU
         threshold, detections kept per image.
       box_weights: the box coder weights of the deltas.
@@ -311,8 +309,6 @@ def postprocess_detections(
     ok = tf.logical_and(ok, tf.math.is_finite(scores))
     # Zero-area RoIs are padding (e.g. the zero rows of generate_proposals).
     ok = tf.logical_and(ok, (box_ops.area(rois) > 0.0)[:, :, None])
-    if roi_valid is not None:
-        ok = tf.logical_and(ok, tf.cast(roi_valid, tf.bool)[:, :, None])
     if min_box_size > 0:
         ymin, xmin, ymax, xmax = tf.unstack(boxes, num=4, axis=-1)
         big = tf.logical_and(ymax - ymin >= min_box_size, xmax - xmin >= min_box_size)

@@ -156,7 +156,6 @@ def assign_rpn_targets(
     *,
     positive_iou=0.7,
     negative_iou=0.3,
-    allow_low_quality_matches=True,
     crowd_ioa_threshold=0.7,
     num_samples=256,
     positive_fraction=0.5,
@@ -184,7 +183,6 @@ def assign_rpn_targets(
       gt_classes: int [B, N]; rows with class <= 0 are padding.
       gt_is_crowd: bool [B, N] or None.
       positive_iou, negative_iou: the IoU thresholds.
-      allow_low_quality_matches: add each gt's highest-IoU anchors as positives.
       crowd_ioa_threshold: see the module docstring.
       num_samples, positive_fraction: the per-image sample (256, 0.5).
       box_weights: box coder weights (1, 1, 1, 1 for the RPN).
@@ -202,7 +200,6 @@ def assign_rpn_targets(
             gt_is_crowd,
             positive_iou,
             negative_iou,
-            allow_low_quality_matches,
             crowd_ioa_threshold,
             num_samples,
             positive_fraction,
@@ -227,7 +224,6 @@ def assign_rpn_targets(
         tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1),
         positive_iou,
         negative_iou,
-        allow_low_quality_matches,
         crowd_ioa_threshold,
         num_samples,
         positive_fraction,
@@ -250,7 +246,6 @@ def _assign_rpn_targets(
     gt_is_crowd,
     positive_iou,
     negative_iou,
-    allow_low_quality_matches,
     crowd_ioa_threshold,
     num_samples,
     positive_fraction,
@@ -272,11 +267,11 @@ def _assign_rpn_targets(
         positive = max_iou >= positive_iou
     else:
         positive = max_iou > positive_iou
-    if allow_low_quality_matches:
-        gt_best = tf.reduce_max(iou, axis=1, keepdims=True)  # [B, 1, N]
-        is_best = tf.logical_and(tf.equal(iou, gt_best), gt_best > 0.0)
-        is_best = tf.logical_and(is_best, matchable[:, None, :])
-        positive = tf.logical_or(positive, tf.reduce_any(is_best, axis=-1))
+    # Each gt's highest-IoU anchors are positive too (low-quality matches).
+    gt_best = tf.reduce_max(iou, axis=1, keepdims=True)  # [B, 1, N]
+    is_best = tf.logical_and(tf.equal(iou, gt_best), gt_best > 0.0)
+    is_best = tf.logical_and(is_best, matchable[:, None, :])
+    positive = tf.logical_or(positive, tf.reduce_any(is_best, axis=-1))
     negative = tf.logical_and(max_iou < negative_iou, tf.logical_not(positive))
     negative = tf.logical_and(negative, tf.logical_not(in_crowd))
 
@@ -307,9 +302,7 @@ def sample_rois(
     foreground_fraction=0.25,
     foreground_iou=0.5,
     background_iou_high=0.5,
-    background_iou_low=0.0,
     crowd_ioa_threshold=0.7,
-    add_gt_as_proposals=True,
     box_weights=(10.0, 10.0, 5.0, 5.0),
     seed=None,
 ):
@@ -317,7 +310,7 @@ def sample_rois(
 
     The real non-crowd gt boxes are appended to the proposals; every candidate is
     matched to the gt of highest IoU; foreground: IoU >= ``foreground_iou``;
-    background: IoU in [``background_iou_low``, ``background_iou_high``) (an image
+    background: IoU < ``background_iou_high`` (an image
     without gt: every valid candidate is background). Crowd gt are never matched
     and never appended; background candidates more than ``crowd_ioa_threshold``
     inside a crowd box are dropped. Per image at most ``num_samples *
@@ -334,9 +327,8 @@ def sample_rois(
       gt_is_crowd: bool [B, N] or None.
       proposal_valid: bool [B, K] or None; zero-area proposals are always invalid.
       num_samples, foreground_fraction: 512 and 0.25 (the paper).
-      foreground_iou, background_iou_high, background_iou_low: 0.5, 0.5, 0.0.
+      foreground_iou, background_iou_high: 0.5, 0.5.
       crowd_ioa_threshold: see the module docstring.
-      add_gt_as_proposals: append the gt boxes to the candidates.
       box_weights: (10, 10, 5, 5).
       seed: None or an int tensor [2] for stateless sampling.
     Returns:
@@ -351,10 +343,8 @@ def sample_rois(
     valid = box_ops.valid_box_mask(proposals)
     if proposal_valid is not None:
         valid = tf.logical_and(valid, tf.cast(proposal_valid, tf.bool))
-    candidates = proposals
-    if add_gt_as_proposals:
-        candidates = tf.concat([proposals, gt_boxes], axis=1)
-        valid = tf.concat([valid, matchable], axis=1)
+    candidates = tf.concat([proposals, gt_boxes], axis=1)
+    valid = tf.concat([valid, matchable], axis=1)
 
     iou, in_crowd = _iou_and_crowd_ioa(candidates, gt_boxes, crowd, crowd_ioa_threshold)
     iou = tf.where(matchable[:, None, :], iou, -1.0)
@@ -364,7 +354,6 @@ def sample_rois(
     foreground = tf.logical_and(valid, max_iou >= foreground_iou)
     background = tf.logical_and(valid, tf.logical_not(foreground))
     background = tf.logical_and(background, max_iou < background_iou_high)
-    background = tf.logical_and(background, max_iou >= background_iou_low)
     background = tf.logical_and(background, tf.logical_not(in_crowd))
 
     num_cand = _static_or_dynamic(candidates, 1)
