@@ -65,7 +65,6 @@ import numpy as np
 import tensorflow as tf
 
 from fpn_tf.data import transforms
-from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.coco_reader import CocoIndex, load_coco
 from fpn_tf.data.tfrecord_reader import TfRecordIndex
 

@@ -41,6 +41,8 @@ __all__ = [
     "check_image_size",
     "check_segmentation",
     "compressed_rle_runs",
+    "is_int",
+    "is_number",
 ]
 
 # reason -> what it means, for log lines ("skipped 3 annotation(s) with <what> [<reason>]").
@@ -85,7 +87,7 @@ def _bad(reason: str, what: str) -> CheckedSegmentation:
     return CheckedSegmentation(None, reason, what)
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
@@ -93,13 +95,13 @@ def _all_numbers(values) -> bool:
     """Whether every item is a number (not a bool); Python floats and ints take the fast way."""
     for v in values:
         t = type(v)
-        if t is float or t is int or _is_number(v):
+        if t is float or t is int or is_number(v):
             continue
         return False
     return True
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
@@ -110,7 +112,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def check_image_size(height: Any, width: Any) -> str | None:
     """None when (height, width) can hold masks for pycocotools, else what is wrong."""
-    if not (_is_int(height) and _is_int(width)) or height <= 0 or width <= 0:
+    if not (is_int(height) and is_int(width)) or height <= 0 or width <= 0:
         return (
             f"the image's height/width {_short(height)}/{_short(width)} are not positive integers"
         )
@@ -310,7 +312,7 @@ def _boundary_points(polygon: np.ndarray) -> float:
 def _checked_rle(segmentation: dict, h: int, w: int):
     """A pycocotools RLE dict, or the problem."""
     size, counts = segmentation.get("size"), segmentation.get("counts")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(is_int, size))):
         return _bad(
             "bad_rle", f"segmentation RLE 'size' must be [height, width], got {_short(size)}"
         )
@@ -322,7 +324,7 @@ def _checked_rle(segmentation: dict, h: int, w: int):
     if "counts" not in segmentation:
         return _bad("bad_rle", "segmentation RLE has no 'counts'")
     if isinstance(counts, list):
-        if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
+        if not all(is_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
             return _bad(
                 "bad_rle",
                 f"segmentation RLE counts are not non-negative integers summing to {h * w}",

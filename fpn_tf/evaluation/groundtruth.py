@@ -48,7 +48,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from fpn_tf.data.errors import DataError, parse_json, read_json
-from fpn_tf.data.segmentation_check import MASK_REASONS, check_image_size, check_segmentation
+from fpn_tf.data.segmentation_check import (
+    MASK_REASONS,
+    check_image_size,
+    check_segmentation,
+    is_int,
+    is_number,
+)
 
 __all__ = ["BOX_REASONS", "GroundTruth", "coco_from_dataset", "read_groundtruth"]
 
@@ -84,14 +90,6 @@ def coco_from_dataset(dataset: Mapping) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _float(x: Any) -> float:
@@ -159,7 +157,7 @@ class GroundTruth:
     def _check_images(self, entries, image_sizes) -> List[dict]:
         images, seen = [], set()
         for n, img in enumerate(self._list(entries, "images")):
-            if not isinstance(img, Mapping) or not _is_int(img.get("id")):
+            if not isinstance(img, Mapping) or not is_int(img.get("id")):
                 raise DataError(f"{self.name}: images[{n}] has no integer 'id'")
             iid = int(img["id"])
             if iid in seen:
@@ -174,7 +172,7 @@ class GroundTruth:
     def _check_categories(self, entries) -> List[dict]:
         categories = []
         for n, cat in enumerate(self._list(entries, "categories")):
-            if not isinstance(cat, Mapping) or not _is_int(cat.get("id")):
+            if not isinstance(cat, Mapping) or not is_int(cat.get("id")):
                 raise DataError(f"{self.name}: categories[{n}] has no integer 'id'")
             categories.append(dict(cat))
         return categories
@@ -193,7 +191,7 @@ class GroundTruth:
             if not isinstance(ann, Mapping):
                 raise DataError(f"{self.name}: annotations[{n}] is not an object")
             aid = ann.get("id")
-            unique = _is_int(aid) and abs(aid) < 2**63 and aid not in used_ids
+            unique = is_int(aid) and abs(aid) < 2**63 and aid not in used_ids
             reported = int(aid) if unique else f"#{n}"
             for key in ("bbox", "image_id", "category_id"):
                 if key not in ann:
@@ -201,7 +199,7 @@ class GroundTruth:
                         f"{self.name}: annotation id {reported}: required key '{key}' is missing"
                     )
             iid, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
-            if not _is_int(iid) or int(iid) not in self._image_ids:
+            if not is_int(iid) or int(iid) not in self._image_ids:
                 self._unusable(
                     self.left_out_of_boxes,
                     "unknown_image",
@@ -210,7 +208,7 @@ class GroundTruth:
                     f"image_id {iid!r} is not in 'images'",
                 )
                 continue
-            if not _is_int(cid) or int(cid) not in self.categories:
+            if not is_int(cid) or int(cid) not in self.categories:
                 self._unusable(
                     self.left_out_of_boxes,
                     "unknown_category",
@@ -222,7 +220,7 @@ class GroundTruth:
             if (
                 not isinstance(bbox, (list, tuple))
                 or len(bbox) != 4
-                or not all(map(_is_number, bbox))
+                or not all(map(is_number, bbox))
             ):
                 raise DataError(
                     f"{self.name}: annotation id {reported} (image id {iid}): 'bbox' must be "
@@ -244,7 +242,7 @@ class GroundTruth:
                 self.generated_ids += 1
                 key = -(2**62) - n
             used_ids.add(key)
-            area = _float(ann.get("area")) if _is_number(ann.get("area")) else math.nan
+            area = _float(ann.get("area")) if is_number(ann.get("area")) else math.nan
             self.annotations.append(
                 {
                     "id": key,
@@ -348,7 +346,7 @@ class GroundTruth:
         out: Dict[str, List[Any]] = {}
         for table in tables:
             for reason, entries in table.items():
-                ids = [a for a, image_id in entries if _is_int(image_id) and image_id in wanted]
+                ids = [a for a, image_id in entries if is_int(image_id) and image_id in wanted]
                 if ids:
                     out.setdefault(reason, []).extend(ids)
         return out
