@@ -4,52 +4,35 @@
     ds = build_dataset(source, training=True, batch_size=16, seed=0)
     features, labels = next(iter(ds))
 
-A source is loaded (validated, indexed) once, by :func:`load_source` or :func:`source_from_config`,
-and every dataset of that split is built from the loaded object, which also counts the images its
-datasets drop at run time (``source.drops``, see below).
+A source is loaded (validated, indexed) once and every dataset of that split is built from it;
+it also counts the images its datasets drop at run time (``source.drops``).
 
-Each batch (see WORKSPACE.md):
+Each batch (WORKSPACE.md):
 
-* ``features["images"]``: float32 [B, Hp, Wp, 3] RGB 0..255, zero padded at
-  the bottom/right;
-* ``features["image_info"]``: float32 [B, 4, 2] rows ``[original (h, w),
-  resized (h, w) before padding, scale (y, x), offset (y, x) = 0]``;
-* ``features["image_id"]``: int64 [B] (the dataset's image id);
-* ``labels["gt_boxes"]``: float32 [B, N, 4] ymin, xmin, ymax, xmax in pixels
-  of the resized image; ``labels["gt_classes"]``: int32 [B, N] contiguous
-  1..C, -1 = padding; ``labels["gt_is_crowd"]``: bool [B, N].
-  N = ``max_num_instances``.
+* ``features["images"]``: float32 [B, Hp, Wp, 3] RGB 0..255, zero padded at the bottom/right;
+* ``features["image_info"]``: float32 [B, 4, 2] rows ``[original (h, w), resized (h, w) before
+  padding, scale (y, x), offset (y, x) = 0]``;
+* ``features["image_id"]``: int64 [B];
+* ``labels["gt_boxes"]``: float32 [B, N, 4] yxyx pixels of the resized image;
+  ``labels["gt_classes"]``: int32 [B, N] contiguous 1..C, -1 = padding;
+  ``labels["gt_is_crowd"]``: bool [B, N]; N = ``max_num_instances``;
 * with ``include_masks=True`` only, ``labels["gt_masks"]``: float32 [B, N, S, S], each object's
-  mask over its ``gt_boxes`` row in box-relative form (``fpn_tf.ops.mask_ops``; S =
-  ``mask_crop_size``, 112 by default), cropped in the decoded image's frame and flipped with it
-  (``transforms.crop_instance_masks``); padding rows are zeros. Masks are read only then: a COCO
-  source checks and keeps its segmentations (``CocoIndex.with_masks``, once), TFRecords decode
-  ``image/object/mask``.
+  mask over its box (``fpn_tf.ops.mask_ops``; S = ``mask_crop_size``); padding rows are zeros.
 
-Static shapes (``padding_mode``): by default ("orientation") each image is
-padded to a fixed size chosen by its orientation, ``[ceil32(short_side),
-ceil32(max_long_side)]`` = [800, 1344] for landscape (h <= w) and [1344, 800]
-for portrait, and ``group_by_window`` puts only same-orientation images in a
-batch. So a run sees at most two image shapes (a jit-compiled train step
-compiles twice, not once per size) and each batch holds 40 % fewer pixels
-than a square [1344, 1344] ("square" mode: one shape, e.g. for TPUs). "batch" pads
-each batch only to its largest image (rounded up to ``pad_multiple``): least
-padding, many shapes. Batches always have a static batch size in training
-(``drop_remainder``); the image dimensions are static only in "square" mode.
+Static shapes (``padding_mode``): "orientation" pads each image to one of two sizes by its
+orientation (``[ceil32(short_side), ceil32(max_long_side)]`` or its transpose) and batches only
+images of one orientation, so a jit-compiled step compiles twice and batches hold fewer padding
+pixels than "square" (one shape, e.g. for TPUs); "batch" pads each batch to its largest image
+(least padding, many shapes).
 
-Order of operations: items (image indices for COCO, serialized records for
-TFRecords) are sharded (``input_context``), shuffled (seeded), repeated
-(training), numbered, then decoded and transformed in a parallel map
-(AUTOTUNE), with each image's flip drawn from a stateless RNG seeded by
-(seed, element number) so a seeded run is reproducible whatever the
-parallelism; then grouped/batched and prefetched.
+Order: items (image indices for COCO, serialized records for TFRecords) are sharded
+(``input_context``), shuffled (seeded), repeated (training), numbered, then decoded and
+transformed in a parallel map, each image's flip drawn from a stateless RNG seeded by (seed,
+element number) so a seeded run is reproducible whatever the parallelism; then batched.
 
-Run-time drops: with ``on_bad_data="skip"`` an element whose decoding or transform fails (a
-truncated image passes the load-time header check) is dropped, and each drop is logged with the
-file, the image id and the running total and counted in ``source.drops``
-(:class:`fpn_tf.data.errors.RunTimeDrops`; ``source.drops.summary()`` is the closing line). Each
-element runs in its own one-element dataset whose failure yields a placeholder flagged invalid;
-the flag filters it out and reports it. With ``"error"`` the failure stops the iteration.
+Run-time drops: with ``on_bad_data="skip"`` an element whose decoding or transform fails is
+dropped, logged with its file and image id and counted in ``source.drops``; with ``"error"``
+the failure stops the iteration.
 """
 
 from __future__ import annotations
