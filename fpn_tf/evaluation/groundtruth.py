@@ -1,35 +1,24 @@
 """The evaluation's ground truth, checked before pycocotools scores anything against it.
 
-pycocotools trusts its annotation file: an annotation without ``segmentation``, a polygon of two
-points or a segmentation that is a number raise deep inside ``COCOeval``; an odd-length polygon
-loses its last coordinate; an RLE whose runs do not add up to height x width makes its mask IoU
-loop forever; an RLE of another size scores IoU -1 (that object can never be matched); polygon
-coordinates around 1e12 crash the process. :class:`GroundTruth` reads the annotation file (or a
-dataset dict / a loaded ``COCO``), checks every annotation, and gives pycocotools only what passed:
+pycocotools trusts its annotation file: malformed segmentations raise deep inside ``COCOeval``,
+lose coordinates, loop forever or crash the process. :class:`GroundTruth` reads the annotation
+file (or a dataset dict / a loaded ``COCO``), checks every annotation, and gives pycocotools
+only what passed:
 
-* **boxes** (box AP, proposal AR): a ``bbox`` of four finite numbers with width and height > 0,
-  an ``image_id`` in ``images`` and a ``category_id`` in ``categories``. Another annotation is
-  left out of every metric, reason ``bad_box_size``, ``unknown_image`` or ``unknown_category``
-  (training skips it for the same reason; pycocotools would score a NaN box as a miss, and never
-  score the other two). Missing keys, a ``bbox`` that is not four numbers, or image / category entries without an
-  integer ``id`` are malformed: one-line :class:`~fpn_tf.data.errors.DataError`, as in training.
-  ``iscrowd`` is read as training reads it (truthy = crowd); a missing or non-finite ``area`` is
-  the box's; missing or repeated annotation ids get private ones (they are reported by position,
-  ``#n``), since pycocotools matches by id.
-* **masks** (mask AP, mask AR of segment proposals): the segmentation goes through
-  :func:`fpn_tf.data.segmentation_check.check_segmentation`, the check training runs, over its
-  image's size (the annotation file's ``height``/``width``, or the sizes the evaluation source
-  read from the image files). What passes is given to pycocotools as the compressed RLE the
-  check made, so pycocotools rasterises nothing of the file's own. An annotation that fails is
-  **left out of the mask metrics only: box AP keeps it** (its box is sound). In the mask metrics
-  its box becomes an ignore region, as COCO treats a crowd region: a detection of that object is
-  neither a hit nor a false positive, so an unusable ground-truth mask neither counts as a miss
-  nor turns a correct detection into a false positive.
+* **boxes** (box AP, proposal AR): a finite ``bbox`` with width and height > 0, a known
+  ``image_id`` and ``category_id``; another annotation is left out of every metric
+  (``BOX_REASONS``, as training skips it). Malformed entries (missing keys, a ``bbox`` that is
+  not four numbers, entries without an integer ``id``) are a one-line
+  :class:`~fpn_tf.data.errors.DataError`. ``iscrowd`` is truthy = crowd; a missing or
+  non-finite ``area`` is the box's; missing or repeated annotation ids get private ones.
+* **masks** (mask AP, mask AR): the segmentation passes
+  :func:`fpn_tf.data.segmentation_check.check_segmentation` (training's check) over its image's
+  size, and pycocotools gets the compressed RLE the check made. An annotation that fails is left
+  out of the mask metrics only (box AP keeps it), and its box becomes an ignore region there,
+  like a crowd region: a detection of it is neither a hit nor a false positive.
 
-``on_bad_data="error"`` makes the first unusable annotation a one-line ``DataError`` instead.
-The evaluators report, per metric and for the images they scored, how many ground-truth
-annotations were left out, why, and their ids (:meth:`GroundTruth.left_out`); ``metrics.json``
-holds the same (:func:`fpn_tf.evaluation.run.evaluate_detector`).
+``on_bad_data="error"`` makes the first unusable annotation a one-line ``DataError``. What was
+left out, per metric, reason and id, is in :meth:`GroundTruth.left_out` and ``metrics.json``.
 """
 
 from __future__ import annotations
