@@ -1,29 +1,23 @@
 """The one check of a COCO ``segmentation``, run before pycocotools sees it (numpy + pycocotools).
 
-Training (:func:`fpn_tf.data.coco_reader.load_coco` with masks), the evaluation ground truth
-(:mod:`fpn_tf.evaluation.groundtruth`) and ``python -m fpn_tf.data.convert_coco --include_masks``
-all call :func:`check_segmentation`. It turns a segmentation into the compressed RLE that
-``COCO.annToRLE`` would give, or names why it cannot (a reason of :data:`MASK_REASONS` and a
-one-line description). pycocotools itself checks nothing: given a bad segmentation it raises
-``TypeError``/``KeyError``, drops a coordinate silently, scores IoU -1, loops forever (an RLE
-whose runs do not add up to height x width, in ``iou``) or crashes the process (polygon
-coordinates around 1e12 overflow its rasteriser's integers; around 1e7 it allocates gigabytes).
-What this module hands on cannot do any of that:
+Training (``load_coco`` with masks), the evaluation ground truth and ``convert_coco
+--include_masks`` all call :func:`check_segmentation`: it turns a segmentation into the
+compressed RLE ``COCO.annToRLE`` would give, or names why it cannot (a reason of
+:data:`MASK_REASONS` and one line). pycocotools checks nothing: bad segmentations make it raise,
+drop coordinates, score IoU -1, loop forever or crash. Accepted:
 
-* polygons: a non-empty list of polygons, each a list of finite numbers (not bools), of even
-  length, with at least 3 points. A polygon whose vertices all lie within the image extended by
-  its own size on every side (x in [-w, 2w], y in [-h, 2h]) is rasterised exactly as pycocotools
-  does; one that reaches beyond is first clipped to that range (Sutherland-Hodgman: the region
-  inside the image is the polygon's, its boundary is rounded from the clip points), and
-  :attr:`CheckedSegmentation.clipped` says so, so that callers count it. A polygon that lies
-  entirely outside the range vanishes; a mask with no pixel in the image is ``empty_mask``;
-* uncompressed RLE (``counts`` a list): ``size`` is ``[height, width]`` of the image, ``counts``
-  non-negative integers (not bools) summing to height x width;
-* compressed RLE (``counts`` a string): ``size`` as above, the string decodes as pycocotools'
-  ``rleFrString`` reads it (:func:`compressed_rle_runs`: printable ASCII, no truncated number, no
-  negative run) to runs summing to height x width;
-* anything else (a number, a string, ``null``) is a type error; the image's own size must be
-  positive integers with fewer than 2**31 pixels (pycocotools' counts are 32-bit).
+* polygons: a non-empty list of polygons, each an even-length list of at least 6 finite
+  numbers. Vertices within the image extended by its own size on every side are rasterised as
+  pycocotools does; a polygon reaching beyond is first clipped to that range
+  (Sutherland-Hodgman; :attr:`CheckedSegmentation.clipped`). A mask with no pixel in the image
+  is ``empty_mask``;
+* uncompressed RLE: ``size`` the image's ``[height, width]``, ``counts`` non-negative integers
+  summing to height x width;
+* compressed RLE: ``size`` as above, ``counts`` a string that decodes as pycocotools reads it
+  (:func:`compressed_rle_runs`) to runs summing to height x width.
+
+The image's size must be positive integers with fewer than 2**31 pixels (pycocotools' counts are
+32-bit).
 """
 
 from __future__ import annotations

@@ -1,30 +1,19 @@
 """COCO box AP and RPN proposal recall (the paper's Table 1 metric).
 
-Two accumulate-then-evaluate classes, both fed per image or per batch, in Python/NumPy (no
-TensorFlow, no Keras; run them outside tf.function on `.numpy()` values):
+Accumulate-then-evaluate classes fed per image or per batch, in NumPy (run them on ``.numpy()``
+values, outside tf.function):
 
-* :class:`COCOEvaluator` -- detections -> COCO results JSON -> pycocotools ``COCOeval`` (bbox):
-  AP, AP50, AP75, APs, APm, APl, ARmax1, ARmax10, ARmax100, ARs, ARm, ARl; with masks also
-  ``segm``, the same twelve with a ``mask_`` prefix (mask_AP, mask_AP50, ...).
-* :class:`ProposalRecallEvaluator` -- class-agnostic average recall of proposals, AR@100 and
-  AR@1000 overall and for small / medium / large objects.
+* :class:`COCOEvaluator`: pycocotools ``COCOeval`` bbox metrics (``COCO_METRIC_NAMES``) and,
+  with masks, the same with a ``mask_`` prefix;
+* :class:`ProposalRecallEvaluator`: class-agnostic AR@100 / AR@1000, overall and by size.
 
-Conventions. Boxes are ``[ymin, xmin, ymax, xmax]`` in ORIGINAL image pixels (as the models
-return them when called with ``image_info``). Classes are the dataset's own category ids (e.g.
-COCO's 1..90 with gaps). Results JSON uses COCO's ``[x, y, width, height]``.
-
-The ground truth is a COCO annotation file (or its loaded ``pycocotools.coco.COCO``; official
-areas and crowd regions), checked before pycocotools sees it (:mod:`fpn_tf.evaluation.groundtruth`:
-an annotation whose mask fails the check training runs is left out of mask AP only, as an ignore
-region, and reported; :meth:`COCOEvaluator.left_out`). Only the images that were fed are evaluated (``params.imgIds``): an
-image the input pipeline dropped, or that ``eval.steps`` did not reach, does not count; every fed
-image counts, with or without detections. Writing files is the caller's
-(:func:`fpn_tf.evaluation.run.evaluate_detector`).
-
-Masks arrive box-relative (``detection_masks`` [B, N, M, M], as the model and the SavedModel give
-them); they are pasted into the original image with `fpn_tf.ops.mask_ops.paste_masks` (the one
-paste of the package, TensorFlow run eagerly: the only TensorFlow here), binarised at 0.5 and
-RLE-encoded with pycocotools, as COCO's ``segm`` results are.
+Boxes are ``[ymin, xmin, ymax, xmax]`` in original image pixels (as the models return them when
+called with ``image_info``); classes are the dataset's own category ids; results JSON uses
+COCO's ``[x, y, width, height]``. The ground truth is checked first
+(:mod:`fpn_tf.evaluation.groundtruth`; what it leaves out: :meth:`COCOEvaluator.left_out`).
+Only the images fed are evaluated (``params.imgIds``), with or without detections. Masks arrive
+box-relative (``detection_masks`` [B, N, M, M]) and are pasted with
+:func:`fpn_tf.ops.mask_ops.paste_masks` (eager TensorFlow), binarised at 0.5 and RLE-encoded.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """Class-agnostic mask average recall of segment proposals (the paper's Table 6 metric).
 
-:class:`MaskProposalRecallEvaluator` follows `ProposalRecallEvaluator` (accumulate, then
-evaluate; fed per batch; only the images fed count) for masks: each proposal's box-relative mask
-is pasted into its original image (`fpn_tf.ops.mask_ops.paste_masks`, bilinear), thresholded at
-0.5 and RLE-encoded (pycocotools); `evaluate` runs pycocotools' ``COCOeval(iouType="segm")``
-with ``useCats=0`` and ``maxDets=[10, 100, 1000]`` (crowd regions handled as COCO does: a
-proposal matched to a crowd region is neither a hit nor a miss, and crowds never count as ground
-truth), and reads AR from its recall table: the mean over IoU 0.50:0.05:0.95 of the recall at
-each number of proposals and COCO area range (areas: the annotations' ``area``).
-
-COCOeval itself, not a faster matcher: it is correct by construction, and mask IoUs (RLE) make
-the greedy matcher's speed advantage small next to pasting and encoding, which dominate
-(a few ms per image per 100 masks on the 2-core CPU).
+:class:`MaskProposalRecallEvaluator` works like `ProposalRecallEvaluator` (accumulate, evaluate;
+only the images fed count), for masks: each proposal's box-relative mask is pasted into its
+image (`fpn_tf.ops.mask_ops.paste_masks`), thresholded at 0.5 and RLE-encoded; `evaluate` runs
+pycocotools' ``COCOeval(iouType="segm")`` with ``useCats=0`` and ``maxDets=[10, 100, 1000]``
+(crowd regions as COCO treats them) and reads AR from its recall table. COCOeval rather than a
+faster matcher: it is correct by construction, and pasting and encoding dominate the time.
 
 Metric names: "mask_AR@10", "mask_AR@100", "mask_AR@1000", "mask_ARs@1000", "mask_ARm@1000",
 "mask_ARl@1000" (-1 where there is no ground truth in a range).

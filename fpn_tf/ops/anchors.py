@@ -36,6 +36,7 @@ __all__ = [
     "concat_anchors",
 ]
 
+
 def level_number(level):
     """``"P4"`` (or ``"C4"`` or ``4``) -> ``4``."""
     if isinstance(level, numbers.Integral):

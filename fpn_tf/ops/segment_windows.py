@@ -1,37 +1,27 @@
 """Segment-proposal windows on the pyramid (paper §6, Appendix A): their geometry and targets.
 
-Pure TensorFlow, batched over images, no loops over images. The numbers are the FPN paper's
-Appendix A ("Implementation of Segmentation Proposals", arXiv 1612.03144v2); the config
-(`fpn_tf.configs.experiment.SegmentProposalConfig`) marks each field "paper" or "ours".
+Pure TensorFlow, batched over images. The config (``SegmentProposalConfig``) marks each number
+"paper" or "ours".
 
-* Scale groups. A head (MLP) of window ``w`` handles, on level ``P_l`` (stride ``2**l``), objects
-  of scale ``s = object_size * 2**(l - 2)``, the scale of an object being the longer side of its
-  box. Paper: the 5x5 MLP takes {32, 64, 128, 256, 512} px on P2..P6 (``object_size`` 32) and
-  the 7x7 MLP the half octaves, 32√2 .. 512√2 (``object_size`` 32√2: "a 128√2 scale mask is
-  predicted by the 7x7 MLP on P4"). One (head, level) pair is a *scale group*.
-* A window at cell ``(i, j)`` of ``P_l`` has its centre at ``((i + 0.5) * 2**l, (j + 0.5) *
-  2**l)`` (ours: the cell centre) and predicts its ``mask_size`` x ``mask_size`` mask over the
-  square *mask box* of side ``mask_box_scale * s`` centred there. Paper: 25 % padding, i.e.
-  1.25 s: {40, 80, 160, 320, 640} px for the 5x5 MLP, √2 larger for the 7x7.
-* Each non-crowd object goes to the scale group whose ``s`` is nearest its longer side in log
-  space (paper). Objects outside the range (< 32 or > 512√2 px with both heads) are *clamped*
-  to the smallest / largest group rather than dropped (ours: the appendix does not say): they
-  still train the score of the windows that are their best match.
-* The windows of that group whose centre lies within the tolerance of the object box's centre
-  on *both* axes (inclusive) are its positives. Paper: within ``2**l`` px, i.e. ±1 cell
-  (``center_tolerance`` 1, ``center_tolerance_unit`` "cells"); our earlier choice, DeepMask's
-  ±16 px at 224, is ``center_tolerance`` 0.22 of ``s`` (unit "object_size"). A window claimed
-  by several objects goes to the one whose centre is nearest (Euclidean; ties to the lower gt
-  row; ours). Every other window is negative (paper: negatives train the score only), except
-  that a would-be negative whose mask box lies more than ``crowd_ioa_threshold`` inside a crowd
-  box is ignored (ours, the RPN's rule), and windows centred outside the image's valid
-  (unpadded) region are ignored (ours; they never become proposals either).
-* Sampling: ``num_samples`` windows per image, at most ``num_samples * positive_fraction``
-  positive (paper: 128 per image, positives : negatives = 1 : 3); with fewer positives the
-  negatives fill the budget (ours: the appendix does not say).
+* Scale groups: a head (MLP) on level ``P_l`` handles objects of scale ``s = object_size *
+  2**(l - 2)`` (an object's scale: the longer side of its box). Paper: the 5x5 MLP takes
+  {32..512} px on P2..P6, the 7x7 MLP the half octaves (``object_size`` 32√2). One (head, level)
+  pair is a *scale group*.
+* A window at cell ``(i, j)`` of ``P_l`` is centred at ``((i + 0.5) * 2**l, (j + 0.5) * 2**l)``
+  and predicts a ``mask_size`` x ``mask_size`` mask over the square *mask box* of side
+  ``mask_box_scale * s`` there (paper: 1.25 s).
+* Each non-crowd object goes to the group whose ``s`` is nearest its longer side in log space;
+  objects outside the range are clamped to the smallest / largest group (ours).
+* Its positives are that group's windows centred within the tolerance of its box centre on both
+  axes (paper: ±1 cell; ``center_tolerance_unit`` "object_size" gives a fraction of ``s``); a
+  window claimed by several objects goes to the nearest centre (ours). Other windows are
+  negative, except would-be negatives whose mask box lies more than ``crowd_ioa_threshold``
+  inside a crowd box and windows centred outside the valid image, which are ignored (ours).
+* ``num_samples`` windows are sampled per image, at most ``num_samples * positive_fraction``
+  positive (paper: 128, 1 : 3); negatives fill the rest.
 
-Window order everywhere (geometry, head outputs, targets): scale group by group, a group being
-one (head, level) pair in the order heads (as given) then levels, cells row-major inside a group.
+Window order everywhere (geometry, head outputs, targets): group by group (heads as given, then
+levels), cells row-major inside a group.
 """
 
 from __future__ import annotations

@@ -1,29 +1,20 @@
 """Training targets: RPN anchor labels and the Fast R-CNN RoI sampler.
 
-Pure TensorFlow (no Keras), batched over images, static output shapes where the
-inputs are static, no loops over images, usable inside
-``tf.function(jit_compile=True)``. Random sampling is in-graph: every candidate
-gets a uniform random key and ``tf.math.top_k`` picks the sample (stateful
-``tf.random.uniform`` by default, or ``tf.random.stateless_uniform`` when a
-``seed`` of shape [2] is passed, which makes results reproducible).
+Pure TensorFlow, batched over images, static output shapes, usable under
+``tf.function(jit_compile=True)``. Sampling gives every candidate a uniform random key and takes
+the ``tf.math.top_k``: stateful ``tf.random.uniform``, or ``tf.random.stateless_uniform`` when a
+``seed`` [2] is passed (reproducible).
 
-Ground truth (WORKSPACE.md): ``gt_boxes [B, N, 4]`` yxyx pixels, ``gt_classes
-[B, N]`` int with ``1..C`` for objects and ``-1`` for padding rows (a row is a
-real object iff its class is > 0), ``gt_is_crowd [B, N]`` bool.
+Ground truth (WORKSPACE.md): ``gt_boxes [B, N, 4]`` yxyx pixels, ``gt_classes [B, N]`` 1..C for
+objects and -1 for padding rows, ``gt_is_crowd [B, N]`` bool.
 
-Crowd handling (both assigners): crowd boxes are never matched, so they never
-make a positive / foreground and never give regression targets. A candidate
-(anchor or RoI) that would otherwise be a *negative / background* is *ignored*
-(-1, never sampled) when more than ``crowd_ioa_threshold`` (0.7) of its own area
-lies inside a crowd box (intersection over candidate area, the criterion of the
-original Detectron's crowd filter). Intersection-over-area instead of IoU because
-crowd regions are usually much larger than the anchors inside them: their IoU is
-small even for an anchor fully inside the crowd.
+Crowd boxes are never matched (no positive / foreground, no regression target). A candidate that
+would be negative / background is ignored (-1, never sampled) when more than
+``crowd_ioa_threshold`` of its own area lies inside a crowd box (intersection over the
+candidate's area, the original Detectron's rule: crowd regions are much larger than the anchors
+inside them, so their IoU would be small).
 
-Cost: the RPN assignment is dominated by the dense [B, A, N] IoU (A = 268,569
-anchors at 800x1344), so it is linear in N: keep ``max_num_instances`` tight.
-``sample_rois`` is cheap in comparison. Timings: bench/README.md, "Measurements
-behind code choices".
+The RPN assignment's cost is the dense [B, A, N] IoU: keep ``max_num_instances`` tight.
 """
 
 import collections
