@@ -186,6 +186,7 @@ def main(argv):
             negative_iou=rp.negative_iou,
             num_samples=rp.batch_size_per_image,
             positive_fraction=rp.positive_fraction,
+            positive_iou_inclusive=rp.positive_iou_inclusive,
         )
     )
     rpn_t = assign()

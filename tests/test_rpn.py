@@ -197,6 +197,7 @@ def test_rpn_losses_equal_the_functional_path_times_the_weight():
         negative_iou=0.3,
         num_samples=256,
         positive_fraction=0.5,
+        positive_iou_inclusive=False,
     )
     objectness, box = rpn_losses(
         targets.labels,

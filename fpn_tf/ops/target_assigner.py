@@ -145,83 +145,61 @@ def assign_rpn_targets(
     gt_classes,
     gt_is_crowd=None,
     *,
-    positive_iou=0.7,
-    negative_iou=0.3,
+    positive_iou,
+    negative_iou,
+    num_samples,
+    positive_fraction,
+    positive_iou_inclusive,
     crowd_ioa_threshold=0.7,
-    num_samples=256,
-    positive_fraction=0.5,
     box_weights=(1.0, 1.0, 1.0, 1.0),
     seed=None,
-    positive_iou_inclusive=False,
 ):
     """RPN anchor labels and regression targets (FPN §4.1 / Faster R-CNN §3.1.2).
 
-    Labelling (before sampling), over the non-crowd real gt of the image:
-    positive (1) if max IoU > ``positive_iou`` (strict, the paper's "higher than
-    0.7"; ``>=`` with ``positive_iou_inclusive``, as torchvision's and
-    detectron2's Matcher) or the anchor is a highest-IoU anchor of some gt (every
-    anchor tied with that gt's maximum; only when that maximum is > 0); negative
-    (0) if max IoU < ``negative_iou`` (as both references); ignored (-1) otherwise. Negatives more than
-    ``crowd_ioa_threshold`` inside a crowd box become ignored. Border-crossing
-    anchors are kept. Then ``num_samples`` per image are sampled: at most
-    ``num_samples * positive_fraction`` positives, the rest negatives; anchors
-    not sampled get -1. An image without gt gives only negatives
-    (``num_samples`` of them when there are enough anchors).
+    Over the non-crowd real gt of the image: positive (1) if max IoU > ``positive_iou`` (the
+    paper's "higher than"; ``>=`` with ``positive_iou_inclusive``, as torchvision's and
+    detectron2's Matcher) or the anchor ties a gt's highest IoU (when that is > 0); negative (0)
+    if max IoU < ``negative_iou``; ignored (-1) otherwise, and negatives more than
+    ``crowd_ioa_threshold`` inside a crowd box. Border-crossing anchors are kept. Then
+    ``num_samples`` per image are sampled, at most ``num_samples * positive_fraction``
+    positive; anchors not sampled get -1.
 
     Args:
       anchors: float [A, 4] (shared by the batch) or [B, A, 4].
       gt_boxes: float [B, N, 4].
       gt_classes: int [B, N]; rows with class <= 0 are padding.
       gt_is_crowd: bool [B, N] or None.
-      positive_iou, negative_iou: the IoU thresholds.
+      positive_iou, negative_iou, positive_iou_inclusive: the labelling above.
+      num_samples, positive_fraction: the per-image sample.
       crowd_ioa_threshold: see the module docstring.
-      num_samples, positive_fraction: the per-image sample (256, 0.5).
-      box_weights: box coder weights (1, 1, 1, 1 for the RPN).
+      box_weights: box coder weights.
       seed: None (stateful RNG) or an int tensor [2] for stateless sampling.
-      positive_iou_inclusive: positive iff max IoU >= ``positive_iou`` (else >).
     Returns:
       :class:`RpnTargets` ``(labels int32 [B, A], box_targets float32 [B, A, 4],
       matched_gt_indices int32 [B, A])``.
     """
+    settings = dict(
+        positive_iou=positive_iou,
+        negative_iou=negative_iou,
+        crowd_ioa_threshold=crowd_ioa_threshold,
+        num_samples=num_samples,
+        positive_fraction=positive_fraction,
+        box_weights=box_weights,
+        seed=seed,
+        positive_iou_inclusive=positive_iou_inclusive,
+    )
     if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
-        return _assign_rpn_targets(
-            anchors,
-            gt_boxes,
-            gt_classes,
-            gt_is_crowd,
-            positive_iou,
-            negative_iou,
-            crowd_ioa_threshold,
-            num_samples,
-            positive_fraction,
-            box_weights,
-            seed,
-            positive_iou_inclusive,
-        )
-    # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
-    # rows of any image (padding rows cost as much as real ones; identical outputs,
-    # tests/test_ops_targets.py; timing in bench/README.md).
-    gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
+        return _assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd, **settings)
+    # Outside XLA the [B, A, N] IoU runs only over the first n columns, n = the most real gt
+    # rows of any image (padding rows cost as much as real ones; the outputs are the same).
     gt_classes = tf.convert_to_tensor(gt_classes)
     if gt_is_crowd is None:
         gt_is_crowd = tf.zeros(tf.shape(gt_classes), tf.bool)
     real = tf.cast(gt_classes > 0, tf.int32)
     n = tf.maximum(tf.reduce_max(tf.reduce_sum(real, axis=1)), 1)
     order = tf.argsort(-real, axis=1, stable=True)[:, :n]  # real rows first, in order
-    out = _assign_rpn_targets(
-        anchors,
-        tf.gather(gt_boxes, order, batch_dims=1),
-        tf.gather(gt_classes, order, batch_dims=1),
-        tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1),
-        positive_iou,
-        negative_iou,
-        crowd_ioa_threshold,
-        num_samples,
-        positive_fraction,
-        box_weights,
-        seed,
-        positive_iou_inclusive,
-    )
+    gt = [tf.convert_to_tensor(gt_boxes, tf.float32), gt_classes, tf.cast(gt_is_crowd, tf.bool)]
+    out = _assign_rpn_targets(anchors, *[tf.gather(t, order, batch_dims=1) for t in gt], **settings)
     matched = tf.where(
         out.matched_gt_indices >= 0,
         tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1),
@@ -235,6 +213,7 @@ def _assign_rpn_targets(
     gt_boxes,
     gt_classes,
     gt_is_crowd,
+    *,
     positive_iou,
     negative_iou,
     crowd_ioa_threshold,
@@ -242,7 +221,7 @@ def _assign_rpn_targets(
     positive_fraction,
     box_weights,
     seed,
-    positive_iou_inclusive=False,
+    positive_iou_inclusive,
 ):
     anchors = tf.convert_to_tensor(anchors, tf.float32)
     gt_boxes, _, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
@@ -289,12 +268,12 @@ def sample_rois(
     gt_is_crowd=None,
     proposal_valid=None,
     *,
-    num_samples=512,
-    foreground_fraction=0.25,
-    foreground_iou=0.5,
+    num_samples,
+    foreground_fraction,
+    foreground_iou,
+    box_weights,
     background_iou_high=0.5,
     crowd_ioa_threshold=0.7,
-    box_weights=(10.0, 10.0, 5.0, 5.0),
     seed=None,
 ):
     """Fast R-CNN RoI sampling (FPN §4.2 / Fast R-CNN §2.3).
@@ -317,10 +296,10 @@ def sample_rois(
       gt_boxes: float [B, N, 4]; gt_classes: int [B, N] (<= 0: padding);
       gt_is_crowd: bool [B, N] or None.
       proposal_valid: bool [B, K] or None; zero-area proposals are always invalid.
-      num_samples, foreground_fraction: 512 and 0.25 (the paper).
-      foreground_iou, background_iou_high: 0.5, 0.5.
+      num_samples, foreground_fraction: the per-image sample (paper: 512, 0.25).
+      foreground_iou, background_iou_high: the IoU thresholds (paper: 0.5, 0.5).
       crowd_ioa_threshold: see the module docstring.
-      box_weights: (10, 10, 5, 5).
+      box_weights: the box coder weights.
       seed: None or an int tensor [2] for stateless sampling.
     Returns:
       :class:`RoiTargets`, every field with leading dims [B, num_samples].
