@@ -255,25 +255,16 @@ def postprocess_detections(
 ):
     """Fast R-CNN outputs -> final detections (FPN §4.2 inference).
 
-    Class-specific boxes are decoded and clipped; every
-    (RoI, class) pair with probability > ``score_threshold`` is a candidate (with
-    ``min_box_size > 0`` only if both sides of its clipped box are >= it,
-    torchvision's ``remove_small_boxes``, 1e-2 there); NMS
-    at ``nms_iou`` runs independently per class; the
+    Class-specific boxes are decoded and clipped; every (RoI, class) pair with probability >
+    ``score_threshold`` is a candidate (with ``min_box_size > 0`` only if both sides of its box
+    are >= it, torchvision's ``remove_small_boxes``); NMS at ``nms_iou`` runs per class; the
     ``max_detections`` best of all classes are kept.
 
-    ``nms_impl``:
-      * ``"combined"``: ``tf.image.combined_non_max_suppression``, which
-        does exactly that (a per-class cap of ``max_detections`` cannot change the
-        top ``max_detections`` overall). Fast C++ kernel; **no XLA kernel**
-        (``CombinedNonMaxSuppression``), so it cannot be inside a
-        ``jit_compile=True`` function.
-      * ``"padded"`` / ``"per_image"``: XLA-compatible. The ``pre_nms_top_k`` best
-        candidates per image (of ``R * C``) go through one class-agnostic
-        :func:`batched_nms` after shifting each class's boxes by a class-dependent
-        offset so that boxes of different classes never overlap (detectron2's
-        ``batched_nms`` trick). Identical to "combined" unless more than
-        ``pre_nms_top_k`` candidates pass the score threshold.
+    ``nms_impl``: "combined" is ``tf.image.combined_non_max_suppression``, which does exactly
+    that (no XLA kernel); "padded" / "per_image" (XLA-compatible) run one class-agnostic
+    :func:`batched_nms` over the ``pre_nms_top_k`` best candidates with each class's boxes
+    offset so that classes never overlap (detectron2's trick): the same detections unless more
+    than ``pre_nms_top_k`` candidates pass the threshold.
 
     Args:
       class_probs: float [B, R, C + 1] softmax probabilities, column 0 background.

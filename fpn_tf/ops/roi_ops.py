@@ -142,19 +142,12 @@ def multilevel_roi_align(
 ):
     """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
 
-    ``impl``: "gather" (the batched gather + matmul below; static shapes, XLA), "crop_and_resize"
-    (forward: RoIs partitioned by level, one native ``tf.image.crop_and_resize`` per level on the
-    map padded by one replicated pixel, 2x2 average pool; same samples and border rule, equal to
-    "gather" up to float rounding (max abs diff ~2e-4 on unit-variance maps); no [B, R, 49, 16, C]
-    temporary; faster forward on CPUs (bench/README.md). Its gradient is exactly "gather"'s,
-    recomputed in the backward pass, because TF's CPU CropAndResizeGradImage adds from several
-    threads without synchronisation and loses updates), or "auto": "gather" when ``training``
-    (crop_and_resize's backward is gather's anyway, so no faster, and the training graph stays
-    static-shaped) and inside ``jit_compile=True`` (dynamic per-level RoI counts), otherwise
-    "crop_and_resize".
-
-    There is no gradient w.r.t. ``rois`` (as in detectron2's ROIAlign): the boxes are constants
-    of the pooling.
+    ``impl``: "gather" (module doc; static shapes, XLA); "crop_and_resize" (RoIs partitioned by
+    level, one ``tf.image.crop_and_resize`` per level on the map padded by one replicated pixel,
+    then a 2x2 average pool: the same samples up to float rounding, no gather temporary, a faster
+    forward on CPUs; its gradient is "gather"'s, recomputed, because TF's CPU
+    CropAndResizeGradImage loses concurrent updates); "auto": "gather" when ``training`` or under
+    ``jit_compile=True``, else "crop_and_resize". No gradient flows to ``rois``.
 
     Args:
       features: dict ``{"P2": [B, H2, W2, C], ..., "P5": [B, H5, W5, C]}`` (extra
