@@ -3,6 +3,7 @@ weight and NMS-free inference on hand cases; our earlier geometry (the ablation 
 crowd ignore, the losses against NumPy, a tiny model that learns, the call's outputs, mask AR
 against hand values, and Mask R-CNN's masks as proposals on a stub."""
 
+import math
 import time
 
 import keras
@@ -19,7 +20,14 @@ from fpn_tf.modeling.segment_proposals import (
     mask_rcnn_segment_proposals,
 )
 from fpn_tf.ops import mask_ops, postprocess
-from fpn_tf.ops.segment_windows import assign_segment_targets, scale_group_of, window_geometry
+from fpn_tf.ops.segment_windows import assign_segment_targets, window_geometry
+
+
+def scale_group_of(longer_side: float, groups) -> int:
+    """The group index an object of this longer side goes to (the rule in NumPy: nearest s in
+    log space)."""
+    logs = [abs(math.log(max(longer_side, 1e-3)) - math.log(g[2])) for g in groups]
+    return int(np.argmin(logs))
 
 
 # Our choices before Appendix A (configs/cpu_demo_segment_proposals_ours.yaml): objects of

@@ -165,35 +165,10 @@ class CategoryMap:
             raise KeyError(f"contiguous class {k} is outside 1..{self.num_classes}")
         return self._dataset_ids[k - 1]
 
-    def name_of(self, contiguous_id: int) -> str:
-        """Name of a contiguous class (``"background"`` for 0)."""
-        k = int(contiguous_id)
-        if k == 0:
-            return "background"
-        self.to_dataset_id(k)  # range check
-        return self._names[k - 1]
-
     def dataset_id_to_name(self) -> dict[int, str]:
         return dict(zip(self._dataset_ids, self._names))
 
     # -- TensorFlow lookups (usable inside tf.function / SavedModel) -------------
-
-    def contiguous_to_dataset_ids(self, classes: tf.Tensor) -> tf.Tensor:
-        """Maps contiguous classes to dataset ids inside a graph.
-
-        Class 0 (background) and padding (-1 or anything outside 0..C) map to 0.
-
-        Args:
-          classes: integer tensor of any shape holding contiguous classes.
-
-        Returns:
-          int32 tensor of the same shape with dataset ids.
-        """
-        table = tf.constant((0,) + self._dataset_ids, dtype=tf.int32)
-        classes = tf.cast(classes, tf.int32)
-        valid = (classes >= 0) & (classes <= self.num_classes)
-        ids = tf.gather(table, tf.where(valid, classes, tf.zeros_like(classes)))
-        return tf.where(valid, ids, tf.zeros_like(ids))
 
     def dataset_to_contiguous_ids(self, dataset_ids: tf.Tensor) -> tf.Tensor:
         """Maps dataset ids to contiguous classes inside a graph; unknown -> -1.

@@ -27,7 +27,6 @@ levels), cells row-major inside a group.
 from __future__ import annotations
 
 import collections
-import math
 from typing import Sequence
 
 import numpy as np
@@ -41,7 +40,6 @@ __all__ = [
     "window_geometry",
     "assign_segment_targets",
     "SegmentTargets",
-    "scale_group_of",
 ]
 
 Windows = collections.namedtuple(
@@ -219,10 +217,3 @@ def assign_segment_targets(
     neg = target_assigner.sample_balanced(negative, num_samples - num_pos, num_samples, keys[1])
     labels = tf.where(pos, 1, tf.where(neg, 0, -1))
     return SegmentTargets(tf.cast(labels, tf.int32), matched)
-
-
-def scale_group_of(longer_side: float, groups) -> int:
-    """The group index an object of this longer side goes to (NumPy twin of the rule, for
-    tests and documentation)."""
-    logs = [abs(math.log(max(longer_side, 1e-3)) - math.log(g[2])) for g in groups]
-    return int(np.argmin(logs))
