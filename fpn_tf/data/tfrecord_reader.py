@@ -132,7 +132,6 @@ class TfRecordIndex:
         self,
         shuffle_files: bool = False,
         seed: int | None = None,
-        cycle_length: int | None = None,
         num_shards: int = 1,
         shard_index: int = 0,
         deterministic: bool | None = None,
@@ -149,7 +148,7 @@ class TfRecordIndex:
             files = files.shuffle(len(self.files), seed=seed, reshuffle_each_iteration=True)
         ds = files.interleave(
             tf.data.TFRecordDataset,
-            cycle_length=cycle_length or min(len(self.files), 16),
+            cycle_length=min(len(self.files), 16),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=deterministic,
         )

@@ -382,11 +382,8 @@ class ProposalRecallEvaluator(_Evaluator):
     authors used for Table 1: per image, the non-crowd ground truths whose area is in the range are
     matched greedily to the top-`limit` proposals (repeatedly take the ground truth best covered by
     any remaining proposal, record that IoU, remove both); recall at IoU t is the fraction of
-    ground truths matched with IoU >= t, and AR is its mean over t = 0.50:0.05:0.95. Computed in
-    NumPy image by image, so 1000 proposals x 5000 images stay cheap. pycocotools' COCOeval with
-    useCats=0, maxDets=[100, 1000] matches proposals in score order instead; on random sets the two
-    agree to 4 decimals (tests/test_eval_coco.py checks this) while COCOeval is much slower
-    (bench/README.md).
+    ground truths matched with IoU >= t, and AR is its mean over t = 0.50:0.05:0.95. NumPy, image
+    by image (COCOeval with useCats=0 agrees closely but is much slower).
 
     Metric names: "AR@100", "ARs@100", "ARm@100", "ARl@100", "AR@1000", ... (-1 when there is no
     ground truth in a size range). ``annotation_file`` as in COCOEvaluator.
