@@ -454,7 +454,6 @@ def load_coco(
     image_dir: str | os.PathLike,
     on_bad_data: str = "skip",
     verify_images: str = "header",
-    num_verify_threads: int = 16,
     include_masks: bool = False,
 ) -> CocoIndex:
     """Loads and validates a COCO-format annotation file (see module docstring).
@@ -467,7 +466,6 @@ def load_coco(
       on_bad_data: ``"skip"`` (default: skip, count and log) or ``"error"``
         (raise :class:`DataError` at the first problem).
       verify_images: ``"header"`` (default), ``"full"`` or ``"none"``.
-      num_verify_threads: threads that read image headers.
       include_masks: also check and keep each annotation's ``segmentation`` (module doc,
         "Instance masks").
 
@@ -490,7 +488,7 @@ def load_coco(
         raise DataError(f"{af}: {e}") from e
     problems = _Problems(af, on_bad_data)
     listed = _parse_images(af, data["images"], image_dir)
-    kept = _usable_images(listed, verify_images, num_verify_threads, problems)
+    kept = _usable_images(listed, verify_images, problems)
     per_image, num_clipped = _parse_annotations(
         af,
         data["annotations"],
@@ -558,9 +556,7 @@ def _parse_images(af: str, entries: list, image_dir: str) -> list[_Image]:
     return images
 
 
-def _usable_images(
-    images: list[_Image], verify_images: str, num_threads: int, problems: _Problems
-) -> list[_Image]:
+def _usable_images(images: list[_Image], verify_images: str, problems: _Problems) -> list[_Image]:
     """The images whose file exists and (as ``verify_images`` asks) reads as the JSON says.
 
     Headers are also read wherever the JSON lacks the size, which then comes from the file.
@@ -577,7 +573,7 @@ def _usable_images(
     if not to_read:
         return kept
     full = verify_images == "full"
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, len(to_read)))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(to_read)))) as pool:
         headers = list(pool.map(lambda im: _read_image_header(im.path, full), to_read))
     bad = set()
     for im, (problem, h, w, _) in zip(to_read, headers):

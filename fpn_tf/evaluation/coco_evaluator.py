@@ -77,9 +77,9 @@ def yxyx_to_xywh(boxes) -> np.ndarray:
     return np.stack([b[:, 1], b[:, 0], b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]], axis=1)
 
 
-def encode_masks(masks, boxes, image_size, threshold: float = 0.5) -> List[Dict[str, Any]]:
+def encode_masks(masks, boxes, image_size) -> List[Dict[str, Any]]:
     """COCO compressed RLEs (counts as str) of box-relative masks [N, M, M] over ``boxes`` [N, 4]
-    (yxyx pixels of an image of ``image_size`` (height, width)): pasted, then ``>= threshold``."""
+    (yxyx pixels of an image of ``image_size`` (height, width)): pasted, then ``>= 0.5``."""
     from fpn_tf.ops import mask_ops  # TensorFlow, imported only when masks are evaluated
 
     masks = np.asarray(masks, np.float32)
@@ -87,9 +87,7 @@ def encode_masks(masks, boxes, image_size, threshold: float = 0.5) -> List[Dict[
     if len(masks) == 0:
         return []
     pasted = mask_ops.paste_masks(masks, np.asarray(boxes, np.float32), (height, width))
-    binary = np.asfortranarray(
-        np.transpose(pasted.numpy() >= threshold, (1, 2, 0)).astype(np.uint8)
-    )
+    binary = np.asfortranarray(np.transpose(pasted.numpy() >= 0.5, (1, 2, 0)).astype(np.uint8))
     rles = mask_utils.encode(binary)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")

@@ -54,22 +54,21 @@ class MaskProposalRecallEvaluator(_Evaluator):
         crowds are), logged and counted in :meth:`left_out`.
       on_bad_data: "skip" or "error" (a one-line DataError), as in ``COCOEvaluator``.
       limits: the numbers of proposals (COCOeval's maxDets), best first by score.
-      chunk: masks pasted at a time (memory: chunk x H x W floats).
-      threshold: the pasted probability a pixel needs to be in the mask.
+
+    Masks are pasted ``CHUNK`` at a time (memory: CHUNK x H x W floats) and binarised at 0.5.
     """
+
+    CHUNK = 100
 
     def __init__(
         self,
         annotation_file: GroundTruthSource,
         *,
         limits: Sequence[int] = (10, 100, 1000),
-        chunk: int = 100,
-        threshold: float = 0.5,
         on_bad_data: str = "skip",
     ):
         super().__init__(annotation_file, on_bad_data)
         self.limits = tuple(int(n) for n in limits)
-        self.chunk, self.threshold = int(chunk), float(threshold)
         self._results: Dict[int, List[dict]] = {}
 
     def reset(self):
@@ -101,16 +100,14 @@ class MaskProposalRecallEvaluator(_Evaluator):
             raise ValueError(f"image {image_id}: no height/width in the ground truth")
         h, w = size
         results = []
-        for start in range(0, len(masks), self.chunk):
+        for start in range(0, len(masks), self.CHUNK):
             pasted = mask_ops.paste_masks(
-                tf.constant(masks[start : start + self.chunk]),
-                tf.constant(boxes[start : start + self.chunk]),
+                tf.constant(masks[start : start + self.CHUNK]),
+                tf.constant(boxes[start : start + self.CHUNK]),
                 (h, w),
             ).numpy()
-            binary = np.asfortranarray(
-                (pasted >= self.threshold).transpose(1, 2, 0).astype(np.uint8)
-            )
-            for rle, score in zip(mask_utils.encode(binary), scores[start : start + self.chunk]):
+            binary = np.asfortranarray((pasted >= 0.5).transpose(1, 2, 0).astype(np.uint8))
+            for rle, score in zip(mask_utils.encode(binary), scores[start : start + self.CHUNK]):
                 results.append({"segmentation": rle, "score": float(score)})
         if image_id in self._results:
             logging.warning(
