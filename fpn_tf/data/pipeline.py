@@ -144,7 +144,6 @@ def build_dataset(
     resize_rounding: str = "round",
     resize_method: str = "bilinear",
     random_flip: bool = True,
-    shuffle: bool | None = None,
     shuffle_buffer_size: int | None = None,
     seed: int | None = None,
     num_parallel_calls: int = tf.data.AUTOTUNE,
@@ -172,7 +171,6 @@ def build_dataset(
       max_num_instances: N, ground-truth rows per image (more: first N kept,
         with a warning).
       random_flip: random horizontal flip with p=0.5 (training only).
-      shuffle: defaults to ``training``; training also repeats and drops the remainder.
       shuffle_buffer_size: None or 0: every image (COCO: the buffer holds
         image indices, not pixels); 1000 serialized records for TFRecords.
       seed: seeds the shuffle and the flips; None draws one (logged). With a seed the
@@ -204,8 +202,7 @@ def build_dataset(
         raise ValueError("batch_size, max_num_instances and pad_multiple must be " ">= 1")
     if include_masks and mask_crop_size < 1:
         raise ValueError(f"mask_crop_size must be >= 1, got {mask_crop_size}")
-    shuffle = training if shuffle is None else shuffle
-    repeat = drop_remainder = training
+    shuffle = repeat = drop_remainder = training
     flip = training and random_flip
     deterministic = seed is not None
     if seed is None and (shuffle or flip):
