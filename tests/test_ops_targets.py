@@ -239,7 +239,7 @@ def test_roi_sampler_fractions():
         assert np.all(cls[b][~fg[b]] == 0)
         iou = box_ops.pairwise_iou(r.rois[b], gt[b]).numpy().max(axis=1)
         assert np.all(iou[fg[b]] >= 0.5) and np.all(iou[~fg[b]] < 0.5)
-    dec = box_ops.decode_boxes(r.box_targets, r.rois).numpy()
+    dec = box_ops.decode_boxes(r.box_targets, r.rois, (10, 10, 5, 5)).numpy()
     idx = r.matched_gt_indices.numpy()
     for b in range(2):
         np.testing.assert_allclose(dec[b][fg[b]], gt[b][idx[b][fg[b]]], atol=1e-2)

@@ -155,7 +155,7 @@ def centers_to_boxes(centers):
     return tf.stack([yc - 0.5 * h, xc - 0.5 * w, yc + 0.5 * h, xc + 0.5 * w], axis=-1)
 
 
-def encode_boxes(boxes, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
+def encode_boxes(boxes, anchors, weights):
     """Regression targets that map ``anchors`` onto ``boxes`` (R-CNN deltas).
 
     ``dy = wy * (yc - yc_a) / h_a``, ``dx = wx * (xc - xc_a) / w_a``,
@@ -188,7 +188,7 @@ def encode_boxes(boxes, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
     return tf.stack([dy, dx, dh, dw], axis=-1)
 
 
-def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
+def decode_boxes(deltas, anchors, weights):
     """Inverse of :func:`encode_boxes`: applies deltas to anchors.
 
     ``dh / wh`` and ``dw / ww`` are clamped at ``BBOX_XFORM_CLIP`` (log(1000/16),
