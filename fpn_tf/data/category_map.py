@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fpn_tf.data.errors import DataError, parse_json, read_json
+from fpn_tf.data.errors import DataError, read_json
 
 __all__ = ["CategoryMap", "as_category_map"]
 
@@ -66,25 +66,10 @@ class CategoryMap:
     # -- construction -----------------------------------------------------------
 
     @classmethod
-    def from_coco_categories(cls, categories: Iterable[Mapping[str, Any]]) -> "CategoryMap":
-        """Builds the map from the ``categories`` list of a COCO annotation file."""
-        return cls(categories)
-
-    @classmethod
-    def from_json(cls, path_or_text: str | os.PathLike) -> "CategoryMap":
-        """Reads a map written by :meth:`to_json`, or any COCO annotation file.
-
-        Args:
-          path_or_text: a file path, or the JSON text itself (anything starting
-            with ``{``).
-        """
-        text = str(path_or_text)
-        source = "<json text>"
-        if text.lstrip().startswith("{"):
-            data = parse_json(text, source)
-        else:
-            source = text
-            data = read_json(text, "category map file")
+    def from_json(cls, path: str | os.PathLike) -> "CategoryMap":
+        """Reads a map written by :meth:`to_json`, or any COCO annotation file."""
+        source = os.fspath(path)
+        data = read_json(source, "category map file")
         if not isinstance(data, dict) or "categories" not in data:
             raise DataError(f"{source}: no 'categories' list")
         try:

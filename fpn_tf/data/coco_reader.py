@@ -483,7 +483,7 @@ def load_coco(
         raise ValueError(f"verify_images must be one of {VERIFY_IMAGES}, got {verify_images!r}")
     data = _load_json(af)
     try:
-        category_map = CategoryMap.from_coco_categories(data["categories"])
+        category_map = CategoryMap(data["categories"])
     except DataError as e:
         raise DataError(f"{af}: {e}") from e
     problems = _Problems(af, on_bad_data)
