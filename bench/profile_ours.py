@@ -186,6 +186,7 @@ def main(argv):
             negative_iou=rp.negative_iou,
             num_samples=rp.batch_size_per_image,
             positive_fraction=rp.positive_fraction,
+            positive_iou_inclusive=rp.positive_iou_inclusive,
         )
     )
     rpn_t = assign()
@@ -282,6 +283,7 @@ def main(argv):
                 nms_iou=d.nms_iou,
                 max_detections=d.max_detections,
                 nms_impl=d.nms_impl,
+                min_box_size=d.min_box_size,
             )
         ),
         "inference",

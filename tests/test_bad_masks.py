@@ -199,7 +199,7 @@ def test_clipping_keeps_the_mask_within_pycocotools_own_rounding():
 
 
 def _write_set(root, annotations, images=((1, H, W), (2, H, W))):
-    from fpn_tf.data.testing import pattern, write_coco_json, write_image
+    from data_testing import pattern, write_coco_json, write_image
 
     for iid, h, w in images:
         write_image(os.path.join(root, "images", f"{iid}.png"), pattern(h, w, iid))

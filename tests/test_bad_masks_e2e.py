@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from fpn_tf.data.testing import pattern, write_coco_json, write_image
+from data_testing import pattern, write_coco_json, write_image
 
 pytestmark = pytest.mark.slow
 

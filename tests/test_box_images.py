@@ -52,5 +52,5 @@ def test_ground_truth_green_confident_detection_red_scaled_to_the_resized_image(
 def test_summary_images_are_cropped_to_the_resized_size_and_counted():
     features, labels = _batch()
     dataset = tf.data.Dataset.from_tensors((features, labels)).repeat(3)
-    images = summary_images(_FixedDetector(), dataset, num_images=2)
+    images = summary_images(_FixedDetector(), dataset, num_images=2, score_threshold=0.5)
     assert [im.shape for im in images] == [(50, 80, 3), (50, 80, 3)]

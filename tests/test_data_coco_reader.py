@@ -12,8 +12,8 @@ from fpn_tf.data import coco_reader
 from fpn_tf.data.coco_reader import load_coco
 from fpn_tf.data.errors import DataError
 from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
-from fpn_tf.data.testing import pattern, write_coco_json, write_image
-from fpn_tf.data.testing import decoded_examples, write_tiny_coco
+from data_testing import pattern, write_coco_json, write_image
+from data_testing import decoded_examples, write_tiny_coco
 
 
 def _by_id(ds):

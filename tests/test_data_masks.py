@@ -23,7 +23,7 @@ from fpn_tf.data.pipeline import (
     build_dataset_from_config,
     load_source,
 )
-from fpn_tf.data.testing import (
+from data_testing import (
     decoded_examples,
     pattern,
     write_coco_json,

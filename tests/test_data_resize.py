@@ -24,7 +24,7 @@ import tensorflow as tf
 from fpn_tf.configs import ConfigError, load_config
 from fpn_tf.data import build_dataset_from_config, transforms
 from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
-from fpn_tf.data.testing import write_tiny_coco
+from data_testing import write_tiny_coco
 from fpn_tf.serving import ImageTensorModule, export_saved_model, preprocess_images
 from tests.test_export import CATEGORY_MAP, assert_contract, assert_same_detections, tiny_model
 

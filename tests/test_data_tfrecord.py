@@ -13,7 +13,7 @@ from fpn_tf.data.coco_reader import load_coco
 from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
 from fpn_tf.data.errors import DataError
 from fpn_tf.data.pipeline import CocoSource, TfRecordSource, build_dataset, load_source
-from fpn_tf.data.testing import decoded_examples, pattern, write_image, write_tiny_coco
+from data_testing import decoded_examples, pattern, write_image, write_tiny_coco
 from fpn_tf.data.tfrecord_reader import TfRecordIndex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

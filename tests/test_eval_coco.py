@@ -14,7 +14,6 @@ from fpn_tf.evaluation import (
     COCO_METRIC_NAMES,
     COCOEvaluator,
     ProposalRecallEvaluator,
-    boxes_to_original,
     load_coco_groundtruth,
     yxyx_to_xywh,
 )
@@ -175,11 +174,10 @@ def test_results_json_is_coco_results_format(annotation_file, dataset, tmp_path)
     assert len(dt.anns) == len(results)
 
 
-def test_update_state_batch_with_image_info(annotation_file, dataset):
-    """Model-input pixels in, original pixels out; padded rows beyond num_detections ignored."""
+def test_update_state_batch_ignores_rows_past_num_detections(annotation_file, dataset):
+    """Batches of original-pixel boxes; padded rows beyond num_detections ignored."""
     per_image = _per_image(dataset)
     evaluator = COCOEvaluator(annotation_file)
-    scale, offset = 800.0 / 480.0, 0.0
     image_ids = list(per_image)
     for start in range(0, len(image_ids), 4):
         ids = image_ids[start : start + 4]
@@ -188,16 +186,14 @@ def test_update_state_batch_with_image_info(annotation_file, dataset):
         scores = np.zeros((len(ids), n), np.float32)
         classes = np.zeros((len(ids), n), np.float32)
         num = np.zeros((len(ids),), np.float32)
-        info = np.zeros((len(ids), 4, 2), np.float32)
         for b, image_id in enumerate(ids):
             gt_boxes, gt_classes, _, _ = per_image[image_id]
             k = len(gt_boxes)
-            boxes[b, :k] = gt_boxes * scale - offset
+            boxes[b, :k] = gt_boxes
             scores[b, :k] = 0.9
             classes[b, :k] = gt_classes
             scores[b, k:] = 0.5  # padding rows with scores: ignored by num_detections
             num[b] = k
-            info[b] = [[480, 640], [800, 1067], [scale, scale], [offset, offset]]
         evaluator.update_state(
             {
                 "image_id": np.array(ids, np.int64),
@@ -205,7 +201,6 @@ def test_update_state_batch_with_image_info(annotation_file, dataset):
                 "detection_scores": scores,
                 "detection_classes": classes,
                 "num_detections": num,
-                "image_info": info,
             }
         )
     results = evaluator.results()
@@ -314,34 +309,13 @@ def test_proposal_update_state_batch(annotation_file, dataset):
             gt_classes,
             len(gt_boxes),
         )
-    info = np.tile(
-        np.array([[480, 640], [960, 1280], [2, 2], [0, 0]], np.float32), (len(ids), 1, 1)
-    )
     evaluator.update_state(
-        {
-            "image_id": np.array(ids),
-            "proposal_boxes": boxes * 2,
-            "num_proposals": num,
-            "image_info": info,
-        },
+        {"image_id": np.array(ids), "proposal_boxes": boxes, "num_proposals": num},
     )
     assert evaluator.evaluate()["AR@1000"] == pytest.approx(1.0)
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-def test_boxes_to_original():
-    info = np.array([[400, 600], [800, 1200], [2.0, 2.0], [10.0, 20.0]], np.float32)
-    model_boxes = np.array([[[0, 0, 100, 200], [790, 1180, 900, 1400]]], np.float32)  # [1, 2, 4]
-    out = boxes_to_original(model_boxes, info[None])
-    np.testing.assert_allclose(out[0, 0], [5, 10, 55, 110])
-    np.testing.assert_allclose(out[0, 1], [400, 600, 400, 600])  # clipped to the original image
-    np.testing.assert_allclose(
-        boxes_to_original(model_boxes[0], info, clip=False)[1], [400, 600, 455, 710]
-    )
-    with pytest.raises(ValueError):
-        boxes_to_original(model_boxes, np.zeros((1, 3, 2)))
 
 
 def test_yxyx_to_xywh():
@@ -454,7 +428,7 @@ def test_evaluation_scores_only_the_images_that_ran(tmp_path, caplog):
     import logging
 
     from fpn_tf.data.pipeline import CocoSource, load_source
-    from fpn_tf.data.testing import write_tiny_coco_with_truncated_png
+    from data_testing import write_tiny_coco_with_truncated_png
     from fpn_tf.evaluation.run import evaluate_detector
 
     ann, image_dir = write_tiny_coco_with_truncated_png(tmp_path / "data")
@@ -481,7 +455,7 @@ def test_evaluation_scores_only_the_images_that_ran(tmp_path, caplog):
 def test_tfrecord_evaluation_writes_its_groundtruth_from_the_shards(tmp_path):
     from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
     from fpn_tf.data.pipeline import TfRecordSource, load_source
-    from fpn_tf.data.testing import write_tiny_coco
+    from data_testing import write_tiny_coco
     from fpn_tf.evaluation.run import evaluate_detector
 
     ann, image_dir = write_tiny_coco(tmp_path / "data")

@@ -24,7 +24,7 @@ import tensorflow as tf
 from fpn_tf.configs import ExperimentConfig, save_config
 from fpn_tf.data import synthetic, transforms
 from fpn_tf.data.category_map import CategoryMap
-from fpn_tf.data.testing import pattern
+from data_testing import pattern
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.modeling.model_dir import ModelDirError, load_model
 import fpn_tf

@@ -27,7 +27,7 @@ pytest.importorskip("ai_edge_litert", reason="the [export] extra is not installe
 
 from fpn_tf import portable_client  # noqa: E402
 from fpn_tf.configs import ExperimentConfig, save_config  # noqa: E402
-from fpn_tf.data.testing import pattern  # noqa: E402
+from data_testing import pattern  # noqa: E402
 from fpn_tf.modeling.factory import build_model  # noqa: E402
 from fpn_tf.ops import mask_ops  # noqa: E402
 from fpn_tf.serving import ExportError, export_saved_model  # noqa: E402
@@ -229,7 +229,8 @@ def test_litert_file_has_builtin_ops_only_and_runs_without_tensorflow(exported):
         "import json, sys\n"
         "import numpy as np\n"
         "from fpn_tf import portable_client\n"
-        "from fpn_tf.data.testing import pattern\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from data_testing import pattern\n"
         "from ai_edge_litert.interpreter import Interpreter\n"
         f"it = Interpreter(model_path={paths['litert']!r})\n"
         "it.allocate_tensors()\n"
@@ -379,7 +380,7 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
 
 
 def test_predict_gives_the_same_detections_from_each_format(exported, tmp_path):
-    from fpn_tf.data.testing import write_image
+    from data_testing import write_image
     from fpn_tf.predict import predict
 
     architecture, _, _, _, paths = exported

@@ -18,7 +18,7 @@ import yaml
 from conftest import TINY_OVERRIDES  # noqa: E402
 from fpn_tf.configs import ConfigError, load_config, save_config
 from fpn_tf.data.category_map import CategoryMap
-from fpn_tf.data.testing import write_coco_json, write_image
+from data_testing import write_coco_json, write_image
 from fpn_tf.modeling import model_dir as model_dir_lib
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training.init_checkpoint import (

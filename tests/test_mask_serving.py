@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from conftest import TINY_OVERRIDES  # noqa: E402
 from fpn_tf.configs import load_config
-from fpn_tf.data.testing import write_coco_json, write_image
+from data_testing import write_coco_json, write_image
 from fpn_tf.ops import mask_ops
 from fpn_tf.serving.detection import MASK_OUTPUT_KEY
 from fpn_tf.training.trainer import Trainer

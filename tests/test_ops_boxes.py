@@ -82,7 +82,7 @@ def test_encode_known_values():
     box = tf.constant([[0, 0, 20, 20]], tf.float32)
     d = box_ops.encode_boxes(box, anchor, (1, 1, 1, 1)).numpy()[0]
     np.testing.assert_allclose(d, [0.5, 0.5, math.log(2), math.log(2)], rtol=1e-6)
-    d10 = box_ops.encode_boxes(box, anchor).numpy()[0]  # default (10, 10, 5, 5)
+    d10 = box_ops.encode_boxes(box, anchor, (10, 10, 5, 5)).numpy()[0]
     np.testing.assert_allclose(d10, [5.0, 5.0, 5 * math.log(2), 5 * math.log(2)], rtol=1e-6)
 
 
@@ -107,23 +107,16 @@ def test_decode_clamps_scale():
     # Class-specific deltas [B, R, C, 4] broadcast against RoIs [B, R, 1, 4].
     deltas = tf.zeros([2, 3, 5, 4])
     rois = tf.constant(np.tile([[[[1, 2, 30, 40]]]], [2, 3, 1, 1]), tf.float32)
-    out = box_ops.decode_boxes(deltas, rois).numpy()
+    out = box_ops.decode_boxes(deltas, rois, (10, 10, 5, 5)).numpy()
     assert out.shape == (2, 3, 5, 4)
     np.testing.assert_allclose(out[1, 2, 4], [1, 2, 30, 40], atol=1e-5)
 
 
-def test_centers_and_normalize():
+def test_centers():
     boxes = tf.constant([[[10, 20, 30, 60]]], tf.float32)
     c = box_ops.boxes_to_centers(boxes).numpy()
     np.testing.assert_allclose(c[0, 0], [20, 40, 20, 40])
     np.testing.assert_allclose(box_ops.centers_to_boxes(c).numpy(), boxes.numpy())
-    n = box_ops.normalize_boxes(boxes, tf.constant([[100.0, 200.0]]))
-    np.testing.assert_allclose(n.numpy()[0, 0], [0.1, 0.1, 0.3, 0.3], rtol=1e-6)
-    np.testing.assert_allclose(
-        box_ops.denormalize_boxes(n, tf.constant([[100.0, 200.0]])).numpy(),
-        boxes.numpy(),
-        rtol=1e-6,
-    )
 
 
 def test_valid_box_mask():
@@ -137,7 +130,7 @@ def test_box_ops_xla():
     def f(a, b, size):
         iou = box_ops.pairwise_iou(a, b)
         d = box_ops.encode_boxes(b, a, (10, 10, 5, 5))
-        return iou, box_ops.clip_boxes(box_ops.decode_boxes(d, a), size)
+        return iou, box_ops.clip_boxes(box_ops.decode_boxes(d, a, (10, 10, 5, 5)), size)
 
     a = tf.constant([[[0, 0, 10, 10], [5, 5, 20, 20]]], tf.float32)
     b = tf.constant([[[0, 0, 10, 12], [4, 4, 21, 19]]], tf.float32)

@@ -11,6 +11,32 @@ from fpn_tf.ops import postprocess as pp
 
 IMPLS = ["padded", "per_image"]
 
+RATIOS = (0.5, 1.0, 2.0)
+# The config's values (RpnConfig / RoIConfig), which the ops take explicitly.
+PROPOSALS = dict(
+    pre_nms_top_k=2000,
+    post_nms_top_k=2000,
+    nms_iou=0.7,
+    min_size=0.0,
+    nms_impl="padded",
+    nms_per_level=False,
+)
+DETECTIONS = dict(
+    score_threshold=0.05,
+    nms_iou=0.5,
+    max_detections=100,
+    box_weights=(10.0, 10.0, 5.0, 5.0),
+    min_box_size=0.0,
+)
+
+
+def proposals(*args, **kwargs):
+    return pp.generate_proposals(*args, **{**PROPOSALS, **kwargs})
+
+
+def detections(*args, **kwargs):
+    return pp.postprocess_detections(*args, **{**DETECTIONS, **kwargs})
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batched_nms_hand_case(impl):
@@ -55,7 +81,7 @@ def test_generate_proposals_hand_case(impl):
     logits = {"P2": tf.constant([[3.0, 2.0, 1.0, 9.0, 0.0]]), "P3": tf.constant([[0.5, -1.0]])}
     deltas = {k: tf.zeros([1, v.shape[0], 4]) for k, v in anchors.items()}
     image_shape = tf.constant([[60.0, 80.0]])
-    p = pp.generate_proposals(
+    p = proposals(
         logits, deltas, anchors, image_shape, pre_nms_top_k=10, post_nms_top_k=6, nms_impl=impl
     )
     assert p.boxes.shape == (1, 6, 4) and p.scores.shape == (1, 6)
@@ -77,7 +103,7 @@ def test_generate_proposals_hand_case(impl):
     np.testing.assert_array_equal(p.scores.numpy()[0, 4:], 0.0)
     # pre_nms_top_k = 1 per level: only [0,0,10,10]... no: P2's best is the empty
     # (outside) anchor, which is dropped; P3 keeps [21,21,41,41].
-    p1 = pp.generate_proposals(
+    p1 = proposals(
         logits, deltas, anchors, image_shape, pre_nms_top_k=1, post_nms_top_k=3, nms_impl=impl
     )
     np.testing.assert_array_equal(p1.valid.numpy()[0], [True, False, False])
@@ -106,7 +132,7 @@ def test_generate_proposals_nms_per_level_keeps_overlaps_of_different_levels(imp
     image_shape = tf.constant([[60.0, 80.0]])
 
     def run(post_nms_top_k, per_level=True):
-        return pp.generate_proposals(
+        return proposals(
             logits,
             deltas,
             anchors,
@@ -143,7 +169,9 @@ def test_generate_proposals_nms_per_level_keeps_overlaps_of_different_levels(imp
 
 def test_generate_proposals_nms_per_level_equals_one_run_per_level_merged():
     rng = np.random.default_rng(3)
-    anchors = anchor_lib.generate_anchors((48, 64), levels=("P2", "P3", "P4"), sizes=(16, 32, 64))
+    anchors = anchor_lib.generate_anchors(
+        (48, 64), ("P2", "P3", "P4"), {"P2": (16,), "P3": (32,), "P4": (64,)}, RATIOS, offset=0.5
+    )
     logits = {
         k: tf.constant(rng.normal(size=(2, v.shape[0])), tf.float32) for k, v in anchors.items()
     }
@@ -154,12 +182,10 @@ def test_generate_proposals_nms_per_level_equals_one_run_per_level_merged():
     size = tf.constant([[48.0, 60.0], [40.0, 64.0]])
     kwargs = dict(pre_nms_top_k=40, post_nms_top_k=60, nms_iou=0.5)
     for impl in IMPLS:
-        got = pp.generate_proposals(
-            logits, deltas, anchors, size, nms_impl=impl, nms_per_level=True, **kwargs
-        )
+        got = proposals(logits, deltas, anchors, size, nms_impl=impl, nms_per_level=True, **kwargs)
         # One level alone: its global NMS is its per-level NMS.
         runs = [
-            pp.generate_proposals(
+            proposals(
                 {k: logits[k]}, {k: deltas[k]}, {k: anchors[k]}, size, nms_impl=impl, **kwargs
             )
             for k in anchors
@@ -185,9 +211,7 @@ def test_generate_proposals_nms_per_level_equals_one_run_per_level_merged():
 
         @tf.function(input_signature=[spec, dspec, aspec])
         def dynamic(lg, dl, an):
-            return pp.generate_proposals(
-                lg, dl, an, size, nms_impl="per_image", nms_per_level=True, **kwargs
-            )
+            return proposals(lg, dl, an, size, nms_impl="per_image", nms_per_level=True, **kwargs)
 
         dyn = dynamic(logits, deltas, dict(anchors))
         np.testing.assert_array_equal(dyn.valid.numpy(), got.valid.numpy())
@@ -199,7 +223,7 @@ def test_generate_proposals_decodes_and_clips_per_image():
     logits = {"P2": tf.constant([[1.0], [1.0]])}
     # dy = 0.5 (shift by half a height), dh = log 2; image 1 is too small: clipped.
     deltas = {"P2": tf.constant([[[0.5, 0.0, math.log(2.0), 0.0]]] * 2)}
-    p = pp.generate_proposals(
+    p = proposals(
         logits, deltas, anchors, tf.constant([[100.0, 100.0], [22.0, 100.0]]), post_nms_top_k=2
     )
     np.testing.assert_allclose(
@@ -226,7 +250,7 @@ def _det_inputs():
 @pytest.mark.parametrize("impl", ["combined"] + IMPLS)
 def test_detections_hand_case(impl):
     probs, deltas, rois = _det_inputs()
-    d = pp.postprocess_detections(
+    d = detections(
         probs, deltas, rois, tf.constant([[240.0, 300.0]]), max_detections=6, nms_impl=impl
     )
     assert d.boxes.shape == (1, 6, 4) and d.classes.dtype == tf.int32
@@ -254,27 +278,18 @@ def test_detections_hand_case(impl):
 
 
 @pytest.mark.parametrize("impl", ["combined"] + IMPLS)
-def test_detections_delta_layouts_and_roi_valid(impl):
+def test_detections_delta_layouts_and_padding_rois(impl):
     probs, deltas, rois = _det_inputs()
     with_bg = tf.concat([tf.ones([1, 3, 1, 4]) * 9.0, deltas], axis=2)  # [B, R, C+1, 4]
     flat = tf.reshape(deltas, [1, 3, 8])  # [B, R, 4C]
-    ref = pp.postprocess_detections(probs, deltas, rois, [240.0, 300.0], nms_impl=impl)
+    ref = detections(probs, deltas, rois, [240.0, 300.0], nms_impl=impl)
     for dl in (with_bg, flat):
-        d = pp.postprocess_detections(probs, dl, rois, [240.0, 300.0], nms_impl=impl)
+        d = detections(probs, dl, rois, [240.0, 300.0], nms_impl=impl)
         np.testing.assert_allclose(d.boxes.numpy(), ref.boxes.numpy())
-    d = pp.postprocess_detections(
-        probs,
-        deltas,
-        rois,
-        [240.0, 300.0],
-        roi_valid=tf.constant([[True, True, False]]),
-        nms_impl=impl,
-    )
-    assert d.num_detections.numpy().tolist() == [2]
-    assert d.boxes.shape == (1, 100, 4)
-    # A zero (padding) RoI gives no detection even without roi_valid.
+    assert ref.boxes.shape == (1, 100, 4)
+    # A zero (padding) RoI gives no detection.
     padded_rois = tf.concat([rois[:, :2], tf.zeros([1, 1, 4])], axis=1)
-    d = pp.postprocess_detections(probs, deltas, padded_rois, [240.0, 300.0], nms_impl=impl)
+    d = detections(probs, deltas, padded_rois, [240.0, 300.0], nms_impl=impl)
     assert d.num_detections.numpy().tolist() == [2]
 
 
@@ -298,9 +313,7 @@ def test_detections_min_box_size_removes_thin_boxes_after_clipping(impl):
     size = tf.constant([[240.0, 300.0]])
 
     def run(min_box_size):
-        d = pp.postprocess_detections(
-            probs, deltas, rois, size, nms_impl=impl, min_box_size=min_box_size
-        )
+        d = detections(probs, deltas, rois, size, nms_impl=impl, min_box_size=min_box_size)
         n = int(d.num_detections.numpy()[0])
         return sorted(tuple(np.round(b, 3)) for b in d.boxes.numpy()[0, :n])
 
@@ -317,10 +330,7 @@ def test_detection_impls_agree_on_random_inputs():
     probs = tf.nn.softmax(rng.normal(size=(bsz, r, c + 1)) * 2).numpy().astype(np.float32)
     deltas = (rng.normal(size=(bsz, r, c, 4)) * 0.3).astype(np.float32)
     size = tf.constant([[400.0, 380.0], [350.0, 420.0]])
-    outs = [
-        pp.postprocess_detections(probs, deltas, rois, size, nms_impl=i)
-        for i in ["combined"] + IMPLS
-    ]
+    outs = [detections(probs, deltas, rois, size, nms_impl=i) for i in ["combined"] + IMPLS]
     for o in outs[1:]:
         np.testing.assert_array_equal(o.num_detections.numpy(), outs[0].num_detections.numpy())
         np.testing.assert_allclose(o.scores.numpy(), outs[0].scores.numpy())
@@ -335,7 +345,9 @@ def test_postprocess_xla():
     XLA kernel (on CPU or GPU), so it cannot run under ``jit_compile=True``.
     """
     rng = np.random.default_rng(1)
-    anchors = anchor_lib.generate_anchors((64, 96), levels=("P3", "P4"), sizes=(32, 64))
+    anchors = anchor_lib.generate_anchors(
+        (64, 96), ("P3", "P4"), {"P3": (32,), "P4": (64,)}, RATIOS, offset=0.5
+    )
     logits = {
         k: tf.constant(rng.normal(size=(2, v.shape[0])), tf.float32) for k, v in anchors.items()
     }
@@ -347,9 +359,7 @@ def test_postprocess_xla():
     for impl in IMPLS:
 
         def props(lg, dl, s, impl=impl):
-            return pp.generate_proposals(
-                lg, dl, anchors, s, pre_nms_top_k=50, post_nms_top_k=30, nms_impl=impl
-            )
+            return proposals(lg, dl, anchors, s, pre_nms_top_k=50, post_nms_top_k=30, nms_impl=impl)
 
         xla = tf.function(props, jit_compile=True)(logits, deltas, size)
         ref = props(logits, deltas, size)
@@ -361,7 +371,7 @@ def test_postprocess_xla():
     for impl in IMPLS:
 
         def det(p, d, r, s, impl=impl):
-            return pp.postprocess_detections(p, d, r, s, roi_valid=xla.valid, nms_impl=impl)
+            return detections(p, d, r, s, nms_impl=impl)
 
         got = tf.function(det, jit_compile=True)(probs, dd, rois, size)
         ref = det(probs, dd, rois, size)

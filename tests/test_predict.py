@@ -13,7 +13,7 @@ from PIL import Image
 import pytest
 
 from fpn_tf import predict
-from fpn_tf.data.testing import pattern, write_image
+from data_testing import pattern, write_image
 from fpn_tf.serving import export_saved_model
 from fpn_tf.serving.inference import Detection, PredictError, SavedModelDetector, draw_detections
 

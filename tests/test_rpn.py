@@ -187,6 +187,7 @@ def test_rpn_losses_equal_the_functional_path_times_the_weight():
         negative_iou=0.3,
         num_samples=256,
         positive_fraction=0.5,
+        positive_iou_inclusive=False,
     )
     objectness, box = rpn_losses(
         targets.labels,
@@ -303,6 +304,7 @@ def test_nms_per_level_reaches_the_proposals():
             pre_nms_top_k=60,
             post_nms_top_k=80,
             nms_iou=0.5,
+            min_size=0.0,
             nms_impl="per_image",
             nms_per_level=per_level,
         )

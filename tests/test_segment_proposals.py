@@ -3,6 +3,7 @@ weight and NMS-free inference on hand cases; our earlier geometry (the ablation 
 crowd ignore, the losses against NumPy, a tiny model that learns, the call's outputs, mask AR
 against hand values, and Mask R-CNN's masks as proposals on a stub."""
 
+import math
 import time
 
 import keras
@@ -19,7 +20,14 @@ from fpn_tf.modeling.segment_proposals import (
     mask_rcnn_segment_proposals,
 )
 from fpn_tf.ops import mask_ops, postprocess
-from fpn_tf.ops.segment_windows import assign_segment_targets, scale_group_of, window_geometry
+from fpn_tf.ops.segment_windows import assign_segment_targets, window_geometry
+
+
+def scale_group_of(longer_side: float, groups) -> int:
+    """The group index an object of this longer side goes to (the rule in NumPy: nearest s in
+    log space)."""
+    logs = [abs(math.log(max(longer_side, 1e-3)) - math.log(g[2])) for g in groups]
+    return int(np.argmin(logs))
 
 
 # Our choices before Appendix A (configs/cpu_demo_segment_proposals_ours.yaml): objects of
@@ -610,6 +618,17 @@ def test_mask_recall_perfect_shifted_missed_crowd_and_limits():
     # Only the images fed count: image 2 alone.
     m = run({2: [(0, 0, 100, 110)]})
     assert m["mask_AR@1000"] == 1.0 and m["mask_ARs@1000"] == -1.0
+
+
+def test_mask_recall_needs_the_image_size_in_the_ground_truth():
+    gt = coco_squares({1: [(10, 20, 50, 60, 0)], 2: []})
+    del gt["images"][1]["height"], gt["images"][1]["width"]
+    m, b, s = square_proposals([(10, 20, 50, 60)])
+    ev = MaskProposalRecallEvaluator(gt)
+    with pytest.raises(ValueError, match="image 2: no height/width"):
+        ev.add_proposals(2, m, b, s)
+    ev.add_proposals(1, m, b, s)
+    assert ev.evaluate()["mask_AR@1000"] == 1.0
 
 
 def test_mask_recall_equals_cocoeval_on_random_proposals():

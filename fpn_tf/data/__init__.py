@@ -25,7 +25,6 @@ _EXPORTS = {
     "RunTimeDrops": "fpn_tf.data.errors",
     "TfRecordIndex": "fpn_tf.data.tfrecord_reader",
     "CocoSource": "fpn_tf.data.pipeline",
-    "DatasetInfo": "fpn_tf.data.pipeline",
     "TfRecordSource": "fpn_tf.data.pipeline",
     "build_dataset": "fpn_tf.data.pipeline",
     "build_dataset_from_config": "fpn_tf.data.pipeline",

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fpn_tf.data.errors import DataError, parse_json, read_json
+from fpn_tf.data.errors import DataError, read_json
 
 __all__ = ["CategoryMap", "as_category_map"]
 
@@ -66,25 +66,10 @@ class CategoryMap:
     # -- construction -----------------------------------------------------------
 
     @classmethod
-    def from_coco_categories(cls, categories: Iterable[Mapping[str, Any]]) -> "CategoryMap":
-        """Builds the map from the ``categories`` list of a COCO annotation file."""
-        return cls(categories)
-
-    @classmethod
-    def from_json(cls, path_or_text: str | os.PathLike) -> "CategoryMap":
-        """Reads a map written by :meth:`to_json`, or any COCO annotation file.
-
-        Args:
-          path_or_text: a file path, or the JSON text itself (anything starting
-            with ``{``).
-        """
-        text = str(path_or_text)
-        source = "<json text>"
-        if text.lstrip().startswith("{"):
-            data = parse_json(text, source)
-        else:
-            source = text
-            data = read_json(text, "category map file")
+    def from_json(cls, path: str | os.PathLike) -> "CategoryMap":
+        """Reads a map written by :meth:`to_json`, or any COCO annotation file."""
+        source = os.fspath(path)
+        data = read_json(source, "category map file")
         if not isinstance(data, dict) or "categories" not in data:
             raise DataError(f"{source}: no 'categories' list")
         try:
@@ -165,35 +150,10 @@ class CategoryMap:
             raise KeyError(f"contiguous class {k} is outside 1..{self.num_classes}")
         return self._dataset_ids[k - 1]
 
-    def name_of(self, contiguous_id: int) -> str:
-        """Name of a contiguous class (``"background"`` for 0)."""
-        k = int(contiguous_id)
-        if k == 0:
-            return "background"
-        self.to_dataset_id(k)  # range check
-        return self._names[k - 1]
-
     def dataset_id_to_name(self) -> dict[int, str]:
         return dict(zip(self._dataset_ids, self._names))
 
     # -- TensorFlow lookups (usable inside tf.function / SavedModel) -------------
-
-    def contiguous_to_dataset_ids(self, classes: tf.Tensor) -> tf.Tensor:
-        """Maps contiguous classes to dataset ids inside a graph.
-
-        Class 0 (background) and padding (-1 or anything outside 0..C) map to 0.
-
-        Args:
-          classes: integer tensor of any shape holding contiguous classes.
-
-        Returns:
-          int32 tensor of the same shape with dataset ids.
-        """
-        table = tf.constant((0,) + self._dataset_ids, dtype=tf.int32)
-        classes = tf.cast(classes, tf.int32)
-        valid = (classes >= 0) & (classes <= self.num_classes)
-        ids = tf.gather(table, tf.where(valid, classes, tf.zeros_like(classes)))
-        return tf.where(valid, ids, tf.zeros_like(ids))
 
     def dataset_to_contiguous_ids(self, dataset_ids: tf.Tensor) -> tf.Tensor:
         """Maps dataset ids to contiguous classes inside a graph; unknown -> -1.

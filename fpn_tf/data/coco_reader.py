@@ -1,9 +1,8 @@
 """Reads a COCO-format detection dataset: one annotation JSON + an image folder.
 
-The annotation file is validated once, in Python, when it is loaded
-(:func:`load_coco`); what survives is held in compact numpy arrays
-(:class:`CocoIndex`) from which a ``tf.data`` pipeline reads each image file
-and slices its ground truth. Each element of :meth:`CocoIndex.dataset` is::
+:func:`load_coco` validates the annotation file once, in Python, and keeps what survives in
+compact numpy arrays (:class:`CocoIndex`), from which ``tf.data`` reads each image file and
+slices its ground truth. :meth:`CocoIndex.decode` gives per image::
 
     {"image":       uint8 [H, W, 3] (grayscale / RGBA / palette -> RGB),
      "image_id":    int64 [],
@@ -11,83 +10,30 @@ and slices its ground truth. Each element of :meth:`CocoIndex.dataset` is::
      "gt_boxes":    float32 [n, 4] ymin, xmin, ymax, xmax in pixels,
      "gt_classes":  int32 [n] contiguous 1..C (see CategoryMap),
      "gt_is_crowd": bool [n],
-     "gt_masks":    uint8 [n, H, W] 0/1, only from a mask-holding index (below)}
+     "gt_masks":    uint8 [n, H, W] 0/1, only with masks (below)}
 
 Images with no annotations are kept (n = 0): they are negatives.
 
-Instance masks
---------------
-With ``include_masks=True`` (:func:`load_coco`, or :meth:`CocoIndex.with_masks` of an index loaded
-without) each kept annotation's ``segmentation`` -- polygons (list of ``[x0, y0, x1, y1, ...]``),
-uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string; crowd regions are
-RLE) -- is checked by :func:`fpn_tf.data.segmentation_check.check_segmentation` (the one check
-that evaluation and ``convert_coco`` run too) and stored as compressed RLE bytes
-(:attr:`CocoIndex.mask_rles`), the form pycocotools' ``COCO.annToRLE`` gives; ``decode`` decodes
-them with pycocotools in the tf.data map (``tf.numpy_function``), so ``gt_masks`` is exactly
-``COCO.annToMask``. Polygons reaching more than an image size outside their image are clipped
-there first (counted in :attr:`CocoIndex.clipped_polygons`). An image that had annotations but
-lost every one to the mask check is listed in :attr:`CocoIndex.images_without_masks` and named in
-the log (it trains as a background image); a mask data set left with no usable mask at all is a
-one-line :class:`DataError`. Without masks nothing is read, checked or decoded.
+Masks: with ``include_masks=True`` (or :meth:`CocoIndex.with_masks`) each kept annotation's
+``segmentation`` (polygons, uncompressed or compressed RLE) is checked by
+:func:`fpn_tf.data.segmentation_check.check_segmentation` (the check evaluation and
+``convert_coco`` run too) and stored as compressed RLE bytes (:attr:`CocoIndex.mask_rles`);
+``decode`` rasterises them with pycocotools, so ``gt_masks`` is ``COCO.annToMask``. Images that
+lose every annotation to the mask check train as background (:attr:`images_without_masks`); a
+mask data set without any usable mask is a one-line :class:`DataError`.
 
-Bad data
---------
-*Malformed* input always raises :class:`DataError` (a ``ValueError``) with a
-one-line message naming the file and the annotation or image id: JSON that
-does not parse, a missing ``images`` / ``annotations`` / ``categories`` list,
-an annotation without ``bbox`` / ``image_id`` / ``category_id``, a bbox that is
-not four numbers, an image without ``id`` / ``file_name``, duplicate ids.
+Bad data: *malformed* input (JSON that does not parse, missing lists or keys, a bbox that is
+not four numbers, duplicate ids) always raises :class:`DataError` naming the file and the id.
+*Unusable* data (the reasons of ``_ANNOTATION_REASONS``, ``_IMAGE_REASONS`` and
+``segmentation_check.MASK_REASONS``) raises under ``on_bad_data="error"``; under ``"skip"`` it
+is dropped, counted per reason (:attr:`CocoIndex.skipped_annotations` / ``skipped_images``;
+the annotations of a skipped image count as ``of_skipped_images``) and logged with a few
+example ids. Boxes overflowing the image by up to ``BOX_TOLERANCE_PX`` are clipped.
 
-*Unusable* data is handled as ``on_bad_data`` says: ``"error"`` raises a
-:class:`DataError`; ``"skip"`` (default) drops it, counts it per reason
-(:attr:`CocoIndex.skipped_annotations` / :attr:`CocoIndex.skipped_images`) and
-logs the counts with a few example ids through absl logging. Reasons:
-
-====================== ===================================================
-``bad_box_size``       bbox width or height <= 0 (or not finite)
-``box_outside_image``  bbox extends more than 1 px outside the image
-                       (overflows up to 1 px are clipped, and counted in
-                       :attr:`CocoIndex.num_clipped_boxes`)
-``unknown_category``   ``category_id`` not in ``categories``
-``unknown_image``      ``image_id`` not in ``images``
-``missing_image_file`` (images) the file does not exist
-``corrupt_image``      (images) the file cannot be decoded as JPEG / PNG /
-                       GIF / BMP
-``image_size_mismatch``(images) the file's size differs from the JSON's
-                       ``height`` / ``width``
-``missing_segmentation``(masks only) no ``segmentation``
-``bad_segmentation_type``(masks only) neither polygons nor an RLE (a
-                       number, a string)
-``bad_polygon``        (masks only) an empty list, a polygon with fewer
-                       than 3 points, an odd number of coordinates,
-                       non-numbers or non-finite numbers
-``bad_rle``            (masks only) an RLE without a ``size`` / ``counts``
-                       pair, or whose counts do not cover ``size``
-``mask_size_mismatch`` (masks only) an RLE ``size`` other than the image's
-``empty_mask``         (masks only) area 0 once rasterised (e.g. a polygon
-                       entirely outside the image)
-====================== ===================================================
-
-(``fpn_tf.data.segmentation_check`` says exactly what each mask check accepts.)
-
-The annotations of a skipped image are counted under
-``of_skipped_images``.
-
-Image files are checked for existence at load time (one ``stat`` each). How
-much of each file is read to verify it is ``verify_images``:
-
-* ``"header"`` (default): open the header with PIL (format and size; finds
-  non-image files and size mismatches); well under a minute for COCO train2017 on a local
-  disk (bench/README.md);
-* ``"full"``: decode every image with PIL (also finds truncated files; minutes
-  for COCO);
-* ``"none"``: no reading.
-
-Whatever the check, an image that fails inside ``tf.data`` (a truncated file passes the header
-check) is dropped, logged with its file and id, and counted by the index's :attr:`CocoIndex.drops`
-when the pipeline of :func:`fpn_tf.data.pipeline.build_dataset` runs with ``on_bad_data="skip"``;
-with ``"error"`` it stops the iteration. ``verify_images="full"`` finds truncated files at load
-time instead.
+``verify_images`` says how much of each image file is read at load time: ``"header"`` (format
+and size, default), ``"full"`` (decode it: also finds truncated files) or ``"none"``. An image
+that still fails inside ``tf.data`` is dropped and counted in :attr:`CocoIndex.drops` by
+:func:`fpn_tf.data.pipeline.build_dataset` under ``on_bad_data="skip"``.
 """
 
 from __future__ import annotations
@@ -107,7 +53,7 @@ import tensorflow as tf
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data import images as image_io
 from fpn_tf.data.errors import DataError, RunTimeDrops, read_json
-from fpn_tf.data.segmentation_check import MASK_REASONS, check_segmentation
+from fpn_tf.data.segmentation_check import MASK_REASONS, check_segmentation, is_int, is_number
 
 __all__ = [
     "BOX_TOLERANCE_PX",
@@ -139,20 +85,12 @@ _IMAGE_REASONS = {
 }
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def _float(x: Any) -> float:
     """float(x) of a number, inf for a Python int beyond the float range."""
     try:
         return float(x)
     except OverflowError:
         return math.inf
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _exists(path: str) -> bool:
@@ -516,7 +454,6 @@ def load_coco(
     image_dir: str | os.PathLike,
     on_bad_data: str = "skip",
     verify_images: str = "header",
-    num_verify_threads: int = 16,
     include_masks: bool = False,
 ) -> CocoIndex:
     """Loads and validates a COCO-format annotation file (see module docstring).
@@ -529,7 +466,6 @@ def load_coco(
       on_bad_data: ``"skip"`` (default: skip, count and log) or ``"error"``
         (raise :class:`DataError` at the first problem).
       verify_images: ``"header"`` (default), ``"full"`` or ``"none"``.
-      num_verify_threads: threads that read image headers.
       include_masks: also check and keep each annotation's ``segmentation`` (module doc,
         "Instance masks").
 
@@ -547,12 +483,12 @@ def load_coco(
         raise ValueError(f"verify_images must be one of {VERIFY_IMAGES}, got {verify_images!r}")
     data = _load_json(af)
     try:
-        category_map = CategoryMap.from_coco_categories(data["categories"])
+        category_map = CategoryMap(data["categories"])
     except DataError as e:
         raise DataError(f"{af}: {e}") from e
     problems = _Problems(af, on_bad_data)
     listed = _parse_images(af, data["images"], image_dir)
-    kept = _usable_images(listed, verify_images, num_verify_threads, problems)
+    kept = _usable_images(listed, verify_images, problems)
     per_image, num_clipped = _parse_annotations(
         af,
         data["annotations"],
@@ -604,14 +540,14 @@ def _parse_images(af: str, entries: list, image_dir: str) -> list[_Image]:
                     f"{af}: images[{n}] (id {img.get('id', '?')}): required key '{key}' is missing"
                 )
         iid = img["id"]
-        if not _is_int(iid):
+        if not is_int(iid):
             raise DataError(f"{af}: images[{n}]: 'id' must be an integer, got {iid!r}")
         if iid in seen:
             raise DataError(f"{af}: image id {iid} is listed more than once")
         seen.add(iid)
         h, w = img.get("height"), img.get("width")
         for key, v in (("height", h), ("width", w)):
-            if v is not None and (not _is_int(v) or v <= 0):
+            if v is not None and (not is_int(v) or v <= 0):
                 raise DataError(
                     f"{af}: image id {iid}: '{key}' must be a positive integer, got {v!r}"
                 )
@@ -620,9 +556,7 @@ def _parse_images(af: str, entries: list, image_dir: str) -> list[_Image]:
     return images
 
 
-def _usable_images(
-    images: list[_Image], verify_images: str, num_threads: int, problems: _Problems
-) -> list[_Image]:
+def _usable_images(images: list[_Image], verify_images: str, problems: _Problems) -> list[_Image]:
     """The images whose file exists and (as ``verify_images`` asks) reads as the JSON says.
 
     Headers are also read wherever the JSON lacks the size, which then comes from the file.
@@ -639,7 +573,7 @@ def _usable_images(
     if not to_read:
         return kept
     full = verify_images == "full"
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, len(to_read)))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(to_read)))) as pool:
         headers = list(pool.map(lambda im: _read_image_header(im.path, full), to_read))
     bad = set()
     for im, (problem, h, w, _) in zip(to_read, headers):
@@ -703,7 +637,7 @@ def _check_annotation(af: str, n: int, ann: Any) -> tuple[Any, Any, list]:
         if key not in ann:
             raise DataError(f"{af}: annotation id {aid}: required key '{key}' is missing")
     iid, bbox = ann["image_id"], ann["bbox"]
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(is_number, bbox)):
         raise DataError(
             f"{af}: annotation id {aid} (image id {iid}): 'bbox' "
             f"must be [x, y, width, height] numbers, got {bbox!r}"
@@ -722,7 +656,7 @@ def _annotation_row(
 ) -> tuple[tuple | None, bool]:
     """(row or None when unusable, whether the box was clipped) of one annotation of ``image``."""
     iid, cid = image.image_id, ann["category_id"]
-    if not _is_int(cid) or cid not in category_map:
+    if not is_int(cid) or cid not in category_map:
         problems.annotation(
             "unknown_category",
             aid,
@@ -764,14 +698,14 @@ def _annotation_row(
         if checked.clipped:
             problems.clipped_polygon(aid)
     area = ann.get("area")
-    area = _float(area) if _is_number(area) else math.nan
+    area = _float(area) if is_number(area) else math.nan
     if not math.isfinite(area):
         area = (x1 - x0) * (y1 - y0)
     row = (
         (y0, x0, y1, x1),
         category_map.to_contiguous(cid),
         bool(ann.get("iscrowd", 0)),
-        int(ann["id"]) if _is_int(ann.get("id")) and abs(ann["id"]) < 2**63 else -1,
+        int(ann["id"]) if is_int(ann.get("id")) and abs(ann["id"]) < 2**63 else -1,
         area,
         rle,
     )

@@ -6,31 +6,19 @@ r"""Converts a COCO-format dataset to TFRecord shards (Model Garden's schema).
       --output_prefix=/data/coco/tfrecords/train \
       --num_shards=256
 
-writes ``<output_prefix>-00000-of-00256.tfrecord`` ... and
-``<output_prefix>-category_map.json`` beside them (the TFRecord reader finds it
-there).
+writes ``<output_prefix>-00000-of-00256.tfrecord`` ... and ``<output_prefix>-category_map.json``
+beside them (where the TFRecord reader finds it).
 
-The annotation file is first loaded and validated by
-:func:`fpn_tf.data.coco_reader.load_coco` (same ``on_bad_data`` and
-``verify_images`` choices, same clipping of <= 1 px overflows), so the shards
-hold exactly the examples the COCO reader gives. Each example is then made by
-Model Garden's ``create_coco_tf_record.create_tf_example`` and written by
-``tfrecord_lib.write_tf_record_dataset``. Its ``main()`` is not used: it
-would re-read the JSON without our validation, and it drops any box that
-overflows the image by even a fraction of a pixel (COCO has such float boxes,
-which we clip) reporting only a total.
+The annotation file is loaded and validated by :func:`fpn_tf.data.coco_reader.load_coco`, so the
+shards hold exactly the examples the COCO reader gives; each example is made by Model Garden's
+``create_coco_tf_record.create_tf_example`` (whose ``main()`` is not used: it re-reads the JSON
+without this validation and drops boxes that overflow the image by a fraction of a pixel).
+Image bytes are stored as on disk, boxes normalised to [0, 1], ``image/object/class/label``
+holds dataset category ids, ``image/source_id`` the COCO image id.
 
-Notes on the schema: image bytes are stored as they are on disk (JPEG or PNG;
-Model Garden labels both ``image/format = jpg``, decoders sniff the content);
-boxes are normalised to [0, 1]; ``image/object/class/label`` holds the
-dataset's category ids; ``image/source_id`` the COCO image id.
-
-With ``--include_masks`` the segmentations are validated as the COCO reader does with masks (the
-one check of :mod:`fpn_tf.data.segmentation_check`, before pycocotools rasterises anything; bad
-ones skipped and counted or an error, as ``--on_bad_data`` says; far-reaching polygons clipped) and each object's mask is written as
-``image/object/mask``, one PNG of the image's size (0/1) per object, by ``create_tf_example``'s
-``include_masks``: it is given each validated mask as an uncompressed RLE, so the PNG holds
-exactly ``COCO.annToMask``.
+With ``--include_masks`` the segmentations pass the reader's mask check
+(:mod:`fpn_tf.data.segmentation_check`) and each object's mask is written as
+``image/object/mask``, one 0/1 PNG of the image's size, exactly ``COCO.annToMask``.
 """
 
 from __future__ import annotations

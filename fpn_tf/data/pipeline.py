@@ -4,52 +4,35 @@
     ds = build_dataset(source, training=True, batch_size=16, seed=0)
     features, labels = next(iter(ds))
 
-A source is loaded (validated, indexed) once, by :func:`load_source` or :func:`source_from_config`,
-and every dataset of that split is built from the loaded object, which also counts the images its
-datasets drop at run time (``source.drops``, see below).
+A source is loaded (validated, indexed) once and every dataset of that split is built from it;
+it also counts the images its datasets drop at run time (``source.drops``).
 
-Each batch (see WORKSPACE.md):
+Each batch (WORKSPACE.md):
 
-* ``features["images"]``: float32 [B, Hp, Wp, 3] RGB 0..255, zero padded at
-  the bottom/right;
-* ``features["image_info"]``: float32 [B, 4, 2] rows ``[original (h, w),
-  resized (h, w) before padding, scale (y, x), offset (y, x) = 0]``;
-* ``features["image_id"]``: int64 [B] (the dataset's image id);
-* ``labels["gt_boxes"]``: float32 [B, N, 4] ymin, xmin, ymax, xmax in pixels
-  of the resized image; ``labels["gt_classes"]``: int32 [B, N] contiguous
-  1..C, -1 = padding; ``labels["gt_is_crowd"]``: bool [B, N].
-  N = ``max_num_instances``.
+* ``features["images"]``: float32 [B, Hp, Wp, 3] RGB 0..255, zero padded at the bottom/right;
+* ``features["image_info"]``: float32 [B, 4, 2] rows ``[original (h, w), resized (h, w) before
+  padding, scale (y, x), offset (y, x) = 0]``;
+* ``features["image_id"]``: int64 [B];
+* ``labels["gt_boxes"]``: float32 [B, N, 4] yxyx pixels of the resized image;
+  ``labels["gt_classes"]``: int32 [B, N] contiguous 1..C, -1 = padding;
+  ``labels["gt_is_crowd"]``: bool [B, N]; N = ``max_num_instances``;
 * with ``include_masks=True`` only, ``labels["gt_masks"]``: float32 [B, N, S, S], each object's
-  mask over its ``gt_boxes`` row in box-relative form (``fpn_tf.ops.mask_ops``; S =
-  ``mask_crop_size``, 112 by default), cropped in the decoded image's frame and flipped with it
-  (``transforms.crop_instance_masks``); padding rows are zeros. Masks are read only then: a COCO
-  source checks and keeps its segmentations (``CocoIndex.with_masks``, once), TFRecords decode
-  ``image/object/mask``.
+  mask over its box (``fpn_tf.ops.mask_ops``; S = ``mask_crop_size``); padding rows are zeros.
 
-Static shapes (``padding_mode``): by default ("orientation") each image is
-padded to a fixed size chosen by its orientation, ``[ceil32(short_side),
-ceil32(max_long_side)]`` = [800, 1344] for landscape (h <= w) and [1344, 800]
-for portrait, and ``group_by_window`` puts only same-orientation images in a
-batch. So a run sees at most two image shapes (a jit-compiled train step
-compiles twice, not once per size) and each batch holds 40 % fewer pixels
-than a square [1344, 1344] ("square" mode: one shape, e.g. for TPUs). "batch" pads
-each batch only to its largest image (rounded up to ``pad_multiple``): least
-padding, many shapes. Batches always have a static batch size in training
-(``drop_remainder``); the image dimensions are static only in "square" mode.
+Static shapes (``padding_mode``): "orientation" pads each image to one of two sizes by its
+orientation (``[ceil32(short_side), ceil32(max_long_side)]`` or its transpose) and batches only
+images of one orientation, so a jit-compiled step compiles twice and batches hold fewer padding
+pixels than "square" (one shape, e.g. for TPUs); "batch" pads each batch to its largest image
+(least padding, many shapes).
 
-Order of operations: items (image indices for COCO, serialized records for
-TFRecords) are sharded (``input_context``), shuffled (seeded), repeated
-(training), numbered, then decoded and transformed in a parallel map
-(AUTOTUNE), with each image's flip drawn from a stateless RNG seeded by
-(seed, element number) so a seeded run is reproducible whatever the
-parallelism; then grouped/batched and prefetched.
+Order: items (image indices for COCO, serialized records for TFRecords) are sharded
+(``input_context``), shuffled (seeded), repeated (training), numbered, then decoded and
+transformed in a parallel map, each image's flip drawn from a stateless RNG seeded by (seed,
+element number) so a seeded run is reproducible whatever the parallelism; then batched.
 
-Run-time drops: with ``on_bad_data="skip"`` an element whose decoding or transform fails (a
-truncated image passes the load-time header check) is dropped, and each drop is logged with the
-file, the image id and the running total and counted in ``source.drops``
-(:class:`fpn_tf.data.errors.RunTimeDrops`; ``source.drops.summary()`` is the closing line). Each
-element runs in its own one-element dataset whose failure yields a placeholder flagged invalid;
-the flag filters it out and reports it. With ``"error"`` the failure stops the iteration.
+Run-time drops: with ``on_bad_data="skip"`` an element whose decoding or transform fails is
+dropped, logged with its file and image id and counted in ``source.drops``; with ``"error"``
+the failure stops the iteration.
 """
 
 from __future__ import annotations
@@ -58,20 +41,18 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Union
+from typing import Union
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from fpn_tf.data import transforms
-from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.data.coco_reader import CocoIndex, load_coco
 from fpn_tf.data.tfrecord_reader import TfRecordIndex
 
 __all__ = [
     "CocoSource",
-    "DatasetInfo",
     "Source",
     "TfRecordSource",
     "build_dataset",
@@ -104,20 +85,6 @@ class TfRecordSource:
 
 # A loaded source: what build_dataset reads.
 Source = Union[CocoIndex, TfRecordIndex]
-
-
-@dataclasses.dataclass
-class DatasetInfo:
-    """What a trainer needs to know besides the batches."""
-
-    category_map: CategoryMap
-    num_images: int | None  # None for TFRecords (not counted)
-    image_shapes: list[tuple[int, int]]  # padded (h, w) shapes; [] = varying
-    per_replica_batch_size: int
-    seed: int | None
-    skipped_annotations: dict[str, int]
-    skipped_images: dict[str, int]
-    drops: Any  # the source's RunTimeDrops: images dropped while the datasets run
 
 
 def load_source(spec: CocoSource | TfRecordSource) -> Source:
@@ -177,16 +144,10 @@ def build_dataset(
     resize_rounding: str = "round",
     resize_method: str = "bilinear",
     random_flip: bool = True,
-    shuffle: bool | None = None,
     shuffle_buffer_size: int | None = None,
     seed: int | None = None,
-    deterministic: bool | None = None,
-    repeat: bool | None = None,
-    drop_remainder: bool | None = None,
     num_parallel_calls: int = tf.data.AUTOTUNE,
-    prefetch_buffer_size: int = tf.data.AUTOTUNE,
     input_context: tf.distribute.InputContext | None = None,
-    return_info: bool = False,
     include_masks: bool = False,
     mask_crop_size: int = 112,
 ):
@@ -210,22 +171,19 @@ def build_dataset(
       max_num_instances: N, ground-truth rows per image (more: first N kept,
         with a warning).
       random_flip: random horizontal flip with p=0.5 (training only).
-      shuffle, repeat, drop_remainder: default to ``training``.
       shuffle_buffer_size: None or 0: every image (COCO: the buffer holds
         image indices, not pixels); 1000 serialized records for TFRecords.
-      seed: seeds the shuffle and the flips; None draws one (logged).
-      deterministic: element order of parallel maps; default True if ``seed``
-        is given, else False (faster).
-      num_parallel_calls, prefetch_buffer_size: tf.data tuning (AUTOTUNE).
+      seed: seeds the shuffle and the flips; None draws one (logged). With a seed the
+        parallel maps keep the element order (deterministic), else not (faster).
+      num_parallel_calls: of the decoding map (AUTOTUNE).
       input_context: from ``strategy.distribute_datasets_from_function``; shards
         the input across pipelines.
-      return_info: also return a :class:`DatasetInfo`.
       include_masks: also give ``labels["gt_masks"]`` (module doc); a COCO source without
         masks is given them by ``source.with_masks()`` (read once, then kept).
       mask_crop_size: S of the box-relative masks.
 
     Returns:
-      ``tf.data.Dataset`` of ``(features, labels)``, or ``(dataset, info)``.
+      ``tf.data.Dataset`` of ``(features, labels)``.
     """
     if padding_mode not in transforms.PADDING_MODES:
         raise ValueError(
@@ -244,12 +202,9 @@ def build_dataset(
         raise ValueError("batch_size, max_num_instances and pad_multiple must be " ">= 1")
     if include_masks and mask_crop_size < 1:
         raise ValueError(f"mask_crop_size must be >= 1, got {mask_crop_size}")
-    shuffle = training if shuffle is None else shuffle
-    repeat = training if repeat is None else repeat
-    drop_remainder = training if drop_remainder is None else drop_remainder
+    shuffle = repeat = drop_remainder = training
     flip = training and random_flip
-    if deterministic is None:
-        deterministic = seed is not None
+    deterministic = seed is not None
     if seed is None and (shuffle or flip):
         seed = int(np.random.default_rng().integers(2**31 - 1))
         logging.info("fpn_tf.data: no seed given; drew seed=%d", seed)
@@ -350,23 +305,7 @@ def build_dataset(
 
     options = tf.data.Options()
     options.deterministic = deterministic
-    ds = ds.with_options(options).prefetch(prefetch_buffer_size)
-
-    if not return_info:
-        return ds
-    info = DatasetInfo(
-        category_map=index.category_map,
-        num_images=index.num_images,
-        image_shapes=transforms.fixed_padded_size(
-            padding_mode, short_side, max_long_side, pad_multiple
-        ),
-        per_replica_batch_size=per_replica_batch,
-        seed=seed,
-        skipped_annotations=dict(getattr(index, "skipped_annotations", {})),
-        skipped_images=dict(getattr(index, "skipped_images", {})),
-        drops=index.drops,
-    )
-    return ds, info
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _map_dropping_failures(items, element, source: Source, num_parallel_calls, deterministic):
@@ -443,7 +382,6 @@ def build_dataset_from_config(
     data_cfg,
     training: bool,
     input_context: tf.distribute.InputContext | None = None,
-    return_info: bool = False,
     **overrides,
 ):
     """``build_dataset`` of a loaded ``source`` with a ``DataConfig``'s settings.
@@ -460,6 +398,5 @@ def build_dataset_from_config(
         training,
         int(data_cfg.global_batch_size),
         input_context=input_context,
-        return_info=return_info,
         **kwargs,
     )

@@ -1,29 +1,23 @@
 """The one check of a COCO ``segmentation``, run before pycocotools sees it (numpy + pycocotools).
 
-Training (:func:`fpn_tf.data.coco_reader.load_coco` with masks), the evaluation ground truth
-(:mod:`fpn_tf.evaluation.groundtruth`) and ``python -m fpn_tf.data.convert_coco --include_masks``
-all call :func:`check_segmentation`. It turns a segmentation into the compressed RLE that
-``COCO.annToRLE`` would give, or names why it cannot (a reason of :data:`MASK_REASONS` and a
-one-line description). pycocotools itself checks nothing: given a bad segmentation it raises
-``TypeError``/``KeyError``, drops a coordinate silently, scores IoU -1, loops forever (an RLE
-whose runs do not add up to height x width, in ``iou``) or crashes the process (polygon
-coordinates around 1e12 overflow its rasteriser's integers; around 1e7 it allocates gigabytes).
-What this module hands on cannot do any of that:
+Training (``load_coco`` with masks), the evaluation ground truth and ``convert_coco
+--include_masks`` all call :func:`check_segmentation`: it turns a segmentation into the
+compressed RLE ``COCO.annToRLE`` would give, or names why it cannot (a reason of
+:data:`MASK_REASONS` and one line). pycocotools checks nothing: bad segmentations make it raise,
+drop coordinates, score IoU -1, loop forever or crash. Accepted:
 
-* polygons: a non-empty list of polygons, each a list of finite numbers (not bools), of even
-  length, with at least 3 points. A polygon whose vertices all lie within the image extended by
-  its own size on every side (x in [-w, 2w], y in [-h, 2h]) is rasterised exactly as pycocotools
-  does; one that reaches beyond is first clipped to that range (Sutherland-Hodgman: the region
-  inside the image is the polygon's, its boundary is rounded from the clip points), and
-  :attr:`CheckedSegmentation.clipped` says so, so that callers count it. A polygon that lies
-  entirely outside the range vanishes; a mask with no pixel in the image is ``empty_mask``;
-* uncompressed RLE (``counts`` a list): ``size`` is ``[height, width]`` of the image, ``counts``
-  non-negative integers (not bools) summing to height x width;
-* compressed RLE (``counts`` a string): ``size`` as above, the string decodes as pycocotools'
-  ``rleFrString`` reads it (:func:`compressed_rle_runs`: printable ASCII, no truncated number, no
-  negative run) to runs summing to height x width;
-* anything else (a number, a string, ``null``) is a type error; the image's own size must be
-  positive integers with fewer than 2**31 pixels (pycocotools' counts are 32-bit).
+* polygons: a non-empty list of polygons, each an even-length list of at least 6 finite
+  numbers. Vertices within the image extended by its own size on every side are rasterised as
+  pycocotools does; a polygon reaching beyond is first clipped to that range
+  (Sutherland-Hodgman; :attr:`CheckedSegmentation.clipped`). A mask with no pixel in the image
+  is ``empty_mask``;
+* uncompressed RLE: ``size`` the image's ``[height, width]``, ``counts`` non-negative integers
+  summing to height x width;
+* compressed RLE: ``size`` as above, ``counts`` a string that decodes as pycocotools reads it
+  (:func:`compressed_rle_runs`) to runs summing to height x width.
+
+The image's size must be positive integers with fewer than 2**31 pixels (pycocotools' counts are
+32-bit).
 """
 
 from __future__ import annotations
@@ -41,6 +35,8 @@ __all__ = [
     "check_image_size",
     "check_segmentation",
     "compressed_rle_runs",
+    "is_int",
+    "is_number",
 ]
 
 # reason -> what it means, for log lines ("skipped 3 annotation(s) with <what> [<reason>]").
@@ -85,7 +81,7 @@ def _bad(reason: str, what: str) -> CheckedSegmentation:
     return CheckedSegmentation(None, reason, what)
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
@@ -93,13 +89,13 @@ def _all_numbers(values) -> bool:
     """Whether every item is a number (not a bool); Python floats and ints take the fast way."""
     for v in values:
         t = type(v)
-        if t is float or t is int or _is_number(v):
+        if t is float or t is int or is_number(v):
             continue
         return False
     return True
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
@@ -110,7 +106,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def check_image_size(height: Any, width: Any) -> str | None:
     """None when (height, width) can hold masks for pycocotools, else what is wrong."""
-    if not (_is_int(height) and _is_int(width)) or height <= 0 or width <= 0:
+    if not (is_int(height) and is_int(width)) or height <= 0 or width <= 0:
         return (
             f"the image's height/width {_short(height)}/{_short(width)} are not positive integers"
         )
@@ -310,7 +306,7 @@ def _boundary_points(polygon: np.ndarray) -> float:
 def _checked_rle(segmentation: dict, h: int, w: int):
     """A pycocotools RLE dict, or the problem."""
     size, counts = segmentation.get("size"), segmentation.get("counts")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_is_int, size))):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(is_int, size))):
         return _bad(
             "bad_rle", f"segmentation RLE 'size' must be [height, width], got {_short(size)}"
         )
@@ -322,7 +318,7 @@ def _checked_rle(segmentation: dict, h: int, w: int):
     if "counts" not in segmentation:
         return _bad("bad_rle", "segmentation RLE has no 'counts'")
     if isinstance(counts, list):
-        if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
+        if not all(is_int(c) and c >= 0 for c in counts) or sum(counts) != h * w:
             return _bad(
                 "bad_rle",
                 f"segmentation RLE counts are not non-negative integers summing to {h * w}",

@@ -10,29 +10,14 @@ writes::
     <output_dir>/train/...  <output_dir>/val/...   (JPEG, every 4th image PNG,
                                                     every 3rd in a sub-folder)
 
-Four classes with non-contiguous ids, so the id mapping is exercised:
-1 "circle" (filled disc), 3 "square" (filled, aspect 1:1 +- 10 %),
-7 "triangle" (filled, apex up or down), 9 "ring" (annulus). Each class has a
-base colour with per-object jitter (a hue family: reds, greens, blues,
-yellows) and the shapes differ in outline, so colour or shape alone is
-enough to tell them apart.
-
-Images: each side uniform in ``image_size`` (min, max) so both landscape and
-portrait occur; backgrounds are linear gradients, stripes, noise, or a flat
-colour with noise. Objects: 0..``max_objects`` per image (a fraction
-``empty_fraction`` has none), size log-uniform in [``min_object_size``,
-``max_object_size``] px (capped at 60 % of the shorter image side), placed
-with IoU <= 0.25 against earlier objects, covering at most 30 % of an
-earlier object's box. Boxes are the tight boxes of the
-drawn pixels, COCO ``[x, y, w, h]``. Deterministic given ``seed`` (numpy
-RNG + PIL drawing; no TensorFlow).
-
-Each object's ``segmentation`` is its drawn shape as compressed RLE over the whole image
-(``pycocotools.mask.encode`` of the Fortran-ordered uint8 mask, counts as str), ``area`` its pixel
-count, and its bbox the shape's tight box. It is the full drawn shape, also where a later object
-is pasted over it (up to 30 % of its box): COCO masks are of the visible part, but cutting them
-would change the tight boxes (and the data sets made before masks existed); the RNG stream,
-images and boxes are unchanged by the masks.
+Four classes with non-contiguous ids (1 circle, 3 square, 7 triangle, 9 ring), each with its own
+colour family and outline. Image sides are uniform in ``image_size`` (landscape and portrait);
+backgrounds are gradients, stripes or noise. Each image has 0..``max_objects`` objects (a
+fraction ``empty_fraction`` none), sizes log-uniform in [``min_object_size``,
+``max_object_size``], placed with IoU <= 0.25 against earlier ones and covering at most 30 % of
+an earlier box. Boxes are the tight boxes of the drawn pixels; each ``segmentation`` is the full
+drawn shape as compressed RLE (also where a later object covers it, so the boxes stay tight),
+``area`` its pixel count. Deterministic given ``seed`` (numpy + PIL; no TensorFlow).
 """
 
 from __future__ import annotations

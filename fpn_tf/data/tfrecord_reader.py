@@ -1,28 +1,19 @@
 """Reads TFRecord shards in Model Garden's tf.Example detection schema.
 
-Decoding reuses ``official.vision.dataloaders.tf_example_decoder.TfExampleDecoder``
-(the schema written by ``official.vision.data.create_coco_tf_record`` and by our
-:mod:`fpn_tf.data.convert_coco`). Each element is converted to the same
-per-image dict as :mod:`fpn_tf.data.coco_reader` gives:
+Decoding reuses Model Garden's ``TfExampleDecoder`` (the schema of
+``official.vision.data.create_coco_tf_record`` and :mod:`fpn_tf.data.convert_coco`); each
+element becomes the per-image dict :mod:`fpn_tf.data.coco_reader` gives:
 
-* boxes: the schema stores them normalised to [0, 1]; they are scaled to
-  pixels of the decoded image and clipped to it;
-* classes: the schema stores dataset category ids; they are mapped to the
-  contiguous 1..C with the :class:`CategoryMap`. A class id the map does not
-  know stops the pipeline with a message naming the image (the map does not
-  belong to these shards);
-* ``image_id``: ``image/source_id`` parsed as an integer (COCO ids are; a
-  non-numeric source id is hashed to a non-negative int64);
-* boxes of zero size (possible in shards made by other tools) are dropped
-  with a printed warning naming the image;
-* masks (``decode(..., include_masks=True)``): ``image/object/mask``, one PNG per object of the
-  image's size (``TfExampleDecoder(include_mask=True)``), as ``gt_masks`` uint8 [n, H, W] 0/1; an
-  example whose mask count differs from its box count (shards written without masks) fails.
+* boxes, stored normalised, are scaled to pixels and clipped; zero-size boxes are dropped with a
+  warning naming the image;
+* classes, stored as dataset ids, are mapped to 1..C by the :class:`CategoryMap`; an unknown id
+  stops the pipeline naming the image;
+* ``image_id`` is ``image/source_id`` as an integer (a non-numeric id is hashed);
+* with ``include_masks``, ``image/object/mask`` (one PNG per object) becomes ``gt_masks`` uint8
+  [n, H, W]; a mask count other than the box count fails.
 
-:meth:`TfRecordIndex.groundtruth` gives the shards' ground truth as a COCO annotation dict (boxes,
-dataset category ids, crowd flags, areas, image sizes and, when the shards hold masks, each
-object's ``segmentation`` as compressed RLE), the evaluation's ground truth when no annotation
-file is given.
+:meth:`TfRecordIndex.groundtruth` gives the shards' ground truth as a COCO annotation dict, the
+evaluation's ground truth when no annotation file is given.
 """
 
 from __future__ import annotations
@@ -141,7 +132,6 @@ class TfRecordIndex:
         self,
         shuffle_files: bool = False,
         seed: int | None = None,
-        cycle_length: int | None = None,
         num_shards: int = 1,
         shard_index: int = 0,
         deterministic: bool | None = None,
@@ -158,7 +148,7 @@ class TfRecordIndex:
             files = files.shuffle(len(self.files), seed=seed, reshuffle_each_iteration=True)
         ds = files.interleave(
             tf.data.TFRecordDataset,
-            cycle_length=cycle_length or min(len(self.files), 16),
+            cycle_length=min(len(self.files), 16),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=deterministic,
         )

@@ -47,23 +47,14 @@ axis (round half up). It differs from ``"round"`` on about 1 size in 1,000: ties
 
 Images are padded with zeros at the bottom and right, so box coordinates need no offset.
 
-Horizontal flip happens on the decoded image before the resize (cheaper on
-the smaller uint8 image; both resize methods commute with the flip: their weights are symmetric
-about each output pixel's centre): a box
-becomes ``xmin' = w - xmax, xmax' = w - xmin``. We do not use Model Garden's
-``random_horizontal_flip``: it flips normalised boxes and draws its own random
-number, while our boxes are in pixels and the pipeline decides each flip with
-a stateless seed (reproducible under parallel maps).
+The horizontal flip happens on the decoded image, before the resize (both resize methods commute
+with it): a box becomes ``xmin' = w - xmax, xmax' = w - xmin``; the pipeline decides each flip
+with a stateless seed.
 
 Instance masks (``include_masks``) become box-relative ``S x S`` masks
-(:func:`fpn_tf.ops.mask_ops.crop_masks`) over each object's box, cropped from the decoded
-full-size masks with the decoded (original-frame) boxes, so no full-resolution mask is resized,
-flipped or batched. A box-relative mask does not change when its image and box are resized or
-padded; a horizontal flip reverses its columns, exactly: with ``x0' = w - x1``, ``x1' = w - x0``
-sample ``j`` of the flipped crop sits at ``x' = w - x1 + (j + 0.5)(x1 - x0) / S``, where the
-flipped mask is the original at ``w - x' = x0 + (S - 1 - j + 0.5)(x1 - x0) / S``: sample
-``S - 1 - j`` of the original crop (pixel centres mirror onto pixel centres, and bilinear
-weights with them).
+(:func:`fpn_tf.ops.mask_ops.crop_masks`) cropped from the decoded full-size masks with the
+original-frame boxes, so no full-resolution mask is resized, flipped or batched: a box-relative
+mask does not change under resize and padding, and a flip reverses its columns exactly.
 """
 
 from __future__ import annotations

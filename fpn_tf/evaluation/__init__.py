@@ -4,7 +4,6 @@ from fpn_tf.evaluation.coco_evaluator import (
     COCO_METRIC_NAMES,
     COCOEvaluator,
     ProposalRecallEvaluator,
-    boxes_to_original,
     load_coco_groundtruth,
     yxyx_to_xywh,
 )

@@ -28,7 +28,7 @@ def draw_boxes(images, boxes, valid, color):
     return tf.image.draw_bounding_boxes(images, normalised, tf.constant([color], tf.float32))
 
 
-def detection_images(model, features, labels, score_threshold: float = 0.5):
+def detection_images(model, features, labels, score_threshold: float):
     """uint8 [B, H, W, 3]: the batch's images with ground truth (green) and the model's
     detections with score >= ``score_threshold`` (red). Boxes are drawn in the frame of the
     resized image; detections (returned in original-image pixels) are scaled back to it."""
@@ -64,7 +64,7 @@ def overlay_masks(images, masks, boxes, shown, color=DETECTION_COLOR):
     return tf.stack(out)
 
 
-def summary_images(model, dataset, num_images: int, score_threshold: float = 0.5):
+def summary_images(model, dataset, num_images: int, score_threshold: float):
     """The first ``num_images`` images of ``dataset`` drawn by `detection_images`, each
     cropped to its resized (unpadded) size, as a list of uint8 [h, w, 3] arrays."""
     out = []

@@ -1,31 +1,19 @@
 """COCO box AP and RPN proposal recall (the paper's Table 1 metric).
 
-Two accumulate-then-evaluate classes, both fed per image or per batch, in Python/NumPy (no
-TensorFlow, no Keras; run them outside tf.function on `.numpy()` values):
+Accumulate-then-evaluate classes fed per image or per batch, in NumPy (run them on ``.numpy()``
+values, outside tf.function):
 
-* :class:`COCOEvaluator` -- detections -> COCO results JSON -> pycocotools ``COCOeval`` (bbox):
-  AP, AP50, AP75, APs, APm, APl, ARmax1, ARmax10, ARmax100, ARs, ARm, ARl; with masks also
-  ``segm``, the same twelve with a ``mask_`` prefix (mask_AP, mask_AP50, ...).
-* :class:`ProposalRecallEvaluator` -- class-agnostic average recall of proposals, AR@100 and
-  AR@1000 overall and for small / medium / large objects.
+* :class:`COCOEvaluator`: pycocotools ``COCOeval`` bbox metrics (``COCO_METRIC_NAMES``) and,
+  with masks, the same with a ``mask_`` prefix;
+* :class:`ProposalRecallEvaluator`: class-agnostic AR@100 / AR@1000, overall and by size.
 
-Conventions. Boxes handed to ``add_*`` are ``[ymin, xmin, ymax, xmax]`` in ORIGINAL image pixels;
-the batched ``update_state`` also takes boxes in model-input pixels together with ``image_info``
-(see :func:`boxes_to_original`). Classes are the dataset's own category ids (e.g. COCO's 1..90 with
-gaps). Results JSON uses COCO's ``[x, y, width, height]``.
-
-The ground truth is a COCO annotation file (or its loaded ``pycocotools.coco.COCO``; official
-areas and crowd regions), checked before pycocotools sees it (:mod:`fpn_tf.evaluation.groundtruth`:
-an annotation whose mask fails the check training runs is left out of mask AP only, as an ignore
-region, and reported; :meth:`COCOEvaluator.left_out`). Only the images that were fed are evaluated (``params.imgIds``): an
-image the input pipeline dropped, or that ``eval.steps`` did not reach, does not count; every fed
-image counts, with or without detections. Writing files is the caller's
-(:func:`fpn_tf.evaluation.run.evaluate_detector`).
-
-Masks arrive box-relative (``detection_masks`` [B, N, M, M], as the model and the SavedModel give
-them); they are pasted into the original image with `fpn_tf.ops.mask_ops.paste_masks` (the one
-paste of the package, TensorFlow run eagerly: the only TensorFlow here), binarised at 0.5 and
-RLE-encoded with pycocotools, as COCO's ``segm`` results are.
+Boxes are ``[ymin, xmin, ymax, xmax]`` in original image pixels (as the models return them when
+called with ``image_info``); classes are the dataset's own category ids; results JSON uses
+COCO's ``[x, y, width, height]``. The ground truth is checked first
+(:mod:`fpn_tf.evaluation.groundtruth`; what it leaves out: :meth:`COCOEvaluator.left_out`).
+Only the images fed are evaluated (``params.imgIds``), with or without detections. Masks arrive
+box-relative (``detection_masks`` [B, N, M, M]) and are pasted with
+:func:`fpn_tf.ops.mask_ops.paste_masks` (eager TensorFlow), binarised at 0.5 and RLE-encoded.
 """
 
 from __future__ import annotations
@@ -50,7 +38,6 @@ from fpn_tf.evaluation.groundtruth import (
 __all__ = [
     "COCO_METRIC_NAMES",
     "MASK_METRIC_PREFIX",
-    "boxes_to_original",
     "encode_masks",
     "yxyx_to_xywh",
     "load_coco_groundtruth",
@@ -84,42 +71,15 @@ GroundTruthSource = Union[str, COCO, Mapping, GroundTruth]
 # --------------------------------------------------------------------------------------------
 
 
-def boxes_to_original(boxes, image_info, clip: bool = True) -> np.ndarray:
-    """Maps [ymin, xmin, ymax, xmax] boxes from model-input pixels back to original image pixels.
-
-    image_info rows (Model Garden): [original (h, w), resized (h, w), scale (y, x), offset (y, x)],
-    where model = original * scale - offset. So original = (model + offset) / scale, then clipped
-    to the original image when `clip`.
-
-    boxes: [..., N, 4]; image_info: [..., 4, 2] with the same leading dims (e.g. [B,N,4], [B,4,2],
-    or one image: [N,4], [4,2]). Accepts NumPy arrays or eager tensors; returns float32 NumPy.
-    """
-    boxes = np.asarray(boxes, dtype=np.float32)
-    info = np.asarray(image_info, dtype=np.float32)
-    if info.shape[-2:] != (4, 2):
-        raise ValueError(f"image_info must end in shape (4, 2), got {info.shape}.")
-    if boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must end in 4 coordinates, got shape {boxes.shape}.")
-    scale = np.tile(info[..., 2, :], 2)[..., None, :]  # [..., 1, 4]: (y, x, y, x)
-    offset = np.tile(info[..., 3, :], 2)[..., None, :]
-    if np.any(scale <= 0):
-        raise ValueError("image_info scale (row 2) must be positive.")
-    out = (boxes + offset) / scale
-    if clip:
-        size = np.tile(info[..., 0, :], 2)[..., None, :]  # (h, w, h, w)
-        out = np.clip(out, 0.0, size)
-    return out.astype(np.float32)
-
-
 def yxyx_to_xywh(boxes) -> np.ndarray:
     """[ymin, xmin, ymax, xmax] -> COCO [x, y, width, height]."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return np.stack([b[:, 1], b[:, 0], b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]], axis=1)
 
 
-def encode_masks(masks, boxes, image_size, threshold: float = 0.5) -> List[Dict[str, Any]]:
+def encode_masks(masks, boxes, image_size) -> List[Dict[str, Any]]:
     """COCO compressed RLEs (counts as str) of box-relative masks [N, M, M] over ``boxes`` [N, 4]
-    (yxyx pixels of an image of ``image_size`` (height, width)): pasted, then ``>= threshold``."""
+    (yxyx pixels of an image of ``image_size`` (height, width)): pasted, then ``>= 0.5``."""
     from fpn_tf.ops import mask_ops  # TensorFlow, imported only when masks are evaluated
 
     masks = np.asarray(masks, np.float32)
@@ -127,9 +87,7 @@ def encode_masks(masks, boxes, image_size, threshold: float = 0.5) -> List[Dict[
     if len(masks) == 0:
         return []
     pasted = mask_ops.paste_masks(masks, np.asarray(boxes, np.float32), (height, width))
-    binary = np.asfortranarray(
-        np.transpose(pasted.numpy() >= threshold, (1, 2, 0)).astype(np.uint8)
-    )
+    binary = np.asfortranarray(np.transpose(pasted.numpy() >= 0.5, (1, 2, 0)).astype(np.uint8))
     rles = mask_utils.encode(binary)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
@@ -243,10 +201,8 @@ class COCOEvaluator(_Evaluator):
     Usage:
       ev = COCOEvaluator("data/coco/annotations/instances_val2017.json")
       for features, labels in eval_ds:
-          out = model(features["images"], training=False)
-          ev.update_state({"image_id": features["image_id"], "image_info": features["image_info"],
-                           "detection_boxes": ..., "detection_scores": ...,
-                           "detection_classes": ..., "num_detections": ...})
+          out = model({"images": features["images"], "image_info": features["image_info"]})
+          ev.update_state({**out, "image_id": features["image_id"]})
       metrics = ev.evaluate()
     """
 
@@ -309,23 +265,14 @@ class COCOEvaluator(_Evaluator):
     def update_state(self, predictions: Mapping):
         """Adds one batch (NumPy or eager tensors).
 
-        predictions: "image_id" (or "source_id") [B]; "detection_boxes" [B,N,4] yxyx;
-          "detection_scores" [B,N]; "detection_classes" [B,N]; optional "num_detections" [B]
-          (rows beyond it are ignored; without it rows with score <= 0 are dropped as padding);
-          optional "image_info" [B,4,2]: then boxes are in model-input pixels and are mapped back
-          (leave it out when they are already in original pixels, as FasterRCNN's outputs are
-          when the model is called with image_info: the same output dict, plus "image_id", feeds
-          this and ProposalRecallEvaluator.update_state); optional "detection_masks" [B,N,M,M]
-          box-relative masks, pasted at the original image size: "original_size" [B, 2]
-          (height, width), or row 0 of "image_info".
-        groundtruths (accumulated mode only): "image_id" [B], "gt_boxes" [B,M,4] (model-input
-          pixels when "image_info" is given), "gt_classes" [B,M] (-1 = padding), optional
-          "gt_is_crowd", "gt_areas" [B,M], "image_info" [B,4,2].
+        predictions: "image_id" (or "source_id") [B]; "detection_boxes" [B,N,4] yxyx original
+          pixels; "detection_scores" [B,N]; "detection_classes" [B,N]; optional "num_detections"
+          [B] (rows beyond it are ignored; without it rows with score <= 0 are padding); optional
+          "detection_masks" [B,N,M,M] box-relative masks with "original_size" [B, 2] (height,
+          width), the size they are pasted at.
         """
         image_ids = _batch_image_ids(predictions)
         boxes = _numpy(predictions["detection_boxes"]).astype(np.float32)
-        if "image_info" in predictions:
-            boxes = boxes_to_original(boxes, _numpy(predictions["image_info"]))
         scores = _numpy(predictions["detection_scores"])
         classes = _numpy(predictions["detection_classes"])
         num = (
@@ -336,12 +283,9 @@ class COCOEvaluator(_Evaluator):
         masks = predictions.get("detection_masks")
         if masks is not None:
             masks = _numpy(masks)
-            if "original_size" in predictions:
-                original_sizes = _numpy(predictions["original_size"]).reshape(-1, 2)
-            elif "image_info" in predictions:
-                original_sizes = _numpy(predictions["image_info"])[:, 0, :]
-            else:
-                raise ValueError("detection_masks need original_size or image_info.")
+            if "original_size" not in predictions:
+                raise ValueError("detection_masks need original_size.")
+            original_sizes = _numpy(predictions["original_size"]).reshape(-1, 2)
         for i, image_id in enumerate(image_ids):
             keep = np.arange(scores.shape[1]) < int(num[i]) if num is not None else scores[i] > 0
             segmentations = None
@@ -436,11 +380,8 @@ class ProposalRecallEvaluator(_Evaluator):
     authors used for Table 1: per image, the non-crowd ground truths whose area is in the range are
     matched greedily to the top-`limit` proposals (repeatedly take the ground truth best covered by
     any remaining proposal, record that IoU, remove both); recall at IoU t is the fraction of
-    ground truths matched with IoU >= t, and AR is its mean over t = 0.50:0.05:0.95. Computed in
-    NumPy image by image, so 1000 proposals x 5000 images stay cheap. pycocotools' COCOeval with
-    useCats=0, maxDets=[100, 1000] matches proposals in score order instead; on random sets the two
-    agree to 4 decimals (tests/test_eval_coco.py checks this) while COCOeval is much slower
-    (bench/README.md).
+    ground truths matched with IoU >= t, and AR is its mean over t = 0.50:0.05:0.95. NumPy, image
+    by image (COCOeval with useCats=0 agrees closely but is much slower).
 
     Metric names: "AR@100", "ARs@100", "ARm@100", "ARl@100", "AR@1000", ... (-1 when there is no
     ground truth in a size range). ``annotation_file`` as in COCOEvaluator.
@@ -483,13 +424,10 @@ class ProposalRecallEvaluator(_Evaluator):
         self._proposals[image_id] = kept
 
     def update_state(self, predictions: Mapping):
-        """Adds one batch: "image_id" [B], "proposal_boxes" [B,P,4] yxyx, optional
-        "proposal_scores" [B,P], "num_proposals" [B], "image_info" [B,4,2] (then boxes are in
-        model-input pixels)."""
+        """Adds one batch: "image_id" [B], "proposal_boxes" [B,P,4] yxyx original pixels,
+        optional "proposal_scores" [B,P] and "num_proposals" [B]."""
         image_ids = _batch_image_ids(predictions)
         boxes = _numpy(predictions["proposal_boxes"]).astype(np.float32)
-        if "image_info" in predictions:
-            boxes = boxes_to_original(boxes, _numpy(predictions["image_info"]))
         scores = (
             _numpy(predictions["proposal_scores"]) if "proposal_scores" in predictions else None
         )

@@ -1,35 +1,24 @@
 """The evaluation's ground truth, checked before pycocotools scores anything against it.
 
-pycocotools trusts its annotation file: an annotation without ``segmentation``, a polygon of two
-points or a segmentation that is a number raise deep inside ``COCOeval``; an odd-length polygon
-loses its last coordinate; an RLE whose runs do not add up to height x width makes its mask IoU
-loop forever; an RLE of another size scores IoU -1 (that object can never be matched); polygon
-coordinates around 1e12 crash the process. :class:`GroundTruth` reads the annotation file (or a
-dataset dict / a loaded ``COCO``), checks every annotation, and gives pycocotools only what passed:
+pycocotools trusts its annotation file: malformed segmentations raise deep inside ``COCOeval``,
+lose coordinates, loop forever or crash the process. :class:`GroundTruth` reads the annotation
+file (or a dataset dict / a loaded ``COCO``), checks every annotation, and gives pycocotools
+only what passed:
 
-* **boxes** (box AP, proposal AR): a ``bbox`` of four finite numbers with width and height > 0,
-  an ``image_id`` in ``images`` and a ``category_id`` in ``categories``. Another annotation is
-  left out of every metric, reason ``bad_box_size``, ``unknown_image`` or ``unknown_category``
-  (training skips it for the same reason; pycocotools would score a NaN box as a miss, and never
-  score the other two). Missing keys, a ``bbox`` that is not four numbers, or image / category entries without an
-  integer ``id`` are malformed: one-line :class:`~fpn_tf.data.errors.DataError`, as in training.
-  ``iscrowd`` is read as training reads it (truthy = crowd); a missing or non-finite ``area`` is
-  the box's; missing or repeated annotation ids get private ones (they are reported by position,
-  ``#n``), since pycocotools matches by id.
-* **masks** (mask AP, mask AR of segment proposals): the segmentation goes through
-  :func:`fpn_tf.data.segmentation_check.check_segmentation`, the check training runs, over its
-  image's size (the annotation file's ``height``/``width``, or the sizes the evaluation source
-  read from the image files). What passes is given to pycocotools as the compressed RLE the
-  check made, so pycocotools rasterises nothing of the file's own. An annotation that fails is
-  **left out of the mask metrics only: box AP keeps it** (its box is sound). In the mask metrics
-  its box becomes an ignore region, as COCO treats a crowd region: a detection of that object is
-  neither a hit nor a false positive, so an unusable ground-truth mask neither counts as a miss
-  nor turns a correct detection into a false positive.
+* **boxes** (box AP, proposal AR): a finite ``bbox`` with width and height > 0, a known
+  ``image_id`` and ``category_id``; another annotation is left out of every metric
+  (``BOX_REASONS``, as training skips it). Malformed entries (missing keys, a ``bbox`` that is
+  not four numbers, entries without an integer ``id``) are a one-line
+  :class:`~fpn_tf.data.errors.DataError`. ``iscrowd`` is truthy = crowd; a missing or
+  non-finite ``area`` is the box's; missing or repeated annotation ids get private ones.
+* **masks** (mask AP, mask AR): the segmentation passes
+  :func:`fpn_tf.data.segmentation_check.check_segmentation` (training's check) over its image's
+  size, and pycocotools gets the compressed RLE the check made. An annotation that fails is left
+  out of the mask metrics only (box AP keeps it), and its box becomes an ignore region there,
+  like a crowd region: a detection of it is neither a hit nor a false positive.
 
-``on_bad_data="error"`` makes the first unusable annotation a one-line ``DataError`` instead.
-The evaluators report, per metric and for the images they scored, how many ground-truth
-annotations were left out, why, and their ids (:meth:`GroundTruth.left_out`); ``metrics.json``
-holds the same (:func:`fpn_tf.evaluation.run.evaluate_detector`).
+``on_bad_data="error"`` makes the first unusable annotation a one-line ``DataError``. What was
+left out, per metric, reason and id, is in :meth:`GroundTruth.left_out` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +37,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from fpn_tf.data.errors import DataError, parse_json, read_json
-from fpn_tf.data.segmentation_check import MASK_REASONS, check_image_size, check_segmentation
+from fpn_tf.data.segmentation_check import (
+    MASK_REASONS,
+    check_image_size,
+    check_segmentation,
+    is_int,
+    is_number,
+)
 
 __all__ = ["BOX_REASONS", "GroundTruth", "coco_from_dataset", "read_groundtruth"]
 
@@ -84,14 +79,6 @@ def coco_from_dataset(dataset: Mapping) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _float(x: Any) -> float:
@@ -159,7 +146,7 @@ class GroundTruth:
     def _check_images(self, entries, image_sizes) -> List[dict]:
         images, seen = [], set()
         for n, img in enumerate(self._list(entries, "images")):
-            if not isinstance(img, Mapping) or not _is_int(img.get("id")):
+            if not isinstance(img, Mapping) or not is_int(img.get("id")):
                 raise DataError(f"{self.name}: images[{n}] has no integer 'id'")
             iid = int(img["id"])
             if iid in seen:
@@ -174,7 +161,7 @@ class GroundTruth:
     def _check_categories(self, entries) -> List[dict]:
         categories = []
         for n, cat in enumerate(self._list(entries, "categories")):
-            if not isinstance(cat, Mapping) or not _is_int(cat.get("id")):
+            if not isinstance(cat, Mapping) or not is_int(cat.get("id")):
                 raise DataError(f"{self.name}: categories[{n}] has no integer 'id'")
             categories.append(dict(cat))
         return categories
@@ -193,7 +180,7 @@ class GroundTruth:
             if not isinstance(ann, Mapping):
                 raise DataError(f"{self.name}: annotations[{n}] is not an object")
             aid = ann.get("id")
-            unique = _is_int(aid) and abs(aid) < 2**63 and aid not in used_ids
+            unique = is_int(aid) and abs(aid) < 2**63 and aid not in used_ids
             reported = int(aid) if unique else f"#{n}"
             for key in ("bbox", "image_id", "category_id"):
                 if key not in ann:
@@ -201,7 +188,7 @@ class GroundTruth:
                         f"{self.name}: annotation id {reported}: required key '{key}' is missing"
                     )
             iid, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
-            if not _is_int(iid) or int(iid) not in self._image_ids:
+            if not is_int(iid) or int(iid) not in self._image_ids:
                 self._unusable(
                     self.left_out_of_boxes,
                     "unknown_image",
@@ -210,7 +197,7 @@ class GroundTruth:
                     f"image_id {iid!r} is not in 'images'",
                 )
                 continue
-            if not _is_int(cid) or int(cid) not in self.categories:
+            if not is_int(cid) or int(cid) not in self.categories:
                 self._unusable(
                     self.left_out_of_boxes,
                     "unknown_category",
@@ -222,7 +209,7 @@ class GroundTruth:
             if (
                 not isinstance(bbox, (list, tuple))
                 or len(bbox) != 4
-                or not all(map(_is_number, bbox))
+                or not all(map(is_number, bbox))
             ):
                 raise DataError(
                     f"{self.name}: annotation id {reported} (image id {iid}): 'bbox' must be "
@@ -244,7 +231,7 @@ class GroundTruth:
                 self.generated_ids += 1
                 key = -(2**62) - n
             used_ids.add(key)
-            area = _float(ann.get("area")) if _is_number(ann.get("area")) else math.nan
+            area = _float(ann.get("area")) if is_number(ann.get("area")) else math.nan
             self.annotations.append(
                 {
                     "id": key,
@@ -348,7 +335,7 @@ class GroundTruth:
         out: Dict[str, List[Any]] = {}
         for table in tables:
             for reason, entries in table.items():
-                ids = [a for a, image_id in entries if _is_int(image_id) and image_id in wanted]
+                ids = [a for a, image_id in entries if is_int(image_id) and image_id in wanted]
                 if ids:
                     out.setdefault(reason, []).extend(ids)
         return out

@@ -1,17 +1,11 @@
 """Class-agnostic mask average recall of segment proposals (the paper's Table 6 metric).
 
-:class:`MaskProposalRecallEvaluator` follows `ProposalRecallEvaluator` (accumulate, then
-evaluate; fed per batch; only the images fed count) for masks: each proposal's box-relative mask
-is pasted into its original image (`fpn_tf.ops.mask_ops.paste_masks`, bilinear), thresholded at
-0.5 and RLE-encoded (pycocotools); `evaluate` runs pycocotools' ``COCOeval(iouType="segm")``
-with ``useCats=0`` and ``maxDets=[10, 100, 1000]`` (crowd regions handled as COCO does: a
-proposal matched to a crowd region is neither a hit nor a miss, and crowds never count as ground
-truth), and reads AR from its recall table: the mean over IoU 0.50:0.05:0.95 of the recall at
-each number of proposals and COCO area range (areas: the annotations' ``area``).
-
-COCOeval itself, not a faster matcher: it is correct by construction, and mask IoUs (RLE) make
-the greedy matcher's speed advantage small next to pasting and encoding, which dominate
-(a few ms per image per 100 masks on the 2-core CPU).
+:class:`MaskProposalRecallEvaluator` works like `ProposalRecallEvaluator` (accumulate, evaluate;
+only the images fed count), for masks: each proposal's box-relative mask is pasted into its
+image (`fpn_tf.ops.mask_ops.paste_masks`), thresholded at 0.5 and RLE-encoded; `evaluate` runs
+pycocotools' ``COCOeval(iouType="segm")`` with ``useCats=0`` and ``maxDets=[10, 100, 1000]``
+(crowd regions as COCO treats them) and reads AR from its recall table. COCOeval rather than a
+faster matcher: it is correct by construction, and pasting and encoding dominate the time.
 
 Metric names: "mask_AR@10", "mask_AR@100", "mask_AR@1000", "mask_ARs@1000", "mask_ARm@1000",
 "mask_ARl@1000" (-1 where there is no ground truth in a range).
@@ -60,40 +54,31 @@ class MaskProposalRecallEvaluator(_Evaluator):
         crowds are), logged and counted in :meth:`left_out`.
       on_bad_data: "skip" or "error" (a one-line DataError), as in ``COCOEvaluator``.
       limits: the numbers of proposals (COCOeval's maxDets), best first by score.
-      chunk: masks pasted at a time (memory: chunk x H x W floats).
-      threshold: the pasted probability a pixel needs to be in the mask.
+
+    Masks are pasted ``CHUNK`` at a time (memory: CHUNK x H x W floats) and binarised at 0.5.
     """
+
+    CHUNK = 100
 
     def __init__(
         self,
         annotation_file: GroundTruthSource,
         *,
         limits: Sequence[int] = (10, 100, 1000),
-        chunk: int = 100,
-        threshold: float = 0.5,
         on_bad_data: str = "skip",
     ):
         super().__init__(annotation_file, on_bad_data)
         self.limits = tuple(int(n) for n in limits)
-        self.chunk, self.threshold = int(chunk), float(threshold)
         self._results: Dict[int, List[dict]] = {}
 
     def reset(self):
         super().reset()
         self._results = {}
 
-    def _image_size(self, image_id: int, fallback=None):
-        size = self._gt.image_size(image_id)
-        if size is not None:
-            return size
-        if fallback is None:
-            raise ValueError(f"image {image_id}: no height/width in the annotations, no image_info")
-        return int(round(float(fallback[0]))), int(round(float(fallback[1])))
-
-    def add_proposals(self, image_id, masks, boxes, scores, image_size=None):
+    def add_proposals(self, image_id, masks, boxes, scores):
         """One image: ``masks`` [P, M, M] box-relative probabilities over ``boxes`` [P, 4] yxyx
-        original-image pixels, ``scores`` [P]. ``image_size`` (h, w) is used only when the
-        annotation file has no size for the image."""
+        original-image pixels, ``scores`` [P]. The masks are pasted at the image's size in the
+        ground truth (COCOeval's segm needs it too)."""
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
         from fpn_tf.ops import mask_ops  # pylint: disable=g-import-not-at-top
@@ -110,18 +95,19 @@ class MaskProposalRecallEvaluator(_Evaluator):
         self._see(image_id)
         order = np.argsort(-scores, kind="stable")[: max(self.limits)]
         masks, boxes, scores = masks[order], boxes[order], scores[order]
-        h, w = self._image_size(image_id, image_size)
+        size = self._gt.image_size(image_id)
+        if size is None:
+            raise ValueError(f"image {image_id}: no height/width in the ground truth")
+        h, w = size
         results = []
-        for start in range(0, len(masks), self.chunk):
+        for start in range(0, len(masks), self.CHUNK):
             pasted = mask_ops.paste_masks(
-                tf.constant(masks[start : start + self.chunk]),
-                tf.constant(boxes[start : start + self.chunk]),
+                tf.constant(masks[start : start + self.CHUNK]),
+                tf.constant(boxes[start : start + self.CHUNK]),
                 (h, w),
             ).numpy()
-            binary = np.asfortranarray(
-                (pasted >= self.threshold).transpose(1, 2, 0).astype(np.uint8)
-            )
-            for rle, score in zip(mask_utils.encode(binary), scores[start : start + self.chunk]):
+            binary = np.asfortranarray((pasted >= 0.5).transpose(1, 2, 0).astype(np.uint8))
+            for rle, score in zip(mask_utils.encode(binary), scores[start : start + self.CHUNK]):
                 results.append({"segmentation": rle, "score": float(score)})
         if image_id in self._results:
             logging.warning(
@@ -133,8 +119,7 @@ class MaskProposalRecallEvaluator(_Evaluator):
         """One batch: "image_id" [B], "proposal_masks" [B, P, M, M], "proposal_boxes" [B, P, 4]
         (original-image pixels, as the models return them with image_info), "proposal_scores"
         [B, P], optional "num_proposals" [B] (rows past it are padding; without it rows with
-        score <= 0 are) and "image_info" [B, 4, 2] (its original size is a fallback for images
-        the annotation file gives no size; boxes are NOT mapped)."""
+        score <= 0 are)."""
         image_ids = _batch_image_ids(predictions)
         masks = _numpy(predictions["proposal_masks"])
         boxes = _numpy(predictions["proposal_boxes"])
@@ -144,16 +129,9 @@ class MaskProposalRecallEvaluator(_Evaluator):
             if "num_proposals" in predictions
             else None
         )
-        info = _numpy(predictions["image_info"]) if "image_info" in predictions else None
         for i, image_id in enumerate(image_ids):
             keep = np.arange(scores.shape[1]) < int(num[i]) if num is not None else scores[i] > 0
-            self.add_proposals(
-                image_id,
-                masks[i][keep],
-                boxes[i][keep],
-                scores[i][keep],
-                image_size=None if info is None else info[i, 0],
-            )
+            self.add_proposals(image_id, masks[i][keep], boxes[i][keep], scores[i][keep])
 
     def evaluate(self) -> Dict[str, float]:
         """COCOeval (segm, class-agnostic) over the images fed so far."""

@@ -1,24 +1,16 @@
 """Runs a detector over an evaluation dataset and scores it with COCO metrics (library, no flags).
 
-One path: the ground truth is a COCO annotation file scored by pycocotools (box AP, AP50, AP75,
-APs, APm, APl; for a model with masks also mask_AP, mask_AP50, ...: COCO ``segm``) and by
-`ProposalRecallEvaluator` (AR@100 / AR@1000 and by size, the paper's Table 1 metric); a
-segment-proposal model's masks by `MaskProposalRecallEvaluator` (mask AR@10/100/1000 and by
-size, the paper's Table 6 metric). A COCO source's own annotation file is that file; TFRecord shards without one
-get theirs written from the shards (``groundtruth.json`` in ``output_dir``).
+What is scored follows what the model gives: detections by pycocotools (box AP; with masks
+``segm`` mask AP), box proposals by `ProposalRecallEvaluator` (AR, the paper's Table 1), a
+segment-proposal model's masks by `MaskProposalRecallEvaluator` (mask AR, Table 6). The ground
+truth is a COCO source's annotation file, or for TFRecord shards without one
+``groundtruth.json`` written from the shards into ``output_dir``.
 
-Only the images the dataset actually yielded are scored: an image the pipeline dropped (at load
-time, or at run time because it does not decode) has no detections, and its ground truth must
-not count against AP. The images of the annotation file that were not scored are logged (count
-and ids) and counted in the metrics as ``num_skipped_images``.
-
-The ground truth is checked before pycocotools sees it (:mod:`fpn_tf.evaluation.groundtruth`,
-the mask check training runs; ``eval_data.on_bad_data`` decides skip or error): an annotation
-whose mask fails is left out of the mask metrics only (box AP keeps it; in the mask metrics its
-box is an ignore region, like a crowd), one whose box is unusable is left out of all of them.
-The metrics say how many of the scored images' annotations each metric left out
-(``num_gt_left_out_of_AP``, ``num_gt_left_out_of_mask_AP``, ``..._AR``, ``..._mask_AR``) and,
-when any was, ``gt_left_out`` gives their ids: ``{metric: {reason: [annotation ids]}}``.
+Only the images the dataset yielded are scored; the annotation file's other images are logged
+and counted as ``num_skipped_images``. The ground truth is checked first
+(:mod:`fpn_tf.evaluation.groundtruth`, ``eval_data.on_bad_data``); the metrics count what each
+metric left out (``num_gt_left_out_of_<metric>``) and ``gt_left_out`` gives their ids
+(``{metric: {reason: [annotation ids]}}``).
 
 ``evaluate_detector`` is the one writer of ``metrics.json`` (and ``detections.json``).
 """

@@ -26,8 +26,6 @@ __all__ = [
     "decode_boxes",
     "boxes_to_centers",
     "centers_to_boxes",
-    "normalize_boxes",
-    "denormalize_boxes",
     "valid_box_mask",
 ]
 
@@ -157,7 +155,7 @@ def centers_to_boxes(centers):
     return tf.stack([yc - 0.5 * h, xc - 0.5 * w, yc + 0.5 * h, xc + 0.5 * w], axis=-1)
 
 
-def encode_boxes(boxes, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
+def encode_boxes(boxes, anchors, weights):
     """Regression targets that map ``anchors`` onto ``boxes`` (R-CNN deltas).
 
     ``dy = wy * (yc - yc_a) / h_a``, ``dx = wx * (xc - xc_a) / w_a``,
@@ -190,10 +188,10 @@ def encode_boxes(boxes, anchors, weights=(10.0, 10.0, 5.0, 5.0)):
     return tf.stack([dy, dx, dh, dw], axis=-1)
 
 
-def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), scale_clip=BBOX_XFORM_CLIP):
+def decode_boxes(deltas, anchors, weights):
     """Inverse of :func:`encode_boxes`: applies deltas to anchors.
 
-    ``dh / wh`` and ``dw / ww`` are clamped at ``scale_clip`` (log(1000/16),
+    ``dh / wh`` and ``dw / ww`` are clamped at ``BBOX_XFORM_CLIP`` (log(1000/16),
     as detectron2) before ``exp`` so that no prediction overflows.
 
     Args:
@@ -201,7 +199,6 @@ def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), scale_clip=BBO
       anchors: float [..., 4], broadcastable against ``deltas`` (e.g. [B,R,1,4]
         for class-specific deltas [B,R,C,4]).
       weights: the 4 weights used for encoding.
-      scale_clip: clamp for the scaled log-size deltas; None disables it.
     Returns:
       float boxes [..., 4] (not clipped to the image).
     """
@@ -214,37 +211,13 @@ def decode_boxes(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), scale_clip=BBO
     dx = dx / wx
     dh = dh / wh
     dw = dw / ww
-    if scale_clip is not None:
-        dh = tf.minimum(dh, scale_clip)
-        dw = tf.minimum(dw, scale_clip)
+    dh = tf.minimum(dh, BBOX_XFORM_CLIP)
+    dw = tf.minimum(dw, BBOX_XFORM_CLIP)
     yc = dy * ha + yca
     xc = dx * wa + xca
     h = tf.exp(dh) * ha
     w = tf.exp(dw) * wa
     return centers_to_boxes(tf.stack([yc, xc, h, w], axis=-1))
-
-
-def normalize_boxes(boxes, image_shape):
-    """Absolute pixels -> [0, 1] relative to ``image_shape``.
-
-    Args:
-      boxes: float [B, ..., 4] (or [..., 4] with a shared size).
-      image_shape: scalar, [2] or [B, 2] ``(height, width)``.
-    Returns:
-      float, same shape as ``boxes``.
-    """
-    boxes = tf.convert_to_tensor(boxes)
-    height, width = _expand_image_shape(image_shape, boxes)
-    scale = tf.stack([height, width, height, width], axis=-1)
-    return tf.math.divide_no_nan(boxes, scale)
-
-
-def denormalize_boxes(boxes, image_shape):
-    """[0, 1] relative -> absolute pixels; inverse of :func:`normalize_boxes`."""
-    boxes = tf.convert_to_tensor(boxes)
-    height, width = _expand_image_shape(image_shape, boxes)
-    scale = tf.stack([height, width, height, width], axis=-1)
-    return boxes * scale
 
 
 def valid_box_mask(boxes, min_size=0.0):

@@ -1,31 +1,18 @@
 """RPN proposal generation and Fast R-CNN detection post-processing (pure TF).
 
-Both functions are batched over images with static output shapes.
+Both are batched over images with static output shapes. Every setting is an explicit argument;
+the defaults live in the config (``RpnConfig``, ``RoIConfig``).
 
-NMS implementation
-------------------
-``batched_nms`` has two implementations that give identical results:
+``batched_nms`` has two implementations that keep the same boxes:
 
-* ``"padded"``: ``tf.image.non_max_suppression_padded`` on the whole batch (a
-  tile-based NMS written with TF ops; batched; compiles with XLA).
-* ``"per_image"``: ``tf.map_fn`` over the images of the C++ greedy kernel
-  ``tf.image.non_max_suppression``, padded to a static size (a graph loop over
-  the batch, not a Python loop; also compiles with XLA on CPU).
+* ``"padded"``: ``tf.image.non_max_suppression_padded`` on the whole batch (one batched op,
+  what accelerators prefer); suppresses at ``IoU >= threshold``.
+* ``"per_image"``: ``tf.map_fn`` over the images of the greedy kernel (NonMaxSuppressionV4),
+  padded to a static size; faster on CPU; suppresses at ``IoU > threshold``.
 
-The default is ``"padded"``: one batched op, which is what accelerators prefer;
-on a CPU-only run ``nms_impl="per_image"`` is several times faster and gives
-the same boxes (timings: bench/README.md, "Measurements behind code choices").
-Writing our own batched NMS from TF ops does not beat the C++ kernel on CPU:
-any exact batched variant costs at least one IoU per (candidate, kept box) pair
-in memory-bound element-wise ops, which is what makes ``"padded"`` slower.
-
-Suppression uses ``IoU >= threshold`` in ``"padded"`` and ``IoU > threshold``
-in ``"per_image"``; they differ only on exact ties.
-
-XLA: everything here compiles with ``jit_compile=True`` on CPU except
-``postprocess_detections(nms_impl="combined")`` (``CombinedNonMaxSuppression``
-has no XLA kernel). Under XLA the "per_image" kernel is XLA's own NMS lowering,
-not the C++ kernel, so CPU timings do not carry over.
+They differ only on exact IoU ties. Everything here compiles with ``jit_compile=True`` except
+``postprocess_detections(nms_impl="combined")`` (``CombinedNonMaxSuppression`` has no XLA
+kernel).
 """
 
 import collections
@@ -65,7 +52,7 @@ def _static_dim(x, axis):
     return d if d is not None else tf.shape(x)[axis]
 
 
-def batched_nms(boxes, scores, max_output_size, iou_threshold, valid=None, impl="padded"):
+def batched_nms(boxes, scores, max_output_size, iou_threshold, *, impl, valid=None):
     """Class-agnostic greedy NMS on every image of a batch.
 
     Args:
@@ -154,26 +141,21 @@ def generate_proposals(
     anchors,
     image_shape,
     *,
-    pre_nms_top_k=2000,
-    post_nms_top_k=2000,
-    nms_iou=0.7,
-    min_size=0.0,
+    pre_nms_top_k,
+    post_nms_top_k,
+    nms_iou,
+    min_size,
+    nms_impl,
+    nms_per_level,
     box_weights=(1.0, 1.0, 1.0, 1.0),
-    nms_impl="padded",
-    nms_per_level=False,
 ):
     """RPN outputs -> proposals (FPN §4.1 "Proposals").
 
-    Per level: the top ``pre_nms_top_k`` anchors by objectness, decoded
-    (dw/dh clamped at log(1000/16)), clipped to the image's valid area, boxes
-    with height or width <= ``min_size`` (empty boxes at the default 0) dropped.
-    Then all levels are merged and one NMS at ``nms_iou`` per image
-    (not per level, unlike detectron2 and torchvision) keeps the top
-    ``post_nms_top_k``. With ``nms_per_level`` the NMS runs on each level's
-    candidates on its own instead (detectron2's and torchvision's batched_nms with
-    the level as the class; here one exact NMS call per level, no coordinate
-    offsets) and the ``post_nms_top_k`` best survivors of all levels by score are
-    kept. Use 2000/2000 for training and 1000/1000 for inference.
+    Per level: the top ``pre_nms_top_k`` anchors by objectness, decoded (dw/dh clamped at
+    log(1000/16)), clipped to the image's valid area; boxes with a side <= ``min_size`` are
+    dropped. Then one NMS at ``nms_iou`` over all levels keeps the top ``post_nms_top_k`` per
+    image; with ``nms_per_level`` (detectron2, torchvision) each level's candidates get their
+    own NMS and the ``post_nms_top_k`` best survivors of all levels are kept.
 
     Args:
       objectness: dict level -> float [B, A_l] logits (or a list in level order).
@@ -182,11 +164,11 @@ def generate_proposals(
         in the same level order and flattening as the head outputs.
       image_shape: [B, 2] (or [2] / scalar) valid (unpadded) ``(height, width)``.
       pre_nms_top_k, post_nms_top_k: python ints.
-      nms_iou: 0.7.
+      nms_iou: the NMS IoU threshold.
       min_size: minimum box side in pixels.
-      box_weights: the RPN box coder weights.
       nms_impl: "padded" or "per_image".
       nms_per_level: one NMS per level (True) or over all levels (False).
+      box_weights: the RPN box coder weights.
     Returns:
       :class:`Proposals` ``(boxes [B, K, 4], scores [B, K], valid [B, K])``,
       ``K = post_nms_top_k``.
@@ -263,47 +245,37 @@ def postprocess_detections(
     rois,
     image_shape,
     *,
-    roi_valid=None,
-    score_threshold=0.05,
-    nms_iou=0.5,
-    max_detections=100,
-    box_weights=(10.0, 10.0, 5.0, 5.0),
-    nms_impl="combined",
+    score_threshold,
+    nms_iou,
+    max_detections,
+    box_weights,
+    nms_impl,
+    min_box_size,
     pre_nms_top_k=5000,
-    min_box_size=0.0,
 ):
     """Fast R-CNN outputs -> final detections (FPN §4.2 inference).
 
-    Class-specific boxes are decoded (weights (10, 10, 5, 5)) and clipped; every
-    (RoI, class) pair with probability > ``score_threshold`` is a candidate (with
-    ``min_box_size > 0`` only if both sides of its clipped box are >= it,
-    torchvision's ``remove_small_boxes``, 1e-2 there); NMS
-    at ``nms_iou`` runs independently per class; the
+    Class-specific boxes are decoded and clipped; every (RoI, class) pair with probability >
+    ``score_threshold`` is a candidate (with ``min_box_size > 0`` only if both sides of its box
+    are >= it, torchvision's ``remove_small_boxes``); NMS at ``nms_iou`` runs per class; the
     ``max_detections`` best of all classes are kept.
 
-    ``nms_impl``:
-      * ``"combined"`` (default): ``tf.image.combined_non_max_suppression``, which
-        does exactly that (a per-class cap of ``max_detections`` cannot change the
-        top ``max_detections`` overall). Fast C++ kernel; **no XLA kernel**
-        (``CombinedNonMaxSuppression``), so it cannot be inside a
-        ``jit_compile=True`` function.
-      * ``"padded"`` / ``"per_image"``: XLA-compatible. The ``pre_nms_top_k`` best
-        candidates per image (of ``R * C``) go through one class-agnostic
-        :func:`batched_nms` after shifting each class's boxes by a class-dependent
-        offset so that boxes of different classes never overlap (detectron2's
-        ``batched_nms`` trick). Identical to "combined" unless more than
-        ``pre_nms_top_k`` candidates pass the score threshold.
+    ``nms_impl``: "combined" is ``tf.image.combined_non_max_suppression``, which does exactly
+    that (no XLA kernel); "padded" / "per_image" (XLA-compatible) run one class-agnostic
+    :func:`batched_nms` over the ``pre_nms_top_k`` best candidates with each class's boxes
+    offset so that classes never overlap (detectron2's trick): the same detections unless more
+    than ``pre_nms_top_k`` candidates pass the threshold.
 
     Args:
       class_probs: float [B, R, C + 1] softmax probabilities, column 0 background.
       box_deltas: float [B, R, C, 4] class-specific deltas (also accepted:
         [B, R, C + 1, 4] with a background column, or [B, R, 4 * C] / [B, R, 4 * (C + 1)]).
-      rois: float [B, R, 4] yxyx pixels.
+      rois: float [B, R, 4] yxyx pixels; zero-area RoIs (the padding rows of
+        :func:`generate_proposals`) give no detection.
       image_shape: [B, 2] (or [2] / scalar) valid ``(height, width)``.
-      roi_valid: optional bool [B, R] (padding RoIs give no detection; zero-area
-        RoIs, such as the padding rows of :func:`generate_proposals`, never do).
-      score_threshold, nms_iou, max_detections: 0.05, 0.5, 100.
-      box_weights: (10, 10, 5, 5).
+      score_threshold, nms_iou, max_detections: the candidates' score floor, the NMS IoU
+        threshold, detections kept per image.
+      box_weights: the box coder weights of the deltas.
       nms_impl: "combined", "padded" or "per_image".
       pre_nms_top_k: candidate cap of the "padded" / "per_image" paths.
       min_box_size: boxes with a side < this are no candidates; 0 = no filter.
@@ -328,8 +300,6 @@ def postprocess_detections(
     ok = tf.logical_and(ok, tf.math.is_finite(scores))
     # Zero-area RoIs are padding (e.g. the zero rows of generate_proposals).
     ok = tf.logical_and(ok, (box_ops.area(rois) > 0.0)[:, :, None])
-    if roi_valid is not None:
-        ok = tf.logical_and(ok, tf.cast(roi_valid, tf.bool)[:, :, None])
     if min_box_size > 0:
         ymin, xmin, ymax, xmax = tf.unstack(boxes, num=4, axis=-1)
         big = tf.logical_and(ymax - ymin >= min_box_size, xmax - xmin >= min_box_size)

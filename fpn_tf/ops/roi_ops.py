@@ -1,63 +1,29 @@
 """RoI level assignment (FPN Eq. 1) and multi-level RoIAlign (pure TensorFlow).
 
-Multi-level RoIAlign as one batched gather
-------------------------------------------
-Instead of running ``crop_and_resize`` once per level on every RoI and selecting,
-every level's map ``[B, H_l, W_l, C]`` is flattened and the levels are
-concatenated into one ``[B * T, C]`` table (``T = sum_l H_l * W_l``). Each RoI is
-assigned its level with Eq. 1; its sampling points are computed in that level's
-feature coordinates (``pixel / stride``); the four bilinear neighbours of every
-sampling point become row indices into the table (``b * T + offset_l + y * W_l +
-x``), so all RoIs of all levels and all images are read with a single
-``tf.gather``. The bilinear weights (already divided by the number of samples
-per bin) are then contracted with the gathered rows by a single batched matmul:
-``[..., 1, K] x [..., K, C]`` with ``K = sampling_ratio**2 * 4`` values per output
-bin. Shapes are static when the feature maps' and RoIs' are, so XLA compiles it.
-The gradient w.r.t. the features is the gather's (a sparse scatter-add).
+Multi-level RoIAlign as one batched gather: every level's map ``[B, H_l, W_l, C]`` is flattened
+into one ``[B * T, C]`` table (``T = sum_l H_l * W_l``); each RoI gets its level by Eq. 1, its
+sampling points in that level's coordinates (``pixel / stride``), and the four bilinear
+neighbours of every point become row indices into the table, so all RoIs of all levels and
+images are read by one ``tf.gather`` and contracted with their bilinear weights by one batched
+matmul (``K = sampling_ratio**2 * 4`` rows per output bin). Shapes are static when the inputs'
+are (XLA compiles it); the features' gradient is the gather's sparse scatter-add. The gathered
+tensor holds ``B * R * output_size**2 * K * C`` elements (transient).
 
-On a CPU its cost is close to that of ``crop_and_resize`` on every level
-followed by a per-RoI select (a noticeable part of the forward is the
-concatenation of the levels into the table), and ``jit_compile=True`` makes the
-CPU forward slower: XLA is for GPUs here. Timings: bench/README.md,
-"Measurements behind code choices".
+Sampling (detectron2 ``ROIAlignV2``, ``aligned=True``): pixel ``(i, j)`` of a level has its
+centre at feature coordinate ``(i, j)``, an image point ``p`` maps to ``p / stride - 0.5``; each
+of the ``output_size x output_size`` bins averages bilinear samples at the centres of a
+``sampling_ratio x sampling_ratio`` grid. ``aligned=False`` is torchvision's legacy convention
+(no -0.5 shift, RoI size at least one cell).
 
-Memory: the gathered tensor is ``B * R * output_size**2 * K * C`` elements
-(``K = 16`` for sampling ratio 2), i.e. 4x the ``[R, 14, 14, C]`` that
-``crop_and_resize`` would materialise per level; e.g. 2 images x 512 RoIs x
-256 channels: ~0.8 GB float32 transient (less with bfloat16 / float16 features).
+Adaptive sampling (``sampling_ratio=0``, detectron2's FPN configs): ``ceil(roi_size /
+output_size)`` samples per bin and axis, capped at ``max_sampling_ratio`` to keep shapes static
+(the gather reads the cap and weighs the samples beyond a RoI's count by 0; RoIs needing more
+are sampled on the capped grid). ``impl="crop_and_resize"`` has no adaptive form: with
+``sampling_ratio=0`` the gather runs.
 
-Sampling convention (detectron2 ``ROIAlignV2`` / ``aligned=True``)
------------------------------------------------------------------
-Pixel ``(i, j)`` of a level's map has its centre at continuous feature
-coordinate ``(i, j)``; an image point ``p`` maps to ``p / stride - 0.5``. A RoI is
-split into ``output_size x output_size`` bins; each bin is sampled on a regular
-``sampling_ratio x sampling_ratio`` grid at the sub-cell centres and the bilinear
-samples are averaged. ``aligned=False`` reproduces the legacy (no -0.5 shift,
-RoI size at least 1 cell) convention of ``torchvision.ops.roi_align(aligned=False)``
-(torchvision's ``MultiScaleRoIAlign``), in both impls.
-
-Adaptive sampling (``sampling_ratio=0``, detectron2's FPN configs): each RoI takes
-``ceil(roi_height / output_size)`` samples per bin along y and ``ceil(roi_width /
-output_size)`` along x (RoI size in cells of its level), so a bin is sampled about once
-per feature cell whatever the RoI's size. To keep shapes static the count per axis is
-capped at ``max_sampling_ratio``: the gather reads ``max_sampling_ratio`` samples per axis
-and weighs the ones beyond a RoI's count by 0, so memory and time are those of a fixed
-ratio equal to the cap. With the defaults, Eq. 1 assigns level ``k`` to RoIs of sqrt(area)
-in ``[224 * 2**(k - 4), 224 * 2**(k - 3))`` pixels, i.e. 14 to 28 cells of that level (below
-28 at the bottom level, 14 or more at the top one), so a square RoI needs 2 to 4 samples per
-axis (output 7), and a RoI whose longer side exceeds ``4 * output_size`` cells needs more: a
-1:2 RoI of sqrt(area) above 20 cells, longer ones sooner, and large RoIs clamped to the top
-level. Those are sampled on the capped regular grid (still the bin's mean over evenly spaced
-points, just fewer of them than detectron2 takes). Measured against detectron2 itself (README,
-"Start from COCO"): at 320/512 the default cap 4 moves 0.2 % of final detections; a cap of 8
-removes the difference there at three times the memory. ``impl="crop_and_resize"`` has no adaptive form (one crop size per call): with
-``sampling_ratio=0`` the gather runs instead.
-
-Points outside the map, exactly as detectron2's ``bilinear_interpolate``: a
-sample with ``y < -1`` or ``y > H`` (or the same for ``x`` with ``W``) contributes
-0 (it still counts in the bin's average); otherwise coordinates below 0 are
-clamped to 0 and coordinates at or beyond ``H - 1`` / ``W - 1`` are clamped to the
-last row / column.
+Points outside the map, as detectron2's ``bilinear_interpolate``: a sample with ``y < -1`` or
+``y > H`` (likewise ``x``) contributes 0 but counts in the average; other coordinates are
+clamped to ``[0, H - 1]`` / ``[0, W - 1]``.
 """
 
 import tensorflow as tf
@@ -176,19 +142,12 @@ def multilevel_roi_align(
 ):
     """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
 
-    ``impl``: "gather" (the batched gather + matmul below; static shapes, XLA), "crop_and_resize"
-    (forward: RoIs partitioned by level, one native ``tf.image.crop_and_resize`` per level on the
-    map padded by one replicated pixel, 2x2 average pool; same samples and border rule, equal to
-    "gather" up to float rounding (max abs diff ~2e-4 on unit-variance maps); no [B, R, 49, 16, C]
-    temporary; faster forward on CPUs (bench/README.md). Its gradient is exactly "gather"'s,
-    recomputed in the backward pass, because TF's CPU CropAndResizeGradImage adds from several
-    threads without synchronisation and loses updates), or "auto": "gather" when ``training``
-    (crop_and_resize's backward is gather's anyway, so no faster, and the training graph stays
-    static-shaped) and inside ``jit_compile=True`` (dynamic per-level RoI counts), otherwise
-    "crop_and_resize".
-
-    There is no gradient w.r.t. ``rois`` (as in detectron2's ROIAlign): the boxes are constants
-    of the pooling.
+    ``impl``: "gather" (module doc; static shapes, XLA); "crop_and_resize" (RoIs partitioned by
+    level, one ``tf.image.crop_and_resize`` per level on the map padded by one replicated pixel,
+    then a 2x2 average pool: the same samples up to float rounding, no gather temporary, a faster
+    forward on CPUs; its gradient is "gather"'s, recomputed, because TF's CPU
+    CropAndResizeGradImage loses concurrent updates); "auto": "gather" when ``training`` or under
+    ``jit_compile=True``, else "crop_and_resize". No gradient flows to ``rois``.
 
     Args:
       features: dict ``{"P2": [B, H2, W2, C], ..., "P5": [B, H5, W5, C]}`` (extra

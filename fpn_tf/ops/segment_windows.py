@@ -1,34 +1,32 @@
 """Segment-proposal windows on the pyramid (paper §6, Appendix A): their geometry and targets.
 
-Pure TensorFlow, batched over images. `SegmentProposalConfig` documents each setting and marks
-it "paper" or "ours".
+Pure TensorFlow, batched over images. The config (``SegmentProposalConfig``) marks each number
+"paper" or "ours".
 
-* Scale groups. A head (MLP) of window ``w`` handles, on level ``P_l`` (stride ``2**l``), objects
-  of scale ``s = object_size * 2**(l - 2)``, an object's scale being the longer side of its box
-  (paper: 32..512 px for the 5x5 MLP, the half octaves 32√2..512√2 for the 7x7). One (head,
-  level) pair is a *scale group*.
+* Scale groups: a head (MLP) on level ``P_l`` handles objects of scale ``s = object_size *
+  2**(l - 2)`` (an object's scale: the longer side of its box). Paper: the 5x5 MLP takes
+  {32..512} px on P2..P6, the 7x7 MLP the half octaves (``object_size`` 32√2). One (head, level)
+  pair is a *scale group*.
 * A window at cell ``(i, j)`` of ``P_l`` is centred at ``((i + 0.5) * 2**l, (j + 0.5) * 2**l)``
   and predicts a ``mask_size`` x ``mask_size`` mask over the square *mask box* of side
-  ``mask_box_scale * s`` centred there.
-* Each non-crowd object goes to the scale group whose ``s`` is nearest its longer side in log
-  space; objects outside the range go to the smallest / largest group (ours).
-* The windows of that group whose centre lies within the tolerance of the object box's centre
-  on both axes (inclusive) are its positives (paper: ±1 cell); a window claimed by several
-  objects goes to the nearest centre (ties to the lower gt row). Every other window is
-  negative, except that a would-be negative whose mask box lies more than
-  ``crowd_ioa_threshold`` inside a crowd box is ignored, and windows centred outside the valid
-  (unpadded) image are ignored.
-* Sampling: ``num_samples`` windows per image, at most ``num_samples * positive_fraction``
-  positive; with fewer positives the negatives fill the budget.
+  ``mask_box_scale * s`` there (paper: 1.25 s).
+* Each non-crowd object goes to the group whose ``s`` is nearest its longer side in log space;
+  objects outside the range are clamped to the smallest / largest group (ours).
+* Its positives are that group's windows centred within the tolerance of its box centre on both
+  axes (paper: ±1 cell; ``center_tolerance_unit`` "object_size" gives a fraction of ``s``); a
+  window claimed by several objects goes to the nearest centre (ours). Other windows are
+  negative, except would-be negatives whose mask box lies more than ``crowd_ioa_threshold``
+  inside a crowd box and windows centred outside the valid image, which are ignored (ours).
+* ``num_samples`` windows are sampled per image, at most ``num_samples * positive_fraction``
+  positive (paper: 128, 1 : 3); negatives fill the rest.
 
-Window order everywhere (geometry, head outputs, targets): group by group, heads (as given) then
-levels, cells row-major inside a group.
+Window order everywhere (geometry, head outputs, targets): group by group (heads as given, then
+levels), cells row-major inside a group.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 from typing import Sequence
 
 import numpy as np
@@ -42,7 +40,6 @@ __all__ = [
     "window_geometry",
     "assign_segment_targets",
     "SegmentTargets",
-    "scale_group_of",
 ]
 
 Windows = collections.namedtuple(
@@ -220,10 +217,3 @@ def assign_segment_targets(
     neg = target_assigner.sample_balanced(negative, num_samples - num_pos, num_samples, keys[1])
     labels = tf.where(pos, 1, tf.where(neg, 0, -1))
     return SegmentTargets(tf.cast(labels, tf.int32), matched)
-
-
-def scale_group_of(longer_side: float, groups) -> int:
-    """The group index an object of this longer side goes to (NumPy twin of the rule, for
-    tests and documentation)."""
-    logs = [abs(math.log(max(longer_side, 1e-3)) - math.log(g[2])) for g in groups]
-    return int(np.argmin(logs))

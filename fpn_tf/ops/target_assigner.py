@@ -1,32 +1,20 @@
 """Training targets: RPN anchor labels and the Fast R-CNN RoI sampler.
 
-Pure TensorFlow (no Keras), batched over images, static output shapes where the
-inputs are static, no loops over images, usable inside
-``tf.function(jit_compile=True)``. Random sampling is in-graph: every candidate
-gets a uniform random key and ``tf.math.top_k`` picks the sample (stateful
-``tf.random.uniform`` by default, or ``tf.random.stateless_uniform`` when a
-``seed`` of shape [2] is passed, which makes results reproducible).
+Pure TensorFlow, batched over images, static output shapes, usable under
+``tf.function(jit_compile=True)``. Sampling gives every candidate a uniform random key and takes
+the ``tf.math.top_k``: stateful ``tf.random.uniform``, or ``tf.random.stateless_uniform`` when a
+``seed`` [2] is passed (reproducible).
 
-Ground truth (WORKSPACE.md): ``gt_boxes [B, N, 4]`` yxyx pixels, ``gt_classes
-[B, N]`` int with ``1..C`` for objects and ``-1`` for padding rows (a row is a
-real object iff its class is > 0), ``gt_is_crowd [B, N]`` bool.
+Ground truth (WORKSPACE.md): ``gt_boxes [B, N, 4]`` yxyx pixels, ``gt_classes [B, N]`` 1..C for
+objects and -1 for padding rows, ``gt_is_crowd [B, N]`` bool.
 
-Crowd handling (both assigners): crowd boxes are never matched, so they never
-make a positive / foreground and never give regression targets. A candidate
-(anchor or RoI) that would otherwise be a *negative / background* is *ignored*
-(-1, never sampled) when more than ``crowd_ioa_threshold`` (0.7) of its own area
-lies inside a crowd box (intersection over candidate area, the criterion of the
-original Detectron's crowd filter). Intersection-over-area instead of IoU because
-crowd regions are usually much larger than the anchors inside them: their IoU is
-small even for an anchor fully inside the crowd.
+Crowd boxes are never matched (no positive / foreground, no regression target). A candidate that
+would be negative / background is ignored (-1, never sampled) when more than
+``crowd_ioa_threshold`` of its own area lies inside a crowd box (intersection over the
+candidate's area, the original Detectron's rule: crowd regions are much larger than the anchors
+inside them, so their IoU would be small).
 
-Unbatched inputs (``gt_boxes [N, 4]``, e.g. inside a ``tf.data`` map) are also
-accepted: the outputs then have no batch dimension either.
-
-Cost: the RPN assignment is dominated by the dense [B, A, N] IoU (A = 268,569
-anchors at 800x1344), so it is linear in N: keep ``max_num_instances`` tight.
-``sample_rois`` is cheap in comparison. Timings: bench/README.md, "Measurements
-behind code choices".
+The RPN assignment's cost is the dense [B, A, N] IoU: keep ``max_num_instances`` tight.
 """
 
 import collections
@@ -157,101 +145,67 @@ def assign_rpn_targets(
     gt_classes,
     gt_is_crowd=None,
     *,
-    positive_iou=0.7,
-    negative_iou=0.3,
-    allow_low_quality_matches=True,
+    positive_iou,
+    negative_iou,
+    num_samples,
+    positive_fraction,
+    positive_iou_inclusive,
     crowd_ioa_threshold=0.7,
-    num_samples=256,
-    positive_fraction=0.5,
     box_weights=(1.0, 1.0, 1.0, 1.0),
     seed=None,
-    positive_iou_inclusive=False,
 ):
     """RPN anchor labels and regression targets (FPN §4.1 / Faster R-CNN §3.1.2).
 
-    Labelling (before sampling), over the non-crowd real gt of the image:
-    positive (1) if max IoU > ``positive_iou`` (strict, the paper's "higher than
-    0.7"; ``>=`` with ``positive_iou_inclusive``, as torchvision's and
-    detectron2's Matcher) or the anchor is a highest-IoU anchor of some gt (every
-    anchor tied with that gt's maximum; only when that maximum is > 0); negative
-    (0) if max IoU < ``negative_iou`` (as both references); ignored (-1) otherwise. Negatives more than
-    ``crowd_ioa_threshold`` inside a crowd box become ignored. Border-crossing
-    anchors are kept. Then ``num_samples`` per image are sampled: at most
-    ``num_samples * positive_fraction`` positives, the rest negatives; anchors
-    not sampled get -1. An image without gt gives only negatives
-    (``num_samples`` of them when there are enough anchors).
+    Over the non-crowd real gt of the image: positive (1) if max IoU > ``positive_iou`` (the
+    paper's "higher than"; ``>=`` with ``positive_iou_inclusive``, as torchvision's and
+    detectron2's Matcher) or the anchor ties a gt's highest IoU (when that is > 0); negative (0)
+    if max IoU < ``negative_iou``; ignored (-1) otherwise, and negatives more than
+    ``crowd_ioa_threshold`` inside a crowd box. Border-crossing anchors are kept. Then
+    ``num_samples`` per image are sampled, at most ``num_samples * positive_fraction``
+    positive; anchors not sampled get -1.
 
     Args:
       anchors: float [A, 4] (shared by the batch) or [B, A, 4].
-      gt_boxes: float [B, N, 4] (or [N, 4]: then no batch dim in the outputs).
+      gt_boxes: float [B, N, 4].
       gt_classes: int [B, N]; rows with class <= 0 are padding.
       gt_is_crowd: bool [B, N] or None.
-      positive_iou, negative_iou: the IoU thresholds.
-      allow_low_quality_matches: add each gt's highest-IoU anchors as positives.
+      positive_iou, negative_iou, positive_iou_inclusive: the labelling above.
+      num_samples, positive_fraction: the per-image sample.
       crowd_ioa_threshold: see the module docstring.
-      num_samples, positive_fraction: the per-image sample (256, 0.5).
-      box_weights: box coder weights (1, 1, 1, 1 for the RPN).
+      box_weights: box coder weights.
       seed: None (stateful RNG) or an int tensor [2] for stateless sampling.
-      positive_iou_inclusive: positive iff max IoU >= ``positive_iou`` (else >).
     Returns:
       :class:`RpnTargets` ``(labels int32 [B, A], box_targets float32 [B, A, 4],
       matched_gt_indices int32 [B, A])``.
     """
-
-    def run(gt_boxes, gt_classes, gt_is_crowd):
-        if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
-            return _assign_rpn_targets(
-                anchors,
-                gt_boxes,
-                gt_classes,
-                gt_is_crowd,
-                positive_iou,
-                negative_iou,
-                allow_low_quality_matches,
-                crowd_ioa_threshold,
-                num_samples,
-                positive_fraction,
-                box_weights,
-                seed,
-                positive_iou_inclusive,
-            )
-        # Outside XLA: the [B, A, N] IoU only over the first n columns, n = the most real gt
-        # rows of any image (padding rows cost as much as real ones; identical outputs,
-        # tests/test_ops_targets.py; timing in bench/README.md).
-        gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
-        gt_classes = tf.convert_to_tensor(gt_classes)
-        if gt_is_crowd is None:
-            gt_is_crowd = tf.zeros(tf.shape(gt_classes), tf.bool)
-        real = tf.cast(gt_classes > 0, tf.int32)
-        n = tf.maximum(tf.reduce_max(tf.reduce_sum(real, axis=1)), 1)
-        order = tf.argsort(-real, axis=1, stable=True)[:, :n]  # real rows first, in order
-        out = _assign_rpn_targets(
-            anchors,
-            tf.gather(gt_boxes, order, batch_dims=1),
-            tf.gather(gt_classes, order, batch_dims=1),
-            tf.gather(tf.cast(gt_is_crowd, tf.bool), order, batch_dims=1),
-            positive_iou,
-            negative_iou,
-            allow_low_quality_matches,
-            crowd_ioa_threshold,
-            num_samples,
-            positive_fraction,
-            box_weights,
-            seed,
-            positive_iou_inclusive,
-        )
-        matched = tf.where(
-            out.matched_gt_indices >= 0,
-            tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1),
-            -1,
-        )
-        return RpnTargets(out.labels, out.box_targets, matched)
-
-    if tf.convert_to_tensor(gt_boxes).shape.rank == 2:
-        crowd = None if gt_is_crowd is None else tf.expand_dims(gt_is_crowd, 0)
-        out = run(tf.expand_dims(gt_boxes, 0), tf.expand_dims(gt_classes, 0), crowd)
-        return RpnTargets(*[tf.squeeze(t, 0) for t in out])
-    return run(gt_boxes, gt_classes, gt_is_crowd)
+    settings = dict(
+        positive_iou=positive_iou,
+        negative_iou=negative_iou,
+        crowd_ioa_threshold=crowd_ioa_threshold,
+        num_samples=num_samples,
+        positive_fraction=positive_fraction,
+        box_weights=box_weights,
+        seed=seed,
+        positive_iou_inclusive=positive_iou_inclusive,
+    )
+    if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
+        return _assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd, **settings)
+    # Outside XLA the [B, A, N] IoU runs only over the first n columns, n = the most real gt
+    # rows of any image (padding rows cost as much as real ones; the outputs are the same).
+    gt_classes = tf.convert_to_tensor(gt_classes)
+    if gt_is_crowd is None:
+        gt_is_crowd = tf.zeros(tf.shape(gt_classes), tf.bool)
+    real = tf.cast(gt_classes > 0, tf.int32)
+    n = tf.maximum(tf.reduce_max(tf.reduce_sum(real, axis=1)), 1)
+    order = tf.argsort(-real, axis=1, stable=True)[:, :n]  # real rows first, in order
+    gt = [tf.convert_to_tensor(gt_boxes, tf.float32), gt_classes, tf.cast(gt_is_crowd, tf.bool)]
+    out = _assign_rpn_targets(anchors, *[tf.gather(t, order, batch_dims=1) for t in gt], **settings)
+    matched = tf.where(
+        out.matched_gt_indices >= 0,
+        tf.gather(order, tf.maximum(out.matched_gt_indices, 0), batch_dims=1),
+        -1,
+    )
+    return RpnTargets(out.labels, out.box_targets, matched)
 
 
 def _assign_rpn_targets(
@@ -259,15 +213,15 @@ def _assign_rpn_targets(
     gt_boxes,
     gt_classes,
     gt_is_crowd,
+    *,
     positive_iou,
     negative_iou,
-    allow_low_quality_matches,
     crowd_ioa_threshold,
     num_samples,
     positive_fraction,
     box_weights,
     seed,
-    positive_iou_inclusive=False,
+    positive_iou_inclusive,
 ):
     anchors = tf.convert_to_tensor(anchors, tf.float32)
     gt_boxes, _, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
@@ -283,11 +237,11 @@ def _assign_rpn_targets(
         positive = max_iou >= positive_iou
     else:
         positive = max_iou > positive_iou
-    if allow_low_quality_matches:
-        gt_best = tf.reduce_max(iou, axis=1, keepdims=True)  # [B, 1, N]
-        is_best = tf.logical_and(tf.equal(iou, gt_best), gt_best > 0.0)
-        is_best = tf.logical_and(is_best, matchable[:, None, :])
-        positive = tf.logical_or(positive, tf.reduce_any(is_best, axis=-1))
+    # Each gt's highest-IoU anchors are positive too (low-quality matches).
+    gt_best = tf.reduce_max(iou, axis=1, keepdims=True)  # [B, 1, N]
+    is_best = tf.logical_and(tf.equal(iou, gt_best), gt_best > 0.0)
+    is_best = tf.logical_and(is_best, matchable[:, None, :])
+    positive = tf.logical_or(positive, tf.reduce_any(is_best, axis=-1))
     negative = tf.logical_and(max_iou < negative_iou, tf.logical_not(positive))
     negative = tf.logical_and(negative, tf.logical_not(in_crowd))
 
@@ -314,21 +268,19 @@ def sample_rois(
     gt_is_crowd=None,
     proposal_valid=None,
     *,
-    num_samples=512,
-    foreground_fraction=0.25,
-    foreground_iou=0.5,
+    num_samples,
+    foreground_fraction,
+    foreground_iou,
+    box_weights,
     background_iou_high=0.5,
-    background_iou_low=0.0,
     crowd_ioa_threshold=0.7,
-    add_gt_as_proposals=True,
-    box_weights=(10.0, 10.0, 5.0, 5.0),
     seed=None,
 ):
     """Fast R-CNN RoI sampling (FPN §4.2 / Fast R-CNN §2.3).
 
     The real non-crowd gt boxes are appended to the proposals; every candidate is
     matched to the gt of highest IoU; foreground: IoU >= ``foreground_iou``;
-    background: IoU in [``background_iou_low``, ``background_iou_high``) (an image
+    background: IoU < ``background_iou_high`` (an image
     without gt: every valid candidate is background). Crowd gt are never matched
     and never appended; background candidates more than ``crowd_ioa_threshold``
     inside a crowd box are dropped. Per image at most ``num_samples *
@@ -340,64 +292,19 @@ def sample_rois(
     proposal coordinates, as in Faster R-CNN's approximate joint training).
 
     Args:
-      proposals: float [B, K, 4] (or [K, 4] with unbatched gt).
+      proposals: float [B, K, 4].
       gt_boxes: float [B, N, 4]; gt_classes: int [B, N] (<= 0: padding);
       gt_is_crowd: bool [B, N] or None.
       proposal_valid: bool [B, K] or None; zero-area proposals are always invalid.
-      num_samples, foreground_fraction: 512 and 0.25 (the paper).
-      foreground_iou, background_iou_high, background_iou_low: 0.5, 0.5, 0.0.
+      num_samples, foreground_fraction: the per-image sample (paper: 512, 0.25).
+      foreground_iou, background_iou_high: the IoU thresholds (paper: 0.5, 0.5).
       crowd_ioa_threshold: see the module docstring.
-      add_gt_as_proposals: append the gt boxes to the candidates.
-      box_weights: (10, 10, 5, 5).
+      box_weights: the box coder weights.
       seed: None or an int tensor [2] for stateless sampling.
     Returns:
       :class:`RoiTargets`, every field with leading dims [B, num_samples].
     """
 
-    def run(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid):
-        return _sample_rois(
-            proposals,
-            gt_boxes,
-            gt_classes,
-            gt_is_crowd,
-            proposal_valid,
-            num_samples,
-            foreground_fraction,
-            foreground_iou,
-            background_iou_high,
-            background_iou_low,
-            crowd_ioa_threshold,
-            add_gt_as_proposals,
-            box_weights,
-            seed,
-        )
-
-    if tf.convert_to_tensor(gt_boxes).shape.rank == 2:
-
-        def ex(t):
-            return None if t is None else tf.expand_dims(t, 0)
-
-        out = run(ex(proposals), ex(gt_boxes), ex(gt_classes), ex(gt_is_crowd), ex(proposal_valid))
-        return RoiTargets(*[tf.squeeze(t, 0) for t in out])
-    return run(proposals, gt_boxes, gt_classes, gt_is_crowd, proposal_valid)
-
-
-def _sample_rois(
-    proposals,
-    gt_boxes,
-    gt_classes,
-    gt_is_crowd,
-    proposal_valid,
-    num_samples,
-    foreground_fraction,
-    foreground_iou,
-    background_iou_high,
-    background_iou_low,
-    crowd_ioa_threshold,
-    add_gt_as_proposals,
-    box_weights,
-    seed,
-):
     proposals = tf.stop_gradient(tf.convert_to_tensor(proposals, tf.float32))
     gt_boxes, gt_classes, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
     gt_classes = tf.cast(gt_classes, tf.int32)
@@ -406,10 +313,8 @@ def _sample_rois(
     valid = box_ops.valid_box_mask(proposals)
     if proposal_valid is not None:
         valid = tf.logical_and(valid, tf.cast(proposal_valid, tf.bool))
-    candidates = proposals
-    if add_gt_as_proposals:
-        candidates = tf.concat([proposals, gt_boxes], axis=1)
-        valid = tf.concat([valid, matchable], axis=1)
+    candidates = tf.concat([proposals, gt_boxes], axis=1)
+    valid = tf.concat([valid, matchable], axis=1)
 
     iou, in_crowd = _iou_and_crowd_ioa(candidates, gt_boxes, crowd, crowd_ioa_threshold)
     iou = tf.where(matchable[:, None, :], iou, -1.0)
@@ -419,7 +324,6 @@ def _sample_rois(
     foreground = tf.logical_and(valid, max_iou >= foreground_iou)
     background = tf.logical_and(valid, tf.logical_not(foreground))
     background = tf.logical_and(background, max_iou < background_iou_high)
-    background = tf.logical_and(background, max_iou >= background_iou_low)
     background = tf.logical_and(background, tf.logical_not(in_crowd))
 
     num_cand = _static_or_dynamic(candidates, 1)
