@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fpn_tf.errors import UserError
 from fpn_tf.modeling.multi_loss_model import NONFINITE_KEY
 from fpn_tf.training.optimizers import current_learning_rate
 
@@ -30,7 +31,7 @@ from fpn_tf.training.optimizers import current_learning_rate
 MAX_CONSECUTIVE_NONFINITE = 100
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A training step produced a NaN or Inf loss (and ``train.on_nan`` is "stop")."""
 
 

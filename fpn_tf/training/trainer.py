@@ -26,15 +26,14 @@ import time
 
 from absl import logging
 import keras
-import numpy as np
 import tensorflow as tf
 
 from fpn_tf.configs.experiment import ConfigError
 from fpn_tf.data import pipeline
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.evaluation.box_images import summary_images
-from fpn_tf.data.errors import DataError
 from fpn_tf.data.segmentation_check import MASK_REASONS
+from fpn_tf.errors import UserError
 from fpn_tf.evaluation.run import checked_groundtruth, evaluate_detector
 from fpn_tf.modeling import model_dir as model_dir_lib
 from fpn_tf.modeling.factory import build_model
@@ -48,7 +47,7 @@ from fpn_tf.training.strategy import build_strategy, is_chief
 MASK_ARCHITECTURES = ("mask_rcnn", "segment_proposals")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint of model_dir can be restored."""
 
 
@@ -177,7 +176,7 @@ class Trainer:
         if os.path.exists(saved):
             previous = CategoryMap.from_json(saved)
             if previous != data_map:
-                raise ValueError(
+                raise UserError(
                     f"{saved} holds other categories than the training data "
                     f"({previous.num_classes} vs {data_map.num_classes}): use a new "
                     "--model_dir"
@@ -342,9 +341,7 @@ class Trainer:
             # Checked before the first step: unusable ground truth under on_bad_data=error
             # stops here, and what the evaluations will leave out is in the log from the start.
             _ = self.eval_groundtruth
-            periodic = cb.PeriodicEvaluation(
-                self.evaluate, evaluate_every_steps, total_steps, stop_on=(DataError, ConfigError)
-            )
+            periodic = cb.PeriodicEvaluation(self.evaluate, evaluate_every_steps, total_steps)
             callbacks.append(periodic)
         callbacks.append(stop)
         logging.info(
