@@ -20,7 +20,7 @@ import time
 from absl import app, flags, logging
 
 from fpn_tf import cli
-from fpn_tf.errors import UserError
+from fpn_tf.errors import UserError, parse_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS_DIR = os.path.join(ROOT, "configs", "ablations")
@@ -129,4 +129,4 @@ def _main():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

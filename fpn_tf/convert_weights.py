@@ -90,4 +90,6 @@ def _convert() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from fpn_tf.errors import parse_flags  # pylint: disable=g-import-not-at-top
+
+    app.run(main, flags_parser=parse_flags)

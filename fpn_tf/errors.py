@@ -38,3 +38,16 @@ def exit_on_user_error():
         if not isinstance(e, UserError) or not message:
             message = f"{type(e).__name__}: {message}"
         fail(message)
+
+
+def parse_flags(argv):
+    """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``: an unknown, missing
+    or bad flag is one ``error:`` line and exit code 2 (absl's own parser exits 1)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message} (see --helpfull)", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -193,4 +193,6 @@ def _export_formats(source, formats, quantizations, image_size) -> list[str]:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from fpn_tf.errors import parse_flags  # pylint: disable=g-import-not-at-top
+
+    app.run(main, flags_parser=parse_flags)

@@ -144,4 +144,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from fpn_tf.errors import parse_flags  # pylint: disable=g-import-not-at-top
+
+    app.run(main, flags_parser=parse_flags)

@@ -70,11 +70,12 @@ def test_run_main_keeps_a_bug_s_traceback():
     assert cli.run_main(["prog"], lambda x: x + 1, 1) == 2
 
 
-def test_every_command_rejects_a_positional_argument_with_exit_2():
+@pytest.mark.parametrize("mistake", ["stray", "--no_such_flag=1"])
+def test_every_command_rejects_a_stray_argument_or_unknown_flag_with_exit_2(mistake):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
     for module, required in ENTRY_POINTS.items():
         ran = subprocess.run(
-            [sys.executable, "-m", module, *required, "stray"],
+            [sys.executable, "-m", module, *required, mistake],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -83,7 +84,8 @@ def test_every_command_rejects_a_positional_argument_with_exit_2():
         )
         errors = [l for l in ran.stderr.splitlines() if l.startswith("error:")]
         assert ran.returncode == 2 and len(errors) == 1, (module, ran.stderr[-2000:])
-        assert "stray" in errors[0] and "Traceback" not in ran.stderr, module
+        assert mistake.strip("-").split("=")[0] in errors[0], (module, errors)
+        assert "Traceback" not in ran.stderr, module
 
 
 def test_an_unknown_ablation_row_is_one_line_and_exit_2():

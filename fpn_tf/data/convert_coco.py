@@ -49,7 +49,7 @@ import tensorflow as tf
 from fpn_tf.data import coco_reader
 from fpn_tf.data.segmentation_check import compressed_rle_runs
 from fpn_tf.data.tfrecord_reader import category_map_path_for_prefix
-from fpn_tf.errors import exit_on_user_error, fail
+from fpn_tf.errors import exit_on_user_error, fail, parse_flags
 
 __all__ = ["ConversionResult", "convert_coco_to_tfrecords"]
 
@@ -300,4 +300,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
