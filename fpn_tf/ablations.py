@@ -20,6 +20,7 @@ import time
 from absl import app, flags, logging
 
 from fpn_tf import cli
+from fpn_tf.errors import UserError, parse_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS_DIR = os.path.join(ROOT, "configs", "ablations")
@@ -100,17 +101,19 @@ def markdown_table(results) -> str:
 
 
 def main(argv):
-    cli.reject_positional(argv)
+    cli.run_main(argv, _main)
+
+
+def _main():
     unknown = [r for r in FLAGS.rows if r not in ROWS]
     if unknown:
-        cli.fail(f"--rows: unknown rows {unknown}; known: {list(ROWS)}")
+        raise UserError(f"--rows: unknown rows {unknown}; known: {list(ROWS)}")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     start = time.time()
     results = []
-    with cli.quiet_tensorflow(), cli.user_errors():
-        for i, row in enumerate(FLAGS.rows):
-            logging.info("=== ablation %d/%d: %s ===", i + 1, len(FLAGS.rows), ROWS[row])
-            results.append(run_row(row, FLAGS.output_dir, FLAGS.params_override))
+    for i, row in enumerate(FLAGS.rows):
+        logging.info("=== ablation %d/%d: %s ===", i + 1, len(FLAGS.rows), ROWS[row])
+        results.append(run_row(row, FLAGS.output_dir, FLAGS.params_override))
     table = markdown_table(results)
     elapsed = time.time() - start
     with open(os.path.join(FLAGS.output_dir, "ablations.md"), "w") as f:
@@ -126,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,5 @@
-"""Shared behaviour of the command-line entry points: a user's mistake is one line, not a
-traceback (exit code 2 for usage and input errors, 1 for a failed run)."""
+"""Shared behaviour of the command-line entry points: `run_main` (a user's mistake is one
+``error:`` line and exit code 2, `fpn_tf.errors`), TensorFlow's environment and its log noise."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ import threading
 
 from absl import logging
 
-
-def fail(message: str, code: int = 2):
-    logging.error(message)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+from fpn_tf.errors import exit_on_user_error, fail
 
 
 def reject_positional(argv) -> None:
@@ -23,22 +19,13 @@ def reject_positional(argv) -> None:
         fail(f"unexpected arguments {argv[1:]}: every option is a --flag (see --helpfull)")
 
 
-@contextlib.contextmanager
-def user_errors():
-    """Turns the errors a user causes (bad config, bad data, missing files) into one line."""
-    from fpn_tf.configs.experiment import ConfigError
-    from fpn_tf.data.errors import DataError
-    from fpn_tf.modeling.model_dir import ModelDirError
-    from fpn_tf.training.trainer import CheckpointError, NonFiniteLossError
-
-    try:
-        yield
-    except (ConfigError, DataError, ModelDirError) as e:
-        fail(f"{type(e).__name__}: {e}")
-    except (NonFiniteLossError, CheckpointError) as e:
-        fail(str(e), code=1)
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        fail(f"{type(e).__name__}: {e}")
+def run_main(argv, body, *args, **kwargs):
+    """Every command's ``main``: rejects positional arguments, then runs ``body(*args,
+    **kwargs)`` with TensorFlow's noise filtered (`quiet_tensorflow`); a user's mistake
+    (`fpn_tf.errors.USER_ERRORS`) is one line and exit code 2."""
+    reject_positional(argv)
+    with quiet_tensorflow(), exit_on_user_error():
+        return body(*args, **kwargs)
 
 
 def configure_tensorflow_environment(strategy: str) -> None:

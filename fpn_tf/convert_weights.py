@@ -56,32 +56,28 @@ def define_flags() -> None:
 def main(argv) -> None:
     from fpn_tf import cli  # pylint: disable=g-import-not-at-top
 
-    cli.reject_positional(argv)
-    with cli.quiet_tensorflow():
-        _convert(cli)
+    cli.run_main(argv, _convert)
 
 
-def _convert(cli) -> None:
+def _convert() -> None:
     # pylint: disable=g-import-not-at-top
-    from fpn_tf.configs import ConfigError, load_config
-    from fpn_tf.conversion import ConversionError, convert_checkpoint
+    from fpn_tf.configs import load_config
+    from fpn_tf.conversion import convert_checkpoint
     from fpn_tf.conversion.convert import reference_config_file
+    from fpn_tf.errors import UserError
 
     config_files = FLAGS.config_file or [reference_config_file(FLAGS.source)]
     for path in config_files:
         if not os.path.isfile(path):
-            cli.fail(f"config file {path} not found: give --config_file")
-    try:
-        config = load_config(config_files, FLAGS.params_override)
-        report = convert_checkpoint(
-            FLAGS.source,
-            FLAGS.checkpoint,
-            FLAGS.output_dir,
-            config,
-            export_saved_model=FLAGS.saved_model,
-        )
-    except (ConversionError, ConfigError) as e:
-        cli.fail(str(e))
+            raise UserError(f"config file {path} not found: give --config_file")
+    config = load_config(config_files, FLAGS.params_override)
+    report = convert_checkpoint(
+        FLAGS.source,
+        FLAGS.checkpoint,
+        FLAGS.output_dir,
+        config,
+        export_saved_model=FLAGS.saved_model,
+    )
     logging.info(
         "Done in %.1f s: %s (%d arrays from %s)",
         report.seconds,
@@ -94,4 +90,6 @@ def _convert(cli) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from fpn_tf.errors import parse_flags  # pylint: disable=g-import-not-at-top
+
+    app.run(main, flags_parser=parse_flags)

@@ -8,7 +8,7 @@ rebuilds the model from ``<model_dir>/params.yaml`` (or ``--config_file``, with
 SavedModel with the ``serving_default``, ``image_bytes`` and ``tf_example`` signatures; images are
 resized by the config's ``eval_data`` rule (short_side, max_long_side, pad_multiple,
 resize_rounding).
-Errors (a missing file, a checkpoint of another model, a bad config key) are one line.
+Errors (a missing file, a checkpoint of another model, a bad config key) are one line, exit code 2.
 
 Other runtimes (``pip install -e '.[export]'``; README "Other runtimes"):
 
@@ -28,7 +28,6 @@ code 2, before anything is written; a converted file is written only once its ru
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -94,17 +93,12 @@ def _split(values) -> list[str]:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from fpn_tf import cli  # pylint: disable=g-import-not-at-top
 
-    with cli.quiet_tensorflow():
-        _export()
+    cli.run_main(argv, _export)
 
 
 def _export() -> None:
-    from fpn_tf.configs import ConfigError  # pylint: disable=g-import-not-at-top
-    from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
     from fpn_tf.modeling import model_dir  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
 
@@ -123,24 +117,16 @@ def _export() -> None:
         except (ValueError, AssertionError):
             cli.fail(f"--litert_image_size={FLAGS.litert_image_size}: expected HEIGHT,WIDTH > 0")
     start = time.time()
-    try:
-        source = model_dir.load_model(
-            FLAGS.model_dir,
-            config_file=FLAGS.config_file,
-            params_override=FLAGS.params_override,
-            checkpoint=FLAGS.checkpoint,
-        )
-    except (export_lib.ExportError, model_dir.ModelDirError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    source = model_dir.load_model(
+        FLAGS.model_dir,
+        config_file=FLAGS.config_file,
+        params_override=FLAGS.params_override,
+        checkpoint=FLAGS.checkpoint,
+    )
     if formats == ["saved_model"]:
-        try:
-            export_lib.export_saved_model(
-                source.model, FLAGS.export_dir, source.category_map, **source.preprocessing
-            )
-        except export_lib.ExportError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+        export_lib.export_saved_model(
+            source.model, FLAGS.export_dir, source.category_map, **source.preprocessing
+        )
         written = [FLAGS.export_dir]
     else:
         written = _export_formats(source, formats, quantizations, image_size)
@@ -207,4 +193,6 @@ def _export_formats(source, formats, quantizations, image_size) -> list[str]:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from fpn_tf.errors import parse_flags  # pylint: disable=g-import-not-at-top
+
+    app.run(main, flags_parser=parse_flags)

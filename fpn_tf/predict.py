@@ -8,7 +8,7 @@ drawn) and ``<output_dir>/<name>_detections.json`` (per detection: box in pixels
 [ymin, xmin, ymax, xmax], class id, class name, score) for each image. JPEG/PNG files go through
 the ``image_bytes`` signature (the model decodes them); other formats PIL reads are decoded here
 and sent as pixels to ``serving_default``. A missing image, a file that is not an image or a
-missing SavedModel ends the run with one line saying so.
+missing SavedModel ends the run with one line saying so (exit code 2).
 
 ``--saved_model`` also takes an ONNX (``.onnx``) or LiteRT (``.tflite``) export of
 ``python -m fpn_tf.export --format=onnx,litert`` (the ``[export]`` extra's runtimes): the image is
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -130,22 +129,21 @@ def predict(
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from fpn_tf import cli  # pylint: disable=g-import-not-at-top
 
-    with cli.quiet_tensorflow():  # before TensorFlow loads
-        from fpn_tf.serving.inference import PredictError  # pylint: disable=g-import-not-at-top
-
-        try:
-            predict(
-                FLAGS.saved_model, FLAGS.image, FLAGS.output_dir, FLAGS.min_score, FLAGS.signature
-            )
-        except PredictError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+    cli.run_main(
+        argv,
+        predict,
+        FLAGS.saved_model,
+        FLAGS.image,
+        FLAGS.output_dir,
+        FLAGS.min_score,
+        FLAGS.signature,
+    )
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from fpn_tf.errors import parse_flags  # pylint: disable=g-import-not-at-top
+
+    app.run(main, flags_parser=parse_flags)

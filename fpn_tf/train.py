@@ -20,6 +20,7 @@ import time
 from absl import app, flags, logging
 
 from fpn_tf import cli
+from fpn_tf.errors import UserError, parse_flags
 
 DEMO_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cpu_demo.yaml"
@@ -135,15 +136,17 @@ def default_config_files(model_dir: str) -> list[str]:
 
 
 def main(argv):
-    cli.reject_positional(argv)
+    cli.run_main(argv, _main)
+
+
+def _main():
     model_dir = FLAGS.model_dir or ("runs/cpu_demo" if not FLAGS.config_file else None)
     if not model_dir:
-        cli.fail("--model_dir is required with --config_file")
+        raise UserError("--model_dir is required with --config_file")
     config_files = FLAGS.config_file or default_config_files(model_dir)
     logging.info("Config: %s", ", ".join(config_files))
-    with cli.quiet_tensorflow(), cli.user_errors():
-        run(config_files, FLAGS.params_override, model_dir, FLAGS.mode, FLAGS.export, _overrides())
+    run(config_files, FLAGS.params_override, model_dir, FLAGS.mode, FLAGS.export, _overrides())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -149,7 +149,7 @@ def test_command_line(converted, tmp_path):
 
     bad = cmd[:3] + [f"--annotation_file={tmp_path}/nope.json"] + cmd[4:]
     run = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
+    assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}/nope.json: annotation file not found"
     )

@@ -600,7 +600,7 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
         env=env,
         timeout=300,
     )
-    assert failed.returncode == 1
+    assert failed.returncode == 2
     assert "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'nowhere'}: model directory not found"

@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
 
 import yaml
 
+from fpn_tf.errors import UserError
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid configuration. ``key`` is the full dotted key at fault (or None)."""
 
     def __init__(self, message: str, key: Optional[str] = None):

@@ -20,10 +20,12 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from fpn_tf.errors import UserError
+
 __all__ = ["ConversionError", "StateDict", "read_torch_checkpoint", "read_detectron2_pickle"]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted (unreadable, another architecture, keys missing)."""
 
 

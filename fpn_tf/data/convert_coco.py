@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from typing import Any, Iterator
 
@@ -36,9 +35,9 @@ import numpy as np
 import tensorflow as tf
 
 from fpn_tf.data import coco_reader
-from fpn_tf.data.errors import DataError
 from fpn_tf.data.segmentation_check import compressed_rle_runs
 from fpn_tf.data.tfrecord_reader import category_map_path_for_prefix
+from fpn_tf.errors import exit_on_user_error, fail, parse_flags
 
 __all__ = ["ConversionResult", "convert_coco_to_tfrecords"]
 
@@ -272,9 +271,9 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments {argv[1:]}: every option is a --flag (see --helpfull)")
     f = flags.FLAGS
-    try:
+    with exit_on_user_error():
         convert_coco_to_tfrecords(
             f.annotation_file,
             f.image_dir,
@@ -285,11 +284,8 @@ def main(argv: list[str]) -> None:
             num_processes=f.num_processes,
             include_masks=f.include_masks,
         )
-    except DataError as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

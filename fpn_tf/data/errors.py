@@ -1,7 +1,9 @@
 """Errors raised by the input pipeline."""
 
+from fpn_tf.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A dataset is malformed or holds data the pipeline cannot use.
 
     The message is one line and names the file (and, where there is one, the

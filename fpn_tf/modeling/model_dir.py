@@ -42,6 +42,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from fpn_tf.configs.base import ConfigError
 from fpn_tf.configs.loader import PARAMS_FILENAME, load_config, save_config
 from fpn_tf.data.category_map import CategoryMap, as_category_map
+from fpn_tf.errors import UserError
 from fpn_tf.modeling.backbones import pixel_normalization
 from fpn_tf.modeling.factory import build_model
 
@@ -68,7 +69,7 @@ CATEGORY_MAP_FILENAME = "category_map.json"
 _DEFAULT_BN_EPSILON = {"resnet50": 1.001e-5, "resnet101": 1.001e-5, "small_resnet": 1e-5}
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError, ValueError):
     """A model directory that cannot be read or does not fit the model; one line naming it."""
 
 

@@ -1,21 +1,13 @@
-"""The one training step of fpn_tf: a `keras.Model` trained on a dict of losses.
+"""`MultiLossModel`: a `keras.Model` trained on a dict of losses; its ``train_step`` is the one
+training objective (``model.fit`` and ``python -m fpn_tf.train`` alike).
 
-`MultiLossModel.train_step` is what both ``model.fit`` and ``python -m fpn_tf.train`` (which
-runs ``fit``) execute, so the objective is defined once:
-
-- the loss is ``compute_losses(...)["total_loss"]``, divided by the number of replicas because
-  ``tf.distribute`` sums the replicas' gradients (each replica's loss is the mean over its own
-  images with a constant normaliser, so the sum is the global-batch mean), then multiplied by the
-  loss scale of a `LossScaleOptimizer` (float16);
-- weight decay is the optimizer's (`fpn_tf.training.optimizers`): applied once per step to the
-  summed, unscaled gradient, never per replica;
-- a step whose loss is NaN/Inf on any replica applies no update on any replica (the replicas
-  agree through an all-reduce, so they take the same branch), and reports it as
-  ``num_nonfinite_replicas`` in the step's logs; what to do next (stop, or go on) is the caller's
-  policy (`fpn_tf.training.callbacks`).
-
-The logs of a step are that step's losses (averaged over replicas by Keras; shape [1]), not
-running means, so callbacks can log, summarise and check each step.
+- The loss is ``compute_losses(...)["total_loss"]`` divided by the number of replicas
+  (tf.distribute sums the replicas' gradients), then scaled by a `LossScaleOptimizer` (float16).
+- Weight decay is the optimizer's (`fpn_tf.training.optimizers`): once per step, on the summed,
+  unscaled gradient.
+- A step whose losses are NaN/Inf on any replica updates nothing anywhere (the replicas agree
+  through an all-reduce) and logs ``num_nonfinite_replicas``; stopping is the caller's policy.
+- A step's logs are its own losses (shape [1], averaged over replicas), not running means.
 """
 
 from __future__ import annotations
@@ -29,12 +21,8 @@ NONFINITE_KEY = "num_nonfinite_replicas"
 
 
 class MultiLossModel(keras.Model):
-    """Base class: subclasses implement ``compute_losses(features, labels, training)``.
-
-    Args:
-      loss_names: the keys ``compute_losses`` returns, ``"total_loss"`` among them (the one
-        that is minimised); each gets a `keras.metrics.Mean` for ``evaluate``.
-    """
+    """Subclasses implement ``compute_losses``; ``loss_names`` are its keys, ``"total_loss"``
+    (minimised) among them, each averaged by ``evaluate``."""
 
     def __init__(self, loss_names: Sequence[str], **kwargs):
         super().__init__(**kwargs)
@@ -44,8 +32,8 @@ class MultiLossModel(keras.Model):
         self._loss_trackers = {n: keras.metrics.Mean(name=n) for n in self.loss_names}
 
     def compile(self, *args, jit_compile=False, **kwargs):
-        """`keras.Model.compile`, but XLA off unless asked for: Keras' "auto" turns it on for
-        GPUs, where it made this detector's training step several times slower."""
+        """`keras.Model.compile` with XLA off unless asked for (Keras' "auto" turns it on for
+        GPUs, where it slows this detector's step down)."""
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     def compute_losses(self, features, labels, training=True):
@@ -74,47 +62,35 @@ class MultiLossModel(keras.Model):
         # with strategy.reduce(MEAN, axis=0), which rejects scalars.
         return {k: tf.reshape(v, [1]) for k, v in {**losses, NONFINITE_KEY: nonfinite}.items()}
 
+    def _apply_unless(self, skip, grads, variables):
+        """``optimizer.apply`` unless ``skip`` (the same value on every replica).
+
+        The optimizer synchronises the replicas (merge_call), which TensorFlow does not allow
+        inside a replica-context cond: the branch is taken in the cross-replica context, as
+        `keras.optimizers.LossScaleOptimizer` does, then applied on every replica."""
+
+        def cross_replica(strategy, skip, grads):
+            skip = strategy.experimental_local_results(skip)[0]
+
+            def apply():
+                strategy.extended.call_for_each_replica(
+                    lambda g: self.optimizer.apply(g, variables), args=(grads,)
+                )
+
+            tf.cond(skip, lambda: None, apply)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(skip, grads))
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Keras, under a tf.distribute strategy, pulls a batch from a fresh iterator of the
-        training data to build the model symbolically, then trains from another fresh iterator:
-        a seeded stream that reshuffles per iteration then trains on a different first batch
-        than the same data gives without a strategy. A model whose layers are all built and that
-        compiles no loss or metrics only needs its optimizer built: do that without data."""
-        layers_built = all(layer.built for layer in self._flatten_layers(include_self=False))
-        if (
-            not layers_built
-            or getattr(self, "_compile_loss", None) is not None
-            or getattr(self, "_compile_metrics", None) is not None
-        ):
+        # Keras' private hook, kept (WORKSPACE.md, Decisions): under a strategy Keras builds the
+        # model from a batch of a fresh iterator of the training data before training from
+        # another one, so a seeded stream that reshuffles per iterator would train on another
+        # first batch than without a strategy. Built layers only need the optimizer built.
+        if not all(layer.built for layer in self.layers):
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         if self.optimizer is not None and not self.optimizer.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
-
-    def _apply_unless(self, skip, grads, variables):
-        """``optimizer.apply`` unless ``skip`` (the same value on every replica)."""
-
-        def apply():
-            self.optimizer.apply(grads, variables)
-
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            tf.cond(skip, lambda: None, apply)
-            return
-
-        # The optimizer synchronises the replicas through merge_call, which TensorFlow does not
-        # allow inside a replica-context cond: take the branch in the cross-replica context
-        # (as LossScaleOptimizer does), then apply on every replica.
-        def cross_replica(distribution, skip, grads):
-            skip = distribution.experimental_local_results(skip)[0]
-
-            def apply_everywhere():
-                distribution.extended.call_for_each_replica(
-                    lambda g: self.optimizer.apply(g, variables), args=(grads,)
-                )
-
-            tf.cond(skip, lambda: None, apply_everywhere)
-
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(skip, grads))
 
     def test_step(self, data):
         features, labels = data[0], data[1]

@@ -33,6 +33,7 @@ from absl import logging
 import tensorflow as tf
 
 from fpn_tf.data.category_map import CategoryMap, as_category_map
+from fpn_tf.errors import UserError
 from fpn_tf.serving.detection import (
     NUM_DETECTIONS,
     MASK_OUTPUT_KEY,
@@ -58,7 +59,7 @@ SERVING_CONFIG_ASSET = "serving_config.json"
 _MODULES = (ImageTensorModule, ImageBytesModule, TfExampleModule)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A model_dir or export_dir that cannot be used; the message is one line naming the path."""
 
 

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 import tensorflow as tf
 
 from fpn_tf.data.images import DECODABLE_FORMATS
+from fpn_tf.errors import UserError
 from fpn_tf.ops import mask_ops
 
 __all__ = [
@@ -56,7 +57,7 @@ _PALETTE = (
 )
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """A missing or unreadable input; the message is one line naming the file."""
 
 

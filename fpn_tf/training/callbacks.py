@@ -1,13 +1,10 @@
 """The training command's policies as Keras callbacks around ``model.fit``.
 
-The step is `MultiLossModel.train_step`; these callbacks only watch it and act between steps.
-The global step is the optimizer's ``iterations`` (restored with the checkpoint), not Keras' batch
-counter: a float16 batch whose scaled gradients overflow is skipped by `LossScaleOptimizer`
-without moving ``iterations``, and a non-finite step is skipped by the train step; neither is a
-step to log, summarise, save or count towards ``train.total_steps``.
-
-Callbacks run in list order after every batch; `Trainer` orders them so that a non-finite loss
-is acted on before any save.
+They act between steps. The global step is the optimizer's ``iterations`` (restored with the
+checkpoint), not Keras' batch counter: a batch skipped by the float16 loss scale or by
+``train.on_nan=skip`` does not move it, and is not a step to log, save or count. `Trainer` orders
+the callbacks so that a non-finite loss is acted on before any save. Keras' `TerminateOnNaN`,
+`TensorBoard` and `BackupAndRestore` do not do these jobs (WORKSPACE.md, Decisions).
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fpn_tf.errors import UserError
 from fpn_tf.modeling.multi_loss_model import NONFINITE_KEY
 from fpn_tf.training.optimizers import current_learning_rate
 
@@ -30,7 +28,7 @@ from fpn_tf.training.optimizers import current_learning_rate
 MAX_CONSECUTIVE_NONFINITE = 100
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A training step produced a NaN or Inf loss (and ``train.on_nan`` is "stop")."""
 
 
@@ -43,8 +41,13 @@ def _step(model) -> int:
     return int(model.optimizer.iterations.numpy())
 
 
+def _every(step: int, every: int, total_steps: int) -> bool:
+    return step % every == 0 or step == total_steps
+
+
 class StepWatcher(keras.callbacks.Callback):
-    """Base: calls ``on_step(step, logs)`` once per batch that moved the global step."""
+    """Base: ``on_step(step, logs)`` after each batch that moved the global step,
+    ``on_skipped_batch(step, logs)`` after the others."""
 
     def on_train_begin(self, logs=None):
         self._last_step = _step(self.model)
@@ -65,7 +68,7 @@ class StepWatcher(keras.callbacks.Callback):
 
 
 class StopAtStep(StepWatcher):
-    """Ends ``fit`` when the global step reaches ``total_steps`` (the data stream is endless)."""
+    """Ends ``fit`` at global step ``total_steps`` (the data stream is endless)."""
 
     def __init__(self, total_steps: int):
         super().__init__()
@@ -77,8 +80,8 @@ class StopAtStep(StepWatcher):
 
 
 class NonFiniteLossPolicy(keras.callbacks.Callback):
-    """``train.on_nan``: "stop" raises `NonFiniteLossError` (nothing is saved for that step);
-    "skip" counts the skipped step and goes on (the train step applied no update)."""
+    """``train.on_nan``: "stop" raises `NonFiniteLossError` before anything is saved for the
+    step; "skip" counts the skipped step (the train step applied no update) and goes on."""
 
     def __init__(self, policy: str, last_checkpoint: Callable[[], str | None]):
         super().__init__()
@@ -116,23 +119,27 @@ class NonFiniteLossPolicy(keras.callbacks.Callback):
 
 
 class ProgressLogger(StepWatcher):
-    """Log lines every ``log_every_steps``: step, the losses averaged over the window, LR,
-    images/s and ETA; counts float16 loss-scale skips; a summary line at the end."""
+    """Every ``log_every_steps``: a log line (step, the losses averaged since the last line, LR,
+    images/s, ETA) and ``images_per_second`` in TensorBoard. Every ``summary_every_steps``: the
+    step's losses (``losses/<name>``) and ``learning_rate`` in TensorBoard. Counts the batches
+    the float16 loss scale skipped."""
 
     def __init__(
         self,
         total_steps: int,
         global_batch_size: int,
-        log_every_steps: int,
         loss_names,
-        writer=None,
+        writer,
+        log_every_steps: int,
+        summary_every_steps: int,
     ):
         super().__init__()
         self.total_steps = int(total_steps)
         self.global_batch_size = int(global_batch_size)
-        self.log_every_steps = int(log_every_steps)
         self.loss_names = tuple(loss_names)
         self.writer = writer
+        self.log_every_steps = int(log_every_steps)
+        self.summary_every_steps = int(summary_every_steps)
         self.loss_scale_skipped = 0
         self.last = {}
 
@@ -148,13 +155,19 @@ class ProgressLogger(StepWatcher):
 
     def on_skipped_batch(self, step, logs):
         if value((logs or {}).get(NONFINITE_KEY, 0.0)) == 0:
-            # mixed_float16: the loss scale overflowed, LossScaleOptimizer skipped the update.
-            self.loss_scale_skipped += 1
+            self.loss_scale_skipped += 1  # mixed_float16: LossScaleOptimizer skipped it
 
     def on_step(self, step, logs):
+        lr = current_learning_rate(self.model.optimizer)
+        if _every(step, self.summary_every_steps, self.total_steps):
+            with self.writer.as_default(step=step):
+                for k, v in logs.items():
+                    if k != NONFINITE_KEY:
+                        tf.summary.scalar(f"losses/{k}", v)
+                tf.summary.scalar("learning_rate", lr)
         for k in self.loss_names:
             self._window[k].append(logs[k])
-        if step % self.log_every_steps and step != self.total_steps:
+        if not _every(step, self.log_every_steps, self.total_steps):
             return
         elapsed = time.time() - self._window_start
         rate = self._window_batches * self.global_batch_size / max(elapsed, 1e-9)
@@ -169,15 +182,17 @@ class ProgressLogger(StepWatcher):
             self.total_steps,
             self.last["total_loss"],
             losses,
-            current_learning_rate(self.model.optimizer),
+            lr,
             rate,
             hms(eta),
         )
-        if self.writer is not None:
-            with self.writer.as_default(step=step):
-                tf.summary.scalar("images_per_second", rate)
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("images_per_second", rate)
         self._window, self._window_batches = {k: [] for k in self.loss_names}, 0
         self._window_start = time.time()
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
 
     def summary(self) -> dict:
         seconds = time.time() - self._run_start
@@ -200,31 +215,9 @@ def _short(loss_name: str) -> str:
     )
 
 
-class ScalarSummaries(StepWatcher):
-    """TensorBoard scalars every ``summary_every_steps``: the losses and the learning rate."""
-
-    def __init__(self, writer, summary_every_steps: int, total_steps: int):
-        super().__init__()
-        self.writer = writer
-        self.summary_every_steps = int(summary_every_steps)
-        self.total_steps = int(total_steps)
-
-    def on_step(self, step, logs):
-        if step % self.summary_every_steps and step != self.total_steps:
-            return
-        with self.writer.as_default(step=step):
-            for k, v in logs.items():
-                if k != NONFINITE_KEY:
-                    tf.summary.scalar(f"losses/{k}", v)
-            tf.summary.scalar("learning_rate", current_learning_rate(self.model.optimizer))
-
-    def on_train_end(self, logs=None):
-        self.writer.flush()
-
-
 class PeriodicCheckpoint(StepWatcher):
-    """Saves every ``every_steps`` and at ``total_steps`` through ``save()`` (a
-    `tf.train.CheckpointManager` save: data files first, the index last and atomically)."""
+    """``save()`` (a `tf.train.CheckpointManager` save) every ``every_steps`` and at
+    ``total_steps``."""
 
     def __init__(self, save: Callable[[], str], every_steps: int, total_steps: int):
         super().__init__()
@@ -233,7 +226,7 @@ class PeriodicCheckpoint(StepWatcher):
         self.total_steps = int(total_steps)
 
     def on_step(self, step, logs):
-        if step % self.every_steps == 0 or step == self.total_steps:
+        if _every(step, self.every_steps, self.total_steps):
             self.save()
 
 
@@ -278,21 +271,17 @@ class StopOnSignal(keras.callbacks.Callback):
 
 
 class PeriodicEvaluation(StepWatcher):
-    """Calls ``evaluate()`` every ``every_steps`` (not at the last step: the caller evaluates
-    the final weights once training ends).
-
-    An evaluation that fails does not end training: the error is one line in the log (its
-    traceback only at ``--verbosity=1``), counted in :attr:`failures`, and training goes on;
-    the next evaluation tries again. The exceptions in ``stop_on`` (the caller's: bad data under
-    ``on_bad_data: error``, a bad config) are what the user asked to stop on and end the run
-    (the command prints them as one line)."""
+    """``evaluate()`` every ``every_steps`` before ``total_steps`` (the caller evaluates the
+    final weights). A failed evaluation is one logged line (traceback at ``--verbosity=1``),
+    counted in :attr:`failures`, and training goes on; an exception in ``stop_on`` (a user's
+    mistake, e.g. bad data under ``on_bad_data: error``) ends the run."""
 
     def __init__(
         self,
         evaluate: Callable[[], dict],
         every_steps: int,
         total_steps: int,
-        stop_on: tuple = (),
+        stop_on: tuple = (UserError,),
     ):
         super().__init__()
         self.evaluate = evaluate
@@ -302,22 +291,23 @@ class PeriodicEvaluation(StepWatcher):
         self.failures: list[tuple[int, str]] = []  # (step, one-line error)
 
     def on_step(self, step, logs):
-        if step % self.every_steps == 0 and step < self.total_steps:
-            try:
-                self.evaluate()
-            except self.stop_on:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure: one line, training goes on
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                message = f"{type(e).__name__}: {first}" if first else type(e).__name__
-                self.failures.append((step, message))
-                logging.error(
-                    "Evaluation at step %d failed (%s); training goes on (%d failed so far)",
-                    step,
-                    message,
-                    len(self.failures),
-                )
-                logging.vlog(1, "The failed evaluation's traceback:", exc_info=True)
+        if step % self.every_steps or step >= self.total_steps:
+            return
+        try:
+            self.evaluate()
+        except self.stop_on:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure: one line, training goes on
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            message = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            self.failures.append((step, message))
+            logging.error(
+                "Evaluation at step %d failed (%s); training goes on (%d failed so far)",
+                step,
+                message,
+                len(self.failures),
+            )
+            logging.vlog(1, "The failed evaluation's traceback:", exc_info=True)
 
 
 def hms(seconds: float) -> str:

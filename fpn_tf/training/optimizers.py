@@ -1,17 +1,11 @@
 """Optimizer and weight decay from a ``train`` config.
 
 SGD (the paper): momentum 0.9 and *coupled* L2 weight decay, ``grad += wd * w`` before momentum,
-as Caffe/Detectron/detectron2 do. Keras' ``SGD(weight_decay=...)`` is decoupled (``w -= lr*wd*w``
-after the update), which with momentum 0.9 is about 10x weaker than the paper's 1e-4 means.
-`SGDWithL2` adds the L2 term inside the optimizer's per-variable update, where Keras hands it the
-gradient after the replicas' gradients are summed and after `LossScaleOptimizer` has divided out
-the loss scale: the decay is applied once per step, whatever the number of replicas and the
-precision (added to each replica's gradient before the sum it would be N times too strong; added
-to loss-scaled gradients it would vanish).
-AdamW (the CPU demo): Keras' decoupled ``weight_decay``, which Keras also applies once per step.
-With ``weight_decay_excludes_bn_and_bias`` neither decays BatchNorm's gamma/beta nor biases
-(detectron2's default is to decay them with the same 1e-4; excluding them is the common modern
-choice, keeps the small-backbone BatchNorm from being pulled to zero, and costs nothing).
+as Caffe/Detectron/detectron2 (Keras' ``SGD(weight_decay=)`` is decoupled, about 10x weaker with
+momentum 0.9). `SGDWithL2` adds the term in the per-variable update, where Keras hands it the
+gradient summed over replicas and with the loss scale divided out: applied once per step, for any
+replica count and precision. AdamW (the CPU demo): Keras' decoupled ``weight_decay``, also once
+per step. ``weight_decay_excludes_bn_and_bias`` exempts BatchNorm's gamma/beta and biases.
 """
 
 from __future__ import annotations

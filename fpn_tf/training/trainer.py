@@ -1,22 +1,16 @@
-"""The train / evaluate / export loop of an experiment (library: no flags, everything from config).
+"""The train / evaluate / export loop of an experiment (everything from its config).
 
-Training is ``model.fit`` on an endless, per-replica sharded stream, with the step of
-`fpn_tf.modeling.multi_loss_model.MultiLossModel` (the one ``model.fit`` users get too) and the
-command's policies as callbacks (`fpn_tf.training.callbacks`): the global step is the optimizer's
-``iterations``; a non-finite loss stops the run before anything is saved, or is skipped
-(``train.on_nan``); checkpoints every N steps and at the end; SIGINT/SIGTERM save and stop; log
-lines with the losses, LR, images/s and ETA; TensorBoard scalars; periodic evaluation in
-``train_and_eval``.
+Training is ``model.fit`` on an endless, per-replica sharded stream with `MultiLossModel`'s step
+and the command's policies as callbacks (`fpn_tf.training.callbacks`): stop at
+``train.total_steps`` of the global step (the optimizer's ``iterations``), ``train.on_nan``,
+checkpoints every N steps and at the end, SIGINT/SIGTERM save and stop, log lines, TensorBoard
+scalars, periodic evaluation.
 
-Checkpoints: ``tf.train.CheckpointManager`` in ``model_dir`` (model + optimizer, whose
-``iterations`` is the global step). The manager writes the data files first and the small
-``checkpoint`` index last, atomically, so a write killed half way leaves the previous checkpoint
-as the latest; the next start resumes from it. A resumed run reshuffles its data with
-``train.seed + step``.
-
-Fine-tuning: a run that starts from step 0 with ``model.init_checkpoint`` copies another model's
-weights into the freshly built model before training (`fpn_tf.training.init_checkpoint`: the
-model only, not the optimizer); a run that resumes from its own checkpoint ignores it.
+Checkpoints: a ``tf.train.CheckpointManager`` in ``model_dir`` (model + optimizer), its index
+written last and atomically, so an interrupted write leaves the previous checkpoint the latest.
+A run resumes from the newest readable one and reshuffles its data with ``train.seed + step``.
+A run from step 0 with ``model.init_checkpoint`` first copies another model's weights in
+(`fpn_tf.training.init_checkpoint`); a resumed run ignores it.
 """
 
 from __future__ import annotations
@@ -26,15 +20,14 @@ import time
 
 from absl import logging
 import keras
-import numpy as np
 import tensorflow as tf
 
 from fpn_tf.configs.experiment import ConfigError
 from fpn_tf.data import pipeline
 from fpn_tf.data.category_map import CategoryMap
 from fpn_tf.evaluation.box_images import summary_images
-from fpn_tf.data.errors import DataError
 from fpn_tf.data.segmentation_check import MASK_REASONS
+from fpn_tf.errors import UserError
 from fpn_tf.evaluation.run import checked_groundtruth, evaluate_detector
 from fpn_tf.modeling import model_dir as model_dir_lib
 from fpn_tf.modeling.factory import build_model
@@ -48,7 +41,7 @@ from fpn_tf.training.strategy import build_strategy, is_chief
 MASK_ARCHITECTURES = ("mask_rcnn", "segment_proposals")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint of model_dir can be restored."""
 
 
@@ -177,7 +170,7 @@ class Trainer:
         if os.path.exists(saved):
             previous = CategoryMap.from_json(saved)
             if previous != data_map:
-                raise ValueError(
+                raise UserError(
                     f"{saved} holds other categories than the training data "
                     f"({previous.num_classes} vs {data_map.num_classes}): use a new "
                     "--model_dir"
@@ -195,12 +188,9 @@ class Trainer:
     def restore(self) -> str | None:
         """Restores the newest readable checkpoint of model_dir, if any; returns its path.
 
-        A checkpoint that cannot be read (its files damaged after it was recorded) is reported
-        and the one before it is tried, so a damaged latest checkpoint never blocks a restart.
-        A checkpoint of the model alone (``fpn_tf.convert_weights`` writes one) restores the
-        model, and the optimizer starts fresh at step 0. Every weight of the model is restored
-        (`fpn_tf.modeling.model_dir.restore_model`): a checkpoint that lacks some is reported
-        like a damaged one.
+        An unreadable checkpoint (damaged files, weights missing: `model_dir.restore_model`) is
+        reported and the one before it tried. A checkpoint of the model alone (a converted
+        model) leaves the optimizer fresh at step 0.
         """
         state = tf.train.get_checkpoint_state(self.model_dir)
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
@@ -327,14 +317,18 @@ class Trainer:
         )
         nonfinite = cb.NonFiniteLossPolicy(cfg.on_nan, lambda: self.manager.latest_checkpoint)
         progress = cb.ProgressLogger(
-            total_steps, batch, cfg.log_every_steps, self.model.loss_names, writer
+            total_steps,
+            batch,
+            self.model.loss_names,
+            writer,
+            cfg.log_every_steps,
+            cfg.summary_every_steps,
         )
         stop = cb.StopOnSignal(self.save, lambda: self.saved_step)
         callbacks = [
             nonfinite,
             cb.StopAtStep(total_steps),
             progress,
-            cb.ScalarSummaries(writer, cfg.summary_every_steps, total_steps),
             cb.PeriodicCheckpoint(self.save, cfg.checkpoint_every_steps, total_steps),
         ]
         periodic = None
@@ -342,9 +336,7 @@ class Trainer:
             # Checked before the first step: unusable ground truth under on_bad_data=error
             # stops here, and what the evaluations will leave out is in the log from the start.
             _ = self.eval_groundtruth
-            periodic = cb.PeriodicEvaluation(
-                self.evaluate, evaluate_every_steps, total_steps, stop_on=(DataError, ConfigError)
-            )
+            periodic = cb.PeriodicEvaluation(self.evaluate, evaluate_every_steps, total_steps)
             callbacks.append(periodic)
         callbacks.append(stop)
         logging.info(
