@@ -55,9 +55,9 @@ _BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
 VARIANTS = {
     "current": None,
     "unfolded_bn": "model.backbone.fold_frozen_bn=false",
-    "roi_gather": "model.roi.align_impl=gather",
+    "roi_gather": "model.roi_aligner.align_impl=gather",
     "rpn_dense_backward": "model.rpn.head_sparse_backward=false",
-    "before": "model.backbone.fold_frozen_bn=false,model.roi.align_impl=gather,"
+    "before": "model.backbone.fold_frozen_bn=false,model.roi_aligner.align_impl=gather,"
     "model.rpn.head_sparse_backward=false",
 }
 
