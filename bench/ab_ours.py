@@ -90,7 +90,7 @@ def stage_outputs(model, features, rois=None):
     """Pyramid P2..P6, RPN logits and deltas, and the box head's outputs on ``rois`` (default:
     the model's own test-time proposals), as NumPy arrays; plus the RoIs used."""
     import tensorflow as tf
-    from fpn_tf.modeling.faster_rcnn import split_inputs
+    from fpn_tf.modeling.image_io import split_inputs
 
     images, _, valid_hw = split_inputs(features)
     pyramid = model.fpn(images, training=False)

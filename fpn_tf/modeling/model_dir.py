@@ -15,10 +15,10 @@ write and what evaluation, export, prediction and ``model.init_checkpoint`` read
   (``ckpt-0`` of a converted model).
 
 `restore_model` restores *every* weight of a model or says which parts are missing: a
-model-only checkpoint is bound to the model's own sub-layers (``fpn``, ``rpn``, ``roi_heads``,
-and a Mask R-CNN's ``mask_heads``, the mask head's path in checkpoints; a compiled model also tracks its optimizer, which such a file does not hold),
-and a sub-layer with no values in the file, or a part the file holds and the model does not,
-is a `ModelDirError` naming it.
+model-only checkpoint is bound to the model's own sub-layers (``fpn``, ``rpn``, ``roi_heads``, a
+Mask R-CNN's ``mask_heads``: its mask head's checkpoint path; a compiled model also tracks its
+optimizer, which such a file does not hold), and a sub-layer with no values in the file, or a
+part the file holds and the model does not, is a `ModelDirError` naming it.
 
 `weight_switches` / `check_same_weight_switches`: the config fields that change what the same
 weights compute (stride placement, BatchNorm epsilon, pixel normalisation, anchors, RoIAlign's
