@@ -391,7 +391,11 @@ def test_old_roi_and_mask_keys_load_as_the_new_sections(tmp_path, caplog):
     assert sum("old keys" in r.getMessage() for r in caplog.records) == 2  # the file, the override
     assert m.roi_sampler.batch_size_per_image == 64
     for aligner in (m.roi_aligner, m.mask_roi_aligner):
-        assert (aligner.aligned, aligner.level_epsilon, aligner.canonical_size) == (False, 1e-6, 112)
+        assert (aligner.aligned, aligner.level_epsilon, aligner.canonical_size) == (
+            False,
+            1e-6,
+            112,
+        )
     assert (m.roi_aligner.output_size, m.mask_roi_aligner.output_size) == (5, 10)
     assert (m.box_head.fc_dims, m.box_head.num_fc, m.box_head.loss_weight) == (32, 3, 2.0)
     assert m.box_head.classifier_layout == "dataset_ids"

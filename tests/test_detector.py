@@ -271,7 +271,11 @@ def test_every_setting_of_the_model_sections_reaches_its_layer():
         assert roi_config[name] == getattr(cfg.model, name).to_dict(), name
     assert roi_config["mask_roi_aligner"] is None and roi_config["mask_head"] is None
     mask_cfg = cfg.model.override(
-        {"architecture": "mask_rcnn", "mask_roi_aligner.canonical_level": 3, "mask_head.num_convs": 1}
+        {
+            "architecture": "mask_rcnn",
+            "mask_roi_aligner.canonical_level": 3,
+            "mask_head.num_convs": 1,
+        }
     )
     mask_config = build_model(mask_cfg, category_ids=[3, 7]).roi_heads.get_config()
     for name in ("roi_sampler", "roi_aligner", "box_head", "detection", "mask_roi_aligner"):
@@ -360,7 +364,7 @@ def test_pad_value_makes_the_padding_zero_after_normalisation():
     mean_rgb = (123.675, 116.28, 103.53)
     assert model.pad_value == mean_rgb
     features, valid = _padded_batch(fill=0.0)
-    images, info = features["images"], features["image_info"]
+    images = features["images"]
     filled = image_io.prepare_inputs(features, model.pad_value)[0].numpy()
     backbone = next(l for l in model.fpn.layers if isinstance(l, keras.Model))
     norm = next(l for l in backbone.layers if l.name == "pixel_normalize")

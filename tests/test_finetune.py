@@ -488,7 +488,9 @@ def test_a_source_made_with_other_switches_is_refused_naming_the_field(source_di
         SOURCE_CATEGORIES,
         **{"model.init_checkpoint": path, "model.roi_aligner.aligned": False},
     )
-    with pytest.raises(InitCheckpointError, match="model.roi_aligner.aligned is False but the weights"):
+    with pytest.raises(
+        InitCheckpointError, match="model.roi_aligner.aligned is False but the weights"
+    ):
         Trainer(cfg, str(tmp_path / "run"))
 
 

@@ -294,3 +294,39 @@ def test_build_roi_heads_sets_the_rows_from_the_layout_and_the_category_ids():
     aligner = heads.box_pooler.config
     assert (aligner.aligned, aligner.level_epsilon) == (False, 1e-6)
     assert heads.detection_config.min_box_size == 0.01
+
+
+def test_pooler_is_one_config_section_and_round_trips():
+    """MultiLevelRoIAlign holds a copy of its RoIAlignerConfig (changing the layer never changes
+    the caller's config), pools as the op with those settings, and serialises as the section."""
+    from fpn_tf.configs.experiment import RoIAlignerConfig
+    from fpn_tf.modeling.poolers import MultiLevelRoIAlign
+
+    rng = np.random.default_rng(9)
+    section = RoIAlignerConfig(output_size=5, aligned=False, level_epsilon=1e-6, max_level=4)
+    pooler = MultiLevelRoIAlign(section, name="pooler")
+    features = _features(rng)
+    rois = tf.constant([PROPOSALS])
+    got = pooler(features, rois)
+    assert pooler.levels == ["P2", "P3", "P4"] and got.shape == (1, 5, 5, 5, 4)
+    want = roi_ops.multilevel_roi_align(
+        {f"P{l}": features[f"P{l}"] for l in range(2, 5)},
+        rois,
+        output_size=5,
+        max_level=4,
+        aligned=False,
+        level_epsilon=1e-6,
+    )
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    pooler.config.align_impl = "gather"
+    assert section.align_impl == "auto"
+    clone = MultiLevelRoIAlign.from_config(pooler.get_config())
+    assert clone.config == pooler.config and clone.get_config() == pooler.get_config()
+
+
+def test_align_impl_and_nms_impl_switch_both_branches():
+    """What the portable export sets on roi_heads reaches the box and the mask pooler."""
+    heads = make_roi_heads(mask={}, align_impl="crop_and_resize", nms_impl="padded")
+    heads.align_impl, heads.nms_impl = "gather", "per_image"
+    assert heads.box_pooler.config.align_impl == heads.mask_pooler.config.align_impl == "gather"
+    assert heads.detection_config.nms_impl == "per_image"

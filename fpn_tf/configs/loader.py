@@ -183,57 +183,48 @@ def parse_params_override(params_override: Union[Override, Iterable[Override]]) 
     return result
 
 
-# The keys of model.roi / model.mask (before they were split by component) -> their sections now.
-# The Eq. 1 / RoIAlign fields of model.roi were the mask branch's too.
-_EQ1 = ("canonical_size", "canonical_level", "min_level", "max_level")
-_EQ1 += ("aligned", "level_epsilon", "align_impl")
+# Where the keys of the sections model.roi / model.mask (before the split by component) live now;
+# model.roi's Eq. 1 / RoIAlign keys were the mask branch's too.
+_EQ1 = "canonical_size canonical_level min_level max_level aligned level_epsilon align_impl"
 _LEGACY_KEYS = {
     "roi": {
-        **{k: ("roi_sampler",) for k in ("batch_size_per_image", "positive_fraction")},
-        "foreground_iou": ("roi_sampler",),
-        **{k: ("roi_aligner", "mask_roi_aligner") for k in _EQ1},
-        **{k: ("roi_aligner",) for k in ("output_size", "sampling_ratio")},
-        **{k: ("box_head",) for k in ("num_fc", "fc_dims", "box_weights", "smooth_l1_beta")},
-        **{k: ("box_head",) for k in ("loss_weight", "classifier_layout")},
+        **dict.fromkeys(
+            "batch_size_per_image positive_fraction foreground_iou".split(), ["roi_sampler"]
+        ),
+        **dict.fromkeys(_EQ1.split(), ["roi_aligner", "mask_roi_aligner"]),
+        **dict.fromkeys(["output_size", "sampling_ratio"], ["roi_aligner"]),
+        **dict.fromkeys(
+            "num_fc fc_dims box_weights smooth_l1_beta loss_weight classifier_layout".split(),
+            ["box_head"],
+        ),
     },
     "mask": {
-        **{k: ("mask_roi_aligner",) for k in ("output_size", "sampling_ratio")},
-        **{k: ("mask_head",) for k in ("num_convs", "conv_dims", "class_agnostic", "loss_weight")},
+        **dict.fromkeys(["output_size", "sampling_ratio"], ["mask_roi_aligner"]),
+        **dict.fromkeys("num_convs conv_dims class_agnostic loss_weight".split(), ["mask_head"]),
     },
 }
 
 
 def translate_legacy_keys(values: Mapping[str, Any], source: str) -> Dict[str, Any]:
-    """``values`` (nested or dotted) with the old ``model.roi.*`` / ``model.mask.*`` keys (an
-    older model directory's params.yaml) moved to their sections now; one warning when any."""
+    """``values`` with the old ``model.roi.*`` / ``model.mask.*`` keys (an older model
+    directory's params.yaml) moved to their sections now; one warning when there are any."""
     values = _expand_dotted(values)
     model = values.get("model")
     if not isinstance(model, Mapping) or not any(k in model for k in _LEGACY_KEYS):
         return values
     model, moved = dict(model), {}
     for old, table in _LEGACY_KEYS.items():
-        section = model.pop(old, None)
-        if section is None:
-            continue
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"model.{old} must be a mapping, got {section!r}", key=f"model.{old}")
-        for key, value in section.items():
+        for key, value in (model.pop(old, None) or {}).items():
             if key not in table:
                 raise ConfigError(
-                    f"Unknown config key 'model.{old}.{key}' (model.{old} is now split into "
-                    f"{', '.join(sorted({s for t in table.values() for s in t}))}).",
-                    key=f"model.{old}.{key}",
+                    f"Unknown config key 'model.{old}.{key}'", key=f"model.{old}.{key}"
                 )
             for new in table[key]:
                 moved = deep_merge(moved, {new: {key: value}})
     logging.getLogger(__name__).warning(
-        "%s: model.roi / model.mask are old keys; read as model.%s",
-        source,
-        ", model.".join(sorted(moved)),
+        "%s: model.roi / model.mask are old keys, read as model.%s", source, ", model.".join(moved)
     )
-    values = dict(values)
-    values["model"] = deep_merge(moved, model)
-    return values
+    return {**values, "model": deep_merge(moved, model)}
 
 
 def load_config(

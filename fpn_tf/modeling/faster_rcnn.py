@@ -97,7 +97,9 @@ class FasterRCNN(MultiLossModel):
         images, _, valid_hw = image_io.prepare_inputs(features, self.pad_value)
         pyramid = self.fpn(images, training=training)
         proposals, rpn_losses = self.rpn(pyramid, valid_hw, labels=labels, training=training)
-        _, roi_losses = self.roi_heads(pyramid, proposals, valid_hw, labels=labels, training=training)
+        _, roi_losses = self.roi_heads(
+            pyramid, proposals, valid_hw, labels=labels, training=training
+        )
         losses = {**rpn_losses, **roi_losses}
         losses["total_loss"] = tf.add_n(list(losses.values()))
         return losses

@@ -295,7 +295,9 @@ class RoIHeads(keras.layers.Layer):
 
     def mask_logits(self, features, rois, classes, training=None):
         """float32 [B, R, M, M]: each RoI's mask logits in the channel of its class (1..C)."""
-        logits = self.mask_head(self.mask_pooler(features, rois, training=training), training=training)
+        logits = self.mask_head(
+            self.mask_pooler(features, rois, training=training), training=training
+        )
         channels = self.mask_head.class_channels(classes)  # [B, R]
         return tf.cast(tf.gather(logits, channels, axis=4, batch_dims=2), tf.float32)
 
