@@ -54,7 +54,7 @@ def _config(architecture):
     cfg = json.loads(json.dumps(CONFIG))
     cfg["model"]["architecture"] = architecture
     if architecture == "mask_rcnn":
-        cfg["model"]["mask"] = {"num_convs": 1, "conv_dims": 16}
+        cfg["model"]["mask_head"] = {"num_convs": 1, "conv_dims": 16}
     return ExperimentConfig.from_dict(cfg)
 
 

@@ -162,13 +162,22 @@ class MaskRCNN(FasterRCNN):
         # The mask head's checkpoint path is model/mask_heads/head (as well as
         # model/roi_heads/mask_head): checkpoints and converted model directories that hold it
         # there restore, and this model's checkpoints restore in code that reads it there.
-        self.mask_heads = _CheckpointPath(head=roi_heads.mask_head)
+        self.mask_heads = _CheckpointPath(roi_heads.mask_head, roi_heads.mask_pooler.config)
 
 
 class _CheckpointPath(keras.layers.Layer):
-    """No computation: holds the mask head at the attribute ``head``, its checkpoint name."""
+    """No computation: holds the mask head at the attribute ``head``, its checkpoint name, and
+    the mask pooler's ``align_impl`` (which `fpn_tf.serving.portable` switches here too)."""
 
-    def __init__(self, head):
+    def __init__(self, head, aligner_config):
         super().__init__(name="mask_heads")
-        self.head = head
+        self.head, self._aligner_config = head, aligner_config
         self.built = True
+
+    @property
+    def align_impl(self) -> str:
+        return self._aligner_config.align_impl
+
+    @align_impl.setter
+    def align_impl(self, value: str):
+        self._aligner_config.align_impl = value
