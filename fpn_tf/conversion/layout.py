@@ -10,9 +10,8 @@ layout, so the converted model computes the same numbers (no config switch neede
   a permutation of the kernel's input rows;
 * the mask head's transposed conv: torch ``ConvTranspose2d`` ``[in, out, kh, kw]`` -> Keras
   ``Conv2DTranspose`` ``[kh, kw, out, in]``, the same axis permutation as a conv kernel and no
-  spatial flip (both are the adjoint of the same correlation; on random inputs torch's
-  ``conv_transpose2d`` and Keras' layer agree to 0.0 for 2x2 stride-2 and 3x3 stride-1 kernels,
-  and differ by up to 15 with the 2x2 kernel flipped: tests/test_reference_torchvision.py);
+  spatial flip (both are the adjoint of the same correlation; tests/test_reference_torchvision.py
+  compares the two layers);
 * output channels (classifier rows, mask channels) picked or reordered by index (`pick_rows`),
   a channel the source lacks set to zeros (detectron2's 80 masks have no background channel,
   ours has an unused channel 0).
