@@ -55,9 +55,9 @@ _BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
 VARIANTS = {
     "current": None,
     "unfolded_bn": "model.backbone.fold_frozen_bn=false",
-    "roi_gather": "model.roi.align_impl=gather",
+    "roi_gather": "model.roi_aligner.align_impl=gather",
     "rpn_dense_backward": "model.rpn.head_sparse_backward=false",
-    "before": "model.backbone.fold_frozen_bn=false,model.roi.align_impl=gather,"
+    "before": "model.backbone.fold_frozen_bn=false,model.roi_aligner.align_impl=gather,"
     "model.rpn.head_sparse_backward=false",
 }
 
@@ -90,7 +90,7 @@ def stage_outputs(model, features, rois=None):
     """Pyramid P2..P6, RPN logits and deltas, and the box head's outputs on ``rois`` (default:
     the model's own test-time proposals), as NumPy arrays; plus the RoIs used."""
     import tensorflow as tf
-    from fpn_tf.modeling.faster_rcnn import split_inputs
+    from fpn_tf.modeling.image_io import split_inputs
 
     images, _, valid_hw = split_inputs(features)
     pyramid = model.fpn(images, training=False)

@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -140,7 +141,13 @@ def main(argv):
     fpn = model.fpn
     backbone = [l for l in fpn.layers if isinstance(l, keras.Model)][0]
     pyramid_layer = fpn.get_layer("feature_pyramid")
-    rp, rr = model.rpn, model.roi_heads
+    rp, heads = model.rpn, model.roi_heads
+    # The RoI settings by field name (each config section of the RoI heads).
+    rr = types.SimpleNamespace(
+        **heads.sampler_config.to_dict(),
+        **heads.box_pooler.config.to_dict(),
+        **heads.box_config.to_dict(),
+    )
     want = set(FLAGS.stages)
     results = []
 
@@ -228,8 +235,9 @@ def main(argv):
     )
     roi_t = sample()
     stage("sample_rois", sample, "train")
-    feats = {lvl: pyr[lvl] for lvl in model.roi_heads.levels}
-    roi_min_level, roi_max_level = (int(model.roi_heads.levels[i][1:]) for i in (0, -1))
+    levels = heads.box_pooler.levels
+    feats = {lvl: pyr[lvl] for lvl in levels}
+    roi_min_level, roi_max_level = (int(levels[i][1:]) for i in (0, -1))
 
     def align(rois):
         return roi_ops.multilevel_roi_align(
@@ -269,7 +277,7 @@ def main(argv):
         ),
         "train",
     )
-    d = model.roi_heads
+    d = model.roi_heads.detection_config
     stage(
         "postprocess_detections",
         tf.function(

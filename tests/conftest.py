@@ -18,8 +18,8 @@ TINY_OVERRIDES = {
     "model.backbone.widths": [8, 16, 16, 32],
     "model.backbone.stem_width": 8,
     "model.fpn.num_channels": 16,
-    "model.roi.fc_dims": 32,
-    "model.roi.batch_size_per_image": 32,
+    "model.box_head.fc_dims": 32,
+    "model.roi_sampler.batch_size_per_image": 32,
     "model.rpn.pre_nms_top_k_train": 200,
     "model.rpn.post_nms_top_k_train": 100,
     "model.rpn.pre_nms_top_k_test": 100,
@@ -52,3 +52,30 @@ def tiny_config(tmp_path):
     overrides["train_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
     overrides["eval_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
     return load_config("configs/cpu_demo.yaml", overrides)
+
+
+_BOX_SECTIONS = ("roi_sampler", "roi_aligner", "box_head", "detection")
+
+
+def make_roi_heads(num_classes=3, mask=None, classifier_rows=None, name=None, **settings):
+    """`RoIHeads` of the default config sections with ``settings`` (field names, each set in
+    the box branch's section that has it) and, with ``mask`` (a dict of ``mask_head`` /
+    ``mask_roi_aligner`` fields, ``{}`` for the defaults), a mask branch."""
+    from fpn_tf.configs.experiment import ModelConfig
+    from fpn_tf.modeling.roi_heads import RoIHeads
+
+    model = ModelConfig()
+    for key, value in settings.items():
+        section = next(s for s in _BOX_SECTIONS if hasattr(getattr(model, s), key))
+        setattr(getattr(model, section), key, value)
+    for key, value in (mask or {}).items():
+        section = "mask_head" if hasattr(model.mask_head, key) else "mask_roi_aligner"
+        setattr(getattr(model, section), key, value)
+    return RoIHeads(
+        num_classes,
+        *(getattr(model, s) for s in _BOX_SECTIONS),
+        mask_roi_aligner=None if mask is None else model.mask_roi_aligner,
+        mask_head=None if mask is None else model.mask_head,
+        classifier_rows=classifier_rows,
+        **({} if name is None else {"name": name}),
+    )

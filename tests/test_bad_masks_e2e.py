@@ -95,8 +95,8 @@ def _overrides(train_json, eval_json, image_dir):
     overrides = {k: v for k, v in TINY_OVERRIDES.items() if ".synthetic." not in k}
     overrides.update(
         {
-            "model.mask.num_convs": 1,
-            "model.mask.conv_dims": 8,
+            "model.mask_head.num_convs": 1,
+            "model.mask_head.conv_dims": 8,
             # Every class on every image: the hang needs a detection to meet the bad mask.
             "model.detection.score_threshold": 0.0,
             "train_data.mask_crop_size": 14,

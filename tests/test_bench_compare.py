@@ -45,7 +45,7 @@ def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree(
             params_override=(
                 "model.backbone.type=small_resnet,model.backbone.freeze_bn=true,"
                 "model.backbone.widths=[8,8,16,16],model.backbone.stem_width=8,"
-                "model.fpn.num_channels=16,model.rpn.head_channels=16,model.roi.fc_dims=32,"
+                "model.fpn.num_channels=16,model.rpn.head_channels=16,model.box_head.fc_dims=32,"
                 "model.num_classes=3," + override
             ),
             validate=False,
@@ -53,9 +53,9 @@ def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree(
         return build_model(cfg.model, input_shape=(64, 96, 3))
 
     keras.utils.set_random_seed(1)
-    unfolded = build("model.backbone.fold_frozen_bn=false,model.roi.align_impl=gather")
+    unfolded = build("model.backbone.fold_frozen_bn=false,model.roi_aligner.align_impl=gather")
     keras.utils.set_random_seed(2)  # different initial weights: the copy must make them equal
-    folded = build("model.roi.align_impl=crop_and_resize")
+    folded = build("model.roi_aligner.align_impl=crop_and_resize")
     bn = [v for v in unfolded.weights if v.path.endswith("_bn/moving_variance")]
     assert len(bn) > 10
     for v in bn:
@@ -70,4 +70,4 @@ def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree(
     for key in ref:
         np.testing.assert_allclose(out[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
     with pytest.raises(ValueError, match="no weight for"):
-        ab_ours.copy_weights(build("model.roi.fc_dims=16"), folded)
+        ab_ours.copy_weights(build("model.box_head.fc_dims=16"), folded)

@@ -48,19 +48,17 @@ def test_defaults_are_the_papers_numbers():
     assert (c.model.rpn.batch_size_per_image, c.model.rpn.positive_fraction) == (256, 0.5)
     assert (c.model.rpn.pre_nms_top_k_train, c.model.rpn.post_nms_top_k_test) == (2000, 1000)
     assert c.model.rpn.smooth_l1_beta == pytest.approx(1 / 9)
-    assert (c.model.roi.batch_size_per_image, c.model.roi.positive_fraction) == (512, 0.25)
-    assert (c.model.roi.canonical_size, c.model.roi.canonical_level) == (224, 4)
-    assert (c.model.roi.min_level, c.model.roi.max_level, c.model.roi.output_size) == (2, 5, 7)
-    assert c.model.roi.fc_dims == 1024 and c.model.roi.box_weights == [10, 10, 5, 5]
+    sampler, aligner = c.model.roi_sampler, c.model.roi_aligner
+    assert (sampler.batch_size_per_image, sampler.positive_fraction) == (512, 0.25)
+    assert (aligner.canonical_size, aligner.canonical_level) == (224, 4)
+    assert (aligner.min_level, aligner.max_level, aligner.output_size) == (2, 5, 7)
+    assert c.model.box_head.fc_dims == 1024 and c.model.box_head.box_weights == [10, 10, 5, 5]
     assert c.model.detection.score_threshold == 0.05 and c.model.detection.max_detections == 100
     assert c.model.architecture == "faster_rcnn"  # Mask R-CNN (He et al. 2017) when "mask_rcnn"
-    mask = c.model.mask
-    assert (mask.output_size, mask.sampling_ratio, mask.num_convs, mask.conv_dims) == (
-        14,
-        2,
-        4,
-        256,
-    )
+    mask_aligner, mask = c.model.mask_roi_aligner, c.model.mask_head
+    assert (mask_aligner.output_size, mask_aligner.sampling_ratio) == (14, 2)
+    assert mask_aligner.to_dict() == dict(aligner.to_dict(), output_size=14)
+    assert (mask.num_convs, mask.conv_dims) == (4, 256)
     assert not mask.class_agnostic and mask.loss_weight == 1.0
     data = c.train_data
     assert (data.short_side, data.max_long_side, data.global_batch_size) == (800, 1333, 16)
@@ -89,7 +87,7 @@ def test_coco_yamls():
 def test_cpu_demo_yaml():
     c = load_config(DEMO)
     assert c.model.backbone.type == "small_resnet" and c.model.fpn.num_channels == 128
-    assert c.model.roi.fc_dims == 256 and c.model.roi.batch_size_per_image == 128
+    assert c.model.box_head.fc_dims == 256 and c.model.roi_sampler.batch_size_per_image == 128
     assert (c.model.rpn.post_nms_top_k_train, c.model.rpn.post_nms_top_k_test) == (1000, 500)
     data = c.train_data
     assert (data.short_side, data.max_long_side, data.global_batch_size) == (320, 512, 4)
@@ -206,10 +204,10 @@ def test_wrong_types():
         ("model.rpn.positive_iou=1.5", "model.rpn.positive_iou"),
         ("model.rpn.negative_iou=-0.1", "model.rpn.negative_iou"),
         ("model.rpn.negative_iou=0.8", "model.rpn.negative_iou"),
-        ("model.roi.foreground_iou=2", "model.roi.foreground_iou"),
+        ("model.roi_sampler.foreground_iou=2", "model.roi_sampler.foreground_iou"),
         ("model.detection.nms_iou=1.01", "model.detection.nms_iou"),
         ("model.rpn.positive_fraction=0", "model.rpn.positive_fraction"),
-        ("model.roi.positive_fraction=1.5", "model.roi.positive_fraction"),
+        ("model.roi_sampler.positive_fraction=1.5", "model.roi_sampler.positive_fraction"),
         ("train_data.annotation_file=null", "train_data.annotation_file"),
         ("eval_data.source=tfrecord", "eval_data.file_pattern"),
         ("train_data.global_batch_size=0", "train_data.global_batch_size"),
@@ -217,7 +215,7 @@ def test_wrong_types():
         ("train.momentum=1.0", "train.momentum"),
         ("model.anchor.sizes=[32,64]", "model.anchor.sizes"),
         ("model.fpn.levels_used=[P7]", "model.fpn.levels_used[0]"),
-        ("model.roi.max_level=7", "model.roi.max_level"),
+        ("model.roi_aligner.max_level=7", "model.roi_aligner.max_level"),
         ("model.backbone.freeze_at=6", "model.backbone.freeze_at"),
         ("train_data.max_long_side=100", "train_data.max_long_side"),
         (
@@ -363,3 +361,45 @@ def test_runtime_dtype_policy():
     assert ExperimentConfig().runtime.dtype_policy() is None
     c = ExperimentConfig().override({"runtime.mixed_precision": "float16"})
     assert c.runtime.dtype_policy() == "mixed_float16"
+
+
+def test_old_roi_and_mask_keys_load_as_the_new_sections(tmp_path, caplog):
+    """A params.yaml written before model.roi / model.mask were split (an older model
+    directory) loads: each key lands in its section now (the Eq. 1 / RoIAlign ones in both
+    aligners, which shared them), with one warning; the same holds for params_override."""
+    old = {
+        "model": {
+            "architecture": "mask_rcnn",
+            "roi": {
+                "batch_size_per_image": 64,
+                "aligned": False,
+                "level_epsilon": 1e-6,
+                "canonical_size": 112,
+                "output_size": 5,
+                "fc_dims": 32,
+                "classifier_layout": "dataset_ids",
+                "loss_weight": 2.0,
+            },
+            "mask": {"output_size": 10, "num_convs": 1, "loss_weight": 3.0},
+            "detection": {"score_threshold": 0.3},
+        }
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING"):
+        m = load_config(str(path), "model.roi.num_fc=3,model.mask.conv_dims=8").model
+    assert sum("old keys" in r.getMessage() for r in caplog.records) == 2  # the file, the override
+    assert m.roi_sampler.batch_size_per_image == 64
+    for aligner in (m.roi_aligner, m.mask_roi_aligner):
+        assert (aligner.aligned, aligner.level_epsilon, aligner.canonical_size) == (
+            False,
+            1e-6,
+            112,
+        )
+    assert (m.roi_aligner.output_size, m.mask_roi_aligner.output_size) == (5, 10)
+    assert (m.box_head.fc_dims, m.box_head.num_fc, m.box_head.loss_weight) == (32, 3, 2.0)
+    assert m.box_head.classifier_layout == "dataset_ids"
+    assert (m.mask_head.num_convs, m.mask_head.conv_dims, m.mask_head.loss_weight) == (1, 8, 3.0)
+    assert m.detection.score_threshold == 0.3
+    with pytest.raises(ConfigError, match="model.roi.nope"):
+        load_config(None, "model.roi.nope=1")

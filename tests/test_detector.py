@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import (
-    AnchorConfig,
-    DetectionConfig,
-    ExperimentConfig,
-    RoIConfig,
-    RPNConfig,
-)
+from conftest import make_roi_heads
+from fpn_tf.configs.experiment import AnchorConfig, ExperimentConfig, RPNConfig
 from fpn_tf.modeling.backbones import build_backbone
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.modeling.faster_rcnn import LOSS_NAMES, FasterRCNN
+from fpn_tf.modeling import image_io
 from fpn_tf.modeling.fpn import build_fpn_model
-from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
 from fpn_tf.ops import box_ops
 
@@ -62,15 +57,9 @@ def tiny_rpn(levels=("P2", "P3", "P4", "P5", "P6"), sizes=(16, 32, 64, 128, 256)
     )
 
 
-def tiny_roi_heads(num_classes=3, **overrides):
-    settings = {
-        **RoIConfig().to_dict(),
-        **DetectionConfig().to_dict(),
-        "fc_dims": 128,
-        "batch_size_per_image": 64,
-        **overrides,
-    }
-    return RoIHeads(num_classes=num_classes, **settings)
+def tiny_roi_heads(num_classes=3, mask=None, **overrides):
+    settings = {"fc_dims": 128, "batch_size_per_image": 64, **overrides}
+    return make_roi_heads(num_classes, mask=mask, **settings)
 
 
 def tiny_fpn(size=128, num_channels=32, widths=(16, 32, 64, 64), stem_width=16):
@@ -205,8 +194,10 @@ def test_rejects_inconsistent_arguments():
         tiny_rpn(["P2", "P3"], [32, 64, 128])
     with pytest.raises(ValueError, match="category ids"):
         FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2), category_ids=[1, 2, 3])
-    with pytest.raises(ValueError, match="no pyramid level in roi.min_level..max_level"):
+    with pytest.raises(ValueError, match="no pyramid level in min_level..max_level"):
         FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2, min_level=7, max_level=8))
+    with pytest.raises(ValueError, match="without a mask branch"):
+        FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2, mask={}))
 
 
 def test_builds_from_the_cpu_demo_config():
@@ -223,7 +214,7 @@ def test_builds_from_the_cpu_demo_config():
         "P6": (256.0,),
     }
     assert model.roi_heads.box_head.fc_dims == 256
-    assert model.roi_heads.batch_size_per_image == 128
+    assert model.roi_heads.sampler_config.batch_size_per_image == 128
     out = model(
         {
             "images": tf.zeros((1, 320, 480, 3)),
@@ -234,8 +225,8 @@ def test_builds_from_the_cpu_demo_config():
 
 
 def test_every_setting_of_the_model_sections_reaches_its_layer():
-    """Each field of model.rpn / model.roi / model.detection is a keyword argument of its layer,
-    kept in its get_config (nms_impl included)."""
+    """Each field of model.rpn and of the RoI sections reaches its layer and is kept in its
+    get_config (nms_impl included)."""
     cfg = ExperimentConfig.from_dict(
         {
             "model": {
@@ -249,13 +240,14 @@ def test_every_setting_of_the_model_sections_reaches_its_layer():
                     "nms_per_level": True,
                     "positive_iou_inclusive": True,
                 },
-                "roi": {
+                "roi_sampler": {"batch_size_per_image": 32, "foreground_iou": 0.6},
+                "roi_aligner": {
                     "sampling_ratio": 0,
                     "align_impl": "gather",
                     "aligned": False,
                     "level_epsilon": 1e-6,
-                    "classifier_layout": "dataset_ids",
                 },
+                "box_head": {"classifier_layout": "dataset_ids", "smooth_l1_beta": 0.5},
                 "detection": {"nms_impl": "combined", "max_detections": 33, "min_box_size": 0.01},
             }
         }
@@ -269,13 +261,22 @@ def test_every_setting_of_the_model_sections_reaches_its_layer():
     # The dataset's ids place the classifier rows: background, 3, 7 (8 rows).
     assert roi_config["classifier_rows"] == [0, 3, 7]
     assert model.roi_heads.box_head.classifier.units == 8
-    for section, config in (
-        (cfg.model.rpn, rpn_config["config"]),
-        (cfg.model.roi, roi_config),
-        (cfg.model.detection, roi_config),
-    ):
-        for name, value in section.to_dict().items():
-            assert config[name] == value, name
+    for name, value in cfg.model.rpn.to_dict().items():
+        assert rpn_config["config"][name] == value, name
+    for name in ("roi_sampler", "roi_aligner", "box_head", "detection"):
+        assert roi_config[name] == getattr(cfg.model, name).to_dict(), name
+    assert roi_config["mask_roi_aligner"] is None and roi_config["mask_head"] is None
+    mask_cfg = cfg.model.override(
+        {
+            "architecture": "mask_rcnn",
+            "mask_roi_aligner.canonical_level": 3,
+            "mask_head.num_convs": 1,
+        }
+    )
+    mask_config = build_model(mask_cfg, category_ids=[3, 7]).roi_heads.get_config()
+    for name in ("roi_sampler", "roi_aligner", "box_head", "detection", "mask_roi_aligner"):
+        assert mask_config[name] == getattr(mask_cfg, name).to_dict(), name
+    assert mask_config["mask_head"] == mask_cfg.mask_head.to_dict()
     assert model.rpn.nms_impl == "padded" and model.roi_heads.nms_impl == "combined"
     out = model(tf.zeros((1, 64, 96, 3)))  # adaptive RoIAlign runs end to end
     assert out["detection_boxes"].shape == (1, 33, 4)
@@ -329,7 +330,8 @@ def _pad_model():
                 "fpn": {"num_channels": 16},
                 "anchor": {"sizes": [16, 32, 64, 128, 256]},
                 "rpn": {"pre_nms_top_k_test": 200, "post_nms_top_k_test": 50},
-                "roi": {"fc_dims": 32, "batch_size_per_image": 32},
+                "box_head": {"fc_dims": 32},
+                "roi_sampler": {"batch_size_per_image": 32},
                 "detection": {"score_threshold": 0.0},
             }
         }
@@ -358,8 +360,8 @@ def test_pad_value_makes_the_padding_zero_after_normalisation():
     mean_rgb = (123.675, 116.28, 103.53)
     assert model.pad_value == mean_rgb
     features, valid = _padded_batch(fill=0.0)
-    images, info = features["images"], features["image_info"]
-    filled = model.fill_padding(images, info, tf.constant(info[:, 1])).numpy()
+    images = features["images"]
+    filled = image_io.prepare_inputs(features, model.pad_value)[0].numpy()
     backbone = next(l for l in model.fpn.layers if isinstance(l, keras.Model))
     norm = next(l for l in backbone.layers if l.name == "pixel_normalize")
     normalised = keras.Model(backbone.input, norm.output)(filled).numpy()  # what conv1 sees
@@ -377,7 +379,7 @@ def test_pad_value_makes_the_padding_zero_after_normalisation():
             atol=1e-5,
         )
     # Without image_info the whole image is valid: nothing changes.
-    np.testing.assert_array_equal(model.fill_padding(images, None, None), images)
+    np.testing.assert_array_equal(image_io.prepare_inputs(images, model.pad_value)[0], images)
     # The kwarg travels with the model's config; a wrong length is refused.
     assert FasterRCNN.from_config(model.get_config()).pad_value == mean_rgb
     with pytest.raises(ValueError, match="pad_value"):

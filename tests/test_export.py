@@ -52,7 +52,9 @@ CONFIG = {
         "fpn": {"num_channels": 32},
         "anchor": {"sizes": [16, 32, 64, 128, 256]},
         "rpn": {"pre_nms_top_k_test": 300, "post_nms_top_k_test": 100},
-        "roi": {"fc_dims": 128, "canonical_size": 112},
+        "box_head": {"fc_dims": 128},
+        "roi_aligner": {"canonical_size": 112},
+        "mask_roi_aligner": {"canonical_size": 112},
         "detection": {"score_threshold": 0.5},
     },
     "eval_data": {"short_side": SHORT, "max_long_side": LONG, "pad_multiple": MULTIPLE},
@@ -542,7 +544,7 @@ def test_load_model_says_what_is_missing_or_wrong(model_dir, tmp_path):
     with pytest.raises(ModelDirError, match="no checkpoint found"):
         load_model(str(tmp_path))
     with pytest.raises(ModelDirError, match="does not hold every weight of this model.*fc3"):
-        load_model(path, params_override="model.roi.num_fc=3")
+        load_model(path, params_override="model.box_head.num_fc=3")
     with pytest.raises(ModelDirError, match="does not hold every weight of this model"):
         load_model(path, params_override="model.fpn.num_channels=16")
     with pytest.raises(ModelDirError, match="holds no weights for this model's mask_heads"):

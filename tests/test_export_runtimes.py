@@ -54,7 +54,7 @@ def _config(architecture):
     cfg = json.loads(json.dumps(CONFIG))
     cfg["model"]["architecture"] = architecture
     if architecture == "mask_rcnn":
-        cfg["model"]["mask"] = {"num_convs": 1, "conv_dims": 16}
+        cfg["model"]["mask_head"] = {"num_convs": 1, "conv_dims": 16}
     return ExperimentConfig.from_dict(cfg)
 
 
@@ -71,8 +71,8 @@ def _model(architecture, seed=0):
     bias = classifier.bias.numpy()
     bias[0] += BACKGROUND_BIAS.get(architecture, 0.0)
     classifier.bias.assign(bias)
-    if model.mask_heads is not None:
-        predictor = model.mask_heads.head.predictor
+    if model.roi_heads.mask_head is not None:
+        predictor = model.roi_heads.mask_head.predictor
         predictor.kernel.assign(predictor.kernel * 30.0)
     return model
 

@@ -235,7 +235,7 @@ def test_backbone_module_takes_only_the_backbone_even_into_another_detector(sour
             "model.init_checkpoint": path,
             "model.init_checkpoint_modules": "backbone",
             "model.fpn.num_channels": 24,  # another pyramid and head: not taken
-            "model.roi.fc_dims": 48,
+            "model.box_head.fc_dims": 48,
         },
     )
     trainer = Trainer(cfg, str(tmp_path / "run"))
@@ -486,9 +486,11 @@ def test_a_source_made_with_other_switches_is_refused_naming_the_field(source_di
     cfg = make_config(
         str(tmp_path / "data"),
         SOURCE_CATEGORIES,
-        **{"model.init_checkpoint": path, "model.roi.aligned": False},
+        **{"model.init_checkpoint": path, "model.roi_aligner.aligned": False},
     )
-    with pytest.raises(InitCheckpointError, match="model.roi.aligned is False but the weights"):
+    with pytest.raises(
+        InitCheckpointError, match="model.roi_aligner.aligned is False but the weights"
+    ):
         Trainer(cfg, str(tmp_path / "run"))
 
 

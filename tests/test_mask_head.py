@@ -1,6 +1,6 @@
-"""fpn_tf.modeling.mask_head: the Mask R-CNN head (shapes, channel layouts, initialisation), the
-mask loss against NumPy on planted logits, the targets of known geometry through the branch,
-inference masks, a tiny Mask R-CNN that learns its masks, mixed precision, and the box-only
+"""The mask branch: the Mask R-CNN head (shapes, channel layouts, initialisation), RoIHeads' mask
+loss against NumPy on planted logits, the targets of known geometry through the branch,
+inference masks, a tiny MaskRCNN that learns its masks, mixed precision, and the box-only
 detector unchanged."""
 
 import keras
@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import ExperimentConfig, MaskConfig, RoIConfig
+from conftest import make_roi_heads
+from fpn_tf.configs.experiment import ExperimentConfig
+from fpn_tf.modeling import MaskRCNN, RoIHeads
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.modeling.faster_rcnn import LOSS_NAMES, MASK_LOSS_NAMES, FasterRCNN
-from fpn_tf.modeling.mask_head import EQ1_FIELDS, MaskHeads, MaskRCNNHead
+from fpn_tf.modeling.mask_head import MaskRCNNHead
 from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.ops.target_assigner import RoiTargets
@@ -20,16 +22,19 @@ from test_detector import CATEGORY_IDS, fixed_batch, tiny_fpn, tiny_roi_heads, t
 ROWS = [0, 5, 9, 11]  # torchvision-style rows of background and classes 1..3
 
 
-def _mask_heads(num_classes=3, **overrides):
-    roi = RoIConfig().to_dict()
-    settings = {
-        **MaskConfig().to_dict(),
-        **{k: roi[k] for k in EQ1_FIELDS},
-        "conv_dims": 16,
-        "num_convs": 2,
-        **overrides,
-    }
-    return MaskHeads(num_classes=num_classes, **settings)
+def _mask_heads(num_classes=3, classifier_rows=None, name=None, **overrides):
+    """RoI heads with a mask branch whose sampler keeps F = 6 foreground rows (8 * 0.75)."""
+    layout = "contiguous" if classifier_rows is None else "dataset_ids"
+    return make_roi_heads(
+        num_classes,
+        mask={"conv_dims": 16, "num_convs": 2, **overrides},
+        classifier_rows=classifier_rows,
+        name=name,
+        batch_size_per_image=8,
+        positive_fraction=0.75,
+        fc_dims=16,
+        classifier_layout=layout,
+    )
 
 
 def _features(seed=0, channels=8, image=128):
@@ -43,9 +48,9 @@ def _features(seed=0, channels=8, image=128):
 
 
 def _plant(heads, logits):
-    """Make ``heads.head`` return ``logits`` [B, R, 28, 28, K] whatever it is given."""
+    """Make ``heads.mask_head`` return ``logits`` [B, R, 28, 28, K] whatever it is given."""
     planted = tf.constant(logits, tf.float32)
-    heads.head.call = lambda x: tf.cast(planted, x.dtype)
+    heads.mask_head.call = lambda x: tf.cast(planted, x.dtype)
 
 
 # ------------------------------------------------------------------------------------ the head
@@ -162,7 +167,7 @@ def _np_bce(targets, logits):
 
 def test_square_rois_over_a_square_mask_give_the_expected_targets():
     heads = _mask_heads()
-    rois, classes, fg, targets = heads.targets(_roi_targets(), _gt_masks(), max_foreground=6)
+    rois, classes, fg, targets = heads.mask_targets(_roi_targets(), _gt_masks())
     assert targets.shape == (1, 6, 28, 28) and rois.shape == (1, 6, 4)
     t = targets.numpy()[0]
     # RoI 0 = [32, 72): bin centres 32 + (j + 0.5) * 40 / 28 < 64 for j <= 21.
@@ -183,14 +188,14 @@ def test_square_rois_over_a_square_mask_give_the_expected_targets():
 def test_loss_equals_numpy_bce_of_the_gt_class_channel_over_foreground_pixels():
     heads = _mask_heads(loss_weight=0.7)
     features, labels, roi_targets = _features(), _gt_masks(), _roi_targets()
-    _, _, _, targets = heads.targets(roi_targets, labels, max_foreground=6)
+    _, _, _, targets = heads.mask_targets(roi_targets, labels)
     t = targets.numpy()[0]  # [6, 28, 28]
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=3.0, size=(1, 6, 28, 28, 4)).astype(np.float32)
     _plant(heads, logits)
 
     def loss():
-        out = heads.compute_loss(features, roi_targets, labels, max_foreground=6)["mask_loss"]
+        out = heads.mask_loss(features, roi_targets, labels)["mask_loss"]
         assert out.dtype == tf.float32 and out.shape == ()
         return float(out)
 
@@ -229,11 +234,11 @@ def test_classifier_rows_and_class_agnostic_losses_read_their_channel():
         ({"class_agnostic": True}, 1, {2: 0, 3: 0}),
     ):
         heads = _mask_heads(**overrides)
-        _, _, _, targets = heads.targets(roi_targets, labels, max_foreground=6)
+        _, _, _, targets = heads.mask_targets(roi_targets, labels)
         t = targets.numpy()[0]
         logits = rng.normal(scale=3.0, size=(1, 6, 28, 28, k)).astype(np.float32)
         _plant(heads, logits)
-        got = heads.compute_loss(features, roi_targets, labels, max_foreground=6)["mask_loss"]
+        got = heads.mask_loss(features, roi_targets, labels)["mask_loss"]
         rows = [(0, 2), (1, 2), (2, 3)]
         want = np.mean([_np_bce(t[r], logits[0, r, :, :, channel[c]]) for r, c in rows])
         assert float(got) == pytest.approx(want, rel=1e-5), overrides
@@ -244,8 +249,8 @@ def test_no_foreground_gives_a_finite_zero_loss_and_gradient():
     features, labels = _features(), _gt_masks()
     roi_targets = _roi_targets(foreground=np.zeros((1, 8), bool))
     with tf.GradientTape() as tape:
-        loss = heads.compute_loss(features, roi_targets, labels, max_foreground=6)["mask_loss"]
-    grads = tape.gradient(loss, heads.trainable_variables)
+        loss = heads.mask_loss(features, roi_targets, labels)["mask_loss"]
+    grads = tape.gradient(loss, heads.mask_head.trainable_variables)
     assert float(loss) == 0.0 and np.isfinite(float(loss))
     assert all(np.isfinite(g.numpy()).all() and not g.numpy().any() for g in grads)
 
@@ -256,9 +261,9 @@ def test_the_real_head_trains_on_the_targets():
     heads = _mask_heads()
     features, labels, roi_targets = _features(), _gt_masks(), _roi_targets()
     with tf.GradientTape() as tape:
-        loss = heads.compute_loss(features, roi_targets, labels, max_foreground=6)["mask_loss"]
+        loss = heads.mask_loss(features, roi_targets, labels)["mask_loss"]
     assert float(loss) == pytest.approx(np.log(2.0), abs=0.01)
-    grads = tape.gradient(loss, heads.trainable_variables)
+    grads = tape.gradient(loss, heads.mask_head.trainable_variables)
     assert len(grads) == 2 * (2 + 2) and all(np.abs(g.numpy()).sum() > 0 for g in grads)
 
 
@@ -285,7 +290,7 @@ def test_predict_is_the_sigmoid_of_each_detections_class_channel():
         heads.build({k_: v.shape for k_, v in features.items()})
         logits = rng.normal(scale=2.0, size=(1, 5, 28, 28, k)).astype(np.float32)
         _plant(heads, logits)
-        masks = heads.predict(features, detections).numpy()
+        masks = heads.predict_masks(features, detections).numpy()
         assert masks.shape == (1, 5, 28, 28) and masks.dtype == np.float32
         for r, c in enumerate(channels):
             want = 1.0 / (1.0 + np.exp(-logits[0, r, :, :, c]))
@@ -293,13 +298,20 @@ def test_predict_is_the_sigmoid_of_each_detections_class_channel():
         assert not masks[0, 3:].any()
 
 
-def test_mask_heads_config_round_trip():
-    heads = _mask_heads(classifier_rows=ROWS, sampling_ratio=0, name="mask_heads")
+def test_mask_branch_config_round_trip():
+    heads = _mask_heads(classifier_rows=ROWS, sampling_ratio=0, name="roi_heads")
     features = _features()
     heads.build({k: v.shape for k, v in features.items()})
     config = heads.get_config()
-    assert config["classifier_rows"] == ROWS and config["output_size"] == 14
-    clone = MaskHeads.from_config(config)
+    assert config["classifier_rows"] == ROWS and config["mask_roi_aligner"]["output_size"] == 14
+    assert config["mask_roi_aligner"]["sampling_ratio"] == 0
+    assert config["mask_head"] == {
+        "num_convs": 2,
+        "conv_dims": 16,
+        "class_agnostic": False,
+        "loss_weight": 1.0,
+    }
+    clone = RoIHeads.from_config(config)
     assert clone.get_config() == config
     clone.build({k: v.shape for k, v in features.items()})
     clone.set_weights(heads.get_weights())
@@ -310,7 +322,7 @@ def test_mask_heads_config_round_trip():
         tf.constant([1]),
     )
     np.testing.assert_array_equal(
-        heads.predict(features, detections), clone.predict(features, detections)
+        heads.predict_masks(features, detections), clone.predict_masks(features, detections)
     )
 
 
@@ -351,13 +363,8 @@ def disc_batch(size=128):
 
 
 def tiny_mask_model(size=128):
-    return FasterRCNN(
-        tiny_fpn(size),
-        tiny_rpn(),
-        tiny_roi_heads(),
-        mask_heads=_mask_heads(conv_dims=32, num_convs=4, name="mask_heads"),
-        category_ids=CATEGORY_IDS,
-    )
+    heads = tiny_roi_heads(mask={"conv_dims": 32, "num_convs": 4}, name="roi_heads")
+    return MaskRCNN(tiny_fpn(size), tiny_rpn(), heads, category_ids=CATEGORY_IDS)
 
 
 def test_a_tiny_mask_rcnn_learns_its_masks():
@@ -387,7 +394,7 @@ def test_call_returns_box_relative_masks_with_zeros_beyond_num_detections():
     assert out["detection_masks"].shape == (2, 100, 28, 28)
     # Untrained, every class scores ~1/4 > 0.05: 100 detections. Raise the threshold to the
     # median score of image 0 so that rows beyond num_detections exist.
-    model.roi_heads.score_threshold = float(np.median(out["detection_scores"][0]))
+    model.roi_heads.detection_config.score_threshold = float(np.median(out["detection_scores"][0]))
     out = {k: v.numpy() for k, v in model(features).items()}  # eager: the new threshold
     masks, n = out["detection_masks"], out["num_detections"]
     assert masks.shape == (2, 100, 28, 28) and masks.dtype == np.float32
@@ -405,7 +412,7 @@ def test_mixed_float16_losses_and_outputs_are_finite_float32():
     try:
         keras.utils.set_random_seed(2)
         model = tiny_mask_model()
-        assert model.mask_heads.head.predictor.compute_dtype == "float16"
+        assert model.roi_heads.mask_head.predictor.compute_dtype == "float16"
         features, labels = disc_batch()
         losses = tf.function(lambda f, l: model.compute_losses(f, l, training=True))(
             features, labels
@@ -429,39 +436,40 @@ def test_config_builds_mask_rcnn_and_round_trips():
             "backbone.type": "small_resnet",
             "backbone.weights": None,
             "fpn.num_channels": 32,
-            "roi.fc_dims": 64,
-            "roi.classifier_layout": "dataset_ids",
-            "mask.output_size": 7,
-            "mask.sampling_ratio": 0,
-            "mask.conv_dims": 16,
-            "mask.num_convs": 3,
-            "mask.loss_weight": 0.5,
-            "roi.canonical_size": 112.0,
-            "roi.canonical_level": 3,
-            "roi.max_level": 4,
-            "roi.aligned": False,
-            "roi.level_epsilon": 1e-6,
-            "roi.align_impl": "gather",
+            "box_head.fc_dims": 64,
+            "box_head.classifier_layout": "dataset_ids",
+            "mask_roi_aligner.output_size": 7,
+            "mask_roi_aligner.sampling_ratio": 0,
+            "mask_head.conv_dims": 16,
+            "mask_head.num_convs": 3,
+            "mask_head.loss_weight": 0.5,
+            "mask_roi_aligner.canonical_size": 112.0,
+            "mask_roi_aligner.canonical_level": 3,
+            "mask_roi_aligner.max_level": 4,
+            "mask_roi_aligner.aligned": False,
+            "mask_roi_aligner.level_epsilon": 1e-6,
+            "mask_roi_aligner.align_impl": "gather",
         }
     )
     model = build_model(cfg, category_ids=CATEGORY_IDS, input_shape=(64, 64, 3))
-    heads = model.mask_heads
-    assert model.loss_names == MASK_LOSS_NAMES
-    # Every model.mask field and the box head's Eq. 1 fields reach the layer's config.
+    heads = model.roi_heads
+    assert isinstance(model, MaskRCNN) and model.loss_names == MASK_LOSS_NAMES
+    # Every model.mask_roi_aligner and model.mask_head field reaches the layer's config.
     config = heads.get_config()
-    for name, value in cfg.mask.to_dict().items():
-        assert config[name] == value, name
-    for name in EQ1_FIELDS:
-        assert config[name] == getattr(cfg.roi, name), name
+    assert config["mask_roi_aligner"] == cfg.mask_roi_aligner.to_dict()
+    assert config["mask_head"] == cfg.mask_head.to_dict()
     assert heads.classifier_rows == [0] + CATEGORY_IDS and heads.mask_size == 14
-    assert heads.head.num_outputs == 12 and heads.levels == ["P2", "P3", "P4"]
+    assert heads.mask_head.num_outputs == 12 and heads.mask_pooler.levels == ["P2", "P3", "P4"]
+    assert heads.box_pooler.levels == ["P2", "P3", "P4", "P5"]  # the box branch's own
     out = model(tf.zeros((1, 64, 64, 3)))
     assert out["detection_masks"].shape == (1, 100, 14, 14)
-    cfg = cfg.override({"mask.class_agnostic": True})
-    assert build_model(cfg, CATEGORY_IDS, (64, 64, 3)).mask_heads.head.num_outputs == 1
-    clone = FasterRCNN.from_config(model.get_config())
-    assert clone.mask_heads.get_config() == heads.get_config()
+    cfg = cfg.override({"mask_head.class_agnostic": True})
+    assert build_model(cfg, CATEGORY_IDS, (64, 64, 3)).roi_heads.mask_head.num_outputs == 1
+    clone = MaskRCNN.from_config(model.get_config())
+    assert clone.roi_heads.get_config() == heads.get_config()
     assert clone.loss_names == MASK_LOSS_NAMES
+    with pytest.raises(ValueError, match="with a mask branch"):
+        MaskRCNN(model.fpn, model.rpn, make_roi_heads(3))
 
 
 def test_the_box_only_detector_has_no_mask_key_and_its_four_losses():
@@ -471,14 +479,15 @@ def test_the_box_only_detector_has_no_mask_key_and_its_four_losses():
             "backbone.type": "small_resnet",
             "backbone.weights": None,
             "fpn.num_channels": 32,
-            "roi.fc_dims": 64,
+            "box_head.fc_dims": 64,
         }
     )
     assert cfg.architecture == "faster_rcnn"
     model = build_model(cfg, input_shape=(64, 64, 3))
-    assert model.mask_heads is None and model.loss_names == LOSS_NAMES
+    assert type(model) is FasterRCNN and model.loss_names == LOSS_NAMES
+    assert model.roi_heads.mask_head is None and not hasattr(model, "mask_heads")
     assert not any("mask" in v.path for v in model.weights)
-    assert FasterRCNN.from_config(model.get_config()).mask_heads is None
+    assert FasterRCNN.from_config(model.get_config()).roi_heads.mask_head is None
     features, labels = fixed_batch(64)
     losses = model.compute_losses(features, labels, training=True)
     assert sorted(losses) == sorted(LOSS_NAMES)

@@ -93,10 +93,11 @@ def trained(tmp_path_factory):
         )
     overrides.update(
         {
-            "model.mask.num_convs": 2,
-            "model.mask.conv_dims": 16,
+            "model.mask_head.num_convs": 2,
+            "model.mask_head.conv_dims": 16,
             "model.anchor.sizes": [16, 32, 64, 128, 256],
-            "model.roi.canonical_size": 112,
+            "model.roi_aligner.canonical_size": 112,
+            "model.mask_roi_aligner.canonical_size": 112,
             "train_data.mask_crop_size": 28,
             "train_data.random_flip": False,
             "train.total_steps": 250,

@@ -69,8 +69,8 @@ def converted_mask_rcnn(tmp_path_factory):
     overrides = {k: v for k, v in TINY_OVERRIDES.items() if not k.startswith("train.")}
     overrides.update(
         {
-            "model.mask.num_convs": 1,
-            "model.mask.conv_dims": 16,
+            "model.mask_head.num_convs": 1,
+            "model.mask_head.conv_dims": 16,
             "model.detection.score_threshold": 0.2,
             "train_data.source": "coco",
             "train_data.annotation_file": str(root / "no_training_data.json"),
@@ -212,7 +212,7 @@ def test_the_reference_configs_pass_and_other_switches_are_named():
     # Each switch on its own is caught, e.g. RoIAlign's half-pixel shift and the anchors.
     tv = "configs/coco_r50_fpn_torchvision.yaml"
     for override, field in (
-        ("model.roi.aligned=true", "model.roi.aligned"),
+        ("model.roi_aligner.aligned=true", "model.roi_aligner.aligned"),
         ("model.anchor.offset=0.5", "model.anchor.offset"),
         ("model.backbone.pixel_std=[1.0,1.0,1.0]", "model.backbone.pixel_std"),
     ):

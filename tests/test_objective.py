@@ -81,8 +81,8 @@ def test_fit_and_the_training_command_make_the_same_update(tiny_config, tmp_path
     # Exhaustive sampling: every labelled anchor and RoI candidate is used, so the two runs
     # cannot differ by their random samples (stateful random ops seed by graph position).
     cfg.model.rpn.batch_size_per_image = 100000
-    cfg.model.roi.batch_size_per_image = 160
-    cfg.model.roi.positive_fraction = 1.0
+    cfg.model.roi_sampler.batch_size_per_image = 160
+    cfg.model.roi_sampler.positive_fraction = 1.0
     trainer = Trainer(cfg, str(tmp_path / "command"))
     initial = [w.copy() for w in trainer.model.get_weights()]
     trainer.train(total_steps=1)

@@ -12,7 +12,7 @@ from fpn_tf.ops import postprocess as pp
 IMPLS = ["padded", "per_image"]
 
 RATIOS = (0.5, 1.0, 2.0)
-# The config's values (RpnConfig / RoIConfig), which the ops take explicitly.
+# The config's values (RPNConfig / RoISamplerConfig, BoxHeadConfig), which the ops take explicitly.
 PROPOSALS = dict(
     pre_nms_top_k=2000,
     post_nms_top_k=2000,

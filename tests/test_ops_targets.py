@@ -9,7 +9,7 @@ from fpn_tf.ops import box_ops
 from fpn_tf.ops import target_assigner as ta
 
 
-# The config's values (RPNConfig / RoIConfig), which the ops take explicitly.
+# The config's values (RPNConfig, RoISamplerConfig, BoxHeadConfig), which the ops take explicitly.
 RPN = dict(
     positive_iou=0.7,
     negative_iou=0.3,

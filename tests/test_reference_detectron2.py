@@ -517,7 +517,7 @@ def test_mask_rcnn_file_converts_with_every_key_used(converted_mask):
     arrays, report, model = converted_mask
     assert sum(k.startswith("roi_heads.mask_head.") for k in arrays) == 12
     assert report.num_arrays == len(arrays)
-    head = model.mask_heads.head
+    head = model.roi_heads.mask_head
     assert head.num_outputs == 81  # our channel k = class k, channel 0 unused
     assert report.num_values == _weight_values(arrays) + 257 + sum(
         # our backbone convs' zero biases; our mask predictor's channel 0 (256 + 1, zeros)
@@ -532,10 +532,11 @@ def test_mask_rcnn_file_converts_with_every_key_used(converted_mask):
     written = load_config(os.path.join(report.output_dir, "params.yaml")).model
     assert written.architecture == "mask_rcnn"
     assert written == load_config(MASK_CONFIG).model
-    mask_heads = model.mask_heads
-    assert (mask_heads.output_size, mask_heads.sampling_ratio, mask_heads.aligned) == (14, 0, True)
-    assert (mask_heads.canonical_size, mask_heads.canonical_level) == (224.0, 4)
-    assert list(mask_heads.levels) == ["P2", "P3", "P4", "P5"]
+    pooler = model.roi_heads.mask_pooler
+    aligner = pooler.config
+    assert (aligner.output_size, aligner.sampling_ratio, aligner.aligned) == (14, 0, True)
+    assert (aligner.canonical_size, aligner.canonical_level) == (224.0, 4)
+    assert list(pooler.levels) == ["P2", "P3", "P4", "P5"]
 
 
 def _detectron2_roi_align_v2(f, box_xyxy, stride, pooled):
@@ -608,7 +609,7 @@ def _detectron2_mask_branch(arrays, pyramid, boxes_xyxy, classes0):
 
 
 def test_mask_branch_equals_detectron2_formulas(converted_mask):
-    """Our MaskHeads.predict (Eq. 1, RoIAlign, head, the class's channel, sigmoid) on boxes of
+    """Our RoIHeads.predict_masks (Eq. 1, RoIAlign, head, the class's channel, sigmoid) on boxes of
     four levels and classes 1, 80 and in between equals detectron2's mask branch in NumPy on the
     file's own arrays to 1e-4."""
     arrays, _, model = converted_mask
@@ -638,7 +639,7 @@ def test_mask_branch_equals_detectron2_formulas(converted_mask):
         tf.constant([len(boxes)], tf.int32),
     )
     features = {level: tf.constant(f[None]) for level, f in pyramid.items()}
-    ours = model.mask_heads.predict(features, detections)[0].numpy()
+    ours = model.roi_heads.predict_masks(features, detections)[0].numpy()
     assert ours.shape == expected.shape == (5, 28, 28)
     assert expected.min() < 0.1 and expected.max() > 0.9  # not saturated: the values matter
     error = float(np.max(np.abs(ours - expected)))

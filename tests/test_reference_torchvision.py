@@ -66,7 +66,7 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.conversion.layout import backbone_model
-from fpn_tf.modeling.faster_rcnn import split_inputs
+from fpn_tf.modeling import image_io
 from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.serving import detection as serving
@@ -155,8 +155,9 @@ def _our_inputs(ours, batch):
         dense[k, : image.shape[0], : image.shape[1]] = image
     prep = ours.preprocessing
     images, image_info = serving.preprocess_images(tf.constant(dense), tf.constant(sizes), **prep)
-    images, image_info, valid_hw = split_inputs({"images": images, "image_info": image_info})
-    return ours.model.fill_padding(images, image_info, valid_hw), valid_hw
+    inputs = {"images": images, "image_info": image_info}
+    images, _, valid_hw = image_io.prepare_inputs(inputs, ours.model.pad_value)
+    return images, valid_hw
 
 
 def test_reference_runs_and_is_saved_as_torchvision_runs_coco_v1(models, reference_dir):
@@ -387,9 +388,10 @@ def test_mask_head_equals_torchvision_on_its_final_boxes(models):
 
     # The default config plus the file's mask keys give the Mask R-CNN config's model.
     converted = load_config(os.path.join(model_dir, "params.yaml")).model
-    assert converted.architecture == "mask_rcnn" and model.mask_heads is not None
+    assert converted.architecture == "mask_rcnn" and model.roi_heads.mask_head is not None
     expected = load_config(MASK_CONFIG).model
-    assert (converted.mask, converted.roi) == (expected.mask, expected.roi)
+    for name in ("mask_roi_aligner", "mask_head", "roi_sampler", "roi_aligner", "box_head"):
+        assert getattr(converted, name) == getattr(expected, name), name
     contiguous = {cid: k + 1 for k, cid in enumerate(model.category_ids)}
     errors, count = [], 0
     for i, image in enumerate(images):
@@ -403,7 +405,7 @@ def test_mask_head_equals_torchvision_on_its_final_boxes(models):
             tf.constant(classes[None]),
             tf.constant([len(boxes)], tf.int32),
         )
-        probs = model.mask_heads.predict(pyramid, detections)[0].numpy()
+        probs = model.roi_heads.predict_masks(pyramid, detections)[0].numpy()
         theirs = ref[f"detections_{i}_mask_probs"]
         assert probs.shape == theirs.shape == (len(boxes), 28, 28)
         errors.append(float(np.max(np.abs(probs - theirs))))
@@ -515,7 +517,7 @@ def test_faster_rcnn_state_dict_still_converts_to_a_faster_rcnn(models, referenc
     with open(tmp_path / "faster" / "params.yaml", encoding="utf-8") as f:
         assert "architecture: faster_rcnn" in f.read()
     faster = load_model(report.output_dir)
-    assert faster.model.mask_heads is None
+    assert faster.model.roi_heads.mask_head is None
     theirs = {v.path: v for v in mask_model.model.weights}
     for v in faster.model.weights:
         np.testing.assert_array_equal(v.numpy(), theirs[v.path].numpy(), err_msg=v.path)
@@ -562,9 +564,9 @@ def test_mask_state_dicts_with_legacy_names_convert_and_broken_ones_are_refused(
     )
     assert report.num_arrays == len(legacy)
     converted = load_model(report.output_dir).model
-    expected = {v.path: v for v in ours.model.mask_heads.weights}
+    expected = {v.path: v for v in ours.model.roi_heads.mask_head.weights}
     assert len(expected) == 2 * 6
-    for v in converted.mask_heads.weights:
+    for v in converted.roi_heads.mask_head.weights:
         np.testing.assert_array_equal(v.numpy(), expected[v.path].numpy(), err_msg=v.path)
 
     missing = dict(state)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import DetectionConfig, ModelConfig, RoIConfig
+from conftest import make_roi_heads
+from fpn_tf.configs.experiment import ModelConfig
 from fpn_tf.modeling.factory import build_roi_heads
 from fpn_tf.modeling.losses import fast_rcnn_losses
 from fpn_tf.modeling.roi_heads import FastRCNNBoxHead, RoIHeads
@@ -20,14 +21,7 @@ def test_box_head_shapes():
 
 
 def _heads(num_classes=3, **overrides):
-    settings = {
-        **RoIConfig().to_dict(),
-        **DetectionConfig().to_dict(),
-        "fc_dims": 32,
-        "batch_size_per_image": 16,
-        **overrides,
-    }
-    return RoIHeads(num_classes=num_classes, **settings)
+    return make_roi_heads(num_classes, **{"fc_dims": 32, "batch_size_per_image": 16, **overrides})
 
 
 def _features(rng, levels=(2, 3, 4, 5, 6), channels=4, image=256):
@@ -66,7 +60,7 @@ def test_losses_equal_the_functional_path_times_the_weight():
     features = _features(rng)
     tf.random.set_seed(1)
     sampled, losses = heads(features, _proposals(PROPOSALS), HW, labels=LABELS, training=True)
-    assert heads.levels == ["P2", "P3", "P4", "P5"]
+    assert heads.box_pooler.levels == ["P2", "P3", "P4", "P5"]
     tf.random.set_seed(1)
     targets = target_assigner.sample_rois(
         tf.constant([PROPOSALS]),
@@ -106,10 +100,10 @@ def test_eq1_is_clamped_to_the_levels_the_features_hold():
     heads = _heads()
     features = _features(rng, levels=(4,))
     heads.build({k: v.shape for k, v in features.items()})
-    assert heads.levels == ["P4"]
+    assert heads.box_pooler.levels == ["P4"]
     rois = tf.constant([PROPOSALS])
     np.testing.assert_allclose(
-        heads.pool(features, rois),
+        heads.box_pooler(features, rois),
         roi_ops.multilevel_roi_align(features, rois, min_level=4, max_level=4, impl="gather"),
         atol=1e-4,
     )
@@ -127,8 +121,8 @@ def test_detections_are_the_proposals_of_the_planted_class():
         layer.kernel.assign(tf.zeros_like(layer.kernel))
         layer.bias.assign(tf.zeros_like(layer.bias))
     head.classifier.bias.assign([0.0, 0.0, 8.0, 0.0])
-    detections, losses = heads(features, _proposals(PROPOSALS[:3]), HW)
-    assert losses == {} and int(detections.num_detections[0]) == 3
+    detections, masks = heads(features, _proposals(PROPOSALS[:3]), HW)
+    assert masks is None and int(detections.num_detections[0]) == 3
     assert detections.boxes.shape == (1, 100, 4)
     np.testing.assert_array_equal(detections.classes[0, :3], [2, 2, 2])
     got = sorted(map(tuple, np.round(detections.boxes[0, :3].numpy(), 3)))
@@ -153,8 +147,9 @@ def test_get_config_round_trip_gives_the_same_detections():
     features = _features(rng)
     a, _ = heads(features, _proposals(PROPOSALS), HW)
     config = heads.get_config()
-    assert config["nms_impl"] == "padded" and config["sampling_ratio"] == 3
-    assert config["box_weights"] == [10.0, 10.0, 5.0, 5.0]
+    assert config["detection"]["nms_impl"] == "padded"
+    assert config["roi_aligner"]["sampling_ratio"] == 3
+    assert config["box_head"]["box_weights"] == [10.0, 10.0, 5.0, 5.0]
     clone = RoIHeads.from_config(config)
     assert clone.get_config() == config
     clone(features, _proposals(PROPOSALS), HW)
@@ -202,7 +197,8 @@ def test_dataset_ids_layout_probabilities_are_the_softmax_over_all_rows_gathered
     )
     # Config round trip keeps the rows.
     config = heads.get_config()
-    assert config["classifier_rows"] == ROWS and config["classifier_layout"] == "dataset_ids"
+    assert config["classifier_rows"] == ROWS
+    assert config["box_head"]["classifier_layout"] == "dataset_ids"
     clone = RoIHeads.from_config(config)
     clone(features, _proposals(PROPOSALS[:3]), HW)
     assert clone.box_head.classifier.units == 12
@@ -252,12 +248,13 @@ def test_aligned_and_level_epsilon_reach_roi_align(align_impl):
     want = roi_ops.multilevel_roi_align(
         levels, rois, aligned=False, level_epsilon=1e-6, impl=align_impl
     )
-    np.testing.assert_allclose(heads.pool(features, rois), want, atol=1e-5)
+    np.testing.assert_allclose(heads.box_pooler(features, rois), want, atol=1e-5)
     for other in (dict(aligned=True, level_epsilon=1e-6), dict(aligned=False)):
         different = roi_ops.multilevel_roi_align(levels, rois, impl=align_impl, **other)
         assert np.abs(different - want).max() > 0.1, other
     config = heads.get_config()
-    assert config["aligned"] is False and config["level_epsilon"] == 1e-6
+    assert config["roi_aligner"]["aligned"] is False
+    assert config["roi_aligner"]["level_epsilon"] == 1e-6
 
 
 def test_min_box_size_reaches_the_detections():
@@ -275,19 +272,61 @@ def test_min_box_size_reaches_the_detections():
         head.classifier.bias.assign([0.0, 8.0, 0.0, 0.0])
         detections, _ = heads(features, _proposals(thin), HW)
         counts[min_box_size] = int(detections.num_detections[0])
-        assert heads.get_config()["min_box_size"] == min_box_size
+        assert heads.get_config()["detection"]["min_box_size"] == min_box_size
     assert counts == {0.0: 2, 1e-2: 1}
 
 
 def test_build_roi_heads_sets_the_rows_from_the_layout_and_the_category_ids():
-    dataset_ids = ModelConfig().override({"roi.classifier_layout": "dataset_ids"})
+    dataset_ids = ModelConfig().override({"box_head.classifier_layout": "dataset_ids"})
     heads = build_roi_heads(dataset_ids, 3, [5, 9, 11])
     assert heads.classifier_rows == ROWS and heads.box_head.num_logits == 12
     assert build_roi_heads(dataset_ids, 3).classifier_rows == [0, 1, 2, 3]
     contiguous = build_roi_heads(ModelConfig(), 3, [5, 9, 11])
     assert contiguous.classifier_rows is None and contiguous.box_head.classifier.units == 4
     switches = ModelConfig().override(
-        {"roi.aligned": False, "roi.level_epsilon": 1e-6, "detection.min_box_size": 0.01}
+        {
+            "roi_aligner.aligned": False,
+            "roi_aligner.level_epsilon": 1e-6,
+            "detection.min_box_size": 0.01,
+        }
     )
     heads = build_roi_heads(switches, 3)
-    assert (heads.aligned, heads.level_epsilon, heads.min_box_size) == (False, 1e-6, 0.01)
+    aligner = heads.box_pooler.config
+    assert (aligner.aligned, aligner.level_epsilon) == (False, 1e-6)
+    assert heads.detection_config.min_box_size == 0.01
+
+
+def test_pooler_is_one_config_section_and_round_trips():
+    """MultiLevelRoIAlign holds a copy of its RoIAlignerConfig (changing the layer never changes
+    the caller's config), pools as the op with those settings, and serialises as the section."""
+    from fpn_tf.configs.experiment import RoIAlignerConfig
+    from fpn_tf.modeling.poolers import MultiLevelRoIAlign
+
+    rng = np.random.default_rng(9)
+    section = RoIAlignerConfig(output_size=5, aligned=False, level_epsilon=1e-6, max_level=4)
+    pooler = MultiLevelRoIAlign(section, name="pooler")
+    features = _features(rng)
+    rois = tf.constant([PROPOSALS])
+    got = pooler(features, rois)
+    assert pooler.levels == ["P2", "P3", "P4"] and got.shape == (1, 5, 5, 5, 4)
+    want = roi_ops.multilevel_roi_align(
+        {f"P{l}": features[f"P{l}"] for l in range(2, 5)},
+        rois,
+        output_size=5,
+        max_level=4,
+        aligned=False,
+        level_epsilon=1e-6,
+    )
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    pooler.config.align_impl = "gather"
+    assert section.align_impl == "auto"
+    clone = MultiLevelRoIAlign.from_config(pooler.get_config())
+    assert clone.config == pooler.config and clone.get_config() == pooler.get_config()
+
+
+def test_align_impl_and_nms_impl_switch_both_branches():
+    """What the portable export sets on roi_heads reaches the box and the mask pooler."""
+    heads = make_roi_heads(mask={}, align_impl="crop_and_resize", nms_impl="padded")
+    heads.align_impl, heads.nms_impl = "gather", "per_image"
+    assert heads.box_pooler.config.align_impl == heads.mask_pooler.config.align_impl == "gather"
+    assert heads.detection_config.nms_impl == "per_image"

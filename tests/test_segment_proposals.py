@@ -674,7 +674,7 @@ def test_mask_recall_equals_cocoeval_on_random_proposals():
 
 class _StubMaskRCNN:
     """The Mask R-CNN contract: fpn, rpn, roi_heads.box_outputs / class_probabilities,
-    mask_heads.predict; mask value = class / 10 so the chosen class shows in the output."""
+    roi_heads.predict_masks; mask value = class / 10 so the chosen class shows in the output."""
 
     def __init__(self, boxes, scores, logits):
         self.boxes, self.scores, self.logits = boxes, scores, logits
@@ -691,13 +691,12 @@ class _StubMaskRCNN:
             def class_probabilities(self, logits):
                 return tf.nn.softmax(logits, -1)
 
-        class Masks:
-            def predict(self, features, detections):
+            def predict_masks(self, features, detections):
                 stub.seen["detections"] = detections
                 c = tf.cast(detections.classes, tf.float32)[..., None, None] / 10.0
                 return tf.ones([1, detections.boxes.shape[1], 28, 28]) * c
 
-        self.roi_heads, self.mask_heads = Heads(), Masks()
+        self.roi_heads = Heads()
 
     def fpn(self, images, training=False):
         self.seen["images"] = images

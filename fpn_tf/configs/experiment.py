@@ -51,9 +51,11 @@ __all__ = [
     "FPNConfig",
     "AnchorConfig",
     "RPNConfig",
-    "RoIConfig",
+    "RoISamplerConfig",
+    "RoIAlignerConfig",
+    "BoxHeadConfig",
     "DetectionConfig",
-    "MaskConfig",
+    "MaskHeadConfig",
     "ModelConfig",
     "SyntheticDataConfig",
     "DataConfig",
@@ -276,60 +278,42 @@ class RPNConfig(Config):
 
 
 @dataclasses.dataclass
-class RoIConfig(Config):
-    """Fast R-CNN head on the pyramid (paper §4.2).
-
-    An RoI of w×h input pixels goes to level k = floor(canonical_level + log2(sqrt(wh) /
-    canonical_size)) clamped to [min_level, max_level] (Eq. 1), then RoIAlign output_size² with
-    sampling_ratio samples per bin (0 = adaptive: ceil(RoI size in cells / output_size) per axis,
-    at most 4; fpn_tf/ops/roi_ops.py), num_fc hidden fc layers of fc_dims + ReLU.
-    Training samples batch_size_per_image RoIs per image (ground truth added to the proposals),
-    positive_fraction of them foreground (IoU >= foreground_iou), the rest background (IoU below).
-    box_weights: box-coder weights of the class-specific deltas.
-    smooth_l1_beta: 1.0 is Fast R-CNN's smooth L1 (sigma = 1); 0 = L1 (detectron2's default).
-    align_impl: how RoIAlign is computed, same samples either way: "gather" (one batched gather +
-      matmul, static shapes), "crop_and_resize" (per-level native crops; faster forward on CPUs,
-      dynamic shapes; its gradient is gather's) or "auto" (crop_and_resize at inference, gather
-      in training and under XLA).
-    aligned: RoIAlign's half-pixel shift (a feature cell's centre is at (i + 0.5) * stride): true
-      is detectron2's ROIAlignV2 (aligned=True, its FPN default); false is the legacy RoIAlign of
-      torchvision's MultiScaleRoIAlign (torchvision.ops.roi_align aligned=False, sampling_ratio 2:
-      no shift, RoI sides at least one cell).
-    level_epsilon: added inside Eq. 1's floor, k = floor(canonical_level + log2(sqrt(wh) /
-      canonical_size) + level_epsilon). 0 (ours): computed exactly from area thresholds (224² ->
-      canonical_level exactly; detectron2's floor(k0 + log2(sqrt(wh) / 224 + 1e-8)) in float32
-      agrees up to float rounding at a level boundary); torchvision's LevelMapper uses 1e-6,
-      computed as it does (in float32 with log2).
-    classifier_layout: the rows of the classifier. "contiguous" (ours): C + 1 rows, row 0
-      background, row k contiguous class k (detectron2's is contiguous too, C + 1 rows, but with
-      background last, row C: its weights convert by moving that row first). "dataset_ids" (torchvision's COCO models): max(id) +
-      1 rows, row 0 background and row `id` for dataset category id `id` (COCO: 91 rows, 10 of
-      them ids no category uses); the softmax is over all rows (unused rows take probability
-      mass, as in torchvision), the detections read the background row and the dataset's rows,
-      and the classification loss is the cross-entropy over all rows at the target's row. The box
-      regression stays class-specific for the C classes (4C outputs) either way.
-    """
+class RoISamplerConfig(Config):
+    """The RoIs each image trains the second stage on: batch_size_per_image RoIs (the ground
+    truth added to the proposals), positive_fraction of them at most foreground (IoU >=
+    foreground_iou), the rest background (IoU below)."""
 
     batch_size_per_image: int = field(512, positive)
     positive_fraction: float = field(0.25, in_range(0, 1, "(]"))
     foreground_iou: float = field(0.5, unit_interval)
+
+
+@dataclasses.dataclass
+class RoIAlignerConfig(Config):
+    """Eq. 1 + RoIAlign (`fpn_tf.modeling.poolers.MultiLevelRoIAlign`): an RoI of w×h input
+    pixels goes to level k = floor(canonical_level + log2(sqrt(wh) / canonical_size) +
+    level_epsilon) clamped to [min_level, max_level], then RoIAlign output_size² there.
+
+    sampling_ratio: samples per bin along each axis (0 = adaptive: ceil(RoI size in cells /
+      output_size), at most 4).
+    aligned: the half-pixel shift (a cell's centre is at (i + 0.5) * stride): true is detectron2's
+      ROIAlignV2; false is torchvision's MultiScaleRoIAlign (no shift, RoI sides >= one cell).
+    level_epsilon: 0 (ours) computes Eq. 1 exactly from area thresholds; torchvision's
+      LevelMapper uses 1e-6 (computed as it does, float32 log2).
+    align_impl: same samples either way: "gather" (batched gather + matmul, static shapes),
+      "crop_and_resize" (per-level native crops; faster forward on CPUs, dynamic shapes) or
+      "auto" (crop_and_resize at inference, gather in training and under XLA).
+    """
+
+    output_size: int = field(7, positive)
+    sampling_ratio: int = field(2, non_negative)
     canonical_size: float = field(224.0, positive)
     canonical_level: int = 4
     min_level: int = 2
     max_level: int = 5
-    output_size: int = field(7, positive)
-    sampling_ratio: int = field(2, non_negative)
-    num_fc: int = field(2, at_least(1))
-    fc_dims: int = field(1024, positive)
-    box_weights: List[float] = field(
-        [10.0, 10.0, 5.0, 5.0], length(4, "dy, dx, dh, dw"), each(positive)
-    )
-    smooth_l1_beta: float = field(1.0, non_negative)
-    loss_weight: float = field(1.0, non_negative)
-    align_impl: Literal["auto", "gather", "crop_and_resize"] = "auto"
     aligned: bool = True
     level_epsilon: float = field(0.0, non_negative)
-    classifier_layout: Literal["contiguous", "dataset_ids"] = "contiguous"
+    align_impl: Literal["auto", "gather", "crop_and_resize"] = "auto"
 
     def _check_values(self, p):
         _require(
@@ -343,6 +327,31 @@ class RoIConfig(Config):
             f"must be in [{p}min_level, {p}max_level] = [{self.min_level}, {self.max_level}], "
             f"got {self.canonical_level}.",
         )
+
+
+@dataclasses.dataclass
+class BoxHeadConfig(Config):
+    """The Fast R-CNN box head (paper §4.2): num_fc hidden fc layers of fc_dims + ReLU, a
+    classifier and class-specific box regression, and their losses.
+
+    box_weights: box-coder weights of the class-specific deltas (targets and decoding).
+    smooth_l1_beta: 1.0 is Fast R-CNN's smooth L1 (sigma = 1); 0 = L1 (detectron2's default).
+    loss_weight: of both box-head losses in total_loss.
+    classifier_layout: "contiguous" (ours, detectron2's up to moving background first): C + 1
+      rows, row 0 background, row k class k. "dataset_ids" (torchvision's COCO models): max(id)
+      + 1 rows, row `id` for dataset category id `id`; the softmax and the classification loss
+      are over all rows, the detections read background and the dataset's rows. The box
+      regression has 4C outputs either way.
+    """
+
+    num_fc: int = field(2, at_least(1))
+    fc_dims: int = field(1024, positive)
+    box_weights: List[float] = field(
+        [10.0, 10.0, 5.0, 5.0], length(4, "dy, dx, dh, dw"), each(positive)
+    )
+    smooth_l1_beta: float = field(1.0, non_negative)
+    loss_weight: float = field(1.0, non_negative)
+    classifier_layout: Literal["contiguous", "dataset_ids"] = "contiguous"
 
 
 @dataclasses.dataclass
@@ -365,23 +374,15 @@ class DetectionConfig(Config):
 
 
 @dataclasses.dataclass
-class MaskConfig(Config):
-    """The Mask R-CNN mask branch (He et al. 2017, FPN variant; used with architecture
-    "mask_rcnn"). RoIs go to pyramid levels by the box head's Eq. 1 fields (model.roi:
-    canonical_size, canonical_level, min_level, max_level, aligned, level_epsilon, align_impl).
+class MaskHeadConfig(Config):
+    """The Mask R-CNN mask head (He et al. 2017, FPN variant; architecture "mask_rcnn"):
+    num_convs 3x3 convs of conv_dims (ReLU), a 2x2 stride-2 deconv and per-class 1x1 mask logits
+    at twice model.mask_roi_aligner.output_size (28x28, the training targets' size).
 
-    output_size: RoIAlign's pooled size (14); the predicted mask is twice that (28x28), the size
-      of the training targets.
-    sampling_ratio: RoIAlign samples per bin along each axis (2; 0 = adaptive, as model.roi).
-    num_convs: 3x3 convs (ReLU) before the 2x2 stride-2 deconv (4).
-    conv_dims: channels of those convs and of the deconv (256).
-    class_agnostic: one mask for every class (false: one per class, the paper's default, the
-      ground-truth class's mask in training and the detected class's at inference).
-    loss_weight: the mask loss's weight in total_loss (1).
+    class_agnostic: one mask for every class (false: one per class, the paper's default).
+    loss_weight: the mask loss's weight in total_loss.
     """
 
-    output_size: int = field(14, positive)
-    sampling_ratio: int = field(2, non_negative)
     num_convs: int = field(4, non_negative)
     conv_dims: int = field(256, positive)
     class_agnostic: bool = False
@@ -446,9 +447,10 @@ class SegmentProposalConfig(Config):
 class ModelConfig(Config):
     """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories.
 
-    architecture: "faster_rcnn" (boxes), "mask_rcnn" (boxes and the mask branch of model.mask,
-      He et al. 2017) or "segment_proposals" (the paper's §6 mask proposals: the pyramid and the
-      head of model.segment_proposals; rpn, roi and detection are unused). The last two train on
+    architecture: "faster_rcnn" (boxes), "mask_rcnn" (boxes and the mask branch of
+      model.mask_roi_aligner / model.mask_head, He et al. 2017) or "segment_proposals" (the
+      paper's §6 mask proposals: the pyramid and the head of model.segment_proposals; the RPN
+      and RoI sections are unused). The last two train on
       each object's mask (labels["gt_masks"]).
 
     init_checkpoint: start a run from another model's weights (fine-tuning): a model directory
@@ -486,9 +488,14 @@ class ModelConfig(Config):
     fpn: FPNConfig = dataclasses.field(default_factory=FPNConfig)
     anchor: AnchorConfig = dataclasses.field(default_factory=AnchorConfig)
     rpn: RPNConfig = dataclasses.field(default_factory=RPNConfig)
-    roi: RoIConfig = dataclasses.field(default_factory=RoIConfig)
+    roi_sampler: RoISamplerConfig = dataclasses.field(default_factory=RoISamplerConfig)
+    roi_aligner: RoIAlignerConfig = dataclasses.field(default_factory=RoIAlignerConfig)
+    box_head: BoxHeadConfig = dataclasses.field(default_factory=BoxHeadConfig)
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
-    mask: MaskConfig = dataclasses.field(default_factory=MaskConfig)
+    mask_roi_aligner: RoIAlignerConfig = dataclasses.field(
+        default_factory=lambda: RoIAlignerConfig(output_size=14)
+    )
+    mask_head: MaskHeadConfig = dataclasses.field(default_factory=MaskHeadConfig)
     segment_proposals: SegmentProposalConfig = dataclasses.field(
         default_factory=SegmentProposalConfig
     )
@@ -503,18 +510,20 @@ class ModelConfig(Config):
                 f"needs one size per pyramid level P{fpn.min_level}..P{fpn.max_level} "
                 f"({num_levels}), got {len(self.anchor.sizes)}: {self.anchor.sizes}.",
             )
-            _require(
-                fpn.min_level <= self.roi.min_level,
-                p + "roi.min_level",
-                f"({self.roi.min_level}) must be a pyramid level: "
-                f">= {p}fpn.min_level ({fpn.min_level}).",
-            )
-            _require(
-                self.roi.max_level <= fpn.max_level,
-                p + "roi.max_level",
-                f"({self.roi.max_level}) must be a pyramid level: "
-                f"<= {p}fpn.max_level ({fpn.max_level}).",
-            )
+            for name in ("roi_aligner", "mask_roi_aligner"):
+                aligner = getattr(self, name)
+                _require(
+                    fpn.min_level <= aligner.min_level,
+                    f"{p}{name}.min_level",
+                    f"({aligner.min_level}) must be a pyramid level: "
+                    f">= {p}fpn.min_level ({fpn.min_level}).",
+                )
+                _require(
+                    aligner.max_level <= fpn.max_level,
+                    f"{p}{name}.max_level",
+                    f"({aligner.max_level}) must be a pyramid level: "
+                    f"<= {p}fpn.max_level ({fpn.max_level}).",
+                )
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ a list of them, merged in order, the file's own keys last), as detectron2 config
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -32,6 +33,7 @@ __all__ = [
     "PARAMS_FILENAME",
     "load_yaml",
     "parse_params_override",
+    "translate_legacy_keys",
     "load_config",
     "save_config",
 ]
@@ -181,6 +183,50 @@ def parse_params_override(params_override: Union[Override, Iterable[Override]]) 
     return result
 
 
+# Where the keys of the sections model.roi / model.mask (before the split by component) live now;
+# model.roi's Eq. 1 / RoIAlign keys were the mask branch's too.
+_EQ1 = "canonical_size canonical_level min_level max_level aligned level_epsilon align_impl"
+_LEGACY_KEYS = {
+    "roi": {
+        **dict.fromkeys(
+            "batch_size_per_image positive_fraction foreground_iou".split(), ["roi_sampler"]
+        ),
+        **dict.fromkeys(_EQ1.split(), ["roi_aligner", "mask_roi_aligner"]),
+        **dict.fromkeys(["output_size", "sampling_ratio"], ["roi_aligner"]),
+        **dict.fromkeys(
+            "num_fc fc_dims box_weights smooth_l1_beta loss_weight classifier_layout".split(),
+            ["box_head"],
+        ),
+    },
+    "mask": {
+        **dict.fromkeys(["output_size", "sampling_ratio"], ["mask_roi_aligner"]),
+        **dict.fromkeys("num_convs conv_dims class_agnostic loss_weight".split(), ["mask_head"]),
+    },
+}
+
+
+def translate_legacy_keys(values: Mapping[str, Any], source: str) -> Dict[str, Any]:
+    """``values`` with the old ``model.roi.*`` / ``model.mask.*`` keys (an older model
+    directory's params.yaml) moved to their sections now; one warning when there are any."""
+    values = _expand_dotted(values)
+    model = values.get("model")
+    if not isinstance(model, Mapping) or not any(k in model for k in _LEGACY_KEYS):
+        return values
+    model, moved = dict(model), {}
+    for old, table in _LEGACY_KEYS.items():
+        for key, value in (model.pop(old, None) or {}).items():
+            if key not in table:
+                raise ConfigError(
+                    f"Unknown config key 'model.{old}.{key}'", key=f"model.{old}.{key}"
+                )
+            for new in table[key]:
+                moved = deep_merge(moved, {new: {key: value}})
+    logging.getLogger(__name__).warning(
+        "%s: model.roi / model.mask are old keys, read as model.%s", source, ", model.".join(moved)
+    )
+    return {**values, "model": deep_merge(moved, model)}
+
+
 def load_config(
     config_file: Union[str, Sequence[str], None] = None,
     params_override: Union[Override, Iterable[Override]] = None,
@@ -197,13 +243,14 @@ def load_config(
     files = [config_file] if isinstance(config_file, str) else list(config_file or [])
     for path in files:
         try:
-            config = config.override(load_yaml(path))
+            config = config.override(translate_legacy_keys(load_yaml(path), path))
         except ConfigError as e:
             message = str(e) if str(e).startswith(path) else f"{path}: {e}"
             raise ConfigError(message, key=e.key) from e
     if params_override is not None:
         try:
-            config = config.override(parse_params_override(params_override))
+            values = parse_params_override(params_override)
+            config = config.override(translate_legacy_keys(values, "params_override"))
         except ConfigError as e:
             message = str(e) if str(e).startswith("params_override") else f"params_override: {e}"
             raise ConfigError(message, key=e.key) from e

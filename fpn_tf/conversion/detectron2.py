@@ -57,7 +57,7 @@ def architecture(arrays: Mapping) -> str:
 
 def what(model) -> str:
     """The checkpoint ``model`` takes (for messages)."""
-    return WHAT if getattr(model, "mask_heads", None) is None else WHAT_MASK
+    return WHAT if model.roi_heads.mask_head is None else WHAT_MASK
 
 
 def _block_keys(stage: int, index: int, conv: int):
@@ -173,7 +173,7 @@ def assignments(model, state: StateDict, backbone_cfg) -> layout.Assignments:
     if getattr(model.roi_heads, "classifier_rows", None):
         raise ConversionError(
             "detectron2's classifier has one row per class: set "
-            "model.roi.classifier_layout: contiguous"
+            "model.box_head.classifier_layout: contiguous"
         )
     layout.add_dense(
         out,
@@ -187,16 +187,16 @@ def assignments(model, state: StateDict, backbone_cfg) -> layout.Assignments:
         "roi_heads.box_predictor.bbox_pred.",
         rows=layout.delta_rows(num_classes),
     )
-    mask_heads = getattr(model, "mask_heads", None)
-    if mask_heads is not None:
-        head = mask_heads.head
+    head = model.roi_heads.mask_head
+    if head is not None:
         # Our channel k is class k (1..C), theirs k - 1; our unused channel 0 gets zeros.
         # A class-agnostic head has one channel on both sides.
         rows = None if head.class_agnostic else [None] + list(range(num_classes))
         layout.add_mask_head(
             out,
             model,
-            # model.mask.num_convs convs: a file with more or fewer has keys left over or missing
+            # model.mask_head.num_convs convs: a file with more or fewer has keys left over or
+            # missing
             [f"{MASK_PREFIX}mask_fcn{i + 1}." for i in range(head.num_convs)],
             deconv_prefix=f"{MASK_PREFIX}deconv.",
             predictor_prefix=f"{MASK_PREFIX}predictor.",

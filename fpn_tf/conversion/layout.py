@@ -10,9 +10,8 @@ layout, so the converted model computes the same numbers (no config switch neede
   a permutation of the kernel's input rows;
 * the mask head's transposed conv: torch ``ConvTranspose2d`` ``[in, out, kh, kw]`` -> Keras
   ``Conv2DTranspose`` ``[kh, kw, out, in]``, the same axis permutation as a conv kernel and no
-  spatial flip (both are the adjoint of the same correlation; on random inputs torch's
-  ``conv_transpose2d`` and Keras' layer agree to 0.0 for 2x2 stride-2 and 3x3 stride-1 kernels,
-  and differ by up to 15 with the 2x2 kernel flipped: tests/test_reference_torchvision.py);
+  spatial flip (both are the adjoint of the same correlation; tests/test_reference_torchvision.py
+  compares the two layers);
 * output channels (classifier rows, mask channels) picked or reordered by index (`pick_rows`),
   a channel the source lacks set to zeros (detectron2's 80 masks have no background channel,
   ours has an unused channel 0).
@@ -216,10 +215,10 @@ def add_box_head(out: Assignments, model, fc_prefixes: Sequence[str]) -> None:
     if len(fc_prefixes) != box_head.num_fc:
         raise ConversionError(
             f"the checkpoint's box head has {len(fc_prefixes)} fc layers, the config "
-            f"model.roi.num_fc {box_head.num_fc}"
+            f"model.box_head.num_fc {box_head.num_fc}"
         )
-    channels = int(box_head.fc1.kernel.shape[0]) // model.roi_heads.output_size**2
-    size = model.roi_heads.output_size
+    size = model.roi_heads.box_pooler.config.output_size
+    channels = int(box_head.fc1.kernel.shape[0]) // size**2
     for i, prefix in enumerate(fc_prefixes):
         fc = getattr(box_head, f"fc{i + 1}")
         if i == 0:
@@ -247,11 +246,11 @@ def add_mask_head(
     order), the 2x2 stride-2 transposed conv and the 1x1 predictor (``predictor_rows``: the
     source's channel of each of ours, None = the same channels; a None entry = a channel the
     source lacks, set to zeros: detectron2 has no background mask channel)."""
-    head = model.mask_heads.head
+    head = model.roi_heads.mask_head
     if len(conv_prefixes) != head.num_convs:
         raise ConversionError(
             f"the checkpoint's mask head has {len(conv_prefixes)} convs, the config "
-            f"model.mask.num_convs {head.num_convs}"
+            f"model.mask_head.num_convs {head.num_convs}"
         )
     for i, prefix in enumerate(conv_prefixes):
         add_conv(out, getattr(head, f"conv{i + 1}"), prefix)

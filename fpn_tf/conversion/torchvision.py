@@ -4,7 +4,7 @@ detector's weights.
 Key names of torchvision 0.13+; the older spellings of the published COCO file (2019: no
 ``Sequential`` wrappers in the FPN blocks and the RPN conv) are renamed first, as torchvision's own
 loader does. The classifier is torchvision's 91-row COCO layout (row = COCO category id, 0 the
-background, 10 ids unused): with ``model.roi.classifier_layout: dataset_ids`` every row is kept and
+background, 10 ids unused): with ``model.box_head.classifier_layout: dataset_ids`` every row is kept and
 the softmax is torchvision's; with ``contiguous`` the background and the 80 used rows are taken
 (the softmax then lacks the unused rows and scores differ slightly). Box regression rows of class
 ``id`` are torchvision's rows ``4 * id .. 4 * id + 3``, reordered to ``(dy, dx, dh, dw)``.
@@ -48,7 +48,7 @@ def architecture(arrays: Mapping) -> str:
 
 def what(model) -> str:
     """The checkpoint ``model`` takes (for messages)."""
-    return WHAT if getattr(model, "mask_heads", None) is None else WHAT_MASK
+    return WHAT if model.roi_heads.mask_head is None else WHAT_MASK
 
 
 def _rename_legacy_keys(state: StateDict) -> None:
@@ -112,12 +112,12 @@ def assignments(model, state: StateDict, backbone_type: str) -> layout.Assignmen
     layout.add_dense(
         out, box_head.box_regressor, "roi_heads.box_predictor.bbox_pred.", rows=regression_rows
     )
-    if getattr(model, "mask_heads", None) is not None:
+    if model.roi_heads.mask_head is not None:
         dataset_ids = model.roi_heads.classifier_rows is not None
         layout.add_mask_head(
             out,
             model,
-            [f"roi_heads.mask_head.{i}.0." for i in range(model.mask_heads.head.num_convs)],
+            [f"roi_heads.mask_head.{i}.0." for i in range(model.roi_heads.mask_head.num_convs)],
             deconv_prefix="roi_heads.mask_predictor.conv5_mask.",
             predictor_prefix="roi_heads.mask_predictor.mask_fcn_logits.",
             predictor_rows=None if dataset_ids else [0] + ids,

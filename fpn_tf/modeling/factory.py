@@ -2,20 +2,20 @@
 
 One builder per part, called in the order the data flows: `build_backbone` (``model.backbone``)
 -> `build_fpn_model` (``model.fpn``) -> `RegionProposalNetwork` (``model.rpn``, ``model.anchor``)
--> the RoI heads (``model.roi``, ``model.detection``, ``model.mask``). ``model.architecture``
-says which model: "faster_rcnn", "mask_rcnn" (with the mask branch) or "segment_proposals" (the
-pyramid and the §6 `SegmentProposalHead` of ``model.segment_proposals``).
+-> `RoIHeads` (``model.roi_sampler``, ``roi_aligner``, ``box_head``, ``detection`` and, for a Mask
+R-CNN, ``mask_roi_aligner`` and ``mask_head``). Each component takes its config sections, whose
+dataclasses hold the paper's numbers. ``model.architecture`` says which model: "faster_rcnn",
+"mask_rcnn" (`MaskRCNN`) or "segment_proposals" (the pyramid and the §6 `SegmentProposalHead` of
+``model.segment_proposals``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 from fpn_tf.modeling.backbones import build_backbone, pixel_mean_rgb, pixel_normalization
-from fpn_tf.modeling.faster_rcnn import FasterRCNN
+from fpn_tf.modeling.faster_rcnn import FasterRCNN, MaskRCNN
 from fpn_tf.modeling.fpn import build_fpn_model
-from fpn_tf.modeling.mask_head import EQ1_FIELDS, MaskHeads
 from fpn_tf.modeling.roi_heads import RoIHeads
 from fpn_tf.modeling.rpn import RegionProposalNetwork
 from fpn_tf.modeling.segment_proposals import SegmentProposalHead, SegmentProposalModel
@@ -25,33 +25,25 @@ from fpn_tf.ops.anchors import level_number
 def build_roi_heads(
     model_cfg, num_classes: int, category_ids: Sequence[int] | None = None
 ) -> RoIHeads:
-    """The RoI heads of ``model.roi`` and ``model.detection``; ``category_ids`` (the dataset's id
-    of each class 1..C; None = 1..C) place the classifier rows of ``classifier_layout
-    "dataset_ids"``."""
+    """The RoI heads of ``model.roi_sampler``, ``roi_aligner``, ``box_head`` and ``detection``,
+    with the mask branch of ``model.mask_roi_aligner`` and ``mask_head`` when the architecture is
+    "mask_rcnn"; ``category_ids`` (the dataset's id of each class 1..C; None = 1..C) place the
+    classifier rows of ``classifier_layout "dataset_ids"``."""
     classifier_rows = None
-    if model_cfg.roi.classifier_layout == "dataset_ids":
+    if model_cfg.box_head.classifier_layout == "dataset_ids":
         ids = list(range(1, num_classes + 1)) if category_ids is None else list(category_ids)
         classifier_rows = [0] + [int(i) for i in ids]
+    masks = model_cfg.architecture == "mask_rcnn"
     return RoIHeads(
-        num_classes=num_classes,
+        num_classes,
+        model_cfg.roi_sampler,
+        model_cfg.roi_aligner,
+        model_cfg.box_head,
+        model_cfg.detection,
+        mask_roi_aligner=model_cfg.mask_roi_aligner if masks else None,
+        mask_head=model_cfg.mask_head if masks else None,
         classifier_rows=classifier_rows,
         name="roi_heads",
-        **dataclasses.asdict(model_cfg.roi),
-        **dataclasses.asdict(model_cfg.detection),
-    )
-
-
-def build_mask_heads(model_cfg, num_classes: int, classifier_rows=None) -> MaskHeads:
-    """The mask branch of ``model.mask``, on the levels of ``model.roi``'s Eq. 1 fields;
-    ``classifier_rows``: the box head's (`RoIHeads.classifier_rows`), so the mask channels
-    follow the classifier's layout."""
-    roi = dataclasses.asdict(model_cfg.roi)
-    return MaskHeads(
-        num_classes=num_classes,
-        classifier_rows=classifier_rows,
-        name="mask_heads",
-        **dataclasses.asdict(model_cfg.mask),
-        **{k: roi[k] for k in EQ1_FIELDS},
     )
 
 
@@ -77,8 +69,8 @@ def build_segment_proposal_model(model_cfg, input_shape=(None, None, 3)) -> Segm
 
 
 def build_model(model_cfg, category_ids: Sequence[int] | None = None, input_shape=(None, None, 3)):
-    """The model of ``model.architecture`` from a config: FPN Faster R-CNN, Mask R-CNN
-    (`FasterRCNN` with a mask branch) or the segment-proposal model; ``category_ids`` are the
+    """The model of ``model.architecture`` from a config: `FasterRCNN`, `MaskRCNN` or the
+    segment-proposal model; ``category_ids`` are the
     dataset's ids of classes 1..C (unused by the class-agnostic segment proposals)."""
     if model_cfg.architecture == "segment_proposals":
         return build_segment_proposal_model(model_cfg, input_shape)
@@ -97,14 +89,5 @@ def build_model(model_cfg, category_ids: Sequence[int] | None = None, input_shap
     pad_value = _pad_value(model_cfg.backbone)
     rpn = RegionProposalNetwork(model_cfg.rpn, model_cfg.anchor, levels, name="rpn")
     roi_heads = build_roi_heads(model_cfg, num_classes, category_ids)
-    mask_heads = None
-    if model_cfg.architecture == "mask_rcnn":
-        mask_heads = build_mask_heads(model_cfg, num_classes, roi_heads.classifier_rows)
-    return FasterRCNN(
-        fpn,
-        rpn,
-        roi_heads,
-        mask_heads=mask_heads,
-        category_ids=category_ids,
-        pad_value=pad_value,
-    )
+    model = MaskRCNN if model_cfg.architecture == "mask_rcnn" else FasterRCNN
+    return model(fpn, rpn, roi_heads, category_ids=category_ids, pad_value=pad_value)

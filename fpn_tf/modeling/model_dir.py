@@ -15,10 +15,10 @@ write and what evaluation, export, prediction and ``model.init_checkpoint`` read
   (``ckpt-0`` of a converted model).
 
 `restore_model` restores *every* weight of a model or says which parts are missing: a
-model-only checkpoint is bound to the model's own sub-layers (``fpn``, ``rpn``, ``roi_heads``,
-``mask_heads``; a compiled model also tracks its optimizer, which such a file does not hold),
-and a sub-layer with no values in the file, or a part the file holds and the model does not,
-is a `ModelDirError` naming it.
+model-only checkpoint is bound to the model's own sub-layers (``fpn``, ``rpn``, ``roi_heads``, a
+Mask R-CNN's ``mask_heads``: its mask head's checkpoint path; a compiled model also tracks its
+optimizer, which such a file does not hold), and a sub-layer with no values in the file, or a
+part the file holds and the model does not, is a `ModelDirError` naming it.
 
 `weight_switches` / `check_same_weight_switches`: the config fields that change what the same
 weights compute (stride placement, BatchNorm epsilon, pixel normalisation, anchors, RoIAlign's
@@ -124,7 +124,8 @@ def latest_checkpoint(model_dir: str) -> str:
 
 def model_parts(model) -> dict[str, keras.layers.Layer]:
     """The model's sub-layers by the attribute name that is their name in a checkpoint
-    (``fpn``, ``rpn``, ``roi_heads``, ``mask_heads``; ``fpn``, ``head`` for segment proposals)."""
+    (``fpn``, ``rpn``, ``roi_heads``, a Mask R-CNN's ``mask_heads``; ``fpn``, ``head`` for
+    segment proposals)."""
     return {
         name: value
         for name, value in vars(model).items()
@@ -312,8 +313,9 @@ HEAD_SWITCHES = (
     "model.anchor.offset",
     "model.anchor.round_cell_anchors",
     "model.anchor.stride_from_padded_size",
-    "model.roi.aligned",
-    "model.roi.box_weights",
+    "model.roi_aligner.aligned",
+    "model.mask_roi_aligner.aligned",
+    "model.box_head.box_weights",
 )
 
 

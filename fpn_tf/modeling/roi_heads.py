@@ -1,41 +1,45 @@
-"""Fast R-CNN on the feature pyramid (paper §4.2), as one Keras layer.
+"""The second stage on the feature pyramid: Fast R-CNN (FPN paper §4.2) and the optional Mask
+R-CNN mask branch (He et al. 2017), as one Keras layer.
 
-`RoIHeads` owns the second stage: RoI sampling against the ground truth, the assignment of each
-RoI to a pyramid level by Eq. 1 and RoIAlign on that level, the box head (two 1024-d fc layers, a
-(C+1)-way classifier and class-specific box regression), its two losses, and the detection
-post-processing (decode, per-class NMS, top detections). The arithmetic is pure TensorFlow in
-`fpn_tf.ops` (`target_assigner.sample_rois`, `roi_ops`, `postprocess.postprocess_detections`)
-and `fpn_tf.modeling.losses`; this layer holds the settings and calls them::
+`RoIHeads` samples RoIs against the ground truth, pools each on its Eq. 1 level
+(`fpn_tf.modeling.poolers.MultiLevelRoIAlign`), runs the box head (two 1024-d fc layers, a
+(C+1)-way classifier, class-specific box regression), computes its losses and the detections
+(decode, per-class NMS, top detections); with a mask branch it pools the sampled foreground RoIs
+again (14x14), runs `MaskRCNNHead` and adds the mask loss, and at inference predicts the mask of
+each detection. The arithmetic is in `fpn_tf.ops` and `fpn_tf.modeling.losses`::
 
     targets, losses = roi_heads(features, proposals, image_valid_hw, labels=labels)  # training
-    detections, _ = roi_heads(features, proposals, image_valid_hw)                  # inference
-
-In training the sampled `target_assigner.RoiTargets` come back with the losses, so the mask
-branch (`fpn_tf.modeling.mask_head.MaskHeads`) trains on the same RoIs as the box head.
+    detections, masks = roi_heads(features, proposals, image_valid_hw)  # masks: None without
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import keras
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import (
+    BoxHeadConfig,
+    DetectionConfig,
+    MaskHeadConfig,
+    RoISamplerConfig,
+)
 from fpn_tf.modeling.losses import fast_rcnn_losses
-from fpn_tf.ops import anchors as anchor_ops
-from fpn_tf.ops import postprocess, roi_ops, target_assigner
+from fpn_tf.modeling.mask_head import MaskRCNNHead
+from fpn_tf.modeling.poolers import MultiLevelRoIAlign, section
+from fpn_tf.ops import mask_ops, postprocess, target_assigner
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class FastRCNNBoxHead(keras.layers.Layer):
-    """Two hidden fully connected layers (1024, ReLU), a (C+1)-way classifier and class-specific
-    box regression (paper §4.2: "2 hidden 1,024-d fully-connected (fc) layers ... before the final
-    classification and bounding box regression layers").
+    """``num_fc`` hidden fc layers (``fc_dims``, ReLU), a classifier and class-specific box
+    regression (paper §4.2).
 
-    Call with RoI features ``[B, R, S, S, C]``; returns ``(class_logits [B, R, C+1],
+    Call with RoI features ``[B, R, S, S, C]``; returns ``(class_logits [B, R, num_logits],
     box_deltas [B, R, C, 4])`` (deltas of class k at ``[..., k-1, :]``; background has none).
-    ``num_logits``: the classifier's rows, None = C + 1 (more for torchvision's COCO layout,
-    ``model.roi.classifier_layout``: the logits are then [B, R, num_logits]).
+    ``num_logits``: the classifier's rows, None = C + 1 (more with ``classifier_layout
+    "dataset_ids"``).
     """
 
     def __init__(
@@ -121,84 +125,39 @@ class FastRCNNBoxHead(keras.layers.Layer):
         return config
 
 
-_ROI_FIELDS = (
-    "batch_size_per_image",
-    "positive_fraction",
-    "foreground_iou",
-    "canonical_size",
-    "canonical_level",
-    "min_level",
-    "max_level",
-    "output_size",
-    "sampling_ratio",
-    "num_fc",
-    "fc_dims",
-    "smooth_l1_beta",
-    "loss_weight",
-    "align_impl",
-    "aligned",
-    "level_epsilon",
-    "classifier_layout",
-)
-_DETECTION_FIELDS = ("score_threshold", "nms_iou", "max_detections", "nms_impl", "min_box_size")
-
-
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class RoIHeads(keras.layers.Layer):
-    """RoI sampling, Eq. 1 + multi-level RoIAlign, the box head, its losses and the detections.
+    """RoI sampling, the box branch and the optional mask branch, their losses and outputs.
 
-    The keyword arguments are the fields of the ``model.roi`` and ``model.detection`` config
-    sections (`fpn_tf.configs.experiment.RoIConfig` and `DetectionConfig`, which document each one
-    and hold the paper's numbers as their defaults), plus ``num_classes`` and ``classifier_rows``.
-    They have no defaults here so that each number is written once:
-    `fpn_tf.modeling.factory.build_roi_heads` builds this layer from a config, and on its own
-    ``RoIHeads(num_classes=C, **RoIConfig().to_dict(), **DetectionConfig().to_dict())``.
+    Args are config sections (`fpn_tf.configs.experiment`, which documents each field and holds
+    the defaults; or their dicts, as ``get_config`` writes them): ``roi_sampler``,
+    ``roi_aligner``, ``box_head``, ``detection``, and for a mask branch ``mask_roi_aligner`` and
+    ``mask_head`` (both or neither). `fpn_tf.modeling.factory.build_roi_heads` builds it from a
+    ``model`` config.
 
-    ``classifier_rows``: None with ``classifier_layout="contiguous"`` (row k = class k); with
-    ``"dataset_ids"`` the classifier row of background and of classes 1..C, ``[0] +
-    category_ids`` (`build_roi_heads`): the classifier then has ``max(rows) + 1`` rows, the
-    softmax is over all of them, the detections read ``softmax[..., classifier_rows]`` and the
-    classification loss is the cross-entropy over all rows at the target's row.
-
-    The RoIs go to the pyramid levels ``min_level..max_level`` that the features hold (Eq. 1 is
-    clamped to those; e.g. the single-level ablations pool everything from their one level).
+    ``classifier_rows``: None with ``classifier_layout "contiguous"`` (row k = class k); with
+    ``"dataset_ids"`` the rows of background and classes 1..C, ``[0] + category_ids``: the
+    classifier has ``max(rows) + 1`` rows, the softmax is over all of them, the detections read
+    ``softmax[..., classifier_rows]`` and the classification loss is the cross-entropy over all
+    rows at the target's row. The mask channels follow the same layout.
 
     Call: ``roi_heads(features, proposals, image_valid_hw, labels=None, training=None)`` with the
     pyramid dict, the RPN's `Proposals`, the unpadded ``(height, width)`` [B, 2] and optionally
-    the ground truth (as in `RegionProposalNetwork`). With ``labels``: ``(RoiTargets,
-    {"fast_rcnn_class_loss", "fast_rcnn_box_loss"})`` (the ``batch_size_per_image`` RoIs sampled
-    per image, foreground rows first, for the mask branch; the losses weighted by
-    ``loss_weight``); without: ``(Detections, {})``
-    (`fpn_tf.ops.postprocess.Detections`: boxes [B, D, 4], scores, classes 1..C, counts).
+    the ground truth (``gt_masks`` too with a mask branch). With ``labels``: ``(RoiTargets,
+    losses)`` (``fast_rcnn_class_loss``, ``fast_rcnn_box_loss``, and ``mask_loss``); without:
+    ``(Detections, masks)`` (`fpn_tf.ops.postprocess.Detections`: boxes [B, D, 4], scores,
+    classes 1..C, counts; masks float32 [B, D, M, M] or None, see `predict_masks`).
     """
 
     def __init__(
         self,
-        *,
         num_classes: int,
-        batch_size_per_image: int,
-        positive_fraction: float,
-        foreground_iou: float,
-        canonical_size: float,
-        canonical_level: int,
-        min_level: int,
-        max_level: int,
-        output_size: int,
-        sampling_ratio: int,
-        num_fc: int,
-        fc_dims: int,
-        box_weights: Sequence[float],
-        smooth_l1_beta: float,
-        loss_weight: float,
-        align_impl: str,
-        score_threshold: float,
-        nms_iou: float,
-        max_detections: int,
-        nms_impl: str,
-        aligned: bool,
-        level_epsilon: float,
-        classifier_layout: str,
-        min_box_size: float,
+        roi_sampler,
+        roi_aligner,
+        box_head,
+        detection,
+        mask_roi_aligner=None,
+        mask_head=None,
         classifier_rows: Optional[List[int]] = None,
         **kwargs,
     ):
@@ -206,80 +165,90 @@ class RoIHeads(keras.layers.Layer):
         # autocast=False: proposals, sizes and ground truth stay float32 under mixed precision.
         super().__init__(autocast=False, **kwargs)
         self.num_classes = int(num_classes)
-        self.batch_size_per_image = int(batch_size_per_image)
-        self.positive_fraction = float(positive_fraction)
-        self.foreground_iou = float(foreground_iou)
-        self.canonical_size, self.canonical_level = float(canonical_size), int(canonical_level)
-        self.min_level, self.max_level = int(min_level), int(max_level)
-        self.output_size, self.sampling_ratio = int(output_size), int(sampling_ratio)
-        self.num_fc, self.fc_dims = int(num_fc), int(fc_dims)
-        self.box_weights = tuple(float(w) for w in box_weights)
-        self.smooth_l1_beta, self.loss_weight = float(smooth_l1_beta), float(loss_weight)
-        self.align_impl = str(align_impl)
-        self.score_threshold, self.nms_iou = float(score_threshold), float(nms_iou)
-        self.max_detections, self.nms_impl = int(max_detections), str(nms_impl)
-        self.aligned, self.level_epsilon = bool(aligned), float(level_epsilon)
-        self.min_box_size = float(min_box_size)
-        self.classifier_layout = str(classifier_layout)
+        self.sampler_config = section(RoISamplerConfig, roi_sampler)
+        self.box_config = section(BoxHeadConfig, box_head)
+        self.detection_config = section(DetectionConfig, detection)
         self.classifier_rows = _check_classifier_rows(
-            self.classifier_layout, classifier_rows, self.num_classes
+            self.box_config.classifier_layout, classifier_rows, self.num_classes
         )
+        self.box_pooler = MultiLevelRoIAlign(roi_aligner, name="box_pooler")
         self.box_head = FastRCNNBoxHead(
             self.num_classes,
-            self.fc_dims,
-            self.num_fc,
+            self.box_config.fc_dims,
+            self.box_config.num_fc,
             num_logits=None if self.classifier_rows is None else max(self.classifier_rows) + 1,
             name="box_head",
             dtype=self.dtype_policy,
         )
+        if (mask_roi_aligner is None) != (mask_head is None):
+            raise ValueError("a mask branch needs both mask_roi_aligner and mask_head")
+        self.mask_pooler = self.mask_head = self.mask_config = None
+        if mask_head is not None:
+            self.mask_config = section(MaskHeadConfig, mask_head)
+            self.mask_pooler = MultiLevelRoIAlign(mask_roi_aligner, name="mask_pooler")
+            self.mask_head = MaskRCNNHead(
+                self.num_classes,
+                self.mask_config.conv_dims,
+                self.mask_config.num_convs,
+                class_agnostic=self.mask_config.class_agnostic,
+                classifier_rows=self.classifier_rows,
+                name="mask_head",
+                dtype=self.dtype_policy,
+            )
 
     def build(self, features_shape):
-        self.levels = roi_levels(features_shape, self.min_level, self.max_level)
-        channels = int(features_shape[self.levels[0]][-1])
-        self.box_head.build((None, None, self.output_size, self.output_size, channels))
+        self.box_pooler.build(features_shape)
+        self.box_head.build(self.box_pooler.output_shape_for())
+        if self.mask_head is not None:
+            self.mask_pooler.build(features_shape)
+            self.mask_head.build(self.mask_pooler.output_shape_for())
+        self.built = True
+
+    # Settings the portable export switches (`fpn_tf.serving.portable.portable_settings`).
+    @property
+    def align_impl(self) -> str:
+        return self.box_pooler.config.align_impl
+
+    @align_impl.setter
+    def align_impl(self, value: str):
+        for pooler in (self.box_pooler, self.mask_pooler):
+            if pooler is not None:
+                pooler.config.align_impl = value
+
+    @property
+    def nms_impl(self) -> str:
+        return self.detection_config.nms_impl
+
+    @nms_impl.setter
+    def nms_impl(self, value: str):
+        self.detection_config.nms_impl = value
 
     @property
     def max_foreground_per_image(self) -> int:
         """The sampler's cap on foreground RoIs per image (they come first in its rows)."""
-        return int(self.batch_size_per_image * self.positive_fraction)
+        return int(self.sampler_config.batch_size_per_image * self.sampler_config.positive_fraction)
 
-    # --- the pieces, each usable on its own --------------------------------------------------
+    # --- the box branch ------------------------------------------------------------------------
     def sample(self, proposals, labels):
         """`target_assigner.sample_rois`: RoIs [B, batch_size_per_image, 4] and their targets."""
+        c = self.sampler_config
         return target_assigner.sample_rois(
             proposals.boxes,
             tf.cast(labels["gt_boxes"], tf.float32),
             tf.cast(labels["gt_classes"], tf.int32),
             labels.get("gt_is_crowd"),
             proposals.valid,
-            num_samples=self.batch_size_per_image,
-            foreground_fraction=self.positive_fraction,
-            foreground_iou=self.foreground_iou,
-            box_weights=self.box_weights,
-        )
-
-    def pool(self, features, rois, training=None):
-        """RoIAlign of each RoI on its Eq. 1 level: [B, R, S, S, C]."""
-        first, last = (anchor_ops.level_number(lvl) for lvl in (self.levels[0], self.levels[-1]))
-        return roi_ops.multilevel_roi_align(
-            {lvl: features[lvl] for lvl in self.levels},
-            rois,
-            output_size=self.output_size,
-            sampling_ratio=self.sampling_ratio,
-            min_level=first,
-            max_level=last,
-            canonical_size=self.canonical_size,
-            canonical_level=self.canonical_level,
-            impl=self.align_impl,
-            training=training,
-            aligned=self.aligned,
-            level_epsilon=self.level_epsilon,
+            num_samples=c.batch_size_per_image,
+            foreground_fraction=c.positive_fraction,
+            foreground_iou=c.foreground_iou,
+            box_weights=self.box_config.box_weights,
         )
 
     def box_outputs(self, features, rois, training=None):
         """float32 class logits [B, R, C+1] (all the classifier's rows) and class-specific
         deltas [B, R, C, 4]."""
-        logits, deltas = self.box_head(self.pool(features, rois, training), training=training)
+        pooled = self.box_pooler(features, rois, training=training)
+        logits, deltas = self.box_head(pooled, training=training)
         return tf.cast(logits, tf.float32), tf.cast(deltas, tf.float32)
 
     def compute_loss(self, targets, class_logits, box_deltas):
@@ -288,14 +257,12 @@ class RoIHeads(keras.layers.Layer):
             targets.box_targets,
             class_logits,
             box_deltas,
-            self.smooth_l1_beta,
+            self.box_config.smooth_l1_beta,
             valid=targets.valid_mask,
             classifier_rows=self.classifier_rows,
         )
-        return {
-            "fast_rcnn_class_loss": classification * self.loss_weight,
-            "fast_rcnn_box_loss": box * self.loss_weight,
-        }
+        weight = self.box_config.loss_weight
+        return {"fast_rcnn_class_loss": classification * weight, "fast_rcnn_box_loss": box * weight}
 
     def class_probabilities(self, class_logits):
         """[B, R, C+1]: the softmax over all classifier rows, at background and classes 1..C."""
@@ -306,53 +273,94 @@ class RoIHeads(keras.layers.Layer):
 
     def detect(self, class_logits, box_deltas, rois, image_valid_hw):
         """`postprocess.postprocess_detections` on the box head's outputs for ``rois``."""
+        c = self.detection_config
         return postprocess.postprocess_detections(
             self.class_probabilities(class_logits),
             box_deltas,
             rois,
             tf.cast(image_valid_hw, tf.float32),
-            box_weights=self.box_weights,
-            score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou,
-            max_detections=self.max_detections,
-            nms_impl=self.nms_impl,
-            min_box_size=self.min_box_size,
+            box_weights=self.box_config.box_weights,
+            score_threshold=c.score_threshold,
+            nms_iou=c.nms_iou,
+            max_detections=c.max_detections,
+            nms_impl=c.nms_impl,
+            min_box_size=c.min_box_size,
         )
+
+    # --- the mask branch -----------------------------------------------------------------------
+    @property
+    def mask_size(self) -> int:
+        """M, the side of the predicted masks: the deconv doubles the pooled size (28)."""
+        return 2 * self.mask_pooler.config.output_size
+
+    def mask_logits(self, features, rois, classes, training=None):
+        """float32 [B, R, M, M]: each RoI's mask logits in the channel of its class (1..C)."""
+        logits = self.mask_head(
+            self.mask_pooler(features, rois, training=training), training=training
+        )
+        channels = self.mask_head.class_channels(classes)  # [B, R]
+        return tf.cast(tf.gather(logits, channels, axis=4, batch_dims=2), tf.float32)
+
+    def mask_targets(self, targets, labels):
+        """The sampled foreground rows (the first ``max_foreground_per_image`` rows of the
+        `RoiTargets`, where the sampler puts them): ``(rois [B, F, 4], classes [B, F],
+        foreground bool [B, F], mask targets float32 0 / 1 [B, F, M, M])``
+        (`mask_ops.mask_targets`; all 0 on rows that are not foreground). ``labels``:
+        ``gt_masks`` [B, N, S, S] box-relative over ``gt_boxes`` [B, N, 4]."""
+        f = self.max_foreground_per_image
+        rois, foreground = targets.rois[:, :f], targets.foreground_mask[:, :f]
+        matched = tf.where(foreground, targets.matched_gt_indices[:, :f], -1)
+        masks = mask_ops.mask_targets(
+            labels["gt_masks"], labels["gt_boxes"], rois, matched, self.mask_size
+        )
+        return rois, targets.class_targets[:, :f], foreground, tf.stop_gradient(masks)
+
+    def mask_loss(self, features, targets, labels, training=None):
+        """``{"mask_loss"}``: the mean per-pixel sigmoid cross-entropy of the ground-truth
+        class's mask over the foreground RoIs' M x M pixels, times ``loss_weight`` (0 without
+        foreground; normalised by this replica's foreground, as detectron2 and torchvision)."""
+        rois, classes, foreground, masks = self.mask_targets(targets, labels)
+        logits = self.mask_logits(features, rois, classes, training)
+        bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits)
+        weight = tf.cast(foreground, tf.float32)
+        total = tf.reduce_sum(tf.reduce_sum(bce, axis=[2, 3]) * weight)
+        count = tf.reduce_sum(weight) * float(self.mask_size * self.mask_size)
+        return {"mask_loss": tf.math.divide_no_nan(total, count) * self.mask_config.loss_weight}
+
+    def predict_masks(self, features, detections):
+        """float32 [B, D, M, M] mask probabilities of each detection's class, box-relative over
+        its box (`fpn_tf.ops.mask_ops`; boxes in the pyramid's input pixels, classes 1..C);
+        zeros for rows >= ``num_detections``."""
+        boxes = tf.cast(detections.boxes, tf.float32)
+        probs = tf.sigmoid(self.mask_logits(features, boxes, detections.classes, False))
+        rows = tf.sequence_mask(detections.num_detections, tf.shape(boxes)[1])
+        return tf.where(rows[:, :, None, None], probs, 0.0)
 
     def call(self, features, proposals, image_valid_hw, labels=None, training=None):
         if labels is not None:
             targets = self.sample(proposals, labels)
-            outputs = self.box_outputs(features, targets.rois, training)
-            return targets, self.compute_loss(targets, *outputs)
+            losses = self.compute_loss(targets, *self.box_outputs(features, targets.rois, training))
+            if self.mask_head is not None:
+                losses.update(self.mask_loss(features, targets, labels, training))
+            return targets, losses
         outputs = self.box_outputs(features, proposals.boxes, training)
-        return self.detect(*outputs, proposals.boxes, image_valid_hw), {}
+        detections = self.detect(*outputs, proposals.boxes, image_valid_hw)
+        masks = None if self.mask_head is None else self.predict_masks(features, detections)
+        return detections, masks
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "num_classes": self.num_classes,
-                "box_weights": list(self.box_weights),
-                "classifier_rows": (
-                    None if self.classifier_rows is None else list(self.classifier_rows)
-                ),
-                **{name: getattr(self, name) for name in _ROI_FIELDS + _DETECTION_FIELDS},
-            }
-        )
-        return config
-
-
-def roi_levels(features_shape, min_level: int, max_level: int) -> List[str]:
-    """The pyramid levels of ``features_shape`` (a dict by level name) in ``min_level..
-    max_level``, in order: where the RoI heads pool (Eq. 1 is clamped to them)."""
-    present = sorted(features_shape, key=anchor_ops.level_number)
-    levels = [lvl for lvl in present if min_level <= anchor_ops.level_number(lvl) <= max_level]
-    if not levels:
-        raise ValueError(
-            f"no pyramid level in roi.min_level..max_level ({min_level}..{max_level}) "
-            f"among {present}"
-        )
-    return levels
+        masks = self.mask_head is not None
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "classifier_rows": self.classifier_rows,
+            "roi_sampler": self.sampler_config.to_dict(),
+            "roi_aligner": self.box_pooler.config.to_dict(),
+            "box_head": self.box_config.to_dict(),
+            "detection": self.detection_config.to_dict(),
+            "mask_roi_aligner": self.mask_pooler.config.to_dict() if masks else None,
+            "mask_head": self.mask_config.to_dict() if masks else None,
+        }
 
 
 def _check_classifier_rows(layout, rows, num_classes):

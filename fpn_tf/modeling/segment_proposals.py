@@ -35,7 +35,7 @@ import keras
 import tensorflow as tf
 
 from fpn_tf.configs.experiment import SegmentProposalConfig
-from fpn_tf.modeling.faster_rcnn import fill_padding, split_inputs
+from fpn_tf.modeling import image_io
 from fpn_tf.modeling.multi_loss_model import MultiLossModel
 from fpn_tf.ops import mask_ops, postprocess
 from fpn_tf.ops.anchors import level_number
@@ -316,11 +316,8 @@ class SegmentProposalHead(keras.layers.Layer):
 def _output_dict(boxes, scores, masks, valid, image_info):
     """The proposals in the models' output format (boxes to original pixels with image_info;
     never clipped: the masks are relative to the whole box)."""
-    if image_info is not None:
-        scale = tf.cast(image_info, tf.float32)[:, 2, :]
-        boxes = boxes / tf.concat([scale, scale], axis=-1)[:, None, :]
     return {
-        "proposal_boxes": boxes,
+        "proposal_boxes": image_io.to_original(boxes, image_info),
         "proposal_scores": scores,
         "proposal_masks": masks,
         "num_proposals": tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
@@ -356,9 +353,7 @@ class SegmentProposalModel(MultiLossModel):
             head.build({level: tuple(t.shape) for level, t in fpn.output.items()})
 
     def _pyramid(self, inputs, training):
-        images, image_info, valid_hw = split_inputs(inputs)
-        if self.pad_value is not None and image_info is not None:
-            images = fill_padding(images, valid_hw, self.pad_value)
+        images, image_info, valid_hw = image_io.prepare_inputs(inputs, self.pad_value)
         return self.fpn(images, training=training), image_info, valid_hw
 
     def compute_losses(self, features, labels, training=True):
@@ -400,14 +395,12 @@ def mask_rcnn_segment_proposals(model, inputs, top_k: int = 1000):
     Written against the Mask R-CNN contract: ``model.fpn``; ``model.rpn(pyramid, valid_hw)`` ->
     ``(Proposals(boxes, scores, valid), {})`` (best first); ``model.roi_heads.box_outputs(
     features, rois)`` -> ``(class_logits, deltas)``; ``model.roi_heads.class_probabilities(
-    logits)`` [B, R, C+1]; ``model.mask_heads.predict(features, detections)`` with
+    logits)`` [B, R, C+1]; ``model.roi_heads.predict_masks(features, detections)`` with
     `postprocess.Detections` -> [B, D, M, M] mask *probabilities* box-relative to
-    ``detections.boxes``; ``model.fill_padding(images, image_info, valid_hw)`` when the model
-    has it.
+    ``detections.boxes``; ``model.pad_value`` (`image_io.prepare_inputs`) when the model has it.
     """
-    images, image_info, valid_hw = split_inputs(inputs)
-    if hasattr(model, "fill_padding"):
-        images = model.fill_padding(images, image_info, valid_hw)
+    pad_value = getattr(model, "pad_value", None)
+    images, image_info, valid_hw = image_io.prepare_inputs(inputs, pad_value)
     pyramid = model.fpn(images, training=False)
     proposals, _ = model.rpn(pyramid, valid_hw, training=False)
     boxes, scores, valid = proposals.boxes, proposals.scores, proposals.valid
@@ -428,7 +421,7 @@ def mask_rcnn_segment_proposals(model, inputs, top_k: int = 1000):
         classes=tf.where(valid, classes, 0),
         num_detections=tf.reduce_sum(tf.cast(valid, tf.int32), axis=1),
     )
-    masks = tf.cast(model.mask_heads.predict(pyramid, detections), tf.float32)
+    masks = tf.cast(model.roi_heads.predict_masks(pyramid, detections), tf.float32)
     masks = tf.where(valid[..., None, None], masks, 0.0)
     scores = tf.where(valid, scores, 0.0)
     boxes = tf.where(valid[..., None], boxes, 0.0)

@@ -78,7 +78,7 @@ _PART_CONFIG = {
     "backbone": "model.backbone",
     "pyramid": "model.fpn",
     "rpn": "model.rpn / model.anchor",
-    "box head fc layers": "model.roi.num_fc / fc_dims / output_size",
+    "box head fc layers": "model.box_head.num_fc / fc_dims, model.roi_aligner.output_size",
     "segment head": "model.segment_proposals",
 }
 _BN_VECTORS = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -154,9 +154,8 @@ def model_parts(model) -> dict[str, list]:
             "mask predictor": [],
         }
     )
-    mask_heads = getattr(model, "mask_heads", None)
-    if mask_heads is not None:
-        head = mask_heads.head
+    head = model.roi_heads.mask_head
+    if head is not None:
         parts["mask head"] = [w for layer in head.convs + [head.deconv] for w in layer.weights]
         parts["mask predictor"] = list(head.predictor.weights)
     return _checked(model, parts)

@@ -35,8 +35,8 @@ def make_config(tmp, strategy):
             # Exhaustive sampling: every labelled anchor and every RoI candidate is used, so the
             # random sample cannot differ between the two runs.
             "model.rpn.batch_size_per_image": 100000,
-            "model.roi.batch_size_per_image": 160,
-            "model.roi.positive_fraction": 1.0,
+            "model.roi_sampler.batch_size_per_image": 160,
+            "model.roi_sampler.positive_fraction": 1.0,
             "train.optimizer": "sgd",
             "train.learning_rate": 0.01,
             # A decay large enough that applying it once per replica (4x) moves the update by far
