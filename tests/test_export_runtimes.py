@@ -402,3 +402,69 @@ def test_predict_gives_the_same_detections_from_each_format(exported, tmp_path):
                 ma, mb = (mask_utils.decode(dict(d["segmentation"])) for d in (a, b))
                 assert np.logical_and(ma, mb).sum() > 0.99 * np.logical_or(ma, mb).sum()
         assert os.path.exists(records[fmt]["drawn"])
+
+
+@pytest.fixture(scope="module")
+def trained_mask_rcnn(tmp_path_factory):
+    """A tiny Mask R-CNN trained on generated shapes (64 training, 16 held-out images)."""
+    from conftest import TINY_OVERRIDES
+    from fpn_tf.configs.loader import load_config
+    from fpn_tf.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("trained")
+    overrides = dict(TINY_OVERRIDES)
+    for split, n in (("train_data", 64), ("eval_data", 16)):
+        overrides.update(
+            {
+                f"{split}.synthetic.output_dir": str(root / "shapes"),
+                f"{split}.synthetic.num_images": n,
+                f"{split}.synthetic.image_size": [64, 96],
+                f"{split}.synthetic.max_objects": 3,
+                f"{split}.short_side": 64,
+                f"{split}.max_long_side": 96,
+            }
+        )
+    overrides.update(
+        {
+            "model.anchor.sizes": [16, 32, 64, 128, 256],
+            "model.mask.num_convs": 1,
+            "model.mask.conv_dims": 16,
+            "train_data.mask_crop_size": 28,
+            "train_data.global_batch_size": 4,
+            "train.total_steps": TRAIN_STEPS,
+            "train.warmup_steps": 10,
+            "train.learning_rate": 6e-3,
+            "train.decay_steps": [10000],
+            "train.checkpoint_every_steps": TRAIN_STEPS,
+            "train.log_every_steps": 100,
+            "train.summary_every_steps": TRAIN_STEPS,
+        }
+    )
+    Trainer(load_config("configs/cpu_demo_mask.yaml", overrides), str(root / "run")).train()
+    return str(root / "run")
+
+
+TRAIN_STEPS = 300
+
+
+@pytest.mark.slow
+def test_held_out_ap_after_export_equals_the_saved_models(trained_mask_rcnn):
+    """Box and mask AP of the held-out split (the project's COCOEvaluator), each format at
+    batch 1: ONNX Runtime and LiteRT float32 within 0.002 of the SavedModel; the quantized
+    LiteRT variants' differences are printed, not asserted."""
+    from bench.export_ap import FORMATS, format_ap
+    from fpn_tf.modeling.model_dir import load_model
+
+    results = format_ap(load_model(trained_mask_rcnn), FORMATS)
+    base = results["saved_model"][0]
+    lines = []
+    for fmt, (metrics, _) in results.items():
+        lines.append(
+            f"{fmt}: box AP {metrics['AP']:.5f} ({metrics['AP'] - base['AP']:+.5f}), mask AP "
+            f"{metrics['mask_AP']:.5f} ({metrics['mask_AP'] - base['mask_AP']:+.5f})"
+        )
+    print("held-out AP after export:\n" + "\n".join(lines))
+    assert base["AP"] > 0.05 and base["mask_AP"] > 0.05, lines  # a model that detects
+    for fmt in ("onnx", "litert_none"):
+        for key in ("AP", "mask_AP"):
+            assert abs(results[fmt][0][key] - base[key]) <= 0.002, (fmt, key, lines)
