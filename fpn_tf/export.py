@@ -13,8 +13,7 @@ Errors (a missing file, a checkpoint of another model, a bad config key) are one
 Other runtimes (``pip install -e '.[export]'``; README "Other runtimes"):
 
     python -m fpn_tf.export --model_dir=runs/cpu_demo --export_dir=exports/cpu_demo \
-      --format=onnx,litert [--litert_quantization=none,float16,dynamic_int8] \
-      [--litert_image_size=800,1333]
+      --format=onnx,litert [--litert_quantization=none,float16,dynamic_int8]
 
 ``--format`` takes ``saved_model`` (the default), ``onnx`` and ``litert``, repeated or as a list.
 With ``saved_model`` alone, ``--export_dir`` is the SavedModel directory (as always); otherwise
@@ -76,12 +75,6 @@ def define_flags() -> None:
         "LiteRT variants: none (float32), float16 (float16 weights), dynamic_int8 "
         "(dynamic-range int8); repeat or a comma list.",
     )
-    flags.DEFINE_string(
-        "litert_image_size",
-        None,
-        "The LiteRT model's fixed input HEIGHT,WIDTH (default: eval_data.short_side,"
-        "max_long_side); clients letterbox other sizes into it.",
-    )
     flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
@@ -109,13 +102,6 @@ def _export() -> None:
     if unknown or not formats:
         cli.fail(f"--format: {unknown or 'nothing'} not in {list(FORMATS)}")
     quantizations = list(dict.fromkeys(_split(FLAGS.litert_quantization)))
-    image_size = None
-    if FLAGS.litert_image_size:
-        try:
-            image_size = tuple(int(v) for v in FLAGS.litert_image_size.split(","))
-            assert len(image_size) == 2 and min(image_size) > 0
-        except (ValueError, AssertionError):
-            cli.fail(f"--litert_image_size={FLAGS.litert_image_size}: expected HEIGHT,WIDTH > 0")
     start = time.time()
     source = model_dir.load_model(
         FLAGS.model_dir,
@@ -125,11 +111,11 @@ def _export() -> None:
     )
     if formats == ["saved_model"]:
         export_lib.export_saved_model(
-            source.model, FLAGS.export_dir, source.category_map, **source.preprocessing
+            source.model, FLAGS.export_dir, source.category_map, _rule(source)
         )
         written = [FLAGS.export_dir]
     else:
-        written = _export_formats(source, formats, quantizations, image_size)
+        written = _export_formats(source, formats, quantizations)
     logging.info(
         "Done in %.1f s: %s (checkpoint %s)",
         time.time() - start,
@@ -138,56 +124,51 @@ def _export() -> None:
     )
 
 
-def _export_formats(source, formats, quantizations, image_size) -> list[str]:
-    """ONNX / LiteRT files (and the SavedModel in ``saved_model/``) under --export_dir; an
-    export error is one line and exit code 2."""
-    from fpn_tf import cli  # pylint: disable=g-import-not-at-top
+def _rule(source):
+    from fpn_tf.data.transforms import ResizeRule  # pylint: disable=g-import-not-at-top
+
+    return ResizeRule.from_config(source.config)
+
+
+def _export_formats(source, formats, quantizations) -> list[str]:
+    """ONNX / LiteRT files (and the SavedModel in ``saved_model/``) under --export_dir."""
     from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import portable  # pylint: disable=g-import-not-at-top
 
-    try:
-        with portable.portable_settings(source.model):
-            pass  # a model that is no detector fails here, before anything is written
-        if "litert" in formats:
-            from fpn_tf.serving.litert_export import QUANTIZATIONS  # pylint: disable=g-import-not-at-top
+    rule = _rule(source)
+    # a model that is no detector fails here, before anything is written
+    portable.prepare_export(source.model, source.category_map, rule)
+    if "litert" in formats:
+        from fpn_tf.serving.litert_export import QUANTIZATIONS  # pylint: disable=g-import-not-at-top
 
-            bad = [q for q in quantizations if q not in QUANTIZATIONS]
-            if bad or not quantizations:
-                raise export_lib.ExportError(
-                    f"--litert_quantization: {bad or 'nothing'} not in {list(QUANTIZATIONS)}"
-                )
-        written = []
-        if "onnx" in formats:
-            from fpn_tf.serving.onnx_export import export_onnx  # pylint: disable=g-import-not-at-top
-
-            path = os.path.join(FLAGS.export_dir, "model.onnx")
-            written.append(
-                export_onnx(source.model, path, source.category_map, **source.preprocessing)
+        bad = [q for q in quantizations if q not in QUANTIZATIONS]
+        if bad or not quantizations:
+            raise export_lib.ExportError(
+                f"--litert_quantization: {bad or 'nothing'} not in {list(QUANTIZATIONS)}"
             )
-        if "litert" in formats:
-            from fpn_tf.serving.litert_export import export_litert  # pylint: disable=g-import-not-at-top
+    written = []
+    if "onnx" in formats:
+        from fpn_tf.serving.onnx_export import export_onnx  # pylint: disable=g-import-not-at-top
 
-            for quantization in quantizations:
-                name = "model.tflite" if quantization == "none" else f"model_{quantization}.tflite"
-                written.append(
-                    export_litert(
-                        source.model,
-                        os.path.join(FLAGS.export_dir, name),
-                        source.category_map,
-                        **source.preprocessing,
-                        image_size=image_size,
-                        quantization=quantization,
-                    )
-                )
-        if "saved_model" in formats:
-            path = os.path.join(FLAGS.export_dir, "saved_model")
+        path = os.path.join(FLAGS.export_dir, "model.onnx")
+        written.append(export_onnx(source.model, path, source.category_map, rule))
+    if "litert" in formats:
+        from fpn_tf.serving.litert_export import export_litert  # pylint: disable=g-import-not-at-top
+
+        for quantization in quantizations:
+            name = "model.tflite" if quantization == "none" else f"model_{quantization}.tflite"
             written.append(
-                export_lib.export_saved_model(
-                    source.model, path, source.category_map, **source.preprocessing
+                export_litert(
+                    source.model,
+                    os.path.join(FLAGS.export_dir, name),
+                    source.category_map,
+                    rule,
+                    quantization=quantization,
                 )
             )
-    except export_lib.ExportError as e:
-        cli.fail(str(e), code=2)
+    if "saved_model" in formats:
+        path = os.path.join(FLAGS.export_dir, "saved_model")
+        written.append(export_lib.export_saved_model(source.model, path, source.category_map, rule))
     return written
 
 

@@ -1,20 +1,19 @@
 """Runs the ONNX and LiteRT exports of `python -m fpn_tf.export` without TensorFlow.
 
-NumPy, PIL and the runtime only (``onnxruntime`` or ``ai_edge_litert``): this module imports
-neither TensorFlow nor the rest of fpn_tf (`fpn_tf.serving` imports TensorFlow, hence a module of
-its own), so it runs where TensorFlow does not (a phone's Python, an edge box).
+NumPy and the runtime only (``onnxruntime`` or ``ai_edge_litert``): this module imports neither
+TensorFlow nor the rest of fpn_tf, so it runs where TensorFlow does not (a phone, an edge box).
 
     from fpn_tf.portable_client import load_detector
-    detector = load_detector("exports/cpu_demo.tflite")     # or .onnx
+    detector = load_detector("exports/cpu_demo/model.tflite")     # or .onnx
     out = detector(pixels)          # uint8 [h, w, 3] RGB -> the outputs of docs/serving.md
     names = detector.class_names    # dataset id -> name (the sidecar category map)
 
-Every export has sidecars beside it (``<stem>.category_map.json``, ``<stem>.label_map.pbtxt``,
-``<stem>.serving_config.json``). The ONNX model takes ``images`` uint8 [batch, height, width, 3]
-of any size and resizes inside, as the SavedModel's ``serving_default``. The LiteRT model has
-one fixed input size ``(H, W)`` (``serving_config.json``'s ``input_size``): :func:`letterbox`
-scales an image to fit it (aspect ratio kept, bilinear), pads the bottom and right with zeros,
-and :func:`unletterbox_boxes` maps the normalised boxes back to the original image.
+Beside every export lie ``<stem>.category_map.json``, ``<stem>.label_map.pbtxt`` and
+``<stem>.serving_config.json`` (the resize rule). The ONNX model takes uint8 images of any size
+and resizes inside, as the SavedModel's ``serving_default``. The LiteRT model takes the image
+already resized (:func:`resize_for_litert`: the eval rule's size, :func:`resized_size`, and
+``tf.image.resize``'s bilinear resampling, :func:`resize_bilinear`, in NumPy), so it sees the
+SavedModel model's input.
 """
 
 from __future__ import annotations
@@ -28,11 +27,12 @@ import numpy as np
 __all__ = [
     "LiteRTDetector",
     "OnnxDetector",
-    "letterbox",
     "load_detector",
     "read_serving_config",
+    "resize_bilinear",
+    "resize_for_litert",
+    "resized_size",
     "sidecar_path",
-    "unletterbox_boxes",
 ]
 
 CATEGORY_MAP_SUFFIX = ".category_map.json"
@@ -50,49 +50,69 @@ def read_serving_config(model_path: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
-def read_class_names(model_path: str | os.PathLike) -> dict[int, str]:
-    """Dataset id -> name from the export's ``<stem>.category_map.json``."""
-    with open(sidecar_path(model_path, CATEGORY_MAP_SUFFIX), encoding="utf-8") as f:
-        return {int(c["id"]): str(c["name"]) for c in json.load(f)["categories"]}
+def resized_size(
+    height: int, width: int, short_side: int, max_long_side: int, resize_rounding: str = "round"
+) -> tuple[int, int]:
+    """`fpn_tf.data.transforms.resized_size` in NumPy, with its arithmetic (float32 and half to
+    even for ``"round"``, float64 for ``"floor"`` and ``"half_up"``)."""
+    if resize_rounding == "round":
+        size = np.array([height, width], np.float32)
+        by_short = np.round(size * (np.float32(short_side) / size.min()))
+        by_long = np.round(size * (np.float32(max_long_side) / size.max()))
+        out = by_long if by_short.max() > max_long_side else by_short
+    elif resize_rounding == "floor":
+        size = np.array([height, width], np.float64)
+        out = np.floor(size * min(short_side / size.min(), max_long_side / size.max()))
+    elif resize_rounding == "half_up":  # detectron2's ResizeShortestEdge
+        scale = short_side / min(height, width)
+        h, w = (
+            (scale * height, float(short_side)) if height >= width else (short_side, scale * width)
+        )
+        if max(h, w) > max_long_side:
+            h, w = h * (max_long_side / max(h, w)), w * (max_long_side / max(h, w))
+        out = np.floor(np.array([h, w]) + 0.5)
+    else:
+        raise ValueError(f"resize_rounding {resize_rounding!r} is not round, floor or half_up")
+    return int(out[0]), int(out[1])
 
 
-def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """uint8 [h, w, 3] -> (uint8 [H, W, 3], scale): the image scaled by
-    ``scale = min(H / h, W / w)`` (PIL bilinear, sizes rounded), at the top left of a zero
-    canvas of ``size``. An image of exactly ``size`` is returned as it is (scale 1)."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+def _taps(in_size: int, out_size: int):
+    scale = np.float32(in_size) / np.float32(out_size)
+    x = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(x)
+    lower = np.maximum(floor, 0).astype(np.int64)
+    upper = np.minimum(np.ceil(x), in_size - 1).astype(np.int64)
+    return lower, upper, (x - floor).astype(np.float32)
 
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``tf.image.resize(image, size)`` (bilinear, half-pixel centres, no anti-aliasing) in
+    NumPy float32: [h, w, c] -> float32 [height, width, c]."""
+    image = np.asarray(image, np.float32)
+    y0, y1, dy = _taps(image.shape[0], int(size[0]))
+    x0, x1, dx = _taps(image.shape[1], int(size[1]))
+    dx = dx[None, :, None]
+    top, bottom = image[y0], image[y1]
+    top = top[:, x0] + (top[:, x1] - top[:, x0]) * dx
+    bottom = bottom[:, x0] + (bottom[:, x1] - bottom[:, x0]) * dx
+    return top + (bottom - top) * dy[:, None, None]
+
+
+def resize_for_litert(image: np.ndarray, config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """uint8 [h, w, 3] RGB -> the LiteRT export's inputs: ``images`` float32 [1, Hp, Wp, 3] (the
+    image resized by the serving config's rule, zero padded bottom/right to multiples of
+    ``pad_multiple``) and ``image_sizes`` int32 [[h, w, resized h, resized w]]."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"need uint8 [height, width, 3] RGB, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
-    height, width = int(size[0]), int(size[1])
-    if (h, w) == (height, width):
-        return image, 1.0
-    scale = min(height / h, width / w)
-    rh, rw = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
-    resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
-    canvas = np.zeros((height, width, 3), np.uint8)
-    canvas[:rh, :rw] = resized
-    return canvas, scale
-
-
-def unletterbox_boxes(
-    boxes: np.ndarray, image_size: tuple[int, int], size: tuple[int, int], scale: float
-) -> np.ndarray:
-    """Normalised boxes of the letterboxed canvas of ``size`` -> normalised boxes of the
-    original image of ``image_size`` (clipped to [0, 1]); zero rows stay zero."""
-    h, w = image_size
-    factor = np.array(
-        [
-            size[0] / (scale * h),
-            size[1] / (scale * w),
-            size[0] / (scale * h),
-            size[1] / (scale * w),
-        ],
-        np.float32,
+    rh, rw = resized_size(
+        h, w, config["short_side"], config["max_long_side"], config["resize_rounding"]
     )
-    return np.clip(np.asarray(boxes, np.float32) * factor, 0.0, 1.0)
+    m = int(config["pad_multiple"])
+    canvas = np.zeros((1, -(-rh // m) * m, -(-rw // m) * m, 3), np.float32)
+    canvas[0, :rh, :rw] = resize_bilinear(image, (rh, rw))
+    return {"images": canvas, "image_sizes": np.array([[h, w, rh, rw]], np.int32)}
 
 
 class _Detector:
@@ -101,16 +121,14 @@ class _Detector:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such model file")
         self.config = read_serving_config(self.path)
-        self.class_names = read_class_names(self.path)
-
-    def class_name(self, class_id: int) -> str:
-        return self.class_names.get(int(class_id), str(int(class_id)))
+        with open(sidecar_path(self.path, CATEGORY_MAP_SUFFIX), encoding="utf-8") as f:
+            categories = json.load(f)["categories"]
+        self.class_names = {int(c["id"]): str(c["name"]) for c in categories}
 
 
 class OnnxDetector(_Detector):
     """An ONNX export in ONNX Runtime (CPU): ``detector(images)`` takes uint8 [h, w, 3] or
-    [batch, h, w, 3] (one size per batch) and returns the outputs of docs/serving.md (NumPy,
-    with a batch axis)."""
+    [batch, h, w, 3] (one size per batch); NumPy outputs with a batch axis."""
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
         super().__init__(path)
@@ -125,17 +143,16 @@ class OnnxDetector(_Detector):
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.asarray(images, np.uint8)
-        if images.ndim == 3:
-            images = images[None]
-        values = self.session.run(self.output_names, {"images": images})
+        values = self.session.run(
+            self.output_names, {"images": images[None] if images.ndim == 3 else images}
+        )
         return dict(zip(self.output_names, values))
 
 
 class LiteRTDetector(_Detector):
     """A LiteRT export in ``ai_edge_litert``'s Interpreter (default XNNPACK delegate):
-    ``detector(image)`` takes one uint8 [h, w, 3] image of any size, letterboxes it into the
-    model's fixed input, and returns the outputs of docs/serving.md (batch axis of 1) with the
-    boxes normalised to the original image."""
+    ``detector(image)`` takes one uint8 [h, w, 3] image (or [1, h, w, 3]); NumPy outputs with a
+    batch axis of 1."""
 
     def __init__(self, path: str | os.PathLike, num_threads: int | None = None):
         super().__init__(path)
@@ -143,7 +160,6 @@ class LiteRTDetector(_Detector):
 
         self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
         self.runner = self.interpreter.get_signature_runner()
-        self.input_size = tuple(int(v) for v in self.config["input_size"])
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
         image = np.asarray(image)
@@ -151,19 +167,14 @@ class LiteRTDetector(_Detector):
             if image.shape[0] != 1:
                 raise ValueError(f"a LiteRT export takes one image at a time, got {image.shape}")
             image = image[0]
-        canvas, scale = letterbox(image, self.input_size)
-        out = {k: np.array(v) for k, v in self.runner(images=canvas[None]).items()}
-        out["detection_boxes"] = unletterbox_boxes(
-            out["detection_boxes"], image.shape[:2], self.input_size, scale
-        )
-        return out
+        out = self.runner(**resize_for_litert(image, self.config))
+        return {k: np.array(v) for k, v in out.items()}
 
 
 def load_detector(path: str | os.PathLike, num_threads: int | None = None) -> _Detector:
     """An `OnnxDetector` for ``.onnx``, a `LiteRTDetector` for ``.tflite``."""
     suffix = os.path.splitext(os.fspath(path))[1].lower()
-    if suffix == ".onnx":
-        return OnnxDetector(path, num_threads)
-    if suffix == ".tflite":
-        return LiteRTDetector(path, num_threads)
-    raise ValueError(f"{os.fspath(path)}: not an .onnx or .tflite file")
+    kinds = {".onnx": OnnxDetector, ".tflite": LiteRTDetector}
+    if suffix not in kinds:
+        raise ValueError(f"{os.fspath(path)}: not an .onnx or .tflite file")
+    return kinds[suffix](path, num_threads)

@@ -12,7 +12,7 @@ missing SavedModel ends the run with one line saying so (exit code 2).
 
 ``--saved_model`` also takes an ONNX (``.onnx``) or LiteRT (``.tflite``) export of
 ``python -m fpn_tf.export --format=onnx,litert`` (the ``[export]`` extra's runtimes): the image is
-decoded here and sent as pixels (LiteRT: letterboxed into its fixed input, boxes mapped back), so
+decoded here and sent as pixels (LiteRT: resized by the eval rule in NumPy first), so
 each format draws the same picture.
 """
 

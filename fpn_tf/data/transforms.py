@@ -59,6 +59,7 @@ mask does not change under resize and padding, and a flip reverses its columns e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -70,6 +71,7 @@ __all__ = [
     "PADDING_MODES",
     "RESIZE_METHODS",
     "RESIZE_ROUNDINGS",
+    "ResizeRule",
     "ceil_to_multiple",
     "compute_resized_size",
     "fixed_padded_size",
@@ -104,6 +106,48 @@ _PIL_PRECISION_BITS = 22
 def ceil_to_multiple(x: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= x (python ints)."""
     return int(math.ceil(x / multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeRule:
+    """How a model's inputs are resized and padded at evaluation and serving: the config's
+    ``eval_data`` fields of the same names (:func:`resized_size`, :func:`resize_image`; zero
+    padding bottom/right to a multiple of ``pad_multiple``)."""
+
+    short_side: int
+    max_long_side: int
+    pad_multiple: int = 1
+    resize_rounding: str = "round"
+    resize_method: str = "bilinear"
+
+    def __post_init__(self):
+        if self.short_side <= 0 or self.max_long_side < self.short_side or self.pad_multiple < 1:
+            raise ValueError(
+                "need 0 < short_side <= max_long_side and pad_multiple >= 1, got "
+                f"{self.short_side}, {self.max_long_side}, {self.pad_multiple}"
+            )
+        _check_rounding(self.resize_rounding)
+        _check_method(self.resize_method)
+
+    @classmethod
+    def from_config(cls, config) -> "ResizeRule":
+        """The rule of an `ExperimentConfig` (its ``eval_data``) or of a data config."""
+        d = getattr(config, "eval_data", config)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: getattr(d, name) for name in fields})
+
+    @classmethod
+    def of(cls, *args, **fields) -> "ResizeRule":
+        """A rule from one argument (a rule, a dict of its fields, a config) or from the fields."""
+        if len(args) == 1 and not fields and not isinstance(args[0], (int, float)):
+            value = args[0]
+            if isinstance(value, cls):
+                return value
+            return cls(**value) if isinstance(value, dict) else cls.from_config(value)
+        return cls(*args, **fields)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _check_rounding(resize_rounding: str) -> None:

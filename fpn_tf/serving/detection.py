@@ -66,9 +66,7 @@ def preprocess_images(
     Args:
       images: uint8 [B, H, W, 3]; image i occupies ``images[i, :sizes[i, 0], :sizes[i, 1]]``.
       sizes: int32 [B, 2] true (height, width) of each image.
-      short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
-      resize_rounding: "round", "floor" or "half_up" (`fpn_tf.data.transforms.resized_size`).
-      resize_method: "bilinear" or "pil_bilinear" (`fpn_tf.data.transforms.resize_image`).
+      short_side, ..., resize_method: the `fpn_tf.data.transforms.ResizeRule` fields.
 
     Returns:
       float32 [B, Hp, Wp, 3] RGB 0..255 (zero padded; ``Hp, Wp`` = the largest resized size,
@@ -108,12 +106,10 @@ class DetectionModule(tf.Module):
     Args:
       model: a `fpn_tf.modeling.faster_rcnn.FasterRCNN` (anything with the same call contract:
         ``{"images", "image_info"}`` -> detections in original-image pixels, dataset class ids).
-      short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding.
+      short_side, max_long_side, pad_multiple, resize_rounding, resize_method: the eval
+        transform's `fpn_tf.data.transforms.ResizeRule`.
       num_detections: rows of every output (the contract: 100). The model's own
         ``max_detections`` rows are zero padded or cut (its rows are sorted by score).
-      resize_rounding: the eval transform's rounding of resized sizes ("round", "floor" or
-        "half_up").
-      resize_method: the eval transform's resampling ("bilinear" or "pil_bilinear").
     """
 
     signature_name: str = ""
@@ -131,42 +127,20 @@ class DetectionModule(tf.Module):
         resize_method: str = "bilinear",
     ):
         super().__init__(name=name)
-        if short_side <= 0 or max_long_side < short_side or pad_multiple < 1:
-            raise ValueError(
-                f"need 0 < short_side <= max_long_side and pad_multiple >= 1, got short_side="
-                f"{short_side}, max_long_side={max_long_side}, pad_multiple={pad_multiple}"
-            )
-        if resize_rounding not in transforms.RESIZE_ROUNDINGS:
-            raise ValueError(
-                f"resize_rounding must be one of {transforms.RESIZE_ROUNDINGS}, "
-                f"got {resize_rounding!r}"
-            )
-        if resize_method not in transforms.RESIZE_METHODS:
-            raise ValueError(
-                f"resize_method must be one of {transforms.RESIZE_METHODS}, got {resize_method!r}"
-            )
+        rule = transforms.ResizeRule(
+            short_side, max_long_side, pad_multiple, resize_rounding, resize_method
+        )  # checks the values
         # Not tracked as a child: saving the Keras object graph is not needed (the SavedModel
         # keeps the traced functions and the variables, which export_saved_model tracks) and
         # fails for layers holding dicts with int keys (FeaturePyramid's convs).
         object.__setattr__(self, "_model", model)
-        self.short_side = int(short_side)
-        self.max_long_side = int(max_long_side)
-        self.pad_multiple = int(pad_multiple)
-        self.resize_rounding = str(resize_rounding)
-        self.resize_method = str(resize_method)
+        self.rule = rule
+        self.__dict__.update(rule.as_dict())  # short_side, ..., resize_method as attributes
         self.num_detections = int(num_detections)
 
     def detect(self, images: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
         """uint8 [B, H, W, 3] padded images + int32 [B, 2] true sizes -> the four outputs."""
-        model_images, image_info = preprocess_images(
-            images,
-            sizes,
-            self.short_side,
-            self.max_long_side,
-            self.pad_multiple,
-            self.resize_rounding,
-            self.resize_method,
-        )
+        model_images, image_info = preprocess_images(images, sizes, **self.rule.as_dict())
         out = self._model({"images": model_images, "image_info": image_info}, training=False)
         return self.format_outputs(out, sizes)
 

@@ -1,11 +1,11 @@
 """Writing the SavedModel of docs/serving.md.
 
     import fpn_tf
+    from fpn_tf.data.transforms import ResizeRule
     from fpn_tf.serving import export_saved_model
     loaded = fpn_tf.load_model("runs/cpu_demo")          # params.yaml + category map + ckpt
     export_saved_model(loaded.model, "exports/fpn/1", loaded.category_map,
-                       **loaded.preprocessing)    # short_side, max_long_side, pad_multiple,
-                                                  # resize_rounding, resize_method
+                       ResizeRule.from_config(loaded.config))
 
 The SavedModel has three signatures (`fpn_tf.serving.detection`), all returning
 ``detection_boxes`` / ``detection_scores`` / ``detection_classes`` / ``num_detections``, and
@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from absl import logging
 import tensorflow as tf
 
+from fpn_tf.data import transforms
 from fpn_tf.data.category_map import CategoryMap, as_category_map
 from fpn_tf.errors import UserError
 from fpn_tf.serving.detection import (
@@ -115,13 +116,9 @@ def export_saved_model(
     model,
     export_dir: str | os.PathLike,
     category_map: CategoryMap | str | os.PathLike | Sequence | dict,
-    short_side: int,
-    max_long_side: int,
-    pad_multiple: int,
-    *,
+    *rule,
     num_detections: int = NUM_DETECTIONS,
-    resize_rounding: str = "round",
-    resize_method: str = "bilinear",
+    **rule_fields,
 ) -> str:
     """Writes the SavedModel of docs/serving.md to ``export_dir``; returns ``export_dir``.
 
@@ -133,33 +130,19 @@ def export_saved_model(
         any other non-empty directory is refused.
       category_map: the model's `CategoryMap` (or its JSON path / config): the dataset ids it
         holds must be the model's ``category_ids``.
-      short_side, max_long_side, pad_multiple: the eval transform's resize rule and padding
-        (``eval_data.short_side`` etc. of the config).
+      rule: the eval transform's `fpn_tf.data.transforms.ResizeRule` (or anything
+        `ResizeRule.of` takes: a config, a dict, the fields positionally or as keywords).
       num_detections: rows of every output (the contract's 100).
-      resize_rounding: the eval transform's rounding of resized sizes, "round", "floor" or
-        "half_up" (``eval_data.resize_rounding``; `fpn_tf.data.transforms.resized_size`).
-      resize_method: the eval transform's resampling, "bilinear" or "pil_bilinear"
-        (``eval_data.resize_method``; `fpn_tf.data.transforms.resize_image`).
 
     Raises:
       ExportError: a category map that is not the model's, or an unusable ``export_dir``.
     """
     start = time.time()
     export_dir = os.fspath(export_dir)
+    rule = transforms.ResizeRule.of(*rule, **rule_fields)
     category_map = as_category_map(category_map)
     _check_category_map(model, category_map)
-    modules = [
-        cls(
-            model,
-            short_side,
-            max_long_side,
-            pad_multiple,
-            num_detections,
-            resize_rounding=resize_rounding,
-            resize_method=resize_method,
-        )
-        for cls in _MODULES
-    ]
+    modules = [cls(model, **rule.as_dict(), num_detections=num_detections) for cls in _MODULES]
     root = tf.Module()
     # The variables the traced functions capture, saved once for all three signatures. The
     # tf.Variables themselves, not their Keras wrappers: a tracked Keras Variable exports a copy
@@ -174,11 +157,7 @@ def export_saved_model(
     if MASK_OUTPUT_KEY in signatures["serving_default"].structured_outputs:
         outputs.append(MASK_OUTPUT_KEY)
     serving_config = {
-        "short_side": int(short_side),
-        "max_long_side": int(max_long_side),
-        "pad_multiple": int(pad_multiple),
-        "resize_rounding": str(resize_rounding),
-        "resize_method": str(resize_method),
+        **rule.as_dict(),
         "num_detections": int(num_detections),
         "signatures": {m.signature_name: m.input_name for m in modules},
         "outputs": outputs,
@@ -201,18 +180,12 @@ def export_saved_model(
         root.serving_config_file = tf.saved_model.Asset(os.path.join(tmp, SERVING_CONFIG_ASSET))
         tf.saved_model.save(root, export_dir, signatures=signatures)
     logging.info(
-        "Exported a SavedModel with signatures %s to %s in %.1f s (tracing %.1f s); "
-        "%d classes, inputs resized to short side %d (long side <= %d, sizes by %s, %s), padded "
-        "to a multiple of %d",
+        "Exported a SavedModel with signatures %s to %s in %.1f s (tracing %.1f s); %d classes, %s",
         sorted(signatures),
         export_dir,
         time.time() - start,
         traced - start,
         category_map.num_classes,
-        short_side,
-        max_long_side,
-        resize_rounding,
-        resize_method,
-        pad_multiple,
+        rule,
     )
     return export_dir

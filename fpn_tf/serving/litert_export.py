@@ -1,64 +1,54 @@
 """LiteRT (TensorFlow Lite) export of a Faster / Mask R-CNN with builtin ops only.
 
-    from fpn_tf.serving.litert_export import export_litert
-    export_litert(model, "exports/cpu_demo.tflite", category_map, **source.preprocessing,
-                  quantization="none")          # or "float16", "dynamic_int8"
+    export_litert(loaded.model, "exports/cpu_demo/model.tflite", loaded.category_map,
+                  ResizeRule.from_config(loaded.config), quantization="none")
 
 No SELECT_TF_OPS: the TensorFlow 2.20 wheel and ``ai-edge-litert`` ship no Flex delegate, so a
-model needing one converts and then fails at ``allocate_tensors``. The graph is
-`fpn_tf.serving.portable`'s (gather RoIAlign, NonMaxSuppressionV4 in a loop, no
-CombinedNonMaxSuppression, no strings), converted with ``TFLITE_BUILTINS`` only, its op list
-checked builtin-only, and loaded (``allocate_tensors``) before it is moved into place.
-
-The input is one fixed size ``images`` uint8 [1, H, W, 3] (``image_size``, default
-``(short_side, max_long_side)``: the rule's largest landscape image): with dynamic sizes the
-converter keeps ops it has no builtin for (strided slices that add an axis to tensors of two
-unknown dimensions). Images of other sizes are letterboxed by the client
-(`fpn_tf.portable_client.letterbox`; scale to fit, pad bottom/right with zeros) and the boxes
-mapped back (``unletterbox_boxes``); the graph then resizes by the eval rule as the SavedModel.
+model that needs one converts and then fails at ``allocate_tensors``. The graph is
+`fpn_tf.serving.portable`'s with ``resized_input=True``: batch 1, inputs ``images`` float32
+[1, Hp, Wp, 3] (the image resized by the eval rule, zero padded bottom/right to a multiple of
+``pad_multiple``: exactly what the SavedModel's model sees) and ``image_sizes`` int32 [1, 4]
+(original height, width, resized height, width). Height and width are dynamic (the interpreter
+resizes its tensors for each new size); `fpn_tf.portable_client` does the resize in NumPy.
+Slices that only insert an axis (``x[:, :, None]``) become ``ExpandDims`` before conversion: with
+two unknown dimensions the converter has no builtin for them. The file's op list is checked
+builtin-only and the interpreter loads it before it is moved into place.
 
 ``quantization``: ``"none"`` (float32), ``"float16"`` (weights stored float16, computed
-float32), ``"dynamic_int8"`` (weights int8, activations quantized on the fly where the kernels
-allow: dynamic-range quantization).
+float32), ``"dynamic_int8"`` (dynamic-range: int8 weights, activations quantized on the fly
+where the kernels allow).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
 
-from absl import logging
 import tensorflow as tf
 
-from fpn_tf.data.category_map import as_category_map
+from fpn_tf.data import transforms
 from fpn_tf.serving import portable
 from fpn_tf.serving.detection import NUM_DETECTIONS
-from fpn_tf.serving.export import ExportError, _check_category_map
+from fpn_tf.serving.export import ExportError
 
 __all__ = ["QUANTIZATIONS", "builtin_op_names", "export_litert", "non_builtin_ops"]
 
 QUANTIZATIONS = ("none", "float16", "dynamic_int8")
 
 
-def _schema():
-    try:
-        from ai_edge_litert import schema_py_generated  # pylint: disable=g-import-not-at-top
-    except ImportError:  # the copy inside TensorFlow
-        from tensorflow.lite.python import schema_py_generated  # pylint: disable=g-import-not-at-top
-    return schema_py_generated
-
-
 def _op_codes(content: bytes):
-    schema = _schema()
+    try:
+        from ai_edge_litert import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+    except ImportError:  # the copy inside TensorFlow
+        from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
     model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    codes = []
     for code in model.operatorCodes:
         builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
         custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
-        codes.append((names.get(builtin, str(builtin)), custom))
-    return codes
+        yield names.get(builtin, str(builtin)), custom
 
 
 def builtin_op_names(content: bytes) -> list[str]:
@@ -73,8 +63,7 @@ def non_builtin_ops(content: bytes) -> list[str]:
 
 def _validate(path: str) -> None:
     with open(path, "rb") as f:
-        content = f.read()
-    extra = non_builtin_ops(content)
+        extra = non_builtin_ops(f.read())
     if extra:
         raise ExportError(f"the LiteRT model holds non-builtin ops {sorted(set(extra))}")
     try:
@@ -82,108 +71,135 @@ def _validate(path: str) -> None:
 
         Interpreter(model_path=path).allocate_tensors()
     except Exception as e:  # pylint: disable=broad-except
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ExportError(f"the LiteRT interpreter cannot load the converted model: {first}") from e
+        raise ExportError(
+            f"the LiteRT interpreter cannot load the converted model: {portable.first_line(e)}"
+        ) from e
 
 
 def _conversion_error(e: Exception) -> ExportError:
-    ops = sorted(
-        set(re.findall(r"'(tf\.[A-Za-z0-9_]+)' op is neither a custom op nor a flex op", str(e)))
-    )
+    pattern = r"'(tf\.[A-Za-z0-9_]+)' op is neither a custom op nor a flex op"
+    ops = sorted(set(re.findall(pattern, str(e))))
     if ops:
         return ExportError(f"ops with no LiteRT builtin: {', '.join(ops)} (builtins only, no Flex)")
     lines = [l for l in str(e).splitlines() if "error" in l.lower()] or str(e).splitlines() or [""]
     return ExportError(f"the LiteRT converter failed: {lines[0].strip()[:300] or type(e).__name__}")
 
 
+def _const(graph_def, name: str):
+    for node in graph_def.node:
+        if node.name == name and node.op == "Const":
+            return tf.make_ndarray(node.attr["value"].tensor)
+    return None
+
+
+def new_axis_slices_to_expand_dims(graph_def) -> int:
+    """Rewrites, in place, each ``StridedSlice`` that only inserts axes (unit strides, full ranges
+    elsewhere, no ellipsis or shrink) as ``ExpandDims``; returns how many."""
+    count = 0
+    for node in list(graph_def.node):
+        a = node.attr
+        new = a["new_axis_mask"].i if node.op == "StridedSlice" else 0
+        if not new or a["ellipsis_mask"].i or a["shrink_axis_mask"].i:
+            continue
+        strides = _const(graph_def, node.input[3].split(":")[0])
+        if strides is None or not (strides == 1).all():
+            continue
+        others = ((1 << len(strides)) - 1) & ~new
+        if (a["begin_mask"].i & others) != others or (a["end_mask"].i & others) != others:
+            continue
+        source, dtype = node.input[0], a["T"].type
+        for axis in [i for i in range(len(strides)) if new >> i & 1]:
+            const = graph_def.node.add(name=f"{node.name}/axis_{axis}", op="Const")
+            const.attr["dtype"].type = tf.int32.as_datatype_enum
+            const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(axis, tf.int32))
+            expand = graph_def.node.add(name=f"{node.name}/expand_{axis}", op="ExpandDims")
+            expand.input.extend([source, const.name])
+            expand.attr["T"].type = dtype
+            expand.attr["Tdim"].type = tf.int32.as_datatype_enum
+            source = expand.name
+        node.op = "Identity"  # the slice's name now forwards the last ExpandDims
+        del node.input[:]
+        node.input.append(source)
+        for key in list(a):
+            if key != "T":
+                del a[key]
+        count += 1
+    return count
+
+
+def _frozen_without_new_axis_slices(concrete):
+    """``concrete`` with its variables as constants and the axis-inserting slices rewritten.
+    Converted with its variables instead, the file would hold resource variables that the
+    interpreter leaves uninitialised (all-zero weights)."""
+    from tensorflow.python.framework import convert_to_constants as c2c  # pylint: disable=g-import-not-at-top
+
+    data = c2c._FunctionConverterDataInEager(  # pylint: disable=protected-access
+        func=concrete, lower_control_flow=True, aggressive_inlining=False
+    )
+    graph_def, converted = c2c._replace_variables_by_constants(converter_data=data)  # pylint: disable=protected-access
+    new_axis_slices_to_expand_dims(graph_def)
+    return c2c._construct_concrete_function(concrete, graph_def, converted)  # pylint: disable=protected-access
+
+
 def export_litert(
     model,
     path: str | os.PathLike,
     category_map,
-    short_side: int,
-    max_long_side: int,
-    pad_multiple: int,
-    *,
-    resize_rounding: str = "round",
-    resize_method: str = "bilinear",
+    *rule,
     num_detections: int = NUM_DETECTIONS,
-    image_size: tuple[int, int] | None = None,
     quantization: str = "none",
+    **rule_fields,
 ) -> str:
-    """Writes ``path`` (.tflite) and its sidecars; returns ``path``.
+    """Writes ``path`` (.tflite) and its sidecars; returns ``path``. ``rule``: a
+    `fpn_tf.data.transforms.ResizeRule` (or its fields, `ResizeRule.of`).
 
     Raises:
       ExportError: a model that is not a detector, an op with no builtin, a file the
         interpreter cannot load (nothing is written then).
     """
-    from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
-
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     start = time.time()
-    path = os.fspath(path)
-    category_map = as_category_map(category_map)
-    _check_category_map(model, category_map)
-    if image_size is None:
-        image_size = (int(short_side), int(max_long_side))
-    image_size = tuple(int(v) for v in image_size)
-    if len(image_size) != 2 or min(image_size) < 1:
-        raise ExportError(f"image_size must be (height, width) > 0, got {image_size}")
+    category_map, rule = portable.prepare_export(
+        model, category_map, transforms.ResizeRule.of(*rule, **rule_fields)
+    )
     concrete, keys = portable.portable_detect_function(
-        model,
-        short_side,
-        max_long_side,
-        pad_multiple,
-        resize_rounding=resize_rounding,
-        resize_method=resize_method,
-        num_detections=num_detections,
-        batch_size=1,
-        image_size=image_size,
+        model, rule, num_detections=num_detections, resized_input=True
     )
-    # Weights as constants: converted from the concrete function with its variables, the file
-    # holds resource variables that the interpreter leaves uninitialised (all-zero weights).
-    frozen = convert_to_constants.convert_variables_to_constants_v2(concrete)
+    frozen = _frozen_without_new_axis_slices(concrete)
+    specs = concrete.structured_input_signature[0]
 
-    @tf.function(input_signature=[tf.TensorSpec([1, *image_size, 3], tf.uint8, name="images")])
-    def serve(images):
-        return dict(zip(keys, frozen(images)))  # outputs in nest order: sorted keys
+    @tf.function(input_signature=specs)
+    def serve(images, image_sizes):
+        return dict(zip(keys, frozen(images, image_sizes)))  # outputs in nest order: sorted keys
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [serve.get_concrete_function()], tf.Module()
-    )
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantization != "none":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    try:
-        content = converter.convert()
-    except Exception as e:  # pylint: disable=broad-except
-        raise _conversion_error(e) from e
+    # Through a SavedModel, so the file has a "serving_default" signature (the converter's own
+    # SavedModel step fails on the custom gradients it does not need).
+    with tempfile.TemporaryDirectory(prefix="fpn_tf_litert_") as tmp:
+        tf.saved_model.save(
+            tf.Module(),
+            tmp,
+            signatures={"serving_default": serve.get_concrete_function()},
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+        )
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantization != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        try:
+            content = converter.convert()
+        except Exception as e:  # pylint: disable=broad-except
+            raise _conversion_error(e) from e
     config = portable.serving_config(
         "litert",
-        short_side,
-        max_long_side,
-        pad_multiple,
-        resize_rounding,
+        rule,
         num_detections,
         keys,
-        input_size=list(image_size),
-        batch=1,
+        input="images: float32 [1, Hp, Wp, 3], the image resized by the rule (RGB 0..255), zero "
+        "padded to multiples of pad_multiple; image_sizes: int32 [1, 4] = height, width, "
+        "resized height, resized width (fpn_tf.portable_client.resize_for_litert)",
         quantization=quantization,
-        letterbox="scale to fit input_size (aspect kept), zero pad bottom/right "
-        "(fpn_tf.portable_client.letterbox)",
     )
-    portable.write_validated(
-        path, content, _validate, portable.sidecar_files(path, category_map, config)
-    )
-    logging.info(
-        "Exported LiteRT (%s, input %dx%d, builtins only) to %s in %.1f s (%.1f MB)",
-        quantization,
-        image_size[0],
-        image_size[1],
-        path,
-        time.time() - start,
-        len(content) / 1e6,
-    )
-    return path
+    return portable.write_export(path, content, _validate, category_map, config, start)

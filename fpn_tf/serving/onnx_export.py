@@ -1,15 +1,13 @@
 """ONNX export of a Faster / Mask R-CNN through tf2onnx (``pip install -e '.[export]'``).
 
-    from fpn_tf.serving.onnx_export import export_onnx
-    export_onnx(model, "exports/cpu_demo.onnx", category_map, **source.preprocessing)
+    export_onnx(loaded.model, "exports/cpu_demo/model.onnx", loaded.category_map,
+                ResizeRule.from_config(loaded.config))
 
-The graph is `fpn_tf.serving.portable`'s: input ``images`` uint8 [batch, height, width, 3] with
-dynamic batch, height and width (one size per batch, as ``serving_default``), resized inside by
-the eval rule, outputs named as the SavedModel's (docs/serving.md), an image with no detection
-giving ``num_detections`` 0 and zero rows. tf2onnx is the converter Keras 3 itself uses for
-``export(format="onnx")`` on the TensorFlow backend; opset 17 (the newest opset whose ops
-tf2onnx 1.17 maps for everything here; ONNX Runtime 1.31 runs opsets up to 23). The file is
-written only after ONNX Runtime has loaded it (`portable.write_validated`).
+Input ``images`` uint8 [batch, height, width, 3], dynamic batch, height and width (one size per
+batch, as ``serving_default``), resized inside by the eval rule; the outputs are the SavedModel's
+(docs/serving.md), an image with no detection giving zero rows. tf2onnx is the converter Keras 3
+uses for ``export(format="onnx")`` on TensorFlow; opset 17 is the newest whose ops tf2onnx 1.17
+maps for everything here.
 """
 
 from __future__ import annotations
@@ -17,13 +15,12 @@ from __future__ import annotations
 import os
 import time
 
-from absl import logging
 import tensorflow as tf
 
-from fpn_tf.data.category_map import as_category_map
+from fpn_tf.data import transforms
 from fpn_tf.serving import portable
 from fpn_tf.serving.detection import NUM_DETECTIONS
-from fpn_tf.serving.export import ExportError, _check_category_map
+from fpn_tf.serving.export import ExportError
 
 __all__ = ["ONNX_OPSET", "export_onnx"]
 
@@ -36,24 +33,20 @@ def _validate(path: str) -> None:
 
         ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as e:  # pylint: disable=broad-except
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ExportError(f"ONNX Runtime cannot load the converted model: {first}") from e
+        raise ExportError(f"ONNX Runtime cannot load the converted model: {portable.first_line(e)}")
 
 
 def export_onnx(
     model,
     path: str | os.PathLike,
     category_map,
-    short_side: int,
-    max_long_side: int,
-    pad_multiple: int,
-    *,
-    resize_rounding: str = "round",
-    resize_method: str = "bilinear",
+    *rule,
     num_detections: int = NUM_DETECTIONS,
     opset: int = ONNX_OPSET,
+    **rule_fields,
 ) -> str:
-    """Writes ``path`` (.onnx) and its sidecars; returns ``path``.
+    """Writes ``path`` (.onnx) and its sidecars; returns ``path``. ``rule``: a
+    `fpn_tf.data.transforms.ResizeRule` (or its fields, `ResizeRule.of`).
 
     Raises:
       ExportError: a model that is not a detector, a conversion that fails or a file ONNX
@@ -66,52 +59,29 @@ def export_onnx(
             "--format=onnx needs tf2onnx and onnxruntime: pip install -e '.[export]'"
         ) from e
     start = time.time()
-    path = os.fspath(path)
-    category_map = as_category_map(category_map)
-    _check_category_map(model, category_map)
-    concrete, keys = portable.portable_detect_function(
-        model,
-        short_side,
-        max_long_side,
-        pad_multiple,
-        resize_rounding=resize_rounding,
-        resize_method=resize_method,
-        num_detections=num_detections,
+    category_map, rule = portable.prepare_export(
+        model, category_map, transforms.ResizeRule.of(*rule, **rule_fields)
     )
-    spec = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+    concrete, keys = portable.portable_detect_function(model, rule, num_detections=num_detections)
     try:
         proto, _ = tf2onnx.convert.from_function(
-            tf.function(concrete), input_signature=spec, opset=opset
+            tf.function(concrete),
+            input_signature=list(concrete.structured_input_signature[0]),
+            opset=opset,
         )
     except Exception as e:  # pylint: disable=broad-except
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ExportError(f"tf2onnx could not convert the model: {first}") from e
+        raise ExportError(f"tf2onnx could not convert the model: {portable.first_line(e)}") from e
     names = [o.name for o in proto.graph.output]
-    if sorted(names) != sorted(keys):
+    if sorted(names) != keys:
         raise ExportError(f"the ONNX outputs are {names}, expected {keys}")
     config = portable.serving_config(
         "onnx",
-        short_side,
-        max_long_side,
-        pad_multiple,
-        resize_rounding,
+        rule,
         num_detections,
         keys,
+        input="images: uint8 [batch, height, width, 3] RGB, any size (one size per batch)",
         opset=int(opset),
-        batch="any (one image size per batch)",
     )
-    portable.write_validated(
-        path,
-        proto.SerializeToString(),
-        _validate,
-        portable.sidecar_files(path, category_map, config),
+    return portable.write_export(
+        path, proto.SerializeToString(), _validate, category_map, config, start
     )
-    logging.info(
-        "Exported ONNX (opset %d, outputs %s) to %s in %.1f s (%.1f MB)",
-        opset,
-        keys,
-        path,
-        time.time() - start,
-        os.path.getsize(path) / 1e6,
-    )
-    return path
