@@ -8,14 +8,11 @@ sub-sections, and each leaf may declare value checks with :func:`field`::
     class RPNConfig(Config):
         nms_iou: float = field(0.7, unit_interval)
 
-* an unknown key raises :class:`ConfigError` naming the full dotted key and the nearest valid one;
-* a value of the wrong type raises :class:`ConfigError` naming the key, the expected type and the
-  value (``int`` is accepted where a ``float`` is expected, nothing else is converted);
-* :meth:`Config.validate_section` applies the declared checks of every field, then each section's
-  ``_check_values`` (the few rules that relate several fields), and raises one line naming the
-  key: ``Config key 'model.rpn.nms_iou' must be in [0, 1], got 1.5.``
-
-Standard library and PyYAML only (no TensorFlow, no Keras), so configs load in milliseconds.
+An unknown key or a value of the wrong type (only ``int`` -> ``float`` is converted) raises
+:class:`ConfigError` naming the dotted key (and the nearest valid one);
+:meth:`Config.validate_section` applies the declared checks, then each section's
+``_check_values`` (cross-field rules): ``Config key 'model.rpn.nms_iou' must be in [0, 1], got
+1.5.`` Standard library and PyYAML only, so configs load in milliseconds.
 """
 
 from __future__ import annotations
@@ -58,10 +55,6 @@ class ConfigError(UserError, ValueError):
         self.key = key
 
 
-# --------------------------------------------------------------------------------------------
-# Generic machinery: type checking, overrides, suggestions.
-# --------------------------------------------------------------------------------------------
-
 _NoneType = type(None)
 
 
@@ -99,11 +92,8 @@ def _type_error(key: str, tp, value) -> ConfigError:
 
 
 def _coerce(value, tp, key: str):
-    """Checks `value` against the annotation `tp`; returns it (ints widened to float, tuples to
-    lists).
-
-    Nested mappings become dataclass instances (defaults filled in, strictly checked).
-    """
+    """`value` checked against the annotation `tp` (ints widened to float, tuples to lists,
+    mappings to dataclass sections)."""
     if tp is Any:
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -133,21 +123,10 @@ def _coerce(value, tp, key: str):
             raise _type_error(key, tp, value)
         item_type = args[0] if args else Any
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _type_error(key, tp, value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
+    if tp in (bool, int, float, str):
+        ok = isinstance(value, (int, float) if tp is float else tp)
+        if ok and (tp in (bool, str) or not isinstance(value, bool)):
+            return float(value) if tp is float else value
         raise _type_error(key, tp, value)
     raise TypeError(f"Unsupported annotation {tp!r} for config key '{key}'.")  # programming error
 
@@ -266,18 +245,10 @@ def _require(condition: bool, key: str, message: str):
         raise ConfigError(f"Config key '{key}' {message}", key=key)
 
 
-# --------------------------------------------------------------------------------------------
-# Value checks declared with the field.
-# --------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """A rule on one field's value: `test(value)` is true when the value is allowed.
-
-    `requirement` completes "must be ...", e.g. "positive" or "in [0, 1]". The null value of an
-    Optional field is never tested, and the message then says "... or null".
-    """
+    """A rule on one field's value; `requirement` completes "must be ...", e.g. "in [0, 1]".
+    The null value of an Optional field is never tested."""
 
     test: Callable[[Any], bool]
     requirement: str
@@ -333,10 +304,7 @@ increasing = Check(
 
 
 def field(default: Any, *checks: Check):
-    """A config field: its default (a list default is copied for each instance) and its checks.
-
-    The checks run in order in :meth:`Config.validate_section`; the first that fails raises.
-    """
+    """A config field: its default (lists copied per instance) and its checks, run in order."""
     metadata = {"checks": checks}
     if isinstance(default, list):
         return dataclasses.field(
@@ -361,16 +329,12 @@ def _is_nullable(tp) -> bool:
 
 
 class Config:
-    """Behaviour shared by every config section (a dataclass deriving from Config).
-
-    Construction checks types (``FPNConfig(num_channels="a")`` raises ConfigError); assignments
-    made later are re-checked by :meth:`validate_section`.
-    """
+    """Base of every config section: types are checked at construction, and again (with the
+    value checks) by :meth:`validate_section` after later assignments."""
 
     def __post_init__(self):
         self._check_types("")
 
-    # ---- conversion -----------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """A nested dict of plain Python values (YAML / JSON safe)."""
         return dataclasses.asdict(self)
@@ -388,7 +352,6 @@ class Config:
         """A copy of this config with `values` (nested and/or dotted keys) applied."""
         return copy.deepcopy(self)._apply(values or {}, "")
 
-    # ---- checking -------------------------------------------------------------------------
     def _apply(self, values: Mapping, prefix: str, root_cls=None):
         root_cls = root_cls or type(self)
         if not isinstance(values, Mapping):
@@ -451,10 +414,8 @@ class Config:
         yield prefix, self
 
     def validate_section(self, prefix: str = ""):
-        """Types, then each section's declared field checks and its cross-field rules.
-
-        Sub-sections come before their parent; `prefix` is this section's dotted key plus ".".
-        """
+        """Types, then each section's field checks and cross-field rules, sub-sections first;
+        `prefix` is this section's dotted key plus "."."""
         self._check_types(prefix)
         for sub_prefix, section in self._walk(prefix):
             section._check_fields(sub_prefix)

@@ -1,19 +1,6 @@
-"""Input pipeline: COCO-format and TFRecord readers, transforms, batching.
-
-Entry points:
-
-* :func:`fpn_tf.data.pipeline.load_source` / ``source_from_config`` -> a loaded source, and
-  :func:`fpn_tf.data.pipeline.build_dataset` -> its batches of (features, labels)
-  as WORKSPACE.md describes;
-* :func:`fpn_tf.data.coco_reader.load_coco` and
-  :class:`fpn_tf.data.tfrecord_reader.TfRecordIndex` -> the sources themselves;
-* :class:`fpn_tf.data.category_map.CategoryMap`;
-* ``python -m fpn_tf.data.convert_coco`` (COCO -> TFRecords) and
-  ``python -m fpn_tf.data.synthetic`` (a synthetic shapes dataset).
-
-Names are imported lazily, so ``python -m fpn_tf.data.synthetic`` does not
-load TensorFlow.
-"""
+"""Input pipeline: ``load_source`` -> a loaded COCO or TFRecord source, ``build_dataset`` -> its
+batches of (features, labels). Names are imported lazily, so ``python -m fpn_tf.data.synthetic``
+does not load TensorFlow."""
 
 import importlib
 

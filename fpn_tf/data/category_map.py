@@ -1,15 +1,6 @@
-"""Dataset category ids <-> contiguous training classes.
-
-A detector is trained on contiguous class indices ``1..C`` (``0`` is the
-background), while a dataset's own category ids may have gaps (COCO uses 1..90
-for its 80 classes). :class:`CategoryMap` holds that mapping. Contiguous
-indices follow the ascending order of the dataset ids, whatever the order of
-the ``categories`` list in the annotation file, so two files that list the
-same categories in a different order give the same map.
-
-The map travels with the model (``to_json`` / ``from_json``, and
-``get_config`` / ``from_config``) and gives TensorFlow lookups for use inside
-graphs, including exported SavedModels.
+"""Dataset category ids (with gaps: COCO's 80 classes use 1..90) <-> contiguous classes ``1..C``
+(``0`` is the background), in ascending dataset-id order whatever the file's order. The map
+travels with the model (JSON, ``get_config``) and has a graph lookup for exported models.
 """
 
 from __future__ import annotations
@@ -27,12 +18,8 @@ __all__ = ["CategoryMap", "as_category_map"]
 
 
 class CategoryMap:
-    """Maps dataset category ids to contiguous classes ``1..C`` and back.
-
-    Args:
-      categories: COCO-style category dicts, each with an integer ``"id"`` and
-        a ``"name"``; other keys (e.g. ``"supercategory"``) are kept.
-    """
+    """Maps COCO-style ``categories`` (integer ``"id"``, ``"name"``; other keys kept) to
+    contiguous classes ``1..C`` and back."""
 
     def __init__(self, categories: Iterable[Mapping[str, Any]]):
         cats = []
@@ -46,7 +33,7 @@ class CategoryMap:
             cid = int(cid)
             if cid <= 0:
                 raise DataError(
-                    f"category #{i}: 'id' must be positive (0 is the background), " f"got {cid}"
+                    f"category #{i}: 'id' must be positive (0 is the background), got {cid}"
                 )
             if cid in seen:
                 raise DataError(f"category id {cid} is listed more than once")
@@ -62,8 +49,6 @@ class CategoryMap:
         self._dataset_ids = tuple(c["id"] for c in cats)
         self._names = tuple(c["name"] for c in cats)
         self._to_contiguous = {cid: i + 1 for i, cid in enumerate(self._dataset_ids)}
-
-    # -- construction -----------------------------------------------------------
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "CategoryMap":
@@ -82,8 +67,6 @@ class CategoryMap:
         """Inverse of :meth:`get_config`."""
         return cls(config["categories"])
 
-    # -- serialisation ----------------------------------------------------------
-
     def get_config(self) -> dict[str, Any]:
         """A JSON-able dict; ``CategoryMap.from_config(m.get_config()) == m``."""
         return {
@@ -91,11 +74,8 @@ class CategoryMap:
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """Returns the map as JSON text and, given a path, writes it there.
-
-        The text is ``{"categories": [{"id", "name", "contiguous_id", ...}]}``:
-        a COCO-style categories list, so COCO tools can read it too.
-        """
+        """The map as JSON text (a COCO-style ``categories`` list with ``contiguous_id``),
+        written to ``path`` when given."""
         text = json.dumps(self.get_config(), indent=1, sort_keys=True)
         if path is not None:
             path = os.fspath(path)
@@ -105,8 +85,6 @@ class CategoryMap:
             with tf.io.gfile.GFile(path, "w") as f:
                 f.write(text + "\n")
         return text
-
-    # -- python lookups -----------------------------------------------------------
 
     @property
     def num_classes(self) -> int:
@@ -138,9 +116,9 @@ class CategoryMap:
         try:
             return self._to_contiguous[int(dataset_id)]
         except KeyError:
+            known = list(self._dataset_ids)
             raise KeyError(
-                f"unknown dataset category id {dataset_id}; known ids: "
-                f"{list(self._dataset_ids)}"
+                f"unknown dataset category id {dataset_id}; known ids: {known}"
             ) from None
 
     def to_dataset_id(self, contiguous_id: int) -> int:
@@ -153,19 +131,9 @@ class CategoryMap:
     def dataset_id_to_name(self) -> dict[int, str]:
         return dict(zip(self._dataset_ids, self._names))
 
-    # -- TensorFlow lookups (usable inside tf.function / SavedModel) -------------
-
     def dataset_to_contiguous_ids(self, dataset_ids: tf.Tensor) -> tf.Tensor:
-        """Maps dataset ids to contiguous classes inside a graph; unknown -> -1.
-
-        Args:
-          dataset_ids: integer tensor of any shape.
-
-        Returns:
-          int32 tensor of the same shape.
-        """
-        # A dense table indexed by dataset id: ids are small positive ints (COCO's
-        # reach 90), and a gather needs no table initialisation in the graph.
+        """int32 contiguous classes of an integer tensor of dataset ids, in a graph; unknown -> -1."""
+        # A dense table by dataset id (small ints): a gather needs no table initialisation.
         max_id = max(self._dataset_ids)
         dense = np.full([max_id + 1], -1, np.int32)
         for cid, k in self._to_contiguous.items():
@@ -175,8 +143,6 @@ class CategoryMap:
         inside = (ids >= 0) & (ids <= max_id)
         k = tf.gather(table, tf.where(inside, ids, tf.zeros_like(ids)))
         return tf.where(inside, k, -tf.ones_like(k))
-
-    # -- misc ---------------------------------------------------------------------
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CategoryMap) and self._categories == other._categories

@@ -12,28 +12,15 @@ slices its ground truth. :meth:`CocoIndex.decode` gives per image::
      "gt_is_crowd": bool [n],
      "gt_masks":    uint8 [n, H, W] 0/1, only with masks (below)}
 
-Images with no annotations are kept (n = 0): they are negatives.
+Images without annotations are kept as negatives. With masks, each segmentation passes
+``check_segmentation`` (evaluation's and ``convert_coco``'s check too) and is kept as compressed
+RLE; images that lose every annotation to it train as background.
 
-Masks: with ``include_masks=True`` (or :meth:`CocoIndex.with_masks`) each kept annotation's
-``segmentation`` (polygons, uncompressed or compressed RLE) is checked by
-:func:`fpn_tf.data.segmentation_check.check_segmentation` (the check evaluation and
-``convert_coco`` run too) and stored as compressed RLE bytes (:attr:`CocoIndex.mask_rles`);
-``decode`` rasterises them with pycocotools, so ``gt_masks`` is ``COCO.annToMask``. Images that
-lose every annotation to the mask check train as background (:attr:`images_without_masks`); a
-mask data set without any usable mask is a one-line :class:`DataError`.
-
-Bad data: *malformed* input (JSON that does not parse, missing lists or keys, a bbox that is
-not four numbers, duplicate ids) always raises :class:`DataError` naming the file and the id.
-*Unusable* data (the reasons of ``_ANNOTATION_REASONS``, ``_IMAGE_REASONS`` and
-``segmentation_check.MASK_REASONS``) raises under ``on_bad_data="error"``; under ``"skip"`` it
-is dropped, counted per reason (:attr:`CocoIndex.skipped_annotations` / ``skipped_images``;
-the annotations of a skipped image count as ``of_skipped_images``) and logged with a few
-example ids. Boxes overflowing the image by up to ``BOX_TOLERANCE_PX`` are clipped.
-
-``verify_images`` says how much of each image file is read at load time: ``"header"`` (format
-and size, default), ``"full"`` (decode it: also finds truncated files) or ``"none"``. An image
-that still fails inside ``tf.data`` is dropped and counted in :attr:`CocoIndex.drops` by
-:func:`fpn_tf.data.pipeline.build_dataset` under ``on_bad_data="skip"``.
+Malformed input (unparsable JSON, missing keys, a bbox that is not four numbers, duplicate ids)
+always raises :class:`DataError`; unusable data (``_ANNOTATION_REASONS``, ``_IMAGE_REASONS``,
+``MASK_REASONS``) raises under ``on_bad_data="error"``, else is dropped, counted per reason and
+logged with example ids. Boxes overflowing the image by up to ``BOX_TOLERANCE_PX`` are clipped.
+``verify_images``: read each file's ``"header"`` (default), decode it ``"full"``, or ``"none"``.
 """
 
 from __future__ import annotations
@@ -132,11 +119,8 @@ def _read_image_header(path: str, full: bool) -> tuple[str | None, int, int, str
 
 @dataclasses.dataclass
 class CocoIndex:
-    """A validated COCO-format dataset, held as flat numpy arrays.
-
-    Annotations of image ``i`` are rows ``row_splits[i]:row_splits[i + 1]`` of
-    ``gt_boxes`` / ``gt_classes`` / ``gt_is_crowd`` / ``annotation_ids``.
-    """
+    """A validated dataset as flat arrays: image ``i``'s annotations are rows
+    ``row_splits[i]:row_splits[i + 1]`` of the ``[A]`` arrays."""
 
     annotation_file: str
     image_dir: str
@@ -157,11 +141,9 @@ class CocoIndex:
     num_clipped_boxes: int
     on_bad_data: str
     drops: RunTimeDrops = dataclasses.field(default=None)  # type: ignore[assignment]
-    # object (bytes) [A]: each annotation's mask as compressed RLE counts over its image's
-    # (height, width); None when loaded without masks (see with_masks).
+    # object (bytes) [A] compressed RLE counts over the image; None when loaded without masks.
     mask_rles: np.ndarray | None = None
-    # With masks: ids of the annotations whose polygons were clipped (segmentation_check), and of
-    # the images that had annotations but lost every one to the mask checks.
+    # Annotations whose polygons were clipped; images that lost every annotation to the masks.
     clipped_polygons: list = dataclasses.field(default_factory=list)
     images_without_masks: list = dataclasses.field(default_factory=list)
 
@@ -174,11 +156,8 @@ class CocoIndex:
         return self.mask_rles is not None
 
     def with_masks(self) -> "CocoIndex":
-        """This index with masks: itself if it has them, else (once, then kept) the index
-        :func:`load_coco` gives with ``include_masks=True`` for the same images -- the
-        segmentations are read from the annotation file and checked, and annotations with bad
-        masks are skipped (counted, logged, or raised under ``on_bad_data="error"``). It
-        shares this index's :attr:`drops`."""
+        """This index with masks (built once, sharing :attr:`drops`): as ``load_coco(...,
+        include_masks=True)`` gives for the same images."""
         if self.has_masks:
             return self
         return self._with_masks
@@ -223,8 +202,6 @@ class CocoIndex:
         s, e = int(self.row_splits[i]), int(self.row_splits[i + 1])
         return decode_rles(self.mask_rles[s:e], int(self.heights[i]), int(self.widths[i]))
 
-    # -- tf.data ------------------------------------------------------------------
-
     def item_dataset(self) -> tf.data.Dataset:
         """Image indices 0..I-1 (int64): cheap to shuffle, shard and repeat."""
         return tf.data.Dataset.range(self.num_images)
@@ -246,8 +223,7 @@ class CocoIndex:
             }
 
     def decode(self, index: tf.Tensor, include_masks: bool = False) -> dict[str, tf.Tensor]:
-        """Reads and decodes image ``index`` and slices its ground truth (and with
-        ``include_masks``, which needs :meth:`with_masks`, rasterises its masks)."""
+        """Image ``index`` decoded with its ground truth (masks need :meth:`with_masks`)."""
         t = self._tensors
         index = tf.cast(index, tf.int64)
         path = tf.gather(t["paths"], index)
@@ -286,8 +262,7 @@ class CocoIndex:
 
 
 def decode_rles(counts, height: int, width: int) -> np.ndarray:
-    """uint8 [n, height, width] 0/1 of compressed RLE ``counts`` (bytes), decoded by
-    pycocotools."""
+    """uint8 [n, height, width] 0/1 of compressed RLE ``counts`` (bytes)."""
     from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
 
     if len(counts) == 0:
@@ -302,13 +277,8 @@ def decode_image_guarded(
     expected_height: tf.Tensor | None = None,
     expected_width: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """Decodes JPEG/PNG/GIF/BMP bytes to uint8 RGB [H, W, 3] (see images.decode_rgb).
-
-    Bytes that are not one of those formats or, given ``expected_height``/``expected_width``, that
-    decode to another size fail with an ``InvalidArgumentError`` naming ``path``. (Bytes that
-    start like an image but do not decode fail in ``decode_image``, whose message cannot name the
-    file; the pipeline's drop log names it.)
-    """
+    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB [H, W, 3]; other bytes, or another size than the
+    expected one, fail with an ``InvalidArgumentError`` naming ``path``."""
     check = tf.debugging.Assert(
         image_io.has_image_signature(contents),
         ["image file is not JPEG/PNG/GIF/BMP (corrupt?):", path],
@@ -347,8 +317,8 @@ class _Problems:
         self.annotations = collections.Counter()
         self.images = collections.Counter()
         self.examples = collections.defaultdict(list)
-        self.clipped_polygons: list = []  # ids of annotations whose polygons were clipped
-        self.images_without_masks: list[int] = []  # images that lost every annotation to masks
+        self.clipped_polygons: list = []
+        self.images_without_masks: list[int] = []
 
     def annotation(self, reason: str, ann_id: Any, image_id: Any, what: str):
         self._bad(
@@ -378,29 +348,24 @@ class _Problems:
 
     def log(self, only: frozenset | None = None):
         """Logs the counts (of the reasons in ``only``, when given)."""
-        for reason, n in sorted(self.images.items()):
-            if only is not None and reason not in only:
-                continue
-            logging.warning(
-                "%s: skipped %d image(s) with %s [%s]; e.g. %s",
-                self.file,
-                n,
-                _IMAGE_REASONS[reason],
-                reason,
-                ", ".join(self.examples[reason]),
-            )
-        for reason, n in sorted(self.annotations.items()):
-            if only is not None and reason not in only:
-                continue
-            examples = self.examples.get(reason)
-            logging.warning(
-                "%s: skipped %d annotation(s) with %s [%s]%s",
-                self.file,
-                n,
-                _ANNOTATION_REASONS[reason],
-                reason,
-                f"; e.g. {', '.join(examples)}" if examples else "",
-            )
+        for counter, what, reasons in (
+            (self.images, "image(s)", _IMAGE_REASONS),
+            (self.annotations, "annotation(s)", _ANNOTATION_REASONS),
+        ):
+            for reason, n in sorted(counter.items()):
+                if only is not None and reason not in only:
+                    continue
+                examples = self.examples.get(reason)
+                e_g = f"; e.g. {', '.join(examples)}" if examples else ""
+                logging.warning(
+                    "%s: skipped %d %s with %s [%s]%s",
+                    self.file,
+                    n,
+                    what,
+                    reasons[reason],
+                    reason,
+                    e_g,
+                )
         if self.clipped_polygons:
             logging.warning(
                 "%s: clipped the segmentation polygons of %d annotation(s) that reach more than "
@@ -456,25 +421,8 @@ def load_coco(
     verify_images: str = "header",
     include_masks: bool = False,
 ) -> CocoIndex:
-    """Loads and validates a COCO-format annotation file (see module docstring).
-
-    Args:
-      annotation_file: the instances JSON (``images``, ``annotations``,
-        ``categories``; COCO's ``bbox`` is ``[x, y, width, height]`` in pixels).
-      image_dir: folder that ``images[*].file_name`` is relative to (file names
-        may hold sub-folders).
-      on_bad_data: ``"skip"`` (default: skip, count and log) or ``"error"``
-        (raise :class:`DataError` at the first problem).
-      verify_images: ``"header"`` (default), ``"full"`` or ``"none"``.
-      include_masks: also check and keep each annotation's ``segmentation`` (module doc,
-        "Instance masks").
-
-    Returns:
-      A :class:`CocoIndex`.
-
-    Raises:
-      DataError: malformed input; or unusable data with ``on_bad_data="error"``.
-    """
+    """The :class:`CocoIndex` of an instances JSON whose ``file_name``s are relative to
+    ``image_dir`` (module doc)."""
     af = os.fspath(annotation_file)
     image_dir = os.fspath(image_dir)
     if on_bad_data not in ON_BAD_DATA:
@@ -500,12 +448,8 @@ def load_coco(
     )
     problems.log()
     if num_clipped:
-        logging.info(
-            "%s: clipped %d box(es) that overflowed the image by <= %g px",
-            af,
-            num_clipped,
-            BOX_TOLERANCE_PX,
-        )
+        msg = "%s: clipped %d box(es) that overflowed the image by <= %g px"
+        logging.info(msg, af, num_clipped, BOX_TOLERANCE_PX)
     if not kept:
         skipped = sum(problems.images.values())
         raise DataError(
@@ -557,10 +501,8 @@ def _parse_images(af: str, entries: list, image_dir: str) -> list[_Image]:
 
 
 def _usable_images(images: list[_Image], verify_images: str, problems: _Problems) -> list[_Image]:
-    """The images whose file exists and (as ``verify_images`` asks) reads as the JSON says.
-
-    Headers are also read wherever the JSON lacks the size, which then comes from the file.
-    """
+    """The images whose file exists and reads as the JSON says (headers are read for sizes the
+    JSON lacks)."""
     kept = []
     for im in images:
         if _exists(im.path):
@@ -657,12 +599,8 @@ def _annotation_row(
     """(row or None when unusable, whether the box was clipped) of one annotation of ``image``."""
     iid, cid = image.image_id, ann["category_id"]
     if not is_int(cid) or cid not in category_map:
-        problems.annotation(
-            "unknown_category",
-            aid,
-            iid,
-            f"category_id {cid!r} is not in 'categories' ({list(category_map.dataset_ids)})",
-        )
+        what = f"category_id {cid!r} is not in 'categories' ({list(category_map.dataset_ids)})"
+        problems.annotation("unknown_category", aid, iid, what)
         return None, False
     x, y, bw, bh = (_float(v) for v in bbox)
     if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw <= 0 or bh <= 0:
@@ -754,9 +692,7 @@ def _build_index(
 
 
 def _require_some_masks(af: str, per_image, problems) -> None:
-    """Masks were requested: a data set left without one usable (non-crowd) mask cannot train a
-    mask model, so it says so in one line instead of training on nothing. With no segmentation
-    at all it is a box data set; otherwise every segmentation failed its check."""
+    """A mask data set without one usable (non-crowd) mask is a one-line DataError."""
     usable = sum(1 for rows in per_image for row in rows if not row[2])
     skipped = problems.num_mask_skips
     if usable or not skipped:
@@ -781,8 +717,7 @@ def _require_some_masks(af: str, per_image, problems) -> None:
 
 
 def _index_with_masks(index: CocoIndex) -> CocoIndex:
-    """``index``'s images with their annotations re-read from the annotation file, masks
-    included (the images were checked when ``index`` was loaded)."""
+    """``index``'s (checked) images with their annotations re-read, masks included."""
     af = index.annotation_file
     logging.info("%s: reading the segmentations (masks requested)", af)
     data = _load_json(af)
@@ -804,10 +739,6 @@ def _index_with_masks(index: CocoIndex) -> CocoIndex:
         af, index.image_dir, index.category_map, kept, per_image, problems, num_clipped, True
     )
     masked.drops = index.drops
-    logging.info(
-        "%s: masks of %d annotations (%d skipped for their masks)",
-        af,
-        masked.num_annotations,
-        problems.num_mask_skips,
-    )
+    msg = "%s: masks of %d annotations (%d skipped for their masks)"
+    logging.info(msg, af, masked.num_annotations, problems.num_mask_skips)
     return masked

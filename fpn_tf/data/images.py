@@ -12,24 +12,15 @@ IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a",
 
 
 def has_image_signature(contents: tf.Tensor) -> tf.Tensor:
-    """bool []: ``contents`` starts like a JPEG, PNG, GIF or BMP file.
-
-    Prefixes are compared (RE2 regexes match UTF-8 text, not bytes).
-    """
-    return tf.reduce_any(
-        tf.stack(
-            [tf.equal(tf.strings.substr(contents, 0, len(sig)), sig) for sig in IMAGE_SIGNATURES]
-        )
-    )
+    """bool []: ``contents`` starts like a JPEG, PNG, GIF or BMP file (prefixes compared: RE2
+    regexes match UTF-8 text, not bytes)."""
+    starts = [tf.equal(tf.strings.substr(contents, 0, len(sig)), sig) for sig in IMAGE_SIGNATURES]
+    return tf.reduce_any(tf.stack(starts))
 
 
 def decode_rgb(contents: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP -> uint8 [h, w, 3].
-
-    Grayscale, gray+alpha, RGBA and palette images become RGB (alpha dropped); 16-bit PNGs are
-    scaled to 8 bit; an animated GIF gives its first frame. Check the signature first where the
-    error should name the input: data that is not an image, or is damaged, fails here with
-    TensorFlow's message.
-    """
+    """Encoded JPEG/PNG/GIF/BMP -> uint8 RGB [h, w, 3] (alpha dropped, 16-bit PNGs scaled, an
+    animated GIF's first frame); bad data fails with TensorFlow's message, which cannot name the
+    input: check the signature first."""
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
     return tf.ensure_shape(image, [None, None, 3])

@@ -4,35 +4,22 @@
     ds = build_dataset(source, training=True, batch_size=16, seed=0)
     features, labels = next(iter(ds))
 
-A source is loaded (validated, indexed) once and every dataset of that split is built from it;
-it also counts the images its datasets drop at run time (``source.drops``).
+A source is loaded (validated, indexed) once per split; ``source.drops`` counts the images its
+datasets drop at run time. Each batch:
 
-Each batch (WORKSPACE.md):
+* ``features``: ``images`` float32 [B, Hp, Wp, 3] RGB 0..255 zero padded at the bottom/right;
+  ``image_info`` float32 [B, 4, 2] rows ``[original (h, w), resized (h, w), scale (y, x),
+  offset (y, x) = 0]``; ``image_id`` int64 [B];
+* ``labels``: ``gt_boxes`` float32 [B, N, 4] yxyx pixels of the resized image, ``gt_classes``
+  int32 [B, N] 1..C (-1 padding), ``gt_is_crowd`` bool [B, N]; with masks ``gt_masks`` float32
+  [B, N, S, S], each object's mask over its box.
 
-* ``features["images"]``: float32 [B, Hp, Wp, 3] RGB 0..255, zero padded at the bottom/right;
-* ``features["image_info"]``: float32 [B, 4, 2] rows ``[original (h, w), resized (h, w) before
-  padding, scale (y, x), offset (y, x) = 0]``;
-* ``features["image_id"]``: int64 [B];
-* ``labels["gt_boxes"]``: float32 [B, N, 4] yxyx pixels of the resized image;
-  ``labels["gt_classes"]``: int32 [B, N] contiguous 1..C, -1 = padding;
-  ``labels["gt_is_crowd"]``: bool [B, N]; N = ``max_num_instances``;
-* with ``include_masks=True`` only, ``labels["gt_masks"]``: float32 [B, N, S, S], each object's
-  mask over its box (``fpn_tf.ops.mask_ops``; S = ``mask_crop_size``); padding rows are zeros.
-
-Static shapes (``padding_mode``): "orientation" pads each image to one of two sizes by its
-orientation (``[ceil32(short_side), ceil32(max_long_side)]`` or its transpose) and batches only
-images of one orientation, so a jit-compiled step compiles twice and batches hold fewer padding
-pixels than "square" (one shape, e.g. for TPUs); "batch" pads each batch to its largest image
-(least padding, many shapes).
-
-Order: items (image indices for COCO, serialized records for TFRecords) are sharded
-(``input_context``), shuffled (seeded), repeated (training), numbered, then decoded and
-transformed in a parallel map, each image's flip drawn from a stateless RNG seeded by (seed,
-element number) so a seeded run is reproducible whatever the parallelism; then batched.
-
-Run-time drops: with ``on_bad_data="skip"`` an element whose decoding or transform fails is
-dropped, logged with its file and image id and counted in ``source.drops``; with ``"error"``
-the failure stops the iteration.
+``padding_mode``: "orientation" pads to one of two shapes by orientation and batches each apart
+(a jit-compiled step compiles twice, less padding than "square", one shape for TPUs); "batch"
+pads each batch to its largest image. Each image's flip comes from a stateless RNG seeded by
+(seed, element number), so a seeded run is reproducible whatever the parallelism. With
+``on_bad_data="skip"`` an element that fails to decode or transform is dropped, logged and
+counted; with ``"error"`` it stops the iteration.
 """
 
 from __future__ import annotations
@@ -108,12 +95,7 @@ def load_source(spec: CocoSource | TfRecordSource) -> Source:
 
 
 def source_from_config(data_cfg) -> Source:
-    """Loads the source a ``DataConfig`` (train_data / eval_data) names.
-
-    ``source`` "coco" and "synthetic" (generated, then read as COCO) read ``annotation_file`` +
-    ``image_dir``; "tfrecord" reads ``file_pattern`` (+ ``category_map``; ``annotation_file``,
-    when set, is the evaluation's ground truth).
-    """
+    """Loads the source a ``DataConfig`` names ("coco" and "synthetic" read as COCO)."""
     if data_cfg.source == "tfrecord":
         spec = TfRecordSource(
             file_pattern=data_cfg.file_pattern,
@@ -168,22 +150,12 @@ def build_dataset(
       resize_method: "bilinear" (``tf.image.resize``) or "pil_bilinear" (detectron2's PIL
         resize, bit-exact): ``transforms.resize_image``.
       padding_mode: "orientation" (default), "square" or "batch" (module doc).
-      max_num_instances: N, ground-truth rows per image (more: first N kept,
-        with a warning).
-      random_flip: random horizontal flip with p=0.5 (training only).
-      shuffle_buffer_size: None or 0: every image (COCO: the buffer holds
-        image indices, not pixels); 1000 serialized records for TFRecords.
-      seed: seeds the shuffle and the flips; None draws one (logged). With a seed the
-        parallel maps keep the element order (deterministic), else not (faster).
-      num_parallel_calls: of the decoding map (AUTOTUNE).
-      input_context: from ``strategy.distribute_datasets_from_function``; shards
-        the input across pipelines.
-      include_masks: also give ``labels["gt_masks"]`` (module doc); a COCO source without
-        masks is given them by ``source.with_masks()`` (read once, then kept).
-      mask_crop_size: S of the box-relative masks.
-
-    Returns:
-      ``tf.data.Dataset`` of ``(features, labels)``.
+      max_num_instances: N, ground-truth rows per image (more: the first N, with a warning).
+      shuffle_buffer_size: None or 0: every image index (COCO); 1000 records for TFRecords.
+      seed: seeds the shuffle and the flips (None draws one, logged); with a seed the maps keep
+        the element order.
+      input_context: shards the input across pipelines.
+      include_masks: also give ``labels["gt_masks"]`` of S = ``mask_crop_size``.
     """
     if padding_mode not in transforms.PADDING_MODES:
         raise ValueError(
@@ -231,13 +203,9 @@ def build_dataset(
         buffer = shuffle_buffer_size or max(index.num_images, 1)
         too_many = int(np.sum(index.num_instances_per_image > max_num_instances))
         if too_many:
+            msg = "%s: %d image(s) have more than max_num_instances=%d annotations; using %d"
             logging.warning(
-                "%s: %d image(s) have more than max_num_instances=%d annotations; "
-                "only their first %d are used",
-                index.annotation_file,
-                too_many,
-                max_num_instances,
-                max_num_instances,
+                msg, index.annotation_file, too_many, max_num_instances, max_num_instances
             )
     else:
         items = index.item_dataset(
@@ -254,10 +222,8 @@ def build_dataset(
         items = items.repeat()
     items = items.enumerate()
 
-    flip_seed = None
-    if flip:
-        # A distinct stream per input pipeline.
-        flip_seed = (int(seed) * 1_000_003 + pipeline_id) % (2**62)
+    # A distinct flip stream per input pipeline.
+    flip_seed = (int(seed) * 1_000_003 + pipeline_id) % (2**62) if flip else None
     decode = functools.partial(index.decode, include_masks=True) if include_masks else index.decode
     transform_args = dict(
         short_side=short_side,
@@ -291,13 +257,10 @@ def build_dataset(
             resized = features["image_info"][1]
             return tf.cast(resized[0] > resized[1], tf.int64)  # 1: portrait
 
-        ds = ds.group_by_window(
-            key_func=key,
-            reduce_func=lambda _, window: window.batch(
-                per_replica_batch, drop_remainder=drop_remainder
-            ),
-            window_size=per_replica_batch,
-        )
+        def batch(_, window):
+            return window.batch(per_replica_batch, drop_remainder=drop_remainder)
+
+        ds = ds.group_by_window(key_func=key, reduce_func=batch, window_size=per_replica_batch)
     elif padding_mode == "square":
         ds = ds.batch(per_replica_batch, drop_remainder=drop_remainder)
     else:
@@ -309,12 +272,11 @@ def build_dataset(
 
 
 def _map_dropping_failures(items, element, source: Source, num_parallel_calls, deterministic):
-    """``items.map(element)`` that drops the elements that fail, reporting each to the source.
+    """``items.map(element)`` dropping the elements that fail and reporting each to the source.
 
-    tf.data cannot catch an op's error inside a map function, only drop the element
-    (``ignore_errors``). So each element is computed in a one-element dataset; when that comes
-    out empty, a zero placeholder flagged invalid takes its place, and the filter that removes it
-    reports the item (Python, only for failures) to ``source.drops``.
+    tf.data can only drop a failed element (``ignore_errors``), so each is computed in a
+    one-element dataset; an empty one is replaced by a placeholder flagged invalid, whose filter
+    reports the item to ``source.drops``.
     """
     spec = items.take(1).map(element).element_spec
 
@@ -384,12 +346,8 @@ def build_dataset_from_config(
     input_context: tf.distribute.InputContext | None = None,
     **overrides,
 ):
-    """``build_dataset`` of a loaded ``source`` with a ``DataConfig``'s settings.
-
-    The batch size is the config's ``global_batch_size``; the flip is ``random_flip`` and
-    ``training``; ``overrides`` (build_dataset keyword arguments, e.g. ``seed``,
-    ``include_masks=True`` for a model with a mask head) win.
-    """
+    """``build_dataset`` with a ``DataConfig``'s settings; ``overrides`` (e.g. ``seed``,
+    ``include_masks``) win."""
     kwargs = {k: getattr(data_cfg, k) for k in _BUILD_ARGS}
     kwargs["random_flip"] = bool(data_cfg.random_flip and training)
     kwargs.update(overrides)

@@ -1,10 +1,9 @@
 """The one check of a COCO ``segmentation``, run before pycocotools sees it (numpy + pycocotools).
 
-Training (``load_coco`` with masks), the evaluation ground truth and ``convert_coco
---include_masks`` all call :func:`check_segmentation`: it turns a segmentation into the
-compressed RLE ``COCO.annToRLE`` would give, or names why it cannot (a reason of
-:data:`MASK_REASONS` and one line). pycocotools checks nothing: bad segmentations make it raise,
-drop coordinates, score IoU -1, loop forever or crash. Accepted:
+Training, the evaluation ground truth and ``convert_coco`` all call :func:`check_segmentation`:
+the compressed RLE ``COCO.annToRLE`` would give, or why it cannot (a :data:`MASK_REASONS` key and
+one line). pycocotools checks nothing: bad input makes it raise, drop coordinates, loop forever
+or crash. Accepted:
 
 * polygons: a non-empty list of polygons, each an even-length list of at least 6 finite
   numbers. Vertices within the image extended by its own size on every side are rasterised as
@@ -16,8 +15,7 @@ drop coordinates, score IoU -1, loop forever or crash. Accepted:
 * compressed RLE: ``size`` as above, ``counts`` a string that decodes as pycocotools reads it
   (:func:`compressed_rle_runs`) to runs summing to height x width.
 
-The image's size must be positive integers with fewer than 2**31 pixels (pycocotools' counts are
-32-bit).
+The image needs a positive integer size under 2**31 pixels (pycocotools' counts are 32-bit).
 """
 
 from __future__ import annotations
@@ -147,11 +145,8 @@ def compressed_rle_runs(counts: bytes) -> list[int] | None:
 
 
 def check_segmentation(segmentation: Any, height: int, width: int) -> CheckedSegmentation:
-    """Checks a COCO ``segmentation`` of an image of ``height`` x ``width`` (module doc).
-
-    Returns the mask as ``COCO.annToRLE`` gives it (compressed counts; decoding it gives
-    ``COCO.annToMask``), or the reason it is unusable. Never raises on any JSON value.
-    """
+    """The mask of a ``segmentation`` as ``COCO.annToRLE`` gives it, or why it is unusable;
+    never raises on any JSON value."""
     problem = check_image_size(height, width)
     if problem is not None:
         return _bad("bad_image_size", problem)
@@ -207,29 +202,22 @@ def _checked_polygons(segmentation: list) -> list[np.ndarray] | CheckedSegmentat
     for k, poly in enumerate(segmentation):
         if not isinstance(poly, (list, tuple)) or not _all_numbers(poly):
             return _bad(
-                "bad_polygon",
-                f"segmentation polygon {k} is not a list of numbers: {_short(poly)}",
+                "bad_polygon", f"segmentation polygon {k} is not a list of numbers: {_short(poly)}"
             )
         try:
             values = np.array(poly, np.float64)
         except OverflowError:  # a Python int beyond float range
             values = np.array([np.inf])
         if not np.isfinite(values).all():
-            return _bad(
-                "bad_polygon",
-                f"segmentation polygon {k} has a non-finite or out-of-range coordinate",
-            )
-        if len(poly) % 2:
-            return _bad(
-                "bad_polygon",
-                f"segmentation polygon {k} has an odd number of coordinates ({len(poly)})",
-            )
-        if len(poly) < 6:
-            return _bad(
-                "bad_polygon",
-                f"segmentation polygon {k} has fewer than 3 points ({len(poly) // 2})",
-            )
-        polygons.append(values)
+            problem = "has a non-finite or out-of-range coordinate"
+        elif len(poly) % 2:
+            problem = f"has an odd number of coordinates ({len(poly)})"
+        elif len(poly) < 6:
+            problem = f"has fewer than 3 points ({len(poly) // 2})"
+        else:
+            polygons.append(values)
+            continue
+        return _bad("bad_polygon", f"segmentation polygon {k} {problem}")
     return polygons
 
 

@@ -10,14 +10,10 @@ writes::
     <output_dir>/train/...  <output_dir>/val/...   (JPEG, every 4th image PNG,
                                                     every 3rd in a sub-folder)
 
-Four classes with non-contiguous ids (1 circle, 3 square, 7 triangle, 9 ring), each with its own
-colour family and outline. Image sides are uniform in ``image_size`` (landscape and portrait);
-backgrounds are gradients, stripes or noise. Each image has 0..``max_objects`` objects (a
-fraction ``empty_fraction`` none), sizes log-uniform in [``min_object_size``,
-``max_object_size``], placed with IoU <= 0.25 against earlier ones and covering at most 30 % of
-an earlier box. Boxes are the tight boxes of the drawn pixels; each ``segmentation`` is the full
-drawn shape as compressed RLE (also where a later object covers it, so the boxes stay tight),
-``area`` its pixel count. Deterministic given ``seed`` (numpy + PIL; no TensorFlow).
+Four classes with non-contiguous ids (1 circle, 3 square, 7 triangle, 9 ring) on gradient,
+stripe or noise backgrounds; 0..``max_objects`` objects per image, log-uniform sizes, IoU <= 0.25
+with earlier ones. Boxes are tight on the drawn pixels; each ``segmentation`` is the whole drawn
+shape as RLE. Deterministic given ``seed`` (numpy + PIL; no TensorFlow).
 """
 
 from __future__ import annotations
@@ -194,19 +190,18 @@ def generate_split(
         k = 0 if empty else int(rng.integers(1, max_objects + 1))
         pixels, objects = render_image(rng, h, w, k, min_object_size, max_object_size)
         ext = "png" if png_every and n % png_every == png_every - 1 else "jpg"
-        sub = (
-            f"part{n % 2}/"
-            if subfolder_every and n % subfolder_every == subfolder_every - 1
-            else ""
-        )
+        in_sub = subfolder_every and n % subfolder_every == subfolder_every - 1
+        sub = f"part{n % 2}/" if in_sub else ""
         file_name = f"{sub}{split}_{image_id:06d}.{ext}"
         path = os.path.join(image_dir, file_name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         buf = io.BytesIO()
-        if ext == "png":
-            Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
-        else:
-            Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        save = (
+            dict(format="PNG", compress_level=1)
+            if ext == "png"
+            else dict(format="JPEG", quality=90)
+        )
+        Image.fromarray(pixels).save(buf, **save)
         with open(path, "wb") as f:
             f.write(buf.getvalue())
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
@@ -229,11 +224,8 @@ def generate_split(
 def generate_dataset(
     output_dir: str, num_train: int = 400, num_val: int = 100, *, seed: int = 0, **kwargs: Any
 ) -> dict[str, dict[str, str]]:
-    """Writes train and val splits; returns {split: {annotation_file, image_dir}}.
-
-    ``kwargs`` go to :func:`generate_split`. Val uses seed + 1 and image ids
-    after train's, so the splits differ.
-    """
+    """Writes train and val splits (val: seed + 1, ids after train's); returns {split:
+    {annotation_file, image_dir}}."""
     return {
         "train": generate_split(output_dir, "train", num_train, seed=seed, **kwargs),
         "val": generate_split(
@@ -275,13 +267,13 @@ if __name__ == "__main__":
     flags.DEFINE_list(
         "image_size",
         ["320", "512"],
-        "Image side length: one value, or min,max (each side " "drawn uniformly).",
+        "Image side length: one value, or min,max (each side drawn uniformly).",
     )
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("max_objects", 8, "Most objects per image.")
     flags.DEFINE_float("min_object_size", 8, "Smallest object side (px).")
     flags.DEFINE_float("max_object_size", 200, "Largest object side (px).")
-    flags.DEFINE_float("empty_fraction", 0.1, "Fraction of images with no " "object.")
+    flags.DEFINE_float("empty_fraction", 0.1, "Fraction of images with no object.")
     flags.mark_flag_as_required("output_dir")
     app.run(_main)
     sys.exit(0)

@@ -1,19 +1,8 @@
-"""Reads TFRecord shards in Model Garden's tf.Example detection schema.
-
-Decoding reuses Model Garden's ``TfExampleDecoder`` (the schema of
-``official.vision.data.create_coco_tf_record`` and :mod:`fpn_tf.data.convert_coco`); each
-element becomes the per-image dict :mod:`fpn_tf.data.coco_reader` gives:
-
-* boxes, stored normalised, are scaled to pixels and clipped; zero-size boxes are dropped with a
-  warning naming the image;
-* classes, stored as dataset ids, are mapped to 1..C by the :class:`CategoryMap`; an unknown id
-  stops the pipeline naming the image;
-* ``image_id`` is ``image/source_id`` as an integer (a non-numeric id is hashed);
-* with ``include_masks``, ``image/object/mask`` (one PNG per object) becomes ``gt_masks`` uint8
-  [n, H, W]; a mask count other than the box count fails.
-
-:meth:`TfRecordIndex.groundtruth` gives the shards' ground truth as a COCO annotation dict, the
-evaluation's ground truth when no annotation file is given.
+"""Reads TFRecord shards in Model Garden's tf.Example detection schema (``TfExampleDecoder``)
+into the per-image dict of :mod:`.coco_reader`: normalised boxes become clipped pixels (zero-size
+ones dropped with a warning), dataset ids become 1..C (an unknown id fails naming the image),
+``image/source_id`` the integer ``image_id`` (hashed if not numeric), and the per-object PNG
+masks ``gt_masks`` uint8 [n, H, W].
 """
 
 from __future__ import annotations
@@ -46,11 +35,8 @@ def category_map_path_for_prefix(output_prefix: str) -> str:
 
 def shard_files(file_pattern: str | Sequence[str]) -> list[str]:
     """Expands glob pattern(s) (comma-separated allowed) into sorted files."""
-    patterns = (
-        [p for p in file_pattern.split(",") if p]
-        if isinstance(file_pattern, str)
-        else list(file_pattern)
-    )
+    is_str = isinstance(file_pattern, str)
+    patterns = [p for p in file_pattern.split(",") if p] if is_str else list(file_pattern)
     files = []
     for pattern in patterns:
         matched = tf.io.gfile.glob(pattern)
@@ -75,24 +61,17 @@ def _find_category_map(files: Sequence[str]) -> str:
             return c
     raise DataError(
         f"{files[0]}: no category map found beside the shards (looked for "
-        f"{', '.join(dict.fromkeys(candidates))}); pass category_map= (a "
-        "CategoryMap, its JSON, or the COCO annotation file the shards came "
-        "from)"
+        f"{', '.join(dict.fromkeys(candidates))}); pass category_map= (a CategoryMap, its JSON, "
+        "or the COCO annotation file the shards came from)"
     )
 
 
 class TfRecordIndex:
-    """TFRecord shards + their CategoryMap; the TFRecord twin of CocoIndex.
+    """TFRecord shards and their CategoryMap, the twin of CocoIndex.
 
-    Args:
-      file_pattern: glob pattern, comma-separated patterns, or a list of files.
-      category_map: a CategoryMap, a path to its JSON (or to a COCO annotation
-        file), or None to use the ``<prefix>-category_map.json`` that
-        :mod:`fpn_tf.data.convert_coco` writes beside the shards.
-      on_bad_data: "skip" (drop, log and count in :attr:`drops` an example that fails to decode)
-        or "error" (stop the pipeline).
-      annotation_file: the COCO annotation file the shards came from, the evaluation's ground
-        truth; None: :meth:`groundtruth` reads it from the shards.
+    ``file_pattern``: globs (comma-separated) or files; ``category_map`` None reads the JSON
+    ``convert_coco`` writes beside the shards; ``annotation_file`` None makes the evaluation's
+    ground truth from the shards (:meth:`groundtruth`).
     """
 
     def __init__(
@@ -119,12 +98,9 @@ class TfRecordIndex:
         # Imported here: the module pulls in Model Garden (and tf_keras).
         from official.vision.dataloaders import tf_example_decoder  # pylint: disable=g-import-not-at-top
 
-        self._decoder = tf_example_decoder.TfExampleDecoder(
-            include_mask=False, regenerate_source_id=False
-        )
-        self._mask_decoder = tf_example_decoder.TfExampleDecoder(
-            include_mask=True, regenerate_source_id=False
-        )
+        decoder = tf_example_decoder.TfExampleDecoder
+        self._decoder = decoder(include_mask=False, regenerate_source_id=False)
+        self._mask_decoder = decoder(include_mask=True, regenerate_source_id=False)
 
     num_images = None  # unknown without a pass over the shards
 
@@ -157,8 +133,7 @@ class TfRecordIndex:
         return ds
 
     def decode(self, serialized: tf.Tensor, include_masks: bool = False) -> dict[str, tf.Tensor]:
-        """One serialized tf.Example -> the per-image dict (with ``gt_masks`` when
-        ``include_masks``)."""
+        """One serialized tf.Example -> the per-image dict."""
         d = (self._mask_decoder if include_masks else self._decoder).decode(serialized)
         image = d["image"]
         shape = tf.shape(image, out_type=tf.int32)
@@ -177,7 +152,7 @@ class TfRecordIndex:
         check = tf.debugging.Assert(
             tf.reduce_all(classes > 0),
             [
-                "TFRecord image has a category id the category map does not know; " "image id:",
+                "TFRecord image has a category id the category map does not know; image id:",
                 image_id,
                 "class ids:",
                 d["groundtruth_classes"],
@@ -191,13 +166,8 @@ class TfRecordIndex:
         num_empty = tf.reduce_sum(tf.cast(~non_empty, tf.int32))
 
         def _warn():
-            tf.print(
-                "WARNING: fpn_tf.data: dropped",
-                num_empty,
-                "zero-size box(es) of TFRecord image id",
-                image_id,
-                output_stream=sys.stderr,
-            )
+            msg = ["WARNING: fpn_tf.data: dropped", num_empty, "zero-size box(es) of image id"]
+            tf.print(*msg, image_id, output_stream=sys.stderr)
             return tf.constant(0)
 
         warned = tf.cond(num_empty > 0, _warn, lambda: tf.constant(0))
@@ -248,13 +218,9 @@ class TfRecordIndex:
         return text("image/filename"), text("image/source_id")
 
     def groundtruth(self) -> dict:
-        """The shards' ground truth as a COCO annotation dict (one pass over the shards, kept).
-
-        Boxes come from the normalised schema boxes times ``image/height`` / ``image/width``;
-        ``area`` is ``image/object/area`` where the shards have it, else the box area;
-        ``segmentation`` (where the shards hold ``image/object/mask``) is each PNG mask as
-        compressed RLE (``counts`` a str), for COCO ``segm`` evaluation.
-        """
+        """The shards' ground truth as a COCO annotation dict (one pass, kept): boxes scaled by
+        ``image/height`` / ``image/width``, ``image/object/area`` or the box area, PNG masks as
+        RLE."""
         if self._groundtruth is None:
             self._groundtruth = _groundtruth_from_shards(self.files, self.category_map)
         return self._groundtruth

@@ -1,10 +1,5 @@
-"""Held-out images with the predicted and the ground-truth boxes drawn, for TensorBoard.
-
-What users of Model Garden and the TF Object Detection API look at beside the metrics: at each
-evaluation a few eval images, ground truth in green and detections above a score threshold in
-red, drawn on the image the model saw (resized, padding cropped away); a model with masks also
-gets its shown detections' masks as a red overlay.
-"""
+"""Eval images for TensorBoard: ground truth in green, detections above a threshold (and their
+masks) in red, on the image the model saw (resized, padding cropped away)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
-"""COCO box AP and RPN proposal recall (the paper's Table 1 metric).
+"""COCO box / mask AP (:class:`COCOEvaluator`) and RPN proposal recall, the paper's Table 1
+metric (:class:`ProposalRecallEvaluator`), accumulated per image or batch in NumPy.
 
-Accumulate-then-evaluate classes fed per image or per batch, in NumPy (run them on ``.numpy()``
-values, outside tf.function):
-
-* :class:`COCOEvaluator`: pycocotools ``COCOeval`` bbox metrics (``COCO_METRIC_NAMES``) and,
-  with masks, the same with a ``mask_`` prefix;
-* :class:`ProposalRecallEvaluator`: class-agnostic AR@100 / AR@1000, overall and by size.
-
-Boxes are ``[ymin, xmin, ymax, xmax]`` in original image pixels (as the models return them when
-called with ``image_info``); classes are the dataset's own category ids; results JSON uses
-COCO's ``[x, y, width, height]``. The ground truth is checked first
-(:mod:`fpn_tf.evaluation.groundtruth`; what it leaves out: :meth:`COCOEvaluator.left_out`).
-Only the images fed are evaluated (``params.imgIds``), with or without detections. Masks arrive
-box-relative (``detection_masks`` [B, N, M, M]) and are pasted with
-:func:`fpn_tf.ops.mask_ops.paste_masks` (eager TensorFlow), binarised at 0.5 and RLE-encoded.
+Boxes are yxyx in original image pixels, classes the dataset's category ids; results use COCO's
+``[x, y, width, height]``. The ground truth is checked first (:mod:`.groundtruth`); only the
+images fed are evaluated. Box-relative ``detection_masks`` [B, N, M, M] are pasted, binarised at
+0.5 and RLE-encoded.
 """
 
 from __future__ import annotations
@@ -66,11 +57,6 @@ AREA_RANGES = {
 GroundTruthSource = Union[str, COCO, Mapping, GroundTruth]
 
 
-# --------------------------------------------------------------------------------------------
-# Box helpers.
-# --------------------------------------------------------------------------------------------
-
-
 def yxyx_to_xywh(boxes) -> np.ndarray:
     """[ymin, xmin, ymax, xmax] -> COCO [x, y, width, height]."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -120,17 +106,10 @@ def _numpy(value) -> np.ndarray:
 
 
 def load_coco_groundtruth(source: Union[str, Mapping, COCO]) -> COCO:
-    """A pycocotools COCO from an annotation file path, a dataset dict, or a COCO (returned as
-    is), unchecked: the evaluators score a :class:`~fpn_tf.evaluation.groundtruth.GroundTruth`
-    instead."""
+    """An unchecked pycocotools COCO of a file path, a dataset dict or a COCO (as is)."""
     if isinstance(source, COCO):
         return source
     return coco_from_dataset(source if isinstance(source, Mapping) else read_groundtruth(source))
-
-
-# --------------------------------------------------------------------------------------------
-# Ground truth shared by both evaluators.
-# --------------------------------------------------------------------------------------------
 
 
 def _batch_image_ids(values: Mapping) -> np.ndarray:
@@ -161,13 +140,8 @@ class _Evaluator:
         self._left_out = {}
 
     def left_out(self) -> Dict[str, Dict[str, List[Any]]]:
-        """{metric: {reason: [annotation ids]}}: the ground truth of the scored images that the
-        last ``evaluate`` left out of each metric (``groundtruth`` module doc)."""
+        """{metric: {reason: [annotation ids]}} the last ``evaluate`` left out of each metric."""
         return {k: dict(v) for k, v in self._left_out.items()}
-
-    def _report_left_out(self, metric: str, masks: bool, image_ids) -> None:
-        """Logs (one line, when any) and records what ``metric`` leaves out."""
-        self._left_out[metric] = self._gt.report(metric, masks, image_ids)
 
     def image_ids(self) -> List[int]:
         """The images fed so far: the ones evaluated."""
@@ -178,32 +152,13 @@ class _Evaluator:
         self._seen[image_id] = None
 
 
-# --------------------------------------------------------------------------------------------
-# Box AP.
-# --------------------------------------------------------------------------------------------
-
-
 class COCOEvaluator(_Evaluator):
-    """COCO bbox AP of detections, and segm (mask) AP when the detections carry masks.
+    """COCO bbox AP, and segm AP when every image fed came with masks.
 
-    Args:
-      annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict, or a checked
-        ``groundtruth.GroundTruth``) for the ground truth.
-      per_category_metrics: also report "AP/<category name>" (and "mask_AP/<name>").
-      on_bad_data: "skip" leaves unusable ground truth out (counted, logged, in
-        :meth:`left_out`);
-        "error" raises a one-line DataError (the ``groundtruth`` module says what is checked).
-
-    Mask AP is computed when every detection fed had a mask (``detection_masks``). It scores the
-    checked ground-truth masks: an annotation whose mask fails the check is left out of mask AP
-    only (box AP keeps it) and its box is an ignore region there, like a crowd region.
-
-    Usage:
-      ev = COCOEvaluator("data/coco/annotations/instances_val2017.json")
-      for features, labels in eval_ds:
-          out = model({"images": features["images"], "image_info": features["image_info"]})
-          ev.update_state({**out, "image_id": features["image_id"]})
-      metrics = ev.evaluate()
+    ``annotation_file``: a JSON path, COCO, dataset dict or checked ``GroundTruth``;
+    ``on_bad_data="skip"`` leaves unusable ground truth out (logged, :meth:`left_out`), "error"
+    raises a DataError. An annotation with a bad mask is left out of mask AP only, its box an
+    ignore region there. ``per_category_metrics`` adds "AP/<name>" (and "mask_AP/<name>").
     """
 
     def __init__(
@@ -224,9 +179,7 @@ class COCOEvaluator(_Evaluator):
         self._with_masks = set()
 
     def add_detections(self, image_id, boxes, scores, classes, segmentations=None):
-        """Detections of one image: boxes [N,4] yxyx original pixels, scores [N], classes [N]
-        (dataset ids), optionally ``segmentations``: N COCO RLEs (:func:`encode_masks`). N may
-        be 0."""
+        """One image's boxes [N, 4], scores [N], classes [N] and optional N RLEs (N may be 0)."""
         image_id = _to_image_id(image_id)
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
@@ -263,23 +216,15 @@ class COCOEvaluator(_Evaluator):
             self._detections.append(detection)
 
     def update_state(self, predictions: Mapping):
-        """Adds one batch (NumPy or eager tensors).
-
-        predictions: "image_id" (or "source_id") [B]; "detection_boxes" [B,N,4] yxyx original
-          pixels; "detection_scores" [B,N]; "detection_classes" [B,N]; optional "num_detections"
-          [B] (rows beyond it are ignored; without it rows with score <= 0 are padding); optional
-          "detection_masks" [B,N,M,M] box-relative masks with "original_size" [B, 2] (height,
-          width), the size they are pasted at.
-        """
+        """Adds one batch: "image_id" [B], "detection_boxes" [B, N, 4], "detection_scores",
+        "detection_classes" [B, N], optional "num_detections" [B] (else score <= 0 is padding),
+        optional "detection_masks" [B, N, M, M] with "original_size" [B, 2] to paste them at."""
         image_ids = _batch_image_ids(predictions)
         boxes = _numpy(predictions["detection_boxes"]).astype(np.float32)
         scores = _numpy(predictions["detection_scores"])
         classes = _numpy(predictions["detection_classes"])
-        num = (
-            _numpy(predictions["num_detections"]).reshape(-1)
-            if "num_detections" in predictions
-            else None
-        )
+        num = predictions.get("num_detections")
+        num = None if num is None else _numpy(num).reshape(-1)
         masks = predictions.get("detection_masks")
         if masks is not None:
             masks = _numpy(masks)
@@ -296,7 +241,7 @@ class COCOEvaluator(_Evaluator):
             )
 
     def results(self) -> List[Dict[str, Any]]:
-        """The detections so far in COCO results format (a list of dicts, dataset category ids)."""
+        """The detections so far in COCO results format."""
         return list(self._detections)
 
     @property
@@ -305,10 +250,7 @@ class COCOEvaluator(_Evaluator):
         return self._with_masks == {True}
 
     def evaluate(self) -> Dict[str, float]:
-        """Runs COCOeval on the images fed so far (``params.imgIds``): bbox, and segm when every
-        image had masks, on the checked ground truth. Zero detections give AP 0 (metrics with no
-        ground truth in an area range are -1, as in pycocotools). What each leaves out of the
-        scored images' ground truth is logged and in :meth:`left_out`."""
+        """COCOeval on the images fed (-1 where an area range has no ground truth)."""
         image_ids = self.image_ids()
         iou_types = ["bbox"] + (["segm"] if self.has_masks else [])
         metrics: Dict[str, float] = {}
@@ -347,7 +289,9 @@ class COCOEvaluator(_Evaluator):
                     value = float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
                     name = self._gt.categories.get(cat_id, cat_id)
                     per_category[f"{prefix}AP/{name}"] = value
-            self._report_left_out(prefix + "AP", iou_type == "segm", image_ids)
+            self._left_out[prefix + "AP"] = self._gt.report(
+                prefix + "AP", iou_type == "segm", image_ids
+            )
         metrics.update(per_category)
         return metrics
 
@@ -368,23 +312,12 @@ def _results_to_coco(results: List[Dict[str, Any]], gt: COCO, iou_type: str = "b
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Proposal recall.
-# --------------------------------------------------------------------------------------------
-
-
 class ProposalRecallEvaluator(_Evaluator):
-    """Class-agnostic average recall of RPN proposals: AR@100, AR@1000 and by object size.
+    """Class-agnostic proposal recall "AR@100", "ARs@100", ..., "AR@1000" (-1: no ground truth).
 
-    The algorithm is Detectron's ``evaluate_box_proposals`` (also detectron2's), which the FPN
-    authors used for Table 1: per image, the non-crowd ground truths whose area is in the range are
-    matched greedily to the top-`limit` proposals (repeatedly take the ground truth best covered by
-    any remaining proposal, record that IoU, remove both); recall at IoU t is the fraction of
-    ground truths matched with IoU >= t, and AR is its mean over t = 0.50:0.05:0.95. NumPy, image
-    by image (COCOeval with useCats=0 agrees closely but is much slower).
-
-    Metric names: "AR@100", "ARs@100", "ARm@100", "ARl@100", "AR@1000", ... (-1 when there is no
-    ground truth in a size range). ``annotation_file`` as in COCOEvaluator.
+    Detectron's ``evaluate_box_proposals``, used for FPN's Table 1: per image the non-crowd ground
+    truths in the area range are greedily matched to the top-``limit`` proposals; AR is the mean
+    over IoU t = 0.50:0.05:0.95 of the fraction matched at IoU >= t.
     """
 
     def __init__(
@@ -404,8 +337,7 @@ class ProposalRecallEvaluator(_Evaluator):
         self._proposals = {}
 
     def add_proposals(self, image_id, boxes, scores=None):
-        """Proposals of one image: boxes [P,4] yxyx original pixels; scores [P] (objectness) or
-        None when the boxes are already sorted best first."""
+        """One image's boxes [P, 4]; ``scores`` [P], or None when already sorted best first."""
         image_id = _to_image_id(image_id)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if scores is not None:
@@ -424,18 +356,14 @@ class ProposalRecallEvaluator(_Evaluator):
         self._proposals[image_id] = kept
 
     def update_state(self, predictions: Mapping):
-        """Adds one batch: "image_id" [B], "proposal_boxes" [B,P,4] yxyx original pixels,
-        optional "proposal_scores" [B,P] and "num_proposals" [B]."""
+        """Adds "image_id" [B], "proposal_boxes" [B, P, 4], optional "proposal_scores" [B, P]
+        and "num_proposals" [B]."""
         image_ids = _batch_image_ids(predictions)
         boxes = _numpy(predictions["proposal_boxes"]).astype(np.float32)
-        scores = (
-            _numpy(predictions["proposal_scores"]) if "proposal_scores" in predictions else None
-        )
-        num = (
-            _numpy(predictions["num_proposals"]).reshape(-1)
-            if "num_proposals" in predictions
-            else None
-        )
+        scores = predictions.get("proposal_scores")
+        scores = None if scores is None else _numpy(scores)
+        num = predictions.get("num_proposals")
+        num = None if num is None else _numpy(num).reshape(-1)
         for i, image_id in enumerate(image_ids):
             n = int(num[i]) if num is not None else boxes.shape[1]
             self.add_proposals(image_id, boxes[i, :n], None if scores is None else scores[i, :n])
@@ -468,14 +396,12 @@ class ProposalRecallEvaluator(_Evaluator):
                 metrics[name] = float(np.mean(recalls))
         if image_ids:
             logging.info("Proposal recall on %d images: %s", len(image_ids), metrics)
-            self._report_left_out("AR", False, image_ids)
+            self._left_out["AR"] = self._gt.report("AR", False, image_ids)
         return metrics
 
 
 def _greedy_matched_iou(iou: np.ndarray) -> np.ndarray:
-    """Detectron's greedy one-to-one matching of proposals [P] to ground truths [G] by IoU [P,G].
-
-    Returns the IoUs of the min(P, G) matched pairs."""
+    """IoUs of the min(P, G) pairs of Detectron's greedy matching of IoU [P, G]."""
     iou = iou.copy()
     num_gt = iou.shape[1]
     out = np.zeros(min(iou.shape), np.float64)

@@ -1,24 +1,17 @@
-"""The evaluation's ground truth, checked before pycocotools scores anything against it.
+"""The evaluation's ground truth, checked before pycocotools (which trusts its input: malformed
+segmentations raise deep inside ``COCOeval``, loop forever or crash) scores against it.
 
-pycocotools trusts its annotation file: malformed segmentations raise deep inside ``COCOeval``,
-lose coordinates, loop forever or crash the process. :class:`GroundTruth` reads the annotation
-file (or a dataset dict / a loaded ``COCO``), checks every annotation, and gives pycocotools
-only what passed:
+* boxes (box AP, proposal AR): an annotation needs a finite ``bbox`` of positive size and a
+  known ``image_id`` and ``category_id``, else it leaves every metric (``BOX_REASONS``, as
+  training skips it). Missing keys, a ``bbox`` that is not four numbers, or entries without an
+  integer ``id`` are a :class:`DataError`. A missing ``area`` is the box's; missing or repeated
+  annotation ids get private ones.
+* masks (mask AP, AR): the segmentation passes training's ``check_segmentation`` and is scored
+  as its RLE; a failing one leaves the mask metrics only and its box becomes an ignore region
+  there, like a crowd region.
 
-* **boxes** (box AP, proposal AR): a finite ``bbox`` with width and height > 0, a known
-  ``image_id`` and ``category_id``; another annotation is left out of every metric
-  (``BOX_REASONS``, as training skips it). Malformed entries (missing keys, a ``bbox`` that is
-  not four numbers, entries without an integer ``id``) are a one-line
-  :class:`~fpn_tf.data.errors.DataError`. ``iscrowd`` is truthy = crowd; a missing or
-  non-finite ``area`` is the box's; missing or repeated annotation ids get private ones.
-* **masks** (mask AP, mask AR): the segmentation passes
-  :func:`fpn_tf.data.segmentation_check.check_segmentation` (training's check) over its image's
-  size, and pycocotools gets the compressed RLE the check made. An annotation that fails is left
-  out of the mask metrics only (box AP keeps it), and its box becomes an ignore region there,
-  like a crowd region: a detection of it is neither a hit nor a false positive.
-
-``on_bad_data="error"`` makes the first unusable annotation a one-line ``DataError``. What was
-left out, per metric, reason and id, is in :meth:`GroundTruth.left_out` and ``metrics.json``.
+``on_bad_data="error"`` makes the first unusable annotation a ``DataError``; what was left out,
+per metric, reason and id, is in :meth:`GroundTruth.left_out` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -89,15 +82,8 @@ def _float(x: Any) -> float:
 
 
 class GroundTruth:
-    """A COCO annotation file (path, dataset dict or loaded ``COCO``), checked (module doc).
-
-    Args:
-      source: the annotation file path, its dataset dict, or a pycocotools ``COCO``.
-      on_bad_data: "skip" (leave unusable annotations out, counted) or "error" (DataError).
-      image_sizes: {image id: (height, width)} for images whose size the file lacks (the
-        evaluation source read them from the image files).
-      name: how log lines and errors name the file (default: the path, or "ground truth").
-    """
+    """A checked annotation file (path, dataset dict or ``COCO``); ``image_sizes`` {image id:
+    (height, width)} fills sizes the file lacks; ``name`` names it in logs and errors."""
 
     def __init__(
         self,
@@ -125,8 +111,7 @@ class GroundTruth:
         self.categories: Dict[int, str] = {
             int(c["id"]): str(c.get("name", c["id"])) for c in self.categories_list
         }
-        # Annotations as pycocotools will see them (box checks passed), with the original
-        # segmentation kept aside for the mask check.
+        # Annotations that passed the box checks, their segmentations aside for the mask check.
         self.annotations: List[dict] = []
         self._segmentations: List[Any] = []
         # reason -> [(reported id, image id)] of the annotations left out of every metric.
@@ -137,7 +122,6 @@ class GroundTruth:
         self.left_out_of_masks: Dict[str, List[Tuple[Any, Any]]] = collections.defaultdict(list)
         self.clipped_polygons: List[Tuple[Any, Any]] = []
 
-    # --- checks ------------------------------------------------------------------------
     def _list(self, value, key: str) -> list:
         if not isinstance(value, list):
             raise DataError(f"{self.name}: '{key}' must be a list")
@@ -189,22 +173,12 @@ class GroundTruth:
                     )
             iid, cid, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
             if not is_int(iid) or int(iid) not in self._image_ids:
-                self._unusable(
-                    self.left_out_of_boxes,
-                    "unknown_image",
-                    reported,
-                    iid,
-                    f"image_id {iid!r} is not in 'images'",
-                )
+                what = f"image_id {iid!r} is not in 'images'"
+                self._unusable(self.left_out_of_boxes, "unknown_image", reported, iid, what)
                 continue
             if not is_int(cid) or int(cid) not in self.categories:
-                self._unusable(
-                    self.left_out_of_boxes,
-                    "unknown_category",
-                    reported,
-                    iid,
-                    f"category_id {cid!r} is not in 'categories'",
-                )
+                what = f"category_id {cid!r} is not in 'categories'"
+                self._unusable(self.left_out_of_boxes, "unknown_category", reported, iid, what)
                 continue
             if (
                 not isinstance(bbox, (list, tuple))
@@ -217,13 +191,8 @@ class GroundTruth:
                 )
             x, y, w, h = (_float(v) for v in bbox)
             if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-                self._unusable(
-                    self.left_out_of_boxes,
-                    "bad_box_size",
-                    reported,
-                    iid,
-                    f"bbox {list(bbox)} has zero, negative or non-finite size",
-                )
+                what = f"bbox {list(bbox)} has zero, negative or non-finite size"
+                self._unusable(self.left_out_of_boxes, "bad_box_size", reported, iid, what)
                 continue
             if unique:
                 key = int(aid)
@@ -323,11 +292,9 @@ class GroundTruth:
             {"images": self.images, "categories": self.categories_list, "annotations": annotations}
         )
 
-    # --- what the evaluators ask ---------------------------------------------------------
     def left_out(self, masks: bool, image_ids) -> Dict[str, List[Any]]:
-        """{reason: [annotation ids]} of the annotations of ``image_ids`` that the box metrics
-        (``masks=False``) or the mask metrics (``masks=True``; box reasons included) leave
-        out."""
+        """{reason: [annotation ids]} of ``image_ids`` that the box (or mask, box reasons
+        included) metrics leave out."""
         if masks and not self._masks_checked:
             _ = self.mask_coco
         wanted = set(int(i) for i in image_ids)

@@ -1,14 +1,8 @@
 """Class-agnostic mask average recall of segment proposals (the paper's Table 6 metric).
 
-:class:`MaskProposalRecallEvaluator` works like `ProposalRecallEvaluator` (accumulate, evaluate;
-only the images fed count), for masks: each proposal's box-relative mask is pasted into its
-image (`fpn_tf.ops.mask_ops.paste_masks`), thresholded at 0.5 and RLE-encoded; `evaluate` runs
-pycocotools' ``COCOeval(iouType="segm")`` with ``useCats=0`` and ``maxDets=[10, 100, 1000]``
-(crowd regions as COCO treats them) and reads AR from its recall table. COCOeval rather than a
-faster matcher: it is correct by construction, and pasting and encoding dominate the time.
-
-Metric names: "mask_AR@10", "mask_AR@100", "mask_AR@1000", "mask_ARs@1000", "mask_ARm@1000",
-"mask_ARl@1000" (-1 where there is no ground truth in a range).
+Each proposal's mask is pasted, thresholded at 0.5 and RLE-encoded; AR is read from pycocotools'
+``COCOeval(iouType="segm", useCats=0)`` recall (correct by construction; pasting dominates the
+time): "mask_AR@10", "mask_AR@100", "mask_AR@1000", "mask_ARs@1000", ... (-1: no ground truth).
 """
 
 from __future__ import annotations
@@ -31,32 +25,14 @@ from fpn_tf.evaluation.coco_evaluator import (
     load_coco_groundtruth,
 )
 
-__all__ = ["MaskProposalRecallEvaluator", "MASK_RECALL_METRIC_NAMES"]
+__all__ = ["MaskProposalRecallEvaluator"]
 
 _AREAS = ("", "s", "m", "l")  # COCOeval's areaRngLbl order: all, small, medium, large
-MASK_RECALL_METRIC_NAMES = (
-    "mask_AR@10",
-    "mask_AR@100",
-    "mask_AR@1000",
-    "mask_ARs@1000",
-    "mask_ARm@1000",
-    "mask_ARl@1000",
-)
 
 
 class MaskProposalRecallEvaluator(_Evaluator):
-    """Mask AR@10/100/1000 and AR_s/m/l at the largest limit of segment proposals.
-
-    Args:
-      annotation_file: COCO annotation JSON path (or loaded COCO / dataset dict, or a checked
-        ``groundtruth.GroundTruth``) whose annotations carry ``segmentation`` (polygons or RLE)
-        and ``area``; annotations whose mask fails the check are left out (ignore regions, as
-        crowds are), logged and counted in :meth:`left_out`.
-      on_bad_data: "skip" or "error" (a one-line DataError), as in ``COCOEvaluator``.
-      limits: the numbers of proposals (COCOeval's maxDets), best first by score.
-
-    Masks are pasted ``CHUNK`` at a time (memory: CHUNK x H x W floats) and binarised at 0.5.
-    """
+    """Mask AR at each of ``limits`` (COCOeval's maxDets), AR_s/m/l at the largest; ground
+    truth as in ``COCOEvaluator``. Masks are pasted ``CHUNK`` at a time (CHUNK x H x W floats)."""
 
     CHUNK = 100
 
@@ -76,9 +52,8 @@ class MaskProposalRecallEvaluator(_Evaluator):
         self._results = {}
 
     def add_proposals(self, image_id, masks, boxes, scores):
-        """One image: ``masks`` [P, M, M] box-relative probabilities over ``boxes`` [P, 4] yxyx
-        original-image pixels, ``scores`` [P]. The masks are pasted at the image's size in the
-        ground truth (COCOeval's segm needs it too)."""
+        """One image's [P, M, M] masks over ``boxes`` [P, 4] and ``scores`` [P], pasted at the
+        image's size in the ground truth."""
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
         from fpn_tf.ops import mask_ops  # pylint: disable=g-import-not-at-top
@@ -116,19 +91,14 @@ class MaskProposalRecallEvaluator(_Evaluator):
         self._results[image_id] = results
 
     def update_state(self, predictions: Mapping):
-        """One batch: "image_id" [B], "proposal_masks" [B, P, M, M], "proposal_boxes" [B, P, 4]
-        (original-image pixels, as the models return them with image_info), "proposal_scores"
-        [B, P], optional "num_proposals" [B] (rows past it are padding; without it rows with
-        score <= 0 are)."""
+        """Adds "image_id" [B], "proposal_masks" [B, P, M, M], "proposal_boxes" [B, P, 4],
+        "proposal_scores" [B, P], optional "num_proposals" [B] (else score <= 0 is padding)."""
         image_ids = _batch_image_ids(predictions)
         masks = _numpy(predictions["proposal_masks"])
         boxes = _numpy(predictions["proposal_boxes"])
         scores = _numpy(predictions["proposal_scores"])
-        num = (
-            _numpy(predictions["num_proposals"]).reshape(-1)
-            if "num_proposals" in predictions
-            else None
-        )
+        num = predictions.get("num_proposals")
+        num = None if num is None else _numpy(num).reshape(-1)
         for i, image_id in enumerate(image_ids):
             keep = np.arange(scores.shape[1]) < int(num[i]) if num is not None else scores[i] > 0
             self.add_proposals(image_id, masks[i][keep], boxes[i][keep], scores[i][keep])
@@ -136,13 +106,13 @@ class MaskProposalRecallEvaluator(_Evaluator):
     def evaluate(self) -> Dict[str, float]:
         """COCOeval (segm, class-agnostic) over the images fed so far."""
         image_ids = self.image_ids()
-        names = self.metric_names()
         if not image_ids:
             logging.warning("MaskProposalRecallEvaluator.evaluate: no images were fed.")
+            last = self.limits[-1]
+            names = [f"mask_AR@{n}" for n in self.limits] + [f"mask_AR{s}@{last}" for s in "sml"]
             return {n: 0.0 for n in names}
         gt = self._gt.mask_coco  # checked masks; unusable ones are ignore regions
-        # Class-agnostic: with useCats=0 COCOeval still gathers detections and ground truth by
-        # the categories in params.catIds (the ground truth's), so the proposals take one of them.
+        # With useCats=0 COCOeval still gathers by params.catIds: proposals take one of them.
         categories = list(gt.dataset["categories"]) or [{"id": 1, "name": "object"}]
         category = int(categories[0]["id"])
         annotations = []
@@ -185,9 +155,5 @@ class MaskProposalRecallEvaluator(_Evaluator):
                 r = recall[:, 0, a, m]
                 metrics[f"mask_AR{size}@{limit}"] = float(np.mean(r)) if np.all(r > -1) else -1.0
         logging.info("Mask proposal recall on %d images: %s", len(image_ids), metrics)
-        self._report_left_out("mask_AR", True, image_ids)
+        self._left_out["mask_AR"] = self._gt.report("mask_AR", True, image_ids)
         return metrics
-
-    def metric_names(self) -> List[str]:
-        last = self.limits[-1]
-        return [f"mask_AR@{n}" for n in self.limits] + [f"mask_AR{s}@{last}" for s in "sml"]

@@ -1,18 +1,9 @@
-"""Runs a detector over an evaluation dataset and scores it with COCO metrics (library, no flags).
+"""Runs a detector over an evaluation dataset and scores what it outputs: detections (box and
+mask AP), box proposals (AR, the paper's Table 1) or segment proposals (mask AR, Table 6).
 
-What is scored follows what the model gives: detections by pycocotools (box AP; with masks
-``segm`` mask AP), box proposals by `ProposalRecallEvaluator` (AR, the paper's Table 1), a
-segment-proposal model's masks by `MaskProposalRecallEvaluator` (mask AR, Table 6). The ground
-truth is a COCO source's annotation file, or for TFRecord shards without one
-``groundtruth.json`` written from the shards into ``output_dir``.
-
-Only the images the dataset yielded are scored; the annotation file's other images are logged
-and counted as ``num_skipped_images``. The ground truth is checked first
-(:mod:`fpn_tf.evaluation.groundtruth`, ``eval_data.on_bad_data``); the metrics count what each
-metric left out (``num_gt_left_out_of_<metric>``) and ``gt_left_out`` gives their ids
-(``{metric: {reason: [annotation ids]}}``).
-
-``evaluate_detector`` is the one writer of ``metrics.json`` (and ``detections.json``).
+Only the images the dataset yielded are scored (the others count as ``num_skipped_images``);
+``num_gt_left_out_of_<metric>`` and ``gt_left_out`` ``{metric: {reason: [annotation ids]}}``
+report the ground truth each metric left out. The one writer of ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -41,11 +32,8 @@ _MAX_LISTED_IDS = 20
 
 
 def groundtruth_file(source, output_dir: str | None) -> str:
-    """The COCO annotation file that holds ``source``'s ground truth.
-
-    A COCO source's annotation file, or a TFRecord source's ``annotation_file``; shards without
-    one get it written from the shards into ``output_dir`` (a temporary folder when None).
-    """
+    """``source``'s annotation file; shards without one get it written from the shards into
+    ``output_dir`` (a temporary folder when None)."""
     if source.annotation_file:
         return source.annotation_file
     if not isinstance(source, TfRecordIndex):
@@ -59,9 +47,7 @@ def groundtruth_file(source, output_dir: str | None) -> str:
 
 
 def checked_groundtruth(source, output_dir: str | None = None) -> GroundTruth:
-    """The checked ground truth of an evaluation source (``groundtruth`` module): its annotation
-    file, with the image sizes the source read from the files where the file lacks them, checked
-    as the source's ``on_bad_data`` says."""
+    """``source``'s checked ground truth, with the image sizes the source read from the files."""
     sizes = None
     if hasattr(source, "heights") and hasattr(source, "image_ids"):
         sizes = {
@@ -88,31 +74,11 @@ def evaluate_detector(
     per_category_metrics: bool = False,
     log_every: int = 20,
 ) -> dict:
-    """Box AP (and proposal AR) of ``model`` on ``dataset``, batches of the loaded ``source``.
-
-    Args:
-      model: called as ``model({"images", "image_info"}, training=False)``; returns detections
-        (and proposals) in original-image pixels with dataset category ids.
-      dataset: ``fpn_tf.data.build_dataset(source, training=False, ...)``.
-      source: the loaded source the dataset reads (its ground truth, its run-time drops).
-      output_dir: where detections.json and metrics.json (and a TFRecord source's
-        groundtruth.json) go; None writes nothing.
-      groundtruth: ``checked_groundtruth(source)`` made once for several evaluations (None:
-        made here).
-      step: the training step, recorded in the metrics.
-      max_steps: evaluate this many batches only (None: the whole set).
-
-    Returns:
-      A flat dict: AP, AP50, AP75, APs, APm, APl, ARmax*, (mask_AP, ... for a model with masks),
-      AR@100, AR@1000, ARs@100, ...,
-      ``num_images`` (scored), ``num_skipped_images`` (in the annotation file, not scored),
-      ``num_gt_left_out_of_<metric>`` and ``gt_left_out`` (module doc), ``eval_seconds`` and
-      ``step`` when given.
-    """
+    """The metrics dict of ``model`` (outputs in original pixels, dataset category ids) on
+    ``dataset``, built from the loaded ``source``; ``output_dir`` None writes nothing,
+    ``max_steps`` limits the batches, ``groundtruth`` reuses a :func:`checked_groundtruth`."""
     if groundtruth is None:
         groundtruth = checked_groundtruth(source, output_dir)
-    # What is scored follows what the model gives: detections (box AP, mask AP with masks), box
-    # proposals (AR), segment proposals (mask AR, the segment-proposal model's only output).
     evaluators = None
 
     @tf.function
@@ -168,7 +134,7 @@ def evaluate_detector(
 
 
 def _evaluators_for(outputs, groundtruth, compute_rpn_recall, per_category_metrics) -> list:
-    """The evaluators of a model's outputs (the first batch's keys)."""
+    """The evaluators of the first batch's output keys."""
     evaluators = []
     if "detection_boxes" in outputs:
         evaluators.append(COCOEvaluator(groundtruth, per_category_metrics=per_category_metrics))

@@ -1,16 +1,9 @@
 """Bottom-up pathway: backbones that return the paper's C2..C5 (strides 4, 8, 16, 32).
 
-`build_backbone` builds one from a ``model.backbone`` section (`BackboneConfig`, which documents
-every setting). A backbone is a Functional `keras.Model` taking RGB pixels in 0..255 (any size)
-and returning ``{"C2": ..., "C3": ..., "C4": ..., "C5": ...}``; its input normalisation is a layer
-inside it (`PixelNormalization`), so callers never preprocess.
-
-* ``resnet50`` / ``resnet101``: `keras.applications` ResNets (stride in the 1x1 conv), or with
-  ``stride_in_1x1: false`` torchvision's variant (`fpn_tf.modeling.resnet`, same layer names).
-* ``small_resnet``: a narrow basic-block ResNet for CPUs (tests, the CPU demo), trained from
-  scratch.
-
-Frozen BatchNorms are folded into the conv before them (`frozen_batch_norm`).
+A backbone is a Functional model, RGB pixels 0..255 (any size) -> ``{"C2", ..., "C5"}``, that
+normalises its input itself (`PixelNormalization`). ``resnet50`` / ``resnet101`` are
+`keras.applications` ResNets, or with ``stride_in_1x1: false`` torchvision's variant (same layer
+names); ``small_resnet`` is a narrow basic-block ResNet for CPUs, trained from scratch.
 """
 
 from __future__ import annotations
@@ -51,10 +44,8 @@ CHANNEL_ORDERS = ("rgb", "bgr")
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class PixelNormalization(keras.layers.Layer):
-    """RGB 0..255 in; ``(x[..., order] - mean) / std`` out, as the backbone's weights expect.
-
-    ``mean`` / ``std`` are in the output channel order; ``to_bgr`` reverses the channels first.
-    """
+    """RGB 0..255 in, ``(x - mean) / std`` out, channels reversed first with ``to_bgr``
+    (``mean`` / ``std`` in the output order)."""
 
     def __init__(self, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), to_bgr=False, **kwargs):
         super().__init__(**kwargs)
@@ -82,9 +73,8 @@ def pixel_normalization(
     pixel_mean: Sequence[float] | None = None,
     pixel_std: Sequence[float] | None = None,
 ) -> tuple[str, tuple[float, float, float], tuple[float, float, float]]:
-    """``(channel_order, mean, std)`` of a backbone's input normalisation: the given three, or
-    with all three None the type's own. ``mean`` / ``std`` are in ``channel_order`` (the order
-    the first conv sees), 0..255 units."""
+    """``(channel_order, mean, std)`` (0..255, in the order the first conv sees): the given
+    three, or with all three None the type's own."""
     if backbone_type not in _DEFAULT_PIXEL_NORMALIZATION:
         raise ValueError(
             f"unknown backbone type {backbone_type!r}; expected resnet50, resnet101 or small_resnet"
@@ -155,12 +145,8 @@ def build_backbone(
     input_shape: Sequence[int | None] = (None, None, 3),
     **fields,
 ) -> keras.Model:
-    """The backbone of a ``model.backbone`` section: image -> ``{"C2".."C5"}``.
-
-    ``fields`` override the section's fields by name, so ``build_backbone(type="small_resnet",
-    widths=[8, 8, 8, 8])`` is a `BackboneConfig` with those two set. The section is validated
-    (`fpn_tf.configs.base.ConfigError`, a ValueError, names a bad field).
-    """
+    """The backbone of a ``model.backbone`` section, ``fields`` overriding it by name
+    (``build_backbone(type="small_resnet", widths=[8, 8, 8, 8])``), validated."""
     config = (config or BackboneConfig()).override(fields).validate_section()
     images = keras.Input(shape=tuple(input_shape), name="images")
     x = _normalization_layer(config)(images)
@@ -178,9 +164,8 @@ def build_backbone(
 
 
 def _resnet(x, config: BackboneConfig) -> dict:
-    """ResNet-50/101 C2..C5 on the normalised image ``x``. keras.applications' model (its
-    weights loaded, BatchNorm epsilon set, stages frozen here), or with ``stride_in_1x1`` false
-    `fpn_tf.modeling.resnet`'s graph (loaded and frozen by the caller)."""
+    """ResNet-50/101 C2..C5 of the normalised ``x``: keras.applications' (loaded and frozen
+    here), or with ``stride_in_1x1`` false `resnet`'s graph (loaded and frozen by the caller)."""
     if not config.stride_in_1x1:
         depth = int(config.type[len("resnet") :])
         return bottleneck_resnet_v1_5(x, depth=depth, bn_epsilon=config.bn_epsilon)
@@ -198,15 +183,16 @@ def _resnet(x, config: BackboneConfig) -> dict:
 
 
 def _conv_bn_relu(x, filters, kernel, stride, name, epsilon, relu=True):
-    x = keras.layers.Conv2D(
+    conv = keras.layers.Conv2D(
         filters,
         kernel,
-        strides=stride,
-        padding="same",
+        stride,
+        "same",
         use_bias=False,
         kernel_initializer="he_normal",
         name=f"{name}_conv",
-    )(x)
+    )
+    x = conv(x)
     x = keras.layers.BatchNormalization(epsilon=epsilon, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
@@ -222,16 +208,14 @@ def _basic_block(x, filters, stride, name, epsilon):
 
 
 def _small_resnet(x, config: BackboneConfig) -> dict:
-    """A narrow ResNet-18 shape: a 3x3/2 + 3x3/2 stem (``stem_width``), then conv2..conv5 of
-    ``blocks`` basic blocks with ``widths`` channels, conv3..conv5 opening with stride 2 (the
-    ``ceil(H / 2**l)`` sizes of a ResNet). BatchNorm epsilon: ``bn_epsilon`` or 1e-5."""
+    """A narrow ResNet-18 shape: a 3x3/2 + 3x3/2 stem, then conv2..conv5 of ``blocks`` basic
+    blocks of ``widths`` channels, conv3..conv5 opening with stride 2."""
     epsilon = 1e-5 if config.bn_epsilon is None else float(config.bn_epsilon)
     x = _conv_bn_relu(x, config.stem_width, 3, 2, "conv1_a", epsilon)
     x = _conv_bn_relu(x, config.stem_width, 3, 2, "conv1_b", epsilon)
     outputs = {}
-    for stage, (level, width, n) in enumerate(
-        zip(BACKBONE_LEVELS, config.widths, config.blocks), start=2
-    ):
+    stages = zip(BACKBONE_LEVELS, config.widths, config.blocks)
+    for stage, (level, width, n) in enumerate(stages, start=2):
         for b in range(n):
             stride = 2 if (b == 0 and stage > 2) else 1
             x = _basic_block(x, width, stride, f"conv{stage}_block{b + 1}", epsilon)

@@ -7,10 +7,9 @@ For each backbone level i (coarsest first):
     Pi = output_i(Mi)                       3x3 conv, d channels, "to reduce aliasing"
     P6 = P5[:, ::2, ::2]                     max-pool, kernel 1, stride 2 (used by the RPN only)
 
-No non-linearities and no normalisation, as in the paper. The Table 1 ablations are switches:
-``use_top_down=False`` (bottom-up pyramid: Pi = output_i(lateral_i(Ci))), ``use_lateral=False``
-(only C5 gets its 1x1), ``output_levels`` (a subset of levels), and `build_fpn_model`'s
-``single_scale_level`` (no pyramid).
+No non-linearities and no normalisation, as in the paper. The Table 1 ablations:
+``use_top_down=False`` (Pi = output_i(lateral_i(Ci))), ``use_lateral=False`` (only C5 gets its
+1x1), ``output_levels`` and `build_fpn_model`'s ``single_scale_level`` (no pyramid).
 """
 
 from __future__ import annotations
@@ -24,11 +23,8 @@ from fpn_tf.configs.experiment import FPNConfig
 
 
 def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """Nearest-neighbour x2 upsampling of ``x`` cropped to ``like``'s spatial size.
-
-    Output pixel (i, j) takes input pixel (i // 2, j // 2), so odd sizes (where the coarser map has
-    ceil(h / 2) rows) line up exactly with a stride-2 backbone.
-    """
+    """Nearest-neighbour x2 upsampling of ``x`` cropped to ``like``'s spatial size (pixel (i, j)
+    takes (i // 2, j // 2), so odd sizes line up with a stride-2 backbone)."""
     up = _upsample_nearest_2x(x)
     h, w = x.shape[1], x.shape[2]
     if isinstance(h, int) and isinstance(w, int) and tuple(like.shape[1:3]) == (2 * h, 2 * w):
@@ -39,11 +35,8 @@ def upsample_nearest_to(x: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 
 @tf.custom_gradient
 def _upsample_nearest_2x(x):
-    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2 (broadcasts + reshapes).
-
-    The gradient of each input pixel, the sum of its 2x2 block, is taken as two adds of
-    contiguous halves, cheaper on CPUs than the broadcast's generic reduction.
-    """
+    """[B, H, W, C] -> [B, 2H, 2W, C]; the gradient sums each 2x2 block as two adds of
+    contiguous halves, cheaper on CPUs than the broadcast's generic reduction."""
     shape = tf.shape(x)
     b, h, w, c = [x.shape[i] if x.shape[i] is not None else shape[i] for i in range(4)]
     # Columns then rows, each a 5-D broadcast (LiteRT's builtin ops stop at 5 dimensions).
@@ -64,16 +57,8 @@ def _upsample_nearest_2x(x):
 class FeaturePyramid(keras.layers.Layer):
     """C-maps in (dict ``{"C2".."C5"}`` or a list from ``min_level``), ``{"P2".."P6"}`` out.
 
-    Args:
-      num_channels: d, the channel count of every pyramid level (paper: 256).
-      min_level: finest level (2 -> P2 from C2, stride 4).
-      max_level: coarsest level; levels above ``backbone_max_level`` are made by stride-2
-        subsampling (max-pool, kernel 1) of the level below.
-      backbone_max_level: the coarsest C-map given (5 -> C5).
-      use_top_down: add the top-down pathway (False: bottom-up pyramid ablation).
-      use_lateral: add 1x1 lateral connections below the top level (False: ablation).
-      output_levels: names of the levels to return (default: all of min..max).
-      kernel_initializer: for the 1x1 and 3x3 convs (LeCun uniform = detectron2's c2_xavier_fill).
+    Levels above ``backbone_max_level`` (the coarsest C-map) subsample the level below;
+    ``output_levels`` defaults to all. LeCun uniform is detectron2's c2_xavier_fill.
     """
 
     def __init__(
@@ -111,42 +96,26 @@ class FeaturePyramid(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
         self.backbone_levels = list(range(self.min_level, self.backbone_max_level + 1))
-        conv_args = dict(
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer="zeros",
-            dtype=self.dtype_policy,
-        )
-        # Sub-layers are plain attributes (lateral_P2, output_P2, ...): layers held in a dict or
-        # list are invisible to tf.train.Checkpoint and to SavedModel tracking.
+        conv_args = dict(kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
+        # Plain attributes (lateral_P2, output_P2, ...): the checkpoint paths depend on them.
         for level in self.backbone_levels:
+            name = f"lateral_P{level}"
             if self.use_lateral or level == self.backbone_max_level:
                 setattr(
-                    self,
-                    f"lateral_P{level}",
-                    keras.layers.Conv2D(
-                        self.num_channels, 1, name=f"lateral_P{level}", **conv_args
-                    ),
+                    self, name, keras.layers.Conv2D(self.num_channels, 1, name=name, **conv_args)
                 )
-            setattr(
-                self,
-                f"output_P{level}",
-                keras.layers.Conv2D(
-                    self.num_channels, 3, padding="same", name=f"output_P{level}", **conv_args
-                ),
-            )
+            name = f"output_P{level}"
+            conv = keras.layers.Conv2D(self.num_channels, 3, padding="same", name=name, **conv_args)
+            setattr(self, name, conv)
         self.subsample = keras.layers.MaxPooling2D(
             pool_size=1, strides=2, padding="valid", name="subsample", dtype=self.dtype_policy
         )
 
-    # --- helpers -------------------------------------------------------------------------
     @property
     def lateral_convs(self) -> dict:
         """level -> the 1x1 lateral conv of that level (only the top one without laterals)."""
-        return {
-            l: getattr(self, f"lateral_P{l}")
-            for l in self.backbone_levels
-            if hasattr(self, f"lateral_P{l}")
-        }
+        levels = [l for l in self.backbone_levels if hasattr(self, f"lateral_P{l}")]
+        return {l: getattr(self, f"lateral_P{l}") for l in levels}
 
     @property
     def output_convs(self) -> dict:
@@ -157,10 +126,7 @@ class FeaturePyramid(keras.layers.Layer):
         if isinstance(features, Mapping):
             missing = [f"C{l}" for l in self.backbone_levels if f"C{l}" not in features]
             if missing:
-                raise ValueError(
-                    f"FeaturePyramid needs backbone features {missing}; "
-                    f"got keys {sorted(features)}"
-                )
+                raise ValueError(f"FeaturePyramid needs {missing}; got keys {sorted(features)}")
             return {l: features[f"C{l}"] for l in self.backbone_levels}
         features = list(features)
         if len(features) != len(self.backbone_levels):
@@ -237,16 +203,9 @@ def build_fpn_model(
     input_shape: Sequence[int | None] = (None, None, 3),
     **fields,
 ) -> keras.Model:
-    """The pyramid of a ``model.fpn`` section on a built ``backbone`` (`build_backbone`): a
-    Functional ``keras.Model``, RGB image (0..255) -> ``{"P2": ..., ..., "P6": ...}``.
-
-    ``fields`` override the section's fields by name (``num_channels=16``). With
-    ``single_scale_level`` ("C4" / "C5") there is no pyramid: image -> ``{"P4": C4}`` (named by
-    stride, so anchors and RoIAlign treat it as that level). Compose it like any Keras model::
-
-        fpn = build_fpn_model(build_backbone(weights="imagenet"))
-        feats = fpn(keras.Input((None, None, 3)))
-    """
+    """A Functional model, RGB image (0..255) -> ``{"P2": ..., "P6": ...}``, of a ``model.fpn``
+    section (``fields`` override it by name) on a built ``backbone``. ``single_scale_level``
+    ("C4") gives ``{"P4": C4}``, named by stride so anchors and RoIAlign treat it as that level."""
     config = (config or FPNConfig()).override(fields).validate_section()
     images = keras.Input(shape=tuple(input_shape), name="images")
     c_maps = backbone(images)

@@ -1,16 +1,11 @@
 """Frozen BatchNorm folded into the convolution before it.
 
-A frozen BatchNorm is a per-channel affine map, ``y = x * scale + offset`` with
-``scale = gamma / sqrt(moving_variance + epsilon)`` (torchvision's ``FrozenBatchNorm2d``, for
-every epsilon >= 0) and ``offset = beta - moving_mean * scale``. After a convolution it folds in
-exactly:
-
-    BN(conv(x, K) + b) = conv(x, K * scale) + (b * scale + offset)
-
-so the pair runs as one convolution that TensorFlow fuses with its bias and ReLU, and whose
-backward has no BatchNorm gradient. The fold happens inside ``Conv2DFrozenBatchNorm.call``: the
-kernel and bias stay the trained parameters (same gradients, weight decay and trajectory as the
-unfolded pair) and the four BatchNorm vectors stay separate non-trainable weights.
+A frozen BatchNorm is the affine map ``x * scale + offset``, ``scale = gamma /
+sqrt(moving_variance + epsilon)``, ``offset = beta - moving_mean * scale`` (torchvision's
+``FrozenBatchNorm2d``), so ``BN(conv(x, K) + b) = conv(x, K * scale) + (b * scale + offset)``:
+one convolution that TensorFlow fuses with bias and ReLU, with no BatchNorm backward. The fold
+runs inside ``call``, so kernel and bias stay the trained parameters (same gradients and weight
+decay as the unfolded pair).
 """
 
 from __future__ import annotations
@@ -22,12 +17,8 @@ __all__ = ["Conv2DFrozenBatchNorm", "fold_frozen_batch_norm"]
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class Conv2DFrozenBatchNorm(keras.layers.Conv2D):
-    """``Conv2D`` followed by a frozen ``BatchNormalization``, computed as one convolution.
-
-    Takes every ``keras.layers.Conv2D`` argument plus ``epsilon`` (the BatchNorm's). Weights:
-    the convolution's ``kernel`` (and ``bias``), trainable unless the layer is frozen, and the
-    BatchNorm's ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``, never trainable.
-    """
+    """``Conv2D`` then a frozen ``BatchNormalization`` (``epsilon``, and non-trainable ``gamma``,
+    ``beta``, ``moving_mean``, ``moving_variance``) as one convolution."""
 
     def __init__(self, *args, epsilon: float = 1e-3, **kwargs):
         super().__init__(*args, **kwargs)
@@ -62,9 +53,7 @@ class Conv2DFrozenBatchNorm(keras.layers.Conv2D):
         kernel = self.kernel * ops.cast(scale, self.kernel.dtype)  # [kh, kw, in, out] * [out]
         outputs = self.convolution_op(inputs, kernel)
         outputs = ops.add(outputs, ops.cast(offset, outputs.dtype))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+        return outputs if self.activation is None else self.activation(outputs)
 
     # Conv2D saves only kernel and bias (its override handles quantised kernels); the plain Layer
     # behaviour saves and loads every variable, the BatchNorm vectors included.
@@ -114,12 +103,9 @@ def _frozen_bn_after_conv(model: keras.Model) -> dict:
 
 
 def fold_frozen_batch_norm(model: keras.Model) -> tuple[keras.Model, int]:
-    """A copy of the Functional ``model`` with each ``Conv2D -> frozen BatchNormalization`` pair
-    replaced by one ``Conv2DFrozenBatchNorm`` (named as the conv, with both layers' weights and
-    the conv's ``trainable`` flag); every other layer is cloned with its weights and flag.
-
-    Returns ``(new_model, number_of_pairs_folded)``. Trainable BatchNorms are left as they are.
-    """
+    """``(copy of the Functional model, pairs folded)``: each ``Conv2D -> frozen BatchNorm`` pair
+    becomes one ``Conv2DFrozenBatchNorm`` named as the conv; other layers are cloned with their
+    weights and ``trainable`` flags."""
     pairs = _frozen_bn_after_conv(model)
     folded_bn = {bn.name for bn in pairs.values()}
 

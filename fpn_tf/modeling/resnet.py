@@ -1,18 +1,8 @@
 """Bottleneck ResNet-50/101 with a block's stride in its 3x3 conv (torchvision's "ResNet v1.5").
 
-keras.applications' ResNets put the stride 2 that opens conv3..conv5 in the block's first 1x1
-conv; torchvision's puts it in the 3x3. This builds the latter with keras.applications' layer
-names, order and weight shapes, so one weight mapping and one weights file serve both:
-
-    conv1_pad, conv1_conv (7x7/2 'valid'), conv1_bn, conv1_relu, pool1_pad, pool1_pool,
-    conv{s}_block{b}_{0,1,2,3}_{conv,bn}, conv{s}_block{b}_{1,2}_relu, conv{s}_block{b}_add,
-    conv{s}_block{b}_out                                                  for s in 2..5
-
-(``_0`` the projection shortcut, ``_1`` the 1x1 reduction, ``_2`` the 3x3, ``_3`` the 1x1
-expansion). The one addition, ``conv{s}_block1_2_pad``, pads the strided 3x3 like torch (one
-zero on each side), where Keras 'same' would pad 0 before and 1 after. Convs have biases (a
-converted checkpoint writes zeros); the zero-padded max-pool equals torch's -inf padding
-because its input is a ReLU output.
+keras.applications' layer names, order and weight shapes (one weight mapping serves both), plus
+``conv{s}_block1_2_pad``, which pads the strided 3x3 like torch (one zero each side; Keras 'same'
+pads 0 before and 1 after). The zero-padded max-pool equals torch's -inf padding after a ReLU.
 """
 
 from __future__ import annotations

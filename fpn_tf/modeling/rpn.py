@@ -1,12 +1,5 @@
-"""The region proposal network on the feature pyramid (paper §4.1), as one Keras layer.
-
-`RegionProposalNetwork` owns the stage: the head shared by every level, the anchors (one size
-per level, three aspect ratios), anchor labelling and sampling, the proposals and the two RPN
-losses. The arithmetic is in `fpn_tf.ops` and `fpn_tf.modeling.losses`::
-
-    proposals, losses = rpn(features, image_valid_hw, labels=labels)   # training, validation
-    proposals, _ = rpn(features, image_valid_hw)                        # inference
-"""
+"""The region proposal network on the feature pyramid (paper §4.1): shared head, anchors, anchor
+targets, proposals and losses in one Keras layer (the arithmetic is in `fpn_tf.ops`)."""
 
 from __future__ import annotations
 
@@ -26,17 +19,9 @@ from fpn_tf.ops.rpn_head_ops import rpn_head_level
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class RPNHead(keras.layers.Layer):
-    """3x3 conv + ReLU, then sibling 1x1 convs for objectness and box deltas, on every level.
-
-    "The parameters of the heads are shared across all feature pyramid levels" (paper §4.1).
-
-    Call with ``{"P2": [B,H,W,C], ...}``; returns ``(logits, deltas)``, two dicts with
-    ``logits[level]: [B, H, W, A]`` and ``deltas[level]: [B, H, W, 4A]`` (anchor order of
-    `fpn_tf.ops.anchors`: cell-major, then anchor type).
-
-    ``num_anchors``: A, anchor types per location; ``channels``: the 3x3 conv's width;
-    ``sparse_backward``: the gradient only where the loss reaches (`fpn_tf.ops.rpn_head_ops`).
-    """
+    """3x3 conv + ReLU, then sibling 1x1 convs for objectness and box deltas, shared by every
+    level (paper §4.1): ``{"P2": [B, H, W, C], ...}`` -> dicts of logits [B, H, W, A] and deltas
+    [B, H, W, 4A]. ``sparse_backward``: the gradient only where the loss reaches."""
 
     def __init__(self, num_anchors: int, channels: int, sparse_backward: bool = True, **kwargs):
         super().__init__(**kwargs)
@@ -44,25 +29,12 @@ class RPNHead(keras.layers.Layer):
         self.channels = int(channels)
         self.sparse_backward = bool(sparse_backward)
         init = keras.initializers.RandomNormal(stddev=0.01)
+        args = dict(kernel_initializer=init, dtype=self.dtype_policy)
         self.conv = keras.layers.Conv2D(
-            self.channels,
-            3,
-            padding="same",
-            activation="relu",
-            kernel_initializer=init,
-            name="conv",
-            dtype=self.dtype_policy,
+            self.channels, 3, padding="same", activation="relu", name="conv", **args
         )
-        self.objectness = keras.layers.Conv2D(
-            self.num_anchors, 1, kernel_initializer=init, name="objectness", dtype=self.dtype_policy
-        )
-        self.box_deltas = keras.layers.Conv2D(
-            4 * self.num_anchors,
-            1,
-            kernel_initializer=init,
-            name="box_deltas",
-            dtype=self.dtype_policy,
-        )
+        self.objectness = keras.layers.Conv2D(self.num_anchors, 1, name="objectness", **args)
+        self.box_deltas = keras.layers.Conv2D(4 * self.num_anchors, 1, name="box_deltas", **args)
 
     def build(self, input_shape):
         shape = tuple(
@@ -74,20 +46,10 @@ class RPNHead(keras.layers.Layer):
         self.box_deltas.build(hidden)
 
     def call(self, features, training=None):
-        # The convs' weights, applied by one op per level whose backward can skip the positions
-        # no loss reaches (the conv layers own and save the weights). Inference uses plain ops.
+        # The conv layers own the weights; one op per level applies them (sparse backward).
         sparse = self.sparse_backward and training is not False
-        weights = [
-            keras.ops.cast(w, self.compute_dtype)
-            for w in (
-                self.conv.kernel,
-                self.conv.bias,
-                self.objectness.kernel,
-                self.objectness.bias,
-                self.box_deltas.kernel,
-                self.box_deltas.bias,
-            )
-        ]
+        convs = (self.conv, self.objectness, self.box_deltas)
+        weights = [keras.ops.cast(w, self.compute_dtype) for c in convs for w in (c.kernel, c.bias)]
         logits, deltas = {}, {}
         for level, x in features.items():
             logits[level], deltas[level] = rpn_head_level(
@@ -98,11 +60,9 @@ class RPNHead(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {
-                "num_anchors": self.num_anchors,
-                "channels": self.channels,
-                "sparse_backward": self.sparse_backward,
-            }
+            num_anchors=self.num_anchors,
+            channels=self.channels,
+            sparse_backward=self.sparse_backward,
         )
         return config
 
@@ -123,31 +83,19 @@ def anchor_sizes_per_level(sizes: Sequence[float], levels: Sequence[str]) -> dic
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class RegionProposalNetwork(keras.layers.Layer):
-    """The RPN: shared head, anchors, anchor targets, proposals and losses.
+    """The RPN of a ``model.rpn`` and ``model.anchor`` section on ``levels`` (one anchor size each).
 
-    Args:
-      config: the ``model.rpn`` section (`RPNConfig`, which documents each setting). Its
-        ``_train`` top-k apply when ``labels`` are given (training and validation losses), the
-        ``_test`` ones otherwise.
-      anchor_config: the ``model.anchor`` section (`AnchorConfig`).
-      levels: the pyramid levels the RPN runs on, e.g. ``["P2", ..., "P6"]``; the anchor sizes
-        go one per level (`anchor_sizes_per_level`).
-
-    Call: ``rpn(features, image_valid_hw, labels=None, training=None)`` with ``features``
-    ``{"P2": [B, H2, W2, C], ...}`` (at least ``levels``), ``image_valid_hw`` float [B, 2] the
-    unpadded ``(height, width)`` of each image (proposals are clipped to it), ``labels`` None or
-    ``{"gt_boxes" [B, N, 4], "gt_classes" [B, N], "gt_is_crowd" [B, N] (optional)}``. Returns
-    ``(proposals, losses)``: `fpn_tf.ops.postprocess.Proposals` (boxes [B, K, 4], scores [B, K],
-    valid [B, K]; no gradient flows through them) and ``{"rpn_objectness_loss",
-    "rpn_box_loss"}`` (weighted by ``loss_weight``; empty without labels).
+    ``rpn(features, image_valid_hw, labels=None)`` -> ``(Proposals, losses)``: proposals clipped
+    to the unpadded ``image_valid_hw`` [B, 2], with no gradient; with ``labels`` (``gt_boxes``,
+    ``gt_classes``, optional ``gt_is_crowd``) the ``_train`` top-k and ``{"rpn_objectness_loss",
+    "rpn_box_loss"}``, else the ``_test`` top-k and no losses.
     """
 
     def __init__(
         self, config: RPNConfig, anchor_config: AnchorConfig, levels: Sequence[str], **kwargs
     ):
         kwargs.pop("autocast", None)
-        # autocast=False: the boxes and sizes given to `call` stay float32 under mixed
-        # precision (the head casts the features to its compute dtype itself).
+        # autocast=False: boxes and sizes stay float32 under mixed precision (the head casts).
         super().__init__(autocast=False, **kwargs)
         self.config = copy.deepcopy(config).validate_section()
         self.anchor_config = copy.deepcopy(anchor_config).validate_section()
@@ -168,10 +116,7 @@ class RegionProposalNetwork(keras.layers.Layer):
     def build(self, features_shape):
         missing = sorted(set(self.levels) - set(features_shape))
         if missing:
-            raise ValueError(
-                f"anchor sizes for levels {missing} that the pyramid does not "
-                f"output ({sorted(features_shape)})"
-            )
+            raise ValueError(f"anchor sizes for levels {missing} not in {sorted(features_shape)}")
         channels = int(features_shape[self.levels[0]][-1])
         # The head's width can default to the features' only here, so the head is made here.
         self.head = RPNHead(
@@ -183,7 +128,6 @@ class RegionProposalNetwork(keras.layers.Layer):
         )
         self.head.build((None, None, None, channels))
 
-    # --- the pieces, each usable on its own --------------------------------------------------
     def anchors(self, image_size):
         """``OrderedDict level -> [H_l * W_l * A, 4]`` for a padded ``(height, width)``."""
         return anchor_ops.generate_anchors(
@@ -200,12 +144,13 @@ class RegionProposalNetwork(keras.layers.Layer):
         """Per-level float32 objectness logits [B, A_l] and deltas [B, A_l, 4] (anchor order)."""
         logits, deltas = self.head({lvl: features[lvl] for lvl in self.levels}, training=training)
         batch = tf.shape(features[self.levels[0]])[0]
+
+        def flat(x, *shape):
+            return tf.cast(tf.reshape(x, [batch, -1, *shape]), tf.float32)
+
         return (
-            {lvl: tf.cast(tf.reshape(logits[lvl], [batch, -1]), tf.float32) for lvl in self.levels},
-            {
-                lvl: tf.cast(tf.reshape(deltas[lvl], [batch, -1, 4]), tf.float32)
-                for lvl in self.levels
-            },
+            {lvl: flat(logits[lvl]) for lvl in self.levels},
+            {lvl: flat(deltas[lvl], 4) for lvl in self.levels},
         )
 
     def proposals(self, logits, deltas, anchors, image_valid_hw, train: bool):
@@ -260,10 +205,8 @@ class RegionProposalNetwork(keras.layers.Layer):
         losses = {}
         if labels is not None:
             losses = self.compute_loss(logits, deltas, self.assign_targets(anchors, labels))
-        proposals = self.proposals(
-            logits, deltas, anchors, image_valid_hw, train=labels is not None
-        )
-        return proposals, losses
+        train = labels is not None
+        return self.proposals(logits, deltas, anchors, image_valid_hw, train=train), losses
 
     def get_config(self):
         config = super().get_config()
@@ -284,9 +227,8 @@ class RegionProposalNetwork(keras.layers.Layer):
 
 
 def _padded_size(feature, level):
-    """The padded image size whose ``ceil(size / stride)`` grid is this level's map: every
-    coarser level's anchors then match its map too (``ceil(ceil(x / a) / b) = ceil(x / ab)``).
-    Python ints when the map's shape is static (the anchors become constants)."""
+    """The padded size whose ``ceil(size / stride)`` grid is this level's map (and so every
+    coarser level's); python ints when static, so the anchors are constants."""
     stride = anchor_ops.level_stride(level)
     h, w = feature.shape[1], feature.shape[2]
     if h is not None and w is not None:

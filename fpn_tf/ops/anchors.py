@@ -1,22 +1,14 @@
-"""Anchors on the feature pyramid (pure TensorFlow, no Keras).
+"""Anchors on the feature pyramid (FPN §4.1; pure TensorFlow).
 
-Paper (FPN §4.1): one anchor size per level, areas 32²..512² on P2..P6, aspect ratios
-{1:2, 1:1, 2:1}: 3 anchors per location. The sizes and ratios come from the config
-(``AnchorConfig``).
-
-* Level ``l`` ("P2".."P6", or an int) has stride ``2**l`` and ``ceil(image_size / 2**l)``
-  cells per axis, the size Keras "same"-padded stride-2 layers produce, so the anchors line up
-  with the head outputs for any padded size.
-* Anchor centres are at ``((y + offset) * stride, (x + offset) * stride)``; ``offset`` 0.5 is
-  the centre of the pixel block a cell covers (Model Garden), 0.0 detectron2's and
-  torchvision's.
-* ``round_cell_anchors`` rounds each cell's anchor corners (centred at 0) half to even before
-  shifting (torchvision's ``base_anchors.round()``); ``stride_from_padded_size`` takes each
-  level's stride per axis as ``padded_size // feature_map_size`` (torchvision).
+* Level ``l`` ("P2".."P6" or an int) has stride ``2**l`` and ``ceil(image_size / 2**l)`` cells
+  per axis, as Keras "same"-padded stride-2 layers, so anchors line up with the head outputs.
+* Centres at ``((y + offset) * stride, (x + offset) * stride)``: ``offset`` 0.5 is Model
+  Garden's, 0.0 detectron2's and torchvision's. ``round_cell_anchors`` rounds the cell's corners
+  half to even before shifting and ``stride_from_padded_size`` uses ``padded_size //
+  feature_map_size`` per axis (both torchvision).
 * Aspect ratio ``r`` is height / width: ``h = s * sqrt(r)``, ``w = s / sqrt(r)`` (area s²).
-* Order of a level's flattened anchors: row-major over cells ``(y, x)``, then the cell's
-  anchors, sizes outer and ratios inner, so a head's ``[B, H, W, A]`` output matches it after a
-  plain reshape to ``[B, H*W*A]``.
+* A level's anchors are row-major over cells ``(y, x)``, then sizes outer, ratios inner, so a
+  head's ``[B, H, W, A]`` output matches after a plain reshape to ``[B, H*W*A]``.
 """
 
 import collections
@@ -58,15 +50,8 @@ def _static_int(x):
 
 
 def feature_map_size(image_size, level):
-    """``ceil(image_size / 2**level)`` for height and width.
-
-    Args:
-      image_size: ``(height, width)`` python ints, or an int/float tensor [2].
-      level: "P2".."P6" or an int.
-    Returns:
-      ``(h, w)``: python ints when the image size is static, else int32 scalar
-      tensors.
-    """
+    """``ceil(image_size / 2**level)`` per axis of ``(height, width)`` (ints or a tensor [2]):
+    python ints when static, else int32 scalars."""
     stride = level_stride(level)
     h, w = _height_width(image_size)
     out = []
@@ -98,14 +83,8 @@ def _per_level(levels, sizes, aspect_ratios):
 
 
 def cell_anchors(sizes, aspect_ratios):
-    """The anchors of one feature cell, centred at (0, 0).
-
-    Args:
-      sizes: sequence of sizes (sqrt of the area, pixels).
-      aspect_ratios: sequence of height / width ratios.
-    Returns:
-      float32 numpy array [len(sizes) * len(aspect_ratios), 4], yxyx, sizes outer.
-    """
+    """One cell's anchors centred at (0, 0): float32 numpy [len(sizes) * len(ratios), 4] yxyx,
+    sizes (sqrt of the area, pixels) outer, height / width ratios inner."""
     out = []
     for size in sizes:
         for ratio in aspect_ratios:
@@ -132,17 +111,10 @@ def generate_anchors(
     round_cell_anchors=False,
     stride_from_padded_size=False,
 ):
-    """Anchors of every level for one padded image size (module doc for the conventions).
+    """``OrderedDict level -> float32 [H_l * W_l * A_l, 4]`` yxyx anchors in input pixels.
 
-    Args:
-      image_size: ``(height, width)`` of the padded image: python ints or an int tensor [2].
-      levels: level names in order, e.g. ("P2", ..., "P6").
-      sizes: ``{level: sizes}`` (sqrt of the area, pixels); several sizes on a level give
-        several anchors per cell (the single-level ablations).
-      aspect_ratios: height / width ratios, shared by every level.
-      offset, round_cell_anchors, stride_from_padded_size: module doc.
-    Returns:
-      ``OrderedDict level -> float32 [H_l * W_l * A_l, 4]`` yxyx anchors in input pixels.
+    ``image_size``: the padded ``(height, width)``; ``sizes``: ``{level: sizes}``, several per
+    level give several anchors per cell; ``aspect_ratios`` are shared by every level.
     """
     out = collections.OrderedDict()
     for level, lsizes, lratios in _per_level(levels, sizes, aspect_ratios):
@@ -160,11 +132,8 @@ def generate_anchors(
         cy, cx = tf.meshgrid(ys, xs, indexing="ij")  # [fh, fw]
         centers = tf.stack([cy, cx, cy, cx], axis=-1)[:, :, None, :]  # [fh, fw, 1, 4]
         anchors = centers + cell[None, None, :, :]  # [fh, fw, A, 4]
-        if isinstance(fh, int) and isinstance(fw, int):
-            anchors = tf.reshape(anchors, [fh * fw * cell.shape[0], 4])
-        else:
-            anchors = tf.reshape(anchors, [-1, 4])
-        out[level] = anchors
+        static = isinstance(fh, int) and isinstance(fw, int)
+        out[level] = tf.reshape(anchors, [fh * fw * cell.shape[0] if static else -1, 4])
     return out
 
 
@@ -182,18 +151,8 @@ def _strides_from_padded_size(image_size, fh, fw):
 
 
 def concat_anchors(anchors):
-    """Concatenates per-level anchors in level order.
-
-    Args:
-      anchors: ``OrderedDict level -> [A_l, 4]`` (from :func:`generate_anchors`).
-    Returns:
-      ``(all_anchors [sum A_l, 4], counts)`` where ``counts`` is a list of the
-      per-level ``A_l``: python ints when static, else int32 scalar tensors
-      (e.g. for ``tf.split``).
-    """
+    """``(anchors [sum A_l, 4], counts)`` in level order; ``counts`` are python ints when
+    static, else int32 scalars (for ``tf.split``)."""
     tensors = list(anchors.values())
-    counts = []
-    for t in tensors:
-        n = t.shape[0]
-        counts.append(int(n) if n is not None else tf.shape(t)[0])
+    counts = [int(t.shape[0]) if t.shape[0] is not None else tf.shape(t)[0] for t in tensors]
     return tf.concat(tensors, axis=0), counts

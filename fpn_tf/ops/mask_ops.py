@@ -1,24 +1,16 @@
 """Instance masks in box-relative form: cropping, training targets and pasting (pure TensorFlow).
 
-Mask R-CNN predicts each mask on a fixed ``M x M`` grid laid over its box, and the TF Object
-Detection API serves masks in the same form (``detection_masks`` [B, D, M, M], read by
-``reframe_box_masks_to_image_masks``). One sampling convention serves every step here, so a
-mask cropped, turned into a target or pasted back lands on the same pixels:
+Mask R-CNN predicts each mask on an ``M x M`` grid over its box (the TF Object Detection API's
+``detection_masks`` form). One sampling convention serves every step, so a mask cropped, turned
+into a target or pasted back lands on the same pixels:
 
   A box-relative mask ``m`` of size ``M`` over the box ``[y0, x0, y1, x1]`` (pixels, continuous:
   pixel ``p`` covers ``[p, p + 1)``, its value sits at its centre ``p + 0.5``) holds at ``m[i, j]``
   the value at the image point ``(y0 + (i + 0.5) (y1 - y0) / M, x0 + (j + 0.5) (x1 - x0) / M)``,
   bilinearly interpolated between pixel centres.
 
-This is RoIAlign with ``aligned=True`` and one sample per bin, and it is what the three functions
-compute with ``tf.image.crop_and_resize`` (its box corners address the first and last sample
-exactly, in the source's index space: ``index / (size - 1)``):
-
-* :func:`crop_masks`: image-sized masks -> box-relative masks (the input pipeline's per-instance
-  crops, so a batch holds ``N x S x S`` values per image, not ``N`` full-resolution masks);
-* :func:`mask_targets`: box-relative ground truth of each RoI's matched object -> the RoI's
-  ``M x M`` target (a box-relative mask re-sampled in the RoI's frame), binarised at 0.5;
-* :func:`paste_masks`: box-relative masks -> image-sized masks (evaluation, drawing).
+(RoIAlign with ``aligned=True`` and one sample per bin, computed with ``tf.image.crop_and_resize``,
+whose box corners address the first and last sample in index space ``index / (size - 1)``.)
 
 Values are 0 outside the source's box (a mask is 0 outside its own box). Between the outermost
 samples and the box's edge, crops and targets hold the edge value (a mask that fills its box
@@ -79,16 +71,8 @@ def _resample(source, source_indices, frames, boxes, out_size, border: str):
 
 
 def crop_masks(masks, boxes, output_size: int):
-    """Box-relative masks of image-sized masks.
-
-    Args:
-      masks: [N, H, W] (any numeric dtype; e.g. uint8 0/1) masks of one image.
-      boxes: [N, 4] yxyx pixel boxes in that image, one per mask.
-      output_size: S.
-
-    Returns:
-      float32 [N, S, S]: each mask sampled over its box (module doc), bilinear, not binarised.
-    """
+    """[N, H, W] masks of one image (any numeric dtype) and their [N, 4] yxyx pixel boxes ->
+    float32 [N, S, S] box-relative masks, not binarised (the pipeline's per-instance crops)."""
     masks = tf.convert_to_tensor(masks)
     n = tf.shape(masks)[0]
     image = tf.concat([tf.zeros([2]), tf.cast(tf.shape(masks)[1:3], tf.float32)], axis=0)
@@ -97,20 +81,10 @@ def crop_masks(masks, boxes, output_size: int):
 
 
 def mask_targets(gt_masks, gt_boxes, rois, matched_gt_indices, output_size: int):
-    """Mask R-CNN targets: each RoI's matched object mask on the RoI's ``output_size`` grid.
+    """float32 0/1 [B, R, M, M]: each RoI's matched mask re-sampled over the RoI, ``>= 0.5``.
 
-    Args:
-      gt_masks: [B, N, S, S] box-relative ground-truth masks (over ``gt_boxes``; the input
-        pipeline's ``labels["gt_masks"]``).
-      gt_boxes: [B, N, 4] yxyx pixels.
-      rois: [B, R, 4] yxyx pixels.
-      matched_gt_indices: int [B, R], the ground-truth row of each RoI; rows < 0 (background,
-        padding) get all-zero targets.
-      output_size: M (28 for Mask R-CNN).
-
-    Returns:
-      float32 [B, R, M, M] of 0 / 1: the matched mask re-sampled over the RoI (bilinear),
-      binarised at 0.5 (``>= 0.5``).
+    ``gt_masks`` [B, N, S, S] are box-relative over ``gt_boxes`` [B, N, 4]; ``rois`` [B, R, 4]
+    (pixels); ``matched_gt_indices`` int [B, R], rows < 0 (background, padding) get zeros.
     """
     gt_masks = tf.cast(gt_masks, tf.float32)
     b, n = tf.shape(gt_masks)[0], tf.shape(gt_masks)[1]
@@ -134,17 +108,8 @@ def mask_targets(gt_masks, gt_boxes, rois, matched_gt_indices, output_size: int)
 
 
 def paste_masks(masks, boxes, image_size):
-    """Image-sized masks of box-relative masks (the inverse of :func:`crop_masks`).
-
-    Args:
-      masks: [N, M, M] box-relative masks (probabilities or 0/1) of one image.
-      boxes: [N, 4] yxyx pixel boxes in the target image.
-      image_size: (height, width) of the target image (ints or a [2] tensor).
-
-    Returns:
-      float32 [N, H, W]: each mask resampled onto the image pixels' centres (bilinear), 0
-      outside its box; threshold it (e.g. ``>= 0.5``) for a binary mask.
-    """
+    """Inverse of :func:`crop_masks`: [N, M, M] masks over [N, 4] boxes -> float32 [N, H, W]
+    on the ``image_size`` pixels, 0 outside the box; threshold it for a binary mask."""
     masks = tf.convert_to_tensor(masks)
     n = tf.shape(masks)[0]
     size = tf.cast(tf.convert_to_tensor(image_size), tf.int32)

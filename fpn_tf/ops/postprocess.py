@@ -1,18 +1,10 @@
-"""RPN proposal generation and Fast R-CNN detection post-processing (pure TF).
+"""RPN proposals and Fast R-CNN detection post-processing, batched with static shapes (pure TF).
 
-Both are batched over images with static output shapes. Every setting is an explicit argument;
-the defaults live in the config (``RpnConfig``, ``RoIConfig``).
-
-``batched_nms`` has two implementations that keep the same boxes:
-
-* ``"padded"``: ``tf.image.non_max_suppression_padded`` on the whole batch (one batched op,
-  what accelerators prefer); suppresses at ``IoU >= threshold``.
-* ``"per_image"``: ``tf.map_fn`` over the images of the greedy kernel (NonMaxSuppressionV4),
-  padded to a static size; faster on CPU; suppresses at ``IoU > threshold``.
-
-They differ only on exact IoU ties. Everything here compiles with ``jit_compile=True`` except
-``postprocess_detections(nms_impl="combined")`` (``CombinedNonMaxSuppression`` has no XLA
-kernel).
+Settings are explicit arguments; their defaults live in the config. ``batched_nms`` impls keep
+the same boxes up to exact IoU ties: ``"padded"`` (``non_max_suppression_padded`` on the whole
+batch, what accelerators prefer; suppresses at ``IoU >= threshold``) and ``"per_image"``
+(``map_fn`` of NonMaxSuppressionV4, faster on CPU; ``IoU > threshold``). All compile under XLA
+except ``postprocess_detections(nms_impl="combined")``.
 """
 
 import collections
@@ -30,19 +22,12 @@ __all__ = [
 ]
 
 Proposals = collections.namedtuple("Proposals", ["boxes", "scores", "valid"])
-Proposals.__doc__ = """RPN proposals, K = post_nms_top_k.
-
-boxes: float32 [B, K, 4] yxyx pixels, highest score first; padding rows are zero.
-scores: float32 [B, K] objectness probabilities (sigmoid of the logit); 0 for padding.
-valid: bool [B, K].
-"""
+Proposals.__doc__ = """RPN proposals: boxes float32 [B, K, 4] yxyx pixels, best first, padding
+zero; scores float32 [B, K] objectness probabilities (0 for padding); valid bool [B, K]."""
 
 Detections = collections.namedtuple("Detections", ["boxes", "scores", "classes", "num_detections"])
-Detections.__doc__ = """Final detections, D = max_detections.
-
-boxes: float32 [B, D, 4] yxyx pixels; scores float32 [B, D]; classes int32 [B, D]
-(contiguous 1..C); num_detections int32 [B]. Rows >= num_detections are zero.
-"""
+Detections.__doc__ = """boxes float32 [B, D, 4] yxyx pixels; scores float32 [B, D]; classes
+int32 [B, D] (contiguous 1..C); num_detections int32 [B]. Rows >= num_detections are zero."""
 
 NEG_INF = float("-inf")
 
@@ -53,18 +38,10 @@ def _static_dim(x, axis):
 
 
 def batched_nms(boxes, scores, max_output_size, iou_threshold, *, impl, valid=None):
-    """Class-agnostic greedy NMS on every image of a batch.
+    """Class-agnostic greedy NMS per image of [B, N, 4] boxes and [B, N] scores.
 
-    Args:
-      boxes: float32 [B, N, 4] yxyx with ymin <= ymax, xmin <= xmax.
-      scores: float32 [B, N] (any real values).
-      max_output_size: python int K.
-      iou_threshold: float.
-      valid: optional bool [B, N]; invalid boxes are never selected.
-      impl: "padded" or "per_image" (see the module docstring).
-    Returns:
-      ``(indices int32 [B, K], valid bool [B, K])``: indices into N in decreasing
-      score order; rows past the number kept have index 0 and valid False.
+    Returns ``(indices int32 [B, K], valid bool [B, K])`` in decreasing score order; rows past
+    the number kept have index 0 and valid False. Boxes not ``valid`` are never selected.
     """
     boxes = tf.convert_to_tensor(boxes, tf.float32)
     scores = tf.convert_to_tensor(scores, tf.float32)
@@ -74,10 +51,8 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold, *, impl, valid=No
     valid = tf.logical_and(valid, box_ops.area(boxes) > 0.0)
     k = int(max_output_size)
     if impl == "padded":
-        # The padded kernel treats an all-zero (all <= 0) box as "not selected":
-        # invalid boxes are zeroed and sorted last. Valid boxes are shifted to
-        # positive coordinates (IoU is translation invariant) so that none of
-        # them can look empty.
+        # The padded kernel skips all-zero boxes: invalid ones are zeroed and sorted last, valid
+        # ones shifted to positive coordinates (IoU is translation invariant).
         shift = tf.reduce_min(tf.where(valid[..., None], boxes, 0.0), axis=[1, 2], keepdims=True)
         shifted = boxes - tf.minimum(shift, 0.0) + 1.0
         shifted = tf.where(valid[..., None], shifted, 0.0)
@@ -100,11 +75,8 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold, *, impl, valid=No
         def one(args):
             b, s, v = args
             s = tf.where(v, s, NEG_INF)
-            # The kernel only considers scores > score_threshold: -inf never passes.
-            # NonMaxSuppressionV4 = V3 (tf.image.non_max_suppression) with a static output
-            # padded to k_run and the count returned: same boxes, and an op that converters
-            # outside TensorFlow map one to one (LiteRT's builtin NON_MAX_SUPPRESSION_V4 has no
-            # dynamic-size output, so V3's length would be lost there).
+            # -inf scores never pass score_threshold. V4 (V3 padded to k_run, count returned)
+            # maps one to one onto LiteRT's builtin, which has no dynamic-size output.
             sel, n = tf.raw_ops.NonMaxSuppressionV4(
                 boxes=b,
                 scores=s,
@@ -149,29 +121,13 @@ def generate_proposals(
     nms_per_level,
     box_weights=(1.0, 1.0, 1.0, 1.0),
 ):
-    """RPN outputs -> proposals (FPN §4.1 "Proposals").
+    """RPN outputs -> :class:`Proposals` with ``K = post_nms_top_k`` (FPN §4.1).
 
-    Per level: the top ``pre_nms_top_k`` anchors by objectness, decoded (dw/dh clamped at
-    log(1000/16)), clipped to the image's valid area; boxes with a side <= ``min_size`` are
-    dropped. Then one NMS at ``nms_iou`` over all levels keeps the top ``post_nms_top_k`` per
-    image; with ``nms_per_level`` (detectron2, torchvision) each level's candidates get their
-    own NMS and the ``post_nms_top_k`` best survivors of all levels are kept.
-
-    Args:
-      objectness: dict level -> float [B, A_l] logits (or a list in level order).
-      box_deltas: dict level -> float [B, A_l, 4] (or a list).
-      anchors: ``OrderedDict level -> [A_l, 4]`` (``anchors.generate_anchors``),
-        in the same level order and flattening as the head outputs.
-      image_shape: [B, 2] (or [2] / scalar) valid (unpadded) ``(height, width)``.
-      pre_nms_top_k, post_nms_top_k: python ints.
-      nms_iou: the NMS IoU threshold.
-      min_size: minimum box side in pixels.
-      nms_impl: "padded" or "per_image".
-      nms_per_level: one NMS per level (True) or over all levels (False).
-      box_weights: the RPN box coder weights.
-    Returns:
-      :class:`Proposals` ``(boxes [B, K, 4], scores [B, K], valid [B, K])``,
-      ``K = post_nms_top_k``.
+    Per level: the top ``pre_nms_top_k`` anchors by objectness, decoded, clipped to the valid
+    ``image_shape`` ([B, 2], [2] or scalar); boxes with a side <= ``min_size`` dropped. Then one
+    NMS over all levels, or with ``nms_per_level`` (detectron2, torchvision) one per level and
+    the best ``K`` survivors. ``objectness`` [B, A_l] logits and ``box_deltas`` [B, A_l, 4] are
+    dicts by level (or lists) flattened as ``anchors`` (``OrderedDict level -> [A_l, 4]``).
     """
     names = list(anchors.keys()) if isinstance(anchors, dict) else None
     anchor_list = _as_level_list(anchors, names) if names else list(anchors)
@@ -253,34 +209,17 @@ def postprocess_detections(
     min_box_size,
     pre_nms_top_k=5000,
 ):
-    """Fast R-CNN outputs -> final detections (FPN §4.2 inference).
+    """Fast R-CNN outputs -> :class:`Detections` (FPN §4.2 inference).
 
-    Class-specific boxes are decoded and clipped; every (RoI, class) pair with probability >
-    ``score_threshold`` is a candidate (with ``min_box_size > 0`` only if both sides of its box
-    are >= it, torchvision's ``remove_small_boxes``); NMS at ``nms_iou`` runs per class; the
-    ``max_detections`` best of all classes are kept.
+    Class-specific boxes are decoded and clipped; each (RoI, class) with probability >
+    ``score_threshold`` (and, if ``min_box_size > 0``, both sides >= it) is a candidate; NMS per
+    class; the ``max_detections`` best kept. ``nms_impl="combined"`` is
+    ``combined_non_max_suppression`` (no XLA kernel); "padded" / "per_image" run one
+    :func:`batched_nms` over the ``pre_nms_top_k`` best candidates with boxes offset per class
+    (detectron2's trick): the same unless more than ``pre_nms_top_k`` candidates pass.
 
-    ``nms_impl``: "combined" is ``tf.image.combined_non_max_suppression``, which does exactly
-    that (no XLA kernel); "padded" / "per_image" (XLA-compatible) run one class-agnostic
-    :func:`batched_nms` over the ``pre_nms_top_k`` best candidates with each class's boxes
-    offset so that classes never overlap (detectron2's trick): the same detections unless more
-    than ``pre_nms_top_k`` candidates pass the threshold.
-
-    Args:
-      class_probs: float [B, R, C + 1] softmax probabilities, column 0 background.
-      box_deltas: float [B, R, C, 4] class-specific deltas (also accepted:
-        [B, R, C + 1, 4] with a background column, or [B, R, 4 * C] / [B, R, 4 * (C + 1)]).
-      rois: float [B, R, 4] yxyx pixels; zero-area RoIs (the padding rows of
-        :func:`generate_proposals`) give no detection.
-      image_shape: [B, 2] (or [2] / scalar) valid ``(height, width)``.
-      score_threshold, nms_iou, max_detections: the candidates' score floor, the NMS IoU
-        threshold, detections kept per image.
-      box_weights: the box coder weights of the deltas.
-      nms_impl: "combined", "padded" or "per_image".
-      pre_nms_top_k: candidate cap of the "padded" / "per_image" paths.
-      min_box_size: boxes with a side < this are no candidates; 0 = no filter.
-    Returns:
-      :class:`Detections`.
+    ``class_probs`` [B, R, C + 1] (column 0 background); ``box_deltas`` [B, R, C, 4] (also
+    [B, R, C + 1, 4] or flattened); ``rois`` [B, R, 4] pixels, zero-area rows give nothing.
     """
     class_probs = tf.cast(class_probs, tf.float32)
     box_deltas = tf.cast(box_deltas, tf.float32)

@@ -1,29 +1,16 @@
-"""RoI level assignment (FPN Eq. 1) and multi-level RoIAlign (pure TensorFlow).
+"""FPN Eq. 1 level assignment and multi-level RoIAlign (pure TensorFlow).
 
-Multi-level RoIAlign as one batched gather: every level's map ``[B, H_l, W_l, C]`` is flattened
-into one ``[B * T, C]`` table (``T = sum_l H_l * W_l``); each RoI gets its level by Eq. 1, its
-sampling points in that level's coordinates (``pixel / stride``), and the four bilinear
-neighbours of every point become row indices into the table, so all RoIs of all levels and
-images are read by one ``tf.gather`` and contracted with their bilinear weights by one batched
-matmul (``K = sampling_ratio**2 * 4`` rows per output bin). Shapes are static when the inputs'
-are (XLA compiles it); the features' gradient is the gather's sparse scatter-add. The gathered
-tensor holds ``B * R * output_size**2 * K * C`` elements (transient).
+"gather" impl: all levels' maps flattened into one ``[B * T, C]`` table (``T = sum_l H_l *
+W_l``); the four bilinear neighbours of every sample become row indices, so every RoI is read
+by one ``tf.gather`` and weighted by one batched matmul (``K = 4 * sampling_ratio**2`` rows per
+bin). Static shapes (XLA); the transient gather holds ``B * R * output_size**2 * K * C`` values.
 
-Sampling (detectron2 ``ROIAlignV2``, ``aligned=True``): pixel ``(i, j)`` of a level has its
-centre at feature coordinate ``(i, j)``, an image point ``p`` maps to ``p / stride - 0.5``; each
-of the ``output_size x output_size`` bins averages bilinear samples at the centres of a
-``sampling_ratio x sampling_ratio`` grid. ``aligned=False`` is torchvision's legacy convention
-(no -0.5 shift, RoI size at least one cell).
-
-Adaptive sampling (``sampling_ratio=0``, detectron2's FPN configs): ``ceil(roi_size /
-output_size)`` samples per bin and axis, capped at ``max_sampling_ratio`` to keep shapes static
-(the gather reads the cap and weighs the samples beyond a RoI's count by 0; RoIs needing more
-are sampled on the capped grid). ``impl="crop_and_resize"`` has no adaptive form: with
-``sampling_ratio=0`` the gather runs.
-
-Points outside the map, as detectron2's ``bilinear_interpolate``: a sample with ``y < -1`` or
-``y > H`` (likewise ``x``) contributes 0 but counts in the average; other coordinates are
-clamped to ``[0, H - 1]`` / ``[0, W - 1]``.
+Sampling as detectron2's ``ROIAlignV2`` (``aligned=True``): image point ``p`` maps to ``p /
+stride - 0.5``; each bin averages a ``sampling_ratio``² grid of bilinear samples.
+``aligned=False`` is torchvision's legacy form (no shift, RoI at least one cell).
+``sampling_ratio=0`` is adaptive (``ceil(roi_size / output_size)`` per axis, capped at
+``max_sampling_ratio`` for static shapes; always the gather). Samples beyond ``[-1, H]`` count
+as 0 in the average; others are clamped to ``[0, H - 1]`` (detectron2's bilinear_interpolate).
 """
 
 import tensorflow as tf
@@ -38,24 +25,11 @@ __all__ = ["assign_levels", "multilevel_roi_align"]
 def assign_levels(
     boxes, min_level=2, max_level=5, canonical_size=224.0, canonical_level=4, epsilon=0.0
 ):
-    """FPN Eq. 1: ``k = floor(k0 + log2(sqrt(w * h) / 224) + epsilon)`` clamped to [min, max].
+    """FPN Eq. 1: int32 ``k = floor(k0 + log2(sqrt(w * h) / 224) + epsilon)`` in [min, max].
 
-    With ``epsilon == 0`` (the default) it is evaluated without logarithms, which makes it
-    exact at the powers of two (448x448 -> 5, 224x224 -> 4, 112x112 -> 3): ``k >= l`` iff
-    ``w * h >= (canonical_size * 2**(l - canonical_level))**2``, so ``k = min_level +
-    #{l in (min_level, max_level] : area >= threshold_l**2}``. With ``epsilon > 0`` it is
-    torchvision's LevelMapper: ``floor(k0 + log2(sqrt(area) / canonical_size) + epsilon)`` in
-    float32 (log2 as ``log(x) / log(2)``, exact at the powers of two; torchvision: eps 1e-6).
-    Zero-area (and inverted / padding) boxes get ``min_level`` either way.
-
-    Args:
-      boxes: float [..., 4] yxyx in input-image pixels.
-      min_level, max_level: python ints, the clamp (2, 5).
-      canonical_size: 224 (the ImageNet pre-training size).
-      canonical_level: k0 = 4.
-      epsilon: added inside the floor (0: the exact thresholds).
-    Returns:
-      int32 [...] levels.
+    ``epsilon == 0`` compares areas with thresholds, exact at the powers of two (224x224 -> 4);
+    ``epsilon > 0`` is torchvision's float32 LevelMapper (eps 1e-6). Zero-area boxes get
+    ``min_level``.
     """
     a = box_ops.area(tf.cast(boxes, tf.float32))
     if epsilon > 0:
@@ -73,15 +47,8 @@ def assign_levels(
 
 
 def _axis_sample(coords, size, size_f):
-    """detectron2 bilinear_interpolate along one axis.
-
-    Args:
-      coords: float [...] sample coordinates in feature cells.
-      size: int32 [...] broadcastable, the map size along the axis.
-      size_f: the same as float.
-    Returns:
-      (low, high) int32 indices, (w_low, w_high) float weights (0 outside).
-    """
+    """detectron2's bilinear_interpolate along one axis of ``size`` cells: (low, high) int32
+    indices and their weights (0 outside)."""
     inside = tf.logical_and(coords >= -1.0, coords <= size_f)
     c = tf.maximum(coords, 0.0)
     low = tf.cast(tf.floor(c), tf.int32)
@@ -95,11 +62,7 @@ def _axis_sample(coords, size, size_f):
 
 
 def _roi_in_cells(rois, stride, aligned):
-    """RoI origin and size in feature cells: ``(y0, x0, height, width)``, each [...].
-
-    ``aligned``: detectron2's -0.5 cell shift; otherwise the legacy convention (no shift, size at
-    least one cell).
-    """
+    """RoI ``(y0, x0, height, width)`` in feature cells."""
     shift = 0.5 if aligned else 0.0
     ymin, xmin, ymax, xmax = tf.unstack(rois, num=4, axis=-1)
     y0 = ymin / stride - shift
@@ -140,32 +103,14 @@ def multilevel_roi_align(
     max_sampling_ratio=4,
     level_epsilon=0.0,
 ):
-    """RoIAlign from the pyramid level that Eq. 1 assigns to each RoI.
+    """RoIAlign of ``rois`` [B, R, 4] (pixels) from their Eq. 1 levels of ``features``
+    ``{"P2": [B, H2, W2, C], ...}`` (stride ``2**l``; extra levels ignored) -> [B, R, S, S, C].
 
-    ``impl``: "gather" (module doc; static shapes, XLA); "crop_and_resize" (RoIs partitioned by
-    level, one ``tf.image.crop_and_resize`` per level on the map padded by one replicated pixel,
-    then a 2x2 average pool: the same samples up to float rounding, no gather temporary, a faster
-    forward on CPUs; its gradient is "gather"'s, recomputed, because TF's CPU
-    CropAndResizeGradImage loses concurrent updates); "auto": "gather" when ``training`` or under
-    ``jit_compile=True``, else "crop_and_resize". No gradient flows to ``rois``.
-
-    Args:
-      features: dict ``{"P2": [B, H2, W2, C], ..., "P5": [B, H5, W5, C]}`` (extra
-        levels such as P6 are ignored); level ``l`` has stride ``2**l``.
-      rois: float [B, R, 4] yxyx in input-image pixels.
-      output_size: int, the pooled size (7).
-      sampling_ratio: int, samples per bin along each axis (2); 0 = adaptive (module
-        docstring), at most ``max_sampling_ratio`` per axis.
-      aligned: detectron2's ``aligned=True`` (-0.5 pixel shift); False is
-        ``torchvision.ops.roi_align(aligned=False)`` (no shift, RoI sides at least 1 cell).
-      min_level, max_level, canonical_size, canonical_level: Eq. 1 (2, 5, 224, 4).
-      level_epsilon: Eq. 1's epsilon (:func:`assign_levels`; torchvision 1e-6).
-      roi_levels: optional int32 [B, R] levels overriding Eq. 1.
-      impl: "auto", "gather" or "crop_and_resize" (see above).
-      training: whether a gradient will be taken (decides "auto").
-      max_sampling_ratio: the cap of adaptive sampling (ignored when ``sampling_ratio > 0``).
-    Returns:
-      [B, R, output_size, output_size, C] with the features' dtype.
+    ``impl``: "gather" (module doc); "crop_and_resize" (one ``crop_and_resize`` per level on the
+    map padded by one replicated pixel, then an average pool: the same samples, a faster CPU
+    forward; its gradient is "gather"'s recomputed, as TF's CPU CropAndResizeGradImage loses
+    concurrent updates); "auto": "gather" when ``training`` or under XLA. ``roi_levels`` int32
+    [B, R] overrides Eq. 1. No gradient flows to ``rois``.
     """
     if sampling_ratio < 0 or (sampling_ratio == 0 and max_sampling_ratio < 1):
         raise ValueError(
@@ -251,8 +196,7 @@ def _roi_align_crop_and_resize(
     for (level, f), r, bi in zip(levels, part_rois, part_index):
         stride = float(2**level)
         # One replicated pixel around the map: reads in [-1, 0) and (H-1, H] give the edge
-        # (detectron2's clamp); beyond, crop_and_resize's extrapolation value 0 (detectron2's 0).
-        # (Edge copies by concat: the same values as tf.pad(mode="SYMMETRIC"), a little faster.)
+        # (detectron2's clamp); beyond, the extrapolation value 0.
         fp = tf.cast(f, tf.float32)
         fp = tf.concat([fp[:, :1], fp, fp[:, -1:]], axis=1)
         fp = tf.concat([fp[:, :, :1], fp, fp[:, :, -1:]], axis=2)
@@ -276,17 +220,7 @@ def _roi_align_crop_and_resize(
             c = tf.nn.avg_pool2d(c, sampling_ratio, sampling_ratio, "VALID")
         pooled.append(c)
     out = tf.dynamic_stitch(part_pos, pooled)
-    out = tf.reshape(
-        out,
-        [
-            batch,
-            num_rois,
-            output_size,
-            output_size,
-            channels if channels is not None else tf.shape(out)[-1],
-        ],
-    )
-    return tf.cast(out, dtype)
+    return tf.cast(_unflatten(out, batch, num_rois, output_size, channels), dtype)
 
 
 def _roi_align_gather(
@@ -388,13 +322,10 @@ def _roi_align_gather(
     weight = tf.cast(tf.reshape(weight / count, [-1, 1, k]), dtype)  # [BR * out * out, 1, K]
     values = tf.gather(table, index)  # [BR * out * out, K, C]
     pooled = tf.linalg.matmul(weight, values)  # [BR * out * out, 1, C]
-    return tf.reshape(
-        pooled,
-        [
-            batch,
-            num_rois,
-            output_size,
-            output_size,
-            tf.shape(table)[-1] if channels is None else channels,
-        ],
-    )
+    return _unflatten(pooled, batch, num_rois, output_size, channels)
+
+
+def _unflatten(pooled, batch, num_rois, output_size, channels):
+    """[B * R * S * S, ..., C] -> [B, R, S, S, C]."""
+    c = channels if channels is not None else tf.shape(pooled)[-1]
+    return tf.reshape(pooled, [batch, num_rois, output_size, output_size, c])

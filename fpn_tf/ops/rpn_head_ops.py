@@ -1,15 +1,10 @@
 """The RPN head on one pyramid level, with a backward pass over the positions the loss reaches.
 
-The RPN loss reads the objectness of the sampled anchors and the deltas of the positive ones, so
-the gradient at the head's outputs is zero almost everywhere. This backward finds the positions
-where it is non-zero and computes the gradients there only:
-
-* filter gradient = patches^T @ d_pre over those N positions (N x 9C patches gathered from x),
-* input gradient = the N rows of d_pre @ W^T scattered back over their 3x3 neighbourhoods,
-* the 1x1 convs' gradients and the ReLU mask from the forward's hidden activations.
-
-It equals TensorFlow's dense gradient up to float summation order for any upstream gradient.
-Outside XLA only: the number of positions is data-dependent.
+The RPN loss reads only the sampled anchors, so the gradient at the head's outputs is zero almost
+everywhere. This backward computes it at the N positions where it is not: filter gradient
+``patches^T @ d_pre`` (N x 9C patches of x), input gradient ``d_pre @ W^T`` scattered over the 3x3
+neighbourhoods. It equals the dense gradient up to summation order; outside XLA only (N is
+data-dependent).
 """
 
 from __future__ import annotations
@@ -69,28 +64,22 @@ def _head_sparse_backward(x, conv_kernel, conv_bias, cls_kernel, cls_bias, box_k
         d_patches = tf.reshape(tf.matmul(d_pre, conv_matrix, transpose_b=True), [-1, 9, channels])
         d_padded = tf.scatter_nd(windows, d_patches, tf.shape(padded))  # sums overlapping windows
         d_x = d_padded[:, 1:-1, 1:-1, :]
+        d_biases = [tf.reduce_sum(g, 0) for g in (d_pre, g_logits, g_deltas)]
         return (
             d_x,
             d_conv_kernel,
-            tf.reduce_sum(d_pre, 0),
+            d_biases[0],
             d_cls_kernel,
-            tf.reduce_sum(g_logits, 0),
+            d_biases[1],
             d_box_kernel,
-            tf.reduce_sum(g_deltas, 0),
+            d_biases[2],
         )
 
     return (logits, deltas), grad
 
 
 def rpn_head_level(
-    x,
-    conv_kernel,
-    conv_bias,
-    cls_kernel,
-    cls_bias,
-    box_kernel,
-    box_bias,
-    sparse_backward: bool = True,
+    x, conv_kernel, conv_bias, cls_kernel, cls_bias, box_kernel, box_bias, sparse_backward=True
 ):
     """3x3 conv + ReLU, then 1x1 objectness and box-delta convs, on one level ``x [B,H,W,C]``.
 

@@ -1,7 +1,4 @@
-"""Segment-proposal windows on the pyramid (paper §6, Appendix A): their geometry and targets.
-
-Pure TensorFlow, batched over images. The config (``SegmentProposalConfig``) marks each number
-"paper" or "ours".
+"""Segment-proposal windows on the pyramid (paper §6, Appendix A): geometry and targets (pure TF).
 
 * Scale groups: a head (MLP) on level ``P_l`` handles objects of scale ``s = object_size *
   2**(l - 2)`` (an object's scale: the longer side of its box). Paper: the 5x5 MLP takes
@@ -74,15 +71,8 @@ def window_geometry(
     mask_box_scale: float,
     object_sizes: Sequence[float],
 ) -> Windows:
-    """The windows of every (head, level) group.
-
-    Args:
-      map_sizes: ``{level: (height, width)}`` of each pyramid level's feature map (Python ints:
-        the geometry is a NumPy constant; or int tensors).
-      window_sizes: the heads' window sizes (e.g. (5, 7)).
-      mask_box_scale: mask-box side over s (paper: 1.25).
-      object_sizes: each head's object scale on P2, doubling per level (paper: 32, 32√2).
-    """
+    """The windows of every (head, level) group; ``map_sizes`` ``{level: (height, width)}`` (ints
+    give a constant geometry), ``object_sizes`` each head's scale on P2 (paper: 32, 32√2)."""
     if len(object_sizes) != len(window_sizes):
         raise ValueError(
             f"one object size per window size: got object_sizes {list(object_sizes)} for "
@@ -103,19 +93,13 @@ def window_geometry(
                 ones = np.ones([n], np.float32)
             else:
                 yy, xx = tf.meshgrid(tf.range(h), tf.range(wd), indexing="ij")
-                c = (
-                    tf.cast(tf.stack([tf.reshape(yy, [-1]), tf.reshape(xx, [-1])], -1), tf.float32)
-                    + 0.5
-                ) * stride
+                yx = tf.stack([tf.reshape(yy, [-1]), tf.reshape(xx, [-1])], -1)
+                c = (tf.cast(yx, tf.float32) + 0.5) * stride
                 n = tf.shape(c)[0]
                 ones = tf.ones([n], tf.float32)
             half = 0.5 * mask_box_scale * s
             centers.append(c)
-            boxes.append(
-                np.concatenate([c - half, c + half], -1)
-                if static
-                else tf.concat([c - half, c + half], -1)
-            )
+            boxes.append((np.concatenate if static else tf.concat)([c - half, c + half], -1))
             sizes.append(s * ones)
             strides.append(stride * ones)
             ids.append(len(groups) * (np.ones([n], np.int32) if static else tf.ones([n], tf.int32)))
@@ -148,18 +132,8 @@ def assign_segment_targets(
     positive_fraction: float,
     seed=None,
 ) -> SegmentTargets:
-    """Window labels (module doc), then ``num_samples`` sampled per image, at most
-    ``num_samples * positive_fraction`` positive (`target_assigner.sample_balanced`).
-
-    Args:
-      windows: `window_geometry`'s output (R windows).
-      center_tolerance, center_tolerance_unit: a window is a candidate positive of an object
-        of its group when their centres differ by at most center_tolerance cells (unit
-        "cells", paper: 1) or center_tolerance * s (unit "object_size") on both axes.
-      gt_boxes: float [B, N, 4]; gt_classes: int [B, N] (<= 0 = padding); gt_is_crowd: bool
-        [B, N] or None; image_valid_hw: float [B, 2] or None (all valid).
-      seed: None (stateful RNG) or an int tensor [2] (stateless).
-    """
+    """Window labels and matches (module doc); ``image_valid_hw`` float [B, 2] or None (all
+    valid); ``seed`` None (stateful) or an int tensor [2] (stateless)."""
     gt_boxes = tf.convert_to_tensor(gt_boxes, tf.float32)
     gt_classes = tf.convert_to_tensor(gt_classes)
     if gt_is_crowd is None:

@@ -1,20 +1,10 @@
-"""Training targets: RPN anchor labels and the Fast R-CNN RoI sampler.
+"""Training targets: RPN anchor labels and the Fast R-CNN RoI sampler (pure TF, batched, XLA).
 
-Pure TensorFlow, batched over images, static output shapes, usable under
-``tf.function(jit_compile=True)``. Sampling gives every candidate a uniform random key and takes
-the ``tf.math.top_k``: stateful ``tf.random.uniform``, or ``tf.random.stateless_uniform`` when a
-``seed`` [2] is passed (reproducible).
-
-Ground truth (WORKSPACE.md): ``gt_boxes [B, N, 4]`` yxyx pixels, ``gt_classes [B, N]`` 1..C for
-objects and -1 for padding rows, ``gt_is_crowd [B, N]`` bool.
-
-Crowd boxes are never matched (no positive / foreground, no regression target). A candidate that
-would be negative / background is ignored (-1, never sampled) when more than
-``crowd_ioa_threshold`` of its own area lies inside a crowd box (intersection over the
-candidate's area, the original Detectron's rule: crowd regions are much larger than the anchors
-inside them, so their IoU would be small).
-
-The RPN assignment's cost is the dense [B, A, N] IoU: keep ``max_num_instances`` tight.
+Sampling takes the ``top_k`` of uniform random keys (stateless and reproducible when a ``seed``
+[2] is passed). Ground truth: ``gt_boxes [B, N, 4]`` yxyx pixels, ``gt_classes [B, N]`` 1..C and
+-1 for padding, ``gt_is_crowd [B, N]``. Crowd boxes are never matched; a would-be negative /
+background candidate with more than ``crowd_ioa_threshold`` of its own area inside a crowd box is
+ignored (Detectron's rule: crowd regions dwarf the anchors inside, so IoU would be small).
 """
 
 import collections
@@ -33,31 +23,19 @@ __all__ = [
 ]
 
 RpnTargets = collections.namedtuple("RpnTargets", ["labels", "box_targets", "matched_gt_indices"])
-RpnTargets.__doc__ = """RPN targets.
-
-labels: int32 [B, A]: 1 sampled positive, 0 sampled negative, -1 not sampled / ignored.
-box_targets: float32 [B, A, 4] deltas (weights (1,1,1,1) by default) of the matched gt
-  w.r.t. the anchor, for every positive anchor (sampled or not); zeros elsewhere.
-matched_gt_indices: int32 [B, A] index into the gt rows for every positive anchor
-  (sampled or not), -1 elsewhere.
-"""
+RpnTargets.__doc__ = """labels int32 [B, A]: 1 sampled positive, 0 sampled negative, -1 else;
+box_targets float32 [B, A, 4] and matched_gt_indices int32 [B, A] for every positive anchor
+(sampled or not), zeros / -1 elsewhere."""
 
 RoiTargets = collections.namedtuple(
     "RoiTargets",
     ["rois", "class_targets", "box_targets", "foreground_mask", "valid_mask", "matched_gt_indices"],
 )
-RoiTargets.__doc__ = """Fast R-CNN training RoIs, S = num_samples per image.
-
-rois: float32 [B, S, 4] sampled RoIs (gradient stopped), foreground rows first,
-  then background rows, then (only when there were not enough candidates) zero rows.
-class_targets: int32 [B, S]: gt class 1..C for foreground, 0 for background,
-  -1 for padding rows (valid_mask False; give them zero loss weight).
-box_targets: float32 [B, S, 4] deltas (weights (10,10,5,5)) of the matched gt w.r.t.
-  the RoI for foreground rows; zeros elsewhere.
-foreground_mask: bool [B, S].
-valid_mask: bool [B, S]: the row is a sampled RoI (foreground or background).
-matched_gt_indices: int32 [B, S]: gt row of foreground RoIs, -1 elsewhere.
-"""
+RoiTargets.__doc__ = """Fast R-CNN training RoIs, S = num_samples per image: rois float32
+[B, S, 4] (gradient stopped; foreground, then background, then zero padding rows);
+class_targets int32 [B, S] (1..C, 0 background, -1 padding); box_targets [B, S, 4] (foreground
+only); foreground_mask, valid_mask (sampled) bool [B, S]; matched_gt_indices (-1 unless
+foreground)."""
 
 
 def _random_uniform(shape, seed):
@@ -72,17 +50,8 @@ def _static_or_dynamic(x, axis):
 
 
 def sample_balanced(candidates, num_to_take, max_take, random_keys):
-    """Picks ``num_to_take[b]`` random ``True`` entries of each row (at most all).
-
-    Args:
-      candidates: bool [B, M].
-      num_to_take: int32 [B] or python int, how many to pick per row.
-      max_take: python int, an upper bound of ``num_to_take`` (the static
-        ``top_k`` size; it is reduced to ``M`` when ``M`` is smaller).
-      random_keys: float32 [B, M] in [0, 1): the random priorities.
-    Returns:
-      bool [B, M], the picked entries (a subset of ``candidates``).
-    """
+    """bool [B, M]: ``num_to_take[b]`` (int or [B]) of each row's ``True`` candidates, those of
+    the highest ``random_keys``; ``max_take`` (python int) bounds ``num_to_take``."""
     m = _static_or_dynamic(candidates, 1)
     k = min(max_take, m) if isinstance(m, int) else tf.minimum(max_take, m)
     keys = tf.where(candidates, random_keys, -1.0)
@@ -117,6 +86,17 @@ def _prepare_gt(gt_boxes, gt_classes, gt_is_crowd):
     crowd = tf.logical_and(valid, gt_is_crowd)
     matchable = tf.logical_and(valid, tf.logical_not(gt_is_crowd))
     return gt_boxes, gt_classes, crowd, matchable
+
+
+def _sample_pair(positive, negative, num_samples, fraction, seed):
+    """Samples at most ``num_samples * fraction`` positives, then negatives up to
+    ``num_samples``; returns (positive sampled, negative sampled, keys)."""
+    m = _static_or_dynamic(positive, 1)
+    keys = _random_uniform(tf.stack([tf.shape(positive)[0], tf.cast(m, tf.int32)]), seed)
+    max_pos = int(num_samples * fraction)
+    pos_sampled = sample_balanced(positive, max_pos, max_pos, keys)
+    num_pos = tf.reduce_sum(tf.cast(pos_sampled, tf.int32), axis=1)
+    return pos_sampled, sample_balanced(negative, num_samples - num_pos, num_samples, keys), keys
 
 
 def _iou_and_crowd_ioa(boxes, gt_boxes, crowd, crowd_ioa_threshold):
@@ -154,29 +134,12 @@ def assign_rpn_targets(
     box_weights=(1.0, 1.0, 1.0, 1.0),
     seed=None,
 ):
-    """RPN anchor labels and regression targets (FPN §4.1 / Faster R-CNN §3.1.2).
+    """:class:`RpnTargets` of ``anchors`` [A, 4] or [B, A, 4] (FPN §4.1, Faster R-CNN §3.1.2).
 
-    Over the non-crowd real gt of the image: positive (1) if max IoU > ``positive_iou`` (the
-    paper's "higher than"; ``>=`` with ``positive_iou_inclusive``, as torchvision's and
-    detectron2's Matcher) or the anchor ties a gt's highest IoU (when that is > 0); negative (0)
-    if max IoU < ``negative_iou``; ignored (-1) otherwise, and negatives more than
-    ``crowd_ioa_threshold`` inside a crowd box. Border-crossing anchors are kept. Then
-    ``num_samples`` per image are sampled, at most ``num_samples * positive_fraction``
-    positive; anchors not sampled get -1.
-
-    Args:
-      anchors: float [A, 4] (shared by the batch) or [B, A, 4].
-      gt_boxes: float [B, N, 4].
-      gt_classes: int [B, N]; rows with class <= 0 are padding.
-      gt_is_crowd: bool [B, N] or None.
-      positive_iou, negative_iou, positive_iou_inclusive: the labelling above.
-      num_samples, positive_fraction: the per-image sample.
-      crowd_ioa_threshold: see the module docstring.
-      box_weights: box coder weights.
-      seed: None (stateful RNG) or an int tensor [2] for stateless sampling.
-    Returns:
-      :class:`RpnTargets` ``(labels int32 [B, A], box_targets float32 [B, A, 4],
-      matched_gt_indices int32 [B, A])``.
+    Positive if max IoU > ``positive_iou`` (``>=`` with ``positive_iou_inclusive``, as the
+    torchvision / detectron2 Matcher) or the anchor ties a gt's highest IoU (> 0); negative if
+    max IoU < ``negative_iou``; else ignored. Border-crossing anchors are kept. ``num_samples``
+    per image are sampled, at most ``num_samples * positive_fraction`` positive.
     """
     settings = dict(
         positive_iou=positive_iou,
@@ -190,8 +153,7 @@ def assign_rpn_targets(
     )
     if in_xla_context() or tf.convert_to_tensor(gt_boxes).shape[1] == 0:
         return _assign_rpn_targets(anchors, gt_boxes, gt_classes, gt_is_crowd, **settings)
-    # Outside XLA the [B, A, N] IoU runs only over the first n columns, n = the most real gt
-    # rows of any image (padding rows cost as much as real ones; the outputs are the same).
+    # Outside XLA the [B, A, N] IoU runs only over the most real gt rows of any image.
     gt_classes = tf.convert_to_tensor(gt_classes)
     if gt_is_crowd is None:
         gt_is_crowd = tf.zeros(tf.shape(gt_classes), tf.bool)
@@ -225,7 +187,6 @@ def _assign_rpn_targets(
 ):
     anchors = tf.convert_to_tensor(anchors, tf.float32)
     gt_boxes, _, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
-    batch = tf.shape(gt_boxes)[0]
 
     # IoU [B, A, N] (anchors [A, 4] broadcast against the batch).
     iou, in_crowd = _iou_and_crowd_ioa(anchors, gt_boxes, crowd, crowd_ioa_threshold)
@@ -245,14 +206,10 @@ def _assign_rpn_targets(
     negative = tf.logical_and(max_iou < negative_iou, tf.logical_not(positive))
     negative = tf.logical_and(negative, tf.logical_not(in_crowd))
 
-    num_anchors = _static_or_dynamic(iou, 1)
-    keys = _random_uniform(tf.stack([batch, tf.cast(num_anchors, tf.int32)]), seed)
-    max_pos = int(num_samples * positive_fraction)
-    pos_sampled = sample_balanced(positive, max_pos, max_pos, keys)
-    num_pos = tf.reduce_sum(tf.cast(pos_sampled, tf.int32), axis=1)
-    neg_sampled = sample_balanced(negative, num_samples - num_pos, num_samples, keys)
-    labels = tf.where(pos_sampled, 1, tf.where(neg_sampled, 0, -1))
-    labels = tf.cast(labels, tf.int32)
+    pos_sampled, neg_sampled, _ = _sample_pair(
+        positive, negative, num_samples, positive_fraction, seed
+    )
+    labels = tf.cast(tf.where(pos_sampled, 1, tf.where(neg_sampled, 0, -1)), tf.int32)
 
     matched_boxes = tf.gather(gt_boxes, matched, batch_dims=1)  # [B, A, 4]
     targets = box_ops.encode_boxes(matched_boxes, anchors, box_weights)
@@ -276,39 +233,18 @@ def sample_rois(
     crowd_ioa_threshold=0.7,
     seed=None,
 ):
-    """Fast R-CNN RoI sampling (FPN §4.2 / Fast R-CNN §2.3).
+    """:class:`RoiTargets` of ``proposals`` [B, K, 4] (FPN §4.2, Fast R-CNN §2.3).
 
-    The real non-crowd gt boxes are appended to the proposals; every candidate is
-    matched to the gt of highest IoU; foreground: IoU >= ``foreground_iou``;
-    background: IoU < ``background_iou_high`` (an image
-    without gt: every valid candidate is background). Crowd gt are never matched
-    and never appended; background candidates more than ``crowd_ioa_threshold``
-    inside a crowd box are dropped. Per image at most ``num_samples *
-    foreground_fraction`` random foreground RoIs are taken and background RoIs
-    fill the sample up to ``num_samples``. If there are not enough candidates
-    the rest of the ``num_samples`` rows are padding (``valid_mask`` False).
-
-    The proposals are wrapped in ``tf.stop_gradient`` (no gradient through the
-    proposal coordinates, as in Faster R-CNN's approximate joint training).
-
-    Args:
-      proposals: float [B, K, 4].
-      gt_boxes: float [B, N, 4]; gt_classes: int [B, N] (<= 0: padding);
-      gt_is_crowd: bool [B, N] or None.
-      proposal_valid: bool [B, K] or None; zero-area proposals are always invalid.
-      num_samples, foreground_fraction: the per-image sample (paper: 512, 0.25).
-      foreground_iou, background_iou_high: the IoU thresholds (paper: 0.5, 0.5).
-      crowd_ioa_threshold: see the module docstring.
-      box_weights: the box coder weights.
-      seed: None or an int tensor [2] for stateless sampling.
-    Returns:
-      :class:`RoiTargets`, every field with leading dims [B, num_samples].
+    The real non-crowd gt boxes join the candidates; foreground: max IoU >= ``foreground_iou``,
+    background: < ``background_iou_high`` (every valid candidate without gt). At most
+    ``num_samples * foreground_fraction`` foreground, background fills up to ``num_samples``,
+    then padding rows. No gradient flows through the proposals (approximate joint training);
+    zero-area or not ``proposal_valid`` proposals are never sampled.
     """
 
     proposals = tf.stop_gradient(tf.convert_to_tensor(proposals, tf.float32))
     gt_boxes, gt_classes, crowd, matchable = _prepare_gt(gt_boxes, gt_classes, gt_is_crowd)
     gt_classes = tf.cast(gt_classes, tf.int32)
-    batch = tf.shape(proposals)[0]
 
     valid = box_ops.valid_box_mask(proposals)
     if proposal_valid is not None:
@@ -327,11 +263,9 @@ def sample_rois(
     background = tf.logical_and(background, tf.logical_not(in_crowd))
 
     num_cand = _static_or_dynamic(candidates, 1)
-    keys = _random_uniform(tf.stack([batch, tf.cast(num_cand, tf.int32)]), seed)
-    max_fg = int(num_samples * foreground_fraction)
-    fg_sampled = sample_balanced(foreground, max_fg, max_fg, keys)
-    num_fg = tf.reduce_sum(tf.cast(fg_sampled, tf.int32), axis=1)
-    bg_sampled = sample_balanced(background, num_samples - num_fg, num_samples, keys)
+    fg_sampled, bg_sampled, keys = _sample_pair(
+        foreground, background, num_samples, foreground_fraction, seed
+    )
 
     # Foreground first, then background, then unsampled (padding) rows.
     # Keys: foreground in [4, 5), background in [2, 3), the rest 0.
