@@ -116,7 +116,10 @@ class RegionProposalNetwork(keras.layers.Layer):
     def build(self, features_shape):
         missing = sorted(set(self.levels) - set(features_shape))
         if missing:
-            raise ValueError(f"anchor sizes for levels {missing} not in {sorted(features_shape)}")
+            raise ValueError(
+                f"anchor sizes for levels {missing} that the pyramid does not output "
+                f"({sorted(features_shape)})"
+            )
         channels = int(features_shape[self.levels[0]][-1])
         # The head's width can default to the features' only here, so the head is made here.
         self.head = RPNHead(
