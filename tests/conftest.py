@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# The helpers' asserts report their values as a test's own do.
+pytest.register_assert_rewrite("layer_test", "watched")
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -52,3 +55,16 @@ def tiny_config(tmp_path):
     overrides["train_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
     overrides["eval_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
     return load_config("configs/cpu_demo.yaml", overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """(model, SavedModel directory): test_export.py's tiny detector, exported once for every
+    file that serves it (test_export.py, test_predict.py). Tests read it; none may change it."""
+    from fpn_tf.serving import export_saved_model
+    from test_export import CATEGORY_MAP, LONG, MULTIPLE, SHORT, tiny_model
+
+    model = tiny_model()
+    export_dir = str(tmp_path_factory.mktemp("tiny_export") / "fpn" / "1")
+    export_saved_model(model, export_dir, CATEGORY_MAP, SHORT, LONG, MULTIPLE)
+    return model, export_dir

@@ -13,7 +13,6 @@ image (`fpn_tf.portable_client.letterbox`) and compared with the SavedModel on t
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -34,6 +33,7 @@ from fpn_tf.serving import ExportError, export_saved_model  # noqa: E402
 from fpn_tf.serving.litert_export import export_litert, non_builtin_ops  # noqa: E402
 from fpn_tf.serving.onnx_export import export_onnx  # noqa: E402
 from test_export import CATEGORY_MAP, CONFIG, LONG, MULTIPLE, SHORT  # noqa: E402
+import watched  # noqa: E402
 
 LITERT_SIZE = (SHORT, LONG)
 # (height, width): landscape, portrait, square, extreme ratios, the LiteRT input size itself.
@@ -241,8 +241,10 @@ def test_litert_file_has_builtin_ops_only_and_runs_without_tensorflow(exported):
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
         "print(json.dumps({k: np.asarray(v).tolist() for k, v in out.items()}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    done = watched.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = {k: np.array(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
@@ -326,7 +328,7 @@ def model_dir(tmp_path_factory):
 def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     out = tmp_path / "out"
-    done = subprocess.run(
+    done = watched.run(
         [
             sys.executable,
             "-m",
@@ -338,7 +340,6 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(out)) == sorted(
@@ -357,7 +358,7 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
     CATEGORY_MAP.to_json(str(bad / "category_map.json"))
     seg = build_model(ExperimentConfig.from_dict(cfg).model)
     tf.train.CheckpointManager(tf.train.Checkpoint(model=seg), str(bad), max_to_keep=1).save()
-    failed = subprocess.run(
+    failed = watched.run(
         [
             sys.executable,
             "-m",
@@ -369,7 +370,6 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
     )
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr

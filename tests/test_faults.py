@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import tensorflow as tf
 
 from conftest import TINY_OVERRIDES  # noqa: E402
 from fpn_tf.training.trainer import Trainer
+import watched
 
 
 def _overrides(tmp_path, **extra):
@@ -46,17 +46,6 @@ def _start(model_dir, overrides, *args):
     return proc, log.name
 
 
-def _wait_for(predicate, timeout, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc is not None and proc.poll() is not None:
-            return predicate()
-        time.sleep(0.5)
-    return False
-
-
 def _ckpt_step(model_dir):
     latest = tf.train.latest_checkpoint(model_dir)
     return int(latest.rsplit("-", 1)[1]) if latest else None
@@ -80,10 +69,13 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config)
     )
     proc, log = _start(model_dir, overrides)
     try:
-        assert _wait_for(lambda: (_ckpt_step(model_dir) or 0) >= 4, 240, proc), open(log).read()
+        reached = watched.wait_until(
+            lambda: (_ckpt_step(model_dir) or 0) >= 4, [proc], watch=[log, model_dir]
+        )
+        assert reached, open(log).read()
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        watched.wait([proc])
     assert proc.returncode == -signal.SIGKILL
     killed_at = _ckpt_step(model_dir)
     checkpoint = tf.train.latest_checkpoint(model_dir)
@@ -107,9 +99,12 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     )
     proc, log = _start(model_dir, overrides)
     try:
-        assert _wait_for(lambda: "step 3/1000" in open(log).read(), 240, proc), open(log).read()
+        reached = watched.wait_until(
+            lambda: "step 3/1000" in open(log).read(), [proc], watch=[log, model_dir]
+        )
+        assert reached, open(log).read()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        watched.wait([proc], watch=[log, model_dir])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -143,14 +138,10 @@ def test_half_written_checkpoint_is_never_the_latest(tiny_config, tmp_path):
     assert resumed.restored_from.endswith("ckpt-2") and resumed.step == 2
 
 
-def _run_train(*args, timeout=240):
+def _run_train(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "fpn_tf.train", "--mode=train", "--noexport", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
+    return watched.run(
+        [sys.executable, "-m", "fpn_tf.train", "--mode=train", "--noexport", *args], env=env
     )
 
 

@@ -16,6 +16,7 @@ from fpn_tf.modeling.mask_head import EQ1_FIELDS, MaskHeads, MaskRCNNHead
 from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.ops.target_assigner import RoiTargets
+from layer_test import run_layer_test
 from test_detector import CATEGORY_IDS, fixed_batch, tiny_roi_heads, tiny_rpn
 
 ROWS = [0, 5, 9, 11]  # torchvision-style rows of background and classes 1..3
@@ -70,12 +71,7 @@ def test_head_shapes_channel_layouts_and_config_round_trip(kwargs, k, channels):
     assert [c.name for c in head.convs] == [f"mask_conv{i}" for i in range(1, 5)]
     # Each RoI is processed on its own: RoI (1, 2) alone gives the same logits.
     np.testing.assert_allclose(head(x[1:2, 2:3]), out[1:2, 2:3], rtol=1e-5, atol=1e-6)
-    config = head.get_config()
-    clone = MaskRCNNHead.from_config(config)
-    assert clone.get_config() == config
-    clone.build(x.shape)
-    clone.set_weights(head.get_weights())
-    np.testing.assert_array_equal(clone(x), out)
+    run_layer_test(MaskRCNNHead, layer=head, input_data=x, atol=0)
 
 
 def test_head_initialisation_is_detectron2s():
@@ -297,22 +293,21 @@ def test_predict_is_the_sigmoid_of_each_detections_class_channel():
 def test_mask_heads_config_round_trip():
     heads = _mask_heads(classifier_rows=ROWS, sampling_ratio=0, name="mask_heads")
     features = _features()
-    heads.build({k: v.shape for k, v in features.items()})
-    config = heads.get_config()
-    assert config["classifier_rows"] == ROWS and config["output_size"] == 14
-    clone = MaskHeads.from_config(config)
-    assert clone.get_config() == config
-    clone.build({k: v.shape for k, v in features.items()})
-    clone.set_weights(heads.get_weights())
     detections = Detections(
         tf.constant([[[10.0, 10.0, 50.0, 60.0]]]),
         tf.constant([[0.9]]),
         tf.constant([[2]]),
         tf.constant([1]),
     )
-    np.testing.assert_array_equal(
-        heads.predict(features, detections), clone.predict(features, detections)
-    )
+
+    def predict(layer, features):
+        if not layer.built:
+            layer.build({k: v.shape for k, v in features.items()})
+        return layer.predict(features, detections)
+
+    run_layer_test(MaskHeads, layer=heads, input_data=features, call=predict, atol=0)
+    config = heads.get_config()
+    assert config["classifier_rows"] == ROWS and config["output_size"] == 14
 
 
 # ---------------------------------------------------------------------------- the detector

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -71,6 +70,7 @@ from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.serving import detection as serving
 from fpn_tf.modeling.model_dir import load_model
+import watched
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is None,
@@ -84,8 +84,8 @@ LEVELS = ("P2", "P3", "P4", "P5", "P6")
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 
 
-def _run(args, timeout):
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(args):
+    done = watched.run(args, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -94,7 +94,7 @@ def _run(args, timeout):
 def reference_dir(tmp_path_factory):
     """torchvision's state dicts and outputs (tests/scripts/torchvision_reference.py)."""
     tmp = tmp_path_factory.mktemp("torchvision")
-    _run([sys.executable, "tests/scripts/torchvision_reference.py", str(tmp)], timeout=900)
+    _run([sys.executable, "tests/scripts/torchvision_reference.py", str(tmp)])
     return tmp
 
 
@@ -119,8 +119,7 @@ def models(reference_dir):
             f"--checkpoint={tmp / 'maskrcnn_resnet50_fpn_random.pth'}",
             f"--output_dir={model_dir}",
             f"--params_override={override}",
-        ],
-        timeout=900,
+        ]
     )
     return images, reference, load_model(model_dir), model_dir
 

@@ -1,7 +1,6 @@
 """The training loop: checkpoints, resume (step and optimizer state), NaN handling, the CLI."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.training.trainer import NonFiniteLossError, Trainer
+import watched
 
 
 def _weights(trainer):
@@ -139,15 +139,9 @@ def test_float16_loss_scale_skips_are_counted_not_logged_or_saved_as_steps(tiny_
     assert any("batches skipped by the float16 loss scale" in m for m in collect.messages)
 
 
-def _run_cli(*args, timeout=300):
+def _run_cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "fpn_tf.train", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return watched.run([sys.executable, "-m", "fpn_tf.train", *args], env=env)
 
 
 def test_cli_rejects_an_unknown_config_key_in_one_line(tmp_path):
