@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TINY_OVERRIDES  # noqa: E402
+from conftest import TINY_OVERRIDES, copy_run  # noqa: E402
 from fpn_tf.training.trainer import Trainer
 import watched
 
@@ -115,10 +115,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     assert step is not None and step >= 3  # no periodic checkpoint before step 500
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
-    model_dir = str(tmp_path / "damaged")
-    trainer = Trainer(tiny_config, model_dir)
-    trainer.train(total_steps=4)  # checkpoints at 2 and 4
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, tiny_runs, tmp_path):
+    model_dir = copy_run(tiny_runs[4], tmp_path / "damaged")  # checkpoints at 2 and 4
     data_files = tf.io.gfile.glob(os.path.join(model_dir, "ckpt-4.data-*"))
     with open(data_files[0], "r+b") as f:  # a write cut short
         f.truncate(16)
@@ -126,10 +124,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
     assert resumed.restored_from.endswith("ckpt-2") and resumed.step == 2
 
 
-def test_half_written_checkpoint_is_never_the_latest(tiny_config, tmp_path):
-    model_dir = str(tmp_path / "half")
-    trainer = Trainer(tiny_config, model_dir)
-    trainer.train(total_steps=2)
+def test_half_written_checkpoint_is_never_the_latest(tiny_config, tiny_runs, tmp_path):
+    model_dir = copy_run(tiny_runs[2], tmp_path / "half")  # trained 2 steps: ckpt-2
     # A process killed while writing ckpt-4 leaves its files but not the updated index.
     for name in ("ckpt-4.index", "ckpt-4.data-00000-of-00001"):
         with open(os.path.join(model_dir, name), "wb") as f:
