@@ -125,6 +125,7 @@ def test_converter_error_mode_and_missing_map(converted, tmp_path):
         TfRecordIndex(str(lonely))
 
 
+@pytest.mark.slow
 def test_command_line(converted, tmp_path):
     ann, image_dir, _ = converted
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

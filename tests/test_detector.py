@@ -92,6 +92,7 @@ def tiny_model(size=128):
     return FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(), category_ids=CATEGORY_IDS)
 
 
+@pytest.mark.slow
 def test_overfits_a_fixed_batch_and_then_detects_its_boxes():
     keras.utils.set_random_seed(0)
     model = tiny_model()
@@ -160,6 +161,7 @@ def test_outputs_and_training_tensors_have_static_shapes():
     assert all(v.shape.as_list() == [] for v in losses.values())
 
 
+@pytest.mark.slow
 def test_train_step_compiles_with_xla():
     keras.utils.set_random_seed(1)
     model = tiny_model()
@@ -290,6 +292,7 @@ def test_every_setting_of_the_model_sections_reaches_its_layer():
     assert out["detection_boxes"].shape == (1, 33, 4)
 
 
+@pytest.mark.slow
 def test_resnet50_fpn_at_800x1333_runs_one_training_step_on_cpu():
     cfg = ExperimentConfig()
     model = build_model(cfg.model, category_ids=list(range(1, 81)), input_shape=(800, 1344, 3))

@@ -14,6 +14,8 @@ import pytest
 from fpn_tf.data import synthetic
 import watched
 
+pytestmark = pytest.mark.slow  # subprocesses that each build and train the detector
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # oneDNN's CPU kernels crash under concurrent replicas (fpn_tf.cli.configure_tensorflow_environment
 # does the same for the command line).

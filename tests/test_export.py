@@ -426,6 +426,7 @@ def test_category_map_and_label_map_travel_as_assets(exported):
     ]
 
 
+@pytest.mark.slow
 def test_saved_model_cli_shows_and_runs_it(exported, tmp_path):
     _, export_dir, _ = exported
     cli = os.path.join(BIN, "saved_model_cli")
@@ -557,6 +558,7 @@ def test_export_refuses_a_category_map_of_another_model(tmp_path):
     assert os.listdir(tmp_path / "busy") == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path):
     path, trained = model_dir
     export_dir = str(tmp_path / "exported" / "1")

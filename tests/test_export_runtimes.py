@@ -166,6 +166,7 @@ def match_detections(ref, out, index, image_size, score_tol=1e-4):
     return n_ref
 
 
+@pytest.mark.slow
 def test_onnx_and_litert_detections_equal_the_saved_models(exported):
     architecture, signature, onnx_detector, litert_detector, _ = exported
     counts = {"saved_model": 0, "onnx": 0, "litert": 0}
@@ -195,6 +196,7 @@ def test_onnx_and_litert_detections_equal_the_saved_models(exported):
     assert empty >= 2
 
 
+@pytest.mark.slow
 def test_onnx_takes_a_batch_of_several_images(exported):
     _, signature, onnx_detector, _, _ = exported
     images = np.stack([pattern(70, 90, seed=s) for s in (3, 4, 5)])
@@ -205,6 +207,7 @@ def test_onnx_takes_a_batch_of_several_images(exported):
         assert match_detections(ref, out, i, (70, 90)) > 0
 
 
+@pytest.mark.slow
 def test_litert_client_maps_letterboxed_boxes_back_to_the_image(exported):
     _, _, _, litert_detector, _ = exported
     image = pattern(120, 45, seed=6)  # letterboxed: scale 64/120, 24 px wide in a 96 px canvas
@@ -220,6 +223,7 @@ def test_litert_client_maps_letterboxed_boxes_back_to_the_image(exported):
     )
 
 
+@pytest.mark.slow
 def test_litert_file_has_builtin_ops_only_and_runs_without_tensorflow(exported):
     architecture, _, _, litert_detector, paths = exported
     with open(paths["litert"], "rb") as f:
@@ -253,6 +257,7 @@ def test_litert_file_has_builtin_ops_only_and_runs_without_tensorflow(exported):
     assert match_detections(here, fresh, 0, (70, 90), score_tol=1e-6) > 0
 
 
+@pytest.mark.slow
 def test_sidecars_hold_the_label_map_and_serving_config(exported):
     _, _, onnx_detector, litert_detector, paths = exported
     for detector in (onnx_detector, litert_detector):
@@ -263,6 +268,7 @@ def test_sidecars_hold_the_label_map_and_serving_config(exported):
     assert not [p for p in os.listdir(os.path.dirname(paths["onnx"])) if p.endswith(".partial")]
 
 
+@pytest.mark.slow
 def test_quantized_litert_variants_convert_and_run(tmp_path):
     model = _model("faster_rcnn")
     image = pattern(64, 96, seed=1)
@@ -378,6 +384,7 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
     assert not os.path.exists(tmp_path / "seg_out") or not os.listdir(tmp_path / "seg_out")
 
 
+@pytest.mark.slow
 def test_predict_gives_the_same_detections_from_each_format(exported, tmp_path):
     from fpn_tf.data.testing import write_image
     from fpn_tf.predict import predict

@@ -62,6 +62,7 @@ def _checkpoint_values(path):
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config):
     model_dir = str(tmp_path / "killed")
     overrides = _overrides(
@@ -92,6 +93,7 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config)
     assert log2["step"] == killed_at + 2 and np.isfinite(log2["total_loss"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     model_dir = str(tmp_path / "terminated")
     overrides = _overrides(
