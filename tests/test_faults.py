@@ -150,6 +150,7 @@ def _one_error_line(result):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_malformed_annotation_json_is_one_line_naming_the_file(tmp_path):
     bad = tmp_path / "instances.json"
     bad.write_text('{"images": [')
@@ -169,6 +170,7 @@ def test_malformed_annotation_json_is_one_line_naming_the_file(tmp_path):
     assert str(bad) in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_missing_data_path_is_rejected_with_the_key(tmp_path):
     overrides = json.dumps(
         {
@@ -182,6 +184,7 @@ def test_missing_data_path_is_rejected_with_the_key(tmp_path):
     assert "train_data.annotation_file" in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_replicas_is_rejected_with_the_key(tmp_path):
     overrides = _overrides(
         tmp_path,

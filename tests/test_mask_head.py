@@ -363,6 +363,7 @@ def tiny_mask_model(size=128):
     )
 
 
+@pytest.mark.slow
 def test_a_tiny_mask_rcnn_learns_its_masks():
     keras.utils.set_random_seed(0)
     model = tiny_mask_model()
@@ -403,6 +404,7 @@ def test_call_returns_box_relative_masks_with_zeros_beyond_num_detections():
         assert not masks[i, n[i] :].any()
 
 
+@pytest.mark.slow
 def test_mixed_float16_losses_and_outputs_are_finite_float32():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

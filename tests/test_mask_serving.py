@@ -25,6 +25,8 @@ from fpn_tf.serving.detection import MASK_OUTPUT_KEY
 from fpn_tf.training.trainer import Trainer
 import watched
 
+pytestmark = pytest.mark.slow  # trains a tiny Mask R-CNN for 250 steps
+
 H, W = 96, 128
 BIN = os.path.dirname(sys.executable)
 SIGNATURES = {

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, TF_ENABLE_ONEDNN_OPTS="0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "num_devices,policy",
     [(1, "float32"), (2, "float32"), (4, "float32"), (1, "mixed_float16"), (2, "mixed_float16")],
@@ -69,6 +70,7 @@ def _first_batch(trainer):
     return next(iter(ds))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_fit_and_the_training_command_make_the_same_update(tiny_config, tmp_path, optimizer):
     """One detector step through a user's ``model.fit`` and through `Trainer.train` (what

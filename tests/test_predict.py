@@ -43,6 +43,7 @@ def _write(path, data):
     return path
 
 
+@pytest.mark.slow
 def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_path):
     out = tmp_path / "out"
     done = watched.run(
@@ -216,6 +217,7 @@ print("after the block", file=sys.stderr)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine with an NVIDIA device")
 def test_quiet_tensorflow_drops_only_the_noise():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}

@@ -158,6 +158,7 @@ def _our_inputs(ours, batch):
     return ours.model.fill_padding(images, image_info, valid_hw), valid_hw
 
 
+@pytest.mark.slow
 def test_reference_runs_and_is_saved_as_torchvision_runs_coco_v1(models, reference_dir):
     """The reference is torchvision as it runs the published COCO_V1 files (the script builds it
     so: FrozenBatchNorm2d, ``overwrite_eps(model, 0.0)``), saved as they are laid out
@@ -190,6 +191,7 @@ def test_reference_runs_and_is_saved_as_torchvision_runs_coco_v1(models, referen
     assert len(folded) == 53 and {layer.epsilon for layer in folded} == {0.0}
 
 
+@pytest.mark.slow
 def test_backbone_pyramid_and_rpn_head_equal_torchvision(models):
     images, ref, ours, _ = models
     model = ours.model
@@ -227,6 +229,7 @@ def _iou_xyxy(a, b):
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
+@pytest.mark.slow
 def test_proposals_and_box_head_equal_torchvision(models):
     images, ref, ours, _ = models
     model = ours.model
@@ -293,6 +296,7 @@ def _match_detections(ref, i, boxes_o, scores_o, labels_o):
     return pairs
 
 
+@pytest.mark.slow
 def test_saved_model_detections_equal_torchvision(models, served):
     """Our SavedModel's detections against torchvision's, matched one to one (same class, box
     IoU > 0.99, score within 1e-4). Two implementations agree on scores to ~5e-5 in float32, so a
@@ -376,6 +380,7 @@ def _their_masks(ref, i, height, width):
     return bits.reshape(n, height, width).astype(bool)
 
 
+@pytest.mark.slow
 def test_mask_head_equals_torchvision_on_its_final_boxes(models):
     """The mask head on torchvision's final detections (its boxes in the resized frame, its
     labels): our box-relative 28x28 probabilities of each detection's class against
@@ -414,6 +419,7 @@ def test_mask_head_equals_torchvision_on_its_final_boxes(models):
     assert max(errors) < 1e-4, errors
 
 
+@pytest.mark.slow
 def test_saved_model_masks_equal_torchvision(models, served):
     """Our SavedModel's ``detection_masks`` (box-relative 28x28) pasted into the original image
     over our boxes, against torchvision's pasted ``masks >= 0.5``, on the detections matched one
@@ -492,6 +498,7 @@ def test_saved_model_masks_equal_torchvision(models, served):
     assert np.all(iou["paste_masks"] >= paste_only - 0.01), np.max(paste_only - iou["paste_masks"])
 
 
+@pytest.mark.slow
 def test_faster_rcnn_state_dict_still_converts_to_a_faster_rcnn(models, reference_dir, tmp_path):
     """The same weights without the mask keys (a strict fasterrcnn_resnet50_fpn state dict, the
     script checks) convert to a Faster R-CNN even under the Mask R-CNN config: every key used,
