@@ -546,6 +546,7 @@ def _legacy_names(state):
     return out
 
 
+@pytest.mark.slow
 def test_mask_state_dicts_with_legacy_names_convert_and_broken_ones_are_refused(
     models, reference_dir, tmp_path
 ):
