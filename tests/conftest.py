@@ -1,10 +1,14 @@
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
 import tensorflow as tf
+
+# The helpers' asserts report their values as a test's own do.
+pytest.register_assert_rewrite("layer_test", "watched")
 
 
 @pytest.fixture(autouse=True)
@@ -43,14 +47,14 @@ TINY_OVERRIDES = {
 }
 
 
-@pytest.fixture
-def tiny_config(tmp_path):
-    """The CPU demo config shrunk to seconds: tiny model, 8 synthetic images of ~128 px."""
+def load_tiny_config(root):
+    """The CPU demo config shrunk to seconds: tiny model, 8 synthetic images of ~128 px, written
+    under ``root``."""
     from fpn_tf.configs.loader import load_config
 
     overrides = dict(TINY_OVERRIDES)
-    overrides["train_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
-    overrides["eval_data.synthetic.output_dir"] = str(tmp_path / "synthetic")
+    overrides["train_data.synthetic.output_dir"] = str(root / "synthetic")
+    overrides["eval_data.synthetic.output_dir"] = str(root / "synthetic")
     return load_config("configs/cpu_demo.yaml", overrides)
 
 
@@ -79,3 +83,46 @@ def make_roi_heads(num_classes=3, mask=None, classifier_rows=None, name=None, **
         classifier_rows=classifier_rows,
         **({} if name is None else {"name": name}),
     )
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """load_tiny_config in the test's own directory (a test may change it)."""
+    return load_tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """{steps: model directory}: the tiny config trained once by the Trainer, its directory
+    copied after 2 steps (ckpt-2) and after 4 (ckpt-2, ckpt-4). Tests copy one (copy_run)
+    before they change it."""
+    from fpn_tf.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    trainer = Trainer(load_tiny_config(root), str(root / "run"))
+    runs = {}
+    for steps in (2, 4):
+        trainer.train(total_steps=steps)
+        runs[steps] = str(root / f"after_{steps}")
+        shutil.copytree(root / "run", runs[steps])
+    return runs
+
+
+def copy_run(run, path):
+    """A copy of a tiny_runs directory at ``path`` (its checkpoint index names files relative
+    to it), for a test to change."""
+    shutil.copytree(run, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """(model, SavedModel directory): test_export.py's tiny detector, exported once for every
+    file that serves it (test_export.py, test_predict.py). Tests read it; none may change it."""
+    from fpn_tf.serving import export_saved_model
+    from test_export import CATEGORY_MAP, LONG, MULTIPLE, SHORT, tiny_model
+
+    model = tiny_model()
+    export_dir = str(tmp_path_factory.mktemp("tiny_export") / "fpn" / "1")
+    export_saved_model(model, export_dir, CATEGORY_MAP, SHORT, LONG, MULTIPLE)
+    return model, export_dir

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.configs.experiment import BackboneConfig
+from layer_test import run_layer_test
 from fpn_tf.modeling.backbones import (
     PixelNormalization,
     build_backbone,
@@ -45,10 +46,11 @@ def test_small_resnet_strides(height, width):
 
 
 def test_pixel_normalization_caffe_bgr():
-    layer = PixelNormalization(mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 2.0), to_bgr=True)
     rgb = np.array([[[[10.0, 20.0, 30.0]]]], "float32")
-    np.testing.assert_allclose(layer(rgb).numpy()[0, 0, 0], [30 - 1, 20 - 2, (10 - 3) / 2])
-    assert PixelNormalization.from_config(layer.get_config()).get_config() == layer.get_config()
+    _, out = run_layer_test(
+        PixelNormalization, dict(mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 2.0), to_bgr=True), rgb
+    )
+    np.testing.assert_allclose(out.numpy()[0, 0, 0], [30 - 1, 20 - 2, (10 - 3) / 2])
 
 
 def test_resnet50_frozen_bn_and_stem_stay_frozen_through_a_training_step():

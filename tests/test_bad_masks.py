@@ -21,6 +21,7 @@ from fpn_tf.data.errors import DataError
 from fpn_tf.data.segmentation_check import MASK_REASONS, check_segmentation
 from fpn_tf.evaluation.coco_evaluator import COCOEvaluator
 from fpn_tf.evaluation.groundtruth import GroundTruth
+import watched
 
 H, W = 40, 60
 
@@ -67,14 +68,13 @@ def limit_memory(limit_bytes: int = MEMORY_LIMIT_BYTES):
     return preexec
 
 
-def _run_python(code: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter (what may segfault or hang stays out of pytest)."""
+def _run_python(code: str, cpu_limit_s: float = 60) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter (what may segfault or hang stays out of pytest); a
+    run past ``cpu_limit_s`` seconds of CPU is a hang, however busy the machine."""
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(
+    return watched.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        cpu_limit_s=cpu_limit_s,
         env=env,
         preexec_fn=limit_memory(),
     )
@@ -379,7 +379,7 @@ def test_detection_masks_of_another_size_than_the_groundtruth_image_are_refused(
 
 def test_an_rle_whose_runs_do_not_add_up_cannot_hang_mask_ap_in_a_subprocess():
     """pycocotools' mask IoU loops forever on such a ground truth (9 minutes and counting before
-    the check); now it is left out like the others, in well under the timeout."""
+    the check); now it is left out like the others, in well under the CPU limit."""
     result = _run_python(
         """
         import sys
@@ -392,7 +392,7 @@ def test_an_rle_whose_runs_do_not_add_up_cannot_hang_mask_ap_in_a_subprocess():
         metrics = evaluator.evaluate()
         print(round(metrics["AP"], 6), round(metrics["mask_AP"], 6), evaluator.left_out())
         """,
-        timeout=120,
+        cpu_limit_s=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "1.0 1.0 {'AP': {}, 'mask_AP': {'bad_rle': [3]}}"
@@ -457,11 +457,9 @@ def test_a_failing_periodic_evaluation_is_one_log_line_and_training_goes_on(capl
 def test_random_segmentations_never_crash_hang_or_raise_in_the_check_or_mask_ap():
     """tests/scripts/fuzz_segmentations.py (hypothesis, derandomized: the same examples every
     run) in a process of its own: a traceback, a signal (segfault) or a hang fails here."""
-    result = subprocess.run(
+    result = watched.run(
         [sys.executable, "tests/scripts/fuzz_segmentations.py", "--examples=300"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        cpu_limit_s=300,
         env=dict(os.environ, PYTHONPATH=os.getcwd()),
         preexec_fn=limit_memory(),
     )

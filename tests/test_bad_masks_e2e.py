@@ -5,22 +5,22 @@ annotation of each kind that used to end a run in a traceback, an endless hang, 
 mis-score or a segmentation fault (issue 23), plus an image whose every mask is bad. One run
 serves the tests of all the classes (each asserts its own annotations, in the train and the eval
 summaries); a second data set, with no usable mask at all, must stop before training in one line.
-Each command runs in a subprocess with a timeout it finishes well within."""
+Each command runs in a subprocess with a CPU limit it finishes well within."""
 
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 from data_testing import pattern, write_coco_json, write_image
+import watched
 
 pytestmark = pytest.mark.slow
 
 H, W = 64, 96
-TIMEOUT_S = 600  # the run takes well under a minute of CPU; the machine may be shared
+CPU_LIMIT_S = 600  # the run takes well under a minute of CPU; more is a hang
 # TensorFlow maps ~5 GiB of address space; a regression that makes pycocotools allocate
 # gigabytes then fails in the child instead of exhausting a shared machine.
 MEMORY_LIMIT_BYTES = 8 * 2**30
@@ -124,11 +124,9 @@ def _run(module, *args):
     from test_bad_masks import limit_memory
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.getcwd())
-    return subprocess.run(
+    return watched.run(
         [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
+        cpu_limit_s=CPU_LIMIT_S,
         env=env,
         preexec_fn=limit_memory(MEMORY_LIMIT_BYTES),
     )
@@ -193,7 +191,7 @@ def test_traceback_class_is_skipped_and_counted(run):
 
 
 def test_hang_class_is_skipped_and_counted(run):
-    """The run finishes (within TIMEOUT_S: subprocess.run raises TimeoutExpired otherwise) with
+    """The run finishes (within CPU_LIMIT_S: watched.run raises Hang otherwise) with
     a detection of class 1 on image 1 evaluated against the rest of its ground truth."""
     _assert_class(run, CLASSES["hang"])
 

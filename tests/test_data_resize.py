@@ -13,7 +13,6 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -27,6 +26,7 @@ from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
 from data_testing import write_tiny_coco
 from fpn_tf.serving import ImageTensorModule, export_saved_model, preprocess_images
 from tests.test_export import CATEGORY_MAP, assert_contract, assert_same_detections, tiny_model
+import watched
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -371,11 +371,10 @@ def test_bilinear_equals_torch_interpolate_as_torchvision_calls_it(tmp_path):
     for i, (image, scale, _) in enumerate(cases):
         arrays[f"image_{i}"], arrays[f"scale_{i}"] = image, np.float64(scale)
     np.savez(tmp_path / "in.npz", **arrays)
-    done = subprocess.run(
+    done = watched.run(
         [sys.executable, "-c", TORCH_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     torch_out = np.load(tmp_path / "out.npz")

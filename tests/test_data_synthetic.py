@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 from fpn_tf.data import synthetic
 from fpn_tf.data.coco_reader import load_coco
+import watched
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +79,7 @@ def test_deterministic_given_seed(tmp_path):
 
 
 def test_command_line(tmp_path):
-    run = subprocess.run(
+    run = watched.run(
         [
             sys.executable,
             "-m",
@@ -93,7 +93,6 @@ def test_command_line(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     paths = json.loads(run.stdout)
@@ -101,7 +100,7 @@ def test_command_line(tmp_path):
     assert len(data["images"]) == 2
     assert all(64 <= i["height"] <= 96 for i in data["images"])
     # The generator does not load TensorFlow.
-    run = subprocess.run(
+    run = watched.run(
         [
             sys.executable,
             "-c",
@@ -110,6 +109,5 @@ def test_command_line(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
     )
     assert run.stdout.strip() == "False", run.stderr[-2000:]

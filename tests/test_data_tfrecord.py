@@ -1,7 +1,6 @@
 """COCO -> TFRecords (our converter) -> reader gives the COCO reader's examples."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ from fpn_tf.data.errors import DataError
 from fpn_tf.data.pipeline import CocoSource, TfRecordSource, build_dataset, load_source
 from data_testing import decoded_examples, pattern, write_image, write_tiny_coco
 from fpn_tf.data.tfrecord_reader import TfRecordIndex
+import watched
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,6 +125,7 @@ def test_converter_error_mode_and_missing_map(converted, tmp_path):
         TfRecordIndex(str(lonely))
 
 
+@pytest.mark.slow
 def test_command_line(converted, tmp_path):
     ann, image_dir, _ = converted
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -137,7 +138,7 @@ def test_command_line(converted, tmp_path):
         f"--output_prefix={tmp_path}/cli/val",
         "--num_shards=2",
     ]
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    run = watched.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "cli")) == [
         "val-00000-of-00002.tfrecord",
@@ -148,7 +149,7 @@ def test_command_line(converted, tmp_path):
     assert "Wrote 5 images, 6 annotations" in run.stderr
 
     bad = cmd[:3] + [f"--annotation_file={tmp_path}/nope.json"] + cmd[4:]
-    run = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    run = watched.run(bad, cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}/nope.json: annotation file not found"

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from fpn_tf.data import synthetic
+import watched
+
+pytestmark = pytest.mark.slow  # subprocesses that each build and train the detector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # oneDNN's CPU kernels crash under concurrent replicas (fpn_tf.cli.configure_tensorflow_environment
@@ -20,13 +23,8 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, TF_ENABLE_ONED
 
 
 def test_mirrored_four_logical_devices_match_one_device(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "tests/scripts/mirrored_step.py", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
+    result = watched.run(
+        [sys.executable, "tests/scripts/mirrored_step.py", str(tmp_path)], cwd=ROOT, env=ENV
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -51,12 +49,14 @@ def _free_ports(n):
 def _run_workers(data_dir, model_dir, out_dir, steps):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
+    procs, logs, files = [], [], []
     for index in range(2):
         env = dict(
             ENV,
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         )
+        logs.append(os.path.join(out_dir, f"worker_{index}.log"))
+        files.append(open(logs[-1], "w"))
         procs.append(
             subprocess.Popen(
                 [
@@ -69,21 +69,16 @@ def _run_workers(data_dir, model_dir, out_dir, steps):
                 ],
                 cwd=ROOT,
                 env=env,
-                stdout=subprocess.PIPE,
+                stdout=files[-1],
                 stderr=subprocess.STDOUT,
-                text=True,
             )
         )
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=480)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    # Either worker's output, checkpoints or CPU time is progress (one may wait on the other).
+    watched.wait(procs, watch=logs + [model_dir])
+    for f in files:
+        f.close()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, open(log).read()[-3000:]
     reports = [json.load(open(os.path.join(out_dir, f"worker_{i}.json"))) for i in range(2)]
     weights = [np.load(os.path.join(out_dir, f"worker_{i}.npz")) for i in range(2)]
     return reports, weights

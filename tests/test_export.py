@@ -12,7 +12,6 @@ image gets some detections but fewer than 100, so the padding rows are exercised
 import io
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -35,6 +34,7 @@ from fpn_tf.serving import (
     preprocess_images,
     read_category_map,
 )
+import watched
 
 SHORT, LONG, MULTIPLE = 64, 96, 32
 CATEGORY_MAP = CategoryMap(synthetic.CATEGORIES)  # ids 1, 3, 7, 9
@@ -74,10 +74,8 @@ def tiny_model(seed=0):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = tiny_model()
-    export_dir = str(tmp_path_factory.mktemp("export") / "fpn" / "1")
-    export_saved_model(model, export_dir, CATEGORY_MAP, SHORT, LONG, MULTIPLE)
+def exported(tiny_export):
+    model, export_dir = tiny_export  # conftest.py: shared with test_predict.py
     return model, export_dir, tf.saved_model.load(export_dir)
 
 
@@ -430,16 +428,16 @@ def test_category_map_and_label_map_travel_as_assets(exported):
     ]
 
 
+@pytest.mark.slow
 def test_saved_model_cli_shows_and_runs_it(exported, tmp_path):
     _, export_dir, _ = exported
     cli = os.path.join(BIN, "saved_model_cli")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    shown = subprocess.run(
+    shown = watched.run(
         [cli, "show", "--dir", export_dir, "--all"],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
     text = shown.stdout
@@ -463,7 +461,7 @@ def test_saved_model_cli_shows_and_runs_it(exported, tmp_path):
     # --input_exprs takes Python literals (numpy calls are refused without --safe=false).
     images = [pattern(40, 56, seed=s).tolist() for s in (1, 2)]
     out_dir = tmp_path / "cli_out"
-    ran = subprocess.run(
+    ran = watched.run(
         [
             cli,
             "run",
@@ -481,7 +479,6 @@ def test_saved_model_cli_shows_and_runs_it(exported, tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     boxes = np.load(out_dir / "detection_boxes.npy")
@@ -563,11 +560,12 @@ def test_export_refuses_a_category_map_of_another_model(tmp_path):
     assert os.listdir(tmp_path / "busy") == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path):
     path, trained = model_dir
     export_dir = str(tmp_path / "exported" / "1")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(
+    done = watched.run(
         [
             sys.executable,
             "-m",
@@ -578,7 +576,6 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Exported a SavedModel" in done.stderr
@@ -589,7 +586,7 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
     assert_same_detections(assert_contract(out, 1), keras_reference(trained, list(images)))
     assert read_category_map(export_dir) == CATEGORY_MAP
 
-    failed = subprocess.run(
+    failed = watched.run(
         [
             sys.executable,
             "-m",
@@ -600,7 +597,6 @@ def test_export_command_writes_the_trained_models_savedmodel(model_dir, tmp_path
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
     )
     assert failed.returncode == 2
     assert "Traceback" not in failed.stderr

@@ -12,7 +12,6 @@ detection of the other runtime on the same image: same class, box IoU > 0.99, sc
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -34,6 +33,7 @@ from fpn_tf.serving import ExportError, export_saved_model  # noqa: E402
 from fpn_tf.serving.litert_export import export_litert, non_builtin_ops  # noqa: E402
 from fpn_tf.serving.onnx_export import export_onnx  # noqa: E402
 from test_export import CATEGORY_MAP, CONFIG, LONG, MULTIPLE, SHORT  # noqa: E402
+import watched  # noqa: E402
 
 RULE = transforms.ResizeRule(SHORT, LONG, MULTIPLE)
 # (height, width): landscape, portrait, square, extreme ratios.
@@ -162,6 +162,7 @@ def match_detections(ref, out, index, image_size, score_tol=1e-4):
     return n_ref
 
 
+@pytest.mark.slow
 def test_onnx_and_litert_detections_equal_the_saved_models(exported):
     architecture, signature, onnx_detector, litert_detector, _ = exported
     counts = {"saved_model": 0, "onnx": 0, "litert": 0}
@@ -189,6 +190,7 @@ def test_onnx_and_litert_detections_equal_the_saved_models(exported):
     assert empty >= 2
 
 
+@pytest.mark.slow
 def test_onnx_takes_a_batch_of_several_images(exported):
     _, signature, onnx_detector, _, _ = exported
     images = np.stack([pattern(70, 90, seed=s) for s in (3, 4, 5)])
@@ -220,6 +222,7 @@ def test_litert_client_resizes_as_the_saved_model(rounding):
         np.testing.assert_allclose(portable_client.resize_bilinear(image, size), want, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_litert_file_has_builtin_ops_only_and_runs_without_tensorflow(exported):
     architecture, _, _, litert_detector, paths = exported
     with open(paths["litert"], "rb") as f:
@@ -241,8 +244,10 @@ def test_litert_file_has_builtin_ops_only_and_runs_without_tensorflow(exported):
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
         "print(json.dumps({k: np.asarray(v).tolist() for k, v in out.items()}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    done = watched.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = {k: np.array(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
@@ -251,6 +256,7 @@ def test_litert_file_has_builtin_ops_only_and_runs_without_tensorflow(exported):
     assert match_detections(here, fresh, 0, (70, 90), score_tol=1e-6) > 0
 
 
+@pytest.mark.slow
 def test_sidecars_hold_the_label_map_and_serving_config(exported):
     _, _, onnx_detector, litert_detector, paths = exported
     for detector in (onnx_detector, litert_detector):
@@ -261,6 +267,7 @@ def test_sidecars_hold_the_label_map_and_serving_config(exported):
     assert not [p for p in os.listdir(os.path.dirname(paths["onnx"])) if p.endswith(".partial")]
 
 
+@pytest.mark.slow
 def test_quantized_litert_variants_convert_and_run(tmp_path):
     model = _model("faster_rcnn")
     image = pattern(64, 96, seed=1)
@@ -326,7 +333,7 @@ def model_dir(tmp_path_factory):
 def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     out = tmp_path / "out"
-    done = subprocess.run(
+    done = watched.run(
         [
             sys.executable,
             "-m",
@@ -338,7 +345,6 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(out)) == sorted(
@@ -357,7 +363,7 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
     CATEGORY_MAP.to_json(str(bad / "category_map.json"))
     seg = build_model(ExperimentConfig.from_dict(cfg).model)
     tf.train.CheckpointManager(tf.train.Checkpoint(model=seg), str(bad), max_to_keep=1).save()
-    failed = subprocess.run(
+    failed = watched.run(
         [
             sys.executable,
             "-m",
@@ -369,7 +375,6 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
     )
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr
@@ -378,6 +383,7 @@ def test_export_command_writes_onnx_and_refuses_segment_proposals(model_dir, tmp
     assert not os.path.exists(tmp_path / "seg_out") or not os.listdir(tmp_path / "seg_out")
 
 
+@pytest.mark.slow
 def test_predict_gives_the_same_detections_from_each_format(exported, tmp_path):
     from data_testing import write_image
     from fpn_tf.predict import predict

@@ -6,14 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TINY_OVERRIDES  # noqa: E402
+from conftest import TINY_OVERRIDES, copy_run  # noqa: E402
 from fpn_tf.training.trainer import Trainer
+import watched
 
 
 def _overrides(tmp_path, **extra):
@@ -46,17 +46,6 @@ def _start(model_dir, overrides, *args):
     return proc, log.name
 
 
-def _wait_for(predicate, timeout, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc is not None and proc.poll() is not None:
-            return predicate()
-        time.sleep(0.5)
-    return False
-
-
 def _ckpt_step(model_dir):
     latest = tf.train.latest_checkpoint(model_dir)
     return int(latest.rsplit("-", 1)[1]) if latest else None
@@ -73,6 +62,7 @@ def _checkpoint_values(path):
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config):
     model_dir = str(tmp_path / "killed")
     overrides = _overrides(
@@ -80,10 +70,13 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config)
     )
     proc, log = _start(model_dir, overrides)
     try:
-        assert _wait_for(lambda: (_ckpt_step(model_dir) or 0) >= 4, 240, proc), open(log).read()
+        reached = watched.wait_until(
+            lambda: (_ckpt_step(model_dir) or 0) >= 4, [proc], watch=[log, model_dir]
+        )
+        assert reached, open(log).read()
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        watched.wait([proc])
     assert proc.returncode == -signal.SIGKILL
     killed_at = _ckpt_step(model_dir)
     checkpoint = tf.train.latest_checkpoint(model_dir)
@@ -100,6 +93,7 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path, tiny_config)
     assert log2["step"] == killed_at + 2 and np.isfinite(log2["total_loss"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     model_dir = str(tmp_path / "terminated")
     overrides = _overrides(
@@ -107,9 +101,12 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     )
     proc, log = _start(model_dir, overrides)
     try:
-        assert _wait_for(lambda: "step 3/1000" in open(log).read(), 240, proc), open(log).read()
+        reached = watched.wait_until(
+            lambda: "step 3/1000" in open(log).read(), [proc], watch=[log, model_dir]
+        )
+        assert reached, open(log).read()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        watched.wait([proc], watch=[log, model_dir])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -120,10 +117,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     assert step is not None and step >= 3  # no periodic checkpoint before step 500
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
-    model_dir = str(tmp_path / "damaged")
-    trainer = Trainer(tiny_config, model_dir)
-    trainer.train(total_steps=4)  # checkpoints at 2 and 4
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, tiny_runs, tmp_path):
+    model_dir = copy_run(tiny_runs[4], tmp_path / "damaged")  # checkpoints at 2 and 4
     data_files = tf.io.gfile.glob(os.path.join(model_dir, "ckpt-4.data-*"))
     with open(data_files[0], "r+b") as f:  # a write cut short
         f.truncate(16)
@@ -131,10 +126,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_config, t
     assert resumed.restored_from.endswith("ckpt-2") and resumed.step == 2
 
 
-def test_half_written_checkpoint_is_never_the_latest(tiny_config, tmp_path):
-    model_dir = str(tmp_path / "half")
-    trainer = Trainer(tiny_config, model_dir)
-    trainer.train(total_steps=2)
+def test_half_written_checkpoint_is_never_the_latest(tiny_config, tiny_runs, tmp_path):
+    model_dir = copy_run(tiny_runs[2], tmp_path / "half")  # trained 2 steps: ckpt-2
     # A process killed while writing ckpt-4 leaves its files but not the updated index.
     for name in ("ckpt-4.index", "ckpt-4.data-00000-of-00001"):
         with open(os.path.join(model_dir, name), "wb") as f:
@@ -143,14 +136,10 @@ def test_half_written_checkpoint_is_never_the_latest(tiny_config, tmp_path):
     assert resumed.restored_from.endswith("ckpt-2") and resumed.step == 2
 
 
-def _run_train(*args, timeout=240):
+def _run_train(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "fpn_tf.train", "--mode=train", "--noexport", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
+    return watched.run(
+        [sys.executable, "-m", "fpn_tf.train", "--mode=train", "--noexport", *args], env=env
     )
 
 
@@ -161,6 +150,7 @@ def _one_error_line(result):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_malformed_annotation_json_is_one_line_naming_the_file(tmp_path):
     bad = tmp_path / "instances.json"
     bad.write_text('{"images": [')
@@ -180,6 +170,7 @@ def test_malformed_annotation_json_is_one_line_naming_the_file(tmp_path):
     assert str(bad) in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_missing_data_path_is_rejected_with_the_key(tmp_path):
     overrides = json.dumps(
         {
@@ -193,6 +184,7 @@ def test_missing_data_path_is_rejected_with_the_key(tmp_path):
     assert "train_data.annotation_file" in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_replicas_is_rejected_with_the_key(tmp_path):
     overrides = _overrides(
         tmp_path,

@@ -259,6 +259,7 @@ def _losses(model_dir):
     return [out[k] for k in sorted(out)]
 
 
+@pytest.mark.slow
 def test_training_from_the_loaded_model_starts_at_step_0_and_the_loss_falls(source_dir, tmp_path):
     path, _ = source_dir
     cfg = make_config(

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.modeling.backbones import build_backbone
+from layer_test import run_layer_test
 from fpn_tf.modeling.fpn import FeaturePyramid, build_fpn_model, upsample_nearest_to
 
 
@@ -160,9 +161,14 @@ def test_pyramid_names_missing_inputs():
 
 
 def test_pyramid_get_config_round_trip():
-    layer = FeaturePyramid(num_channels=8, use_lateral=False, output_levels=["P3", "P4"], name="fp")
-    clone = FeaturePyramid.from_config(layer.get_config())
-    assert clone.get_config() == layer.get_config()
+    features = {
+        f"C{l}": tf.random.normal((1, 64 // 2**l, 64 // 2**l, 4), seed=l) for l in range(2, 6)
+    }
+    run_layer_test(
+        FeaturePyramid,
+        dict(num_channels=8, use_lateral=False, output_levels=["P3", "P4"], name="fp"),
+        features,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.modeling.backbones import build_backbone
+from layer_test import run_layer_test
 from fpn_tf.modeling.frozen_batch_norm import Conv2DFrozenBatchNorm, fold_frozen_batch_norm
 
 
@@ -133,8 +134,10 @@ def test_folded_backbone_config_and_keras_file_round_trip(tmp_path):
     model = build_backbone(type="small_resnet", widths=[8, 8, 8, 8], stem_width=8)
     layer = model.get_layer("conv3_block1_1_conv")
     assert isinstance(layer, Conv2DFrozenBatchNorm)
-    clone = Conv2DFrozenBatchNorm.from_config(layer.get_config())
-    assert clone.get_config() == layer.get_config() and clone.epsilon == 1e-5
+    run_layer_test(
+        Conv2DFrozenBatchNorm, layer=layer, input_data=tf.zeros((1, 8, 8, layer.kernel.shape[-2]))
+    )
+    assert Conv2DFrozenBatchNorm.from_config(layer.get_config()).epsilon == 1e-5
     layer.moving_mean.assign(np.full(8, 0.25, "float32"))
     path = str(tmp_path / "backbone.keras")
     model.save(path)

@@ -17,6 +17,7 @@ from fpn_tf.modeling.mask_head import MaskRCNNHead
 from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.ops.target_assigner import RoiTargets
+from layer_test import run_layer_test
 from test_detector import CATEGORY_IDS, fixed_batch, tiny_fpn, tiny_roi_heads, tiny_rpn
 
 ROWS = [0, 5, 9, 11]  # torchvision-style rows of background and classes 1..3
@@ -74,12 +75,7 @@ def test_head_shapes_channel_layouts_and_config_round_trip(kwargs, k, channels):
     assert [c.name for c in head.convs] == [f"mask_conv{i}" for i in range(1, 5)]
     # Each RoI is processed on its own: RoI (1, 2) alone gives the same logits.
     np.testing.assert_allclose(head(x[1:2, 2:3]), out[1:2, 2:3], rtol=1e-5, atol=1e-6)
-    config = head.get_config()
-    clone = MaskRCNNHead.from_config(config)
-    assert clone.get_config() == config
-    clone.build(x.shape)
-    clone.set_weights(head.get_weights())
-    np.testing.assert_array_equal(clone(x), out)
+    run_layer_test(MaskRCNNHead, layer=head, input_data=x, atol=0)
 
 
 def test_head_initialisation_is_detectron2s():
@@ -301,7 +297,19 @@ def test_predict_is_the_sigmoid_of_each_detections_class_channel():
 def test_mask_branch_config_round_trip():
     heads = _mask_heads(classifier_rows=ROWS, sampling_ratio=0, name="roi_heads")
     features = _features()
-    heads.build({k: v.shape for k, v in features.items()})
+    detections = Detections(
+        tf.constant([[[10.0, 10.0, 50.0, 60.0]]]),
+        tf.constant([[0.9]]),
+        tf.constant([[2]]),
+        tf.constant([1]),
+    )
+
+    def predict(layer, features):
+        if not layer.built:
+            layer.build({k: v.shape for k, v in features.items()})
+        return layer.predict_masks(features, detections)
+
+    run_layer_test(RoIHeads, layer=heads, input_data=features, call=predict, atol=0)
     config = heads.get_config()
     assert config["classifier_rows"] == ROWS and config["mask_roi_aligner"]["output_size"] == 14
     assert config["mask_roi_aligner"]["sampling_ratio"] == 0
@@ -311,19 +319,6 @@ def test_mask_branch_config_round_trip():
         "class_agnostic": False,
         "loss_weight": 1.0,
     }
-    clone = RoIHeads.from_config(config)
-    assert clone.get_config() == config
-    clone.build({k: v.shape for k, v in features.items()})
-    clone.set_weights(heads.get_weights())
-    detections = Detections(
-        tf.constant([[[10.0, 10.0, 50.0, 60.0]]]),
-        tf.constant([[0.9]]),
-        tf.constant([[2]]),
-        tf.constant([1]),
-    )
-    np.testing.assert_array_equal(
-        heads.predict_masks(features, detections), clone.predict_masks(features, detections)
-    )
 
 
 # ---------------------------------------------------------------------------- the detector
@@ -367,6 +362,7 @@ def tiny_mask_model(size=128):
     return MaskRCNN(tiny_fpn(size), tiny_rpn(), heads, category_ids=CATEGORY_IDS)
 
 
+@pytest.mark.slow
 def test_a_tiny_mask_rcnn_learns_its_masks():
     keras.utils.set_random_seed(0)
     model = tiny_mask_model()
@@ -407,6 +403,7 @@ def test_call_returns_box_relative_masks_with_zeros_beyond_num_detections():
         assert not masks[i, n[i] :].any()
 
 
+@pytest.mark.slow
 def test_mixed_float16_losses_and_outputs_are_finite_float32():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -9,7 +9,6 @@ a disc and a right triangle, until it fits them (a few hundred steps of seconds)
 
 import io
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -24,6 +23,9 @@ from data_testing import write_coco_json, write_image
 from fpn_tf.ops import mask_ops
 from fpn_tf.serving.detection import MASK_OUTPUT_KEY
 from fpn_tf.training.trainer import Trainer
+import watched
+
+pytestmark = pytest.mark.slow  # trains a tiny Mask R-CNN for 250 steps
 
 H, W = 96, 128
 BIN = os.path.dirname(sys.executable)
@@ -195,12 +197,11 @@ def test_saved_model_cli_shows_and_runs_the_masks(trained, tmp_path):
     export_dir, _, truth = trained
     cli = os.path.join(BIN, "saved_model_cli")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    shown = subprocess.run(
+    shown = watched.run(
         [cli, "show", "--dir", export_dir, "--all"],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
     for name in SIGNATURES:
@@ -208,7 +209,7 @@ def test_saved_model_cli_shows_and_runs_the_masks(trained, tmp_path):
         assert "outputs['detection_masks']" in block, name
     assert "shape: (-1, 100, 28, 28)" in shown.stdout
     np.save(tmp_path / "batch.npy", truth[0][0][None])
-    ran = subprocess.run(
+    ran = watched.run(
         [
             cli,
             "run",
@@ -226,7 +227,6 @@ def test_saved_model_cli_shows_and_runs_the_masks(trained, tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     masks = np.load(tmp_path / "out" / "detection_masks.npy")

@@ -10,7 +10,6 @@ initialisation gives, so a mask head that is not restored shows in the masks.
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -28,26 +27,20 @@ from fpn_tf.modeling import model_dir
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.ops import mask_ops
 from fpn_tf.serving import export_saved_model
+import watched
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = CategoryMap(synthetic.CATEGORIES)  # ids 1, 3, 7, 9
 
 
-def _run(module, *flags, cwd, timeout=300):
+def _run(module, *flags, cwd):
     """``python -m module flags...`` in ``cwd`` with this checkout's fpn_tf."""
     env = dict(
         os.environ,
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
     )
-    return subprocess.run(
-        [sys.executable, "-m", module, *flags],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return watched.run([sys.executable, "-m", module, *flags], cwd=cwd, env=env)
 
 
 def _one_line_error(ran) -> str:
@@ -143,9 +136,7 @@ def test_eval_of_a_converted_mask_rcnn_uses_its_directory_and_every_weight(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     before = sorted(os.listdir(directory))
-    ran = _run(
-        "fpn_tf.train", "--mode=eval", f"--model_dir={directory}", cwd=elsewhere, timeout=600
-    )
+    ran = _run("fpn_tf.train", "--mode=eval", f"--model_dir={directory}", cwd=elsewhere)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "Traceback" not in ran.stderr
     assert os.listdir(elsewhere) == []  # nothing written outside the model directory

@@ -4,7 +4,6 @@ update; the same seed gives the same initial weights."""
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -16,11 +15,13 @@ from fpn_tf.data import pipeline
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.training.optimizers import NO_DECAY_NAMES, build_optimizer
 from fpn_tf.training.trainer import Trainer
+import watched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT, TF_ENABLE_ONEDNN_OPTS="0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "num_devices,policy",
     [(1, "float32"), (2, "float32"), (4, "float32"), (1, "mixed_float16"), (2, "mixed_float16")],
@@ -29,12 +30,11 @@ def test_weight_decay_hand_case_gives_one_minus_lr_times_wd(num_devices, policy)
     """w = 1, a loss with zero gradient, lr 1, momentum 0, wd 0.1: one step gives w = 0.9 for
     SGD's coupled L2 and AdamW's decoupled decay alike (before the fix: 0.8 on 2 replicas,
     0.99999696 under mixed_float16); the excluded bias keeps 1."""
-    result = subprocess.run(
+    result = watched.run(
         [sys.executable, "tests/scripts/weight_decay_step.py", str(num_devices), policy],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
         env=ENV,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,6 +70,7 @@ def _first_batch(trainer):
     return next(iter(ds))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_fit_and_the_training_command_make_the_same_update(tiny_config, tmp_path, optimizer):
     """One detector step through a user's ``model.fit`` and through `Trainer.train` (what

@@ -338,6 +338,7 @@ def test_detection_impls_agree_on_random_inputs():
         np.testing.assert_allclose(o.boxes.numpy(), outs[0].boxes.numpy(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_postprocess_xla():
     """Proposals (both NMS impls) and detections ("padded" / "per_image") compile with XLA.
 

@@ -5,7 +5,6 @@ errors. Uses a tiny exported model (see test_export.py)."""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -14,20 +13,18 @@ import pytest
 
 from fpn_tf import predict
 from data_testing import pattern, write_image
-from fpn_tf.serving import export_saved_model
 from fpn_tf.serving.inference import Detection, PredictError, SavedModelDetector, draw_detections
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_export import CATEGORY_MAP, LONG, MULTIPLE, SHORT, tiny_model  # noqa: E402
+from test_export import CATEGORY_MAP  # noqa: E402
+import watched  # noqa: E402
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("predict") / "model" / "1")
-    export_saved_model(tiny_model(), path, CATEGORY_MAP, SHORT, LONG, MULTIPLE)
-    return path
+def saved_model(tiny_export):
+    return tiny_export[1]  # conftest.py: test_export.py's tiny detector, exported once
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +43,10 @@ def _write(path, data):
     return path
 
 
+@pytest.mark.slow
 def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run(
+    done = watched.run(
         [
             sys.executable,
             "-m",
@@ -63,7 +61,6 @@ def test_predict_command_draws_boxes_and_writes_json(saved_model, images, tmp_pa
         capture_output=True,
         text=True,
         env=ENV,
-        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Loaded" in done.stderr and "detection(s) with score >= 0.60" in done.stderr
@@ -125,7 +122,7 @@ def test_predict_errors_are_one_line(saved_model, images, tmp_path):
         predict.predict(str(tmp_path), [images["png"]], str(tmp_path / "o"))
 
     # The command prints the message alone: no traceback.
-    done = subprocess.run(
+    done = watched.run(
         [
             sys.executable,
             "-m",
@@ -138,7 +135,6 @@ def test_predict_errors_are_one_line(saved_model, images, tmp_path):
         capture_output=True,
         text=True,
         env=ENV,
-        timeout=300,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -221,22 +217,25 @@ print("after the block", file=sys.stderr)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine with an NVIDIA device")
 def test_quiet_tensorflow_drops_only_the_noise():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    done = subprocess.run(
-        [sys.executable, "-c", _QUIET_PROBE], capture_output=True, text=True, env=env, timeout=120
+    done = watched.run(
+        [sys.executable, "-c", _QUIET_PROBE],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cuInit" not in done.stderr and "CropAndResize" not in done.stderr
     assert "ours: a warning\n" in done.stderr and "another TensorFlow error" in done.stderr
     assert done.stderr.endswith("after the block\n")
     # The filter is what hides them: off, the noise is there.
-    loud = subprocess.run(
+    loud = watched.run(
         [sys.executable, "-c", _QUIET_PROBE],
         capture_output=True,
         text=True,
         env=dict(env, FPN_TF_SHOW_ALL_LOGS="1"),
-        timeout=120,
     )
     assert "CropAndResize" in loud.stderr

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import subprocess
 import sys
 
 import keras
@@ -36,6 +35,7 @@ from fpn_tf.conversion.layout import backbone_model
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.modeling.factory import build_model
 from fpn_tf.modeling.model_dir import load_model
+import watched
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "coco_r50_fpn_detectron2.yaml")
@@ -288,7 +288,7 @@ def test_broken_or_foreign_files_are_refused_with_one_line_and_nothing_written(t
 def test_command_answers_a_bad_file_with_one_line(tmp_path):
     bad = tmp_path / "model_final_bad.pkl"
     bad.write_bytes(b"not a pickle")
-    done = subprocess.run(
+    done = watched.run(
         [
             sys.executable,
             "-m",
@@ -300,7 +300,6 @@ def test_command_answers_a_bad_file_with_one_line(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -429,7 +428,7 @@ def test_the_config_with_other_anchors_refuses_the_zoo_file(tmp_path):
 
 
 def _expect_command_refuses(tmp_path, pkl_path, expected):
-    done = subprocess.run(
+    done = watched.run(
         [
             sys.executable,
             "-m",
@@ -442,7 +441,6 @@ def _expect_command_refuses(tmp_path, pkl_path, expected):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -71,6 +70,7 @@ from fpn_tf.ops import mask_ops
 from fpn_tf.ops.postprocess import Detections
 from fpn_tf.serving import detection as serving
 from fpn_tf.modeling.model_dir import load_model
+import watched
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is None,
@@ -84,8 +84,8 @@ LEVELS = ("P2", "P3", "P4", "P5", "P6")
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 
 
-def _run(args, timeout):
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(args):
+    done = watched.run(args, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -94,7 +94,7 @@ def _run(args, timeout):
 def reference_dir(tmp_path_factory):
     """torchvision's state dicts and outputs (tests/scripts/torchvision_reference.py)."""
     tmp = tmp_path_factory.mktemp("torchvision")
-    _run([sys.executable, "tests/scripts/torchvision_reference.py", str(tmp)], timeout=900)
+    _run([sys.executable, "tests/scripts/torchvision_reference.py", str(tmp)])
     return tmp
 
 
@@ -119,8 +119,7 @@ def models(reference_dir):
             f"--checkpoint={tmp / 'maskrcnn_resnet50_fpn_random.pth'}",
             f"--output_dir={model_dir}",
             f"--params_override={override}",
-        ],
-        timeout=900,
+        ]
     )
     return images, reference, load_model(model_dir), model_dir
 
@@ -160,6 +159,7 @@ def _our_inputs(ours, batch):
     return images, valid_hw
 
 
+@pytest.mark.slow
 def test_reference_runs_and_is_saved_as_torchvision_runs_coco_v1(models, reference_dir):
     """The reference is torchvision as it runs the published COCO_V1 files (the script builds it
     so: FrozenBatchNorm2d, ``overwrite_eps(model, 0.0)``), saved as they are laid out
@@ -192,6 +192,7 @@ def test_reference_runs_and_is_saved_as_torchvision_runs_coco_v1(models, referen
     assert len(folded) == 53 and {layer.epsilon for layer in folded} == {0.0}
 
 
+@pytest.mark.slow
 def test_backbone_pyramid_and_rpn_head_equal_torchvision(models):
     images, ref, ours, _ = models
     model = ours.model
@@ -229,6 +230,7 @@ def _iou_xyxy(a, b):
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
+@pytest.mark.slow
 def test_proposals_and_box_head_equal_torchvision(models):
     images, ref, ours, _ = models
     model = ours.model
@@ -295,6 +297,7 @@ def _match_detections(ref, i, boxes_o, scores_o, labels_o):
     return pairs
 
 
+@pytest.mark.slow
 def test_saved_model_detections_equal_torchvision(models, served):
     """Our SavedModel's detections against torchvision's, matched one to one (same class, box
     IoU > 0.99, score within 1e-4). Two implementations agree on scores to ~5e-5 in float32, so a
@@ -378,6 +381,7 @@ def _their_masks(ref, i, height, width):
     return bits.reshape(n, height, width).astype(bool)
 
 
+@pytest.mark.slow
 def test_mask_head_equals_torchvision_on_its_final_boxes(models):
     """The mask head on torchvision's final detections (its boxes in the resized frame, its
     labels): our box-relative 28x28 probabilities of each detection's class against
@@ -417,6 +421,7 @@ def test_mask_head_equals_torchvision_on_its_final_boxes(models):
     assert max(errors) < 1e-4, errors
 
 
+@pytest.mark.slow
 def test_saved_model_masks_equal_torchvision(models, served):
     """Our SavedModel's ``detection_masks`` (box-relative 28x28) pasted into the original image
     over our boxes, against torchvision's pasted ``masks >= 0.5``, on the detections matched one
@@ -495,6 +500,7 @@ def test_saved_model_masks_equal_torchvision(models, served):
     assert np.all(iou["paste_masks"] >= paste_only - 0.01), np.max(paste_only - iou["paste_masks"])
 
 
+@pytest.mark.slow
 def test_faster_rcnn_state_dict_still_converts_to_a_faster_rcnn(models, reference_dir, tmp_path):
     """The same weights without the mask keys (a strict fasterrcnn_resnet50_fpn state dict, the
     script checks) convert to a Faster R-CNN even under the Mask R-CNN config: every key used,
@@ -542,6 +548,7 @@ def _legacy_names(state):
     return out
 
 
+@pytest.mark.slow
 def test_mask_state_dicts_with_legacy_names_convert_and_broken_ones_are_refused(
     models, reference_dir, tmp_path
 ):

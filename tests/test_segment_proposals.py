@@ -444,6 +444,7 @@ def synthetic_batch(size=128):
     return features, labels, full
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_both_losses():
     keras.utils.set_random_seed(0)
     start = time.time()

@@ -1,7 +1,6 @@
 """The training loop: checkpoints, resume (step and optimizer state), NaN handling, the CLI."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from fpn_tf.training.trainer import NonFiniteLossError, Trainer
+import watched
 
 
 def _weights(trainer):
@@ -74,6 +74,7 @@ def test_non_finite_loss_is_skipped_when_configured(tiny_config, tmp_path):
     assert np.isfinite(log["total_loss"])
 
 
+@pytest.mark.slow
 def test_non_finite_weights_stop_a_skipping_run_instead_of_spinning(
     tiny_config, tmp_path, monkeypatch
 ):
@@ -92,6 +93,7 @@ def test_non_finite_weights_stop_a_skipping_run_instead_of_spinning(
     assert trainer.step == 1  # the updates (and the step counter) were skipped
 
 
+@pytest.mark.slow
 def test_float16_loss_scale_skips_are_counted_not_logged_or_saved_as_steps(tiny_config, tmp_path):
     """A float16 step whose scaled gradients overflow is skipped by LossScaleOptimizer without
     moving the step counter; the loop must not log or checkpoint that step again."""
@@ -139,15 +141,9 @@ def test_float16_loss_scale_skips_are_counted_not_logged_or_saved_as_steps(tiny_
     assert any("batches skipped by the float16 loss scale" in m for m in collect.messages)
 
 
-def _run_cli(*args, timeout=300):
+def _run_cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "fpn_tf.train", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return watched.run([sys.executable, "-m", "fpn_tf.train", *args], env=env)
 
 
 def test_cli_rejects_an_unknown_config_key_in_one_line(tmp_path):
@@ -176,6 +172,7 @@ def _eval_events(model_dir):
     return tags
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_and_tensorboard_images_of_held_out_detections(tiny_config, tmp_path):
     """train_and_eval evaluates every eval.every_steps on the way; each evaluation writes its
     metrics and eval.summary_images drawn images to TensorBoard."""
