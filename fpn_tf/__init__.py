@@ -9,8 +9,7 @@ __version__ = "0.1.0"
 
 
 def load_model(model_dir, **kwargs):
-    """The model of a training run's or a converted model's directory, every weight restored:
-    `fpn_tf.modeling.model_dir.load_model` (imported on use: ``import fpn_tf`` stays light)."""
+    """`fpn_tf.modeling.model_dir.load_model`, imported on use (``import fpn_tf`` stays light)."""
     from fpn_tf.modeling.model_dir import load_model as _load  # pylint: disable=g-import-not-at-top
 
     return _load(model_dir, **kwargs)

@@ -1,14 +1,8 @@
 """``python -m fpn_tf.ablations``: the paper's Table 1/2 ablations in miniature, one command.
 
-Trains and evaluates every row of ``configs/ablations/`` (same data, schedule and seed; only the
-pyramid differs), one after the other, and prints the table (Markdown and JSON): RPN AR@100,
-AR@1000, AR small/medium/large, Faster R-CNN AP, AP50, APs, APm, APl, and seconds per step.
-Resumable: a row that finished is read back from its ``ablation_result.json``; a row that was
-interrupted resumes from its last checkpoint.
-
-    python -m fpn_tf.ablations --output_dir=runs/ablations
-    python -m fpn_tf.ablations --output_dir=/tmp/abl --rows=a_single_scale_c4,e_fpn \\
-        --params_override="train.total_steps=50"
+Trains and evaluates every row of ``configs/ablations/`` (only the pyramid differs) and writes
+the table (Markdown and JSON). Resumable: a finished row is read back from its
+``ablation_result.json``, an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -31,19 +25,7 @@ ROWS = {
     "d_p2_only": "(d) top-down + lateral, P2 only",
     "e_fpn": "(e) FPN (top-down + lateral, P2-P6)",
 }
-COLUMNS = [
-    "AR@100",
-    "AR@1000",
-    "ARs@1000",
-    "ARm@1000",
-    "ARl@1000",
-    "AP",
-    "AP50",
-    "APs",
-    "APm",
-    "APl",
-    "sec_per_step",
-]
+COLUMNS = "AR@100 AR@1000 ARs@1000 ARm@1000 ARl@1000 AP AP50 APs APm APl sec_per_step".split()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "runs/ablations", "One model_dir per row, plus the tables.")
@@ -71,14 +53,12 @@ def run_row(row: str, output_dir: str, params_override=None) -> dict:
     steps = trainer.step - start_step
     result = {k: metrics.get(k) for k in COLUMNS if k in metrics}
     result.update(
-        {
-            "row": row,
-            "name": ROWS[row],
-            "steps": trainer.step,
-            "sec_per_step": (log.get("seconds", 0.0) / steps) if steps else None,
-            "pyramid_levels": sorted(trainer.model.fpn.output),
-            "anchors_per_location": trainer.model.rpn.num_anchors,
-        }
+        row=row,
+        name=ROWS[row],
+        steps=trainer.step,
+        sec_per_step=(log.get("seconds", 0.0) / steps) if steps else None,
+        pyramid_levels=sorted(trainer.model.fpn.output),
+        anchors_per_location=trainer.model.rpn.num_anchors,
     )
     with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
@@ -86,17 +66,12 @@ def run_row(row: str, output_dir: str, params_override=None) -> dict:
 
 
 def markdown_table(results) -> str:
-    head = "| row | " + " | ".join(COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-    lines = [head, sep]
+    def cell(c, v):
+        return "n/a" if v is None else f"{v:.2f}" if c == "sec_per_step" else f"{100 * v:.1f}"
+
+    lines = ["| row | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for r in results:
-        cells = []
-        for c in COLUMNS:
-            v = r.get(c)
-            cells.append(
-                "n/a" if v is None else (f"{v:.2f}" if c == "sec_per_step" else f"{100 * v:.1f}")
-            )
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['name']} | " + " | ".join(cell(c, r.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 

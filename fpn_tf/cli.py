@@ -20,22 +20,17 @@ def reject_positional(argv) -> None:
 
 
 def run_main(argv, body, *args, **kwargs):
-    """Every command's ``main``: rejects positional arguments, then runs ``body(*args,
-    **kwargs)`` with TensorFlow's noise filtered (`quiet_tensorflow`); a user's mistake
-    (`fpn_tf.errors.USER_ERRORS`) is one line and exit code 2."""
+    """Every command's ``main``: ``body(*args, **kwargs)`` with TensorFlow's noise filtered and
+    a user's mistake as one line and exit code 2."""
     reject_positional(argv)
     with quiet_tensorflow(), exit_on_user_error():
         return body(*args, **kwargs)
 
 
 def configure_tensorflow_environment(strategy: str) -> None:
-    """Environment TensorFlow must see before it is imported.
-
-    With several replicas running concurrently on the CPU (mirrored over logical CPU devices,
-    multi-worker on CPU machines), TensorFlow 2.20's oneDNN CPU kernels corrupt memory: we saw a
-    segfault or heap corruption in about one run in four, and a garbage gradient once. Turning
-    oneDNN off for those runs fixes it (it affects CPU kernels only). A value the user set wins.
-    """
+    """Environment TensorFlow must see before it is imported: oneDNN off for multi-replica
+    strategies, whose concurrent CPU replicas make TF 2.20's oneDNN kernels corrupt memory
+    (segfaults, heap corruption). A value the user set wins."""
     if strategy != "one_device" and "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
         if "tensorflow" in sys.modules:
             logging.warning(
@@ -61,9 +56,8 @@ _TF_NOISE = (
 
 
 def tensorflow_noise_patterns(has_nvidia_device: bool | None = None) -> list[re.Pattern]:
-    """The stderr lines :func:`quiet_tensorflow` drops: the CropAndResize cost-model warning,
-    absl's preface line and, on a machine without an NVIDIA device, the ``failed call to
-    cuInit`` error that TensorFlow's CUDA build prints at its first op there."""
+    """The stderr lines `quiet_tensorflow` drops; ``failed call to cuInit`` only on a machine
+    without an NVIDIA device."""
     if has_nvidia_device is None:
         has_nvidia_device = os.path.exists("/dev/nvidiactl")
     return list(_TF_NOISE) + ([] if has_nvidia_device else [_CUINIT_FAILED])
@@ -71,14 +65,9 @@ def tensorflow_noise_patterns(has_nvidia_device: bool | None = None) -> list[re.
 
 @contextlib.contextmanager
 def quiet_tensorflow(patterns: list[re.Pattern] | None = None):
-    """Runs the block with stderr (file descriptor 2, where TensorFlow's C++ code writes) passed
-    through a filter that drops exactly the lines of :func:`tensorflow_noise_patterns`.
-
-    Everything else, our warnings and TensorFlow's other messages, passes unchanged and in order.
-    TensorFlow offers no switch for these lines alone (``TF_CPP_MIN_LOG_LEVEL=3`` would hide
-    every error; the cost-model line comes from absl logging, which that variable does not
-    reach). ``FPN_TF_SHOW_ALL_LOGS=1`` turns the filter off.
-    """
+    """Runs the block with file descriptor 2 (where TensorFlow's C++ code writes) filtered of
+    exactly the `tensorflow_noise_patterns` lines; everything else passes in order. TensorFlow has
+    no switch for these lines alone. ``FPN_TF_SHOW_ALL_LOGS=1`` turns the filter off."""
     if os.environ.get("FPN_TF_SHOW_ALL_LOGS", "") not in ("", "0"):
         yield
         return

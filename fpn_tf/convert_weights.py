@@ -1,20 +1,8 @@
-r"""``python -m fpn_tf.convert_weights``: a published COCO checkpoint -> an fpn_tf model directory.
+"""``python -m fpn_tf.convert_weights``: a published COCO checkpoint -> an fpn_tf model directory.
 
-    python -m fpn_tf.convert_weights --source=torchvision \
-        --checkpoint=fasterrcnn_resnet50_fpn_coco-258fb6c6.pth --output_dir=models/tv_r50_fpn
-    python -m fpn_tf.convert_weights --source=torchvision \
-        --checkpoint=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --output_dir=models/tv_mask_r50_fpn
-    python -m fpn_tf.convert_weights --source=detectron2 \
-        --checkpoint=model_final_b275ba.pkl --output_dir=models/d2_r50_fpn_1x
-
-The architecture comes from ``configs/coco_r50_fpn_<source>.yaml`` (or ``--config_file``), whose
-switches make our detector compute what the reference computes; Faster or Mask R-CNN
-(``model.architecture``) comes from the file: a state dict with mask-head keys is a Mask R-CNN
-(``configs/coco_r50_fpn_mask_<source>.yaml`` is that model). The directory it
-writes is read by ``--mode=eval``, ``fpn_tf.export``, ``fpn_tf.predict`` and
-``model.init_checkpoint``.
-Nothing is downloaded: README says where each file comes from and its checksum. A wrong,
-truncated or foreign file is one line naming what is wrong, and nothing is written.
+The architecture comes from ``configs/coco_r50_fpn_<source>.yaml`` (or ``--config_file``), Faster
+or Mask R-CNN from the file itself. Nothing is downloaded (README lists the files and their
+checksums); a wrong or truncated file is one line, and nothing is written.
 """
 
 from __future__ import annotations
@@ -40,9 +28,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("output_dir", None, "The model directory to write (must not exist).")
     flags.DEFINE_multi_string(
-        "config_file",
-        None,
-        "Architecture config(s) instead of configs/coco_r50_fpn_<source>.yaml.",
+        "config_file", None, "Architecture config(s) instead of configs/coco_r50_fpn_<source>.yaml."
     )
     flags.DEFINE_multi_string(
         "params_override", None, "Overrides on top of the config, as the trainer takes them."
@@ -72,19 +58,13 @@ def _convert() -> None:
             raise UserError(f"config file {path} not found: give --config_file")
     config = load_config(config_files, FLAGS.params_override)
     report = convert_checkpoint(
-        FLAGS.source,
-        FLAGS.checkpoint,
-        FLAGS.output_dir,
-        config,
+        FLAGS.source, FLAGS.checkpoint, FLAGS.output_dir, config,
         export_saved_model=FLAGS.saved_model,
-    )
+    )  # fmt: skip
     logging.info(
         "Done in %.1f s: %s (%d arrays from %s)",
-        report.seconds,
-        report.output_dir,
-        report.num_arrays,
-        report.checkpoint,
-    )
+        report.seconds, report.output_dir, report.num_arrays, report.checkpoint,
+    )  # fmt: skip
     print(report.output_dir, file=sys.stdout)
 
 

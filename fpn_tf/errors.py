@@ -10,10 +10,8 @@ from absl import logging
 
 
 class UserError(Exception):
-    """A mistake the user can fix: a config key, a flag, a data file, a model directory.
-
-    The message is one line saying what is wrong and where (the key, path or id).
-    """
+    """A mistake the user can fix (a config key, flag, data file, model directory); the message
+    is one line saying what is wrong and where."""
 
 
 # What a user's mistake raises: our errors and the file system's.
@@ -29,8 +27,8 @@ def fail(message: str, code: int = 2):
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """A `USER_ERRORS` exception raised in the block is one ``error:`` line and exit code 2;
-    any other exception is a bug and keeps its traceback."""
+    """A `USER_ERRORS` exception in the block is one ``error:`` line and exit code 2; any other
+    is a bug and keeps its traceback."""
     try:
         yield
     except USER_ERRORS as e:

@@ -1,15 +1,8 @@
 """``python -m fpn_tf.train``: train, evaluate and export FPN Faster R-CNN.
 
-With no arguments it runs the embedded CPU demo: it generates a synthetic COCO-format shapes data
-set, trains the small-backbone model, evaluates it with COCO metrics, exports a SavedModel and
-prints where everything is. With ``--config_file`` (e.g. configs/coco_r50_fpn_1x.yaml) it runs
-that experiment. Without it, a ``--model_dir`` that holds a ``params.yaml`` (a run to resume or
-evaluate, a converted model) runs with that config. ``--mode=eval`` reads the model directory
-(its config, categories and latest checkpoint) and writes only into ``<model_dir>/eval``.
-
-    python -m fpn_tf.train
-    python -m fpn_tf.train --config_file=configs/coco_r50_fpn_1x.yaml --model_dir=runs/r50 \\
-        --strategy=mirrored --params_override="train.total_steps=1000"
+With no arguments, the CPU demo (synthetic shapes, small backbone). Without ``--config_file`` a
+``--model_dir`` holding a ``params.yaml`` runs with that config. ``--mode=eval`` reads the model
+directory and writes only into ``<model_dir>/eval``.
 """
 
 from __future__ import annotations
@@ -28,35 +21,36 @@ DEMO_CONFIG = os.path.join(
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
-    "config_file",
-    None,
-    "YAML experiment file(s), applied in order over the defaults "
-    "(default: the CPU demo, configs/cpu_demo.yaml).",
-)
+    "config_file", None,
+    "YAML experiment file(s), applied in order over the defaults (default: configs/cpu_demo.yaml).",
+)  # fmt: skip
 flags.DEFINE_string(
-    "params_override",
-    None,
+    "params_override", None,
     "Dotted key=value list or YAML/JSON mapping applied last, "
     "e.g. 'train.total_steps=100,train_data.global_batch_size=2'.",
-)
+)  # fmt: skip
 flags.DEFINE_string(
-    "model_dir",
-    None,
+    "model_dir", None,
     "Checkpoints, params.yaml, summaries, metrics and the SavedModel "
     "(default: runs/cpu_demo for the demo). A run resumes from its last checkpoint.",
-)
+)  # fmt: skip
 flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+# Flags that override one config key each (None = the config's).
+_OVERRIDES = {
+    "strategy": "runtime.strategy",
+    "devices": "runtime.devices",
+    "num_logical_cpu_devices": "runtime.num_logical_cpu_devices",
+    "mixed_precision": "runtime.mixed_precision",
+    "jit_compile": "runtime.jit_compile",
+    "total_steps": "train.total_steps",
+}
 flags.DEFINE_enum(
-    "strategy",
-    None,
-    ["one_device", "mirrored", "multi_worker_mirrored"],
+    "strategy", None, ["one_device", "mirrored", "multi_worker_mirrored"],
     "Overrides runtime.strategy.",
-)
+)  # fmt: skip
 flags.DEFINE_list("devices", None, "Overrides runtime.devices, e.g. /gpu:0,/gpu:1.")
 flags.DEFINE_integer(
-    "num_logical_cpu_devices",
-    None,
-    "Split the CPU into N logical devices (test mirrored without GPUs).",
+    "num_logical_cpu_devices", None, "Split the CPU into N logical devices (mirrored without GPUs)."
 )
 flags.DEFINE_enum(
     "mixed_precision",
@@ -70,20 +64,8 @@ flags.DEFINE_boolean("export", True, "Export a SavedModel to MODEL_DIR/saved_mod
 
 
 def _overrides() -> dict:
-    out = {}
-    if FLAGS.strategy:
-        out["runtime.strategy"] = FLAGS.strategy
-    if FLAGS.devices:
-        out["runtime.devices"] = FLAGS.devices
-    if FLAGS.num_logical_cpu_devices is not None:
-        out["runtime.num_logical_cpu_devices"] = FLAGS.num_logical_cpu_devices
-    if FLAGS.mixed_precision:
-        out["runtime.mixed_precision"] = FLAGS.mixed_precision
-    if FLAGS.jit_compile is not None:
-        out["runtime.jit_compile"] = FLAGS.jit_compile
-    if FLAGS.total_steps is not None:
-        out["train.total_steps"] = FLAGS.total_steps
-    return out
+    values = {key: FLAGS[name].value for name, key in _OVERRIDES.items()}
+    return {key: v for key, v in values.items() if v is not None and v != []}
 
 
 def run(config_files, params_override, model_dir, mode, export=True, extra_overrides=None):
@@ -112,14 +94,15 @@ def run(config_files, params_override, model_dir, mode, export=True, extra_overr
         else:
             result["saved_model"] = os.path.abspath(trainer.export())
     result["seconds"] = round(time.time() - start, 1)
+    out = result["model_dir"]
     lines = [
         f"Done in {result['seconds']:.0f} s.",
-        f"  model_dir:   {result['model_dir']}",
-        f"  config:      {os.path.join(result['model_dir'], 'params.yaml')}",
+        f"  model_dir:   {out}",
+        f"  config:      {os.path.join(out, 'params.yaml')}",
         f"  checkpoint:  {trainer.manager.latest_checkpoint}",
     ]
     if "metrics" in result:
-        lines.append(f"  metrics:     {os.path.join(result['model_dir'], 'eval', 'metrics.json')}")
+        lines.append(f"  metrics:     {os.path.join(out, 'eval', 'metrics.json')}")
         lines.append(f"               {format_metrics(result['metrics'])}")
     if "saved_model" in result:
         lines.append(f"  saved_model: {result['saved_model']}")
@@ -129,8 +112,7 @@ def run(config_files, params_override, model_dir, mode, export=True, extra_overr
 
 
 def default_config_files(model_dir: str) -> list[str]:
-    """Without --config_file: the model directory's own config (a run to resume or evaluate, a
-    converted model), else the demo's."""
+    """Without --config_file: the model directory's own config, else the demo's."""
     params = os.path.join(model_dir, "params.yaml")
     return [params] if os.path.isfile(params) else [DEMO_CONFIG]
 

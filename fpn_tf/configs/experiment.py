@@ -1,22 +1,8 @@
-"""Typed experiment configuration for FPN Faster R-CNN.
+"""Typed experiment configuration: a tree of dataclasses whose defaults are the paper's numbers
+(Lin et al., CVPR 2017, §4-5) and detectron2's "1x" COCO schedule.
 
-An experiment is a tree of plain dataclasses whose defaults are the paper's numbers (Lin et al.,
-CVPR 2017, §4-5) and detectron2's "1x" COCO schedule. A run's configuration is resolved in three
-layers, as in TF Model Garden:
-
-    ExperimentConfig()  ->  YAML file(s)  ->  params_override ("train.learning_rate=0.01,...")
-
-(see :mod:`fpn_tf.configs.loader`). Every layer is checked as it is applied: unknown keys and
-wrong types raise :class:`ConfigError` naming the full dotted key (:mod:`fpn_tf.configs.base`).
-:meth:`ExperimentConfig.validate` then rejects impossible values naming the key: each field
-declares its own checks (``field(0.7, unit_interval)``), and the ``_check_values`` of a section
-holds only the rules that relate several fields (``negative_iou <= positive_iou``, one anchor
-size per pyramid level, a batch divisible by the replicas, ...).
-
-The whole resolved tree round-trips through :meth:`Config.to_dict` / :meth:`Config.from_dict` and
-YAML, so a run writes it to ``model_dir`` and can be reproduced from that file alone.
-
-Standard library and PyYAML only (no TensorFlow, no Keras), so configs load in milliseconds.
+Each field declares its own checks (``field(0.7, unit_interval)``); a section's ``_check_values``
+holds the rules that relate several fields. No TensorFlow: configs load in milliseconds.
 """
 
 from __future__ import annotations
@@ -66,44 +52,27 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# Model.
-# --------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class BackboneConfig(Config):
-    """Bottom-up pathway (`fpn_tf.modeling.backbones.build_backbone`): C2..C5, strides 4..32.
+    """Bottom-up pathway: C2..C5, strides 4..32.
 
-    weights: None (random init), "imagenet" (keras.applications) or a local .h5 / .weights.h5.
-    freeze_at: 0 = train everything, 1 = freeze the stem, 2 = stem + conv2 (detectron2's
-      FREEZE_AT=2), ... 5 = everything up to conv5.
+    weights: null (random), "imagenet" (keras.applications) or a local .h5 / .weights.h5.
+    freeze_at: 0 = train everything, 1 = the stem frozen, 2 = stem + conv2 (detectron2), ... 5.
     freeze_bn: BatchNorm in inference mode, statistics and affine parameters frozen.
-    sync_batch_norm: a BatchNorm that trains (freeze_bn false) takes its statistics over all
-      replicas.
-    fold_frozen_bn: with freeze_bn, each conv + frozen BatchNorm runs as one convolution (same
-      outputs up to float rounding, faster); the checkpoint holds the BatchNorm vectors under
-      the conv's name.
-    widths / blocks / stem_width: small_resnet only: channels and basic blocks of conv2..conv5,
-      channels of the stem ([64, 128, 256, 512] / [2, 2, 2, 2] / 64 is ResNet-18).
-    stride_in_1x1: resnet50/resnet101 only: where a bottleneck's stride 2 goes: true = its 1x1
-      conv (keras.applications, detectron2); false = its 3x3 conv (torchvision), which needs
-      weights null or a local file.
-    bn_epsilon: every BatchNorm's epsilon, folded ones included; null = the builder's own
-      (keras.applications 1.001e-5, small_resnet 1e-5). 0 needs freeze_bn; torchvision's COCO_V1
-      detection weights run with 0.
-    channel_order / pixel_mean / pixel_std: the input normalisation, all three or none. Inputs
-      are RGB 0..255; channel_order is the order the first conv sees, and pixel_mean /
-      pixel_std are in THAT order, 0..255 units. null = the type's own: resnet* bgr,
-      [103.939, 116.779, 123.68], std 1; small_resnet rgb, [123.675, 116.28, 103.53],
-      [58.395, 57.12, 57.375].
-    pad_normalized_zero: set every pixel outside an image's valid region to pixel_mean before
-      the backbone, so the padding is 0 after normalisation, as torchvision and detectron2 pad.
-
-    Published weights: torchvision fasterrcnn_resnet50_fpn = stride_in_1x1 false, bn_epsilon 0,
-    rgb, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], pad_normalized_zero true;
-    detectron2 R-50 = bn_epsilon 1e-5, bgr, [103.53, 116.28, 123.675], [1, 1, 1],
-    pad_normalized_zero true.
+    sync_batch_norm: a training BatchNorm takes its statistics over all replicas.
+    fold_frozen_bn: each conv + frozen BatchNorm runs as one convolution (faster; the checkpoint
+      holds the BatchNorm vectors under the conv's name).
+    widths / blocks / stem_width: small_resnet only ([64, 128, 256, 512] / [2, 2, 2, 2] / 64 is
+      ResNet-18).
+    stride_in_1x1: resnet50/101: a bottleneck's stride in its 1x1 conv (keras.applications,
+      detectron2) or, false, its 3x3 conv (torchvision; weights null or a local file).
+    bn_epsilon: every BatchNorm's; null = the builder's (1.001e-5 resnet*, 1e-5 small_resnet); 0
+      (torchvision's COCO_V1 weights) needs freeze_bn.
+    channel_order / pixel_mean / pixel_std: all three or none (null = the type's own: resnet* bgr
+      [103.939, 116.779, 123.68] std 1; small_resnet rgb [123.675, 116.28, 103.53] [58.395,
+      57.12, 57.375]). Inputs are RGB 0..255; mean and std are in channel_order, 0..255 units.
+    pad_normalized_zero: the padding set to pixel_mean, 0 after normalisation (as torchvision
+      and detectron2 pad). The reference configs hold the published weights' settings.
     """
 
     type: Literal["resnet50", "resnet101", "small_resnet"] = "resnet50"
@@ -163,13 +132,10 @@ class BackboneConfig(Config):
 class FPNConfig(Config):
     """Top-down pathway with lateral connections (paper §3).
 
-    num_channels: d, the channels of every pyramid level (256 in the paper).
-    min_level/max_level: pyramid levels P{min}..P{max} (2..6: P6 = stride-2 max-pool of P5).
-    use_top_down / use_lateral: Table 1's "bottom-up pyramid" and "top-down pyramid without
-      lateral connections" ablations.
-    levels_used: the levels the heads use, e.g. ["P2"] for Table 1 (f); None = all.
-    single_scale_level: "C4" or "C5": no pyramid, the heads run on that backbone map (Table 1
-      (a)/(b)); None = the pyramid.
+    num_channels: d of every level (paper: 256). min_level/max_level: P2..P6 (P6: stride-2
+    max-pool of P5). use_top_down / use_lateral: false for Table 1's "bottom-up pyramid" / "no
+    lateral" ablations. levels_used: the levels the heads use (["P2"]: Table 1 (f)); null = all.
+    single_scale_level: "C4"/"C5": the heads on that backbone map (Table 1 (a)/(b)).
     """
 
     num_channels: int = field(256, positive)
@@ -213,14 +179,11 @@ class FPNConfig(Config):
 class AnchorConfig(Config):
     """One anchor size per pyramid level (areas 32²..512² on P2..P6) × aspect ratios (h/w).
 
-    offset: anchor centres at ((y + offset) * stride, (x + offset) * stride) for cell (y, x):
-      0.5 = the centre of the cell's pixels (ours, Model Garden); 0.0 = its top-left pixel
-      (torchvision, detectron2).
-    round_cell_anchors: round each cell's anchors (centred at 0) to integers, half to even
-      (torchvision).
-    stride_from_padded_size: each level's stride per axis is padded_size // map_size
-      (torchvision: P6 of an 800-pixel side has stride 61); false: 2**level. The padded size is
-      the first anchor level's map size times its stride.
+    offset: cell (y, x)'s anchors centred at ((y + offset) * stride, ...): 0.5 (ours, Model
+      Garden) or 0.0 (torchvision, detectron2).
+    round_cell_anchors: the cell anchors rounded to integers, half to even (torchvision).
+    stride_from_padded_size: a level's stride per axis is padded_size // map_size (torchvision:
+      P6 of 800 pixels has stride 61); false: 2**level.
     """
 
     sizes: List[float] = field([32.0, 64.0, 128.0, 256.0, 512.0], non_empty, each(positive))
@@ -232,23 +195,18 @@ class AnchorConfig(Config):
 
 @dataclasses.dataclass
 class RPNConfig(Config):
-    """Region proposal network on the pyramid (paper §4.1), one head shared by all levels.
+    """Region proposal network (paper §4.1), one head shared by all levels.
 
-    positive_iou / negative_iou: anchors with IoU > 0.7 are positive, < 0.3 negative, the rest
-      ignored; each ground truth's highest-IoU anchor is positive too (when that IoU is > 0).
-    positive_iou_inclusive: positive iff IoU >= positive_iou (torchvision's and detectron2's
-      Matcher) instead of > (the paper's "higher than 0.7").
-    pre_nms_top_k_*: kept per level by objectness before NMS; post_nms_top_k_*: kept per image.
-      The _train pair applies when a loss is computed (training and validation), _test otherwise.
-    nms_per_level: one NMS per level, then the post_nms_top_k best of all levels (torchvision,
-      detectron2); false: one NMS over every level's candidates.
-    min_box_size: proposals with a side smaller than this (input pixels) are dropped.
-    smooth_l1_beta: the box loss' smooth-L1 transition point (1/9 = Detectron's sigma 3; 0 = L1).
-    head_channels: the 3x3 conv's channels; None = the pyramid's num_channels.
-    head_sparse_backward: the head's gradient only at the positions the loss reaches (equal to
-      the dense gradient up to float rounding, cheaper).
-    nms_impl: "per_image" (a map of the greedy NMS; XLA-compatible) or "padded" (one batched
-      op); same boxes either way.
+    positive_iou / negative_iou: anchors with IoU > 0.7 positive, < 0.3 negative; each ground
+      truth's best anchor is positive too (IoU > 0). positive_iou_inclusive: >= instead of >
+      (torchvision's and detectron2's Matcher).
+    pre_nms_top_k_*: kept per level before NMS; post_nms_top_k_*: per image. _train applies
+      when a loss is computed, _test otherwise.
+    nms_per_level: one NMS per level, then the best of all (torchvision, detectron2).
+    min_box_size: proposals with a smaller side (input pixels) are dropped.
+    smooth_l1_beta: 1/9 = Detectron's sigma 3; 0 = L1. head_channels: null = num_channels.
+    head_sparse_backward: the head's gradient only where the loss reaches (same up to rounding).
+    nms_impl: "per_image" (XLA-compatible) or "padded" (one batched op); same boxes.
     """
 
     head_channels: Optional[int] = field(None, positive)
@@ -290,19 +248,14 @@ class RoISamplerConfig(Config):
 
 @dataclasses.dataclass
 class RoIAlignerConfig(Config):
-    """Eq. 1 + RoIAlign (`fpn_tf.modeling.poolers.MultiLevelRoIAlign`): an RoI of w×h input
-    pixels goes to level k = floor(canonical_level + log2(sqrt(wh) / canonical_size) +
-    level_epsilon) clamped to [min_level, max_level], then RoIAlign output_size² there.
+    """Eq. 1 + RoIAlign: an RoI of w×h input pixels goes to level k = floor(canonical_level +
+    log2(sqrt(wh) / canonical_size) + level_epsilon) in [min_level, max_level].
 
-    sampling_ratio: samples per bin along each axis (0 = adaptive: ceil(RoI size in cells /
-      output_size), at most 4).
-    aligned: the half-pixel shift (a cell's centre is at (i + 0.5) * stride): true is detectron2's
-      ROIAlignV2; false is torchvision's MultiScaleRoIAlign (no shift, RoI sides >= one cell).
-    level_epsilon: 0 (ours) computes Eq. 1 exactly from area thresholds; torchvision's
-      LevelMapper uses 1e-6 (computed as it does, float32 log2).
-    align_impl: same samples either way: "gather" (batched gather + matmul, static shapes),
-      "crop_and_resize" (per-level native crops; faster forward on CPUs, dynamic shapes) or
-      "auto" (crop_and_resize at inference, gather in training and under XLA).
+    sampling_ratio: samples per bin per axis (0 = adaptive, at most 4).
+    aligned: the half-pixel shift (detectron2's ROIAlignV2); false: torchvision's.
+    level_epsilon: 0 (ours, exact); torchvision's LevelMapper uses 1e-6 in float32.
+    align_impl: "gather" (static shapes), "crop_and_resize" (faster forward on CPUs) or "auto"
+      (crop_and_resize at inference, gather in training and under XLA); same samples.
     """
 
     output_size: int = field(7, positive)
@@ -331,17 +284,13 @@ class RoIAlignerConfig(Config):
 
 @dataclasses.dataclass
 class BoxHeadConfig(Config):
-    """The Fast R-CNN box head (paper §4.2): num_fc hidden fc layers of fc_dims + ReLU, a
-    classifier and class-specific box regression, and their losses.
+    """The Fast R-CNN box head (paper §4.2): num_fc fc layers of fc_dims, classifier, box deltas.
 
-    box_weights: box-coder weights of the class-specific deltas (targets and decoding).
-    smooth_l1_beta: 1.0 is Fast R-CNN's smooth L1 (sigma = 1); 0 = L1 (detectron2's default).
-    loss_weight: of both box-head losses in total_loss.
-    classifier_layout: "contiguous" (ours, detectron2's up to moving background first): C + 1
-      rows, row 0 background, row k class k. "dataset_ids" (torchvision's COCO models): max(id)
-      + 1 rows, row `id` for dataset category id `id`; the softmax and the classification loss
-      are over all rows, the detections read background and the dataset's rows. The box
-      regression has 4C outputs either way.
+    box_weights: the box coder's. smooth_l1_beta: 1.0 = Fast R-CNN's; 0 = L1 (detectron2).
+    loss_weight: of both box-head losses.
+    classifier_layout: "contiguous" (ours): row 0 background, row k class k. "dataset_ids"
+      (torchvision's COCO models): max(id) + 1 rows, row id for category id; softmax and loss over
+      all rows.
     """
 
     num_fc: int = field(2, at_least(1))
@@ -358,12 +307,10 @@ class BoxHeadConfig(Config):
 class DetectionConfig(Config):
     """Inference post-processing: score threshold, per-class NMS, detections kept per image.
 
-    nms_impl: the per-class NMS: "per_image" or "padded" (one class-agnostic NMS over
-      class-shifted boxes; XLA-compatible) or "combined" (tf.image.combined_non_max_suppression;
-      no XLA kernel); the same detections unless over 5000 candidates pass score_threshold.
-    min_box_size: detections (after clipping to the image, before NMS) with a side smaller than
-      this (input pixels) are removed; torchvision uses 1e-2 (remove_small_boxes), 0 (ours,
-      detectron2) removes none.
+    nms_impl: "per_image", "padded" (XLA-compatible) or "combined" (no XLA kernel); the same
+      detections unless over 5000 candidates pass score_threshold.
+    min_box_size: clipped detections with a smaller side (input pixels) are removed before NMS
+      (torchvision: 1e-2; ours, detectron2: 0).
     """
 
     score_threshold: float = field(0.05, unit_interval)
@@ -375,13 +322,9 @@ class DetectionConfig(Config):
 
 @dataclasses.dataclass
 class MaskHeadConfig(Config):
-    """The Mask R-CNN mask head (He et al. 2017, FPN variant; architecture "mask_rcnn"):
-    num_convs 3x3 convs of conv_dims (ReLU), a 2x2 stride-2 deconv and per-class 1x1 mask logits
-    at twice model.mask_roi_aligner.output_size (28x28, the training targets' size).
-
-    class_agnostic: one mask for every class (false: one per class, the paper's default).
-    loss_weight: the mask loss's weight in total_loss.
-    """
+    """The Mask R-CNN mask head (He et al. 2017): num_convs 3x3 convs of conv_dims, a 2x2 deconv
+    and 1x1 mask logits at twice mask_roi_aligner.output_size. class_agnostic: one mask for all
+    classes (paper: one per class)."""
 
     num_convs: int = field(4, non_negative)
     conv_dims: int = field(256, positive)
@@ -391,31 +334,22 @@ class MaskHeadConfig(Config):
 
 @dataclasses.dataclass
 class SegmentProposalConfig(Config):
-    """Segment proposals on the pyramid (paper §6; Appendix A of arXiv 1612.03144v2):
-    DeepMask-style MLPs applied fully convolutionally on P2..P6
-    (`fpn_tf.modeling.segment_proposals`, geometry and targets in `fpn_tf.ops.segment_windows`).
-    Defaults are the appendix's numbers ("paper") or ours where it says nothing ("ours"); it
-    also uses d = 128 (model.fpn.num_channels, configs/coco_r50_fpn_segment_proposals.yaml).
+    """Segment proposals (paper §6; Appendix A of arXiv 1612.03144v2): DeepMask MLPs applied
+    fully convolutionally on P2..P6 (the appendix uses model.fpn.num_channels 128).
 
-    hidden_dims: outputs of the MLP's w x w conv (paper: 512).
-    mask_size: side of the predicted box-relative mask (paper: 14).
-    window_sizes: the MLPs' input windows, one head per size shared by P2..P6 (paper: [5, 7]).
-    object_sizes: per head, the object scale (longer side, input px) it handles on P2, doubling
-      per level (paper: 32 for the 5x5, 32√2 for the 7x7). An object goes to the (head, level)
-      whose scale is nearest its longer side in log space; outside the range, to the end groups.
-    mask_box_scale: the mask covers a square of this x the group's scale, centred at the cell
-      centre (paper: 25 % padding = 1.25).
-    center_tolerance, center_tolerance_unit: a window is positive for an object of its group
-      when its cell centre is within center_tolerance units of the box centre on both axes;
-      unit "cells" = the level's stride, "object_size" = the group's scale (paper: 1 cell).
-    crowd_ioa_threshold: a would-be negative whose mask box lies more than this much inside a
-      crowd box is ignored (ours).
-    batch_size_per_image, positive_fraction: windows sampled per image for the losses, at most
-      that fraction positive (paper: 128, 1 : 3).
-    pre_nms_top_k: with NMS, windows kept per (level, head) before it (ours).
+    hidden_dims: the w x w conv's outputs (paper: 512). mask_size: mask side (paper: 14).
+    window_sizes: one head per window size, shared by P2..P6 (paper: [5, 7]).
+    object_sizes: per head, the object scale (longer side, input px) on P2, doubling per level
+      (paper: 32, 32√2); an object goes to the (head, level) nearest in log scale.
+    mask_box_scale: the mask covers this x the group's scale around the cell centre (paper: 1.25).
+    center_tolerance (unit "cells" = the stride, or "object_size"): a window is positive when its
+      centre is this close to the box centre on both axes (paper: 1 cell).
+    crowd_ioa_threshold: a negative this much inside a crowd box is ignored (ours).
+    batch_size_per_image, positive_fraction: windows sampled per image (paper: 128, 1 : 3).
+    pre_nms_top_k: with NMS, windows per (level, head) before it (ours).
     post_nms_top_k: proposals per image (paper: 1000).
-    nms_iou: NMS IoU threshold on the mask boxes; 1 = no NMS, the top K windows (paper).
-    objectness_loss_weight, mask_loss_weight: the score and mask loss weights (paper: 1, 10).
+    nms_iou: on the mask boxes; 1 = no NMS (paper).
+    objectness_loss_weight, mask_loss_weight: paper: 1, 10.
     """
 
     hidden_dims: int = field(512, positive)
@@ -445,33 +379,16 @@ class SegmentProposalConfig(Config):
 
 @dataclasses.dataclass
 class ModelConfig(Config):
-    """FPN Faster R-CNN. num_classes: foreground classes; 0 = the dataset's number of categories.
+    """The detector. num_classes: foreground classes; 0 = the dataset's.
 
-    architecture: "faster_rcnn" (boxes), "mask_rcnn" (boxes and the mask branch of
-      model.mask_roi_aligner / model.mask_head, He et al. 2017) or "segment_proposals" (the
-      paper's §6 mask proposals: the pyramid and the head of model.segment_proposals; the RPN
-      and RoI sections are unused). The last two train on
-      each object's mask (labels["gt_masks"]).
-
-    init_checkpoint: start a run from another model's weights (fine-tuning): a model directory
-      (a training run's model_dir, or a converted model: params.yaml, category_map.json and
-      ``tf.train.Checkpoint(model=..., optimizer=...)`` files; its latest checkpoint is used) or
-      a checkpoint path prefix inside one (``models/x/ckpt-5``). The source model is rebuilt from
-      that directory's params.yaml model section and category_map.json; only its model weights
-      are taken (the optimizer state and step are not: the run starts at step 0 with a fresh
-      optimizer). Used only when a run starts from step 0: a run that resumes from a checkpoint
-      of its own model_dir ignores it (and logs so). null = no init checkpoint.
-    init_checkpoint_modules: which weights init_checkpoint gives (`fpn_tf.training.init_checkpoint`):
-      "all" = every weight of the detector (backbone, pyramid, RPN, the box head's fc layers);
-      the class-specific layers (the box head's classifier and box regressor, a mask branch's
-      predictor) are taken only when the source has the same classes (same category ids, hence
-      the same shapes), else they keep their fresh initialisation, and the log says so. A Mask
-      R-CNN started from a Faster R-CNN keeps its fresh mask branch (logged). "backbone" = only the bottom-up
-      ResNet (e.g. to start a different detector from a COCO backbone). Outside the class layers,
-      the weights taken must have the source's shapes: an architecture that differs (another
-      backbone, pyramid width, fc size, ...) is a one-line error naming the layer and both shapes.
-      With an init checkpoint the backbone's ``weights`` are not loaded (the checkpoint
-      overwrites every backbone weight either way).
+    architecture: "faster_rcnn", "mask_rcnn" (plus mask_roi_aligner / mask_head) or
+      "segment_proposals" (§6: the pyramid and segment_proposals; RPN and RoI sections unused).
+    init_checkpoint: fine-tune from another model's weights: a model directory (its latest
+      checkpoint) or a checkpoint prefix in one; only the model weights, the run starting at step
+      0 with a fresh optimizer. A resumed run ignores it; backbone.weights are then not loaded.
+    init_checkpoint_modules: "all" (every weight; the class-specific layers only when the source
+      has the same category ids, else fresh, logged) or "backbone". The weights taken must have
+      the source's shapes (else a one-line error naming the layer).
     """
 
     architecture: Literal["faster_rcnn", "mask_rcnn", "segment_proposals"] = "faster_rcnn"
@@ -526,22 +443,11 @@ class ModelConfig(Config):
                 )
 
 
-# --------------------------------------------------------------------------------------------
-# Data.
-# --------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class SyntheticDataConfig(Config):
-    """A generated shapes set in COCO format (source: synthetic), for tests and the CPU demo.
-
-    Arguments of fpn_tf.data.synthetic.generate_split, which writes
-    <output_dir>/annotations/instances_<split>.json and images under <output_dir>/<split>/
-    (split "train" for train_data, "val" for eval_data); the trainer generates it once, then
-    reads it as a COCO source. output_dir: None = a folder chosen by the trainer.
-    image_size: [min, max] pixels; each image's height and width are drawn from that range.
-    max_objects: objects per image, at most.
-    """
+    """A generated shapes set in COCO format (source: synthetic), for tests and the CPU demo,
+    written once under output_dir (null = the trainer's choice) and read as COCO. image_size:
+    [min, max] pixels of each side; max_objects: per image."""
 
     num_images: int = field(400, positive)
     image_size: List[int] = field(
@@ -560,35 +466,22 @@ class SyntheticDataConfig(Config):
 class DataConfig(Config):
     """One input pipeline (train_data or eval_data).
 
-    Field names are those fpn_tf.data.build_dataset / as_source read.
-    source: "coco" (annotation_file + image_dir), "tfrecord" (Model Garden tf.Example shards
-      matching file_pattern; category_map: the id -> name JSON, None = the one beside the shards)
-      or "synthetic" (generated, see SyntheticDataConfig, then read as COCO).
-    annotation_file: for eval_data it is also the ground truth of the COCO metrics when set
-      (official areas, crowd regions), whatever the source.
-    short_side / max_long_side: resize so the shorter side is short_side and the longer side at
-      most max_long_side (800 / 1333). pad_multiple: padded sizes are multiples of it.
-    resize_rounding: how the resized size is rounded (fpn_tf.data.transforms.resized_size; the
-      pipeline and, from eval_data, the exported SavedModel): "round" (half to even, float32, as
-      Model Garden; ours), "floor" (torchvision's GeneralizedRCNNTransform: scale
-      min(short_side / min(h, w), max_long_side / max(h, w)), then floor(size * scale), in
-      float64; 480x640 -> 800x1066 where round gives 800x1067) or "half_up" (detectron2's
-      ResizeShortestEdge: float64, int(size + 0.5); differs from "round" on ties, ~0.1 % of
-      sizes).
-    resize_method: how the pixels are resampled to that size (fpn_tf.data.transforms.resize_image;
-      the pipeline and, from eval_data, the exported SavedModel): "bilinear" (tf.image.resize,
-      float, no anti-aliasing; ours, and torchvision's F.interpolate) or "pil_bilinear"
-      (detectron2's: PIL's Image.BILINEAR on the uint8 image, anti-aliased when shrinking, the
-      result uint8; reproduced bit-exactly in TF, about 6x slower than "bilinear" on a CPU).
-    padding_mode: "orientation" (two static shapes: landscape / portrait), "square" (one) or
-      "batch" (each batch to its largest image); see fpn_tf.data.pipeline.
-    global_batch_size: over all replicas; must be divisible by the number of replicas.
-    shuffle_buffer_size: None = the pipeline's default (every image for COCO sources).
-    max_num_instances: ground-truth rows per image (padded; extra objects dropped).
-    mask_crop_size: S of labels["gt_masks"] [B, N, S, S], each object's mask over its box
-      (box-relative, fpn_tf.ops.mask_ops), when the pipeline is asked for masks (a model with a
-      mask head).
-    on_bad_data: "skip" a corrupt/unreadable example (logged) or "error".
+    source: "coco" (annotation_file + image_dir), "tfrecord" (Model Garden tf.Example shards of
+      file_pattern; category_map: the id -> name JSON, null = the one beside them) or
+      "synthetic". eval_data's annotation_file, when set, is the COCO metrics' ground truth.
+    short_side / max_long_side: resize to this shorter side, the longer at most this (800 /
+      1333). pad_multiple: padded sizes are multiples of it.
+    resize_rounding (also the export's, from eval_data): "round" (half to even, float32; ours,
+      Model Garden), "floor" (torchvision: 480x640 -> 800x1066, round gives 800x1067) or
+      "half_up" (detectron2's ResizeShortestEdge; differs from round on ~0.1 % of sizes).
+    resize_method (also the export's): "bilinear" (tf.image.resize, no anti-aliasing; ours,
+      torchvision) or "pil_bilinear" (detectron2's PIL resize of the uint8 image, bit-exact,
+      ~6x slower on a CPU).
+    padding_mode: "orientation" (two static shapes), "square" (one) or "batch" (per batch).
+    global_batch_size: over all replicas. shuffle_buffer_size: null = every image (COCO).
+    max_num_instances: ground-truth rows per image (extra objects dropped).
+    mask_crop_size: S of the box-relative labels["gt_masks"] [B, N, S, S] of mask models.
+    on_bad_data: "skip" a corrupt example (logged) or "error".
     verify_images: how much of each COCO image file is checked when indexing.
     """
 
@@ -671,27 +564,18 @@ def _eval_data() -> DataConfig:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Training, evaluation, runtime.
-# --------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class TrainConfig(Config):
     """Optimisation and the training loop (detectron2 "1x": 90k steps at batch 16).
 
-    learning_rate: base LR for reference_batch_size images; with scale_lr_with_batch the LR used is
-      learning_rate * global_batch_size / reference_batch_size (linear scaling rule; the step
-      counts are not rescaled). See :meth:`scaled_learning_rate` and fpn_tf.training.lr_schedule.
-    optimizer: "sgd" (with momentum) or "adamw" (momentum is then unused).
-    weight_decay: for sgd, the L2 coefficient as in the paper/Caffe/detectron2, i.e. weight_decay *
-      w added to the gradient before momentum (Keras' own SGD(weight_decay=...) is decoupled and
-      ~1/(1-momentum) = 10x weaker); for adamw, AdamW's decoupled decay.
-    weight_decay_excludes_bn_and_bias: no decay on BatchNorm parameters and biases.
-    warmup_steps / warmup_factor: LR ramps linearly from warmup_factor * LR to LR.
-    decay_steps / decay_factor: LR multiplied by decay_factor at each listed step.
-    gradient_clip_norm: clip by global norm; None = no clipping.
-    on_nan: a non-finite loss either stops the run ("stop") or skips that update ("skip").
+    learning_rate: for reference_batch_size images; scale_lr_with_batch multiplies it by
+      global_batch_size / reference_batch_size (linear scaling; step counts unchanged).
+    optimizer: "sgd" (momentum) or "adamw".
+    weight_decay: sgd: coupled L2 (w * weight_decay added to the gradient before momentum, as
+      Caffe/detectron2); adamw: decoupled. weight_decay_excludes_bn_and_bias: as it says.
+    warmup_steps / warmup_factor: LR ramps linearly from warmup_factor * LR.
+    decay_steps / decay_factor: LR times decay_factor at each step listed.
+    gradient_clip_norm: by global norm; null = none. on_nan: "stop" the run or "skip" the update.
     """
 
     total_steps: int = field(90000, positive)
@@ -715,7 +599,6 @@ class TrainConfig(Config):
     seed: int = 0
 
     def scaled_learning_rate(self, global_batch_size: int) -> float:
-        """The LR used: the linear scaling rule when scale_lr_with_batch, else learning_rate."""
         if not self.scale_lr_with_batch:
             return self.learning_rate
         return self.learning_rate * global_batch_size / self.reference_batch_size
@@ -723,14 +606,9 @@ class TrainConfig(Config):
 
 @dataclasses.dataclass
 class EvalConfig(Config):
-    """Evaluation. steps: batches per evaluation (None = the whole eval set).
-
-    every_steps: evaluate every so many training steps in train_and_eval mode.
-    compute_rpn_recall: also report proposal AR@100/AR@1000 (paper Table 1).
-    per_category_metrics: add AP per category to the metrics.
-    summary_images: at each evaluation, this many held-out images with the predicted boxes
-      (score >= summary_score_threshold, red) and the ground truth (green) go to TensorBoard.
-    """
+    """Evaluation. steps: batches per evaluation (null = all). every_steps: in train_and_eval.
+    compute_rpn_recall: proposal AR@100/AR@1000 (paper Table 1). summary_images: held-out images
+    with detections >= summary_score_threshold (red) and ground truth (green) in TensorBoard."""
 
     steps: Optional[int] = field(None, positive)
     every_steps: int = field(10000, positive)
@@ -744,14 +622,11 @@ class EvalConfig(Config):
 class RuntimeConfig(Config):
     """Where and how the computation runs.
 
-    strategy: "one_device" (devices[0], or the first GPU, else the CPU), "mirrored" (devices, or
-      all local GPUs) or "multi_worker_mirrored" (cluster from TF_CONFIG).
-    devices: e.g. ["/gpu:0", "/gpu:1"]; None = automatic.
-    num_logical_cpu_devices: split the CPU into that many logical devices before the strategy is
-      made (tests of multi-replica code without GPUs); 0 = leave as is.
-    mixed_precision: None/"float32" (off), "mixed_float16" or "mixed_bfloat16" (Keras dtype
-      policies); "float16" and "bfloat16" are Model Garden spellings of the two mixed policies.
-    jit_compile: XLA-compile the train/eval steps.
+    strategy: "one_device" (devices[0], else the first GPU, else the CPU), "mirrored" (devices,
+      else all local GPUs) or "multi_worker_mirrored" (TF_CONFIG). devices: null = automatic.
+    num_logical_cpu_devices: split the CPU (multi-replica tests without GPUs); 0 = as is.
+    mixed_precision: null/"float32", "mixed_float16", "mixed_bfloat16" ("float16"/"bfloat16":
+      Model Garden spellings). jit_compile: XLA-compile the train/eval steps.
     """
 
     strategy: Literal["one_device", "mirrored", "multi_worker_mirrored"] = "one_device"
@@ -771,7 +646,6 @@ class RuntimeConfig(Config):
             )
 
     def dtype_policy(self) -> Optional[str]:
-        """The Keras dtype policy name to set, or None for the float32 default."""
         return {
             None: None,
             "float32": None,
@@ -780,11 +654,6 @@ class RuntimeConfig(Config):
             "bfloat16": "mixed_bfloat16",
             "mixed_bfloat16": "mixed_bfloat16",
         }[self.mixed_precision]
-
-
-# --------------------------------------------------------------------------------------------
-# The experiment.
-# --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -801,14 +670,9 @@ class ExperimentConfig(Config):
     def validate(
         self, num_replicas: Optional[int] = None, check_files: bool = False, training: bool = True
     ) -> "ExperimentConfig":
-        """Raises ConfigError on impossible values; returns self.
-
-        num_replicas: replicas in sync (strategy.num_replicas_in_sync); both global batch sizes
-          must divide by it. None = taken from runtime.devices when listed (1 for one_device), else
-          not checked.
-        check_files: also require the data/weights paths that the sources need to exist.
-        training: False for an evaluation alone: the training data's paths are not needed.
-        """
+        """Raises ConfigError on impossible values; returns self. Both global batch sizes must
+        divide by ``num_replicas`` (null = from runtime when known). ``check_files``: the paths
+        must exist (the training data's only when ``training``)."""
         self.validate_section("")
         if num_replicas is None:
             if self.runtime.strategy == "one_device":

@@ -1,19 +1,9 @@
 """Resolving an experiment: defaults -> YAML file(s) -> params_override; saving it with a run.
 
-    cfg = load_config("configs/coco_r50_fpn_1x.yaml",
-                      params_override="train.learning_rate=0.01,model.fpn.num_channels=128",
-                      num_replicas=strategy.num_replicas_in_sync)
-    save_config(cfg, model_dir)          # model_dir/params.yaml, loadable with load_config
-
-YAML files may start from other files with ``_base_: other.yaml`` (a path relative to the file, or
-a list of them, merged in order, the file's own keys last), as detectron2 configs do.
-
-``params_override`` takes what Model Garden's ``--params_override`` takes:
-  * "a.b=1,c.d=[1, 2],e=null,f=some/path" (values are parsed as YAML: numbers, true/false, null,
-    [lists], {mappings}; quote a string that contains a comma: f='x,y');
-  * a YAML or JSON mapping as a string: "{train: {learning_rate: 0.01}}" or '{"train.steps": 5}';
-  * the path of a YAML file;
-  * a dict; or a list of any of these, applied in order.
+A YAML file may start from others with ``_base_: other.yaml`` (relative to the file, or a list,
+merged in order, its own keys last), as detectron2 configs do. ``params_override`` takes what
+Model Garden's does: "a.b=1,c.d=[1, 2],f='x,y'" (values parsed as YAML), a YAML/JSON mapping
+string, a YAML file path, a dict, or a list of these applied in order.
 """
 
 from __future__ import annotations
@@ -168,10 +158,7 @@ def _parse_one(override: Override) -> Dict[str, Any]:
 
 
 def parse_params_override(params_override: Union[Override, Iterable[Override]]) -> Dict[str, Any]:
-    """A params_override (string, mapping, YAML file path, or a list of them) -> one nested dict.
-
-    Keys stay dotted where they were dotted; Config.override expands them.
-    """
+    """A params_override (string, mapping, YAML file path, or a list of them) -> one nested dict."""
     if params_override is None or isinstance(params_override, (str, Mapping)):
         items = [params_override]
     else:
@@ -236,9 +223,7 @@ def load_config(
     check_files: bool = False,
 ) -> ExperimentConfig:
     """Defaults, then each YAML file in order, then params_override; validated unless told not to.
-
-    Errors are ConfigError (a ValueError) naming the file or 'params_override' and the key.
-    """
+    A ConfigError names the file or 'params_override' and the key."""
     config = ExperimentConfig()
     files = [config_file] if isinstance(config_file, str) else list(config_file or [])
     for path in files:

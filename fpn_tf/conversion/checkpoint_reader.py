@@ -1,14 +1,8 @@
 """Reading published PyTorch checkpoints into ``{key: float32 ndarray}``, and tracking the keys.
 
-* torchvision ``.pth``: a ``torch.save`` state dict; reading it needs ``torch`` (the ``[torch]``
-  extra), loaded with ``weights_only=True`` so the file cannot run code.
-* detectron2 model-zoo ``.pkl``: a plain pickle of ``{"model": {key: ndarray}, ...}``; read with an
-  unpickler that only rebuilds NumPy arrays and dicts (no torch, and no code from the file).
-  A detectron2 ``.pth`` (from its own training) is a torch file, read like torchvision's.
-
-`StateDict` hands out arrays by key and remembers which were taken, so a converter can prove that
-every key of the file went somewhere (a file of another architecture leaves keys over) and that
-none was invented (a missing key is an error, never a default).
+A ``.pth`` is read with ``torch.load(weights_only=True)``, a detectron2 ``.pkl`` with an unpickler
+that only rebuilds NumPy arrays and dicts: neither runs code from the file. `StateDict` remembers
+which keys were taken, so every key must go somewhere and none is invented.
 """
 
 from __future__ import annotations
@@ -37,13 +31,7 @@ def _summarise(keys: Iterable[str], limit: int = 4) -> str:
 
 class StateDict:
     """Arrays by key; `take` marks a key used, `check_all_used` fails on keys left over.
-
-    Args:
-      arrays: ``{key: array}``.
-      path: the file they came from (for messages).
-      ignored_suffixes: keys ending so are bookkeeping, not weights (BatchNorm's
-        ``num_batches_tracked``): counted as used without being converted.
-    """
+    Keys with ``ignored_suffixes`` are bookkeeping, not weights: counted as used."""
 
     def __init__(
         self,
@@ -84,9 +72,7 @@ class StateDict:
             raise ConversionError(f"{self.path} is not a {what} checkpoint: {'; '.join(problems)}")
 
 
-# Array kinds that are numbers: bool, signed and unsigned int, float. Object arrays (strings or
-# other Python objects a pickle may hold), strings, bytes, records, complex and dates are not
-# weights: refused by name instead of failing inside the float conversion.
+# bool, int, uint, float: other arrays are refused by name, not inside the float conversion.
 _NUMERIC_KINDS = "biuf"
 
 

@@ -1,18 +1,7 @@
-"""A published COCO checkpoint -> a model directory like a training run's.
-
-    convert_checkpoint("torchvision", "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth", "models/tv",
-                       load_config("configs/coco_r50_fpn_torchvision.yaml"))
-    convert_checkpoint("torchvision", "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", "models/tv_mask",
-                       load_config("configs/coco_r50_fpn_mask_torchvision.yaml"))
-
-writes ``models/tv/``: ``params.yaml`` (the config that rebuilds exactly this architecture),
-``category_map.json`` (COCO's 80 categories, ids 1..90), the weights as ``ckpt-0`` (a
-``tf.train.Checkpoint(model=...)`` that ``--mode=eval``, ``fpn_tf.export``, ``fpn_tf.predict`` and
-``model.init_checkpoint`` read), ``conversion.json`` (source file, its SHA-256, counts) and,
-unless told not to, ``saved_model/`` (the serving signatures). Everything is written to a
-sibling ``.partial`` folder first and renamed at the end, so a failure never leaves a partly
-converted model behind.
-"""
+"""A published COCO checkpoint -> a model directory like a training run's: ``params.yaml``,
+``category_map.json`` (COCO's 80), ``ckpt-0``, ``conversion.json`` (source, SHA-256, counts) and
+optionally ``saved_model/``, written to a ``.partial`` sibling and renamed at the end, so a
+failure never leaves a partly converted model."""
 
 from __future__ import annotations
 
@@ -74,8 +63,7 @@ _NAMED_DIGESTS = (
 
 
 def check_named_digest(path: str, digests: tuple[str, str]) -> None:
-    """A truncated or altered download fails here, before any conversion, when the file's name
-    carries its publisher's digest prefix."""
+    """Refuses a truncated or altered download whose name carries its publisher's digest."""
     for pattern, kind, index in _NAMED_DIGESTS:
         match = re.search(pattern, os.path.basename(path))
         if match and not digests[index].startswith(match.group(1)):
@@ -92,9 +80,8 @@ def _read(source: str, path: str) -> dict:
 
 
 def load_weights(model, source: str, checkpoint: str, config, arrays=None) -> tuple[int, int]:
-    """Assigns every weight of ``model`` from a published ``checkpoint`` (``arrays``: its
-    contents when already read); returns (#arrays, #values). Raises ConversionError, before
-    assigning anything, when keys are missing or left over or a shape does not fit."""
+    """Assigns every weight of ``model`` from ``checkpoint`` (or its already read ``arrays``),
+    all or nothing; returns (#arrays, #values)."""
     if source not in SOURCES:
         raise ConversionError(f"--source must be one of {SOURCES}, got {source!r}")
     state = StateDict(_read(source, checkpoint) if arrays is None else arrays, checkpoint)
@@ -109,16 +96,13 @@ def load_weights(model, source: str, checkpoint: str, config, arrays=None) -> tu
 
 
 def reference_config_file(source: str) -> str:
-    """``configs/coco_r50_fpn_<source>.yaml``: the switches under which ``source``'s weights
-    compute what its publisher's code computes."""
+    """The config under which ``source``'s weights compute what its publisher's code does."""
     return os.path.join(CONFIG_DIR, f"coco_r50_fpn_{source}.yaml")
 
 
 def check_reference_switches(source: str, config) -> None:
-    """Refuses (ConfigError, one line: the field and both values) a ``config`` whose switches
-    that change what the weights compute (`fpn_tf.modeling.model_dir.weight_switches`) differ
-    from ``source``'s reference config: every shape would fit and the model would compute
-    something else, silently."""
+    """Refuses a ``config`` whose weight switches differ from ``source``'s reference config:
+    every shape would fit and the model would compute something else."""
     from fpn_tf.configs.loader import load_config  # pylint: disable=g-import-not-at-top
     from fpn_tf.modeling import model_dir  # pylint: disable=g-import-not-at-top
 
@@ -126,11 +110,9 @@ def check_reference_switches(source: str, config) -> None:
     if not os.path.isfile(path):
         logging.warning("%s not found: the config's switches are not checked against it", path)
         return
+    reference = f"{source}'s reference config {os.path.basename(path)}"
     model_dir.check_same_weight_switches(
-        config.model,
-        load_config(path).model,
-        what="--config_file",
-        source=f"{source}'s reference config {os.path.basename(path)}",
+        config.model, load_config(path).model, what="--config_file", source=reference
     )
 
 
@@ -142,12 +124,9 @@ def convert_checkpoint(
     *,
     export_saved_model: bool = True,
 ) -> ConversionReport:
-    """Converts ``checkpoint`` (``source``: "torchvision" or "detectron2") into ``output_dir``
-    with the architecture of ``config`` (an `ExperimentConfig`); see the module docstring.
-    ``config`` is updated in place to what is written to params.yaml: ``model.num_classes``
-    80, ``model.backbone.weights`` null (every weight comes from the checkpoint) and
-    ``model.architecture`` the checkpoint's (``mask_rcnn`` for a state dict with mask-head keys,
-    else ``faster_rcnn``)."""
+    """Converts ``checkpoint`` into ``output_dir`` with ``config``'s architecture. ``config`` is
+    updated in place to what params.yaml gets: 80 classes, no backbone weights, and the file's
+    architecture (``mask_rcnn`` when it has mask-head keys)."""
     # pylint: disable=g-import-not-at-top
     from fpn_tf.data.coco_categories import coco_category_map
     from fpn_tf.modeling import model_dir
@@ -175,10 +154,8 @@ def convert_checkpoint(
     if architecture != config.model.architecture:
         logging.info(
             "The checkpoint is a %s: model.architecture %s (the config said %s)",
-            architecture,
-            architecture,
-            config.model.architecture,
-        )
+            architecture, architecture, config.model.architecture,
+        )  # fmt: skip
         config.model.architecture = architecture
     category_map = coco_category_map()
     config.model.backbone.weights = None  # every weight comes from the checkpoint
@@ -196,20 +173,13 @@ def convert_checkpoint(
         if export_saved_model:
             logging.info("Exporting the SavedModel (a minute or two for a ResNet-50)")
             export_lib.export_saved_model(
-                model,
-                os.path.join(partial, SAVED_MODEL_DIRNAME),
-                category_map,
+                model, os.path.join(partial, SAVED_MODEL_DIRNAME), category_map,
                 **model_dir.input_preprocessing(config),
-            )
+            )  # fmt: skip
         report = ConversionReport(
-            output_dir=output_dir,
-            source=source,
-            checkpoint=os.path.abspath(checkpoint),
-            sha256=sha256,
-            num_arrays=num_arrays,
-            num_values=num_values,
+            output_dir, source, os.path.abspath(checkpoint), sha256, num_arrays, num_values,
             seconds=round(time.time() - start, 1),
-        )
+        )  # fmt: skip
         with open(os.path.join(partial, CONVERSION_FILENAME), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(report), f, indent=1)
             f.write("\n")

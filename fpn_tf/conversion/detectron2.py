@@ -1,31 +1,10 @@
-"""detectron2's ``faster_rcnn_R_{50,101}_FPN`` / ``mask_rcnn_R_{50,101}_FPN`` state dict -> our
-detector's weights.
+"""detectron2's ``{faster,mask}_rcnn_R_{50,101}_FPN`` state dict -> our detector's weights.
 
-Key names of detectron2's model zoo (``backbone.bottom_up.res2.0.conv1.weight``, its FrozenBN as
-``.norm.*``, ``backbone.fpn_lateral2``, ``proposal_generator.rpn_head.*``,
-``roi_heads.box_head.fc1``, ``roi_heads.box_predictor.*``). Its classifier has 81 rows with the
-background LAST; ours has it first, so the rows are rotated (the softmax is unchanged). Its 80
-classes are COCO's categories in id order, as ours.
-
-A state dict with ``roi_heads.mask_head.*`` keys is a Mask R-CNN (`architecture`):
-``MaskRCNNConvUpsampleHead``'s 3x3 convs ``mask_fcn{1..4}`` (bias, ReLU), the 2x2 stride-2
-``deconv`` (``ConvTranspose2d``, ReLU) and the 1x1 ``predictor`` of 80 class-specific masks, one
-per contiguous class 0..79 and no background channel. Ours has C + 1 channels, channel k for
-class k (1..C) and channel 0 unused (`fpn_tf.modeling.mask_head.MaskRCNNHead`): their channel
-k - 1 becomes our channel k and channel 0 gets zeros.
-
-Buffers of the model-zoo files that are not weights are checked, not converted (they are still
-"used", so a file of another architecture is still refused by its left-over keys):
-
-* ``pixel_mean`` / ``pixel_std`` ([3, 1, 1], BGR, 0..255 units): must equal the config's
-  ``model.backbone`` normalisation (``channel_order: bgr`` and its ``pixel_mean`` /
-  ``pixel_std``), else the first conv would see other numbers than it was trained on.
-* ``proposal_generator.anchor_generator.cell_anchors.{i}`` (older files, detectron2 v0.1: a
-  persistent buffer then; detectron2's own checkpointer drops them today): level i's anchors
-  centred at 0, ``[x0, y0, x1, y1]`` per (size, ratio), sizes outer, as float32 of
-  ``w = sqrt(size**2 / ratio), h = ratio * w`` (no rounding). They must equal the anchors the
-  config generates on the RPN's levels (``model.anchor``: sizes, aspect_ratios,
-  round_cell_anchors) to 1e-3 pixels, else the RPN's deltas would be decoded from other boxes.
+Its classifier has the background LAST (ours first): the rows are rotated. Its mask predictor has
+80 channels, no background: their channel k - 1 is our channel k, our channel 0 gets zeros.
+Buffers that are not weights are checked (and count as used): ``pixel_mean`` / ``pixel_std``
+(BGR, 0..255) must be the config's normalisation, and the ``cell_anchors.{i}`` of older files
+(level i's anchors centred at 0, xyxy, unrounded) the config's anchors to 1e-3 px.
 """
 
 from __future__ import annotations
@@ -43,20 +22,15 @@ WHAT = "detectron2 Faster R-CNN R-FPN"
 WHAT_MASK = "detectron2 Mask R-CNN R-FPN"
 MASK_PREFIX = "roi_heads.mask_head."
 CELL_ANCHORS_PREFIX = "proposal_generator.anchor_generator.cell_anchors."
-# Cell anchors agree with the config's to this many pixels: ours (h = s sqrt(r), w = s / sqrt(r))
-# and detectron2's (w = sqrt(s^2 / r), h = r w) are equal in float32 for sizes 32..512 and ratios
-# 0.5, 1, 2 (max difference 0.0); the tolerance leaves room for float rounding of other values,
-# while another size, ratio or integer rounding moves a corner by 0.1 px or more.
+# Room for float rounding; another size, ratio or integer rounding moves a corner >= 0.1 px.
 CELL_ANCHOR_TOLERANCE = 1e-3
 
 
 def architecture(arrays: Mapping) -> str:
-    """``"mask_rcnn"`` when the state dict has any mask-head key, else ``"faster_rcnn"``."""
     return "mask_rcnn" if any(k.startswith(MASK_PREFIX) for k in arrays) else "faster_rcnn"
 
 
 def what(model) -> str:
-    """The checkpoint ``model`` takes (for messages)."""
     return WHAT if model.roi_heads.mask_head is None else WHAT_MASK
 
 
@@ -74,12 +48,8 @@ def _check_pixel_statistics(state: StateDict, backbone_cfg) -> None:
     """The file's ``pixel_mean`` / ``pixel_std`` (BGR) against the config's normalisation."""
     if "pixel_mean" not in state and "pixel_std" not in state:
         return
-    order, mean, std = pixel_normalization(
-        backbone_cfg.type,
-        backbone_cfg.channel_order,
-        backbone_cfg.pixel_mean,
-        backbone_cfg.pixel_std,
-    )
+    b = backbone_cfg
+    order, mean, std = pixel_normalization(b.type, b.channel_order, b.pixel_mean, b.pixel_std)
     for key, expected in (("pixel_mean", mean), ("pixel_std", std)):
         if key not in state:
             continue
@@ -105,7 +75,6 @@ def _describe(corners_xyxy: np.ndarray) -> str:
 
 
 def _check_cell_anchors(state: StateDict, rpn) -> None:
-    """The file's ``cell_anchors.{i}`` against the anchors of the RPN's level i (module doc)."""
     indices = sorted(
         int(k[len(CELL_ANCHORS_PREFIX) :])
         for k in state.arrays
@@ -148,25 +117,17 @@ def assignments(model, state: StateDict, backbone_cfg) -> layout.Assignments:
     _check_pixel_statistics(state, backbone_cfg)
     _check_cell_anchors(state, model.rpn)
     out = layout.Assignments(state)
+    stem = "backbone.bottom_up.stem.conv1."
     layout.add_resnet(
-        out,
-        model,
-        backbone_cfg.type,
-        stem=lambda: (
-            "backbone.bottom_up.stem.conv1.weight",
-            "backbone.bottom_up.stem.conv1.norm.",
-        ),
+        out, model, backbone_cfg.type, stem=lambda: (stem + "weight", stem + "norm."),
         block=_block_keys,
-    )
+    )  # fmt: skip
+    rpn = "proposal_generator.rpn_head."
     layout.add_pyramid_and_rpn(
-        out,
-        model,
-        lateral=lambda level: f"backbone.fpn_lateral{level}.",
-        output=lambda level: f"backbone.fpn_output{level}.",
-        rpn_conv="proposal_generator.rpn_head.conv.",
-        rpn_logits="proposal_generator.rpn_head.objectness_logits.",
-        rpn_deltas="proposal_generator.rpn_head.anchor_deltas.",
-    )
+        out, model, lateral=lambda level: f"backbone.fpn_lateral{level}.",
+        output=lambda level: f"backbone.fpn_output{level}.", rpn_conv=rpn + "conv.",
+        rpn_logits=rpn + "objectness_logits.", rpn_deltas=rpn + "anchor_deltas.",
+    )  # fmt: skip
     layout.add_box_head(out, model, ["roi_heads.box_head.fc1.", "roi_heads.box_head.fc2."])
     box_head = model.roi_heads.box_head
     num_classes = model.num_classes
@@ -175,31 +136,16 @@ def assignments(model, state: StateDict, backbone_cfg) -> layout.Assignments:
             "detectron2's classifier has one row per class: set "
             "model.box_head.classifier_layout: contiguous"
         )
-    layout.add_dense(
-        out,
-        box_head.classifier,
-        "roi_heads.box_predictor.cls_score.",
-        rows=[num_classes] + list(range(num_classes)),
-    )
-    layout.add_dense(
-        out,
-        box_head.box_regressor,
-        "roi_heads.box_predictor.bbox_pred.",
-        rows=layout.delta_rows(num_classes),
-    )
+    predictor = "roi_heads.box_predictor."
+    rows = [num_classes] + list(range(num_classes))  # background last -> first
+    layout.add_dense(out, box_head.classifier, predictor + "cls_score.", rows=rows)
+    rows = layout.delta_rows(num_classes)
+    layout.add_dense(out, box_head.box_regressor, predictor + "bbox_pred.", rows=rows)
     head = model.roi_heads.mask_head
     if head is not None:
-        # Our channel k is class k (1..C), theirs k - 1; our unused channel 0 gets zeros.
-        # A class-agnostic head has one channel on both sides.
         rows = None if head.class_agnostic else [None] + list(range(num_classes))
         layout.add_mask_head(
-            out,
-            model,
-            # model.mask_head.num_convs convs: a file with more or fewer has keys left over or
-            # missing
-            [f"{MASK_PREFIX}mask_fcn{i + 1}." for i in range(head.num_convs)],
-            deconv_prefix=f"{MASK_PREFIX}deconv.",
-            predictor_prefix=f"{MASK_PREFIX}predictor.",
-            predictor_rows=rows,
-        )
+            out, model, [f"{MASK_PREFIX}mask_fcn{i + 1}." for i in range(head.num_convs)],
+            f"{MASK_PREFIX}deconv.", f"{MASK_PREFIX}predictor.", predictor_rows=rows,
+        )  # fmt: skip
     return out

@@ -1,23 +1,11 @@
 """Where each PyTorch weight goes in our detector, and how its layout changes on the way.
 
-PyTorch and Keras store the same layers differently; each function here is one exact change of
-layout, so the converted model computes the same numbers (no config switch needed for these):
-
-* conv kernels ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``; linear ``[out, in]`` -> ``[in, out]``;
-* box deltas ``(dx, dy, dw, dh)`` (both references) -> ours ``(dy, dx, dh, dw)``: a permutation of
-  each group of four outputs;
-* the first fc of the box head: torch flattens the RoI features ``[C, S, S]``, ours ``[S, S, C]``:
-  a permutation of the kernel's input rows;
-* the mask head's transposed conv: torch ``ConvTranspose2d`` ``[in, out, kh, kw]`` -> Keras
-  ``Conv2DTranspose`` ``[kh, kw, out, in]``, the same axis permutation as a conv kernel and no
-  spatial flip (both are the adjoint of the same correlation; tests/test_reference_torchvision.py
-  compares the two layers);
-* output channels (classifier rows, mask channels) picked or reordered by index (`pick_rows`),
-  a channel the source lacks set to zeros (detectron2's 80 masks have no background channel,
-  ours has an unused channel 0).
-
-`Assignments` collects ``(variable, array)`` pairs with the checkpoint key they came from, checks
-every shape before anything is written, then assigns them all.
+Each change is exact: conv kernels ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]`` (a transposed
+conv's ``[in, out, kh, kw]`` -> ``[kh, kw, out, in]`` is the same permutation, no spatial flip);
+linear ``[out, in]`` -> ``[in, out]``; box deltas ``(dx, dy, dw, dh)`` -> ours ``(dy, dx, dh,
+dw)``; the first box-head fc's inputs from torch's ``[C, S, S]`` flattening to ours ``[S, S, C]``;
+output channels picked or reordered, one the source lacks set to zeros. `Assignments` checks
+every shape before anything is written.
 """
 
 from __future__ import annotations
@@ -37,6 +25,10 @@ RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 
 def conv_kernel(weight: np.ndarray) -> np.ndarray:
     return np.transpose(weight, (2, 3, 1, 0))
+
+
+# torch ConvTranspose2d [in, out, kh, kw] -> Keras Conv2DTranspose [kh, kw, out, in]: no flip.
+transposed_conv_kernel = conv_kernel
 
 
 def dense_kernel(weight: np.ndarray) -> np.ndarray:
@@ -78,9 +70,8 @@ class Assignments:
         self.pending.append((variable, value, key))
 
     def check_and_assign(self, what: str, model=None) -> int:
-        """Checks keys and shapes (one error naming them all) and, given the ``model``, that
-        every one of its weights gets a value (none left at its initialiser: a part of the
-        architecture the converter does not know), then assigns; returns #values."""
+        """Checks keys, shapes and (given ``model``) that every weight gets a value, then
+        assigns; returns #values."""
         self.state.check_all_used(what)
         if model is not None:
             queued = {id(variable) for variable, _, _ in self.pending}
@@ -119,11 +110,8 @@ def backbone_model(model) -> keras.Model:
 def add_conv_bn(
     out: Assignments, backbone: keras.Model, name: str, conv_key: str, bn_prefix: str
 ) -> None:
-    """A bias-free torch conv + its BatchNorm into our ``{name}_conv`` (+ ``{name}_bn``).
-
-    Our convs (keras.applications' layout) have a bias; the references' have none: it gets 0.
-    With folded BatchNorm (`Conv2DFrozenBatchNorm`) the four vectors live in the conv layer.
-    """
+    """A bias-free torch conv + BatchNorm into our ``{name}_conv`` (bias 0) + ``{name}_bn`` (or
+    the folded conv's vectors)."""
     conv = backbone.get_layer(f"{name}_conv")
     out.add(conv.kernel, conv_key, conv_kernel)
     if conv.use_bias:
@@ -152,17 +140,12 @@ def add_resnet(out: Assignments, model, backbone_type: str, stem, block) -> None
     for stage, count in zip(range(2, 6), RESNET_BLOCKS[backbone_type]):
         for index in range(count):
             for conv in (0, 1, 2, 3) if index == 0 else (1, 2, 3):
-                add_conv_bn(
-                    out,
-                    backbone,
-                    f"conv{stage}_block{index + 1}_{conv}",
-                    *block(stage, index, conv),
-                )
+                name = f"conv{stage}_block{index + 1}_{conv}"
+                add_conv_bn(out, backbone, name, *block(stage, index, conv))
 
 
 def pick_rows(rows: Sequence[int | None] | None):
-    """``array -> array[rows]`` along the first axis (None = all rows as they are); a row given
-    as None is zeros (an output the source does not have, e.g. our unused background mask)."""
+    """``array -> array[rows]`` (None = unchanged); a None row is zeros."""
     if rows is None:
         return lambda a: a
     index = np.array([0 if r is None else r for r in rows], dtype=np.int64)
@@ -178,26 +161,20 @@ def pick_rows(rows: Sequence[int | None] | None):
     return pick
 
 
-def add_conv(
-    out: Assignments, layer, prefix: str, rows: Sequence[int | None] | None = None
-) -> None:
-    """A torch conv with bias (``{prefix}weight``, ``{prefix}bias``); ``rows`` reorders outputs
-    (`pick_rows`)."""
+def add_conv(out: Assignments, layer, prefix: str, rows=None, kernel=conv_kernel) -> None:
+    """A torch conv (or, with ``kernel=dense_kernel``, linear) with bias; ``rows``: `pick_rows`."""
     pick = pick_rows(rows)
-    out.add(layer.kernel, prefix + "weight", lambda w: conv_kernel(pick(w)))
+    out.add(layer.kernel, prefix + "weight", lambda w: kernel(pick(w)))
     out.add(layer.bias, prefix + "bias", pick)
 
 
-def add_dense(out: Assignments, layer, prefix: str, rows: Sequence[int] | None = None) -> None:
-    """A torch linear (``{prefix}weight``, ``{prefix}bias``); ``rows`` picks/reorders outputs."""
-    pick = (lambda a: a) if rows is None else (lambda a: a[np.asarray(rows)])
-    out.add(layer.kernel, prefix + "weight", lambda w: dense_kernel(pick(w)))
-    out.add(layer.bias, prefix + "bias", pick)
+def add_dense(out: Assignments, layer, prefix: str, rows=None) -> None:
+    add_conv(out, layer, prefix, rows, kernel=dense_kernel)
 
 
 def add_pyramid_and_rpn(out: Assignments, model, lateral, output, rpn_conv, rpn_logits, rpn_deltas):
-    """The FPN's 1x1 laterals and 3x3 outputs (``lateral(level)`` / ``output(level)`` give the
-    key prefixes of P2..P5) and the RPN head (key prefixes of its conv, logits and deltas)."""
+    """The FPN's laterals and outputs (``lateral(level)`` / ``output(level)``: key prefixes) and
+    the RPN head."""
     pyramid = model.fpn.get_layer("feature_pyramid")
     for level, conv in pyramid.lateral_convs.items():
         add_conv(out, conv, lateral(level))
@@ -228,24 +205,10 @@ def add_box_head(out: Assignments, model, fc_prefixes: Sequence[str]) -> None:
         out.add(fc.bias, prefix + "bias")
 
 
-def transposed_conv_kernel(weight: np.ndarray) -> np.ndarray:
-    """torch ``ConvTranspose2d`` ``[in, out, kh, kw]`` -> Keras ``Conv2DTranspose``
-    ``[kh, kw, out, in]`` (no spatial flip: module doc)."""
-    return np.transpose(weight, (2, 3, 1, 0))
-
-
 def add_mask_head(
-    out: Assignments,
-    model,
-    conv_prefixes: Sequence[str],
-    deconv_prefix: str,
-    predictor_prefix: str,
-    predictor_rows: Sequence[int | None] | None = None,
+    out: Assignments, model, conv_prefixes, deconv_prefix, predictor_prefix, predictor_rows=None
 ) -> None:
-    """The mask head (`fpn_tf.modeling.mask_head.MaskRCNNHead`): its 3x3 convs (key prefixes in
-    order), the 2x2 stride-2 transposed conv and the 1x1 predictor (``predictor_rows``: the
-    source's channel of each of ours, None = the same channels; a None entry = a channel the
-    source lacks, set to zeros: detectron2 has no background mask channel)."""
+    """The mask head's convs, transposed conv and predictor (``predictor_rows``: `pick_rows`)."""
     head = model.roi_heads.mask_head
     if len(conv_prefixes) != head.num_convs:
         raise ConversionError(
@@ -254,6 +217,5 @@ def add_mask_head(
         )
     for i, prefix in enumerate(conv_prefixes):
         add_conv(out, getattr(head, f"conv{i + 1}"), prefix)
-    out.add(head.deconv.kernel, deconv_prefix + "weight", transposed_conv_kernel)
-    out.add(head.deconv.bias, deconv_prefix + "bias")
+    add_conv(out, head.deconv, deconv_prefix, kernel=transposed_conv_kernel)
     add_conv(out, head.predictor, predictor_prefix, rows=predictor_rows)

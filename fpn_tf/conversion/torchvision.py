@@ -1,27 +1,10 @@
-"""torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` state dict -> our
-detector's weights.
+"""torchvision's ``{faster,mask}rcnn_resnet50_fpn`` state dict -> our detector's weights.
 
-Key names of torchvision 0.13+; the older spellings of the published COCO file (2019: no
-``Sequential`` wrappers in the FPN blocks and the RPN conv) are renamed first, as torchvision's own
-loader does. The classifier is torchvision's 91-row COCO layout (row = COCO category id, 0 the
-background, 10 ids unused): with ``model.box_head.classifier_layout: dataset_ids`` every row is kept and
-the softmax is torchvision's; with ``contiguous`` the background and the 80 used rows are taken
-(the softmax then lacks the unused rows and scores differ slightly). Box regression rows of class
-``id`` are torchvision's rows ``4 * id .. 4 * id + 3``, reordered to ``(dy, dx, dh, dw)``.
-
-A state dict with the mask head's keys (``roi_heads.mask_head.*``, ``roi_heads.mask_predictor.*``)
-is a Mask R-CNN (`architecture`): its four 3x3 convs ``roi_heads.mask_head.{0..3}.0`` (older files,
-as the published COCO one: ``roi_heads.mask_head.mask_fcn{1..4}``, renamed as torchvision's
-``MaskRCNNHeads._load_from_state_dict`` does), the transposed conv
-``roi_heads.mask_predictor.conv5_mask`` and the 1x1 ``roi_heads.mask_predictor.mask_fcn_logits``,
-91 channels indexed by COCO category id like the classifier: kept as they are with
-``dataset_ids`` (our channel = category id), the background's and the 80 used channels taken with
-``contiguous``.
-
-torchvision runs its published COCO_V1 files with FrozenBatchNorm eps 0 (the builders call
-``overwrite_eps(model, 0.0)`` when they load them, pytorch/vision#2933), not FrozenBatchNorm2d's
-default 1e-5: ``configs/coco_r50_fpn_torchvision.yaml`` (the default config for
-``--source=torchvision``, written to the model directory's params.yaml) sets
+Older key spellings (the published 2019 COCO files) are renamed first, as torchvision's loader
+does. The classifier and mask predictor have torchvision's 91-row COCO layout (row = category
+id): ``classifier_layout: dataset_ids`` keeps every row; ``contiguous`` takes the background and
+the 80 used rows (its softmax then lacks the unused rows: scores differ slightly). torchvision
+runs these files with FrozenBatchNorm eps 0 (pytorch/vision#2933): its reference config sets
 ``model.backbone.bn_epsilon: 0``.
 """
 
@@ -42,12 +25,10 @@ _LEGACY_MASK_CONV = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|b
 
 
 def architecture(arrays: Mapping) -> str:
-    """``"mask_rcnn"`` when the state dict has any mask-head key, else ``"faster_rcnn"``."""
     return "mask_rcnn" if any(k.startswith(MASK_PREFIXES) for k in arrays) else "faster_rcnn"
 
 
 def what(model) -> str:
-    """The checkpoint ``model`` takes (for messages)."""
     return WHAT if model.roi_heads.mask_head is None else WHAT_MASK
 
 
@@ -77,21 +58,15 @@ def assignments(model, state: StateDict, backbone_type: str) -> layout.Assignmen
     _rename_legacy_keys(state)
     out = layout.Assignments(state)
     layout.add_resnet(
-        out,
-        model,
-        backbone_type,
+        out, model, backbone_type, block=_block_keys,
         stem=lambda: ("backbone.body.conv1.weight", "backbone.body.bn1."),
-        block=_block_keys,
-    )
+    )  # fmt: skip
     layout.add_pyramid_and_rpn(
-        out,
-        model,
-        lateral=lambda level: f"backbone.fpn.inner_blocks.{level - 2}.0.",
+        out, model, lateral=lambda level: f"backbone.fpn.inner_blocks.{level - 2}.0.",
         output=lambda level: f"backbone.fpn.layer_blocks.{level - 2}.0.",
-        rpn_conv="rpn.head.conv.0.0.",
-        rpn_logits="rpn.head.cls_logits.",
+        rpn_conv="rpn.head.conv.0.0.", rpn_logits="rpn.head.cls_logits.",
         rpn_deltas="rpn.head.bbox_pred.",
-    )
+    )  # fmt: skip
     layout.add_box_head(out, model, ["roi_heads.box_head.fc6.", "roi_heads.box_head.fc7."])
     box_head = model.roi_heads.box_head
     ids = list(model.category_ids)
@@ -115,11 +90,9 @@ def assignments(model, state: StateDict, backbone_type: str) -> layout.Assignmen
     if model.roi_heads.mask_head is not None:
         dataset_ids = model.roi_heads.classifier_rows is not None
         layout.add_mask_head(
-            out,
-            model,
+            out, model,
             [f"roi_heads.mask_head.{i}.0." for i in range(model.roi_heads.mask_head.num_convs)],
-            deconv_prefix="roi_heads.mask_predictor.conv5_mask.",
-            predictor_prefix="roi_heads.mask_predictor.mask_fcn_logits.",
+            "roi_heads.mask_predictor.conv5_mask.", "roi_heads.mask_predictor.mask_fcn_logits.",
             predictor_rows=None if dataset_ids else [0] + ids,
-        )
+        )  # fmt: skip
     return out

@@ -1,13 +1,5 @@
-"""Builds a model from a ``model`` config section (`fpn_tf.configs.experiment.ModelConfig`).
-
-One builder per part, called in the order the data flows: `build_backbone` (``model.backbone``)
--> `build_fpn_model` (``model.fpn``) -> `RegionProposalNetwork` (``model.rpn``, ``model.anchor``)
--> `RoIHeads` (``model.roi_sampler``, ``roi_aligner``, ``box_head``, ``detection`` and, for a Mask
-R-CNN, ``mask_roi_aligner`` and ``mask_head``). Each component takes its config sections, whose
-dataclasses hold the paper's numbers. ``model.architecture`` says which model: "faster_rcnn",
-"mask_rcnn" (`MaskRCNN`) or "segment_proposals" (the pyramid and the §6 `SegmentProposalHead` of
-``model.segment_proposals``).
-"""
+"""Builds a model from a ``model`` config section, one builder per part in the order the data
+flows: backbone -> pyramid -> RPN -> RoI heads (or the §6 segment-proposal head)."""
 
 from __future__ import annotations
 
@@ -25,10 +17,8 @@ from fpn_tf.ops.anchors import level_number
 def build_roi_heads(
     model_cfg, num_classes: int, category_ids: Sequence[int] | None = None
 ) -> RoIHeads:
-    """The RoI heads of ``model.roi_sampler``, ``roi_aligner``, ``box_head`` and ``detection``,
-    with the mask branch of ``model.mask_roi_aligner`` and ``mask_head`` when the architecture is
-    "mask_rcnn"; ``category_ids`` (the dataset's id of each class 1..C; None = 1..C) place the
-    classifier rows of ``classifier_layout "dataset_ids"``."""
+    """The RoI heads, with the mask branch for "mask_rcnn"; ``category_ids`` (None = 1..C) place
+    the classifier rows of ``classifier_layout "dataset_ids"``."""
     classifier_rows = None
     if model_cfg.box_head.classifier_layout == "dataset_ids":
         ids = list(range(1, num_classes + 1)) if category_ids is None else list(category_ids)
@@ -51,27 +41,21 @@ def _pad_value(backbone_cfg):
     """The 0..255 RGB pixel that normalises to 0 with ``pad_normalized_zero``, else None."""
     if not backbone_cfg.pad_normalized_zero:
         return None
-    order, mean, _ = pixel_normalization(
-        backbone_cfg.type,
-        backbone_cfg.channel_order,
-        backbone_cfg.pixel_mean,
-        backbone_cfg.pixel_std,
-    )
+    b = backbone_cfg
+    order, mean, _ = pixel_normalization(b.type, b.channel_order, b.pixel_mean, b.pixel_std)
     return pixel_mean_rgb(order, mean)
 
 
 def build_segment_proposal_model(model_cfg, input_shape=(None, None, 3)) -> SegmentProposalModel:
-    """The paper's §6 segment proposals: the pyramid of ``model.backbone`` / ``model.fpn`` and
-    the head of ``model.segment_proposals`` (class-agnostic: no classes)."""
+    """The paper's §6 segment proposals (class-agnostic)."""
     fpn = build_fpn_model(build_backbone(model_cfg.backbone), model_cfg.fpn, input_shape)
     head = SegmentProposalHead(model_cfg.segment_proposals, name="head")
     return SegmentProposalModel(fpn, head, pad_value=_pad_value(model_cfg.backbone))
 
 
 def build_model(model_cfg, category_ids: Sequence[int] | None = None, input_shape=(None, None, 3)):
-    """The model of ``model.architecture`` from a config: `FasterRCNN`, `MaskRCNN` or the
-    segment-proposal model; ``category_ids`` are the
-    dataset's ids of classes 1..C (unused by the class-agnostic segment proposals)."""
+    """`FasterRCNN`, `MaskRCNN` or the segment-proposal model, by ``model.architecture``;
+    ``category_ids``: the dataset's ids of classes 1..C."""
     if model_cfg.architecture == "segment_proposals":
         return build_segment_proposal_model(model_cfg, input_shape)
     num_classes = model_cfg.num_classes or (len(category_ids) if category_ids else 0)

@@ -1,15 +1,8 @@
 """Faster R-CNN and Mask R-CNN on the feature pyramid (paper §4): pyramid -> RPN -> RoI heads.
 
-    image -> fpn (backbone + top-down pyramid) -> {P2..P6}                  fpn_tf/modeling/fpn.py
-          -> RegionProposalNetwork: shared head, anchors, proposals (+ loss)  fpn_tf/modeling/rpn.py
-          -> RoIHeads: Eq. 1 + RoIAlign, box head, detections (+ losses)     .../roi_heads.py
-             and, in a Mask R-CNN, the mask branch: masks of the detections (+ loss)
-
-`FasterRCNN` is a `keras.Model` (a `MultiLossModel`, whose ``train_step`` is the one training step
-of the package) whose ``compute_losses`` gives the losses of a batch of `fpn_tf.data`, so
-``model.fit`` trains it, and whose ``call`` returns detections. `MaskRCNN` is the same model with
-RoI heads that have a mask branch. Everything runs batched inside one graph; the only Python
-loops are the static unrolls over pyramid levels.
+A `MultiLossModel`: ``compute_losses`` gives a batch's losses (``model.fit`` trains it), ``call``
+returns detections. Everything runs batched in one graph; the only Python loops are the static
+unrolls over pyramid levels.
 """
 
 from __future__ import annotations
@@ -36,20 +29,11 @@ MASK_LOSS_NAMES = LOSS_NAMES[:-1] + ("mask_loss", "total_loss")
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class FasterRCNN(MultiLossModel):
-    """FPN Faster R-CNN: ``fpn`` -> ``rpn`` -> ``roi_heads`` (`fpn_tf.modeling.factory.build_model`
-    builds all three from a config).
+    """FPN Faster R-CNN: ``fpn`` (image -> {"P2": ...}) -> ``rpn`` -> ``roi_heads``.
 
-    Args:
-      fpn: a model image -> ``{"P2": ..., ...}`` (`fpn_tf.modeling.fpn.build_fpn_model`).
-      rpn: a `RegionProposalNetwork` whose anchor levels the pyramid outputs.
-      roi_heads: a `RoIHeads` without a mask branch (its ``num_classes`` is the detector's C).
-      category_ids: the dataset's category id of each contiguous class 1..C (default 1..C);
-        outputs carry these ids.
-      pad_value: None, or an RGB 0..255 pixel (the backbone's pixel mean) that the padding of
-        each image is set to, so that it is 0 after normalisation (`image_io.prepare_inputs`;
-        ``model.backbone.pad_normalized_zero``).
-
-    Inputs: images, or ``{"images", "image_info"}`` (`fpn_tf.modeling.image_io`).
+    ``category_ids``: the dataset id of each class 1..C (default 1..C), which the outputs carry.
+    ``pad_value``: None or the RGB 0..255 pixel the padding is set to (`image_io.prepare_inputs`).
+    Inputs: images, or ``{"images", "image_info"}``.
     """
 
     with_masks = False
@@ -93,7 +77,6 @@ class FasterRCNN(MultiLossModel):
                 stage.build(shapes)
 
     def compute_losses(self, features, labels, training=True):
-        """The losses of one batch (dict of scalars, plus ``total_loss``)."""
         images, _, valid_hw = image_io.prepare_inputs(features, self.pad_value)
         pyramid = self.fpn(images, training=training)
         proposals, rpn_losses = self.rpn(pyramid, valid_hw, labels=labels, training=training)
@@ -105,11 +88,9 @@ class FasterRCNN(MultiLossModel):
         return losses
 
     def call(self, inputs, training=False):
-        """Detections: boxes [B, N, 4] yxyx (original-image pixels when ``image_info`` is given,
-        else input pixels), scores [B, N], dataset class ids [B, N] (int32), counts [B], and the
-        RPN proposals (same frame) for recall evaluation; a Mask R-CNN adds ``detection_masks``
-        float32 [B, N, 28, 28], each detection's mask probabilities box-relative over its box
-        (`fpn_tf.ops.mask_ops`; unchanged by the rescale), zeros for rows >= num_detections."""
+        """Boxes [B, N, 4] yxyx (original pixels with ``image_info``), scores, dataset class ids
+        (int32), counts [B] and the RPN proposals; a Mask R-CNN adds ``detection_masks`` float32
+        [B, N, 28, 28], box-relative probabilities, zero rows past num_detections."""
         images, image_info, valid_hw = image_io.prepare_inputs(inputs, self.pad_value)
         pyramid = self.fpn(images, training=training)
         proposals, _ = self.rpn(pyramid, valid_hw, training=training)
@@ -151,23 +132,19 @@ class FasterRCNN(MultiLossModel):
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class MaskRCNN(FasterRCNN):
-    """FPN Mask R-CNN (He et al. 2017): a `FasterRCNN` whose ``roi_heads`` have a mask branch
-    (``mask_roi_aligner`` and ``mask_head``); ``compute_losses`` adds ``mask_loss`` and ``call``
-    adds ``detection_masks``."""
+    """FPN Mask R-CNN (He et al. 2017): a `FasterRCNN` whose ``roi_heads`` have a mask branch."""
 
     with_masks = True
 
     def __init__(self, fpn, rpn, roi_heads, **kwargs):
         super().__init__(fpn, rpn, roi_heads, **kwargs)
-        # The mask head's checkpoint path is model/mask_heads/head (as well as
-        # model/roi_heads/mask_head): checkpoints and converted model directories that hold it
-        # there restore, and this model's checkpoints restore in code that reads it there.
+        # The mask head is at model/mask_heads/head too, where existing checkpoints hold it.
         self.mask_heads = _CheckpointPath(roi_heads.mask_head, roi_heads.mask_pooler.config)
 
 
 class _CheckpointPath(keras.layers.Layer):
-    """No computation: holds the mask head at the attribute ``head``, its checkpoint name, and
-    the mask pooler's ``align_impl`` (which `fpn_tf.serving.portable` switches here too)."""
+    """Holds the mask head at ``head`` (its checkpoint path) and forwards ``align_impl`` (which
+    `fpn_tf.serving.portable` switches here) to the mask pooler."""
 
     def __init__(self, head, aligner_config):
         super().__init__(name="mask_heads")

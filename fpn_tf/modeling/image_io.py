@@ -1,9 +1,8 @@
-"""The models' inputs and outputs: split the input, fill the padding, boxes back to original pixels.
+"""The models' inputs and outputs, as torchvision's ``GeneralizedRCNNTransform``.
 
-A model's input is ``images`` float [B, H, W, 3] RGB 0..255, or ``{"images", "image_info"}``
-with ``image_info`` [B, 4, 2] (rows: original size, resized size, scale, offset; `fpn_tf.data`):
-then each padded image's valid region is its resized size, and output boxes are rescaled to
-original-image pixels (as torchvision's ``GeneralizedRCNNTransform`` does both ways).
+An input is ``images`` float [B, H, W, 3] RGB 0..255, or ``{"images", "image_info"}`` with
+``image_info`` [B, 4, 2] (original size, resized size, scale, offset): the valid region of each
+padded image is its resized size, and output boxes go back to original-image pixels.
 """
 
 from __future__ import annotations
@@ -29,9 +28,8 @@ def split_inputs(inputs):
 
 
 def fill_padding(images, valid_hw, value: Sequence[float]):
-    """[B, H, W, C] ``images`` with every pixel at row >= valid height or column >= valid width
-    (``valid_hw`` [B, 2]) set to ``value`` (one number per channel); float images keep their
-    dtype, others become float32."""
+    """``images`` [B, H, W, C] with the pixels outside ``valid_hw`` [B, 2] set to ``value`` (one
+    per channel); non-float images become float32."""
     images = tf.convert_to_tensor(images)
     if not images.dtype.is_floating:
         images = tf.cast(images, tf.float32)
@@ -44,10 +42,8 @@ def fill_padding(images, valid_hw, value: Sequence[float]):
 
 
 def prepare_inputs(inputs, pad_value: Sequence[float] | None = None):
-    """``(images, image_info or None, valid_hw)`` with the padding set to ``pad_value`` (an RGB
-    0..255 pixel, the backbone's mean, so the padding is 0 after normalisation, as torchvision
-    and detectron2 pad the normalised batch with zeros); unchanged when ``pad_value`` or
-    ``image_info`` is None (without image_info the whole image is valid)."""
+    """`split_inputs` with the padding set to ``pad_value`` (the backbone's RGB mean: 0 after
+    normalisation, as torchvision and detectron2 pad) when both it and ``image_info`` are given."""
     images, image_info, valid_hw = split_inputs(inputs)
     if pad_value is not None and image_info is not None:
         images = fill_padding(images, valid_hw, pad_value)
@@ -55,8 +51,7 @@ def prepare_inputs(inputs, pad_value: Sequence[float] | None = None):
 
 
 def to_original(boxes, image_info):
-    """[B, N, 4] yxyx boxes in input pixels -> original-image pixels (unchanged without
-    ``image_info``)."""
+    """[B, N, 4] yxyx boxes in input pixels -> original pixels (unchanged without image_info)."""
     if image_info is None:
         return boxes
     scale = tf.cast(image_info, tf.float32)[:, 2, :]

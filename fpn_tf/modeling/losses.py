@@ -1,10 +1,8 @@
-"""The four Faster R-CNN losses, each reported on its own (pure TensorFlow on float32).
+"""The four Faster R-CNN losses (float32).
 
-Normalisation: every loss divides by the number of *sampled* anchors or RoIs,
-``batch_size_per_image * num_images`` (detectron2 divides by the same number whenever an image has
-enough candidates, which with 2000 proposals it always has). A constant normaliser keeps the box
-losses from being inflated when an image has few positives, and makes the loss of a global batch
-split over replicas exactly the mean of the replicas' losses.
+Each divides by the number of sampled anchors or RoIs, ``batch_size_per_image * num_images`` (as
+detectron2 whenever an image has enough candidates): a constant normaliser does not inflate the
+box losses of images with few positives, and a global batch's loss is the mean over replicas.
 """
 
 from __future__ import annotations
@@ -28,15 +26,9 @@ def rpn_losses(
     batch_size_per_image: int,
     smooth_l1_beta: float = 1.0 / 9.0,
 ):
-    """RPN objectness (binary cross-entropy) and box (smooth L1 on positives) losses.
+    """``(objectness, box)``: BCE on the sampled anchors, smooth L1 on the positives.
 
-    Args:
-      labels: int32 [B, A], 1 positive, 0 negative, -1 not sampled.
-      box_targets: float [B, A, 4] encoded targets (weights 1,1,1,1).
-      logits: float [B, A] objectness logits; deltas: float [B, A, 4].
-      batch_size_per_image: anchors sampled per image (the normaliser).
-    Returns:
-      ``(objectness_loss, box_loss)`` scalars.
+    labels int32 [B, A] (1 positive, 0 negative, -1 not sampled); box_targets, deltas [B, A, 4].
     """
     logits = tf.cast(logits, tf.float32)
     deltas = tf.cast(deltas, tf.float32)
@@ -61,19 +53,11 @@ def fast_rcnn_losses(
     normalizer=None,
     classifier_rows=None,
 ):
-    """Fast R-CNN (C+1)-way softmax cross-entropy and class-specific box loss.
+    """``(classification, box)``: softmax cross-entropy and the class-specific box loss.
 
-    Args:
-      class_targets: int32 [B, R] in 0..C (0 background).
-      box_targets: float [B, R, 4] encoded targets for the RoI's ground truth (weights 10,10,5,5).
-      class_logits: float [B, R, C+1]; box_deltas: float [B, R, C, 4].
-      valid: optional bool [B, R], RoIs that count (padding rows excluded).
-      normalizer: the divisor (default: ``B * R``, the sampled RoIs incl. padding rows).
-      classifier_rows: None, or the classifier row of background and of classes 1..C (C + 1
-        ints): ``class_logits`` is then [B, R, M] with M > max(rows) and the cross-entropy is
-        the softmax over all M rows at the target's row (torchvision's COCO layout).
-    Returns:
-      ``(classification_loss, box_loss)`` scalars.
+    class_targets int32 [B, R] in 0..C; box_targets [B, R, 4]; class_logits [B, R, C+1] (or
+    [B, R, M] with ``classifier_rows``, the rows of background and classes 1..C, torchvision's
+    COCO layout); box_deltas [B, R, C, 4]; valid bool [B, R]; normalizer default B * R.
     """
     class_logits = tf.cast(class_logits, tf.float32)
     box_deltas = tf.cast(box_deltas, tf.float32)

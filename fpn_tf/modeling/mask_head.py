@@ -1,17 +1,7 @@
-"""The Mask R-CNN mask head on the feature pyramid (He et al. 2017, §3 and Fig. 4 right).
-
-Each RoI, pooled 14x14 from its Eq. 1 level (`fpn_tf.modeling.poolers.MultiLevelRoIAlign`), goes
-through four 3x3 convs of 256 (ReLU), a 2x2 stride-2 deconvolution (ReLU) to 28x28 and a 1x1
-conv to one mask per class (per-pixel sigmoid, no competition between classes). The loss and
-the masks of the detections are `fpn_tf.modeling.roi_heads.RoIHeads`' mask branch.
-
-Initialisation follows detectron2 / torchvision: convs and the deconv He-normal with fan_out,
-zero bias; the predictor N(0, 0.001), zero bias.
-"""
+"""The Mask R-CNN mask head (He et al. 2017, Fig. 4 right), initialised as detectron2 and
+torchvision (convs He-normal fan_out, predictor N(0, 0.001), zero biases)."""
 
 from __future__ import annotations
-
-from typing import List, Optional
 
 import keras
 import tensorflow as tf
@@ -28,26 +18,20 @@ def _he_normal_fan_out():
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class MaskRCNNHead(keras.layers.Layer):
-    """``num_convs`` 3x3 convs (``conv_dims``, ReLU), a 2x2 stride-2 deconv (ReLU) and a 1x1
-    predictor of K mask logits per pixel.
+    """3x3 convs + ReLU, a 2x2 stride-2 deconv + ReLU and a 1x1 predictor of K mask logits.
 
-    K (``num_outputs``): 1 if ``class_agnostic``; else ``num_classes + 1`` with channel k for
-    contiguous class k (channel 0 unused), or, with ``classifier_rows`` (the box head's rows of
-    background and classes 1..C, torchvision's 91-row COCO layout), ``max(classifier_rows) + 1``
-    channels, class k read at ``classifier_rows[k]`` (a torchvision mask predictor converts
-    without reordering). `class_channels` maps classes to channels.
-
-    Call with RoI features ``[B, R, S, S, C]``; returns logits ``[B, R, 2S, 2S, K]`` in the
-    layer's compute dtype.
+    K: 1 if ``class_agnostic``, else C + 1 (channel k = class k), or ``max(classifier_rows) + 1``
+    with class k at ``classifier_rows[k]`` (torchvision's 91-row COCO layout, converted without
+    reordering). [B, R, S, S, C] RoI features -> logits [B, R, 2S, 2S, K].
     """
 
     def __init__(
         self,
-        num_classes: int,
-        conv_dims: int,
-        num_convs: int,
-        class_agnostic: bool = False,
-        classifier_rows: Optional[List[int]] = None,
+        num_classes,
+        conv_dims,
+        num_convs,
+        class_agnostic=False,
+        classifier_rows=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -71,38 +55,24 @@ class MaskRCNNHead(keras.layers.Layer):
             self.num_outputs = max(self.classifier_rows) + 1
         else:
             self.num_outputs = self.num_classes + 1
+
         # Attributes conv1, conv2, ... (not a list: listed layers are invisible to checkpoints).
-        for i in range(self.num_convs):
-            setattr(
-                self,
-                f"conv{i + 1}",
-                keras.layers.Conv2D(
-                    self.conv_dims,
-                    3,
-                    padding="same",
-                    activation="relu",
-                    kernel_initializer=_he_normal_fan_out(),
-                    name=f"mask_conv{i + 1}",
-                    dtype=self.dtype_policy,
-                ),
-            )
+        def relu():  # a fresh (unseeded) initialiser per layer
+            return dict(activation="relu", kernel_initializer=_he_normal_fan_out())
+
+        for i in range(1, self.num_convs + 1):
+            conv = keras.layers.Conv2D(
+                self.conv_dims, 3, padding="same", name=f"mask_conv{i}", dtype=self.dtype_policy,
+                **relu(),
+            )  # fmt: skip
+            setattr(self, f"conv{i}", conv)
         self.deconv = keras.layers.Conv2DTranspose(
-            self.conv_dims,
-            2,
-            strides=2,
-            padding="valid",
-            activation="relu",
-            kernel_initializer=_he_normal_fan_out(),
-            name="mask_deconv",
-            dtype=self.dtype_policy,
+            self.conv_dims, 2, strides=2, name="mask_deconv", dtype=self.dtype_policy, **relu()
         )
         self.predictor = keras.layers.Conv2D(
-            self.num_outputs,
-            1,
+            self.num_outputs, 1, name="mask_logits", dtype=self.dtype_policy,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
-            name="mask_logits",
-            dtype=self.dtype_policy,
-        )
+        )  # fmt: skip
 
     @property
     def convs(self) -> list:
@@ -141,14 +111,5 @@ class MaskRCNNHead(keras.layers.Layer):
         return x
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "num_classes": self.num_classes,
-                "conv_dims": self.conv_dims,
-                "num_convs": self.num_convs,
-                "class_agnostic": self.class_agnostic,
-                "classifier_rows": self.classifier_rows,
-            }
-        )
-        return config
+        keys = ("num_classes", "conv_dims", "num_convs", "class_agnostic", "classifier_rows")
+        return {**super().get_config(), **{k: getattr(self, k) for k in keys}}

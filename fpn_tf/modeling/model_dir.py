@@ -1,31 +1,10 @@
 """A model directory: the one place that writes, reads and restores one.
 
-    import fpn_tf
-    loaded = fpn_tf.load_model("models/coco_r50_fpn_torchvision")   # or a training run's dir
-    outputs = loaded.model(images)                  # the detector, every weight restored
-    loaded.category_names                           # ["person", "bicycle", ...] for rows 1..C
-
-A model directory is what ``python -m fpn_tf.train`` and ``python -m fpn_tf.convert_weights``
-write and what evaluation, export, prediction and ``model.init_checkpoint`` read:
-
-* ``params.yaml``: the resolved config that rebuilds exactly this model;
-* ``category_map.json``: the dataset's categories (`CategoryMap`), in the model's class order;
-* ``tf.train.Checkpoint(model=..., optimizer=...)`` files written by a
-  ``tf.train.CheckpointManager`` (a training run's), or ``tf.train.Checkpoint(model=...)`` alone
-  (``ckpt-0`` of a converted model).
-
-`restore_model` restores *every* weight of a model or says which parts are missing: a
-model-only checkpoint is bound to the model's own sub-layers (``fpn``, ``rpn``, ``roi_heads``, a
-Mask R-CNN's ``mask_heads``: its mask head's checkpoint path; a compiled model also tracks its
-optimizer, which such a file does not hold), and a sub-layer with no values in the file, or a
-part the file holds and the model does not, is a `ModelDirError` naming it.
-
-`weight_switches` / `check_same_weight_switches`: the config fields that change what the same
-weights compute (stride placement, BatchNorm epsilon, pixel normalisation, anchors, RoIAlign's
-half-pixel shift, the box coder). Weights only mean what they meant
-where they were made with the same switches, so the converter (against the source's reference
-config) and ``model.init_checkpoint`` (against the source directory's ``params.yaml``) refuse a
-config that differs in one, naming the field and both values.
+It holds ``params.yaml`` (the resolved config that rebuilds the model), ``category_map.json``
+(the categories in class order) and ``tf.train.Checkpoint(model=..., optimizer=...)`` files, or
+``model=`` alone for a converted model (``ckpt-0``). `restore_model` restores every weight or
+names the missing part. `weight_switches`: the config fields that change what the same weights
+compute; the converter and ``model.init_checkpoint`` refuse a config that differs in one.
 """
 
 from __future__ import annotations
@@ -82,8 +61,7 @@ def write_model_dir(model_dir: str, config, category_map: CategoryMap) -> None:
 
 
 def save_model_checkpoint(model, model_dir: str, number: int = 0) -> str:
-    """Writes the model's weights alone as ``<model_dir>/ckpt-<number>`` (with the
-    ``checkpoint`` index naming it); returns its path. A converted model is saved this way."""
+    """Writes the model's weights alone as ``<model_dir>/ckpt-<number>``; returns its path."""
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, 1)
     return manager.save(checkpoint_number=number)
 
@@ -105,7 +83,6 @@ def read_config(
 
 
 def read_category_map(model_dir: str) -> CategoryMap:
-    """``<model_dir>/category_map.json``."""
     path = os.path.join(model_dir, CATEGORY_MAP_FILENAME)
     if not tf.io.gfile.exists(path):
         raise ModelDirError(
@@ -115,7 +92,6 @@ def read_category_map(model_dir: str) -> CategoryMap:
 
 
 def latest_checkpoint(model_dir: str) -> str:
-    """The newest checkpoint of ``model_dir`` (its ``checkpoint`` index)."""
     path = tf.train.latest_checkpoint(model_dir)
     if path is None:
         raise ModelDirError(f"{model_dir}: no checkpoint found (no 'checkpoint' index file)")
@@ -123,9 +99,7 @@ def latest_checkpoint(model_dir: str) -> str:
 
 
 def model_parts(model) -> dict[str, keras.layers.Layer]:
-    """The model's sub-layers by the attribute name that is their name in a checkpoint
-    (``fpn``, ``rpn``, ``roi_heads``, a Mask R-CNN's ``mask_heads``; ``fpn``, ``head`` for
-    segment proposals)."""
+    """The model's sub-layers by attribute name, their name in a checkpoint."""
     return {
         name: value
         for name, value in vars(model).items()
@@ -134,9 +108,9 @@ def model_parts(model) -> dict[str, keras.layers.Layer]:
 
 
 def _stored_parts(checkpoint: str) -> tuple[set[str], bool]:
-    """(the names of the model's sub-layers that hold values in ``checkpoint``, whether it holds
-    an optimizer's state), from its object graph: a variable's key follows its shortest path,
-    often through the optimizer, so keys do not say which layer a weight belongs to."""
+    """(the model's sub-layers that hold values in ``checkpoint``, whether it holds optimizer
+    state), from its object graph: a variable's key follows its shortest path, often through the
+    optimizer, so keys do not say which layer a weight belongs to."""
     reader = tf.train.load_checkpoint(checkpoint)
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
@@ -166,15 +140,9 @@ def _stored_parts(checkpoint: str) -> tuple[set[str], bool]:
 
 
 def restore_model(model, checkpoint: str) -> bool:
-    """Restores every weight of ``model`` from ``checkpoint`` (a training run's
-    ``tf.train.Checkpoint(model=..., optimizer=...)`` or a model-only one); the optimizer, when
-    the file has it and the model is compiled with one, is restored too. Returns whether the
-    file holds an optimizer's state (False: a model-only checkpoint, e.g. a converted model's).
-
-    Raises:
-      ModelDirError: a part of the model has no weights in the file, the file holds a part the
-        model has not, or a weight does not fit (another architecture or config); one line.
-    """
+    """Restores every weight of ``model`` (and its optimizer when both have one) from
+    ``checkpoint``; returns whether the file holds optimizer state. Raises `ModelDirError` when
+    a part is missing on either side or a weight does not fit."""
     try:
         stored_parts, has_optimizer = _stored_parts(checkpoint)
     except Exception as e:  # noqa: BLE001 - a missing or damaged file, said in one line
@@ -224,27 +192,18 @@ class LoadedModel:
 
     @property
     def category_names(self) -> list[str]:
-        """The names of classes 1..C (the model's class order)."""
+        """The names of classes 1..C."""
         return list(self.category_map.names)
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        """How the model's inputs are resized and padded (`input_preprocessing`)."""
         return input_preprocessing(self.config)
 
 
 def input_preprocessing(config) -> dict[str, Any]:
-    """``short_side``, ``max_long_side``, ``pad_multiple``, ``resize_rounding``,
-    ``resize_method`` of a config's eval data: how a model's inputs are resized
-    (`fpn_tf.serving.export_saved_model`'s arguments)."""
-    d = config.eval_data
-    return {
-        "short_side": d.short_side,
-        "max_long_side": d.max_long_side,
-        "pad_multiple": d.pad_multiple,
-        "resize_rounding": d.resize_rounding,
-        "resize_method": d.resize_method,
-    }
+    """How a model's inputs are resized (eval_data's; `export_saved_model`'s arguments)."""
+    keys = ("short_side", "max_long_side", "pad_multiple", "resize_rounding", "resize_method")
+    return {k: getattr(config.eval_data, k) for k in keys}
 
 
 def load_model(
@@ -255,21 +214,9 @@ def load_model(
     checkpoint: str | None = None,
     category_map: CategoryMap | str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """The model of a model directory, ready to run: built from its ``params.yaml`` and
-    ``category_map.json``, every weight restored from its latest checkpoint.
-
-    Args:
-      model_dir: a training run's or a converted model's directory.
-      config_file: a config YAML (or several) to use instead of ``model_dir/params.yaml``.
-      params_override: applied on top of the config, e.g. ``"model.detection.score_threshold=0.3"``
-        (only settings that do not change the weights' shapes make sense here).
-      checkpoint: a checkpoint path (prefix) to restore instead of the latest in ``model_dir``.
-      category_map: instead of ``model_dir/category_map.json``.
-
-    Raises:
-      ModelDirError: something is missing from ``model_dir`` or does not fit the model (one
-        line naming the path). ConfigError: a bad config or override.
-    """
+    """The model of a model directory, every weight restored from its latest checkpoint (or
+    ``checkpoint``); ``config_file``, ``params_override`` (e.g.
+    ``"model.detection.score_threshold=0.3"``) and ``category_map`` replace the directory's."""
     model_dir = os.fspath(model_dir)
     if not tf.io.gfile.isdir(model_dir):
         raise ModelDirError(f"{model_dir}: model directory not found")
@@ -320,8 +267,7 @@ HEAD_SWITCHES = (
 
 
 def weight_switches(model_cfg, fields: Sequence[str] = BACKBONE_SWITCHES + HEAD_SWITCHES) -> dict:
-    """``{field: value}`` of the switches that change what the same weights compute, with
-    null backbone settings resolved to what the backbone type uses."""
+    """``{field: value}`` of the switches, null backbone settings resolved to the type's."""
     backbone = model_cfg.backbone
     order, mean, std = pixel_normalization(
         backbone.type, backbone.channel_order, backbone.pixel_mean, backbone.pixel_std
@@ -355,10 +301,8 @@ def weight_switches(model_cfg, fields: Sequence[str] = BACKBONE_SWITCHES + HEAD_
 def check_same_weight_switches(
     config_model, source_model, *, what: str, source: str, fields: Sequence[str] | None = None
 ) -> None:
-    """Raises ConfigError (one line: the field and both values) when ``config_model`` (the
-    model section being built) differs from ``source_model`` (the weights' own) in a switch
-    that changes what the weights compute. ``what`` names the check (the error's key),
-    ``source`` where the weights' switches come from."""
+    """Raises ConfigError (key ``what``) when ``config_model`` differs from ``source_model`` (the
+    weights' own, read from ``source``) in a weight switch."""
     fields = tuple(fields or (BACKBONE_SWITCHES + HEAD_SWITCHES))
     ours, theirs = weight_switches(config_model, fields), weight_switches(source_model, fields)
     for name in fields:

@@ -1,13 +1,8 @@
-"""`MultiLossModel`: a `keras.Model` trained on a dict of losses; its ``train_step`` is the one
-training objective (``model.fit`` and ``python -m fpn_tf.train`` alike).
+"""`MultiLossModel`: a `keras.Model` trained on a dict of losses, the package's one objective.
 
-- The loss is ``compute_losses(...)["total_loss"]`` divided by the number of replicas
-  (tf.distribute sums the replicas' gradients), then scaled by a `LossScaleOptimizer` (float16).
-- Weight decay is the optimizer's (`fpn_tf.training.optimizers`): once per step, on the summed,
-  unscaled gradient.
-- A step whose losses are NaN/Inf on any replica updates nothing anywhere (the replicas agree
-  through an all-reduce) and logs ``num_nonfinite_replicas``; stopping is the caller's policy.
-- A step's logs are its own losses (shape [1], averaged over replicas), not running means.
+``total_loss`` / replicas (tf.distribute sums gradients), loss-scaled under float16; weight decay
+is the optimizer's. A step whose losses are non-finite on any replica updates nothing anywhere
+and logs ``num_nonfinite_replicas``. A step's logs are its own losses, not running means.
 """
 
 from __future__ import annotations
@@ -21,8 +16,8 @@ NONFINITE_KEY = "num_nonfinite_replicas"
 
 
 class MultiLossModel(keras.Model):
-    """Subclasses implement ``compute_losses``; ``loss_names`` are its keys, ``"total_loss"``
-    (minimised) among them, each averaged by ``evaluate``."""
+    """Subclasses implement ``compute_losses``, whose keys are ``loss_names`` (with the minimised
+    ``"total_loss"``)."""
 
     def __init__(self, loss_names: Sequence[str], **kwargs):
         super().__init__(**kwargs)
@@ -37,7 +32,6 @@ class MultiLossModel(keras.Model):
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     def compute_losses(self, features, labels, training=True):
-        """A dict of scalar float32 losses with ``total_loss``; implemented by subclasses."""
         raise NotImplementedError
 
     def train_step(self, data):
@@ -63,11 +57,9 @@ class MultiLossModel(keras.Model):
         return {k: tf.reshape(v, [1]) for k, v in {**losses, NONFINITE_KEY: nonfinite}.items()}
 
     def _apply_unless(self, skip, grads, variables):
-        """``optimizer.apply`` unless ``skip`` (the same value on every replica).
-
-        The optimizer synchronises the replicas (merge_call), which TensorFlow does not allow
-        inside a replica-context cond: the branch is taken in the cross-replica context, as
-        `keras.optimizers.LossScaleOptimizer` does, then applied on every replica."""
+        """``optimizer.apply`` unless ``skip``, branching in the cross-replica context (as
+        `LossScaleOptimizer` does): the optimizer's merge_call is not allowed inside a
+        replica-context cond."""
 
         def cross_replica(strategy, skip, grads):
             skip = strategy.experimental_local_results(skip)[0]

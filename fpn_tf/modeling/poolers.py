@@ -1,12 +1,4 @@
-"""Eq. 1 level assignment + RoIAlign on the pyramid, one layer per branch (box, mask).
-
-    pooler = MultiLevelRoIAlign(RoIAlignerConfig(output_size=7))
-    roi_features = pooler(pyramid, rois)  # [B, R, 7, 7, C]
-
-The arithmetic is `fpn_tf.ops.roi_ops.multilevel_roi_align` (its gather implementation is the
-one the ONNX / LiteRT exports use); this layer holds one ``model.roi_aligner``-shaped section
-(`fpn_tf.configs.experiment.RoIAlignerConfig`) and the pyramid levels it pools from.
-"""
+"""Eq. 1 level assignment + RoIAlign on the pyramid, one layer per branch (box, mask)."""
 
 from __future__ import annotations
 
@@ -20,8 +12,8 @@ from fpn_tf.ops import roi_ops
 
 
 def section(cls, value):
-    """``value`` as a fresh ``cls`` config section: a section (copied, so that changing the
-    layer's settings never changes the caller's config) or its ``to_dict`` (``from_config``)."""
+    """A copy of the ``cls`` section ``value`` (or of its dict), so the layer's settings never
+    change the caller's config."""
     if isinstance(value, cls):
         return dataclasses.replace(value)
     return cls.from_dict(value)
@@ -29,14 +21,10 @@ def section(cls, value):
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class MultiLevelRoIAlign(keras.layers.Layer):
-    """RoIAlign of each RoI on the pyramid level Eq. 1 assigns it.
+    """RoIAlign of each RoI on the level Eq. 1 assigns it, clamped to the levels of
+    ``min_level..max_level`` the features hold. ``config``: a `RoIAlignerConfig` (or its dict).
 
-    ``config``: a `RoIAlignerConfig` (or its dict). The RoIs go to the levels
-    ``min_level..max_level`` that the features hold (Eq. 1 is clamped to those: a single-level
-    ablation pools everything from its one level).
-
-    Call: ``pooler(features, rois, training=None)`` with the pyramid dict and float [B, R, 4] yxyx
-    boxes in input pixels; returns [B, R, S, S, C] in the features' dtype.
+    ``pooler(features, rois [B, R, 4] yxyx input pixels)`` -> [B, R, S, S, C].
     """
 
     def __init__(self, config, **kwargs):

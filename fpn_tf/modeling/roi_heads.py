@@ -1,19 +1,9 @@
-"""The second stage on the feature pyramid: Fast R-CNN (FPN paper §4.2) and the optional Mask
-R-CNN mask branch (He et al. 2017), as one Keras layer.
-
-`RoIHeads` samples RoIs against the ground truth, pools each on its Eq. 1 level
-(`fpn_tf.modeling.poolers.MultiLevelRoIAlign`), runs the box head (two 1024-d fc layers, a
-(C+1)-way classifier, class-specific box regression), computes its losses and the detections
-(decode, per-class NMS, top detections); with a mask branch it pools the sampled foreground RoIs
-again (14x14), runs `MaskRCNNHead` and adds the mask loss, and at inference predicts the mask of
-each detection. The arithmetic is in `fpn_tf.ops` and `fpn_tf.modeling.losses`::
-
-    targets, losses = roi_heads(features, proposals, image_valid_hw, labels=labels)  # training
-    detections, masks = roi_heads(features, proposals, image_valid_hw)  # masks: None without
-"""
+"""The second stage: Fast R-CNN (FPN paper §4.2) and the optional Mask R-CNN mask branch
+(He et al. 2017) in one layer, as torchvision's ``RoIHeads``."""
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import keras
@@ -33,23 +23,13 @@ from fpn_tf.ops import mask_ops, postprocess, target_assigner
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class FastRCNNBoxHead(keras.layers.Layer):
-    """``num_fc`` hidden fc layers (``fc_dims``, ReLU), a classifier and class-specific box
-    regression (paper §4.2).
+    """Hidden fc layers + ReLU, a classifier and class-specific box regression (paper §4.2).
 
-    Call with RoI features ``[B, R, S, S, C]``; returns ``(class_logits [B, R, num_logits],
-    box_deltas [B, R, C, 4])`` (deltas of class k at ``[..., k-1, :]``; background has none).
-    ``num_logits``: the classifier's rows, None = C + 1 (more with ``classifier_layout
-    "dataset_ids"``).
+    [B, R, S, S, C] RoI features -> (class_logits [B, R, num_logits], box_deltas [B, R, C, 4]);
+    class k's deltas at ``[..., k-1, :]``. ``num_logits`` None = C + 1.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        fc_dims: int,
-        num_fc: int,
-        num_logits: Optional[int] = None,
-        **kwargs,
-    ):
+    def __init__(self, num_classes: int, fc_dims: int, num_fc: int, num_logits=None, **kwargs):
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes (foreground classes) must be >= 1, got {num_classes}")
@@ -63,40 +43,24 @@ class FastRCNNBoxHead(keras.layers.Layer):
                 f"({self.num_classes + 1})"
             )
         # Attributes fc1, fc2, ... (not a list: listed layers are invisible to tf.train.Checkpoint).
-        for i in range(self.num_fc):
+        dense = lambda units, name, init, **kw: keras.layers.Dense(  # noqa: E731
+            units, name=name, kernel_initializer=init, dtype=self.dtype_policy, **kw
+        )
+        for i in range(1, self.num_fc + 1):
             setattr(
-                self,
-                f"fc{i + 1}",
-                keras.layers.Dense(
-                    self.fc_dims,
-                    activation="relu",
-                    name=f"fc{i + 1}",
-                    kernel_initializer="lecun_uniform",
-                    dtype=self.dtype_policy,
-                ),
+                self, f"fc{i}", dense(self.fc_dims, f"fc{i}", "lecun_uniform", activation="relu")
             )
-        self.classifier = keras.layers.Dense(
-            self.num_classes + 1 if self.num_logits is None else self.num_logits,
-            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
-            name="class_logits",
-            dtype=self.dtype_policy,
-        )
-        self.box_regressor = keras.layers.Dense(
-            4 * self.num_classes,
-            kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
-            name="box_deltas",
-            dtype=self.dtype_policy,
-        )
+        normal = keras.initializers.RandomNormal
+        rows = self.num_classes + 1 if self.num_logits is None else self.num_logits
+        self.classifier = dense(rows, "class_logits", normal(stddev=0.01))
+        self.box_regressor = dense(4 * self.num_classes, "box_deltas", normal(stddev=0.001))
 
     @property
     def fcs(self) -> list:
         return [getattr(self, f"fc{i + 1}") for i in range(self.num_fc)]
 
     def build(self, input_shape):
-        dims = 1
-        for d in input_shape[2:]:
-            dims *= int(d)
-        shape = (None, dims)
+        shape = (None, math.prod(int(d) for d in input_shape[2:]))
         for fc in self.fcs:
             fc.build(shape)
             shape = (None, self.fc_dims)
@@ -113,40 +77,20 @@ class FastRCNNBoxHead(keras.layers.Layer):
         return logits, deltas
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "num_classes": self.num_classes,
-                "fc_dims": self.fc_dims,
-                "num_fc": self.num_fc,
-                "num_logits": self.num_logits,
-            }
-        )
-        return config
+        keys = ("num_classes", "fc_dims", "num_fc", "num_logits")
+        return {**super().get_config(), **{k: getattr(self, k) for k in keys}}
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class RoIHeads(keras.layers.Layer):
     """RoI sampling, the box branch and the optional mask branch, their losses and outputs.
 
-    Args are config sections (`fpn_tf.configs.experiment`, which documents each field and holds
-    the defaults; or their dicts, as ``get_config`` writes them): ``roi_sampler``,
-    ``roi_aligner``, ``box_head``, ``detection``, and for a mask branch ``mask_roi_aligner`` and
-    ``mask_head`` (both or neither). `fpn_tf.modeling.factory.build_roi_heads` builds it from a
-    ``model`` config.
+    Args are config sections (or their dicts): the mask branch needs both ``mask_roi_aligner``
+    and ``mask_head``. ``classifier_rows``: None for the contiguous layout, else ``[0] +
+    category_ids`` (``classifier_layout "dataset_ids"``; the mask channels follow it).
 
-    ``classifier_rows``: None with ``classifier_layout "contiguous"`` (row k = class k); with
-    ``"dataset_ids"`` the rows of background and classes 1..C, ``[0] + category_ids``: the
-    classifier has ``max(rows) + 1`` rows, the softmax is over all of them, the detections read
-    ``softmax[..., classifier_rows]`` and the classification loss is the cross-entropy over all
-    rows at the target's row. The mask channels follow the same layout.
-
-    Call: ``roi_heads(features, proposals, image_valid_hw, labels=None, training=None)`` with the
-    pyramid dict, the RPN's `Proposals`, the unpadded ``(height, width)`` [B, 2] and optionally
-    the ground truth (``gt_masks`` too with a mask branch). With ``labels``: ``(RoiTargets,
-    losses)`` (``fast_rcnn_class_loss``, ``fast_rcnn_box_loss``, and ``mask_loss``); without:
-    ``(Detections, masks)`` (`fpn_tf.ops.postprocess.Detections`: boxes [B, D, 4], scores,
-    classes 1..C, counts; masks float32 [B, D, M, M] or None, see `predict_masks`).
+    ``call(features, proposals, image_valid_hw [B, 2], labels=None)``: with labels ``(RoiTargets,
+    losses)``; without ``(Detections, masks float32 [B, D, M, M] or None)``.
     """
 
     def __init__(
@@ -230,7 +174,7 @@ class RoIHeads(keras.layers.Layer):
 
     # --- the box branch ------------------------------------------------------------------------
     def sample(self, proposals, labels):
-        """`target_assigner.sample_rois`: RoIs [B, batch_size_per_image, 4] and their targets."""
+        """RoIs [B, batch_size_per_image, 4] and their targets."""
         c = self.sampler_config
         return target_assigner.sample_rois(
             proposals.boxes,
@@ -272,7 +216,6 @@ class RoIHeads(keras.layers.Layer):
         return probs
 
     def detect(self, class_logits, box_deltas, rois, image_valid_hw):
-        """`postprocess.postprocess_detections` on the box head's outputs for ``rois``."""
         c = self.detection_config
         return postprocess.postprocess_detections(
             self.class_probabilities(class_logits),
@@ -302,11 +245,9 @@ class RoIHeads(keras.layers.Layer):
         return tf.cast(tf.gather(logits, channels, axis=4, batch_dims=2), tf.float32)
 
     def mask_targets(self, targets, labels):
-        """The sampled foreground rows (the first ``max_foreground_per_image`` rows of the
-        `RoiTargets`, where the sampler puts them): ``(rois [B, F, 4], classes [B, F],
-        foreground bool [B, F], mask targets float32 0 / 1 [B, F, M, M])``
-        (`mask_ops.mask_targets`; all 0 on rows that are not foreground). ``labels``:
-        ``gt_masks`` [B, N, S, S] box-relative over ``gt_boxes`` [B, N, 4]."""
+        """``(rois [B, F, 4], classes [B, F], foreground [B, F], 0/1 targets [B, F, M, M])`` of
+        the first F = ``max_foreground_per_image`` sampled rows, where the sampler puts the
+        foreground; targets are 0 on other rows."""
         f = self.max_foreground_per_image
         rois, foreground = targets.rois[:, :f], targets.foreground_mask[:, :f]
         matched = tf.where(foreground, targets.matched_gt_indices[:, :f], -1)
@@ -316,9 +257,8 @@ class RoIHeads(keras.layers.Layer):
         return rois, targets.class_targets[:, :f], foreground, tf.stop_gradient(masks)
 
     def mask_loss(self, features, targets, labels, training=None):
-        """``{"mask_loss"}``: the mean per-pixel sigmoid cross-entropy of the ground-truth
-        class's mask over the foreground RoIs' M x M pixels, times ``loss_weight`` (0 without
-        foreground; normalised by this replica's foreground, as detectron2 and torchvision)."""
+        """Mean per-pixel sigmoid cross-entropy of the target class's mask over this replica's
+        foreground RoIs (0 without any; as detectron2 and torchvision), times ``loss_weight``."""
         rois, classes, foreground, masks = self.mask_targets(targets, labels)
         logits = self.mask_logits(features, rois, classes, training)
         bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits)
@@ -328,9 +268,8 @@ class RoIHeads(keras.layers.Layer):
         return {"mask_loss": tf.math.divide_no_nan(total, count) * self.mask_config.loss_weight}
 
     def predict_masks(self, features, detections):
-        """float32 [B, D, M, M] mask probabilities of each detection's class, box-relative over
-        its box (`fpn_tf.ops.mask_ops`; boxes in the pyramid's input pixels, classes 1..C);
-        zeros for rows >= ``num_detections``."""
+        """float32 [B, D, M, M] box-relative mask probabilities of each detection's class; zero
+        rows past ``num_detections``."""
         boxes = tf.cast(detections.boxes, tf.float32)
         probs = tf.sigmoid(self.mask_logits(features, boxes, detections.classes, False))
         rows = tf.sequence_mask(detections.num_detections, tf.shape(boxes)[1])
@@ -364,7 +303,6 @@ class RoIHeads(keras.layers.Layer):
 
 
 def _check_classifier_rows(layout, rows, num_classes):
-    """The classifier rows of background and classes 1..C (None for the contiguous layout)."""
     if layout == "contiguous":
         if rows is not None:
             raise ValueError(

@@ -1,29 +1,10 @@
-"""Segment proposals on the feature pyramid (paper §6, Table 6; Appendix A): mask proposals.
+"""Segment proposals on the feature pyramid (paper §6, Table 6; Appendix A of arXiv 1612.03144v2).
 
-The FPN paper's Appendix A ("Implementation of Segmentation Proposals", arXiv 1612.03144v2)
-specifies the model, DeepMask trained fully convolutionally on a feature pyramid: the pyramid
-P2..P6 with d = 128 channels; on every level "a 5x5 kernel with 512 outputs, followed by sibling
-fully connected layers to predict a 14x14 mask (14² outputs) and object score (1 output)",
-implemented with 1x1 convolutions; a second, identical MLP with a 7x7 input for the half
-octaves. Each MLP's weights are shared by P2..P6 (like the RPN head). The window geometry and
-the targets (object scales, 25 % padding, ±1-cell positives, 1 : 3 sampling) are in
-`fpn_tf.ops.segment_windows`; the config (`SegmentProposalConfig`) marks each number "paper" or
-"ours".
-
-    image -> fpn -> {P2..P6} -> SegmentProposalHead (mlp_5x5, mlp_7x7)
-          -> training: window labels, 128 sampled per image (1 : 3), score + 10 x mask loss
-          -> inference: the 1000 highest-scoring windows, no NMS (paper), their 14x14 masks
-
-Each MLP is a w x w conv to ``hidden_dims`` (paper: 512) + ReLU (the MLP's hidden layer over the
-w x w window; the ReLU is ours, the appendix names no non-linearity), then two 1x1 convs:
-mask_size² mask logits and 1 score logit. The score conv runs densely on every level; the mask
-conv (a 1x1 conv, i.e. a per-window matrix product) runs only on the windows that need a mask:
-the sampled positives in training, the K proposals at inference, which saves the [B, H, W, 196]
-maps of every level (equal values: it is the same 1x1 conv).
-
-Also here: `mask_rcnn_segment_proposals`, Mask R-CNN's masks on the RPN's proposals in the same
-output format (the comparison row of the benchmark). `fpn_tf.modeling.factory.build_model` builds
-the model from a config (``model.architecture: segment_proposals``).
+DeepMask trained fully convolutionally on P2..P6: per window size (5x5, 7x7 for the half
+octaves) one MLP shared by all levels, a w x w conv to 512 then sibling 1x1 convs to a 14x14 mask
+and an object score. The window geometry and targets are in `fpn_tf.ops.segment_windows`; the
+config marks each number "paper" or "ours". The mask conv runs only on the windows that need a
+mask (sampled positives, the K proposals), which saves every level's [B, H, W, 196] map.
 """
 
 from __future__ import annotations
@@ -47,15 +28,12 @@ LEVELS = ("P2", "P3", "P4", "P5", "P6")
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class SegmentMLP(keras.layers.Layer):
-    """One MLP of window ``window_size``, applied on every level with the same weights.
+    """One window size's MLP, shared by every level: a w x w conv + ReLU (the ReLU is ours), then
+    1x1 convs to mask_size² mask logits and 1 score. N(0, 0.01) weights, zero biases (the RPN
+    head's; the paper does not say).
 
-    ``hidden``: a ``window_size`` x ``window_size`` conv (same padding) to ``hidden_dims`` + ReLU
-    (paper: 512 outputs); ``mask``: 1x1 conv to ``mask_size**2`` logits; ``objectness``: 1x1 conv
-    to 1 logit (the paper's sibling fully connected layers as 1x1 convs). Weights N(0, 0.01), zero
-    biases (the RPN head's initialisation; the paper does not say).
-
-    Call: ``{level: [B, H, W, C]}`` -> ``(hidden {level: [B, H, W, d]}, objectness {level:
-    [B, H, W, 1]})``; `masks` maps gathered hidden vectors [B, K, d] to logits [B, K, M, M].
+    ``{level: [B, H, W, C]}`` -> ``(hidden {level: [B, H, W, d]}, objectness {level: [B, H, W,
+    1]})``.
     """
 
     def __init__(self, window_size: int, hidden_dims: int, mask_size: int, **kwargs):
@@ -97,33 +75,23 @@ class SegmentMLP(keras.layers.Layer):
         )
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            window_size=self.window_size, hidden_dims=self.hidden_dims, mask_size=self.mask_size
-        )
-        return config
+        keys = ("window_size", "hidden_dims", "mask_size")
+        return {**super().get_config(), **{k: getattr(self, k) for k in keys}}
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class SegmentProposalHead(keras.layers.Layer):
-    """The segment-proposal stage: the MLPs, window targets, losses and proposals.
+    """The segment-proposal stage of a ``model.segment_proposals`` config: the MLPs (attributes
+    ``mlp_5x5``, ``mlp_7x7``), window targets, losses and proposals.
 
-    ``config``: the ``model.segment_proposals`` section (`SegmentProposalConfig`, which
-    documents each setting). The MLPs are the attributes ``mlp_5x5`` / ``mlp_7x7``.
+    ``call(features, image_valid_hw, labels=None, window_sizes=None)`` -> ``(proposals,
+    losses)``: with labels ``(None, losses)``; without ``({"boxes" [B, K, 4] mask boxes in input
+    pixels, "scores" [B, K], "masks" [B, K, M, M] probabilities, "valid" [B, K]}, {})``.
+    ``window_sizes`` restricts inference to some heads ([5]: "5x5 only").
 
-    Call: ``head(features, image_valid_hw, labels=None, training=None, window_sizes=None)`` with
-    ``features`` ``{"P2": ..., ..., "P6": ...}`` (the levels it finds among P2..P6) and
-    ``labels`` None or ``{"gt_boxes", "gt_classes", "gt_is_crowd", "gt_masks"}``. Returns
-    ``(proposals, losses)``: proposals ``{"boxes" [B, K, 4] mask boxes in input pixels,
-    "scores" [B, K] sigmoid objectness (0 in padding rows), "masks" [B, K, M, M] sigmoid mask
-    probabilities, "valid" bool [B, K]}`` (None when ``labels`` are given) and
-    ``{"segment_objectness_loss", "segment_mask_loss"}`` (empty without labels).
-    ``window_sizes`` restricts inference to some heads (e.g. ``[5]``: "5x5 only").
-
-    Losses: objectness = sigmoid cross-entropy summed over the sampled windows / (B x
-    batch_size_per_image); mask = per-pixel sigmoid cross-entropy, the mean over the M x M
-    pixels of every sampled positive window (0 without one), against `mask_ops.mask_targets` of
-    the matched object over the window's mask box. Negatives train the score only (paper).
+    Objectness loss: sigmoid cross-entropy summed over the sampled windows / (B x
+    batch_size_per_image); mask loss: the per-pixel mean over the sampled positives (0 without
+    one). Negatives train the score only (paper).
     """
 
     def __init__(self, config: SegmentProposalConfig, **kwargs):
@@ -158,11 +126,9 @@ class SegmentProposalHead(keras.layers.Layer):
         sizes = {}
         for level in self._levels(features):
             shape = features[level].shape
-            if shape[1] is not None and shape[2] is not None:
-                sizes[level] = (int(shape[1]), int(shape[2]))
-            else:
-                dyn = tf.shape(features[level])
-                sizes[level] = (dyn[1], dyn[2])
+            if shape[1] is None or shape[2] is None:
+                shape = tf.shape(features[level])
+            sizes[level] = (shape[1], shape[2])
         window_sizes = window_sizes or self.config.window_sizes
         object_sizes = [self.config.object_sizes[self._head_index(w)] for w in window_sizes]
         return window_geometry(sizes, window_sizes, self.config.mask_box_scale, object_sizes)
@@ -180,8 +146,7 @@ class SegmentProposalHead(keras.layers.Layer):
         return tf.concat(logits, 1), tf.concat(hidden, 1)
 
     def mask_logits(self, hidden, window_indices, windows: Windows, window_sizes=None):
-        """Mask logits [B, K, M, M] of the windows ``window_indices`` [B, K] (each by its own
-        head's mask conv)."""
+        """Mask logits [B, K, M, M] of the windows ``window_indices`` [B, K], each by its head."""
         vectors = tf.gather(hidden, window_indices, batch_dims=1)  # [B, K, d]
         group_ids = tf.gather(windows.group_ids, window_indices)  # [B, K]
         head_of_group = tf.constant([self._head_index(g[0], window_sizes) for g in windows.groups])
@@ -237,11 +202,8 @@ class SegmentProposalHead(keras.layers.Layer):
         }
 
     def proposals(self, logits, hidden, windows, image_valid_hw, window_sizes=None):
-        """The K = post_nms_top_k best windows (static shape; see the class doc).
-
-        nms_iou >= 1 (paper): no NMS, the K highest-scoring windows of all levels and heads
-        (windows centred in the padding excluded). nms_iou < 1 (ours, an ablation): the top
-        pre_nms_top_k windows of each (head, level) group, then NMS on their mask boxes."""
+        """The K = post_nms_top_k best windows centred inside the image: with nms_iou >= 1
+        (paper) by score alone; else (ours) pre_nms_top_k per (head, level), then NMS."""
         logits, hidden = tf.stop_gradient(logits), tf.stop_gradient(hidden)
         hw = tf.cast(image_valid_hw, tf.float32)[:, None, :]
         inside = tf.reduce_all(windows.centers[None] < hw, axis=-1)  # [B, R]
@@ -314,8 +276,7 @@ class SegmentProposalHead(keras.layers.Layer):
 
 
 def _output_dict(boxes, scores, masks, valid, image_info):
-    """The proposals in the models' output format (boxes to original pixels with image_info;
-    never clipped: the masks are relative to the whole box)."""
+    """The output dict; boxes are never clipped (the masks are relative to the whole box)."""
     return {
         "proposal_boxes": image_io.to_original(boxes, image_info),
         "proposal_scores": scores,
@@ -326,16 +287,11 @@ def _output_dict(boxes, scores, masks, valid, image_info):
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class SegmentProposalModel(MultiLossModel):
-    """FPN segment proposals: ``fpn`` (image -> {"P2".."P6"}) -> ``head``
-    (`SegmentProposalHead`). ``compute_losses`` -> ``{"segment_objectness_loss",
-    "segment_mask_loss", "total_loss"}``; ``call(inputs)`` (images, or ``{"images",
-    "image_info"}`` as `FasterRCNN`) -> ``{"proposal_boxes" [B, K, 4] the mask boxes
-    (original-image pixels with image_info, input pixels otherwise; not clipped),
-    "proposal_scores" [B, K] sigmoid objectness, "proposal_masks" [B, K, M, M] sigmoid mask
-    probabilities box-relative to proposal_boxes (`fpn_tf.ops.mask_ops`), "num_proposals" [B]}``,
-    best first, K = post_nms_top_k, rows past num_proposals zero.
+    """FPN segment proposals: ``fpn`` -> ``head``. Inputs and ``pad_value`` as `FasterRCNN`.
 
-    ``pad_value``: as `FasterRCNN` (the backbone's pixel mean in the padding).
+    ``call`` -> ``{"proposal_boxes" [B, K, 4] (original pixels with image_info), "proposal_scores"
+    [B, K], "proposal_masks" [B, K, M, M] box-relative probabilities, "num_proposals" [B]}``, best
+    first, zero rows past num_proposals.
     """
 
     def __init__(
@@ -385,20 +341,9 @@ class SegmentProposalModel(MultiLossModel):
 
 
 def mask_rcnn_segment_proposals(model, inputs, top_k: int = 1000):
-    """Mask R-CNN's masks as segment proposals (the benchmark's comparison row).
-
-    The RPN's top ``top_k`` proposals ranked by RPN objectness; on each, the mask of the box
-    head's most probable foreground class (computed on the proposal box itself, not on a
-    regressed box, so the mask stays relative to the proposal). Same output dict as
-    `SegmentProposalModel.call` (masks are the mask head's M x M, e.g. 28 x 28).
-
-    Written against the Mask R-CNN contract: ``model.fpn``; ``model.rpn(pyramid, valid_hw)`` ->
-    ``(Proposals(boxes, scores, valid), {})`` (best first); ``model.roi_heads.box_outputs(
-    features, rois)`` -> ``(class_logits, deltas)``; ``model.roi_heads.class_probabilities(
-    logits)`` [B, R, C+1]; ``model.roi_heads.predict_masks(features, detections)`` with
-    `postprocess.Detections` -> [B, D, M, M] mask *probabilities* box-relative to
-    ``detections.boxes``; ``model.pad_value`` (`image_io.prepare_inputs`) when the model has it.
-    """
+    """Mask R-CNN's masks as segment proposals (the benchmark's comparison row): on each of the
+    RPN's ``top_k`` best proposals, the mask of the most probable foreground class, computed on
+    the proposal box itself (not a regressed one). Output as `SegmentProposalModel.call`."""
     pad_value = getattr(model, "pad_value", None)
     images, image_info, valid_hw = image_io.prepare_inputs(inputs, pad_value)
     pyramid = model.fpn(images, training=False)

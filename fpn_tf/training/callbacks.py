@@ -1,10 +1,9 @@
 """The training command's policies as Keras callbacks around ``model.fit``.
 
-They act between steps. The global step is the optimizer's ``iterations`` (restored with the
-checkpoint), not Keras' batch counter: a batch skipped by the float16 loss scale or by
-``train.on_nan=skip`` does not move it, and is not a step to log, save or count. `Trainer` orders
-the callbacks so that a non-finite loss is acted on before any save. Keras' `TerminateOnNaN`,
-`TensorBoard` and `BackupAndRestore` do not do these jobs (WORKSPACE.md, Decisions).
+The step is the optimizer's ``iterations`` (restored with a checkpoint), not Keras' batch
+counter: a batch skipped by the float16 loss scale or ``train.on_nan=skip`` is no step to log,
+save or count. Keras' `TerminateOnNaN`, `TensorBoard` and `BackupAndRestore` do not do these
+jobs (WORKSPACE.md, Decisions).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 def value(log_entry) -> float:
-    """A step log's value as a float (the train step logs shape-[1] tensors)."""
+    """A step log's value (shape [1]) as a float."""
     return float(np.mean(log_entry))
 
 
@@ -80,8 +79,8 @@ class StopAtStep(StepWatcher):
 
 
 class NonFiniteLossPolicy(keras.callbacks.Callback):
-    """``train.on_nan``: "stop" raises `NonFiniteLossError` before anything is saved for the
-    step; "skip" counts the skipped step (the train step applied no update) and goes on."""
+    """``train.on_nan``: "stop" raises `NonFiniteLossError` before the step is saved; "skip"
+    counts the skipped step and goes on."""
 
     def __init__(self, policy: str, last_checkpoint: Callable[[], str | None]):
         super().__init__()
@@ -119,19 +118,17 @@ class NonFiniteLossPolicy(keras.callbacks.Callback):
 
 
 class ProgressLogger(StepWatcher):
-    """Every ``log_every_steps``: a log line (step, the losses averaged since the last line, LR,
-    images/s, ETA) and ``images_per_second`` in TensorBoard. Every ``summary_every_steps``: the
-    step's losses (``losses/<name>``) and ``learning_rate`` in TensorBoard. Counts the batches
-    the float16 loss scale skipped."""
+    """A log line every ``log_every_steps`` (losses averaged since the last line, LR, images/s,
+    ETA); the step's losses and LR in TensorBoard every ``summary_every_steps``."""
 
     def __init__(
         self,
-        total_steps: int,
-        global_batch_size: int,
+        total_steps,
+        global_batch_size,
         loss_names,
         writer,
-        log_every_steps: int,
-        summary_every_steps: int,
+        log_every_steps,
+        summary_every_steps,
     ):
         super().__init__()
         self.total_steps = int(total_steps)
@@ -178,14 +175,8 @@ class ProgressLogger(StepWatcher):
         )
         logging.info(
             "step %d/%d  loss %.4f (%s)  lr %.3g  %.2f img/s  eta %s",
-            step,
-            self.total_steps,
-            self.last["total_loss"],
-            losses,
-            lr,
-            rate,
-            hms(eta),
-        )
+            step, self.total_steps, self.last["total_loss"], losses, lr, rate, hms(eta),
+        )  # fmt: skip
         with self.writer.as_default(step=step):
             tf.summary.scalar("images_per_second", rate)
         self._window, self._window_batches = {k: [] for k in self.loss_names}, 0
@@ -216,8 +207,7 @@ def _short(loss_name: str) -> str:
 
 
 class PeriodicCheckpoint(StepWatcher):
-    """``save()`` (a `tf.train.CheckpointManager` save) every ``every_steps`` and at
-    ``total_steps``."""
+    """``save()`` every ``every_steps`` and at ``total_steps``."""
 
     def __init__(self, save: Callable[[], str], every_steps: int, total_steps: int):
         super().__init__()
@@ -271,18 +261,10 @@ class StopOnSignal(keras.callbacks.Callback):
 
 
 class PeriodicEvaluation(StepWatcher):
-    """``evaluate()`` every ``every_steps`` before ``total_steps`` (the caller evaluates the
-    final weights). A failed evaluation is one logged line (traceback at ``--verbosity=1``),
-    counted in :attr:`failures`, and training goes on; an exception in ``stop_on`` (a user's
-    mistake, e.g. bad data under ``on_bad_data: error``) ends the run."""
+    """``evaluate()`` every ``every_steps`` before ``total_steps``. A failure is logged, counted
+    in ``failures`` and training goes on, except for ``stop_on`` (a user's mistake)."""
 
-    def __init__(
-        self,
-        evaluate: Callable[[], dict],
-        every_steps: int,
-        total_steps: int,
-        stop_on: tuple = (UserError,),
-    ):
+    def __init__(self, evaluate, every_steps: int, total_steps: int, stop_on=(UserError,)):
         super().__init__()
         self.evaluate = evaluate
         self.every_steps = int(every_steps)
@@ -303,10 +285,8 @@ class PeriodicEvaluation(StepWatcher):
             self.failures.append((step, message))
             logging.error(
                 "Evaluation at step %d failed (%s); training goes on (%d failed so far)",
-                step,
-                message,
-                len(self.failures),
-            )
+                step, message, len(self.failures),
+            )  # fmt: skip
             logging.vlog(1, "The failed evaluation's traceback:", exc_info=True)
 
 

@@ -1,38 +1,13 @@
 """Starting a detector from another model's weights (fine-tuning): ``model.init_checkpoint``.
 
-    from fpn_tf.training.init_checkpoint import load_init_checkpoint
-    report = load_init_checkpoint(model, "models/coco_r50_fpn_torchvision")    # or .../ckpt-N
-    report.loaded          # {"backbone": 318, "pyramid": 16, ...}: weights copied per part
-    report.reinitialised   # {"class layers": "the source's classes (...) are not ..."}
-
-The source is a model directory as the trainer (or a weight converter) writes it: params.yaml,
-category_map.json and ``tf.train.Checkpoint(model=..., optimizer=...)`` files. The source model
-is rebuilt from that directory (`fpn_tf.modeling.model_dir.load_model`: every weight restored),
-then its weights are copied into ``model`` part by part, each weight paired with the one of the
-same layer and name:
-
-* ``backbone``: the bottom-up ResNet (every weight, BatchNorm statistics included);
-* ``pyramid``: the top-down pathway and lateral connections (the rest of ``model.fpn``);
-* ``rpn``: the shared RPN head;
-* ``box head fc layers``: the hidden fc layers of the Fast R-CNN head;
-* ``class layers``: the box head's classifier and class-specific box regressor;
-* ``mask head``, ``mask predictor``: a Mask R-CNN's mask convs and deconv, and its class-specific
-  1x1 predictor;
-* ``segment head``: the §6 segment-proposal MLPs. A segment-proposal model and a detector share
-  the backbone and the pyramid; each keeps its own head fresh.
-
-``modules="all"`` copies every part, the class layers only when the source has the same classes
-(the same category ids, in the same order, hence the same shapes); otherwise they keep their
-fresh initialisation. ``modules="backbone"`` copies only the backbone. Every part that is copied
-must have the source's layers and shapes: an architecture that differs is an
-`InitCheckpointError` (one line naming the layer and both shapes) raised before any weight is
-written, so the model is never left partly initialised. With the config of the model being
-initialised, the source directory's switches that change what weights compute
-(`fpn_tf.modeling.model_dir.weight_switches`: the backbone's always, the anchors' and
-RoIAlign's with ``modules="all"``) must equal it: a converted torchvision model fine-tuned with
-the default ResNet switches would load every shape and compute something else. A folded conv + frozen BatchNorm
-(``model.backbone.fold_frozen_bn``) pairs with the unfolded conv and BatchNorm layers (the same
-parameters under the conv's name), so the source and the new model may differ in that setting.
+The source model directory is rebuilt (`model_dir.load_model`) and its weights are copied part
+by part (`PARTS`), each weight paired with the one of the same layer and name. ``modules="all"``
+copies every part, the class-specific ones only when the source has the same category ids
+(else they keep their fresh initialisation); ``modules="backbone"`` only the backbone. A copied
+part must have the source's layers and shapes, checked before any weight is written, and the
+source's weight switches (`model_dir.weight_switches`) must equal the config's: a converted
+torchvision model fine-tuned with the default ResNet switches would load and compute something
+else. A folded conv + frozen BatchNorm pairs with the unfolded layers (same parameters).
 """
 
 from __future__ import annotations
@@ -93,23 +68,15 @@ class InitCheckpointError(ConfigError):
 
 @dataclasses.dataclass
 class InitCheckpointReport:
-    """What `load_init_checkpoint` did.
+    """What `load_init_checkpoint` did."""
 
-    source: the checkpoint restored (or a description of an in-memory source model).
-    modules: "all" or "backbone".
-    loaded: part -> number of weights copied from the source.
-    reinitialised: part -> why it keeps its fresh initialisation.
-    source_category_ids: the source model's dataset category ids.
-    """
-
-    source: str
+    source: str  # the checkpoint restored, or a description of an in-memory source model
     modules: str
-    loaded: dict[str, int]
-    reinitialised: dict[str, str]
+    loaded: dict[str, int]  # part -> weights copied
+    reinitialised: dict[str, str]  # part -> why it keeps its fresh initialisation
     source_category_ids: list[int]
 
     def lines(self) -> list[str]:
-        """One log line per part, in `PARTS` order."""
         out = []
         for part in PARTS:
             if part in self.loaded:
@@ -126,9 +93,8 @@ class InitCheckpointReport:
 
 
 def model_parts(model) -> dict[str, list]:
-    """The weights of a `FasterRCNN` or a `SegmentProposalModel` by part (`PARTS`), each weight
-    in exactly one part; a part the model does not have is absent (a detector's mask parts are
-    present and empty without a mask branch)."""
+    """The weights of a detector or a segment-proposal model by part (`PARTS`), each weight in
+    exactly one part (a detector's mask parts are empty without a mask branch)."""
     fpn = model.fpn
     backbones = [layer for layer in fpn.layers if isinstance(layer, keras.Model)]
     if len(backbones) != 1:
@@ -173,9 +139,8 @@ def _checked(model, parts: dict[str, list]) -> dict[str, list]:
 
 
 def _key(path: str) -> str:
-    """The name a weight is paired by: its path, with the BatchNorm vectors of a folded conv
-    (``conv1_conv/gamma`` in a `Conv2DFrozenBatchNorm`) named as the unfolded BatchNorm's
-    (``conv1_bn/gamma``)."""
+    """The name a weight is paired by: its path, a folded conv's BatchNorm vectors
+    (``conv1_conv/gamma``) named as the unfolded BatchNorm's (``conv1_bn/gamma``)."""
     layer, _, name = path.rpartition("/")
     if name in _BN_VECTORS and layer.endswith("_conv"):
         return f"{layer[: -len('_conv')]}_bn/{name}"
@@ -237,8 +202,7 @@ def _ids(ids) -> str:
 
 
 def _load_source(path: str):
-    """The `LoadedModel` of a model directory (its latest checkpoint) or of a checkpoint prefix
-    inside one."""
+    """The `LoadedModel` of a model directory or of a checkpoint prefix inside one."""
     from fpn_tf.data.errors import DataError  # pylint: disable=g-import-not-at-top
 
     if tf.io.gfile.isdir(path):
@@ -255,21 +219,9 @@ def _load_source(path: str):
 def load_init_checkpoint(
     model, source: Any, modules: str = "all", config=None
 ) -> InitCheckpointReport:
-    """Copies the weights of another model into ``model`` (a `FasterRCNN`); returns a report.
-
-    Args:
-      model: the freshly built detector to initialise.
-      source: a model directory (its latest checkpoint is used), a checkpoint path prefix inside
-        one, or a `FasterRCNN` in memory (its weights as they are).
-      modules: "all" (every part; the class layers only with the same category ids) or
-        "backbone" (only the bottom-up ResNet). See the module docstring.
-      config: the model section ``model`` was built from; with a source directory, its switches
-        that change what the weights compute must be the source's ``params.yaml``'s.
-
-    Raises:
-      InitCheckpointError: the source cannot be loaded, or a part to copy has other layers or
-        shapes than ``model``'s (nothing is written then).
-    """
+    """Copies the weights of ``source`` (a model directory, a checkpoint prefix inside one, or a
+    model in memory) into ``model``; all or nothing. ``config``: ``model``'s section, whose weight
+    switches must be the source directory's."""
     if modules not in MODULES:
         raise InitCheckpointError(
             f"model.init_checkpoint_modules must be one of {MODULES}, got {modules!r}"
@@ -286,12 +238,9 @@ def load_init_checkpoint(
                 fields += model_dir.HEAD_SWITCHES
             try:
                 model_dir.check_same_weight_switches(
-                    config,
-                    loaded.config.model,
-                    what="model.init_checkpoint",
-                    source=f"{loaded.model_dir}/params.yaml",
-                    fields=fields,
-                )
+                    config, loaded.config.model, what="model.init_checkpoint",
+                    source=f"{loaded.model_dir}/params.yaml", fields=fields,
+                )  # fmt: skip
             except ConfigError as e:
                 raise InitCheckpointError(f"model.init_checkpoint: {e}") from e
     else:
@@ -335,13 +284,8 @@ def load_init_checkpoint(
     for pairs in pairs_by_part.values():
         for s, d in pairs:
             d.assign(s.numpy())
-    report = InitCheckpointReport(
-        source=description,
-        modules=modules,
-        loaded={part: len(pairs) for part, pairs in pairs_by_part.items()},
-        reinitialised=reinitialised,
-        source_category_ids=source_ids,
-    )
+    loaded_counts = {part: len(pairs) for part, pairs in pairs_by_part.items()}
+    report = InitCheckpointReport(description, modules, loaded_counts, reinitialised, source_ids)
     for line in report.lines():
         logging.info(line)
     return report

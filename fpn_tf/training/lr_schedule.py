@@ -1,12 +1,10 @@
 """Learning-rate schedule of the paper / detectron2: linear warm-up, then step decay.
 
     lr(step) = learning_rate * warmup(step) * decay_factor ** (number of decay_steps <= step)
-    warmup(step) = warmup_factor + (1 - warmup_factor) * step / warmup_steps   for step < warmup_steps
-                 = 1                                                            afterwards
+    warmup(step) = warmup_factor + (1 - warmup_factor) * min(step / warmup_steps, 1)
 
-so lr(0) = warmup_factor * learning_rate, and the decay applies from the listed step on (the
-optimizer step that *is* 60000 already uses the decayed LR, as detectron2's MultiStepLR). Steps are
-optimizer updates (``optimizer.iterations``), counted from 0.
+Steps are optimizer updates from 0; step 60000 already uses the decayed LR (detectron2's
+MultiStepLR).
 """
 
 from __future__ import annotations
@@ -68,18 +66,12 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         return lr
 
     def get_config(self):
-        return {
-            "learning_rate": self.learning_rate,
-            "warmup_steps": self.warmup_steps,
-            "warmup_factor": self.warmup_factor,
-            "decay_steps": list(self.decay_steps),
-            "decay_factor": self.decay_factor,
-            "name": self.name,
-        }
+        keys = ("learning_rate", "warmup_steps", "warmup_factor", "decay_factor", "name")
+        return {**{k: getattr(self, k) for k in keys}, "decay_steps": list(self.decay_steps)}
 
 
 def build_lr_schedule(train: TrainConfig, global_batch_size: int) -> WarmupStepDecay:
-    """The schedule of a TrainConfig, with the linear scaling rule applied to the base LR."""
+    """The schedule of a TrainConfig, with the linear scaling rule applied."""
     return WarmupStepDecay(
         learning_rate=train.scaled_learning_rate(global_batch_size),
         warmup_steps=train.warmup_steps,

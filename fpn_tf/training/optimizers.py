@@ -1,11 +1,9 @@
 """Optimizer and weight decay from a ``train`` config.
 
-SGD (the paper): momentum 0.9 and *coupled* L2 weight decay, ``grad += wd * w`` before momentum,
-as Caffe/Detectron/detectron2 (Keras' ``SGD(weight_decay=)`` is decoupled, about 10x weaker with
-momentum 0.9). `SGDWithL2` adds the term in the per-variable update, where Keras hands it the
-gradient summed over replicas and with the loss scale divided out: applied once per step, for any
-replica count and precision. AdamW (the CPU demo): Keras' decoupled ``weight_decay``, also once
-per step. ``weight_decay_excludes_bn_and_bias`` exempts BatchNorm's gamma/beta and biases.
+SGD uses *coupled* L2 decay, ``grad += wd * w`` before momentum, as Caffe/detectron2 (Keras'
+``SGD(weight_decay=)`` is decoupled, ~10x weaker at momentum 0.9), added in the per-variable
+update where the gradient is summed over replicas and unscaled: once per step for any replica
+count and precision. AdamW uses Keras' decoupled ``weight_decay``.
 """
 
 from __future__ import annotations
@@ -23,13 +21,7 @@ NO_DECAY_PATTERNS = tuple(rf"(^|/){name}(:\d+)?$" for name in NO_DECAY_NAMES)
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
 class SGDWithL2(keras.optimizers.SGD):
-    """SGD with momentum and coupled L2 weight decay: ``g <- g + l2 * w`` before momentum.
-
-    Args:
-      l2: the L2 coefficient (the paper: 1e-4). Variables excluded with
-        ``exclude_from_weight_decay`` (Keras' own mechanism) are not decayed.
-      Everything else as `keras.optimizers.SGD` (whose decoupled ``weight_decay`` stays unused).
-    """
+    """SGD with ``g <- g + l2 * w`` before momentum; ``exclude_from_weight_decay`` applies."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, l2: float = 0.0, name="sgd_l2", **kwargs):
         super().__init__(learning_rate=learning_rate, momentum=momentum, name=name, **kwargs)
@@ -39,9 +31,7 @@ class SGDWithL2(keras.optimizers.SGD):
         if self.l2 and self._use_weight_decay(variable):
             if isinstance(gradient, tf.IndexedSlices):
                 gradient = tf.convert_to_tensor(gradient)
-            gradient = gradient + tf.cast(self.l2, gradient.dtype) * tf.cast(
-                variable, gradient.dtype
-            )
+            gradient += tf.cast(self.l2, gradient.dtype) * tf.cast(variable, gradient.dtype)
         super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):
@@ -49,7 +39,6 @@ class SGDWithL2(keras.optimizers.SGD):
 
 
 def build_optimizer(train_cfg, global_batch_size: int, mixed_float16: bool = False):
-    """SGD with momentum + coupled L2, or AdamW, with the warm-up + step-decay schedule."""
     schedule = build_lr_schedule(train_cfg, global_batch_size)
     clip = train_cfg.gradient_clip_norm
     if train_cfg.optimizer == "sgd":
@@ -60,7 +49,7 @@ def build_optimizer(train_cfg, global_batch_size: int, mixed_float16: bool = Fal
         optimizer = keras.optimizers.AdamW(
             schedule, weight_decay=train_cfg.weight_decay, global_clipnorm=clip
         )
-    else:  # validated by the config; kept for direct callers.
+    else:
         raise ValueError(f"train.optimizer must be sgd or adamw, got {train_cfg.optimizer!r}")
     if train_cfg.weight_decay_excludes_bn_and_bias:
         optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_PATTERNS))

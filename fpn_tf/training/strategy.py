@@ -7,11 +7,8 @@ import tensorflow as tf
 
 
 def split_cpu(num_devices: int) -> None:
-    """Splits the CPU into ``num_devices`` logical devices (multi-replica code without GPUs).
-
-    Must run before TensorFlow initialises its devices; a second call with the same number is a
-    no-op.
-    """
+    """Splits the CPU into ``num_devices`` logical devices, before TensorFlow initialises them
+    (a repeated call with the same number is a no-op)."""
     cpus = tf.config.list_physical_devices("CPU")
     current = tf.config.get_logical_device_configuration(cpus[0])
     if current and len(current) == num_devices:
@@ -26,11 +23,9 @@ def build_strategy(runtime_cfg) -> tf.distribute.Strategy:
         split_cpu(runtime_cfg.num_logical_cpu_devices)
     devices = runtime_cfg.devices
     if runtime_cfg.strategy == "one_device":
-        if devices:
-            device = devices[0]
-        else:
-            device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
-        strategy = tf.distribute.OneDeviceStrategy(device)
+        if not devices:
+            devices = ["/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"]
+        strategy = tf.distribute.OneDeviceStrategy(devices[0])
     elif runtime_cfg.strategy == "mirrored":
         if not devices and not tf.config.list_logical_devices("GPU"):
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -44,10 +39,8 @@ def build_strategy(runtime_cfg) -> tf.distribute.Strategy:
         )
     logging.info(
         "Strategy %s with %d replica(s): %s",
-        type(strategy).__name__,
-        strategy.num_replicas_in_sync,
-        strategy.extended.worker_devices,
-    )
+        type(strategy).__name__, strategy.num_replicas_in_sync, strategy.extended.worker_devices,
+    )  # fmt: skip
     return strategy
 
 

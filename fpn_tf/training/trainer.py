@@ -1,16 +1,9 @@
-"""The train / evaluate / export loop of an experiment (everything from its config).
+"""The train / evaluate / export loop of an experiment.
 
-Training is ``model.fit`` on an endless, per-replica sharded stream with `MultiLossModel`'s step
-and the command's policies as callbacks (`fpn_tf.training.callbacks`): stop at
-``train.total_steps`` of the global step (the optimizer's ``iterations``), ``train.on_nan``,
-checkpoints every N steps and at the end, SIGINT/SIGTERM save and stop, log lines, TensorBoard
-scalars, periodic evaluation.
-
-Checkpoints: a ``tf.train.CheckpointManager`` in ``model_dir`` (model + optimizer), its index
-written last and atomically, so an interrupted write leaves the previous checkpoint the latest.
-A run resumes from the newest readable one and reshuffles its data with ``train.seed + step``.
-A run from step 0 with ``model.init_checkpoint`` first copies another model's weights in
-(`fpn_tf.training.init_checkpoint`); a resumed run ignores it.
+Training is ``model.fit`` on an endless per-replica stream, the policies as callbacks. A run
+resumes from the newest readable checkpoint of ``model_dir`` (the ``CheckpointManager`` index is
+written last, atomically) and reshuffles its data with ``train.seed + step``; a run from step 0
+first applies ``model.init_checkpoint``.
 """
 
 from __future__ import annotations
@@ -46,9 +39,9 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def prepare_synthetic_data(cfg, evaluate_only: bool = False) -> None:
-    """Generates the synthetic splits a config asks for (once) and points the config at them.
-    ``evaluate_only``: only the held-out split, and never generated (an evaluation writes
-    nothing outside its model directory): it must exist."""
+    """Generates the synthetic splits a config asks for (once) and points the config at them;
+    ``evaluate_only``: the held-out split only, which must exist (an evaluation writes nothing
+    outside its model directory)."""
     from fpn_tf.data import synthetic  # numpy + PIL only
 
     splits = (("train", cfg.train_data), ("val", cfg.eval_data))
@@ -70,18 +63,11 @@ def prepare_synthetic_data(cfg, evaluate_only: bool = False) -> None:
             )
         else:
             start = time.time()
-            logging.info(
-                "Generating %d synthetic %s images into %s ...", s.num_images, split, out_dir
-            )
+            logging.info("Generating %d synthetic %s images into %s", s.num_images, split, out_dir)
             paths = synthetic.generate_split(
-                out_dir,
-                split,
-                s.num_images,
-                seed=s.seed,
-                image_size=tuple(s.image_size),
-                max_objects=s.max_objects,
-                first_image_id=first_id,
-            )
+                out_dir, split, s.num_images, seed=s.seed, image_size=tuple(s.image_size),
+                max_objects=s.max_objects, first_image_id=first_id,
+            )  # fmt: skip
             logging.info("... done in %.1f s", time.time() - start)
         data_cfg.annotation_file = paths["annotation_file"]
         data_cfg.image_dir = paths["image_dir"]
@@ -89,12 +75,8 @@ def prepare_synthetic_data(cfg, evaluate_only: bool = False) -> None:
 
 
 class Trainer:
-    """Builds strategy, data, model, optimizer and checkpoint from an `ExperimentConfig`.
-
-    Args:
-      cfg: the experiment config (validated here against the strategy's replica count).
-      model_dir: checkpoints, params.yaml, category_map.json, TensorBoard summaries, metrics.
-    """
+    """Builds strategy, data, model, optimizer and checkpoint from an `ExperimentConfig`;
+    ``model_dir`` receives checkpoints, params.yaml, category_map.json, summaries, metrics."""
 
     def __init__(self, cfg, model_dir: str, evaluate_only: bool = False):
         self.cfg = cfg
@@ -123,13 +105,10 @@ class Trainer:
             if self.chief:
                 model_dir_lib.write_model_dir(model_dir, cfg, self.category_map)
         with self.strategy.scope():
-            # The same train.seed gives the same initial weights (the data order has its own
-            # seeds, derived from train.seed too).
             keras.utils.set_random_seed(cfg.train.seed)
             model_cfg = cfg.model
             if (model_cfg.init_checkpoint or evaluate_only) and model_cfg.backbone.weights:
-                # The init checkpoint (or, on a resume, the run's own) overwrites every
-                # backbone weight: do not fetch or read pretrained weights only to replace them.
+                # A checkpoint overwrites every backbone weight: do not fetch them to replace them.
                 logging.info(
                     "model.backbone.weights=%r not loaded: a checkpoint gives every weight",
                     model_cfg.backbone.weights,
@@ -158,8 +137,8 @@ class Trainer:
 
     # --- set-up ----------------------------------------------------------------------------
     def _evaluated_category_map(self) -> CategoryMap:
-        """The categories of the model evaluated: its directory's (a converted COCO model's 80
-        on any COCO-format set), else the evaluation data's."""
+        """The model directory's categories (a converted COCO model's on any COCO-format set),
+        else the evaluation data's."""
         if os.path.exists(os.path.join(self.model_dir, model_dir_lib.CATEGORY_MAP_FILENAME)):
             return model_dir_lib.read_category_map(self.model_dir)
         return self.eval_source.category_map
@@ -186,12 +165,9 @@ class Trainer:
         return os.path.join(self.model_dir, f".worker_{task_id}_scratch")
 
     def restore(self) -> str | None:
-        """Restores the newest readable checkpoint of model_dir, if any; returns its path.
-
-        An unreadable checkpoint (damaged files, weights missing: `model_dir.restore_model`) is
-        reported and the one before it tried. A checkpoint of the model alone (a converted
-        model) leaves the optimizer fresh at step 0.
-        """
+        """Restores the newest readable checkpoint of model_dir (an unreadable one is reported
+        and the one before tried); returns its path or None. A model-only checkpoint leaves the
+        optimizer fresh at step 0."""
         state = tf.train.get_checkpoint_state(self.model_dir)
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         for path in candidates:
@@ -205,10 +181,8 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous
                 logging.warning(
                     "Checkpoint %s cannot be restored (%s: %s); trying the one before",
-                    path,
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200],
-                )
+                    path, type(e).__name__, str(e).splitlines()[0][:200],
+                )  # fmt: skip
                 continue
             logging.info("Resumed from %s at step %d", path, self.step)
             return path
@@ -228,17 +202,11 @@ class Trainer:
         if self.restored_from is not None:
             logging.info(
                 "Resumed from %s: model.init_checkpoint %s is ignored (it only initialises a "
-                "run that starts from step 0)",
-                self.restored_from,
-                source,
-            )
+                "run that starts from step 0)", self.restored_from, source,
+            )  # fmt: skip
             return None
-        return load_init_checkpoint(
-            self.model,
-            source,
-            modules=self.cfg.model.init_checkpoint_modules,
-            config=self.cfg.model,
-        )
+        modules = self.cfg.model.init_checkpoint_modules
+        return load_init_checkpoint(self.model, source, modules=modules, config=self.cfg.model)
 
     @property
     def step(self) -> int:
@@ -247,26 +215,21 @@ class Trainer:
     def save(self) -> str:
         self.saved_step = self.step
         path = self.manager.save(checkpoint_number=self.step)
-        if not self.chief:
+        if self.chief:
+            logging.info("Saved checkpoint %s", path)
+        else:
             tf.io.gfile.rmtree(self._checkpoint_dir())
-            return path
-        logging.info("Saved checkpoint %s", path)
         return path
 
     # --- data ----------------------------------------------------------------------------
     def _dataset(
         self, source, data_cfg, training: bool, seed: int | None = None, input_context=None
     ):
-        # Models that learn masks train on each object's box-relative mask (labels["gt_masks"]).
         include_masks = training and self.cfg.model.architecture in MASK_ARCHITECTURES
         return pipeline.build_dataset_from_config(
-            source,
-            data_cfg,
-            training,
-            input_context=input_context,
-            seed=seed,
+            source, data_cfg, training, input_context=input_context, seed=seed,
             include_masks=include_masks,
-        )
+        )  # fmt: skip
 
     def train_dataset(self, seed_offset: int = 0):
         """Sharded per replica; a resumed run reshuffles with seed + start step."""
@@ -287,8 +250,7 @@ class Trainer:
 
     @property
     def eval_groundtruth(self):
-        """eval_data's ground truth, checked (``fpn_tf.evaluation.groundtruth``) at the first
-        evaluation and kept; a mask model's masks are checked then too."""
+        """eval_data's ground truth (a mask model's masks too), checked once and kept."""
         if self._eval_groundtruth is None:
             out_dir = os.path.join(self.model_dir, "eval") if self.chief else None
             self._eval_groundtruth = checked_groundtruth(self.eval_source, out_dir)
@@ -300,9 +262,8 @@ class Trainer:
     def train(
         self, total_steps: int | None = None, evaluate_every_steps: int | None = None
     ) -> dict:
-        """``model.fit`` until the global step is ``total_steps`` (default train.total_steps);
-        with ``evaluate_every_steps``, `evaluate` every so many steps on the way. Returns the
-        last logged losses and a summary (steps, seconds, skipped batches, stopping signal)."""
+        """``model.fit`` until step ``total_steps`` (default train.total_steps), evaluating
+        every ``evaluate_every_steps``; returns the last logged losses and a summary."""
         cfg = self.cfg.train
         total_steps = total_steps or cfg.total_steps
         start_step = self.step
@@ -317,13 +278,9 @@ class Trainer:
         )
         nonfinite = cb.NonFiniteLossPolicy(cfg.on_nan, lambda: self.manager.latest_checkpoint)
         progress = cb.ProgressLogger(
-            total_steps,
-            batch,
-            self.model.loss_names,
-            writer,
-            cfg.log_every_steps,
+            total_steps, batch, self.model.loss_names, writer, cfg.log_every_steps,
             cfg.summary_every_steps,
-        )
+        )  # fmt: skip
         stop = cb.StopOnSignal(self.save, lambda: self.saved_step)
         callbacks = [
             nonfinite,
@@ -333,26 +290,18 @@ class Trainer:
         ]
         periodic = None
         if evaluate_every_steps:
-            # Checked before the first step: unusable ground truth under on_bad_data=error
-            # stops here, and what the evaluations will leave out is in the log from the start.
-            _ = self.eval_groundtruth
+            _ = self.eval_groundtruth  # checked before the first step
             periodic = cb.PeriodicEvaluation(self.evaluate, evaluate_every_steps, total_steps)
             callbacks.append(periodic)
         callbacks.append(stop)
         logging.info(
             "Training steps %d -> %d, global batch %d, %d replica(s)",
-            start_step,
-            total_steps,
-            batch,
-            self.num_replicas,
-        )
+            start_step, total_steps, batch, self.num_replicas,
+        )  # fmt: skip
         self.model.fit(
-            self.train_dataset(seed_offset=start_step),
-            epochs=1,
-            callbacks=callbacks,
-            shuffle=False,
-            verbose=0,
-        )
+            self.train_dataset(seed_offset=start_step), epochs=1, callbacks=callbacks,
+            shuffle=False, verbose=0,
+        )  # fmt: skip
         summary = progress.summary()
         if self.train_source.drops.summary():
             logging.warning(self.train_source.drops.summary())
@@ -383,9 +332,7 @@ class Trainer:
         }
 
     def _mask_skips_summary(self) -> str:
-        """``"; training data masks: ..."``: what a mask model's training data lost to the mask
-        checks (counts per reason; the load log names the annotations), for the
-        end-of-training line; "" when nothing."""
+        """What a mask model's training data lost to the mask checks, for the last log line."""
         source = self.train_source
         if self.cfg.model.architecture not in MASK_ARCHITECTURES or not hasattr(
             source, "with_masks"
@@ -409,29 +356,20 @@ class Trainer:
         """COCO metrics of the current weights on eval_data; writes JSON into model_dir/eval."""
         out_dir = os.path.join(self.model_dir, "eval")
         logging.info("Evaluating step %d", self.step)
+        eval_cfg = self.cfg.eval
         metrics = evaluate_detector(
-            self.model,
-            self.eval_dataset(),
-            self.eval_source,
-            out_dir if self.chief else None,
-            groundtruth=self.eval_groundtruth,
-            step=self.step,
-            max_steps=self.cfg.eval.steps,
-            compute_rpn_recall=self.cfg.eval.compute_rpn_recall,
-            per_category_metrics=self.cfg.eval.per_category_metrics,
-        )
+            self.model, self.eval_dataset(), self.eval_source, out_dir if self.chief else None,
+            groundtruth=self.eval_groundtruth, step=self.step, max_steps=eval_cfg.steps,
+            compute_rpn_recall=eval_cfg.compute_rpn_recall,
+            per_category_metrics=eval_cfg.per_category_metrics,
+        )  # fmt: skip
         if self.chief:
-            eval_cfg = self.cfg.eval
-            images = (
-                summary_images(
-                    self.model,
-                    self.eval_dataset(),
-                    eval_cfg.summary_images,
+            images = []
+            if eval_cfg.summary_images and self.cfg.model.architecture != "segment_proposals":
+                images = summary_images(
+                    self.model, self.eval_dataset(), eval_cfg.summary_images,
                     eval_cfg.summary_score_threshold,
-                )
-                if eval_cfg.summary_images and self.cfg.model.architecture != "segment_proposals"
-                else []
-            )
+                )  # fmt: skip
             with tf.summary.create_file_writer(out_dir).as_default(step=self.step):
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "step":  # not gt_left_out
@@ -445,12 +383,8 @@ class Trainer:
         from fpn_tf.serving.export import export_saved_model
 
         export_dir = export_dir or os.path.join(self.model_dir, "saved_model")
-        export_saved_model(
-            self.model,
-            export_dir,
-            self.category_map,
-            **model_dir_lib.input_preprocessing(self.cfg),
-        )
+        preprocessing = model_dir_lib.input_preprocessing(self.cfg)
+        export_saved_model(self.model, export_dir, self.category_map, **preprocessing)
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
 
