@@ -30,7 +30,15 @@ def test_rows_share_everything_but_the_pyramid():
     for row, cfg in cfgs.items():
         for section in ("train_data", "eval_data", "train", "eval", "runtime"):
             assert cfg[section] == reference[section], (row, section)
-        for section in ("backbone", "anchor", "rpn", "roi", "detection"):
+        for section in (
+            "backbone",
+            "anchor",
+            "rpn",
+            "roi_sampler",
+            "roi_aligner",
+            "box_head",
+            "detection",
+        ):
             assert cfg["model"][section] == reference["model"][section], (row, section)
 
 
@@ -40,7 +48,7 @@ def test_single_scale_c4_row():
     out = _outputs(model)
     assert list(out) == ["P4"] and out["P4"].shape == (1, 20, 30, 128)  # C4: stride 16
     assert model.rpn.anchor_sizes == {"P4": (16.0, 32.0, 64.0, 128.0, 256.0)}
-    assert model.rpn.num_anchors == 15 and model.roi_heads.levels == ["P4"]
+    assert model.rpn.num_anchors == 15 and model.roi_heads.box_pooler.levels == ["P4"]
 
 
 def test_bottom_up_row():
@@ -64,7 +72,7 @@ def test_p2_only_row():
     out = _outputs(model)
     assert list(out) == ["P2"] and out["P2"].shape == (1, 80, 120, 128)
     assert model.rpn.anchor_sizes == {"P2": (16.0, 32.0, 64.0, 128.0, 256.0)}
-    assert model.rpn.num_anchors == 15 and model.roi_heads.levels == ["P2"]
+    assert model.rpn.num_anchors == 15 and model.roi_heads.box_pooler.levels == ["P2"]
 
 
 def test_fpn_row():
@@ -74,7 +82,7 @@ def test_fpn_row():
     assert model.rpn.anchor_sizes == {
         f"P{l}": (s,) for l, s in zip(range(2, 7), (16.0, 32.0, 64.0, 128.0, 256.0))
     }
-    assert model.roi_heads.levels == ["P2", "P3", "P4", "P5"]
+    assert model.roi_heads.box_pooler.levels == ["P2", "P3", "P4", "P5"]
 
 
 def test_markdown_table_has_a_line_per_row():
