@@ -1,27 +1,11 @@
-r"""Exports a trained model as a SavedModel (the signatures of docs/serving.md).
+r"""Exports a trained model as a SavedModel and/or ONNX and LiteRT files.
 
-    python -m fpn_tf.export --model_dir=runs/cpu_demo --export_dir=exports/cpu_demo/1
+    python -m fpn_tf.export --model_dir=runs/cpu_demo --export_dir=exports/cpu_demo/1 \
+      [--format=saved_model,onnx,litert] [--litert_quantization=none,float16,dynamic_int8]
 
-rebuilds the model from ``<model_dir>/params.yaml`` (or ``--config_file``, with
-``--params_override`` on top, as the trainer takes them), restores the latest checkpoint in
-``model_dir`` (or ``--checkpoint``), reads ``<model_dir>/category_map.json`` and writes the
-SavedModel with the ``serving_default``, ``image_bytes`` and ``tf_example`` signatures; images are
-resized by the config's ``eval_data`` rule (short_side, max_long_side, pad_multiple,
-resize_rounding).
-Errors (a missing file, a checkpoint of another model, a bad config key) are one line, exit code 2.
-
-Other runtimes (``pip install -e '.[export]'``; README "Other runtimes"):
-
-    python -m fpn_tf.export --model_dir=runs/cpu_demo --export_dir=exports/cpu_demo \
-      --format=onnx,litert [--litert_quantization=none,float16,dynamic_int8]
-
-``--format`` takes ``saved_model`` (the default), ``onnx`` and ``litert``, repeated or as a list.
-With ``saved_model`` alone, ``--export_dir`` is the SavedModel directory (as always); otherwise
-it is a directory holding ``saved_model/``, ``model.onnx`` and ``model.tflite``
-(``model_float16.tflite``, ``model_dynamic_int8.tflite`` for the quantized variants), each file
-with its category map, label map and serving config beside it. A model that cannot be exported
-to a format asked for (segment proposals; an op with no LiteRT builtin) fails with one line, exit
-code 2, before anything is written; a converted file is written only once its runtime loaded it.
+rebuilds the model from ``<model_dir>/params.yaml`` (or ``--config_file``/``--params_override``),
+restores the latest checkpoint and writes the formats asked for (docs/serving.md). Errors are one
+line, exit code 2, before anything is written.
 """
 
 from __future__ import annotations

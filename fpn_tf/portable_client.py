@@ -1,19 +1,8 @@
 """Runs the ONNX and LiteRT exports of `python -m fpn_tf.export` without TensorFlow.
 
-NumPy and the runtime only (``onnxruntime`` or ``ai_edge_litert``): this module imports neither
-TensorFlow nor the rest of fpn_tf, so it runs where TensorFlow does not (a phone, an edge box).
-
-    from fpn_tf.portable_client import load_detector
-    detector = load_detector("exports/cpu_demo/model.tflite")     # or .onnx
-    out = detector(pixels)          # uint8 [h, w, 3] RGB -> the outputs of docs/serving.md
-    names = detector.class_names    # dataset id -> name (the sidecar category map)
-
-Beside every export lie ``<stem>.category_map.json``, ``<stem>.label_map.pbtxt`` and
-``<stem>.serving_config.json`` (the resize rule). The ONNX model takes uint8 images of any size
-and resizes inside, as the SavedModel's ``serving_default``. The LiteRT model takes the image
-already resized (:func:`resize_for_litert`: the eval rule's size, :func:`resized_size`, and
-``tf.image.resize``'s bilinear resampling, :func:`resize_bilinear`, in NumPy), so it sees the
-SavedModel model's input.
+NumPy and the runtime only (``onnxruntime`` or ``ai_edge_litert``): no TensorFlow or other fpn_tf
+imports, so it runs where TensorFlow does not. The ONNX model resizes inside; the LiteRT model
+takes the image already resized (:func:`resize_for_litert`, the eval rule in NumPy).
 """
 
 from __future__ import annotations

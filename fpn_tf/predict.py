@@ -1,19 +1,9 @@
-r"""Runs an exported SavedModel on image files and draws the detections.
+r"""Runs an exported model (SavedModel, ``.onnx`` or ``.tflite``) on image files.
 
-    python -m fpn_tf.predict --saved_model=exports/fpn/1 --image=a.jpg --image=b.png \
-      --output_dir=predictions [--min_score=0.3]
+    python -m fpn_tf.predict --saved_model=exports/fpn/1 --image=a.jpg --output_dir=predictions
 
-writes ``<output_dir>/<name>_detections.png`` (the image with each box, class name and score
-drawn) and ``<output_dir>/<name>_detections.json`` (per detection: box in pixels and normalised
-[ymin, xmin, ymax, xmax], class id, class name, score) for each image. JPEG/PNG files go through
-the ``image_bytes`` signature (the model decodes them); other formats PIL reads are decoded here
-and sent as pixels to ``serving_default``. A missing image, a file that is not an image or a
-missing SavedModel ends the run with one line saying so (exit code 2).
-
-``--saved_model`` also takes an ONNX (``.onnx``) or LiteRT (``.tflite``) export of
-``python -m fpn_tf.export --format=onnx,litert`` (the ``[export]`` extra's runtimes): the image is
-decoded here and sent as pixels (LiteRT: resized by the eval rule in NumPy first), so
-each format draws the same picture.
+writes ``<output_dir>/<name>_detections.png`` (boxes, class names, scores drawn) and
+``<name>_detections.json`` per image. Bad inputs end the run with one line (exit code 2).
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 r"""Converts a COCO-format dataset to TFRecord shards (Model Garden's schema).
 
-    python -m fpn_tf.data.convert_coco \
-      --annotation_file=/data/coco/annotations/instances_train2017.json \
-      --image_dir=/data/coco/train2017 \
-      --output_prefix=/data/coco/tfrecords/train \
-      --num_shards=256
+    python -m fpn_tf.data.convert_coco --annotation_file=instances_train2017.json \
+      --image_dir=train2017 --output_prefix=tfrecords/train --num_shards=256
 
-writes ``<output_prefix>-00000-of-00256.tfrecord`` ... and ``<output_prefix>-category_map.json``
-beside them (where the TFRecord reader finds it).
-
-The annotation file is loaded and validated by :func:`fpn_tf.data.coco_reader.load_coco`, so the
-shards hold exactly the examples the COCO reader gives; each example is made by Model Garden's
-``create_coco_tf_record.create_tf_example`` (whose ``main()`` is not used: it re-reads the JSON
-without this validation and drops boxes that overflow the image by a fraction of a pixel).
-Image bytes are stored as on disk, boxes normalised to [0, 1], ``image/object/class/label``
-holds dataset category ids, ``image/source_id`` the COCO image id.
-
-With ``--include_masks`` the segmentations pass the reader's mask check
-(:mod:`fpn_tf.data.segmentation_check`) and each object's mask is written as
-``image/object/mask``, one 0/1 PNG of the image's size, exactly ``COCO.annToMask``.
+The JSON is validated by :func:`fpn_tf.data.coco_reader.load_coco` (so the shards hold exactly
+the reader's examples) and each example is made by Model Garden's ``create_tf_example``; the
+category map goes to ``<output_prefix>-category_map.json``. ``--include_masks`` writes each mask
+as ``image/object/mask`` (a 0/1 PNG, ``COCO.annToMask``).
 """
 
 from __future__ import annotations
@@ -115,20 +103,10 @@ def convert_coco_to_tfrecords(
     num_processes: int = 0,
     include_masks: bool = False,
 ) -> ConversionResult:
-    """Writes ``num_shards`` TFRecord shards and the category map JSON.
+    """Writes ``<output_prefix>-NNNNN-of-MMMMM.tfrecord`` shards and the category map JSON.
 
-    Args:
-      annotation_file: COCO instances JSON.
-      image_dir: folder the JSON's ``file_name`` entries are relative to.
-      output_prefix: shards go to ``<output_prefix>-NNNNN-of-MMMMM.tfrecord``.
-      num_shards: number of shard files (examples are dealt round-robin).
-      on_bad_data: "skip" or "error", as in :func:`coco_reader.load_coco`.
-      verify_images: "header", "full" or "none", as in ``load_coco``.
-      num_processes: worker processes that encode examples (0: in this one).
-      include_masks: also write each object's mask (``image/object/mask``, module doc).
-
-    Returns:
-      A :class:`ConversionResult`.
+    ``on_bad_data`` and ``verify_images`` are :func:`coco_reader.load_coco`'s;
+    ``num_processes``: worker processes (0: this one).
     """
     # Imported here: the module defines absl flags and pulls in tf_keras.
     from official.vision.data import create_coco_tf_record  # pylint: disable=g-import-not-at-top
@@ -159,10 +137,9 @@ def convert_coco_to_tfrecords(
                 "height": int(index.heights[i]),
                 "width": int(index.widths[i]),
             }
-            # The argument order of create_tf_example: image, image_dirs,
-            # panoptic_masks_dir, bbox_annotations, id_to_name_map,
-            # caption_annotations, panoptic_annotation, is_category_thing,
-            # include_panoptic_masks, include_masks.
+            # create_tf_example's positional arguments: image, image_dirs, panoptic_masks_dir,
+            # bbox_annotations, id_to_name_map, caption_annotations, panoptic_annotation,
+            # is_category_thing, include_panoptic_masks, include_masks.
             yield (
                 image,
                 [image_dir],
@@ -220,7 +197,7 @@ def define_flags() -> None:
     """Command-line flags (defined only when run as a program)."""
     # create_coco_tf_record defines --image_dir, --num_shards, --num_processes,
     # --include_masks on import; ours replace them (allow_override) with our meaning.
-    from official.vision.data import create_coco_tf_record  # pylint: disable=g-import-not-at-top,unused-import
+    from official.vision.data import create_coco_tf_record  # noqa: F401  # pylint: disable=g-import-not-at-top
 
     flags.DEFINE_string("annotation_file", None, "COCO instances JSON file.")
     flags.DEFINE_string(

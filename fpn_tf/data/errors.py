@@ -4,12 +4,7 @@ from fpn_tf.errors import UserError
 
 
 class DataError(UserError, ValueError):
-    """A dataset is malformed or holds data the pipeline cannot use.
-
-    The message is one line and names the file (and, where there is one, the
-    annotation or image id) and what is wrong, so that it can be fixed at the
-    source.
-    """
+    """A malformed dataset: a one-line message naming the file (and id) and what is wrong."""
 
 
 def parse_json(text: str, source: str):
@@ -20,13 +15,12 @@ def parse_json(text: str, source: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(
-            f"{source}: not valid JSON ({e.msg} at line {e.lineno} column " f"{e.colno})"
+            f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from e
 
 
 def read_json(path: str, what: str):
-    """Reads and parses a JSON file (local or remote); a missing file or bad
-    JSON is a one-line DataError naming ``path`` (``what``: "annotation file")."""
+    """A parsed JSON file; a missing file or bad JSON is a one-line DataError naming ``path``."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     try:
@@ -38,12 +32,7 @@ def read_json(path: str, what: str):
 
 
 class RunTimeDrops:
-    """Counts the images a pipeline drops while it runs (they fail to decode or transform).
-
-    A data source owns one; every dataset built from it reports here, from tf.data's threads.
-    Each drop is logged at once (file, image id, reason, running total); :meth:`summary` gives
-    the closing line.
-    """
+    """Counts (thread-safely) and logs the images a data source's pipelines drop at run time."""
 
     def __init__(self, name: str):
         import threading  # pylint: disable=g-import-not-at-top

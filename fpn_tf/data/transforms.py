@@ -1,60 +1,16 @@
-"""Per-image transforms: flip, resize (paper §5.1), pad, pad ground truth.
+"""Per-image transforms (pure TF): flip, resize (paper §5.1), pad, pad ground truth.
 
-All functions are pure TensorFlow and work on one image; the pipeline maps
-them over a dataset.
+:func:`resized_size` is the one resize rule for the pipeline and the serving graph. Its
+``resize_rounding`` is ``"round"`` (Model Garden's ``resize_and_crop_image_v2``: half to even in
+float32), ``"floor"`` (torchvision's ``GeneralizedRCNNTransform``, float64) or ``"half_up"``
+(detectron2's ``ResizeShortestEdge``, float64); boxes are scaled by the per-axis
+``resized / original``, so they stay exact on the resized grid. ``resize_method`` resamples with
+``tf.image.resize`` bilinear (torchvision's) or bit-exact PIL bilinear on uint8 (detectron2's,
+:func:`pil_bilinear_resize`); the output is float32 RGB in 0..255 either way.
 
-Resize rule (the paper's and Detectron's, as Model Garden's
-``preprocess_ops.resize_and_crop_image_v2``), written once in :func:`resized_size` for the
-training/evaluation pipeline and the exported serving graph: with ``s`` =
-``short_side / min(h, w)``, the resized size is ``round(h * s), round(w * s)``;
-if its longer side exceeds ``max_long_side``, ``s`` = ``max_long_side /
-max(h, w)`` instead. ``round`` is ``tf.math.round`` (half to even). The
-per-axis scales are then ``resized / original`` (they differ slightly because
-of the rounding) and boxes are multiplied by them, so box coordinates stay
-exact on the resized pixel grid. Example: 480x640 (h x w) -> s = 5/3 ->
-800 x round(1066.67) = 800 x 1067, scales (1.666667, 1.667188).
-
-``resize_rounding="floor"`` is torchvision's ``GeneralizedRCNNTransform`` instead (eager
-mode, as its detectors run): ``s = min(short_side / min(h, w), max_long_side / max(h, w))`` and
-``floor(size * s)`` per axis, both in float64 (Python floats, ``F.interpolate(scale_factor=s,
-recompute_scale_factor=True)``): 480x640 -> 800 x floor(1066.67) = 800 x 1066, 300x1000 ->
-399 x 1333 (measured with torchvision 0.29.1). Either rule is used everywhere a resized size is
-computed (pipeline and serving), and the per-axis scales stay ``resized / original``.
-
-``resize_rounding="half_up"`` is detectron2's ``ResizeShortestEdge.get_output_shape`` (v0.1 to
-today, unchanged): in float64, the shorter side becomes ``short_side`` exactly and the longer
-``long * s`` (``s = short_side / min(h, w)``); if the longer of the two (unrounded) exceeds
-``max_long_side``, both are multiplied by ``max_long_side / longer``; then ``int(x + 0.5)`` per
-axis (round half up). It differs from ``"round"`` on about 1 size in 1,000: ties (19x86 at
-800/1333: 294.5 -> 295, half to even gives 294) and float32 ties that are not ties in float64
-(22x800 at 600/1000: detectron2's 27.4999... -> 27, our float32 27.5 -> 28).
-
-``resize_method`` is how the pixels are resampled to that size (the output is float32 RGB in
-0..255 either way):
-
-* ``"bilinear"`` (ours, and torchvision's ``F.interpolate(mode="bilinear",
-  align_corners=False)``): ``tf.image.resize`` bilinear, half-pixel centres, no anti-aliasing,
-  float output. Shrinking by more than 2x skips input pixels.
-* ``"pil_bilinear"`` (detectron2's ``ResizeTransform.apply_image``: ``PIL.Image.resize(...,
-  Image.BILINEAR)`` on the uint8 image): :func:`pil_bilinear_resize`, bit-exact PIL. PIL's
-  bilinear filter is a triangle whose support grows with the reduction factor (a shrink by 0.3
-  averages about 7 input pixels per output pixel along each axis: anti-aliasing), and it
-  computes in fixed point (22-bit weights, integer sums): one pass per axis, each rounded to
-  uint8.
-  ``tf.image.resize(antialias=True)`` uses the same scaled triangle (the same weights up to
-  float rounding) but neither the intermediate nor the final rounding: rounded to uint8 it is
-  1 grey level off on up to 25 % of values; the pure-TF fixed-point version here is exact.
-
-Images are padded with zeros at the bottom and right, so box coordinates need no offset.
-
-The horizontal flip happens on the decoded image, before the resize (both resize methods commute
-with it): a box becomes ``xmin' = w - xmax, xmax' = w - xmin``; the pipeline decides each flip
-with a stateless seed.
-
-Instance masks (``include_masks``) become box-relative ``S x S`` masks
-(:func:`fpn_tf.ops.mask_ops.crop_masks`) cropped from the decoded full-size masks with the
-original-frame boxes, so no full-resolution mask is resized, flipped or batched: a box-relative
-mask does not change under resize and padding, and a flip reverses its columns exactly.
+Padding is zeros at the bottom/right, so boxes need no offset. The flip happens before the
+resize (both commute with it). Instance masks are cropped box-relative ``S x S`` from the
+full-size masks in the original frame, so no full-resolution mask is resized, flipped or batched.
 """
 
 from __future__ import annotations
@@ -86,18 +42,10 @@ __all__ = [
     "resized_size",
 ]
 
-# "orientation": pad every image to [ceil(short), ceil(long)] if landscape
-#   (h <= w) or its transpose if portrait: 2 image shapes per run.
-# "square": pad every image to [ceil(long), ceil(long)]: 1 shape.
-# "batch": pad each image to multiples of pad_multiple, each batch to its
-#   largest: many shapes, least padding.
+# "orientation": [ceil(short), ceil(long)] or its transpose (2 shapes); "square": [ceil(long)]*2
+# (1 shape); "batch": multiples of pad_multiple, each batch to its largest.
 PADDING_MODES = ("orientation", "square", "batch")
-# "round": Model Garden's resize_and_crop_image_v2 (round half to even, float32);
-# "floor": torchvision's GeneralizedRCNNTransform; "half_up": detectron2's ResizeShortestEdge
-# (module doc).
 RESIZE_ROUNDINGS = ("round", "floor", "half_up")
-# "bilinear": tf.image.resize (ours, torchvision's); "pil_bilinear": PIL's BILINEAR on uint8
-# (detectron2's): module doc.
 RESIZE_METHODS = ("bilinear", "pil_bilinear")
 # PIL's fixed point for 8-bit images (libImaging/Resample.c): 32 - 8 - 2 fraction bits.
 _PIL_PRECISION_BITS = 22
@@ -110,9 +58,7 @@ def ceil_to_multiple(x: int, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ResizeRule:
-    """How a model's inputs are resized and padded at evaluation and serving: the config's
-    ``eval_data`` fields of the same names (:func:`resized_size`, :func:`resize_image`; zero
-    padding bottom/right to a multiple of ``pad_multiple``)."""
+    """A model's eval/serving resize and padding: the config's ``eval_data`` fields."""
 
     short_side: int
     max_long_side: int
@@ -165,12 +111,7 @@ def _check_method(resize_method: str) -> None:
 def resized_size(
     image_size, short_side: int, max_long_side: int, resize_rounding: str = "round"
 ) -> tf.Tensor:
-    """float32 [..., 2] resized (h, w) of images of (h, w) ``image_size`` [..., 2]: the rule.
-
-    ``"round"``: float32 arithmetic and round half to even, as ``resize_and_crop_image_v2``.
-    ``"floor"``: torchvision's float64 scale and floor (module doc).
-    ``"half_up"``: detectron2's float64 arithmetic and ``int(x + 0.5)`` (module doc).
-    """
+    """float32 [..., 2] resized (h, w) of images of (h, w) ``image_size`` [..., 2]."""
     _check_rounding(resize_rounding)
     if resize_rounding == "half_up":
         return _half_up_resized_size(image_size, short_side, max_long_side)
@@ -191,8 +132,7 @@ def resized_size(
 
 
 def _half_up_resized_size(image_size, short_side: int, max_long_side: int) -> tf.Tensor:
-    """detectron2's ``ResizeShortestEdge.get_output_shape``, operation for operation in float64
-    (so that its ties and near-ties round as in Python)."""
+    """detectron2's ``ResizeShortestEdge.get_output_shape``, op for op in float64 (same ties)."""
     size = tf.cast(image_size, tf.float64)
     h, w = size[..., :1], size[..., 1:]
     short = tf.constant(short_side, tf.float64)
@@ -255,18 +195,9 @@ def padded_size_tf(
 
 
 def _pil_bilinear_coefficients(in_size: tf.Tensor, out_size: tf.Tensor):
-    """PIL's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for the bilinear filter.
-
-    For output pixel ``j``: centre ``c = (j + 0.5) * in / out`` in input pixels, filter scale
-    ``f = max(in / out, 1)``, taps ``i`` from ``int(c - f + 0.5)`` (at least 0) to
-    ``int(c + f + 0.5)`` (at most ``in``) exclusive, weights ``max(0, 1 - |(i - c + 0.5) / f|)``
-    normalised to sum 1 (summed tap by tap, as PIL), then ``int(0.5 + w * 2**22)``. The same
-    float64 operations in the same order as PIL's C, so the integer weights are PIL's.
-
-    Returns:
-      (taps int32 [out, K], weights int32 [out, K]): input indices (clamped into the image)
-      and fixed-point weights (0 beyond each pixel's taps), K = ``2 * ceil(f) + 1``.
-    """
+    """PIL's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` (bilinear), the same float64 ops
+    in the same order, so the integer weights are PIL's. Returns (taps, weights) int32
+    [out, K]: clamped input indices and fixed-point weights (0 beyond each pixel's taps)."""
     scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
     filterscale = tf.maximum(scale, 1.0)
     support = filterscale  # the bilinear (triangle) filter's support is 1
@@ -288,9 +219,8 @@ def _pil_bilinear_coefficients(in_size: tf.Tensor, out_size: tf.Tensor):
 
 
 def _pil_bilinear_pass(image: tf.Tensor, out_size: tf.Tensor, axis: int) -> tf.Tensor:
-    """One of PIL's two 8-bit passes along ``axis`` (0: rows, 1: columns) of int32 [H, W, C]
-    values 0..255: ``clip((sum of pixel * weight + 2**21) >> 22, 0, 255)`` (int32 is exact:
-    the sum is below 256 * 2**22)."""
+    """One of PIL's 8-bit passes along ``axis`` (0: rows, 1: columns) of int32 [H, W, C] 0..255
+    (int32 is exact: the sum is below 256 * 2**22)."""
     taps, fixed = _pil_bilinear_coefficients(tf.shape(image)[axis], out_size)
     shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [out_size])
     start = tf.fill(shape, tf.constant(1 << (_PIL_PRECISION_BITS - 1), tf.int32))
@@ -306,25 +236,11 @@ def _pil_bilinear_pass(image: tf.Tensor, out_size: tf.Tensor, axis: int) -> tf.T
 
 
 def pil_bilinear_resize(image: tf.Tensor, size) -> tf.Tensor:
-    """``PIL.Image.fromarray(image).resize((w, h), Image.BILINEAR)`` in TensorFlow, bit-exact.
+    """uint8 [h, w, C]: ``PIL.Image.fromarray(image).resize((w, h), Image.BILINEAR)``, bit-exact.
 
-    detectron2's resize (``ResizeTransform.apply_image`` on uint8 images). Pillow's
-    ``ImagingResample`` for 8-bit images: one pass along each axis, the first rounded to an
-    intermediate uint8 image, each with the fixed-point weights of
-    :func:`_pil_bilinear_coefficients` (anti-aliased when shrinking). A pass whose size does
-    not change is the identity here (Pillow skips it). The order is Pillow 13's (the version
-    ``requirements.lock`` pins): columns first, unless the height shrinks by more than twice
-    as many pixels as the width (``in_h - h > 2 * (in_w - w)``, ``h < in_h``). Pillow 12 and
-    older go columns first except for images over 100x taller than wide; at detectron2's
-    aspect-preserving sizes the two differ only on shrunk portrait images over ~2:1, by the
-    intermediate rounding (at most 1 grey level, on some pixels).
-
-    Args:
-      image: [H, W, C] uint8 (other dtypes are rounded and clipped to 0..255 first).
-      size: int [2] output (height, width).
-
-    Returns:
-      uint8 [height, width, C].
+    detectron2's resize. One fixed-point pass per axis, the first rounded to uint8, in Pillow
+    13's order (the pinned version). ``image`` [H, W, C] uint8 (other dtypes are rounded and
+    clipped to 0..255); ``size`` int [2] (h, w).
     """
     image = tf.convert_to_tensor(image)
     if image.dtype == tf.uint8:
@@ -333,8 +249,7 @@ def pil_bilinear_resize(image: tf.Tensor, size) -> tf.Tensor:
         values = tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0, 255), tf.int32)
     size = tf.cast(size, tf.int32)
     in_size = tf.shape(values)[:2]
-    # Pillow 13's order: rows first when the height shrinks by more than twice as many pixels
-    # as the width (Pillow pull request 9549; measured with 13.0.0 on 1:1, 2:3 and 2:1 images).
+    # Pillow 13: rows first when the height shrinks by over twice as many pixels as the width.
     vertical_first = (size[0] < in_size[0]) & (in_size[0] - size[0] > 2 * (in_size[1] - size[1]))
     out = tf.cond(
         vertical_first,
@@ -346,8 +261,7 @@ def pil_bilinear_resize(image: tf.Tensor, size) -> tf.Tensor:
 
 
 def resize_image(image: tf.Tensor, size, resize_method: str = "bilinear") -> tf.Tensor:
-    """float32 [h, w, C] ``image`` ([H, W, C]) resized to ``size`` (h, w) by ``resize_method``:
-    "bilinear" (``tf.image.resize``) or "pil_bilinear" (:func:`pil_bilinear_resize`)."""
+    """float32 [h, w, C] ``image`` ([H, W, C]) resized to ``size`` (h, w) by ``resize_method``."""
     _check_method(resize_method)
     size = tf.cast(size, tf.int32)
     if resize_method == "pil_bilinear":
@@ -376,20 +290,9 @@ def resize_and_pad(
     resize_rounding: str = "round",
     resize_method: str = "bilinear",
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Resizes (rule above), pads, and scales the pixel boxes.
-
-    Args:
-      image: [H, W, 3] uint8 or float ("pil_bilinear" takes integer values 0..255).
-      boxes: [n, 4] ymin, xmin, ymax, xmax in pixels of ``image``.
-      short_side, max_long_side, resize_rounding: the resize rule.
-      resize_method: "bilinear" or "pil_bilinear" (:func:`resize_image`).
-      padded_size: int [2] output (h, w), at least the resized size.
-
-    Returns:
-      (image float32 [padded h, padded w, 3], image_info float32 [4, 2],
-       boxes float32 [n, 4] in pixels of the resized image). ``image_info`` is
-      ``[[orig h, orig w], [resized h, resized w], [scale y, scale x],
-      [offset y, offset x] = 0]``.
+    """Resizes [H, W, 3] ``image``, pads it to ``padded_size`` (h, w) and scales its [n, 4]
+    yxyx pixel ``boxes``. Returns (image float32 [Hp, Wp, 3], image_info float32 [4, 2] =
+    [original hw, resized hw, scale yx, offset 0], boxes float32 [n, 4] in resized pixels).
     """
     size = tf.cast(tf.shape(image)[:2], tf.float32)
     resized = resized_size(size, short_side, max_long_side, resize_rounding)
@@ -409,12 +312,8 @@ def pad_groundtruth(
     max_num_instances: int,
     image_id: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Pads (or truncates) ground truth to ``max_num_instances`` rows.
-
-    Padding rows: box zeros, class -1, crowd False. When an image has more
-    instances, the first ``max_num_instances`` are kept and a warning naming
-    the image is printed (to the absl/TF warning log).
-    """
+    """Pads (box 0, class -1, crowd False) or truncates ground truth to ``max_num_instances``
+    rows; truncation prints a warning naming the image."""
     n = tf.shape(classes)[0]
 
     def _warn():
@@ -451,16 +350,9 @@ def crop_instance_masks(
     mask_crop_size: int,
     max_num_instances: int,
 ) -> tf.Tensor:
-    """float32 [N, S, S] box-relative masks of the first N = ``max_num_instances`` objects.
-
-    Args:
-      masks: [n, H, W] 0/1 masks of the decoded image (before flip and resize).
-      boxes: [n, 4] their pixel boxes in that image (the boxes that become ``gt_boxes``).
-      flip: whether the image is flipped (the crops' columns are then reversed).
-      mask_crop_size: S.
-      max_num_instances: N; rows beyond the first N are dropped (as their boxes), missing rows
-        are zeros.
-    """
+    """float32 [N, S, S] box-relative masks of the first N = ``max_num_instances`` objects
+    (zero rows beyond n), cropped from [n, H, W] 0/1 ``masks`` of the decoded image with their
+    [n, 4] pixel ``boxes`` there; columns reversed if ``flip``. S = ``mask_crop_size``."""
     k = tf.minimum(tf.shape(masks)[0], max_num_instances)
     crops = mask_ops.crop_masks(masks[:k], tf.cast(boxes[:k], tf.float32), mask_crop_size)
     if isinstance(flip, tf.Tensor):
@@ -485,17 +377,9 @@ def preprocess_example(
     include_masks: bool = False,
     mask_crop_size: int = 112,
 ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
-    """A reader's per-image dict -> one (features, labels) batch element.
-
-    Returns:
-      features: {"images": float32 [Hp, Wp, 3], "image_info": float32 [4, 2],
-                 "image_id": int64 []}
-      labels: {"gt_boxes": float32 [N, 4], "gt_classes": int32 [N],
-               "gt_is_crowd": bool [N]} with N = max_num_instances; with ``include_masks``
-               (``example["gt_masks"]`` [n, H, W]) also "gt_masks": float32 [N, S, S], each
-               object's box-relative mask over its ``gt_boxes`` row (S = ``mask_crop_size``;
-               :func:`crop_instance_masks`).
-    """
+    """A reader's per-image dict -> (features {"images", "image_info", "image_id"}, labels
+    {"gt_boxes" [N, 4], "gt_classes" [N], "gt_is_crowd" [N], "gt_masks" [N, S, S] with
+    ``include_masks``}), N = ``max_num_instances``."""
     image = example["image"]
     boxes = tf.cast(example["gt_boxes"], tf.float32)
     masks = None

@@ -1,32 +1,10 @@
-"""Serving modules: one small `tf.Module` per input type, as Model Garden's ``serving/`` has.
+"""Serving modules: one `tf.Module` per input type, sharing `DetectionModule.detect`.
 
-    images (uint8 [B, H, W, 3])   -> ImageTensorModule  -> signature "serving_default"
-    image_bytes (string [B])      -> ImageBytesModule   -> signature "image_bytes"
-    serialized_example (string [B]) -> TfExampleModule  -> signature "tf_example"
-
-Each module turns its input into one batch of decoded uint8 images plus their true sizes, then
-`DetectionModule.detect` does what every signature shares (the outputs of docs/serving.md):
-
-1. each image is resized by the eval transform's rule (`fpn_tf.data.transforms.resize_and_pad`:
-   shorter side -> ``short_side``, longer side <= ``max_long_side``, sizes rounded by
-   ``resize_rounding``, pixels resampled by ``resize_method``: ``tf.image.resize`` bilinear or
-   detectron2's PIL bilinear) and zero padded at the bottom/right to the batch's largest
-   resized size rounded up to ``pad_multiple``;
-2. one call of the Keras `FasterRCNN` with ``image_info`` (so boxes come back in input-image
-   pixels; the pixel normalisation is inside the model);
-3. boxes divided by each input image's size (normalised ``[ymin, xmin, ymax, xmax]`` in [0, 1]),
-   classes as float32 dataset ids, exactly ``NUM_DETECTIONS`` rows, rows beyond
-   ``num_detections`` zero; a model with a mask head adds ``detection_masks`` float32
-   [B, 100, 28, 28], each detection's mask probabilities over its own box (box-relative, as the
-   TF Object Detection API's Mask R-CNN exports: clients paste them with
-   ``reframe_box_masks_to_image_masks``), zeros beyond ``num_detections``.
-
-Images of different sizes in one ``image_bytes`` / ``tf_example`` batch are decoded one by one
-(`tf.map_fn` to a ragged batch), padded into one dense uint8 batch, and then go through the same
-single model call. An image's detections can differ slightly with the padding its batch needs
-(the padded area is not zero after the first conv + BatchNorm), as in any padded-batch detector.
-A model built with ``model.backbone.pad_normalized_zero`` sets the padding to its pixel mean
-itself (from ``image_info``), so it sees zeros after its normalisation, as torchvision does.
+``images`` (uint8 [B, H, W, 3]) -> "serving_default", ``image_bytes`` (string [B]) ->
+"image_bytes", ``serialized_example`` (string [B]) -> "tf_example". Each module decodes its input
+into one padded uint8 batch plus true sizes; ``detect`` resizes by the eval rule, calls the model
+once with ``image_info`` and returns the outputs of docs/serving.md (boxes normalised to the
+input image, exactly ``NUM_DETECTIONS`` rows, box-relative ``detection_masks`` for a mask head).
 """
 
 from __future__ import annotations
@@ -61,17 +39,9 @@ def preprocess_images(
     resize_rounding: str = "round",
     resize_method: str = "bilinear",
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """A padded uint8 batch + true sizes -> the model's ``(images, image_info)``.
-
-    Args:
-      images: uint8 [B, H, W, 3]; image i occupies ``images[i, :sizes[i, 0], :sizes[i, 1]]``.
-      sizes: int32 [B, 2] true (height, width) of each image.
-      short_side, ..., resize_method: the `fpn_tf.data.transforms.ResizeRule` fields.
-
-    Returns:
-      float32 [B, Hp, Wp, 3] RGB 0..255 (zero padded; ``Hp, Wp`` = the largest resized size,
-      rounded up to ``pad_multiple``) and image_info float32 [B, 4, 2] (WORKSPACE.md rows).
-    """
+    """uint8 [B, H, W, 3] ``images`` with true (h, w) ``sizes`` int32 [B, 2] -> the model's
+    (images float32 [B, Hp, Wp, 3], image_info float32 [B, 4, 2]), padded to the largest
+    resized size rounded up to ``pad_multiple``."""
     resized = transforms.resized_size(sizes, short_side, max_long_side, resize_rounding)
     m = float(pad_multiple)
     padded = tf.cast(tf.math.ceil(tf.reduce_max(resized, axis=0) / m) * m, tf.int32)
@@ -101,16 +71,8 @@ def preprocess_images(
 
 
 class DetectionModule(tf.Module):
-    """What every signature shares: preprocessing, one model call, the output contract.
-
-    Args:
-      model: a `fpn_tf.modeling.faster_rcnn.FasterRCNN` (anything with the same call contract:
-        ``{"images", "image_info"}`` -> detections in original-image pixels, dataset class ids).
-      short_side, max_long_side, pad_multiple, resize_rounding, resize_method: the eval
-        transform's `fpn_tf.data.transforms.ResizeRule`.
-      num_detections: rows of every output (the contract: 100). The model's own
-        ``max_detections`` rows are zero padded or cut (its rows are sorted by score).
-    """
+    """What every signature shares: preprocessing, one model call, the output contract
+    (``num_detections`` rows; the model's own rows are zero padded or cut)."""
 
     signature_name: str = ""
     input_name: str = ""

@@ -1,24 +1,6 @@
-"""Writing the SavedModel of docs/serving.md.
-
-    import fpn_tf
-    from fpn_tf.data.transforms import ResizeRule
-    from fpn_tf.serving import export_saved_model
-    loaded = fpn_tf.load_model("runs/cpu_demo")          # params.yaml + category map + ckpt
-    export_saved_model(loaded.model, "exports/fpn/1", loaded.category_map,
-                       ResizeRule.from_config(loaded.config))
-
-The SavedModel has three signatures (`fpn_tf.serving.detection`), all returning
-``detection_boxes`` / ``detection_scores`` / ``detection_classes`` / ``num_detections``, and
-three assets:
-
-* ``assets/category_map.json``: the `CategoryMap` JSON (COCO-style ``categories`` list; read it
-  with :func:`read_category_map` or ``CategoryMap.from_json``);
-* ``assets/label_map.pbtxt``: the same map in the TF Object Detection API's label map format;
-* ``assets/serving_config.json``: the resize rule (with its rounding and resampling method),
-  padding, output rows and signature inputs.
-
-The Keras model's variables are saved once (the three modules share them); loading needs only
-TensorFlow (``tf.saved_model.load``), not fpn_tf or Keras.
+"""Writes the SavedModel of docs/serving.md: the three signatures of `fpn_tf.serving.detection`
+plus ``assets/category_map.json``, ``assets/label_map.pbtxt`` (Object Detection API format) and
+``assets/serving_config.json`` (resize rule, padding, outputs). Loading needs only TensorFlow.
 """
 
 from __future__ import annotations
@@ -74,11 +56,7 @@ def label_map_pbtxt(category_map: CategoryMap) -> str:
 
 
 def read_category_map(saved_model: str | os.PathLike | Any) -> CategoryMap:
-    """The `CategoryMap` that travels with an exported SavedModel.
-
-    Args:
-      saved_model: the export directory, or the object ``tf.saved_model.load`` returned.
-    """
+    """The `CategoryMap` of an export directory or of a ``tf.saved_model.load`` object."""
     if isinstance(saved_model, (str, os.PathLike)):
         path = os.path.join(os.fspath(saved_model), "assets", CATEGORY_MAP_ASSET)
     else:
@@ -120,22 +98,11 @@ def export_saved_model(
     num_detections: int = NUM_DETECTIONS,
     **rule_fields,
 ) -> str:
-    """Writes the SavedModel of docs/serving.md to ``export_dir``; returns ``export_dir``.
+    """Writes the SavedModel of docs/serving.md to ``export_dir`` and returns it.
 
-    Args:
-      model: a `FasterRCNN` (float32 variables; a mixed-precision model is exported as it
-        computes). Its ``roi_heads`` detection settings (score threshold, NMS) apply as they are.
-      export_dir: the SavedModel directory, e.g. ``exports/fpn/1`` (TF Serving wants a numbered
-        version directory under the model's base path). A SavedModel already there is replaced;
-        any other non-empty directory is refused.
-      category_map: the model's `CategoryMap` (or its JSON path / config): the dataset ids it
-        holds must be the model's ``category_ids``.
-      rule: the eval transform's `fpn_tf.data.transforms.ResizeRule` (or anything
-        `ResizeRule.of` takes: a config, a dict, the fields positionally or as keywords).
-      num_detections: rows of every output (the contract's 100).
-
-    Raises:
-      ExportError: a category map that is not the model's, or an unusable ``export_dir``.
+    ``rule`` is anything `ResizeRule.of` takes. A SavedModel already in ``export_dir`` is
+    replaced; any other non-empty directory, or a category map whose dataset ids are not the
+    model's ``category_ids``, raises `ExportError`.
     """
     start = time.time()
     export_dir = os.fspath(export_dir)

@@ -1,16 +1,8 @@
-"""Running an exported SavedModel on image files, and drawing what it finds.
+"""Runs an exported SavedModel on image files and draws what it finds.
 
-    detector = SavedModelDetector("exports/fpn/1")
-    result = detector.detect_file("street.jpg")          # ImageDetections
-    kept = result.filter(min_score=0.3)
-    draw_detections(result.image, kept.detections).save("street_detections.png")
-
-The library behind ``python -m fpn_tf.predict``; it needs only TensorFlow, numpy and PIL (not
-Keras or the model code): any SavedModel with the outputs of docs/serving.md works, and the class
-names come from its ``assets/category_map.json`` when it has one. A model that serves
-``detection_masks`` (box-relative, 28x28) gets its masks pasted into the image
-(`fpn_tf.ops.mask_ops.paste_masks`, pure TensorFlow), drawn as a coloured overlay and written to
-the JSON as COCO RLEs.
+Needs only TensorFlow, numpy and PIL (not Keras or the model code): any SavedModel with the
+outputs of docs/serving.md works. Served ``detection_masks`` are pasted into the image, drawn as
+an overlay and written to the JSON as COCO RLEs.
 """
 
 from __future__ import annotations
@@ -193,13 +185,9 @@ def detections_of(outputs, image: Image.Image, class_name) -> list[Detection]:
 
 
 class SavedModelDetector:
-    """An exported detector (see docs/serving.md) loaded with ``tf.saved_model.load``.
-
-    Args:
-      saved_model_dir: the export directory (holding ``saved_model.pb``).
-      signature: "auto" (``image_bytes`` for JPEG/PNG/GIF/BMP files when the model has it,
-        else ``serving_default`` with pixels), "image_bytes" or "serving_default".
-    """
+    """An exported detector loaded with ``tf.saved_model.load``. ``signature``: "auto"
+    (``image_bytes`` for JPEG/PNG/GIF/BMP files when the model has it, else pixels to
+    ``serving_default``), "image_bytes" or "serving_default"."""
 
     def __init__(self, saved_model_dir: str | os.PathLike, signature: str = "auto"):
         saved_model_dir = os.fspath(saved_model_dir)

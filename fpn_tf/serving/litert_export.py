@@ -1,22 +1,10 @@
 """LiteRT (TensorFlow Lite) export of a Faster / Mask R-CNN with builtin ops only.
 
-    export_litert(loaded.model, "exports/cpu_demo/model.tflite", loaded.category_map,
-                  ResizeRule.from_config(loaded.config), quantization="none")
-
-No SELECT_TF_OPS: the TensorFlow 2.20 wheel and ``ai-edge-litert`` ship no Flex delegate, so a
-model that needs one converts and then fails at ``allocate_tensors``. The graph is
-`fpn_tf.serving.portable`'s with ``resized_input=True``: batch 1, inputs ``images`` float32
-[1, Hp, Wp, 3] (the image resized by the eval rule, zero padded bottom/right to a multiple of
-``pad_multiple``: exactly what the SavedModel's model sees) and ``image_sizes`` int32 [1, 4]
-(original height, width, resized height, width). Height and width are dynamic (the interpreter
-resizes its tensors for each new size); `fpn_tf.portable_client` does the resize in NumPy.
-Slices that only insert an axis (``x[:, :, None]``) become ``ExpandDims`` before conversion: with
-two unknown dimensions the converter has no builtin for them. The file's op list is checked
-builtin-only and the interpreter loads it before it is moved into place.
-
-``quantization``: ``"none"`` (float32), ``"float16"`` (weights stored float16, computed
-float32), ``"dynamic_int8"`` (dynamic-range: int8 weights, activations quantized on the fly
-where the kernels allow).
+No SELECT_TF_OPS: the TF 2.20 wheel and ``ai-edge-litert`` ship no Flex delegate. The graph is
+`fpn_tf.serving.portable`'s with ``resized_input=True`` (batch 1, dynamic height and width; the
+client resizes, `fpn_tf.portable_client`). Insert-axis slices become ``ExpandDims`` (no builtin
+for them with two unknown dimensions); the file is checked builtin-only and loaded by the
+interpreter before it is moved into place.
 """
 
 from __future__ import annotations
@@ -150,13 +138,9 @@ def export_litert(
     quantization: str = "none",
     **rule_fields,
 ) -> str:
-    """Writes ``path`` (.tflite) and its sidecars; returns ``path``. ``rule``: a
-    `fpn_tf.data.transforms.ResizeRule` (or its fields, `ResizeRule.of`).
-
-    Raises:
-      ExportError: a model that is not a detector, an op with no builtin, a file the
-        interpreter cannot load (nothing is written then).
-    """
+    """Writes ``path`` (.tflite) and its sidecars; returns ``path``. ``rule``: `ResizeRule.of`'s.
+    ``quantization``: "none", "float16" (weights) or "dynamic_int8" (dynamic range). Raises
+    `ExportError` (writing nothing) for an op with no builtin or a file that does not load."""
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     start = time.time()

@@ -1,13 +1,8 @@
-"""ONNX export of a Faster / Mask R-CNN through tf2onnx (``pip install -e '.[export]'``).
+"""ONNX export of a Faster / Mask R-CNN through tf2onnx (Keras 3's ONNX converter on TF).
 
-    export_onnx(loaded.model, "exports/cpu_demo/model.onnx", loaded.category_map,
-                ResizeRule.from_config(loaded.config))
-
-Input ``images`` uint8 [batch, height, width, 3], dynamic batch, height and width (one size per
-batch, as ``serving_default``), resized inside by the eval rule; the outputs are the SavedModel's
-(docs/serving.md), an image with no detection giving zero rows. tf2onnx is the converter Keras 3
-uses for ``export(format="onnx")`` on TensorFlow; opset 17 is the newest whose ops tf2onnx 1.17
-maps for everything here.
+Input ``images`` uint8 [batch, height, width, 3] (dynamic, one size per batch), resized inside by
+the eval rule; the outputs are the SavedModel's. Opset 17 is the newest tf2onnx 1.17 maps for
+every op here.
 """
 
 from __future__ import annotations
@@ -45,13 +40,8 @@ def export_onnx(
     opset: int = ONNX_OPSET,
     **rule_fields,
 ) -> str:
-    """Writes ``path`` (.onnx) and its sidecars; returns ``path``. ``rule``: a
-    `fpn_tf.data.transforms.ResizeRule` (or its fields, `ResizeRule.of`).
-
-    Raises:
-      ExportError: a model that is not a detector, a conversion that fails or a file ONNX
-        Runtime cannot load (nothing is written then).
-    """
+    """Writes ``path`` (.onnx) and its sidecars; returns ``path``. ``rule``: `ResizeRule.of`'s.
+    Raises `ExportError` (writing nothing) if the conversion or ONNX Runtime's load fails."""
     try:
         import tf2onnx  # pylint: disable=g-import-not-at-top
     except ImportError as e:

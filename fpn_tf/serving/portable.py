@@ -1,11 +1,8 @@
-"""The detector as one graph that converters outside TensorFlow take (ONNX, LiteRT).
+"""The detector as one graph that ONNX and LiteRT converters take.
 
 Every op has an ONNX and a LiteRT builtin counterpart: RoIAlign as one batched gather
-(``align_impl="gather"``: the ``CropAndResize`` path's samples, which neither ONNX Runtime's
-``RoiAlign`` nor a LiteRT builtin reproduces) and greedy NMS per image (``nms_impl="per_image"``,
-``NonMaxSuppressionV4/V5``; ``CombinedNonMaxSuppression`` has neither). The config documents both
-settings as giving the other implementations' samples and boxes; :func:`portable_settings` puts
-them on the model only while the export is traced.
+(``align_impl="gather"``) and greedy NMS per image (``nms_impl="per_image"``);
+:func:`portable_settings` puts them on the model only while the export is traced.
 """
 
 from __future__ import annotations
@@ -64,10 +61,7 @@ def portable_settings(model):
 
 
 def prepare_export(model, category_map, rule):
-    """Checks an ONNX / LiteRT export's arguments: ``(CategoryMap, ResizeRule)``.
-
-    Raises `UnsupportedModelError` for a model that is no detector and for
-    ``resize_method="pil_bilinear"`` (detectron2's integer PIL resize has no portable form)."""
+    """Checks an ONNX / LiteRT export's arguments; returns ``(CategoryMap, ResizeRule)``."""
     rule = transforms.ResizeRule.of(rule)
     with portable_settings(model):
         pass
@@ -87,12 +81,10 @@ def portable_detect_function(
 ):
     """``(concrete_function, output_keys)`` of the detector; outputs as docs/serving.md.
 
-    ``resized_input=False`` (ONNX): ``images`` uint8 [B, H, W, 3], any batch and size, resized
-    inside by ``rule`` as ``serving_default`` does. ``resized_input=True`` (LiteRT, batch 1):
-    ``images`` float32 [1, Hp, Wp, 3], the image already resized by the rule (RGB 0..255) and zero
-    padded bottom/right to a multiple of ``pad_multiple``, and ``image_sizes`` int32 [1, 4], the
-    original (height, width) and the resized (height, width); boxes are normalised to the
-    original size.
+    ``resized_input=False`` (ONNX): ``images`` uint8 [B, H, W, 3], resized inside as
+    ``serving_default``. ``resized_input=True`` (LiteRT, batch 1): ``images`` float32
+    [1, Hp, Wp, 3] already resized and zero padded, and ``image_sizes`` int32 [1, 4] (original
+    h, w, resized h, w).
     """
     rule = transforms.ResizeRule.of(rule)
     formatter = ImageTensorModule(model, **rule.as_dict(), num_detections=num_detections)
@@ -148,10 +140,8 @@ def serving_config(fmt: str, rule, num_detections: int, outputs, **extra) -> dic
 
 
 def write_export(path, content: bytes, validate, category_map, config: dict, start: float) -> str:
-    """Writes ``content`` to ``path`` once ``validate(partial_path)`` has loaded it from a
-    ``.partial`` sibling (a file that fails at load time is never left in place), then the
-    sidecars (category map, label map, serving config); returns ``path``. ``validate`` raises
-    `ExportError` to refuse."""
+    """Writes ``content`` to ``path`` once ``validate`` (raising `ExportError` to refuse) has
+    loaded it from a ``.partial`` sibling, then the sidecars; returns ``path``."""
     from fpn_tf import portable_client as client  # pylint: disable=g-import-not-at-top
 
     path = os.fspath(path)
