@@ -122,25 +122,22 @@ class DetectionModule(tf.Module):
         hw = tf.cast(sizes, tf.float32)
         boxes = tf.clip_by_value(boxes / tf.tile(hw, [1, 2])[:, None, :], 0.0, 1.0)
         batch = tf.shape(sizes)[0]
+
+        def rows(x, tail=()):  # rows beyond num_detections zeroed, static shape [None, n, *tail]
+            x = tf.where(valid[(...,) + (None,) * len(tail)], x, 0.0)
+            return tf.ensure_shape(tf.reshape(x, [batch, n, *tail]), [None, n, *tail])
+
         outputs = {
-            "detection_boxes": tf.ensure_shape(
-                tf.reshape(tf.where(valid[..., None], boxes, 0.0), [batch, n, 4]), [None, n, 4]
-            ),
-            "detection_scores": tf.ensure_shape(
-                tf.reshape(tf.where(valid, scores, 0.0), [batch, n]), [None, n]
-            ),
-            "detection_classes": tf.ensure_shape(
-                tf.reshape(tf.where(valid, classes, 0.0), [batch, n]), [None, n]
-            ),
+            "detection_boxes": rows(boxes, (4,)),
+            "detection_scores": rows(scores),
+            "detection_classes": rows(classes),
             "num_detections": tf.cast(count, tf.float32),
         }
         if MASK_OUTPUT_KEY in out:
             masks = tf.cast(out[MASK_OUTPUT_KEY], tf.float32)
             m = masks.shape[-1]
-            masks = tf.pad(masks[:, :n], [[0, 0], [0, pad], [0, 0], [0, 0]])
-            masks = tf.where(valid[..., None, None], masks, 0.0)
-            outputs[MASK_OUTPUT_KEY] = tf.ensure_shape(
-                tf.reshape(masks, [batch, n, m, m]), [None, n, m, m]
+            outputs[MASK_OUTPUT_KEY] = rows(
+                tf.pad(masks[:, :n], [[0, 0], [0, pad], [0, 0], [0, 0]]), (m, m)
             )
         return outputs
 

@@ -35,17 +35,9 @@ __all__ = [
 # here with PIL and sent as pixels to serving_default.
 _TF_DECODABLE = DECODABLE_FORMATS
 # Distinct, readable box colours (Tableau 10), one per class id.
-_PALETTE = (
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
+_PALETTE = tuple(
+    tuple(int(c[i : i + 2], 16) for i in (0, 2, 4))
+    for c in "1f77b4 ff7f0e 2ca02c d62728 9467bd 8c564b e377c2 7f7f7f bcbd22 17becf".split()
 )
 
 
@@ -192,15 +184,12 @@ class SavedModelDetector:
     def __init__(self, saved_model_dir: str | os.PathLike, signature: str = "auto"):
         saved_model_dir = os.fspath(saved_model_dir)
         if not tf.io.gfile.exists(os.path.join(saved_model_dir, "saved_model.pb")):
-            what = (
-                "no such directory"
-                if not tf.io.gfile.isdir(saved_model_dir)
-                else "no saved_model.pb in it"
-            )
+            isdir = tf.io.gfile.isdir(saved_model_dir)
+            what = "no saved_model.pb in it" if isdir else "no such directory"
             raise PredictError(f"{saved_model_dir}: not a SavedModel ({what})")
         if signature not in ("auto", "image_bytes", "serving_default"):
             raise PredictError(
-                f"signature must be auto, image_bytes or serving_default, got " f"{signature!r}"
+                f"signature must be auto, image_bytes or serving_default, got {signature!r}"
             )
         start = time.time()
         self.path = saved_model_dir
@@ -255,16 +244,11 @@ class SavedModelDetector:
                 and not l.startswith(("Graph execution", "Detected at", "<stack", "\t"))
             ]
             raise PredictError(
-                f"{path or 'image'}: the model could not use it: " f"{lines[0] if lines else e}"
+                f"{path or 'image'}: the model could not use it: {lines[0] if lines else e}"
             ) from None
         seconds = time.time() - start
-        return ImageDetections(
-            path=path,
-            image=image,
-            detections=detections_of(out, image, self.class_name),
-            signature=signature,
-            seconds=seconds,
-        )
+        detections = detections_of(out, image, self.class_name)
+        return ImageDetections(path, image, detections, signature, seconds)
 
     def detect_file(self, path: str | os.PathLike) -> ImageDetections:
         data, image = read_image(path)

@@ -43,10 +43,7 @@ def portable_settings(model):
                 f"{type(model).__name__} is not a Faster / Mask R-CNN (no {attr}): only "
                 "detectors (model.architecture faster_rcnn or mask_rcnn) export to ONNX / LiteRT"
             )
-    changes = [
-        (model.rpn, "nms_impl", "per_image"),
-        (model.roi_heads, "nms_impl", "per_image"),
-    ]
+    changes = [(model.rpn, "nms_impl", "per_image"), (model.roi_heads, "nms_impl", "per_image")]
     for pooler in (model.roi_heads.box_pooler, model.roi_heads.mask_pooler):
         if pooler is not None:
             changes.append((pooler.config, "align_impl", "gather"))
@@ -112,13 +109,11 @@ def portable_detect_function(
         return run(images, sizes[:2], sizes[2:], 1)
 
     if resized_input:
-        fn, specs = (
-            detect_resized,
-            [
-                tf.TensorSpec([1, None, None, 3], tf.float32, name="images"),
-                tf.TensorSpec([1, 4], tf.int32, name="image_sizes"),
-            ],
-        )
+        fn = detect_resized
+        specs = [
+            tf.TensorSpec([1, None, None, 3], tf.float32, name="images"),
+            tf.TensorSpec([1, 4], tf.int32, name="image_sizes"),
+        ]
     else:
         fn, specs = detect_uint8, [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
     with portable_settings(model):
@@ -168,12 +163,9 @@ def write_export(path, content: bytes, validate, category_map, config: dict, sta
         for partial in partials.values():
             if os.path.exists(partial):
                 os.remove(partial)
+    seconds, megabytes = time.time() - start, len(content) / 1e6
     logging.info(
-        "Exported %s to %s in %.1f s (%.1f MB)",
-        config["format"],
-        path,
-        time.time() - start,
-        len(content) / 1e6,
+        "Exported %s to %s in %.1f s (%.1f MB)", config["format"], path, seconds, megabytes
     )
     return path
 
