@@ -169,10 +169,10 @@ class Ours:
         p, r = self.model.rpn, self.model.roi_heads
         self.settings = {
             "input": self.padded_hw,
-            "pre_nms_train": p.pre_nms_top_k_train,
-            "post_nms_train": p.post_nms_top_k_train,
-            "pre_nms_test": p.pre_nms_top_k_test,
-            "post_nms_test": p.post_nms_top_k_test,
+            "pre_nms_train": p.config.pre_nms_top_k_train,
+            "post_nms_train": p.config.post_nms_top_k_train,
+            "pre_nms_test": p.config.pre_nms_top_k_test,
+            "post_nms_test": p.config.post_nms_top_k_test,
             "rois": r.sampler_config.batch_size_per_image,
             "fc": r.box_config.fc_dims,
             "roi_align": r.box_pooler.config.output_size,

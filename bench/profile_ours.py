@@ -141,7 +141,7 @@ def main(argv):
     fpn = model.fpn
     backbone = [l for l in fpn.layers if isinstance(l, keras.Model)][0]
     pyramid_layer = fpn.get_layer("feature_pyramid")
-    rp, heads = model.rpn, model.roi_heads
+    rp, heads = model.rpn.config, model.roi_heads
     # The RoI settings by field name (each config section of the RoI heads).
     rr = types.SimpleNamespace(
         **heads.sampler_config.to_dict(),
