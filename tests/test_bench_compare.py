@@ -71,3 +71,20 @@ def test_ab_copies_weights_between_folded_and_unfolded_models_and_outputs_agree(
         np.testing.assert_allclose(out[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
     with pytest.raises(ValueError, match="no weight for"):
         ab_ours.copy_weights(build("model.box_head.fc_dims=16"), folded)
+
+
+def test_ours_reports_the_settings_of_the_model_it_built():
+    """bench/compare_model_garden.py reads each setting from the component that holds it (the
+    RPN's from its config section): a refactor of the layers must not break the benchmark."""
+    from absl import flags
+    from bench import compare_model_garden
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["compare_model_garden"])
+    settings = compare_model_garden.Ours([128, 160], "model.backbone.weights=null").settings
+    assert settings["input"] == [128, 160]
+    rpn = [
+        settings[k] for k in ("pre_nms_train", "post_nms_train", "pre_nms_test", "post_nms_test")
+    ]
+    assert rpn == [2000, 2000, 1000, 1000]
+    assert (settings["rois"], settings["fc"], settings["roi_align"]) == (512, 1024, 7)
