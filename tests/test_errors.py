@@ -5,10 +5,10 @@ import ast
 import importlib
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
+import watched
 
 from fpn_tf import cli
 from fpn_tf.errors import UserError
@@ -70,33 +70,23 @@ def test_run_main_keeps_a_bug_s_traceback():
     assert cli.run_main(["prog"], lambda x: x + 1, 1) == 2
 
 
+def _run_command(module, *args):
+    """``python -m module args`` (waited on while it makes progress, `watched.run`) and its
+    stderr lines that start with ``error:``."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    ran = watched.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env)
+    return ran, [l for l in ran.stderr.splitlines() if l.startswith("error:")]
+
+
 @pytest.mark.parametrize("mistake", ["stray", "--no_such_flag=1"])
 def test_every_command_rejects_a_stray_argument_or_unknown_flag_with_exit_2(mistake):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
     for module, required in ENTRY_POINTS.items():
-        ran = subprocess.run(
-            [sys.executable, "-m", module, *required, mistake],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        errors = [l for l in ran.stderr.splitlines() if l.startswith("error:")]
+        ran, errors = _run_command(module, *required, mistake)
         assert ran.returncode == 2 and len(errors) == 1, (module, ran.stderr[-2000:])
         assert mistake.strip("-").split("=")[0] in errors[0], (module, errors)
         assert "Traceback" not in ran.stderr, module
 
 
 def test_an_unknown_ablation_row_is_one_line_and_exit_2():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-    ran = subprocess.run(
-        [sys.executable, "-m", "fpn_tf.ablations", "--rows=nope"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    errors = [l for l in ran.stderr.splitlines() if l.startswith("error:")]
+    ran, errors = _run_command("fpn_tf.ablations", "--rows=nope")
     assert ran.returncode == 2 and len(errors) == 1 and "nope" in errors[0], ran.stderr[-2000:]

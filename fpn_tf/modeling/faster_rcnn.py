@@ -139,22 +139,13 @@ class MaskRCNN(FasterRCNN):
     def __init__(self, fpn, rpn, roi_heads, **kwargs):
         super().__init__(fpn, rpn, roi_heads, **kwargs)
         # The mask head is at model/mask_heads/head too, where existing checkpoints hold it.
-        self.mask_heads = _CheckpointPath(roi_heads.mask_head, roi_heads.mask_pooler.config)
+        self.mask_heads = _CheckpointPath(roi_heads.mask_head)
 
 
 class _CheckpointPath(keras.layers.Layer):
-    """Holds the mask head at ``head`` (its checkpoint path) and forwards ``align_impl`` (which
-    `fpn_tf.serving.portable` switches here) to the mask pooler."""
+    """Holds the mask head at ``head``, its checkpoint path in older model directories."""
 
-    def __init__(self, head, aligner_config):
+    def __init__(self, head):
         super().__init__(name="mask_heads")
-        self.head, self._aligner_config = head, aligner_config
+        self.head = head
         self.built = True
-
-    @property
-    def align_impl(self) -> str:
-        return self._aligner_config.align_impl
-
-    @align_impl.setter
-    def align_impl(self, value: str):
-        self._aligner_config.align_impl = value
