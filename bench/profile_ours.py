@@ -118,7 +118,7 @@ def main(argv):
     from fpn_tf.modeling.factory import build_model
     from fpn_tf.modeling.losses import fast_rcnn_losses, rpn_losses
     from fpn_tf.ops import anchors as anchor_ops
-    from fpn_tf.ops import postprocess, roi_ops, target_assigner
+    from fpn_tf.ops import postprocess, target_assigner
 
     resized = [int(s) for s in FLAGS.image_size]
     hw = padded(resized, OUR_PAD)
@@ -235,24 +235,10 @@ def main(argv):
     )
     roi_t = sample()
     stage("sample_rois", sample, "train")
-    levels = heads.box_pooler.levels
-    feats = {lvl: pyr[lvl] for lvl in levels}
-    roi_min_level, roi_max_level = (int(levels[i][1:]) for i in (0, -1))
-
-    def align(rois):
-        return roi_ops.multilevel_roi_align(
-            feats,
-            rois,
-            output_size=rr.output_size,
-            sampling_ratio=rr.sampling_ratio,
-            min_level=roi_min_level,
-            max_level=roi_max_level,
-            canonical_size=rr.canonical_size,
-            canonical_level=rr.canonical_level,
-        )
-
-    align_tr = tf.function(lambda: align(roi_t.rois))
-    align_te = tf.function(lambda: align(proposals_te.boxes))
+    feats = {lvl: pyr[lvl] for lvl in heads.box_pooler.levels}
+    # The model's own box pooler (Eq. 1 + RoIAlign with every setting of model.roi_aligner).
+    align_tr = tf.function(lambda: heads.box_pooler(feats, roi_t.rois, training=True))
+    align_te = tf.function(lambda: heads.box_pooler(feats, proposals_te.boxes, training=False))
     pooled_tr = align_tr()
     pooled_te = align_te()
     stage("roi_align_train_512", align_tr, "train")
@@ -304,14 +290,7 @@ def main(argv):
     def align_bwd():
         with tf.GradientTape() as tape:
             tape.watch(feats)
-            out = roi_ops.multilevel_roi_align(
-                feats,
-                roi_t.rois,
-                output_size=rr.output_size,
-                sampling_ratio=rr.sampling_ratio,
-                min_level=roi_min_level,
-                max_level=roi_max_level,
-            )
+            out = heads.box_pooler(feats, roi_t.rois, training=True)
             s = tf.reduce_sum(out * tf.random.normal(tf.shape(out), seed=2))
         return tape.gradient(s, feats)
 
