@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.ops import roi_ops
+from roi_testing import eq1_levels, roi_align
 
 
 def _square(side, y=0.0, x=0.0):
@@ -29,23 +29,19 @@ def test_eq1_levels():
         ],
         tf.float32,
     )
-    np.testing.assert_array_equal(
-        roi_ops.assign_levels(boxes).numpy(), [4, 3, 2, 5, 5, 2, 2, 3, 4, 2]
-    )
+    np.testing.assert_array_equal(eq1_levels(boxes).numpy(), [4, 3, 2, 5, 5, 2, 2, 3, 4, 2])
     # Arguments: a different clamp and canonical size.
     np.testing.assert_array_equal(
-        roi_ops.assign_levels(boxes[:5], min_level=3, max_level=6).numpy(), [4, 3, 3, 6, 5]
+        eq1_levels(boxes[:5], min_level=3, max_level=6).numpy(), [4, 3, 3, 6, 5]
     )
-    np.testing.assert_array_equal(
-        roi_ops.assign_levels(boxes[:2], canonical_size=112.0).numpy(), [5, 4]
-    )
+    np.testing.assert_array_equal(eq1_levels(boxes[:2], canonical_size=112.0).numpy(), [5, 4])
 
 
 def test_eq1_matches_log_formula_on_random_sizes():
     rng = np.random.default_rng(0)
     hw = rng.uniform(1, 1500, (500, 2))
     boxes = np.concatenate([np.zeros_like(hw), hw], -1).astype(np.float32)
-    got = roi_ops.assign_levels(boxes).numpy()
+    got = eq1_levels(boxes).numpy()
     area = (boxes[:, 2] - boxes[:, 0]).astype(np.float64) * (boxes[:, 3] - boxes[:, 1])
     ref = np.clip(np.floor(4 + np.log2(np.sqrt(area) / 224)), 2, 5)
     np.testing.assert_array_equal(got, ref)
@@ -67,8 +63,8 @@ def test_eq1_with_epsilon_is_torchvisions_level_mapper():
         ],
         tf.float32,
     )
-    exact = roi_ops.assign_levels(boxes).numpy()
-    tv = roi_ops.assign_levels(boxes, epsilon=1e-6).numpy()
+    exact = eq1_levels(boxes).numpy()
+    tv = eq1_levels(boxes, level_epsilon=1e-6).numpy()
     np.testing.assert_array_equal(exact, [4, 5, 4, 3, 2, 5, 2, 2])
     np.testing.assert_array_equal(tv, [5, 5, 4, 3, 2, 5, 2, 2])
     # Random sizes: the float32 formula, computed as torchvision does.
@@ -77,10 +73,13 @@ def test_eq1_with_epsilon_is_torchvisions_level_mapper():
     rand = np.concatenate([np.zeros_like(hw), hw], -1)
     s = np.sqrt(hw[:, 0] * hw[:, 1])
     ref = np.clip(np.floor(np.float32(4) + np.log2(s / np.float32(224)) + np.float32(1e-6)), 2, 5)
-    np.testing.assert_array_equal(roi_ops.assign_levels(rand, epsilon=1e-6).numpy(), ref)
+    np.testing.assert_array_equal(eq1_levels(rand, level_epsilon=1e-6).numpy(), ref)
     # Other clamp / canonical size.
     np.testing.assert_array_equal(
-        roi_ops.assign_levels(boxes[1:6], 3, 6, 112.0, 4, epsilon=1e-6).numpy(), [6, 5, 4, 3, 6]
+        eq1_levels(
+            boxes[1:6], min_level=3, max_level=6, canonical_size=112.0, level_epsilon=1e-6
+        ).numpy(),
+        [6, 5, 4, 3, 6],
     )
 
 
@@ -165,14 +164,14 @@ def test_roi_align_unaligned_matches_torchvisions_multiscale_roi_align(impl):
     rois[0, 2] = [-40, -40, 407.9999, 408]  # just under 448^2 (scaled): P5 only with eps
     rois[0, 3] = [100, 150, 170, 240]  # partly outside the map
     rois[0, 4] = [0, 0, 0.5, 0.5]
-    got = roi_ops.multilevel_roi_align(
+    got = roi_align(
         {k: tf.constant(v) for k, v in feats.items()},
         tf.constant(rois),
         output_size=7,
         sampling_ratio=2,
         aligned=False,
         level_epsilon=1e-6,
-        impl=impl,
+        align_impl=impl,
     ).numpy()
     hw = rois[0, :, 2:] - rois[0, :, :2]
     s = np.sqrt(hw[:, 0] * hw[:, 1])
@@ -187,12 +186,12 @@ def test_roi_align_unaligned_matches_torchvisions_multiscale_roi_align(impl):
         )
         np.testing.assert_allclose(got[0, k], ref, rtol=1e-4, atol=1e-4, err_msg=str(k))
     # The half-pixel shift and the 1-cell minimum matter: aligned=True differs.
-    shifted = roi_ops.multilevel_roi_align(
+    shifted = roi_align(
         {k: tf.constant(v) for k, v in feats.items()},
         tf.constant(rois[:, :2]),
         aligned=True,
         level_epsilon=1e-6,
-        impl=impl,
+        align_impl=impl,
     ).numpy()
     assert np.abs(shifted - got[:, :2]).max() > 0.1
 
@@ -298,7 +297,7 @@ def test_roi_align_linear_ramp_two_levels():
         ],  # 224 x 224 -> P4 (stride 16)
         np.float32,
     )
-    out = roi_ops.multilevel_roi_align(
+    out = roi_align(
         {k: tf.constant(v) for k, v in feats.items()},
         tf.constant(rois),
         output_size=7,
@@ -330,7 +329,7 @@ def test_roi_align_matches_numpy_reference(aligned):
     rois = np.concatenate([yx, yx + side], -1).astype(np.float32)
     rois[0, 0] = [10, 10, 10, 10]  # zero size
     rois[1, 0] = [-300, -300, -290, -280]  # far outside: all zeros
-    got = roi_ops.multilevel_roi_align(
+    got = roi_align(
         {k: tf.constant(v) for k, v in feats.items()},
         tf.constant(rois),
         output_size=5,
@@ -342,7 +341,7 @@ def test_roi_align_matches_numpy_reference(aligned):
     if aligned:
         np.testing.assert_array_equal(got[1, 0], 0.0)
     # Other sampling ratio / output size on one image.
-    got3 = roi_ops.multilevel_roi_align(
+    got3 = roi_align(
         {k: tf.constant(v[:1]) for k, v in feats.items()},
         tf.constant(rois[:1, :6]),
         output_size=3,
@@ -378,12 +377,12 @@ def test_adaptive_sampling_matches_numpy_reference(impl):
     rois[0, 3] = [10, 10, 34, 34]  # 6 cells of P2 / 3 bins: 2 samples per axis
     tensors = {k: tf.constant(v) for k, v in feats.items()}
     for cap in (4, 16):
-        got = roi_ops.multilevel_roi_align(
+        got = roi_align(
             tensors,
             tf.constant(rois),
             output_size=3,
             sampling_ratio=0,
-            impl=impl,
+            align_impl=impl,
             max_sampling_ratio=cap,
         ).numpy()
         ref = _np_multilevel(feats, rois, 3, 0, True, cap)
@@ -394,7 +393,7 @@ def test_adaptive_sampling_matches_numpy_reference(impl):
     assert np.abs(fixed - ref).max() > 1e-2
     np.testing.assert_allclose(fixed[0, 3], ref[0, 3], atol=1e-9)
     with pytest.raises(ValueError, match="sampling_ratio"):
-        roi_ops.multilevel_roi_align(tensors, tf.constant(rois), sampling_ratio=-1)
+        roi_align(tensors, tf.constant(rois), sampling_ratio=-1)
 
 
 def test_roi_align_gradient_and_dtype():
@@ -405,16 +404,14 @@ def test_roi_align_gradient_and_dtype():
     }
     rois = tf.constant([[[4, 4, 40, 40], [0, 0, 60, 60]]], tf.float32)
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(roi_ops.multilevel_roi_align(feats, rois, output_size=2))
+        loss = tf.reduce_sum(roi_align(feats, rois, output_size=2))
     grads = tape.gradient(loss, list(feats.values()))
     assert grads[0] is not None and float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(grads[0])))) > 0
     # The bilinear weights of a sample inside the map sum to 1, so the gradient of the
     # sum of all outputs sums to R * out * out * C.
     total = sum(float(tf.reduce_sum(tf.convert_to_tensor(g))) for g in grads if g is not None)
     assert total == pytest.approx(2 * 2 * 2 * 2, rel=1e-5)
-    half = roi_ops.multilevel_roi_align(
-        {k: tf.cast(v, tf.bfloat16) for k, v in feats.items()}, rois, output_size=2
-    )
+    half = roi_align({k: tf.cast(v, tf.bfloat16) for k, v in feats.items()}, rois, output_size=2)
     assert half.dtype == tf.bfloat16
 
 
@@ -426,18 +423,18 @@ def test_roi_align_xla():
     }
     yx = rng.uniform(0, 90, (2, 10, 2))
     rois = tf.constant(np.concatenate([yx, yx + rng.uniform(4, 120, (2, 10, 2))], -1), tf.float32)
-    f = tf.function(roi_ops.multilevel_roi_align, jit_compile=True)
+    f = tf.function(roi_align, jit_compile=True)
     np.testing.assert_allclose(
         f(feats, rois).numpy(),
-        roi_ops.multilevel_roi_align(feats, rois).numpy(),
+        roi_align(feats, rois).numpy(),
         rtol=1e-5,
         atol=1e-5,
     )
 
 
 def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
-    """impl="crop_and_resize" (the default outside XLA) against impl="gather": same samples and
-    border rule (RoIs partly outside the map, empty padding RoIs), values equal up to float
+    """align_impl="crop_and_resize" (the default outside XLA) against "gather": same samples
+    and border rule (RoIs partly outside the map, empty padding RoIs), values equal up to float
     rounding, and the gradient is exactly the gather's."""
     rng = np.random.default_rng(1)
     feats = {
@@ -461,7 +458,7 @@ def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
     def run(impl):
         with tf.GradientTape() as tape:
             tape.watch(feats)
-            out = roi_ops.multilevel_roi_align(feats, rois, impl=impl)
+            out = roi_align(feats, rois, align_impl=impl)
             loss = tf.reduce_sum(out * upstream)
         return out.numpy(), tape.gradient(loss, feats)
 
@@ -471,12 +468,12 @@ def test_roi_align_crop_and_resize_equals_gather_in_values_and_gradients():
     np.testing.assert_allclose(out, ref, atol=1e-4)
     np.testing.assert_array_equal(run("auto")[0], out)
     # "auto" in training is the gather (static shapes; crop_and_resize's backward is its anyway).
-    trained = roi_ops.multilevel_roi_align(feats, rois, impl="auto", training=True).numpy()
+    trained = roi_align(feats, rois, align_impl="auto", training=True).numpy()
     np.testing.assert_array_equal(trained, ref)
     for level in feats:
         np.testing.assert_array_equal(grad[level].numpy(), ref_grad[level].numpy(), err_msg=level)
-    with pytest.raises(ValueError, match="unknown RoIAlign impl"):
-        roi_ops.multilevel_roi_align(feats, rois, impl="crop")
+    with pytest.raises(ValueError, match="unknown RoIAlign align_impl"):
+        roi_align(feats, rois, align_impl="crop")
 
 
 @pytest.mark.parametrize("impl", ["gather", "crop_and_resize"])
@@ -486,7 +483,7 @@ def test_roi_align_has_no_gradient_with_respect_to_the_boxes(impl):
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(rois)
         tape.watch(feats)
-        loss = tf.reduce_sum(roi_ops.multilevel_roi_align(feats, rois, impl=impl))
+        loss = tf.reduce_sum(roi_align(feats, rois, align_impl=impl))
     assert tape.gradient(loss, rois) is None
     assert float(tf.reduce_sum(tape.gradient(loss, feats["P2"]))) > 0
 
@@ -505,8 +502,8 @@ def test_default_sampling_cap_is_reached_by_elongated_rois_inside_the_level_rang
     square = [40.0, 40.0, 256.0, 256.0]  # 216 px = 27 cells of P3: 4 samples per axis
     wide = [40.0, 40.0, 176.0, 312.0]  # 136 x 272 px: sqrt(area) 24 cells of P3, 34 wide: 5
     rois = np.array([[square, wide]], np.float32)
-    assert roi_ops.assign_levels(tf.constant(rois)).numpy().tolist() == [[3, 3]]  # not clamped
-    ours = roi_ops.multilevel_roi_align(
+    assert eq1_levels(tf.constant(rois)).numpy().tolist() == [[3, 3]]  # not clamped
+    ours = roi_align(
         {k: tf.constant(v) for k, v in feats.items()},
         tf.constant(rois),
         output_size=7,

@@ -10,9 +10,10 @@ from fpn_tf.configs.experiment import ModelConfig
 from fpn_tf.modeling.factory import build_roi_heads
 from fpn_tf.modeling.losses import fast_rcnn_losses
 from fpn_tf.modeling.roi_heads import FastRCNNBoxHead, RoIHeads
-from fpn_tf.ops import roi_ops, target_assigner
+from fpn_tf.ops import target_assigner
 from fpn_tf.ops.postprocess import Proposals
 from layer_test import run_layer_test
+from roi_testing import roi_align
 
 
 def test_box_head_shapes():
@@ -74,7 +75,7 @@ def test_losses_equal_the_functional_path_times_the_weight():
         foreground_iou=0.5,
         box_weights=(10.0, 10.0, 5.0, 5.0),
     )
-    pooled = roi_ops.multilevel_roi_align(
+    pooled = roi_align(
         {f"P{l}": features[f"P{l}"] for l in range(2, 6)},
         targets.rois,
         output_size=7,
@@ -105,7 +106,7 @@ def test_eq1_is_clamped_to_the_levels_the_features_hold():
     rois = tf.constant([PROPOSALS])
     np.testing.assert_allclose(
         heads.box_pooler(features, rois),
-        roi_ops.multilevel_roi_align(features, rois, min_level=4, max_level=4, impl="gather"),
+        roi_align(features, rois, min_level=4, max_level=4, align_impl="gather"),
         atol=1e-4,
     )
 
@@ -245,12 +246,10 @@ def test_aligned_and_level_epsilon_reach_roi_align(align_impl):
     heads.build({k: v.shape for k, v in features.items()})
     rois = tf.constant([PROPOSALS + [[0, 0, 447.9999, 448]]])  # P5 only with the epsilon
     levels = {f"P{l}": features[f"P{l}"] for l in range(2, 6)}
-    want = roi_ops.multilevel_roi_align(
-        levels, rois, aligned=False, level_epsilon=1e-6, impl=align_impl
-    )
+    want = roi_align(levels, rois, aligned=False, level_epsilon=1e-6, align_impl=align_impl)
     np.testing.assert_allclose(heads.box_pooler(features, rois), want, atol=1e-5)
     for other in (dict(aligned=True, level_epsilon=1e-6), dict(aligned=False)):
-        different = roi_ops.multilevel_roi_align(levels, rois, impl=align_impl, **other)
+        different = roi_align(levels, rois, align_impl=align_impl, **other)
         assert np.abs(different - want).max() > 0.1, other
     config = heads.get_config()
     assert config["roi_aligner"]["aligned"] is False
@@ -309,7 +308,7 @@ def test_pooler_is_one_config_section_and_round_trips():
     rois = tf.constant([PROPOSALS])
     got = pooler(features, rois)
     assert pooler.levels == ["P2", "P3", "P4"] and got.shape == (1, 5, 5, 5, 4)
-    want = roi_ops.multilevel_roi_align(
+    want = roi_align(
         {f"P{l}": features[f"P{l}"] for l in range(2, 5)},
         rois,
         output_size=5,

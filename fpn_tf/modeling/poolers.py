@@ -53,21 +53,12 @@ class MultiLevelRoIAlign(keras.layers.Layer):
         return (None, None, size, size, channels or self.channels)
 
     def call(self, features, rois, training=None):
-        c = self.config
         first, last = (anchor_ops.level_number(lvl) for lvl in (self.levels[0], self.levels[-1]))
         return roi_ops.multilevel_roi_align(
             {lvl: features[lvl] for lvl in self.levels},
             rois,
-            output_size=c.output_size,
-            sampling_ratio=c.sampling_ratio,
-            aligned=c.aligned,
-            min_level=first,
-            max_level=last,
-            canonical_size=c.canonical_size,
-            canonical_level=c.canonical_level,
-            impl=c.align_impl,
+            **dict(self.config.to_dict(), min_level=first, max_level=last),
             training=training,
-            level_epsilon=c.level_epsilon,
         )
 
     def get_config(self):

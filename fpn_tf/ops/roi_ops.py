@@ -9,7 +9,7 @@ Sampling as detectron2's ``ROIAlignV2`` (``aligned=True``): image point ``p`` ma
 stride - 0.5``; each bin averages a ``sampling_ratio``² grid of bilinear samples.
 ``aligned=False`` is torchvision's legacy form (no shift, RoI at least one cell).
 ``sampling_ratio=0`` is adaptive (``ceil(roi_size / output_size)`` per axis, capped at
-``max_sampling_ratio`` for static shapes; always the gather). Samples beyond ``[-1, H]`` count
+``MAX_ADAPTIVE_SAMPLING_RATIO`` for static shapes; always the gather). Samples beyond ``[-1, H]`` count
 as 0 in the average; others are clamped to ``[0, H - 1]`` (detectron2's bilinear_interpolate).
 """
 
@@ -19,23 +19,26 @@ from fpn_tf.ops import anchors as anchor_lib
 from fpn_tf.ops import box_ops
 from fpn_tf.ops.xla_utils import in_xla_context
 
-__all__ = ["assign_levels", "multilevel_roi_align"]
+__all__ = ["MAX_ADAPTIVE_SAMPLING_RATIO", "assign_levels", "multilevel_roi_align"]
+
+# sampling_ratio=0 takes ceil(roi_size / output_size) samples per bin, at most this many (static
+# shapes).
+MAX_ADAPTIVE_SAMPLING_RATIO = 4
 
 
-def assign_levels(
-    boxes, min_level=2, max_level=5, canonical_size=224.0, canonical_level=4, epsilon=0.0
-):
-    """FPN Eq. 1: int32 ``k = floor(k0 + log2(sqrt(w * h) / 224) + epsilon)`` in [min, max].
+def assign_levels(boxes, *, min_level, max_level, canonical_size, canonical_level, level_epsilon):
+    """FPN Eq. 1: int32 ``k = floor(canonical_level + log2(sqrt(w * h) / canonical_size) +
+    level_epsilon)`` in [min_level, max_level] (the arguments are `RoIAlignerConfig`'s fields).
 
-    ``epsilon == 0`` compares areas with thresholds, exact at the powers of two (224x224 -> 4);
-    ``epsilon > 0`` is torchvision's float32 LevelMapper (eps 1e-6). Zero-area boxes get
-    ``min_level``.
+    ``level_epsilon == 0`` compares areas with thresholds, exact at the powers of two (224x224
+    -> 4); ``level_epsilon > 0`` is torchvision's float32 LevelMapper (eps 1e-6). Zero-area
+    boxes get ``min_level``.
     """
     a = box_ops.area(tf.cast(boxes, tf.float32))
-    if epsilon > 0:
+    if level_epsilon > 0:
         ratio = tf.sqrt(tf.maximum(a, 1e-30)) / float(canonical_size)
         k = tf.floor(
-            float(canonical_level) + tf.math.log(ratio) / tf.math.log(2.0) + float(epsilon)
+            float(canonical_level) + tf.math.log(ratio) / tf.math.log(2.0) + float(level_epsilon)
         )
         k = tf.clip_by_value(k, float(min_level), float(max_level))
         return tf.where(a > 0.0, tf.cast(k, tf.int32), tf.constant(min_level, tf.int32))
@@ -90,23 +93,24 @@ def _level_features(features, min_level, max_level):
 def multilevel_roi_align(
     features,
     rois,
-    output_size=7,
-    sampling_ratio=2,
-    aligned=True,
-    min_level=2,
-    max_level=5,
-    canonical_size=224.0,
-    canonical_level=4,
-    roi_levels=None,
-    impl="auto",
+    *,
+    output_size,
+    sampling_ratio,
+    aligned,
+    min_level,
+    max_level,
+    canonical_size,
+    canonical_level,
+    level_epsilon,
+    align_impl,
     training=None,
-    max_sampling_ratio=4,
-    level_epsilon=0.0,
+    roi_levels=None,
+    max_sampling_ratio=MAX_ADAPTIVE_SAMPLING_RATIO,
 ):
     """RoIAlign of ``rois`` [B, R, 4] (pixels) from their Eq. 1 levels of ``features``
     ``{"P2": [B, H2, W2, C], ...}`` (stride ``2**l``; extra levels ignored) -> [B, R, S, S, C].
 
-    ``impl``: "gather" (module doc); "crop_and_resize" (one ``crop_and_resize`` per level on the
+    The settings are `RoIAlignerConfig`'s fields. ``align_impl``: "gather" (module doc); "crop_and_resize" (one ``crop_and_resize`` per level on the
     map padded by one replicated pixel, then an average pool: the same samples, a faster CPU
     forward; its gradient is "gather"'s recomputed, as TF's CPU CropAndResizeGradImage loses
     concurrent updates); "auto": "gather" when ``training`` or under XLA. ``roi_levels`` int32
@@ -131,10 +135,11 @@ def multilevel_roi_align(
     rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
     if roi_levels is not None:
         roi_levels = tf.stop_gradient(roi_levels)
+    impl = align_impl
     if impl == "auto":
         impl = "gather" if (training or in_xla_context()) else "crop_and_resize"
     if impl not in ("gather", "crop_and_resize"):
-        raise ValueError(f"unknown RoIAlign impl {impl!r}")
+        raise ValueError(f"unknown RoIAlign align_impl {impl!r}")
     if impl == "gather" or sampling_ratio == 0:
         return _roi_align_gather(features, rois, roi_levels=roi_levels, **gather_kwargs)
     levels = _level_features(features, min_level, max_level)
@@ -171,7 +176,7 @@ def _roi_align_crop_and_resize(
     canonical_size,
     canonical_level,
     roi_levels,
-    level_epsilon=0.0,
+    level_epsilon,
 ):
     """Forward of impl="crop_and_resize"; ``levels`` is [(level, map)] from min to max."""
     dtype = levels[0][1].dtype
@@ -180,7 +185,12 @@ def _roi_align_crop_and_resize(
     num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
     if roi_levels is None:
         roi_levels = assign_levels(
-            rois, min_level, max_level, canonical_size, canonical_level, level_epsilon
+            rois,
+            min_level=min_level,
+            max_level=max_level,
+            canonical_size=canonical_size,
+            canonical_level=canonical_level,
+            level_epsilon=level_epsilon,
         )
     lvl = tf.reshape(
         tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1), [-1]
@@ -235,7 +245,7 @@ def _roi_align_gather(
     canonical_level,
     roi_levels,
     max_sampling_ratio,
-    level_epsilon=0.0,
+    level_epsilon,
 ):
     """impl="gather" (the module docstring)."""
     levels = _level_features(features, min_level, max_level)
@@ -264,7 +274,12 @@ def _roi_align_gather(
 
     if roi_levels is None:
         roi_levels = assign_levels(
-            rois, min_level, max_level, canonical_size, canonical_level, level_epsilon
+            rois,
+            min_level=min_level,
+            max_level=max_level,
+            canonical_size=canonical_size,
+            canonical_level=canonical_level,
+            level_epsilon=level_epsilon,
         )
     lvl = tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1)
     stride = tf.gather(strides, lvl)  # [B, R]
