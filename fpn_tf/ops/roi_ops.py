@@ -110,79 +110,19 @@ def multilevel_roi_align(
     """RoIAlign of ``rois`` [B, R, 4] (pixels) from their Eq. 1 levels of ``features``
     ``{"P2": [B, H2, W2, C], ...}`` (stride ``2**l``; extra levels ignored) -> [B, R, S, S, C].
 
-    The settings are `RoIAlignerConfig`'s fields. ``align_impl``: "gather" (module doc); "crop_and_resize" (one ``crop_and_resize`` per level on the
-    map padded by one replicated pixel, then an average pool: the same samples, a faster CPU
-    forward; its gradient is "gather"'s recomputed, as TF's CPU CropAndResizeGradImage loses
-    concurrent updates); "auto": "gather" when ``training`` or under XLA. ``roi_levels`` int32
-    [B, R] overrides Eq. 1. No gradient flows to ``rois``.
+    The settings are `RoIAlignerConfig`'s fields. ``align_impl``: "gather" (module doc);
+    "crop_and_resize" (one ``crop_and_resize`` per level on the map padded by one replicated
+    pixel, then an average pool: the same samples, a faster CPU forward; its gradient is
+    "gather"'s recomputed, as TF's CPU CropAndResizeGradImage loses concurrent updates); "auto":
+    "gather" when ``training`` or under XLA. ``roi_levels`` int32 [B, R] overrides Eq. 1. No
+    gradient flows to ``rois``.
     """
     if sampling_ratio < 0 or (sampling_ratio == 0 and max_sampling_ratio < 1):
         raise ValueError(
             f"sampling_ratio must be >= 1, or 0 (adaptive) with max_sampling_ratio "
             f">= 1; got {sampling_ratio} and {max_sampling_ratio}"
         )
-    kwargs = dict(
-        output_size=output_size,
-        sampling_ratio=sampling_ratio,
-        aligned=aligned,
-        min_level=min_level,
-        max_level=max_level,
-        canonical_size=canonical_size,
-        canonical_level=canonical_level,
-        level_epsilon=level_epsilon,
-    )
-    gather_kwargs = dict(kwargs, max_sampling_ratio=max_sampling_ratio)
     rois = tf.stop_gradient(tf.cast(tf.convert_to_tensor(rois), tf.float32))
-    if roi_levels is not None:
-        roi_levels = tf.stop_gradient(roi_levels)
-    impl = align_impl
-    if impl == "auto":
-        impl = "gather" if (training or in_xla_context()) else "crop_and_resize"
-    if impl not in ("gather", "crop_and_resize"):
-        raise ValueError(f"unknown RoIAlign align_impl {impl!r}")
-    if impl == "gather" or sampling_ratio == 0:
-        return _roi_align_gather(features, rois, roi_levels=roi_levels, **gather_kwargs)
-    levels = _level_features(features, min_level, max_level)
-    names = [f"P{l}" for l, _ in levels]
-    maps = [f for _, f in levels]
-
-    @tf.custom_gradient
-    def run(*maps):
-        out = _roi_align_crop_and_resize(
-            list(zip([l for l, _ in levels], maps)), rois, roi_levels=roi_levels, **kwargs
-        )
-
-        def grad(dy):
-            with tf.GradientTape() as tape:
-                tape.watch(maps)
-                ref = _roi_align_gather(
-                    dict(zip(names, maps)), rois, roi_levels=roi_levels, **gather_kwargs
-                )
-            return tape.gradient(ref, list(maps), output_gradients=dy)
-
-        return out, grad
-
-    return run(*maps)
-
-
-def _roi_align_crop_and_resize(
-    levels,
-    rois,
-    output_size,
-    sampling_ratio,
-    aligned,
-    min_level,
-    max_level,
-    canonical_size,
-    canonical_level,
-    roi_levels,
-    level_epsilon,
-):
-    """Forward of impl="crop_and_resize"; ``levels`` is [(level, map)] from min to max."""
-    dtype = levels[0][1].dtype
-    channels = levels[0][1].shape[-1]
-    batch = tf.shape(rois)[0]
-    num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
     if roi_levels is None:
         roi_levels = assign_levels(
             rois,
@@ -192,6 +132,49 @@ def _roi_align_crop_and_resize(
             canonical_level=canonical_level,
             level_epsilon=level_epsilon,
         )
+    roi_levels = tf.stop_gradient(roi_levels)
+    kwargs = dict(
+        roi_levels=roi_levels,
+        output_size=output_size,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        min_level=min_level,
+    )
+    gather_kwargs = dict(kwargs, max_level=max_level, max_sampling_ratio=max_sampling_ratio)
+    impl = align_impl
+    if impl == "auto":
+        impl = "gather" if (training or in_xla_context()) else "crop_and_resize"
+    if impl not in ("gather", "crop_and_resize"):
+        raise ValueError(f"unknown RoIAlign align_impl {impl!r}")
+    if impl == "gather" or sampling_ratio == 0:
+        return _roi_align_gather(features, rois, **gather_kwargs)
+    levels = _level_features(features, min_level, max_level)
+    names = [f"P{l}" for l, _ in levels]
+    maps = [f for _, f in levels]
+
+    @tf.custom_gradient
+    def run(*maps):
+        out = _roi_align_crop_and_resize(list(zip([l for l, _ in levels], maps)), rois, **kwargs)
+
+        def grad(dy):
+            with tf.GradientTape() as tape:
+                tape.watch(maps)
+                ref = _roi_align_gather(dict(zip(names, maps)), rois, **gather_kwargs)
+            return tape.gradient(ref, list(maps), output_gradients=dy)
+
+        return out, grad
+
+    return run(*maps)
+
+
+def _roi_align_crop_and_resize(
+    levels, rois, roi_levels, output_size, sampling_ratio, aligned, min_level
+):
+    """Forward of align_impl="crop_and_resize"; ``levels`` is [(level, map)] from min to max."""
+    dtype = levels[0][1].dtype
+    channels = levels[0][1].shape[-1]
+    batch = tf.shape(rois)[0]
+    num_rois = rois.shape[1] if rois.shape[1] is not None else tf.shape(rois)[1]
     lvl = tf.reshape(
         tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1), [-1]
     )
@@ -236,18 +219,15 @@ def _roi_align_crop_and_resize(
 def _roi_align_gather(
     features,
     rois,
+    roi_levels,
     output_size,
     sampling_ratio,
     aligned,
     min_level,
     max_level,
-    canonical_size,
-    canonical_level,
-    roi_levels,
     max_sampling_ratio,
-    level_epsilon,
 ):
-    """impl="gather" (the module docstring)."""
+    """align_impl="gather" (the module docstring)."""
     levels = _level_features(features, min_level, max_level)
     dtype = levels[0][1].dtype
     channels = levels[0][1].shape[-1]
@@ -272,15 +252,6 @@ def _roi_align_gather(
     offsets = tf.stack([tf.cast(o, tf.int32) for o in offsets])
     strides = tf.constant([float(2**l) for l, _ in levels], tf.float32)
 
-    if roi_levels is None:
-        roi_levels = assign_levels(
-            rois,
-            min_level=min_level,
-            max_level=max_level,
-            canonical_size=canonical_size,
-            canonical_level=canonical_level,
-            level_epsilon=level_epsilon,
-        )
     lvl = tf.clip_by_value(tf.cast(roi_levels, tf.int32) - min_level, 0, len(levels) - 1)
     stride = tf.gather(strides, lvl)  # [B, R]
     height = tf.gather(heights, lvl)[..., None, None]  # [B, R, 1, 1]
