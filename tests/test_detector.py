@@ -201,7 +201,7 @@ def test_rejects_inconsistent_arguments():
     with pytest.raises(ValueError, match="category ids"):
         FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2), category_ids=[1, 2, 3])
     with pytest.raises(ValueError, match="no pyramid level in min_level..max_level"):
-        FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2, min_level=7, max_level=8))
+        FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2, min_level=7, max_level=8, canonical_level=7))
     with pytest.raises(ValueError, match="without a mask branch"):
         FasterRCNN(fpn, tiny_rpn(), tiny_roi_heads(2, mask={}))
 

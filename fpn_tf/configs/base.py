@@ -344,6 +344,13 @@ class Config:
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=100)
 
     @classmethod
+    def of(cls, value):
+        """A checked copy of the section ``value`` (a `cls`, or its dict as ``get_config``
+        stores it): a layer holding its settings never changes its caller's config."""
+        section = copy.deepcopy(value) if isinstance(value, cls) else cls.from_dict(value)
+        return section.validate_section()
+
+    @classmethod
     def from_dict(cls, values: Optional[Mapping] = None):
         """Defaults of `cls` overridden by `values` (which may be partial; dotted keys allowed)."""
         return cls()._apply(values or {}, "")

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 
 from fpn_tf.configs.experiment import RoIAlignerConfig
 from fpn_tf.ops import anchors as anchor_ops
 from fpn_tf.ops import roi_ops
-
-
-def section(cls, value):
-    """A copy of the ``cls`` section ``value`` (or of its dict), so the layer's settings never
-    change the caller's config."""
-    if isinstance(value, cls):
-        return dataclasses.replace(value)
-    return cls.from_dict(value)
 
 
 @keras.saving.register_keras_serializable(package="fpn_tf")
@@ -30,7 +20,7 @@ class MultiLevelRoIAlign(keras.layers.Layer):
     def __init__(self, config, **kwargs):
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)  # boxes stay float32 under mixed precision
-        self.config = section(RoIAlignerConfig, config)
+        self.config = RoIAlignerConfig.of(config)
         self.levels = None
 
     def build(self, features_shape):

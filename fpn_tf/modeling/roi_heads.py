@@ -17,7 +17,7 @@ from fpn_tf.configs.experiment import (
 )
 from fpn_tf.modeling.losses import fast_rcnn_losses
 from fpn_tf.modeling.mask_head import MaskRCNNHead
-from fpn_tf.modeling.poolers import MultiLevelRoIAlign, section
+from fpn_tf.modeling.poolers import MultiLevelRoIAlign
 from fpn_tf.ops import mask_ops, postprocess, target_assigner
 
 
@@ -109,9 +109,9 @@ class RoIHeads(keras.layers.Layer):
         # autocast=False: proposals, sizes and ground truth stay float32 under mixed precision.
         super().__init__(autocast=False, **kwargs)
         self.num_classes = int(num_classes)
-        self.sampler_config = section(RoISamplerConfig, roi_sampler)
-        self.box_config = section(BoxHeadConfig, box_head)
-        self.detection_config = section(DetectionConfig, detection)
+        self.sampler_config = RoISamplerConfig.of(roi_sampler)
+        self.box_config = BoxHeadConfig.of(box_head)
+        self.detection_config = DetectionConfig.of(detection)
         self.classifier_rows = _check_classifier_rows(
             self.box_config.classifier_layout, classifier_rows, self.num_classes
         )
@@ -128,7 +128,7 @@ class RoIHeads(keras.layers.Layer):
             raise ValueError("a mask branch needs both mask_roi_aligner and mask_head")
         self.mask_pooler = self.mask_head = self.mask_config = None
         if mask_head is not None:
-            self.mask_config = section(MaskHeadConfig, mask_head)
+            self.mask_config = MaskHeadConfig.of(mask_head)
             self.mask_pooler = MultiLevelRoIAlign(mask_roi_aligner, name="mask_pooler")
             self.mask_head = MaskRCNNHead(
                 self.num_classes,

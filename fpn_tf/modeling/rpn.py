@@ -3,7 +3,6 @@ targets, proposals and losses in one Keras layer (the arithmetic is in `fpn_tf.o
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Mapping, Sequence
 
@@ -97,11 +96,11 @@ class RegionProposalNetwork(keras.layers.Layer):
         kwargs.pop("autocast", None)
         # autocast=False: boxes and sizes stay float32 under mixed precision (the head casts).
         super().__init__(autocast=False, **kwargs)
-        self.config = copy.deepcopy(config).validate_section()
-        self.anchor_config = copy.deepcopy(anchor_config).validate_section()
+        self.config = RPNConfig.of(config)
+        self.anchor_config = AnchorConfig.of(anchor_config)
         self.levels = sorted((str(level) for level in levels), key=anchor_ops.level_number)
-        self.anchor_sizes = anchor_sizes_per_level(anchor_config.sizes, self.levels)
-        self.aspect_ratios = tuple(float(r) for r in anchor_config.aspect_ratios)
+        self.anchor_sizes = anchor_sizes_per_level(self.anchor_config.sizes, self.levels)
+        self.aspect_ratios = tuple(float(r) for r in self.anchor_config.aspect_ratios)
         self.num_anchors = len(self.anchor_sizes[self.levels[0]]) * len(self.aspect_ratios)
 
     @property
@@ -219,14 +218,6 @@ class RegionProposalNetwork(keras.layers.Layer):
             levels=list(self.levels),
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        sections = {
-            "config": RPNConfig.from_dict(config["config"]),
-            "anchor_config": AnchorConfig.from_dict(config["anchor_config"]),
-        }
-        return super().from_config({**config, **sections})
 
 
 def _padded_size(feature, level):

@@ -9,7 +9,6 @@ mask (sampled positives, the K proposals), which saves every level's [B, H, W, 1
 
 from __future__ import annotations
 
-import copy
 from typing import Mapping, Sequence
 
 import keras
@@ -97,10 +96,10 @@ class SegmentProposalHead(keras.layers.Layer):
     def __init__(self, config: SegmentProposalConfig, **kwargs):
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
-        self.config = copy.deepcopy(config).validate_section()
+        self.config = SegmentProposalConfig.of(config)
         for w in self.config.window_sizes:  # attributes, not a list (checkpoint tracking)
             mlp = SegmentMLP(
-                w, config.hidden_dims, config.mask_size, name=self.mlp_name(w),
+                w, self.config.hidden_dims, self.config.mask_size, name=self.mlp_name(w),
                 dtype=self.dtype_policy,
             )  # fmt: skip
             setattr(self, self.mlp_name(w), mlp)
@@ -268,11 +267,6 @@ class SegmentProposalHead(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict()}
-
-    @classmethod
-    def from_config(cls, config):
-        section = SegmentProposalConfig.from_dict(config["config"])
-        return super().from_config({**config, "config": section})
 
 
 def _output_dict(boxes, scores, masks, valid, image_info):
