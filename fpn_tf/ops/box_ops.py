@@ -45,11 +45,12 @@ def pairwise_intersection(boxes1, boxes2):
     return ih * iw
 
 
-def pairwise_iou(boxes1, boxes2):
-    """[..., N, 4] x [..., M, 4] -> IoU [..., N, M]; 0 (never NaN) for zero-area boxes."""
+def pairwise_iou(boxes1, boxes2, intersection=None):
+    """[..., N, 4] x [..., M, 4] -> IoU [..., N, M]; 0 (never NaN) for zero-area boxes.
+    ``intersection``: their `pairwise_intersection`, when the caller has it already."""
     boxes1 = tf.convert_to_tensor(boxes1)
     boxes2 = tf.convert_to_tensor(boxes2, dtype=boxes1.dtype)
-    inter = pairwise_intersection(boxes1, boxes2)
+    inter = pairwise_intersection(boxes1, boxes2) if intersection is None else intersection
     union = area(boxes1)[..., :, None] + area(boxes2)[..., None, :] - inter
     return tf.math.divide_no_nan(inter, tf.maximum(union, 0.0))
 

@@ -102,12 +102,11 @@ def _sample_pair(positive, negative, num_samples, fraction, seed):
 def _iou_and_crowd_ioa(boxes, gt_boxes, crowd, crowd_ioa_threshold):
     """IoU [B, M, N] and a bool [B, M]: the box lies (> threshold) inside a crowd box."""
     inter = box_ops.pairwise_intersection(boxes, gt_boxes)  # [B, M, N]
-    box_area = box_ops.area(boxes)[..., :, None]
-    union = box_area + box_ops.area(gt_boxes)[..., None, :] - inter
-    iou = tf.math.divide_no_nan(inter, tf.maximum(union, 0.0))
+    iou = box_ops.pairwise_iou(boxes, gt_boxes, intersection=inter)
 
     def crowd_test():
         # inter / box_area > t  <=>  inter > t * box_area (box_area >= 0).
+        box_area = box_ops.area(boxes)[..., :, None]
         inside = tf.logical_and(inter > crowd_ioa_threshold * box_area, inter > 0.0)
         return tf.reduce_any(tf.logical_and(inside, crowd[:, None, :]), axis=-1)
 
