@@ -473,7 +473,7 @@ class ResizeConfig(Config):
       -> 800x1066, round gives 800x1067) or "half_up" (detectron2's ResizeShortestEdge; differs
       from round on ~0.1 % of sizes).
     method: "bilinear" (tf.image.resize, no anti-aliasing; ours, torchvision) or "pil_bilinear"
-      (detectron2's PIL resize of the uint8 image, bit-exact, ~6x slower on a CPU).
+      (detectron2's PIL resize of the uint8 image, bit-exact, slower on a CPU).
     """
 
     short_side: int = field(800, positive)

@@ -180,7 +180,7 @@ def export_litert(
         num_detections,
         keys,
         input="images: float32 [1, Hp, Wp, 3], the image resized by `resize` (RGB 0..255), zero "
-        "padded to multiples of pad_multiple; image_sizes: int32 [1, 4] = height, width, "
+        "padded to multiples of resize.pad_multiple; image_sizes: int32 [1, 4] = height, width, "
         "resized height, resized width (fpn_tf.portable_client.resize_for_litert)",
         quantization=quantization,
     )
