@@ -46,7 +46,9 @@ def format_ap(source, formats=FORMATS, max_images=None, num_threads=2, workdir=N
     runners = {}
     for fmt in formats:
         if fmt == "saved_model":
-            sm = tf.saved_model.load(export_saved_model(model, os.path.join(tmp, "sm"), cmap, resize))
+            sm = tf.saved_model.load(
+                export_saved_model(model, os.path.join(tmp, "sm"), cmap, resize)
+            )
             signature = sm.signatures["serving_default"]
             runners[fmt] = lambda image, s=signature: {
                 k: v.numpy() for k, v in s(images=tf.constant(image[None])).items()

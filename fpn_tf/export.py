@@ -146,7 +146,9 @@ def _export_formats(source, formats, quantizations) -> list[str]:
             )
     if "saved_model" in formats:
         path = os.path.join(FLAGS.export_dir, "saved_model")
-        written.append(export_lib.export_saved_model(source.model, path, source.category_map, resize))
+        written.append(
+            export_lib.export_saved_model(source.model, path, source.category_map, resize)
+        )
     return written
 
 

@@ -92,7 +92,11 @@ def test_cpu_demo_yaml():
     assert c.model.box_head.fc_dims == 256 and c.model.roi_sampler.batch_size_per_image == 128
     assert (c.model.rpn.post_nms_top_k_train, c.model.rpn.post_nms_top_k_test) == (1000, 500)
     data = c.train_data
-    assert (data.resize.short_side, data.resize.max_long_side, data.global_batch_size) == (320, 512, 4)
+    assert (data.resize.short_side, data.resize.max_long_side, data.global_batch_size) == (
+        320,
+        512,
+        4,
+    )
     assert c.train_data.source == "synthetic" and c.eval_data.source == "synthetic"
     assert (c.train.optimizer, c.train.learning_rate) == ("adamw", 1e-3)
     assert c.train.scaled_learning_rate(4) == 1e-3

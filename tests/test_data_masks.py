@@ -291,13 +291,16 @@ def test_tfrecord_round_trip_keeps_the_masks(masks_coco, tmp_path):
         assert b[iid]["gt_masks"].dtype == np.uint8
         np.testing.assert_array_equal(a[iid]["gt_masks"], b[iid]["gt_masks"])  # PNG: exact
     # Through the pipeline: the crops agree (boxes agree to 1e-3 px).
-    cfg = data_config(dict(short_side=48, max_long_side=80), global_batch_size=1, max_num_instances=6)
+    cfg = data_config(
+        dict(short_side=48, max_long_side=80), global_batch_size=1, max_num_instances=6
+    )
     x = {
         int(f["image_id"]): l
         for f, l in _unbatched(build_dataset(coco_index, cfg, False, include_masks=True))
     }
     y = {
-        int(f["image_id"]): l for f, l in _unbatched(build_dataset(tfr, cfg, False, include_masks=True))
+        int(f["image_id"]): l
+        for f, l in _unbatched(build_dataset(tfr, cfg, False, include_masks=True))
     }
     for iid in x:
         np.testing.assert_allclose(x[iid]["gt_masks"], y[iid]["gt_masks"], atol=5e-3)
@@ -430,7 +433,9 @@ def test_synthetic_segmentations_are_the_drawn_shapes(tmp_path):
 def test_a_source_without_segmentations_gives_todays_labels(tmp_path):
     ann, image_dir = write_tiny_coco(tmp_path)
     source = load_source(CocoSource(ann, image_dir))
-    cfg = data_config(dict(short_side=32, max_long_side=64), global_batch_size=4, max_num_instances=3)
+    cfg = data_config(
+        dict(short_side=32, max_long_side=64), global_batch_size=4, max_num_instances=3
+    )
     ds = build_dataset(source, cfg, False)
     f, l = next(iter(ds))
     assert set(l) == {"gt_boxes", "gt_classes", "gt_is_crowd"}

@@ -17,6 +17,7 @@ def small(**fields):
     resize = dict(short_side=32, max_long_side=64, pad_multiple=32)
     return data_config(resize, **{"max_num_instances": 4, **fields})
 
+
 # Resized (h, w) of the tiny images: a 24x32 -> s=4/3 -> 32 x 42.67 -> 32x43;
 # b 40x20 -> s=1.6 -> 64x32; c 16x16 -> 32x32; d 20x30 -> s=1.6 -> 32x48.
 RESIZED = {10: (32, 43), 11: (64, 32), 12: (32, 32), 13: (32, 48)}

@@ -86,7 +86,9 @@ def test_both_readers_give_the_same_examples(converted):
 
 def test_pipelines_from_both_sources_agree(converted):
     ann, image_dir, result = converted
-    cfg = data_config(dict(short_side=32, max_long_side=64), global_batch_size=1, max_num_instances=4)
+    cfg = data_config(
+        dict(short_side=32, max_long_side=64), global_batch_size=1, max_num_instances=4
+    )
     coco = build_dataset(load_source(CocoSource(ann, image_dir)), cfg, training=False)
     tfr = build_dataset(load_source(TfRecordSource(result.file_pattern)), cfg, training=False)
 

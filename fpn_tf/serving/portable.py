@@ -75,7 +75,11 @@ def prepare_export(model, category_map, resize: ResizeConfig):
 
 
 def portable_detect_function(
-    model, resize: ResizeConfig, *, num_detections: int = NUM_DETECTIONS, resized_input: bool = False
+    model,
+    resize: ResizeConfig,
+    *,
+    num_detections: int = NUM_DETECTIONS,
+    resized_input: bool = False,
 ):
     """``(concrete_function, output_keys)`` of the detector; outputs as docs/serving.md.
 
@@ -119,9 +123,7 @@ def portable_detect_function(
     return concrete, sorted(concrete.structured_outputs)
 
 
-def serving_config(
-    fmt: str, resize: ResizeConfig, num_detections: int, outputs, **extra
-) -> dict:
+def serving_config(fmt: str, resize: ResizeConfig, num_detections: int, outputs, **extra) -> dict:
     """The ``<stem>.serving_config.json`` of an ONNX / LiteRT export."""
     return {
         "format": fmt,
