@@ -40,6 +40,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from fpn_tf.configs import DataConfig  # pylint: disable=g-import-not-at-top
     from fpn_tf.data import pipeline, synthetic  # pylint: disable=g-import-not-at-top
 
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="fpn_data_bench_")
@@ -68,15 +69,13 @@ def main(argv):
         )
         source = pipeline.load_source(pipeline.TfRecordSource(result.file_pattern))
 
-    ds = pipeline.build_dataset(
-        source,
-        training=True,
-        batch_size=FLAGS.batch_size,
-        seed=0,
-        short_side=FLAGS.short_side,
-        max_long_side=FLAGS.max_long_side,
+    data_config = DataConfig(
+        source="synthetic",  # the settings only: the source is loaded above
+        global_batch_size=FLAGS.batch_size,
         padding_mode=FLAGS.padding_mode,
-        num_parallel_calls=FLAGS.num_parallel_calls,
+    ).override({"resize": {"short_side": FLAGS.short_side, "max_long_side": FLAGS.max_long_side}})
+    ds = pipeline.build_dataset(
+        source, data_config, training=True, seed=0, num_parallel_calls=FLAGS.num_parallel_calls
     )
     it = iter(ds)
     for _ in range(FLAGS.warmup_batches):

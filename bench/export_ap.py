@@ -34,31 +34,32 @@ def format_ap(source, formats=FORMATS, max_images=None, num_threads=2, workdir=N
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     from fpn_tf import portable_client  # pylint: disable=g-import-not-at-top
-    from fpn_tf.data.transforms import ResizeRule  # pylint: disable=g-import-not-at-top
     from fpn_tf.evaluation.coco_evaluator import COCOEvaluator  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import export_saved_model  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving.litert_export import export_litert  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving.onnx_export import export_onnx  # pylint: disable=g-import-not-at-top
 
     d = source.config.eval_data
-    rule = ResizeRule.from_config(source.config)
+    resize = d.resize
     tmp = workdir or tempfile.mkdtemp(prefix="fpn_tf_export_ap_")
     model, cmap = source.model, source.category_map
     runners = {}
     for fmt in formats:
         if fmt == "saved_model":
-            sm = tf.saved_model.load(export_saved_model(model, os.path.join(tmp, "sm"), cmap, rule))
+            sm = tf.saved_model.load(
+                export_saved_model(model, os.path.join(tmp, "sm"), cmap, resize)
+            )
             signature = sm.signatures["serving_default"]
             runners[fmt] = lambda image, s=signature: {
                 k: v.numpy() for k, v in s(images=tf.constant(image[None])).items()
             }
         elif fmt == "onnx":
-            path = export_onnx(model, os.path.join(tmp, "m.onnx"), cmap, rule)
+            path = export_onnx(model, os.path.join(tmp, "m.onnx"), cmap, resize)
             runners[fmt] = portable_client.OnnxDetector(path, num_threads=num_threads)
         elif fmt.startswith("litert_"):
             q = fmt[len("litert_") :]
             path = os.path.join(tmp, f"m_{q}.tflite")
-            export_litert(model, path, cmap, rule, quantization=q)
+            export_litert(model, path, cmap, resize, quantization=q)
             runners[fmt] = portable_client.LiteRTDetector(path, num_threads=num_threads)
         else:
             raise ValueError(f"unknown format {fmt}")

@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 from bench.common import emit_json_line  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "configs/cpu_demo.yaml", "Config YAML (its eval_data resize rule).")
+flags.DEFINE_string("config", "configs/cpu_demo.yaml", "Config YAML (its eval_data.resize).")
 flags.DEFINE_string("model_dir", None, "A trained model_dir instead of random weights.")
 flags.DEFINE_integer("height", 320, "Image height.")
 flags.DEFINE_integer("width", 512, "Image width.")
@@ -72,7 +72,6 @@ def _export(paths) -> None:
     from fpn_tf.configs import load_config  # pylint: disable=g-import-not-at-top
     from fpn_tf.data import synthetic  # pylint: disable=g-import-not-at-top
     from fpn_tf.data.category_map import CategoryMap  # pylint: disable=g-import-not-at-top
-    from fpn_tf.data.transforms import ResizeRule  # pylint: disable=g-import-not-at-top
     from fpn_tf.modeling.factory import build_model  # pylint: disable=g-import-not-at-top
     from fpn_tf.modeling.model_dir import load_model  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import export_saved_model  # pylint: disable=g-import-not-at-top
@@ -92,15 +91,15 @@ def _export(paths) -> None:
         ids = [{"id": i, "name": f"c{i}"} for i in range(1, n + 1)]
         category_map = CategoryMap(ids if n else synthetic.CATEGORIES)
         model = build_model(config.model, category_ids=list(category_map.dataset_ids))
-    rule = ResizeRule.from_config(config)
+    resize = config.eval_data.resize
     for fmt, path in todo.items():
         start = time.time()
         if fmt == "saved_model":
-            export_saved_model(model, path, category_map, rule)
+            export_saved_model(model, path, category_map, resize)
         elif fmt == "onnx":
-            export_onnx(model, path, category_map, rule)
+            export_onnx(model, path, category_map, resize)
         else:
-            export_litert(model, path, category_map, rule, quantization=fmt[len("litert_") :])
+            export_litert(model, path, category_map, resize, quantization=fmt[len("litert_") :])
         print(f"exported {fmt} in {time.time() - start:.0f} s", flush=True)
 
 

@@ -123,7 +123,7 @@ def run() -> str:
     groundtruth = load_coco_groundtruth(groundtruth_file(source, None))
 
     def dataset():
-        return pipeline.build_dataset_from_config(source, config.eval_data, training=False)
+        return pipeline.build_dataset(source, config.eval_data, training=False)
 
     def inputs(features):
         return {"images": features["images"], "image_info": features["image_info"]}

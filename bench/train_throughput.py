@@ -135,8 +135,7 @@ def data_override(workdir: str, batch: int) -> dict:
             "source": "synthetic",
             "annotation_file": None,
             "image_dir": None,
-            "short_side": FLAGS.short_side,
-            "max_long_side": FLAGS.max_long_side,
+            "resize": {"short_side": FLAGS.short_side, "max_long_side": FLAGS.max_long_side},
             "global_batch_size": batch,
             "synthetic": {
                 "num_images": FLAGS.num_images,

@@ -43,7 +43,7 @@ def define_flags() -> None:
         "params_override",
         None,
         "Overrides on top of the config, e.g. "
-        "'model.detection.score_threshold=0.3,eval_data.short_side=640'.",
+        "'model.detection.score_threshold=0.3,eval_data.resize.short_side=640'.",
     )
     flags.DEFINE_string(
         "checkpoint", None, "A checkpoint path to export instead of the latest " "in model_dir."
@@ -95,7 +95,7 @@ def _export() -> None:
     )
     if formats == ["saved_model"]:
         export_lib.export_saved_model(
-            source.model, FLAGS.export_dir, source.category_map, _rule(source)
+            source.model, FLAGS.export_dir, source.category_map, source.config.eval_data.resize
         )
         written = [FLAGS.export_dir]
     else:
@@ -108,20 +108,14 @@ def _export() -> None:
     )
 
 
-def _rule(source):
-    from fpn_tf.data.transforms import ResizeRule  # pylint: disable=g-import-not-at-top
-
-    return ResizeRule.from_config(source.config)
-
-
 def _export_formats(source, formats, quantizations) -> list[str]:
     """ONNX / LiteRT files (and the SavedModel in ``saved_model/``) under --export_dir."""
     from fpn_tf.serving import export as export_lib  # pylint: disable=g-import-not-at-top
     from fpn_tf.serving import portable  # pylint: disable=g-import-not-at-top
 
-    rule = _rule(source)
+    resize = source.config.eval_data.resize
     # a model that is no detector fails here, before anything is written
-    portable.prepare_export(source.model, source.category_map, rule)
+    portable.prepare_export(source.model, source.category_map, resize)
     if "litert" in formats:
         from fpn_tf.serving.litert_export import QUANTIZATIONS  # pylint: disable=g-import-not-at-top
 
@@ -135,7 +129,7 @@ def _export_formats(source, formats, quantizations) -> list[str]:
         from fpn_tf.serving.onnx_export import export_onnx  # pylint: disable=g-import-not-at-top
 
         path = os.path.join(FLAGS.export_dir, "model.onnx")
-        written.append(export_onnx(source.model, path, source.category_map, rule))
+        written.append(export_onnx(source.model, path, source.category_map, resize))
     if "litert" in formats:
         from fpn_tf.serving.litert_export import export_litert  # pylint: disable=g-import-not-at-top
 
@@ -146,13 +140,15 @@ def _export_formats(source, formats, quantizations) -> list[str]:
                     source.model,
                     os.path.join(FLAGS.export_dir, name),
                     source.category_map,
-                    rule,
+                    resize,
                     quantization=quantization,
                 )
             )
     if "saved_model" in formats:
         path = os.path.join(FLAGS.export_dir, "saved_model")
-        written.append(export_lib.export_saved_model(source.model, path, source.category_map, rule))
+        written.append(
+            export_lib.export_saved_model(source.model, path, source.category_map, resize)
+        )
     return written
 
 

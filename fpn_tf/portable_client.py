@@ -2,7 +2,7 @@
 
 NumPy and the runtime only (``onnxruntime`` or ``ai_edge_litert``): no TensorFlow or other fpn_tf
 imports, so it runs where TensorFlow does not. The ONNX model resizes inside; the LiteRT model
-takes the image already resized (:func:`resize_for_litert`, the eval rule in NumPy).
+takes the image already resized (:func:`resize_for_litert`, the export's resize in NumPy).
 """
 
 from __future__ import annotations
@@ -40,19 +40,19 @@ def read_serving_config(model_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def resized_size(
-    height: int, width: int, short_side: int, max_long_side: int, resize_rounding: str = "round"
+    height: int, width: int, short_side: int, max_long_side: int, rounding: str
 ) -> tuple[int, int]:
     """`fpn_tf.data.transforms.resized_size` in NumPy, with its arithmetic (float32 and half to
-    even for ``"round"``, float64 for ``"floor"`` and ``"half_up"``)."""
-    if resize_rounding == "round":
+    even for ``rounding`` "round", float64 for "floor" and "half_up")."""
+    if rounding == "round":
         size = np.array([height, width], np.float32)
         by_short = np.round(size * (np.float32(short_side) / size.min()))
         by_long = np.round(size * (np.float32(max_long_side) / size.max()))
         out = by_long if by_short.max() > max_long_side else by_short
-    elif resize_rounding == "floor":
+    elif rounding == "floor":
         size = np.array([height, width], np.float64)
         out = np.floor(size * min(short_side / size.min(), max_long_side / size.max()))
-    elif resize_rounding == "half_up":  # detectron2's ResizeShortestEdge
+    elif rounding == "half_up":  # detectron2's ResizeShortestEdge
         scale = short_side / min(height, width)
         h, w = (
             (scale * height, float(short_side)) if height >= width else (short_side, scale * width)
@@ -61,7 +61,7 @@ def resized_size(
             h, w = h * (max_long_side / max(h, w)), w * (max_long_side / max(h, w))
         out = np.floor(np.array([h, w]) + 0.5)
     else:
-        raise ValueError(f"resize_rounding {resize_rounding!r} is not round, floor or half_up")
+        raise ValueError(f"rounding {rounding!r} is not round, floor or half_up")
     return int(out[0]), int(out[1])
 
 
@@ -89,16 +89,15 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def resize_for_litert(image: np.ndarray, config: dict[str, Any]) -> dict[str, np.ndarray]:
     """uint8 [h, w, 3] RGB -> the LiteRT export's inputs: ``images`` float32 [1, Hp, Wp, 3] (the
-    image resized by the serving config's rule, zero padded bottom/right to multiples of
-    ``pad_multiple``) and ``image_sizes`` int32 [[h, w, resized h, resized w]]."""
+    image resized by the serving config's ``resize``, zero padded bottom/right to multiples of
+    its ``pad_multiple``) and ``image_sizes`` int32 [[h, w, resized h, resized w]]."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"need uint8 [height, width, 3] RGB, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
-    rh, rw = resized_size(
-        h, w, config["short_side"], config["max_long_side"], config["resize_rounding"]
-    )
-    m = int(config["pad_multiple"])
+    resize = config["resize"]
+    rh, rw = resized_size(h, w, resize["short_side"], resize["max_long_side"], resize["rounding"])
+    m = int(resize["pad_multiple"])
     canvas = np.zeros((1, -(-rh // m) * m, -(-rw // m) * m, 3), np.float32)
     canvas[0, :rh, :rw] = resize_bilinear(image, (rh, rw))
     return {"images": canvas, "image_sizes": np.array([[h, w, rh, rw]], np.int32)}

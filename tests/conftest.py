@@ -28,13 +28,13 @@ TINY_OVERRIDES = {
     "model.rpn.post_nms_top_k_train": 100,
     "model.rpn.pre_nms_top_k_test": 100,
     "model.rpn.post_nms_top_k_test": 50,
-    "train_data.short_side": 128,
-    "train_data.max_long_side": 160,
+    "train_data.resize.short_side": 128,
+    "train_data.resize.max_long_side": 160,
     "train_data.global_batch_size": 2,
     "train_data.synthetic.num_images": 8,
     "train_data.synthetic.image_size": [96, 160],
-    "eval_data.short_side": 128,
-    "eval_data.max_long_side": 160,
+    "eval_data.resize.short_side": 128,
+    "eval_data.resize.max_long_side": 160,
     "eval_data.global_batch_size": 2,
     "eval_data.synthetic.num_images": 4,
     "eval_data.synthetic.image_size": [96, 160],
@@ -120,9 +120,9 @@ def tiny_export(tmp_path_factory):
     """(model, SavedModel directory): test_export.py's tiny detector, exported once for every
     file that serves it (test_export.py, test_predict.py). Tests read it; none may change it."""
     from fpn_tf.serving import export_saved_model
-    from test_export import CATEGORY_MAP, LONG, MULTIPLE, SHORT, tiny_model
+    from test_export import CATEGORY_MAP, RESIZE, tiny_model
 
     model = tiny_model()
     export_dir = str(tmp_path_factory.mktemp("tiny_export") / "fpn" / "1")
-    export_saved_model(model, export_dir, CATEGORY_MAP, SHORT, LONG, MULTIPLE)
+    export_saved_model(model, export_dir, CATEGORY_MAP, RESIZE)
     return model, export_dir

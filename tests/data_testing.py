@@ -4,7 +4,7 @@
 
 gives a 4-image dataset with known pixels and boxes (see
 :func:`write_tiny_coco`); :func:`write_image` and :func:`write_coco_json` build
-custom ones.
+custom ones. :func:`data_config` gives the settings of ``build_dataset``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from fpn_tf.configs.experiment import DataConfig, ResizeConfig
+
 __all__ = [
     "TINY_CATEGORIES",
+    "data_config",
     "decoded_examples",
     "write_coco_json",
     "write_image",
@@ -33,6 +36,12 @@ TINY_CATEGORIES = (
     {"id": 7, "name": "triangle"},
     {"id": 9, "name": "ring"},
 )
+
+
+def data_config(resize: dict[str, Any] | None = None, **fields) -> DataConfig:
+    """A ``DataConfig`` of ``fields`` and ``resize`` (its resize section's fields), source
+    "synthetic": a test loads its source itself."""
+    return DataConfig(source="synthetic", resize=ResizeConfig(**(resize or {})), **fields)
 
 
 def write_image(

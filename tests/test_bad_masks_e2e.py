@@ -113,8 +113,8 @@ def _overrides(train_json, eval_json, image_dir):
                 f"{split}.source": "coco",
                 f"{split}.annotation_file": path,
                 f"{split}.image_dir": image_dir,
-                f"{split}.short_side": H,
-                f"{split}.max_long_side": W,
+                f"{split}.resize.short_side": H,
+                f"{split}.resize.max_long_side": W,
             }
         )
     return json.dumps(overrides)

@@ -12,6 +12,7 @@ from fpn_tf.configs import (
     DataConfig,
     ExperimentConfig,
     FPNConfig,
+    ResizeConfig,
     load_config,
     load_yaml,
     parse_params_override,
@@ -61,7 +62,8 @@ def test_defaults_are_the_papers_numbers():
     assert (mask.num_convs, mask.conv_dims) == (4, 256)
     assert not mask.class_agnostic and mask.loss_weight == 1.0
     data = c.train_data
-    assert (data.short_side, data.max_long_side, data.global_batch_size) == (800, 1333, 16)
+    assert (data.resize.short_side, data.resize.max_long_side) == (800, 1333)
+    assert (data.resize.pad_multiple, data.global_batch_size) == (32, 16)
     assert c.train_data.random_flip and not c.eval_data.random_flip
     train = c.train
     assert (train.optimizer, train.learning_rate) == ("sgd", 0.02)
@@ -90,7 +92,11 @@ def test_cpu_demo_yaml():
     assert c.model.box_head.fc_dims == 256 and c.model.roi_sampler.batch_size_per_image == 128
     assert (c.model.rpn.post_nms_top_k_train, c.model.rpn.post_nms_top_k_test) == (1000, 500)
     data = c.train_data
-    assert (data.short_side, data.max_long_side, data.global_batch_size) == (320, 512, 4)
+    assert (data.resize.short_side, data.resize.max_long_side, data.global_batch_size) == (
+        320,
+        512,
+        4,
+    )
     assert c.train_data.source == "synthetic" and c.eval_data.source == "synthetic"
     assert (c.train.optimizer, c.train.learning_rate) == ("adamw", 1e-3)
     assert c.train.scaled_learning_rate(4) == 1e-3
@@ -217,7 +223,7 @@ def test_wrong_types():
         ("model.fpn.levels_used=[P7]", "model.fpn.levels_used[0]"),
         ("model.roi_aligner.max_level=7", "model.roi_aligner.max_level"),
         ("model.backbone.freeze_at=6", "model.backbone.freeze_at"),
-        ("train_data.max_long_side=100", "train_data.max_long_side"),
+        ("train_data.resize.max_long_side=100", "train_data.resize.max_long_side"),
         (
             "model.backbone.type=small_resnet,model.backbone.weights=imagenet",
             "model.backbone.weights",
@@ -254,14 +260,14 @@ def test_torchvision_and_detectron2_backbone_settings():
                 "pixel_std": [58.395, 57.12, 57.375],
                 "pad_normalized_zero": True,
             },
-            "train_data.resize_rounding": "floor",
-            "eval_data.resize_rounding": "floor",
+            "train_data.resize.rounding": "floor",
+            "eval_data.resize.rounding": "floor",
         },
     )
     b = torchvision.model.backbone
     assert (b.stride_in_1x1, b.bn_epsilon, b.channel_order) == (False, 1e-5, "rgb")
     assert b.pixel_std == [58.395, 57.12, 57.375] and b.pad_normalized_zero
-    assert torchvision.eval_data.resize_rounding == "floor"
+    assert torchvision.eval_data.resize.rounding == "floor"
     assert ExperimentConfig.from_dict(torchvision.to_dict()).to_dict() == torchvision.to_dict()
     detectron2 = load_config(
         R50,
@@ -279,11 +285,11 @@ def test_torchvision_and_detectron2_backbone_settings():
         None,
         None,
     )
-    assert not b.pad_normalized_zero and defaults.train_data.resize_rounding == "round"
+    assert not b.pad_normalized_zero and defaults.train_data.resize.rounding == "round"
     with pytest.raises(ConfigError, match="model.backbone.channel_order"):
         load_config(R50, "model.backbone.channel_order=grb")
-    with pytest.raises(ConfigError, match="eval_data.resize_rounding"):
-        load_config(R50, "eval_data.resize_rounding=ceil")
+    with pytest.raises(ConfigError, match="eval_data.resize.rounding"):
+        load_config(R50, "eval_data.resize.rounding=ceil")
     with pytest.raises(ConfigError) as e:
         load_config(R50, "model.backbone.channel_order=rgb")
     assert str(e.value) == (
@@ -403,3 +409,39 @@ def test_old_roi_and_mask_keys_load_as_the_new_sections(tmp_path, caplog):
     assert m.detection.score_threshold == 0.3
     with pytest.raises(ConfigError, match="model.roi.nope"):
         load_config(None, "model.roi.nope=1")
+
+
+def test_old_flat_resize_keys_load_as_the_resize_sections(tmp_path, caplog):
+    """A params.yaml written before the resize settings became train_data.resize /
+    eval_data.resize (short_side, max_long_side, pad_multiple, resize_rounding -> rounding,
+    resize_method -> method) loads, with one warning; so do params_override's old keys, over a
+    file's new ones."""
+    old = {
+        split: {
+            "source": "synthetic",
+            "short_side": 96,
+            "max_long_side": 128,
+            "pad_multiple": 16,
+            "resize_rounding": "floor",
+            "resize_method": "pil_bilinear",
+            "global_batch_size": 2,
+        }
+        for split in ("train_data", "eval_data")
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING"):
+        c = load_config(str(path))
+    assert sum("old keys" in r.getMessage() for r in caplog.records) == 1
+    assert "eval_data.resize.rounding" in caplog.text
+    for data in (c.train_data, c.eval_data):
+        assert data.resize == ResizeConfig(96, 128, 16, rounding="floor", method="pil_bilinear")
+        assert data.global_batch_size == 2
+    c = load_config(DEMO, "eval_data.short_side=64,eval_data.resize_rounding=half_up")
+    assert (c.eval_data.resize.short_side, c.eval_data.resize.max_long_side) == (64, 512)
+    assert c.eval_data.resize.rounding == "half_up" and c.train_data.resize.short_side == 320
+    # In a file that starts from another (_base_), its old keys win over the base's new ones.
+    (tmp_path / "child.yaml").write_text(f"_base_: {DEMO}\neval_data: {{short_side: 256}}\n")
+    assert load_config(str(tmp_path / "child.yaml")).eval_data.resize.short_side == 256
+    with pytest.raises(ConfigError, match="eval_data.resize.nope"):
+        load_config(None, "eval_data.resize.nope=1")

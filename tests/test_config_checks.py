@@ -115,8 +115,8 @@ _MODEL_TRAIN_EVAL_RUNTIME = [
     ("runtime.num_logical_cpu_devices", -1),
 ]
 _DATA = [
-    ("short_side", 0),
-    ("pad_multiple", 0),
+    ("resize.short_side", 0),
+    ("resize.pad_multiple", 0),
     ("global_batch_size", 0),
     ("shuffle_buffer_size", -1),
     ("max_num_instances", 0),
@@ -175,7 +175,7 @@ GOOD = [
     ("eval.steps", None),
     ("runtime.devices", None),
     ("runtime.num_logical_cpu_devices", 0),
-    ("train_data.pad_multiple", 1),
+    ("train_data.resize.pad_multiple", 1),
     ("train_data.shuffle_buffer_size", 0),
     ("train_data.shuffle_buffer_size", None),
     ("eval_data.synthetic.image_size", [16, 16]),

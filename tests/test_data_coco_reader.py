@@ -13,7 +13,7 @@ from fpn_tf.data.coco_reader import load_coco
 from fpn_tf.data.errors import DataError
 from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
 from data_testing import pattern, write_coco_json, write_image
-from data_testing import decoded_examples, write_tiny_coco
+from data_testing import data_config, decoded_examples, write_tiny_coco
 
 
 def _by_id(ds):
@@ -204,7 +204,8 @@ def test_pipeline_guard_drops_undecodable_file(tmp_path, caplog):
     bad, _ = _write_bad_images(tmp_path)
     ann, image_dir = _dataset(tmp_path, [bad[1]], [])
     source = load_source(CocoSource(ann, image_dir, verify_images="none"))
-    ds = build_dataset(source, training=False, batch_size=1, short_side=32, max_long_side=64)
+    cfg = data_config(dict(short_side=32, max_long_side=64), global_batch_size=1)
+    ds = build_dataset(source, cfg, training=False)
     with caplog.at_level(logging.WARNING):
         ids = sorted(int(f["image_id"][0]) for f, _ in ds)
     assert ids == [1, 2]
@@ -213,10 +214,8 @@ def test_pipeline_guard_drops_undecodable_file(tmp_path, caplog):
     assert source.drops.count == 1 and "garbage.jpg" in source.drops.summary()
     ds = build_dataset(
         load_source(CocoSource(ann, image_dir, on_bad_data="error", verify_images="none")),
+        cfg,
         training=False,
-        batch_size=1,
-        short_side=32,
-        max_long_side=64,
     )
     with pytest.raises(tf.errors.InvalidArgumentError, match="garbage.jpg"):
         for _ in ds:

@@ -12,18 +12,14 @@ import tensorflow as tf
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from fpn_tf.configs.experiment import DataConfig
+from fpn_tf.configs.experiment import DataConfig, ResizeConfig
 from fpn_tf.data import synthetic, transforms
 from fpn_tf.data.coco_reader import load_coco
 from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
 from fpn_tf.data.errors import DataError
-from fpn_tf.data.pipeline import (
-    CocoSource,
-    build_dataset,
-    build_dataset_from_config,
-    load_source,
-)
+from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
 from data_testing import (
+    data_config,
     decoded_examples,
     pattern,
     write_coco_json,
@@ -189,18 +185,14 @@ def test_gt_masks_paste_back_onto_the_resized_flipped_image(masks_coco):
     coco = COCO(ann)
     original = {iid: [coco.annToMask(a) for a in coco.imgToAnns[iid]] for iid in (1, 2)}
     first_box = {iid: coco.imgToAnns[iid][0]["bbox"] for iid in (1, 2)}  # x, y, w, h
-    ds = build_dataset(
-        source,
-        training=True,
-        batch_size=1,
-        seed=0,
-        short_side=96,
-        max_long_side=144,
+    cfg = data_config(
+        dict(short_side=96, max_long_side=144),
+        global_batch_size=1,
         padding_mode="square",
         max_num_instances=3,
-        include_masks=True,
         mask_crop_size=56,
     )
+    ds = build_dataset(source, cfg, training=True, seed=0, include_masks=True)
     seen = set()
     for features, labels in _unbatched(ds.take(10)):
         iid = int(features["image_id"])
@@ -264,14 +256,13 @@ def test_from_config_mask_crop_size_and_the_drop_placeholder(tmp_path, caplog):
         annotation_file=ann,
         image_dir=image_dir,
         global_batch_size=2,
-        short_side=48,
-        max_long_side=64,
+        resize=ResizeConfig(short_side=48, max_long_side=64),
         max_num_instances=4,
         padding_mode="square",
         mask_crop_size=16,
     )
     source = load_source(CocoSource(ann, image_dir))
-    ds = build_dataset_from_config(source, cfg, training=True, seed=1, include_masks=True)
+    ds = build_dataset(source, cfg, training=True, seed=1, include_masks=True)
     with caplog.at_level(logging.WARNING):
         batches = list(ds.take(4))
     ids = {int(i) for f, _ in batches for i in f["image_id"]}
@@ -282,7 +273,7 @@ def test_from_config_mask_crop_size_and_the_drop_placeholder(tmp_path, caplog):
         assert np.all(labels["gt_masks"].numpy()[~valid] == 0)
         assert np.all(labels["gt_masks"].numpy()[valid].max(axis=(1, 2)) > 0.99)
     # Without include_masks: today's labels.
-    plain = build_dataset_from_config(source, cfg, training=False)
+    plain = build_dataset(source, cfg, training=False)
     assert set(next(iter(plain))[1]) == {"gt_boxes", "gt_classes", "gt_is_crowd"}
 
 
@@ -300,11 +291,17 @@ def test_tfrecord_round_trip_keeps_the_masks(masks_coco, tmp_path):
         assert b[iid]["gt_masks"].dtype == np.uint8
         np.testing.assert_array_equal(a[iid]["gt_masks"], b[iid]["gt_masks"])  # PNG: exact
     # Through the pipeline: the crops agree (boxes agree to 1e-3 px).
-    kwargs = dict(short_side=48, max_long_side=80, max_num_instances=6, include_masks=True)
+    cfg = data_config(
+        dict(short_side=48, max_long_side=80), global_batch_size=1, max_num_instances=6
+    )
     x = {
-        int(f["image_id"]): l for f, l in _unbatched(build_dataset(coco_index, False, 1, **kwargs))
+        int(f["image_id"]): l
+        for f, l in _unbatched(build_dataset(coco_index, cfg, False, include_masks=True))
     }
-    y = {int(f["image_id"]): l for f, l in _unbatched(build_dataset(tfr, False, 1, **kwargs))}
+    y = {
+        int(f["image_id"]): l
+        for f, l in _unbatched(build_dataset(tfr, cfg, False, include_masks=True))
+    }
     for iid in x:
         np.testing.assert_allclose(x[iid]["gt_masks"], y[iid]["gt_masks"], atol=5e-3)
         assert x[iid]["gt_masks"].max() == 1.0
@@ -377,7 +374,8 @@ def test_bad_masks_are_counted_skips_and_logged(tmp_path, caplog):
     # ... and asking later (build_dataset(include_masks=True)) skips and logs the same.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        ds = build_dataset(plain, False, 1, short_side=32, max_long_side=48, include_masks=True)
+        cfg = data_config(dict(short_side=32, max_long_side=48), global_batch_size=1)
+        ds = build_dataset(plain, cfg, False, include_masks=True)
     assert plain.with_masks().skipped_annotations == want
     assert "[empty_mask]" in caplog.text and "[bad_box_size]" not in caplog.text
     _, labels = next(iter(ds))
@@ -435,7 +433,10 @@ def test_synthetic_segmentations_are_the_drawn_shapes(tmp_path):
 def test_a_source_without_segmentations_gives_todays_labels(tmp_path):
     ann, image_dir = write_tiny_coco(tmp_path)
     source = load_source(CocoSource(ann, image_dir))
-    ds = build_dataset(source, False, 4, short_side=32, max_long_side=64, max_num_instances=3)
+    cfg = data_config(
+        dict(short_side=32, max_long_side=64), global_batch_size=4, max_num_instances=3
+    )
+    ds = build_dataset(source, cfg, False)
     f, l = next(iter(ds))
     assert set(l) == {"gt_boxes", "gt_classes", "gt_is_crowd"}
     assert not source.has_masks and "_with_masks" not in source.__dict__  # nothing read

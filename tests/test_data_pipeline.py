@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs.experiment import DataConfig
-from fpn_tf.data.pipeline import (
-    CocoSource,
-    build_dataset,
-    build_dataset_from_config,
-    load_source,
-    source_from_config,
-)
-from data_testing import write_tiny_coco, write_tiny_coco_with_truncated_png
+from fpn_tf.configs.experiment import DataConfig, ResizeConfig
+from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source, source_from_config
+from data_testing import data_config, write_tiny_coco, write_tiny_coco_with_truncated_png
 
-# Tiny images, so short_side=32 / max_long_side=64 (padded 32x64 / 64x32).
-SMALL = dict(short_side=32, max_long_side=64, pad_multiple=32, max_num_instances=4)
+
+def small(**fields):
+    """Tiny images, so short_side=32 / max_long_side=64 (padded 32x64 / 64x32)."""
+    resize = dict(short_side=32, max_long_side=64, pad_multiple=32)
+    return data_config(resize, **{"max_num_instances": 4, **fields})
+
+
 # Resized (h, w) of the tiny images: a 24x32 -> s=4/3 -> 32 x 42.67 -> 32x43;
 # b 40x20 -> s=1.6 -> 64x32; c 16x16 -> 32x32; d 20x30 -> s=1.6 -> 32x48.
 RESIZED = {10: (32, 43), 11: (64, 32), 12: (32, 32), 13: (32, 48)}
@@ -43,7 +42,7 @@ def _unbatch(ds):
 
 
 def test_eval_batches_layout_and_values(tiny):
-    ds = build_dataset(tiny, training=False, batch_size=2, **SMALL)
+    ds = build_dataset(tiny, small(global_batch_size=2), training=False)
     assert tiny.num_images == 4 and tiny.category_map.num_classes == 4
     spec_f, spec_l = ds.element_spec
     assert spec_f["images"].dtype == tf.float32
@@ -93,10 +92,10 @@ def test_eval_batches_layout_and_values(tiny):
 
 
 def test_training_static_batch_orientation_groups_and_flips(tiny):
-    ds = build_dataset(tiny, training=True, batch_size=2, seed=3, **SMALL)
+    ds = build_dataset(tiny, small(global_batch_size=2), training=True, seed=3)
     spec_f, _ = ds.element_spec
     assert spec_f["images"].shape[0] == 2  # static batch (drop_remainder)
-    reference = _unbatch(build_dataset(tiny, training=False, batch_size=1, **SMALL))
+    reference = _unbatch(build_dataset(tiny, small(global_batch_size=1), training=False))
     shapes, num_flipped, num_plain = set(), 0, 0
     for features, labels in ds.take(12):
         shape = tuple(features["images"].shape)
@@ -132,9 +131,9 @@ def _first_batches(ds, n):
 
 
 def test_seeded_training_is_reproducible(tiny):
-    a = _first_batches(build_dataset(tiny, training=True, batch_size=1, seed=7, **SMALL), 8)
-    b = _first_batches(build_dataset(tiny, training=True, batch_size=1, seed=7, **SMALL), 8)
-    c = _first_batches(build_dataset(tiny, training=True, batch_size=1, seed=8, **SMALL), 8)
+    a = _first_batches(build_dataset(tiny, small(global_batch_size=1), training=True, seed=7), 8)
+    b = _first_batches(build_dataset(tiny, small(global_batch_size=1), training=True, seed=7), 8)
+    c = _first_batches(build_dataset(tiny, small(global_batch_size=1), training=True, seed=8), 8)
     for x, y in zip(a, b):
         for u, v in zip(x, y):
             np.testing.assert_array_equal(u, v)
@@ -144,14 +143,14 @@ def test_seeded_training_is_reproducible(tiny):
 
 
 def test_square_and_batch_padding_modes(tiny):
-    ds = build_dataset(tiny, training=False, batch_size=4, padding_mode="square", **SMALL)
+    ds = build_dataset(tiny, small(global_batch_size=4, padding_mode="square"), training=False)
     ((f, _),) = list(ds)
     assert f["images"].shape == (4, 64, 64, 3)
-    ds = build_dataset(tiny, training=False, batch_size=4, padding_mode="batch", **SMALL)
+    ds = build_dataset(tiny, small(global_batch_size=4, padding_mode="batch"), training=False)
     ((f, _),) = list(ds)
     # largest resized sides: 64 (b's height) and 48 (d's width) -> ceil32
     assert f["images"].shape == (4, 64, 64, 3)
-    ds = build_dataset(tiny, training=False, batch_size=1, padding_mode="batch", **SMALL)
+    ds = build_dataset(tiny, small(global_batch_size=1, padding_mode="batch"), training=False)
     shapes = sorted(tuple(f["images"].shape[1:3]) for f, _ in ds)
     assert shapes == [(32, 32), (32, 64), (32, 64), (64, 32)]
 
@@ -160,9 +159,8 @@ def test_input_context_shards_and_splits_the_batch(tiny):
     ctx = tf.distribute.InputContext(
         num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2
     )
-    ds = build_dataset(
-        tiny, training=False, batch_size=4, input_context=ctx, padding_mode="square", **SMALL
-    )
+    cfg = small(global_batch_size=4, padding_mode="square")
+    ds = build_dataset(tiny, cfg, training=False, input_context=ctx)
     assert [f["images"].shape[0] for f, _ in ds] == [2]  # the per-replica batch size
     ids = sorted(int(i) for f, _ in ds for i in f["image_id"])
     assert ids == [11, 13]  # images 1 and 3 of 0..3
@@ -173,21 +171,27 @@ def test_from_config_and_category_map(tiny):
         annotation_file=tiny.annotation_file,
         image_dir=tiny.image_dir,
         global_batch_size=2,
-        short_side=32,
-        max_long_side=64,
+        resize=ResizeConfig(short_side=32, max_long_side=64),
         max_num_instances=3,
         padding_mode="square",
     )
     source = source_from_config(cfg)
-    ds = build_dataset_from_config(source, cfg, training=False)
+    ds = build_dataset(source, cfg, training=False)
     f, l = next(iter(ds))
     assert f["images"].shape == (2, 64, 64, 3) and l["gt_classes"].shape == (2, 3)
     assert source.category_map.dataset_ids == (1, 3, 7, 9)
     # build_dataset takes a loaded source, not a description of one.
     with pytest.raises(TypeError, match="loaded source"):
-        build_dataset(CocoSource(tiny.annotation_file, tiny.image_dir), False, batch_size=1)
+        build_dataset(CocoSource(tiny.annotation_file, tiny.image_dir), small(), False)
+    # The settings are checked as the config's (here assigned past the construction's checks).
+    bad = small()
+    bad.padding_mode = "tight"
     with pytest.raises(ValueError, match="padding_mode"):
-        build_dataset(tiny, training=False, batch_size=1, padding_mode="tight")
+        build_dataset(tiny, bad, training=False)
+    bad = small()
+    bad.resize.max_long_side = 16
+    with pytest.raises(ValueError, match="resize.max_long_side"):
+        build_dataset(tiny, bad, training=False)
 
 
 def test_resize_rounding_from_config(tiny):
@@ -196,25 +200,25 @@ def test_resize_rounding_from_config(tiny):
         annotation_file=tiny.annotation_file,
         image_dir=tiny.image_dir,
         global_batch_size=1,
-        short_side=32,
-        max_long_side=64,
+        resize=ResizeConfig(short_side=32, max_long_side=64, rounding="floor"),
         max_num_instances=3,
-        resize_rounding="floor",
     )
-    got = _unbatch(build_dataset_from_config(tiny, cfg, training=False))
+    got = _unbatch(build_dataset(tiny, cfg, training=False))
     resized = {image_id: tuple(f["image_info"][1]) for image_id, (f, _, _) in got.items()}
     assert resized == {**RESIZED, 10: (32, 42)}
     f = got[10][0]
     assert np.all(f["images"][:, 42:] == 0) and f["images"][:, 41].mean() > 0
-    with pytest.raises(ValueError, match="resize_rounding"):
-        build_dataset(tiny, training=False, batch_size=1, resize_rounding="ceil")
+    bad = small()
+    bad.resize.rounding = "ceil"
+    with pytest.raises(ValueError, match="resize.rounding"):
+        build_dataset(tiny, bad, training=False)
 
 
 def test_run_time_drop_is_logged_with_file_and_id_and_counted(tmp_path, caplog):
     ann, image_dir = write_tiny_coco_with_truncated_png(tmp_path)
     source = load_source(CocoSource(ann, image_dir))
     assert 14 in source.image_ids  # the truncated PNG passes the default header check
-    ds = build_dataset(source, training=True, batch_size=2, seed=3, **SMALL)
+    ds = build_dataset(source, small(global_batch_size=2), training=True, seed=3)
     seen = []
     with caplog.at_level(logging.WARNING):
         for features, _ in ds.take(6):  # 12 images: two passes over the 5

@@ -1,11 +1,11 @@
 """The resize methods against the libraries they reproduce.
 
-* ``resize_method="pil_bilinear"`` (detectron2's ``ResizeTransform``: ``PIL.Image.resize(...,
+* ``resize.method="pil_bilinear"`` (detectron2's ``ResizeTransform``: ``PIL.Image.resize(...,
   Image.BILINEAR)`` on the uint8 image) equals Pillow bit for bit on a grid of sizes and scale
   factors, shrinking (anti-aliased) and enlarging, per axis; in the pipeline and in a saved
   serving graph too. Our own ``tf.image.resize`` bilinear is far from it when shrinking.
-* ``resize_rounding="half_up"`` gives detectron2's ``ResizeShortestEdge`` sizes.
-* ``resize_method="bilinear"`` equals torch's ``F.interpolate(bilinear, align_corners=False)``
+* ``resize.rounding="half_up"`` gives detectron2's ``ResizeShortestEdge`` sizes.
+* ``resize.method="bilinear"`` equals torch's ``F.interpolate(bilinear, align_corners=False)``
   as torchvision's ``GeneralizedRCNNTransform`` calls it, on float images (torch in its own
   process, as in test_reference_torchvision.py).
 """
@@ -20,8 +20,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs import ConfigError, load_config
-from fpn_tf.data import build_dataset_from_config, transforms
+from fpn_tf.configs import ConfigError, ResizeConfig, load_config
+from fpn_tf.data import transforms
 from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
 from data_testing import write_tiny_coco
 from fpn_tf.serving import ImageTensorModule, export_saved_model, preprocess_images
@@ -121,7 +121,7 @@ def test_pil_bilinear_edge_cases():
         np.testing.assert_array_equal(_tf_pil_resize(image, size).numpy(), pil_resize(image, size))
     as_float = transforms.pil_bilinear_resize(tf.constant(image, tf.float32) + 0.3, (20, 30))
     np.testing.assert_array_equal(as_float.numpy(), pil_resize(image, (20, 30)))
-    with pytest.raises(ValueError, match="resize_method must be one of"):
+    with pytest.raises(ValueError, match="method must be 'bilinear' or 'pil_bilinear'"):
         transforms.resize_image(image, (20, 30), "bicubic")
 
 
@@ -160,18 +160,23 @@ def detectron2_output_shape(h, w, short_edge_length, max_size):
 )
 def test_half_up_sizes_are_detectron2s(hw, short_long, half_up, rounded):
     assert detectron2_output_shape(*hw, *short_long) == half_up
-    assert transforms.compute_resized_size(*hw, *short_long, "half_up") == half_up
-    assert transforms.compute_resized_size(*hw, *short_long, "round") == rounded
+    short, long = short_long
+    half_up_rule = ResizeConfig(short_side=short, max_long_side=long, rounding="half_up")
+    assert transforms.compute_resized_size(*hw, half_up_rule) == half_up
+    round_rule = ResizeConfig(short_side=short, max_long_side=long, rounding="round")
+    assert transforms.compute_resized_size(*hw, round_rule) == rounded
 
 
 def test_half_up_matches_detectron2_arithmetic_on_a_grid():
     """Every (h, w) on a 16..1400 grid at the configs' and the reference tests' sizes."""
     sizes = [(h, w) for h in range(16, 1401, 3) for w in range(16, 1401, 29)]
     for short_side, long_side in ((800, 1333), (320, 512), (600, 1000), (32, 64)):
-        got = transforms.resized_size(tf.constant(sizes), short_side, long_side, "half_up")
+        rule = ResizeConfig(short_side=short_side, max_long_side=long_side, rounding="half_up")
+        got = transforms.resized_size(tf.constant(sizes), rule)
         want = [detectron2_output_shape(h, w, short_side, long_side) for h, w in sizes]
         np.testing.assert_array_equal(got.numpy(), want)
-        rounded = transforms.resized_size(tf.constant(sizes), short_side, long_side, "round")
+        rule.rounding = "round"
+        rounded = transforms.resized_size(tf.constant(sizes), rule)
         assert (rounded.numpy() != np.array(want)).any(axis=1).sum() > 0  # "round" is not it
 
 
@@ -189,16 +194,16 @@ def test_preprocess_example_resizes_with_pil():
         "gt_classes": tf.constant([1]),
         "gt_is_crowd": tf.constant([False]),
     }
-    kwargs = dict(short_side=320, max_long_side=512, pad_multiple=32, max_num_instances=1)
-    features, labels = transforms.preprocess_example(
-        example, resize_rounding="half_up", resize_method="pil_bilinear", **kwargs
-    )
+    kwargs = dict(flip=False, padding_mode="orientation", max_num_instances=1)
+    pil = ResizeConfig(short_side=320, max_long_side=512, rounding="half_up", method="pil_bilinear")
+    features, labels = transforms.preprocess_example(example, pil, **kwargs)
     assert features["images"].dtype == tf.float32 and features["images"].shape == (320, 512, 3)
     np.testing.assert_array_equal(features["image_info"][1], [320, 427])
     np.testing.assert_array_equal(features["images"][:, :427], pil_resize(image, (320, 427)))
     assert np.all(features["images"][:, 427:].numpy() == 0)
     np.testing.assert_allclose(labels["gt_boxes"][0], [32, 64 * 427 / 640, 96, 192 * 427 / 640])
-    ours = transforms.preprocess_example(example, **kwargs)[0]["images"][:, :427].numpy()
+    ours = ResizeConfig(short_side=320, max_long_side=512)
+    ours = transforms.preprocess_example(example, ours, **kwargs)[0]["images"][:, :427].numpy()
     assert np.abs(ours - pil_resize(image, (320, 427))).max() > 10
 
 
@@ -210,32 +215,33 @@ def test_pipeline_takes_resize_method_from_the_config(tmp_path):
         {
             "eval_data.annotation_file": ann,
             "eval_data.image_dir": image_dir,
-            "eval_data.short_side": 16,
-            "eval_data.max_long_side": 32,
+            "eval_data.resize.short_side": 16,
+            "eval_data.resize.max_long_side": 32,
             "eval_data.global_batch_size": 1,
         },
     )
-    assert (config.eval_data.resize_method, config.eval_data.resize_rounding) == (
+    assert (config.eval_data.resize.method, config.eval_data.resize.rounding) == (
         "pil_bilinear",
         "half_up",
     )
-    assert config.train_data.resize_method == "pil_bilinear"
+    assert config.train_data.resize.method == "pil_bilinear"
     got = {}
-    for features, _ in build_dataset_from_config(source, config.eval_data, training=False):
+    for features, _ in build_dataset(source, config.eval_data, training=False):
         got[int(features["image_id"][0])] = features
     for image_id, name in ((10, "a.png"), (13, "d.png")):  # the RGB ones: 24x32, 20x30
         image = np.asarray(Image.open(os.path.join(image_dir, name)).convert("RGB"))
         h, w = (int(v) for v in got[image_id]["image_info"][0, 1])
         assert (h, w) == detectron2_output_shape(*image.shape[:2], 16, 32)
         np.testing.assert_array_equal(got[image_id]["images"][0, :h, :w], pil_resize(image, (h, w)))
-    with pytest.raises(ValueError, match="resize_method must be one of"):
-        build_dataset(source, training=False, batch_size=1, resize_method="area")
-    with pytest.raises(ConfigError, match="eval_data.resize_method"):
+    config.eval_data.resize.method = "area"
+    with pytest.raises(ValueError, match="resize.method"):
+        build_dataset(source, config.eval_data, training=False)
+    with pytest.raises(ConfigError, match="eval_data.resize.method"):
         load_config(
-            os.path.join(REPO, "configs", "coco_r50_fpn_1x.yaml"), "eval_data.resize_method=area"
+            os.path.join(REPO, "configs", "coco_r50_fpn_1x.yaml"), "eval_data.resize.method=area"
         )
     assert (
-        load_config(os.path.join(REPO, "configs", "coco_r50_fpn_1x.yaml")).eval_data.resize_method
+        load_config(os.path.join(REPO, "configs", "coco_r50_fpn_1x.yaml")).eval_data.resize.method
         == "bilinear"
     )
 
@@ -248,9 +254,10 @@ class _Preprocess(tf.Module):
         ]
     )
     def __call__(self, images, sizes):
-        return preprocess_images(
-            images, sizes, 320, 512, 32, resize_rounding="half_up", resize_method="pil_bilinear"
+        resize = ResizeConfig(
+            short_side=320, max_long_side=512, rounding="half_up", method="pil_bilinear"
         )
+        return preprocess_images(images, sizes, resize)
 
 
 def test_saved_serving_preprocessing_resizes_with_pil(tmp_path):
@@ -271,7 +278,7 @@ def test_saved_serving_preprocessing_resizes_with_pil(tmp_path):
 
 
 def test_export_saves_the_resize_method(tmp_path, monkeypatch):
-    """eval_data.resize_method travels into the SavedModel (as test_export's floor test:
+    """eval_data.resize.method travels into the SavedModel (as test_export's floor test:
     serving_default traced, the save itself skipped): its detections are the Keras model's on
     images that Pillow resized, and serving_config.json names the method."""
     from fpn_tf.serving import export as export_lib
@@ -287,18 +294,10 @@ def test_export_saves_the_resize_method(tmp_path, monkeypatch):
     monkeypatch.setattr(export_lib, "_MODULES", (ImageTensorModule,))
     model = tiny_model()
     short, long, multiple = 64, 96, 32
-    export_saved_model(
-        model,
-        str(tmp_path / "pil"),
-        CATEGORY_MAP,
-        short,
-        long,
-        multiple,
-        resize_rounding="half_up",
-        resize_method="pil_bilinear",
-    )
-    assert saved["serving_config"]["resize_method"] == "pil_bilinear"
-    assert saved["root"].serving_default.resize_method == "pil_bilinear"
+    resize = ResizeConfig(short, long, multiple, rounding="half_up", method="pil_bilinear")
+    export_saved_model(model, str(tmp_path / "pil"), CATEGORY_MAP, resize)
+    assert saved["serving_config"]["resize"]["method"] == "pil_bilinear"
+    assert saved["root"].serving_default.resize.method == "pil_bilinear"
     images = [natural_image(150, 200, seed=5), natural_image(150, 200, seed=6)]  # shrink to 64x85
     out = assert_contract(
         saved["signatures"]["serving_default"](images=tf.constant(np.stack(images))), 2
@@ -317,8 +316,9 @@ def test_export_saves_the_resize_method(tmp_path, monkeypatch):
         "num_detections": ref["num_detections"].numpy().astype(np.float32),
     }
     assert_same_detections(out, ref)
-    with pytest.raises(ValueError, match="resize_method must be one of"):
-        ImageTensorModule(model, short, long, multiple, resize_method="nearest")
+    resize.method = "nearest"  # past the construction's checks: the module's are the config's
+    with pytest.raises(ValueError, match="resize.method"):
+        ImageTensorModule(model, resize)
 
 
 # --- torchvision ----------------------------------------------------------------------------
@@ -380,7 +380,8 @@ def test_bilinear_equals_torch_interpolate_as_torchvision_calls_it(tmp_path):
     torch_out = np.load(tmp_path / "out.npz")
     for i, (image, _, (short, long)) in enumerate(cases):
         want = torch_out[f"resized_{i}"]
-        size = transforms.compute_resized_size(*image.shape[:2], short, long, "floor")
+        floor = ResizeConfig(short_side=short, max_long_side=long, rounding="floor")
+        size = transforms.compute_resized_size(*image.shape[:2], floor)
         assert want.shape[:2] == size
         got = transforms.resize_image(image, size, "bilinear").numpy()
         per_grey_level = 1.0 if i % 2 == 0 else 1.0 / (255.0 * 0.225)

@@ -12,7 +12,7 @@ from fpn_tf.data.coco_reader import load_coco
 from fpn_tf.data.convert_coco import convert_coco_to_tfrecords
 from fpn_tf.data.errors import DataError
 from fpn_tf.data.pipeline import CocoSource, TfRecordSource, build_dataset, load_source
-from data_testing import decoded_examples, pattern, write_image, write_tiny_coco
+from data_testing import data_config, decoded_examples, pattern, write_image, write_tiny_coco
 from fpn_tf.data.tfrecord_reader import TfRecordIndex
 import watched
 
@@ -86,9 +86,11 @@ def test_both_readers_give_the_same_examples(converted):
 
 def test_pipelines_from_both_sources_agree(converted):
     ann, image_dir, result = converted
-    args = dict(training=False, batch_size=1, short_side=32, max_long_side=64, max_num_instances=4)
-    coco = build_dataset(load_source(CocoSource(ann, image_dir)), **args)
-    tfr = build_dataset(load_source(TfRecordSource(result.file_pattern)), **args)
+    cfg = data_config(
+        dict(short_side=32, max_long_side=64), global_batch_size=1, max_num_instances=4
+    )
+    coco = build_dataset(load_source(CocoSource(ann, image_dir)), cfg, training=False)
+    tfr = build_dataset(load_source(TfRecordSource(result.file_pattern)), cfg, training=False)
 
     def collect(ds):
         return {int(f["image_id"][0]): (f, l) for f, l in ds}

@@ -6,7 +6,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.data import transforms
+
+R800 = ResizeConfig(short_side=800, max_long_side=1333)
+FLOOR = ResizeConfig(short_side=800, max_long_side=1333, rounding="floor")
+
+
+def _preprocess(example, flip=False, padding_mode="orientation", max_num_instances=100, **resize):
+    return transforms.preprocess_example(
+        example,
+        ResizeConfig(**resize),
+        flip=flip,
+        padding_mode=padding_mode,
+        max_num_instances=max_num_instances,
+    )
 
 
 @pytest.mark.parametrize(
@@ -20,7 +34,7 @@ from fpn_tf.data import transforms
     ],
 )
 def test_resized_size_rule(hw, expected):
-    assert transforms.compute_resized_size(*hw, 800, 1333) == expected
+    assert transforms.compute_resized_size(*hw, R800) == expected
 
 
 def _torchvision_resized_size(h, w, short_side, max_long_side):
@@ -44,8 +58,8 @@ def _torchvision_resized_size(h, w, short_side, max_long_side):
     ],
 )
 def test_resized_size_floor_is_torchvisions(hw, floor, rounded):
-    assert transforms.compute_resized_size(*hw, 800, 1333, "floor") == floor
-    assert transforms.compute_resized_size(*hw, 800, 1333, "round") == rounded
+    assert transforms.compute_resized_size(*hw, FLOOR) == floor
+    assert transforms.compute_resized_size(*hw, R800) == rounded
     assert _torchvision_resized_size(*hw, 800, 1333) == floor
 
 
@@ -54,20 +68,19 @@ def test_resized_size_floor_matches_torchvision_arithmetic_on_a_grid():
     throughout (a float32 scale gives 799 rows for 480x640)."""
     sizes = [(h, w) for h in range(16, 1401, 7) for w in (100, 333, 427, 480, 500, 640, 1000)]
     for short_side, long_side in ((800, 1333), (32, 64)):
-        got = transforms.resized_size(tf.constant(sizes), short_side, long_side, "floor").numpy()
+        floor = ResizeConfig(short_side=short_side, max_long_side=long_side, rounding="floor")
+        got = transforms.resized_size(tf.constant(sizes), floor).numpy()
         expected = [_torchvision_resized_size(h, w, short_side, long_side) for h, w in sizes]
         np.testing.assert_array_equal(got, expected)
     scale32 = np.float32(800) / np.float32(480)
     assert math.floor(480 * float(scale32)) == 799  # what a float32 scale would give
-    with pytest.raises(ValueError, match="resize_rounding"):
-        transforms.resized_size(tf.constant([4, 4]), 8, 8, "ceil")
+    with pytest.raises(ValueError, match="rounding"):
+        ResizeConfig(short_side=8, max_long_side=8, rounding="ceil")
 
 
 def test_preprocess_example_with_floor_rounding():
     ex = _example(480, 640, [[48, 64, 144, 192]], [2], [False])
-    features, labels = transforms.preprocess_example(
-        ex, max_num_instances=1, resize_rounding="floor"
-    )
+    features, labels = _preprocess(ex, max_num_instances=1, rounding="floor")
     sy, sx = 800 / 480, 1066 / 640
     assert features["images"].shape == (800, 1344, 3)
     np.testing.assert_allclose(
@@ -77,16 +90,16 @@ def test_preprocess_example_with_floor_rounding():
     img = features["images"].numpy()
     assert np.all(img[:, 1066:] == 0)
     assert img[799, :1066].mean() > 50 and img[:800, 1065].mean() > 50
-    batch = transforms.preprocess_example(
-        ex, max_num_instances=1, resize_rounding="floor", padding_mode="batch", pad_multiple=1
+    batch = _preprocess(
+        ex, max_num_instances=1, rounding="floor", padding_mode="batch", pad_multiple=1
     )[0]
     assert batch["images"].shape == (800, 1066, 3)
 
 
 def test_fixed_padded_sizes():
-    assert transforms.fixed_padded_size("orientation", 800, 1333, 32) == [(800, 1344), (1344, 800)]
-    assert transforms.fixed_padded_size("square", 800, 1333, 32) == [(1344, 1344)]
-    assert transforms.fixed_padded_size("batch", 800, 1333, 32) == []
+    assert transforms.fixed_padded_size("orientation", R800) == [(800, 1344), (1344, 800)]
+    assert transforms.fixed_padded_size("square", R800) == [(1344, 1344)]
+    assert transforms.fixed_padded_size("batch", R800) == []
     assert transforms.ceil_to_multiple(1333, 32) == 1344
     assert transforms.ceil_to_multiple(800, 32) == 800
 
@@ -110,9 +123,7 @@ def test_480x640_resize_flip_pad_exact_numbers():
     ex = _example(480, 640, [[48, 64, 144, 192], [0, 0, 480, 640]], [2, 1], [False, True])
     sy, sx = 800 / 480, 1067 / 640  # 1.666667, 1.6671875
     for flip in (False, True):
-        features, labels = transforms.preprocess_example(
-            ex, flip=tf.constant(flip), max_num_instances=5
-        )
+        features, labels = _preprocess(ex, flip=tf.constant(flip), max_num_instances=5)
         assert features["images"].shape == (800, 1344, 3)
         assert features["images"].dtype == tf.float32
         np.testing.assert_allclose(
@@ -138,7 +149,7 @@ def test_flip_mirrors_pixels_and_boxes_exactly_without_resize():
     # short_side = the image's short side: scale 1, so pixels are exact.
     image = np.random.default_rng(1).integers(0, 256, (32, 48, 3)).astype(np.uint8)
     ex = _example(32, 48, [[4, 6, 10, 20]], [3], [False], image=image)
-    features, labels = transforms.preprocess_example(
+    features, labels = _preprocess(
         ex, flip=True, short_side=32, max_long_side=100, max_num_instances=2
     )
     img = features["images"].numpy()
@@ -153,8 +164,8 @@ def test_flip_mirrors_pixels_and_boxes_exactly_without_resize():
 def test_flip_after_resize_mirrors_the_resized_image():
     ex = _example(30, 40, [[3, 4, 9, 30]], [1], [False])
     args = dict(short_side=45, max_long_side=100, max_num_instances=1)
-    plain, _ = transforms.preprocess_example(ex, flip=False, **args)
-    flipped, labels = transforms.preprocess_example(ex, flip=True, **args)
+    plain, _ = _preprocess(ex, flip=False, **args)
+    flipped, labels = _preprocess(ex, flip=True, **args)
     h, w = (int(v) for v in plain["image_info"][1])
     assert (h, w) == (45, 60)
     np.testing.assert_allclose(
@@ -175,7 +186,7 @@ def test_flip_after_resize_mirrors_the_resized_image():
 )
 def test_padding_modes_give_multiples_of_32(mode, hw, padded):
     ex = _example(*hw, [], [], [])
-    features, labels = transforms.preprocess_example(
+    features, labels = _preprocess(
         ex, short_side=100, max_long_side=200, padding_mode=mode, max_num_instances=3
     )
     assert tuple(features["images"].shape[:2]) == padded

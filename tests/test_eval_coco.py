@@ -416,10 +416,12 @@ class _PerfectDetector:
 
 def _eval_dataset(source):
     from fpn_tf.data.pipeline import build_dataset
+    from data_testing import data_config
 
-    return build_dataset(
-        source, training=False, batch_size=2, short_side=32, max_long_side=64, max_num_instances=4
+    cfg = data_config(
+        dict(short_side=32, max_long_side=64), global_batch_size=2, max_num_instances=4
     )
+    return build_dataset(source, cfg, training=False)
 
 
 def test_evaluation_scores_only_the_images_that_ran(tmp_path, caplog):

@@ -9,6 +9,7 @@ over (0, 1) (no near-ties for NMS to order differently), and with a 0.5 score th
 image gets some detections but fewer than 100, so the padding rows are exercised too.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from fpn_tf.configs import ExperimentConfig, save_config
+from fpn_tf.configs import ExperimentConfig, ResizeConfig, save_config
 from fpn_tf.data import synthetic, transforms
 from fpn_tf.data.category_map import CategoryMap
 from data_testing import pattern
@@ -37,6 +38,7 @@ from fpn_tf.serving import (
 import watched
 
 SHORT, LONG, MULTIPLE = 64, 96, 32
+RESIZE = ResizeConfig(SHORT, LONG, MULTIPLE)
 CATEGORY_MAP = CategoryMap(synthetic.CATEGORIES)  # ids 1, 3, 7, 9
 BIN = os.path.dirname(sys.executable)
 CONFIG = {
@@ -57,7 +59,7 @@ CONFIG = {
         "mask_roi_aligner": {"canonical_size": 112},
         "detection": {"score_threshold": 0.5},
     },
-    "eval_data": {"short_side": SHORT, "max_long_side": LONG, "pad_multiple": MULTIPLE},
+    "eval_data": {"resize": {"short_side": SHORT, "max_long_side": LONG, "pad_multiple": MULTIPLE}},
 }
 
 
@@ -79,9 +81,14 @@ def exported(tiny_export):
     return model, export_dir, tf.saved_model.load(export_dir)
 
 
-def common_padded_size(images, resize_rounding="round"):
+def resize(**fields):
+    """RESIZE with ``fields`` changed."""
+    return dataclasses.replace(RESIZE, **fields)
+
+
+def common_padded_size(images, rounding="round"):
     sizes = [
-        transforms.compute_resized_size(im.shape[0], im.shape[1], SHORT, LONG, resize_rounding)
+        transforms.compute_resized_size(im.shape[0], im.shape[1], resize(rounding=rounding))
         for im in images
     ]
     return (
@@ -90,20 +97,18 @@ def common_padded_size(images, resize_rounding="round"):
     )
 
 
-def keras_reference(model, images, padded_size=None, resize_rounding="round"):
+def keras_reference(model, images, padded_size=None, rounding="round"):
     """The Keras model on uint8 images [h, w, 3] resized by the eval rule and padded together
     (to ``padded_size``, default: the largest resized size rounded up to MULTIPLE); boxes divided
     by each image's size. Independent of fpn_tf.serving: the numpy resize rule of transforms."""
-    padded_size = padded_size or common_padded_size(images, resize_rounding)
+    padded_size = padded_size or common_padded_size(images, rounding)
     batch, infos = [], []
     for im in images:
         x, info, _ = transforms.resize_and_pad(
             tf.constant(im),
             tf.zeros([0, 4]),
-            short_side=SHORT,
-            max_long_side=LONG,
-            padded_size=tf.constant(padded_size, tf.int32),
-            resize_rounding=resize_rounding,
+            resize(rounding=rounding),
+            tf.constant(padded_size, tf.int32),
         )
         batch.append(x)
         infos.append(info)
@@ -185,8 +190,9 @@ def encode(pixels, fmt):
 def test_preprocessing_uses_the_eval_transforms_resize_rule(h, w, short, long):
     images = tf.zeros([2, h + 5, w + 3, 3], tf.uint8)
     sizes = tf.constant([[h, w], [h, w]], tf.int32)
-    x, info = preprocess_images(images, sizes, short, long, 32)
-    rh, rw = transforms.compute_resized_size(h, w, short, long)
+    rule = ResizeConfig(short, long, 32)
+    x, info = preprocess_images(images, sizes, rule)
+    rh, rw = transforms.compute_resized_size(h, w, rule)
     np.testing.assert_array_equal(info[0, 1].numpy(), [rh, rw])
     np.testing.assert_array_equal(info[0, 0].numpy(), [h, w])
     assert tuple(x.shape[1:3]) == (
@@ -200,20 +206,26 @@ def test_preprocessing_takes_the_resize_rounding(h, w):
     images = tf.zeros([1, h, w, 3], tf.uint8)
     sizes = tf.constant([[h, w]], tf.int32)
     for short, long in ((800, 1333), (SHORT, LONG)):
-        floor = transforms.compute_resized_size(h, w, short, long, "floor")
-        rounded = transforms.compute_resized_size(h, w, short, long, "round")
-        _, info = preprocess_images(images, sizes, short, long, 32, resize_rounding="floor")
+        floor_rule = ResizeConfig(short, long, 32, rounding="floor")
+        round_rule = ResizeConfig(short, long, 32, rounding="round")
+        floor = transforms.compute_resized_size(h, w, floor_rule)
+        rounded = transforms.compute_resized_size(h, w, round_rule)
+        _, info = preprocess_images(images, sizes, floor_rule)
         np.testing.assert_array_equal(info[0, 1].numpy(), floor)
-        _, info = preprocess_images(images, sizes, short, long, 32)
+        _, info = preprocess_images(images, sizes, round_rule)
         np.testing.assert_array_equal(info[0, 1].numpy(), rounded)
-    assert transforms.compute_resized_size(45, 70, SHORT, LONG, "floor") == (61, 96)
-    assert transforms.compute_resized_size(45, 70, SHORT, LONG, "round") == (62, 96)
-    with pytest.raises(ValueError, match="resize_rounding"):
-        ImageTensorModule(tiny_model(), SHORT, LONG, MULTIPLE, resize_rounding="ceil")
+    assert transforms.compute_resized_size(45, 70, resize(rounding="floor")) == (61, 96)
+    assert transforms.compute_resized_size(45, 70, resize(rounding="round")) == (62, 96)
+    bad = resize()
+    bad.rounding = "ceil"  # past the construction's checks: the module's are the config's
+    with pytest.raises(ValueError, match="resize.rounding"):
+        ImageTensorModule(tiny_model(), bad)
+    with pytest.raises(ValueError, match="resize.max_long_side"):
+        ImageTensorModule(tiny_model(), resize(max_long_side=SHORT - 1))
 
 
 def test_saved_model_with_floor_rounding(tmp_path, monkeypatch):
-    """eval_data.resize_rounding=floor travels into the SavedModel: the serving_default function
+    """eval_data.resize.rounding=floor travels into the SavedModel: the serving_default function
     it saves equals the Keras model on images resized by floor (45x70 -> 61x96, where round gives
     62x96), and serving_config.json says floor. (The save itself is skipped: the module's
     `exported` SavedModel covers writing and loading; this keeps the test to one trace.)"""
@@ -230,21 +242,19 @@ def test_saved_model_with_floor_rounding(tmp_path, monkeypatch):
     monkeypatch.setattr(export_lib.tf.saved_model, "save", save)
     monkeypatch.setattr(export_lib, "_MODULES", (ImageTensorModule,))
     model = tiny_model()
-    export_saved_model(
-        model, str(tmp_path / "floor"), CATEGORY_MAP, SHORT, LONG, MULTIPLE, resize_rounding="floor"
-    )
-    assert saved["serving_config"]["resize_rounding"] == "floor"
-    assert saved["root"].serving_default.resize_rounding == "floor"
+    export_saved_model(model, str(tmp_path / "floor"), CATEGORY_MAP, resize(rounding="floor"))
+    assert saved["serving_config"]["resize"] == {**RESIZE.to_dict(), "rounding": "floor"}
+    assert saved["root"].serving_default.resize.rounding == "floor"
     images = [pattern(45, 70, seed=3), pattern(45, 70, seed=4)]
     out = saved["signatures"]["serving_default"](images=tf.constant(np.stack(images)))
     out = assert_contract(out, 2)
-    assert_same_detections(out, keras_reference(model, images, resize_rounding="floor"))
+    assert_same_detections(out, keras_reference(model, images, rounding="floor"))
     rounded = keras_reference(model, images)
     assert not np.allclose(out["detection_scores"], rounded["detection_scores"], atol=1e-5)
 
 
 def test_outputs_are_padded_or_cut_to_100_rows():
-    module = ImageTensorModule(tiny_model(), SHORT, LONG, MULTIPLE)
+    module = ImageTensorModule(tiny_model(), RESIZE)
     sizes = tf.constant([[50, 100], [80, 40]])
     for rows, counts in ((3, [2, 0]), (120, [120, 7])):
         boxes = np.tile(np.array([10.0, 20.0, 40.0, 60.0], np.float32), (2, rows, 1))
@@ -511,17 +521,17 @@ def test_load_model_restores_the_latest_checkpoint(model_dir):
     source = fpn_tf.load_model(path)
     assert source.category_map == CATEGORY_MAP
     assert source.category_names == list(CATEGORY_MAP.names)
-    assert source.preprocessing == {
-        "short_side": SHORT,
-        "max_long_side": LONG,
-        "pad_multiple": MULTIPLE,
-        "resize_rounding": "round",
-        "resize_method": "bilinear",
-    }
-    floor = load_model(path, params_override="eval_data.resize_rounding=floor")
-    assert floor.preprocessing["resize_rounding"] == "floor"
-    pil = load_model(path, params_override="eval_data.resize_method=pil_bilinear")
-    assert pil.preprocessing["resize_method"] == "pil_bilinear"
+    assert source.config.eval_data.resize == ResizeConfig(
+        short_side=SHORT,
+        max_long_side=LONG,
+        pad_multiple=MULTIPLE,
+        rounding="round",
+        method="bilinear",
+    )
+    floor = load_model(path, params_override="eval_data.resize.rounding=floor")
+    assert floor.config.eval_data.resize.rounding == "floor"
+    pil = load_model(path, params_override="eval_data.resize.method=pil_bilinear")
+    assert pil.config.eval_data.resize.method == "pil_bilinear"
     assert source.checkpoint.endswith("ckpt-1")
     assert len(source.model.variables) == len(trained.variables)
     for a, b in zip(source.model.variables, trained.variables):
@@ -552,11 +562,11 @@ def test_export_refuses_a_category_map_of_another_model(tmp_path):
     model = tiny_model()
     other = CategoryMap([{"id": i, "name": f"c{i}"} for i in (1, 2, 3, 4)])
     with pytest.raises(ExportError, match="does not belong to this model"):
-        export_saved_model(model, str(tmp_path / "x"), other, SHORT, LONG, MULTIPLE)
+        export_saved_model(model, str(tmp_path / "x"), other, RESIZE)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty and not a SavedModel"):
-        export_saved_model(model, str(tmp_path / "busy"), CATEGORY_MAP, SHORT, LONG, MULTIPLE)
+        export_saved_model(model, str(tmp_path / "busy"), CATEGORY_MAP, RESIZE)
     assert os.listdir(tmp_path / "busy") == ["notes.txt"]
 
 

@@ -24,7 +24,7 @@ pytest.importorskip("onnxruntime", reason="the [export] extra is not installed (
 pytest.importorskip("ai_edge_litert", reason="the [export] extra is not installed (ai-edge-litert)")
 
 from fpn_tf import portable_client  # noqa: E402
-from fpn_tf.configs import ExperimentConfig, save_config  # noqa: E402
+from fpn_tf.configs import ExperimentConfig, ResizeConfig, save_config  # noqa: E402
 from data_testing import pattern  # noqa: E402
 from fpn_tf.data import transforms  # noqa: E402
 from fpn_tf.modeling.factory import build_model  # noqa: E402
@@ -32,10 +32,9 @@ from fpn_tf.ops import mask_ops  # noqa: E402
 from fpn_tf.serving import ExportError, export_saved_model  # noqa: E402
 from fpn_tf.serving.litert_export import export_litert, non_builtin_ops  # noqa: E402
 from fpn_tf.serving.onnx_export import export_onnx  # noqa: E402
-from test_export import CATEGORY_MAP, CONFIG, LONG, MULTIPLE, SHORT  # noqa: E402
+from test_export import CATEGORY_MAP, CONFIG, RESIZE  # noqa: E402
 import watched  # noqa: E402
 
-RULE = transforms.ResizeRule(SHORT, LONG, MULTIPLE)
 # (height, width): landscape, portrait, square, extreme ratios.
 SIZES = [
     (64, 96),
@@ -88,9 +87,9 @@ def exported(request, tmp_path_factory):
     """(architecture, SavedModel signature, ONNX detector, LiteRT detector, paths)."""
     model = _model(request.param)
     root = tmp_path_factory.mktemp(request.param)
-    saved = export_saved_model(model, str(root / "saved_model"), CATEGORY_MAP, RULE)
-    onnx_path = export_onnx(model, str(root / "model.onnx"), CATEGORY_MAP, RULE)
-    litert_path = export_litert(model, str(root / "model.tflite"), CATEGORY_MAP, RULE)
+    saved = export_saved_model(model, str(root / "saved_model"), CATEGORY_MAP, RESIZE)
+    onnx_path = export_onnx(model, str(root / "model.onnx"), CATEGORY_MAP, RESIZE)
+    litert_path = export_litert(model, str(root / "model.tflite"), CATEGORY_MAP, RESIZE)
     signature = tf.saved_model.load(saved).signatures["serving_default"]
     return (
         request.param,
@@ -201,13 +200,14 @@ def test_onnx_takes_a_batch_of_several_images(exported):
         assert match_detections(ref, out, i, (70, 90)) > 0
 
 
-@pytest.mark.parametrize("rounding", transforms.RESIZE_ROUNDINGS)
+@pytest.mark.parametrize("rounding", ["round", "floor", "half_up"])
 def test_litert_client_resizes_as_the_saved_model(rounding):
     """The client's NumPy resize rule and bilinear resampling are TensorFlow's."""
     rng = np.random.default_rng(0)
     sizes = [(h, w) for h, w in rng.integers(1, 2000, (300, 2))] + [(19, 86), (22, 800), (480, 640)]
     for short, long in ((800, 1333), (600, 1000), (64, 96)):
-        want = transforms.resized_size(tf.constant(sizes), short, long, rounding).numpy()
+        rule = ResizeConfig(short_side=short, max_long_side=long, rounding=rounding)
+        want = transforms.resized_size(tf.constant(sizes), rule).numpy()
         got = [portable_client.resized_size(h, w, short, long, rounding) for h, w in sizes]
         np.testing.assert_array_equal(np.array(got), want)
     for (h, w), size in (
@@ -263,7 +263,7 @@ def test_sidecars_hold_the_label_map_and_serving_config(exported):
         assert detector.class_names == dict(zip(CATEGORY_MAP.dataset_ids, CATEGORY_MAP.names))
         assert os.path.exists(portable_client.sidecar_path(detector.path, ".label_map.pbtxt"))
     for detector in (onnx_detector, litert_detector):
-        assert {k: detector.config[k] for k in RULE.as_dict()} == RULE.as_dict()
+        assert detector.config["resize"] == RESIZE.to_dict()
     assert not [p for p in os.listdir(os.path.dirname(paths["onnx"])) if p.endswith(".partial")]
 
 
@@ -277,9 +277,7 @@ def test_quantized_litert_variants_convert_and_run(tmp_path):
             model,
             str(tmp_path / f"{quantization}.tflite"),
             CATEGORY_MAP,
-            SHORT,
-            LONG,
-            MULTIPLE,
+            RESIZE,
             quantization=quantization,
         )
         with open(path, "rb") as f:
@@ -296,25 +294,19 @@ def test_segment_proposals_cannot_be_exported_and_nothing_is_written(tmp_path):
     model = build_model(ExperimentConfig.from_dict(cfg).model)
     for fmt, export in (("onnx", export_onnx), ("tflite", export_litert)):
         with pytest.raises(ExportError, match="only detectors"):
-            export(model, str(tmp_path / f"m.{fmt}"), CATEGORY_MAP, SHORT, LONG, MULTIPLE)
+            export(model, str(tmp_path / f"m.{fmt}"), CATEGORY_MAP, RESIZE)
     assert os.listdir(tmp_path) == []
 
 
 def test_detectron2s_pil_resize_is_refused_in_one_line_and_nothing_is_written(tmp_path):
-    """`resize_method: pil_bilinear` (detectron2's configs) has no portable equivalent: refused
+    """`resize.method: pil_bilinear` (detectron2's configs) has no portable equivalent: refused
     with the override that exports anyway, rather than silently resized another way."""
     model = _model("faster_rcnn")
+    pil = ResizeConfig(RESIZE.short_side, RESIZE.max_long_side, method="pil_bilinear")
+    match = "eval_data.resize.method 'pil_bilinear' is not exported"
     for fmt, export in (("onnx", export_onnx), ("tflite", export_litert)):
-        with pytest.raises(ExportError, match="resize_method 'pil_bilinear' is not exported") as e:
-            export(
-                model,
-                str(tmp_path / f"m.{fmt}"),
-                CATEGORY_MAP,
-                SHORT,
-                LONG,
-                MULTIPLE,
-                resize_method="pil_bilinear",
-            )
+        with pytest.raises(ExportError, match=match) as e:
+            export(model, str(tmp_path / f"m.{fmt}"), CATEGORY_MAP, pil)
         assert "\n" not in str(e.value)
     assert os.listdir(tmp_path) == []
 
@@ -427,8 +419,8 @@ def trained_mask_rcnn(tmp_path_factory):
                 f"{split}.synthetic.num_images": n,
                 f"{split}.synthetic.image_size": [64, 96],
                 f"{split}.synthetic.max_objects": 3,
-                f"{split}.short_side": 64,
-                f"{split}.max_long_side": 96,
+                f"{split}.resize.short_side": 64,
+                f"{split}.resize.max_long_side": 96,
             }
         )
     overrides.update(

@@ -89,8 +89,8 @@ def trained(tmp_path_factory):
                 f"{split}.source": "coco",
                 f"{split}.annotation_file": ann,
                 f"{split}.image_dir": str(root / "images"),
-                f"{split}.short_side": H,
-                f"{split}.max_long_side": W,
+                f"{split}.resize.short_side": H,
+                f"{split}.resize.max_long_side": W,
             }
         )
     overrides.update(

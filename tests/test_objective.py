@@ -64,7 +64,7 @@ def test_decay_excludes_exactly_batch_norm_and_biases_of_the_detector(tiny_confi
 
 
 def _first_batch(trainer):
-    ds = pipeline.build_dataset_from_config(
+    ds = pipeline.build_dataset(
         trainer.train_source, trainer.cfg.train_data, True, seed=trainer.cfg.train.seed
     )
     return next(iter(ds))

@@ -107,8 +107,8 @@ def models(reference_dir):
     images = [reference[f"image_{i}"] for i in range(8)]
     model_dir = str(tmp / "converted")
     override = (
-        f"eval_data.short_side={SHORT_SIDE},eval_data.max_long_side={MAX_LONG_SIDE},"
-        f"train_data.short_side={SHORT_SIDE},train_data.max_long_side={MAX_LONG_SIDE}"
+        f"eval_data.resize.short_side={SHORT_SIDE},eval_data.resize.max_long_side={MAX_LONG_SIDE},"
+        f"train_data.resize.short_side={SHORT_SIDE},train_data.resize.max_long_side={MAX_LONG_SIDE}"
     )
     _run(
         [
@@ -152,8 +152,8 @@ def _our_inputs(ours, batch):
     dense = np.zeros((len(batch), *sizes.max(axis=0), 3), np.uint8)
     for k, image in enumerate(batch):
         dense[k, : image.shape[0], : image.shape[1]] = image
-    prep = ours.preprocessing
-    images, image_info = serving.preprocess_images(tf.constant(dense), tf.constant(sizes), **prep)
+    resize = ours.config.eval_data.resize
+    images, image_info = serving.preprocess_images(tf.constant(dense), tf.constant(sizes), resize)
     inputs = {"images": images, "image_info": image_info}
     images, _, valid_hw = image_io.prepare_inputs(inputs, ours.model.pad_value)
     return images, valid_hw

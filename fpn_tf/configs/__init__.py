@@ -21,6 +21,7 @@ from fpn_tf.configs.experiment import (
     MaskHeadConfig,
     RoIAlignerConfig,
     RoISamplerConfig,
+    ResizeConfig,
     RPNConfig,
     RuntimeConfig,
     SyntheticDataConfig,

@@ -44,6 +44,7 @@ __all__ = [
     "MaskHeadConfig",
     "ModelConfig",
     "SyntheticDataConfig",
+    "ResizeConfig",
     "DataConfig",
     "TrainConfig",
     "EvalConfig",
@@ -463,20 +464,40 @@ class SyntheticDataConfig(Config):
 
 
 @dataclasses.dataclass
+class ResizeConfig(Config):
+    """One image's resize (paper §5.1) and padding, in the pipeline and the export.
+
+    short_side / max_long_side: resize to this shorter side, the longer at most this (800 /
+      1333). pad_multiple: padded sizes are multiples of it.
+    rounding: "round" (half to even, float32; ours, Model Garden), "floor" (torchvision: 480x640
+      -> 800x1066, round gives 800x1067) or "half_up" (detectron2's ResizeShortestEdge; differs
+      from round on ~0.1 % of sizes).
+    method: "bilinear" (tf.image.resize, no anti-aliasing; ours, torchvision) or "pil_bilinear"
+      (detectron2's PIL resize of the uint8 image, bit-exact, slower on a CPU).
+    """
+
+    short_side: int = field(800, positive)
+    max_long_side: int = 1333
+    pad_multiple: int = field(32, at_least(1))
+    rounding: Literal["round", "floor", "half_up"] = "round"
+    method: Literal["bilinear", "pil_bilinear"] = "bilinear"
+
+    def _check_values(self, p):
+        _require(
+            self.max_long_side >= self.short_side,
+            p + "max_long_side",
+            f"({self.max_long_side}) must be >= {p}short_side ({self.short_side}).",
+        )
+
+
+@dataclasses.dataclass
 class DataConfig(Config):
     """One input pipeline (train_data or eval_data).
 
     source: "coco" (annotation_file + image_dir), "tfrecord" (Model Garden tf.Example shards of
       file_pattern; category_map: the id -> name JSON, null = the one beside them) or
       "synthetic". eval_data's annotation_file, when set, is the COCO metrics' ground truth.
-    short_side / max_long_side: resize to this shorter side, the longer at most this (800 /
-      1333). pad_multiple: padded sizes are multiples of it.
-    resize_rounding (also the export's, from eval_data): "round" (half to even, float32; ours,
-      Model Garden), "floor" (torchvision: 480x640 -> 800x1066, round gives 800x1067) or
-      "half_up" (detectron2's ResizeShortestEdge; differs from round on ~0.1 % of sizes).
-    resize_method (also the export's): "bilinear" (tf.image.resize, no anti-aliasing; ours,
-      torchvision) or "pil_bilinear" (detectron2's PIL resize of the uint8 image, bit-exact,
-      ~6x slower on a CPU).
+    resize: how each image is resized and padded (eval_data's is the export's too).
     padding_mode: "orientation" (two static shapes), "square" (one) or "batch" (per batch).
     global_batch_size: over all replicas. shuffle_buffer_size: null = every image (COCO).
     max_num_instances: ground-truth rows per image (extra objects dropped).
@@ -490,11 +511,7 @@ class DataConfig(Config):
     image_dir: Optional[str] = None
     file_pattern: Optional[str] = None
     category_map: Optional[str] = None
-    short_side: int = field(800, positive)
-    max_long_side: int = 1333
-    pad_multiple: int = field(32, at_least(1))
-    resize_rounding: Literal["round", "floor", "half_up"] = "round"
-    resize_method: Literal["bilinear", "pil_bilinear"] = "bilinear"
+    resize: ResizeConfig = dataclasses.field(default_factory=ResizeConfig)
     padding_mode: Literal["orientation", "square", "batch"] = "orientation"
     random_flip: bool = True
     global_batch_size: int = field(16, positive)
@@ -519,11 +536,6 @@ class DataConfig(Config):
                 p + "file_pattern",
                 "is required when source is 'tfrecord'.",
             )
-        _require(
-            self.max_long_side >= self.short_side,
-            p + "max_long_side",
-            f"({self.max_long_side}) must be >= {p}short_side ({self.short_side}).",
-        )
 
     def per_replica_batch_size(self, num_replicas: int) -> int:
         if num_replicas <= 0 or self.global_batch_size % num_replicas:

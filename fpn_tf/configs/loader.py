@@ -192,26 +192,41 @@ _LEGACY_KEYS = {
 }
 
 
+# train_data's / eval_data's resize keys -> theirs in the section `resize`.
+_LEGACY_RESIZE_KEYS = {
+    **{k: k for k in ("short_side", "max_long_side", "pad_multiple")},
+    **{"resize_rounding": "rounding", "resize_method": "method"},
+}
+
+
 def translate_legacy_keys(values: Mapping[str, Any], source: str) -> Dict[str, Any]:
-    """``values`` with the old ``model.roi.*`` / ``model.mask.*`` keys (an older model
-    directory's params.yaml) moved to their sections now; one warning when there are any."""
-    values = _expand_dotted(values)
+    """``values`` with the old keys (of an older model directory's params.yaml) moved to their
+    sections now: ``model.roi.*`` / ``model.mask.*`` and ``<split>_data.short_side`` etc.
+    (``<split>_data.resize.*``); one warning when there are any."""
+    values, read_as = _expand_dotted(values), []
     model = values.get("model")
-    if not isinstance(model, Mapping) or not any(k in model for k in _LEGACY_KEYS):
-        return values
-    model, moved = dict(model), {}
-    for old, table in _LEGACY_KEYS.items():
-        for key, value in (model.pop(old, None) or {}).items():
-            if key not in table:
-                raise ConfigError(
-                    f"Unknown config key 'model.{old}.{key}'", key=f"model.{old}.{key}"
-                )
-            for new in table[key]:
-                moved = deep_merge(moved, {new: {key: value}})
-    logging.getLogger(__name__).warning(
-        "%s: model.roi / model.mask are old keys, read as model.%s", source, ", model.".join(moved)
-    )
-    return {**values, "model": deep_merge(moved, model)}
+    if isinstance(model, Mapping) and any(k in model for k in _LEGACY_KEYS):
+        model, moved = dict(model), {}
+        for old, table in _LEGACY_KEYS.items():
+            for key, value in (model.pop(old, None) or {}).items():
+                if key not in table:
+                    raise ConfigError(
+                        f"Unknown config key 'model.{old}.{key}'", key=f"model.{old}.{key}"
+                    )
+                for new in table[key]:
+                    moved = deep_merge(moved, {new: {key: value}})
+        read_as += [f"model.{name}" for name in moved]
+        values["model"] = deep_merge(moved, model)
+    for split in ("train_data", "eval_data"):
+        data = values.get(split)
+        if isinstance(data, Mapping) and any(k in data for k in _LEGACY_RESIZE_KEYS):
+            data = dict(data)
+            resize = {new: data.pop(old) for old, new in _LEGACY_RESIZE_KEYS.items() if old in data}
+            read_as += [f"{split}.resize.{key}" for key in resize]
+            values[split] = deep_merge(data, {"resize": resize})  # over a _base_'s resize
+    if read_as:
+        logging.getLogger(__name__).warning("%s: old keys, read as %s", source, ", ".join(read_as))
+    return values
 
 
 def load_config(

@@ -174,7 +174,7 @@ def convert_checkpoint(
             logging.info("Exporting the SavedModel (a minute or two for a ResNet-50)")
             export_lib.export_saved_model(
                 model, os.path.join(partial, SAVED_MODEL_DIRNAME), category_map,
-                **model_dir.input_preprocessing(config),
+                config.eval_data.resize,
             )  # fmt: skip
         report = ConversionReport(
             output_dir, source, os.path.abspath(checkpoint), sha256, num_arrays, num_values,

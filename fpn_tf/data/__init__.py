@@ -14,7 +14,6 @@ _EXPORTS = {
     "CocoSource": "fpn_tf.data.pipeline",
     "TfRecordSource": "fpn_tf.data.pipeline",
     "build_dataset": "fpn_tf.data.pipeline",
-    "build_dataset_from_config": "fpn_tf.data.pipeline",
     "load_source": "fpn_tf.data.pipeline",
     "source_from_config": "fpn_tf.data.pipeline",
 }

@@ -1,7 +1,7 @@
 """The input pipeline: a source -> batches of (features, labels).
 
     source = load_source(CocoSource("annotations/instances_train2017.json", "train2017"))
-    ds = build_dataset(source, training=True, batch_size=16, seed=0)
+    ds = build_dataset(source, DataConfig(...), training=True, seed=0)
     features, labels = next(iter(ds))
 
 A source is loaded (validated, indexed) once per split; ``source.drops`` counts the images its
@@ -14,9 +14,9 @@ datasets drop at run time. Each batch:
   int32 [B, N] 1..C (-1 padding), ``gt_is_crowd`` bool [B, N]; with masks ``gt_masks`` float32
   [B, N, S, S], each object's mask over its box.
 
-``padding_mode``: "orientation" pads to one of two shapes by orientation and batches each apart
-(a jit-compiled step compiles twice, less padding than "square", one shape for TPUs); "batch"
-pads each batch to its largest image. Each image's flip comes from a stateless RNG seeded by
+The settings are a ``DataConfig``'s. ``padding_mode``: "orientation" pads to one of two shapes
+by orientation and batches each apart (a jit-compiled step compiles twice, less padding than
+"square", one shape for TPUs); "batch" pads each batch to its largest image. Each image's flip comes from a stateless RNG seeded by
 (seed, element number), so a seeded run is reproducible whatever the parallelism. With
 ``on_bad_data="skip"`` an element that fails to decode or transform is dropped, logged and
 counted; with ``"error"`` it stops the iteration.
@@ -34,6 +34,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import DataConfig
 from fpn_tf.data import transforms
 from fpn_tf.data.coco_reader import CocoIndex, load_coco
 from fpn_tf.data.tfrecord_reader import TfRecordIndex
@@ -43,7 +44,6 @@ __all__ = [
     "Source",
     "TfRecordSource",
     "build_dataset",
-    "build_dataset_from_config",
     "load_source",
     "source_from_config",
 ]
@@ -115,67 +115,33 @@ def source_from_config(data_cfg) -> Source:
 
 def build_dataset(
     source: Source,
+    data_config: DataConfig,
     training: bool,
-    batch_size: int,
     *,
-    short_side: int = 800,
-    max_long_side: int = 1333,
-    pad_multiple: int = 32,
-    padding_mode: str = "orientation",
-    max_num_instances: int = 100,
-    resize_rounding: str = "round",
-    resize_method: str = "bilinear",
-    random_flip: bool = True,
-    shuffle_buffer_size: int | None = None,
-    seed: int | None = None,
-    num_parallel_calls: int = tf.data.AUTOTUNE,
     input_context: tf.distribute.InputContext | None = None,
+    seed: int | None = None,
     include_masks: bool = False,
-    mask_crop_size: int = 112,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
 ):
-    """Builds the training or evaluation input pipeline.
+    """Builds the training or evaluation input pipeline of ``data_config``'s settings (resize,
+    padding_mode, max_num_instances, random_flip, shuffle_buffer_size, mask_crop_size,
+    global_batch_size), checked as the config's are.
 
     Args:
       source: a loaded source (:func:`load_source`, :func:`source_from_config`).
       training: training (shuffle, flip, repeat, drop remainder) or evaluation
         (no shuffle, no flip, one pass, partial batches kept; every image
         exactly once, in file order within each orientation group).
-      batch_size: the *global* batch size. With ``input_context`` the dataset
-        yields ``input_context.get_per_replica_batch_size(batch_size)``.
-      short_side: resize the shorter side to this (paper: 800) ...
-      max_long_side: ... unless the longer side would exceed this (1333).
-      pad_multiple: padded sizes are multiples of this (32 = stride of P5).
-      resize_rounding: "round", "floor" (torchvision's) or "half_up" (detectron2's):
-        ``transforms.resized_size``.
-      resize_method: "bilinear" (``tf.image.resize``) or "pil_bilinear" (detectron2's PIL
-        resize, bit-exact): ``transforms.resize_image``.
-      padding_mode: "orientation" (default), "square" or "batch" (module doc).
-      max_num_instances: N, ground-truth rows per image (more: the first N, with a warning).
-      shuffle_buffer_size: None or 0: every image index (COCO); 1000 records for TFRecords.
+      input_context: shards the input across pipelines, each yielding
+        ``input_context.get_per_replica_batch_size(global_batch_size)`` images.
       seed: seeds the shuffle and the flips (None draws one, logged); with a seed the maps keep
         the element order.
-      input_context: shards the input across pipelines.
       include_masks: also give ``labels["gt_masks"]`` of S = ``mask_crop_size``.
     """
-    if padding_mode not in transforms.PADDING_MODES:
-        raise ValueError(
-            f"padding_mode must be one of {transforms.PADDING_MODES}," f" got {padding_mode!r}"
-        )
-    if resize_rounding not in transforms.RESIZE_ROUNDINGS:
-        raise ValueError(
-            f"resize_rounding must be one of {transforms.RESIZE_ROUNDINGS}, "
-            f"got {resize_rounding!r}"
-        )
-    if resize_method not in transforms.RESIZE_METHODS:
-        raise ValueError(
-            f"resize_method must be one of {transforms.RESIZE_METHODS}, got {resize_method!r}"
-        )
-    if batch_size < 1 or max_num_instances < 1 or pad_multiple < 1:
-        raise ValueError("batch_size, max_num_instances and pad_multiple must be " ">= 1")
-    if include_masks and mask_crop_size < 1:
-        raise ValueError(f"mask_crop_size must be >= 1, got {mask_crop_size}")
+    cfg = data_config.validate_section()
+    max_num_instances, batch_size = cfg.max_num_instances, cfg.global_batch_size
     shuffle = repeat = drop_remainder = training
-    flip = training and random_flip
+    flip = training and cfg.random_flip
     deterministic = seed is not None
     if seed is None and (shuffle or flip):
         seed = int(np.random.default_rng().integers(2**31 - 1))
@@ -200,7 +166,7 @@ def build_dataset(
         items = index.item_dataset()
         if num_pipelines > 1:
             items = items.shard(num_pipelines, pipeline_id)
-        buffer = shuffle_buffer_size or max(index.num_images, 1)
+        buffer = cfg.shuffle_buffer_size or max(index.num_images, 1)
         too_many = int(np.sum(index.num_instances_per_image > max_num_instances))
         if too_many:
             msg = "%s: %d image(s) have more than max_num_instances=%d annotations; using %d"
@@ -215,7 +181,7 @@ def build_dataset(
             shard_index=pipeline_id,
             deterministic=deterministic,
         )
-        buffer = shuffle_buffer_size or 1000
+        buffer = cfg.shuffle_buffer_size or 1000
     if shuffle:
         items = items.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -226,16 +192,10 @@ def build_dataset(
     flip_seed = (int(seed) * 1_000_003 + pipeline_id) % (2**62) if flip else None
     decode = functools.partial(index.decode, include_masks=True) if include_masks else index.decode
     transform_args = dict(
-        short_side=short_side,
-        max_long_side=max_long_side,
-        pad_multiple=pad_multiple,
-        padding_mode=padding_mode,
+        padding_mode=cfg.padding_mode,
         max_num_instances=max_num_instances,
-        resize_rounding=resize_rounding,
-        resize_method=resize_method,
+        mask_crop_size=cfg.mask_crop_size if include_masks else None,
     )
-    if include_masks:
-        transform_args.update(include_masks=True, mask_crop_size=mask_crop_size)
 
     def element(number, item):
         example = decode(item)
@@ -243,14 +203,14 @@ def build_dataset(
         if flip_seed is not None:
             rng_seed = tf.stack([tf.constant(flip_seed, tf.int64), number])
             do_flip = tf.random.stateless_uniform([], seed=rng_seed) < 0.5
-        return transforms.preprocess_example(example, flip=do_flip, **transform_args)
+        return transforms.preprocess_example(example, cfg.resize, flip=do_flip, **transform_args)
 
     if index.on_bad_data == "skip":
         ds = _map_dropping_failures(items, element, index, num_parallel_calls, deterministic)
     else:
         ds = items.map(element, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
 
-    if padding_mode == "orientation":
+    if cfg.padding_mode == "orientation":
 
         def key(features, labels):
             del labels
@@ -261,7 +221,7 @@ def build_dataset(
             return window.batch(per_replica_batch, drop_remainder=drop_remainder)
 
         ds = ds.group_by_window(key_func=key, reduce_func=batch, window_size=per_replica_batch)
-    elif padding_mode == "square":
+    elif cfg.padding_mode == "square":
         ds = ds.batch(per_replica_batch, drop_remainder=drop_remainder)
     else:
         ds = ds.padded_batch(per_replica_batch, drop_remainder=drop_remainder)
@@ -322,39 +282,3 @@ def _map_dropping_failures(items, element, source: Source, num_parallel_calls, d
         deterministic=deterministic,
     )
     return ds.filter(keep).map(lambda number, item, out, ok: out)
-
-
-# Keyword arguments of build_dataset that a DataConfig carries.
-_BUILD_ARGS = (
-    "short_side",
-    "max_long_side",
-    "pad_multiple",
-    "resize_rounding",
-    "resize_method",
-    "padding_mode",
-    "max_num_instances",
-    "random_flip",
-    "shuffle_buffer_size",
-    "mask_crop_size",
-)
-
-
-def build_dataset_from_config(
-    source: Source,
-    data_cfg,
-    training: bool,
-    input_context: tf.distribute.InputContext | None = None,
-    **overrides,
-):
-    """``build_dataset`` with a ``DataConfig``'s settings; ``overrides`` (e.g. ``seed``,
-    ``include_masks``) win."""
-    kwargs = {k: getattr(data_cfg, k) for k in _BUILD_ARGS}
-    kwargs["random_flip"] = bool(data_cfg.random_flip and training)
-    kwargs.update(overrides)
-    return build_dataset(
-        source,
-        training,
-        int(data_cfg.global_batch_size),
-        input_context=input_context,
-        **kwargs,
-    )

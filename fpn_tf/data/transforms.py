@@ -1,10 +1,10 @@
 """Per-image transforms (pure TF): flip, resize (paper §5.1), pad, pad ground truth.
 
-:func:`resized_size` is the one resize rule for the pipeline and the serving graph. Its
-``resize_rounding`` is ``"round"`` (Model Garden's ``resize_and_crop_image_v2``: half to even in
-float32), ``"floor"`` (torchvision's ``GeneralizedRCNNTransform``, float64) or ``"half_up"``
-(detectron2's ``ResizeShortestEdge``, float64); boxes are scaled by the per-axis
-``resized / original``, so they stay exact on the resized grid. ``resize_method`` resamples with
+:func:`resized_size` is the one resize rule for the pipeline and the serving graph, by a
+``ResizeConfig``'s ``rounding``: ``"round"`` (Model Garden's ``resize_and_crop_image_v2``: half
+to even in float32), ``"floor"`` (torchvision's ``GeneralizedRCNNTransform``, float64) or
+``"half_up"`` (detectron2's ``ResizeShortestEdge``, float64); boxes are scaled by the per-axis
+``resized / original``, so they stay exact on the resized grid. Its ``method`` resamples with
 ``tf.image.resize`` bilinear (torchvision's) or bit-exact PIL bilinear on uint8 (detectron2's,
 :func:`pil_bilinear_resize`); the output is float32 RGB in 0..255 either way.
 
@@ -15,19 +15,15 @@ full-size masks in the original frame, so no full-resolution mask is resized, fl
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.ops import mask_ops
 
 __all__ = [
-    "PADDING_MODES",
-    "RESIZE_METHODS",
-    "RESIZE_ROUNDINGS",
-    "ResizeRule",
     "ceil_to_multiple",
     "compute_resized_size",
     "fixed_padded_size",
@@ -42,11 +38,6 @@ __all__ = [
     "resized_size",
 ]
 
-# "orientation": [ceil(short), ceil(long)] or its transpose (2 shapes); "square": [ceil(long)]*2
-# (1 shape); "batch": multiples of pad_multiple, each batch to its largest.
-PADDING_MODES = ("orientation", "square", "batch")
-RESIZE_ROUNDINGS = ("round", "floor", "half_up")
-RESIZE_METHODS = ("bilinear", "pil_bilinear")
 # PIL's fixed point for 8-bit images (libImaging/Resample.c): 32 - 8 - 2 fraction bits.
 _PIL_PRECISION_BITS = 22
 
@@ -56,75 +47,21 @@ def ceil_to_multiple(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-@dataclasses.dataclass(frozen=True)
-class ResizeRule:
-    """A model's eval/serving resize and padding: the config's ``eval_data`` fields."""
-
-    short_side: int
-    max_long_side: int
-    pad_multiple: int = 1
-    resize_rounding: str = "round"
-    resize_method: str = "bilinear"
-
-    def __post_init__(self):
-        if self.short_side <= 0 or self.max_long_side < self.short_side or self.pad_multiple < 1:
-            raise ValueError(
-                "need 0 < short_side <= max_long_side and pad_multiple >= 1, got "
-                f"{self.short_side}, {self.max_long_side}, {self.pad_multiple}"
-            )
-        _check_rounding(self.resize_rounding)
-        _check_method(self.resize_method)
-
-    @classmethod
-    def from_config(cls, config) -> "ResizeRule":
-        """The rule of an `ExperimentConfig` (its ``eval_data``) or of a data config."""
-        d = getattr(config, "eval_data", config)
-        fields = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: getattr(d, name) for name in fields})
-
-    @classmethod
-    def of(cls, *args, **fields) -> "ResizeRule":
-        """A rule from one argument (a rule, a dict of its fields, a config) or from the fields."""
-        if len(args) == 1 and not fields and not isinstance(args[0], (int, float)):
-            value = args[0]
-            if isinstance(value, cls):
-                return value
-            return cls(**value) if isinstance(value, dict) else cls.from_config(value)
-        return cls(*args, **fields)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _check_rounding(resize_rounding: str) -> None:
-    if resize_rounding not in RESIZE_ROUNDINGS:
-        raise ValueError(
-            f"resize_rounding must be one of {RESIZE_ROUNDINGS}, got {resize_rounding!r}"
-        )
-
-
-def _check_method(resize_method: str) -> None:
-    if resize_method not in RESIZE_METHODS:
-        raise ValueError(f"resize_method must be one of {RESIZE_METHODS}, got {resize_method!r}")
-
-
-def resized_size(
-    image_size, short_side: int, max_long_side: int, resize_rounding: str = "round"
-) -> tf.Tensor:
+def resized_size(image_size, resize: ResizeConfig) -> tf.Tensor:
     """float32 [..., 2] resized (h, w) of images of (h, w) ``image_size`` [..., 2]."""
-    _check_rounding(resize_rounding)
-    if resize_rounding == "half_up":
+    short_side, max_long_side = resize.short_side, resize.max_long_side
+    if resize.rounding == "half_up":
         return _half_up_resized_size(image_size, short_side, max_long_side)
-    size = tf.cast(image_size, tf.float32)
-    shortest = tf.reduce_min(size, axis=-1, keepdims=True)
-    longest = tf.reduce_max(size, axis=-1, keepdims=True)
-    if resize_rounding == "floor":
+    if resize.rounding == "floor":
         size64 = tf.cast(image_size, tf.float64)
         scale = tf.minimum(
             float(short_side) / tf.reduce_min(size64, axis=-1, keepdims=True),
             float(max_long_side) / tf.reduce_max(size64, axis=-1, keepdims=True),
         )
         return tf.cast(tf.math.floor(size64 * scale), tf.float32)
+    size = tf.cast(image_size, tf.float32)
+    shortest = tf.reduce_min(size, axis=-1, keepdims=True)
+    longest = tf.reduce_max(size, axis=-1, keepdims=True)
     by_short = tf.math.round(size * (short_side / shortest))
     by_long = tf.math.round(size * (max_long_side / longest))
     too_long = tf.reduce_max(by_short, axis=-1, keepdims=True) > max_long_side
@@ -149,45 +86,27 @@ def _half_up_resized_size(image_size, short_side: int, max_long_side: int) -> tf
     return tf.cast(tf.math.floor(tf.concat([new_h, new_w], axis=-1) + 0.5), tf.float32)
 
 
-def compute_resized_size(
-    height: int, width: int, short_side: int, max_long_side: int, resize_rounding: str = "round"
-) -> tuple[int, int]:
+def compute_resized_size(height: int, width: int, resize: ResizeConfig) -> tuple[int, int]:
     """:func:`resized_size` of one image, as Python ints."""
-    h, w = resized_size(
-        tf.constant([height, width]), short_side, max_long_side, resize_rounding
-    ).numpy()
+    h, w = resized_size(tf.constant([height, width]), resize).numpy()
     return int(h), int(w)
 
 
-def fixed_padded_size(
-    padding_mode: str, short_side: int, max_long_side: int, pad_multiple: int
-) -> list[tuple[int, int]]:
-    """The image shapes a run sees in ``padding_mode`` ([] for "batch")."""
-    s = ceil_to_multiple(short_side, pad_multiple)
-    l = ceil_to_multiple(max_long_side, pad_multiple)
-    if padding_mode == "orientation":
-        return [(s, l), (l, s)]
-    if padding_mode == "square":
-        return [(l, l)]
-    if padding_mode == "batch":
-        return []
-    raise ValueError(f"padding_mode must be one of {PADDING_MODES}, " f"got {padding_mode!r}")
+def fixed_padded_size(padding_mode: str, resize: ResizeConfig) -> list[tuple[int, int]]:
+    """The image shapes a run sees in ``padding_mode`` ([] for "batch"): "orientation"
+    [ceil(short), ceil(long)] or its transpose, "square" [ceil(long)] * 2."""
+    s = ceil_to_multiple(resize.short_side, resize.pad_multiple)
+    l = ceil_to_multiple(resize.max_long_side, resize.pad_multiple)
+    shapes = {"orientation": [(s, l), (l, s)], "square": [(l, l)], "batch": []}
+    return shapes[padding_mode]
 
 
-def padded_size_tf(
-    image_size: tf.Tensor,
-    padding_mode: str,
-    short_side: int,
-    max_long_side: int,
-    pad_multiple: int,
-    resize_rounding: str = "round",
-) -> tf.Tensor:
+def padded_size_tf(image_size: tf.Tensor, padding_mode: str, resize: ResizeConfig) -> tf.Tensor:
     """int32 [2] padded (h, w) for an image of ``image_size`` (before resize)."""
     if padding_mode == "batch":
-        resized = resized_size(image_size, short_side, max_long_side, resize_rounding)
-        m = float(pad_multiple)
-        return tf.cast(tf.math.ceil(resized / m) * m, tf.int32)
-    shapes = fixed_padded_size(padding_mode, short_side, max_long_side, pad_multiple)
+        m = float(resize.pad_multiple)
+        return tf.cast(tf.math.ceil(resized_size(image_size, resize) / m) * m, tf.int32)
+    shapes = fixed_padded_size(padding_mode, resize)
     if padding_mode == "square":
         return tf.constant(shapes[0], tf.int32)
     landscape = image_size[0] <= image_size[1]
@@ -260,14 +179,15 @@ def pil_bilinear_resize(image: tf.Tensor, size) -> tf.Tensor:
     return tf.cast(out, tf.uint8)
 
 
-def resize_image(image: tf.Tensor, size, resize_method: str = "bilinear") -> tf.Tensor:
-    """float32 [h, w, C] ``image`` ([H, W, C]) resized to ``size`` (h, w) by ``resize_method``."""
-    _check_method(resize_method)
+def resize_image(image: tf.Tensor, size, method: str) -> tf.Tensor:
+    """float32 [h, w, C] ``image`` ([H, W, C]) resized to ``size`` (h, w) by ``method``
+    ("bilinear" or "pil_bilinear", a ``ResizeConfig``'s)."""
     size = tf.cast(size, tf.int32)
-    if resize_method == "pil_bilinear":
+    if method == "pil_bilinear":
         return tf.cast(pil_bilinear_resize(image, size), tf.float32)
-    out = tf.image.resize(image, size, method=tf.image.ResizeMethod.BILINEAR)
-    return tf.cast(out, tf.float32)
+    if method != "bilinear":
+        raise ValueError(f"method must be 'bilinear' or 'pil_bilinear', got {method!r}")
+    return tf.cast(tf.image.resize(image, size, method=tf.image.ResizeMethod.BILINEAR), tf.float32)
 
 
 def horizontal_flip(image: tf.Tensor, boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -281,23 +201,16 @@ def horizontal_flip(image: tf.Tensor, boxes: tf.Tensor) -> tuple[tf.Tensor, tf.T
 
 
 def resize_and_pad(
-    image: tf.Tensor,
-    boxes: tf.Tensor,
-    *,
-    short_side: int,
-    max_long_side: int,
-    padded_size: tf.Tensor,
-    resize_rounding: str = "round",
-    resize_method: str = "bilinear",
+    image: tf.Tensor, boxes: tf.Tensor, resize: ResizeConfig, padded_size: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Resizes [H, W, 3] ``image``, pads it to ``padded_size`` (h, w) and scales its [n, 4]
     yxyx pixel ``boxes``. Returns (image float32 [Hp, Wp, 3], image_info float32 [4, 2] =
     [original hw, resized hw, scale yx, offset 0], boxes float32 [n, 4] in resized pixels).
     """
     size = tf.cast(tf.shape(image)[:2], tf.float32)
-    resized = resized_size(size, short_side, max_long_side, resize_rounding)
+    resized = resized_size(size, resize)
     scale = resized / size
-    out = resize_image(image, resized, resize_method)
+    out = resize_image(image, resized, resize.method)
     out = tf.image.pad_to_bounding_box(out, 0, 0, padded_size[0], padded_size[1])
     image_info = tf.stack([size, resized, scale, tf.zeros([2], tf.float32)])
     boxes = tf.cast(boxes, tf.float32) * tf.tile(scale, [2])
@@ -365,25 +278,20 @@ def crop_instance_masks(
 
 def preprocess_example(
     example: dict[str, tf.Tensor],
+    resize: ResizeConfig,
     *,
-    flip: bool | tf.Tensor = False,
-    short_side: int = 800,
-    max_long_side: int = 1333,
-    pad_multiple: int = 32,
-    padding_mode: str = "orientation",
-    max_num_instances: int = 100,
-    resize_rounding: str = "round",
-    resize_method: str = "bilinear",
-    include_masks: bool = False,
-    mask_crop_size: int = 112,
+    flip: bool | tf.Tensor,
+    padding_mode: str,
+    max_num_instances: int,
+    mask_crop_size: int | None = None,
 ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
     """A reader's per-image dict -> (features {"images", "image_info", "image_id"}, labels
-    {"gt_boxes" [N, 4], "gt_classes" [N], "gt_is_crowd" [N], "gt_masks" [N, S, S] with
-    ``include_masks``}), N = ``max_num_instances``."""
+    {"gt_boxes" [N, 4], "gt_classes" [N], "gt_is_crowd" [N], "gt_masks" [N, S, S] when
+    ``mask_crop_size`` S is given}), N = ``max_num_instances``."""
     image = example["image"]
     boxes = tf.cast(example["gt_boxes"], tf.float32)
     masks = None
-    if include_masks:
+    if mask_crop_size is not None:
         masks = crop_instance_masks(
             example["gt_masks"], boxes, flip, mask_crop_size, max_num_instances
         )
@@ -391,18 +299,8 @@ def preprocess_example(
         image, boxes = tf.cond(flip, lambda: horizontal_flip(image, boxes), lambda: (image, boxes))
     elif flip:
         image, boxes = horizontal_flip(image, boxes)
-    padded = padded_size_tf(
-        tf.shape(image)[:2], padding_mode, short_side, max_long_side, pad_multiple, resize_rounding
-    )
-    image, image_info, boxes = resize_and_pad(
-        image,
-        boxes,
-        short_side=short_side,
-        max_long_side=max_long_side,
-        padded_size=padded,
-        resize_rounding=resize_rounding,
-        resize_method=resize_method,
-    )
+    padded = padded_size_tf(tf.shape(image)[:2], padding_mode, resize)
+    image, image_info, boxes = resize_and_pad(image, boxes, resize, padded)
     image_id = tf.cast(example["image_id"], tf.int64)
     boxes, classes, is_crowd = pad_groundtruth(
         boxes, example["gt_classes"], example["gt_is_crowd"], max_num_instances, image_id=image_id

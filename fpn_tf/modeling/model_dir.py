@@ -31,7 +31,6 @@ __all__ = [
     "ModelDirError",
     "PARAMS_FILENAME",
     "check_same_weight_switches",
-    "input_preprocessing",
     "latest_checkpoint",
     "load_model",
     "read_category_map",
@@ -194,16 +193,6 @@ class LoadedModel:
     def category_names(self) -> list[str]:
         """The names of classes 1..C."""
         return list(self.category_map.names)
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        return input_preprocessing(self.config)
-
-
-def input_preprocessing(config) -> dict[str, Any]:
-    """How a model's inputs are resized (eval_data's; `export_saved_model`'s arguments)."""
-    keys = ("short_side", "max_long_side", "pad_multiple", "resize_rounding", "resize_method")
-    return {k: getattr(config.eval_data, k) for k in keys}
 
 
 def load_model(

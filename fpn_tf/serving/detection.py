@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.data import images as image_io
 from fpn_tf.data import transforms
 
@@ -31,33 +32,19 @@ MASK_OUTPUT_KEY = "detection_masks"
 
 
 def preprocess_images(
-    images: tf.Tensor,
-    sizes: tf.Tensor,
-    short_side: int,
-    max_long_side: int,
-    pad_multiple: int,
-    resize_rounding: str = "round",
-    resize_method: str = "bilinear",
+    images: tf.Tensor, sizes: tf.Tensor, resize: ResizeConfig
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """uint8 [B, H, W, 3] ``images`` with true (h, w) ``sizes`` int32 [B, 2] -> the model's
     (images float32 [B, Hp, Wp, 3], image_info float32 [B, 4, 2]), padded to the largest
-    resized size rounded up to ``pad_multiple``."""
-    resized = transforms.resized_size(sizes, short_side, max_long_side, resize_rounding)
-    m = float(pad_multiple)
+    resized size rounded up to ``resize.pad_multiple``."""
+    resized = transforms.resized_size(sizes, resize)
+    m = float(resize.pad_multiple)
     padded = tf.cast(tf.math.ceil(tf.reduce_max(resized, axis=0) / m) * m, tf.int32)
 
     def one(args):
         image, size = args
         image = image[: size[0], : size[1], :]
-        out, info, _ = transforms.resize_and_pad(
-            image,
-            tf.zeros([0, 4], tf.float32),
-            short_side=short_side,
-            max_long_side=max_long_side,
-            padded_size=padded,
-            resize_rounding=resize_rounding,
-            resize_method=resize_method,
-        )
+        out, info, _ = transforms.resize_and_pad(image, tf.zeros([0, 4]), resize, padded)
         return out, info
 
     return tf.map_fn(
@@ -80,29 +67,21 @@ class DetectionModule(tf.Module):
     def __init__(
         self,
         model,
-        short_side: int,
-        max_long_side: int,
-        pad_multiple: int,
+        resize: ResizeConfig,
         num_detections: int = NUM_DETECTIONS,
         name: str | None = None,
-        resize_rounding: str = "round",
-        resize_method: str = "bilinear",
     ):
         super().__init__(name=name)
-        rule = transforms.ResizeRule(
-            short_side, max_long_side, pad_multiple, resize_rounding, resize_method
-        )  # checks the values
         # Not tracked as a child: saving the Keras object graph is not needed (the SavedModel
         # keeps the traced functions and the variables, which export_saved_model tracks) and
         # fails for layers holding dicts with int keys (FeaturePyramid's convs).
         object.__setattr__(self, "_model", model)
-        self.rule = rule
-        self.__dict__.update(rule.as_dict())  # short_side, ..., resize_method as attributes
+        self.resize = resize.validate_section("resize.")
         self.num_detections = int(num_detections)
 
     def detect(self, images: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
         """uint8 [B, H, W, 3] padded images + int32 [B, 2] true sizes -> the four outputs."""
-        model_images, image_info = preprocess_images(images, sizes, **self.rule.as_dict())
+        model_images, image_info = preprocess_images(images, sizes, self.resize)
         out = self._model({"images": model_images, "image_info": image_info}, training=False)
         return self.format_outputs(out, sizes)
 

@@ -1,6 +1,6 @@
 """Writes the SavedModel of docs/serving.md: the three signatures of `fpn_tf.serving.detection`
 plus ``assets/category_map.json``, ``assets/label_map.pbtxt`` (Object Detection API format) and
-``assets/serving_config.json`` (resize rule, padding, outputs). Loading needs only TensorFlow.
+``assets/serving_config.json`` (the resize, outputs). Loading needs only TensorFlow.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from absl import logging
 import tensorflow as tf
 
-from fpn_tf.data import transforms
+from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.data.category_map import CategoryMap, as_category_map
 from fpn_tf.errors import UserError
 from fpn_tf.serving.detection import (
@@ -94,22 +94,21 @@ def export_saved_model(
     model,
     export_dir: str | os.PathLike,
     category_map: CategoryMap | str | os.PathLike | Sequence | dict,
-    *rule,
+    resize: ResizeConfig,
+    *,
     num_detections: int = NUM_DETECTIONS,
-    **rule_fields,
 ) -> str:
-    """Writes the SavedModel of docs/serving.md to ``export_dir`` and returns it.
+    """Writes the SavedModel of docs/serving.md to ``export_dir`` and returns it; ``resize`` is
+    the model's (its config's ``eval_data.resize``).
 
-    ``rule`` is anything `ResizeRule.of` takes. A SavedModel already in ``export_dir`` is
-    replaced; any other non-empty directory, or a category map whose dataset ids are not the
-    model's ``category_ids``, raises `ExportError`.
+    A SavedModel already in ``export_dir`` is replaced; any other non-empty directory, or a
+    category map whose dataset ids are not the model's ``category_ids``, raises `ExportError`.
     """
     start = time.time()
     export_dir = os.fspath(export_dir)
-    rule = transforms.ResizeRule.of(*rule, **rule_fields)
     category_map = as_category_map(category_map)
     _check_category_map(model, category_map)
-    modules = [cls(model, **rule.as_dict(), num_detections=num_detections) for cls in _MODULES]
+    modules = [cls(model, resize, num_detections=num_detections) for cls in _MODULES]
     root = tf.Module()
     # The variables the traced functions capture, saved once for all three signatures. The
     # tf.Variables themselves, not their Keras wrappers: a tracked Keras Variable exports a copy
@@ -124,7 +123,7 @@ def export_saved_model(
     if MASK_OUTPUT_KEY in signatures["serving_default"].structured_outputs:
         outputs.append(MASK_OUTPUT_KEY)
     serving_config = {
-        **rule.as_dict(),
+        "resize": resize.to_dict(),
         "num_detections": int(num_detections),
         "signatures": {m.signature_name: m.input_name for m in modules},
         "outputs": outputs,
@@ -153,6 +152,6 @@ def export_saved_model(
         time.time() - start,
         traced - start,
         category_map.num_classes,
-        rule,
+        resize,
     )
     return export_dir

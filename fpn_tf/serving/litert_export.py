@@ -16,7 +16,7 @@ import time
 
 import tensorflow as tf
 
-from fpn_tf.data import transforms
+from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.serving import portable
 from fpn_tf.serving.detection import NUM_DETECTIONS
 from fpn_tf.serving.export import ExportError
@@ -133,22 +133,20 @@ def export_litert(
     model,
     path: str | os.PathLike,
     category_map,
-    *rule,
+    resize: ResizeConfig,
+    *,
     num_detections: int = NUM_DETECTIONS,
     quantization: str = "none",
-    **rule_fields,
 ) -> str:
-    """Writes ``path`` (.tflite) and its sidecars; returns ``path``. ``rule``: `ResizeRule.of`'s.
+    """Writes ``path`` (.tflite) and its sidecars; returns ``path``. ``resize``: the model's.
     ``quantization``: "none", "float16" (weights) or "dynamic_int8" (dynamic range). Raises
     `ExportError` (writing nothing) for an op with no builtin or a file that does not load."""
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     start = time.time()
-    category_map, rule = portable.prepare_export(
-        model, category_map, transforms.ResizeRule.of(*rule, **rule_fields)
-    )
+    category_map = portable.prepare_export(model, category_map, resize)
     concrete, keys = portable.portable_detect_function(
-        model, rule, num_detections=num_detections, resized_input=True
+        model, resize, num_detections=num_detections, resized_input=True
     )
     frozen = _frozen_without_new_axis_slices(concrete)
     specs = concrete.structured_input_signature[0]
@@ -178,11 +176,11 @@ def export_litert(
             raise _conversion_error(e) from e
     config = portable.serving_config(
         "litert",
-        rule,
+        resize,
         num_detections,
         keys,
-        input="images: float32 [1, Hp, Wp, 3], the image resized by the rule (RGB 0..255), zero "
-        "padded to multiples of pad_multiple; image_sizes: int32 [1, 4] = height, width, "
+        input="images: float32 [1, Hp, Wp, 3], the image resized by `resize` (RGB 0..255), zero "
+        "padded to multiples of resize.pad_multiple; image_sizes: int32 [1, 4] = height, width, "
         "resized height, resized width (fpn_tf.portable_client.resize_for_litert)",
         quantization=quantization,
     )

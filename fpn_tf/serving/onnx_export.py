@@ -1,7 +1,7 @@
 """ONNX export of a Faster / Mask R-CNN through tf2onnx (Keras 3's ONNX converter on TF).
 
 Input ``images`` uint8 [batch, height, width, 3] (dynamic, one size per batch), resized inside by
-the eval rule; the outputs are the SavedModel's. Opset 17 is the newest tf2onnx 1.17 maps for
+eval_data.resize; the outputs are the SavedModel's. Opset 17 is the newest tf2onnx 1.17 maps for
 every op here.
 """
 
@@ -12,7 +12,7 @@ import time
 
 import tensorflow as tf
 
-from fpn_tf.data import transforms
+from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.serving import portable
 from fpn_tf.serving.detection import NUM_DETECTIONS
 from fpn_tf.serving.export import ExportError
@@ -35,12 +35,12 @@ def export_onnx(
     model,
     path: str | os.PathLike,
     category_map,
-    *rule,
+    resize: ResizeConfig,
+    *,
     num_detections: int = NUM_DETECTIONS,
     opset: int = ONNX_OPSET,
-    **rule_fields,
 ) -> str:
-    """Writes ``path`` (.onnx) and its sidecars; returns ``path``. ``rule``: `ResizeRule.of`'s.
+    """Writes ``path`` (.onnx) and its sidecars; returns ``path``. ``resize``: the model's.
     Raises `ExportError` (writing nothing) if the conversion or ONNX Runtime's load fails."""
     try:
         import tf2onnx  # pylint: disable=g-import-not-at-top
@@ -49,10 +49,8 @@ def export_onnx(
             "--format=onnx needs tf2onnx and onnxruntime: pip install -e '.[export]'"
         ) from e
     start = time.time()
-    category_map, rule = portable.prepare_export(
-        model, category_map, transforms.ResizeRule.of(*rule, **rule_fields)
-    )
-    concrete, keys = portable.portable_detect_function(model, rule, num_detections=num_detections)
+    category_map = portable.prepare_export(model, category_map, resize)
+    concrete, keys = portable.portable_detect_function(model, resize, num_detections=num_detections)
     try:
         proto, _ = tf2onnx.convert.from_function(
             tf.function(concrete),
@@ -66,7 +64,7 @@ def export_onnx(
         raise ExportError(f"the ONNX outputs are {names}, expected {keys}")
     config = portable.serving_config(
         "onnx",
-        rule,
+        resize,
         num_detections,
         keys,
         input="images: uint8 [batch, height, width, 3] RGB, any size (one size per batch)",

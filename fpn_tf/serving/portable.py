@@ -15,6 +15,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.data import transforms
 from fpn_tf.data.category_map import as_category_map
 from fpn_tf.serving.detection import NUM_DETECTIONS, ImageTensorModule
@@ -57,24 +58,28 @@ def portable_settings(model):
             setattr(obj, attr, value)
 
 
-def prepare_export(model, category_map, rule):
-    """Checks an ONNX / LiteRT export's arguments; returns ``(CategoryMap, ResizeRule)``."""
-    rule = transforms.ResizeRule.of(rule)
+def prepare_export(model, category_map, resize: ResizeConfig):
+    """Checks an ONNX / LiteRT export's arguments; returns the `CategoryMap`."""
+    resize.validate_section("resize.")
     with portable_settings(model):
         pass
-    if rule.resize_method != "bilinear":
+    if resize.method != "bilinear":
         raise UnsupportedModelError(
-            f"eval_data.resize_method {rule.resize_method!r} is not exported to ONNX or LiteRT "
-            "(only 'bilinear'); export with --params_override=eval_data.resize_method=bilinear "
-            "(the detections then differ from the SavedModel's on resized images)"
+            f"eval_data.resize.method {resize.method!r} is not exported to ONNX or LiteRT (only "
+            "'bilinear'); export with --params_override=eval_data.resize.method=bilinear (the "
+            "detections then differ from the SavedModel's on resized images)"
         )
     category_map = as_category_map(category_map)
     _check_category_map(model, category_map)
-    return category_map, rule
+    return category_map
 
 
 def portable_detect_function(
-    model, rule, *, num_detections: int = NUM_DETECTIONS, resized_input: bool = False
+    model,
+    resize: ResizeConfig,
+    *,
+    num_detections: int = NUM_DETECTIONS,
+    resized_input: bool = False,
 ):
     """``(concrete_function, output_keys)`` of the detector; outputs as docs/serving.md.
 
@@ -83,8 +88,7 @@ def portable_detect_function(
     [1, Hp, Wp, 3] already resized and zero padded, and ``image_sizes`` int32 [1, 4] (original
     h, w, resized h, w).
     """
-    rule = transforms.ResizeRule.of(rule)
-    formatter = ImageTensorModule(model, **rule.as_dict(), num_detections=num_detections)
+    formatter = ImageTensorModule(model, resize, num_detections=num_detections)
 
     def run(x, size, resized, batch):
         info = tf.stack([size, resized, resized / size, tf.zeros([2], tf.float32)])
@@ -95,10 +99,8 @@ def portable_detect_function(
     def detect_uint8(images):
         shape = tf.shape(images)
         size = tf.cast(shape[1:3], tf.float32)
-        resized = transforms.resized_size(
-            size, rule.short_side, rule.max_long_side, rule.resize_rounding
-        )
-        m = float(rule.pad_multiple)
+        resized = transforms.resized_size(size, resize)
+        m = float(resize.pad_multiple)
         pad = tf.cast(tf.math.ceil(resized / m) * m - resized, tf.int32)
         x = tf.image.resize(tf.cast(images, tf.float32), tf.cast(resized, tf.int32))
         x = tf.pad(x, [[0, 0], [0, pad[0]], [0, pad[1]], [0, 0]])
@@ -121,11 +123,11 @@ def portable_detect_function(
     return concrete, sorted(concrete.structured_outputs)
 
 
-def serving_config(fmt: str, rule, num_detections: int, outputs, **extra) -> dict:
+def serving_config(fmt: str, resize: ResizeConfig, num_detections: int, outputs, **extra) -> dict:
     """The ``<stem>.serving_config.json`` of an ONNX / LiteRT export."""
     return {
         "format": fmt,
-        **transforms.ResizeRule.of(rule).as_dict(),
+        "resize": resize.to_dict(),
         "num_detections": int(num_detections),
         "outputs": list(outputs),
         "boxes": "normalised [ymin, xmin, ymax, xmax] relative to the input image",

@@ -226,7 +226,7 @@ class Trainer:
         self, source, data_cfg, training: bool, seed: int | None = None, input_context=None
     ):
         include_masks = training and self.cfg.model.architecture in MASK_ARCHITECTURES
-        return pipeline.build_dataset_from_config(
+        return pipeline.build_dataset(
             source, data_cfg, training, input_context=input_context, seed=seed,
             include_masks=include_masks,
         )  # fmt: skip
@@ -383,8 +383,7 @@ class Trainer:
         from fpn_tf.serving.export import export_saved_model
 
         export_dir = export_dir or os.path.join(self.model_dir, "saved_model")
-        preprocessing = model_dir_lib.input_preprocessing(self.cfg)
-        export_saved_model(self.model, export_dir, self.category_map, **preprocessing)
+        export_saved_model(self.model, export_dir, self.category_map, self.cfg.eval_data.resize)
         logging.info("Exported SavedModel to %s", export_dir)
         return export_dir
 
