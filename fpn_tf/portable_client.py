@@ -35,8 +35,15 @@ def sidecar_path(model_path: str | os.PathLike, suffix: str) -> str:
 
 
 def read_serving_config(model_path: str | os.PathLike) -> dict[str, Any]:
-    with open(sidecar_path(model_path, SERVING_CONFIG_SUFFIX), encoding="utf-8") as f:
-        return json.load(f)
+    """The ``<stem>.serving_config.json`` beside an ONNX / LiteRT file."""
+    path = sidecar_path(model_path, SERVING_CONFIG_SUFFIX)
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if not isinstance(config.get("resize"), dict):
+        raise ValueError(
+            f"{path} has no 'resize' section: export the model again with fpn_tf.export"
+        )
+    return config
 
 
 def resized_size(

@@ -209,3 +209,13 @@ def write_tiny_coco_with_truncated_png(root: str | os.PathLike) -> tuple[str, st
             {"id": 105, "image_id": 14, "bbox": [2, 3, 20, 25], "category_id": 3, "iscrowd": 0}
         ],
     )
+
+
+def resized_hw(height, width, resize):
+    """``transforms.resized_size`` of one image as Python ints."""
+    import tensorflow as tf
+
+    from fpn_tf.data import transforms
+
+    h, w = transforms.resized_size(tf.constant([height, width]), resize).numpy()
+    return int(h), int(w)

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from fpn_tf.configs import ConfigError, ResizeConfig, load_config
 from fpn_tf.data import transforms
+from data_testing import resized_hw
 from fpn_tf.data.pipeline import CocoSource, build_dataset, load_source
 from data_testing import write_tiny_coco
 from fpn_tf.serving import ImageTensorModule, export_saved_model, preprocess_images
@@ -162,9 +163,9 @@ def test_half_up_sizes_are_detectron2s(hw, short_long, half_up, rounded):
     assert detectron2_output_shape(*hw, *short_long) == half_up
     short, long = short_long
     half_up_rule = ResizeConfig(short_side=short, max_long_side=long, rounding="half_up")
-    assert transforms.compute_resized_size(*hw, half_up_rule) == half_up
+    assert resized_hw(*hw, half_up_rule) == half_up
     round_rule = ResizeConfig(short_side=short, max_long_side=long, rounding="round")
-    assert transforms.compute_resized_size(*hw, round_rule) == rounded
+    assert resized_hw(*hw, round_rule) == rounded
 
 
 def test_half_up_matches_detectron2_arithmetic_on_a_grid():
@@ -381,7 +382,7 @@ def test_bilinear_equals_torch_interpolate_as_torchvision_calls_it(tmp_path):
     for i, (image, _, (short, long)) in enumerate(cases):
         want = torch_out[f"resized_{i}"]
         floor = ResizeConfig(short_side=short, max_long_side=long, rounding="floor")
-        size = transforms.compute_resized_size(*image.shape[:2], floor)
+        size = resized_hw(*image.shape[:2], floor)
         assert want.shape[:2] == size
         got = transforms.resize_image(image, size, "bilinear").numpy()
         per_grey_level = 1.0 if i % 2 == 0 else 1.0 / (255.0 * 0.225)

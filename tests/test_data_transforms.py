@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from fpn_tf.configs.experiment import ResizeConfig
 from fpn_tf.data import transforms
+from data_testing import resized_hw
 
 R800 = ResizeConfig(short_side=800, max_long_side=1333)
 FLOOR = ResizeConfig(short_side=800, max_long_side=1333, rounding="floor")
@@ -34,7 +35,7 @@ def _preprocess(example, flip=False, padding_mode="orientation", max_num_instanc
     ],
 )
 def test_resized_size_rule(hw, expected):
-    assert transforms.compute_resized_size(*hw, R800) == expected
+    assert resized_hw(*hw, R800) == expected
 
 
 def _torchvision_resized_size(h, w, short_side, max_long_side):
@@ -58,8 +59,8 @@ def _torchvision_resized_size(h, w, short_side, max_long_side):
     ],
 )
 def test_resized_size_floor_is_torchvisions(hw, floor, rounded):
-    assert transforms.compute_resized_size(*hw, FLOOR) == floor
-    assert transforms.compute_resized_size(*hw, R800) == rounded
+    assert resized_hw(*hw, FLOOR) == floor
+    assert resized_hw(*hw, R800) == rounded
     assert _torchvision_resized_size(*hw, 800, 1333) == floor
 
 

@@ -36,6 +36,7 @@ from fpn_tf.serving import (
     read_category_map,
 )
 import watched
+from data_testing import resized_hw
 
 SHORT, LONG, MULTIPLE = 64, 96, 32
 RESIZE = ResizeConfig(SHORT, LONG, MULTIPLE)
@@ -87,10 +88,7 @@ def resize(**fields):
 
 
 def common_padded_size(images, rounding="round"):
-    sizes = [
-        transforms.compute_resized_size(im.shape[0], im.shape[1], resize(rounding=rounding))
-        for im in images
-    ]
+    sizes = [resized_hw(im.shape[0], im.shape[1], resize(rounding=rounding)) for im in images]
     return (
         transforms.ceil_to_multiple(max(s[0] for s in sizes), MULTIPLE),
         transforms.ceil_to_multiple(max(s[1] for s in sizes), MULTIPLE),
@@ -192,7 +190,7 @@ def test_preprocessing_uses_the_eval_transforms_resize_rule(h, w, short, long):
     sizes = tf.constant([[h, w], [h, w]], tf.int32)
     rule = ResizeConfig(short, long, 32)
     x, info = preprocess_images(images, sizes, rule)
-    rh, rw = transforms.compute_resized_size(h, w, rule)
+    rh, rw = resized_hw(h, w, rule)
     np.testing.assert_array_equal(info[0, 1].numpy(), [rh, rw])
     np.testing.assert_array_equal(info[0, 0].numpy(), [h, w])
     assert tuple(x.shape[1:3]) == (
@@ -208,14 +206,14 @@ def test_preprocessing_takes_the_resize_rounding(h, w):
     for short, long in ((800, 1333), (SHORT, LONG)):
         floor_rule = ResizeConfig(short, long, 32, rounding="floor")
         round_rule = ResizeConfig(short, long, 32, rounding="round")
-        floor = transforms.compute_resized_size(h, w, floor_rule)
-        rounded = transforms.compute_resized_size(h, w, round_rule)
+        floor = resized_hw(h, w, floor_rule)
+        rounded = resized_hw(h, w, round_rule)
         _, info = preprocess_images(images, sizes, floor_rule)
         np.testing.assert_array_equal(info[0, 1].numpy(), floor)
         _, info = preprocess_images(images, sizes, round_rule)
         np.testing.assert_array_equal(info[0, 1].numpy(), rounded)
-    assert transforms.compute_resized_size(45, 70, resize(rounding="floor")) == (61, 96)
-    assert transforms.compute_resized_size(45, 70, resize(rounding="round")) == (62, 96)
+    assert resized_hw(45, 70, resize(rounding="floor")) == (61, 96)
+    assert resized_hw(45, 70, resize(rounding="round")) == (62, 96)
     bad = resize()
     bad.rounding = "ceil"  # past the construction's checks: the module's are the config's
     with pytest.raises(ValueError, match="resize.rounding"):

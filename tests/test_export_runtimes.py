@@ -204,7 +204,9 @@ def test_onnx_takes_a_batch_of_several_images(exported):
 def test_litert_client_resizes_as_the_saved_model(rounding):
     """The client's NumPy resize rule and bilinear resampling are TensorFlow's."""
     rng = np.random.default_rng(0)
-    sizes = [(h, w) for h, w in rng.integers(1, 2000, (300, 2))] + [(19, 86), (22, 800), (480, 640)]
+    # (41, 82) and (7, 602): float32 "round" arithmetic (TensorFlow's) differs from float64's.
+    extra = [(19, 86), (22, 800), (480, 640), (41, 82), (7, 602)]
+    sizes = [(h, w) for h, w in rng.integers(1, 2000, (300, 2))] + extra
     for short, long in ((800, 1333), (600, 1000), (64, 96)):
         rule = ResizeConfig(short_side=short, max_long_side=long, rounding=rounding)
         want = transforms.resized_size(tf.constant(sizes), rule).numpy()
@@ -220,6 +222,16 @@ def test_litert_client_resizes_as_the_saved_model(rounding):
         image = pattern(h, w, seed=h)
         want = tf.image.resize(tf.cast(image, tf.float32), size).numpy()
         np.testing.assert_allclose(portable_client.resize_bilinear(image, size), want, atol=2e-4)
+
+
+def test_a_serving_config_without_its_resize_section_is_refused(tmp_path):
+    model = tmp_path / "model.tflite"
+    flat = {"short_side": 800, "max_long_side": 1333, "pad_multiple": 32, "num_detections": 100}
+    (tmp_path / "model.serving_config.json").write_text(json.dumps(flat))
+    with pytest.raises(ValueError, match=r"model.serving_config.json has no 'resize' section"):
+        portable_client.read_serving_config(model)
+    (tmp_path / "model.serving_config.json").write_text(json.dumps({"resize": RESIZE.to_dict()}))
+    assert portable_client.read_serving_config(model)["resize"] == RESIZE.to_dict()
 
 
 @pytest.mark.slow

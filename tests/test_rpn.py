@@ -280,7 +280,7 @@ def test_positive_iou_inclusive_reaches_the_anchor_labels():
 def test_nms_per_level_reaches_the_proposals():
     rng = np.random.default_rng(4)
     features = _features(rng)
-    outputs = {}
+    outputs, weights = {}, None
     for per_level in (False, True):
         # One anchor size on both levels: P3 and P4 anchors overlap (IoU 0.62 at 4 px apart).
         rpn = _rpn(

@@ -537,15 +537,6 @@ class DataConfig(Config):
                 "is required when source is 'tfrecord'.",
             )
 
-    def per_replica_batch_size(self, num_replicas: int) -> int:
-        if num_replicas <= 0 or self.global_batch_size % num_replicas:
-            raise ConfigError(
-                f"Config key 'global_batch_size' ({self.global_batch_size}) is not divisible by "
-                f"the number of replicas ({num_replicas}).",
-                key="global_batch_size",
-            )
-        return self.global_batch_size // num_replicas
-
     def _file_paths(self) -> Dict[str, Optional[str]]:
         if self.source == "coco":
             return {"annotation_file": self.annotation_file, "image_dir": self.image_dir}

@@ -25,7 +25,6 @@ from fpn_tf.ops import mask_ops
 
 __all__ = [
     "ceil_to_multiple",
-    "compute_resized_size",
     "fixed_padded_size",
     "crop_instance_masks",
     "horizontal_flip",
@@ -84,12 +83,6 @@ def _half_up_resized_size(image_size, short_side: int, max_long_side: int) -> tf
     new_h = tf.where(too_long, new_h * cap, new_h)
     new_w = tf.where(too_long, new_w * cap, new_w)
     return tf.cast(tf.math.floor(tf.concat([new_h, new_w], axis=-1) + 0.5), tf.float32)
-
-
-def compute_resized_size(height: int, width: int, resize: ResizeConfig) -> tuple[int, int]:
-    """:func:`resized_size` of one image, as Python ints."""
-    h, w = resized_size(tf.constant([height, width]), resize).numpy()
-    return int(h), int(w)
 
 
 def fixed_padded_size(padding_mode: str, resize: ResizeConfig) -> list[tuple[int, int]]:
