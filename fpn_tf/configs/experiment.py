@@ -53,6 +53,12 @@ __all__ = [
 ]
 
 
+def _require_not_above(section, p, low: str, high: str):
+    """The cross-field rule ``section.<low> <= section.<high>``."""
+    a, b = getattr(section, low), getattr(section, high)
+    _require(a <= b, p + low, f"({a}) must not exceed {p}{high} ({b}).")
+
+
 @dataclasses.dataclass
 class BackboneConfig(Config):
     """Bottom-up pathway: C2..C5, strides 4..32.
@@ -148,11 +154,7 @@ class FPNConfig(Config):
     single_scale_level: Optional[Literal["C4", "C5"]] = None
 
     def _check_values(self, p):
-        _require(
-            self.min_level <= self.max_level,
-            p + "min_level",
-            f"({self.min_level}) must not exceed {p}max_level ({self.max_level}).",
-        )
+        _require_not_above(self, p, "min_level", "max_level")
         _require(
             self.use_top_down or self.use_lateral,
             p + "use_top_down",
@@ -229,11 +231,7 @@ class RPNConfig(Config):
     positive_iou_inclusive: bool = False
 
     def _check_values(self, p):
-        _require(
-            self.negative_iou <= self.positive_iou,
-            p + "negative_iou",
-            f"({self.negative_iou}) must not exceed {p}positive_iou ({self.positive_iou}).",
-        )
+        _require_not_above(self, p, "negative_iou", "positive_iou")
 
 
 @dataclasses.dataclass
@@ -270,11 +268,7 @@ class RoIAlignerConfig(Config):
     align_impl: Literal["auto", "gather", "crop_and_resize"] = "auto"
 
     def _check_values(self, p):
-        _require(
-            self.min_level <= self.max_level,
-            p + "min_level",
-            f"({self.min_level}) must not exceed {p}max_level ({self.max_level}).",
-        )
+        _require_not_above(self, p, "min_level", "max_level")
         _require(
             self.min_level <= self.canonical_level <= self.max_level,
             p + "canonical_level",
