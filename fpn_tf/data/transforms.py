@@ -25,6 +25,7 @@ from fpn_tf.ops import mask_ops
 
 __all__ = [
     "ceil_to_multiple",
+    "ceil_to_multiple_tf",
     "fixed_padded_size",
     "crop_instance_masks",
     "horizontal_flip",
@@ -44,6 +45,12 @@ _PIL_PRECISION_BITS = 22
 def ceil_to_multiple(x: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= x (python ints)."""
     return int(math.ceil(x / multiple) * multiple)
+
+
+def ceil_to_multiple_tf(size: tf.Tensor, multiple: int) -> tf.Tensor:
+    """float32 ``size`` rounded up to a multiple of ``multiple``: a resized image's padded size."""
+    m = float(multiple)
+    return tf.math.ceil(size / m) * m
 
 
 def resized_size(image_size, resize: ResizeConfig) -> tf.Tensor:
@@ -97,8 +104,8 @@ def fixed_padded_size(padding_mode: str, resize: ResizeConfig) -> list[tuple[int
 def padded_size_tf(image_size: tf.Tensor, padding_mode: str, resize: ResizeConfig) -> tf.Tensor:
     """int32 [2] padded (h, w) for an image of ``image_size`` (before resize)."""
     if padding_mode == "batch":
-        m = float(resize.pad_multiple)
-        return tf.cast(tf.math.ceil(resized_size(image_size, resize) / m) * m, tf.int32)
+        padded = ceil_to_multiple_tf(resized_size(image_size, resize), resize.pad_multiple)
+        return tf.cast(padded, tf.int32)
     shapes = fixed_padded_size(padding_mode, resize)
     if padding_mode == "square":
         return tf.constant(shapes[0], tf.int32)

@@ -38,8 +38,8 @@ def preprocess_images(
     (images float32 [B, Hp, Wp, 3], image_info float32 [B, 4, 2]), padded to the largest
     resized size rounded up to ``resize.pad_multiple``."""
     resized = transforms.resized_size(sizes, resize)
-    m = float(resize.pad_multiple)
-    padded = tf.cast(tf.math.ceil(tf.reduce_max(resized, axis=0) / m) * m, tf.int32)
+    largest = tf.reduce_max(resized, axis=0)
+    padded = tf.cast(transforms.ceil_to_multiple_tf(largest, resize.pad_multiple), tf.int32)
 
     def one(args):
         image, size = args
