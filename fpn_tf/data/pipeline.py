@@ -16,8 +16,9 @@ datasets drop at run time. Each batch:
 
 The settings are a ``DataConfig``'s. ``padding_mode``: "orientation" pads to one of two shapes
 by orientation and batches each apart (a jit-compiled step compiles twice, less padding than
-"square", one shape for TPUs); "batch" pads each batch to its largest image. Each image's flip comes from a stateless RNG seeded by
-(seed, element number), so a seeded run is reproducible whatever the parallelism. With
+"square", one shape for TPUs); "batch" pads each batch to its largest image. Each image's flip
+comes from a stateless RNG seeded by (seed, element number), so a seeded run is reproducible
+whatever the parallelism. With
 ``on_bad_data="skip"`` an element that fails to decode or transform is dropped, logged and
 counted; with ``"error"`` it stops the iteration.
 """
